@@ -1,0 +1,138 @@
+"""Typed, frozen configuration, and the one place that reads ``KVCAKE_*`` variables.
+
+Each component has a ``@dataclass(frozen=True)`` config whose fields document units and
+ranges and are validated in ``__post_init__``. :func:`load_config` layers, lowest first:
+field defaults, ``KVCAKE_<SECTION>_<FIELD>`` environment variables, explicit overrides (CLI
+flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvcake.common.errors import InvalidParamsError
+
+C = TypeVar("C")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+TRANSPORT_CHOICES = ("auto", "shm", "tcp")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """``"64KiB"``, ``"16M"``, ``"1g"`` or ``"4096"`` to a byte count (binary units)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise InvalidParamsError(f"not a size: {text!r} (try 4096, 64KiB, 16MiB, 1GiB)")
+    return int(match.group(1)) * _UNITS[match.group(2)[:1].lower()]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParamsError(message)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Transfer engine settings.
+
+    host: address the TCP server binds and advertises (127.0.0.1, or a namespace address).
+    port: TCP port, 0 for an ephemeral one.
+    transport: ``auto`` (shm for peers on this host, tcp otherwise), or force ``shm``/``tcp``.
+    metadata: segment directory: ``p2p`` (ask the peer's server), ``local`` (this process),
+        or ``etcd://HOST:PORT`` for a cluster's etcd.
+    connections_per_peer: TCP connections opened to each peer, 1..64; big batches spread
+        over them.
+    timeout_s: longest wait for any one batch before its operations fail, seconds (> 0).
+    max_frame_bytes: largest single frame payload accepted, bytes (64 KiB .. 4 GiB).
+    host_id: identity of this host for transport choice; empty derives it from the boot id
+        and the network namespace.
+    pretouch: fault in segment pages at registration so first transfers run at full speed.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    transport: str = "auto"
+    metadata: str = "p2p"
+    connections_per_peer: int = 2
+    timeout_s: float = 30.0
+    max_frame_bytes: int = GiB
+    host_id: str = ""
+    pretouch: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        _require(
+            self.transport in TRANSPORT_CHOICES,
+            f"transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}",
+        )
+        _require(
+            self.metadata in ("p2p", "local") or self.metadata.startswith("etcd://"),
+            f"metadata must be p2p, local or etcd://HOST:PORT, got {self.metadata!r}",
+        )
+        _require(
+            1 <= self.connections_per_peer <= 64,
+            f"connections_per_peer must be 1..64, got {self.connections_per_peer}",
+        )
+        _require(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        _require(
+            64 * KiB <= self.max_frame_bytes <= 4 * GiB,
+            f"max_frame_bytes must be 64KiB..4GiB, got {self.max_frame_bytes}",
+        )
+
+
+def _convert(raw: str, kind: Any, name: str) -> Any:
+    if kind in (bool, "bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise InvalidParamsError(f"{name}: expected true/false, got {raw!r}")
+    if kind in (int, "int"):
+        return parse_size(raw) if name.endswith("BYTES") else _as_number(int, raw, name)
+    if kind in (float, "float"):
+        return _as_number(float, raw, name)
+    return raw
+
+
+def _as_number(kind: type[Any], raw: str, name: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidParamsError(f"{name}: expected a {kind.__name__}, got {raw!r}") from None
+
+
+def load_config(
+    cls: type[C],
+    section: str,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Build ``cls`` from defaults, then ``KVCAKE_<SECTION>_<FIELD>``, then ``overrides``.
+
+    ``None`` values in ``overrides`` mean "not given" and are skipped.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f"KVCAKE_{section.upper()}_{field.name.upper()}"
+        if name in env:
+            values[field.name] = _convert(env[name], field.type, name)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return cls(**values)
+
+
+def env_value(name: str, default: str = "") -> str:
+    """A single ``KVCAKE_<name>`` variable (for settings that belong to no config class)."""
+    return os.environ.get(f"KVCAKE_{name}", default)

@@ -1,0 +1,180 @@
+"""The transfer engine: register memory, find peers' segments, move bytes in batches.
+
+::
+
+    engine = TransferEngine(TransferConfig())          # starts its I/O thread and server
+    local = engine.allocate_buffer(1 << 20)            # a registered, pre-touched segment
+    remote = engine.open_segment("127.0.0.1:7000/kv0") # p2p handshake; shm or tcp chosen
+    engine.read(remote, offset=0, buffer=local.view)   # sync
+    await engine.awrite(remote, 0, local.view)         # asyncio
+    batch = engine.submit([TransferRequest(...), ...]); batch.wait()
+
+Every check happens before a byte moves: an unknown segment, a range outside it, or a
+read into a read-only buffer raises at once and nothing is transferred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from types import TracebackType
+
+from kvcake.common.aio import LoopThread
+from kvcake.common.config import TransferConfig
+from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.log import get_logger
+from kvcake.transfer.batch import Batch, RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.metadata import MetadataDirectory, make_directory
+from kvcake.transfer.segment import Segment, SegmentDescriptor, local_host_id
+from kvcake.transfer.server import TransferServer
+from kvcake.transfer.service import SegmentTable, check_range
+from kvcake.transfer.transports import Transport, transport_class
+
+log = get_logger(__name__)
+_buffer_names = itertools.count()
+
+
+class TransferEngine:
+    """One per process: owns its segments, its server, and its connections to peers."""
+
+    def __init__(
+        self, config: TransferConfig | None = None, directory: MetadataDirectory | None = None
+    ) -> None:
+        self.config = config or TransferConfig()
+        self.host_id = self.config.host_id or local_host_id()
+        self._table = SegmentTable(self.host_id)
+        self._io = LoopThread("kvcake-transfer-io")
+        self._server = TransferServer(
+            self._table, self.config.host, self.config.port, self.config.max_frame_bytes
+        )
+        try:
+            self.endpoint = self._io.run(self._server.startup(), self.config.timeout_s)
+        except BaseException:
+            self._io.stop()
+            raise
+        self._table.endpoint = self.endpoint
+        self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s)
+        self._transports: dict[str, Transport] = {}
+        self._closed = False
+
+    # ----- local memory
+    def register_segment(self, name: str, size: int) -> Segment:
+        """Allocate (and pre-touch) a segment peers can read and write, and publish it."""
+        segment = Segment(name, self._table.next_segment_id(), size, self.config.pretouch)
+        try:
+            self._table.add(segment)
+        except KvcakeError:
+            segment.close()
+            raise
+        self.directory.publish(self._table.descriptor(name))
+        return segment
+
+    def allocate_buffer(self, size: int) -> Segment:
+        """A registered local buffer (Mooncake's managed buffer) with a generated name."""
+        return self.register_segment(f"buffer-{next(_buffer_names)}", size)
+
+    def unregister_segment(self, name: str) -> None:
+        self.directory.unpublish(name)
+        self._table.remove(name).close()
+
+    def local_descriptor(self, name: str) -> SegmentDescriptor:
+        return self._table.descriptor(name)
+
+    # ----- peers
+    def open_segment(self, name: str) -> RemoteSegment:
+        """Look a segment up and choose the transport that reaches it."""
+        return self.attach(self.directory.lookup(name))
+
+    async def aopen_segment(self, name: str) -> RemoteSegment:
+        return await asyncio.to_thread(self.open_segment, name)
+
+    def attach(self, descriptor: SegmentDescriptor) -> RemoteSegment:
+        """Reach a segment whose descriptor came by other means (e.g. a store's master)."""
+        names = ("shm", "tcp") if self.config.transport == "auto" else (self.config.transport,)
+        for name in names:
+            if self._transport(name).reaches(descriptor):
+                return RemoteSegment(descriptor, name)
+        raise InvalidParamsError(
+            f"segment {descriptor.name!r} at {descriptor.endpoint or 'no endpoint'} is not "
+            f"reachable with transport {self.config.transport!r}"
+        )
+
+    def _transport(self, name: str) -> Transport:
+        transport = self._transports.get(name)
+        if transport is None:
+            transport = self._transports[name] = transport_class(name)(self.config, self._io)
+        return transport
+
+    # ----- transfers
+    def submit(self, requests: Sequence[TransferRequest]) -> Batch:
+        """Check every request, then start them all; returns at once with the batch."""
+        self._check_open()
+        for request in requests:
+            _check_request(request)
+        batch = Batch(requests)
+        by_transport: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_transport.setdefault(request.segment.transport, []).append(index)
+        for name in sorted(by_transport, key=lambda n: n == "shm"):  # network first, then copy
+            self._transport(name).start(batch, by_transport[name])
+        return batch
+
+    def transfer(self, requests: Sequence[TransferRequest]) -> None:
+        """Submit and wait; raises the first failure."""
+        self.submit(requests).wait()
+
+    async def atransfer(self, requests: Sequence[TransferRequest]) -> None:
+        await self.submit(requests)
+
+    def read(self, segment: RemoteSegment, offset: int, buffer: memoryview) -> None:
+        self.transfer([TransferRequest(TransferOp.READ, segment, offset, buffer)])
+
+    def write(self, segment: RemoteSegment, offset: int, buffer: memoryview) -> None:
+        self.transfer([TransferRequest(TransferOp.WRITE, segment, offset, buffer)])
+
+    async def aread(self, segment: RemoteSegment, offset: int, buffer: memoryview) -> None:
+        await self.atransfer([TransferRequest(TransferOp.READ, segment, offset, buffer)])
+
+    async def awrite(self, segment: RemoteSegment, offset: int, buffer: memoryview) -> None:
+        await self.atransfer([TransferRequest(TransferOp.WRITE, segment, offset, buffer)])
+
+    # ----- lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KvcakeError("transfer engine is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for transport in self._transports.values():
+            transport.close()
+        try:
+            self._io.run(self._server.shutdown(), self.config.timeout_s)
+        finally:
+            self._io.stop()
+            for name in self._table.names():
+                self.directory.unpublish(name)
+            self.directory.close()
+            self._table.close()
+
+    def __enter__(self) -> TransferEngine:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _check_request(request: TransferRequest) -> None:
+    buffer = request.buffer
+    if not isinstance(buffer, memoryview) or not buffer.c_contiguous:
+        raise InvalidParamsError("transfer buffers must be C-contiguous memoryviews")
+    if request.op is TransferOp.READ and buffer.readonly:
+        raise InvalidParamsError("a read needs a writable local buffer, got a read-only one")
+    if buffer.format != "B" or buffer.ndim != 1:
+        raise InvalidParamsError("transfer buffers must be flat byte views (use .cast('B'))")
+    descriptor = request.segment.descriptor
+    check_range(descriptor.name, descriptor.size, request.offset, buffer.nbytes)

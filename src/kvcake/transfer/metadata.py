@@ -1,0 +1,195 @@
+"""Metadata directories: where a peer learns a segment's descriptor.
+
+=============  ==============================================================================
+``local``      a dict in this process (engines that share a process, and tests)
+``p2p``        handshake: the name ``HOST:PORT/SEGMENT`` says which server to ask
+``etcd://…``   a cluster's etcd; descriptors live under a lease, so a dead owner's vanish
+=============  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Protocol
+
+from kvcake.common import codec
+from kvcake.common.errors import (
+    InvalidParamsError,
+    KvcakeError,
+    MetadataError,
+    SegmentNotFoundError,
+    error_from_code,
+)
+from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
+from kvcake.transfer.messages import DescribeReply, DescribeRequest
+from kvcake.transfer.segment import SegmentDescriptor
+
+ETCD_PREFIX = "/kvcake/transfer/segments/"
+_MAX_REPLY = 1 << 24
+
+
+class MetadataDirectory(Protocol):
+    """Publishes this process's segments and finds other processes' segments.
+
+    ``lookup`` raises :class:`SegmentNotFoundError` for an unknown name and
+    :class:`MetadataError` when the directory itself cannot be reached.
+    """
+
+    def publish(self, descriptor: SegmentDescriptor) -> None: ...
+
+    def unpublish(self, name: str) -> None: ...
+
+    def lookup(self, name: str) -> SegmentDescriptor: ...
+
+    def close(self) -> None: ...
+
+
+class LocalDirectory:
+    """An in-process directory; share one instance between engines of a process."""
+
+    def __init__(self) -> None:
+        self._descriptors: dict[str, SegmentDescriptor] = {}
+
+    def publish(self, descriptor: SegmentDescriptor) -> None:
+        self._descriptors[descriptor.name] = descriptor
+
+    def unpublish(self, name: str) -> None:
+        self._descriptors.pop(name, None)
+
+    def lookup(self, name: str) -> SegmentDescriptor:
+        try:
+            return self._descriptors[name]
+        except KeyError:
+            raise SegmentNotFoundError(f"segment {name!r} is not published") from None
+
+    def close(self) -> None:
+        self._descriptors.clear()
+
+
+def split_p2p_name(name: str) -> tuple[str, int, str]:
+    """``"127.0.0.1:7000/kv0"`` -> ``("127.0.0.1", 7000, "kv0")``."""
+    endpoint, slash, segment = name.partition("/")
+    host, colon, port = endpoint.rpartition(":")
+    if not (slash and colon and host and segment and port.isdigit()):
+        raise InvalidParamsError(f"p2p segment names look like HOST:PORT/SEGMENT, got {name!r}")
+    return host, int(port), segment
+
+
+class P2PDirectory:
+    """No directory service: ask the owner's transfer server (Mooncake's P2P handshake)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+
+    def publish(self, descriptor: SegmentDescriptor) -> None:
+        """Nothing to do: the owner's server answers for its segments."""
+
+    def unpublish(self, name: str) -> None:
+        """Nothing to do."""
+
+    def lookup(self, name: str) -> SegmentDescriptor:
+        host, port, segment = split_p2p_name(name)
+        try:
+            with socket.create_connection((host, port), timeout=self._timeout_s) as sock:
+                reply = _call(sock, codec.encode(DescribeRequest([segment])))
+        except OSError as exc:
+            raise MetadataError(f"handshake with {host}:{port} failed: {exc}") from exc
+        (descriptor,) = codec.decode(reply, DescribeReply).segments
+        return descriptor
+
+    def close(self) -> None:
+        pass
+
+
+def _call(sock: socket.socket, body: bytes) -> bytes:
+    sock.sendall(pack_header(FrameOp.CALL, 1, length=len(body)) + body)
+    header = unpack_header(_recv_exactly(sock, HEADER_SIZE), _MAX_REPLY)
+    payload = _recv_exactly(sock, header.length)
+    if header.status != 0:
+        raise error_from_code(header.status, payload.decode(errors="replace"))
+    return payload
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            raise ConnectionError("peer closed the connection mid-reply")
+        got += count
+    return bytes(buffer)
+
+
+class EtcdDirectory:
+    """Descriptors in etcd under ``/kvcake/transfer/segments/NAME``, kept alive by a lease."""
+
+    def __init__(self, url: str, ttl_s: int = 10) -> None:
+        import pyetcd  # the optional ``etcd`` extra
+
+        host, _, port = url.removeprefix("etcd://").partition(":")
+        self._client: Any = pyetcd.client(host=host, port=int(port or 2379), timeout=5)
+        self._ttl_s = ttl_s
+        self._lease: Any = None
+        self._stop = threading.Event()
+        self._keepalive: threading.Thread | None = None
+
+    def publish(self, descriptor: SegmentDescriptor) -> None:
+        self._guard(
+            lambda: self._client.put(
+                ETCD_PREFIX + descriptor.name, codec.encode(descriptor), lease=self._ensure_lease()
+            )
+        )
+
+    def unpublish(self, name: str) -> None:
+        self._guard(lambda: self._client.delete(ETCD_PREFIX + name))
+
+    def lookup(self, name: str) -> SegmentDescriptor:
+        value, _ = self._guard(lambda: self._client.get(ETCD_PREFIX + name))
+        if value is None:
+            raise SegmentNotFoundError(f"segment {name!r} is not published in etcd")
+        return codec.decode(value, SegmentDescriptor)
+
+    def _ensure_lease(self) -> Any:
+        if self._lease is None:
+            self._lease = self._client.lease(self._ttl_s)
+            self._keepalive = threading.Thread(
+                target=self._refresh, name="kvcake-etcd-lease", daemon=True
+            )
+            self._keepalive.start()
+        return self._lease
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self._ttl_s / 3):
+            try:
+                self._lease.refresh()
+            except Exception:  # keep trying; etcd may come back before the TTL runs out
+                continue
+
+    def _guard(self, action: Any) -> Any:
+        try:
+            return action()
+        except KvcakeError:
+            raise
+        except Exception as exc:  # the etcd client raises grpc and its own errors
+            raise MetadataError(f"etcd: {exc}") from exc
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._keepalive is not None:
+            self._keepalive.join()
+        if self._lease is not None:
+            self._guard(self._lease.revoke)
+        self._client.close()
+
+
+def make_directory(spec: str, timeout_s: float) -> MetadataDirectory:
+    """The directory named by ``TransferConfig.metadata``."""
+    if spec == "local":
+        return LocalDirectory()
+    if spec == "p2p":
+        return P2PDirectory(timeout_s)
+    if spec.startswith("etcd://"):
+        return EtcdDirectory(spec)
+    raise InvalidParamsError(f"unknown metadata directory {spec!r}")

@@ -1,0 +1,144 @@
+"""Segments: registered memory regions that peers read and write.
+
+A segment is a ``memfd`` mapped into its owner. Peers on the same host map the very same
+pages through ``/proc/<pid>/fd/<fd>`` (no server on the data path); peers elsewhere reach it
+through the owner's TCP server. A memfd has no name in ``/dev/shm``, so nothing leaks when
+the owner dies: the pages go away with the last mapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from functools import cache
+
+import msgspec
+
+from kvcake.common.errors import InvalidParamsError, SegmentNotFoundError
+
+_MAX_NAME = 200
+
+
+class SegmentDescriptor(msgspec.Struct, frozen=True):
+    """What a peer needs to reach a segment; published through the metadata directory.
+
+    endpoint: ``host:port`` of the owner's TCP server.
+    host_id: the owner's host identity; a peer with the same id may map ``shm_path``.
+    shm_inode: inode of the memfd, checked after opening ``shm_path`` (guards pid reuse).
+    """
+
+    name: str
+    segment_id: int
+    size: int
+    host_id: str
+    endpoint: str
+    shm_path: str
+    shm_inode: int
+
+
+@cache
+def local_host_id() -> str:
+    """This host's identity: kernel boot id plus network namespace.
+
+    Two processes with the same id share memory *and* a network stack; processes in
+    different network namespaces (test "hosts") get different ids, so they talk TCP.
+    """
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot_id = f.read().strip()
+    netns = os.stat("/proc/self/ns/net").st_ino
+    return f"{boot_id}/net:{netns}"
+
+
+def check_segment_name(name: str) -> str:
+    if not name or len(name) > _MAX_NAME or "/" in name or not name.isprintable():
+        raise InvalidParamsError(
+            f"segment name must be 1..{_MAX_NAME} printable characters without '/', got {name!r}"
+        )
+    return name
+
+
+def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class Segment:
+    """A memory region owned by this process, backed by a memfd, readable by peers."""
+
+    def __init__(self, name: str, segment_id: int, size: int, pretouch: bool = True) -> None:
+        if size <= 0:
+            raise InvalidParamsError(f"segment size must be > 0 bytes, got {size}")
+        self.name = check_segment_name(name)
+        self.segment_id = segment_id
+        self.size = size
+        self.fd = os.memfd_create(f"kvcake:{name}", os.MFD_CLOEXEC)
+        try:
+            self._mmap = self._allocate(pretouch)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._mmap)
+        self.inode = os.fstat(self.fd).st_ino
+
+    def _allocate(self, pretouch: bool) -> mmap.mmap:
+        if pretouch:
+            # Fresh VM memory is slow to touch the first time: pay for it now, not
+            # inside the first transfers.
+            os.posix_fallocate(self.fd, 0, self.size)
+        else:
+            os.ftruncate(self.fd, self.size)
+        return _map(self.fd, self.size, populate=pretouch)
+
+    def descriptor(self, host_id: str, endpoint: str) -> SegmentDescriptor:
+        return SegmentDescriptor(
+            name=self.name,
+            segment_id=self.segment_id,
+            size=self.size,
+            host_id=host_id,
+            endpoint=endpoint,
+            shm_path=f"/proc/{os.getpid()}/fd/{self.fd}",
+            shm_inode=self.inode,
+        )
+
+    def close(self) -> None:
+        """Unmap and free; a peer that mapped it keeps its pages until it unmaps too."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        with contextlib.suppress(BufferError):  # a caller still holds a slice: the mapping
+            self._mmap.close()  # goes when that slice is collected
+        os.close(self.fd)
+        self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"Segment(name={self.name!r}, id={self.segment_id}, size={self.size})"
+
+
+class MappedSegment:
+    """A same-host peer's segment mapped into this process."""
+
+    def __init__(self, descriptor: SegmentDescriptor) -> None:
+        self.descriptor = descriptor
+        try:
+            fd = os.open(descriptor.shm_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SegmentNotFoundError(
+                f"cannot map segment {descriptor.name!r} at {descriptor.shm_path}: {exc}"
+            ) from exc
+        try:
+            stat = os.fstat(fd)
+            if stat.st_ino != descriptor.shm_inode or stat.st_size < descriptor.size:
+                raise SegmentNotFoundError(
+                    f"segment {descriptor.name!r} at {descriptor.shm_path} is gone "
+                    "(its owner exited)"
+                )
+            self._mmap = _map(fd, descriptor.size, populate=False)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self._mmap)
+
+    def close(self) -> None:
+        self.view.release()
+        with contextlib.suppress(BufferError):
+            self._mmap.close()

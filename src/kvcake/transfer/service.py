@@ -1,0 +1,88 @@
+"""The segment table: what a transfer server serves, with every check, and no I/O.
+
+The TCP server asks it to resolve ``(segment_id, offset, length)`` into memory and to answer
+control calls; unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+from kvcake.common.errors import (
+    ErrorCode,
+    InvalidParamsError,
+    KvcakeError,
+    SegmentNotFoundError,
+)
+from kvcake.transfer.messages import DescribeReply, DescribeRequest, TransferCall
+from kvcake.transfer.segment import Segment, SegmentDescriptor
+
+
+def check_range(name: str, size: int, offset: int, length: int) -> None:
+    """Raise ``BUFFER_OVERFLOW`` unless ``[offset, offset+length)`` lies inside ``size``."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InvalidParamsError(
+            f"range [{offset}, {offset + length}) is outside segment {name!r} of {size} bytes",
+            ErrorCode.BUFFER_OVERFLOW,
+        )
+
+
+class SegmentTable:
+    """Segments registered by this process, by id and by name."""
+
+    def __init__(self, host_id: str) -> None:
+        self.host_id = host_id
+        self.endpoint = ""  # set once the server knows its port
+        self._by_id: dict[int, Segment] = {}
+        self._by_name: dict[str, Segment] = {}
+        self._next_id = 1
+
+    def next_segment_id(self) -> int:
+        segment_id, self._next_id = self._next_id, self._next_id + 1
+        return segment_id
+
+    def add(self, segment: Segment) -> None:
+        if segment.name in self._by_name:
+            raise KvcakeError(
+                f"segment {segment.name!r} is already registered", ErrorCode.SEGMENT_ALREADY_EXISTS
+            )
+        assert segment.segment_id not in self._by_id
+        self._by_id[segment.segment_id] = segment
+        self._by_name[segment.name] = segment
+
+    def remove(self, name: str) -> Segment:
+        segment = self._by_name.pop(name, None)
+        if segment is None:
+            raise SegmentNotFoundError(f"no local segment named {name!r}")
+        del self._by_id[segment.segment_id]
+        return segment
+
+    def get(self, name: str) -> Segment:
+        segment = self._by_name.get(name)
+        if segment is None:
+            raise SegmentNotFoundError(f"no local segment named {name!r}")
+        return segment
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def resolve(self, segment_id: int, offset: int, length: int) -> memoryview:
+        """The bytes a frame addresses; typed errors for unknown ids and bad ranges."""
+        segment = self._by_id.get(segment_id)
+        if segment is None:
+            raise SegmentNotFoundError(f"no segment with id {segment_id} on this peer")
+        check_range(segment.name, segment.size, offset, length)
+        return segment.view[offset : offset + length]
+
+    def descriptor(self, name: str) -> SegmentDescriptor:
+        return self.get(name).descriptor(self.host_id, self.endpoint)
+
+    def handle_call(self, call: TransferCall) -> DescribeReply:
+        if isinstance(call, DescribeRequest):
+            names = call.names or self.names()
+            return DescribeReply([self.descriptor(name) for name in names])
+        raise InvalidParamsError(f"unknown transfer call {type(call).__name__}")
+
+    def close(self) -> None:
+        for segment in self._by_id.values():
+            segment.close()
+        self._by_id.clear()
+        self._by_name.clear()

@@ -1,0 +1,202 @@
+"""Transports move a batch's bytes; the engine picks one per peer, by name, from one registry.
+
+=========  ============================================================================
+``shm``    same host: map the peer's memfd and copy directly; no server on the data path
+``tcp``    any host: frames to the owner's transfer server over several connections
+=========  ============================================================================
+
+A new transport (RDMA through UCX, say) subclasses :class:`Transport` and registers its
+name; callers never change.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from kvcake.common.aio import LoopThread
+from kvcake.common.config import MiB, TransferConfig
+from kvcake.common.errors import InvalidParamsError, KvcakeError, TransferError
+from kvcake.transfer.batch import Batch, BatchState, TransferOp
+from kvcake.transfer.client import Part, PeerClient
+from kvcake.transfer.segment import MappedSegment, SegmentDescriptor, local_host_id
+
+SPLIT_BYTES = 4 * MiB  # transfers larger than this spread over the peer's connections
+_SWEEP_S = 0.25
+
+
+class Transport(ABC):
+    """Moves the bytes of some items of a batch, completing each through ``batch.complete``.
+
+    ``start`` must not block on the network: it returns once the work is under way (or done).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: TransferConfig, io: LoopThread) -> None:
+        self.config = config
+        self.io = io
+
+    @abstractmethod
+    def reaches(self, descriptor: SegmentDescriptor) -> bool:
+        """Whether this transport can reach that segment from this process."""
+
+    @abstractmethod
+    def start(self, batch: Batch, indices: Sequence[int]) -> None:
+        """Begin moving ``batch.requests[i]`` for each ``i`` in ``indices``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and mappings."""
+
+
+class ShmTransport(Transport):
+    """Same-host peers: the copy is a ``memcpy`` between two mappings of the same pages."""
+
+    name = "shm"
+
+    def __init__(self, config: TransferConfig, io: LoopThread) -> None:
+        super().__init__(config, io)
+        self._host_id = config.host_id or local_host_id()
+        self._mapped: dict[tuple[str, int], MappedSegment] = {}
+
+    def reaches(self, descriptor: SegmentDescriptor) -> bool:
+        if descriptor.host_id != self._host_id:
+            return False
+        try:
+            self._mapping(descriptor)
+        except KvcakeError:
+            return False
+        return True
+
+    def _mapping(self, descriptor: SegmentDescriptor) -> MappedSegment:
+        key = (descriptor.shm_path, descriptor.shm_inode)
+        mapped = self._mapped.get(key)
+        if mapped is None:
+            mapped = self._mapped[key] = MappedSegment(descriptor)
+        return mapped
+
+    def start(self, batch: Batch, indices: Sequence[int]) -> None:
+        for index in indices:
+            request = batch.requests[index]
+            try:
+                remote = self._mapping(request.segment.descriptor).view
+            except KvcakeError as exc:
+                batch.complete(index, exc)
+                continue
+            window = remote[request.offset : request.offset + request.length]
+            if request.op is TransferOp.READ:
+                request.buffer[:] = window
+            else:
+                window[:] = request.buffer
+            batch.complete(index)
+
+    def close(self) -> None:
+        for mapped in self._mapped.values():
+            mapped.close()
+        self._mapped.clear()
+
+
+class TcpTransport(Transport):
+    """Any peer with a reachable transfer server; bounded by ``config.timeout_s``."""
+
+    name = "tcp"
+
+    def __init__(self, config: TransferConfig, io: LoopThread) -> None:
+        super().__init__(config, io)
+        self._peers: dict[str, PeerClient] = {}
+        self._deadlines: dict[Batch, float] = {}  # batches in flight, loop thread only
+        self._sweeping = False
+
+    def reaches(self, descriptor: SegmentDescriptor) -> bool:
+        return bool(descriptor.endpoint)
+
+    def start(self, batch: Batch, indices: Sequence[int]) -> None:
+        self.io.call(self._start_on_loop, batch, list(indices))
+
+    def _start_on_loop(self, batch: Batch, indices: list[int]) -> None:
+        by_peer: dict[str, list[Part]] = {}
+        for index in indices:
+            request = batch.requests[index]
+            parts = by_peer.setdefault(request.segment.descriptor.endpoint, [])
+            parts.extend(self._split(batch, index))
+        self._deadlines[batch] = time.monotonic() + self.config.timeout_s
+        self._ensure_sweeping()
+        for endpoint, parts in by_peer.items():
+            self._peer(endpoint).submit(parts)
+
+    def _split(self, batch: Batch, index: int) -> list[Part]:
+        request = batch.requests[index]
+        segment_id = request.segment.descriptor.segment_id
+        count = min(self.config.connections_per_peer, math.ceil(request.length / SPLIT_BYTES))
+        if count <= 1:
+            return [Part(batch, index, request.op, segment_id, request.offset, request.buffer)]
+        batch.split(index, count)
+        step = math.ceil(request.length / count)
+        return [
+            Part(batch, index, request.op, segment_id, request.offset + start,
+                 request.buffer[start : start + step])
+            for start in range(0, request.length, step)
+        ]
+
+    def _peer(self, endpoint: str) -> PeerClient:
+        peer = self._peers.get(endpoint)
+        if peer is None:
+            peer = self._peers[endpoint] = PeerClient(
+                endpoint, self.config.connections_per_peer, self.config.max_frame_bytes
+            )
+        return peer
+
+    def _ensure_sweeping(self) -> None:
+        if not self._sweeping:
+            self._sweeping = True
+            self.io.loop.call_later(_SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail batches past their deadline; forget finished ones."""
+        now = time.monotonic()
+        for batch, deadline in list(self._deadlines.items()):
+            if batch.poll() is not BatchState.PENDING:
+                del self._deadlines[batch]
+            elif now >= deadline:
+                del self._deadlines[batch]
+                self._expire(batch)
+        self._sweeping = False
+        if self._deadlines:
+            self._ensure_sweeping()
+
+    def _expire(self, batch: Batch) -> None:
+        error = TransferError(
+            f"no answer from peer within {self.config.timeout_s}s; connection dropped"
+        )
+        for peer in self._peers.values():
+            peer.fail_batch(batch, error)
+        for index, request in enumerate(batch.requests):  # parts not sent yet (still connecting)
+            if request.segment.transport == self.name:
+                batch.complete(index, error)
+
+    def close(self) -> None:
+        self.io.call(self._close_on_loop)
+
+    def _close_on_loop(self) -> None:
+        for peer in self._peers.values():
+            peer.close()
+        self._peers.clear()
+
+
+TRANSPORTS: dict[str, type[Transport]] = {
+    ShmTransport.name: ShmTransport,
+    TcpTransport.name: TcpTransport,
+}
+
+
+def transport_class(name: str) -> type[Transport]:
+    try:
+        return TRANSPORTS[name]
+    except KeyError:
+        raise InvalidParamsError(
+            f"unknown transport {name!r}; known: {', '.join(sorted(TRANSPORTS))}"
+        ) from None
