@@ -133,7 +133,10 @@ def error_from_code(code: int, message: str) -> KvcakeError:
         known = ErrorCode(code)
     except ValueError:
         return KvcakeError(f"unknown remote error code {code}: {message}")
-    for cls in (SegmentNotFoundError, InvalidParamsError, TransferError):
-        if cls.default_code is known:
-            return cls(message, known)
+    if known is ErrorCode.SEGMENT_NOT_FOUND:
+        return SegmentNotFoundError(message, known)
+    if known is ErrorCode.TRANSFER_FAIL:
+        return TransferError(message, known)
+    if status_hint(known) == 400:
+        return InvalidParamsError(message, known)
     return KvcakeError(message, known)

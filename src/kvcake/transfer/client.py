@@ -137,8 +137,11 @@ class PeerConnection(asyncio.BufferedProtocol):
 class PeerClient:
     """The connections to one peer; spreads each submission over them."""
 
-    def __init__(self, endpoint: str, num_connections: int, max_payload: int) -> None:
+    def __init__(
+        self, endpoint: str, num_connections: int, max_payload: int, spread_bytes: int
+    ) -> None:
         self.endpoint = endpoint
+        self.spread_bytes = spread_bytes
         self._num_connections = num_connections
         self._max_payload = max_payload
         self._connections: list[PeerConnection] = []
@@ -178,12 +181,16 @@ class PeerClient:
             self._connections.append(connection)
 
     def _send(self, parts: list[Part]) -> None:
-        """Round-robin parts over the connections, one ``writelines`` per connection."""
+        """Small parts share the first connection (one stream pipelines them best); big ones
+        are dealt round-robin so several streams carry them at once."""
         count = len(self._connections)
         groups: list[list[Part]] = [[] for _ in range(count)]
         for part in parts:
-            groups[self._next % count].append(part)
-            self._next += 1
+            if part.buffer.nbytes < self.spread_bytes:
+                groups[0].append(part)
+            else:
+                groups[self._next % count].append(part)
+                self._next += 1
         for connection, group in zip(self._connections, groups, strict=True):
             if group:
                 connection.send(group)

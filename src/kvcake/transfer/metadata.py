@@ -22,8 +22,11 @@ from kvcake.common.errors import (
     error_from_code,
 )
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
+from kvcake.common.log import get_logger
 from kvcake.transfer.messages import DescribeReply, DescribeRequest
 from kvcake.transfer.segment import SegmentDescriptor
+
+log = get_logger(__name__)
 
 ETCD_PREFIX = "/kvcake/transfer/segments/"
 _MAX_REPLY = 1 << 24
@@ -164,8 +167,8 @@ class EtcdDirectory:
         while not self._stop.wait(self._ttl_s / 3):
             try:
                 self._lease.refresh()
-            except Exception:  # keep trying; etcd may come back before the TTL runs out
-                continue
+            except Exception as exc:  # etcd may come back before the TTL runs out
+                log.warning("etcd lease refresh failed, retrying: %s", exc)
 
     def _guard(self, action: Any) -> Any:
         try:
@@ -180,7 +183,10 @@ class EtcdDirectory:
         if self._keepalive is not None:
             self._keepalive.join()
         if self._lease is not None:
-            self._guard(self._lease.revoke)
+            try:
+                self._guard(self._lease.revoke)
+            except MetadataError as exc:  # the TTL removes the descriptors anyway
+                log.warning("could not revoke the etcd lease: %s", exc)
         self._client.close()
 
 

@@ -146,7 +146,10 @@ class TcpTransport(Transport):
         peer = self._peers.get(endpoint)
         if peer is None:
             peer = self._peers[endpoint] = PeerClient(
-                endpoint, self.config.connections_per_peer, self.config.max_frame_bytes
+                endpoint,
+                self.config.connections_per_peer,
+                self.config.max_frame_bytes,
+                spread_bytes=SPLIT_BYTES // 2,
             )
         return peer
 

@@ -1,0 +1,96 @@
+import msgspec
+import pytest
+
+from kvcake.common import codec
+from kvcake.common.config import TransferConfig, load_config, parse_size
+from kvcake.common.errors import (
+    ErrorCode,
+    InvalidParamsError,
+    KvcakeError,
+    ProtocolError,
+    SegmentNotFoundError,
+    TransferError,
+    error_from_code,
+)
+
+
+def test_error_codes_keep_mooncake_names_and_values() -> None:
+    assert ErrorCode.OBJECT_NOT_FOUND == -704
+    assert ErrorCode.NO_AVAILABLE_HANDLE == -200
+    assert ErrorCode.OBJECT_HAS_LEASE == -706
+    assert ErrorCode.SEGMENT_NOT_FOUND == -101
+    assert ErrorCode.TRANSFER_FAIL == -800
+
+
+def test_errors_carry_code_and_status_hint() -> None:
+    error = SegmentNotFoundError("no segment 'x'")
+    assert isinstance(error, KvcakeError)
+    assert error.code is ErrorCode.SEGMENT_NOT_FOUND
+    assert error.status == 404
+    assert str(error) == "SEGMENT_NOT_FOUND: no segment 'x'"
+    assert TransferError("down").status == 502
+
+
+def test_error_from_code_rebuilds_the_specific_class() -> None:
+    assert isinstance(error_from_code(-101, "gone"), SegmentNotFoundError)
+    rebuilt = error_from_code(-10, "too far")
+    assert isinstance(rebuilt, InvalidParamsError)
+    assert rebuilt.code is ErrorCode.BUFFER_OVERFLOW
+    assert "unknown remote error code 12345" in str(error_from_code(12345, "?"))
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("4096", 4096), ("64KiB", 65536), ("16M", 16 << 20), ("1 g", 1 << 30)]
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_parse_size_names_the_bad_input() -> None:
+    with pytest.raises(InvalidParamsError, match="'lots'"):
+        parse_size("lots")
+
+
+def test_config_layers_defaults_env_then_overrides() -> None:
+    env = {"KVCAKE_TRANSFER_TIMEOUT_S": "2.5", "KVCAKE_TRANSFER_CONNECTIONS_PER_PEER": "4",
+           "KVCAKE_TRANSFER_MAX_FRAME_BYTES": "1MiB", "KVCAKE_TRANSFER_PRETOUCH": "off"}
+    config = load_config(TransferConfig, "transfer", {"connections_per_peer": 3, "port": None},
+                         environ=env)
+    assert config.timeout_s == 2.5
+    assert config.connections_per_peer == 3
+    assert config.max_frame_bytes == 1 << 20
+    assert config.pretouch is False
+    assert config.port == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"transport": "carrier-pigeon"}, "transport"), ({"port": 70000}, "port"),
+     ({"connections_per_peer": 0}, "connections_per_peer"), ({"timeout_s": 0}, "timeout_s"),
+     ({"metadata": "zookeeper"}, "metadata")],
+)
+def test_config_rejects_out_of_range_fields(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidParamsError, match=message):
+        TransferConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_env_value_of_the_wrong_type_is_named() -> None:
+    with pytest.raises(InvalidParamsError, match="KVCAKE_TRANSFER_TIMEOUT_S"):
+        load_config(TransferConfig, "transfer", environ={"KVCAKE_TRANSFER_TIMEOUT_S": "soon"})
+
+
+class Ping(msgspec.Struct, tag="ping"):
+    n: int
+
+
+class Pong(msgspec.Struct, tag="pong"):
+    n: int
+
+
+def test_codec_round_trips_a_tagged_union() -> None:
+    assert codec.decode(codec.encode(Pong(3)), Ping | Pong) == Pong(3)
+
+
+def test_codec_rejects_garbage_with_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="malformed control message"):
+        codec.decode(b"\xc1\x00", Ping | Pong)
