@@ -11,6 +11,8 @@ import socket
 import struct
 from multiprocessing.connection import Connection
 
+from kvcake.common.sockets import recv_exactly
+
 _REQUEST = struct.Struct("<BQQ")  # mode, chunk bytes, chunk count
 _EXIT, _CLIENT_WRITES, _CLIENT_READS = 0, 1, 2
 
@@ -21,15 +23,6 @@ def memcpy_step(dst: memoryview, src: memoryview, size: int, count: int) -> int:
     return size * count
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < view.nbytes:
-        count = sock.recv_into(view[got:])
-        if count == 0:
-            raise ConnectionError("socket peer closed")
-        got += count
-
-
 def _socket_peer(pipe: Connection, buffer_bytes: int) -> None:
     buffer = memoryview(bytearray(b"\x01" * buffer_bytes))
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -38,14 +31,14 @@ def _socket_peer(pipe: Connection, buffer_bytes: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     header = memoryview(bytearray(_REQUEST.size))
     while True:
-        _recv_exactly(sock, header)
+        recv_exactly(sock, header)
         mode, chunk, count = _REQUEST.unpack(header)
         if mode == _EXIT:
             break
         for i in range(count):
             window = buffer[(i * chunk) % buffer_bytes :][:chunk]
             if mode == _CLIENT_WRITES:
-                _recv_exactly(sock, window)
+                recv_exactly(sock, window)
             else:
                 sock.sendall(window)
         if mode == _CLIENT_WRITES:
@@ -70,13 +63,13 @@ class SocketBaseline:
         self._sock.sendall(_REQUEST.pack(_CLIENT_WRITES, size, count))
         for i in range(count):
             self._sock.sendall(buffer[i * size : (i + 1) * size])
-        _recv_exactly(self._sock, self._ack)
+        recv_exactly(self._sock, self._ack)
         return size * count
 
     def read(self, buffer: memoryview, size: int, count: int) -> int:
         self._sock.sendall(_REQUEST.pack(_CLIENT_READS, size, count))
         for i in range(count):
-            _recv_exactly(self._sock, buffer[i * size : (i + 1) * size])
+            recv_exactly(self._sock, buffer[i * size : (i + 1) * size])
         return size * count
 
     def close(self) -> None:

@@ -18,4 +18,3 @@ class DescribeReply(msgspec.Struct, frozen=True, tag="described"):
 
 
 TransferCall = DescribeRequest
-TransferReply = DescribeReply

@@ -23,6 +23,7 @@ from kvcake.common.errors import (
 )
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
 from kvcake.common.log import get_logger
+from kvcake.common.sockets import recv_exactly
 from kvcake.transfer.messages import DescribeReply, DescribeRequest
 from kvcake.transfer.segment import SegmentDescriptor
 
@@ -107,22 +108,14 @@ class P2PDirectory:
 
 def _call(sock: socket.socket, body: bytes) -> bytes:
     sock.sendall(pack_header(FrameOp.CALL, 1, length=len(body)) + body)
-    header = unpack_header(_recv_exactly(sock, HEADER_SIZE), _MAX_REPLY)
-    payload = _recv_exactly(sock, header.length)
+    raw = memoryview(bytearray(HEADER_SIZE))
+    recv_exactly(sock, raw)
+    header = unpack_header(raw, _MAX_REPLY)
+    payload = bytearray(header.length)
+    recv_exactly(sock, memoryview(payload))
     if header.status != 0:
         raise error_from_code(header.status, payload.decode(errors="replace"))
-    return payload
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        count = sock.recv_into(view[got:])
-        if count == 0:
-            raise ConnectionError("peer closed the connection mid-reply")
-        got += count
-    return bytes(buffer)
+    return bytes(payload)
 
 
 class EtcdDirectory:

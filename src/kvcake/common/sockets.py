@@ -1,0 +1,15 @@
+"""Blocking-socket helpers for the few places that do not run on an event loop."""
+
+from __future__ import annotations
+
+import socket
+
+
+def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` with ``recv_into`` (no intermediate bytes objects)."""
+    got = 0
+    while got < view.nbytes:
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            raise ConnectionError("peer closed the connection mid-message")
+        got += count
