@@ -7,7 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from kvcake import __version__
-from kvcake.common.config import TransferConfig, load_config, parse_size
+from kvcake.common.config import (
+    MasterConfig,
+    StoreConfig,
+    TransferConfig,
+    load_config,
+    parse_size,
+)
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import setup_logging
 
@@ -38,6 +44,83 @@ def _cmd_transfer_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_master(args: argparse.Namespace) -> int:
+    from kvcake.store.run import run_master
+
+    config = load_config(MasterConfig, "master", {
+        "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+        "lease_ttl_s": args.lease_ttl, "client_ttl_s": args.client_ttl,
+        "put_timeout_s": args.put_timeout, "high_watermark": args.high_watermark,
+        "evict_ratio": args.evict_ratio, "eviction": args.eviction,
+        "placement": args.placement, "summary_s": args.summary_interval,
+    })
+    from kvcake.store.eviction import make_eviction_policy
+    from kvcake.store.placement import make_placement_policy
+
+    make_eviction_policy(config.eviction)  # an unknown name fails here, before binding
+    make_placement_policy(config.placement, __import__("random").Random())
+    run_master(config)
+    return 0
+
+
+def _size_or_none(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from kvcake.store.run import run_node
+
+    config = load_config(StoreConfig, "store", {
+        "master": args.master, "segment_size": _size_or_none(args.segment_size),
+        "segment_name": args.name, "disk_dir": args.disk_dir,
+        "disk_capacity": _size_or_none(args.disk_capacity),
+    })
+    if not config.segment_size:
+        raise KvcakeError("a node needs --segment-size > 0 (e.g. 8GiB)")
+    transfer = load_config(TransferConfig, "transfer", _transfer_overrides(args))
+    run_node(config, transfer)
+    return 0
+
+
+def _cmd_bench_store(args: argparse.Namespace) -> int:
+    from kvcake.bench.store import run_store_bench
+
+    against = [a for a in args.against.split(",") if a] if args.against else []
+    return run_store_bench(quick=args.quick, as_json=args.json, against=against,
+                           paths=args.paths.split(","))
+
+
+def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    master = commands.add_parser("master", help="run the store master")
+    master.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    master.add_argument("--port", type=int, help="RPC port (default 50051; 0 = ephemeral)")
+    master.add_argument("--metrics-port", type=int,
+                        help="HTTP /metrics port (default 9003; 0 = ephemeral; -1 = off)")
+    master.add_argument("--lease-ttl", type=float, help="seconds a read protects an object")
+    master.add_argument("--client-ttl", type=float, help="seconds of silence before a client "
+                        "or node is declared dead")
+    master.add_argument("--put-timeout", type=float, help="seconds before an unfinished put "
+                        "is reclaimed")
+    master.add_argument("--high-watermark", type=float, help="eviction starts above this "
+                        "fraction used (default 0.9)")
+    master.add_argument("--evict-ratio", type=float, help="fraction freed per eviction "
+                        "(default 0.05)")
+    master.add_argument("--eviction", help="eviction policy: lru (default), fifo")
+    master.add_argument("--placement", help="random (default), free_ratio_first, local_first")
+    master.add_argument("--summary-interval", type=float, help="seconds between log "
+                        "summaries (0 = off)")
+    master.set_defaults(run=_cmd_master)
+
+    node = commands.add_parser("node", help="contribute memory (and disk) to the store")
+    node.add_argument("--master", help="master HOST:PORT (default 127.0.0.1:50051)")
+    node.add_argument("--segment-size", help="memory to contribute, e.g. 8GiB")
+    node.add_argument("--name", help="segment name (default pool@HOST:PORT)")
+    node.add_argument("--disk-dir", help="directory of the SSD tier")
+    node.add_argument("--disk-capacity", help="bytes of the SSD tier, e.g. 64GiB")
+    _add_transfer_flags(node)
+    node.set_defaults(run=_cmd_node)
+
+
 def _cmd_bench_transfer(args: argparse.Namespace) -> int:
     from kvcake.bench.transfer import run_transfer_bench
 
@@ -64,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfer_flags(serve)
     serve.set_defaults(run=_cmd_transfer_serve)
 
+    _add_store_commands(commands)
+
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)
     bench_transfer = bench_cmds.add_parser("transfer", help="transfer engine vs baselines")
@@ -74,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--against", choices=("mooncake",), help="also run Mooncake's transfer engine (TCP)"
     )
     bench_transfer.set_defaults(run=_cmd_bench_transfer)
+    bench_store = bench_cmds.add_parser("store", help="store vs memcpy, Redis, Mooncake")
+    bench_store.add_argument("--quick", action="store_true", help="under a minute")
+    bench_store.add_argument("--json", action="store_true", help="one JSON object per line")
+    bench_store.add_argument("--against", default="", help="redis,mooncake (comma list)")
+    bench_store.add_argument("--paths", default="shm,tcp", help="default shm,tcp")
+    bench_store.set_defaults(run=_cmd_bench_store)
     return parser
 
 

@@ -36,6 +36,15 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)[:1].lower()]
 
 
+def format_size(size: int) -> str:
+    """Bytes in the largest binary unit that keeps one decimal meaningful: ``1.5 GiB``."""
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidParamsError(message)
@@ -98,7 +107,8 @@ def _convert(raw: str, kind: Any, name: str) -> Any:
             return False
         raise InvalidParamsError(f"{name}: expected true/false, got {raw!r}")
     if kind in (int, "int"):
-        return parse_size(raw) if name.endswith("BYTES") else _as_number(int, raw, name)
+        sized = name.endswith(("BYTES", "SIZE", "CAPACITY"))
+        return parse_size(raw) if sized else _as_number(int, raw, name)
     if kind in (float, "float"):
         return _as_number(float, raw, name)
     return raw
@@ -136,3 +146,83 @@ def load_config(
 def env_value(name: str, default: str = "") -> str:
     """A single ``KVCAKE_<name>`` variable (for settings that belong to no config class)."""
     return os.environ.get(f"KVCAKE_{name}", default)
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """Store master settings (``KVCAKE_MASTER_*``).
+
+    host, port: RPC listener (Mooncake's master default port is 50051; 0 = ephemeral).
+    metrics_port: HTTP port of ``/metrics`` (0 = ephemeral, -1 = off).
+    lease_ttl_s: how long a get/exist protects an object from removal and eviction (> 0).
+    client_ttl_s: a client or node silent this long is dead; its segments are unmounted.
+    put_timeout_s: a put not ended after this long is revoked (its writer is presumed gone).
+    high_watermark: fraction of pool bytes used above which eviction starts (0.1..1).
+    evict_ratio: fraction of pool bytes each eviction round frees (0 < r < high_watermark).
+    eviction: policy name (``lru``, ``fifo``); placement: ``random``, ``free_ratio_first``,
+        ``local_first``.
+    soft_pin_ttl_s: default soft-pin duration when a put asks for one without a ttl.
+    max_key_bytes: longest key accepted, UTF-8 bytes.
+    tick_s: period of the background sweep (expiry, eviction), seconds.
+    summary_s: period of the one-line log summary (0 = off).
+    seed: seeds random placement and segment ids (0 = from the OS).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9003
+    lease_ttl_s: float = 5.0
+    client_ttl_s: float = 10.0
+    put_timeout_s: float = 30.0
+    high_watermark: float = 0.9
+    evict_ratio: float = 0.05
+    eviction: str = "lru"
+    placement: str = "random"
+    soft_pin_ttl_s: float = 1800.0
+    max_key_bytes: int = 4096
+    tick_s: float = 0.5
+    summary_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        _require(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1..65535, "
+                 f"got {self.metrics_port}")
+        for name in ("lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s", "tick_s"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _require(0.1 <= self.high_watermark <= 1.0,
+                 f"high_watermark must be 0.1..1, got {self.high_watermark}")
+        _require(0 < self.evict_ratio < self.high_watermark,
+                 f"evict_ratio must be in (0, high_watermark), got {self.evict_ratio}")
+        _require(1 <= self.max_key_bytes <= 65536,
+                 f"max_key_bytes must be 1..65536, got {self.max_key_bytes}")
+        _require(self.summary_s >= 0, f"summary_s must be >= 0, got {self.summary_s}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A store client's or storage node's settings (``KVCAKE_STORE_*``).
+
+    master: ``HOST:PORT`` of the master.
+    segment_size: bytes this process contributes to the pool (0 = none, a pure client).
+    segment_name: name of that segment (empty: ``<host>:<port>`` of the transfer server).
+    heartbeat_s: heartbeat period; keep well under the master's ``client_ttl_s``.
+    rpc_timeout_s: longest wait for one master call before ``RPC_FAIL``.
+    disk_dir, disk_capacity: the optional SSD tier of a node (both or neither).
+    """
+
+    master: str = "127.0.0.1:50051"
+    segment_size: int = 0
+    segment_name: str = ""
+    heartbeat_s: float = 1.0
+    rpc_timeout_s: float = 10.0
+    disk_dir: str = ""
+    disk_capacity: int = 0
+
+    def __post_init__(self) -> None:
+        _require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
+        _require(self.segment_size >= 0, f"segment_size must be >= 0, got {self.segment_size}")
+        _require(self.heartbeat_s > 0, f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        _require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
+        _require(bool(self.disk_dir) == (self.disk_capacity > 0),
+                 "disk_dir and disk_capacity go together (both set, or neither)")

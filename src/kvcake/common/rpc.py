@@ -1,0 +1,260 @@
+"""Request/reply over kvcake frames: CALL frames carry a codec-encoded request, CALL_REPLY
+frames its reply (or, with a non-zero status, an error message). Many calls may be in
+flight on one connection; replies are matched by request id.
+
+A server connection never dies of a bad request: a malformed frame ends that connection
+only, a request the handler rejects is answered with its error code, and an unexpected
+exception in a handler is logged and answered with ``INTERNAL_ERROR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from kvcake.common.aio import set_nodelay
+from kvcake.common.errors import ErrorCode, KvcakeError, ProtocolError, error_from_code
+from kvcake.common.frames import FrameHeader, FrameOp, FrameReceiver, pack_header
+from kvcake.common.log import get_logger
+
+log = get_logger(__name__)
+
+MAX_CALL_BYTES = 64 << 20
+_MAX_ERROR_BYTES = 1 << 16
+Handler = Callable[[memoryview], "bytes | Awaitable[bytes]"]
+
+
+def _error_frame(request_id: int, error: KvcakeError) -> tuple[bytes, bytes]:
+    message = str(error.args[0]).encode()[:4096]
+    return pack_header(FrameOp.CALL_REPLY, request_id, length=len(message),
+                       status=error.code), message
+
+
+class _ServerConnection(asyncio.BufferedProtocol):
+    def __init__(self, handler: Handler, live: set[_ServerConnection]) -> None:
+        self._handler = handler
+        self._live = live
+        self._receiver = FrameReceiver(self, MAX_CALL_BYTES)
+        self._transport: asyncio.Transport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._live.add(self)
+        set_nodelay(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receiver.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._receiver.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            log.warning("closing RPC connection after a malformed frame: %s", exc)
+            self._send(*_error_frame(0, exc))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._live.discard(self)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def payload_buffer(self, header: FrameHeader) -> memoryview | None:
+        if header.op is not FrameOp.CALL:
+            raise ProtocolError(f"an RPC server does not accept {header.op.name} frames")
+        return memoryview(bytearray(header.length))
+
+    def frame_received(self, header: FrameHeader, payload: memoryview | None) -> None:
+        if header.op is not FrameOp.CALL:
+            raise ProtocolError(f"an RPC server does not accept {header.op.name} frames")
+        try:
+            reply = self._handler(payload if payload is not None else memoryview(b""))
+        except Exception as exc:
+            self._reply_error(header.request_id, exc)
+            return
+        if inspect.isawaitable(reply):
+            task = asyncio.ensure_future(self._finish(header.request_id, reply))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._reply(header.request_id, reply)
+
+    async def _finish(self, request_id: int, reply: Awaitable[bytes]) -> None:
+        try:
+            body = await reply
+        except Exception as exc:
+            self._reply_error(request_id, exc)
+            return
+        self._reply(request_id, body)
+
+    def _reply(self, request_id: int, body: bytes) -> None:
+        self._send(pack_header(FrameOp.CALL_REPLY, request_id, length=len(body)), body)
+
+    def _reply_error(self, request_id: int, exc: Exception) -> None:
+        if not isinstance(exc, KvcakeError):
+            log.exception("RPC handler failed", exc_info=exc)
+            exc = KvcakeError(f"internal error: {type(exc).__name__}: {exc}")
+        self._send(*_error_frame(request_id, exc))
+
+    def _send(self, *chunks: bytes) -> None:
+        if self._transport is not None:
+            self._transport.writelines(chunks)
+
+
+class RpcServer:
+    """``await startup()`` → serve ``handler`` → ``await shutdown()``."""
+
+    def __init__(self, handler: Handler, host: str, port: int) -> None:
+        self._handler = handler
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._live: set[_ServerConnection] = set()
+
+    async def startup(self) -> str:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self._handler, self._live), self._host, self._port,
+            reuse_address=True, backlog=512)
+        return f"{self._host}:{self._server.sockets[0].getsockname()[1]}"
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self._live):
+            connection.close()
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), timeout)
+        except TimeoutError:
+            log.warning("RPC connections still open after %.1fs", timeout)
+        self._server = None
+
+
+class _ClientConnection(asyncio.BufferedProtocol):
+    def __init__(self, endpoint: str, on_lost: Callable[[_ClientConnection], None]) -> None:
+        self.endpoint = endpoint
+        self._on_lost = on_lost
+        self._receiver = FrameReceiver(self, MAX_CALL_BYTES)
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receiver.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._receiver.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.fail_all(KvcakeError(f"{self.endpoint} broke the protocol: {exc}",
+                                      ErrorCode.RPC_FAIL))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        reason = str(exc) if exc else "closed by the server"
+        self.fail_all(KvcakeError(f"connection to {self.endpoint} lost: {reason}",
+                                  ErrorCode.RPC_FAIL))
+        self._on_lost(self)
+
+    def payload_buffer(self, header: FrameHeader) -> memoryview | None:
+        if header.op is not FrameOp.CALL_REPLY:
+            raise ProtocolError(f"unexpected {header.op.name} frame from an RPC server")
+        if header.status and header.length > _MAX_ERROR_BYTES:
+            raise ProtocolError(f"error message of {header.length} bytes")
+        return memoryview(bytearray(header.length))
+
+    def frame_received(self, header: FrameHeader, payload: memoryview | None) -> None:
+        body = bytes(payload) if payload is not None else b""
+        if header.status:
+            text = body.decode(errors="replace")
+            error = error_from_code(header.status, f"{self.endpoint}: {text}")
+            if header.request_id == 0:
+                self.fail_all(error)
+                return
+            future = self.pending.pop(header.request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            return
+        future = self.pending.pop(header.request_id, None)
+        if future is not None and not future.done():
+            future.set_result(body)
+
+    def fail_all(self, error: KvcakeError) -> None:
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+class RpcClient:
+    """One connection to an RPC server, opened on first use and again after a loss.
+
+    Every failure to reach the server, and every call that outlives ``timeout_s``, raises
+    :class:`KvcakeError` with ``RPC_FAIL``; errors the server answered keep their own code.
+    Must be used from one event loop.
+    """
+
+    def __init__(self, endpoint: str, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._connection: _ClientConnection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._ids = itertools.count(1)
+
+    async def call(self, body: bytes) -> bytes:
+        connection = await self._connect()
+        request_id = next(self._ids)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        connection.pending[request_id] = future
+        assert connection.transport is not None
+        connection.transport.writelines(
+            (pack_header(FrameOp.CALL, request_id, length=len(body)), body))
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            connection.pending.pop(request_id, None)
+            raise KvcakeError(f"no reply from {self.endpoint} within {self.timeout_s}s",
+                              ErrorCode.RPC_FAIL) from None
+
+    async def _connect(self) -> _ClientConnection:
+        if self._connection is not None and self._connection.transport is not None:
+            return self._connection
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._connection is None or self._connection.transport is None:
+                self._connection = await self._open()
+        return self._connection
+
+    async def _open(self) -> _ClientConnection:
+        host, _, port = self.endpoint.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await asyncio.wait_for(loop.create_connection(
+                lambda: _ClientConnection(self.endpoint, self._forget), host, int(port)),
+                self.timeout_s)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise KvcakeError(f"cannot reach {self.endpoint}: {exc or type(exc).__name__}",
+                              ErrorCode.RPC_FAIL) from None
+        return connection
+
+    def _forget(self, connection: _ClientConnection) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.transport is not None:
+            connection.transport.close()

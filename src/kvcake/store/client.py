@@ -1,0 +1,303 @@
+"""The native asyncio store client (and, with a segment, a storage node).
+
+::
+
+    store = AsyncStore(StoreConfig(master="127.0.0.1:50051"))
+    await store.setup()
+    await store.put("k", b"bytes")               # two-phase: put_start, write, put_end
+    n = await store.get_into("k", view)          # one copy: replica -> view
+    await store.close()
+
+Bytes move with the transfer engine: same-host replicas through ``shm`` (a memcpy from the
+node's mapping straight into the caller's buffer), others over ``tcp`` (received straight
+into it). Batch methods answer one int per key (bytes or 0 on success, a negative Mooncake
+code on failure); single-key methods raise :class:`KvcakeError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from kvcake.common.config import StoreConfig, TransferConfig
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
+from kvcake.common.log import get_logger
+from kvcake.common.rpc import RpcServer
+from kvcake.store import messages as m
+from kvcake.store.disk import DiskTier
+from kvcake.store.messages import ReplicaHandle, ReplicateConfig
+from kvcake.store.session import MasterSession, Mount
+from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+
+log = get_logger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+
+
+def as_view(value: Buffer) -> memoryview:
+    view = memoryview(value)
+    if not view.c_contiguous:
+        raise InvalidParamsError("store values must be C-contiguous buffers")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class AsyncStore:
+    def __init__(self, config: StoreConfig | None = None,
+                 transfer: TransferConfig | None = None) -> None:
+        self.config = config or StoreConfig()
+        self.transfer_config = transfer or TransferConfig()
+        self.engine: TransferEngine | None = None
+        self.session: MasterSession | None = None
+        self.segment_name = ""
+        self._segments: dict[int, RemoteSegment] = {}
+        self._disk: DiskTier | None = None
+        self._control: RpcServer | None = None
+
+    # ----- lifecycle
+    async def setup(self) -> None:
+        """Start the transfer engine, register with the master, mount our segment (if any)."""
+        self.engine = await asyncio.to_thread(TransferEngine, self.transfer_config)
+        self.session = MasterSession(self.config, self.engine.host_id, self._segments.clear)
+        mounts = await self._contribute()
+        try:
+            await self.session.start(mounts)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _contribute(self) -> list[Mount]:
+        assert self.engine is not None
+        if not self.config.segment_size:
+            return []
+        name = self.config.segment_name or f"pool@{self.engine.endpoint}"
+        segment = await asyncio.to_thread(
+            self.engine.register_segment, name, self.config.segment_size)
+        self.segment_name = name
+        control = ""
+        if self.config.disk_dir:
+            self._disk = DiskTier(self.config.disk_dir, segment.view)
+            self._control = RpcServer(self._disk.handle, self.transfer_config.host, 0)
+            control = await self._control.startup()
+        descriptor = self.engine.local_descriptor(name)
+        return [Mount(descriptor, self.config.disk_capacity, control)]
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self._control is not None:
+            await self._control.shutdown()
+            self._control = None
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
+            self.engine = None
+
+    def _live(self) -> tuple[MasterSession, TransferEngine]:
+        if self.session is None or self.engine is None:
+            raise KvcakeError("store client is not set up (call setup())",
+                              ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+        return self.session, self.engine
+
+    # ----- writes
+    async def put(self, key: str, value: Buffer, config: ReplicateConfig | None = None) -> None:
+        _raise_code(key, (await self.batch_put_from([key], [as_view(value)], config))[0])
+
+    async def put_from(self, key: str, view: memoryview,
+                       config: ReplicateConfig | None = None) -> None:
+        await self.put(key, view, config)
+
+    async def put_batch(self, keys: Sequence[str], values: Sequence[Buffer],
+                        config: ReplicateConfig | None = None) -> list[int]:
+        return await self.batch_put_from(keys, [as_view(v) for v in values], config)
+
+    async def batch_put_from(self, keys: Sequence[str], views: Sequence[memoryview],
+                             config: ReplicateConfig | None = None) -> list[int]:
+        """Insert-if-absent each key; 0 when stored (or already there), else a code."""
+        session, _ = self._live()
+        _check_batch(keys, views)
+        sizes = [v.nbytes for v in views]
+        started = await session.call(
+            m.PutStart(session.client_id, list(keys), sizes, config or ReplicateConfig()),
+            m.PutStartReply)
+        codes = [0 if c == ErrorCode.OBJECT_ALREADY_EXISTS else c for c in started.codes]
+        todo = [i for i, c in enumerate(started.codes) if c == 0]
+        writes = [(i, h) for i in todo for h in started.replicas[i]]
+        failed = await self._move(TransferOp.WRITE, [(h, views[i]) for i, h in writes])
+        bad = {writes[j][0] for j in failed}
+        for i in bad:
+            codes[i] = ErrorCode.TRANSFER_FAIL
+        await self._finish_puts(session, [keys[i] for i in todo if i not in bad],
+                                [keys[i] for i in sorted(bad)], codes, keys)
+        return codes
+
+    async def _finish_puts(self, session: MasterSession, done: list[str], revoked: list[str],
+                           codes: list[int], keys: Sequence[str]) -> None:
+        index = {key: i for i, key in enumerate(keys)}
+        if done:
+            ended = await session.call(m.PutEnd(session.client_id, done), m.CodesReply)
+            for key, code in zip(done, ended.codes, strict=True):
+                codes[index[key]] = code
+        if revoked:
+            await session.call(m.PutRevoke(session.client_id, revoked), m.CodesReply)
+
+    # ----- reads
+    async def get(self, key: str) -> bytes:
+        size = await self.get_size(key)
+        buffer = bytearray(size)
+        await self.get_into(key, memoryview(buffer))
+        return bytes(buffer)
+
+    async def get_into(self, key: str, view: memoryview) -> int:
+        result = (await self.batch_get_into([key], [view]))[0]
+        _raise_code(key, result)
+        return result
+
+    async def get_batch(self, keys: Sequence[str]) -> list[bytes | None]:
+        sizes = await self.batch_get_size(keys)
+        buffers = [bytearray(max(s, 0)) for s in sizes]
+        results = await self.batch_get_into(keys, [memoryview(b) for b in buffers])
+        return [bytes(b) if r >= 0 and s >= 0 else None
+                for b, r, s in zip(buffers, results, sizes, strict=True)]
+
+    async def batch_get_into(self, keys: Sequence[str],
+                             views: Sequence[memoryview]) -> list[int]:
+        """Read each key into its view; bytes read, or a negative code. A read that finishes
+        after its lease ran out answers ``LEASE_EXPIRED``: its bytes may be stale."""
+        session, _ = self._live()
+        _check_batch(keys, views)
+        deadline = time.monotonic()
+        found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
+        deadline += found.lease_ttl_s
+        results = list(found.codes)
+        for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
+            if code == 0 and size > views[i].nbytes:
+                results[i] = ErrorCode.BUFFER_OVERFLOW
+        pending = {i: self._ranked(found.replicas[i]) for i, c in enumerate(results) if c == 0}
+        await self._read_with_fallback(pending, found.sizes, views, results)
+        late = time.monotonic() > deadline
+        return [(ErrorCode.LEASE_EXPIRED if late else found.sizes[i]) if c == 0 else int(c)
+                for i, c in enumerate(results)]
+
+    async def _read_with_fallback(self, pending: dict[int, list[ReplicaHandle]],
+                                  sizes: list[int], views: Sequence[memoryview],
+                                  results: list[int]) -> None:
+        """Read from each key's best replica; on a failure try its next one."""
+        while pending:
+            order = list(pending)
+            reads = [(pending[i].pop(0), views[i][: sizes[i]]) for i in order]
+            failed = set(await self._move(TransferOp.READ, reads))
+            for j, i in enumerate(order):
+                if j not in failed or not pending[i]:
+                    if j in failed:
+                        results[i] = ErrorCode.TRANSFER_FAIL
+                    del pending[i]
+
+    def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
+        """Same-host replicas first: they are read with a memcpy."""
+        known = self._segments
+        return sorted(handles, key=lambda h: h.segment_id not in known
+                      or known[h.segment_id].transport != "shm")
+
+    async def _move(self, op: TransferOp,
+                    items: list[tuple[ReplicaHandle, memoryview]]) -> list[int]:
+        """Run one batch of transfers; the indices of the items that failed."""
+        if not items:
+            return []
+        _, engine = self._live()
+        segments = await self._resolve([h.segment_id for h, _ in items])
+        requests, failed = [], []
+        for j, (handle, view) in enumerate(items):
+            segment = segments.get(handle.segment_id)
+            if segment is None:
+                failed.append(j)
+                continue
+            requests.append((j, TransferRequest(op, segment, handle.offset, view)))
+        batch = engine.submit([r for _, r in requests])
+        try:
+            await batch
+        except KvcakeError as exc:
+            log.warning("store %s failed: %s", op.name.lower(), exc)
+        failed += [j for (j, _), e in zip(requests, batch.errors, strict=True) if e is not None]
+        return failed
+
+    async def _resolve(self, segment_ids: list[int]) -> dict[int, RemoteSegment]:
+        missing = sorted({i for i in segment_ids if i not in self._segments})
+        if missing:
+            session, engine = self._live()
+            reply = await session.call(m.DescribeSegments(missing), m.DescribeSegmentsReply)
+            for segment_id, descriptor in zip(missing, reply.descriptors, strict=True):
+                if descriptor is not None:
+                    self._segments[segment_id] = engine.attach(descriptor)
+        return self._segments
+
+    # ----- metadata
+    async def is_exist(self, key: str) -> bool:
+        code = (await self.batch_is_exist([key]))[0]
+        _raise_code(key, min(code, 0))
+        return code == 1
+
+    async def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
+        """1 present, 0 absent, negative code for a bad key."""
+        session, _ = self._live()
+        return (await session.call(m.Exist(list(keys)), m.CodesReply)).codes
+
+    async def get_size(self, key: str) -> int:
+        size = (await self.batch_get_size([key]))[0]
+        _raise_code(key, min(size, 0))
+        return size
+
+    async def batch_get_size(self, keys: Sequence[str]) -> list[int]:
+        session, _ = self._live()
+        found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
+        return [s if c == 0 else c for c, s in zip(found.codes, found.sizes, strict=True)]
+
+    async def remove(self, key: str, force: bool = False) -> None:
+        _raise_code(key, (await self.batch_remove([key], force))[0])
+
+    async def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
+        session, _ = self._live()
+        return (await session.call(m.Remove(list(keys), force), m.CodesReply)).codes
+
+    async def remove_all(self, force: bool = False) -> int:
+        session, _ = self._live()
+        return (await session.call(m.RemoveAll(force), m.CountReply)).count
+
+    async def stats(self) -> m.Stats:
+        session, _ = self._live()
+        return await session.call(m.GetStats(), m.Stats)
+
+
+def _check_batch(keys: Sequence[str], views: Sequence[memoryview]) -> None:
+    if len(keys) != len(views):
+        raise InvalidParamsError(f"{len(keys)} keys but {len(views)} buffers")
+    for key, view in zip(keys, views, strict=True):
+        if not isinstance(view, memoryview) or view.format != "B" or view.ndim != 1:
+            raise InvalidParamsError("store buffers must be flat byte memoryviews")
+        if view.nbytes == 0:
+            raise InvalidParamsError(f"{key!r}: empty value or buffer (size must be > 0)")
+
+
+def _raise_code(key: str, code: int) -> None:
+    if code >= 0:
+        return
+    try:
+        known = ErrorCode(code)
+    except ValueError:
+        raise KvcakeError(f"{key!r}: unknown error code {code}") from None
+    text = _MESSAGES.get(known, known.name.lower().replace("_", " "))
+    error = InvalidParamsError if known in _CALLER_FAULTS else KvcakeError
+    raise error(f"{key!r}: {text}", known)
+
+
+_CALLER_FAULTS = {ErrorCode.INVALID_KEY, ErrorCode.INVALID_PARAMS, ErrorCode.BUFFER_OVERFLOW}
+_MESSAGES = {
+    ErrorCode.OBJECT_NOT_FOUND: "no such object",
+    ErrorCode.BUFFER_OVERFLOW: "buffer is smaller than the object",
+    ErrorCode.NO_AVAILABLE_HANDLE: "no segment has room for the object",
+    ErrorCode.LEASE_EXPIRED: "read outlived its lease; the bytes may be stale",
+    ErrorCode.OBJECT_HAS_LEASE: "object is leased by a reader; retry later or force",
+    ErrorCode.INVALID_KEY: "key is empty or too long",
+    ErrorCode.INVALID_PARAMS: "size is 0 or larger than any mounted segment, or bad config",
+}
+

@@ -1,0 +1,176 @@
+"""The master's RPC channel: one tagged union of requests, and their replies.
+
+Every per-key operation takes a list of keys, so a single op is a batch of one and a batch
+is one round trip. Per-key outcomes are Mooncake error codes (0 = ok); a whole request that
+cannot be served comes back as an error frame instead.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvcake.transfer.segment import SegmentDescriptor
+
+
+class ReplicateConfig(msgspec.Struct):
+    """How to store a put (Mooncake's ``ReplicateConfig``).
+
+    replica_num: copies on distinct segments (best effort when fewer segments have room).
+    with_soft_pin: evicted only when nothing unpinned is left, for ``soft_pin_ttl_s``.
+    with_hard_pin: never evicted (still removable).
+    preferred_segment: put the first replica on this segment when it has room.
+    """
+
+    replica_num: int = 1
+    with_soft_pin: bool = False
+    soft_pin_ttl_s: float = 0.0
+    with_hard_pin: bool = False
+    preferred_segment: str = ""
+
+
+class ReplicaHandle(msgspec.Struct, frozen=True, array_like=True):
+    segment_id: int
+    offset: int
+
+
+# ----- requests
+class RegisterClient(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+    host_id: str
+
+
+class Heartbeat(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+
+
+class MountSegment(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+    descriptor: SegmentDescriptor
+    disk_capacity: int = 0
+    control_endpoint: str = ""  # the node's RPC server for disk-tier tasks
+
+
+class UnmountSegment(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+    segment_id: int
+
+
+class PutStart(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+    keys: list[str]
+    sizes: list[int]
+    config: ReplicateConfig = msgspec.field(default_factory=ReplicateConfig)
+
+
+class PutEnd(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+    keys: list[str]
+
+
+class PutRevoke(msgspec.Struct, tag=True, frozen=True):
+    client_id: str
+    keys: list[str]
+
+
+class GetReplicas(msgspec.Struct, tag=True, frozen=True):
+    keys: list[str]
+
+
+class Exist(msgspec.Struct, tag=True, frozen=True):
+    keys: list[str]
+
+
+class Remove(msgspec.Struct, tag=True, frozen=True):
+    keys: list[str]
+    force: bool = False
+
+
+class RemoveAll(msgspec.Struct, tag=True, frozen=True):
+    force: bool = False
+
+
+class DescribeSegments(msgspec.Struct, tag=True, frozen=True):
+    segment_ids: list[int]
+
+
+class GetStats(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+MasterRequest = (
+    RegisterClient | Heartbeat | MountSegment | UnmountSegment | PutStart | PutEnd | PutRevoke
+    | GetReplicas | Exist | Remove | RemoveAll | DescribeSegments | GetStats
+)
+
+
+# ----- replies
+class RegisterReply(msgspec.Struct, frozen=True):
+    master_id: int  # changes when the master restarts: clients then remount
+    lease_ttl_s: float
+    client_ttl_s: float
+
+
+class HeartbeatReply(msgspec.Struct, frozen=True):
+    known: bool  # False: the master forgot this client (restart, or declared it dead)
+
+
+class MountReply(msgspec.Struct, frozen=True):
+    segment_id: int
+
+
+class PutStartReply(msgspec.Struct, frozen=True):
+    codes: list[int]  # 0: write to replicas; OBJECT_ALREADY_EXISTS: nothing to write
+    replicas: list[list[ReplicaHandle]]
+
+
+class GetReplicasReply(msgspec.Struct, frozen=True):
+    lease_ttl_s: float
+    codes: list[int]
+    sizes: list[int]
+    replicas: list[list[ReplicaHandle]]  # COMPLETE memory replicas only, best first
+
+
+class CodesReply(msgspec.Struct, frozen=True):
+    codes: list[int]  # for Exist: 1 present, 0 absent
+
+
+class CountReply(msgspec.Struct, frozen=True):
+    count: int
+
+
+class DescribeSegmentsReply(msgspec.Struct, frozen=True):
+    descriptors: list[SegmentDescriptor | None]
+
+
+class Stats(msgspec.Struct, frozen=True):
+    num_segments: int
+    num_clients: int
+    num_keys: int
+    num_replicas: int
+    used_bytes: int
+    total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+    evicted: int
+    offloaded: int
+    promoted: int
+
+
+# ----- master -> storage node (disk tier); each answered with a CodesReply of one code
+class OffloadRequest(msgspec.Struct, tag=True, frozen=True):
+    key: str
+    offset: int
+    size: int
+
+
+class PromoteRequest(msgspec.Struct, tag=True, frozen=True):
+    key: str
+    offset: int
+    size: int
+
+
+class DropDiskRequest(msgspec.Struct, tag=True, frozen=True):
+    key: str
+
+
+NodeRequest = OffloadRequest | PromoteRequest | DropDiskRequest

@@ -1,0 +1,238 @@
+"""The master process: :class:`MasterService` behind an RPC server, a sweep timer, the
+disk-tier task runner and ``/metrics``.
+
+All state changes happen on the event loop thread, one request at a time, so the service
+needs no locks. Disk-tier tasks (offload, promote, drop) are sent to the owning node's
+control endpoint; their outcomes come back into the service as ordinary calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvcake.common import codec
+from kvcake.common.config import MasterConfig
+from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.http import TextHttpServer
+from kvcake.common.log import get_logger
+from kvcake.common.rpc import RpcClient, RpcServer
+from kvcake.store import messages as m
+from kvcake.store.metrics import render_metrics, summary_line
+from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
+
+log = get_logger(__name__)
+
+_PROMOTE_WAIT_S = 30.0
+
+
+def _code(result: object) -> int:
+    return int(result) if isinstance(result, ErrorCode) else 0
+
+
+class MasterServer:
+    """Lifecycle: ``await startup()`` → serve → ``await shutdown()``."""
+
+    def __init__(self, config: MasterConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.service = MasterService(config, clock)
+        self._rpc = RpcServer(self._handle, config.host, config.port)
+        self._http = (TextHttpServer({"/metrics": self.metrics_text, "/health": lambda: "ok\n"},
+                                     config.host, config.metrics_port)
+                      if config.metrics_port >= 0 else None)
+        self._requests: dict[str, int] = {}
+        self._nodes: dict[str, RpcClient] = {}
+        self._promotions: dict[str, asyncio.Event] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[type[Any], Callable[[Any], Any]] = {
+            m.RegisterClient: self._register, m.Heartbeat: self._heartbeat,
+            m.MountSegment: self._mount, m.UnmountSegment: self._unmount,
+            m.PutStart: self._put_start, m.PutEnd: self._put_end, m.PutRevoke: self._put_revoke,
+            m.GetReplicas: self._get_replicas, m.Exist: self._exist, m.Remove: self._remove,
+            m.RemoveAll: self._remove_all, m.DescribeSegments: self._describe,
+            m.GetStats: lambda _: self.service.stats(),
+        }
+        self.endpoint = ""
+        self.metrics_endpoint = ""
+
+    async def startup(self) -> str:
+        self.endpoint = await self._rpc.startup()
+        if self._http is not None:
+            self.metrics_endpoint = await self._http.startup()
+        self._spawn(self._sweep_forever())
+        if self.config.summary_s:
+            self._spawn(self._summarise_forever())
+        return self.endpoint
+
+    async def shutdown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await self._rpc.shutdown()
+        if self._http is not None:
+            await self._http.shutdown()
+        for client in self._nodes.values():
+            client.close()
+
+    def metrics_text(self) -> str:
+        return render_metrics(self.service.stats(), self.service.counters, self._requests)
+
+    # ----- dispatch
+    def _handle(self, payload: memoryview) -> bytes | Awaitable[bytes]:
+        request: m.MasterRequest = codec.decode(payload, m.MasterRequest)  # type: ignore[arg-type]
+        name = type(request).__name__
+        self._requests[name] = self._requests.get(name, 0) + 1
+        reply = self._handlers[type(request)](request)
+        self._run_tasks()
+        if asyncio.iscoroutine(reply):
+            return self._encode_later(reply)
+        return codec.encode(reply)
+
+    async def _encode_later(self, reply: Awaitable[Any]) -> bytes:
+        return codec.encode(await reply)
+
+    def _register(self, request: m.RegisterClient) -> m.RegisterReply:
+        self.service.register_client(request.client_id, request.host_id)
+        log.info("client %s registered (host %s)", request.client_id, request.host_id)
+        return m.RegisterReply(self.service.master_id, self.config.lease_ttl_s,
+                               self.config.client_ttl_s)
+
+    def _heartbeat(self, request: m.Heartbeat) -> m.HeartbeatReply:
+        return m.HeartbeatReply(self.service.heartbeat(request.client_id))
+
+    def _mount(self, request: m.MountSegment) -> m.MountReply:
+        segment_id = self.service.mount_segment(request.client_id, request.descriptor,
+                                                request.disk_capacity, request.control_endpoint)
+        log.info("segment %s (%d bytes) mounted by %s", request.descriptor.name,
+                 request.descriptor.size, request.client_id)
+        return m.MountReply(segment_id)
+
+    def _unmount(self, request: m.UnmountSegment) -> m.CodesReply:
+        self.service.unmount_segment(request.client_id, request.segment_id)
+        return m.CodesReply([0])
+
+    def _put_start(self, request: m.PutStart) -> m.PutStartReply:
+        if len(request.keys) != len(request.sizes):
+            raise KvcakeError(f"{len(request.keys)} keys but {len(request.sizes)} sizes",
+                              ErrorCode.INVALID_PARAMS)
+        codes, replicas = [], []
+        for key, size in zip(request.keys, request.sizes, strict=True):
+            result = _per_key(lambda k=key, s=size: self.service.put_start(  # type: ignore[misc]
+                request.client_id, k, s, request.config))
+            codes.append(_code(result))
+            replicas.append(result if isinstance(result, list) else [])
+        return m.PutStartReply(codes, replicas)
+
+    def _put_end(self, request: m.PutEnd) -> m.CodesReply:
+        return m.CodesReply([int(self.service.put_end(request.client_id, k)) for k in request.keys])
+
+    def _put_revoke(self, request: m.PutRevoke) -> m.CodesReply:
+        return m.CodesReply([int(self.service.put_revoke(request.client_id, k))
+                             for k in request.keys])
+
+    def _get_replicas(self, request: m.GetReplicas) -> Any:
+        results = [_per_key(lambda k=key: self.service.get_replicas(k))  # type: ignore[misc]
+                   for key in request.keys]
+        waiting = [k for k, r in zip(request.keys, results, strict=True)
+                   if r is ErrorCode.REPLICA_IS_NOT_READY and k in self._promotions]
+        if waiting:
+            return self._get_after_promotion(request.keys, results, waiting)
+        return self._get_reply(results)
+
+    async def _get_after_promotion(self, keys: list[str], results: list[Any],
+                                   waiting: list[str]) -> m.GetReplicasReply:
+        events = [self._promotions[k].wait() for k in waiting]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*events), _PROMOTE_WAIT_S)
+        for index, key in enumerate(keys):
+            if key in waiting:
+                results[index] = _per_key(lambda k=key: self.service.get_replicas(k))  # type: ignore[misc]
+        return self._get_reply(results)
+
+    def _get_reply(self, results: list[Any]) -> m.GetReplicasReply:
+        found = [r if isinstance(r, tuple) else (0, []) for r in results]
+        return m.GetReplicasReply(self.config.lease_ttl_s, [_code(r) for r in results],
+                                  [size for size, _ in found], [handles for _, handles in found])
+
+    def _exist(self, request: m.Exist) -> m.CodesReply:
+        return m.CodesReply([_exist_code(self.service, k) for k in request.keys])
+
+    def _remove(self, request: m.Remove) -> m.CodesReply:
+        return m.CodesReply([_code(_per_key(lambda k=key: self.service.remove(  # type: ignore[misc]
+            k, request.force))) for key in request.keys])
+
+    def _remove_all(self, request: m.RemoveAll) -> m.CountReply:
+        return m.CountReply(self.service.remove_all(request.force))
+
+    def _describe(self, request: m.DescribeSegments) -> m.DescribeSegmentsReply:
+        return m.DescribeSegmentsReply(self.service.describe(request.segment_ids))
+
+    # ----- background work
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            self.service.tick()
+            self._run_tasks()
+
+    async def _summarise_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.summary_s)
+            log.info("store: %s", summary_line(self.service.stats(), self.service.counters))
+
+    def _run_tasks(self) -> None:
+        for task in self.service.drain_tasks():
+            if isinstance(task, PromoteTask):
+                self._promotions.setdefault(task.key, asyncio.Event())
+            self._spawn(self._run_task(task))
+
+    async def _run_task(self, task: Task) -> None:
+        segment = self.service.registry.segments.get(task.segment_id)
+        ok = False
+        if segment is not None and segment.control_endpoint:
+            ok = await self._call_node(segment.control_endpoint, task)
+        if isinstance(task, OffloadTask):
+            self.service.offload_done(task, ok)
+        elif isinstance(task, PromoteTask):
+            self.service.promote_done(task, ok)
+            event = self._promotions.pop(task.key, None)
+            if event is not None:
+                event.set()
+        self._run_tasks()
+
+    async def _call_node(self, endpoint: str, task: Task) -> bool:
+        client = self._nodes.get(endpoint)
+        if client is None:
+            client = self._nodes[endpoint] = RpcClient(endpoint, self.config.put_timeout_s)
+        request: m.NodeRequest
+        if isinstance(task, DropDiskTask):
+            request = m.DropDiskRequest(task.key)
+        elif isinstance(task, OffloadTask):
+            request = m.OffloadRequest(task.key, task.offset, task.size)
+        else:
+            request = m.PromoteRequest(task.key, task.offset, task.size)
+        try:
+            reply = codec.decode(await client.call(codec.encode(request)), m.CodesReply)
+        except KvcakeError as exc:
+            log.warning("disk task %s on %s failed: %s", type(task).__name__, endpoint, exc)
+            return False
+        return reply.codes == [0]
+
+
+def _per_key(action: Callable[[], Any]) -> Any:
+    """Run one key's action; a caller fault becomes that key's code, not the batch's."""
+    try:
+        return action()
+    except KvcakeError as exc:
+        return exc.code
+
+
+def _exist_code(service: MasterService, key: str) -> int:
+    result = _per_key(lambda: service.exist(key))
+    return int(result) if isinstance(result, ErrorCode) else int(bool(result))
