@@ -168,7 +168,7 @@ class AsyncStore:
         _check_batch(keys, views)
         deadline = time.monotonic()
         found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
-        deadline += found.lease_ttl_s
+        deadline += found.waited_s + found.lease_ttl_s  # leased no earlier than this
         results = list(found.codes)
         for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
             if code == 0 and size > views[i].nbytes:

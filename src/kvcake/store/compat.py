@@ -25,7 +25,7 @@ from kvcake.common.config import StoreConfig, TransferConfig, load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore, Buffer, as_view
-from kvcake.store.messages import ReplicateConfig
+from kvcake.store.messages import ReplicateConfig, Stats
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -185,16 +185,19 @@ class DistributedStore:
     def remove_all(self, force: bool = False) -> int:
         return _code(lambda: self._run(self.native.remove_all(force)))
 
+    def stats(self) -> Stats:
+        """The master's counters (kvcake's addition; raises when the master is down)."""
+        return self._run(self.native.stats())
+
     # ----- tensors (needs torch)
     def put_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
         """Store a tensor's dtype, shape and bytes (it is copied to CPU, contiguous)."""
-        import torch
-
         flat = tensor.detach().to("cpu").contiguous()
         meta = msgspec.msgpack.encode(_TensorMeta(str(flat.dtype).removeprefix("torch."),
                                                   list(flat.shape)))
-        raw = flat.reshape(-1).view(torch.uint8).numpy()
-        value = _TENSOR_HEADER.pack(len(meta)) + meta + raw.tobytes()
+        nbytes = flat.numel() * flat.element_size()
+        raw = (ctypes.c_ubyte * nbytes).from_address(flat.data_ptr())  # no numpy needed
+        value = b"".join((_TENSOR_HEADER.pack(len(meta)), meta, memoryview(raw).cast("B")))
         return self.put(key, value, config)
 
     def get_tensor(self, key: str) -> Any:

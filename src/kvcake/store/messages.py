@@ -128,6 +128,7 @@ class GetReplicasReply(msgspec.Struct, frozen=True):
     codes: list[int]
     sizes: list[int]
     replicas: list[list[ReplicaHandle]]  # COMPLETE memory replicas only, best first
+    waited_s: float = 0.0  # time the master held the request (disk promotion) before leasing
 
 
 class CodesReply(msgspec.Struct, frozen=True):

@@ -26,7 +26,9 @@ from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, Promo
 
 log = get_logger(__name__)
 
-_PROMOTE_WAIT_S = 30.0
+_PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
+_RECHECK_S = 0.05
+_WAIT_CODES = (ErrorCode.REPLICA_IS_NOT_READY, ErrorCode.NO_AVAILABLE_HANDLE)
 
 
 def _code(result: object) -> int:
@@ -45,7 +47,7 @@ class MasterServer:
                       if config.metrics_port >= 0 else None)
         self._requests: dict[str, int] = {}
         self._nodes: dict[str, RpcClient] = {}
-        self._promotions: dict[str, asyncio.Event] = {}
+        self._task_done = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._handlers: dict[type[Any], Callable[[Any], Any]] = {
             m.RegisterClient: self._register, m.Heartbeat: self._heartbeat,
@@ -133,28 +135,43 @@ class MasterServer:
                              for k in request.keys])
 
     def _get_replicas(self, request: m.GetReplicas) -> Any:
-        results = [_per_key(lambda k=key: self.service.get_replicas(k))  # type: ignore[misc]
-                   for key in request.keys]
-        waiting = [k for k, r in zip(request.keys, results, strict=True)
-                   if r is ErrorCode.REPLICA_IS_NOT_READY and k in self._promotions]
-        if waiting:
-            return self._get_after_promotion(request.keys, results, waiting)
+        results = [self._get_one(key) for key in request.keys]
+        self._run_tasks()  # starts the promotions just queued
+        if any(r in _WAIT_CODES and self._on_disk(k) for k, r in zip(request.keys, results,
+                                                                        strict=True)):
+            return self._get_after_disk(request.keys, results)
         return self._get_reply(results)
 
-    async def _get_after_promotion(self, keys: list[str], results: list[Any],
-                                   waiting: list[str]) -> m.GetReplicasReply:
-        events = [self._promotions[k].wait() for k in waiting]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*events), _PROMOTE_WAIT_S)
-        for index, key in enumerate(keys):
-            if key in waiting:
-                results[index] = _per_key(lambda k=key: self.service.get_replicas(k))  # type: ignore[misc]
-        return self._get_reply(results)
+    def _get_one(self, key: str) -> Any:
+        return _per_key(lambda: self.service.get_replicas(key))
 
-    def _get_reply(self, results: list[Any]) -> m.GetReplicasReply:
+    def _on_disk(self, key: str) -> bool:
+        obj = self.service.objects.get(key)
+        return obj is not None and any(r.tier.value == "disk" for r in obj.replicas)
+
+    async def _get_after_disk(self, keys: list[str], results: list[Any]) -> m.GetReplicasReply:
+        """Keys only on disk: wait for their promotion (or for offloads to make room for
+        it), then answer; bounded by ``_PROMOTE_WAIT_S``."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            waiting = [i for i, r in enumerate(results)
+                       if r in _WAIT_CODES and self._on_disk(keys[i])]
+            left = start + _PROMOTE_WAIT_S - loop.time()
+            if not waiting or left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):  # a task ended, or room freed silently
+                await asyncio.wait_for(self._task_done.wait(), min(left, _RECHECK_S))
+            for i in waiting:
+                results[i] = self._get_one(keys[i])
+            self._run_tasks()
+        return self._get_reply(results, asyncio.get_running_loop().time() - start)
+
+    def _get_reply(self, results: list[Any], waited_s: float = 0.0) -> m.GetReplicasReply:
         found = [r if isinstance(r, tuple) else (0, []) for r in results]
         return m.GetReplicasReply(self.config.lease_ttl_s, [_code(r) for r in results],
-                                  [size for size, _ in found], [handles for _, handles in found])
+                                  [size for size, _ in found], [handles for _, handles in found],
+                                  waited_s)
 
     def _exist(self, request: m.Exist) -> m.CodesReply:
         return m.CodesReply([_exist_code(self.service, k) for k in request.keys])
@@ -188,8 +205,6 @@ class MasterServer:
 
     def _run_tasks(self) -> None:
         for task in self.service.drain_tasks():
-            if isinstance(task, PromoteTask):
-                self._promotions.setdefault(task.key, asyncio.Event())
             self._spawn(self._run_task(task))
 
     async def _run_task(self, task: Task) -> None:
@@ -201,9 +216,8 @@ class MasterServer:
             self.service.offload_done(task, ok)
         elif isinstance(task, PromoteTask):
             self.service.promote_done(task, ok)
-            event = self._promotions.pop(task.key, None)
-            if event is not None:
-                event.set()
+        self._task_done.set()  # wakes readers waiting on the disk tier
+        self._task_done = asyncio.Event()
         self._run_tasks()
 
     async def _call_node(self, endpoint: str, task: Task) -> bool:

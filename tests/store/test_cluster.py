@@ -1,0 +1,242 @@
+"""A real store in processes: a master, storage nodes and clients on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import mmap
+import os
+import random
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvcake.common.config import StoreConfig, TransferConfig
+from kvcake.common.errors import ErrorCode
+from kvcake.common.process import ServerProcess, start_master, start_node
+from kvcake.store import AsyncStore, DistributedStore, ReplicateConfig
+
+
+@pytest.fixture
+def cluster() -> Iterator[Callable[..., tuple[ServerProcess, str]]]:
+    started: list[ServerProcess] = []
+
+    def master(*args: str) -> tuple[ServerProcess, str]:
+        process, endpoint = start_master("--client-ttl", "2", *args)
+        started.append(process)
+        return process, endpoint
+
+    def node(endpoint: str, size: str = "32MiB", *args: str) -> ServerProcess:
+        process = start_node(endpoint, size, *args)
+        started.append(process)
+        return process
+
+    master.node = node  # type: ignore[attr-defined]
+    yield master
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def make_store() -> Iterator[Callable[[str], DistributedStore]]:
+    stores: list[DistributedStore] = []
+
+    def factory(endpoint: str) -> DistributedStore:
+        store = DistributedStore()
+        assert store.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", endpoint) == 0
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        store.close()
+
+
+def _values(seed: int, count: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {f"obj-{seed}-{i}": rng.randbytes(rng.randrange(1, 3 << 20)) for i in range(count)}
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def _registered(store: DistributedStore, size: int) -> tuple[mmap.mmap, int]:
+    buffer = mmap.mmap(-1, size)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert store.register_buffer(address, size) == 0
+    return buffer, address
+
+
+def test_two_nodes_two_clients_byte_exact(cluster: Callable[..., tuple[ServerProcess, str]],
+                                          make_store: Callable[[str], DistributedStore]) -> None:
+    _, endpoint = cluster()
+    cluster.node(endpoint), cluster.node(endpoint)  # type: ignore[attr-defined]
+    writer, reader = make_store(endpoint), make_store(endpoint)
+    values = _values(1, 12)
+    config = ReplicateConfig(replica_num=2)
+    assert writer.put_batch(list(values), list(values.values()), config) == 0
+    for key, value in values.items():
+        assert reader.get(key) == value
+        assert reader.get_size(key) == len(value)
+    buffer, address = _registered(reader, 64 << 20)
+    keys, offsets = list(values), []
+    position = 0
+    for value in values.values():
+        offsets.append(position)
+        position += len(value)
+    sizes = [len(v) for v in values.values()]
+    results = reader.batch_get_into(keys, [address + o for o in offsets], sizes)
+    assert results == sizes
+    for offset, value in zip(offsets, values.values(), strict=True):
+        assert buffer[offset : offset + len(value)] == value
+    transports = {s.transport for s in reader.native._segments.values()}
+    assert transports == {"shm"}  # same host: read through the node's mapping
+
+
+def test_put_is_insert_if_absent(cluster: Callable[..., tuple[ServerProcess, str]],
+                                 make_store: Callable[[str], DistributedStore]) -> None:
+    _, endpoint = cluster()
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+    first, second = make_store(endpoint), make_store(endpoint)
+    assert first.put("k", b"first") == 0
+    assert second.put("k", b"second!") == 0  # succeeds, writes nothing
+    assert second.get("k") == b"first"
+    assert first.is_exist("k") == 1 and first.is_exist("nope") == 0
+
+
+def test_kill_9_of_a_node_keeps_every_object_readable(
+        cluster: Callable[..., tuple[ServerProcess, str]],
+        make_store: Callable[[str], DistributedStore]) -> None:
+    _, endpoint = cluster()
+    doomed = cluster.node(endpoint)  # type: ignore[attr-defined]
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+    store = make_store(endpoint)
+    values = _values(2, 10)
+    assert store.put_batch(list(values), list(values.values()), ReplicateConfig(replica_num=2)) == 0
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.kill()
+    for key, value in values.items():  # before the master notices: the other replica serves
+        assert store.get(key) == value
+    _wait_for(lambda: store.stats().num_segments == 1)
+    for key, value in values.items():
+        assert store.get(key) == value
+    assert store.put("after", b"x" * 1000) == 0 and store.get("after") == b"x" * 1000
+
+
+def test_master_restart_clients_and_nodes_rejoin(
+        cluster: Callable[..., tuple[ServerProcess, str]],
+        make_store: Callable[[str], DistributedStore]) -> None:
+    master, endpoint = cluster()
+    cluster.node(endpoint), cluster.node(endpoint)  # type: ignore[attr-defined]
+    store = make_store(endpoint)
+    assert store.put("before", b"1" * 4096) == 0
+    master.kill()
+    assert store.put("while-down", b"2") == ErrorCode.RPC_FAIL
+    cluster("--port", endpoint.rsplit(":", 1)[1])  # same address, empty state
+    _wait_for(lambda: store.stats().num_segments == 2)
+    assert store.get("before") == b""  # a restarted master starts empty (HA keeps state)
+    assert store.put("after", b"3" * 4096) == 0
+    assert store.get("after") == b"3" * 4096
+
+
+def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProcess, str]]) -> None:
+    _, endpoint = cluster("--lease-ttl", "0.3")
+    node = cluster.node(endpoint)  # type: ignore[attr-defined]
+
+    async def scenario() -> tuple[int, int]:
+        store = AsyncStore(StoreConfig(master=endpoint), TransferConfig(transport="tcp"))
+        await store.setup()
+        try:
+            await store.put("k", b"v" * 65536)
+            fresh = (await store.batch_get_into(["k"], [memoryview(bytearray(65536))]))[0]
+            os.kill(node.pid, signal.SIGSTOP)  # the read stalls on the wire past the lease
+            read = asyncio.ensure_future(
+                store.batch_get_into(["k"], [memoryview(bytearray(65536))]))
+            await asyncio.sleep(0.8)
+            os.kill(node.pid, signal.SIGCONT)
+            return fresh, (await read)[0]
+        finally:
+            await store.close()
+
+    fresh, stale = asyncio.run(scenario())
+    assert fresh == 65536
+    assert stale == ErrorCode.LEASE_EXPIRED
+
+
+def test_disk_tier_offloads_and_promotes(cluster: Callable[..., tuple[ServerProcess, str]],
+                                         make_store: Callable[[str], DistributedStore],
+                                         tmp_path: os.PathLike[str]) -> None:
+    _, endpoint = cluster("--lease-ttl", "0.2")
+    cluster.node(endpoint, "4MiB", "--disk-dir", str(tmp_path),  # type: ignore[attr-defined]
+                 "--disk-capacity", "64MiB")
+    store = make_store(endpoint)
+    rng = random.Random(3)
+    values = {f"d{i}": rng.randbytes(512 * 1024) for i in range(16)}  # 8 MiB into 4 MiB
+    for key, value in values.items():
+        assert store.put(key, value) == 0
+        time.sleep(0.05)  # let offloads land so put_start finds room
+    assert any(path.suffix == ".kv" for path in Path(tmp_path).iterdir())
+    time.sleep(0.5)  # leases of the puts' reads run out
+    for key, value in values.items():
+        assert store.get(key) == value, key
+    stats = store.stats()
+    assert stats.offloaded > 0 and stats.promoted > 0
+
+
+def test_metrics_endpoint(cluster: Callable[..., tuple[ServerProcess, str]],
+                          make_store: Callable[[str], DistributedStore]) -> None:
+    master, endpoint = cluster()
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+    store = make_store(endpoint)
+    assert store.put("m", b"x" * 100) == 0
+    metrics_at = master.lines[0].split("metrics http://", 1)[1].split(")", 1)[0]
+    with urllib.request.urlopen(f"http://{metrics_at}", timeout=5) as response:
+        text = response.read().decode()
+    assert "kvcake_store_keys 1" in text
+    assert 'kvcake_store_requests_total{op="PutStart"} 1' in text
+
+
+def test_bad_input_gets_clear_codes(cluster: Callable[..., tuple[ServerProcess, str]],
+                                    make_store: Callable[[str], DistributedStore]) -> None:
+    _, endpoint = cluster()
+    cluster.node(endpoint, "8MiB")  # type: ignore[attr-defined]
+    store = make_store(endpoint)
+    assert store.put("keep", b"safe") == 0
+    assert store.put("", b"x") == ErrorCode.INVALID_KEY
+    assert store.put("k" * 5000, b"x") == ErrorCode.INVALID_KEY
+    assert store.put("empty", b"") == ErrorCode.INVALID_PARAMS
+    assert store.put("huge", bytes(9 << 20)) == ErrorCode.INVALID_PARAMS
+    assert store.get_into("keep", 12345, 4) == ErrorCode.INVALID_PARAMS  # not registered
+    _, address = _registered(store, 4096)
+    assert store.get_into("keep", address, 2) == ErrorCode.BUFFER_OVERFLOW
+    assert store.get_into("missing", address, 4) == ErrorCode.OBJECT_NOT_FOUND
+    assert store.get("keep") == b"safe"  # nothing stored was lost
+
+
+def test_master_down_is_a_clear_error() -> None:
+    store = DistributedStore()
+    assert store.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", "127.0.0.1:1") == ErrorCode.RPC_FAIL
+    assert store.get("k") == b""
+    assert store.put("k", b"v") == ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS
+
+
+def test_tensors_round_trip(cluster: Callable[..., tuple[ServerProcess, str]],
+                            make_store: Callable[[str], DistributedStore]) -> None:
+    torch = pytest.importorskip("torch")
+    _, endpoint = cluster()
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+    store = make_store(endpoint)
+    tensor = torch.arange(24, dtype=torch.bfloat16).reshape(2, 3, 4)
+    assert store.put_tensor("t", tensor) == 0
+    back = store.get_tensor("t")
+    assert back.dtype == torch.bfloat16 and back.shape == (2, 3, 4)
+    assert torch.equal(back, tensor)
+    assert store.get_tensor("absent") is None
