@@ -18,6 +18,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: that exact version is the CPU wheel; tests use it for tensors
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,etcd]'
 	touch $(STAMP)
 

@@ -33,3 +33,25 @@ def test_bad_input_is_named_and_exits_2(capsys: object) -> None:
     result = kvcake("transfer", "serve", "--size", "huge")
     assert result.returncode == 2
     assert "not a size: 'huge'" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (("master", "--eviction", "bogus"), "unknown eviction policy 'bogus'"),
+    (("master", "--placement", "nearest"), "unknown placement policy 'nearest'"),
+    (("master", "--high-watermark", "3"), "high_watermark must be 0.1..1"),
+    (("master", "--port", "70000"), "port must be 0..65535"),
+    (("node", "--segment-size", "12XB"), "not a size: '12XB'"),
+    (("node", "--segment-size", "0"), "needs --segment-size > 0"),
+    (("node", "--segment-size", "1MiB", "--master", "nohost"), "master must be HOST:PORT"),
+    (("node", "--segment-size", "1MiB", "--disk-dir", "/tmp/x"), "disk_dir and disk_capacity"),
+])
+def test_store_commands_name_bad_input(args: tuple[str, ...], named: str) -> None:
+    result = kvcake(*args)
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr
+
+
+def test_node_without_a_master_fails_clearly() -> None:
+    result = kvcake("node", "--segment-size", "1MiB", "--master", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert "RPC_FAIL" in result.stderr and "127.0.0.1:1" in result.stderr
