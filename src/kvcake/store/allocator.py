@@ -63,6 +63,11 @@ class SegmentAllocator:
 
     # ----- queries
     @property
+    def capacity(self) -> int:
+        """Usable bytes: the size rounded down to whole granules."""
+        return self._total * GRANULE
+
+    @property
     def used_bytes(self) -> int:
         return self._used * GRANULE
 

@@ -44,10 +44,18 @@ def as_view(value: Buffer) -> memoryview:
 
 class AsyncStore:
     def __init__(self, config: StoreConfig | None = None,
-                 transfer: TransferConfig | None = None) -> None:
+                 transfer: TransferConfig | None = None,
+                 engine: TransferEngine | None = None, scratch_bytes: int = 0) -> None:
+        """``engine``: use (and leave open) this transfer engine instead of starting one.
+        ``scratch_bytes``: a pre-touched buffer that :meth:`get` receives into before its
+        one copy into ``bytes`` (fresh memory is slow to touch the first time)."""
         self.config = config or StoreConfig()
         self.transfer_config = transfer or TransferConfig()
-        self.engine: TransferEngine | None = None
+        self.engine: TransferEngine | None = engine
+        self._owns_engine = engine is None
+        self._scratch = memoryview(bytearray(scratch_bytes))
+        self._scratch[:] = bytes(scratch_bytes)
+        self._scratch_busy = False
         self.session: MasterSession | None = None
         self.segment_name = ""
         self._segments: dict[int, RemoteSegment] = {}
@@ -57,7 +65,8 @@ class AsyncStore:
     # ----- lifecycle
     async def setup(self) -> None:
         """Start the transfer engine, register with the master, mount our segment (if any)."""
-        self.engine = await asyncio.to_thread(TransferEngine, self.transfer_config)
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(TransferEngine, self.transfer_config)
         self.session = MasterSession(self.config, self.engine.host_id, self._segments.clear)
         mounts = await self._contribute()
         try:
@@ -89,9 +98,9 @@ class AsyncStore:
         if self._control is not None:
             await self._control.shutdown()
             self._control = None
-        if self.engine is not None:
+        if self.engine is not None and self._owns_engine:
             await asyncio.to_thread(self.engine.close)
-            self.engine = None
+        self.engine = None
 
     def _live(self) -> tuple[MasterSession, TransferEngine]:
         if self.session is None or self.engine is None:
@@ -143,22 +152,43 @@ class AsyncStore:
 
     # ----- reads
     async def get(self, key: str) -> bytes:
-        size = await self.get_size(key)
-        buffer = bytearray(size)
-        await self.get_into(key, memoryview(buffer))
-        return bytes(buffer)
+        value = (await self.get_batch([key]))[0]
+        if isinstance(value, int):
+            _raise_code(key, value)
+        assert isinstance(value, bytes)
+        return value
 
     async def get_into(self, key: str, view: memoryview) -> int:
         result = (await self.batch_get_into([key], [view]))[0]
         _raise_code(key, result)
         return result
 
-    async def get_batch(self, keys: Sequence[str]) -> list[bytes | None]:
-        sizes = await self.batch_get_size(keys)
-        buffers = [bytearray(max(s, 0)) for s in sizes]
-        results = await self.batch_get_into(keys, [memoryview(b) for b in buffers])
-        return [bytes(b) if r >= 0 and s >= 0 else None
-                for b, r, s in zip(buffers, results, sizes, strict=True)]
+    async def get_batch(self, keys: Sequence[str]) -> list[bytes | int]:
+        """Each key's bytes, or its negative code; one master round trip for all."""
+        session, _ = self._live()
+        deadline = time.monotonic()
+        found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
+        deadline += found.waited_s + found.lease_ttl_s
+        total = sum(s for c, s in zip(found.codes, found.sizes, strict=True) if c == 0)
+        use_scratch = not self._scratch_busy and total <= self._scratch.nbytes
+        self._scratch_busy |= use_scratch
+        try:
+            views = self._value_views(found, use_scratch)
+            results = await self._read_found(found, views, deadline)
+            return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
+        finally:
+            self._scratch_busy &= not use_scratch
+
+    def _value_views(self, found: m.GetReplicasReply, use_scratch: bool) -> list[memoryview]:
+        views, position = [], 0
+        for code, size in zip(found.codes, found.sizes, strict=True):
+            length = size if code == 0 else 0
+            if use_scratch:
+                views.append(self._scratch[position : position + length])
+                position += length
+            else:
+                views.append(memoryview(bytearray(length)))
+        return views
 
     async def batch_get_into(self, keys: Sequence[str],
                              views: Sequence[memoryview]) -> list[int]:
@@ -169,6 +199,10 @@ class AsyncStore:
         deadline = time.monotonic()
         found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
         deadline += found.waited_s + found.lease_ttl_s  # leased no earlier than this
+        return await self._read_found(found, views, deadline)
+
+    async def _read_found(self, found: m.GetReplicasReply, views: Sequence[memoryview],
+                          deadline: float) -> list[int]:
         results = list(found.codes)
         for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
             if code == 0 and size > views[i].nbytes:

@@ -26,10 +26,12 @@ from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore, Buffer, as_view
 from kvcake.store.messages import ReplicateConfig, Stats
+from kvcake.transfer import TransferEngine
 
 log = get_logger(__name__)
 T = TypeVar("T")
 _TENSOR_HEADER = struct.Struct("<I")
+_SCRATCH_BYTES = 16 << 20  # Mooncake's default local_buffer_size
 
 
 class _TensorMeta(msgspec.Struct, array_like=True):
@@ -39,6 +41,7 @@ class _TensorMeta(msgspec.Struct, array_like=True):
 
 class DistributedStore:
     def __init__(self) -> None:
+        self._engine: TransferEngine | None = None
         self._io: LoopThread | None = None
         self._store: AsyncStore | None = None
         self._buffers: list[tuple[int, int]] = []  # sorted (address, size)
@@ -55,38 +58,28 @@ class DistributedStore:
         master)."""
         if self._store is not None:
             return int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+        engine = None
         try:
-            store = self._build(local_hostname, global_segment_size, protocol, master_server_addr)
-            self._io = LoopThread("kvcake-store")
-            self._io.run(store.setup())
+            config, transfer = _configs(local_hostname, global_segment_size, protocol,
+                                        master_server_addr)
+            engine = TransferEngine(transfer)
+            store = AsyncStore(config, transfer, engine, local_buffer_size or _SCRATCH_BYTES)
+            engine.io.run(store.setup())  # the store runs on the engine's own loop thread
         except KvcakeError as exc:
             log.error("store setup failed: %s", exc)
-            self._stop_loop()
+            if engine is not None:
+                engine.close()
             return int(exc.code)
-        self._store = store
+        self._engine, self._io, self._store = engine, engine.io, store
         return 0
-
-    @staticmethod
-    def _build(host: str, segment_size: int, protocol: str, master: str) -> AsyncStore:
-        if protocol not in ("tcp", "auto", "shm"):
-            raise InvalidParamsError(f"protocol must be tcp, auto or shm, got {protocol!r}")
-        transfer = load_config(TransferConfig, "transfer", {
-            "host": host, "transport": None if protocol == "tcp" else protocol})
-        config = load_config(StoreConfig, "store", {"master": master,
-                                                    "segment_size": segment_size})
-        return AsyncStore(config, transfer)
 
     def close(self) -> int:
         if self._store is not None and self._io is not None:
             self._io.run(self._store.close())
-        self._store = None
-        self._stop_loop()
+        if self._engine is not None:
+            self._engine.close()
+        self._store = self._io = self._engine = None
         return 0
-
-    def _stop_loop(self) -> None:
-        if self._io is not None:
-            self._io.stop()
-            self._io = None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._store is None or self._io is None:
@@ -118,7 +111,8 @@ class DistributedStore:
 
     def get_batch(self, keys: list[str]) -> list[bytes]:
         try:
-            return [v or b"" for v in self._run(self.native.get_batch(keys))]
+            values = self._run(self.native.get_batch(keys))
+            return [v if isinstance(v, bytes) else b"" for v in values]
         except KvcakeError:
             return [b""] * len(keys)
 
@@ -212,6 +206,16 @@ class DistributedStore:
         meta = msgspec.msgpack.decode(value[_TENSOR_HEADER.size : start], type=_TensorMeta)
         data = torch.frombuffer(bytearray(value[start:]), dtype=torch.uint8)
         return data.view(getattr(torch, meta.dtype)).reshape(meta.shape)
+
+
+def _configs(host: str, segment_size: int, protocol: str,
+             master: str) -> tuple[StoreConfig, TransferConfig]:
+    if protocol not in ("tcp", "auto", "shm"):
+        raise InvalidParamsError(f"protocol must be tcp, auto or shm, got {protocol!r}")
+    transfer = load_config(TransferConfig, "transfer", {
+        "host": host, "transport": None if protocol == "tcp" else protocol})
+    config = load_config(StoreConfig, "store", {"master": master, "segment_size": segment_size})
+    return config, transfer
 
 
 def _code(action: Any) -> int:

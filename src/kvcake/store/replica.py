@@ -85,6 +85,7 @@ class StoredObject:
     soft_pin_until: float = 0.0
     hard_pinned: bool = False
     busy: int = 0  # offloads or promotions in flight: not removable, not evictable
+    object_id: int = 0  # tells this put of ``key`` from earlier ones
 
     @property
     def complete(self) -> bool:

@@ -113,7 +113,7 @@ class SegmentRegistry:
         return [c.client_id for c in self.clients.values() if now - c.last_seen > ttl_s]
 
     def largest_segment(self) -> int:
-        return max((s.allocator.size for s in self.segments.values()), default=0)
+        return max((s.allocator.capacity for s in self.segments.values()), default=0)
 
     def _new_id(self) -> int:
         while (segment_id := self._rng.getrandbits(48)) in self.segments or segment_id == 0:

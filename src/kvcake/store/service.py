@@ -17,9 +17,10 @@ Per-key outcomes are Mooncake error codes (0 ok), so one bad key in a batch cost
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
@@ -41,6 +42,7 @@ class OffloadTask:
     segment_id: int
     offset: int
     size: int
+    object_id: int = field(default=0, compare=False)  # which put of ``key`` it concerns
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class PromoteTask:
     segment_id: int
     offset: int
     size: int
+    object_id: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class MasterService:
         self.eviction = make_eviction_policy(config.eviction)
         self.placement = make_placement_policy(config.placement, self.rng)
         self.tasks: list[Task] = []
+        self._object_ids = itertools.count(1)
+        self._offloading_bytes = 0  # memory that offloads in flight will free
         self.counters: dict[str, int] = dict.fromkeys(
             ("evicted", "offloaded", "promoted", "hits", "misses", "reclaimed_puts",
              "dead_clients"), 0)
@@ -134,7 +139,7 @@ class MasterService:
             segment.keys.add(key)
         soft_ttl = config.soft_pin_ttl_s or self.config.soft_pin_ttl_s
         self.objects[key] = StoredObject(
-            key, size, replicas, client_id, now,
+            key, size, replicas, client_id, now, object_id=next(self._object_ids),
             soft_pin_until=now + soft_ttl if config.with_soft_pin else 0.0,
             hard_pinned=config.with_hard_pin,
         )
@@ -302,7 +307,7 @@ class MasterService:
     # ----- eviction and the disk tier
     def _evict_if_needed(self, now: float) -> None:
         used, total = self.memory_usage()
-        if total and used > self.config.high_watermark * total:
+        if total and used - self._offloading_bytes > self.config.high_watermark * total:
             self._evict(now, need=0)
 
     def _evict(self, now: float, need: int) -> None:
@@ -336,9 +341,10 @@ class MasterService:
             segment = self.registry.segments[replica.segment_id]
             if segment.disk_room(obj.size):
                 segment.disk_used += obj.size  # reserved until the offload reports back
+                self._offloading_bytes += obj.size
                 obj.busy += 1
                 self.tasks.append(OffloadTask(obj.key, segment.segment_id, replica.offset,
-                                              obj.size))
+                                              obj.size, obj.object_id))
                 return
         self._delete(obj)
 
@@ -350,7 +356,8 @@ class MasterService:
 
     def offload_done(self, task: OffloadTask, ok: bool) -> None:
         """The node finished (or failed) writing ``task.key`` to its disk."""
-        obj = self.objects.get(task.key)
+        self._offloading_bytes -= task.size
+        obj = self._same_object(task.key, task.object_id)
         segment = self.registry.segments.get(task.segment_id)
         if segment is not None and (obj is None or not ok):
             segment.disk_used -= task.size
@@ -385,11 +392,18 @@ class MasterService:
         replica.move_to(ReplicaState.PROCESSING)
         obj.replicas.append(replica)
         obj.busy += 1
-        self.tasks.append(PromoteTask(obj.key, segment.segment_id, offset, obj.size))
+        self.tasks.append(PromoteTask(obj.key, segment.segment_id, offset, obj.size,
+                                      obj.object_id))
         return ErrorCode.REPLICA_IS_NOT_READY
 
+    def _same_object(self, key: str, object_id: int) -> StoredObject | None:
+        """The object a task was queued for; ``None`` if it was removed (even if the key was
+        put again since)."""
+        obj = self.objects.get(key)
+        return obj if obj is not None and obj.object_id == object_id else None
+
     def promote_done(self, task: PromoteTask, ok: bool) -> None:
-        obj = self.objects.get(task.key)
+        obj = self._same_object(task.key, task.object_id)
         if obj is None:
             return
         obj.busy -= 1
@@ -443,5 +457,5 @@ class MasterService:
             assert obj.replicas, f"{key} has no replicas"
             in_order = obj.complete and bool(obj.readable(Tier.MEMORY)) and not obj.busy
             assert (key in self.eviction) == in_order or obj.busy, f"eviction order for {key}"
-            assert len({r.segment_id for r in obj.replicas if r.tier is Tier.MEMORY}) == \
-                len(obj.readable(Tier.MEMORY)) or not obj.complete, f"{key} replicas collide"
+            memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
+            assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"

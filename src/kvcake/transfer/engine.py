@@ -58,6 +58,13 @@ class TransferEngine:
         self._transports: dict[str, Transport] = {}
         self._closed = False
 
+    @property
+    def io(self) -> LoopThread:
+        """The engine's I/O loop thread. Callers with no loop of their own (the store's sync
+        client) may run their coroutines on it and save a thread hop per call; they must
+        never block it."""
+        return self._io
+
     # ----- local memory
     def register_segment(self, name: str, size: int) -> Segment:
         """Allocate (and pre-touch) a segment peers can read and write, and publish it."""
