@@ -40,6 +40,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._receiver = FrameReceiver(self, MAX_CALL_BYTES)
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] | None = None  # set while a read is being parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -50,12 +51,16 @@ class _ServerConnection(asyncio.BufferedProtocol):
         return self._receiver.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._out = []  # replies made while parsing this read leave in one writev
         try:
             self._receiver.buffer_updated(nbytes)
         except ProtocolError as exc:
             log.warning("closing RPC connection after a malformed frame: %s", exc)
             self._send(*_error_frame(0, exc))
+            self._flush()
             self.close()
+        finally:
+            self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -103,8 +108,15 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._send(*_error_frame(request_id, exc))
 
     def _send(self, *chunks: bytes) -> None:
-        if self._transport is not None:
+        if self._out is not None:
+            self._out.extend(chunks)
+        elif self._transport is not None:
             self._transport.writelines(chunks)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if out and self._transport is not None:
+            self._transport.writelines(out)
 
 
 class RpcServer:

@@ -37,6 +37,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._receiver = FrameReceiver(self, max_payload)
         self._transport: asyncio.Transport | None = None
         self._write_error: KvcakeError | None = None  # a WRITE whose payload is being dropped
+        self._out: list[bytes | memoryview] = []
 
     # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -52,6 +53,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._receiver.buffer_updated(nbytes)
         except ProtocolError as exc:
             self._reject(exc)
+        finally:
+            self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -117,12 +120,17 @@ class _Connection(asyncio.BufferedProtocol):
     def _reject(self, error: ProtocolError) -> None:
         log.warning("closing connection after a malformed frame: %s", error)
         self._reply_error(FrameOp.CALL_REPLY, 0, error)
+        self._flush()
         if self._transport is not None:
             self._transport.close()  # flushes the error reply first
 
     def _send(self, *chunks: bytes | memoryview) -> None:
-        if self._transport is not None:
-            self._transport.writelines(chunks)
+        self._out.extend(chunks)  # replies to one read of the socket leave in one writev
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transport is not None:
+            self._transport.writelines(out)
 
 
 class TransferServer:
