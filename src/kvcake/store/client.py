@@ -53,8 +53,7 @@ class AsyncStore:
         self.transfer_config = transfer or TransferConfig()
         self.engine: TransferEngine | None = engine
         self._owns_engine = engine is None
-        self._scratch = memoryview(bytearray(scratch_bytes))
-        self._scratch[:] = bytes(scratch_bytes)
+        self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
         self._scratch_busy = False
         self.session: MasterSession | None = None
         self.segment_name = ""

@@ -22,6 +22,7 @@ from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.store import messages as m
 from kvcake.store.metrics import render_metrics, summary_line
+from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
 
 log = get_logger(__name__)
@@ -121,8 +122,8 @@ class MasterServer:
                               ErrorCode.INVALID_PARAMS)
         codes, replicas = [], []
         for key, size in zip(request.keys, request.sizes, strict=True):
-            result = _per_key(lambda k=key, s=size: self.service.put_start(  # type: ignore[misc]
-                request.client_id, k, s, request.config))
+            result = _per_key(self.service.put_start, request.client_id, key, size,
+                              request.config)
             codes.append(_code(result))
             replicas.append(result if isinstance(result, list) else [])
         return m.PutStartReply(codes, replicas)
@@ -143,11 +144,11 @@ class MasterServer:
         return self._get_reply(results)
 
     def _get_one(self, key: str) -> Any:
-        return _per_key(lambda: self.service.get_replicas(key))
+        return _per_key(self.service.get_replicas, key)
 
     def _on_disk(self, key: str) -> bool:
         obj = self.service.objects.get(key)
-        return obj is not None and any(r.tier.value == "disk" for r in obj.replicas)
+        return obj is not None and any(r.tier is Tier.DISK for r in obj.replicas)
 
     async def _get_after_disk(self, keys: list[str], results: list[Any]) -> m.GetReplicasReply:
         """Keys only on disk: wait for their promotion (or for offloads to make room for
@@ -177,8 +178,8 @@ class MasterServer:
         return m.CodesReply([_exist_code(self.service, k) for k in request.keys])
 
     def _remove(self, request: m.Remove) -> m.CodesReply:
-        return m.CodesReply([_code(_per_key(lambda k=key: self.service.remove(  # type: ignore[misc]
-            k, request.force))) for key in request.keys])
+        return m.CodesReply([_code(_per_key(self.service.remove, key, request.force))
+                             for key in request.keys])
 
     def _remove_all(self, request: m.RemoveAll) -> m.CountReply:
         return m.CountReply(self.service.remove_all(request.force))
@@ -239,14 +240,14 @@ class MasterServer:
         return reply.codes == [0]
 
 
-def _per_key(action: Callable[[], Any]) -> Any:
+def _per_key(action: Callable[..., Any], *args: Any) -> Any:
     """Run one key's action; a caller fault becomes that key's code, not the batch's."""
     try:
-        return action()
+        return action(*args)
     except KvcakeError as exc:
         return exc.code
 
 
 def _exist_code(service: MasterService, key: str) -> int:
-    result = _per_key(lambda: service.exist(key))
+    result = _per_key(service.exist, key)
     return int(result) if isinstance(result, ErrorCode) else int(bool(result))
