@@ -197,7 +197,7 @@ def test_metrics_endpoint(cluster: Callable[..., tuple[ServerProcess, str]],
     cluster.node(endpoint)  # type: ignore[attr-defined]
     store = make_store(endpoint)
     assert store.put("m", b"x" * 100) == 0
-    metrics_at = master.lines[0].split("metrics http://", 1)[1].split(")", 1)[0]
+    metrics_at = master.output().split("metrics http://", 1)[1].split(")", 1)[0]
     with urllib.request.urlopen(f"http://{metrics_at}", timeout=5) as response:
         text = response.read().decode()
     assert "kvcake_store_keys 1" in text

@@ -18,17 +18,17 @@ objects (keys, for the existence checks); the ratio columns (``vs_redis``, ``vs_
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from kvcake.bench.baselines import memcpy_step
 from kvcake.bench.measure import human_size, print_rows, throughput
@@ -37,6 +37,7 @@ from kvcake.bench.store_baselines import check_available, mooncake_master_binary
 from kvcake.bench.store_driver import EXIST_KEYS, Case, Plan
 from kvcake.common.config import KiB, MiB
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.process import ServerProcess
 
 PATHS = ("shm", "tcp")
 BASELINES = ("redis", "mooncake")
@@ -72,52 +73,6 @@ def _placement(path: str, system: str, pair: NetnsPair | None) -> Placement:
     client_side: Side = "a" if path == "shm" else "b"
     return Placement(path, tuple(pair.prefix("a")), pair.address("a"),
                      tuple(pair.prefix(client_side)), pair.address(client_side))
-
-
-class ServerProcess:
-    """A server in a child process, its output in a temporary file; ready once a line
-    containing ``ready`` appears. Ends only the process it started."""
-
-    def __init__(self, name: str, command: Sequence[str], ready: str,
-                 timeout_s: float = 60.0) -> None:
-        self.name = name
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
-        self.process = subprocess.Popen(list(command), stdin=subprocess.PIPE,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
-        self._await(ready, timeout_s)
-
-    def _await(self, ready: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while ready not in self.output():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise KvcakeError(f"{self.name} did not start: {self.tail()}")
-            time.sleep(0.02)
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
-
-    def tail(self, chars: int = 600) -> str:
-        return f"[{self.name} output] {self.output()[-chars:].strip()}"
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()  # storage nodes stop on end of input
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def _port(place: Placement, system: str) -> int:
@@ -184,7 +139,7 @@ def _bench_system(system: str, place: Placement, plan: Plan,
     segment, port = 4 * plan.budget_bytes, _port(place, system)
     with ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory())
-        servers = [stack.enter_context(ServerProcess(name, command, ready))
+        servers = [stack.enter_context(ServerProcess(command, re.escape(ready), name=name))
                    for name, command, ready in _server_specs(system, place, port, segment,
                                                              scratch)]
         try:

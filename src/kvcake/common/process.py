@@ -1,44 +1,57 @@
 """Child server processes for tests, benchmarks and ``kvcake up``: start, wait for the line
-that says "ready", stop by pid. Only processes started here are ever signalled."""
+that says "ready", stop by pid. Only processes started here are ever signalled.
+
+Output goes to a temporary file rather than a pipe: nobody reads a server's output after it
+is ready, and a full pipe would block a chatty server mid-write.
+"""
 
 from __future__ import annotations
 
 import re
-import select
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from typing import IO
 
 from kvcake.common.errors import KvcakeError
 
+_POLL_S = 0.02
+
 
 class ServerProcess:
-    """Runs ``command``; the constructor returns once a stdout line matches ``ready``
-    (``self.match`` holds that match) or raises with the output seen so far."""
+    """Runs ``command``; the constructor returns once its output matches the regex ``ready``
+    (``self.match`` holds that match), or stops it and raises with the output so far.
+    ``stop`` closes its standard input (peers that stop on end of input), then SIGTERM,
+    then SIGKILL."""
 
-    def __init__(self, command: Sequence[str], ready: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, command: Sequence[str], ready: str, timeout_s: float = 60.0,
+                 name: str = "") -> None:
         self.command = list(command)
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.lines: list[str] = []
+        self.name = name or " ".join(self.command[-6:])
+        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop/kill
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
         self.match = self._await(re.compile(ready), timeout_s)
 
     def _await(self, ready: re.Pattern[str], timeout_s: float) -> re.Match[str]:
-        assert self.process.stdout is not None
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self.process.stdout], [], [], left)
-            line = self.process.stdout.readline().decode(errors="replace") if readable else ""
-            if not line and self.process.poll() is not None:
-                break
-            self.lines.append(line)
-            if found := ready.search(line):
-                return found
-        self.kill()
-        raise KvcakeError(f"{self.command[3:5]} did not start (exit {self.process.poll()}): "
-                          f"{''.join(self.lines)[-800:]}")
+        while (found := ready.search(self.output())) is None:
+            if not self.alive() or time.monotonic() > deadline:
+                self.stop()
+                raise KvcakeError(f"{self.name} did not start: {self.tail()}")
+            time.sleep(_POLL_S)
+        return found
+
+    def output(self) -> str:
+        if self._log.closed:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def tail(self, chars: int = 800) -> str:
+        return f"[{self.name} output] {self.output()[-chars:].strip()}"
 
     @property
     def pid(self) -> int:
@@ -48,9 +61,10 @@ class ServerProcess:
         return self.process.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``."""
         if self.alive():
-            self.process.send_signal(signal.SIGTERM)
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.terminate()
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -64,8 +78,9 @@ class ServerProcess:
         self._close()
 
     def _close(self) -> None:
-        if self.process.stdout is not None and not self.process.stdout.closed:
-            self.process.stdout.close()
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()
+        self._log.close()
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -82,7 +97,7 @@ def start_master(*args: str, prefix: Sequence[str] = ()) -> tuple[ServerProcess,
     """``kvcake master`` on an ephemeral port (unless ``args`` say otherwise); its endpoint."""
     command = kvcake_command("master", "--port", "0", "--metrics-port", "0", *args,
                              prefix=prefix)
-    process = ServerProcess(command, r"listening on (\S+)")
+    process = ServerProcess(command, r"listening on (\S+)", name="kvcake master")
     return process, process.match.group(1)
 
 
@@ -90,4 +105,4 @@ def start_node(master: str, segment_size: str, *args: str,
                prefix: Sequence[str] = ()) -> ServerProcess:
     command = kvcake_command("node", "--master", master, "--segment-size", segment_size, *args,
                              prefix=prefix)
-    return ServerProcess(command, r"segment (\S+) .* mounted")
+    return ServerProcess(command, r"segment (\S+) .* mounted", name="kvcake node")
