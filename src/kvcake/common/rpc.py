@@ -13,12 +13,11 @@ import asyncio
 import inspect
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import cast
 
-from kvcake.common.aio import set_nodelay
 from kvcake.common.errors import ErrorCode, KvcakeError, ProtocolError, error_from_code
-from kvcake.common.frames import FrameHeader, FrameOp, FrameReceiver, pack_header
+from kvcake.common.frames import FrameHeader, FrameOp, pack_header
 from kvcake.common.log import get_logger
+from kvcake.common.stream import FramedProtocol, FramedServerConnection, FrameListener
 
 log = get_logger(__name__)
 
@@ -27,48 +26,11 @@ _MAX_ERROR_BYTES = 1 << 16
 Handler = Callable[[memoryview], "bytes | Awaitable[bytes]"]
 
 
-def _error_frame(request_id: int, error: KvcakeError) -> tuple[bytes, bytes]:
-    message = str(error.args[0]).encode()[:4096]
-    return pack_header(FrameOp.CALL_REPLY, request_id, length=len(message),
-                       status=error.code), message
-
-
-class _ServerConnection(asyncio.BufferedProtocol):
-    def __init__(self, handler: Handler, live: set[_ServerConnection]) -> None:
+class _ServerConnection(FramedServerConnection):
+    def __init__(self, handler: Handler, live: set[FramedServerConnection]) -> None:
+        super().__init__(MAX_CALL_BYTES, live)
         self._handler = handler
-        self._live = live
-        self._receiver = FrameReceiver(self, MAX_CALL_BYTES)
-        self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._out: list[bytes] | None = None  # set while a read is being parsed
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._live.add(self)
-        set_nodelay(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._receiver.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._out = []  # replies made while parsing this read leave in one writev
-        try:
-            self._receiver.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            log.warning("closing RPC connection after a malformed frame: %s", exc)
-            self._send(*_error_frame(0, exc))
-            self._flush()
-            self.close()
-        finally:
-            self._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._live.discard(self)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
     def payload_buffer(self, header: FrameHeader) -> memoryview | None:
         if header.op is not FrameOp.CALL:
@@ -99,82 +61,37 @@ class _ServerConnection(asyncio.BufferedProtocol):
         self._reply(request_id, body)
 
     def _reply(self, request_id: int, body: bytes) -> None:
-        self._send(pack_header(FrameOp.CALL_REPLY, request_id, length=len(body)), body)
+        self.send(pack_header(FrameOp.CALL_REPLY, request_id, length=len(body)), body)
 
     def _reply_error(self, request_id: int, exc: Exception) -> None:
         if not isinstance(exc, KvcakeError):
             log.exception("RPC handler failed", exc_info=exc)
             exc = KvcakeError(f"internal error: {type(exc).__name__}: {exc}")
-        self._send(*_error_frame(request_id, exc))
-
-    def _send(self, *chunks: bytes) -> None:
-        if self._out is not None:
-            self._out.extend(chunks)
-        elif self._transport is not None:
-            self._transport.writelines(chunks)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, None
-        if out and self._transport is not None:
-            self._transport.writelines(out)
+        self.reply_error(FrameOp.CALL_REPLY, request_id, exc)
 
 
-class RpcServer:
+class RpcServer(FrameListener):
     """``await startup()`` → serve ``handler`` → ``await shutdown()``."""
 
     def __init__(self, handler: Handler, host: str, port: int) -> None:
-        self._handler = handler
-        self._host = host
-        self._port = port
-        self._server: asyncio.Server | None = None
-        self._live: set[_ServerConnection] = set()
-
-    async def startup(self) -> str:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ServerConnection(self._handler, self._live), self._host, self._port,
-            reuse_address=True, backlog=512)
-        return f"{self._host}:{self._server.sockets[0].getsockname()[1]}"
-
-    async def shutdown(self, timeout: float = 5.0) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for connection in list(self._live):
-            connection.close()
-        try:
-            await asyncio.wait_for(self._server.wait_closed(), timeout)
-        except TimeoutError:
-            log.warning("RPC connections still open after %.1fs", timeout)
-        self._server = None
+        super().__init__(lambda live: _ServerConnection(handler, live), host, port, "RPC")
 
 
-class _ClientConnection(asyncio.BufferedProtocol):
+class _ClientConnection(FramedProtocol):
     def __init__(self, endpoint: str, on_lost: Callable[[_ClientConnection], None]) -> None:
+        super().__init__(MAX_CALL_BYTES)
         self.endpoint = endpoint
         self._on_lost = on_lost
-        self._receiver = FrameReceiver(self, MAX_CALL_BYTES)
-        self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future[bytes]] = {}
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        set_nodelay(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._receiver.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            self._receiver.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self.fail_all(KvcakeError(f"{self.endpoint} broke the protocol: {exc}",
-                                      ErrorCode.RPC_FAIL))
-            if self.transport is not None:
-                self.transport.abort()
+    def protocol_error(self, error: ProtocolError) -> None:
+        self.fail_all(KvcakeError(f"{self.endpoint} broke the protocol: {error}",
+                                  ErrorCode.RPC_FAIL))
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+        super().connection_lost(exc)
         reason = str(exc) if exc else "closed by the server"
         self.fail_all(KvcakeError(f"connection to {self.endpoint} lost: {reason}",
                                   ErrorCode.RPC_FAIL))

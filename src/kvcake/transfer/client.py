@@ -10,16 +10,15 @@ import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
-from kvcake.common.aio import set_nodelay
 from kvcake.common.errors import (
     KvcakeError,
     ProtocolError,
     TransferError,
     error_from_code,
 )
-from kvcake.common.frames import FrameHeader, FrameOp, FrameReceiver, pack_header
+from kvcake.common.frames import FrameHeader, FrameOp, pack_header
+from kvcake.common.stream import FramedProtocol
 from kvcake.transfer.batch import Batch, TransferOp
 
 _MAX_ERROR_BYTES = 1 << 16
@@ -38,24 +37,23 @@ class Part:
     buffer: memoryview
 
 
-class PeerConnection(asyncio.BufferedProtocol):
+class PeerConnection(FramedProtocol):
     """One TCP connection to a peer's transfer server."""
 
     def __init__(
         self, endpoint: str, max_payload: int, on_lost: Callable[[PeerConnection], None]
     ) -> None:
+        super().__init__(max_payload)
         self.endpoint = endpoint
         self._on_lost = on_lost
-        self._receiver = FrameReceiver(self, max_payload)
         self._pending: dict[int, Part] = {}
-        self._transport: asyncio.Transport | None = None
 
     @property
     def outstanding(self) -> int:
         return len(self._pending)
 
     def send(self, parts: list[Part]) -> None:
-        assert self._transport is not None
+        assert self.transport is not None
         chunks: list[bytes | memoryview] = []
         for part in parts:
             request_id = next(_request_ids)
@@ -66,7 +64,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             )
             if part.op is TransferOp.WRITE:
                 chunks.append(part.buffer)
-        self._transport.writelines(chunks)
+        self.transport.writelines(chunks)
 
     def fail_batch(self, batch: Batch, error: KvcakeError) -> None:
         """Fail this batch's frames here; the connection is then in an unknown state: drop it."""
@@ -79,26 +77,16 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.abort()
 
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
-    # asyncio.BufferedProtocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        set_nodelay(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._receiver.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            self._receiver.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self._fail_all(TransferError(f"peer {self.endpoint} broke the protocol: {exc}"))
-            self.abort()
+    # FramedProtocol
+    def protocol_error(self, error: ProtocolError) -> None:
+        self._fail_all(TransferError(f"peer {self.endpoint} broke the protocol: {error}"))
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        super().connection_lost(exc)
         reason = f"{exc}" if exc else "closed by the peer"
         self._fail_all(TransferError(f"connection to peer {self.endpoint} lost: {reason}"))
         self._on_lost(self)
