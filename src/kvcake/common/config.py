@@ -226,3 +226,68 @@ class StoreConfig:
         _require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
         _require(bool(self.disk_dir) == (self.disk_capacity > 0),
                  "disk_dir and disk_capacity go together (both set, or neither)")
+
+
+DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+ATTENTION_CHOICES = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Inference engine settings (``KVCAKE_ENGINE_*``).
+
+    model: ``smollm2`` (the packaged SmolLM2-135M-Instruct), a ``.gguf`` file, or a directory
+        with ``config.json`` and ``*.safetensors``.
+    dtype: weights, activations and KV cache (``bfloat16``, ``float32``, ``float16``).
+    device: torch device (``cpu``, ``cuda``, ``cuda:1``).
+    attention: kernel (``sdpa``: fused, fastest; ``eager``: HF's exact math, for bit-faithful
+        comparisons).
+    block_size: tokens per KV block (a multiple of 8 is fastest; 1..1024).
+    kv_cache_bytes: bytes of the paged KV pool (its block count follows from the model).
+    max_num_seqs: most requests running at once.
+    max_num_batched_tokens: token budget of one step (prefill chunks plus decodes).
+    max_model_len: longest prompt plus output (0 = the model's own limit).
+    cache_dir: where converted weights are kept (empty = ``~/.cache/kvcake``).
+    tenant: namespace of this engine's KV blocks in the store.
+    store_master: ``HOST:PORT`` of a kvcake store master (empty = no store connector).
+    store_segment_size: bytes this engine contributes to the store pool (0 = a pure client).
+    seed: seed for requests that do not give their own (0 = from the OS).
+    threads: torch intra-op threads (0 = torch's default).
+    """
+
+    model: str = "smollm2"
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    attention: str = "sdpa"
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * MiB
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 0
+    cache_dir: str = ""
+    tenant: str = "default"
+    store_master: str = ""
+    store_segment_size: int = 0
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, "
+                 f"got {self.dtype!r}")
+        _require(self.attention in ATTENTION_CHOICES, f"attention must be one of "
+                 f"{ATTENTION_CHOICES}, got {self.attention!r}")
+        _require(1 <= self.block_size <= 1024, f"block_size must be 1..1024, got "
+                 f"{self.block_size}")
+        _require(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got "
+                 f"{self.kv_cache_bytes}")
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _require(self.max_num_batched_tokens >= self.block_size,
+                 f"max_num_batched_tokens must be >= block_size, got "
+                 f"{self.max_num_batched_tokens}")
+        _require(self.max_model_len >= 0, f"max_model_len must be >= 0, got "
+                 f"{self.max_model_len}")
+        _require(bool(self.tenant) and "/" not in self.tenant,
+                 f"tenant must be non-empty without '/', got {self.tenant!r}")
+        _require(not self.store_master or ":" in self.store_master,
+                 f"store_master must be HOST:PORT, got {self.store_master!r}")
+        _require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")

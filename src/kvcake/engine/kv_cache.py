@@ -1,0 +1,83 @@
+"""Per-request block tables on top of the shared :class:`BlockPool`.
+
+A request's blocks, left to right (``B`` tokens each)::
+
+    | hit (local cache) | hit (loaded from store) | computed | allocated for this chunk |
+    |<------------------ num_computed_tokens ------------------>|
+
+Full blocks are registered in the pool's prefix map as soon as their K/V exist, so a
+concurrent request with the same prefix reuses them at once.
+"""
+
+from __future__ import annotations
+
+from kvcake.engine.block_pool import BlockPool
+from kvcake.engine.request import Request
+
+
+class KVCacheManager:
+    """Allocates, shares and frees the blocks of requests."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self._num_registered: dict[str, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def max_hit_blocks(self, request: Request) -> int:
+        """Blocks a prefix hit may cover: at least one token is always computed (for logits)."""
+        return min(len(request.block_hashes), (request.num_tokens - 1) // self.block_size)
+
+    def take_local_hit(self, request: Request) -> int:
+        """Attach the leading cached blocks to ``request``; returns how many."""
+        hashes = request.block_hashes[:self.max_hit_blocks(request)]
+        hit = self.pool.match_prefix(hashes)
+        self.pool.touch(hit)
+        request.block_ids = list(hit)
+        request.num_computed_tokens = request.num_cached_tokens = len(hit) * self.block_size
+        self._num_registered[request.request_id] = len(hit)
+        return len(hit)
+
+    def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        end = request.num_computed_tokens + num_new_tokens
+        return max(0, -(-end // self.block_size) - len(request.block_ids))
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """Make room for ``num_new_tokens`` more tokens; ``False`` (nothing changed) if full."""
+        need = self.blocks_needed(request, num_new_tokens)
+        if not self.pool.can_allocate(need):
+            return False
+        request.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def allocate_blocks(self, request: Request, count: int) -> list[int] | None:
+        """``count`` more blocks at the end of the request's table (for store loads)."""
+        if not self.pool.can_allocate(count):
+            return None
+        new = self.pool.allocate(count)
+        request.block_ids.extend(new)
+        return new
+
+    def register_full_blocks(self, request: Request) -> None:
+        """Publish blocks whose K/V are now complete in the prefix map."""
+        done = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        first = self._num_registered.get(request.request_id, 0)
+        for i in range(first, done):
+            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+        self._num_registered[request.request_id] = max(first, done)
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first so its prefix stays cached longest."""
+        self.pool.free(list(reversed(request.block_ids)))
+        request.block_ids = []
+        self._num_registered.pop(request.request_id, None)
+
+    def usage(self) -> float:
+        """Fraction of blocks held by running requests."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()

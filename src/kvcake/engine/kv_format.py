@@ -1,0 +1,84 @@
+"""The byte layout of one KV block in the store (version 1).
+
+A stored block is a fixed 96-byte header followed by the payload. All integers are
+little-endian::
+
+    offset size  field
+    0      4     magic            b"KVCB"
+    4      2     version          1
+    6      2     dtype            1 = bfloat16, 2 = float16, 3 = float32
+    8      2     num_layers
+    10     2     num_kv_heads
+    12     2     head_dim
+    14     2     block_size       tokens in the block
+    16     16    fingerprint      ASCII hex: weights, architecture, dtype, block size, layout
+    32     32    block_hash       the chained prefix digest the block is stored under
+    64     8     payload_bytes
+    72     4     crc32            of the payload
+    76     20    reserved         zero
+
+    payload: (num_layers, 2 [K, V], block_size, num_kv_heads, head_dim) in ``dtype``
+
+A reader refuses a block whose header disagrees with its own model (``fingerprint``,
+shapes, dtype), whose hash is not the one it asked for, or whose checksum fails: such a
+block is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+MAGIC = b"KVCB"
+HEADER = struct.Struct("<4sHHHHHH16s32sQI20x")
+HEADER_BYTES = HEADER.size
+DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3}
+
+assert HEADER_BYTES == 96
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What every block of one engine looks like; equal layouts can share blocks."""
+
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    fingerprint: str
+
+    @property
+    def payload_bytes(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return (self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+                * itemsize)
+
+    @property
+    def record_bytes(self) -> int:
+        return HEADER_BYTES + self.payload_bytes
+
+    def pack_header(self, block_hash: bytes, payload: memoryview) -> bytes:
+        return HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE_CODES[self.dtype], self.num_layers,
+                           self.num_kv_heads, self.head_dim, self.block_size,
+                           self.fingerprint.encode(), block_hash, payload.nbytes,
+                           zlib.crc32(payload))
+
+    def check(self, record: memoryview, block_hash: bytes) -> str | None:
+        """Why ``record`` may not be used for ``block_hash`` (``None`` when it may)."""
+        if record.nbytes != self.record_bytes:
+            return f"size {record.nbytes}, expected {self.record_bytes}"
+        fields = HEADER.unpack_from(record)
+        expected = (MAGIC, FORMAT_VERSION, DTYPE_CODES[self.dtype], self.num_layers,
+                    self.num_kv_heads, self.head_dim, self.block_size,
+                    self.fingerprint.encode(), block_hash, self.payload_bytes)
+        names = ("magic", "version", "dtype", "num_layers", "num_kv_heads", "head_dim",
+                 "block_size", "fingerprint", "block_hash", "payload_bytes")
+        for name, got, want in zip(names, fields[:10], expected, strict=True):
+            if got != want:
+                return f"{name} is {got!r}, expected {want!r}"
+        if zlib.crc32(record[HEADER_BYTES:]) != fields[10]:
+            return "payload checksum mismatch"
+        return None

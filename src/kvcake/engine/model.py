@@ -1,0 +1,229 @@
+"""A Llama-family decoder in plain PyTorch whose attention reads K/V from paged blocks.
+
+The forward pass takes a *flat* batch: every scheduled token of every request, prefill
+chunks first, then single-token decodes. Linear layers run once over all of them; only
+attention looks at requests one by one (a prefill chunk) or as a padded group (decodes).
+
+::
+
+    tokens   | chunk A (prefill, 5) | chunk B (prefill, 3) | d1 | d2 | d3 |   (num_tokens,)
+    attention:  A's 5 queries over A's context, B likewise; d1..d3 batched over padded context
+
+Weights use HF names and layout, so HF checkpoints load without renaming; q/k/v and
+gate/up are fused into one matrix each at load time (one matmul instead of three or two).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.attention import attention_backend
+from kvcake.engine.config import ModelConfig
+from kvcake.engine.rope import rope_tables
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One request's prefill chunk inside the flat batch.
+
+    start, length: its tokens are ``[start, start + length)`` of the flat batch.
+    context_slots: cache slots of the request's whole context (cached prefix + this chunk),
+        ``(context_len,)``; ``None`` when the chunk is the entire context (no prefix), so the
+        chunk's own K/V are used without a gather.
+    """
+
+    start: int
+    length: int
+    context_slots: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Everything attention needs for one step, built once and shared by every layer.
+
+    slot_mapping: cache slot each new token's K/V is written to, ``(num_tokens,)``.
+    positions: absolute position of each token, ``(num_tokens,)``.
+    prefills: the prefill chunks, in flat order, before all decodes.
+    decode_start: flat index of the first decode token (== num_tokens when none).
+    decode_slots: context slots of each decode, padded, ``(num_decodes, max_context)``.
+    decode_mask: which of those slots are real, ``(num_decodes, 1, 1, max_context)``.
+    """
+
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    prefills: tuple[PrefillSpan, ...]
+    decode_start: int
+    decode_slots: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class LlamaModel:
+    """Weights plus the forward pass; the KV cache is owned by the caller.
+
+    ``kv_cache`` has shape ``(num_layers, 2, num_slots, num_kv_heads, head_dim)`` where
+    ``num_slots = num_blocks * block_size`` and slot ``b * block_size + i`` is token ``i`` of
+    block ``b``.
+    """
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype, device: str = "cpu", max_positions: int = 0,
+                 attention: str = "sdpa") -> None:
+        self.config = config
+        self.attend = attention_backend(attention)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.embed = _take(weights, "model.embed_tokens.weight", dtype, self.device)
+        self.norm = _take(weights, "model.norm.weight", dtype, self.device)
+        head = weights.get("lm_head.weight")
+        untied = head is not None and not config.tie_word_embeddings
+        self.lm_head = _cast(head, dtype, self.device) if untied and head is not None \
+            else self.embed
+        self.layers = [self._load_layer(weights, i) for i in range(config.num_layers)]
+        cos, sin = rope_tables(config, self.device, max_positions)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+
+    def _load_layer(self, weights: Mapping[str, torch.Tensor], i: int) -> _Layer:
+        p = f"model.layers.{i}."
+
+        def w(name: str) -> torch.Tensor:
+            return _take(weights, p + name, self.dtype, self.device)
+
+        qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
+                         w("self_attn.v_proj.weight")])
+        bias = None
+        if self.config.attention_bias:
+            bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"),
+                              w("self_attn.v_proj.bias")])
+        gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
+        return _Layer(w("input_layernorm.weight"), qkv, bias, w("self_attn.o_proj.weight"),
+                      w("post_attention_layernorm.weight"), gate_up, w("mlp.down_proj.weight"))
+
+    def new_kv_cache(self, num_slots: int) -> torch.Tensor:
+        """A zeroed (so pre-touched) cache of ``num_slots`` token slots."""
+        c = self.config
+        shape = (c.num_layers, 2, num_slots, c.num_kv_heads, c.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the final norm, ``(num_tokens, hidden)``; writes new K/V."""
+        cos = self.cos.index_select(0, batch.positions)  # (num_tokens, head_dim)
+        sin = self.sin.index_select(0, batch.positions)
+        x = nnf.embedding(input_ids, self.embed)  # (num_tokens, hidden)
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
+            x = x + self._attention(h, layer, batch, kv_cache[i], cos, sin)
+            h = _rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
+            x = x + self._mlp(h, layer)
+        return _rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(n, vocab)`` float32 logits of the given hidden rows."""
+        return nnf.linear(hidden, self.lm_head).float()
+
+    def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        gate, up = nnf.linear(h, layer.gate_up).chunk(2, dim=-1)
+        return nnf.linear(nnf.silu(gate) * up, layer.down)
+
+    def _attention(self, h: torch.Tensor, layer: _Layer, batch: AttentionBatch,
+                   cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        qkv = nnf.linear(h, layer.qkv, layer.qkv_bias)
+        q, k, v = torch.split(qkv, [self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+        k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        cache[0].index_copy_(0, batch.slot_mapping, k)
+        cache[1].index_copy_(0, batch.slot_mapping, v)
+        out = torch.empty_like(q)  # (num_tokens, num_heads, head_dim)
+        for span in batch.prefills:
+            out[span.start:span.start + span.length] = self._prefill_attention(q, k, v, span,
+                                                                                cache)
+        if batch.decode_slots is not None:
+            out[batch.decode_start:] = self._decode_attention(q[batch.decode_start:], batch,
+                                                              cache)
+        return nnf.linear(out.view(-1, self.q_size), layer.o_proj)
+
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           span: PrefillSpan, cache: torch.Tensor) -> torch.Tensor:
+        end = span.start + span.length
+        if span.context_slots is None:
+            ks, vs = k[span.start:end], v[span.start:end]
+            mask = None
+        else:
+            ks = cache[0].index_select(0, span.context_slots)  # (context, kv_heads, head_dim)
+            vs = cache[1].index_select(0, span.context_slots)
+            mask = _bottom_right_causal(span.length, ks.shape[0], q.device)
+        out = self.attend(_heads_first(q[span.start:end]), _heads_first(ks), _heads_first(vs),
+                          mask, self.scale)
+        return out[0].transpose(0, 1)
+
+    def _decode_attention(self, q: torch.Tensor, batch: AttentionBatch,
+                          cache: torch.Tensor) -> torch.Tensor:
+        assert batch.decode_slots is not None
+        n, context = batch.decode_slots.shape
+        flat = batch.decode_slots.view(-1)
+        ks = cache[0].index_select(0, flat).view(n, context, *cache.shape[2:])
+        vs = cache[1].index_select(0, flat).view(n, context, *cache.shape[2:])
+        out = self.attend(q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
+                          batch.decode_mask, self.scale)
+        return out.squeeze(2)  # (num_decodes, num_heads, head_dim)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    # (tokens, heads, head_dim) -> (1, heads, tokens, head_dim): the 4-D form fused kernels want
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def _bottom_right_causal(length: int, context: int, device: torch.device) -> torch.Tensor:
+    """Query ``i`` (absolute ``context - length + i``) sees keys ``0..context - length + i``."""
+    rows = torch.arange(length, device=device).unsqueeze(1) + (context - length)
+    return torch.arange(context, device=device).unsqueeze(0) <= rows
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # float32 statistics, then back to the activation dtype before the weight (as HF does)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (num_tokens, heads, head_dim); rotate-half layout (HF's)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def _take(weights: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    tensor = weights.get(name)
+    if tensor is None:
+        raise InvalidParamsError(f"weights lack {name!r}")
+    return _cast(tensor, dtype, device)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype).contiguous()

@@ -1,0 +1,129 @@
+"""A request inside the engine, and its lifecycle as a transition table.
+
+::
+
+    WAITING --schedule--> RUNNING --stop/length--> FINISHED_STOPPED / FINISHED_LENGTH
+       ^                     |
+       +----- preempt -------+          (any live state) --abort--> FINISHED_ABORTED
+
+Token ranges of a request (``B`` = block size)::
+
+    | prompt_token_ids ............ | output_token_ids ...... |
+    |<- num_computed_tokens ->|<- scheduled this step ->|
+    |<- num_cached_tokens ->|   (came from the local cache or the store; never recomputed)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.common.hashing import hash_block
+from kvcake.engine.sampling import SamplingParams
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+             RequestStatus.FINISHED_ABORTED}
+_LIVE = {RequestStatus.WAITING, RequestStatus.RUNNING}
+TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.WAITING: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED}),
+    RequestStatus.RUNNING: frozenset(_FINISHED | {RequestStatus.WAITING}),
+    RequestStatus.FINISHED_STOPPED: frozenset(),
+    RequestStatus.FINISHED_LENGTH: frozenset(),
+    RequestStatus.FINISHED_ABORTED: frozenset(),
+}
+
+
+@dataclass
+class Request:
+    """One generation request: its tokens, progress, KV blocks and block hashes."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    salt: bytes
+    arrival_s: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_store_tokens: int = 0
+    num_preemptions: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    first_token_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise InvalidParamsError(f"request {self.request_id!r}: the prompt is empty")
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def move_to(self, status: RequestStatus) -> None:
+        """Change status; an illegal move is a bug in the caller."""
+        assert status in TRANSITIONS[self.status], f"{self.status} -> {status}"
+        self.status = status
+
+    @property
+    def namespace(self) -> str:
+        """``<model fingerprint>/<tenant>``: the salt as text, the prefix of store keys."""
+        return self.salt.decode()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt_len = self.num_prompt_tokens
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    def extend_block_hashes(self, block_size: int) -> None:
+        """Hash every full block of known tokens not hashed yet (chained, salted)."""
+        full = self.num_tokens // block_size
+        tokens: list[int] | None = None
+        while len(self.block_hashes) < full:
+            tokens = tokens or self.all_token_ids
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else bytes(32)
+            chunk = tokens[i * block_size:(i + 1) * block_size]
+            self.block_hashes.append(hash_block(parent, chunk, self.salt))
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone, so everything is computed again later."""
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_store_tokens = 0
+        self.block_ids = []
+        self.num_preemptions += 1

@@ -1,0 +1,114 @@
+"""Turns a scheduler step into tensors, runs the model and samples.
+
+Flat batch layout (see :mod:`kvcake.engine.model`): prefill chunks (more than one token)
+first, then single-token chunks (decodes, and prompts with one token left), which share one
+padded attention call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvcake.engine.model import AttentionBatch, LlamaModel, PrefillSpan
+from kvcake.engine.sampling import Sampler
+from kvcake.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
+
+
+class ModelRunner:
+    """The model, its paged KV cache and the sampler."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_cache = model.new_kv_cache(num_blocks * block_size)
+        self.sampler = Sampler()
+        self.device = model.device
+
+    def execute(self, output: SchedulerOutput) -> dict[str, SampledToken]:
+        """Run one step; returns the token drawn for every chunk that samples."""
+        prefills = [c for c in output.chunks if c.num_tokens > 1]
+        decodes = [c for c in output.chunks if c.num_tokens == 1]
+        ordered = prefills + decodes
+        input_ids = torch.tensor(_flat_tokens(ordered), dtype=torch.long, device=self.device)
+        batch = self._attention_batch(prefills, decodes)
+        hidden = self.model.forward(input_ids, batch, self.kv_cache)
+        return self._sample(ordered, hidden)
+
+    def _attention_batch(self, prefills: list[ScheduledChunk],
+                         decodes: list[ScheduledChunk]) -> AttentionBatch:
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        spans: list[PrefillSpan] = []
+        offset = 0
+        for chunk in prefills:
+            span, pos, chunk_slots = self._prefill_span(chunk, offset)
+            spans.append(span)
+            positions.append(pos)
+            slots.append(chunk_slots)
+            offset += chunk.num_tokens
+        decode_slots, decode_mask = None, None
+        if decodes:
+            pos, chunk_slots, decode_slots, decode_mask = self._decode_inputs(decodes)
+            positions.append(pos)
+            slots.append(chunk_slots)
+        return AttentionBatch(torch.cat(slots), torch.cat(positions), tuple(spans), offset,
+                              decode_slots, decode_mask)
+
+    def _prefill_span(self, chunk: ScheduledChunk,
+                      offset: int) -> tuple[PrefillSpan, torch.Tensor, torch.Tensor]:
+        end = chunk.start + chunk.num_tokens
+        table = torch.tensor(chunk.request.block_ids, dtype=torch.long, device=self.device)
+        context = self._slots(table, torch.arange(end, device=self.device))  # (end,)
+        own = context[chunk.start:]
+        span = PrefillSpan(offset, chunk.num_tokens, context if chunk.start else None)
+        return span, torch.arange(chunk.start, end, device=self.device), own
+
+    def _decode_inputs(self, decodes: list[ScheduledChunk]) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = [c.start + 1 for c in decodes]
+        width = -(-max(lengths) // self.block_size)
+        tables = [c.request.block_ids[:width] + [0] * (width - len(c.request.block_ids[:width]))
+                  for c in decodes]
+        table = torch.tensor(tables, dtype=torch.long, device=self.device)  # (n, width)
+        context = max(lengths)
+        cols = torch.arange(context, device=self.device)
+        slots = self._slots(table, cols)  # (n, context)
+        lens = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        mask = (cols.unsqueeze(0) < lens.unsqueeze(1)).view(len(decodes), 1, 1, context)
+        rows = torch.arange(len(decodes), device=self.device)
+        own = slots[rows, lens - 1]
+        return lens - 1, own, slots, mask
+
+    def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slot of each position given a block table (``(..., width)``)."""
+        blocks = table[..., positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+    def _sample(self, ordered: Sequence[ScheduledChunk],
+                hidden: torch.Tensor) -> dict[str, SampledToken]:
+        rows: list[int] = []
+        sampling: list[ScheduledChunk] = []
+        end = 0
+        for chunk in ordered:
+            end += chunk.num_tokens
+            if chunk.samples:
+                rows.append(end - 1)
+                sampling.append(chunk)
+        if not rows:
+            return {}
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.model.logits(hidden.index_select(0, index))
+        result = self.sampler.sample(logits, [c.request.params for c in sampling],
+                                     [c.request.generator for c in sampling])
+        return {c.request.request_id: SampledToken(t, lp)
+                for c, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)}
+
+
+def _flat_tokens(chunks: Sequence[ScheduledChunk]) -> list[int]:
+    tokens: list[int] = []
+    for chunk in chunks:
+        tokens.extend(chunk.request.token_slice(chunk.start, chunk.start + chunk.num_tokens))
+    return tokens

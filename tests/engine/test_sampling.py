@@ -1,0 +1,246 @@
+"""SamplingParams validation, the batched Sampler's masks and seeding, and stop strings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.sampling import (
+    TOP_P_CANDIDATES,
+    Sampler,
+    SamplingParams,
+    find_stop,
+    make_generator,
+    partial_stop_len,
+)
+
+VOCAB = 64
+
+
+def random_logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=make_generator(seed)) * 3.0
+
+
+def sample_ids(logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None] | None = None) -> list[int]:
+    generators = generators if generators is not None else [None] * len(params)
+    return Sampler(seed=0).sample(logits, params, generators).token_ids
+
+
+# ----- SamplingParams
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", 0), ("max_tokens", 1.5), ("temperature", -0.1),
+    ("temperature", math.nan), ("temperature", math.inf), ("top_p", 0.0), ("top_p", 1.01),
+    ("top_k", -2),
+    ("min_p", 1.5), ("logprobs", 21), ("logprobs", -1), ("seed", 1 << 64),
+    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("max_tokens", True),
+])
+def test_invalid_params_name_the_field(field: str, value: Any) -> None:
+    with pytest.raises(InvalidParamsError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_params_normalise_lists_and_top_k_off() -> None:
+    params = SamplingParams(stop=["a", "bc"], stop_token_ids=[2, 3], top_k=-1)  # type: ignore[arg-type]
+    assert params.stop == ("a", "bc")
+    assert params.stop_token_ids == (2, 3)
+    assert params.top_k == 0
+    assert SamplingParams(stop="x").stop == ("x",)  # type: ignore[arg-type]
+    assert hash(params) == hash(SamplingParams(stop=("a", "bc"), stop_token_ids=(2, 3)))
+
+
+def test_greedy_property() -> None:
+    assert SamplingParams(temperature=0.0).greedy
+    assert not SamplingParams(temperature=0.5).greedy
+
+
+# ----- Sampler
+
+
+def test_greedy_is_argmax() -> None:
+    logits = random_logits(5)
+    assert sample_ids(logits, [SamplingParams(temperature=0.0)] * 5) == (
+        logits.argmax(dim=-1).tolist())
+    cold = [SamplingParams(temperature=1e-4)] * 5  # sampled, but as sharp as argmax
+    assert sample_ids(logits, cold) == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    logits = random_logits(6, seed=1)
+    argmax = logits.argmax(dim=-1).tolist()
+    assert sample_ids(logits, [SamplingParams(top_k=1)] * 6) == argmax
+    assert sample_ids(logits, [SamplingParams(top_p=1e-6)] * 6) == argmax
+    assert sample_ids(logits, [SamplingParams(min_p=1.0)] * 6) == argmax
+
+
+def test_mixed_batch_keeps_greedy_rows_greedy() -> None:
+    logits = random_logits(4, seed=2)
+    params = [SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(top_k=1),
+              SamplingParams(temperature=0.0)]
+    ids = sample_ids(logits, params)
+    argmax = logits.argmax(dim=-1).tolist()
+    assert [ids[0], ids[2], ids[3]] == [argmax[0], argmax[2], argmax[3]]
+
+
+def test_seeded_row_is_independent_of_its_batch() -> None:
+    target = random_logits(1, seed=3)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7)
+
+    def run(others: int, greedy_others: bool) -> list[int]:
+        sampler, gen = Sampler(), make_generator(7)
+        other_params = SamplingParams(temperature=0.0 if greedy_others else 0.8, top_p=0.5)
+        tokens = []
+        for step in range(20):
+            logits = torch.cat([random_logits(others, seed=100 + step), target])
+            batch = [other_params] * others + [params]
+            gens: list[torch.Generator | None] = [None] * others + [gen]
+            tokens.append(sampler.sample(logits, batch, gens).token_ids[-1])
+        return tokens
+
+    alone = run(0, False)
+    assert run(3, False) == alone
+    assert run(5, True) == alone
+    assert len(set(alone)) > 1  # really sampling, not argmax
+
+
+def test_sampler_seed_makes_unseeded_rows_reproducible() -> None:
+    logits = random_logits(8, seed=4)
+    params = [SamplingParams()] * 8
+    first = Sampler(seed=11).sample(logits, params, [None] * 8).token_ids
+    assert Sampler(seed=11).sample(logits, params, [None] * 8).token_ids == first
+
+
+def draw_counts(logits_row: torch.Tensor, params: SamplingParams, draws: int) -> torch.Tensor:
+    """How often each token is drawn when one row is repeated ``draws`` times."""
+    logits = logits_row.expand(draws, -1).contiguous()
+    ids = Sampler(seed=5).sample(logits, [params] * draws, [None] * draws).token_ids
+    return torch.bincount(torch.tensor(ids), minlength=logits.shape[1])
+
+
+def test_temperature_sampling_follows_the_distribution() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0, 0.0])
+    counts = draw_counts(probs.log(), SamplingParams(temperature=1.0), 4000)
+    assert counts[3:].sum() == 0  # probability 0: never drawn
+    assert torch.allclose(counts[:3] / 4000.0, probs[:3], atol=0.04)
+
+
+def test_top_k_and_top_p_masked_tokens_are_never_drawn() -> None:
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0])
+    top_k = draw_counts(logits, SamplingParams(temperature=2.0, top_k=3), 2000)
+    assert top_k[3:].sum() == 0 and (top_k[:3] > 0).all()
+    probs = torch.softmax(logits, dim=0)  # 0.64, 0.24, 0.09, ...: 0.9 needs three tokens
+    assert probs[:2].sum() < 0.9 < probs[:3].sum()
+    top_p = draw_counts(logits, SamplingParams(top_p=0.9), 2000)
+    assert top_p[3:].sum() == 0 and (top_p[:3] > 0).all()
+    both = draw_counts(logits, SamplingParams(top_p=0.9, top_k=2), 2000)
+    assert both[2:].sum() == 0 and (both[:2] > 0).all()
+
+
+def reference_kept(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    """Top-k, then top-p, then min-p, one token at a time (the specification)."""
+    order = sorted(range(len(logits)), key=lambda i: -float(logits[i]))
+    if params.top_k:
+        order = order[: params.top_k]
+    probs = torch.softmax(logits[order] / params.temperature, dim=0).tolist()
+    kept: list[tuple[int, float]] = []
+    mass = 0.0
+    for token, prob in zip(order, probs, strict=True):
+        if kept and mass >= params.top_p:
+            break
+        kept.append((token, prob))
+        mass += prob
+    return {t for t, p in kept if p >= params.min_p * kept[0][1]}
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, top_k=7),
+    SamplingParams(temperature=1.3, top_p=0.6),
+    SamplingParams(temperature=1.0, top_k=12, top_p=0.8),
+    SamplingParams(temperature=2.0, top_p=0.95, min_p=0.3),
+    SamplingParams(temperature=0.5, top_k=20, top_p=0.99, min_p=0.01),
+])
+def test_filters_keep_exactly_the_reference_set(params: SamplingParams) -> None:
+    logits = random_logits(1, seed=8)[0] / 3.0
+    kept = reference_kept(logits, params)
+    drawn = set(draw_counts(logits, params, 6000).nonzero().squeeze(1).tolist())
+    assert drawn == kept
+
+
+def test_top_p_past_the_candidates_sorts_the_row() -> None:
+    vocab = 4 * TOP_P_CANDIDATES
+    logits = torch.linspace(0.0, 2.0, vocab)  # nearly flat: half the mass is ~1500 tokens
+    params = SamplingParams(top_p=0.5)
+    kept = reference_kept(logits, params)
+    assert len(kept) > TOP_P_CANDIDATES
+    drawn = set(draw_counts(logits, params, 3000).nonzero().squeeze(1).tolist())
+    assert drawn <= kept and len(drawn) > TOP_P_CANDIDATES
+
+
+def test_min_p_masks_unlikely_tokens() -> None:
+    logits = torch.tensor([2.0, 2.0, 0.0, -5.0])  # token 2 has 0.135x the top probability
+    counts = draw_counts(logits, SamplingParams(min_p=0.2), 2000)
+    assert counts[2:].sum() == 0 and (counts[:2] > 0).all()
+
+
+def test_logprobs_are_the_raw_log_softmax() -> None:
+    logits = random_logits(3, seed=6)
+    params = [SamplingParams(temperature=0.5, top_k=5, logprobs=3),
+              SamplingParams(temperature=0.0, logprobs=0), SamplingParams()]
+    result = Sampler(seed=0).sample(logits, params, [None] * 3)
+    expected = torch.log_softmax(logits, dim=-1)
+    for row, token in enumerate(result.token_ids):
+        assert result.logprobs[row] == pytest.approx(expected[row, token].item(), abs=1e-6)
+    assert result.top_logprobs is not None
+    assert [len(row) for row in result.top_logprobs] == [3, 0, 0]
+    values, ids = expected[0].topk(3)
+    assert [i for i, _ in result.top_logprobs[0]] == ids.tolist()
+    assert [v for _, v in result.top_logprobs[0]] == pytest.approx(values.tolist(), abs=1e-6)
+    assert Sampler().sample(logits, [SamplingParams()] * 3, [None] * 3).top_logprobs is None
+
+
+def test_sample_rejects_mismatched_batches() -> None:
+    with pytest.raises(InvalidParamsError, match="rows"):
+        Sampler().sample(random_logits(2), [SamplingParams()], [None])
+    with pytest.raises(InvalidParamsError, match="shape"):
+        Sampler().sample(torch.zeros(VOCAB), [SamplingParams()], [None])
+
+
+# ----- stop strings
+
+
+def test_find_stop_basic_cases() -> None:
+    assert find_stop("hello world", 0, ["world"]) == (6, 5)
+    assert find_stop("hello world", 0, []) is None
+    assert find_stop("hello world", 0, ["xyz"]) is None
+    assert find_stop("a STOP b END", 0, ["END", "STOP"]) == (2, 4)  # the earliest wins
+    assert find_stop("abcd", 0, ["bcd", "bc"]) == (1, 2)  # same start: the shorter ends first
+
+
+def test_find_stop_only_looks_at_new_text() -> None:
+    text = "END then more"
+    assert find_stop(text, 9, ["END"]) is None  # wholly in old text: already reported
+    assert find_stop("xxEN", 2, ["END"]) is None
+
+
+def test_find_stop_across_increments() -> None:
+    text, found = "", None
+    for piece in ["The answer", " is 4", "2.\n\nUs", "er: next"]:
+        start, text = len(text), text + piece
+        found = find_stop(text, start, ["\n\nUser:", "###"])
+        if found:
+            break
+    assert found == (len("The answer is 42."), len("\n\nUser:"))
+    assert text[: found[0]] == "The answer is 42."
+
+
+def test_partial_stop_len_holds_back_possible_stop_prefixes() -> None:
+    assert partial_stop_len("The answer\n\nUs", ["\n\nUser:"]) == 4
+    assert partial_stop_len("The answer", ["\n\nUser:"]) == 0
+    assert partial_stop_len("ab", ["abc", "bcd"]) == 2
+    assert partial_stop_len("abc", ["abc"]) == 0  # a whole stop is find_stop's business
