@@ -51,8 +51,9 @@ def _batch(start: int, n: int, decoding: bool) -> AttentionBatch:
         slots = torch.arange(start + 1).unsqueeze(0)
         mask = torch.ones(1, 1, 1, start + 1, dtype=torch.bool)
         return AttentionBatch(positions, positions, (), 0, slots, mask)
-    context = torch.arange(start + n) if start else None
-    return AttentionBatch(positions, positions, (PrefillSpan(0, n, context),), n, None, None)
+    span = PrefillSpan.over_context(0, n, torch.arange(start + n)) if start \
+        else PrefillSpan(0, n, None)
+    return AttentionBatch(positions, positions, (span,), n, None, None)
 
 
 def hf_logits(model: Any, tokens: Sequence[int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class StoreConnector:
                                     layout.block_size, *kv_cache.shape[3:])
         self._buffer = bytearray(1) * (staging_blocks * layout.record_bytes)  # pre-touched
         self._free = list(range(staging_blocks))
+        self._verifier = ThreadPoolExecutor(2, thread_name_prefix="kv-verify")
         self._lock = threading.Lock()
         self._inflight = 0
         self._idle = threading.Event()
@@ -119,14 +121,22 @@ class StoreConnector:
         except KvcakeError as exc:
             log.warning("store load failed, computing instead: %s", exc)
             return 0
-        for i, (code, view) in enumerate(zip(codes, views, strict=True)):
-            problem = (f"read failed ({code})" if code != self.layout.record_bytes
-                       else self.layout.check(view, block_hashes[i]))
-            if problem is not None:
-                self._reject(keys[i], problem, code)
-                return i
-            self.blocks[:, :, block_ids[i]].copy_(self._block_view(slots[i]))
-        return len(codes)
+        problems = list(self._verifier.map(self._problem, codes, views, block_hashes))
+        valid = next((i for i, p in enumerate(problems) if p is not None), len(problems))
+        if valid < len(problems):
+            self._reject(keys[valid], str(problems[valid]), codes[valid])
+        self._copy_in(block_ids[:valid], slots[:valid])
+        return valid
+
+    def _problem(self, code: int, view: memoryview, block_hash: bytes) -> str | None:
+        # runs on the verifier threads: crc32 releases the GIL, so blocks check in parallel
+        if code != self.layout.record_bytes:
+            return f"read failed ({code})"
+        return self.layout.check(view, block_hash)
+
+    def _copy_in(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
+        for block_id, slot in zip(block_ids, slots, strict=True):
+            self.blocks[:, :, block_id].copy_(self._block_view(slot))
 
     def _reject(self, key: str, problem: str, code: int) -> None:
         self.stats.rejected_blocks += 1
@@ -218,6 +228,7 @@ class StoreConnector:
     def close(self, timeout_s: float = 30.0) -> None:
         """Wait for saves in flight, then leave the store and stop the transfer engine."""
         self.wait_saves(timeout_s)
+        self._verifier.shutdown()
         try:
             self.io.run(self.store.close(), timeout_s)
         finally:

@@ -36,11 +36,20 @@ class PrefillSpan:
     context_slots: cache slots of the request's whole context (cached prefix + this chunk),
         ``(context_len,)``; ``None`` when the chunk is the entire context (no prefix), so the
         chunk's own K/V are used without a gather.
+    mask: which context positions each query sees, ``(length, context_len)`` (with
+        ``context_slots``; plain causal otherwise).
     """
 
     start: int
     length: int
     context_slots: torch.Tensor | None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def over_context(cls, start: int, length: int, context_slots: torch.Tensor) -> PrefillSpan:
+        """A chunk whose queries are the last ``length`` of ``context_slots``."""
+        mask = _bottom_right_causal(length, context_slots.shape[0], context_slots.device)
+        return cls(start, length, context_slots, mask)
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,7 @@ class LlamaModel:
         else:
             ks = cache[0].index_select(0, span.context_slots)  # (context, kv_heads, head_dim)
             vs = cache[1].index_select(0, span.context_slots)
-            mask = _bottom_right_causal(span.length, ks.shape[0], q.device)
+            mask = span.mask
         out = self.attend(_heads_first(q[span.start:end]), _heads_first(ks), _heads_first(vs),
                           mask, self.scale)
         return out[0].transpose(0, 1)

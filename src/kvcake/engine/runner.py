@@ -63,7 +63,8 @@ class ModelRunner:
         table = torch.tensor(chunk.request.block_ids, dtype=torch.long, device=self.device)
         context = self._slots(table, torch.arange(end, device=self.device))  # (end,)
         own = context[chunk.start:]
-        span = PrefillSpan(offset, chunk.num_tokens, context if chunk.start else None)
+        span = (PrefillSpan.over_context(offset, chunk.num_tokens, context) if chunk.start
+                else PrefillSpan(offset, chunk.num_tokens, None))
         return span, torch.arange(chunk.start, end, device=self.device), own
 
     def _decode_inputs(self, decodes: list[ScheduledChunk]) -> tuple[

@@ -1,0 +1,200 @@
+"""KV blocks through a real store (master and node processes): the stored layout, a round trip
+that reproduces recomputation, and blocks that are corrupt, foreign or unreachable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvcake.common.config import EngineConfig
+from kvcake.common.process import start_master, start_node
+from kvcake.engine.core import EngineCore, RequestOutput
+from kvcake.engine.kv_format import HEADER_BYTES, BlockLayout
+from kvcake.engine.sampling import SamplingParams
+
+BLOCK = 8
+PROMPT = [(i * 37 + 11) % 250 + 3 for i in range(64)]  # 8 full blocks
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+LAYOUT = BlockLayout("float32", 2, 2, 16, BLOCK, "0123456789abcdef")
+
+
+# -- the stored layout -----------------------------------------------------------------------
+
+
+def _record(layout: BlockLayout, block_hash: bytes, fill: float = 0.5) -> bytearray:
+    payload = torch.full((layout.payload_bytes // 4,), fill, dtype=torch.float32)
+    view = memoryview(payload.numpy()).cast("B")
+    return bytearray(layout.pack_header(block_hash, view)) + bytearray(view)
+
+
+def test_layout_accepts_its_own_record() -> None:
+    assert LAYOUT.check(memoryview(_record(LAYOUT, b"h" * 32)), b"h" * 32) is None
+    assert LAYOUT.record_bytes == HEADER_BYTES + 2 * 2 * BLOCK * 2 * 16 * 4
+
+
+@pytest.mark.parametrize(("field", "other"), [
+    ("fingerprint", replace(LAYOUT, fingerprint="fedcba9876543210")),
+    ("num_layers", replace(LAYOUT, block_size=BLOCK * 2, num_layers=1)),
+    ("num_kv_heads", replace(LAYOUT, num_kv_heads=1, head_dim=32)),
+    ("dtype", replace(LAYOUT, dtype="bfloat16", num_layers=4)),
+])
+def test_layout_refuses_a_foreign_record(field: str, other: BlockLayout) -> None:
+    """The first header field (in layout order) that differs is named."""
+    assert other.payload_bytes == LAYOUT.payload_bytes  # same size: only the header differs
+    problem = LAYOUT.check(memoryview(_record(other, b"h" * 32)), b"h" * 32)
+    assert problem is not None and problem.startswith(field)
+
+
+def test_layout_detects_corruption_and_wrong_keys() -> None:
+    record = _record(LAYOUT, b"h" * 32)
+    assert LAYOUT.check(memoryview(record), b"x" * 32) == (
+        f"block_hash is {b'h' * 32!r}, expected {b'x' * 32!r}")
+    record[HEADER_BYTES + 100] ^= 0x01
+    assert LAYOUT.check(memoryview(record), b"h" * 32) == "payload checksum mismatch"
+    assert "size" in str(LAYOUT.check(memoryview(record)[:-4], b"h" * 32))
+    record[0:4] = b"XXXX"
+    assert str(LAYOUT.check(memoryview(record), b"h" * 32)).startswith("magic")
+
+
+# -- engines on a real store -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store_master() -> Iterator[str]:
+    master, endpoint = start_master()
+    with master, start_node(endpoint, "64MiB"):
+        yield endpoint
+
+
+@pytest.fixture
+def make_core(tiny_model_dir: Callable[..., Path],
+              store_master: str) -> Iterator[Callable[..., EngineCore]]:
+    path = tiny_model_dir(seed=5)
+    cores: list[EngineCore] = []
+
+    def make(**overrides: Any) -> EngineCore:
+        fields: dict[str, Any] = {"model": str(path), "dtype": "float32", "block_size": BLOCK,
+                                  "kv_cache_bytes": 1 << 20, "store_master": store_master}
+        core = EngineCore(EngineConfig(**(fields | overrides)))
+        cores.append(core)
+        return core
+
+    yield make
+    for core in cores:
+        core.close()
+
+
+def run(core: EngineCore, request_id: str, prompt: list[int] = PROMPT,
+        tenant: str | None = None) -> tuple[list[int], list[float], RequestOutput]:
+    core.add_request(request_id, prompt, GREEDY, tenant)
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    last = None
+    while core.has_unfinished():
+        for output in core.step():
+            tokens += output.new_token_ids
+            logprobs += output.new_logprobs
+            last = output
+    assert last is not None and last.finished
+    return tokens, logprobs, last
+
+
+def saved(core: EngineCore) -> EngineCore:
+    assert core.store is not None and core.store.wait_saves(10)
+    return core
+
+
+def store_call(core: EngineCore, method: str, *args: Any) -> Any:
+    assert core.store is not None
+    return core.store.io.run(getattr(core.store.store, method)(*args))
+
+
+def block_keys(core: EngineCore, request_id: str, prompt: list[int] = PROMPT,
+               tenant: str | None = None) -> list[str]:
+    request = core.add_request(request_id, prompt, GREEDY, tenant)
+    core.abort(request_id)
+    return [f"{request.namespace}/{h.hex()}" for h in request.block_hashes]
+
+
+def test_round_trip_reproduces_recomputation(make_core: Callable[..., EngineCore]) -> None:
+    writer, reader = make_core(), make_core()
+    cold = run(writer, "cold")
+    assert cold[2].num_store_tokens == 0
+    saved(writer)
+    local = run(writer, "local")  # prefix from the writer's own cache: same arithmetic
+    loaded = run(reader, "loaded")
+    assert loaded[2].num_store_tokens == loaded[2].num_cached_tokens == 7 * BLOCK
+    assert loaded[0] == local[0] == cold[0]
+    assert loaded[1] == local[1]  # bit for bit: the stored KV is the computed KV
+    torch.testing.assert_close(torch.tensor(loaded[1]), torch.tensor(cold[1]))
+    assert reader.store is not None and reader.store.stats.loaded_blocks == 7
+
+
+def test_a_corrupt_block_is_recomputed_and_replaced(
+        make_core: Callable[..., EngineCore]) -> None:
+    writer, reader = make_core(), make_core()
+    prompt = [t ^ 1 for t in PROMPT]
+    cold = run(writer, "cold", prompt)
+    keys = block_keys(saved(writer), "keys", prompt)
+    record = bytearray(store_call(writer, "get", keys[3]))
+    record[HEADER_BYTES + 17] ^= 0x40  # one flipped bit in block 3's payload
+    store_call(writer, "remove", keys[3], True)
+    store_call(writer, "put", keys[3], bytes(record))
+
+    tokens, _, out = run(reader, "reader", prompt)
+    assert tokens == cold[0]
+    assert out.num_store_tokens == 3 * BLOCK  # blocks 0-2 loaded, 3.. recomputed
+    assert reader.store is not None and reader.store.stats.rejected_blocks == 1
+    saved(reader)  # the reader stored its recomputed block 3 in place of the bad one
+    good = bytearray(store_call(reader, "get", keys[3]))
+    assert good != record and reader.store.layout.check(memoryview(good), bytes.fromhex(
+        keys[3].rsplit("/", 1)[1])) is None
+
+
+def test_blocks_of_another_dtype_or_tenant_never_match(
+        make_core: Callable[..., EngineCore]) -> None:
+    writer = make_core()
+    prompt = [t ^ 2 for t in PROMPT]
+    run(writer, "w", prompt, tenant="alice")
+    saved(writer)
+    assert run(make_core(), "other-tenant", prompt, tenant="bob")[2].num_store_tokens == 0
+    other_dtype = make_core(dtype="bfloat16")
+    assert run(other_dtype, "other-dtype", prompt, tenant="alice")[2].num_store_tokens == 0
+    assert block_keys(writer, "k1", prompt, "alice")[0] != block_keys(
+        other_dtype, "k2", prompt, "alice")[0]
+    assert run(make_core(), "same", prompt, tenant="alice")[2].num_store_tokens == 7 * BLOCK
+
+
+def test_a_foreign_record_under_our_key_is_refused(make_core: Callable[..., EngineCore]) -> None:
+    writer, reader = make_core(), make_core()
+    prompt = [t ^ 3 for t in PROMPT]
+    keys = block_keys(writer, "keys", prompt)
+    assert writer.store is not None
+    ours = writer.store.layout
+    forged = replace(ours, fingerprint="0" * 16)
+    store_call(writer, "put", keys[0], bytes(_record(forged, bytes.fromhex(
+        keys[0].rsplit("/", 1)[1]))))
+    tokens, _, out = run(reader, "reader", prompt)
+    assert out.num_store_tokens == 0
+    assert reader.store is not None and reader.store.stats.rejected_blocks == 1
+    assert tokens == run(make_core(store_master=""), "plain", prompt)[0]
+
+
+def test_an_unreachable_store_means_recompute(tiny_model_dir: Callable[..., Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVCAKE_STORE_RPC_TIMEOUT_S", "1")
+    master, endpoint = start_master()
+    with master, start_node(endpoint, "16MiB"):
+        core = EngineCore(EngineConfig(model=str(tiny_model_dir(seed=5)), dtype="float32",
+                                       block_size=BLOCK, kv_cache_bytes=1 << 20,
+                                       store_master=endpoint))
+    try:  # master and node are gone now
+        tokens, _, out = run(core, "after", [t ^ 4 for t in PROMPT])
+        assert len(tokens) == GREEDY.max_tokens and out.num_store_tokens == 0
+    finally:
+        core.close()
