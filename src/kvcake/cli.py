@@ -85,6 +85,13 @@ def _cmd_bench_store(args: argparse.Namespace) -> int:
                            paths=args.paths.split(","))
 
 
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from kvcake.bench.engine import run_engine_bench
+
+    return run_engine_bench(quick=args.quick, as_json=args.json, against=args.against,
+                            vllm_python=args.vllm_python, batches=args.batches,
+                            dtype=args.dtype)
+
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     master = commands.add_parser("master", help="run the store master")
     master.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -127,6 +134,51 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
     )
 
 
+def _engine_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"model": args.model, "dtype": args.dtype, "device": args.device,
+            "attention": args.attention, "block_size": args.block_size,
+            "kv_cache_bytes": _size_or_none(args.kv_cache_size), "threads": args.threads}
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
+    parser.add_argument("--dtype", help="bfloat16 (default), float32, float16")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--attention", help="sdpa (default) or eager (HF's exact math)")
+    parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    parser.add_argument("--kv-cache-size", help="bytes of the paged KV pool, e.g. 512MiB")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvcake.engine.generate import GenerateOptions, run_generate
+    from kvcake.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop=tuple(args.stop or ()))
+    options = GenerateOptions(args.prompt, not args.raw, args.system, params, args.stats)
+    overrides = {k: v for k, v in _engine_overrides(args).items() if v is not None}
+    return run_generate(options, overrides, sys.stdout, sys.stderr)
+
+
+def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    gen = commands.add_parser("generate", help="answer one prompt with a local engine")
+    gen.add_argument("prompt", help="the user message (or raw text with --raw)")
+    gen.add_argument("--raw", action="store_true", help="complete the text as is (no chat "
+                     "template)")
+    gen.add_argument("--system", help="a system message (chat mode)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="default 128")
+    gen.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--stats", action="store_true", help="print token count and timing")
+    _add_engine_flags(gen)
+    gen.set_defaults(run=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcake", description=__doc__)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
@@ -143,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_cmd_transfer_serve)
 
     _add_store_commands(commands)
+    _add_generate_command(commands)
 
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)
@@ -160,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_store.add_argument("--against", default="", help="redis,mooncake (comma list)")
     bench_store.add_argument("--paths", default="shm,tcp", help="default shm,tcp")
     bench_store.set_defaults(run=_cmd_bench_store)
+    bench_engine = bench_cmds.add_parser("engine", help="engine vs HF eager (and vLLM-CPU)")
+    bench_engine.add_argument("--quick", action="store_true", help="under a minute")
+    bench_engine.add_argument("--json", action="store_true", help="one JSON object per line")
+    bench_engine.add_argument("--against", choices=("vllm",), help="also run vLLM-CPU (needs "
+                              "--vllm-python; untested here: vLLM is not installed)")
+    bench_engine.add_argument("--vllm-python", help="python of a vLLM-CPU venv "
+                              "(default $KVCAKE_VLLM_PYTHON)")
+    bench_engine.add_argument("--batches", help="batch sizes (default 1,8,32)")
+    bench_engine.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
+    bench_engine.set_defaults(run=_cmd_bench_engine)
     return parser
 
 
