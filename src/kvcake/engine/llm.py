@@ -8,7 +8,7 @@ with ``outputs[0].text``. Prompts are strings (tokenized as is), token-id lists,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,10 +84,19 @@ class LLM:
         batch = _as_prompt_list(prompts)
         per_prompt = _as_params_list(params, len(batch))
         pending: dict[str, _Pending] = {}
-        for prompt, p in zip(batch, per_prompt, strict=True):
-            request_id, item = self._submit(prompt, p, tenant)
-            pending[request_id] = item
+        try:
+            for prompt, p in zip(batch, per_prompt, strict=True):
+                request_id, item = self._submit(prompt, p, tenant)
+                pending[request_id] = item
+        except Exception:
+            self._withdraw(pending)  # a refused prompt refuses its whole batch
+            raise
         return self._drain(pending)
+
+    def _withdraw(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self.core.abort(request_id)
+            self.outputs.discard(request_id)
 
     def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -67,8 +67,10 @@ class OutputProcessor:
             before = len(state.text)
             state.text += state.detokenizer.finish()
             self._check_stop(state, before)
-        if output.new_token_ids and not state.stopped and output.finish_reason == "stop":
-            state.stop_reason = output.new_token_ids[-1]
+        last = output.new_token_ids[-1] if output.new_token_ids else None
+        if not state.stopped and output.finish_reason == "stop" \
+                and last in state.params.stop_token_ids:
+            state.stop_reason = last  # a stop token (EOS leaves it None, as OpenAI servers do)
         delta = self._delta(state, output, finished)
         if finished:
             del self._states[output.request_id]
