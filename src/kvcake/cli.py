@@ -92,6 +92,14 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
                             vllm_python=args.vllm_python, batches=args.batches,
                             dtype=args.dtype)
 
+
+def _cmd_bench_reuse(args: argparse.Namespace) -> int:
+    from kvcake.bench.reuse import run_reuse_bench
+
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    return run_reuse_bench(quick=args.quick, as_json=args.json, lengths=lengths)
+
+
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     master = commands.add_parser("master", help="run the store master")
     master.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -217,12 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_engine.add_argument("--quick", action="store_true", help="under a minute")
     bench_engine.add_argument("--json", action="store_true", help="one JSON object per line")
     bench_engine.add_argument("--against", choices=("vllm",), help="also run vLLM-CPU (needs "
-                              "--vllm-python; untested here: vLLM is not installed)")
+                              "--vllm-python)")
     bench_engine.add_argument("--vllm-python", help="python of a vLLM-CPU venv "
                               "(default $KVCAKE_VLLM_PYTHON)")
     bench_engine.add_argument("--batches", help="batch sizes (default 1,8,32)")
     bench_engine.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     bench_engine.set_defaults(run=_cmd_bench_engine)
+    bench_reuse = bench_cmds.add_parser("reuse", help="TTFT: prefix KV cold vs in the store "
+                                        "vs in the local cache")
+    bench_reuse.add_argument("--quick", action="store_true", help="under a minute")
+    bench_reuse.add_argument("--json", action="store_true", help="one JSON object per line")
+    bench_reuse.add_argument("--lengths", help="prompt lengths (default 1024,4096,8192)")
+    bench_reuse.set_defaults(run=_cmd_bench_reuse)
     return parser
 
 

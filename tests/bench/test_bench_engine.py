@@ -1,0 +1,125 @@
+"""The engine benchmark in its smallest form: row structure, ratios and targets, never speed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcake.bench.engine import (
+    EnginePlan,
+    bench_engine,
+    check_vllm_python,
+    measure_vllm,
+    prompt_sets,
+    report,
+    run_engine_bench,
+)
+from kvcake.common.errors import InvalidParamsError
+
+ROW_FIELDS = {"system", "phase", "batch", "tok_per_s", "seconds", "prompt_len", "new_tokens",
+              "dtype", "threads", "repeats"}
+
+
+def test_tiny_run_prints_rows_ratios_and_targets(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    plan = EnginePlan(prompt_len=16, new_tokens=4, warmups=0, repeats=1, batches=(1, 2))
+    assert bench_engine(plan, as_json=True) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = [line for line in lines if "system" in line]
+    assert {(r["system"], r["phase"], r["batch"]) for r in rows} == {
+        (s, p, b) for s in ("kvcake", "hf") for p in ("prefill", "decode") for b in (1, 2)}
+    for row in rows:
+        assert row.keys() >= ROW_FIELDS
+        assert (row["prompt_len"], row["new_tokens"], row["dtype"]) == (16, 4, "bfloat16")
+        assert row["tok_per_s"] > 0 and row["repeats"] == 1
+    ratios = [line for line in lines if "ratio" in line and "target" not in line]
+    assert {(r["ratio"], r["phase"], r["batch"]) for r in ratios} == {
+        ("kvcake/hf", p, b) for p in ("prefill", "decode") for b in (1, 2)}
+    assert all(r["value"] > 0 for r in ratios)
+    targets = {line["target"]: line for line in lines if "target" in line}
+    assert set(targets) == {"decode batch 8 kvcake/hf", "decode batch 8 kvcake/vllm",
+                            "prefill batch 1 kvcake/hf", "prefill batch 2 kvcake/hf"}
+    assert targets["decode batch 8 kvcake/hf"]["met"] is None  # batch 8 was not run
+    assert isinstance(targets["prefill batch 2 kvcake/hf"]["met"], bool)
+
+
+def _row(system: str, phase: str, batch: int, rate: float) -> dict[str, object]:
+    return {"system": system, "phase": phase, "batch": batch, "tok_per_s": rate,
+            "threads": 2}
+
+
+def test_table_shows_each_system_ratios_and_verdicts(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = EnginePlan(prompt_len=8, new_tokens=2, warmups=0, repeats=1, batches=(8,))
+    rows = [_row("kvcake", "decode", 8, 300.0), _row("hf", "decode", 8, 150.0),
+            _row("vllm", "decode", 8, 400.0), _row("kvcake", "prefill", 8, 900.0),
+            _row("hf", "prefill", 8, 1000.0)]
+    report(rows, plan, "smollm2", as_json=False)
+    out = capsys.readouterr().out
+    assert "kvcake/hf" in out and "kvcake/vllm" in out and "vllm tok/s" in out
+    assert "decode batch 8 kvcake/hf >= 1.5: 2.00  [met]" in out
+    assert "decode batch 8 kvcake/vllm >= 1.0: 0.75  [MISSED]" in out
+    assert "prefill batch 8 kvcake/hf >= 1.0: 0.90  [MISSED]" in out
+
+
+def test_vllm_without_a_python_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVCAKE_VLLM_PYTHON", raising=False)
+    with pytest.raises(InvalidParamsError, match="--vllm-python"):
+        run_engine_bench(quick=True, as_json=True, against="vllm", vllm_python=None,
+                         batches=None, dtype=None)
+
+
+@pytest.mark.parametrize("batches", ["", "0", "1,x", "-2"])
+def test_bad_batches_are_named(batches: str) -> None:
+    with pytest.raises(InvalidParamsError, match="--batches"):
+        run_engine_bench(quick=True, as_json=True, against=None, vllm_python=None,
+                         batches=batches or ",", dtype=None)
+
+
+FAKE_VLLM = '''
+import time
+
+class SamplingParams:
+    def __init__(self, max_tokens, min_tokens, temperature, ignore_eos, detokenize):
+        assert min_tokens == max_tokens and temperature == 0.0 and ignore_eos
+        self.max_tokens = max_tokens
+
+class _Completion:
+    def __init__(self, n):
+        self.token_ids = [0] * n
+
+class _Output:
+    def __init__(self, n):
+        self.outputs = [_Completion(n)]
+
+class LLM:
+    def __init__(self, model, dtype, max_model_len, max_num_seqs, enable_prefix_caching, seed):
+        assert not enable_prefix_caching and max_num_seqs == 2 and max_model_len >= 8
+
+    def generate(self, inputs, params, use_tqdm=True):
+        assert all(len(i["prompt_token_ids"]) == 4 for i in inputs)
+        time.sleep(0.001 * params.max_tokens)
+        return [_Output(params.max_tokens) for _ in inputs]
+'''
+
+
+def test_vllm_driver_round_trip_with_a_stand_in(tmp_path: Path) -> None:
+    """The driver script and its parsing, with a stand-in ``vllm`` module (vLLM itself is
+    not installed here)."""
+    (tmp_path / "vllm.py").write_text(FAKE_VLLM)
+    python = tmp_path / "python"  # drops -I so the stand-in on PYTHONPATH is found
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
+                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert check_vllm_python(str(python)) == str(python)
+    plan = EnginePlan(prompt_len=4, new_tokens=3, warmups=1, repeats=2, batches=(1, 2))
+    sets = prompt_sets(plan, vocab_size=100)
+    timings = measure_vllm(str(python), plan, sets, tmp_path, threads=1)
+    assert sorted(timings) == [("vllm", 1), ("vllm", 2)]
+    for (_, batch), runs in timings.items():
+        assert len(runs) == 2
+        for run in runs:
+            assert (run.prefill_tokens, run.decode_tokens) == (batch * 4, batch * 2)
+            assert run.prefill_s > 0 and run.decode_s > 0
