@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "vs in the local cache")
     bench_reuse.add_argument("--quick", action="store_true", help="under a minute")
     bench_reuse.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_reuse.add_argument("--lengths", help="prompt lengths (default 1024,4096,8192)")
+    bench_reuse.add_argument("--lengths", help="prompt lengths (default 1024,4096,8000)")
     bench_reuse.set_defaults(run=_cmd_bench_reuse)
     return parser
 

@@ -43,7 +43,7 @@ class ReusePlan:
 
 
 def plan_for(quick: bool, lengths: Sequence[int] | None = None) -> ReusePlan:
-    default = (1024, 4096) if quick else (1024, 4096, 8192)
+    default = (1024, 4096) if quick else (1024, 4096, 8000)  # 8k: the model holds 8192
     return ReusePlan(tuple(lengths or default), 1 if quick else 3)
 
 
