@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvcake.common.errors import InvalidParamsError
@@ -127,3 +128,14 @@ def _scaling_only(rope: Mapping[str, Any] | None) -> dict[str, Any] | None:
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     return None if kind == "default" else scaling
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model file that must hold one JSON object; errors name the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InvalidParamsError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidParamsError(f"{path} does not hold a JSON object")
+    return data

@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as Backend
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.config import read_json_object
 
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
@@ -165,15 +166,7 @@ def _load_backend(path: Path) -> Backend:
 
 
 def _optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InvalidParamsError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise InvalidParamsError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:

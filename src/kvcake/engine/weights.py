@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
-from kvcake.engine.config import ModelConfig
+from kvcake.engine.config import ModelConfig, read_json_object
 from kvcake.engine.convert import convert_gguf
 
 PACKAGED_MODEL = "smollm2"
@@ -204,20 +204,10 @@ def _safetensors_files(path: Path) -> list[Path]:
     """The weight files of ``path``: the index's shards, else model.safetensors, else all."""
     index = path / INDEX
     if index.is_file():
-        weight_map: dict[str, str] = _read_json(index).get("weight_map", {})
+        weight_map: dict[str, str] = read_json_object(index).get("weight_map", {})
         return [path / name for name in sorted(set(weight_map.values()))]
     single = path / "model.safetensors"
     return [single] if single.is_file() else sorted(path.glob("*.safetensors"))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InvalidParamsError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise InvalidParamsError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _directory_digest(paths: list[Path]) -> str:
