@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test install sysdeps lint bench clean
 
 run: $(STAMP)
-	$(VENV)/bin/kvcake generate "What is the capital of France? Then name two sights there." --stats
+	$(VENV)/bin/kvcake generate "In two sentences, why does reusing a cache save computation?" --stats
 
 test: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check src tests
