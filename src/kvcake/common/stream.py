@@ -11,6 +11,7 @@ and ends that connection only. :class:`FrameListener` is the listening socket's 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import cast
 
@@ -30,7 +31,7 @@ def error_frame(op: FrameOp, request_id: int, error: KvcakeError) -> tuple[bytes
     return pack_header(op, request_id, length=len(message), status=error.code), message
 
 
-class FramedProtocol(asyncio.BufferedProtocol):
+class FramedProtocol(asyncio.BufferedProtocol, ABC):
     """One framed connection; subclasses define ``payload_buffer``, ``frame_received`` and
     ``protocol_error`` (the peer broke the framing)."""
 
@@ -54,14 +55,17 @@ class FramedProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
 
+    @abstractmethod
     def protocol_error(self, error: ProtocolError) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def payload_buffer(self, header: FrameHeader) -> memoryview | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def frame_received(self, header: FrameHeader, payload: memoryview | None) -> None:
-        raise NotImplementedError
+        ...
 
 
 class FramedServerConnection(FramedProtocol):

@@ -97,15 +97,16 @@ class StoreConnector:
 
     def save(self, prefix: str, block_ids: list[int], block_hashes: list[bytes]) -> None:
         with self._lock:
-            todo = [(b, h) for b, h in zip(block_ids, block_hashes, strict=True)
-                    if _key(prefix, h) not in self._known]
+            todo = [(b, h, key) for b, h in zip(block_ids, block_hashes, strict=True)
+                    if (key := _key(prefix, h)) not in self._known]
         slots = self._take_slots(len(todo), wait=False)
         self.stats.dropped_blocks += len(todo) - len(slots)
         if not slots:
             return
-        keys = [_key(prefix, h) for _, h in todo[:len(slots)]]
+        todo = todo[:len(slots)]
+        keys = [key for _, _, key in todo]
         views = [self._stage(slot, block_id, block_hash)
-                 for slot, (block_id, block_hash) in zip(slots, todo, strict=False)]
+                 for slot, (block_id, block_hash, _) in zip(slots, todo, strict=True)]
         self._begin()
         future = asyncio.run_coroutine_threadsafe(self._put(keys, views, slots), self.io.loop)
         future.add_done_callback(lambda _: self._end())

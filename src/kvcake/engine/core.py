@@ -67,12 +67,12 @@ class EngineCore:
         self.files = files or resolve_model(config.model, config.cache_dir or None)
         self.model_config = self.files.config
         self.dtype = DTYPES[config.dtype]
-        self.max_model_len = self._max_model_len()
+        num_blocks = self._num_blocks()
+        self.max_model_len = self._max_model_len(num_blocks)
         weights = load_weights(self.files, self.dtype, config.device)
         model = LlamaModel(self.model_config, weights, self.dtype, config.device,
                            max_positions=self.max_model_len, attention=config.attention)
         del weights
-        num_blocks = self._num_blocks()
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.fingerprint = kv_fingerprint(self.files, config)
         self.store: StoreConnector | None = None
@@ -82,9 +82,6 @@ class EngineCore:
             KVCacheManager(num_blocks, config.block_size), config.max_num_seqs,
             config.max_num_batched_tokens, self.max_model_len, connector,
             self.model_config.eos_token_ids)
-        self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
-        self.scheduler.max_model_len = self.max_model_len
-        self.connector = connector
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -101,9 +98,10 @@ class EngineCore:
             self.store.close()
             self.store = None
 
-    def _max_model_len(self) -> int:
+    def _max_model_len(self, num_blocks: int) -> int:
+        """The model's limit, the configured one, and what the whole KV pool can hold."""
         limit = self.model_config.max_position_embeddings
-        return min(self.config.max_model_len or limit, limit)
+        return min(self.config.max_model_len or limit, limit, num_blocks * self.config.block_size)
 
     def _num_blocks(self) -> int:
         per_block = self.config.block_size * self.model_config.kv_bytes_per_token(

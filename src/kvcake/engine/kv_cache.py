@@ -75,9 +75,5 @@ class KVCacheManager:
         request.block_ids = []
         self._num_registered.pop(request.request_id, None)
 
-    def usage(self) -> float:
-        """Fraction of blocks held by running requests."""
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
-
     def check_integrity(self) -> None:
         self.pool.check_integrity()

@@ -9,10 +9,10 @@ so a streaming client never sees part of a stop string::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvcake.engine.core import RequestOutput
-from kvcake.engine.sampling import SamplingParams, find_stop
+from kvcake.engine.sampling import SamplingParams, find_stop, partial_stop_len
 from kvcake.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -34,9 +34,8 @@ class _State:
     detokenizer: IncrementalDetokenizer
     text: str = ""
     num_emitted: int = 0
-    hold: int = 0
     stop_reason: str | int | None = None
-    stopped: bool = field(default=False)
+    stopped: bool = False
 
 
 class OutputProcessor:
@@ -48,8 +47,7 @@ class OutputProcessor:
 
     def add(self, request_id: str, params: SamplingParams) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        self._states[request_id] = _State(params, detok, hold=hold)
+        self._states[request_id] = _State(params, detok)
 
     def discard(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -90,8 +88,8 @@ class OutputProcessor:
         return True
 
     def _delta(self, state: _State, output: RequestOutput, finished: bool) -> TextDelta:
-        end = len(state.text) if finished else max(state.num_emitted,
-                                                    len(state.text) - state.hold)
+        held = 0 if finished else partial_stop_len(state.text, state.params.stop)
+        end = max(state.num_emitted, len(state.text) - held)
         text = state.text[state.num_emitted:end]
         state.num_emitted = end
         reason = "stop" if state.stopped else output.finish_reason

@@ -22,7 +22,7 @@ from enum import Enum
 import torch
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.common.hashing import hash_block
+from kvcake.common.hashing import ROOT_DIGEST, prefix_block_hashes
 from kvcake.engine.sampling import SamplingParams
 
 
@@ -95,30 +95,23 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
-
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output (without joining the two lists)."""
         prompt_len = self.num_prompt_tokens
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
     def extend_block_hashes(self, block_size: int) -> None:
         """Hash every full block of known tokens not hashed yet (chained, salted)."""
-        full = self.num_tokens // block_size
-        tokens: list[int] | None = None
-        while len(self.block_hashes) < full:
-            tokens = tokens or self.all_token_ids
-            i = len(self.block_hashes)
-            parent = self.block_hashes[-1] if self.block_hashes else bytes(32)
-            chunk = tokens[i * block_size:(i + 1) * block_size]
-            self.block_hashes.append(hash_block(parent, chunk, self.salt))
+        done = len(self.block_hashes)
+        if (done + 1) * block_size > self.num_tokens:
+            return
+        parent = self.block_hashes[-1] if done else ROOT_DIGEST
+        tokens = self.token_slice(done * block_size, self.num_tokens)
+        self.block_hashes += prefix_block_hashes(tokens, block_size, self.salt, parent)
 
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone, so everything is computed again later."""
