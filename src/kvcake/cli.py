@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from kvcake import __version__
+from kvcake.cli_flags import add_engine_flags, engine_overrides, size_or_none
+from kvcake.cluster.commands import add_serving_commands
 from kvcake.common.config import (
     MasterConfig,
     StoreConfig,
@@ -58,17 +60,13 @@ def _cmd_master(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size_or_none(text: str | None) -> int | None:
-    return None if text is None else parse_size(text)
-
-
 def _cmd_node(args: argparse.Namespace) -> int:
     from kvcake.store.run import run_node
 
     config = load_config(StoreConfig, "store", {
-        "master": args.master, "segment_size": _size_or_none(args.segment_size),
+        "master": args.master, "segment_size": size_or_none(args.segment_size),
         "segment_name": args.name, "disk_dir": args.disk_dir,
-        "disk_capacity": _size_or_none(args.disk_capacity),
+        "disk_capacity": size_or_none(args.disk_capacity),
     })
     if not config.segment_size:
         raise KvcakeError("a node needs --segment-size > 0 (e.g. 8GiB)")
@@ -142,22 +140,6 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
     )
 
 
-def _engine_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {"model": args.model, "dtype": args.dtype, "device": args.device,
-            "attention": args.attention, "block_size": args.block_size,
-            "kv_cache_bytes": _size_or_none(args.kv_cache_size), "threads": args.threads}
-
-
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
-    parser.add_argument("--dtype", help="bfloat16 (default), float32, float16")
-    parser.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    parser.add_argument("--attention", help="sdpa (default) or eager (HF's exact math)")
-    parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
-    parser.add_argument("--kv-cache-size", help="bytes of the paged KV pool, e.g. 512MiB")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     from kvcake.engine.generate import GenerateOptions, run_generate
     from kvcake.engine.sampling import SamplingParams
@@ -166,7 +148,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop=tuple(args.stop or ()))
     options = GenerateOptions(args.prompt, not args.raw, args.system, params, args.stats)
-    overrides = {k: v for k, v in _engine_overrides(args).items() if v is not None}
+    overrides = {k: v for k, v in engine_overrides(args).items() if v is not None}
     return run_generate(options, overrides, sys.stdout, sys.stderr)
 
 
@@ -183,7 +165,7 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--stats", action="store_true", help="print token count and timing")
-    _add_engine_flags(gen)
+    add_engine_flags(gen)
     gen.set_defaults(run=_cmd_generate)
 
 
@@ -204,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_store_commands(commands)
     _add_generate_command(commands)
+    add_serving_commands(commands)
 
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -11,6 +12,24 @@ from typing import Any, TypeVar
 import uvloop
 
 T = TypeVar("T")
+
+
+def run_main(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on a fresh uvloop loop, then close the loop."""
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        loop.close()
+
+
+async def until_signalled() -> None:
+    """Return on the first SIGINT or SIGTERM (the process's servers then shut down)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

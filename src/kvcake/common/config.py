@@ -291,3 +291,93 @@ class EngineConfig:
         _require(not self.store_master or ":" in self.store_master,
                  f"store_master must be HOST:PORT, got {self.store_master!r}")
         _require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+
+
+WORKER_ROLES = ("prefill", "decode", "both")
+DECODE_FAILURE_CHOICES = ("fail", "retry")
+
+
+def _endpoint(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """An inference instance under the Conductor (``KVCAKE_WORKER_*``).
+
+    role: ``prefill`` (computes prompts, writes their KV into a decode instance), ``decode``
+        (continues them), or ``both`` (colocated: one instance does the whole request).
+    conductor: ``HOST:PORT`` of the Conductor's instance RPC endpoint.
+    host / port: where this instance's RPC server binds and is reached (port 0: ephemeral).
+    instance_id: its name at the Conductor (empty: ``<role>-<pid>``).
+    report_s: seconds between load/KV-event reports.
+    reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
+    transfer_timeout_s: longest wait for a prefill's KV writes to land.
+    profile: time a few prefill and decode steps at start-up, seeding the cost model.
+    """
+
+    role: str = "both"
+    conductor: str = "127.0.0.1:8100"
+    host: str = "127.0.0.1"
+    port: int = 0
+    instance_id: str = ""
+    report_s: float = 0.1
+    reserve_timeout_s: float = 30.0
+    transfer_timeout_s: float = 30.0
+    profile: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.role in WORKER_ROLES, f"role must be one of {WORKER_ROLES}, "
+                 f"got {self.role!r}")
+        _require(_endpoint(self.conductor), f"conductor must be HOST:PORT, got "
+                 f"{self.conductor!r}")
+        _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        _require(self.report_s > 0, f"report_s must be > 0, got {self.report_s}")
+        _require(self.reserve_timeout_s > 0, f"reserve_timeout_s must be > 0, got "
+                 f"{self.reserve_timeout_s}")
+        _require(self.transfer_timeout_s > 0, f"transfer_timeout_s must be > 0, got "
+                 f"{self.transfer_timeout_s}")
+
+
+@dataclass(frozen=True)
+class ConductorServerConfig:
+    """The Conductor process: instance RPC, the OpenAI API, liveness (``KVCAKE_CONDUCTOR_*``).
+
+    host / port: the OpenAI-compatible HTTP API (port 0: ephemeral).
+    rpc_port: where instances register and report (on ``host``).
+    model: the model whose tokenizer the API uses (as ``EngineConfig.model``).
+    served_model_name: the name clients send (empty: the model's file name).
+    api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
+    instance_ttl_s: an instance silent this long is dead; its requests fail or retry.
+    on_decode_failure: ``fail`` a request whose decode instance died, or ``retry`` it on
+        another (continuing from the tokens already streamed).
+    reserve_wait_s: how long a request may wait for room on a decode instance.
+    request_timeout_s: longest a request may live.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    rpc_port: int = 8100
+    model: str = "smollm2"
+    served_model_name: str = ""
+    api_key: str = ""
+    cache_dir: str = ""
+    instance_ttl_s: float = 3.0
+    on_decode_failure: str = "fail"
+    reserve_wait_s: float = 10.0
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "rpc_port"):
+            value = getattr(self, name)
+            _require(0 <= value <= 65535, f"{name} must be 0..65535, got {value}")
+        _require(self.instance_ttl_s > 0, f"instance_ttl_s must be > 0, got "
+                 f"{self.instance_ttl_s}")
+        _require(self.on_decode_failure in DECODE_FAILURE_CHOICES,
+                 f"on_decode_failure must be one of {DECODE_FAILURE_CHOICES}, got "
+                 f"{self.on_decode_failure!r}")
+        _require(self.reserve_wait_s >= 0, f"reserve_wait_s must be >= 0, got "
+                 f"{self.reserve_wait_s}")
+        _require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got "
+                 f"{self.request_timeout_s}")

@@ -27,10 +27,12 @@ class ServerProcess:
     then SIGKILL."""
 
     def __init__(self, command: Sequence[str], ready: str, timeout_s: float = 60.0,
-                 name: str = "") -> None:
+                 name: str = "", log_path: str | None = None) -> None:
         self.command = list(command)
         self.name = name or " ".join(self.command[-6:])
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop/kill
+        # closed by stop/kill; a named log stays on disk
+        self._log: IO[bytes] = open(log_path, "w+b") if log_path \
+            else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         self.match = self._await(re.compile(ready), timeout_s)

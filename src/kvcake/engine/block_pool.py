@@ -48,16 +48,19 @@ class BlockPool:
     """Blocks ``0 .. num_blocks-1`` of one KV cache, with automatic prefix caching.
 
     ``on_evict(block_hash)`` is called whenever a hash leaves the index: when ``allocate``
-    reuses a cached free block, and for every hash dropped by ``reset_prefix_cache``. Callers
-    use it to tell the outside world (a KV store, the conductor) that the prefix is gone.
+    reuses a cached free block, and for every hash dropped by ``reset_prefix_cache``;
+    ``on_cache(block_hash)`` whenever one joins it. Callers use them to tell the outside world
+    (the conductor's prefix index) which prefixes this cache holds.
     """
 
     def __init__(self, num_blocks: int,
-                 on_evict: Callable[[bytes], None] | None = None) -> None:
+                 on_evict: Callable[[bytes], None] | None = None,
+                 on_cache: Callable[[bytes], None] | None = None) -> None:
         if num_blocks < 1:
             raise InvalidParamsError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.on_evict = on_evict
+        self.on_cache = on_cache
         self._ref_counts = [0] * num_blocks
         self._hashes: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
@@ -88,6 +91,10 @@ class BlockPool:
     def free_block_ids(self) -> list[int]:
         """Free blocks in eviction order (the head, evicted next, first)."""
         return list(self._free)
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every prefix digest the index holds (a snapshot for the conductor)."""
+        return list(self._cached)
 
     def lookup(self, block_hash: bytes) -> int | None:
         """The block caching ``block_hash``, if any; changes nothing."""
@@ -166,6 +173,8 @@ class BlockPool:
             return False
         self._hashes[block_id] = block_hash
         self._cached[block_hash] = block_id
+        if self.on_cache is not None:
+            self.on_cache(block_hash)
         return True
 
     def reset_prefix_cache(self) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -19,12 +21,14 @@ from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.connector import StoreConnector, connect_store
 from kvcake.engine.kv_cache import KVCacheManager
 from kvcake.engine.kv_format import BlockLayout
+from kvcake.engine.kv_transfer import KVRegion, kv_cache_in
 from kvcake.engine.model import LlamaModel
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
 from kvcake.engine.sampling import SamplingParams
-from kvcake.engine.scheduler import KVConnector, Scheduler
+from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
 from kvcake.engine.weights import ModelFiles, load_weights, resolve_model
+from kvcake.transfer import Segment, TransferEngine
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,49 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+class StepHook(Protocol):
+    """Sees each step around the model run (the KV sender of a prefill instance)."""
+
+    def before_execute(self, output: SchedulerOutput) -> None:
+        """The blocks of ``output.preempted`` are free again: nothing may still read them."""
+
+    def after_execute(self, output: SchedulerOutput) -> None:
+        """The chunks' K/V are now in their blocks (block tables not yet released)."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last step ran and how long it took (for the conductor's cost model)."""
+
+    num_prefill_chunks: int
+    num_prefill_tokens: int
+    num_prefill_context_tokens: int  # tokens before each chunk, summed (cached or earlier)
+    num_decodes: int
+    num_decode_context_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    num_waiting: int
+    num_running: int
+    num_waiting_tokens: int
+    num_running_tokens: int
+    num_free_blocks: int
+    num_blocks: int
+
+
 class EngineCore:
-    """Model, KV cache, scheduler and (optionally) the store connector, driven by ``step``."""
+    """Model, KV cache, scheduler and (optionally) the store connector, driven by ``step``.
+
+    With a ``transfer`` engine the KV cache lives in a registered segment (``kv_region``
+    says where) that peers write into: a decode instance :meth:`reserve`-s blocks, a prefill
+    instance fills them, and :meth:`commit` joins the request to the running batch.
+    """
 
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None,
-                 connector: KVConnector | None = None) -> None:
+                 connector: KVConnector | None = None,
+                 transfer: TransferEngine | None = None) -> None:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
@@ -73,17 +115,43 @@ class EngineCore:
         model = LlamaModel(self.model_config, weights, self.dtype, config.device,
                            max_positions=self.max_model_len, attention=config.attention)
         del weights
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.fingerprint = kv_fingerprint(self.files, config)
+        self.transfer = transfer
+        self.kv_segment: Segment | None = None
+        self.kv_region: KVRegion | None = None
+        kv_cache = None if transfer is None else self._shared_kv_cache(transfer, num_blocks)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_cache)
         self.store: StoreConnector | None = None
         if connector is None and config.store_master:
             connector = self.store = self._connect_store()
+        self.kv_events: list[tuple[str, bytes]] = []  # ("stored" | "removed", hash), in order
         self.scheduler = Scheduler(
-            KVCacheManager(num_blocks, config.block_size), config.max_num_seqs,
-            config.max_num_batched_tokens, self.max_model_len, connector,
+            KVCacheManager(num_blocks, config.block_size, self._on_cache, self._on_evict),
+            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, connector,
             self.model_config.eos_token_ids)
+        self.step_hook: StepHook | None = None
+        self.last_step: StepStats | None = None
+        self._reserved: dict[str, list[int]] = {}
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _shared_kv_cache(self, transfer: TransferEngine, num_blocks: int) -> torch.Tensor:
+        c = self.model_config
+        num_slots = num_blocks * self.config.block_size
+        shape = (c.num_layers, 2, num_slots, c.num_kv_heads, c.head_dim)
+        slot_bytes = c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        segment = transfer.register_segment(f"kv-{os.getpid()}",
+                                            c.num_layers * 2 * num_slots * slot_bytes)
+        self.kv_segment = segment
+        self.kv_region = KVRegion(transfer.local_descriptor(segment.name), self.fingerprint,
+                                  c.num_layers, num_slots, slot_bytes, self.config.block_size)
+        return kv_cache_in(segment.view, shape, self.dtype)
+
+    def _on_cache(self, block_hash: bytes) -> None:
+        self.kv_events.append(("stored", block_hash))
+
+    def _on_evict(self, block_hash: bytes) -> None:
+        self.kv_events.append(("removed", block_hash))
 
     def _connect_store(self) -> StoreConnector:
         c, cfg = self.model_config, self.config
@@ -97,6 +165,7 @@ class EngineCore:
         if self.store is not None:
             self.store.close()
             self.store = None
+        self.kv_segment = None  # the transfer engine that registered it unregisters it
 
     def _max_model_len(self, num_blocks: int) -> int:
         """The model's limit, the configured one, and what the whole KV pool can hold."""
@@ -149,17 +218,106 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, update; outputs for requests that progressed."""
+        start = time.perf_counter()
         output = self.scheduler.schedule()
         if not output.chunks:
             return []
+        if self.step_hook is not None:
+            self.step_hook.before_execute(output)
         sampled = self.runner.execute(output)
+        if self.step_hook is not None:
+            self.step_hook.after_execute(output)
         now = time.monotonic()
         outputs = []
         for request in self.scheduler.update(output, sampled):
             if request.first_token_s is None:
                 request.first_token_s = now - request.arrival_s
             outputs.append(_output(request, 1))
+        self.last_step = _step_stats(output, time.perf_counter() - start)
         return outputs
+
+    # -- disaggregation: the decode side ----------------------------------------------
+
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
+        """Hold blocks for a prompt's K/V that a prefill instance will write; ``None`` when
+        the pool cannot hold them now. Released by :meth:`commit` or :meth:`release`."""
+        if request_id in self._reserved or request_id in self.scheduler.requests:
+            raise InvalidParamsError(f"request id {request_id!r} is already in use")
+        if not 0 < num_prompt_tokens < self.max_model_len:
+            raise InvalidParamsError(f"prompt of {num_prompt_tokens} tokens does not fit "
+                                     f"max_model_len {self.max_model_len}")
+        pool = self.scheduler.kv.pool
+        count = -(-num_prompt_tokens // self.config.block_size)
+        if not pool.can_allocate(count):
+            return None
+        self._reserved[request_id] = block_ids = pool.allocate(count)
+        return list(block_ids)
+
+    def release(self, request_id: str) -> bool:
+        """Give reserved blocks back (the prefill failed or the request ended early)."""
+        block_ids = self._reserved.pop(request_id, None)
+        if block_ids is None:
+            return False
+        self.scheduler.kv.pool.free(reversed(block_ids))
+        return True
+
+    def commit(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+               first_logprob: float, params: SamplingParams,
+               tenant: str | None = None) -> Request:
+        """The reserved blocks now hold the prompt's K/V: decode from ``first_token`` on."""
+        block_ids = self._reserved.get(request_id)
+        if block_ids is None:
+            raise InvalidParamsError(f"request {request_id!r} has no reserved blocks")
+        self._check_prompt(prompt_token_ids)
+        if len(block_ids) != -(-len(prompt_token_ids) // self.config.block_size):
+            raise InvalidParamsError(f"request {request_id!r}: {len(prompt_token_ids)} prompt "
+                                     f"tokens for {len(block_ids)} reserved blocks")
+        del self._reserved[request_id]
+        request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
+        request.output_token_ids.append(first_token)
+        request.output_logprobs.append(first_logprob)
+        request.num_computed_tokens = request.num_cached_tokens = len(prompt_token_ids)
+        request.extend_block_hashes(self.config.block_size)
+        self.scheduler.kv.adopt(request, block_ids)
+        self.scheduler.add_running(request)
+        return request
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
+
+    def load(self) -> EngineLoad:
+        s = self.scheduler
+        waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
+        return EngineLoad(len(s.waiting), len(s.running), waiting_tokens,
+                          sum(r.num_tokens for r in s.running), s.kv.pool.num_free_blocks,
+                          s.kv.num_blocks)
+
+    def check_integrity(self) -> None:
+        """Every block is owned by exactly the requests and reservations that hold it."""
+        pool = self.scheduler.kv.pool
+        pool.check_integrity()
+        owners: dict[int, int] = {}
+        held = [r.block_ids for r in self.scheduler.running] + list(self._reserved.values())
+        for block_ids in held:
+            for block_id in block_ids:
+                owners[block_id] = owners.get(block_id, 0) + 1
+        for block_id in range(pool.num_blocks):
+            assert pool.ref_count(block_id) == owners.get(block_id, 0), (
+                f"block {block_id} has ref count {pool.ref_count(block_id)} but "
+                f"{owners.get(block_id, 0)} owners")
+
+    def drain_kv_events(self) -> list[tuple[str, bytes]]:
+        events, self.kv_events = self.kv_events, []
+        return events
+
+
+def _step_stats(output: SchedulerOutput, seconds: float) -> StepStats:
+    prefills = [c for c in output.chunks if c.num_tokens > 1]
+    decodes = [c for c in output.chunks if c.num_tokens == 1]
+    return StepStats(len(prefills), sum(c.num_tokens for c in prefills),
+                     sum(c.start for c in prefills), len(decodes),
+                     sum(c.start + 1 for c in decodes), seconds)
 
 
 def _output(request: Request, num_new: int) -> RequestOutput:

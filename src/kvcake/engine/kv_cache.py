@@ -11,6 +11,8 @@ concurrent request with the same prefix reuses them at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvcake.engine.block_pool import BlockPool
 from kvcake.engine.request import Request
 
@@ -18,9 +20,11 @@ from kvcake.engine.request import Request
 class KVCacheManager:
     """Allocates, shares and frees the blocks of requests."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 on_cache: Callable[[bytes], None] | None = None,
+                 on_evict: Callable[[bytes], None] | None = None) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, on_evict, on_cache)
         self._num_registered: dict[str, int] = {}
 
     @property
@@ -68,6 +72,12 @@ class KVCacheManager:
         for i in range(first, done):
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
         self._num_registered[request.request_id] = max(first, done)
+
+    def adopt(self, request: Request, block_ids: list[int]) -> None:
+        """Give ``request`` blocks that already hold its prompt's K/V (written by a peer)."""
+        request.block_ids = block_ids
+        self._num_registered[request.request_id] = 0
+        self.register_full_blocks(request)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first so its prefix stays cached longest."""

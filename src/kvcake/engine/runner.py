@@ -19,11 +19,13 @@ from kvcake.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutpu
 class ModelRunner:
     """The model, its paged KV cache and the sampler."""
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 kv_cache: torch.Tensor | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_cache = model.new_kv_cache(num_blocks * block_size)
+        self.kv_cache = model.new_kv_cache(num_blocks * block_size) if kv_cache is None \
+            else kv_cache
         self.sampler = Sampler()
         self.device = model.device
 

@@ -99,6 +99,14 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """Join a request whose prompt K/V is already in its blocks (a disaggregated decode):
+        it skips the waiting queue and decodes from the next step on."""
+        request.extend_block_hashes(self.block_size)
+        self.requests[request.request_id] = request
+        request.move_to(RequestStatus.RUNNING)
+        self.running.append(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-
-from kvcake.common.aio import new_event_loop
+from kvcake.common.aio import run_main, until_signalled
 from kvcake.common.config import MasterConfig, StoreConfig, TransferConfig, format_size
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore
@@ -15,27 +12,11 @@ log = get_logger(__name__)
 
 
 def run_master(config: MasterConfig) -> None:
-    _run(_master_main(config))
+    run_main(_master_main(config))
 
 
 def run_node(config: StoreConfig, transfer: TransferConfig) -> None:
-    _run(_node_main(config, transfer))
-
-
-def _run(main: object) -> None:
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(main)  # type: ignore[arg-type]
-    finally:
-        loop.close()
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    run_main(_node_main(config, transfer))
 
 
 async def _master_main(config: MasterConfig) -> None:
@@ -44,7 +25,7 @@ async def _master_main(config: MasterConfig) -> None:
     metrics = server.metrics_endpoint and f" (metrics http://{server.metrics_endpoint}/metrics)"
     print(f"kvcake master listening on {endpoint}{metrics}", flush=True)
     try:
-        await _until_signalled()
+        await until_signalled()
     finally:
         await server.shutdown()
         log.info("master stopped")
@@ -58,6 +39,6 @@ async def _node_main(config: StoreConfig, transfer: TransferConfig) -> None:
     print(f"kvcake node: segment {node.segment_name} ({format_size(config.segment_size)}) "
           f"mounted on master {config.master}{disk}", flush=True)
     try:
-        await _until_signalled()
+        await until_signalled()
     finally:
         await node.close()

@@ -1,0 +1,27 @@
+"""Flags shared by several ``kvcake`` commands, and their mapping onto config fields."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvcake.common.config import parse_size
+
+
+def size_or_none(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"model": args.model, "dtype": args.dtype, "device": args.device,
+            "attention": args.attention, "block_size": args.block_size,
+            "kv_cache_bytes": size_or_none(args.kv_cache_size), "threads": args.threads}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
+    parser.add_argument("--dtype", help="bfloat16 (default), float32, float16")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--attention", help="sdpa (default) or eager (HF's exact math)")
+    parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    parser.add_argument("--kv-cache-size", help="bytes of the paged KV pool, e.g. 512MiB")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

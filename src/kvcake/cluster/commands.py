@@ -1,0 +1,140 @@
+"""``kvcake worker``, ``kvcake conductor`` and ``kvcake up``: flags mapped onto configs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from kvcake.cli_flags import add_engine_flags, engine_overrides, size_or_none
+from kvcake.common.config import (
+    ConductorServerConfig,
+    EngineConfig,
+    WorkerConfig,
+    load_config,
+)
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from kvcake.worker.run import run_worker
+
+    config = load_config(WorkerConfig, "worker", {
+        "role": args.role, "conductor": args.conductor, "host": args.host, "port": args.port,
+        "instance_id": args.instance_id, "reserve_timeout_s": args.reserve_timeout,
+        "profile": False if args.no_profile else None})
+    engine = load_config(EngineConfig, "engine", {
+        **engine_overrides(args), "store_master": args.store_master,
+        "store_segment_size": size_or_none(args.store_segment_size),
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens})
+    run_worker(config, engine)
+    return 0
+
+
+def _add_worker(commands: Subparsers) -> None:
+    worker = commands.add_parser("worker", help="an inference instance under the conductor")
+    worker.add_argument("--role", choices=("prefill", "decode", "both"), help="default both")
+    worker.add_argument("--conductor", help="conductor RPC HOST:PORT (default 127.0.0.1:8100)")
+    worker.add_argument("--host", help="address to bind and advertise (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, help="RPC port (default: ephemeral)")
+    worker.add_argument("--instance-id", help="name at the conductor (default ROLE-PID)")
+    worker.add_argument("--store-master", help="store master HOST:PORT (prefill/both: reuse "
+                        "and save KV there)")
+    worker.add_argument("--store-segment-size", help="memory this instance adds to the store")
+    worker.add_argument("--max-num-seqs", type=int, help="requests in a batch (default 64)")
+    worker.add_argument("--max-num-batched-tokens", type=int,
+                        help="token budget of one step (default 2048)")
+    worker.add_argument("--reserve-timeout", type=float, help="seconds before an uncommitted "
+                        "decode reservation is freed (default 30)")
+    worker.add_argument("--no-profile", action="store_true", help="skip the start-up timing")
+    add_engine_flags(worker)
+    worker.set_defaults(run=_cmd_worker)
+
+
+def _policy_config(args: argparse.Namespace) -> dict[str, object]:
+    return {"policy": args.policy, "admission": args.admission, "slo_ttft_s": args.slo_ttft,
+            "slo_tbt_s": args.slo_tbt, "balancing_threshold": args.balancing_threshold}
+
+
+def _cmd_conductor(args: argparse.Namespace) -> int:
+    from kvcake.conductor.run import run_conductor
+    from kvcake.conductor.types import ConductorConfig
+
+    config = load_config(ConductorServerConfig, "conductor", {
+        "host": args.host, "port": args.port, "rpc_port": args.rpc_port, "model": args.model,
+        "served_model_name": args.served_model_name, "api_key": args.api_key,
+        "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure})
+    policy = ConductorConfig(**{k: v for k, v in _policy_config(args).items()
+                                if v is not None})  # type: ignore[arg-type]
+    run_conductor(config, policy)
+    return 0
+
+
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", help="random, round_robin, least_loaded, cache_aware, "
+                        "kvcache_centric (default)")
+    parser.add_argument("--admission", help="none (default), early, predictive")
+    parser.add_argument("--slo-ttft", type=float, help="TTFT objective, seconds (default 30)")
+    parser.add_argument("--slo-tbt", type=float, help="TBT objective, seconds (default 0.1)")
+
+
+def _add_conductor(commands: Subparsers) -> None:
+    conductor = commands.add_parser("conductor", help="the global scheduler and OpenAI API")
+    conductor.add_argument("--host", help="address of the API and RPC (default 127.0.0.1)")
+    conductor.add_argument("--port", type=int, help="OpenAI API port (default 8000)")
+    conductor.add_argument("--rpc-port", type=int, help="instance RPC port (default 8100)")
+    conductor.add_argument("--model", help="model whose tokenizer to use (default smollm2)")
+    conductor.add_argument("--served-model-name", help="the name clients send as model")
+    conductor.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
+    conductor.add_argument("--instance-ttl", type=float, help="seconds of silence before an "
+                           "instance is dropped (default 3)")
+    conductor.add_argument("--on-decode-failure", choices=("fail", "retry"),
+                           help="when a decode instance dies: fail its requests (default) "
+                           "or continue them elsewhere")
+    conductor.add_argument("--balancing-threshold", type=float,
+                           help="kvcache_centric pulls a remote prefix when best/local "
+                           "exceeds this (default 2)")
+    _add_policy_flags(conductor)
+    conductor.set_defaults(run=_cmd_conductor)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from kvcake.cluster.up import load_spec, run_up
+
+    spec = load_spec(args.config, {
+        "host": args.host, "port": args.port, "prefill": args.prefill, "decode": args.decode,
+        "both": args.both, "policy": args.policy, "admission": args.admission,
+        "slo_ttft_s": args.slo_ttft, "slo_tbt_s": args.slo_tbt, "model": args.model,
+        "kv_cache_size": args.kv_cache_size,
+        "store_size": "0" if args.no_store else args.store_size,
+        "threads": args.threads, "api_key": args.api_key,
+        "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir})
+    return run_up(spec)
+
+
+def _add_up(commands: Subparsers) -> None:
+    up = commands.add_parser("up", help="a whole cluster on this machine, with the OpenAI API")
+    up.add_argument("--config", help="TOML file with a [cluster] table (flags override it)")
+    up.add_argument("--host", help="API address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="API port (default 8000)")
+    up.add_argument("--prefill", type=int, help="prefill instances (default 1)")
+    up.add_argument("--decode", type=int, help="decode instances (default 1)")
+    up.add_argument("--both", type=int, help="colocated instances (default 0)")
+    up.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
+    up.add_argument("--kv-cache-size", help="KV pool per instance (default 256MiB)")
+    up.add_argument("--store-size", help="memory of the KV store's node (default 1GiB)")
+    up.add_argument("--no-store", action="store_true", help="run without the KV store")
+    up.add_argument("--threads", type=int, help="torch threads per instance (default 1)")
+    up.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
+    up.add_argument("--on-decode-failure", choices=("fail", "retry"))
+    up.add_argument("--log-dir", help="write each process's log here")
+    _add_policy_flags(up)
+    up.set_defaults(run=_cmd_up)
+
+
+def add_serving_commands(commands: Subparsers) -> None:
+    _add_worker(commands)
+    _add_conductor(commands)
+    _add_up(commands)

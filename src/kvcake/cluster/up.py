@@ -1,0 +1,238 @@
+"""``kvcake up``: a whole cluster on this machine, started in order and stopped in reverse.
+
+::
+
+    kvcake master ──> kvcake node (store memory)
+    kvcake conductor (OpenAI API on HOST:PORT, instance RPC on an ephemeral port)
+    kvcake worker --role prefill  x N ─┐   each registers with the conductor; prefill
+    kvcake worker --role decode   x M  ├─  instances also read and write the store
+    kvcake worker --role both     x K ─┘
+
+``up`` returns once ``/health`` reports every instance, then waits for SIGINT/SIGTERM (or a
+child's death) and stops the children it started, by pid, newest first.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kvcake.common.config import DECODE_FAILURE_CHOICES, parse_size
+from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.process import ServerProcess, kvcake_command
+from kvcake.conductor.admission import ADMISSIONS
+from kvcake.conductor.policy import POLICIES
+
+_READY_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What ``kvcake up`` starts. Sizes are strings as the CLI takes them (``512MiB``).
+
+    store_size: memory the storage node contributes ("" or "0": no store at all).
+    threads: torch threads per instance (they share the machine's cores).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prefill: int = 1
+    decode: int = 1
+    both: int = 0
+    policy: str = "kvcache_centric"
+    admission: str = "none"
+    slo_ttft_s: float = 30.0
+    slo_tbt_s: float = 0.1
+    model: str = "smollm2"
+    kv_cache_size: str = "256MiB"
+    store_size: str = "1GiB"
+    max_num_seqs: int = 32
+    threads: int = 1
+    api_key: str = ""
+    on_decode_failure: str = "fail"
+    log_dir: str = ""
+
+    def __post_init__(self) -> None:
+        counts = (self.prefill, self.decode, self.both)
+        _require(all(n >= 0 for n in counts), f"instance counts must be >= 0, got "
+                 f"prefill={self.prefill} decode={self.decode} both={self.both}")
+        _require(self.both > 0 or (self.prefill > 0 and self.decode > 0),
+                 "a cluster needs both > 0, or prefill > 0 and decode > 0")
+        _require(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got "
+                 f"{self.policy!r}")
+        _require(self.admission in ADMISSIONS, f"admission must be one of "
+                 f"{sorted(ADMISSIONS)}, got {self.admission!r}")
+        _require(self.on_decode_failure in DECODE_FAILURE_CHOICES, f"on_decode_failure must "
+                 f"be one of {DECODE_FAILURE_CHOICES}, got {self.on_decode_failure!r}")
+        parse_size(self.kv_cache_size)
+        if self.store_size:
+            parse_size(self.store_size)
+
+    @property
+    def has_store(self) -> bool:
+        return bool(self.store_size) and parse_size(self.store_size) > 0
+
+    @property
+    def roles(self) -> list[str]:
+        return ["prefill"] * self.prefill + ["decode"] * self.decode + ["both"] * self.both
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParamsError(message)
+
+
+def load_spec(path: str | None, overrides: dict[str, Any]) -> ClusterSpec:
+    """Defaults, then the ``[cluster]`` table of a TOML file, then flags (``None``: unset)."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            table = tomllib.loads(Path(path).read_text()).get("cluster", {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidParamsError(f"cannot read cluster config {path}: {exc}") from exc
+        known = {f.name for f in fields(ClusterSpec)}
+        unknown = sorted(set(table) - known)
+        _require(not unknown, f"{path}: unknown [cluster] keys {unknown}; known: "
+                 f"{sorted(known)}")
+        values.update(table)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ClusterSpec(**values)
+
+
+class Cluster:
+    """The children of one ``kvcake up``; ``stop`` ends them newest first."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.processes: list[ServerProcess] = []
+        self.api_endpoint = ""
+        self.master = ""
+
+    def start(self) -> str:
+        try:
+            self._start_store()
+            rpc = self._start_conductor()
+            for index, role in enumerate(self.spec.roles):
+                self._start_worker(role, index, rpc)
+            wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
+        except BaseException:
+            self.stop()
+            raise
+        return self.api_endpoint
+
+    def _log(self, name: str) -> str | None:
+        if not self.spec.log_dir:
+            return None
+        Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
+        return str(Path(self.spec.log_dir) / f"{name}.log")
+
+    def _spawn(self, name: str, args: Sequence[str], ready: str) -> ServerProcess:
+        process = ServerProcess(kvcake_command(*args), ready, _READY_TIMEOUT_S, name,
+                                log_path=self._log(name))
+        self.processes.append(process)
+        return process
+
+    def _start_store(self) -> None:
+        if not self.spec.has_store:
+            return
+        master = self._spawn("master", ["master", "--port", "0", "--metrics-port", "-1"],
+                             r"listening on (\S+)")
+        self.master = master.match.group(1)
+        self._spawn("node", ["node", "--master", self.master, "--segment-size",
+                             self.spec.store_size], r"segment (\S+) .* mounted")
+
+    def _start_conductor(self) -> str:
+        s = self.spec
+        args = ["conductor", "--host", s.host, "--port", str(s.port), "--rpc-port", "0",
+                "--model", s.model, "--policy", s.policy, "--admission", s.admission,
+                "--slo-ttft", str(s.slo_ttft_s), "--slo-tbt", str(s.slo_tbt_s),
+                "--on-decode-failure", s.on_decode_failure]
+        if s.api_key:
+            args += ["--api-key", s.api_key]
+        conductor = self._spawn("conductor", args,
+                                r"OpenAI API on http://(\S+)/v1.*register at (\S+),")
+        self.api_endpoint = conductor.match.group(1)
+        return conductor.match.group(2)
+
+    def _start_worker(self, role: str, index: int, rpc: str) -> None:
+        s = self.spec
+        name = f"{role}-{index}"
+        args = ["worker", "--role", role, "--conductor", rpc, "--instance-id", name,
+                "--model", s.model, "--kv-cache-size", s.kv_cache_size,
+                "--max-num-seqs", str(s.max_num_seqs), "--threads", str(s.threads)]
+        if self.master and role != "decode":
+            args += ["--store-master", self.master]
+        self._spawn(name, args, r"listening on")
+
+    def dead(self) -> ServerProcess | None:
+        return next((p for p in self.processes if not p.alive()), None)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop(timeout_s=15.0)
+        self.processes.clear()
+
+
+def health(endpoint: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout_s) as reply:
+            return reply.status, json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def wait_healthy(endpoint: str, roles: list[str], processes: Sequence[ServerProcess],
+                 timeout_s: float = _READY_TIMEOUT_S) -> None:
+    """Until ``/health`` is 200 and counts every instance of ``roles``."""
+    want = {role: roles.count(role) for role in ("prefill", "decode", "both")}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, body = health(endpoint)
+        if status == 200 and body.get("details", {}).get("instances") == want:
+            return
+        dead = next((p for p in processes if not p.alive()), None)
+        if dead is not None:
+            raise KvcakeError(f"{dead.name} exited while starting: {dead.tail()}")
+        time.sleep(0.2)
+    raise KvcakeError(f"the cluster at {endpoint} did not become healthy within "
+                      f"{timeout_s:.0f}s (want {want})")
+
+
+def run_up(spec: ClusterSpec) -> int:
+    """Start, print where it serves, wait for a signal or a dead child, stop. Exit code."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    cluster = Cluster(spec)
+    started = time.monotonic()
+    endpoint = cluster.start()
+    print(f"kvcake up: serving http://{endpoint}/v1 in {time.monotonic() - started:.0f}s — "
+          f"model {spec.model!r}, {spec.prefill} prefill + {spec.decode} decode + "
+          f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
+          f"{', store ' + spec.store_size if spec.has_store else ''}", flush=True)
+    print(f"  try: curl http://{endpoint}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{Path(spec.model).name.removesuffix('.gguf')}\", "
+          f"\"prompt\": \"The capital of France is\", \"max_tokens\": 8}}'", flush=True)
+    print("  Ctrl-C stops everything.", flush=True)
+    code = 0
+    while not stop.wait(0.5):
+        dead = cluster.dead()
+        if dead is not None:
+            print(f"kvcake up: {dead.name} exited; stopping. {dead.tail()}", flush=True)
+            code = 1
+            break
+    print("kvcake up: stopping", flush=True)
+    cluster.stop()
+    print("kvcake up: stopped", flush=True)
+    return code

@@ -1,0 +1,228 @@
+"""Predicted prefill, decode-step and transfer times, fitted online from measured samples.
+
+Each model is linear in a few features of the work. Until a model has as many samples as
+coefficients it answers with :class:`CostDefaults`; afterwards it solves least squares over a
+bounded window of the most recent samples, anchored on the defaults::
+
+    prefill_s(new, cached) = a + b·new + c·new² + d·new·cached     (0 when new == 0)
+    decode_step_s(batch, context) = a + b·batch + c·context
+    transfer_s(num_bytes) = num_bytes / bandwidth  (bandwidth = Σ bytes / Σ seconds)
+
+Samples that cannot pin every coefficient (all with the same prompt length, say) leave the
+undetermined directions at the defaults instead of failing. Predictions are never negative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.conductor.types import DecodeSample, PrefillSample, TransferSample
+
+Vector = tuple[float, ...]
+_SINGULAR = 1e-12  # a pivot this small, relative to the largest diagonal entry, is a zero
+_RIDGE = 1e-9  # added (relative) to the diagonal when the samples leave a direction free
+
+
+@dataclass(frozen=True)
+class CostDefaults:
+    """What the models answer before samples arrive (SmolLM2-135M on 2 CPU cores).
+
+    prefill_*: seconds fixed per step, per new token, per new token squared, and per
+        (new token * cached token) of attention over the cached context.
+    decode_*: seconds fixed per step, per request in the batch, per context token.
+    bandwidth_bytes_per_s: KV transfer rate (> 0).
+    window: samples each model keeps, most recent first out (>= 4).
+    """
+
+    prefill_fixed_s: float = 0.005
+    prefill_per_token_s: float = 1.0 / 750
+    prefill_per_token2_s: float = 0.0
+    prefill_per_token_cached_s: float = 0.0
+    decode_fixed_s: float = 0.035
+    decode_per_request_s: float = 0.004
+    decode_per_context_token_s: float = 0.0
+    bandwidth_bytes_per_s: float = 2e9
+    window: int = 256
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidParamsError(f"{field.name} must be finite and >= 0, got {value}")
+        if self.bandwidth_bytes_per_s <= 0:
+            raise InvalidParamsError(
+                f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}")
+        if self.window < 4:
+            raise InvalidParamsError(f"window must be >= 4, got {self.window}")
+
+
+def _check_count(name: str, value: int, minimum: int = 0) -> None:
+    if value < minimum:
+        raise InvalidParamsError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_seconds(seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise InvalidParamsError(f"seconds must be finite and >= 0, got {seconds}")
+
+
+class CostModel:
+    """Online time predictions; see the module docstring. Not thread-safe."""
+
+    def __init__(self, defaults: CostDefaults | None = None) -> None:
+        self.defaults = defaults or CostDefaults()
+        d = self.defaults
+        self._prefill = _LinearFit((d.prefill_fixed_s, d.prefill_per_token_s,
+                                    d.prefill_per_token2_s, d.prefill_per_token_cached_s),
+                                   d.window)
+        self._decode = _LinearFit((d.decode_fixed_s, d.decode_per_request_s,
+                                   d.decode_per_context_token_s), d.window)
+        self._transfers: deque[tuple[int, float]] = deque(maxlen=d.window)
+        self._num_transfers = 0
+
+    # ----- predictions
+    def prefill_s(self, num_new_tokens: int, num_cached_tokens: int) -> float:
+        """Seconds to compute ``num_new_tokens`` on top of ``num_cached_tokens`` already held."""
+        _check_count("num_new_tokens", num_new_tokens)
+        _check_count("num_cached_tokens", num_cached_tokens)
+        if num_new_tokens == 0:
+            return 0.0
+        return self._prefill.predict(_prefill_features(num_new_tokens, num_cached_tokens))
+
+    def decode_step_s(self, batch_size: int, num_context_tokens: int) -> float:
+        """Seconds of one decode step (the TBT) for this batch; 0 for an empty batch."""
+        _check_count("batch_size", batch_size)
+        _check_count("num_context_tokens", num_context_tokens)
+        if batch_size == 0:
+            return 0.0
+        return self._decode.predict(_decode_features(batch_size, num_context_tokens))
+
+    def transfer_s(self, num_bytes: int) -> float:
+        """Seconds to move ``num_bytes`` of KV at the recently measured bandwidth."""
+        _check_count("num_bytes", num_bytes)
+        return num_bytes / self.bandwidth_bytes_per_s
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        total_bytes = sum(n for n, _ in self._transfers)
+        total_s = sum(s for _, s in self._transfers)
+        if total_bytes == 0 or total_s == 0:
+            return self.defaults.bandwidth_bytes_per_s
+        return total_bytes / total_s
+
+    # ----- samples
+    def add_prefill(self, sample: PrefillSample) -> None:
+        """Learn from one prefill step; ``InvalidParamsError`` for negative or empty work."""
+        _check_count("num_new_tokens", sample.num_new_tokens, 1)
+        _check_count("num_cached_tokens", sample.num_cached_tokens)
+        _check_seconds(sample.seconds)
+        features = _prefill_features(sample.num_new_tokens, sample.num_cached_tokens)
+        self._prefill.add(features, sample.seconds)
+
+    def add_decode(self, sample: DecodeSample) -> None:
+        """Learn from one decode step; ``InvalidParamsError`` for an empty batch."""
+        _check_count("batch_size", sample.batch_size, 1)
+        _check_count("num_context_tokens", sample.num_context_tokens)
+        _check_seconds(sample.seconds)
+        self._decode.add(_decode_features(sample.batch_size, sample.num_context_tokens),
+                         sample.seconds)
+
+    def add_transfer(self, sample: TransferSample) -> None:
+        """Learn from one transfer; ``InvalidParamsError`` for negative numbers."""
+        _check_count("num_bytes", sample.num_bytes)
+        _check_seconds(sample.seconds)
+        self._transfers.append((sample.num_bytes, sample.seconds))
+        self._num_transfers += 1
+
+    @property
+    def num_samples(self) -> dict[str, int]:
+        """Samples received so far by kind (``prefill``, ``decode``, ``transfer``)."""
+        return {"prefill": self._prefill.num_added, "decode": self._decode.num_added,
+                "transfer": self._num_transfers}
+
+    def prefill_coefficients(self) -> Vector:
+        """(a, b, c, d) of the prefill model in use."""
+        return self._prefill.coefficients()
+
+    def decode_coefficients(self) -> Vector:
+        """(a, b, c) of the decode model in use."""
+        return self._decode.coefficients()
+
+
+def _prefill_features(new: int, cached: int) -> Vector:
+    return (1.0, float(new), float(new) * new, float(new) * cached)
+
+
+def _decode_features(batch: int, context: int) -> Vector:
+    return (1.0, float(batch), float(context))
+
+
+class _LinearFit:
+    """``y ≈ coefficients · x`` over a window of samples, refitted lazily when asked."""
+
+    def __init__(self, prior: Vector, window: int) -> None:
+        self.prior = prior
+        self.samples: deque[tuple[Vector, float]] = deque(maxlen=window)
+        self.num_added = 0
+        self._coefficients = prior
+        self._stale = False
+
+    def add(self, features: Vector, seconds: float) -> None:
+        self.samples.append((features, seconds))
+        self.num_added += 1
+        self._stale = True
+
+    def predict(self, features: Vector) -> float:
+        return max(0.0, sum(c * x for c, x in zip(self.coefficients(), features, strict=True)))
+
+    def coefficients(self) -> Vector:
+        if self._stale:
+            enough = len(self.samples) >= len(self.prior)
+            self._coefficients = self._fit() if enough else self.prior
+            self._stale = False
+        return self._coefficients
+
+    def _fit(self) -> Vector:
+        """Least squares for the offset from the prior, on columns scaled to ≤ 1 (so that
+        ``new²`` and ``new·cached`` do not swamp the constant term in the normal equations)."""
+        k = len(self.prior)
+        scale = [max(abs(x[j]) for x, _ in self.samples) or 1.0 for j in range(k)]
+        rows = [([x[j] / scale[j] for j in range(k)], y - _dot(self.prior, x))
+                for x, y in self.samples]
+        gram = [[sum(r[i] * r[j] for r, _ in rows) for j in range(k)] for i in range(k)]
+        moment = [sum(r[i] * y for r, y in rows) for i in range(k)]
+        offset = _solve(gram, moment)
+        if offset is None:  # some direction is not pinned by the samples: keep it at the prior
+            ridge = _RIDGE * max(gram[i][i] for i in range(k))
+            offset = _solve([[g + (ridge if i == j else 0.0) for j, g in enumerate(row)]
+                             for i, row in enumerate(gram)], moment) or [0.0] * k
+        return tuple(p + o / s for p, o, s in zip(self.prior, offset, scale, strict=True))
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """``matrix · x = rhs`` by Gaussian elimination with partial pivoting; ``None`` when
+    singular. ``matrix`` is symmetric positive semi-definite (a Gram matrix)."""
+    k = len(rhs)
+    rows = [[*row, value] for row, value in zip(matrix, rhs, strict=True)]
+    tolerance = _SINGULAR * max((abs(rows[i][i]) for i in range(k)), default=0.0)
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(rows[r][col]))
+        if abs(rows[pivot][col]) <= tolerance:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(col + 1, k):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col], strict=True)]
+    solution = [0.0] * k
+    for r in reversed(range(k)):
+        tail = sum(rows[r][c] * solution[c] for c in range(r + 1, k))
+        solution[r] = (rows[r][k] - tail) / rows[r][r]
+    return solution

@@ -1,0 +1,339 @@
+"""The Conductor's asyncio driver: instances register and report over RPC; requests are
+routed by :class:`~kvcake.conductor.service.ConductorService` and driven through the cluster.
+
+One request, disaggregated (decode D, prefill P)::
+
+    route ─> Reserve(D) ─> Prefill(P, target = D's cache + reserved blocks)
+          ─> PrefillDone(P): first token to the client ─> Commit(D) ─> Outputs(D) ...
+
+Colocated (a ``both`` instance): ``Prefill`` without a target, then its ``Outputs``.
+An instance silent for ``instance_ttl_s`` is dropped: its flights fail (the API may retry a
+decode elsewhere), the index forgets its blocks, and a reservation it held is freed by the
+decode instance's own timeout if the Conductor cannot reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvcake.common.codec import decode, encode
+from kvcake.common.config import ConductorServerConfig
+from kvcake.common.errors import (
+    ErrorCode,
+    InvalidParamsError,
+    KvcakeError,
+    RequestRejectedError,
+)
+from kvcake.common.hashing import prefix_block_hashes
+from kvcake.common.log import get_logger
+from kvcake.common.rpc import RpcClient, RpcServer
+from kvcake.conductor.flight import Flight, FlightState, InstanceLostError
+from kvcake.conductor.messages import (
+    ConductorRequest,
+    Outputs,
+    PrefillDone,
+    Register,
+    Report,
+    ReportReply,
+)
+from kvcake.conductor.service import ConductorService
+from kvcake.conductor.telemetry import ConductorMetrics
+from kvcake.conductor.types import (
+    ConductorConfig,
+    DecodeSample,
+    PrefillSample,
+    RouteRequest,
+    TransferSample,
+)
+from kvcake.engine.sampling import SamplingParams
+from kvcake.worker.messages import Abort, Commit, Prefill, Release, Reserve, Reserved
+
+log = get_logger(__name__)
+_RPC_TIMEOUT_S = 30.0
+_SWEEP_S = 0.25
+_RESERVE_RETRY_S = 0.05
+_UNAVAILABLE = ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS
+
+
+@dataclass
+class InstanceHandle:
+    info: Register
+    client: RpcClient
+    last_seen: float
+
+    @property
+    def instance_id(self) -> str:
+        return self.info.instance_id
+
+
+class ConductorServer:
+    """``await startup()`` → serve → ``await shutdown()``."""
+
+    def __init__(self, config: ConductorServerConfig, policy: ConductorConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.policy = policy
+        self.clock = clock
+        self.service = ConductorService(policy, clock)
+        self.instances: dict[str, InstanceHandle] = {}
+        self.flights: dict[str, Flight] = {}
+        self.metrics = ConductorMetrics()
+        self.rpc_endpoint = ""
+        self._rpc = RpcServer(self._handle, config.host, config.rpc_port)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def startup(self) -> str:
+        self.rpc_endpoint = await self._rpc.startup()
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        return self.rpc_endpoint
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for flight in list(self.flights.values()):
+            flight.fail(KvcakeError("the conductor is shutting down"))
+        await self._rpc.shutdown()
+        for handle in self.instances.values():
+            handle.client.close()
+
+    # -- what instances say -----------------------------------------------------------
+
+    def _handle(self, payload: memoryview) -> bytes:
+        message: ConductorRequest = decode(payload, ConductorRequest)  # type: ignore[arg-type]
+        if isinstance(message, Register):
+            self._register(message)
+        elif isinstance(message, Report):
+            return encode(self._report(message))
+        elif isinstance(message, Outputs):
+            self._outputs(message)
+        elif isinstance(message, PrefillDone):
+            self._prefill_done(message)
+        return encode(ReportReply())
+
+    def _register(self, message: Register) -> None:
+        self._check_compatible(message)
+        old = self.instances.pop(message.instance_id, None)
+        if old is not None:
+            old.client.close()
+            self._fail_flights_of(message.instance_id, "restarted")
+        self.service.add_instance(message.instance_id, message.role, message.num_blocks)
+        self.service.replace_blocks(message.instance_id, message.snapshot.seq,
+                                    message.snapshot.block_hashes)
+        self._observe(message.prefill_samples, message.decode_samples, [])
+        self.instances[message.instance_id] = InstanceHandle(
+            message, RpcClient(message.endpoint, _RPC_TIMEOUT_S), self.clock())
+        log.info("instance %s (%s) registered from %s with %d cached blocks",
+                 message.instance_id, message.role, message.endpoint,
+                 len(message.snapshot.block_hashes))
+
+    def _check_compatible(self, message: Register) -> None:
+        if message.block_size != self.policy.block_size:
+            raise InvalidParamsError(f"instance {message.instance_id} hashes blocks of "
+                                     f"{message.block_size} tokens; the conductor indexes "
+                                     f"{self.policy.block_size}")
+        other = next(iter(self.instances.values()), None)
+        if other is not None and other.instance_id != message.instance_id \
+                and other.info.fingerprint != message.fingerprint:
+            raise InvalidParamsError(
+                f"instance {message.instance_id} serves KV fingerprint {message.fingerprint}; "
+                f"this cluster serves {other.info.fingerprint} (another model or dtype)")
+
+    def _report(self, message: Report) -> ReportReply:
+        handle = self.instances.get(message.instance_id)
+        if handle is None:
+            return ReportReply(known=False)
+        handle.last_seen = self.clock()
+        self.service.report_load(message.instance_id, message.load)
+        if message.snapshot is not None:
+            self.service.replace_blocks(message.instance_id, message.snapshot.seq,
+                                        message.snapshot.block_hashes)
+        in_order = self.service.apply_events(message.instance_id, message.events)
+        self._observe(message.prefill_samples, message.decode_samples,
+                      message.transfer_samples)
+        return ReportReply(need_snapshot=not in_order)
+
+    def _observe(self, prefill: list[PrefillSample], decode: list[DecodeSample],
+                 transfer: list[TransferSample]) -> None:
+        """Every instance runs the same model on the same kind of host: one cost model."""
+        for prefill_sample in prefill:
+            self.service.observe_prefill(prefill_sample)
+        for decode_sample in decode:
+            self.service.observe_decode(decode_sample)
+        for transfer_sample in transfer:
+            self.service.observe_transfer(transfer_sample)
+            self.metrics.transfer_bytes.inc(transfer_sample.num_bytes)
+
+    def _outputs(self, message: Outputs) -> None:
+        handle = self.instances.get(message.instance_id)
+        if handle is not None:
+            handle.last_seen = self.clock()
+        for output in message.outputs:
+            flight = self.flights.get(output.request_id)
+            if flight is not None and flight.decode_id == message.instance_id:
+                flight.push(output)
+
+    def _prefill_done(self, message: PrefillDone) -> None:
+        flight = self.flights.get(message.output.request_id)
+        if flight is not None and not flight.prefill_done.done():
+            flight.prefill_done.set_result(message)
+
+    # -- liveness ---------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            deadline = self.clock() - self.config.instance_ttl_s
+            for handle in [h for h in self.instances.values() if h.last_seen < deadline]:
+                self.drop_instance(handle.instance_id, "stopped reporting")
+
+    def drop_instance(self, instance_id: str, why: str) -> None:
+        handle = self.instances.pop(instance_id, None)
+        if handle is None:
+            return
+        log.warning("instance %s %s: dropped", instance_id, why)
+        handle.client.close()
+        self.service.remove_instance(instance_id)
+        self._fail_flights_of(instance_id, why)
+        self.metrics.instances_lost.inc()
+
+    def _fail_flights_of(self, instance_id: str, why: str) -> None:
+        for flight in list(self.flights.values()):
+            if flight.involves(instance_id):
+                flight.fail(InstanceLostError(instance_id, flight.request_id))
+                log.warning("request %s failed: instance %s %s", flight.request_id,
+                            instance_id, why)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        handle = next(iter(self.instances.values()), None)
+        if handle is None:
+            raise KvcakeError("no instance has registered with the conductor yet", _UNAVAILABLE)
+        return handle.info.fingerprint
+
+    def max_model_len(self) -> int:
+        return min((h.info.max_model_len for h in self.instances.values()), default=0)
+
+    def submit(self, request_id: str, tokens: list[int], params: SamplingParams,
+               tenant: str) -> Flight:
+        """Route and start a request; raises ``RequestRejectedError`` (429) or a
+        ``KvcakeError`` (503) when no instance can take it."""
+        if request_id in self.flights:
+            raise InvalidParamsError(f"request id {request_id!r} is already in flight")
+        self._check_length(tokens, params)
+        salt = f"{self.fingerprint()}/{tenant}".encode()
+        hashes = tuple(prefix_block_hashes(tokens, self.policy.block_size, salt))
+        decision = self.service.route(RouteRequest(request_id, len(tokens), hashes,
+                                                   params.max_tokens))
+        if not decision.accepted:
+            self.metrics.rejections.inc(reason=decision.reason or "")
+            if decision.reason in ("ttft_slo", "tbt_slo"):
+                raise RequestRejectedError(decision.reason, decision.detail)
+            raise KvcakeError(f"cannot serve now: {decision.detail}", _UNAVAILABLE)
+        assert decision.prefill_id is not None and decision.decode_id is not None
+        self.metrics.routed.inc(policy=self.policy.policy)
+        flight = Flight(request_id, tokens, params, tenant, decision.prefill_id,
+                        decision.decode_id)
+        self.flights[request_id] = flight
+        task = asyncio.create_task(self._drive(flight))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return flight
+
+    def _check_length(self, tokens: list[int], params: SamplingParams) -> None:
+        limit = self.max_model_len()
+        if limit and len(tokens) >= limit:
+            raise InvalidParamsError(f"prompt of {len(tokens)} tokens does not fit the "
+                                     f"instances' max_model_len {limit}")
+
+    async def _drive(self, flight: Flight) -> None:
+        try:
+            if flight.colocated:
+                await self._call(flight.prefill_id, Prefill(
+                    flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant))
+            else:
+                await self._disaggregate(flight)
+        except KvcakeError as exc:
+            flight.fail(exc)
+
+    async def _disaggregate(self, flight: Flight) -> None:
+        block_ids = await self._reserve(flight)
+        target = self.instances[flight.decode_id].info.kv_region
+        flight.move_to(FlightState.PREFILLING)
+        await self._call(flight.prefill_id, Prefill(
+            flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant,
+            target, block_ids))
+        done = await flight.prefill_done
+        self.service.prefill_done(flight.request_id)
+        if done.error:
+            await self._release(flight)
+            raise KvcakeError(f"prefill on {flight.prefill_id} failed: {done.error}")
+        first = done.output
+        ends = first.finish_reason == "stop" or flight.params.max_tokens == 1
+        if ends:
+            await self._release(flight)
+            flight.push(first)
+            return
+        await self._call(flight.decode_id, Commit(
+            flight.request_id, flight.prompt_token_ids, first.token_ids[0], first.logprobs[0],
+            flight.params, flight.tenant))
+        flight.push(type(first)(first.request_id, first.token_ids, first.logprobs, None,
+                                first.num_prompt_tokens, first.num_cached_tokens,
+                                first.num_store_tokens))
+
+    async def _reserve(self, flight: Flight) -> list[int]:
+        deadline = self.clock() + self.config.reserve_wait_s
+        while True:
+            reply = decode(await self._call(flight.decode_id, Reserve(
+                flight.request_id, len(flight.prompt_token_ids))), Reserved)
+            if reply.block_ids is not None:
+                return reply.block_ids
+            if self.clock() >= deadline or flight.state.ended:
+                raise KvcakeError(f"decode instance {flight.decode_id} had no room for "
+                                  f"{len(flight.prompt_token_ids)} tokens within "
+                                  f"{self.config.reserve_wait_s}s", _UNAVAILABLE)
+            await asyncio.sleep(_RESERVE_RETRY_S)
+
+    async def _release(self, flight: Flight) -> None:
+        with contextlib.suppress(KvcakeError):
+            await self._call(flight.decode_id, Release(flight.request_id))
+
+    async def _call(self, instance_id: str,
+                    message: Prefill | Reserve | Commit | Release | Abort) -> bytes:
+        handle = self.instances.get(instance_id)
+        if handle is None:
+            raise InstanceLostError(instance_id, message.request_id)
+        return await handle.client.call(encode(message))
+
+    async def end_request(self, request_id: str) -> None:
+        """End the request's flight and any retry of it."""
+        for flight_id in [f for f in self.flights
+                          if f == request_id or f.startswith(f"{request_id}-retry")]:
+            await self.end(self.flights[flight_id])
+
+    async def end(self, flight: Flight) -> None:
+        """The API is done with ``flight``: abort what still runs, forget it."""
+        self.flights.pop(flight.request_id, None)
+        if not flight.state.ended or flight.state is FlightState.FAILED:
+            flight.move_to(FlightState.ABORTED)
+            for instance_id in {flight.prefill_id, flight.decode_id}:
+                with contextlib.suppress(KvcakeError):
+                    await self._call(instance_id, Abort(flight.request_id))
+        self.service.finished(flight.request_id)
+
+    # -- reporting --------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        roles = [h.info.role for h in self.instances.values()]
+        counts = {role: roles.count(role) for role in ("prefill", "decode", "both")}
+        ready = bool(counts["both"] or (counts["prefill"] and counts["decode"]))
+        return ready, {"instances": counts, "policy": self.policy.policy,
+                       "admission": self.policy.admission, "in_flight": len(self.flights)}
+
+    def render_metrics(self) -> str:
+        return self.metrics.render(self.service.stats())

@@ -1,0 +1,199 @@
+"""What crosses the Conductor's boundary: worker reports, its config, a request, a decision.
+
+Worker → conductor reports (:class:`KVEvent`, :class:`InstanceLoad` and the timing samples)
+travel on the wire, so they are frozen msgspec structs; the rest are frozen dataclasses that
+the server and the simulator build in process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.conductor.admission import ADMISSIONS
+from kvcake.conductor.policy import POLICIES
+
+ROLES = ("prefill", "decode", "both")  # "both": colocated, prefills and decodes its own requests
+EVENT_KINDS = ("stored", "removed", "cleared")
+STORE = "store"  # ``Decision.pull_from`` when the extra prefix comes from the shared store tier
+
+
+# ----- worker → conductor (wire)
+class KVEvent(msgspec.Struct, frozen=True):
+    """A change to an instance's cached blocks.
+
+    seq: per-instance sequence number 1, 2, 3, ... with no gaps (a gap means a lost report).
+    kind: ``stored`` / ``removed`` name ``block_hashes``; ``cleared`` drops everything.
+    block_hashes: chained prefix digests (:mod:`kvcake.common.hashing`), 32 bytes each.
+    """
+
+    seq: int
+    kind: str
+    block_hashes: list[bytes] = []
+
+
+class InstanceLoad(msgspec.Struct, frozen=True):
+    """An instance's own view of its load, as last reported."""
+
+    num_waiting: int  # requests queued, not started
+    num_running: int  # requests in the running batch
+    num_waiting_tokens: int  # prompt tokens not yet computed
+    num_running_tokens: int  # total context tokens of the running batch
+    num_free_blocks: int
+    num_blocks: int
+
+
+class PrefillSample(msgspec.Struct, frozen=True):
+    """One prefill step (or chunk): ``num_new_tokens`` computed over ``num_cached_tokens``."""
+
+    num_new_tokens: int
+    num_cached_tokens: int
+    seconds: float
+
+
+class DecodeSample(msgspec.Struct, frozen=True):
+    """One decode step of ``batch_size`` requests whose contexts sum to ``num_context_tokens``."""
+
+    batch_size: int
+    num_context_tokens: int
+    seconds: float
+
+
+class TransferSample(msgspec.Struct, frozen=True):
+    """``num_bytes`` of KV moved between instances (or from the store) in ``seconds``."""
+
+    num_bytes: int
+    seconds: float
+
+
+# ----- in process
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParamsError(message)
+
+
+@dataclass(frozen=True)
+class ConductorConfig:
+    """Conductor settings.
+
+    policy: routing policy by name (:data:`kvcake.conductor.policy.POLICIES`).
+    admission: admission rule by name (:data:`kvcake.conductor.admission.ADMISSIONS`).
+    block_size: tokens per indexed block; must match the engines' prefix hashing (>= 1).
+    kv_bytes_per_token: KV bytes of one token, for transfer-time estimates (>= 1).
+    balancing_threshold: Algorithm 1 pulls a remote prefix only when
+        ``best_len / local_len`` exceeds this (>= 1; a local miss with a remote hit always
+        counts as above).
+    slo_ttft_s, slo_tbt_s: latency objectives that admission enforces, seconds (> 0).
+    seed: seeds the ``random`` policy when no rng is injected (the same seed, the same choices).
+    """
+
+    policy: str = "kvcache_centric"
+    admission: str = "none"
+    block_size: int = 16
+    kv_bytes_per_token: int = 23040
+    balancing_threshold: float = 2.0
+    slo_ttft_s: float = 30.0
+    slo_tbt_s: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.policy in POLICIES, f"policy must be one of "
+                 f"{', '.join(sorted(POLICIES))}; got {self.policy!r}")
+        _require(self.admission in ADMISSIONS, f"admission must be one of "
+                 f"{', '.join(sorted(ADMISSIONS))}; got {self.admission!r}")
+        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _require(self.kv_bytes_per_token >= 1,
+                 f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
+        _require(self.balancing_threshold >= 1.0,
+                 f"balancing_threshold must be >= 1, got {self.balancing_threshold}")
+        for name in ("slo_ttft_s", "slo_tbt_s"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """A request to place.
+
+    block_hashes: the prompt's full blocks, chained, in order (a partial tail has no hash).
+    num_output_tokens: expected decode length (the request's ``max_tokens``, >= 1).
+    store_hit_blocks: leading blocks the shared store tier holds (the caller looked them up).
+    """
+
+    request_id: str
+    num_prompt_tokens: int
+    block_hashes: tuple[bytes, ...]
+    num_output_tokens: int
+    store_hit_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.request_id), "request_id must not be empty")
+        _require(self.num_prompt_tokens >= 1,
+                 f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}")
+        _require(self.num_output_tokens >= 1,
+                 f"num_output_tokens must be >= 1, got {self.num_output_tokens}")
+        _require(0 <= self.store_hit_blocks <= len(self.block_hashes),
+                 f"store_hit_blocks must be 0..{len(self.block_hashes)} (the number of "
+                 f"block_hashes), got {self.store_hit_blocks}")
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens this request holds in a decode batch by its end: prompt plus output."""
+        return self.num_prompt_tokens + self.num_output_tokens
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a request goes, or why it does not.
+
+    reason: ``None`` when accepted, else a short code (``ttft_slo``, ``tbt_slo``,
+        ``no_prefill_instance``, ``no_decode_instance``); ``detail`` carries the numbers.
+    prefill_id, decode_id: the chosen instances (``decode_id == prefill_id`` for a ``both``
+        instance); on an SLO rejection, the instances that were considered.
+    local_hit_blocks: prefix blocks the prefill instance holds itself.
+    reused_blocks: prefix blocks it reuses in all (local plus pulled).
+    pull_from: where the pulled blocks come from: an instance id or ``"store"``; ``None``
+        when nothing is pulled.
+    """
+
+    request_id: str
+    accepted: bool
+    reason: str | None
+    detail: str
+    prefill_id: str | None
+    decode_id: str | None
+    local_hit_blocks: int
+    reused_blocks: int
+    pull_from: str | None
+    predicted_ttft_s: float
+    predicted_tbt_s: float
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """One instance as the Conductor sees it.
+
+    queue_s: predicted prefill seconds routed there and not yet done.
+    num_prefilling: requests prefilling there; num_heading: requests prefilling elsewhere
+    that will decode there; num_decoding: requests decoding there.
+    """
+
+    role: str
+    num_blocks: int
+    queue_s: float
+    num_prefilling: int
+    num_heading: int
+    num_decoding: int
+    num_indexed_blocks: int
+    load: InstanceLoad | None
+
+
+@dataclass(frozen=True)
+class ConductorStats:
+    """A snapshot (the dicts are copies): instances by id, routed count, rejections by reason."""
+
+    instances: dict[str, InstanceStats]
+    num_routed: int
+    num_in_flight: int
+    rejections: dict[str, int]

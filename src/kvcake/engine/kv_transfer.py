@@ -1,0 +1,175 @@
+"""Moving a request's KV blocks from a prefill instance into a decode instance's cache.
+
+Both caches are ``(layers, 2, slots, kv_heads, head_dim)`` tensors living in registered
+transfer-engine segments. A block is ``block_size`` consecutive slots, so one block of one
+layer's K (or V) is one contiguous run of bytes::
+
+    offset(layer, kv, slot) = ((layer * 2 + kv) * num_slots + slot) * slot_bytes
+    slot_bytes              = kv_heads * head_dim * itemsize
+
+A run of consecutive source blocks that lands on consecutive destination blocks therefore
+moves as ``2 * layers`` contiguous writes whatever its length::
+
+    prefill blocks  [7][8][9]    [12]            runs: (7 -> 3, 3 blocks), (12 -> 6, 1 block)
+    decode blocks   [3][4][5]    [6]
+
+Writes are submitted as soon as a block's K/V exist (after each prefill chunk), so they
+overlap the next chunk's compute; only the tail waits when the prefill ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.transfer import Batch, RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer.segment import SegmentDescriptor
+
+
+class KVRegion(msgspec.Struct, frozen=True):
+    """Where an instance's paged KV cache lives, and its shape, as peers need to know it."""
+
+    descriptor: SegmentDescriptor
+    fingerprint: str
+    num_layers: int
+    num_slots: int
+    slot_bytes: int
+    block_size: int
+
+    def offset(self, layer: int, kv: int, slot: int) -> int:
+        return ((layer * 2 + kv) * self.num_slots + slot) * self.slot_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_slots // self.block_size
+
+
+def kv_cache_in(buffer: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A KV cache tensor over a registered segment's memory (no copy)."""
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    return flat[:_nbytes(shape, dtype)].view(dtype).view(shape)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * dtype.itemsize
+
+
+def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """``(src_start, dst_start, count)`` for each maximal run that is consecutive on both."""
+    if len(src) != len(dst):
+        raise InvalidParamsError(f"{len(src)} source blocks for {len(dst)} destination blocks")
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    """One request's destination: the decode instance's cache and the blocks reserved there."""
+
+    region: KVRegion
+    segment: RemoteSegment
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class _Outgoing:
+    target: KVTarget
+    batches: list[Batch]
+    num_sent_blocks: int = 0
+    num_bytes: int = 0
+    started_s: float = 0.0
+
+
+class KVSender:
+    """Writes blocks of local requests into peers' caches; one per prefill instance."""
+
+    def __init__(self, engine: TransferEngine, local: KVRegion, local_bytes: memoryview) -> None:
+        self.engine = engine
+        self.local = local
+        self._bytes = local_bytes
+        self._outgoing: dict[str, _Outgoing] = {}
+        self.num_bytes_sent = 0
+
+    def target(self, region: KVRegion, block_ids: list[int]) -> KVTarget:
+        """Reach a peer's cache; refuses one of another model, dtype or layout."""
+        if region.fingerprint != self.local.fingerprint or region.slot_bytes != \
+                self.local.slot_bytes or region.block_size != self.local.block_size:
+            raise InvalidParamsError(
+                f"KV cache {region.descriptor.name!r} has fingerprint {region.fingerprint} / "
+                f"block {region.block_size}; this instance has {self.local.fingerprint} / "
+                f"block {self.local.block_size}")
+        return KVTarget(region, self.engine.attach(region.descriptor), tuple(block_ids))
+
+    def open(self, request_id: str, target: KVTarget) -> None:
+        self._outgoing[request_id] = _Outgoing(target, [], started_s=time.monotonic())
+
+    def is_sending(self, request_id: str) -> bool:
+        return request_id in self._outgoing
+
+    def num_sent_blocks(self, request_id: str) -> int:
+        return self._outgoing[request_id].num_sent_blocks
+
+    def send(self, request_id: str, block_ids: list[int]) -> None:
+        """Write the request's next ``len(block_ids)`` blocks (its local ids, in order)."""
+        out = self._outgoing[request_id]
+        first = out.num_sent_blocks
+        dst = list(out.target.block_ids[first:first + len(block_ids)])
+        if len(dst) < len(block_ids):
+            raise InvalidParamsError(f"request {request_id!r}: {first + len(block_ids)} "
+                                     f"blocks for {len(out.target.block_ids)} reserved")
+        requests = self._requests(out.target, block_runs(block_ids, dst))
+        out.batches.append(self.engine.submit(requests))
+        out.num_sent_blocks += len(block_ids)
+        out.num_bytes += sum(r.length for r in requests)
+
+    def _requests(self, target: KVTarget, runs: list[tuple[int, int, int]]
+                  ) -> list[TransferRequest]:
+        local, remote, size = self.local, target.region, self.local.block_size
+        requests = []
+        for src, dst, count in runs:
+            length = count * size * local.slot_bytes
+            for layer in range(local.num_layers):
+                for kv in (0, 1):
+                    start = local.offset(layer, kv, src * size)
+                    requests.append(TransferRequest(
+                        TransferOp.WRITE, target.segment, remote.offset(layer, kv, dst * size),
+                        self._bytes[start:start + length]))
+        return requests
+
+    def wait(self, request_id: str, timeout_s: float) -> tuple[int, float]:
+        """Wait for every write of the request; returns (bytes, seconds since it opened).
+
+        Raises ``TransferError`` if a write failed (the peer died, or timed out)."""
+        out = self._outgoing.pop(request_id)
+        for batch in out.batches:
+            batch.wait(timeout_s)
+        self.num_bytes_sent += out.num_bytes
+        return out.num_bytes, time.monotonic() - out.started_s
+
+    def drain(self, request_id: str) -> None:
+        """Let in-flight writes finish (their source blocks are about to be reused); errors
+        are ignored here and surface in :meth:`wait`."""
+        out = self._outgoing.get(request_id)
+        if out is None:
+            return
+        for batch in out.batches:
+            try:
+                batch.wait(30.0)
+            except Exception:  # reported by wait()
+                return
+
+    def cancel(self, request_id: str) -> None:
+        self.drain(request_id)
+        self._outgoing.pop(request_id, None)

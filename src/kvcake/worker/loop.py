@@ -1,0 +1,243 @@
+"""The engine thread of an instance: commands in, steps, outputs out.
+
+:class:`~kvcake.engine.EngineCore` is touched by this thread only. The asyncio side hands
+it commands (:meth:`EngineLoop.call`), and gets back, through callbacks it must make
+thread-safe, the token outputs of every step and each finished prefill.
+
+A prefill with a target (disaggregated) runs with ``max_tokens=1``; :class:`PrefillSender`
+writes its blocks into the decode instance as chunks complete::
+
+    chunk 1 done -> write blocks 0..k      (overlaps chunk 2's compute)
+    chunk 2 done -> write blocks k+1..m
+    last chunk   -> write the rest (with the partial tail block), wait, PrefillDone
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvcake.common.errors import KvcakeError
+from kvcake.conductor.messages import TokenOutput
+from kvcake.conductor.types import DecodeSample, PrefillSample, TransferSample
+from kvcake.engine.core import EngineCore, RequestOutput, StepStats
+from kvcake.engine.kv_transfer import KVSender
+from kvcake.engine.scheduler import SchedulerOutput
+from kvcake.worker.messages import Prefill
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_IDLE_WAIT_S = 0.05
+_MAX_SAMPLES = 64
+
+
+def token_output(output: RequestOutput) -> TokenOutput:
+    return TokenOutput(output.request_id, output.new_token_ids, output.new_logprobs,
+                       output.finish_reason, output.num_prompt_tokens,
+                       output.num_cached_tokens, output.num_store_tokens)
+
+
+class PrefillSender:
+    """The step hook of a prefill instance: sends each request's finished blocks."""
+
+    def __init__(self, sender: KVSender, block_size: int) -> None:
+        self.sender = sender
+        self.block_size = block_size
+
+    def before_execute(self, output: SchedulerOutput) -> None:
+        for request_id in output.preempted:
+            self.sender.drain(request_id)  # its freed blocks may be overwritten this step
+
+    def after_execute(self, output: SchedulerOutput) -> None:
+        for chunk in output.chunks:
+            request = chunk.request
+            if not self.sender.is_sending(request.request_id):
+                continue
+            end = chunk.start + chunk.num_tokens
+            prompt_len = request.num_prompt_tokens
+            ready = -(-prompt_len // self.block_size) if end >= prompt_len \
+                else end // self.block_size
+            sent = self.sender.num_sent_blocks(request.request_id)
+            if ready > sent:
+                self.sender.send(request.request_id, request.block_ids[sent:ready])
+
+
+@dataclass
+class Telemetry:
+    """What the reporter sends next: samples since the last report and the latest load."""
+
+    prefill: list[PrefillSample] = dataclasses.field(default_factory=list)
+    decode: list[DecodeSample] = dataclasses.field(default_factory=list)
+    transfer: list[TransferSample] = dataclasses.field(default_factory=list)
+    events: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    load: Any = None
+
+    def add_step(self, stats: StepStats) -> None:
+        if stats.num_prefill_chunks == 1 and not stats.num_decodes:
+            self.prefill.append(PrefillSample(stats.num_prefill_tokens,
+                                              stats.num_prefill_context_tokens, stats.seconds))
+        elif stats.num_decodes and not stats.num_prefill_chunks:
+            self.decode.append(DecodeSample(stats.num_decodes, stats.num_decode_context_tokens,
+                                            stats.seconds))
+        del self.prefill[:-_MAX_SAMPLES], self.decode[:-_MAX_SAMPLES]
+
+
+class EngineLoop:
+    """Runs the engine in its own thread until :meth:`stop`."""
+
+    def __init__(self, core: EngineCore, sender: KVSender | None,
+                 on_outputs: Callable[[list[TokenOutput]], None],
+                 on_prefill_done: Callable[[TokenOutput, str], None],
+                 reserve_timeout_s: float, transfer_timeout_s: float) -> None:
+        self.core = core
+        self.sender = sender
+        self._on_outputs = on_outputs
+        self._on_prefill_done = on_prefill_done
+        self._reserve_timeout_s = reserve_timeout_s
+        self._transfer_timeout_s = transfer_timeout_s
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._deadlines: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._telemetry = Telemetry(load=core.load())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvcake-engine", daemon=True)
+        if sender is not None:
+            core.step_hook = PrefillSender(sender, core.config.block_size)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout_s)
+
+    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` in the engine thread between steps; its result or error in a future."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+        self._commands.put(run)
+        return future
+
+    def take_telemetry(self) -> Telemetry:
+        with self._lock:
+            taken = self._telemetry
+            self._telemetry = Telemetry(load=taken.load)
+        return taken
+
+    # -- commands (engine thread) ----------------------------------------------------
+
+    def add(self, message: Prefill) -> None:
+        params = message.params
+        if message.target is not None:
+            assert self.sender is not None, "only a prefill instance sends KV"
+            target = self.sender.target(message.target, message.target_block_ids)
+            params = dataclasses.replace(params, max_tokens=1)
+            self.core.add_request(message.request_id, message.prompt_token_ids, params,
+                                  message.tenant)
+            self.sender.open(message.request_id, target)
+            return
+        self.core.add_request(message.request_id, message.prompt_token_ids, params,
+                              message.tenant)
+
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
+        block_ids = self.core.reserve(request_id, num_prompt_tokens)
+        if block_ids is not None:
+            self._deadlines[request_id] = time.monotonic() + self._reserve_timeout_s
+        return block_ids
+
+    def settle(self, request_id: str) -> None:
+        """The reservation was committed or released: no deadline any more."""
+        self._deadlines.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        if self.sender is not None:
+            self.sender.cancel(request_id)
+        self.core.abort(request_id)
+        self.core.release(request_id)
+        self.settle(request_id)
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._run_commands(block=not self.core.has_unfinished())
+            self._expire_reservations()
+            if self.core.has_unfinished():
+                self._step()
+            self._publish()
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block \
+                else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        command()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        try:
+            outputs = self.core.step()
+        except Exception:
+            log.exception("engine step failed; aborting its requests")
+            for request_id in list(self.core.scheduler.requests):
+                self.abort(request_id)
+            raise
+        streamed = []
+        for output in outputs:
+            if self.sender is not None and self.sender.is_sending(output.request_id):
+                self._finish_prefill(output)
+            else:
+                streamed.append(token_output(output))
+        if streamed:
+            self._on_outputs(streamed)
+        if self.core.last_step is not None:
+            with self._lock:
+                self._telemetry.add_step(self.core.last_step)
+
+    def _finish_prefill(self, output: RequestOutput) -> None:
+        assert self.sender is not None
+        if not output.finished:  # a prefill-only request ends at its first token
+            self.core.abort(output.request_id)
+        error = ""
+        try:
+            num_bytes, seconds = self.sender.wait(output.request_id, self._transfer_timeout_s)
+        except KvcakeError as exc:
+            error = f"KV transfer failed: {exc}"
+        else:
+            with self._lock:
+                self._telemetry.transfer.append(TransferSample(num_bytes, seconds))
+        self._on_prefill_done(token_output(output), error)
+
+    def _expire_reservations(self) -> None:
+        now = time.monotonic()
+        for request_id, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                log.warning("reservation %s not committed within %.0fs: freed", request_id,
+                            self._reserve_timeout_s)
+                self.core.release(request_id)
+                del self._deadlines[request_id]
+
+    def _publish(self) -> None:
+        events = self.core.drain_kv_events()
+        load = self.core.load()
+        with self._lock:
+            self._telemetry.events += events
+            self._telemetry.load = load

@@ -1,0 +1,26 @@
+"""Entry point of ``kvcake worker``: serve until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+from kvcake.common.aio import run_main, until_signalled
+from kvcake.common.config import EngineConfig, WorkerConfig
+from kvcake.common.log import get_logger
+from kvcake.worker.server import WorkerServer
+
+log = get_logger(__name__)
+
+
+def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:
+    run_main(_main(config, engine_config))
+
+
+async def _main(config: WorkerConfig, engine_config: EngineConfig) -> None:
+    server = WorkerServer(config, engine_config)
+    try:
+        endpoint = await server.startup()
+        print(f"kvcake worker {server.instance_id} ({config.role}, {engine_config.model}) "
+              f"listening on {endpoint}, conductor {config.conductor}", flush=True)
+        await until_signalled()
+    finally:
+        await server.shutdown()
+        log.info("worker %s stopped", server.instance_id)

@@ -1,0 +1,240 @@
+"""An instance's asyncio side: its RPC server, registration and reports to the Conductor.
+
+``startup`` loads the model, profiles it, starts the engine thread and serves; it registers
+with the Conductor and keeps reporting every ``report_s``. A reply saying the Conductor does
+not know this instance (it restarted) makes it register again, with a snapshot of every
+block it caches, so the Conductor's index is rebuilt from the instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+from kvcake.common.codec import decode, encode
+from kvcake.common.config import EngineConfig, WorkerConfig
+from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.log import get_logger
+from kvcake.common.rpc import RpcClient, RpcServer
+from kvcake.conductor.messages import (
+    Outputs,
+    PrefillDone,
+    Register,
+    Report,
+    ReportReply,
+    Snapshot,
+    TokenOutput,
+)
+from kvcake.conductor.types import InstanceLoad, KVEvent
+from kvcake.engine.core import EngineCore, EngineLoad
+from kvcake.engine.kv_transfer import KVSender
+from kvcake.transfer import TransferEngine
+from kvcake.worker.loop import EngineLoop, Telemetry
+from kvcake.worker.messages import (
+    Abort,
+    Ack,
+    Commit,
+    Prefill,
+    Release,
+    Reserve,
+    Reserved,
+    WorkerRequest,
+)
+from kvcake.worker.profile import profile_engine
+
+log = get_logger(__name__)
+_RPC_TIMEOUT_S = 10.0
+
+
+class WorkerServer:
+    """``await startup()`` → serve → ``await shutdown()``."""
+
+    def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
+        self.config = config
+        self.engine_config = engine_config
+        self.instance_id = config.instance_id or f"{config.role}-{os.getpid()}"
+        self.endpoint = ""
+        self._transfer: TransferEngine | None = None
+        self._core: EngineCore | None = None
+        self._loop: EngineLoop | None = None
+        self._rpc: RpcServer | None = None
+        self._conductor = RpcClient(config.conductor, _RPC_TIMEOUT_S)
+        self._outbox: asyncio.Queue[Outputs | PrefillDone] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seq = 0
+        self._registered = False
+        self._need_snapshot = False
+        self._profile: Telemetry = Telemetry()
+
+    @property
+    def core(self) -> EngineCore:
+        assert self._core is not None, "not started"
+        return self._core
+
+    async def startup(self) -> str:
+        await asyncio.to_thread(self._build_engine, asyncio.get_running_loop())
+        self._rpc = RpcServer(self._handle, self.config.host, self.config.port)
+        self.endpoint = await self._rpc.startup()
+        assert self._loop is not None
+        self._loop.start()
+        self._tasks = [asyncio.create_task(self._report_forever()),
+                       asyncio.create_task(self._send_outbox())]
+        return self.endpoint
+
+    def _build_engine(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._transfer = TransferEngine()
+        self._core = core = EngineCore(self.engine_config, transfer=self._transfer)
+        if self.config.profile:
+            self._profile = profile_engine(core)
+        sender = None
+        if self.config.role == "prefill":
+            assert core.kv_region is not None and core.kv_segment is not None
+            sender = KVSender(self._transfer, core.kv_region, core.kv_segment.view)
+        self._loop = EngineLoop(core, sender, self._threadsafe(loop, self._queue_outputs),
+                                self._threadsafe(loop, self._queue_prefill_done),
+                                self.config.reserve_timeout_s, self.config.transfer_timeout_s)
+
+    def _threadsafe(self, loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
+        return lambda *args: loop.call_soon_threadsafe(fn, *args)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, KvcakeError):
+                await task
+        if self._rpc is not None:
+            await self._rpc.shutdown()
+        self._conductor.close()
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.stop)
+        if self._core is not None:
+            await asyncio.to_thread(self._core.close)
+        if self._transfer is not None:
+            await asyncio.to_thread(self._transfer.close)
+
+    # -- requests from the Conductor --------------------------------------------------
+
+    async def _handle(self, payload: memoryview) -> bytes:
+        message: WorkerRequest = decode(payload, WorkerRequest)  # type: ignore[arg-type]
+        assert self._loop is not None
+        loop = self._loop
+        if isinstance(message, Prefill):
+            self._check_role(message)
+            await asyncio.wrap_future(loop.call(lambda: loop.add(message)))
+        elif isinstance(message, Reserve):
+            block_ids = await asyncio.wrap_future(loop.call(
+                lambda: loop.reserve(message.request_id, message.num_prompt_tokens)))
+            return encode(Reserved(block_ids))
+        elif isinstance(message, Commit):
+            await asyncio.wrap_future(loop.call(lambda: self._commit(loop, message)))
+        elif isinstance(message, Release):
+            await asyncio.wrap_future(loop.call(lambda: self._release(loop, message)))
+        elif isinstance(message, Abort):
+            await asyncio.wrap_future(loop.call(lambda: loop.abort(message.request_id)))
+        return encode(Ack())
+
+    def _check_role(self, message: Prefill) -> None:
+        wants = "prefill" if message.target is not None else "both"
+        if self.config.role != wants:
+            raise InvalidParamsError(f"instance {self.instance_id} is a {self.config.role} "
+                                     f"instance; this request needs a {wants} instance")
+
+    @staticmethod
+    def _commit(loop: EngineLoop, message: Commit) -> None:
+        loop.settle(message.request_id)
+        loop.core.commit(message.request_id, message.prompt_token_ids, message.first_token,
+                         message.first_logprob, message.params, message.tenant)
+
+    @staticmethod
+    def _release(loop: EngineLoop, message: Release) -> None:
+        loop.settle(message.request_id)
+        loop.core.release(message.request_id)
+
+    # -- to the Conductor --------------------------------------------------------------
+
+    def _queue_outputs(self, outputs: list[TokenOutput]) -> None:
+        self._outbox.put_nowait(Outputs(self.instance_id, outputs))
+
+    def _queue_prefill_done(self, output: TokenOutput, error: str) -> None:
+        self._outbox.put_nowait(PrefillDone(self.instance_id, output, error))
+
+    async def _send_outbox(self) -> None:
+        """Outputs in order, several steps' worth per call when the Conductor lags."""
+        while True:
+            message = await self._outbox.get()
+            if isinstance(message, Outputs):
+                message = self._merge_outputs(message)
+            try:
+                await self._conductor.call(encode(message))
+            except KvcakeError as exc:
+                log.warning("conductor did not take %s: %s", type(message).__name__, exc)
+
+    def _merge_outputs(self, first: Outputs) -> Outputs:
+        outputs = list(first.outputs)
+        while not self._outbox.empty() and isinstance(self._outbox._queue[0], Outputs):  # type: ignore[attr-defined]
+            outputs += self._outbox.get_nowait().outputs  # type: ignore[union-attr]
+        return Outputs(self.instance_id, outputs)
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self._report_once()
+            except KvcakeError as exc:
+                if self._registered:
+                    log.warning("conductor unreachable: %s", exc)
+                self._registered = False
+            await asyncio.sleep(self.config.report_s)
+
+    async def _report_once(self) -> None:
+        assert self._loop is not None
+        telemetry = self._loop.take_telemetry()
+        events = self._events(telemetry.events)
+        if not self._registered:
+            await self._register(telemetry)
+            return
+        snapshot = await self._snapshot() if self._need_snapshot else None
+        report = Report(self.instance_id, _load(telemetry.load), events, snapshot,
+                        telemetry.prefill, telemetry.decode, telemetry.transfer)
+        reply = decode(await self._conductor.call(encode(report)), ReportReply)
+        self._registered = reply.known
+        self._need_snapshot = reply.need_snapshot
+
+    def _events(self, raw: list[tuple[str, bytes]]) -> list[KVEvent]:
+        """Runs of one kind become one event each, numbered."""
+        events: list[KVEvent] = []
+        for kind, block_hash in raw:
+            if events and events[-1].kind == kind:
+                events[-1].block_hashes.append(block_hash)
+                continue
+            self._seq += 1
+            events.append(KVEvent(self._seq, kind, [block_hash]))
+        return events
+
+    async def _snapshot(self) -> Snapshot:
+        assert self._loop is not None
+        core = self.core
+        hashes = await asyncio.wrap_future(self._loop.call(
+            core.scheduler.kv.pool.cached_hashes))
+        return Snapshot(self._seq, hashes)
+
+    async def _register(self, telemetry: Telemetry) -> None:
+        core = self.core
+        profile, self._profile = self._profile, Telemetry()
+        message = Register(
+            self.instance_id, self.config.role, self.endpoint, core.config.model,
+            core.fingerprint, core.config.block_size, core.scheduler.kv.num_blocks,
+            core.max_model_len, core.kv_region, await self._snapshot(),
+            profile.prefill + telemetry.prefill, profile.decode + telemetry.decode)
+        await self._conductor.call(encode(message))
+        self._registered = True
+        self._need_snapshot = False
+        log.info("registered with the conductor at %s as %s", self.config.conductor,
+                 self.instance_id)
+
+
+def _load(load: EngineLoad) -> InstanceLoad:
+    return InstanceLoad(load.num_waiting, load.num_running, load.num_waiting_tokens,
+                        load.num_running_tokens, load.num_free_blocks, load.num_blocks)

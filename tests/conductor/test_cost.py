@@ -1,0 +1,139 @@
+"""CostModel: exact recovery of known coefficients, defaults, windows, degenerate samples."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.conductor import CostDefaults, CostModel, DecodeSample, PrefillSample, TransferSample
+
+PREFILL = (0.02, 1.1e-3, 3e-8, 2e-9)  # a + b·new + c·new² + d·new·cached
+DECODE = (0.03, 2e-3, 1e-7)  # a + b·batch + c·context
+
+
+def prefill_truth(new: int, cached: int, coefficients: tuple[float, ...] = PREFILL) -> float:
+    a, b, c, d = coefficients
+    return a + b * new + c * new * new + d * new * cached
+
+
+def decode_truth(batch: int, context: int) -> float:
+    a, b, c = DECODE
+    return a + b * batch + c * context
+
+
+def assert_invalid(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(InvalidParamsError) as caught:
+        call()
+    assert str(caught.value) == f"INVALID_PARAMS: {message}"
+
+
+def feed_prefill(model: CostModel, count: int, coefficients: tuple[float, ...] = PREFILL,
+                 seed: int = 1) -> None:
+    rng = random.Random(seed)
+    for _ in range(count):
+        new, cached = rng.randint(1, 4096), rng.randint(0, 8192)
+        model.add_prefill(PrefillSample(new, cached, prefill_truth(new, cached, coefficients)))
+
+
+def test_prefill_fit_recovers_known_coefficients() -> None:
+    model = CostModel()
+    feed_prefill(model, 300)
+    assert model.prefill_coefficients() == pytest.approx(PREFILL, rel=1e-6)
+    rng = random.Random(2)
+    for _ in range(200):  # also outside the sampled range
+        new, cached = rng.randint(1, 16384), rng.randint(0, 32768)
+        assert model.prefill_s(new, cached) == pytest.approx(prefill_truth(new, cached),
+                                                             rel=1e-6)
+
+
+def test_decode_fit_recovers_known_coefficients() -> None:
+    model = CostModel()
+    for batch in range(1, 17):
+        for per_request in (100, 2_000, 30_000):
+            context = batch * per_request
+            model.add_decode(DecodeSample(batch, context, decode_truth(batch, context)))
+    assert model.decode_coefficients() == pytest.approx(DECODE, rel=1e-6)
+    assert model.decode_step_s(40, 1_000_000) == pytest.approx(decode_truth(40, 1_000_000),
+                                                               rel=1e-6)
+
+
+def test_defaults_until_there_are_as_many_samples_as_coefficients() -> None:
+    defaults = CostDefaults(prefill_fixed_s=0.0, prefill_per_token_s=0.001,
+                            decode_fixed_s=0.01, decode_per_request_s=0.01)
+    model = CostModel(defaults)
+    feed_prefill(model, 3)
+    for batch in (1, 2):
+        model.add_decode(DecodeSample(batch, 100, 1.0))
+    assert model.prefill_s(500, 0) == pytest.approx(0.5)
+    assert model.decode_step_s(3, 0) == pytest.approx(0.04)
+    assert model.num_samples == {"prefill": 3, "decode": 2, "transfer": 0}
+    feed_prefill(model, 1, seed=9)  # the fourth sample: now fitted
+    assert model.prefill_coefficients() != (0.0, 0.001, 0.0, 0.0)
+
+
+def test_nothing_to_compute_costs_nothing() -> None:
+    model = CostModel()
+    assert model.prefill_s(0, 4096) == 0.0
+    assert model.decode_step_s(0, 0) == 0.0
+    assert model.transfer_s(0) == 0.0
+
+
+def test_samples_that_all_look_alike_fit_what_they_show_and_keep_defaults_elsewhere() -> None:
+    model = CostModel()
+    for _ in range(10):
+        model.add_prefill(PrefillSample(512, 0, 0.7))
+        model.add_decode(DecodeSample(4, 4000, 0.08))
+    assert model.prefill_s(512, 0) == pytest.approx(0.7, rel=1e-6)
+    assert model.decode_step_s(4, 4000) == pytest.approx(0.08, rel=1e-6)
+    assert model.prefill_s(1024, 0) > model.prefill_s(512, 0)  # still grows with the prompt
+
+
+def test_predictions_are_never_negative() -> None:
+    model = CostModel()
+    for batch in range(1, 6):  # a fit that falls with the batch size
+        model.add_decode(DecodeSample(batch, 0, 0.1 - 0.01 * batch))
+    assert model.decode_step_s(5, 0) == pytest.approx(0.05)
+    assert model.decode_step_s(20, 0) == 0.0
+
+
+def test_the_window_forgets_old_samples() -> None:
+    model = CostModel(CostDefaults(window=64))
+    feed_prefill(model, 64)
+    slower = tuple(2 * c for c in PREFILL)
+    feed_prefill(model, 64, slower, seed=3)
+    assert model.prefill_coefficients() == pytest.approx(slower, rel=1e-6)
+    assert model.num_samples["prefill"] == 128
+
+
+def test_bandwidth_is_total_bytes_over_total_seconds() -> None:
+    model = CostModel(CostDefaults(bandwidth_bytes_per_s=1e9))
+    assert model.transfer_s(2_000_000_000) == pytest.approx(2.0)
+    model.add_transfer(TransferSample(100_000_000, 0.5))
+    model.add_transfer(TransferSample(300_000_000, 1.5))
+    assert model.bandwidth_bytes_per_s == pytest.approx(2e8)
+    assert model.transfer_s(1_000_000_000) == pytest.approx(5.0)
+    model.add_transfer(TransferSample(0, 0.0))  # changes nothing
+    assert model.bandwidth_bytes_per_s == pytest.approx(2e8)
+    assert model.num_samples["transfer"] == 3
+
+
+def test_bad_numbers_are_refused_by_name() -> None:
+    model = CostModel()
+    assert_invalid(lambda: model.prefill_s(-1, 0), "num_new_tokens must be >= 0, got -1")
+    assert_invalid(lambda: model.decode_step_s(1, -5), "num_context_tokens must be >= 0, got -5")
+    assert_invalid(lambda: model.transfer_s(-1), "num_bytes must be >= 0, got -1")
+    assert_invalid(lambda: model.add_prefill(PrefillSample(0, 0, 0.1)),
+                   "num_new_tokens must be >= 1, got 0")
+    assert_invalid(lambda: model.add_decode(DecodeSample(0, 0, 0.1)),
+                   "batch_size must be >= 1, got 0")
+    assert_invalid(lambda: model.add_transfer(TransferSample(10, float("nan"))),
+                   "seconds must be finite and >= 0, got nan")
+    assert_invalid(lambda: CostDefaults(decode_fixed_s=-1.0),
+                   "decode_fixed_s must be finite and >= 0, got -1.0")
+    assert_invalid(lambda: CostDefaults(bandwidth_bytes_per_s=0.0),
+                   "bandwidth_bytes_per_s must be > 0, got 0.0")
+    assert_invalid(lambda: CostDefaults(window=2), "window must be >= 4, got 2")
+    assert model.num_samples == {"prefill": 0, "decode": 0, "transfer": 0}

@@ -1,0 +1,136 @@
+"""Prefill on one engine, KV written into another's reserved blocks, decode there: the tokens
+equal one engine doing it all, over shm and over tcp; blocks are accounted for throughout."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvcake.common.config import EngineConfig, TransferConfig
+from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.core import EngineCore
+from kvcake.engine.kv_transfer import KVSender, block_runs
+from kvcake.engine.sampling import SamplingParams
+from kvcake.transfer import TransferEngine
+from kvcake.worker.loop import PrefillSender
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPT = [(7 * i + 3) % 250 + 3 for i in range(70)]  # 4 full blocks of 16 and a tail of 6
+
+
+def _config(model: Path, **fields: object) -> EngineConfig:
+    base = EngineConfig(model=str(model), dtype="float32", kv_cache_bytes=64 << 10,
+                        max_num_batched_tokens=32, threads=1)
+    return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def engines(tiny_model_dir: Callable[..., Path]) -> Iterator[Callable[..., EngineCore]]:
+    model = tiny_model_dir()
+    transfers: list[TransferEngine] = []
+
+    def make(transport: str = "auto", **fields: object) -> EngineCore:
+        transfer = TransferEngine(TransferConfig(transport=transport, timeout_s=5.0))
+        transfers.append(transfer)
+        return EngineCore(_config(model, **fields), transfer=transfer)
+
+    yield make
+    for transfer in transfers:
+        transfer.close()
+
+
+def _run(core: EngineCore) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    while core.has_unfinished():
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+def _sender(core: EngineCore) -> KVSender:
+    assert core.transfer is not None
+    assert core.kv_region is not None and core.kv_segment is not None
+    sender = KVSender(core.transfer, core.kv_region, core.kv_segment.view)
+    core.step_hook = PrefillSender(sender, core.config.block_size)
+    return sender
+
+
+def _disaggregated(prefill: EngineCore, sender: KVSender, decode: EngineCore,
+                   request_id: str, prompt: list[int]) -> list[int]:
+    block_ids = decode.reserve(request_id, len(prompt))
+    assert block_ids is not None and decode.kv_region is not None
+    sender.open(request_id, sender.target(decode.kv_region, block_ids))
+    prefill.add_request(request_id, prompt, dataclasses.replace(GREEDY, max_tokens=1))
+    first = _run(prefill)[request_id]
+    sender.wait(request_id, 5.0)
+    decode.commit(request_id, prompt, first[0], 0.0, GREEDY)
+    decode.check_integrity()
+    return first + _run(decode)[request_id]
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_disaggregated_equals_colocated(engines: Callable[..., EngineCore],
+                                        transport: str) -> None:
+    colocated = engines()
+    colocated.add_request("r", PROMPT, GREEDY)
+    expected = _run(colocated)["r"]
+    # the decode pool is laid out differently (bigger) so the block ids differ on each side
+    prefill, decode = engines(transport), engines(transport, kv_cache_bytes=96 << 10)
+    assert _disaggregated(prefill, _sender(prefill), decode, "r", PROMPT) == expected
+    decode.check_integrity()
+    prefill.check_integrity()
+    assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.num_blocks
+
+
+def test_second_request_reuses_the_prefill_cache(engines: Callable[..., EngineCore]) -> None:
+    prefill, decode = engines(), engines()
+    sender = _sender(prefill)
+    first = _disaggregated(prefill, sender, decode, "a", PROMPT)
+    second = _disaggregated(prefill, sender, decode, "b", PROMPT)
+    assert first == second
+    assert prefill.scheduler.kv.pool.stats().num_hit_blocks == len(PROMPT) // 16
+    # the committed prompt's full blocks are now cached on the decode side too
+    assert decode.scheduler.kv.pool.num_cached_blocks >= len(PROMPT) // 16
+
+
+def test_reservations_are_released_and_checked(engines: Callable[..., EngineCore]) -> None:
+    decode = engines()
+    total = decode.scheduler.kv.num_blocks
+    block_ids = decode.reserve("x", 40)
+    assert block_ids is not None and len(block_ids) == 3
+    decode.check_integrity()
+    assert decode.num_reserved == 1
+    with pytest.raises(InvalidParamsError, match="already in use"):
+        decode.reserve("x", 40)
+    with pytest.raises(InvalidParamsError, match="70 prompt tokens for 3 reserved"):
+        decode.commit("x", PROMPT[:70], 5, 0.0, GREEDY)
+    assert decode.release("x") and not decode.release("x")
+    assert decode.scheduler.kv.pool.num_free_blocks == total
+    with pytest.raises(InvalidParamsError, match="no reserved blocks"):
+        decode.commit("never", PROMPT, 5, 0.0, GREEDY)
+
+
+def test_reserve_refuses_when_full(engines: Callable[..., EngineCore]) -> None:
+    decode = engines()
+    total = decode.scheduler.kv.num_blocks
+    assert decode.reserve("a", (total - 1) * 16) is not None
+    assert decode.reserve("b", 2 * 16) is None  # only one block left
+    decode.check_integrity()
+
+
+def test_block_runs_coalesce_consecutive_pairs() -> None:
+    assert block_runs([7, 8, 9, 12], [3, 4, 5, 6]) == [(7, 3, 3), (12, 6, 1)]
+    assert block_runs([1, 2], [5, 4]) == [(1, 5, 1), (2, 4, 1)]
+    assert block_runs([], []) == []
+    with pytest.raises(InvalidParamsError, match="2 source blocks for 1"):
+        block_runs([1, 2], [3])
+
+
+def test_sender_refuses_another_layout(engines: Callable[..., EngineCore]) -> None:
+    prefill, other = engines(), engines(block_size=32)
+    assert other.kv_region is not None
+    with pytest.raises(InvalidParamsError, match="fingerprint"):
+        _sender(prefill).target(other.kv_region, [0])
