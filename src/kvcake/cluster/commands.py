@@ -65,7 +65,8 @@ def _cmd_conductor(args: argparse.Namespace) -> int:
     config = load_config(ConductorServerConfig, "conductor", {
         "host": args.host, "port": args.port, "rpc_port": args.rpc_port, "model": args.model,
         "served_model_name": args.served_model_name, "api_key": args.api_key,
-        "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure})
+        "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure,
+        "store_master": args.store_master})
     policy = ConductorConfig(**{k: v for k, v in _policy_config(args).items()
                                 if v is not None})  # type: ignore[arg-type]
     run_conductor(config, policy)
@@ -88,6 +89,8 @@ def _add_conductor(commands: Subparsers) -> None:
     conductor.add_argument("--model", help="model whose tokenizer to use (default smollm2)")
     conductor.add_argument("--served-model-name", help="the name clients send as model")
     conductor.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
+    conductor.add_argument("--store-master", help="KV store master HOST:PORT: route on what "
+                           "the store holds too")
     conductor.add_argument("--instance-ttl", type=float, help="seconds of silence before an "
                            "instance is dropped (default 3)")
     conductor.add_argument("--on-decode-failure", choices=("fail", "retry"),

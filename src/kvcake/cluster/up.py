@@ -158,6 +158,8 @@ class Cluster:
                 "--on-decode-failure", s.on_decode_failure]
         if s.api_key:
             args += ["--api-key", s.api_key]
+        if self.master:
+            args += ["--store-master", self.master]
         conductor = self._spawn("conductor", args,
                                 r"OpenAI API on http://(\S+)/v1.*register at (\S+),")
         self.api_endpoint = conductor.match.group(1)

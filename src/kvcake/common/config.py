@@ -349,6 +349,8 @@ class ConductorServerConfig:
     model: the model whose tokenizer the API uses (as ``EngineConfig.model``).
     served_model_name: the name clients send (empty: the model's file name).
     api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
+    store_master: ``HOST:PORT`` of the KV store's master: routing then counts the prefix
+        blocks the store holds (empty: instances' own caches only).
     instance_ttl_s: an instance silent this long is dead; its requests fail or retry.
     on_decode_failure: ``fail`` a request whose decode instance died, or ``retry`` it on
         another (continuing from the tokens already streamed).
@@ -363,12 +365,15 @@ class ConductorServerConfig:
     served_model_name: str = ""
     api_key: str = ""
     cache_dir: str = ""
+    store_master: str = ""
     instance_ttl_s: float = 3.0
     on_decode_failure: str = "fail"
     reserve_wait_s: float = 10.0
     request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _require(not self.store_master or _endpoint(self.store_master),
+                 f"store_master must be HOST:PORT, got {self.store_master!r}")
         for name in ("port", "rpc_port"):
             value = getattr(self, name)
             _require(0 <= value <= 65535, f"{name} must be 0..65535, got {value}")

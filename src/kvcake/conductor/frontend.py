@@ -67,7 +67,8 @@ class ConductorBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         tokens = self.tokenize(request)
-        flight = self.server.submit(request.request_id, tokens, request.params, request.tenant)
+        flight = await self.server.submit(request.request_id, tokens, request.params,
+                                          request.tenant)
         self._processor.add(request.request_id, request.params)
         try:
             async for chunk in self._stream(request, tokens, flight):
@@ -90,7 +91,7 @@ class ConductorBackend:
                 if not self._may_retry(request, generated, retries):
                     raise
                 retries += 1
-                flight = self._resubmit(request, prompt, generated, retries)
+                flight = await self._resubmit(request, prompt, generated, retries)
                 continue
             if not generated:
                 num_cached = output.num_cached_tokens
@@ -110,14 +111,13 @@ class ConductorBackend:
         return (self.server.config.on_decode_failure == "retry" and retries < _MAX_RETRIES
                 and len(generated) < request.params.max_tokens)
 
-    def _resubmit(self, request: GenerateRequest, prompt: list[int], generated: list[int],
+    async def _resubmit(self, request: GenerateRequest, prompt: list[int], generated: list[int],
                   retries: int) -> Flight:
         params: SamplingParams = dataclasses.replace(
             request.params, max_tokens=request.params.max_tokens - len(generated))
         log.warning("request %s: retrying after %d tokens", request.request_id, len(generated))
-        flight = self.server.submit(f"{request.request_id}-retry{retries}",
-                                    prompt + generated, params, request.tenant)
-        return flight
+        return await self.server.submit(f"{request.request_id}-retry{retries}",
+                                        prompt + generated, params, request.tenant)
 
 
 def _as_engine_output(request_id: str, output: TokenOutput, num_prompt_tokens: int,

@@ -41,6 +41,7 @@ from kvcake.conductor.messages import (
     ReportReply,
 )
 from kvcake.conductor.service import ConductorService
+from kvcake.conductor.store_view import StoreView
 from kvcake.conductor.telemetry import ConductorMetrics
 from kvcake.conductor.types import (
     ConductorConfig,
@@ -82,11 +83,13 @@ class ConductorServer:
         self.instances: dict[str, InstanceHandle] = {}
         self.flights: dict[str, Flight] = {}
         self.metrics = ConductorMetrics()
+        self.store = StoreView(config.store_master)
         self.rpc_endpoint = ""
         self._rpc = RpcServer(self._handle, config.host, config.rpc_port)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def startup(self) -> str:
+        await self.store.startup()
         self.rpc_endpoint = await self._rpc.startup()
         self._sweeper = asyncio.create_task(self._sweep_forever())
         return self.rpc_endpoint
@@ -99,6 +102,7 @@ class ConductorServer:
         for flight in list(self.flights.values()):
             flight.fail(KvcakeError("the conductor is shutting down"))
         await self._rpc.shutdown()
+        await self.store.shutdown()
         for handle in self.instances.values():
             handle.client.close()
 
@@ -220,8 +224,8 @@ class ConductorServer:
     def max_model_len(self) -> int:
         return min((h.info.max_model_len for h in self.instances.values()), default=0)
 
-    def submit(self, request_id: str, tokens: list[int], params: SamplingParams,
-               tenant: str) -> Flight:
+    async def submit(self, request_id: str, tokens: list[int], params: SamplingParams,
+                     tenant: str) -> Flight:
         """Route and start a request; raises ``RequestRejectedError`` (429) or a
         ``KvcakeError`` (503) when no instance can take it."""
         if request_id in self.flights:
@@ -229,8 +233,9 @@ class ConductorServer:
         self._check_length(tokens, params)
         salt = f"{self.fingerprint()}/{tenant}".encode()
         hashes = tuple(prefix_block_hashes(tokens, self.policy.block_size, salt))
+        store_hits = await self.store.hit_blocks(salt.decode(), hashes)
         decision = self.service.route(RouteRequest(request_id, len(tokens), hashes,
-                                                   params.max_tokens))
+                                                   params.max_tokens, store_hits))
         if not decision.accepted:
             self.metrics.rejections.inc(reason=decision.reason or "")
             if decision.reason in ("ttft_slo", "tbt_slo"):

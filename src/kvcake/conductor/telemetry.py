@@ -30,6 +30,8 @@ class ConductorMetrics:
                                       "Requests in an instance's batch", ("instance",))
         self.free_blocks = registry.gauge("kvcake_instance_free_kv_blocks",
                                           "Free KV blocks of an instance", ("instance",))
+        self.blocks = registry.gauge("kvcake_instance_kv_blocks",
+                                     "KV blocks of an instance's pool", ("instance",))
         self.indexed_blocks = registry.gauge(
             "kvcake_conductor_indexed_blocks",
             "Prefix blocks the global index holds per instance", ("instance",))
@@ -46,4 +48,5 @@ class ConductorMetrics:
                 self.waiting.set(inst.load.num_waiting, instance=instance_id)
                 self.running.set(inst.load.num_running, instance=instance_id)
                 self.free_blocks.set(inst.load.num_free_blocks, instance=instance_id)
+                self.blocks.set(inst.load.num_blocks, instance=instance_id)
         return self.registry.render()

@@ -240,8 +240,12 @@ def _key(prefix: str, block_hash: bytes) -> str:
     return f"{prefix}/{block_hash.hex()}"
 
 
-def _keys(prefix: str, block_hashes: Sequence[bytes]) -> list[str]:
+def store_keys(prefix: str, block_hashes: Sequence[bytes]) -> list[str]:
+    """Store keys of blocks: ``<fingerprint>/<tenant>/<block hash hex>``."""
     return [_key(prefix, h) for h in block_hashes]
+
+
+_keys = store_keys
 
 
 def connect_store(master: str, segment_size: int, host: str = "127.0.0.1"

@@ -1,0 +1,208 @@
+"""End to end on loopback: a real cluster (store master and node, conductor, prefill and decode
+workers with SmolLM2) queried with the official ``openai`` SDK; failures of instances end
+requests cleanly; no KV block stays held afterwards."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from kvcake.cluster import Cluster, ClusterSpec
+from kvcake.common.process import ServerProcess, kvcake_command
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(60))
+
+
+def _spec(tmp: Path, **fields: object) -> ClusterSpec:
+    base: dict[str, object] = {"port": 0, "kv_cache_size": "64MiB", "store_size": "128MiB",
+                               "log_dir": str(tmp)}
+    base.update(fields)
+    return ClusterSpec(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(_spec(tmp_path_factory.mktemp("cluster")))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def _client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://{cluster.api_endpoint}/v1", api_key="none",
+                         max_retries=0, timeout=120)
+
+
+def _metrics(cluster: Cluster) -> str:
+    with urllib.request.urlopen(f"http://{cluster.api_endpoint}/metrics", timeout=10) as reply:
+        text: str = reply.read().decode()
+    return text
+
+
+def _gauges(text: str, name: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^{name}{{instance="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def _wait_all_blocks_free(cluster: Cluster, timeout_s: float = 20.0) -> dict[str, float]:
+    """Every instance reports all its KV blocks free (none held, none reserved)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = _metrics(cluster)
+        free, total = (_gauges(text, "kvcake_instance_free_kv_blocks"),
+                       _gauges(text, "kvcake_instance_kv_blocks"))
+        if total and free == total or time.monotonic() > deadline:
+            assert free == total, f"blocks still held: free {free}, total {total}"
+            return free
+        time.sleep(0.2)
+
+
+def test_chat_equals_the_offline_engines_greedy_answer(cluster: Cluster) -> None:
+    from kvcake.engine.llm import LLM
+    from kvcake.engine.sampling import SamplingParams
+
+    reply = _client(cluster).chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    llm = LLM(model="smollm2", threads=1, kv_cache_bytes=16 << 20)
+    try:
+        offline = llm.chat([QUESTION], SamplingParams(max_tokens=24, temperature=0))
+    finally:
+        llm.close()
+    assert reply.choices[0].message.content == offline[0].outputs[0].text
+    assert "Paris" in (reply.choices[0].message.content or "")
+
+
+def test_streamed_chat_and_completions_match_unstreamed(cluster: Cluster) -> None:
+    client = _client(cluster)
+    whole = client.chat.completions.create(model="smollm2", messages=QUESTION,  # type: ignore[arg-type]
+                                           max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION,  # type: ignore[arg-type]
+                                            max_tokens=16, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    completion = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                           max_tokens=8, temperature=0)
+    streamed = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                         max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+
+
+def test_a_repeated_long_prompt_reuses_its_kv(cluster: Cluster) -> None:
+    client = _client(cluster)
+    first = client.completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=4,
+                                      temperature=0)
+    second = client.completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=4,
+                                       temperature=0)
+    assert first.choices[0].text == second.choices[0].text
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens or 0
+    assert cached >= second.usage.prompt_tokens - 16  # all but the last partial block
+
+
+def test_models_health_metrics_and_bad_input(cluster: Cluster) -> None:
+    client = _client(cluster)
+    assert [m.id for m in client.models.list()] == ["smollm2"]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="smollm2", prompt="hi", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="does not fit"):
+        client.completions.create(model="smollm2", prompt=[5] * 9000, max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi")
+    text = _metrics(cluster)
+    assert "kvcake_api_ttft_seconds_count" in text
+    assert 'kvcake_conductor_routed_total{policy="kvcache_centric"}' in text
+    assert "kvcake_conductor_kv_transfer_bytes_total" in text
+
+
+def test_no_kv_block_stays_held(cluster: Cluster) -> None:
+    client = _client(cluster)
+    stream = client.completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=200,
+                                       temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            stream.close()  # the client goes away mid-stream: the request is aborted
+            break
+    free = _wait_all_blocks_free(cluster)
+    assert set(free) == {"prefill-0", "decode-1"}
+
+
+def _kill(cluster: Cluster, name: str) -> None:
+    process = next(p for p in cluster.processes if p.name == name)
+    os.kill(process.pid, signal.SIGKILL)
+
+
+def test_decode_instance_killed_mid_stream_ends_the_stream(tmp_path: Path) -> None:
+    cluster = Cluster(_spec(tmp_path, store_size="0"))
+    cluster.start()
+    try:
+        client = _client(cluster)
+        stream = client.completions.create(
+            model="smollm2", prompt="Count with me: one, two,", max_tokens=1000,
+            temperature=0, stream=True, extra_body={"ignore_eos": True})
+        started = time.monotonic()
+        with pytest.raises(openai.APIError, match="decode-1"):
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    _kill(cluster, "decode-1")
+        assert time.monotonic() - started < 60
+        with pytest.raises(openai.InternalServerError):  # no decode instance left: 503
+            client.completions.create(model="smollm2", prompt="hi", max_tokens=2)
+        assert next(p for p in cluster.processes if p.name == "prefill-0").alive()
+    finally:
+        cluster.stop()
+
+
+def test_kvcake_up_serves_and_stops_its_children_on_ctrl_c(tmp_path: Path) -> None:
+    command = kvcake_command("up", "--port", "0", "--prefill", "0", "--decode", "0",
+                             "--both", "1", "--no-store", "--kv-cache-size", "32MiB")
+    up = ServerProcess(command, r"serving http://(\S+)/v1", timeout_s=240, name="kvcake up")
+    try:
+        endpoint = up.match.group(1)
+        reply = openai.OpenAI(base_url=f"http://{endpoint}/v1", api_key="x", max_retries=0) \
+            .completions.create(model="smollm2", prompt="Hello", max_tokens=3)
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        children = _children(up.pid)
+        assert len(children) == 2  # the conductor and one colocated worker
+        up.process.send_signal(signal.SIGINT)
+        assert up.process.wait(60) == 0
+        assert "kvcake up: stopped" in up.output()
+        assert not any(_exists(pid) for pid in children)
+    finally:
+        up.stop()
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_cluster_refuses_a_bad_spec() -> None:
+    from kvcake.common.errors import InvalidParamsError
+
+    with pytest.raises(InvalidParamsError, match="prefill > 0 and decode > 0"):
+        ClusterSpec(prefill=1, decode=0)
+    with pytest.raises(InvalidParamsError, match="policy must be one of"):
+        ClusterSpec(policy="fastest")
+    result = subprocess.run([sys.executable, "-m", "kvcake.cli", "up", "--admission", "x"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "admission must be one of" in result.stderr
