@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from kvcake.cluster import Cluster, ClusterSpec
+from kvcake.cluster.up import wait_healthy
 from kvcake.common.process import ServerProcess, kvcake_command
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -206,3 +208,68 @@ def test_cluster_refuses_a_bad_spec() -> None:
     result = subprocess.run([sys.executable, "-m", "kvcake.cli", "up", "--admission", "x"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "admission must be one of" in result.stderr
+
+
+def test_prefill_killed_mid_prefill_frees_the_decode_reservation(tmp_path: Path) -> None:
+    cluster = Cluster(_spec(tmp_path, store_size="0"))
+    cluster.start()
+    try:
+        client = _client(cluster)
+        long_prompt = " ".join([LONG_PROMPT] * 2)  # seconds of prefill on one thread
+        started = time.monotonic()
+        killer = threading.Timer(0.5, _kill, (cluster, "prefill-0"))
+        killer.start()
+        with pytest.raises(openai.APIError, match="prefill-0"):
+            client.completions.create(model="smollm2", prompt=long_prompt, max_tokens=4,
+                                      extra_body={"ignore_eos": True})
+        killer.join()
+        assert time.monotonic() - started < 60
+        free = _wait_all_blocks_free(cluster)
+        assert "decode-1" in free  # its reservation was given back
+    finally:
+        cluster.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_a_restarted_conductor_rebuilds_its_index_from_the_instances(tmp_path: Path) -> None:
+    rpc_port = _free_port()
+    conductor_args = ("conductor", "--port", "0", "--rpc-port", str(rpc_port),
+                      "--policy", "cache_aware")
+    ready = r"OpenAI API on http://(\S+)/v1"
+    conductor = ServerProcess(kvcake_command(*conductor_args), ready, 120, "conductor")
+    workers = [ServerProcess(kvcake_command(
+        "worker", "--role", role, "--conductor", f"127.0.0.1:{rpc_port}", "--instance-id",
+        role, "--kv-cache-size", "32MiB", "--threads", "1"), "listening on", 120, role)
+        for role in ("prefill", "decode")]
+    try:
+        endpoint = conductor.match.group(1)
+        wait_healthy(endpoint, ["prefill", "decode"], workers)
+        client = openai.OpenAI(base_url=f"http://{endpoint}/v1", api_key="x", max_retries=0)
+        client.completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=2)
+        before = _indexed(endpoint)
+        assert before["prefill"] >= 10
+        conductor.kill()
+        conductor = ServerProcess(kvcake_command(*conductor_args), ready, 120, "conductor")
+        endpoint = conductor.match.group(1)
+        wait_healthy(endpoint, ["prefill", "decode"], workers)
+        assert _indexed(endpoint)["prefill"] == before["prefill"]
+        again = openai.OpenAI(base_url=f"http://{endpoint}/v1", api_key="x", max_retries=0) \
+            .completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=2)
+        assert again.usage is not None and again.usage.prompt_tokens_details is not None
+        assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
+    finally:
+        for process in [*workers, conductor]:
+            process.stop()
+
+
+def _indexed(endpoint: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as reply:
+        return _gauges(reply.read().decode(), "kvcake_conductor_indexed_blocks")

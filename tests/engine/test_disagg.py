@@ -4,6 +4,7 @@ equal one engine doing it all, over shm and over tcp; blocks are accounted for t
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from kvcake.engine.core import EngineCore
 from kvcake.engine.kv_transfer import KVSender, block_runs
 from kvcake.engine.sampling import SamplingParams
 from kvcake.transfer import TransferEngine
-from kvcake.worker.loop import PrefillSender
+from kvcake.worker.loop import EngineLoop, PrefillSender
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 250 + 3 for i in range(70)]  # 4 full blocks of 16 and a tail of 6
@@ -134,3 +135,24 @@ def test_sender_refuses_another_layout(engines: Callable[..., EngineCore]) -> No
     assert other.kv_region is not None
     with pytest.raises(InvalidParamsError, match="fingerprint"):
         _sender(prefill).target(other.kv_region, [0])
+
+
+def test_engine_loop_frees_a_reservation_nobody_commits(
+        engines: Callable[..., EngineCore]) -> None:
+    decode = engines()
+    outputs: list[object] = []
+    loop = EngineLoop(decode, None, outputs.append, lambda *a: outputs.append(a),
+                      reserve_timeout_s=0.2, transfer_timeout_s=1.0)
+    loop.start()
+    try:
+        assert loop.call(lambda: loop.reserve("lost", 40)).result(5) is not None
+        assert loop.call(lambda: decode.num_reserved).result(5) == 1
+        deadline = time.monotonic() + 5
+        while loop.call(lambda: decode.num_reserved).result(5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.call(lambda: decode.num_reserved).result(5) == 0
+        loop.call(decode.check_integrity).result(5)
+        assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.num_blocks
+    finally:
+        loop.stop()
+    assert outputs == []
