@@ -64,7 +64,7 @@ def _wait_all_blocks_free(cluster: Cluster, timeout_s: float = 20.0) -> dict[str
         text = _metrics(cluster)
         free, total = (_gauges(text, "kvcake_instance_free_kv_blocks"),
                        _gauges(text, "kvcake_instance_kv_blocks"))
-        if total and free == total or time.monotonic() > deadline:
+        if (total and free == total) or time.monotonic() > deadline:
             assert free == total, f"blocks still held: free {free}, total {total}"
             return free
         time.sleep(0.2)

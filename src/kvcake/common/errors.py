@@ -45,6 +45,9 @@ class ErrorCode(IntEnum):
     FILE_OPEN_FAIL = -1101
     FILE_READ_FAIL = -1102
     FILE_WRITE_FAIL = -1103
+    # kvcake's own, far below Mooncake's ranges: the Conductor turned a request away early
+    # because serving it would break a latency objective (Mooncake's master has no such outcome)
+    REQUEST_REJECTED = -9000
 
 
 # HTTP status a front end should answer with when this code reaches a client.
@@ -62,6 +65,7 @@ _STATUS_HINTS: dict[ErrorCode, int] = {
     ErrorCode.OBJECT_ALREADY_EXISTS: 409,
     ErrorCode.OBJECT_HAS_LEASE: 409,
     ErrorCode.LEASE_EXPIRED: 410,
+    ErrorCode.REQUEST_REJECTED: 429,
     ErrorCode.NO_AVAILABLE_HANDLE: 507,
     ErrorCode.REPLICA_IS_NOT_READY: 503,
     ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS: 503,
@@ -125,6 +129,20 @@ class MetadataError(KvcakeError):
     """The metadata directory (etcd, a peer's handshake) could not be read or written."""
 
     default_code = ErrorCode.RPC_FAIL
+
+
+class RequestRejectedError(KvcakeError):
+    """Admission control turned the request away (HTTP 429): the system is too busy for it.
+
+    ``reason`` is a short machine-readable tag (e.g. ``ttft_slo``), ``detail`` says why in words.
+    """
+
+    default_code = ErrorCode.REQUEST_REJECTED
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"rejected ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 def error_from_code(code: int, message: str) -> KvcakeError:
