@@ -273,3 +273,25 @@ def test_a_restarted_conductor_rebuilds_its_index_from_the_instances(tmp_path: P
 def _indexed(endpoint: str) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as reply:
         return _gauges(reply.read().decode(), "kvcake_conductor_indexed_blocks")
+
+
+def test_retry_continues_a_stream_on_another_decode_instance(tmp_path: Path) -> None:
+    cluster = Cluster(_spec(tmp_path, store_size="0", decode=2, on_decode_failure="retry"))
+    cluster.start()
+    try:
+        stream = _client(cluster).completions.create(
+            model="smollm2", prompt="Count with me: one, two,", max_tokens=60, temperature=0,
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True})
+        finish, usage = None, None
+        for i, chunk in enumerate(stream):
+            if i == 5:
+                running = _gauges(_metrics(cluster), "kvcake_instance_running_requests")
+                _kill(cluster, next(k for k, v in running.items() if v and k != "prefill-0"))
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            usage = chunk.usage or usage
+        assert finish == "length"
+        assert usage is not None and usage.completion_tokens == 60
+    finally:
+        cluster.stop()
