@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from kvcake import __version__
+from kvcake.bench.serve import add_serve_bench_parser
 from kvcake.cli_flags import add_engine_flags, engine_overrides, size_or_none
 from kvcake.cluster.commands import add_serving_commands
 from kvcake.common.config import (
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_reuse.add_argument("--json", action="store_true", help="one JSON object per line")
     bench_reuse.add_argument("--lengths", help="prompt lengths (default 1024,4096,8000)")
     bench_reuse.set_defaults(run=_cmd_bench_reuse)
+    add_serve_bench_parser(bench_cmds)
     return parser
 
 

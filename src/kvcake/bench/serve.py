@@ -1,0 +1,464 @@
+"""``kvcake bench serve``: replay a Mooncake trace against OpenAI-compatible endpoints.
+
+A window of the trace (``--start-row``, at most ``--num-requests`` rows and ``--duration``
+seconds of replay time) is scaled (``--input-scale`` shrinks every 512-token block alike, so
+prefix sharing survives), given made-up prompts (token ids derived from the hash ids), and
+sent on the trace's own clock, compressed by ``--speed``, as streamed ``/v1/completions``.
+Each request records TTFT, every gap between tokens and the cached prompt tokens the server
+reports; ``serve_report`` turns them into one summary per system.
+
+``--compare`` (or ``--policies``) starts each cluster set-up with ``kvcake up`` on a free
+port, replays the *same* window against it and stops it, one after another::
+
+    kvcache_centric   2 prefill + 1 decode, the Conductor routes on cached prefix and load
+    round_robin       2 prefill + 1 decode, routing ignores the cache
+    colocated         2 instances that both prefill and decode (the vLLM-style baseline)
+
+Routing only matters with at least two prefill instances, hence 2 + 1 for every policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kvcake.bench.serve_report import (
+    ReplayItem,
+    ReplayRun,
+    RequestResult,
+    Slo,
+    StreamTally,
+    describe_window,
+    report,
+)
+from kvcake.common.aio import new_event_loop
+from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.process import kvcake_command
+from kvcake.common.trace import (
+    load_trace,
+    scale_record,
+    scaled_block_tokens,
+    synthesize_prompt,
+    trace_window,
+)
+
+if TYPE_CHECKING:
+    import aiohttp  # the `bench` extra: imported when a replay runs, so `kvcake` needs it not
+
+T = TypeVar("T")
+_ROUTED = ("--prefill", "2", "--decode", "1", "--policy")
+SETUPS: dict[str, tuple[str, ...]] = {
+    **{policy: (*_ROUTED, policy) for policy in
+       ("kvcache_centric", "round_robin", "least_loaded", "cache_aware", "random")},
+    "colocated": ("--prefill", "0", "--decode", "0", "--both", "2", "--policy", "round_robin"),
+}
+DEFAULT_SETUPS = ("kvcache_centric", "round_robin", "colocated")
+DEFAULT_PLOT = "bench-serve.png"
+_STOP_WAIT_S = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0))  # then SIGKILL
+
+
+@dataclass(frozen=True)
+class ServeBenchOptions:
+    """One ``kvcake bench serve`` run; fields match the flags (``*_s`` in seconds).
+
+    endpoint: base URL of a running server (``http://HOST:PORT`` or ``.../v1``); excludes
+        ``compare`` / ``policies``, which start ``kvcake up`` set-ups instead.
+    num_requests / duration_s: the window, rows and seconds of replay time (``None``: 200 and
+        120 s, or 30 and 20 s with ``quick``).
+    speed: trace time compression (2.0 sends twice as fast as the trace did).
+    input_scale / output_scale / max_output_tokens: see ``common.trace.scale_record``.
+    vocab_size / first_token_id: prompt token ids lie in ``[first_token_id, vocab_size)``
+        (SmolLM2: 49,152 ids, those below 17 are special).
+    request_timeout_s: longest any one request may take (``None``: 60 s, 30 s with quick).
+    health_timeout_s: longest a set-up may take to answer ``/health`` with 200.
+    """
+
+    endpoint: str | None = None
+    compare: bool = False
+    quick: bool = False
+    as_json: bool = False
+    num_requests: int | None = None
+    duration_s: float | None = None
+    speed: float = 1.0
+    start_row: int = 0
+    input_scale: float = 0.05
+    output_scale: float = 0.1
+    max_output_tokens: int = 64
+    slo_ttft_s: float = 5.0
+    slo_tbt_s: float = 0.2
+    admission: str = "none"
+    plot: str | None = None
+    trace: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    policies: tuple[str, ...] = ()
+    concurrency_limit: int | None = None
+    vocab_size: int = 49152
+    first_token_id: int = 17
+    request_timeout_s: float | None = None
+    health_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        self._check_target()
+        for name in ("speed", "input_scale", "output_scale", "slo_ttft_s", "slo_tbt_s",
+                     "duration_s", "request_timeout_s", "health_timeout_s"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{_flag(name)} must be > 0, got {value}")
+        for name in ("num_requests", "max_output_tokens", "concurrency_limit", "start_row"):
+            value, least = getattr(self, name), 0 if name == "start_row" else 1
+            _require(value is None or value >= least,
+                     f"{_flag(name)} must be >= {least}, got {value}")
+        _require(0 <= self.first_token_id < self.vocab_size, "need 0 <= first_token_id < "
+                 f"vocab_size, got {self.first_token_id} and {self.vocab_size}")
+
+    def _check_target(self) -> None:
+        unknown = [p for p in self.policies if p not in SETUPS]
+        _require(not unknown, f"--policies: unknown set-up {(unknown or [''])[0]!r}; choose "
+                 f"from {', '.join(SETUPS)}")
+        _require(len(set(self.policies)) == len(self.policies), "--policies names a set-up "
+                 "twice")
+        if self.launches:
+            _require(self.endpoint is None, "--endpoint replays against a running server and "
+                     "--compare/--policies start their own: give one or the other")
+            return
+        _require(self.endpoint is not None, "give --endpoint URL of a running server, or "
+                 "--compare to start the set-ups with kvcake up")
+        _require(str(self.endpoint).startswith(("http://", "https://")),
+                 f"--endpoint must be an http(s):// URL, got {self.endpoint!r}")
+
+    @property
+    def launches(self) -> bool:
+        return self.compare or bool(self.policies)
+
+    @property
+    def setups(self) -> tuple[str, ...]:
+        return self.policies or DEFAULT_SETUPS
+
+    @property
+    def window_requests(self) -> int:
+        return self.num_requests or (30 if self.quick else 200)
+
+    @property
+    def window_duration_s(self) -> float:
+        return self.duration_s or (20.0 if self.quick else 120.0)
+
+    @property
+    def timeout_s(self) -> float:
+        return self.request_timeout_s or (30.0 if self.quick else 60.0)
+
+    @property
+    def slo(self) -> Slo:
+        return Slo(self.slo_ttft_s, self.slo_tbt_s)
+
+    @property
+    def plot_path(self) -> str | None:
+        return self.plot or (DEFAULT_PLOT if self.launches else None)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.removesuffix("_s").replace("_", "-")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParamsError(message)
+
+
+def base_url(endpoint: str) -> str:
+    """``http://h:p``, ``http://h:p/`` and ``http://h:p/v1`` all name server ``http://h:p``."""
+    return endpoint.rstrip("/").removesuffix("/v1")
+
+
+def build_items(options: ServeBenchOptions) -> list[ReplayItem]:
+    """The window as requests: scaled, with prompts, due in seconds after the first."""
+    records = load_trace(options.trace, limit=options.start_row + options.window_requests)
+    window = trace_window(records, options.start_row, options.window_requests,
+                          options.window_duration_s, options.speed)
+    block, first = scaled_block_tokens(options.input_scale), window[0][1].timestamp_ms
+    items = []
+    for row, record in window:
+        scaled = scale_record(record, options.input_scale, options.output_scale,
+                              options.max_output_tokens)
+        prompt = synthesize_prompt(scaled, block, options.vocab_size, options.first_token_id)
+        due = (record.timestamp_ms - first) / 1000 / options.speed
+        items.append(ReplayItem(row, due, tuple(prompt), scaled.output_length))
+    return items
+
+
+class _Replayer:
+    """The HTTP side of one run: each request sent when due (and when a slot is free under
+    ``limit``), its stream read line by line into a :class:`StreamTally`."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, model: str,
+                 limit: int | None) -> None:
+        import aiohttp
+
+        self.failures = (aiohttp.ClientError, TimeoutError, ValueError)
+        self.session, self.url, self.model = session, url, model
+        self.slots = asyncio.Semaphore(limit) if limit else None
+        self.start = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start
+
+    async def run(self, items: Sequence[ReplayItem]) -> list[RequestResult]:
+        tasks = []
+        for index, item in enumerate(items):
+            while (delay := item.scheduled_s - self.now()) > 0:
+                await asyncio.sleep(delay)  # again if the timer fired a hair early
+            tasks.append(asyncio.create_task(self._send_in_slot(index, item)))
+        return list(await asyncio.gather(*tasks))
+
+    async def _send_in_slot(self, index: int, item: ReplayItem) -> RequestResult:
+        if self.slots is None:
+            return await self._send(index, item)
+        async with self.slots:
+            return await self._send(index, item)
+
+    async def _send(self, index: int, item: ReplayItem) -> RequestResult:
+        tally = StreamTally(index, item, self.now())
+        body = {"model": self.model, "prompt": list(item.prompt), "max_tokens": item.max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        try:
+            async with self.session.post(f"{self.url}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    return tally.refused(response.status, await response.text(), self.now())
+                async for line in response.content:
+                    if tally.feed_line(line, self.now()):
+                        break
+        except self.failures as exc:
+            reason = ": ".join(part for part in (type(exc).__name__, str(exc)) if part)
+            return tally.failed(reason, self.now())
+        return tally.finish(self.now())
+
+
+async def fetch_model(session: aiohttp.ClientSession, url: str) -> str:
+    """The first model ``url/v1/models`` lists. ``KvcakeError`` if none or unreachable."""
+    import aiohttp
+
+    try:
+        async with session.get(f"{url}/v1/models") as response:
+            listing = await response.json(content_type=None) if response.status == 200 else {}
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise KvcakeError(f"cannot list the models at {url}/v1/models: {exc}") from None
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+        raise KvcakeError(f"{url}/v1/models lists no model; give --model")
+    return str(models[0]["id"])
+
+
+async def replay(url: str, label: str, items: Sequence[ReplayItem],
+                 options: ServeBenchOptions) -> ReplayRun:
+    """Send ``items`` to the server at base ``url`` when due; one result each, in order. The
+    model is ``options.model``, else the server's first (always the server's for set-ups
+    started here: there ``--model`` names what ``kvcake up`` loads)."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    async with aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=options.timeout_s),
+            connector=aiohttp.TCPConnector(limit=0)) as session:  # _Replayer limits, if asked
+        model = options.model if not options.launches else None
+        replayer = _Replayer(session, url, model or await fetch_model(session, url),
+                             options.concurrency_limit)
+        results = await replayer.run(items)
+        return ReplayRun(label, tuple(results), replayer.now(), replayer.start)
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def setup_command(name: str, port: int, options: ServeBenchOptions, log_dir: Path) -> list[str]:
+    """The ``kvcake up`` command line of set-up ``name`` on ``port``."""
+    model = ("--model", options.model) if options.model else ()
+    return kvcake_command("up", "--port", str(port), *SETUPS[name], "--slo-ttft",
+                          str(options.slo_ttft_s), "--slo-tbt", str(options.slo_tbt_s),
+                          "--admission", options.admission, "--log-dir", str(log_dir), *model)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (bound on 127.0.0.1:0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def log_tail(work: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of every file under ``work``, each under its path."""
+    parts = [f"--- {path.relative_to(work)} ---\n"
+             + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+             for path in sorted(work.rglob("*")) if path.is_file()]
+    return "\n".join(parts) or "(no log output)"
+
+
+@contextmanager
+def launched(command: Sequence[str], url: str, work: Path,
+             health_timeout_s: float) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` (output to ``work/launcher.out``), wait for ``url/health`` to answer
+    200, yield the process, then stop it (:func:`stop_process`). Raises ``KvcakeError``
+    with the tails of the logs under ``work`` if it exits first or is not healthy within
+    ``health_timeout_s``."""
+    with (work / "launcher.out").open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    try:
+        _wait_healthy(process, url, health_timeout_s, work)
+        yield process
+    finally:
+        stop_process(process)
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], url: str, timeout_s: float,
+                  work: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (_serving(work) and _healthy(url)):
+        if process.poll() is not None:
+            raise KvcakeError(f"{url}: the server exited with code {process.returncode} "
+                              f"before it was healthy\n{log_tail(work)}")
+        if time.monotonic() > deadline:
+            raise KvcakeError(f"{url}/health did not answer 200 within {timeout_s:g} s\n"
+                              f"{log_tail(work)}")
+        time.sleep(0.5)
+
+
+def _serving(work: Path) -> bool:
+    """``kvcake up`` says so once every instance has registered (``/health`` is 200 as soon
+    as one prefill and one decode instance have)."""
+    out = work / "launcher.out"
+    return "kvcake up: serving" in out.read_text(errors="replace") if out.exists() else False
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with _DIRECT.open(f"{url}/health", timeout=2.0) as response:
+            return bool(response.status == 200)
+    except OSError:  # refused while it starts, or an HTTP error status
+        return False
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a child started here, by its pid: SIGINT for a graceful shutdown, then SIGTERM,
+    then SIGKILL, each after a bounded wait."""
+    for sig, wait_s in _STOP_WAIT_S:
+        if process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _run_setup(name: str, items: Sequence[ReplayItem], options: ServeBenchOptions,
+               work: Path) -> ReplayRun:
+    (work / "logs").mkdir(parents=True)
+    port, started = free_port(), time.monotonic()
+    url = f"http://127.0.0.1:{port}"
+    print(f"[{name}] kvcake up on port {port}", file=sys.stderr, flush=True)
+    command = setup_command(name, port, options, work / "logs")
+    with launched(command, url, work, options.health_timeout_s) as process:
+        print(f"[{name}] healthy after {time.monotonic() - started:.0f} s; replaying "
+              f"{len(items)} requests", file=sys.stderr, flush=True)
+        run = _run_async(replay(url, name, items, options))
+        if process.poll() is not None:
+            print(f"[{name}] kvcake up exited during the replay\n{log_tail(work)}",
+                  file=sys.stderr)
+    return run
+
+
+def _run_all(items: Sequence[ReplayItem], options: ServeBenchOptions) -> list[ReplayRun]:
+    if not options.launches:
+        assert options.endpoint is not None
+        url = base_url(options.endpoint)
+        return [_run_async(replay(url, url, items, options))]
+    with tempfile.TemporaryDirectory(prefix="kvcake-bench-serve-") as temp:
+        return [_run_setup(name, items, options, Path(temp) / name) for name in options.setups]
+
+
+def run_serve_bench(options: ServeBenchOptions) -> int:
+    """Replay the window against the endpoint, or against each set-up in turn; print one
+    summary per system (table and ratios, or JSON), write the plot if asked. Returns 1 if
+    some system completed no request, else 0. Raises ``KvcakeError`` (``InvalidParamsError``,
+    ``TraceError``) on bad input, or when a set-up does not start."""
+    items = build_items(options)
+    block = scaled_block_tokens(options.input_scale)
+    print(describe_window(items, options.speed, block, options.slo), flush=True,
+          file=sys.stderr if options.as_json else sys.stdout)
+    summaries = report(_run_all(items, options), options.slo, options.as_json,
+                       options.plot_path)
+    return 1 if any(s["num_completed"] == 0 for s in summaries) else 0
+
+
+# ("--flag METAVAR", option field, type, help); a flag left out keeps the option's default
+_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--endpoint URL", "endpoint", str, "base URL of a running server, e.g. http://127.0.0.1:8000"),
+    ("--num-requests N", "num_requests", int, "rows to replay (default 200; 30 with --quick)"),
+    ("--duration S", "duration_s", float, "cap on replay seconds (default 120; 20 with --quick)"),
+    ("--speed X", "speed", float, "trace time compression (default 1)"),
+    ("--start-row K", "start_row", int, "first trace row (default 0)"),
+    ("--input-scale F", "input_scale", float, "prompt length factor (default 0.05)"),
+    ("--output-scale F", "output_scale", float, "reply length factor (default 0.1)"),
+    ("--max-output-tokens N", "max_output_tokens", int, "reply length cap (default 64)"),
+    ("--slo-ttft S", "slo_ttft_s", float, "TTFT objective in seconds (default 5)"),
+    ("--slo-tbt S", "slo_tbt_s", float, "TBT objective in seconds (default 0.2)"),
+    ("--admission NAME", "admission", str, "with --compare: none (default), early or "
+     "predictive, passed to kvcake up"),
+    ("--plot PATH", "plot", str, f"CDF plot, PNG (default {DEFAULT_PLOT} with --compare)"),
+    ("--trace PATH", "trace", str, "trace JSONL file (default: the packaged conversation trace)"),
+    ("--model NAME", "model", str, "model name (default: the server's first); with --compare, "
+     "passed to kvcake up"),
+    ("--api-key KEY", "api_key", str, "sent as a bearer token"),
+    ("--concurrency-limit N", "concurrency_limit", int, "most requests in flight (default: "
+     "no limit)"),
+)
+
+
+def options_from_args(args: argparse.Namespace) -> ServeBenchOptions:
+    given = {field: getattr(args, field) for _, field, _, _ in _FLAGS
+             if getattr(args, field) is not None}
+    policies = tuple(p.strip() for p in (args.policies or "").split(",") if p.strip())
+    return ServeBenchOptions(compare=args.compare, quick=args.quick, as_json=args.json,
+                             policies=policies, **given)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    return run_serve_bench(options_from_args(args))
+
+
+def add_serve_bench_parser(
+        bench_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve`` to ``kvcake bench``; like the other bench commands it sets ``run``."""
+    serve = bench_commands.add_parser("serve", help="replay a Mooncake trace against an "
+                                      "OpenAI endpoint, or compare kvcake up set-ups")
+    serve.add_argument("--compare", action="store_true", help="start kvcache_centric, "
+                       "round_robin and colocated with kvcake up, one after another")
+    serve.add_argument("--policies", metavar="A,B",
+                       help=f"set-ups to start instead, from {', '.join(SETUPS)}")
+    serve.add_argument("--quick", action="store_true", help="30 requests, 20 s per system")
+    serve.add_argument("--json", action="store_true", help="one JSON summary per system")
+    for spec, field, kind, text in _FLAGS:
+        flag, metavar = spec.split()
+        serve.add_argument(flag, dest=field, metavar=metavar, type=kind, help=text)
+    serve.set_defaults(run=_cmd_bench_serve)
