@@ -124,7 +124,8 @@ def test_models_health_metrics_and_bad_input(cluster: Cluster) -> None:
         client.completions.create(model="gpt-4", prompt="hi")
     text = _metrics(cluster)
     assert "kvcake_api_ttft_seconds_count" in text
-    assert 'kvcake_conductor_routed_total{policy="kvcache_centric"}' in text
+    assert 'kvcake_conductor_routed_total{policy="kvcache_centric",prefill="prefill-0",' \
+        'decode="decode-1"}' in text
     assert "kvcake_conductor_kv_transfer_bytes_total" in text
 
 

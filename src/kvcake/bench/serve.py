@@ -91,9 +91,9 @@ class ServeBenchOptions:
     as_json: bool = False
     num_requests: int | None = None
     duration_s: float | None = None
-    speed: float = 1.0
+    speed: float = 0.5
     start_row: int = 0
-    input_scale: float = 0.05
+    input_scale: float = 0.03
     output_scale: float = 0.1
     max_output_tokens: int = 64
     slo_ttft_s: float = 5.0
@@ -416,9 +416,9 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--endpoint URL", "endpoint", str, "base URL of a running server, e.g. http://127.0.0.1:8000"),
     ("--num-requests N", "num_requests", int, "rows to replay (default 200; 30 with --quick)"),
     ("--duration S", "duration_s", float, "cap on replay seconds (default 120; 20 with --quick)"),
-    ("--speed X", "speed", float, "trace time compression (default 1)"),
+    ("--speed X", "speed", float, "trace time compression (default 0.5: half speed)"),
     ("--start-row K", "start_row", int, "first trace row (default 0)"),
-    ("--input-scale F", "input_scale", float, "prompt length factor (default 0.05)"),
+    ("--input-scale F", "input_scale", float, "prompt length factor (default 0.03)"),
     ("--output-scale F", "output_scale", float, "reply length factor (default 0.1)"),
     ("--max-output-tokens N", "max_output_tokens", int, "reply length cap (default 64)"),
     ("--slo-ttft S", "slo_ttft_s", float, "TTFT objective in seconds (default 5)"),

@@ -23,7 +23,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = load_config(WorkerConfig, "worker", {
         "role": args.role, "conductor": args.conductor, "host": args.host, "port": args.port,
         "instance_id": args.instance_id, "reserve_timeout_s": args.reserve_timeout,
-        "profile": False if args.no_profile else None})
+        "profile": False if args.no_profile else None, "cpus": args.cpus})
     engine = load_config(EngineConfig, "engine", {
         **engine_overrides(args), "store_master": args.store_master,
         "store_segment_size": size_or_none(args.store_segment_size),
@@ -49,6 +49,7 @@ def _add_worker(commands: Subparsers) -> None:
     worker.add_argument("--reserve-timeout", type=float, help="seconds before an uncommitted "
                         "decode reservation is freed (default 30)")
     worker.add_argument("--no-profile", action="store_true", help="skip the start-up timing")
+    worker.add_argument("--cpus", help="CPUs to run on, e.g. 1 or 0-3 (default: any)")
     add_engine_flags(worker)
     worker.set_defaults(run=_cmd_worker)
 
@@ -113,7 +114,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "kv_cache_size": args.kv_cache_size,
         "store_size": "0" if args.no_store else args.store_size,
         "threads": args.threads, "api_key": args.api_key,
-        "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir})
+        "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir,
+        "pin": False if args.no_pin else None})
     return run_up(spec)
 
 
@@ -133,6 +135,8 @@ def _add_up(commands: Subparsers) -> None:
     up.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
     up.add_argument("--on-decode-failure", choices=("fail", "retry"))
     up.add_argument("--log-dir", help="write each process's log here")
+    up.add_argument("--no-pin", action="store_true", help="let instances run on any CPU "
+                    "(default: decode instances get CPUs of their own)")
     _add_policy_flags(up)
     up.set_defaults(run=_cmd_up)
 

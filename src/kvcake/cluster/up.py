@@ -15,6 +15,7 @@ child's death) and stops the children it started, by pid, newest first.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -41,6 +42,7 @@ class ClusterSpec:
 
     store_size: memory the storage node contributes ("" or "0": no store at all).
     threads: torch threads per instance (they share the machine's cores).
+    pin: give instances CPUs (:func:`cpu_plan`): decode instances first, on CPUs of their own.
     """
 
     host: str = "127.0.0.1"
@@ -53,13 +55,14 @@ class ClusterSpec:
     slo_ttft_s: float = 30.0
     slo_tbt_s: float = 0.1
     model: str = "smollm2"
-    kv_cache_size: str = "256MiB"
+    kv_cache_size: str = "512MiB"
     store_size: str = "1GiB"
     max_num_seqs: int = 32
     threads: int = 1
     api_key: str = ""
     on_decode_failure: str = "fail"
     log_dir: str = ""
+    pin: bool = True
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.both)
@@ -121,8 +124,10 @@ class Cluster:
         try:
             self._start_store()
             rpc = self._start_conductor()
-            for index, role in enumerate(self.spec.roles):
-                self._start_worker(role, index, rpc)
+            plan = cpu_plan(self.spec.roles, sorted(os.sched_getaffinity(0))) \
+                if self.spec.pin else [""] * len(self.spec.roles)
+            for index, (role, cpus) in enumerate(zip(self.spec.roles, plan, strict=True)):
+                self._start_worker(role, index, rpc, cpus)
             wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         except BaseException:
             self.stop()
@@ -165,7 +170,7 @@ class Cluster:
         self.api_endpoint = conductor.match.group(1)
         return conductor.match.group(2)
 
-    def _start_worker(self, role: str, index: int, rpc: str) -> None:
+    def _start_worker(self, role: str, index: int, rpc: str, cpus: str) -> None:
         s = self.spec
         name = f"{role}-{index}"
         args = ["worker", "--role", role, "--conductor", rpc, "--instance-id", name,
@@ -173,6 +178,8 @@ class Cluster:
                 "--max-num-seqs", str(s.max_num_seqs), "--threads", str(s.threads)]
         if self.master and role != "decode":
             args += ["--store-master", self.master]
+        if cpus:
+            args += ["--cpus", cpus]
         self._spawn(name, args, r"listening on")
 
     def dead(self) -> ServerProcess | None:
@@ -182,6 +189,26 @@ class Cluster:
         for process in reversed(self.processes):
             process.stop(timeout_s=15.0)
         self.processes.clear()
+
+
+def cpu_plan(roles: list[str], cpus: list[int]) -> list[str]:
+    """CPUs for each instance, as ``--cpus`` text. Decode instances take CPUs of their own
+    from the end of the list while at least one is left for the rest; the other instances
+    share what is left, round robin (so on 2 CPUs, 2 prefill + 1 decode gives the decode
+    instance CPU 1 and both prefill instances CPU 0)::
+
+        roles   prefill prefill decode      both both
+        cpus    0       0       1           0    1
+    """
+    decode = [i for i, role in enumerate(roles) if role == "decode"]
+    own = len(decode) if len(cpus) > len(decode) else 0
+    rest, plan = cpus[:len(cpus) - own], [""] * len(roles)
+    for i, cpu in zip(decode[:own], cpus[len(cpus) - own:], strict=True):
+        plan[i] = str(cpu)
+    others = [i for i in range(len(roles)) if not plan[i]]
+    for n, i in enumerate(others):
+        plan[i] = str(rest[n % len(rest)])
+    return plan
 
 
 def health(endpoint: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:

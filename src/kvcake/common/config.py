@@ -297,6 +297,19 @@ WORKER_ROLES = ("prefill", "decode", "both")
 DECODE_FAILURE_CHOICES = ("fail", "retry")
 
 
+def parse_cpus(text: str) -> set[int]:
+    """``"0-2,5"`` to ``{0, 1, 2, 5}``; empty text is the empty set (no restriction)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        _require(low.isdigit() and (not high or high.isdigit()),
+                 f"cpus must look like 0-3,5; got {text!r}")
+        first, last = int(low), int(high or low)
+        _require(first <= last, f"cpus range {part!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
 def _endpoint(text: str) -> bool:
     host, _, port = text.rpartition(":")
     return bool(host) and port.isdigit()
@@ -315,6 +328,8 @@ class WorkerConfig:
     reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
     transfer_timeout_s: longest wait for a prefill's KV writes to land.
     profile: time a few prefill and decode steps at start-up, seeding the cost model.
+    cpus: CPUs this instance may run on, e.g. ``1`` or ``0-3`` or ``0,2`` (empty: any). A
+        decode instance on cores of its own keeps its token rate whatever prefill does.
     """
 
     role: str = "both"
@@ -326,8 +341,10 @@ class WorkerConfig:
     reserve_timeout_s: float = 30.0
     transfer_timeout_s: float = 30.0
     profile: bool = True
+    cpus: str = ""
 
     def __post_init__(self) -> None:
+        parse_cpus(self.cpus)
         _require(self.role in WORKER_ROLES, f"role must be one of {WORKER_ROLES}, "
                  f"got {self.role!r}")
         _require(_endpoint(self.conductor), f"conductor must be HOST:PORT, got "

@@ -242,7 +242,8 @@ class ConductorServer:
                 raise RequestRejectedError(decision.reason, decision.detail)
             raise KvcakeError(f"cannot serve now: {decision.detail}", _UNAVAILABLE)
         assert decision.prefill_id is not None and decision.decode_id is not None
-        self.metrics.routed.inc(policy=self.policy.policy)
+        self.metrics.routed.inc(policy=self.policy.policy, prefill=decision.prefill_id,
+                                decode=decision.decode_id)
         flight = Flight(request_id, tokens, params, tenant, decision.prefill_id,
                         decision.decode_id)
         self.flights[request_id] = flight

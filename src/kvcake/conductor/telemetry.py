@@ -10,7 +10,8 @@ class ConductorMetrics:
     def __init__(self) -> None:
         self.registry = registry = MetricsRegistry()
         self.routed = registry.counter("kvcake_conductor_routed_total",
-                                       "Requests routed to instances", ("policy",))
+                                       "Requests routed, by policy and the chosen instances",
+                                       ("policy", "prefill", "decode"))
         self.rejections = registry.counter("kvcake_conductor_rejections_total",
                                            "Requests turned away at arrival", ("reason",))
         self.cached_tokens = registry.counter(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.config import EngineConfig, WorkerConfig
+from kvcake.common.config import EngineConfig, WorkerConfig, parse_cpus
 from kvcake.common.log import get_logger
 from kvcake.worker.server import WorkerServer
 
@@ -11,6 +13,9 @@ log = get_logger(__name__)
 
 
 def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:
+    cpus = parse_cpus(config.cpus)
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before torch starts its threads
     run_main(_main(config, engine_config))
 
 
@@ -19,7 +24,8 @@ async def _main(config: WorkerConfig, engine_config: EngineConfig) -> None:
     try:
         endpoint = await server.startup()
         print(f"kvcake worker {server.instance_id} ({config.role}, {engine_config.model}) "
-              f"listening on {endpoint}, conductor {config.conductor}", flush=True)
+              f"listening on {endpoint}, conductor {config.conductor}"
+              f"{', cpus ' + config.cpus if config.cpus else ''}", flush=True)
         await until_signalled()
     finally:
         await server.shutdown()
