@@ -20,19 +20,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kvcake.bench import serve
+from kvcake.bench import serve, serve_launch
 from kvcake.bench.serve import (
     ServeBenchOptions,
     add_serve_bench_parser,
     build_items,
-    free_port,
-    launched,
     options_from_args,
     replay,
     run_serve_bench,
     setup_command,
-    stop_process,
 )
+from kvcake.bench.serve_launch import free_port, launched, stop_process
 from kvcake.bench.serve_report import (
     SUMMARY_KEYS,
     Outcome,
@@ -488,7 +486,7 @@ def test_a_setup_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
 
 def test_stop_escalates_to_sigkill_for_a_child_that_ignores_signals(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "_STOP_WAIT_S", ((signal.SIGINT, 0.2), (signal.SIGTERM, 0.2)))
+    monkeypatch.setattr(serve_launch, "_STOP_WAIT_S", ((signal.SIGINT, 0.2), (signal.SIGTERM, 0.2)))
     script = ("import signal, sys, time\n"
               "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)\n"
               "print('ready', flush=True)\ntime.sleep(60)\n")

@@ -156,3 +156,13 @@ def test_engine_loop_frees_a_reservation_nobody_commits(
     finally:
         loop.stop()
     assert outputs == []
+
+
+def test_reserve_waits_while_the_batch_is_full(engines: Callable[..., EngineCore]) -> None:
+    decode = engines(max_num_seqs=2)
+    assert decode.reserve("a", 20) is not None
+    assert decode.reserve("b", 20) is not None
+    assert decode.reserve("c", 20) is None  # two requests hold the batch's two seats
+    assert decode.release("a")
+    assert decode.reserve("c", 20) is not None
+    decode.check_integrity()

@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from kvcake.bench.serve_launch import free_port, launched, log_tail
 from kvcake.bench.serve_report import (
     ReplayItem,
     ReplayRun,
@@ -66,7 +62,6 @@ SETUPS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_SETUPS = ("kvcache_centric", "round_robin", "colocated")
 DEFAULT_PLOT = "bench-serve.png"
-_STOP_WAIT_S = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0))  # then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -99,6 +94,7 @@ class ServeBenchOptions:
     slo_ttft_s: float = 5.0
     slo_tbt_s: float = 0.2
     admission: str = "none"
+    no_store: bool = False
     plot: str | None = None
     trace: str | None = None
     model: str | None = None
@@ -288,87 +284,8 @@ def setup_command(name: str, port: int, options: ServeBenchOptions, log_dir: Pat
     model = ("--model", options.model) if options.model else ()
     return kvcake_command("up", "--port", str(port), *SETUPS[name], "--slo-ttft",
                           str(options.slo_ttft_s), "--slo-tbt", str(options.slo_tbt_s),
-                          "--admission", options.admission, "--log-dir", str(log_dir), *model)
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (bound on 127.0.0.1:0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def log_tail(work: Path, lines: int = 15) -> str:
-    """The last ``lines`` lines of every file under ``work``, each under its path."""
-    parts = [f"--- {path.relative_to(work)} ---\n"
-             + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-             for path in sorted(work.rglob("*")) if path.is_file()]
-    return "\n".join(parts) or "(no log output)"
-
-
-@contextmanager
-def launched(command: Sequence[str], url: str, work: Path,
-             health_timeout_s: float) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``command`` (output to ``work/launcher.out``), wait for ``url/health`` to answer
-    200, yield the process, then stop it (:func:`stop_process`). Raises ``KvcakeError``
-    with the tails of the logs under ``work`` if it exits first or is not healthy within
-    ``health_timeout_s``."""
-    with (work / "launcher.out").open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    try:
-        _wait_healthy(process, url, health_timeout_s, work)
-        yield process
-    finally:
-        stop_process(process)
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], url: str, timeout_s: float,
-                  work: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not (_serving(work) and _healthy(url)):
-        if process.poll() is not None:
-            raise KvcakeError(f"{url}: the server exited with code {process.returncode} "
-                              f"before it was healthy\n{log_tail(work)}")
-        if time.monotonic() > deadline:
-            raise KvcakeError(f"{url}/health did not answer 200 within {timeout_s:g} s\n"
-                              f"{log_tail(work)}")
-        time.sleep(0.5)
-
-
-def _serving(work: Path) -> bool:
-    """``kvcake up`` says so once every instance has registered (``/health`` is 200 as soon
-    as one prefill and one decode instance have)."""
-    out = work / "launcher.out"
-    return "kvcake up: serving" in out.read_text(errors="replace") if out.exists() else False
-
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with _DIRECT.open(f"{url}/health", timeout=2.0) as response:
-            return bool(response.status == 200)
-    except OSError:  # refused while it starts, or an HTTP error status
-        return False
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """Stop a child started here, by its pid: SIGINT for a graceful shutdown, then SIGTERM,
-    then SIGKILL, each after a bounded wait."""
-    for sig, wait_s in _STOP_WAIT_S:
-        if process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+                          "--admission", options.admission, "--log-dir", str(log_dir), *model,
+                          *(("--no-store",) if options.no_store else ()))
 
 
 def _run_setup(name: str, items: Sequence[ReplayItem], options: ServeBenchOptions,
@@ -440,7 +357,7 @@ def options_from_args(args: argparse.Namespace) -> ServeBenchOptions:
              if getattr(args, field) is not None}
     policies = tuple(p.strip() for p in (args.policies or "").split(",") if p.strip())
     return ServeBenchOptions(compare=args.compare, quick=args.quick, as_json=args.json,
-                             policies=policies, **given)
+                             no_store=args.no_store, policies=policies, **given)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -458,6 +375,8 @@ def add_serve_bench_parser(
                        help=f"set-ups to start instead, from {', '.join(SETUPS)}")
     serve.add_argument("--quick", action="store_true", help="30 requests, 20 s per system")
     serve.add_argument("--json", action="store_true", help="one JSON summary per system")
+    serve.add_argument("--no-store", action="store_true", help="start set-ups without the KV "
+                       "store (reuse then needs routing to the instance that holds a prefix)")
     for spec, field, kind, text in _FLAGS:
         flag, metavar = spec.split()
         serve.add_argument(flag, dest=field, metavar=metavar, type=kind, help=text)

@@ -371,7 +371,8 @@ class ConductorServerConfig:
     instance_ttl_s: an instance silent this long is dead; its requests fail or retry.
     on_decode_failure: ``fail`` a request whose decode instance died, or ``retry`` it on
         another (continuing from the tokens already streamed).
-    reserve_wait_s: how long a request may wait for room on a decode instance.
+    reserve_wait_s: how long a request may wait for room on a decode instance (its batch
+        holds ``max_num_seqs`` requests at most) before it fails with 503.
     request_timeout_s: longest a request may live.
     """
 
@@ -385,7 +386,7 @@ class ConductorServerConfig:
     store_master: str = ""
     instance_ttl_s: float = 3.0
     on_decode_failure: str = "fail"
-    reserve_wait_s: float = 10.0
+    reserve_wait_s: float = 120.0
     request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:

@@ -56,7 +56,8 @@ from kvcake.worker.messages import Abort, Commit, Prefill, Release, Reserve, Res
 log = get_logger(__name__)
 _RPC_TIMEOUT_S = 30.0
 _SWEEP_S = 0.25
-_RESERVE_RETRY_S = 0.05
+_RESERVE_RETRY_S = 0.01
+_RESERVE_RETRY_MAX_S = 0.2
 _UNAVAILABLE = ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS
 
 
@@ -293,7 +294,10 @@ class ConductorServer:
                                 first.num_store_tokens))
 
     async def _reserve(self, flight: Flight) -> list[int]:
+        """Room on the decode instance, asked again with backoff while its batch is full:
+        the request waits here, before its prefill, rather than slow every token there."""
         deadline = self.clock() + self.config.reserve_wait_s
+        pause = _RESERVE_RETRY_S
         while True:
             reply = decode(await self._call(flight.decode_id, Reserve(
                 flight.request_id, len(flight.prompt_token_ids))), Reserved)
@@ -303,7 +307,8 @@ class ConductorServer:
                 raise KvcakeError(f"decode instance {flight.decode_id} had no room for "
                                   f"{len(flight.prompt_token_ids)} tokens within "
                                   f"{self.config.reserve_wait_s}s", _UNAVAILABLE)
-            await asyncio.sleep(_RESERVE_RETRY_S)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RESERVE_RETRY_MAX_S)
 
     async def _release(self, flight: Flight) -> None:
         with contextlib.suppress(KvcakeError):

@@ -248,9 +248,10 @@ def store_keys(prefix: str, block_hashes: Sequence[bytes]) -> list[str]:
 _keys = store_keys
 
 
-def connect_store(master: str, segment_size: int, host: str = "127.0.0.1"
+def connect_store(master: str, segment_size: int, host: str | None = None
                   ) -> tuple[AsyncStore, TransferEngine]:
-    """A store client (contributing ``segment_size`` bytes) on its own transfer engine."""
+    """A store client (contributing ``segment_size`` bytes) on its own transfer engine,
+    reachable at ``host`` (``None``: ``KVCAKE_TRANSFER_HOST``, else 127.0.0.1)."""
     transfer = load_config(TransferConfig, "transfer", {"host": host})
     config = load_config(StoreConfig, "store", {"master": master,
                                                 "segment_size": segment_size})

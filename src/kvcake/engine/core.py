@@ -157,7 +157,8 @@ class EngineCore:
         c, cfg = self.model_config, self.config
         layout = BlockLayout(cfg.dtype, c.num_layers, c.num_kv_heads, c.head_dim,
                              cfg.block_size, self.fingerprint)
-        store, engine = connect_store(cfg.store_master, cfg.store_segment_size)
+        host = self.transfer.config.host if self.transfer is not None else None
+        store, engine = connect_store(cfg.store_master, cfg.store_segment_size, host)
         return StoreConnector(store, engine, layout, self.runner.kv_cache)
 
     def close(self) -> None:
@@ -240,7 +241,9 @@ class EngineCore:
 
     def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
         """Hold blocks for a prompt's K/V that a prefill instance will write; ``None`` when
-        the pool cannot hold them now. Released by :meth:`commit` or :meth:`release`."""
+        the pool cannot hold them now, or ``max_num_seqs`` requests already run or hold a
+        reservation (a decode batch that grew without bound would slow every token).
+        Released by :meth:`commit` or :meth:`release`."""
         if request_id in self._reserved or request_id in self.scheduler.requests:
             raise InvalidParamsError(f"request id {request_id!r} is already in use")
         if not 0 < num_prompt_tokens < self.max_model_len:
@@ -248,7 +251,8 @@ class EngineCore:
                                      f"max_model_len {self.max_model_len}")
         pool = self.scheduler.kv.pool
         count = -(-num_prompt_tokens // self.config.block_size)
-        if not pool.can_allocate(count):
+        busy = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self._reserved)
+        if busy >= self.config.max_num_seqs or not pool.can_allocate(count):
             return None
         self._reserved[request_id] = block_ids = pool.allocate(count)
         return list(block_ids)

@@ -169,6 +169,13 @@ class EngineLoop:
         self.core.release(request_id)
         self.settle(request_id)
 
+    def abort_all(self) -> int:
+        """End every request and reservation (their Conductor is gone); how many."""
+        request_ids = set(self.core.scheduler.requests) | set(self._deadlines)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
+
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:

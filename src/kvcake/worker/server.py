@@ -9,12 +9,13 @@ block it caches, so the Conductor's index is rebuilt from the instances.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 from typing import Any
 
 from kvcake.common.codec import decode, encode
-from kvcake.common.config import EngineConfig, WorkerConfig
+from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, load_config
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
@@ -61,10 +62,12 @@ class WorkerServer:
         self._loop: EngineLoop | None = None
         self._rpc: RpcServer | None = None
         self._conductor = RpcClient(config.conductor, _RPC_TIMEOUT_S)
-        self._outbox: asyncio.Queue[Outputs | PrefillDone] = asyncio.Queue()
+        self._outbox: collections.deque[Outputs | PrefillDone] = collections.deque()
+        self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = 0
         self._registered = False
+        self._ever_registered = False
         self._need_snapshot = False
         self._profile: Telemetry = Telemetry()
 
@@ -84,7 +87,9 @@ class WorkerServer:
         return self.endpoint
 
     def _build_engine(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._transfer = TransferEngine()
+        # peers (decode instances, the store's nodes) reach this instance's memory here
+        self._transfer = TransferEngine(load_config(TransferConfig, "transfer",
+                                                    {"host": self.config.host}))
         self._core = core = EngineCore(self.engine_config, transfer=self._transfer)
         if self.config.profile:
             self._profile = profile_engine(core)
@@ -156,26 +161,33 @@ class WorkerServer:
     # -- to the Conductor --------------------------------------------------------------
 
     def _queue_outputs(self, outputs: list[TokenOutput]) -> None:
-        self._outbox.put_nowait(Outputs(self.instance_id, outputs))
+        self._outbox.append(Outputs(self.instance_id, outputs))
+        self._outbox_ready.set()
 
     def _queue_prefill_done(self, output: TokenOutput, error: str) -> None:
-        self._outbox.put_nowait(PrefillDone(self.instance_id, output, error))
+        self._outbox.append(PrefillDone(self.instance_id, output, error))
+        self._outbox_ready.set()
 
     async def _send_outbox(self) -> None:
-        """Outputs in order, several steps' worth per call when the Conductor lags."""
+        """Messages in order; consecutive outputs (several steps' worth when the Conductor
+        lags) go in one call."""
         while True:
-            message = await self._outbox.get()
-            if isinstance(message, Outputs):
-                message = self._merge_outputs(message)
-            try:
-                await self._conductor.call(encode(message))
-            except KvcakeError as exc:
-                log.warning("conductor did not take %s: %s", type(message).__name__, exc)
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                message = self._next_message()
+                try:
+                    await self._conductor.call(encode(message))
+                except KvcakeError as exc:
+                    log.warning("conductor did not take %s: %s", type(message).__name__, exc)
 
-    def _merge_outputs(self, first: Outputs) -> Outputs:
-        outputs = list(first.outputs)
-        while not self._outbox.empty() and isinstance(self._outbox._queue[0], Outputs):  # type: ignore[attr-defined]
-            outputs += self._outbox.get_nowait().outputs  # type: ignore[union-attr]
+    def _next_message(self) -> Outputs | PrefillDone:
+        message = self._outbox.popleft()
+        if not isinstance(message, Outputs):
+            return message
+        outputs = list(message.outputs)
+        while self._outbox and isinstance(self._outbox[0], Outputs):
+            outputs += self._outbox.popleft().outputs  # type: ignore[union-attr]
         return Outputs(self.instance_id, outputs)
 
     async def _report_forever(self) -> None:
@@ -222,6 +234,12 @@ class WorkerServer:
 
     async def _register(self, telemetry: Telemetry) -> None:
         core = self.core
+        assert self._loop is not None
+        if self._ever_registered:  # a new Conductor knows none of our requests: drop them
+            loop = self._loop
+            dropped = await asyncio.wrap_future(loop.call(loop.abort_all))
+            if dropped:
+                log.warning("conductor restarted: %d orphaned requests aborted", dropped)
         profile, self._profile = self._profile, Telemetry()
         message = Register(
             self.instance_id, self.config.role, self.endpoint, core.config.model,
@@ -229,7 +247,7 @@ class WorkerServer:
             core.max_model_len, core.kv_region, await self._snapshot(),
             profile.prefill + telemetry.prefill, profile.decode + telemetry.decode)
         await self._conductor.call(encode(message))
-        self._registered = True
+        self._registered = self._ever_registered = True
         self._need_snapshot = False
         log.info("registered with the conductor at %s as %s", self.config.conductor,
                  self.instance_id)
