@@ -167,6 +167,19 @@ def test_algorithm_1_threshold_and_source(p2_blocks: int, store_blocks: int, thr
     service.check_integrity()
 
 
+@pytest.mark.parametrize(("store_blocks", "reused", "pull_from"), [
+    (0, 10, None),  # p2 holds 21 blocks, but caches are not pulled from: only the store's
+    (21, 21, "store"),
+])
+def test_without_instance_pulls_only_the_store_counts(store_blocks: int, reused: int,
+                                                      pull_from: str | None) -> None:
+    service = pull_scenario(21, store_blocks, pull_from_instances=False)
+    decision = service.route(request("r", DOC_A, 640, store=store_blocks))
+    assert (decision.prefill_id, decision.reused_blocks, decision.pull_from) == (
+        "p1", reused, pull_from)
+    service.check_integrity()
+
+
 def test_a_local_miss_pulls_any_remote_hit_and_one_token_is_always_computed() -> None:
     service = make_service()
     service.add_instance("d1", "decode", 1000)

@@ -68,8 +68,9 @@ def _cmd_conductor(args: argparse.Namespace) -> int:
         "served_model_name": args.served_model_name, "api_key": args.api_key,
         "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure,
         "store_master": args.store_master})
-    policy = ConductorConfig(**{k: v for k, v in _policy_config(args).items()
-                                if v is not None})  # type: ignore[arg-type]
+    # instances exchange prefixes through the store, never cache to cache
+    policy = ConductorConfig(pull_from_instances=False, **{  # type: ignore[arg-type]
+        k: v for k, v in _policy_config(args).items() if v is not None})
     run_conductor(config, policy)
     return 0
 

@@ -209,7 +209,8 @@ class ConductorService:
             queue_s, local_len = self.instances[instance_id].queue_s, matches[instance_id]
             local.append(self._estimate(request, instance_id, queue_s, local_len, local_len,
                                         None))
-            best_len, holder = _best_elsewhere(instance_id, matches, store_len)
+            others = matches if self.config.pull_from_instances else {}
+            best_len, holder = _best_elsewhere(instance_id, others, store_len)
             if self._worth_pulling(local_len, best_len):
                 pulled.append(self._estimate(request, instance_id, queue_s, local_len, best_len,
                                              holder))

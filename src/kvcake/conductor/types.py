@@ -87,6 +87,10 @@ class ConductorConfig:
         counts as above).
     slo_ttft_s, slo_tbt_s: latency objectives that admission enforces, seconds (> 0).
     seed: seeds the ``random`` policy when no rng is injected (the same seed, the same choices).
+    pull_from_instances: Algorithm 1 may pull a prefix straight from another instance's
+        cache. kvcake's instances exchange prefixes through the store (every prefill instance
+        writes its blocks there), so its server turns this off and pulls come from the store
+        tier only; a simulated cluster may model direct pulls.
     """
 
     policy: str = "kvcache_centric"
@@ -97,6 +101,7 @@ class ConductorConfig:
     slo_ttft_s: float = 30.0
     slo_tbt_s: float = 0.1
     seed: int = 0
+    pull_from_instances: bool = True
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, f"policy must be one of "
