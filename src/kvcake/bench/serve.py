@@ -275,8 +275,14 @@ async def replay(url: str, label: str, items: Sequence[ReplayItem],
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(coro)
+    """Run ``coro`` on a fresh loop. Ctrl-C raises ``KeyboardInterrupt`` out of it (an
+    ``asyncio.Runner`` would cancel the replay instead, which counts its requests as
+    failed and goes on with the next set-up)."""
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 def setup_command(name: str, port: int, options: ServeBenchOptions, log_dir: Path) -> list[str]:
