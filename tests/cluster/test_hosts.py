@@ -39,7 +39,7 @@ def hosts() -> Iterator[NetnsPair]:
 
 
 def test_prefill_and_decode_on_two_hosts(hosts: NetnsPair) -> None:
-    a, b = hosts.address("a"), hosts.address("b")
+    a = hosts.address("a")
     processes: list[ServerProcess] = []
     try:
         conductor = ServerProcess(kvcake_command(

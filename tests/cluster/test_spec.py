@@ -1,0 +1,56 @@
+"""``kvcake up``'s spec: defaults, a TOML ``[cluster]`` table, flags on top, CPU plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvcake.cluster.up import ClusterSpec, cpu_plan, load_spec
+from kvcake.common.config import parse_cpus
+from kvcake.common.errors import InvalidParamsError
+
+
+def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text('[cluster]\nprefill = 3\ndecode = 2\npolicy = "round_robin"\n'
+                    'kv_cache_size = "1GiB"\n')
+    spec = load_spec(str(path), {"decode": 1, "policy": None})
+    assert (spec.prefill, spec.decode, spec.policy, spec.kv_cache_size) == (
+        3, 1, "round_robin", "1GiB")
+    assert spec.roles == ["prefill"] * 3 + ["decode"]
+    assert load_spec(None, {}) == ClusterSpec()
+
+
+def test_a_bad_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text("[cluster]\nprefil = 2\n")
+    with pytest.raises(InvalidParamsError, match=r"unknown \[cluster\] keys \['prefil'\]"):
+        load_spec(str(path), {})
+    path.write_text("[cluster\n")
+    with pytest.raises(InvalidParamsError, match="cannot read cluster config"):
+        load_spec(str(path), {})
+    with pytest.raises(InvalidParamsError, match="not a size"):
+        ClusterSpec(kv_cache_size="lots")
+
+
+@pytest.mark.parametrize(("roles", "cpus", "plan"), [
+    (["prefill", "decode"], [0, 1], ["0", "1"]),
+    (["prefill", "prefill", "decode"], [0, 1], ["0", "0", "1"]),
+    (["both", "both"], [0, 1], ["0", "1"]),
+    (["prefill", "decode", "decode"], [0, 1, 2, 3], ["0", "2", "3"]),
+    (["prefill", "decode", "decode"], [0, 1], ["0", "1", "0"]),  # no CPU left over: share
+    (["prefill", "decode"], [5], ["5", "5"]),
+])
+def test_decode_instances_get_cpus_of_their_own(roles: list[str], cpus: list[int],
+                                                 plan: list[str]) -> None:
+    assert cpu_plan(roles, cpus) == plan
+
+
+def test_cpu_lists_parse() -> None:
+    assert parse_cpus("0-2,5") == {0, 1, 2, 5}
+    assert parse_cpus("") == set()
+    with pytest.raises(InvalidParamsError, match="cpus must look like"):
+        parse_cpus("a-b")
+    with pytest.raises(InvalidParamsError, match="runs backwards"):
+        parse_cpus("3-1")
