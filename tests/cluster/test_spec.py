@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.cluster.up import ClusterSpec, cpu_plan, load_spec
+from kvcake.cluster.up import ClusterSpec, Placement, cpu_plan, load_spec
 from kvcake.common.config import parse_cpus
 from kvcake.common.errors import InvalidParamsError
 
@@ -34,16 +34,20 @@ def test_a_bad_file_is_named(tmp_path: Path) -> None:
         ClusterSpec(kv_cache_size="lots")
 
 
+P, D = Placement("0-1", 10), Placement
+
+
 @pytest.mark.parametrize(("roles", "cpus", "plan"), [
-    (["prefill", "decode"], [0, 1], ["0", "1"]),
-    (["prefill", "prefill", "decode"], [0, 1], ["0", "0", "1"]),
-    (["both", "both"], [0, 1], ["0", "1"]),
-    (["prefill", "decode", "decode"], [0, 1, 2, 3], ["0", "2", "3"]),
-    (["prefill", "decode", "decode"], [0, 1], ["0", "1", "0"]),  # no CPU left over: share
-    (["prefill", "decode"], [5], ["5", "5"]),
+    (["prefill", "decode"], [0, 1], [P, D("1")]),
+    (["prefill", "prefill", "decode"], [0, 1], [P, P, D("1")]),
+    (["both", "both"], [0, 1], [D("0"), D("1")]),
+    (["prefill", "decode", "decode"], [0, 1, 2, 3],
+     [Placement("0-3", 10), D("2"), D("3")]),
+    (["prefill", "decode", "decode"], [0, 1], [P, D("0"), D("1")]),  # none left over: share
+    (["prefill", "decode"], [5], [Placement("5", 10), D("5")]),
 ])
 def test_decode_instances_get_cpus_of_their_own(roles: list[str], cpus: list[int],
-                                                 plan: list[str]) -> None:
+                                                 plan: list[Placement]) -> None:
     assert cpu_plan(roles, cpus) == plan
 
 

@@ -23,7 +23,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = load_config(WorkerConfig, "worker", {
         "role": args.role, "conductor": args.conductor, "host": args.host, "port": args.port,
         "instance_id": args.instance_id, "reserve_timeout_s": args.reserve_timeout,
-        "profile": False if args.no_profile else None, "cpus": args.cpus})
+        "profile": False if args.no_profile else None, "cpus": args.cpus, "nice": args.nice})
     engine = load_config(EngineConfig, "engine", {
         **engine_overrides(args), "store_master": args.store_master,
         "store_segment_size": size_or_none(args.store_segment_size),
@@ -50,6 +50,8 @@ def _add_worker(commands: Subparsers) -> None:
                         "decode reservation is freed (default 30)")
     worker.add_argument("--no-profile", action="store_true", help="skip the start-up timing")
     worker.add_argument("--cpus", help="CPUs to run on, e.g. 1 or 0-3 (default: any)")
+    worker.add_argument("--nice", type=int, help="lower this instance's priority by N "
+                        "(0..19; default 0)")
     add_engine_flags(worker)
     worker.set_defaults(run=_cmd_worker)
 
@@ -136,8 +138,9 @@ def _add_up(commands: Subparsers) -> None:
     up.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
     up.add_argument("--on-decode-failure", choices=("fail", "retry"))
     up.add_argument("--log-dir", help="write each process's log here")
-    up.add_argument("--no-pin", action="store_true", help="let instances run on any CPU "
-                    "(default: decode instances get CPUs of their own)")
+    up.add_argument("--no-pin", action="store_true", help="let instances run on any CPU at "
+                    "one priority (default: decode instances get CPUs of their own, prefill "
+                    "instances run anywhere at a lower priority)")
     _add_policy_flags(up)
     up.set_defaults(run=_cmd_up)
 

@@ -42,7 +42,8 @@ class ClusterSpec:
 
     store_size: memory the storage node contributes ("" or "0": no store at all).
     threads: torch threads per instance (they share the machine's cores).
-    pin: give instances CPUs (:func:`cpu_plan`): decode instances first, on CPUs of their own.
+    pin: place instances (:func:`cpu_plan`): decode instances on CPUs of their own, prefill
+        instances anywhere at a lower priority.
     """
 
     host: str = "127.0.0.1"
@@ -125,9 +126,9 @@ class Cluster:
             self._start_store()
             rpc = self._start_conductor()
             plan = cpu_plan(self.spec.roles, sorted(os.sched_getaffinity(0))) \
-                if self.spec.pin else [""] * len(self.spec.roles)
-            for index, (role, cpus) in enumerate(zip(self.spec.roles, plan, strict=True)):
-                self._start_worker(role, index, rpc, cpus)
+                if self.spec.pin else [Placement()] * len(self.spec.roles)
+            for index, (role, place) in enumerate(zip(self.spec.roles, plan, strict=True)):
+                self._start_worker(role, index, rpc, place)
             wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         except BaseException:
             self.stop()
@@ -170,7 +171,7 @@ class Cluster:
         self.api_endpoint = conductor.match.group(1)
         return conductor.match.group(2)
 
-    def _start_worker(self, role: str, index: int, rpc: str, cpus: str) -> None:
+    def _start_worker(self, role: str, index: int, rpc: str, place: Placement) -> None:
         s = self.spec
         name = f"{role}-{index}"
         args = ["worker", "--role", role, "--conductor", rpc, "--instance-id", name,
@@ -178,8 +179,10 @@ class Cluster:
                 "--max-num-seqs", str(s.max_num_seqs), "--threads", str(s.threads)]
         if self.master and role != "decode":
             args += ["--store-master", self.master]
-        if cpus:
-            args += ["--cpus", cpus]
+        if place.cpus:
+            args += ["--cpus", place.cpus]
+        if place.nice:
+            args += ["--nice", str(place.nice)]
         self._spawn(name, args, r"listening on")
 
     def dead(self) -> ServerProcess | None:
@@ -191,24 +194,47 @@ class Cluster:
         self.processes.clear()
 
 
-def cpu_plan(roles: list[str], cpus: list[int]) -> list[str]:
-    """CPUs for each instance, as ``--cpus`` text. Decode instances take CPUs of their own
-    from the end of the list while at least one is left for the rest; the other instances
-    share what is left, round robin (so on 2 CPUs, 2 prefill + 1 decode gives the decode
-    instance CPU 1 and both prefill instances CPU 0)::
+@dataclass(frozen=True)
+class Placement:
+    """Where an instance runs: ``--cpus`` text ("" = any) and its ``nice`` increment."""
 
-        roles   prefill prefill decode      both both
-        cpus    0       0       1           0    1
+    cpus: str = ""
+    nice: int = 0
+
+
+PREFILL_NICE = 10
+
+
+def cpu_plan(roles: list[str], cpus: list[int]) -> list[Placement]:
+    """Decode instances take CPUs of their own, from the end of the list, while at least one
+    is left for the rest, and keep their normal priority: prefill never slows their tokens.
+    Prefill instances may run on every CPU at a lower priority (``nice`` 10), so they soak
+    up whatever the decode instances leave idle. Colocated instances get one CPU each, round
+    robin, at normal priority. On 2 CPUs::
+
+        roles      prefill  prefill  decode        both  both
+        cpus       0-1      0-1      1             0     1
+        nice       10       10       0             0     0
     """
     decode = [i for i, role in enumerate(roles) if role == "decode"]
     own = len(decode) if len(cpus) > len(decode) else 0
-    rest, plan = cpus[:len(cpus) - own], [""] * len(roles)
+    rest = cpus[:len(cpus) - own]
+    every = _cpu_text(cpus)
+    plan = [Placement(every, PREFILL_NICE) if role == "prefill" else Placement()
+            for role in roles]
     for i, cpu in zip(decode[:own], cpus[len(cpus) - own:], strict=True):
-        plan[i] = str(cpu)
-    others = [i for i in range(len(roles)) if not plan[i]]
-    for n, i in enumerate(others):
-        plan[i] = str(rest[n % len(rest)])
+        plan[i] = Placement(str(cpu))
+    shared = [i for i, role in enumerate(roles) if role == "both" or (role == "decode"
+                                                                      and not own)]
+    for n, i in enumerate(shared):
+        plan[i] = Placement(str(rest[n % len(rest)]))
     return plan
+
+
+def _cpu_text(cpus: list[int]) -> str:
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0])
+    return ",".join(map(str, cpus))
 
 
 def health(endpoint: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:

@@ -330,6 +330,8 @@ class WorkerConfig:
     profile: time a few prefill and decode steps at start-up, seeding the cost model.
     cpus: CPUs this instance may run on, e.g. ``1`` or ``0-3`` or ``0,2`` (empty: any). A
         decode instance on cores of its own keeps its token rate whatever prefill does.
+    nice: added to this process's nice value (0..19): a prefill instance at a lower priority
+        uses the CPU time decode instances leave, never theirs.
     """
 
     role: str = "both"
@@ -342,9 +344,11 @@ class WorkerConfig:
     transfer_timeout_s: float = 30.0
     profile: bool = True
     cpus: str = ""
+    nice: int = 0
 
     def __post_init__(self) -> None:
         parse_cpus(self.cpus)
+        _require(0 <= self.nice <= 19, f"nice must be 0..19, got {self.nice}")
         _require(self.role in WORKER_ROLES, f"role must be one of {WORKER_ROLES}, "
                  f"got {self.role!r}")
         _require(_endpoint(self.conductor), f"conductor must be HOST:PORT, got "

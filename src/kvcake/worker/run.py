@@ -16,6 +16,8 @@ def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:
     cpus = parse_cpus(config.cpus)
     if cpus:
         os.sched_setaffinity(0, cpus)  # before torch starts its threads
+    if config.nice:
+        os.nice(config.nice)
     run_main(_main(config, engine_config))
 
 
@@ -25,7 +27,8 @@ async def _main(config: WorkerConfig, engine_config: EngineConfig) -> None:
         endpoint = await server.startup()
         print(f"kvcake worker {server.instance_id} ({config.role}, {engine_config.model}) "
               f"listening on {endpoint}, conductor {config.conductor}"
-              f"{', cpus ' + config.cpus if config.cpus else ''}", flush=True)
+              f"{', cpus ' + config.cpus if config.cpus else ''}"
+              f"{f', nice {config.nice}' if config.nice else ''}", flush=True)
         await until_signalled()
     finally:
         await server.shutdown()
