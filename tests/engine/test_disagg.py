@@ -166,3 +166,31 @@ def test_reserve_waits_while_the_batch_is_full(engines: Callable[..., EngineCore
     assert decode.release("a")
     assert decode.reserve("c", 20) is not None
     decode.check_integrity()
+
+
+def test_decodes_of_very_different_lengths_batch_exactly(
+        engines: Callable[..., EngineCore]) -> None:
+    """Decodes are grouped by context length (each group padded to its own longest), and a
+    batch of them draws what each draws alone."""
+    prompts = {"short": PROMPT[:20], "long": (PROMPT * 5)[:330], "mid": PROMPT[:45]}
+    together = engines(kv_cache_bytes=256 << 10, max_num_batched_tokens=512)
+    for request_id, prompt in prompts.items():
+        together.add_request(request_id, prompt, GREEDY)
+    batched = _run(together)
+    for request_id, prompt in prompts.items():
+        alone = engines(kv_cache_bytes=256 << 10, max_num_batched_tokens=512)
+        alone.add_request(request_id, prompt, GREEDY)
+        assert _run(alone)[request_id] == batched[request_id]
+
+
+def test_length_groups_bound_the_padding() -> None:
+    from kvcake.engine.runner import _length_groups
+    from kvcake.engine.scheduler import ScheduledChunk
+
+    def chunk(context: int) -> ScheduledChunk:
+        return ScheduledChunk(None, context - 1, 1)  # type: ignore[arg-type]
+
+    contexts = [90, 130, 200, 250, 900, 1400, 3800]
+    groups = _length_groups([chunk(c) for c in contexts])
+    assert [[c.start + 1 for c in g] for g in groups] == [[90, 130, 200, 250], [900, 1400],
+                                                          [3800]]

@@ -12,7 +12,7 @@ import torch
 
 from kvcake.common.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.model import AttentionBatch, LlamaModel, PrefillSpan
+from kvcake.engine.model import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.sampling import SamplingParams
 from kvcake.engine.weights import ModelFiles, load_weights, resolve_model
 
@@ -50,10 +50,10 @@ def _batch(start: int, n: int, decoding: bool) -> AttentionBatch:
     if decoding:
         slots = torch.arange(start + 1).unsqueeze(0)
         mask = torch.ones(1, 1, 1, start + 1, dtype=torch.bool)
-        return AttentionBatch(positions, positions, (), 0, slots, mask)
+        return AttentionBatch(positions, positions, (), 0, (DecodeGroup(0, slots, mask),))
     span = PrefillSpan.over_context(0, n, torch.arange(start + n)) if start \
         else PrefillSpan(0, n, None)
-    return AttentionBatch(positions, positions, (span,), n, None, None)
+    return AttentionBatch(positions, positions, (span,), n)
 
 
 def hf_logits(model: Any, tokens: Sequence[int]) -> torch.Tensor:

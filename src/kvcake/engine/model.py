@@ -60,16 +60,28 @@ class AttentionBatch:
     positions: absolute position of each token, ``(num_tokens,)``.
     prefills: the prefill chunks, in flat order, before all decodes.
     decode_start: flat index of the first decode token (== num_tokens when none).
-    decode_slots: context slots of each decode, padded, ``(num_decodes, max_context)``.
-    decode_mask: which of those slots are real, ``(num_decodes, 1, 1, max_context)``.
+    decodes: the decode tokens in groups of similar context length, each padded only to its
+        own longest context (one long request does not slow every other's attention).
     """
 
     slot_mapping: torch.Tensor
     positions: torch.Tensor
     prefills: tuple[PrefillSpan, ...]
     decode_start: int
-    decode_slots: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decodes: tuple[DecodeGroup, ...] = ()
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Single-token decodes at flat indices ``start .. start + len(slots)``.
+
+    slots: context slots of each, padded, ``(num_decodes, max_context)``.
+    mask: which of those slots are real, ``(num_decodes, 1, 1, max_context)``.
+    """
+
+    start: int
+    slots: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass
@@ -170,9 +182,9 @@ class LlamaModel:
         for span in batch.prefills:
             out[span.start:span.start + span.length] = self._prefill_attention(q, k, v, span,
                                                                                 cache)
-        if batch.decode_slots is not None:
-            out[batch.decode_start:] = self._decode_attention(q[batch.decode_start:], batch,
-                                                              cache)
+        for group in batch.decodes:
+            end = group.start + group.slots.shape[0]
+            out[group.start:end] = self._decode_attention(q[group.start:end], group, cache)
         return nnf.linear(out.view(-1, self.q_size), layer.o_proj)
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -189,15 +201,14 @@ class LlamaModel:
                           mask, self.scale)
         return out[0].transpose(0, 1)
 
-    def _decode_attention(self, q: torch.Tensor, batch: AttentionBatch,
+    def _decode_attention(self, q: torch.Tensor, group: DecodeGroup,
                           cache: torch.Tensor) -> torch.Tensor:
-        assert batch.decode_slots is not None
-        n, context = batch.decode_slots.shape
-        flat = batch.decode_slots.view(-1)
+        n, context = group.slots.shape
+        flat = group.slots.view(-1)
         ks = cache[0].index_select(0, flat).view(n, context, *cache.shape[2:])
         vs = cache[1].index_select(0, flat).view(n, context, *cache.shape[2:])
         out = self.attend(q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
-                          batch.decode_mask, self.scale)
+                          group.mask, self.scale)
         return out.squeeze(2)  # (num_decodes, num_heads, head_dim)
 
 
