@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test install sysdeps lint bench clean
 
 run: $(STAMP)
-	$(VENV)/bin/kvcake generate "In two sentences, why does reusing a cache save computation?" --stats
+	$(VENV)/bin/kvcake up
 
 test: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check src tests
