@@ -117,6 +117,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "kv_cache_size": args.kv_cache_size,
         "store_size": "0" if args.no_store else args.store_size,
         "threads": args.threads, "api_key": args.api_key,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir,
         "pin": False if args.no_pin else None})
     return run_up(spec)
@@ -135,6 +136,8 @@ def _add_up(commands: Subparsers) -> None:
     up.add_argument("--store-size", help="memory of the KV store's node (default 1GiB)")
     up.add_argument("--no-store", action="store_true", help="run without the KV store")
     up.add_argument("--threads", type=int, help="torch threads per instance (default 1)")
+    up.add_argument("--max-num-batched-tokens", type=int,
+                    help="token budget of one step per instance (default 512)")
     up.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
     up.add_argument("--on-decode-failure", choices=("fail", "retry"))
     up.add_argument("--log-dir", help="write each process's log here")

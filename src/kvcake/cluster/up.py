@@ -42,6 +42,9 @@ class ClusterSpec:
 
     store_size: memory the storage node contributes ("" or "0": no store at all).
     threads: torch threads per instance (they share the machine's cores).
+    max_num_batched_tokens: each instance's token budget per step. Small on CPUs: a
+        2048-token step takes seconds, so every request of a burst would get its first
+        token (and, colocated, every running request its next one) only at its end.
     pin: place instances (:func:`cpu_plan`): decode instances on CPUs of their own, prefill
         instances anywhere at a lower priority.
     """
@@ -59,6 +62,7 @@ class ClusterSpec:
     kv_cache_size: str = "512MiB"
     store_size: str = "1GiB"
     max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
     threads: int = 1
     api_key: str = ""
     on_decode_failure: str = "fail"
@@ -176,7 +180,8 @@ class Cluster:
         name = f"{role}-{index}"
         args = ["worker", "--role", role, "--conductor", rpc, "--instance-id", name,
                 "--model", s.model, "--kv-cache-size", s.kv_cache_size,
-                "--max-num-seqs", str(s.max_num_seqs), "--threads", str(s.threads)]
+                "--max-num-seqs", str(s.max_num_seqs), "--max-num-batched-tokens",
+                str(s.max_num_batched_tokens), "--threads", str(s.threads)]
         if self.master and role != "decode":
             args += ["--store-master", self.master]
         if place.cpus:

@@ -94,6 +94,8 @@ class ConductorBackend:
                 flight = await self._resubmit(request, prompt, generated, retries)
                 continue
             if not generated:
+                log.debug("request %s: first token after %.3f s", request.request_id,
+                          time.monotonic() - start)
                 num_cached = output.num_cached_tokens
                 self.server.metrics.count_cached(output.num_cached_tokens,
                                                  output.num_store_tokens)

@@ -237,6 +237,8 @@ class ConductorServer:
         store_hits = await self.store.hit_blocks(salt.decode(), hashes)
         decision = self.service.route(RouteRequest(request_id, len(tokens), hashes,
                                                    params.max_tokens, store_hits))
+        log.debug("request %s: %d tokens, %d blocks in the store: %s", request_id,
+                  len(tokens), store_hits, decision.detail)
         if not decision.accepted:
             self.metrics.rejections.inc(reason=decision.reason or "")
             if decision.reason in ("ttft_slo", "tbt_slo"):
