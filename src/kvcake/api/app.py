@@ -32,14 +32,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvcake.api.backend import Backend, GenerateChunk, GenerateRequest
+from kvcake.api.errors import ApiError, ClientGoneError
 from kvcake.api.metrics import ApiMetrics, CountResponses, RequestTimer
 from kvcake.api.protocol import (
     ChatCompletionRequest,
     ChatFormatter,
     CompletionFormatter,
     CompletionRequest,
-    ErrorDetail,
-    ErrorResponse,
     Formatter,
     ModelCard,
     ModelList,
@@ -57,9 +56,6 @@ _ROUTES = (  # method, path, _Routes method
     ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id}", "model"),
     ("GET", "/health", "health"), ("GET", "/metrics", "metrics"),
 )
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 405: "invalid_request_error", 429: "rate_limit_error"}
-
 
 def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     """The front end for ``backend``; with ``api_key`` every /v1/* route needs that bearer key.
@@ -83,76 +79,6 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     static_paths = {path for _, path, _ in _ROUTES if "{" not in path}
     app.add_middleware(CountResponses, counter=metrics.requests, paths=static_paths)  # outermost
     return app
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    @classmethod
-    def of(cls, exc: Exception) -> ApiError:
-        """The answer for any error the app expects (validation, backend, routing)."""
-        if isinstance(exc, ApiError):
-            return exc
-        if isinstance(exc, RequestRejectedError):
-            return cls(429, f"request rejected ({exc.reason}): {exc.detail}", code=exc.reason)
-        if isinstance(exc, KvcakeError):
-            return cls(exc.status, str(exc.args[0]), code=exc.code.name.lower())
-        if isinstance(exc, RequestValidationError):
-            return _validation_error(exc)
-        if isinstance(exc, HTTPException):
-            return cls(exc.status_code, f"{exc.detail}")
-        return cls(500, f"internal error ({type(exc).__name__}); the server log has details")
-
-    def body(self) -> ErrorResponse:
-        kind = _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "api_error")
-        return ErrorResponse(error=ErrorDetail(message=self.message, type=kind, param=self.param,
-                                               code=self.code))
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
-
-
-class ClientGoneError(Exception):
-    """The client disconnected before its answer was ready; the work was cancelled."""
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    """One 400 naming every bad field, ``param`` the first (``messages[0].content``)."""
-    problems = list(exc.errors())
-    if problems[0]["type"] == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON: {problems[0]['ctx']['error']}")
-    if tuple(problems[0]["loc"]) == ("body",):  # not JSON at all, or not an object
-        return ApiError(400, "the request body must be a JSON object, sent with "
-                        "Content-Type: application/json", param="body")
-    fields = [_field_path(problem["loc"]) for problem in problems]
-    messages = [f"{field}: {_problem_text(problem)}"
-                for field, problem in zip(fields, problems, strict=True)]
-    return ApiError(400, "; ".join(messages), param=fields[0])
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    """``("body", "messages", 0, "content")`` -> ``messages[0].content``."""
-    path = ""
-    for part in loc[1:] if loc[:1] == ("body",) else loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else part
-    return path or "body"
-
-
-def _problem_text(problem: dict[str, Any]) -> str:
-    if problem["type"] == "value_error":  # our own validators: their text, not pydantic's prefix
-        return str(problem["ctx"]["error"])
-    return str(problem["msg"])
 
 
 async def _answer_error(request: Request, exc: Exception) -> Response:
