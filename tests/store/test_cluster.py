@@ -141,7 +141,8 @@ def test_master_restart_clients_and_nodes_rejoin(
     master.kill()
     assert store.put("while-down", b"2") == ErrorCode.RPC_FAIL
     cluster("--port", endpoint.rsplit(":", 1)[1])  # same address, empty state
-    _wait_for(lambda: store.stats().num_segments == 2)
+    # both nodes remounted, and this client registered again (2 nodes + 1 client)
+    _wait_for(lambda: store.stats().num_segments == 2 and store.stats().num_clients == 3)
     assert store.get("before") == b""  # a restarted master starts empty (HA keeps state)
     assert store.put("after", b"3" * 4096) == 0
     assert store.get("after") == b"3" * 4096
