@@ -30,7 +30,7 @@ from kvcake.bench.serve import (
     run_serve_bench,
     setup_command,
 )
-from kvcake.bench.serve_launch import free_port, launched, stop_process
+from kvcake.bench.serve_launch import launched, stop_process
 from kvcake.bench.serve_report import (
     SUMMARY_KEYS,
     Outcome,
@@ -48,6 +48,7 @@ from kvcake.bench.serve_report import (
 )
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.sockets import free_port
 from kvcake.common.trace import load_trace, synthesize_prompt
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

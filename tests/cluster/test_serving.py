@@ -21,6 +21,7 @@ import pytest
 from kvcake.cluster import Cluster, ClusterSpec
 from kvcake.cluster.up import wait_healthy
 from kvcake.common.process import ServerProcess, kvcake_command
+from kvcake.common.sockets import free_port
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(60))
@@ -231,17 +232,10 @@ def test_prefill_killed_mid_prefill_frees_the_decode_reservation(tmp_path: Path)
         cluster.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def test_a_restarted_conductor_rebuilds_its_index_from_the_instances(tmp_path: Path) -> None:
-    rpc_port = _free_port()
+    rpc_port = free_port()
     conductor_args = ("conductor", "--port", "0", "--rpc-port", str(rpc_port),
                       "--policy", "cache_aware")
     ready = r"OpenAI API on http://(\S+)/v1"

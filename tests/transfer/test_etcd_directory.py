@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ import pytest
 
 from kvcake.common.config import TransferConfig
 from kvcake.common.errors import MetadataError, SegmentNotFoundError
+from kvcake.common.sockets import free_port
 from kvcake.transfer import EtcdDirectory, TransferEngine
 
 pytestmark = [
@@ -21,16 +21,11 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
 def etcd_url(tmp_path: Path) -> Iterator[str]:
-    client, peer = _free_port(), _free_port()
+    client, peer = free_port(), free_port()
     process = subprocess.Popen(
         ["etcd", "--data-dir", str(tmp_path / "etcd"), "--name", "kvcake-test",
          "--listen-client-urls", f"http://127.0.0.1:{client}",
@@ -94,7 +89,7 @@ def test_unregister_removes_the_descriptor(etcd_url: str) -> None:
 
 
 def test_unreachable_etcd_is_a_metadata_error() -> None:
-    directory = EtcdDirectory(f"etcd://127.0.0.1:{_free_port()}")
+    directory = EtcdDirectory(f"etcd://127.0.0.1:{free_port()}")
     try:
         with pytest.raises(MetadataError, match="etcd"):
             directory.lookup("anything")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvcake.bench.serve_launch import free_port, launched, log_tail
+from kvcake.bench.serve_launch import launched, log_tail
 from kvcake.bench.serve_report import (
     ReplayItem,
     ReplayRun,
@@ -42,6 +42,7 @@ from kvcake.bench.serve_report import (
 from kvcake.common.aio import new_event_loop
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.process import kvcake_command
+from kvcake.common.sockets import free_port
 from kvcake.common.trace import (
     load_trace,
     scale_record,

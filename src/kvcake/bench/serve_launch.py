@@ -8,25 +8,16 @@ own children), then SIGTERM, then SIGKILL, each after a bounded wait.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from kvcake.cluster.up import health
 from kvcake.common.errors import KvcakeError
 
 _STOP_WAIT_S = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0))  # then SIGKILL
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (bound on 127.0.0.1:0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def log_tail(work: Path, lines: int = 15) -> str:
@@ -57,7 +48,7 @@ def launched(command: Sequence[str], url: str, work: Path,
 def _wait_healthy(process: subprocess.Popen[bytes], url: str, timeout_s: float,
                   work: Path) -> None:
     deadline = time.monotonic() + timeout_s
-    while not (_serving(work) and _healthy(url)):
+    while not (_serving(work) and health(url)[0] == 200):
         if process.poll() is not None:
             raise KvcakeError(f"{url}: the server exited with code {process.returncode} "
                               f"before it was healthy\n{log_tail(work)}")
@@ -72,17 +63,6 @@ def _serving(work: Path) -> bool:
     as one prefill and one decode instance have)."""
     out = work / "launcher.out"
     return "kvcake up: serving" in out.read_text(errors="replace") if out.exists() else False
-
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with _DIRECT.open(f"{url}/health", timeout=2.0) as response:
-            return bool(response.status == 200)
-    except OSError:  # refused while it starts, or an HTTP error status
-        return False
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:

@@ -27,11 +27,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from kvcake.common.config import DECODE_FAILURE_CHOICES, parse_size
+from kvcake.common.config import ConductorServerConfig, parse_size
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.process import ServerProcess, kvcake_command
-from kvcake.conductor.admission import ADMISSIONS
-from kvcake.conductor.policy import POLICIES
+from kvcake.common.process import ServerProcess, kvcake_command, start_master, start_node
+from kvcake.conductor.types import ConductorConfig
 
 _READY_TIMEOUT_S = 300.0
 
@@ -75,12 +74,10 @@ class ClusterSpec:
                  f"prefill={self.prefill} decode={self.decode} both={self.both}")
         _require(self.both > 0 or (self.prefill > 0 and self.decode > 0),
                  "a cluster needs both > 0, or prefill > 0 and decode > 0")
-        _require(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got "
-                 f"{self.policy!r}")
-        _require(self.admission in ADMISSIONS, f"admission must be one of "
-                 f"{sorted(ADMISSIONS)}, got {self.admission!r}")
-        _require(self.on_decode_failure in DECODE_FAILURE_CHOICES, f"on_decode_failure must "
-                 f"be one of {DECODE_FAILURE_CHOICES}, got {self.on_decode_failure!r}")
+        # the children's own configs judge their settings, before any child starts
+        ConductorConfig(policy=self.policy, admission=self.admission,
+                        slo_ttft_s=self.slo_ttft_s, slo_tbt_s=self.slo_tbt_s)
+        ConductorServerConfig(port=self.port, on_decode_failure=self.on_decode_failure)
         parse_size(self.kv_cache_size)
         if self.store_size:
             parse_size(self.store_size)
@@ -154,11 +151,10 @@ class Cluster:
     def _start_store(self) -> None:
         if not self.spec.has_store:
             return
-        master = self._spawn("master", ["master", "--port", "0", "--metrics-port", "-1"],
-                             r"listening on (\S+)")
-        self.master = master.match.group(1)
-        self._spawn("node", ["node", "--master", self.master, "--segment-size",
-                             self.spec.store_size], r"segment (\S+) .* mounted")
+        master, self.master = start_master("--metrics-port", "-1", log_path=self._log("master"))
+        self.processes.append(master)
+        self.processes.append(start_node(self.master, self.spec.store_size,
+                                         log_path=self._log("node")))
 
     def _start_conductor(self) -> str:
         s = self.spec
@@ -242,14 +238,24 @@ def _cpu_text(cpus: list[int]) -> str:
     return ",".join(map(str, cpus))
 
 
-def health(endpoint: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+
+
+def health(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
+    """``GET url/health``: the status (0 when nothing answers) and the JSON body ({} when
+    it is not a JSON object)."""
     try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout_s) as reply:
-            return reply.status, json.loads(reply.read() or b"{}")
+        with _DIRECT.open(f"{url}/health", timeout=timeout_s) as reply:
+            status, raw = reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         return exc.code, {}
-    except (OSError, ValueError):
+    except OSError:
         return 0, {}
+    try:
+        body = json.loads(raw)
+    except ValueError:  # another server's plain-text health answer
+        return status, {}
+    return status, body if isinstance(body, dict) else {}
 
 
 def wait_healthy(endpoint: str, roles: list[str], processes: Sequence[ServerProcess],
@@ -258,7 +264,7 @@ def wait_healthy(endpoint: str, roles: list[str], processes: Sequence[ServerProc
     want = {role: roles.count(role) for role in ("prefill", "decode", "both")}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status, body = health(endpoint)
+        status, body = health(f"http://{endpoint}")
         if status == 200 and body.get("details", {}).get("instances") == want:
             return
         dead = next((p for p in processes if not p.alive()), None)

@@ -95,16 +95,19 @@ def kvcake_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
     return [*prefix, sys.executable, "-m", "kvcake.cli", *args]
 
 
-def start_master(*args: str, prefix: Sequence[str] = ()) -> tuple[ServerProcess, str]:
+def start_master(*args: str, prefix: Sequence[str] = (),
+                 log_path: str | None = None) -> tuple[ServerProcess, str]:
     """``kvcake master`` on an ephemeral port (unless ``args`` say otherwise); its endpoint."""
     command = kvcake_command("master", "--port", "0", "--metrics-port", "0", *args,
                              prefix=prefix)
-    process = ServerProcess(command, r"listening on (\S+)", name="kvcake master")
+    process = ServerProcess(command, r"listening on (\S+)", name="kvcake master",
+                            log_path=log_path)
     return process, process.match.group(1)
 
 
-def start_node(master: str, segment_size: str, *args: str,
-               prefix: Sequence[str] = ()) -> ServerProcess:
+def start_node(master: str, segment_size: str, *args: str, prefix: Sequence[str] = (),
+               log_path: str | None = None) -> ServerProcess:
     command = kvcake_command("node", "--master", master, "--segment-size", segment_size, *args,
                              prefix=prefix)
-    return ServerProcess(command, r"segment (\S+) .* mounted", name="kvcake node")
+    return ServerProcess(command, r"segment (\S+) .* mounted", name="kvcake node",
+                         log_path=log_path)

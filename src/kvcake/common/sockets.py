@@ -13,3 +13,11 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         if count == 0:
             raise ConnectionError("peer closed the connection mid-message")
         got += count
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (bound on ``host``:0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -231,7 +231,7 @@ class ConductorServer:
         ``KvcakeError`` (503) when no instance can take it."""
         if request_id in self.flights:
             raise InvalidParamsError(f"request id {request_id!r} is already in flight")
-        self._check_length(tokens, params)
+        self._check_length(tokens)
         salt = f"{self.fingerprint()}/{tenant}".encode()
         hashes = tuple(prefix_block_hashes(tokens, self.policy.block_size, salt))
         store_hits = await self.store.hit_blocks(salt.decode(), hashes)
@@ -254,7 +254,7 @@ class ConductorServer:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return flight
 
-    def _check_length(self, tokens: list[int], params: SamplingParams) -> None:
+    def _check_length(self, tokens: list[int]) -> None:
         limit = self.max_model_len()
         if limit and len(tokens) >= limit:
             raise InvalidParamsError(f"prompt of {len(tokens)} tokens does not fit the "
@@ -332,7 +332,7 @@ class ConductorServer:
     async def end(self, flight: Flight) -> None:
         """The API is done with ``flight``: abort what still runs, forget it."""
         self.flights.pop(flight.request_id, None)
-        if not flight.state.ended or flight.state is FlightState.FAILED:
+        if flight.state is not FlightState.FINISHED:  # live, or failed on one instance
             flight.move_to(FlightState.ABORTED)
             for instance_id in {flight.prefill_id, flight.decode_id}:
                 with contextlib.suppress(KvcakeError):

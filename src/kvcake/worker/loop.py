@@ -22,12 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kvcake.common.errors import KvcakeError
 from kvcake.conductor.messages import TokenOutput
 from kvcake.conductor.types import DecodeSample, PrefillSample, TransferSample
-from kvcake.engine.core import EngineCore, RequestOutput, StepStats
+from kvcake.engine.core import EngineCore, EngineLoad, RequestOutput, StepStats
 from kvcake.engine.kv_transfer import KVSender
 from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.worker.messages import Prefill
@@ -77,7 +77,7 @@ class Telemetry:
     decode: list[DecodeSample] = dataclasses.field(default_factory=list)
     transfer: list[TransferSample] = dataclasses.field(default_factory=list)
     events: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
-    load: Any = None
+    load: EngineLoad | None = None
 
     def add_step(self, stats: StepStats) -> None:
         if stats.num_prefill_chunks == 1 and not stats.num_decodes:
@@ -221,8 +221,7 @@ class EngineLoop:
 
     def _finish_prefill(self, output: RequestOutput) -> None:
         assert self.sender is not None
-        if not output.finished:  # a prefill-only request ends at its first token
-            self.core.abort(output.request_id)
+        assert output.finished, "a prefill-only request ends at its first token"
         error = ""
         try:
             num_bytes, seconds = self.sender.wait(output.request_id, self._transfer_timeout_s)

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import contextlib
 import os
-from typing import Any
+from collections.abc import Callable
 
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, load_config
@@ -101,8 +101,13 @@ class WorkerServer:
                                 self._threadsafe(loop, self._queue_prefill_done),
                                 self.config.reserve_timeout_s, self.config.transfer_timeout_s)
 
-    def _threadsafe(self, loop: asyncio.AbstractEventLoop, fn: Any) -> Any:
-        return lambda *args: loop.call_soon_threadsafe(fn, *args)
+    @staticmethod
+    def _threadsafe(loop: asyncio.AbstractEventLoop,
+                    fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn`` called on ``loop`` whichever thread calls the result."""
+        def call(*args: object) -> None:
+            loop.call_soon_threadsafe(fn, *args)
+        return call
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -208,6 +213,7 @@ class WorkerServer:
             await self._register(telemetry)
             return
         snapshot = await self._snapshot() if self._need_snapshot else None
+        assert telemetry.load is not None, "the engine loop always knows its load"
         report = Report(self.instance_id, _load(telemetry.load), events, snapshot,
                         telemetry.prefill, telemetry.decode, telemetry.transfer)
         reply = decode(await self._conductor.call(encode(report)), ReportReply)
