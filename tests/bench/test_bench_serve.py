@@ -41,13 +41,12 @@ from kvcake.bench.serve_report import (
     StreamTally,
     comparison_ratios,
     meets_slo,
-    percentile,
     plot_cdfs,
-    slowest_gaps_mean,
     summarise,
 )
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.latency import percentile, slowest_gaps_mean
 from kvcake.common.sockets import free_port
 from kvcake.common.trace import load_trace, synthesize_prompt
 

@@ -20,7 +20,6 @@ Definitions (the Mooncake paper's, where it has one):
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from kvcake.bench.measure import print_rows
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.latency import percentile, slowest_gaps_mean
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,7 +39,6 @@ SUMMARY_KEYS = (
     "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_p50_s", "tbt_p90_s", "tbt_p99_s",
     "tbt_slow10_mean_s", "slo_attainment", "goodput_rps", "cached_tokens_ratio", "duration_s",
 )
-SLOWEST_PART = 10  # the paper's TBT: the slowest tenth of a request's gaps
 
 
 class Outcome(StrEnum):
@@ -184,27 +182,6 @@ class Slo:
 
     ttft_s: float
     tbt_s: float
-
-
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile: the smallest value with at least ``pct`` % of ``values`` at or
-    below it (``pct`` 0 gives the minimum). ``None`` for no values; ``InvalidParamsError``
-    for ``pct`` outside 0..100."""
-    if not 0 <= pct <= 100:
-        raise InvalidParamsError(f"percentile must be 0..100, got {pct}")
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct * len(ordered) / 100))  # pct * n first: exact for integers
-    return ordered[rank - 1]
-
-
-def slowest_gaps_mean(gaps: Sequence[float]) -> float | None:
-    """Mean of the slowest ``ceil(10 %)`` of ``gaps`` (at least one); ``None`` if empty."""
-    if not gaps:
-        return None
-    count = max(1, -(-len(gaps) // SLOWEST_PART))  # integer ceil: 30 * 0.1 is not 3 in floats
-    return statistics.fmean(sorted(gaps, reverse=True)[:count])
 
 
 def meets_slo(result: RequestResult, slo: Slo) -> bool:

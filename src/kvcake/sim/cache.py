@@ -46,7 +46,8 @@ class CacheReplay:
 
 
 class PoolCache:
-    """A pool of ``capacity`` blocks (0: unbounded) named by trace hash ids."""
+    """A cache of ``capacity`` blocks (0: unbounded) named by keys: trace hash ids for the
+    global pool alone, block keys for a simulated instance or store tier."""
 
     def __init__(self, capacity: int, eviction: str = "lru") -> None:
         if capacity < 0:
@@ -55,26 +56,32 @@ class PoolCache:
         self.policy: EvictionPolicy = make_eviction_policy(eviction)
         self.num_evictions = 0
 
-    def matched(self, hash_ids: Iterable[int]) -> int:
-        """Leading ids present in the pool."""
+    def matched(self, keys: Iterable[int | str]) -> int:
+        """Leading keys present in the cache."""
         count = 0
-        for hash_id in hash_ids:
-            if str(hash_id) not in self.policy:
+        for key in keys:
+            if str(key) not in self.policy:
                 break
             count += 1
         return count
 
-    def admit(self, hash_ids: Iterable[int]) -> None:
-        """Insert or touch each id in order, evicting past the capacity."""
-        for hash_id in hash_ids:
-            key = str(hash_id)
+    def admit(self, keys: Iterable[int | str]) -> list[str]:
+        """Insert or touch each key in order, evicting past the capacity; the evicted keys."""
+        evicted: list[str] = []
+        for key in map(str, keys):
             if key in self.policy:
                 self.policy.touch(key)
                 continue
             self.policy.insert(key)
             if self.capacity and len(self.policy) > self.capacity:
-                self.policy.discard(next(iter(self.policy)))
-                self.num_evictions += 1
+                victim = next(iter(self.policy))
+                self.policy.discard(victim)
+                evicted.append(victim)
+        self.num_evictions += len(evicted)
+        return evicted
+
+    def __len__(self) -> int:
+        return len(self.policy)
 
 
 def replay_pool(records: Iterable[TraceRecord], capacity: int, eviction: str = "lru",
