@@ -372,7 +372,7 @@ def test_bad_input_is_refused_by_name() -> None:
                    "cache_aware, kvcache_centric, least_loaded, random, round_robin; "
                    "got 'fastest'")
     assert_invalid(lambda: ConductorConfig(admission="strict"),
-                   "admission must be one of early, none, predictive; got 'strict'")
+                   "admission must be one of early, none, predictive, ttft; got 'strict'")
     assert_invalid(lambda: ConductorConfig(balancing_threshold=0.5),
                    "balancing_threshold must be >= 1, got 0.5")
     assert_invalid(lambda: ConductorConfig(slo_tbt_s=0), "slo_tbt_s must be > 0, got 0")

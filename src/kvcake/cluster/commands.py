@@ -80,7 +80,7 @@ def _cmd_conductor(args: argparse.Namespace) -> int:
 def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="random, round_robin, least_loaded, cache_aware, "
                         "kvcache_centric (default)")
-    parser.add_argument("--admission", help="none (default), early, predictive")
+    parser.add_argument("--admission", help="none (default), ttft, early, predictive")
     parser.add_argument("--slo-ttft", type=float, help="TTFT objective, seconds (default 30)")
     parser.add_argument("--slo-tbt", type=float, help="TBT objective, seconds (default 0.1)")
 

@@ -2,16 +2,22 @@
 
 ==============  =========================================================================
 ``none``        admits everything (routing may still fail for want of an instance)
+``ttft``        rejects when the predicted TTFT breaks the SLO; decode load is left to
+                the decode instance (the paper's baseline checks each stage only when the
+                request reaches it)
 ``early``       rejects when the predicted TTFT breaks the SLO, or when the decode
-                instance's *current* batch plus this request breaks the TBT SLO
-``predictive``  the TTFT rule, and the TBT SLO checked on the batch predicted for the
-                moment this request would reach decode (arXiv §6)
+                instance's *current* batch plus this request breaks the TBT SLO or
+                overflows the instance's KV capacity
+``predictive``  the TTFT rule, and the TBT SLO and KV capacity checked on the batch
+                predicted for the moment this request would reach decode (arXiv §6)
 ==============  =========================================================================
 
 ``early`` looks at the decode batch as it is now, so it rejects while a burst is draining
 and admits while one is on its way; ``predictive`` replays the decode instance's timeline
 instead. A request decodes for ``num_output_tokens`` steps of the current step time, from
-its (actual or predicted) decode start::
+its (actual or predicted) decode start. A batch whose contexts (prompt plus expected output,
+as a decode instance reserves them) overflow the instance's KV would leave the request
+waiting for a seat, which breaks the TBT objective as surely as a slow step::
 
     now ─────────────── t = now + ttft ───────▶
     decoding: [start ──── start + n·step)      present at t if start <= t < end
@@ -55,12 +61,16 @@ class AdmissionInput:
     context_tokens: int  # this request's prompt plus expected output
     members: Sequence[DecodeMember]  # on decode_id
     step_s: StepTime
+    capacity_tokens: int = 0  # KV the decode instance holds for its batch (0: unknown)
+
+    def current_batch(self) -> tuple[int, int]:
+        """The batch decoding now with this request added: (requests, context tokens)."""
+        decoding = [m for m in self.members if m.decoding]
+        return len(decoding) + 1, sum(m.context_tokens for m in decoding) + self.context_tokens
 
     def current_tbt_s(self) -> tuple[float, int]:
         """Step time of the batch decoding now with this request added, and that batch."""
-        decoding = [m for m in self.members if m.decoding]
-        batch = len(decoding) + 1
-        context = sum(m.context_tokens for m in decoding) + self.context_tokens
+        batch, context = self.current_batch()
         return self.step_s(batch, context), batch
 
 
@@ -89,12 +99,19 @@ class Admission(ABC):
         return Rejection("ttft_slo", f"predicted TTFT {query.ttft_s:.3f} s on "
                          f"{query.prefill_id!r} > SLO {self.slo_ttft_s:.3f} s")
 
-    def _check_tbt(self, query: AdmissionInput, tbt_s: float, batch: int,
-                   when: str) -> Rejection | None:
-        if tbt_s <= self.slo_tbt_s:
-            return None
-        return Rejection("tbt_slo", f"predicted TBT {tbt_s:.4f} s {when} on "
-                         f"{query.decode_id!r} (batch {batch}) > SLO {self.slo_tbt_s:.4f} s")
+    def _check_decode(self, query: AdmissionInput, batch: int, context: int,
+                      when: str) -> Rejection | None:
+        """The TBT objective and the KV capacity for ``batch`` requests holding ``context``
+        tokens on the decode instance."""
+        tbt_s = query.step_s(batch, context)
+        if tbt_s > self.slo_tbt_s:
+            return Rejection("tbt_slo", f"predicted TBT {tbt_s:.4f} s {when} on "
+                             f"{query.decode_id!r} (batch {batch}) > SLO "
+                             f"{self.slo_tbt_s:.4f} s")
+        if batch > 1 and 0 < query.capacity_tokens < context:
+            return Rejection("tbt_slo", f"decode batch {when} on {query.decode_id!r} would "
+                             f"hold {context} KV tokens > its {query.capacity_tokens}: no seat")
+        return None
 
 
 class NoAdmission(Admission):
@@ -104,25 +121,32 @@ class NoAdmission(Admission):
         return None
 
 
+class TtftAdmission(Admission):
+    name = "ttft"
+
+    def check(self, query: AdmissionInput) -> Rejection | None:
+        return self._check_ttft(query)
+
+
 class EarlyAdmission(Admission):
     name = "early"
 
     def check(self, query: AdmissionInput) -> Rejection | None:
-        tbt_s, batch = query.current_tbt_s()
-        return self._check_ttft(query) or self._check_tbt(query, tbt_s, batch, "now")
+        batch, context = query.current_batch()
+        return self._check_ttft(query) or self._check_decode(query, batch, context, "now")
 
 
 class PredictiveAdmission(Admission):
     name = "predictive"
 
     def check(self, query: AdmissionInput) -> Rejection | None:
-        tbt_s, batch = predicted_tbt_s(query)
+        batch, context = predicted_batch(query)
         arrival = f"at +{query.ttft_s:.3f} s"
-        return self._check_ttft(query) or self._check_tbt(query, tbt_s, batch, arrival)
+        return self._check_ttft(query) or self._check_decode(query, batch, context, arrival)
 
 
-def predicted_tbt_s(query: AdmissionInput) -> tuple[float, int]:
-    """Step time of the decode batch at ``now + ttft``, this request included, and that batch.
+def predicted_batch(query: AdmissionInput) -> tuple[int, int]:
+    """The decode batch at ``now + ttft``, this request included: (requests, context tokens).
 
     Every member decodes for ``num_output_tokens`` steps of the current step time (one
     uniform rate: the paper's simplification); it is in the batch at ``t`` when its decode
@@ -132,13 +156,12 @@ def predicted_tbt_s(query: AdmissionInput) -> tuple[float, int]:
     arrival = query.now_s + query.ttft_s
     present = [m for m in query.members
                if m.decode_start_s <= arrival < m.decode_start_s + m.num_output_tokens * step_now]
-    batch = len(present) + 1
-    context = sum(m.context_tokens for m in present) + query.context_tokens
-    return query.step_s(batch, context), batch
+    return len(present) + 1, sum(m.context_tokens for m in present) + query.context_tokens
 
 
 ADMISSIONS: dict[str, type[Admission]] = {
-    rule.name: rule for rule in (NoAdmission, EarlyAdmission, PredictiveAdmission)
+    rule.name: rule for rule in (NoAdmission, TtftAdmission, EarlyAdmission,
+                                 PredictiveAdmission)
 }
 
 

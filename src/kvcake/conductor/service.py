@@ -251,9 +251,10 @@ class ConductorService:
         members = [DecodeMember(r.request.context_tokens, r.request.num_output_tokens,
                                 r.prefill_end_s if r.decode_start_s is None else r.decode_start_s,
                                 r.decode_start_s is not None) for r in bound]
+        capacity = self.instances[decode.instance_id].num_blocks * self.config.block_size
         return AdmissionInput(self.clock(), prefill.instance_id, decode.instance_id,
                               prefill.ttft_s, request.context_tokens, members,
-                              self.cost.decode_step_s)
+                              self.cost.decode_step_s, capacity)
 
     # ----- outcomes
     def _admit(self, request: RouteRequest, prefill: PrefillEstimate,

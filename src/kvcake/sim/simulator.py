@@ -122,7 +122,10 @@ class Simulator:
         self.instances[instance_id] = SimInstance(
             instance_id, role, profile, profile.cost_model(), self.events, self,
             self.config.eviction, self.config.keep_gaps)
-        self.service.add_instance(instance_id, role, profile.cache_blocks)
+        # a decode side's capacity is the KV its batch may hold (admission checks it)
+        num_blocks = (profile.cache_blocks if role == "prefill"
+                      else profile.decode_kv_tokens // profile.block_tokens)
+        self.service.add_instance(instance_id, role, num_blocks)
 
     # ----- the run
     def run(self) -> list[SimRequest]:
@@ -198,9 +201,16 @@ class Simulator:
         decode.submit_decode(request)
 
     def _breaks_tbt(self, decode: SimInstance, request: SimRequest) -> bool:
-        batch = decode.num_running + decode.num_decode_waiting + 1
+        """With this request, would the decode instance's next step break the TBT objective,
+        or its seats or KV run out (so the request would wait)?"""
+        waiting = decode.decode_queue
+        batch = decode.num_running + len(waiting) + 1
         context = decode.running_context + request.num_prompt_tokens
-        return decode.cost.decode_step_s(batch, context) > self.config.slo_tbt_s
+        reserved = (decode.kv_reserved + sum(r.context_tokens for r in waiting)
+                    + request.context_tokens)
+        profile = decode.profile
+        return batch > 1 and (decode.cost.decode_step_s(batch, context) > self.config.slo_tbt_s
+                              or batch > profile.max_batch or reserved > profile.decode_kv_tokens)
 
     def decode_done(self, instance: SimInstance, request: SimRequest) -> None:
         self.service.finished(request.request_id)
