@@ -19,6 +19,7 @@ from kvcake.common.config import (
 )
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import setup_logging
+from kvcake.sim.commands import add_sim_commands
 
 
 def _transfer_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -170,30 +171,6 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type
     gen.set_defaults(run=_cmd_generate)
 
 
-def _cmd_sim_cache(args: argparse.Namespace) -> int:
-    from kvcake.sim.run import run_sim_cache
-
-    try:
-        capacities = [int(c) for c in args.capacity.split(",")]
-    except ValueError:
-        raise KvcakeError(f"--capacity takes block counts like 0,10000; got "
-                          f"{args.capacity!r}") from None
-    return run_sim_cache(args.trace, capacities, args.eviction, args.json, sys.stdout)
-
-
-def _add_sim_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    sim = commands.add_parser("sim", help="trace-driven simulation")
-    sim_cmds = sim.add_subparsers(dest="sim_command", required=True)
-    cache = sim_cmds.add_parser("cache", help="prefix hit ratio of one global pool")
-    cache.add_argument("--trace", help="Mooncake-format JSONL (default: the packaged "
-                       "conversation trace)")
-    cache.add_argument("--capacity", default="0", help="pool size in blocks, a comma list "
-                       "(0 = unbounded; default 0)")
-    cache.add_argument("--eviction", default="lru", help="lru (default) or fifo")
-    cache.add_argument("--json", action="store_true", help="one JSON object per capacity")
-    cache.set_defaults(run=_cmd_sim_cache)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcake", description=__doc__)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
@@ -212,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(commands)
     _add_generate_command(commands)
     add_serving_commands(commands)
-    _add_sim_commands(commands)
+    add_sim_commands(commands)
 
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)

@@ -1,14 +1,99 @@
-"""``kvcake sim cache``: the prefix hit ratio of one global pool over a trace."""
+"""``kvcake sim`` runners: one simulated cluster, a capacity sweep, the global pool alone, a
+profile fitted from ``kvcake bench engine``. Output goes to ``out``; nothing here parses flags.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TextIO
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.common.trace import load_trace
+from kvcake.common.trace import TraceRecord, load_trace
 from kvcake.sim.cache import CacheReplay, replay_pool
+from kvcake.sim.profile import fit_profile, load_profile
+from kvcake.sim.report import plot_cdfs, print_json, print_summary, summarise
+from kvcake.sim.simulator import SimConfig, Simulator
+from kvcake.sim.sweep import Capacity, Probe, find_capacity, plot_capacities
+from kvcake.sim.workload import WorkloadSpec, build_requests
+
+
+def run_sim(trace: str | None, config: SimConfig, spec: WorkloadSpec, as_json: bool,
+            plot: str | None, out: TextIO) -> int:
+    records = load_trace(trace)
+    if plot:
+        config = replace(config, keep_gaps=True)
+    requests = Simulator(config, build_requests(records, spec,
+                                                config.profile.block_tokens)).run()
+    summary = summarise(config, requests)
+    if as_json:
+        print_json(summary, out)
+    else:
+        print_summary(summary, out)
+    if plot:
+        plot_cdfs(plot, [(f"{config.policy}", requests)], config.slo_ttft_s, config.slo_tbt_s)
+    return 0
+
+
+def run_sim_sweep(trace: str | None, configs: Sequence[SimConfig], spec: WorkloadSpec,
+                  target: float, as_json: bool, plot: str | None, out: TextIO) -> int:
+    records = load_trace(trace)
+    capacities = [_sweep_one(records, config, spec, target, as_json, out) for config in configs]
+    if as_json:
+        for capacity in capacities:
+            print(json.dumps(_capacity_json(capacity), sort_keys=True), file=out)
+    else:
+        _print_capacities(capacities, out)
+    if plot:
+        plot_capacities(plot, capacities)
+    return 0
+
+
+def _sweep_one(records: Sequence[TraceRecord], config: SimConfig, spec: WorkloadSpec,
+               target: float, as_json: bool, out: TextIO) -> Capacity:
+    def show(probe: Probe) -> None:
+        if not as_json:
+            print(f"  {config.policy:>16} speed {probe.speed:8.4f}: {probe.arrival_rate_rps:8.3f} "
+                  f"req/s, SLO {probe.slo_attainment:6.1%}", file=out, flush=True)
+
+    return find_capacity(records, config, spec, target, on_probe=show)
+
+
+def _capacity_json(capacity: Capacity) -> dict[str, Any]:
+    best = capacity.best
+    return {"config": capacity.label, "target": capacity.target,
+            "capacity_speed": best.speed if best else None,
+            "capacity_rps": best.arrival_rate_rps if best else None,
+            "probes": [vars(p) for p in capacity.probes]}
+
+
+def _print_capacities(capacities: Sequence[Capacity], out: TextIO) -> None:
+    base = capacities[0].best if capacities else None
+    print(f"{'configuration':>32}  {'speed':>8}  {'req/s':>8}  {'SLO':>6}  "
+          f"vs {capacities[0].label if capacities else ''}", file=out)
+    for capacity in capacities:
+        best = capacity.best
+        if best is None:
+            print(f"{capacity.label:>32}  {'-':>8}  {'-':>8}  {'-':>6}  never met "
+                  f"{capacity.target:.0%}", file=out)
+            continue
+        ratio = (f"{best.arrival_rate_rps / base.arrival_rate_rps:.2f}x"
+                 if base is not None and base.arrival_rate_rps > 0 else "-")
+        print(f"{capacity.label:>32}  {best.speed:8.4f}  {best.arrival_rate_rps:8.3f}  "
+              f"{best.slo_attainment:6.1%}  {ratio}", file=out)
+
+
+def run_sim_profile(bench_json: str | None, base: str, name: str, out: TextIO) -> int:
+    """Print a profile: a named one, or ``base`` fitted to ``kvcake bench engine --json``."""
+    profile = load_profile(base)
+    if bench_json is not None:
+        rows = [json.loads(line) for line in Path(bench_json).read_text().splitlines()
+                if line.strip()]
+        profile = fit_profile(rows, profile, name)
+    print(json.dumps(profile.to_json(), indent=2), file=out)
+    return 0
 
 
 def run_sim_cache(trace: str | None, capacities: Sequence[int], eviction: str, as_json: bool,
@@ -20,7 +105,7 @@ def run_sim_cache(trace: str | None, capacities: Sequence[int], eviction: str, a
     replays = [replay_pool(records, capacity, eviction) for capacity in capacities]
     if as_json:
         for replay in replays:
-            print(json.dumps(_summary(replay)), file=out)
+            print(json.dumps(_cache_summary(replay)), file=out)
         return 0
     print(f"{len(records):,} requests, {replays[0].num_blocks:,} block references; "
           f"eviction {eviction}", file=out)
@@ -32,7 +117,7 @@ def run_sim_cache(trace: str | None, capacities: Sequence[int], eviction: str, a
     return 0
 
 
-def _summary(replay: CacheReplay) -> dict[str, object]:
+def _cache_summary(replay: CacheReplay) -> dict[str, object]:
     return {"capacity": replay.capacity, "eviction": replay.eviction,
             "num_requests": replay.num_requests, "num_blocks": replay.num_blocks,
             "hit_ratio_blocks": replay.hit_ratio_blocks,
