@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sysdeps lint bench clean
+.PHONY: run test install sysdeps lint bench paper clean
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/kvcake bench transfer
+
+# the Mooncake papers' simulated results (docs/sim.md), about 2 minutes
+paper: $(STAMP)
+	$(VENV)/bin/kvcake sim paper --out docs
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -61,7 +61,7 @@ def _spec(args: argparse.Namespace) -> WorkloadSpec:
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", help=TRACE_HELP)
     parser.add_argument("--profile", default="llama2-70b-a800", help="a profile name "
-                        "(llama2-70b-a800, smollm2-cpu) or a JSON file (default "
+                        "(llama2-70b-a800, smollm2-cpu, smollm2-cpu-up) or a JSON file (default "
                         "llama2-70b-a800)")
     parser.add_argument("--admission", default="none", help="none (default), ttft, early, "
                         "predictive")
@@ -115,8 +115,14 @@ def _cmd_sim_profile(args: argparse.Namespace) -> int:
     return run_sim_profile(args.bench, args.base, args.name, sys.stdout)
 
 
+def _cmd_sim_paper(args: argparse.Namespace) -> int:
+    from kvcake.sim.paper import run_paper
+
+    return run_paper(args.out, args.quick, sys.stdout)
+
+
 def add_sim_commands(commands: Subparsers) -> None:
-    sim = commands.add_parser("sim", help="trace-driven cluster simulation")
+    sim = commands.add_parser("sim", help="trace-driven cluster simulation", allow_abbrev=False)
     sim.add_argument("--prefill", type=int, default=8, help="prefill instances (default 8)")
     sim.add_argument("--decode", type=int, default=8, help="decode instances (default 8)")
     sim.add_argument("--colocated", type=int, default=0,
@@ -152,3 +158,8 @@ def add_sim_commands(commands: Subparsers) -> None:
                          "(default smollm2-cpu)")
     profile.add_argument("--name", default="fitted", help="name of the fitted profile")
     profile.set_defaults(run=_cmd_sim_profile)
+
+    paper = sim_cmds.add_parser("paper", help="rerun the Mooncake papers' simulated results")
+    paper.add_argument("--out", default="docs", help="folder for sim-paper.png (default docs)")
+    paper.add_argument("--quick", action="store_true", help="the first 3,000 rows only")
+    paper.set_defaults(run=_cmd_sim_paper)

@@ -104,28 +104,41 @@ class Profile:
 #   decode:  weights 138 GB read per step at 70 % of 8 x 2.0 TB/s   -> 12 ms, plus 8 ms of
 #            launches and all-reduces; KV 320 KiB per context token -> 2.9e-8 s per token
 #   KV: 2·80·8·128·2 B = 327,680 B per token; 640 GB HBM - 138 GB weights - activations
-#       leaves about 400 GB for KV (1.2 M tokens); 1 TB of node DRAM caches 6,000 blocks of
-#       512 tokens (160 MiB each); 4 x 200 Gb/s RDMA NICs move 80 GB/s at 80 %.
+#       leaves about 400 GB for KV (1.2 M tokens); the paper gives each node's DRAM cache
+#       3 M tokens (5,859 blocks of 512, 160 MiB each); its transfer engine moves 87 GB/s
+#       over 4 x 200 Gb/s RDMA NICs.
 LLAMA2_70B_A800 = Profile(
     name="llama2-70b-a800", description="LLaMA2-70B on one 8xA800-80GB node (the paper's)",
     block_tokens=512, kv_bytes_per_token=327_680,
     prefill_fixed_s=0.02, prefill_per_token_s=1.1e-4, prefill_attention_s=2.1e-9,
     prefill_chunk_tokens=8192,
     decode_fixed_s=0.02, decode_per_request_s=2e-4, decode_per_context_token_s=2.9e-8,
-    network_bytes_per_s=80e9, cache_blocks=6000, decode_kv_tokens=1_200_000, max_batch=256)
+    network_bytes_per_s=87e9, cache_blocks=5859, decode_kv_tokens=1_200_000, max_batch=256)
 
-# SmolLM2-135M, bf16, on this 2-core VM; fitted with :func:`fit_profile` from ``kvcake bench
-# engine --json`` (prompts of 512 tokens, batches 1/8/32) and the live instances' defaults:
-# block 16, 512-token steps, 512 MiB of KV (23,040 B per token) per instance, 32 requests.
+# SmolLM2-135M, bf16, on this 2-core VM; prefill and decode fitted with :func:`fit_profile`
+# to ``kvcake bench engine --json`` (2 threads; prompts of 512 tokens, batches 1/8/32:
+# 4.1k prefill tokens/s; decode steps of 37, 44 and 85 ms); the rest is what ``kvcake up``
+# gives an instance: block 16, 512-token steps, 512 MiB of KV (23,040 B per token), 32 seats.
 SMOLLM2_CPU = Profile(
     name="smollm2-cpu", description="SmolLM2-135M bf16 on 2 CPU cores (kvcake up defaults)",
     block_tokens=16, kv_bytes_per_token=23_040,
-    prefill_fixed_s=0.005, prefill_per_token_s=1.0 / 750, prefill_attention_s=0.0,
+    prefill_fixed_s=0.005, prefill_per_token_s=2.45e-4, prefill_attention_s=0.0,
     prefill_chunk_tokens=512,
-    decode_fixed_s=0.035, decode_per_request_s=0.004, decode_per_context_token_s=0.0,
+    decode_fixed_s=0.0333, decode_per_request_s=0.00161, decode_per_context_token_s=0.0,
     network_bytes_per_s=2e9, cache_blocks=1456, decode_kv_tokens=23_301, max_batch=32)
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (LLAMA2_70B_A800, SMOLLM2_CPU)}
+# The same model as ``kvcake up`` places it: one engine thread per instance, prefill and
+# decode instances sharing the 2 cores (prefill at nice 10). Prefill and decode costs are
+# the Conductor's defaults, which the workers' start-up profiling measures there.
+_LIVE = CostDefaults()
+SMOLLM2_CPU_UP = replace(
+    SMOLLM2_CPU, name="smollm2-cpu-up",
+    description="SmolLM2-135M bf16, one thread per instance as kvcake up places them",
+    prefill_fixed_s=_LIVE.prefill_fixed_s, prefill_per_token_s=_LIVE.prefill_per_token_s,
+    decode_fixed_s=_LIVE.decode_fixed_s, decode_per_request_s=_LIVE.decode_per_request_s)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (LLAMA2_70B_A800, SMOLLM2_CPU,
+                                                    SMOLLM2_CPU_UP)}
 
 
 def load_profile(name_or_path: str) -> Profile:
