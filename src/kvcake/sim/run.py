@@ -16,7 +16,7 @@ from kvcake.sim.cache import CacheReplay, replay_pool
 from kvcake.sim.profile import fit_profile, load_profile
 from kvcake.sim.report import plot_cdfs, print_json, print_summary, summarise
 from kvcake.sim.simulator import SimConfig, Simulator
-from kvcake.sim.sweep import Capacity, Probe, find_capacity, plot_capacities
+from kvcake.sim.sweep import Capacity, Probe, find_capacity, layout_label, plot_capacities
 from kvcake.sim.workload import WorkloadSpec, build_requests
 
 
@@ -55,7 +55,8 @@ def _sweep_one(records: Sequence[TraceRecord], config: SimConfig, spec: Workload
                target: float, as_json: bool, out: TextIO) -> Capacity:
     def show(probe: Probe) -> None:
         if not as_json:
-            print(f"  {config.policy:>16} speed {probe.speed:8.4f}: {probe.arrival_rate_rps:8.3f} "
+            label = f"{layout_label(config)} {config.policy}"
+            print(f"  {label:>30} speed {probe.speed:8.4f}: {probe.arrival_rate_rps:8.3f} "
                   f"req/s, SLO {probe.slo_attainment:6.1%}", file=out, flush=True)
 
     return find_capacity(records, config, spec, target, on_probe=show)
