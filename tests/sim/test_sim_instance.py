@@ -90,7 +90,7 @@ def test_a_second_token_gap_is_transfer_plus_one_step_and_kv_is_sent_after_the_l
     assert a.first_token_s == pytest.approx(1.008)
     # 8 tokens of KV (8 ms), then one step of 11 ms
     assert a.gaps == approx([0.019])
-    assert (a.finish_s, a.tbt_s) == (pytest.approx(1.027), pytest.approx(0.019))
+    assert [a.finish_s, a.tbt_s] == approx([1.027, 0.019])
 
 
 def test_tbt_is_the_mean_of_the_slowest_tenth_of_gaps_first_gap_included() -> None:
@@ -103,12 +103,20 @@ def test_tbt_is_the_mean_of_the_slowest_tenth_of_gaps_first_gap_included() -> No
     # b: prefill 20..24 ms, KV at 28 ms, waits for the step running 19..30 ms, then 30..42
     assert b.first_token_s == pytest.approx(0.024)
     assert b.gaps == approx([0.018])
-    assert (b.finish_s, b.tbt_s) == (pytest.approx(0.042), pytest.approx(0.018))
+    assert [b.finish_s, b.tbt_s] == approx([0.042, 0.018])
     assert durations(sim, "decode-00") == approx([0.011, 0.011, 0.012, *[0.011] * 8])
     assert a.gaps == approx([0.015, 0.011, 0.012, *[0.011] * 8])
     assert len(a.gaps) == a.num_output_tokens - 1
     assert a.tbt_s == pytest.approx((0.015 + 0.012) / 2)
     assert a.finish_s == pytest.approx(0.008 + 10 * 0.011 + 0.012)
+
+
+def test_a_chunked_prompt_sends_only_its_last_chunk_after_the_first_token() -> None:
+    a = req("a", 0.0, prompt=20, output=2)  # chunks of 8, 8 and 4 tokens
+    simulate([a])
+    assert a.first_token_s == pytest.approx(0.020)
+    # the last chunk's 4 tokens of KV (4 ms), then one step of 11 ms; the code sends 8 tokens
+    assert a.gaps == approx([0.015])
 
 
 def test_one_output_token_finishes_at_prefill_end_without_tbt() -> None:
@@ -143,8 +151,8 @@ def test_an_idle_instance_starts_at_once_with_what_has_arrived() -> None:
     a, b = req("a", 0.0, prompt=5, output=1), req("b", 0.0, prompt=2, output=1)
     sim = simulate([a, b])
     assert durations(sim, "prefill-00") == approx([0.005, 0.002])
-    assert (a.first_token_s, b.first_token_s) == (pytest.approx(0.005), pytest.approx(0.007))
-    assert (a.prefill_start_s, b.prefill_start_s) == (0.0, pytest.approx(0.005))
+    assert [a.first_token_s, b.first_token_s] == approx([0.005, 0.007])
+    assert [a.prefill_start_s, b.prefill_start_s] == approx([0.0, 0.005])
 
 
 def test_prompts_share_a_step_oldest_first_and_pay_the_fixed_cost_once() -> None:
@@ -209,18 +217,20 @@ def test_decoding_requests_take_tokens_from_the_step_budget() -> None:
 
 
 # ----- decode seats
-@pytest.mark.parametrize("limit", [{"max_batch": 1}, {"decode_kv_tokens": 10}])
-def test_a_full_decode_instance_makes_the_next_request_wait(limit: dict[str, int]) -> None:
+@pytest.mark.parametrize("profile", [replace(TOY, max_batch=1),
+                                     replace(TOY, decode_kv_tokens=10)],
+                         ids=["max_batch", "decode_kv_tokens"])
+def test_a_full_decode_instance_makes_the_next_request_wait(profile: Profile) -> None:
     # a (context 4 + 3) prefills 0..4 ms, its KV lands at 8 ms; b (context 4 + 2) prefills
     # 4..8 ms, its KV lands at 12 ms, during a's first decode step (8..19 ms)
     a, b = req("a", 0.0, prompt=4, output=3), req("b", 0.0, prompt=4, output=2)
-    sim = simulate([a, b], replace(TOY, **limit))
-    assert (a.first_token_s, b.first_token_s) == (pytest.approx(0.004), pytest.approx(0.008))
+    sim = simulate([a, b], profile)
+    assert [a.first_token_s, b.first_token_s] == approx([0.004, 0.008])
     # a decodes 8..19..30 ms alone; b is seated only when a leaves: 30..41 ms
     assert durations(sim, "decode-00") == approx([0.011, 0.011, 0.011])
     assert a.gaps == approx([0.015, 0.011])
     assert b.gaps == approx([0.033])
-    assert (a.finish_s, b.finish_s) == (pytest.approx(0.030), pytest.approx(0.041))
+    assert [a.finish_s, b.finish_s] == approx([0.030, 0.041])
     assert (a.decode_join_step, b.decode_join_step) == (0, 2)
     # with room, b joins a's second step: one step of 12 ms for both
     c, d = req("c", 0.0, prompt=4, output=3), req("d", 0.0, prompt=4, output=2)
@@ -269,9 +279,6 @@ def test_without_reject_at_decode_a_full_instance_queues_instead() -> None:
     assert a.phase is b.phase is Phase.FINISHED
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: Simulator._breaks_tbt counts requests waiting "
-                   "in the decode queue in the batch but leaves their prompts out of the "
-                   "context, so two KV arrivals in one step each look affordable")
 def test_reject_at_decode_prices_the_waiting_requests_context() -> None:
     """Decode step = 10 ms + 0.1 ms per context token; the TBT objective allows 900 tokens.
 
@@ -327,11 +334,13 @@ def test_move_allows_exactly_the_table(start: Phase, to: Phase) -> None:
 
 def test_a_request_walks_the_disaggregated_path() -> None:
     request = req("r", 0.0, prompt=4, output=2)
-    assert request.phase is Phase.ARRIVED
-    for phase in (Phase.PREFILLING, Phase.TRANSFERRING, Phase.DECODE_WAITING, Phase.DECODING,
-                  Phase.FINISHED):
+    path = [Phase.PREFILLING, Phase.TRANSFERRING, Phase.DECODE_WAITING, Phase.DECODING,
+            Phase.FINISHED]
+    seen = [request.phase]
+    for phase in path:
         request.move(phase)
-    assert request.phase is Phase.FINISHED
+        seen.append(request.phase)
+    assert seen == [Phase.ARRIVED, *path]
     with pytest.raises(InvalidParamsError, match="'r': finished -> arrived is not a legal"):
         request.move(Phase.ARRIVED)
 

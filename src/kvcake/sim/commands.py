@@ -40,7 +40,11 @@ def _config(args: argparse.Namespace, prefill: int, decode: int, colocated: int,
     from kvcake.sim.profile import load_profile
     from kvcake.sim.simulator import SimConfig
 
-    pool = None if args.pool_capacity is None else int(args.pool_capacity)
+    try:
+        pool = None if args.pool_capacity is None else int(args.pool_capacity)
+    except ValueError:
+        raise KvcakeError(f"--pool-capacity takes a block count (0 = unbounded), got "
+                          f"{args.pool_capacity!r}") from None
     return SimConfig(load_profile(args.profile), num_prefill=prefill, num_decode=decode,
                      num_colocated=colocated, policy=policy, admission=args.admission,
                      balancing_threshold=args.threshold, slo_ttft_s=args.slo_ttft,

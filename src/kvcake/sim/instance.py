@@ -151,6 +151,7 @@ class SimInstance:
             request.num_computed += take
             budget -= take
             if take == remaining:
+                request.last_chunk_tokens = take
                 self.prefill_queue.popleft()
         return chunks, pull_s
 

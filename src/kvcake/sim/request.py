@@ -64,6 +64,7 @@ class SimRequest:
     pulled_blocks: int = 0  # prefix blocks it loaded from another instance or the pool
     prefill_start_s: float | None = None  # its first chunk's step began
     num_computed: int = 0  # prompt tokens computed so far (beyond the reused prefix)
+    last_chunk_tokens: int = 0  # its final chunk: that KV is sent after the first token
     first_token_s: float | None = None
     decode_join_step: int = -1  # first decode step it took part in, on its decode instance
     first_gap_s: float = 0.0  # first token -> second token (transfer, wait and one step)

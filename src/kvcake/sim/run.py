@@ -22,7 +22,7 @@ from kvcake.sim.workload import WorkloadSpec, build_requests
 
 def run_sim(trace: str | None, config: SimConfig, spec: WorkloadSpec, as_json: bool,
             plot: str | None, out: TextIO) -> int:
-    records = load_trace(trace)
+    records = _load_trace(trace)
     if plot:
         config = replace(config, keep_gaps=True)
     requests = Simulator(config, build_requests(records, spec,
@@ -39,7 +39,7 @@ def run_sim(trace: str | None, config: SimConfig, spec: WorkloadSpec, as_json: b
 
 def run_sim_sweep(trace: str | None, configs: Sequence[SimConfig], spec: WorkloadSpec,
                   target: float, as_json: bool, plot: str | None, out: TextIO) -> int:
-    records = load_trace(trace)
+    records = _load_trace(trace)
     capacities = [_sweep_one(records, config, spec, target, as_json, out) for config in configs]
     if as_json:
         for capacity in capacities:
@@ -90,16 +90,39 @@ def run_sim_profile(bench_json: str | None, base: str, name: str, out: TextIO) -
     """Print a profile: a named one, or ``base`` fitted to ``kvcake bench engine --json``."""
     profile = load_profile(base)
     if bench_json is not None:
-        rows = [json.loads(line) for line in Path(bench_json).read_text().splitlines()
-                if line.strip()]
+        rows = _read_bench_rows(bench_json)
         profile = fit_profile(rows, profile, name)
     print(json.dumps(profile.to_json(), indent=2), file=out)
     return 0
 
 
+def _load_trace(trace: str | None) -> list[TraceRecord]:
+    try:
+        return load_trace(trace)
+    except OSError as exc:
+        raise InvalidParamsError(f"cannot read trace {trace}: {exc.strerror}") from None
+
+
+def _read_bench_rows(path: str) -> list[dict[str, Any]]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidParamsError(f"cannot read {path}: {exc.strerror}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InvalidParamsError(f"{path} line {number}: not valid JSON "
+                                     f"({exc.msg})") from None
+    return rows
+
+
 def run_sim_cache(trace: str | None, capacities: Sequence[int], eviction: str, as_json: bool,
                   out: TextIO) -> int:
-    records = load_trace(trace)
+    records = _load_trace(trace)
     if not records or not capacities:
         raise InvalidParamsError("nothing to replay: the trace has no rows or no capacity "
                                  "was given")

@@ -165,13 +165,14 @@ class Simulator:
         Conductor chose to pull from. Returns the pull seconds."""
         reusable = request.block_keys[: (request.num_prompt_tokens - 1) // request.block_tokens]
         local = instance.cache.matched(reusable)
-        remote = self.pool.matched(reusable) if self.pool is not None else 0
+        pooled = self.pool.matched(reusable) if self.pool is not None else 0
+        remote = pooled
         if request.pull_from not in (None, STORE):
             remote = max(remote, self.instances[request.pull_from].cache.matched(reusable))
         request.local_blocks = local
         request.pulled_blocks = max(0, remote - local)
-        if self.pool is not None and request.pulled_blocks:
-            self.pool.admit(reusable[local:remote])  # a read touches the pool's order
+        if self.pool is not None and pooled > local:
+            self.pool.admit(reusable[local:pooled])  # a read touches the pool's order
         return instance.profile.kv_seconds(request.pulled_blocks * request.block_tokens)
 
     def prefill_done(self, instance: SimInstance, request: SimRequest) -> None:
@@ -185,8 +186,7 @@ class Simulator:
             instance.submit_decode(request)
         else:
             request.move(Phase.TRANSFERRING)
-            tail = min(request.num_to_compute, instance.profile.prefill_chunk_tokens)
-            arrival = self.events.now + instance.profile.kv_seconds(tail)
+            arrival = self.events.now + instance.profile.kv_seconds(request.last_chunk_tokens)
             self.events.schedule(arrival, EventKind.KV_ARRIVED,
                                  _later(self._kv_arrived, request))
 
@@ -203,11 +203,10 @@ class Simulator:
     def _breaks_tbt(self, decode: SimInstance, request: SimRequest) -> bool:
         """With this request, would the decode instance's next step break the TBT objective,
         or its seats or KV run out (so the request would wait)?"""
-        waiting = decode.decode_queue
-        batch = decode.num_running + len(waiting) + 1
-        context = decode.running_context + request.num_prompt_tokens
-        reserved = (decode.kv_reserved + sum(r.context_tokens for r in waiting)
-                    + request.context_tokens)
+        joining = [*decode.decode_queue, request]  # each joins with its prompt + first token
+        batch = decode.num_running + len(joining)
+        context = decode.running_context + sum(r.num_prompt_tokens + 1 for r in joining)
+        reserved = decode.kv_reserved + sum(r.context_tokens for r in joining)
         profile = decode.profile
         return batch > 1 and (decode.cost.decode_step_s(batch, context) > self.config.slo_tbt_s
                               or batch > profile.max_batch or reserved > profile.decode_kv_tokens)

@@ -55,7 +55,8 @@ def parse_layout(text: str) -> tuple[int, int, int]:
     """``8P+8D`` → (8, 8, 0); ``16C`` → (0, 0, 16): prefill, decode and colocated counts."""
     counts = {"P": 0, "D": 0, "C": 0}
     for part in text.upper().replace(" ", "").split("+"):
-        if len(part) < 2 or part[-1] not in counts or not part[:-1].isdigit():
+        digits = part[:-1]
+        if len(part) < 2 or part[-1] not in counts or not (digits.isascii() and digits.isdigit()):
             raise InvalidParamsError(f"layout {text!r}: write parts like 8P+8D or 16C")
         counts[part[-1]] += int(part[:-1])
     return counts["P"], counts["D"], counts["C"]
