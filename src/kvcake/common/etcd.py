@@ -1,0 +1,85 @@
+"""etcd for kvcake: a client that speaks in kvcake errors, and a local server for tests,
+``kvcake up --ha`` and the fault-injection suite.
+
+The Python client (``pyetcd``, the optional ``etcd`` extra) is synchronous gRPC; callers on
+an event loop run it in a thread. Every failure to reach etcd becomes :class:`MetadataError`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kvcake.common.errors import InvalidParamsError, KvcakeError, MetadataError
+from kvcake.common.process import ServerProcess
+from kvcake.common.sockets import free_port
+
+T = TypeVar("T")
+
+
+def parse_etcd(spec: str) -> tuple[str, int]:
+    """``etcd://HOST:PORT`` or ``HOST:PORT`` (port 2379 if absent) -> ``(host, port)``."""
+    host, _, port = spec.removeprefix("etcd://").partition(":")
+    if not host or (port and not port.isdigit()):
+        raise InvalidParamsError(f"etcd address must be HOST:PORT, got {spec!r}")
+    return host, int(port or 2379)
+
+
+def etcd_client(spec: str, timeout_s: float = 5.0) -> Any:
+    import pyetcd  # the optional ``etcd`` extra
+
+    host, port = parse_etcd(spec)
+    return pyetcd.client(host=host, port=port, timeout=timeout_s)
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """Run one etcd call; its grpc and client errors become :class:`MetadataError`."""
+    try:
+        return action()
+    except KvcakeError:
+        raise
+    except Exception as exc:  # the etcd client raises grpc and its own errors
+        raise MetadataError(f"etcd: {type(exc).__name__}: {exc}") from exc
+
+
+def start_etcd(data_dir: str | Path, timeout_s: float = 30.0) -> tuple[ServerProcess, str]:
+    """A single-member etcd on loopback ephemeral ports; the process and ``HOST:PORT``."""
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise KvcakeError("the etcd server binary is not installed (Debian: etcd-server)")
+    client, peer = free_port(), free_port()
+    name = f"kvcake-{client}"
+    command = [
+        binary, "--data-dir", str(data_dir), "--name", name,
+        "--listen-client-urls", f"http://127.0.0.1:{client}",
+        "--advertise-client-urls", f"http://127.0.0.1:{client}",
+        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-cluster", f"{name}=http://127.0.0.1:{peer}",
+        "--heartbeat-interval", "50", "--election-timeout", "500",
+    ]
+    process = ServerProcess(command, r"ready to serve client requests|serving insecure client",
+                            timeout_s, name="etcd")
+    endpoint = f"127.0.0.1:{client}"
+    _wait_until_serving(endpoint, process, timeout_s)
+    return process, endpoint
+
+
+def _wait_until_serving(endpoint: str, process: ServerProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    client = etcd_client(endpoint, timeout_s=2.0)
+    try:
+        while True:
+            try:
+                guarded(lambda: client.get("/kvcake/probe"))
+                return
+            except MetadataError:
+                if time.monotonic() > deadline or not process.alive():
+                    process.stop()
+                    raise KvcakeError(f"etcd did not serve: {process.tail()}") from None
+                time.sleep(0.1)
+    finally:
+        client.close()
