@@ -97,9 +97,13 @@ class GetStats(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
+class CheckIntegrity(msgspec.Struct, tag=True, frozen=True):
+    """Admin: run the master's own consistency checks; answered with an IntegrityReply."""
+
+
 MasterRequest = (
     RegisterClient | Heartbeat | MountSegment | UnmountSegment | PutStart | PutEnd | PutRevoke
-    | GetReplicas | Exist | Remove | RemoveAll | DescribeSegments | GetStats
+    | GetReplicas | Exist | Remove | RemoveAll | DescribeSegments | GetStats | CheckIntegrity
 )
 
 
@@ -141,6 +145,11 @@ class CountReply(msgspec.Struct, frozen=True):
 
 class DescribeSegmentsReply(msgspec.Struct, frozen=True):
     descriptors: list[SegmentDescriptor | None]
+
+
+class IntegrityReply(msgspec.Struct, frozen=True):
+    ok: bool
+    problem: str = ""  # the failed check's text when not ok
 
 
 class Stats(msgspec.Struct, frozen=True):

@@ -57,6 +57,7 @@ class MasterServer:
             m.GetReplicas: self._get_replicas, m.Exist: self._exist, m.Remove: self._remove,
             m.RemoveAll: self._remove_all, m.DescribeSegments: self._describe,
             m.GetStats: lambda _: self.service.stats(),
+            m.CheckIntegrity: self._check_integrity,
         }
         self.endpoint = ""
         self.metrics_endpoint = ""
@@ -183,6 +184,13 @@ class MasterServer:
 
     def _remove_all(self, request: m.RemoveAll) -> m.CountReply:
         return m.CountReply(self.service.remove_all(request.force))
+
+    def _check_integrity(self, _: m.CheckIntegrity) -> m.IntegrityReply:
+        try:
+            self.service.check_integrity()
+        except AssertionError as exc:
+            return m.IntegrityReply(False, str(exc) or "an integrity check failed")
+        return m.IntegrityReply(True)
 
     def _describe(self, request: m.DescribeSegments) -> m.DescribeSegmentsReply:
         return m.DescribeSegmentsReply(self.service.describe(request.segment_ids))
