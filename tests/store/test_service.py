@@ -112,7 +112,8 @@ def test_two_phase_put_reserves_exact_offsets_and_hides_the_key_until_put_end() 
     assert service.put_end("c2", "k2") is ErrorCode.INVALID_WRITE
     assert service.put_revoke("c2", "k2") is ErrorCode.INVALID_WRITE
     assert states(service, "k2") == [ReplicaState.PROCESSING]
-    assert service.put_end("c1", "k1") is ErrorCode.INVALID_WRITE  # complete already
+    assert service.put_end("c1", "k1") is ErrorCode.OK  # its own, ended: a retry is a no-op
+    assert service.put_end("c2", "k1") is ErrorCode.INVALID_WRITE  # complete, and not c2's
     assert service.put_end("c1", "nope") is ErrorCode.OBJECT_NOT_FOUND
 
     replica = service.objects["k2"].replicas[0]

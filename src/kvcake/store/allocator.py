@@ -61,6 +61,27 @@ class SegmentAllocator:
         self._used = 0
         self._insert_free(0, self._total)
 
+    @classmethod
+    def with_allocations(cls, size: int, allocations: list[tuple[int, int]]) -> SegmentAllocator:
+        """An allocator whose blocks ``(offset, nbytes)`` are taken (a failover rebuild);
+        overlapping or out-of-range blocks are refused."""
+        allocator = cls(size)
+        allocator._remove_free(0, allocator._total)
+        position = 0
+        for offset, nbytes in sorted(allocations):
+            start, need = offset // GRANULE, _granules(nbytes)
+            if offset % GRANULE or start < position or start + need > allocator._total:
+                raise InvalidParamsError(f"allocation [{offset}, {offset + nbytes}) overlaps "
+                                         f"another or lies outside the segment of {size} bytes")
+            if start > position:
+                allocator._insert_free(position, start - position)
+            allocator._allocated[start] = need
+            allocator._used += need
+            position = start + need
+        if position < allocator._total:
+            allocator._insert_free(position, allocator._total - position)
+        return allocator
+
     # ----- queries
     @property
     def capacity(self) -> int:

@@ -86,6 +86,7 @@ class StoredObject:
     hard_pinned: bool = False
     busy: int = 0  # offloads or promotions in flight: not removable, not evictable
     object_id: int = 0  # tells this put of ``key`` from earlier ones
+    owner: str = ""  # the client that put it (``writer`` until complete)
 
     @property
     def complete(self) -> bool:

@@ -98,6 +98,14 @@ class SegmentRegistry:
         record.segment_ids.add(segment_id)
         return segment_id
 
+    def adopt(self, segment: MountedSegment) -> None:
+        """Take a segment mounted under an earlier leader, keeping its id."""
+        if segment.name in self._by_name or segment.segment_id in self.segments:
+            raise KvcakeError(f"segment {segment.name!r} is already mounted",
+                              ErrorCode.SEGMENT_ALREADY_EXISTS)
+        self.segments[segment.segment_id] = segment
+        self._by_name[segment.name] = segment.segment_id
+
     def unmount(self, segment_id: int) -> MountedSegment:
         """Forget the segment; the caller must already have dropped its replicas."""
         segment = self.segments.pop(segment_id, None)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.store.eviction import make_eviction_policy
+from kvcake.store.journal import ChangeSet
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig, Stats
 from kvcake.store.placement import PlacementRequest, make_placement_policy
 from kvcake.store.replica import Replica, ReplicaState, StoredObject, Tier
@@ -80,6 +81,7 @@ class MasterService:
         self.placement = make_placement_policy(config.placement, self.rng)
         self.tasks: list[Task] = []
         self._object_ids = itertools.count(1)
+        self.changes: ChangeSet | None = None  # set by a master that persists its state
         self._offloading_bytes = 0  # memory that offloads in flight will free
         self.counters: dict[str, int] = dict.fromkeys(
             ("evicted", "offloaded", "promoted", "hits", "misses", "reclaimed_puts",
@@ -94,7 +96,10 @@ class MasterService:
 
     def mount_segment(self, client_id: str, descriptor: SegmentDescriptor,
                       disk_capacity: int = 0, control_endpoint: str = "") -> int:
-        return self.registry.mount(client_id, descriptor, disk_capacity, control_endpoint)
+        segment_id = self.registry.mount(client_id, descriptor, disk_capacity, control_endpoint)
+        if self.changes is not None:
+            self.changes.segments.add(segment_id)
+        return segment_id
 
     def unmount_segment(self, client_id: str, segment_id: int) -> None:
         segment = self.registry.segments.get(segment_id)
@@ -139,13 +144,17 @@ class MasterService:
             segment.keys.add(key)
         soft_ttl = config.soft_pin_ttl_s or self.config.soft_pin_ttl_s
         self.objects[key] = StoredObject(
-            key, size, replicas, client_id, now, object_id=next(self._object_ids),
+            key, size, replicas, client_id, now, object_id=self.next_object_id(),
+            owner=client_id,
             soft_pin_until=now + soft_ttl if config.with_soft_pin else 0.0,
             hard_pinned=config.with_hard_pin,
         )
         return [ReplicaHandle(r.segment_id, r.offset) for r in replicas]
 
     def put_end(self, client_id: str, key: str) -> ErrorCode:
+        done = self.objects.get(key)
+        if done is not None and done.complete and done.owner == client_id:
+            return ErrorCode.OK  # ended before: a retry after a failover
         obj = self._open_put(client_id, key)
         if isinstance(obj, ErrorCode):
             return obj
@@ -157,6 +166,7 @@ class MasterService:
             return ErrorCode.INVALID_WRITE
         obj.writer = None
         self.eviction.insert(key)
+        self._changed(key)
         self._evict_if_needed(self.clock())
         return ErrorCode.OK
 
@@ -270,11 +280,14 @@ class MasterService:
             for replica in [r for r in obj.replicas if r.segment_id == segment.segment_id]:
                 replica.move_to(ReplicaState.FAILED)
                 obj.replicas.remove(replica)
+            self._changed(key)
             if not obj.replicas or (obj.complete and not obj.readable()):
                 self._delete(obj)
             elif not obj.readable(Tier.MEMORY):
                 self.eviction.discard(key)
         self.registry.unmount(segment.segment_id)
+        if self.changes is not None:
+            self.changes.segments.add(segment.segment_id)
 
     def _fail_put(self, obj: StoredObject) -> None:
         for replica in obj.replicas:
@@ -284,6 +297,8 @@ class MasterService:
 
     def _delete(self, obj: StoredObject) -> None:
         """Forget ``obj``: free its memory, drop its disk files."""
+        if obj.complete:
+            self._changed(obj.key)
         for replica in obj.replicas:
             if replica.state in (ReplicaState.PROCESSING, ReplicaState.COMPLETE):
                 replica.move_to(ReplicaState.REMOVED)
@@ -296,13 +311,35 @@ class MasterService:
         if segment is None:
             return
         if replica.tier is Tier.MEMORY:
-            segment.allocator.free(replica.offset)
+            self._free(segment, replica.offset, durable=self.objects[key].complete)
         else:
             segment.disk_used -= replica.size
             self.tasks.append(DropDiskTask(key, segment.segment_id))
         if not any(r.segment_id == segment.segment_id for r in self.objects[key].replicas
                    if r is not replica and r.state is not ReplicaState.REMOVED):
             segment.keys.discard(key)
+
+    def _free(self, segment: MountedSegment, offset: int, durable: bool) -> None:
+        """Give memory back; with persistence on, memory a durable record may point at waits
+        in ``changes.frees`` until the flush that forgets it (:meth:`release_frees`)."""
+        if durable and self.changes is not None:
+            self.changes.frees.append((segment.segment_id, offset))
+        else:
+            segment.allocator.free(offset)
+
+    def release_frees(self, frees: list[tuple[int, int]]) -> None:
+        """The records of these ranges are gone from etcd: their memory can be reused."""
+        for segment_id, offset in frees:
+            segment = self.registry.segments.get(segment_id)
+            if segment is not None:  # a dropped segment took its allocator with it
+                segment.allocator.free(offset)
+
+    def _changed(self, key: str) -> None:
+        if self.changes is not None:
+            self.changes.objects.add(key)
+
+    def next_object_id(self) -> int:
+        return next(self._object_ids)
 
     # ----- eviction and the disk tier
     def _evict_if_needed(self, now: float) -> None:
@@ -349,6 +386,7 @@ class MasterService:
         self._delete(obj)
 
     def _drop_memory(self, obj: StoredObject) -> None:
+        self._changed(obj.key)
         for replica in obj.readable(Tier.MEMORY):
             replica.move_to(ReplicaState.REMOVED)
             self._release(obj.key, replica)
@@ -415,6 +453,7 @@ class MasterService:
             replica.move_to(ReplicaState.COMPLETE)
             self.eviction.insert(task.key)
             self.counters["promoted"] += 1
+            self._changed(task.key)
             return
         replica.move_to(ReplicaState.FAILED)
         self._release(task.key, replica)
@@ -450,7 +489,9 @@ class MasterService:
             segment.allocator.check_integrity()
             memory = [r for o in self.objects.values() for r in o.replicas
                       if r.segment_id == segment.segment_id and r.tier is Tier.MEMORY]
-            assert segment.allocator.num_allocations == len(memory), segment.name
+            held = sum(i == segment.segment_id for i, _ in self.changes.frees) \
+                if self.changes is not None else 0
+            assert segment.allocator.num_allocations == len(memory) + held, segment.name
             for key in segment.keys:
                 assert any(r.segment_id == segment.segment_id for r in self.objects[key].replicas)
         for key, obj in self.objects.items():
