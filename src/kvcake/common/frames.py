@@ -25,6 +25,7 @@ payload bytes that shared a ``recv`` with their header are copied once from ther
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -40,6 +41,7 @@ assert HEADER_SIZE == 40
 
 STAGING_BYTES = 256 * 1024
 _DISCARD_BYTES = 256 * 1024
+_LAZY_MIN_BYTES = 64 * 1024
 
 
 class FrameOp(IntEnum):
@@ -95,6 +97,15 @@ def unpack_header(data: bytes | memoryview, max_payload: int) -> FrameHeader:
     return FrameHeader(frame_op, request_id, segment_id, offset, length, status)
 
 
+def receive_buffer(size: int) -> memoryview:
+    """``size`` zero bytes to receive into, whose memory is claimed only as bytes land there
+    (large ones are an anonymous mapping): a peer that declares a big payload, or opens many
+    connections, and then sends nothing costs no memory."""
+    if size < _LAZY_MIN_BYTES:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size))
+
+
 class FrameSink(Protocol):
     """Where a :class:`FrameReceiver` delivers frames."""
 
@@ -114,7 +125,7 @@ class FrameReceiver:
     def __init__(self, sink: FrameSink, max_payload: int) -> None:
         self._sink = sink
         self._max_payload = max_payload
-        self._staging = memoryview(bytearray(STAGING_BYTES))
+        self._staging = receive_buffer(STAGING_BYTES)
         self._start = 0  # first unparsed byte in staging
         self._end = 0  # one past the last received byte in staging
         self._header: FrameHeader | None = None  # frame whose payload is arriving
@@ -152,7 +163,7 @@ class FrameReceiver:
         if self._target is not None:
             return self._target[self._filled :]
         if self._discard is None:
-            self._discard = memoryview(bytearray(_DISCARD_BYTES))
+            self._discard = receive_buffer(_DISCARD_BYTES)
         return self._discard[: min(remaining, _DISCARD_BYTES)]
 
     def _parse_staged(self) -> None:

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Awaitable, Callable
 
 from kvcake.common.errors import ErrorCode, KvcakeError, ProtocolError, error_from_code
-from kvcake.common.frames import FrameHeader, FrameOp, pack_header
+from kvcake.common.frames import FrameHeader, FrameOp, pack_header, receive_buffer
 from kvcake.common.log import get_logger
 from kvcake.common.stream import FramedProtocol, FramedServerConnection, FrameListener
 
@@ -35,7 +35,7 @@ class _ServerConnection(FramedServerConnection):
     def payload_buffer(self, header: FrameHeader) -> memoryview | None:
         if header.op is not FrameOp.CALL:
             raise ProtocolError(f"an RPC server does not accept {header.op.name} frames")
-        return memoryview(bytearray(header.length))
+        return receive_buffer(header.length)
 
     def frame_received(self, header: FrameHeader, payload: memoryview | None) -> None:
         if header.op is not FrameOp.CALL:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kvcake.common import codec
 from kvcake.common.errors import KvcakeError, ProtocolError
-from kvcake.common.frames import FrameHeader, FrameOp, pack_header
+from kvcake.common.frames import FrameHeader, FrameOp, pack_header, receive_buffer
 from kvcake.common.stream import FramedServerConnection, FrameListener
 from kvcake.transfer.messages import TransferCall
 from kvcake.transfer.service import SegmentTable
@@ -34,7 +34,7 @@ class _Connection(FramedServerConnection):
                 self._write_error = exc
                 return None
         if header.op is FrameOp.CALL and header.length <= MAX_CALL_BYTES:
-            return memoryview(bytearray(header.length))
+            return receive_buffer(header.length)
         raise ProtocolError(f"unexpected {header.length}-byte payload on a {header.op.name} frame")
 
     def frame_received(self, header: FrameHeader, payload: memoryview | None) -> None:
