@@ -14,9 +14,12 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import msgspec.inspect as mi
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
@@ -32,7 +35,7 @@ def fuzz_settings(max_examples: int) -> settings:
     return settings(max_examples=max(max_examples, wanted), deadline=None, database=None,
                     derandomize=True, suppress_health_check=[
                         HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                        HealthCheck.data_too_large])
+                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
 def address_of(endpoint: str) -> Address:
@@ -144,3 +147,41 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> N
     while not condition():
         assert time.monotonic() < deadline, f"still false after {timeout_s}s"
         time.sleep(0.01)
+
+
+# ----- well-typed wire messages with any values
+
+INTS = st.integers(-(2**63), 2**64 - 1)  # what msgpack carries
+_SCALARS: dict[type[mi.Type], st.SearchStrategy[Any]] = {
+    mi.IntType: st.integers(-3, 70) | INTS, mi.FloatType: st.floats(),
+    mi.StrType: st.text(max_size=12), mi.BytesType: st.binary(max_size=40),
+    mi.BoolType: st.booleans(), mi.NoneType: st.none(),
+}
+
+
+def wire_values(kind: Any) -> st.SearchStrategy[Any]:
+    """Plain values shaped as a msgspec wire type (a struct, a dataclass, a union of them)
+    encodes them, tags included, with any values in the fields: negative counts, NaN, 64-bit
+    extremes, empty ids. What a hostile peer sends; ``msgspec.msgpack.encode`` them."""
+    return _of(mi.type_info(kind))
+
+
+def _of(info: mi.Type) -> st.SearchStrategy[Any]:
+    if type(info) in _SCALARS:
+        return _SCALARS[type(info)]
+    if isinstance(info, mi.ListType | mi.VarTupleType):
+        return st.lists(_of(info.item_type), max_size=4)
+    if isinstance(info, mi.UnionType):
+        return st.one_of([_of(member) for member in info.types])
+    if isinstance(info, mi.StructType | mi.DataclassType):
+        return _record(info)
+    raise NotImplementedError(f"no strategy for {info}")
+
+
+def _record(info: mi.StructType | mi.DataclassType) -> st.SearchStrategy[Any]:
+    fields = {f.encode_name if isinstance(f, mi.Field) else f.name: _of(f.type)
+              for f in info.fields}
+    if isinstance(info, mi.StructType) and info.array_like:
+        return st.tuples(*fields.values()).map(list)
+    tag = {info.tag_field: st.just(info.tag)} if getattr(info, "tag", None) is not None else {}
+    return st.fixed_dictionaries(tag | fields)

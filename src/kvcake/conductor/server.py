@@ -122,15 +122,21 @@ class ConductorServer:
         return encode(ReportReply())
 
     def _register(self, message: Register) -> None:
+        """A bad id, role or count changes nothing; a bad snapshot or sample unregisters the
+        instance whole (its old state is gone by then), so the handles and the service agree."""
         self._check_compatible(message)
+        self.service.add_instance(message.instance_id, message.role, message.num_blocks)
         old = self.instances.pop(message.instance_id, None)
         if old is not None:
             old.client.close()
             self._fail_flights_of(message.instance_id, "restarted")
-        self.service.add_instance(message.instance_id, message.role, message.num_blocks)
-        self.service.replace_blocks(message.instance_id, message.snapshot.seq,
-                                    message.snapshot.block_hashes)
-        self._observe(message.prefill_samples, message.decode_samples, [])
+        try:
+            self.service.replace_blocks(message.instance_id, message.snapshot.seq,
+                                        message.snapshot.block_hashes)
+            self._observe(message.prefill_samples, message.decode_samples, [])
+        except KvcakeError:
+            self.service.remove_instance(message.instance_id)
+            raise
         self.instances[message.instance_id] = InstanceHandle(
             message, RpcClient(message.endpoint, _RPC_TIMEOUT_S), self.clock())
         log.info("instance %s (%s) registered from %s with %d cached blocks",
