@@ -8,7 +8,12 @@ from collections.abc import Sequence
 
 from kvcake import __version__
 from kvcake.bench.serve import add_serve_bench_parser
-from kvcake.cli_flags import add_engine_flags, engine_overrides, size_or_none
+from kvcake.cli_flags import (
+    add_cluster_token_flag,
+    add_engine_flags,
+    engine_overrides,
+    size_or_none,
+)
 from kvcake.cluster.commands import add_serving_commands
 from kvcake.common.config import (
     MasterConfig,
@@ -119,6 +124,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     master.add_argument("--placement", help="random (default), free_ratio_first, local_first")
     master.add_argument("--summary-interval", type=float, help="seconds between log "
                         "summaries (0 = off)")
+    add_cluster_token_flag(master)
     master.set_defaults(run=_cmd_master)
 
     node = commands.add_parser("node", help="contribute memory (and disk) to the store")
@@ -128,6 +134,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     node.add_argument("--disk-dir", help="directory of the SSD tier")
     node.add_argument("--disk-capacity", help="bytes of the SSD tier, e.g. 64GiB")
     _add_transfer_flags(node)
+    add_cluster_token_flag(node)
     node.set_defaults(run=_cmd_node)
 
 
@@ -184,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--size", default="64MiB", help="segment size (default 64MiB)")
     serve.add_argument("--fill", type=int, help="fill the segment with test pattern SEED")
     _add_transfer_flags(serve)
+    add_cluster_token_flag(serve)
     serve.set_defaults(run=_cmd_transfer_serve)
 
     _add_store_commands(commands)
@@ -231,11 +239,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
+        _use_token_file(args)
         code: int = args.run(args)
     except KvcakeError as exc:
         print(f"kvcake: error: {exc}", file=sys.stderr)
         return 2
     return code
+
+
+def _use_token_file(args: argparse.Namespace) -> None:
+    """``--cluster-token-file`` becomes this process's credentials (never logged)."""
+    token_file = getattr(args, "cluster_token_file", None)
+    if token_file is not None:
+        from kvcake.common.auth import load_cluster_token, use_cluster_token
+
+        use_cluster_token(load_cluster_token(token_file))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, object]:
             "kv_cache_bytes": size_or_none(args.kv_cache_size), "threads": args.threads}
 
 
+def add_cluster_token_flag(parser: argparse.ArgumentParser) -> None:
+    """``--cluster-token-file``: read by :func:`kvcake.cli.main` before the command runs."""
+    parser.add_argument("--cluster-token-file", metavar="PATH",
+                        help="file holding the shared cluster token every connection must "
+                        "prove (default: $KVCAKE_CLUSTER_TOKEN; neither: no authentication)")
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
     parser.add_argument("--dtype", help="bfloat16 (default), float32, float16")

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
-from kvcake.cli_flags import add_engine_flags, engine_overrides, size_or_none
+from kvcake.cli_flags import (
+    add_cluster_token_flag,
+    add_engine_flags,
+    engine_overrides,
+    size_or_none,
+)
 from kvcake.common.config import (
     ConductorServerConfig,
     EngineConfig,
@@ -53,6 +59,7 @@ def _add_worker(commands: Subparsers) -> None:
     worker.add_argument("--nice", type=int, help="lower this instance's priority by N "
                         "(0..19; default 0)")
     add_engine_flags(worker)
+    add_cluster_token_flag(worker)
     worker.set_defaults(run=_cmd_worker)
 
 
@@ -104,11 +111,14 @@ def _add_conductor(commands: Subparsers) -> None:
                            help="kvcache_centric pulls a remote prefix when best/local "
                            "exceeds this (default 2)")
     _add_policy_flags(conductor)
+    add_cluster_token_flag(conductor)
     conductor.set_defaults(run=_cmd_conductor)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from kvcake.cluster.up import load_spec, run_up
+
+    _export_token()
 
     spec = load_spec(args.config, {
         "host": args.host, "port": args.port, "prefill": args.prefill, "decode": args.decode,
@@ -121,6 +131,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir,
         "pin": False if args.no_pin else None})
     return run_up(spec)
+
+
+def _export_token() -> None:
+    """Children of ``kvcake up`` inherit the cluster token through their environment (never
+    a command line, which ``ps`` shows to every user)."""
+    from kvcake.common.auth import cluster_auth
+    from kvcake.common.config import CLUSTER_TOKEN_ENV
+
+    token = cluster_auth().token
+    if token:
+        os.environ[CLUSTER_TOKEN_ENV] = token
 
 
 def _add_up(commands: Subparsers) -> None:
@@ -145,6 +166,7 @@ def _add_up(commands: Subparsers) -> None:
                     "one priority (default: decode instances get CPUs of their own, prefill "
                     "instances run anywhere at a lower priority)")
     _add_policy_flags(up)
+    add_cluster_token_flag(up)
     up.set_defaults(run=_cmd_up)
 
 

@@ -148,6 +148,36 @@ def env_value(name: str, default: str = "") -> str:
     return os.environ.get(f"KVCAKE_{name}", default)
 
 
+CLUSTER_TOKEN_ENV = "KVCAKE_CLUSTER_TOKEN"
+MIN_CLUSTER_TOKEN_CHARS = 16
+
+
+def read_cluster_token(token_file: str | None = None,
+                       environ: Mapping[str, str] | None = None) -> str:
+    """The shared cluster token: the file's content (``--cluster-token-file``) when given,
+    else ``KVCAKE_CLUSTER_TOKEN``, else ``""`` (no authentication). Surrounding whitespace
+    is dropped; a token shorter than 16 characters is refused. The error never quotes it."""
+    env = os.environ if environ is None else environ
+    token = _token_from_file(token_file) if token_file else env.get(CLUSTER_TOKEN_ENV, "")
+    token = token.strip()
+    source = token_file or CLUSTER_TOKEN_ENV
+    _require(not (token_file and not token), f"cluster token file {token_file} is empty")
+    _require(not token or len(token) >= MIN_CLUSTER_TOKEN_CHARS,
+             f"the cluster token from {source} has {len(token)} characters; use at least "
+             f"{MIN_CLUSTER_TOKEN_CHARS} (e.g. python -c 'import secrets; "
+             f"print(secrets.token_hex(32))')")
+    return token
+
+
+def _token_from_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParamsError(f"cannot read cluster token file {path}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
 @dataclass(frozen=True)
 class MasterConfig:
     """Store master settings (``KVCAKE_MASTER_*``).

@@ -48,6 +48,10 @@ class ErrorCode(IntEnum):
     # kvcake's own, far below Mooncake's ranges: the Conductor turned a request away early
     # because serving it would break a latency objective (Mooncake's master has no such outcome)
     REQUEST_REJECTED = -9000
+    # kvcake's own: a peer did not prove it holds the cluster token (Mooncake has no auth)
+    UNAUTHENTICATED = -9100
+    # kvcake's own: a READ/WRITE frame no valid grant of the segment's owner covers
+    ACCESS_DENIED = -9101
 
 
 # HTTP status a front end should answer with when this code reaches a client.
@@ -66,6 +70,8 @@ _STATUS_HINTS: dict[ErrorCode, int] = {
     ErrorCode.OBJECT_HAS_LEASE: 409,
     ErrorCode.LEASE_EXPIRED: 410,
     ErrorCode.REQUEST_REJECTED: 429,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.ACCESS_DENIED: 403,
     ErrorCode.NO_AVAILABLE_HANDLE: 507,
     ErrorCode.REPLICA_IS_NOT_READY: 503,
     ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS: 503,
@@ -145,6 +151,18 @@ class RequestRejectedError(KvcakeError):
         self.detail = detail
 
 
+class AuthenticationError(KvcakeError):
+    """A connection did not prove it holds the cluster token (or the peer did not)."""
+
+    default_code = ErrorCode.UNAUTHENTICATED
+
+
+class AccessDeniedError(KvcakeError):
+    """A transfer server refused bytes no grant of the segment's owner covers."""
+
+    default_code = ErrorCode.ACCESS_DENIED
+
+
 def error_from_code(code: int, message: str) -> KvcakeError:
     """Rebuild the most specific exception for a code received from a remote peer."""
     try:
@@ -155,6 +173,10 @@ def error_from_code(code: int, message: str) -> KvcakeError:
         return SegmentNotFoundError(message, known)
     if known is ErrorCode.TRANSFER_FAIL:
         return TransferError(message, known)
+    if known is ErrorCode.UNAUTHENTICATED:
+        return AuthenticationError(message, known)
+    if known is ErrorCode.ACCESS_DENIED:
+        return AccessDeniedError(message, known)
     if status_hint(known) == 400:
         return InvalidParamsError(message, known)
     return KvcakeError(message, known)

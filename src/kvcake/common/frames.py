@@ -14,7 +14,9 @@ Each frame is a fixed 40-byte little-endian header followed by ``length`` payloa
     32      8     length  (payload bytes that follow; for READ, the bytes asked for, and
                            no payload follows)
 
-Replies to a failed request carry a UTF-8 message as payload and a non-zero status.
+Replies to a failed request carry a UTF-8 message as payload and a non-zero status. A
+reply with request id 0 speaks for the whole connection (a broken frame, a refused
+authentication): the peer then closes it.
 
 :class:`FrameReceiver` turns "here are some bytes" into "here is a frame" without touching a
 socket. It asks its sink where each payload belongs, so bulk bytes land straight in their
@@ -51,6 +53,10 @@ class FrameOp(IntEnum):
     WRITE_REPLY = 4
     CALL = 5
     CALL_REPLY = 6
+    AUTH_HELLO = 7  # the cluster-token handshake (see kvcake.common.auth)
+    AUTH_CHALLENGE = 8
+    AUTH_PROOF = 9
+    GRANT = 10  # a segment owner's grant, ahead of the READ/WRITE frames it covers
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +126,11 @@ class FrameSink(Protocol):
 
 class FrameReceiver:
     """Sans-I/O frame parser: ``get_buffer`` to learn where to receive, ``buffer_updated``
-    to say how many bytes arrived there."""
+    to say how many bytes arrived there. ``sink`` may be replaced between frames (an
+    authentication gate hands the connection over once the peer proved itself)."""
 
     def __init__(self, sink: FrameSink, max_payload: int) -> None:
-        self._sink = sink
+        self.sink = sink
         self._max_payload = max_payload
         self._staging = receive_buffer(STAGING_BYTES)
         self._start = 0  # first unparsed byte in staging
@@ -176,7 +183,7 @@ class FrameReceiver:
 
     def _begin_payload(self, header: FrameHeader) -> None:
         size = header.payload_size
-        target = self._sink.payload_buffer(header) if size else None
+        target = self.sink.payload_buffer(header) if size else None
         if target is not None and len(target) != size:
             raise ProtocolError(f"payload buffer of {len(target)} bytes for a {size}-byte frame")
         staged = min(self._end - self._start, size)
@@ -193,4 +200,4 @@ class FrameReceiver:
             return
         target = self._target
         self._header, self._target, self._filled = None, None, 0
-        self._sink.frame_received(header, target)
+        self.sink.frame_received(header, target)

@@ -41,8 +41,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while (found := ready.search(self.output())) is None:
             if not self.alive() or time.monotonic() > deadline:
+                tail = self.tail()  # read before stop() closes the log
                 self.stop()
-                raise KvcakeError(f"{self.name} did not start: {self.tail()}")
+                raise KvcakeError(f"{self.name} did not start: {tail}")
             time.sleep(_POLL_S)
         return found
 

@@ -2,6 +2,10 @@
 frames its reply (or, with a non-zero status, an error message). Many calls may be in
 flight on one connection; replies are matched by request id.
 
+With a cluster token (``auth``, default the process's) the server serves only connections
+that authenticated, and the client authenticates each connection it opens
+(:mod:`kvcake.common.auth`).
+
 A server connection never dies of a bad request: a malformed frame ends that connection
 only, a request the handler rejects is answered with its error code, and an unexpected
 exception in a handler is logged and answered with ``INTERNAL_ERROR``.
@@ -14,10 +18,16 @@ import inspect
 import itertools
 from collections.abc import Awaitable, Callable
 
+from kvcake.common.auth import ClusterAuth, cluster_auth
 from kvcake.common.errors import ErrorCode, KvcakeError, ProtocolError, error_from_code
 from kvcake.common.frames import FrameHeader, FrameOp, pack_header, receive_buffer
 from kvcake.common.log import get_logger
-from kvcake.common.stream import FramedProtocol, FramedServerConnection, FrameListener
+from kvcake.common.stream import (
+    FramedProtocol,
+    FramedServerConnection,
+    FrameListener,
+    authenticate,
+)
 
 log = get_logger(__name__)
 
@@ -73,8 +83,10 @@ class _ServerConnection(FramedServerConnection):
 class RpcServer(FrameListener):
     """``await startup()`` → serve ``handler`` → ``await shutdown()``."""
 
-    def __init__(self, handler: Handler, host: str, port: int) -> None:
-        super().__init__(lambda live: _ServerConnection(handler, live), host, port, "RPC")
+    def __init__(self, handler: Handler, host: str, port: int,
+                 auth: ClusterAuth | None = None) -> None:
+        super().__init__(lambda live: _ServerConnection(handler, live), host, port, "RPC",
+                         auth)
 
 
 class _ClientConnection(FramedProtocol):
@@ -132,12 +144,14 @@ class RpcClient:
 
     Every failure to reach the server, and every call that outlives ``timeout_s``, raises
     :class:`KvcakeError` with ``RPC_FAIL``; errors the server answered keep their own code.
+    A refused authentication raises :class:`AuthenticationError` (``UNAUTHENTICATED``).
     Must be used from one event loop.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, timeout_s: float, auth: ClusterAuth | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.auth = auth if auth is not None else cluster_auth()
         self._connection: _ClientConnection | None = None
         self._connecting: asyncio.Lock | None = None
         self._ids = itertools.count(1)
@@ -177,6 +191,13 @@ class RpcClient:
         except (OSError, TimeoutError, ValueError) as exc:
             raise KvcakeError(f"cannot reach {self.endpoint}: {exc or type(exc).__name__}",
                               ErrorCode.RPC_FAIL) from None
+        if self.auth.enabled:
+            try:
+                await authenticate(connection, self.auth, self.endpoint, self.timeout_s)
+            except BaseException:
+                if connection.transport is not None:
+                    connection.transport.abort()
+                raise
         return connection
 
     def _forget(self, connection: _ClientConnection) -> None:

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.errors import (
     KvcakeError,
     ProtocolError,
@@ -18,7 +19,7 @@ from kvcake.common.errors import (
     error_from_code,
 )
 from kvcake.common.frames import FrameHeader, FrameOp, pack_header
-from kvcake.common.stream import FramedProtocol
+from kvcake.common.stream import FramedProtocol, authenticate
 from kvcake.transfer.batch import Batch, TransferOp
 
 _MAX_ERROR_BYTES = 1 << 16
@@ -110,7 +111,9 @@ class PeerConnection(FramedProtocol):
             text = bytes(payload or b"").decode(errors="replace")
             error = error_from_code(header.status, f"peer {self.endpoint}: {text}")
         if header.request_id == 0 and error is not None:
-            self._fail_all(error)  # the peer rejected the connection as a whole
+            self._fail_all(error)  # the peer rejected the connection as a whole: never reuse it
+            self.abort()
+            self._on_lost(self)
             return
         part = self._pending.pop(header.request_id, None)
         if part is not None:
@@ -123,13 +126,17 @@ class PeerConnection(FramedProtocol):
 
 
 class PeerClient:
-    """The connections to one peer; spreads each submission over them."""
+    """The connections to one peer; spreads each submission over them. With ``auth``
+    enabled each connection authenticates (within ``timeout_s``) before its first frame."""
 
     def __init__(
-        self, endpoint: str, num_connections: int, max_payload: int, spread_bytes: int
+        self, endpoint: str, num_connections: int, max_payload: int, spread_bytes: int,
+        auth: ClusterAuth = NO_AUTH, timeout_s: float = 30.0,
     ) -> None:
         self.endpoint = endpoint
         self.spread_bytes = spread_bytes
+        self._auth = auth
+        self._timeout_s = timeout_s
         self._num_connections = num_connections
         self._max_payload = max_payload
         self._connections: list[PeerConnection] = []
@@ -145,8 +152,9 @@ class PeerClient:
     async def _connect_then_send(self, parts: list[Part]) -> None:
         try:
             await self._ensure_connected()
-        except OSError as exc:
-            error = TransferError(f"cannot connect to peer {self.endpoint}: {exc}")
+        except (OSError, KvcakeError) as exc:
+            error = exc if isinstance(exc, KvcakeError) else TransferError(
+                f"cannot connect to peer {self.endpoint}: {exc}")
             for part in parts:
                 part.batch.complete(part.index, error)
             return
@@ -166,6 +174,13 @@ class PeerClient:
                 host,
                 int(port),
             )
+            if self._auth.enabled:
+                try:
+                    await authenticate(connection, self._auth, f"peer {self.endpoint}",
+                                       self._timeout_s)
+                except BaseException:
+                    connection.abort()
+                    raise
             self._connections.append(connection)
 
     def _send(self, parts: list[Part]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from kvcake.common.aio import LoopThread
+from kvcake.common.auth import ClusterAuth, cluster_auth
 from kvcake.common.config import TransferConfig
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
@@ -36,17 +37,24 @@ _buffer_names = itertools.count()
 
 
 class TransferEngine:
-    """One per process: owns its segments, its server, and its connections to peers."""
+    """One per process: owns its segments, its server, and its connections to peers.
+
+    ``auth``: cluster credentials (default: the process's). With a token, the server serves
+    authenticated connections only, and this engine authenticates every connection it opens.
+    """
 
     def __init__(
-        self, config: TransferConfig | None = None, directory: MetadataDirectory | None = None
+        self, config: TransferConfig | None = None, directory: MetadataDirectory | None = None,
+        auth: ClusterAuth | None = None,
     ) -> None:
         self.config = config or TransferConfig()
+        self.auth = auth if auth is not None else cluster_auth()
         self.host_id = self.config.host_id or local_host_id()
         self._table = SegmentTable(self.host_id)
         self._io = LoopThread("kvcake-transfer-io")
         self._server = TransferServer(
-            self._table, self.config.host, self.config.port, self.config.max_frame_bytes
+            self._table, self.config.host, self.config.port, self.config.max_frame_bytes,
+            self.auth,
         )
         try:
             self.endpoint = self._io.run(self._server.startup(), self.config.timeout_s)
@@ -54,7 +62,8 @@ class TransferEngine:
             self._io.stop()
             raise
         self._table.endpoint = self.endpoint
-        self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s)
+        self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s,
+                                                     self.auth)
         self._transports: dict[str, Transport] = {}
         self._closed = False
 
@@ -110,7 +119,8 @@ class TransferEngine:
     def _transport(self, name: str) -> Transport:
         transport = self._transports.get(name)
         if transport is None:
-            transport = self._transports[name] = transport_class(name)(self.config, self._io)
+            transport = self._transports[name] = transport_class(name)(
+                self.config, self._io, self.auth)
         return transport
 
     # ----- transfers

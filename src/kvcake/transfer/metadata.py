@@ -14,14 +14,16 @@ import threading
 from typing import Any, Protocol
 
 from kvcake.common import codec
+from kvcake.common.auth import NO_AUTH, ClientHandshake, ClusterAuth, refusal
 from kvcake.common.errors import (
+    AuthenticationError,
     InvalidParamsError,
     KvcakeError,
     MetadataError,
     SegmentNotFoundError,
     error_from_code,
 )
-from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
+from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
 from kvcake.common.log import get_logger
 from kvcake.common.sockets import recv_exactly
 from kvcake.transfer.messages import DescribeReply, DescribeRequest
@@ -81,10 +83,12 @@ def split_p2p_name(name: str) -> tuple[str, int, str]:
 
 
 class P2PDirectory:
-    """No directory service: ask the owner's transfer server (Mooncake's P2P handshake)."""
+    """No directory service: ask the owner's transfer server (Mooncake's P2P handshake),
+    authenticating first when ``auth`` holds a cluster token."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, auth: ClusterAuth = NO_AUTH) -> None:
         self._timeout_s = timeout_s
+        self._auth = auth
 
     def publish(self, descriptor: SegmentDescriptor) -> None:
         """Nothing to do: the owner's server answers for its segments."""
@@ -96,6 +100,8 @@ class P2PDirectory:
         host, port, segment = split_p2p_name(name)
         try:
             with socket.create_connection((host, port), timeout=self._timeout_s) as sock:
+                if self._auth.enabled:
+                    _authenticate(sock, self._auth, f"{host}:{port}")
                 reply = _call(sock, codec.encode(DescribeRequest([segment])))
         except OSError as exc:
             raise MetadataError(f"handshake with {host}:{port} failed: {exc}") from exc
@@ -106,16 +112,38 @@ class P2PDirectory:
         pass
 
 
+def _authenticate(sock: socket.socket, auth: ClusterAuth, what: str) -> None:
+    """The client half of the cluster-token handshake on a blocking socket."""
+    handshake = ClientHandshake(auth)
+    hello = handshake.hello()
+    sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=len(hello)) + hello)
+    header, payload = _recv_frame(sock)
+    if header.status != 0:
+        raise refusal(what, header.status, payload.decode(errors="replace"))
+    if header.op is not FrameOp.AUTH_CHALLENGE:
+        raise AuthenticationError(f"{what} answered the hello with {header.op.name}")
+    try:
+        proof = handshake.proof(bytes(payload))
+    except AuthenticationError as exc:
+        raise AuthenticationError(f"{what}: {exc.args[0]}") from None
+    sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=len(proof)) + proof)
+
+
 def _call(sock: socket.socket, body: bytes) -> bytes:
     sock.sendall(pack_header(FrameOp.CALL, 1, length=len(body)) + body)
+    header, payload = _recv_frame(sock)
+    if header.status != 0:
+        raise error_from_code(header.status, payload.decode(errors="replace"))
+    return bytes(payload)
+
+
+def _recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytearray]:
     raw = memoryview(bytearray(HEADER_SIZE))
     recv_exactly(sock, raw)
     header = unpack_header(raw, _MAX_REPLY)
     payload = bytearray(header.length)
     recv_exactly(sock, memoryview(payload))
-    if header.status != 0:
-        raise error_from_code(header.status, payload.decode(errors="replace"))
-    return bytes(payload)
+    return header, payload
 
 
 class EtcdDirectory:
@@ -183,12 +211,13 @@ class EtcdDirectory:
         self._client.close()
 
 
-def make_directory(spec: str, timeout_s: float) -> MetadataDirectory:
+def make_directory(spec: str, timeout_s: float, auth: ClusterAuth = NO_AUTH
+                   ) -> MetadataDirectory:
     """The directory named by ``TransferConfig.metadata``."""
     if spec == "local":
         return LocalDirectory()
     if spec == "p2p":
-        return P2PDirectory(timeout_s)
+        return P2PDirectory(timeout_s, auth)
     if spec.startswith("etcd://"):
         return EtcdDirectory(spec)
     raise InvalidParamsError(f"unknown metadata directory {spec!r}")

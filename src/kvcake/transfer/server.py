@@ -9,6 +9,7 @@ ends that connection only: the server keeps serving everyone else.
 from __future__ import annotations
 
 from kvcake.common import codec
+from kvcake.common.auth import ClusterAuth
 from kvcake.common.errors import KvcakeError, ProtocolError
 from kvcake.common.frames import FrameHeader, FrameOp, pack_header, receive_buffer
 from kvcake.common.stream import FramedServerConnection, FrameListener
@@ -76,8 +77,9 @@ class _Connection(FramedServerConnection):
 
 
 class TransferServer(FrameListener):
-    """The TCP listener of one engine's segments."""
+    """The TCP listener of one engine's segments; ``auth`` as :class:`FrameListener`'s."""
 
-    def __init__(self, table: SegmentTable, host: str, port: int, max_payload: int) -> None:
+    def __init__(self, table: SegmentTable, host: str, port: int, max_payload: int,
+                 auth: ClusterAuth | None = None) -> None:
         super().__init__(lambda live: _Connection(table, max_payload, live), host, port,
-                         "transfer server")
+                         "transfer server", auth)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from kvcake.common.aio import LoopThread
+from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.config import MiB, TransferConfig
 from kvcake.common.errors import InvalidParamsError, KvcakeError, TransferError
 from kvcake.transfer.batch import Batch, BatchState, TransferOp
@@ -32,13 +33,16 @@ class Transport(ABC):
     """Moves the bytes of some items of a batch, completing each through ``batch.complete``.
 
     ``start`` must not block on the network: it returns once the work is under way (or done).
+    ``auth``: the cluster credentials its connections present (networked transports).
     """
 
     name: ClassVar[str]
 
-    def __init__(self, config: TransferConfig, io: LoopThread) -> None:
+    def __init__(self, config: TransferConfig, io: LoopThread, auth: ClusterAuth = NO_AUTH
+                 ) -> None:
         self.config = config
         self.io = io
+        self.auth = auth
 
     @abstractmethod
     def reaches(self, descriptor: SegmentDescriptor) -> bool:
@@ -58,8 +62,9 @@ class ShmTransport(Transport):
 
     name = "shm"
 
-    def __init__(self, config: TransferConfig, io: LoopThread) -> None:
-        super().__init__(config, io)
+    def __init__(self, config: TransferConfig, io: LoopThread, auth: ClusterAuth = NO_AUTH
+                 ) -> None:
+        super().__init__(config, io, auth)
         self._host_id = config.host_id or local_host_id()
         self._mapped: dict[tuple[str, int], MappedSegment] = {}
 
@@ -105,8 +110,9 @@ class TcpTransport(Transport):
 
     name = "tcp"
 
-    def __init__(self, config: TransferConfig, io: LoopThread) -> None:
-        super().__init__(config, io)
+    def __init__(self, config: TransferConfig, io: LoopThread, auth: ClusterAuth = NO_AUTH
+                 ) -> None:
+        super().__init__(config, io, auth)
         self._peers: dict[str, PeerClient] = {}
         self._deadlines: dict[Batch, float] = {}  # batches in flight, loop thread only
         self._sweeping = False
@@ -150,6 +156,8 @@ class TcpTransport(Transport):
                 self.config.connections_per_peer,
                 self.config.max_frame_bytes,
                 spread_bytes=SPLIT_BYTES // 2,
+                auth=self.auth,
+                timeout_s=self.config.timeout_s,
             )
         return peer
 
