@@ -129,7 +129,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "threads": args.threads, "api_key": args.api_key,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir,
-        "pin": False if args.no_pin else None})
+        "pin": False if args.no_pin else None, "ha": True if args.ha else None})
     return run_up(spec)
 
 
@@ -162,6 +162,8 @@ def _add_up(commands: Subparsers) -> None:
     up.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
     up.add_argument("--on-decode-failure", choices=("fail", "retry"))
     up.add_argument("--log-dir", help="write each process's log here")
+    up.add_argument("--ha", action="store_true", help="start etcd and two store masters that "
+                    "elect a leader (kill one: the other takes over with the same objects)")
     up.add_argument("--no-pin", action="store_true", help="let instances run on any CPU at "
                     "one priority (default: decode instances get CPUs of their own, prefill "
                     "instances run anywhere at a lower priority)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 import tomllib
@@ -29,10 +30,12 @@ from typing import Any
 
 from kvcake.common.config import ConductorServerConfig, parse_size
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.etcd import start_etcd
 from kvcake.common.process import ServerProcess, kvcake_command, start_master, start_node
 from kvcake.conductor.types import ConductorConfig
 
 _READY_TIMEOUT_S = 300.0
+HA_MASTERS = 2
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class ClusterSpec:
         token (and, colocated, every running request its next one) only at its end.
     pin: place instances (:func:`cpu_plan`): decode instances on CPUs of their own, prefill
         instances anywhere at a lower priority.
+    ha: a loopback etcd and ``HA_MASTERS`` store masters electing a leader in it; the
+        node, instances and Conductor find the leader there and follow a failover.
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +72,7 @@ class ClusterSpec:
     on_decode_failure: str = "fail"
     log_dir: str = ""
     pin: bool = True
+    ha: bool = False
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.both)
@@ -81,6 +87,7 @@ class ClusterSpec:
         parse_size(self.kv_cache_size)
         if self.store_size:
             parse_size(self.store_size)
+        _require(not self.ha or self.has_store, "ha needs the store (a store_size > 0)")
 
     @property
     def has_store(self) -> bool:
@@ -121,6 +128,8 @@ class Cluster:
         self.processes: list[ServerProcess] = []
         self.api_endpoint = ""
         self.master = ""
+        self.masters: list[ServerProcess] = []  # with ha: any may die while one lives
+        self._etcd_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> str:
         try:
@@ -151,10 +160,27 @@ class Cluster:
     def _start_store(self) -> None:
         if not self.spec.has_store:
             return
-        master, self.master = start_master("--metrics-port", "-1", log_path=self._log("master"))
-        self.processes.append(master)
+        if self.spec.ha:
+            self._start_ha_masters()
+        else:
+            master, self.master = start_master("--metrics-port", "-1",
+                                               log_path=self._log("master"))
+            self.processes.append(master)
         self.processes.append(start_node(self.master, self.spec.store_size,
                                          log_path=self._log("node")))
+
+    def _start_ha_masters(self) -> None:
+        self._etcd_dir = tempfile.TemporaryDirectory(prefix="kvcake-etcd-")
+        etcd, endpoint = start_etcd(self._etcd_dir.name)
+        self.processes.append(etcd)
+        self.master = f"etcd://{endpoint}"
+        for index in range(HA_MASTERS):
+            master = self._spawn(f"master-{index}", [
+                "master", "--port", "0", "--metrics-port", "-1", "--etcd", self.master],
+                r"standby")
+            self.masters.append(master)
+            if index == 0:
+                _wait_output(master, "as leader")
 
     def _start_conductor(self) -> str:
         s = self.spec
@@ -187,12 +213,26 @@ class Cluster:
         self._spawn(name, args, r"listening on")
 
     def dead(self) -> ServerProcess | None:
-        return next((p for p in self.processes if not p.alive()), None)
+        """A child that died, except a master while another master lives."""
+        masters_alive = any(m.alive() for m in self.masters)
+        return next((p for p in self.processes if not p.alive()
+                     and not (p in self.masters and masters_alive)), None)
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop(timeout_s=15.0)
         self.processes.clear()
+        if self._etcd_dir is not None:
+            self._etcd_dir.cleanup()
+            self._etcd_dir = None
+
+
+def _wait_output(process: ServerProcess, text: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in process.output():
+        if not process.alive() or time.monotonic() > deadline:
+            raise KvcakeError(f"{process.name} did not print {text!r}: {process.tail()}")
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)
@@ -286,7 +326,8 @@ def run_up(spec: ClusterSpec) -> int:
     print(f"kvcake up: serving http://{endpoint}/v1 in {time.monotonic() - started:.0f}s — "
           f"model {spec.model!r}, {spec.prefill} prefill + {spec.decode} decode + "
           f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
-          f"{', store ' + spec.store_size if spec.has_store else ''}", flush=True)
+          f"{', store ' + spec.store_size if spec.has_store else ''}"
+          f"{f' ({HA_MASTERS} masters, etcd {cluster.master})' if spec.ha else ''}", flush=True)
     print(f"  try: curl http://{endpoint}/v1/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{Path(spec.model).name.removesuffix('.gguf')}\", "
           f"\"prompt\": \"The capital of France is\", \"max_tokens\": 8}}'", flush=True)
