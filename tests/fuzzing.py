@@ -45,17 +45,21 @@ def address_of(endpoint: str) -> Address:
 
 # ----- one raw exchange
 
-def exchange(address: Address, data: bytes) -> tuple[Frames, bool]:
+def exchange(address: Address, data: bytes, replies: int | None = None) -> tuple[Frames, bool]:
     """Send ``data``, half-close, read until the server closes. The frames it answered and
-    whether the connection was reset; a server that neither answers nor closes fails."""
+    whether the connection was reset; a server that neither answers nor closes fails.
+
+    With ``replies``, the connection stays open (a server may close a half-closed one before
+    replies still being computed go out) and reading stops after that many frames."""
     with socket.create_connection(address, timeout=TIMEOUT_S) as sock:
         try:
             sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
+            if replies is None:
+                sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it closed on us mid-send: the connection ended
         received, reset = bytearray(), False
-        while True:
+        while replies is None or len(parse_frames(bytes(received), True)) < replies:
             try:
                 chunk = sock.recv(1 << 16)
             except ConnectionResetError:
@@ -108,7 +112,7 @@ def assert_rpc_answers(address: Address, body: bytes, good: bytes,
                        decodes: bool) -> FrameHeader:
     """``body`` as call 1, then the well-formed call ``good`` as call 2, on one connection:
     both are answered, ``body`` with an error unless it ``decodes``, and call 2 succeeds."""
-    frames, reset = exchange(address, call_frame(1, body) + call_frame(2, good))
+    frames, reset = exchange(address, call_frame(1, body) + call_frame(2, good), replies=2)
     assert not reset
     assert [h.request_id for h, _ in frames] == [1, 2], frames
     (header, payload), (after, after_payload) = frames
