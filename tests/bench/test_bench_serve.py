@@ -425,6 +425,36 @@ def test_flags_map_onto_options_and_defaults_follow_quick() -> None:
         200, 120.0, None, ("kvcache_centric", "round_robin", "colocated"))
 
 
+def test_several_admission_rules_run_every_setup_under_each() -> None:
+    options = ServeBenchOptions(policies=("kvcache_centric", "colocated"),
+                                admission="none, predictive")
+    assert options.runs() == [
+        ("kvcache_centric+none", "kvcache_centric", "none"),
+        ("kvcache_centric+predictive", "kvcache_centric", "predictive"),
+        ("colocated+none", "colocated", "none"), ("colocated+predictive", "colocated",
+                                                 "predictive")]
+    assert ServeBenchOptions(compare=True, admission="early").runs()[0] == (
+        "kvcache_centric", "kvcache_centric", "early")
+    command = setup_command("colocated", 9, options, Path("d"), "predictive")
+    assert command[command.index("--admission") + 1] == "predictive"
+    with pytest.raises(InvalidParamsError, match="--admission: unknown rule 'maybe'"):
+        ServeBenchOptions(compare=True, admission="none,maybe")
+
+
+def test_rejections_and_admitted_attainment_in_the_summary() -> None:
+    slo = Slo(5.0, 0.2)
+    results = [RequestResult(0, 0, 0.0, 0.0, 10, 4, Outcome.COMPLETED, 1.0, (0.05, 0.05), 3,
+                             0, 2.0),
+               RequestResult(1, 1, 0.0, 1.0, 10, 4, Outcome.REJECTED, finished_s=1.004,
+                             error="HTTP 429: rejected"),
+               RequestResult(2, 2, 0.0, 2.0, 10, 4, Outcome.COMPLETED, 9.0, (0.05,), 2, 0,
+                             12.0)]
+    summary = summarise("x", results, 10.0, slo)
+    assert summary["slo_attainment"] == pytest.approx(1 / 3)
+    assert summary["admitted_slo_attainment"] == pytest.approx(1 / 2)
+    assert summary["reject_p99_s"] == pytest.approx(0.004)
+
+
 def test_setup_commands() -> None:
     options = ServeBenchOptions(compare=True, slo_ttft_s=3.0, slo_tbt_s=0.1, model="smollm2")
     assert setup_command("colocated", 1234, options, Path("/tmp/logs")) == [
@@ -534,8 +564,9 @@ def test_compare_starts_each_setup_in_turn_and_prints_ratios_and_the_plot(
         capsys: pytest.CaptureFixture[str]) -> None:
     started: list[str] = []
 
-    def fake_up(name: str, port: int, options: ServeBenchOptions, log_dir: Path) -> list[str]:
-        assert log_dir.is_dir()
+    def fake_up(name: str, port: int, options: ServeBenchOptions, log_dir: Path,
+                admission: str | None = None) -> list[str]:
+        assert log_dir.is_dir() and admission == "none"
         started.append(name)
         return [sys.executable, "-c", FAKE_UP, str(port), name]
 

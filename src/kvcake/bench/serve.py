@@ -50,6 +50,7 @@ from kvcake.common.trace import (
     synthesize_prompt,
     trace_window,
 )
+from kvcake.conductor.admission import ADMISSIONS
 
 if TYPE_CHECKING:
     import aiohttp  # the `bench` extra: imported when a replay runs, so `kvcake` needs it not
@@ -126,6 +127,9 @@ class ServeBenchOptions:
                  f"from {', '.join(SETUPS)}")
         _require(len(set(self.policies)) == len(self.policies), "--policies names a set-up "
                  "twice")
+        bad = [a for a in self.admissions if a not in ADMISSIONS]
+        _require(bool(self.admissions) and not bad, f"--admission: unknown rule "
+                 f"{(bad or [self.admission])[0]!r}; choose from {', '.join(ADMISSIONS)}")
         if self.launches:
             _require(self.endpoint is None, "--endpoint replays against a running server and "
                      "--compare/--policies start their own: give one or the other")
@@ -142,6 +146,17 @@ class ServeBenchOptions:
     @property
     def setups(self) -> tuple[str, ...]:
         return self.policies or DEFAULT_SETUPS
+
+    @property
+    def admissions(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.admission.split(",") if a.strip())
+
+    def runs(self) -> list[tuple[str, str, str]]:
+        """(label, set-up, admission) of every ``kvcake up`` run, in order; the label names
+        the admission rule only when several are compared."""
+        several = len(self.admissions) > 1
+        return [(f"{setup}+{admission}" if several else setup, setup, admission)
+                for setup in self.setups for admission in self.admissions]
 
     @property
     def window_requests(self) -> int:
@@ -286,28 +301,30 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
         loop.close()
 
 
-def setup_command(name: str, port: int, options: ServeBenchOptions, log_dir: Path) -> list[str]:
+def setup_command(name: str, port: int, options: ServeBenchOptions, log_dir: Path,
+                  admission: str | None = None) -> list[str]:
     """The ``kvcake up`` command line of set-up ``name`` on ``port``."""
     model = ("--model", options.model) if options.model else ()
     return kvcake_command("up", "--port", str(port), *SETUPS[name], "--slo-ttft",
                           str(options.slo_ttft_s), "--slo-tbt", str(options.slo_tbt_s),
-                          "--admission", options.admission, "--log-dir", str(log_dir), *model,
+                          "--admission", admission or options.admissions[0],
+                          "--log-dir", str(log_dir), *model,
                           *(("--no-store",) if options.no_store else ()))
 
 
-def _run_setup(name: str, items: Sequence[ReplayItem], options: ServeBenchOptions,
-               work: Path) -> ReplayRun:
+def _run_setup(label: str, name: str, admission: str, items: Sequence[ReplayItem],
+               options: ServeBenchOptions, work: Path) -> ReplayRun:
     (work / "logs").mkdir(parents=True)
     port, started = free_port(), time.monotonic()
     url = f"http://127.0.0.1:{port}"
-    print(f"[{name}] kvcake up on port {port}", file=sys.stderr, flush=True)
-    command = setup_command(name, port, options, work / "logs")
+    print(f"[{label}] kvcake up on port {port}", file=sys.stderr, flush=True)
+    command = setup_command(name, port, options, work / "logs", admission)
     with launched(command, url, work, options.health_timeout_s) as process:
-        print(f"[{name}] healthy after {time.monotonic() - started:.0f} s; replaying "
+        print(f"[{label}] healthy after {time.monotonic() - started:.0f} s; replaying "
               f"{len(items)} requests", file=sys.stderr, flush=True)
-        run = _run_async(replay(url, name, items, options))
+        run = _run_async(replay(url, label, items, options))
         if process.poll() is not None:
-            print(f"[{name}] kvcake up exited during the replay\n{log_tail(work)}",
+            print(f"[{label}] kvcake up exited during the replay\n{log_tail(work)}",
                   file=sys.stderr)
     return run
 
@@ -318,7 +335,8 @@ def _run_all(items: Sequence[ReplayItem], options: ServeBenchOptions) -> list[Re
         url = base_url(options.endpoint)
         return [_run_async(replay(url, url, items, options))]
     with tempfile.TemporaryDirectory(prefix="kvcake-bench-serve-") as temp:
-        return [_run_setup(name, items, options, Path(temp) / name) for name in options.setups]
+        return [_run_setup(label, name, admission, items, options, Path(temp) / label)
+                for label, name, admission in options.runs()]
 
 
 def run_serve_bench(options: ServeBenchOptions) -> int:
@@ -347,8 +365,8 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-output-tokens N", "max_output_tokens", int, "reply length cap (default 64)"),
     ("--slo-ttft S", "slo_ttft_s", float, "TTFT objective in seconds (default 5)"),
     ("--slo-tbt S", "slo_tbt_s", float, "TBT objective in seconds (default 0.2)"),
-    ("--admission NAME", "admission", str, "with --compare: none (default), early or "
-     "predictive, passed to kvcake up"),
+    ("--admission A,B", "admission", str, "with --compare/--policies: none (default), ttft, "
+     "early or predictive, passed to kvcake up; several run every set-up under each"),
     ("--plot PATH", "plot", str, f"CDF plot, PNG (default {DEFAULT_PLOT} with --compare)"),
     ("--trace PATH", "trace", str, "trace JSONL file (default: the packaged conversation trace)"),
     ("--model NAME", "model", str, "model name (default: the server's first); with --compare, "

@@ -10,7 +10,9 @@ Definitions (the Mooncake paper's, where it has one):
 * **TBT of a request**: the mean of its slowest 10 % of gaps (at least one gap); a request
   with a single token has none and cannot break the TBT objective.
 * **SLO attainment**: requests that completed with TTFT <= ``slo_ttft`` and TBT <=
-  ``slo_tbt``, over all requests *sent* (rejected and failed ones count against it).
+  ``slo_tbt``, over all requests *sent* (rejected and failed ones count against it);
+  ``admitted_slo_attainment`` over the requests not rejected, and ``reject_p99_s`` the time
+  a rejected request waited for its 429 (admission control should answer at arrival).
 * **goodput**: those requests per second of the run's wall time.
 * **cached tokens ratio**: prompt tokens the server reported as cached
   (``usage.prompt_tokens_details.cached_tokens``) over prompt tokens, completed requests.
@@ -38,6 +40,7 @@ SUMMARY_KEYS = (
     "policy", "num_requests", "num_completed", "num_rejected", "num_errors", "ttft_mean_s",
     "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_p50_s", "tbt_p90_s", "tbt_p99_s",
     "tbt_slow10_mean_s", "slo_attainment", "goodput_rps", "cached_tokens_ratio", "duration_s",
+    "admitted_slo_attainment", "reject_p99_s",
 )
 
 
@@ -208,6 +211,9 @@ def summarise(label: str, results: Sequence[RequestResult], duration_s: float,
     gaps = [gap for r in done for gap in r.gaps_s]
     tbts = [t for r in done if (t := slowest_gaps_mean(r.gaps_s)) is not None]
     good = sum(1 for r in results if meets_slo(r, slo))
+    admitted = len(results) - _count(results, Outcome.REJECTED)
+    waits = [r.finished_s - r.sent_s for r in results
+             if r.outcome is Outcome.REJECTED and r.finished_s is not None]
     prompt_tokens = sum(r.prompt_len for r in done)
     return {
         "policy": label, "num_requests": len(results), "num_completed": len(done),
@@ -220,6 +226,8 @@ def summarise(label: str, results: Sequence[RequestResult], duration_s: float,
         "goodput_rps": good / duration_s if duration_s > 0 else None,
         "cached_tokens_ratio": (sum(r.cached_tokens for r in done) / prompt_tokens
                                 if prompt_tokens else None),
+        "admitted_slo_attainment": good / admitted if admitted else None,
+        "reject_p99_s": percentile(waits, 99),
         "duration_s": duration_s, "num_good": good, "slo_ttft_s": slo.ttft_s,
         "slo_tbt_s": slo.tbt_s,
     }
@@ -233,7 +241,9 @@ _COLUMNS = [("policy", "system"), ("num_requests", "sent"), ("num_completed", "d
             ("num_rejected", "429"), ("num_errors", "errors"), ("ttft_mean_s", "TTFT mean s"),
             ("ttft_p50_s", "TTFT p50"), ("ttft_p90_s", "p90"), ("ttft_p99_s", "p99"),
             ("tbt_p50_ms", "gap p50 ms"), ("tbt_p99_ms", "gap p99 ms"),
-            ("tbt_slow10_ms", "TBT ms"), ("slo_pct", "SLO %"), ("goodput_rps", "goodput/s"),
+            ("tbt_slow10_ms", "TBT ms"), ("slo_pct", "SLO %"),
+            ("admitted_slo_pct", "admitted SLO %"), ("reject_p99_ms", "429 p99 ms"),
+            ("goodput_rps", "goodput/s"),
             ("cached_pct", "cached %"), ("duration_s", "run s")]
 
 
@@ -243,6 +253,8 @@ def print_table(summaries: Sequence[dict[str, Any]]) -> None:
              "tbt_p99_ms": _scaled(s["tbt_p99_s"], 1e3),
              "tbt_slow10_ms": _scaled(s["tbt_slow10_mean_s"], 1e3),
              "slo_pct": _scaled(s["slo_attainment"], 100.0),
+             "admitted_slo_pct": _scaled(s["admitted_slo_attainment"], 100.0),
+             "reject_p99_ms": _scaled(s["reject_p99_s"], 1e3),
              "cached_pct": _scaled(s["cached_tokens_ratio"], 100.0)} for s in summaries]
     print_rows(rows, _COLUMNS, as_json=False)
 
