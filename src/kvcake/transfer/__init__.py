@@ -8,6 +8,7 @@ from kvcake.transfer.batch import (
     TransferRequest,
 )
 from kvcake.transfer.engine import TransferEngine
+from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.metadata import (
     EtcdDirectory,
     LocalDirectory,
@@ -22,6 +23,7 @@ __all__ = [
     "Batch",
     "BatchState",
     "EtcdDirectory",
+    "GrantMode",
     "LocalDirectory",
     "MetadataDirectory",
     "P2PDirectory",

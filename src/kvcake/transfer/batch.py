@@ -48,12 +48,17 @@ class RemoteSegment:
 
 @dataclass(frozen=True)
 class TransferRequest:
-    """Move ``len(buffer)`` bytes between ``buffer`` and ``segment[offset:]``."""
+    """Move ``len(buffer)`` bytes between ``buffer`` and ``segment[offset:]``.
+
+    ``grant``: the segment owner's grant covering the range (opaque; see
+    :mod:`kvcake.transfer.grants`), needed by owners that run with a cluster token.
+    """
 
     op: TransferOp
     segment: RemoteSegment
     offset: int
     buffer: memoryview
+    grant: bytes = b""
 
     @property
     def length(self) -> int:

@@ -1,7 +1,8 @@
 """Client side of the TCP transport: connections to one peer and the frames in flight.
 
 Runs on the engine's I/O loop only. A READ reply's payload is received straight into the
-caller's buffer; a WRITE sends the caller's buffer without copying it first.
+caller's buffer; a WRITE sends the caller's buffer without copying it first. A part's grant
+goes ahead of it as a GRANT frame, once per connection while the server still holds it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvcake.common.errors import (
 from kvcake.common.frames import FrameHeader, FrameOp, pack_header
 from kvcake.common.stream import FramedProtocol, authenticate
 from kvcake.transfer.batch import Batch, TransferOp
+from kvcake.transfer.grants import PresentedGrants
 
 _MAX_ERROR_BYTES = 1 << 16
 _request_ids = itertools.count(1)
@@ -36,6 +38,7 @@ class Part:
     segment_id: int
     offset: int
     buffer: memoryview
+    grant: bytes = b""
 
 
 class PeerConnection(FramedProtocol):
@@ -48,6 +51,7 @@ class PeerConnection(FramedProtocol):
         self.endpoint = endpoint
         self._on_lost = on_lost
         self._pending: dict[int, Part] = {}
+        self._grants = PresentedGrants()
 
     @property
     def outstanding(self) -> int:
@@ -59,6 +63,8 @@ class PeerConnection(FramedProtocol):
         for part in parts:
             request_id = next(_request_ids)
             self._pending[request_id] = part
+            if part.grant and self._grants.needs_sending(part.grant):
+                chunks += (pack_header(FrameOp.GRANT, 0, length=len(part.grant)), part.grant)
             op = FrameOp.READ if part.op is TransferOp.READ else FrameOp.WRITE
             chunks.append(
                 pack_header(op, request_id, part.segment_id, part.offset, part.buffer.nbytes)

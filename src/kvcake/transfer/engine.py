@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -26,6 +27,7 @@ from kvcake.common.config import TransferConfig
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.metadata import MetadataDirectory, make_directory
 from kvcake.transfer.segment import Segment, SegmentDescriptor, local_host_id
 from kvcake.transfer.server import TransferServer
@@ -50,7 +52,7 @@ class TransferEngine:
         self.config = config or TransferConfig()
         self.auth = auth if auth is not None else cluster_auth()
         self.host_id = self.config.host_id or local_host_id()
-        self._table = SegmentTable(self.host_id)
+        self._table = SegmentTable(self.host_id, require_grants=self.auth.enabled)
         self._io = LoopThread("kvcake-transfer-io")
         self._server = TransferServer(
             self._table, self.config.host, self.config.port, self.config.max_frame_bytes,
@@ -96,6 +98,17 @@ class TransferEngine:
 
     def local_descriptor(self, name: str) -> SegmentDescriptor:
         return self._table.descriptor(name)
+
+    # ----- grants (with a cluster token, peers read and write our segments only inside them)
+    def grant_key(self, name: str) -> bytes:
+        """Our segment's grant key, for the one party we let sign for it (a store node's
+        master); ``b""`` without a cluster token."""
+        return self._table.grant_keys.get(name, b"")
+
+    def sign_grant(self, name: str, offset: int, length: int, mode: GrantMode, ttl_s: float,
+                   stride: int = 0, count: int = 1) -> bytes:
+        """A grant on our segment ``name`` for ``ttl_s`` seconds (``b""`` without a token)."""
+        return self._table.sign(name, offset, length, mode, time.time() + ttl_s, stride, count)
 
     # ----- peers
     def open_segment(self, name: str) -> RemoteSegment:

@@ -1,7 +1,8 @@
 """The segment table: what a transfer server serves, with every check, and no I/O.
 
 The TCP server asks it to resolve ``(segment_id, offset, length)`` into memory and to answer
-control calls; unit tests drive it directly.
+control calls; unit tests drive it directly. With ``require_grants`` each segment gets a
+grant key at registration and frames must fall inside grants (:mod:`kvcake.transfer.grants`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from kvcake.common.errors import (
     KvcakeError,
     SegmentNotFoundError,
 )
+from kvcake.transfer.grants import GrantMode, GrantTable, new_grant_key, sign_grant
 from kvcake.transfer.messages import DescribeReply, DescribeRequest, TransferCall
 from kvcake.transfer.segment import Segment, SegmentDescriptor
 
@@ -28,9 +30,11 @@ def check_range(name: str, size: int, offset: int, length: int) -> None:
 class SegmentTable:
     """Segments registered by this process, by id and by name."""
 
-    def __init__(self, host_id: str) -> None:
+    def __init__(self, host_id: str, require_grants: bool = False) -> None:
         self.host_id = host_id
         self.endpoint = ""  # set once the server knows its port
+        self.requires_grants = require_grants
+        self.grant_keys: dict[str, bytes] = {}  # by segment name, when grants are required
         self._by_id: dict[int, Segment] = {}
         self._by_name: dict[str, Segment] = {}
         self._next_id = 1
@@ -47,12 +51,15 @@ class SegmentTable:
         assert segment.segment_id not in self._by_id
         self._by_id[segment.segment_id] = segment
         self._by_name[segment.name] = segment
+        if self.requires_grants:
+            self.grant_keys[segment.name] = new_grant_key()
 
     def remove(self, name: str) -> Segment:
         segment = self._by_name.pop(name, None)
         if segment is None:
             raise SegmentNotFoundError(f"no local segment named {name!r}")
         del self._by_id[segment.segment_id]
+        self.grant_keys.pop(name, None)
         return segment
 
     def get(self, name: str) -> Segment:
@@ -72,6 +79,23 @@ class SegmentTable:
         check_range(segment.name, segment.size, offset, length)
         return segment.view[offset : offset + length]
 
+    def resolve_granted(self, grants: GrantTable, segment_id: int, offset: int, length: int,
+                        mode: GrantMode, now_s: float) -> memoryview:
+        """:meth:`resolve`, then ``ACCESS_DENIED`` unless one of ``grants`` covers it."""
+        view = self.resolve(segment_id, offset, length)
+        grants.check(self._by_id[segment_id].name, offset, length, mode, now_s)
+        return view
+
+    def sign(self, name: str, offset: int, length: int, mode: GrantMode, expires_s: float,
+             stride: int = 0, count: int = 1) -> bytes:
+        """A grant on our own segment ``name`` (``b""`` when grants are not required)."""
+        if not self.requires_grants:
+            return b""
+        segment = self.get(name)
+        check_range(name, segment.size, offset, stride * (count - 1) + length)
+        return sign_grant(self.grant_keys[name], name, offset, length, mode, expires_s,
+                          stride, count)
+
     def descriptor(self, name: str) -> SegmentDescriptor:
         return self.get(name).descriptor(self.host_id, self.endpoint)
 
@@ -86,3 +110,4 @@ class SegmentTable:
             segment.close()
         self._by_id.clear()
         self._by_name.clear()
+        self.grant_keys.clear()

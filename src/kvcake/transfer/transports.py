@@ -139,12 +139,13 @@ class TcpTransport(Transport):
         segment_id = request.segment.descriptor.segment_id
         count = min(self.config.connections_per_peer, math.ceil(request.length / SPLIT_BYTES))
         if count <= 1:
-            return [Part(batch, index, request.op, segment_id, request.offset, request.buffer)]
+            return [Part(batch, index, request.op, segment_id, request.offset, request.buffer,
+                         request.grant)]
         batch.split(index, count)
         step = math.ceil(request.length / count)
         return [
             Part(batch, index, request.op, segment_id, request.offset + start,
-                 request.buffer[start : start + step])
+                 request.buffer[start : start + step], request.grant)
             for start in range(0, request.length, step)
         ]
 
