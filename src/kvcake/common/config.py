@@ -178,6 +178,39 @@ def _token_from_file(path: str) -> str:
                                  f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
+DEFAULT_TENANT = "default"
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_tenant_name(name: str) -> str:
+    """A tenant name: 1..64 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit (so it
+    never holds the ``/`` the master puts between a tenant and its keys)."""
+    _require(isinstance(name, str) and bool(_TENANT_NAME.fullmatch(name)),
+             f"tenant must be 1..64 of A-Z a-z 0-9 . _ - (starting with a letter or digit), "
+             f"got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """One tenant's terms at the store master.
+
+    name: the tenant (see :func:`check_tenant_name`).
+    quota_bytes: most memory-tier bytes its objects may hold, every replica counted
+        (0 = unlimited; ``None`` = the master's ``default_tenant_quota_bytes``).
+    token: when set, a client registers as this tenant only by presenting it.
+    """
+
+    name: str
+    quota_bytes: int | None = None
+    token: str = dataclasses.field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        check_tenant_name(self.name)
+        _require(self.quota_bytes is None or self.quota_bytes >= 0,
+                 f"quota of tenant {self.name!r} must be >= 0, got {self.quota_bytes}")
+
+
 @dataclass(frozen=True)
 class MasterConfig:
     """Store master settings (``KVCAKE_MASTER_*``).
@@ -196,6 +229,8 @@ class MasterConfig:
     tick_s: period of the background sweep (expiry, eviction), seconds.
     summary_s: period of the one-line log summary (0 = off).
     seed: seeds random placement and segment ids (0 = from the OS).
+    default_tenant_quota_bytes: quota of every tenant ``tenants`` does not name (0 = none).
+    tenants: per-tenant quotas and tokens (``--tenant-quota``, ``--tenants-file``).
     """
 
     host: str = "127.0.0.1"
@@ -213,11 +248,14 @@ class MasterConfig:
     tick_s: float = 0.5
     summary_s: float = 30.0
     seed: int = 0
+    default_tenant_quota_bytes: int = 0
+    tenants: tuple[TenantPolicy, ...] = ()
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
         _require(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1..65535, "
                  f"got {self.metrics_port}")
+        _check_tenants(self.default_tenant_quota_bytes, self.tenants)
         for name in ("lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s", "tick_s"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _require(0.1 <= self.high_watermark <= 1.0,
@@ -227,6 +265,16 @@ class MasterConfig:
         _require(1 <= self.max_key_bytes <= 65536,
                  f"max_key_bytes must be 1..65536, got {self.max_key_bytes}")
         _require(self.summary_s >= 0, f"summary_s must be >= 0, got {self.summary_s}")
+
+
+def _check_tenants(default_quota: int, tenants: tuple[TenantPolicy, ...]) -> None:
+    _require(default_quota >= 0, f"default_tenant_quota_bytes must be >= 0, got {default_quota}")
+    _require(isinstance(tenants, tuple) and all(isinstance(t, TenantPolicy) for t in tenants),
+             "tenants must be TenantPolicy entries (give them with --tenant-quota or "
+             "--tenants-file)")
+    names = [t.name for t in tenants]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    _require(not twice, f"tenant named more than once: {', '.join(twice)}")
 
 
 @dataclass(frozen=True)
@@ -239,6 +287,8 @@ class StoreConfig:
     heartbeat_s: heartbeat period; keep well under the master's ``client_ttl_s``.
     rpc_timeout_s: longest wait for one master call before ``RPC_FAIL``.
     disk_dir, disk_capacity: the optional SSD tier of a node (both or neither).
+    tenant: the namespace and quota this client's keys belong to (see
+        :func:`check_tenant_name`); tenant_token: its token, when the master asks for one.
     """
 
     master: str = "127.0.0.1:50051"
@@ -248,6 +298,8 @@ class StoreConfig:
     rpc_timeout_s: float = 10.0
     disk_dir: str = ""
     disk_capacity: int = 0
+    tenant: str = DEFAULT_TENANT
+    tenant_token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
@@ -256,6 +308,7 @@ class StoreConfig:
         _require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
         _require(bool(self.disk_dir) == (self.disk_capacity > 0),
                  "disk_dir and disk_capacity go together (both set, or neither)")
+        check_tenant_name(self.tenant)
 
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
@@ -316,8 +369,7 @@ class EngineConfig:
                  f"{self.max_num_batched_tokens}")
         _require(self.max_model_len >= 0, f"max_model_len must be >= 0, got "
                  f"{self.max_model_len}")
-        _require(bool(self.tenant) and "/" not in self.tenant,
-                 f"tenant must be non-empty without '/', got {self.tenant!r}")
+        check_tenant_name(self.tenant)
         _require(not self.store_master or ":" in self.store_master,
                  f"store_master must be HOST:PORT, got {self.store_master!r}")
         _require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")

@@ -25,6 +25,7 @@ class ErrorCode(IntEnum):
     INVALID_KEY = -400
     WRITE_FAIL = -500
     INVALID_PARAMS = -600
+    ILLEGAL_CLIENT = -601
     INVALID_WRITE = -700
     INVALID_READ = -701
     INVALID_REPLICA = -702
@@ -61,6 +62,7 @@ _STATUS_HINTS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_KEY: 400,
     ErrorCode.INVALID_WRITE: 400,
     ErrorCode.INVALID_READ: 400,
+    ErrorCode.ILLEGAL_CLIENT: 403,
     ErrorCode.SEGMENT_NOT_FOUND: 404,
     ErrorCode.OBJECT_NOT_FOUND: 404,
     ErrorCode.ETCD_KEY_NOT_EXIST: 404,
@@ -119,6 +121,12 @@ class SegmentNotFoundError(KvcakeError, LookupError):
     default_code = ErrorCode.SEGMENT_NOT_FOUND
 
 
+class PermissionDeniedError(KvcakeError, PermissionError):
+    """The caller may not act as who it says (a tenant's token is missing or wrong)."""
+
+    default_code = ErrorCode.ILLEGAL_CLIENT
+
+
 class TransferError(KvcakeError):
     """Bytes could not be moved: the peer died, hung past the timeout, or refused."""
 
@@ -173,6 +181,8 @@ def error_from_code(code: int, message: str) -> KvcakeError:
         return SegmentNotFoundError(message, known)
     if known is ErrorCode.TRANSFER_FAIL:
         return TransferError(message, known)
+    if known is ErrorCode.ILLEGAL_CLIENT:
+        return PermissionDeniedError(message, known)
     if known is ErrorCode.UNAUTHENTICATED:
         return AuthenticationError(message, known)
     if known is ErrorCode.ACCESS_DENIED:
