@@ -32,3 +32,25 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
     parser.add_argument("--kv-cache-size", help="bytes of the paged KV pool, e.g. 512MiB")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+
+
+def add_tenant_flags(master: argparse.ArgumentParser) -> None:
+    """The master's tenant quotas and tokens (see :mod:`kvcake.store.tenants`)."""
+    master.add_argument("--tenant-quota", action="append", metavar="NAME=SIZE",
+                        help="memory quota of one tenant, e.g. acme=512MiB (repeatable; "
+                        "0 = unlimited)")
+    master.add_argument("--default-tenant-quota", metavar="SIZE",
+                        help="quota of every tenant not named (default 0 = unlimited)")
+    master.add_argument("--tenants-file", metavar="PATH",
+                        help="TOML or JSON file of tenant quotas and tokens; --tenant-quota "
+                        "flags override its quotas")
+
+
+def tenant_overrides(args: argparse.Namespace) -> dict[str, object]:
+    from kvcake.store.tenants import load_tenants, merge_tenants, parse_tenant_quota
+
+    default, policies = load_tenants(args.tenants_file) if args.tenants_file else (None, ())
+    flags = [parse_tenant_quota(text) for text in args.tenant_quota or []]
+    default_flag = size_or_none(args.default_tenant_quota)
+    return {"default_tenant_quota_bytes": default if default_flag is None else default_flag,
+            "tenants": merge_tenants(policies, flags) if policies or flags else None}

@@ -166,7 +166,7 @@ class AsyncStore:
         """Each key's bytes, or its negative code; one master round trip for all."""
         session, _ = self._live()
         deadline = time.monotonic()
-        found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
+        found = await session.call(m.GetReplicas(list(keys), session.client_id), m.GetReplicasReply)
         deadline += found.waited_s + found.lease_ttl_s
         total = sum(s for c, s in zip(found.codes, found.sizes, strict=True) if c == 0)
         use_scratch = not self._scratch_busy and total <= self._scratch.nbytes
@@ -196,7 +196,7 @@ class AsyncStore:
         session, _ = self._live()
         _check_batch(keys, views)
         deadline = time.monotonic()
-        found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
+        found = await session.call(m.GetReplicas(list(keys), session.client_id), m.GetReplicasReply)
         deadline += found.waited_s + found.lease_ttl_s  # leased no earlier than this
         return await self._read_found(found, views, deadline)
 
@@ -273,7 +273,7 @@ class AsyncStore:
     async def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
         """1 present, 0 absent, negative code for a bad key."""
         session, _ = self._live()
-        return (await session.call(m.Exist(list(keys)), m.CodesReply)).codes
+        return (await session.call(m.Exist(list(keys), session.client_id), m.CodesReply)).codes
 
     async def get_size(self, key: str) -> int:
         size = (await self.batch_get_size([key]))[0]
@@ -282,7 +282,7 @@ class AsyncStore:
 
     async def batch_get_size(self, keys: Sequence[str]) -> list[int]:
         session, _ = self._live()
-        found = await session.call(m.GetReplicas(list(keys)), m.GetReplicasReply)
+        found = await session.call(m.GetReplicas(list(keys), session.client_id), m.GetReplicasReply)
         return [s if c == 0 else c for c, s in zip(found.codes, found.sizes, strict=True)]
 
     async def remove(self, key: str, force: bool = False) -> None:
@@ -290,11 +290,12 @@ class AsyncStore:
 
     async def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
         session, _ = self._live()
-        return (await session.call(m.Remove(list(keys), force), m.CodesReply)).codes
+        request = m.Remove(list(keys), force, session.client_id)
+        return (await session.call(request, m.CodesReply)).codes
 
     async def remove_all(self, force: bool = False) -> int:
         session, _ = self._live()
-        return (await session.call(m.RemoveAll(force), m.CountReply)).count
+        return (await session.call(m.RemoveAll(force, session.client_id), m.CountReply)).count
 
     async def stats(self) -> m.Stats:
         session, _ = self._live()

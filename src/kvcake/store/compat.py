@@ -50,18 +50,20 @@ class DistributedStore:
     def setup(self, local_hostname: str = "127.0.0.1", metadata_server: str = "p2p",
               global_segment_size: int = 0, local_buffer_size: int = 0,
               protocol: str = "tcp", rdma_devices: str = "",
-              master_server_addr: str = "127.0.0.1:50051") -> int:
+              master_server_addr: str = "127.0.0.1:50051", *, tenant_id: str = "",
+              tenant_token: str = "") -> int:
         """Connect to the master at ``master_server_addr`` and contribute
         ``global_segment_size`` bytes. ``protocol`` ``tcp`` reaches remote replicas over TCP
         and same-host ones through shared memory; ``metadata_server``, ``local_buffer_size``
         and ``rdma_devices`` are accepted for compatibility (segments are found through the
-        master)."""
+        master). Every key lives in tenant ``tenant_id`` (empty: ``KVCAKE_STORE_TENANT``, else
+        ``default``), registered with ``tenant_token`` when the master asks for one."""
         if self._store is not None:
             return int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
         engine = None
         try:
             config, transfer = _configs(local_hostname, global_segment_size, protocol,
-                                        master_server_addr)
+                                        master_server_addr, tenant_id, tenant_token)
             engine = TransferEngine(transfer)
             store = AsyncStore(config, transfer, engine, local_buffer_size or _SCRATCH_BYTES)
             engine.io.run(store.setup())  # the store runs on the engine's own loop thread
@@ -208,13 +210,15 @@ class DistributedStore:
         return data.view(getattr(torch, meta.dtype)).reshape(meta.shape)
 
 
-def _configs(host: str, segment_size: int, protocol: str,
-             master: str) -> tuple[StoreConfig, TransferConfig]:
+def _configs(host: str, segment_size: int, protocol: str, master: str, tenant: str = "",
+             tenant_token: str = "") -> tuple[StoreConfig, TransferConfig]:
     if protocol not in ("tcp", "auto", "shm"):
         raise InvalidParamsError(f"protocol must be tcp, auto or shm, got {protocol!r}")
     transfer = load_config(TransferConfig, "transfer", {
         "host": host, "transport": None if protocol == "tcp" else protocol})
-    config = load_config(StoreConfig, "store", {"master": master, "segment_size": segment_size})
+    config = load_config(StoreConfig, "store", {"master": master, "segment_size": segment_size,
+                                                "tenant": tenant or None,
+                                                "tenant_token": tenant_token or None})
     return config, transfer
 
 

@@ -26,10 +26,31 @@ def render_metrics(stats: Stats, counters: Mapping[str, int],
     for name, value in sorted(counters.items()):
         metric = f"kvcake_store_{name}_total"
         lines += [f"# TYPE {metric} counter", f"{metric} {value}"]
+    lines += _tenant_lines(stats)
     lines.append("# HELP kvcake_store_requests_total Master requests by operation")
     lines.append("# TYPE kvcake_store_requests_total counter")
     lines += [f'kvcake_store_requests_total{{op="{op}"}} {n}' for op, n in sorted(requests.items())]
     return "\n".join(lines) + "\n"
+
+
+def _tenant_lines(stats: Stats) -> list[str]:
+    """Per-tenant gauges and eviction counts (tenant names need no escaping: see
+    :func:`kvcake.common.config.check_tenant_name`)."""
+    lines: list[str] = []
+    series = (
+        ("kvcake_store_tenant_used_bytes", "gauge", "Memory bytes of a tenant's replicas",
+         "used_bytes"),
+        ("kvcake_store_tenant_quota_bytes", "gauge", "A tenant's quota (0 = unlimited)",
+         "quota_bytes"),
+        ("kvcake_store_tenant_keys", "gauge", "A tenant's complete objects", "num_keys"),
+        ("kvcake_store_tenant_evicted_total", "counter", "A tenant's objects evicted",
+         "evicted"),
+    )
+    for name, kind, help_text, field in series:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{tenant="{t.tenant}"}} {int(getattr(t, field))}'
+                  for t in stats.tenants]
+    return lines
 
 
 def summary_line(stats: Stats, counters: Mapping[str, int]) -> str:

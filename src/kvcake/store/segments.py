@@ -47,6 +47,7 @@ class ClientRecord:
     host_id: str
     last_seen: float
     segment_ids: set[int] = field(default_factory=set)
+    tenant: str = ""  # empty: not registered with this master yet (restored after failover)
 
 
 class SegmentRegistry:
@@ -59,14 +60,15 @@ class SegmentRegistry:
         self.segments: dict[int, MountedSegment] = {}
         self._by_name: dict[str, int] = {}
 
-    def register(self, client_id: str, host_id: str, now: float) -> None:
+    def register(self, client_id: str, host_id: str, now: float, tenant: str = "default") -> None:
         if not client_id:
             raise InvalidParamsError("client_id must not be empty")
         record = self.clients.get(client_id)
         if record is None:
-            self.clients[client_id] = ClientRecord(client_id, host_id, now)
+            self.clients[client_id] = ClientRecord(client_id, host_id, now, tenant=tenant)
         else:
             record.last_seen = now
+            record.tenant = tenant
 
     def heartbeat(self, client_id: str, now: float) -> bool:
         record = self.clients.get(client_id)

@@ -25,6 +25,7 @@ from kvcake.store.metrics import render_metrics, summary_line
 from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
 
+from kvcake.store.tenants import scoped_key
 log = get_logger(__name__)
 
 _PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
@@ -98,8 +99,10 @@ class MasterServer:
         return codec.encode(await reply)
 
     def _register(self, request: m.RegisterClient) -> m.RegisterReply:
-        self.service.register_client(request.client_id, request.host_id)
-        log.info("client %s registered (host %s)", request.client_id, request.host_id)
+        self.service.register_client(request.client_id, request.host_id, request.tenant,
+                                     request.tenant_token)
+        log.info("client %s registered (host %s, tenant %s)", request.client_id,
+                 request.host_id, request.tenant)
         return m.RegisterReply(self.service.master_id, self.config.lease_ttl_s,
                                self.config.client_ttl_s)
 
@@ -137,35 +140,37 @@ class MasterServer:
                              for k in request.keys])
 
     def _get_replicas(self, request: m.GetReplicas) -> Any:
-        results = [self._get_one(key) for key in request.keys]
+        tenant = self.service.tenant_of(request.client_id)
+        results = [self._get_one(key, tenant) for key in request.keys]
         self._run_tasks()  # starts the promotions just queued
-        if any(r in _WAIT_CODES and self._on_disk(k) for k, r in zip(request.keys, results,
-                                                                        strict=True)):
-            return self._get_after_disk(request.keys, results)
+        if any(r in _WAIT_CODES and self._on_disk(k, tenant)
+               for k, r in zip(request.keys, results, strict=True)):
+            return self._get_after_disk(request.keys, results, tenant)
         return self._get_reply(results)
 
-    def _get_one(self, key: str) -> Any:
-        return _per_key(self.service.get_replicas, key)
+    def _get_one(self, key: str, tenant: str) -> Any:
+        return _per_key(self.service.get_replicas, key, tenant)
 
-    def _on_disk(self, key: str) -> bool:
-        obj = self.service.objects.get(key)
+    def _on_disk(self, key: str, tenant: str) -> bool:
+        obj = self.service.objects.get(scoped_key(tenant, key))
         return obj is not None and any(r.tier is Tier.DISK for r in obj.replicas)
 
-    async def _get_after_disk(self, keys: list[str], results: list[Any]) -> m.GetReplicasReply:
+    async def _get_after_disk(self, keys: list[str], results: list[Any],
+                              tenant: str) -> m.GetReplicasReply:
         """Keys only on disk: wait for their promotion (or for offloads to make room for
         it), then answer; bounded by ``_PROMOTE_WAIT_S``."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         while True:
             waiting = [i for i, r in enumerate(results)
-                       if r in _WAIT_CODES and self._on_disk(keys[i])]
+                       if r in _WAIT_CODES and self._on_disk(keys[i], tenant)]
             left = start + _PROMOTE_WAIT_S - loop.time()
             if not waiting or left <= 0:
                 break
             with contextlib.suppress(TimeoutError):  # a task ended, or room freed silently
                 await asyncio.wait_for(self._task_done.wait(), min(left, _RECHECK_S))
             for i in waiting:
-                results[i] = self._get_one(keys[i])
+                results[i] = self._get_one(keys[i], tenant)
             self._run_tasks()
         return self._get_reply(results, asyncio.get_running_loop().time() - start)
 
@@ -176,14 +181,17 @@ class MasterServer:
                                   waited_s)
 
     def _exist(self, request: m.Exist) -> m.CodesReply:
-        return m.CodesReply([_exist_code(self.service, k) for k in request.keys])
+        tenant = self.service.tenant_of(request.client_id)
+        return m.CodesReply([_exist_code(self.service, k, tenant) for k in request.keys])
 
     def _remove(self, request: m.Remove) -> m.CodesReply:
-        return m.CodesReply([_code(_per_key(self.service.remove, key, request.force))
+        tenant = self.service.tenant_of(request.client_id)
+        return m.CodesReply([_code(_per_key(self.service.remove, key, request.force, tenant))
                              for key in request.keys])
 
     def _remove_all(self, request: m.RemoveAll) -> m.CountReply:
-        return m.CountReply(self.service.remove_all(request.force))
+        tenant = self.service.tenant_of(request.client_id)
+        return m.CountReply(self.service.remove_all(request.force, tenant))
 
     def _check_integrity(self, _: m.CheckIntegrity) -> m.IntegrityReply:
         try:
@@ -256,6 +264,6 @@ def _per_key(action: Callable[..., Any], *args: Any) -> Any:
         return exc.code
 
 
-def _exist_code(service: MasterService, key: str) -> int:
-    result = _per_key(service.exist, key)
+def _exist_code(service: MasterService, key: str, tenant: str) -> int:
+    result = _per_key(service.exist, key, tenant)
     return int(result) if isinstance(result, ErrorCode) else int(bool(result))

@@ -22,14 +22,22 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from kvcake.common.config import MasterConfig
-from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
+from kvcake.common.config import DEFAULT_TENANT, MasterConfig
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
 from kvcake.store.eviction import make_eviction_policy
 from kvcake.store.journal import ChangeSet
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig, Stats
 from kvcake.store.placement import PlacementRequest, make_placement_policy
 from kvcake.store.replica import Replica, ReplicaState, StoredObject, Tier
 from kvcake.store.segments import MountedSegment, SegmentRegistry
+from kvcake.store.tenants import (
+    TenantLedger,
+    check_user_key,
+    scoped_key,
+    tenant_of_key,
+    tenant_stats,
+    usage_by_tenant,
+)
 from kvcake.transfer.segment import SegmentDescriptor
 
 MAX_REPLICAS = 16
@@ -83,13 +91,36 @@ class MasterService:
         self._object_ids = itertools.count(1)
         self.changes: ChangeSet | None = None  # set by a master that persists its state
         self._offloading_bytes = 0  # memory that offloads in flight will free
+        self.tenants = TenantLedger(config.default_tenant_quota_bytes, config.tenants)
         self.counters: dict[str, int] = dict.fromkeys(
             ("evicted", "offloaded", "promoted", "hits", "misses", "reclaimed_puts",
              "dead_clients"), 0)
 
     # ----- clients and segments
-    def register_client(self, client_id: str, host_id: str) -> None:
-        self.registry.register(client_id, host_id, self.clock())
+    def register_client(self, client_id: str, host_id: str, tenant: str = DEFAULT_TENANT,
+                        token: str = "") -> None:
+        """(Re-)register ``client_id`` as ``tenant``: a tenant with a token needs it, and a
+        client never changes tenant."""
+        self.tenants.admit(tenant, token)
+        record = self.registry.clients.get(client_id)
+        if record is not None and record.tenant not in ("", tenant):
+            raise PermissionDeniedError(f"client {client_id!r} is registered as tenant "
+                                        f"{record.tenant!r}, not {tenant!r}")
+        self.registry.register(client_id, host_id, self.clock(), tenant)
+
+    def tenant_of(self, client_id: str) -> str:
+        """The tenant a call of ``client_id`` acts in; no client id means the default tenant
+        (refused when that tenant has a token). Unknown clients must register first."""
+        if not client_id:
+            if self.tenants.needs_token(DEFAULT_TENANT):
+                raise PermissionDeniedError("the default tenant has a token: calls must come "
+                                            "from a registered client")
+            return DEFAULT_TENANT
+        record = self.registry.client(client_id)
+        if not record.tenant:  # restored from a journal: it has not named its tenant here
+            raise KvcakeError(f"client {client_id!r} must register again",
+                              ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+        return record.tenant
 
     def heartbeat(self, client_id: str) -> bool:
         return self.registry.heartbeat(client_id, self.clock())
@@ -116,11 +147,18 @@ class MasterService:
     def put_start(self, client_id: str, key: str, size: int,
                   config: ReplicateConfig) -> list[ReplicaHandle] | ErrorCode:
         """Reserve space for ``key``; handles to write to, or a code (``OBJECT_ALREADY_EXISTS``
-        means the key is there already and nothing needs writing)."""
+        means the key is there already and nothing needs writing). ``NO_AVAILABLE_HANDLE``
+        also when the put would take the caller's tenant past its quota even after
+        evicting the tenant's own objects (see :meth:`_fit_quota`)."""
         self.registry.client(client_id)
+        tenant = self.tenant_of(client_id)
         self._check_put(key, size, config)
+        key = scoped_key(tenant, key)
         if key in self.objects:
             return ErrorCode.OBJECT_ALREADY_EXISTS
+        copies = min(config.replica_num, len(self.registry.segments))
+        if not self._fit_quota(tenant, size * copies):
+            return ErrorCode.NO_AVAILABLE_HANDLE
         request = PlacementRequest(size, config.replica_num, client_id, config.preferred_segment)
         chosen = self.placement.choose(request, list(self.registry.segments.values()))
         if not chosen:
@@ -142,6 +180,7 @@ class MasterService:
             replica.move_to(ReplicaState.PROCESSING)  # handed to the writer now
             replicas.append(replica)
             segment.keys.add(key)
+        self.tenants.charge(tenant_of_key(key), size * len(replicas))
         soft_ttl = config.soft_pin_ttl_s or self.config.soft_pin_ttl_s
         self.objects[key] = StoredObject(
             key, size, replicas, client_id, now, object_id=self.next_object_id(),
@@ -152,6 +191,9 @@ class MasterService:
         return [ReplicaHandle(r.segment_id, r.offset) for r in replicas]
 
     def put_end(self, client_id: str, key: str) -> ErrorCode:
+        if client_id not in self.registry.clients:
+            return ErrorCode.OBJECT_NOT_FOUND  # no put of an unknown client is open
+        key = scoped_key(self.tenant_of(client_id), key)
         done = self.objects.get(key)
         if done is not None and done.complete and done.owner == client_id:
             return ErrorCode.OK  # ended before: a retry after a failover
@@ -171,7 +213,9 @@ class MasterService:
         return ErrorCode.OK
 
     def put_revoke(self, client_id: str, key: str) -> ErrorCode:
-        obj = self._open_put(client_id, key)
+        if client_id not in self.registry.clients:
+            return ErrorCode.OBJECT_NOT_FOUND
+        obj = self._open_put(client_id, scoped_key(self.tenant_of(client_id), key))
         if isinstance(obj, ErrorCode):
             return obj
         self._fail_put(obj)
@@ -201,16 +245,19 @@ class MasterService:
     def check_key(self, key: str) -> None:
         if not key:
             raise InvalidParamsError("key must not be empty", ErrorCode.INVALID_KEY)
+        check_user_key(key)
         if len(key.encode()) > self.config.max_key_bytes:
             raise InvalidParamsError(
                 f"key of {len(key.encode())} bytes exceeds max_key_bytes "
                 f"{self.config.max_key_bytes}", ErrorCode.INVALID_KEY)
 
     # ----- reads
-    def get_replicas(self, key: str) -> tuple[int, list[ReplicaHandle]] | ErrorCode:
-        """Size and COMPLETE memory replicas of ``key``, granting a lease. A key only on disk
-        queues a promotion and answers ``REPLICA_IS_NOT_READY`` until it lands."""
+    def get_replicas(self, key: str, tenant: str = DEFAULT_TENANT
+                     ) -> tuple[int, list[ReplicaHandle]] | ErrorCode:
+        """Size and COMPLETE memory replicas of ``key`` of ``tenant``, granting a lease. A key
+        only on disk queues a promotion and answers ``REPLICA_IS_NOT_READY`` until it lands."""
         self.check_key(key)
+        key = scoped_key(tenant, key)
         obj = self.objects.get(key)
         if obj is None or not obj.complete:
             self.counters["misses"] += 1
@@ -224,17 +271,20 @@ class MasterService:
         self.eviction.touch(key)
         return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
 
-    def exist(self, key: str) -> bool:
+    def exist(self, key: str, tenant: str = DEFAULT_TENANT) -> bool:
         self.check_key(key)
-        obj = self.objects.get(key)
+        obj = self.objects.get(scoped_key(tenant, key))
         if obj is None or not obj.complete:
             return False
         obj.lease_until = self.clock() + self.config.lease_ttl_s
         return True
 
     # ----- removal
-    def remove(self, key: str, force: bool = False) -> ErrorCode:
+    def remove(self, key: str, force: bool = False, tenant: str = DEFAULT_TENANT) -> ErrorCode:
         self.check_key(key)
+        return self._remove(scoped_key(tenant, key), force)
+
+    def _remove(self, key: str, force: bool) -> ErrorCode:
         obj = self.objects.get(key)
         if obj is None:
             return ErrorCode.OBJECT_NOT_FOUND
@@ -246,9 +296,11 @@ class MasterService:
         self._delete(obj)
         return ErrorCode.OK
 
-    def remove_all(self, force: bool = False) -> int:
-        keys = [k for k, o in self.objects.items() if o.complete or force]
-        return sum(self.remove(key, force) is ErrorCode.OK for key in keys)
+    def remove_all(self, force: bool = False, tenant: str = DEFAULT_TENANT) -> int:
+        """Remove every object of ``tenant`` (only its own); how many went."""
+        keys = [k for k, o in self.objects.items()
+                if tenant_of_key(k) == tenant and (o.complete or force)]
+        return sum(self._remove(key, force) is ErrorCode.OK for key in keys)
 
     # ----- background work
     def tick(self) -> None:
@@ -280,6 +332,8 @@ class MasterService:
             for replica in [r for r in obj.replicas if r.segment_id == segment.segment_id]:
                 replica.move_to(ReplicaState.FAILED)
                 obj.replicas.remove(replica)
+                if replica.tier is Tier.MEMORY:  # its allocator goes with the segment
+                    self.tenants.charge(tenant_of_key(key), -replica.size)
             self._changed(key)
             if not obj.replicas or (obj.complete and not obj.readable()):
                 self._delete(obj)
@@ -307,6 +361,8 @@ class MasterService:
         self.eviction.discard(obj.key)
 
     def _release(self, key: str, replica: Replica) -> None:
+        if replica.tier is Tier.MEMORY:
+            self.tenants.charge(tenant_of_key(key), -replica.size)
         segment = self.registry.segments.get(replica.segment_id)
         if segment is None:
             return
@@ -350,15 +406,45 @@ class MasterService:
     def _evict(self, now: float, need: int) -> None:
         """Free about ``evict_ratio`` of the pool (and at least ``need`` bytes), oldest first,
         never touching leased, busy, hard-pinned or unfinished objects; soft-pinned ones go
-        only when nothing else is left."""
-        target = max(need, int(self.config.evict_ratio * self.memory_usage()[1]))
+        only when nothing else is left.
+
+        Tenants first pay for their own excess: each round takes the objects of tenants
+        holding more than their fair share (the pool split evenly among the tenants holding
+        memory, capped by each one's quota) for as long as they do, then anyone's. With one
+        tenant this is plain oldest-first."""
+        total = self.memory_usage()[1]
+        target = max(need, int(self.config.evict_ratio * total))
+        shares = self.tenants.shares(total)
         freed = 0
-        for allow_soft in (False, True):
+        for allow_soft, over_only in ((False, True), (False, False), (True, True), (True, False)):
             for obj in list(self._candidates(now, allow_soft)):
                 if freed >= target:
                     return
+                if over_only and not self.tenants.over_share(tenant_of_key(obj.key), shares):
+                    continue
                 freed += obj.size * len(obj.readable(Tier.MEMORY))
                 self._evict_one(obj)
+
+    def _fit_quota(self, tenant: str, nbytes: int) -> bool:
+        """Make ``nbytes`` more of ``tenant`` fit its quota by evicting the tenant's own
+        objects, oldest first, soft-pinned last (never another tenant's). ``False``, having
+        evicted nothing, when even all of its evictable objects would not make room."""
+        excess = self.tenants.excess(tenant, nbytes)
+        if not excess:
+            return True
+        now = self.clock()
+        mine = [o for o in self._candidates(now, True) if tenant_of_key(o.key) == tenant]
+        victims, freed = [], 0
+        for obj in sorted(mine, key=lambda o: o.soft_pinned(now)):  # stable: order kept
+            if freed >= excess:
+                break
+            victims.append(obj)
+            freed += obj.size * len(obj.readable(Tier.MEMORY))
+        if freed < excess:
+            return False
+        for obj in victims:
+            self._evict_one(obj)
+        return True
 
     def _candidates(self, now: float, allow_soft: bool) -> Iterator[StoredObject]:
         for key in list(self.eviction):
@@ -370,6 +456,7 @@ class MasterService:
 
     def _evict_one(self, obj: StoredObject) -> None:
         self.counters["evicted"] += 1
+        self.tenants.count_eviction(tenant_of_key(obj.key))
         self.eviction.discard(obj.key)
         if obj.readable(Tier.DISK):
             self._drop_memory(obj)
@@ -379,6 +466,8 @@ class MasterService:
             if segment.disk_room(obj.size):
                 segment.disk_used += obj.size  # reserved until the offload reports back
                 self._offloading_bytes += obj.size
+                self.tenants.offload_started(obj.object_id, tenant_of_key(obj.key),
+                                             obj.size * len(obj.readable(Tier.MEMORY)))
                 obj.busy += 1
                 self.tasks.append(OffloadTask(obj.key, segment.segment_id, replica.offset,
                                               obj.size, obj.object_id))
@@ -395,6 +484,7 @@ class MasterService:
     def offload_done(self, task: OffloadTask, ok: bool) -> None:
         """The node finished (or failed) writing ``task.key`` to its disk."""
         self._offloading_bytes -= task.size
+        self.tenants.offload_ended(task.object_id)
         obj = self._same_object(task.key, task.object_id)
         segment = self.registry.segments.get(task.segment_id)
         if segment is not None and (obj is None or not ok):
@@ -418,6 +508,8 @@ class MasterService:
     def _promote(self, obj: StoredObject) -> ErrorCode:
         if obj.busy:
             return ErrorCode.REPLICA_IS_NOT_READY  # a promotion is already on its way
+        tenant = tenant_of_key(obj.key)
+        self._fit_quota(tenant, obj.size)  # best effort: a read is never refused for quota
         disk = obj.readable(Tier.DISK)[0]
         segment = self.registry.segments[disk.segment_id]
         offset = segment.allocator.allocate(obj.size)
@@ -429,6 +521,7 @@ class MasterService:
         replica = Replica(segment.segment_id, offset, obj.size)
         replica.move_to(ReplicaState.PROCESSING)
         obj.replicas.append(replica)
+        self.tenants.charge(tenant, obj.size)
         obj.busy += 1
         self.tasks.append(PromoteTask(obj.key, segment.segment_id, offset, obj.size,
                                       obj.object_id))
@@ -481,7 +574,13 @@ class MasterService:
             disk_total_bytes=sum(s.disk_capacity for s in segments),
             evicted=self.counters["evicted"], offloaded=self.counters["offloaded"],
             promoted=self.counters["promoted"],
+            tenants=tenant_stats(self.tenants, self.objects,
+                                 [c.tenant for c in self.registry.clients.values()]),
         )
+
+    def recount_tenants(self) -> None:
+        """Recount every tenant's memory from the objects (after restoring them directly)."""
+        self.tenants.recount(usage_by_tenant(self.objects))
 
     def check_integrity(self) -> None:
         """Assert allocators, reverse indexes and the eviction order agree with the objects."""
@@ -500,3 +599,4 @@ class MasterService:
             assert (key in self.eviction) == in_order or obj.busy, f"eviction order for {key}"
             memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
             assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"
+        self.tenants.check_integrity(usage_by_tenant(self.objects))
