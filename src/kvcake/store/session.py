@@ -68,7 +68,9 @@ class MasterSession:
         return codec.decode(await self.rpc.call(codec.encode(request)), reply_type)
 
     async def _join(self) -> None:
-        reply = await self._call(m.RegisterClient(self.client_id, self.host_id), m.RegisterReply)
+        reply = await self._call(m.RegisterClient(self.client_id, self.host_id,
+                                                  self.config.tenant, self.config.tenant_token),
+                                 m.RegisterReply)
         if reply.master_id != self.master_id:
             if self.master_id:
                 log.warning("master restarted (id %x -> %x); remounting", self.master_id,
