@@ -11,8 +11,10 @@ from kvcake.bench.serve import add_serve_bench_parser
 from kvcake.cli_flags import (
     add_cluster_token_flag,
     add_engine_flags,
+    add_tenant_flags,
     engine_overrides,
     size_or_none,
+    tenant_overrides,
 )
 from kvcake.cluster.commands import add_serving_commands
 from kvcake.common.config import (
@@ -62,6 +64,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
         "put_timeout_s": args.put_timeout, "high_watermark": args.high_watermark,
         "evict_ratio": args.evict_ratio, "eviction": args.eviction,
         "placement": args.placement, "summary_s": args.summary_interval,
+        **tenant_overrides(args),
     })
     run_master(config)  # an unknown policy name fails when the service is built, before binding
     return 0
@@ -73,7 +76,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     config = load_config(StoreConfig, "store", {
         "master": args.master, "segment_size": size_or_none(args.segment_size),
         "segment_name": args.name, "disk_dir": args.disk_dir,
-        "disk_capacity": size_or_none(args.disk_capacity),
+        "disk_capacity": size_or_none(args.disk_capacity), "tenant": args.tenant,
     })
     if not config.segment_size:
         raise KvcakeError("a node needs --segment-size > 0 (e.g. 8GiB)")
@@ -125,6 +128,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     master.add_argument("--summary-interval", type=float, help="seconds between log "
                         "summaries (0 = off)")
     add_cluster_token_flag(master)
+    add_tenant_flags(master)
     master.set_defaults(run=_cmd_master)
 
     node = commands.add_parser("node", help="contribute memory (and disk) to the store")
@@ -133,6 +137,8 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     node.add_argument("--name", help="segment name (default pool@HOST:PORT)")
     node.add_argument("--disk-dir", help="directory of the SSD tier")
     node.add_argument("--disk-capacity", help="bytes of the SSD tier, e.g. 64GiB")
+    node.add_argument("--tenant", help="tenant the node registers as (default: default; its "
+                      "token from $KVCAKE_STORE_TENANT_TOKEN)")
     _add_transfer_flags(node)
     add_cluster_token_flag(node)
     node.set_defaults(run=_cmd_node)

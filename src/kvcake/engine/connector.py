@@ -248,12 +248,13 @@ def store_keys(prefix: str, block_hashes: Sequence[bytes]) -> list[str]:
 _keys = store_keys
 
 
-def connect_store(master: str, segment_size: int, host: str | None = None
-                  ) -> tuple[AsyncStore, TransferEngine]:
+def connect_store(master: str, segment_size: int, host: str | None = None,
+                  tenant: str | None = None) -> tuple[AsyncStore, TransferEngine]:
     """A store client (contributing ``segment_size`` bytes) on its own transfer engine,
-    reachable at ``host`` (``None``: ``KVCAKE_TRANSFER_HOST``, else 127.0.0.1)."""
+    reachable at ``host`` (``None``: ``KVCAKE_TRANSFER_HOST``, else 127.0.0.1), in store
+    tenant ``tenant`` (``None``: ``KVCAKE_STORE_TENANT``, else ``default``)."""
     transfer = load_config(TransferConfig, "transfer", {"host": host})
-    config = load_config(StoreConfig, "store", {"master": master,
+    config = load_config(StoreConfig, "store", {"master": master, "tenant": tenant,
                                                 "segment_size": segment_size})
     engine = TransferEngine(transfer)
     store = AsyncStore(config, transfer, engine)

@@ -158,7 +158,7 @@ class EngineCore:
         layout = BlockLayout(cfg.dtype, c.num_layers, c.num_kv_heads, c.head_dim,
                              cfg.block_size, self.fingerprint)
         host = self.transfer.config.host if self.transfer is not None else None
-        store, engine = connect_store(cfg.store_master, cfg.store_segment_size, host)
+        store, engine = connect_store(cfg.store_master, cfg.store_segment_size, host, cfg.tenant)
         return StoreConnector(store, engine, layout, self.runner.kv_cache)
 
     def close(self) -> None:
