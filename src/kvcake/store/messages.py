@@ -37,9 +37,9 @@ class ReplicaHandle(msgspec.Struct, frozen=True, array_like=True):
 class RegisterClient(msgspec.Struct, tag=True, frozen=True):
     client_id: str
     host_id: str
-
     tenant: str = "default"  # the namespace and quota of every key this client uses
     tenant_token: str = ""  # needed when the master has a token for the tenant
+
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     client_id: str
@@ -74,28 +74,28 @@ class PutRevoke(msgspec.Struct, tag=True, frozen=True):
     keys: list[str]
 
 
+# Reads and removals act in the caller's tenant; no client_id: the default tenant.
 class GetReplicas(msgspec.Struct, tag=True, frozen=True):
     keys: list[str]
-# Reads and removals act in the caller's tenant; no client_id: the default tenant.
-
-
     client_id: str = ""
+
+
 class Exist(msgspec.Struct, tag=True, frozen=True):
     keys: list[str]
-
-
     client_id: str = ""
+
+
 class Remove(msgspec.Struct, tag=True, frozen=True):
     keys: list[str]
     force: bool = False
-
-
     client_id: str = ""
+
+
 class RemoveAll(msgspec.Struct, tag=True, frozen=True):
     force: bool = False
-
-
     client_id: str = ""
+
+
 class DescribeSegments(msgspec.Struct, tag=True, frozen=True):
     segment_ids: list[int]
 
@@ -159,8 +159,6 @@ class IntegrityReply(msgspec.Struct, frozen=True):
     problem: str = ""  # the failed check's text when not ok
 
 
-class Stats(msgspec.Struct, frozen=True):
-    num_segments: int
 class TenantStats(msgspec.Struct, frozen=True):
     tenant: str
     num_keys: int  # complete objects
@@ -169,6 +167,8 @@ class TenantStats(msgspec.Struct, frozen=True):
     evicted: int
 
 
+class Stats(msgspec.Struct, frozen=True):
+    num_segments: int
     num_clients: int
     num_keys: int
     num_replicas: int
@@ -179,9 +179,9 @@ class TenantStats(msgspec.Struct, frozen=True):
     evicted: int
     offloaded: int
     promoted: int
-
-
     tenants: list[TenantStats] = msgspec.field(default_factory=list)
+
+
 # ----- master -> storage node (disk tier); each answered with a CodesReply of one code
 class OffloadRequest(msgspec.Struct, tag=True, frozen=True):
     key: str

@@ -24,8 +24,8 @@ from kvcake.store import messages as m
 from kvcake.store.metrics import render_metrics, summary_line
 from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
-
 from kvcake.store.tenants import scoped_key
+
 log = get_logger(__name__)
 
 _PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
