@@ -88,7 +88,8 @@ class AsyncStore:
             self._control = RpcServer(self._disk.handle, self.transfer_config.host, 0)
             control = await self._control.startup()
         descriptor = self.engine.local_descriptor(name)
-        return [Mount(descriptor, self.config.disk_capacity, control)]
+        return [Mount(descriptor, self.config.disk_capacity, control,
+                      self.engine.grant_key(name))]
 
     async def close(self) -> None:
         if self.session is not None:
@@ -245,7 +246,7 @@ class AsyncStore:
             if segment is None:
                 failed.append(j)
                 continue
-            requests.append((j, TransferRequest(op, segment, handle.offset, view)))
+            requests.append((j, TransferRequest(op, segment, handle.offset, view, handle.grant)))
         batch = engine.submit([r for _, r in requests])
         try:
             await batch

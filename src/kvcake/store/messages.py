@@ -31,6 +31,7 @@ class ReplicateConfig(msgspec.Struct):
 class ReplicaHandle(msgspec.Struct, frozen=True, array_like=True):
     segment_id: int
     offset: int
+    grant: bytes = b""  # the node's grant for this replica's bytes, when it runs with a token
 
 
 # ----- requests
@@ -50,6 +51,7 @@ class MountSegment(msgspec.Struct, tag=True, frozen=True):
     descriptor: SegmentDescriptor
     disk_capacity: int = 0
     control_endpoint: str = ""  # the node's RPC server for disk-tier tasks
+    grant_key: bytes = b""  # the segment's grant key (kvcake.store.grants), with a token
 
 
 class UnmountSegment(msgspec.Struct, tag=True, frozen=True):

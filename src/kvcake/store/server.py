@@ -21,10 +21,12 @@ from kvcake.common.http import TextHttpServer
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.store import messages as m
+from kvcake.store.grants import ReplicaGrants
 from kvcake.store.metrics import render_metrics, summary_line
 from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
 from kvcake.store.tenants import scoped_key
+from kvcake.transfer.grants import GrantMode
 
 log = get_logger(__name__)
 
@@ -49,6 +51,7 @@ class MasterServer:
                       if config.metrics_port >= 0 else None)
         self._requests: dict[str, int] = {}
         self._nodes: dict[str, RpcClient] = {}
+        self._grants = ReplicaGrants()  # nodes' grant keys: signed handles, with a token
         self._task_done = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._handlers: dict[type[Any], Callable[[Any], Any]] = {
@@ -110,14 +113,29 @@ class MasterServer:
         return m.HeartbeatReply(self.service.heartbeat(request.client_id))
 
     def _mount(self, request: m.MountSegment) -> m.MountReply:
-        segment_id = self.service.mount_segment(request.client_id, request.descriptor,
-                                                request.disk_capacity, request.control_endpoint)
+        try:
+            segment_id = self.service.mount_segment(request.client_id, request.descriptor,
+                                                    request.disk_capacity,
+                                                    request.control_endpoint)
+        except KvcakeError as exc:
+            if exc.code is ErrorCode.SEGMENT_ALREADY_EXISTS:
+                self._relearn_grant_key(request)
+            raise
+        self._grants.learn(segment_id, request.descriptor.name, request.grant_key)
         log.info("segment %s (%d bytes) mounted by %s", request.descriptor.name,
                  request.descriptor.size, request.client_id)
         return m.MountReply(segment_id)
 
+    def _relearn_grant_key(self, request: m.MountSegment) -> None:
+        """Its owner remounting a segment we already hold (restored from the journal)."""
+        for segment in self.service.registry.segments.values():
+            if segment.name == request.descriptor.name and segment.client_id == \
+                    request.client_id:
+                self._grants.learn(segment.segment_id, segment.name, request.grant_key)
+
     def _unmount(self, request: m.UnmountSegment) -> m.CodesReply:
         self.service.unmount_segment(request.client_id, request.segment_id)
+        self._grants.forget(request.segment_id)
         return m.CodesReply([0])
 
     def _put_start(self, request: m.PutStart) -> m.PutStartReply:
@@ -129,7 +147,9 @@ class MasterServer:
             result = _per_key(self.service.put_start, request.client_id, key, size,
                               request.config)
             codes.append(_code(result))
-            replicas.append(result if isinstance(result, list) else [])
+            replicas.append(self._grants.sign(result, size, GrantMode.WRITE,
+                                              self.config.put_timeout_s)
+                            if isinstance(result, list) else [])
         return m.PutStartReply(codes, replicas)
 
     def _put_end(self, request: m.PutEnd) -> m.CodesReply:
@@ -176,9 +196,11 @@ class MasterServer:
 
     def _get_reply(self, results: list[Any], waited_s: float = 0.0) -> m.GetReplicasReply:
         found = [r if isinstance(r, tuple) else (0, []) for r in results]
-        return m.GetReplicasReply(self.config.lease_ttl_s, [_code(r) for r in results],
-                                  [size for size, _ in found], [handles for _, handles in found],
-                                  waited_s)
+        ttl_s = self.config.lease_ttl_s
+        return m.GetReplicasReply(ttl_s, [_code(r) for r in results],
+                                  [size for size, _ in found],
+                                  [self._grants.sign(handles, size, GrantMode.READ, ttl_s)
+                                   for size, handles in found], waited_s)
 
     def _exist(self, request: m.Exist) -> m.CodesReply:
         tenant = self.service.tenant_of(request.client_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
@@ -32,6 +32,7 @@ class Mount:
     descriptor: SegmentDescriptor
     disk_capacity: int = 0
     control_endpoint: str = ""
+    grant_key: bytes = field(default=b"", repr=False)  # for the master alone to sign with
 
 
 class MasterSession:
@@ -83,7 +84,7 @@ class MasterSession:
 
     async def _mount(self, mount: Mount) -> None:
         request = m.MountSegment(self.client_id, mount.descriptor, mount.disk_capacity,
-                                 mount.control_endpoint)
+                                 mount.control_endpoint, mount.grant_key)
         try:
             reply = await self._call(request, m.MountReply)
         except KvcakeError as exc:
