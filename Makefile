@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sysdeps lint bench paper clean
+.PHONY: run test install sysdeps lint fuzz bench paper clean
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
@@ -31,6 +31,16 @@ sysdeps:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
+
+# the fuzz tests with KVCAKE_FUZZ_EXAMPLES examples each (CI runs a few hundred), then a
+# minute of atheris over the frame receiver and the codec when atheris is installed
+FUZZ_EXAMPLES ?= 3000
+FUZZ_TESTS := tests/common/test_fuzz_receiver.py tests/transfer/test_fuzz_frames.py \
+	tests/store/test_rpc_fuzz.py tests/conductor/test_fuzz_conductor_rpc.py \
+	tests/engine/test_fuzz_worker_rpc.py tests/api/test_fuzz_http.py
+fuzz: $(STAMP)
+	KVCAKE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest $(FUZZ_TESTS) -q -o timeout=1800
+	$(PY) scripts/fuzz_atheris.py -max_total_time=60
 
 bench: $(STAMP)
 	$(VENV)/bin/kvcake bench transfer

@@ -3,21 +3,22 @@ connection ends, nothing hangs, and afterwards the server serves and has lost no
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+import fuzzing
+from fuzzing import Frames, assert_error_frame, assert_rpc_answers, call_frame, fuzz_settings
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
-from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES, RpcClient
 from kvcake.store import messages as m
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig
@@ -31,10 +32,7 @@ POOL = 1 << 20
 PRE_KEY = "pre"
 PRE_SIZE = 12345
 LONG_KEY = "x" * 100_000
-FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
-
-Frames = list[tuple[FrameHeader, bytes]]
+FUZZ = fuzz_settings(200)
 
 
 @dataclass(frozen=True)
@@ -82,59 +80,11 @@ def pre_store(server: MasterServer) -> list[ReplicaHandle]:
 # ----- one raw exchange
 
 def exchange(master: Master, data: bytes) -> tuple[Frames, bool]:
-    """Send ``data``, half-close, read until the server closes. The frames it answered and
-    whether the connection was reset; a server that neither answers nor closes fails."""
-    with socket.create_connection(master.address, timeout=TIMEOUT_S) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it closed on us mid-send: the connection ended
-        received, reset = bytearray(), False
-        while True:
-            try:
-                chunk = sock.recv(1 << 16)
-            except ConnectionResetError:
-                reset = True
-                break
-            except TimeoutError:
-                pytest.fail(f"server hung: no reply and no close in {TIMEOUT_S}s "
-                            f"after {bytes(data[:60])!r}")
-            if not chunk:
-                break
-            received += chunk
-    return parse_frames(bytes(received), truncated_ok=reset), reset
-
-
-def parse_frames(data: bytes, truncated_ok: bool) -> Frames:
-    frames: Frames = []
-    position = 0
-    while len(data) - position >= HEADER_SIZE:
-        header = unpack_header(data[position : position + HEADER_SIZE], 1 << 30)
-        end = position + HEADER_SIZE + header.payload_size
-        if end > len(data):
-            break
-        frames.append((header, data[position + HEADER_SIZE : end]))
-        position = end
-    assert truncated_ok or position == len(data), f"a partial frame: {data[position:]!r}"
-    return frames
-
-
-def assert_error_frame(header: FrameHeader, payload: bytes) -> None:
-    assert header.op is FrameOp.CALL_REPLY
-    assert header.status != 0, "an error frame must carry a non-zero status"
-    assert ErrorCode(header.status) is not ErrorCode.INTERNAL_ERROR, payload
-    assert payload.decode(), "an error frame must say what was wrong"
+    return fuzzing.exchange(master.address, data)
 
 
 def assert_only_errors(master: Master, data: bytes) -> None:
-    frames, _ = exchange(master, data)
-    for header, payload in frames:
-        assert_error_frame(header, payload)
-
-
-def call_frame(request_id: int, body: bytes) -> bytes:
-    return pack_header(FrameOp.CALL, request_id, length=len(body)) + body
+    fuzzing.assert_only_errors(master.address, data)
 
 
 def call(master: Master, request: Any) -> tuple[FrameHeader, bytes]:
@@ -208,18 +158,7 @@ def classify(body: bytes) -> bool:
 
 def assert_answered_and_still_open(master: Master, body: bytes) -> FrameHeader:
     """``body`` as call 1, then a good GetStats as call 2 on the same connection."""
-    stats = codec.encode(m.GetStats())
-    frames, reset = exchange(master, call_frame(1, body) + call_frame(2, stats))
-    assert not reset
-    assert [h.request_id for h, _ in frames] == [1, 2]
-    (header, payload), (after, _) = frames
-    if not classify(body):
-        assert_error_frame(header, payload)
-        assert header.status == ErrorCode.INVALID_PARAMS, payload
-    elif header.status:  # well-formed, and refused by the service
-        assert_error_frame(header, payload)
-    assert after.status == 0, "a rejected request must not end the connection"
-    return header
+    return assert_rpc_answers(master.address, body, codec.encode(m.GetStats()), classify(body))
 
 
 @FUZZ
