@@ -64,6 +64,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
         "put_timeout_s": args.put_timeout, "high_watermark": args.high_watermark,
         "evict_ratio": args.evict_ratio, "eviction": args.eviction,
         "placement": args.placement, "summary_s": args.summary_interval,
+        "etcd": args.etcd, "leader_ttl_s": args.leader_ttl, "put_fence_s": args.put_fence,
         **tenant_overrides(args),
     })
     run_master(config)  # an unknown policy name fails when the service is built, before binding
@@ -127,6 +128,12 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     master.add_argument("--placement", help="random (default), free_ratio_first, local_first")
     master.add_argument("--summary-interval", type=float, help="seconds between log "
                         "summaries (0 = off)")
+    master.add_argument("--etcd", help="etcd://HOST:PORT[/PREFIX/]: elect a leader among the "
+                        "masters given it, and persist the leader's state there")
+    master.add_argument("--leader-ttl", type=int, help="seconds of the leader's etcd lease "
+                        "(default 3): how soon a standby replaces a dead leader")
+    master.add_argument("--put-fence", type=float, help="seconds a new leader holds puts "
+                        "(default 1)")
     add_cluster_token_flag(master)
     add_tenant_flags(master)
     master.set_defaults(run=_cmd_master)

@@ -4,7 +4,9 @@ nodes that follow the leader, and a deposed leader that cannot write."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,10 +35,17 @@ pytestmark = [
 
 
 @pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[str]:
+def etcd_process(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
     process, endpoint = start_etcd(tmp_path / "etcd")
-    yield f"etcd://{endpoint}/test-{random.getrandbits(32):x}/"
+    yield process, f"etcd://{endpoint}/test-{random.getrandbits(32):x}/"
+    if process.alive():
+        os.kill(process.pid, signal.SIGCONT)
     process.stop()
+
+
+@pytest.fixture
+def etcd(etcd_process: tuple[ServerProcess, str]) -> str:
+    return etcd_process[1]
 
 
 @pytest.fixture
@@ -198,3 +207,30 @@ def test_etcd_urls_name_a_prefix() -> None:
     assert split_etcd_url("etcd://127.0.0.1:2379") == ("127.0.0.1:2379", Layout())
     assert split_etcd_url("etcd://h:1/a/b") == ("h:1", Layout("/a/b/"))
     assert split_etcd_url("h") == ("h:2379", Layout())
+
+
+def test_a_leader_cut_off_from_etcd_stops_serving_then_the_cluster_recovers(
+        etcd_process: tuple[ServerProcess, str], processes: list[ServerProcess]) -> None:
+    etcd_server, url = etcd_process
+    cluster(url, processes)
+    endpoint = leader_endpoint(url)
+    store = client(url)
+    try:
+        assert store.put("before", b"b" * 4096) == 0
+        os.kill(etcd_server.pid, signal.SIGSTOP)  # the leader can no longer renew its term
+        try:
+            def refuses() -> bool:
+                try:
+                    ask(endpoint, m.GetStats(), m.Stats)
+                except KvcakeError as exc:
+                    return "not confirmed" in str(exc)
+                return False
+            wait_for(refuses, timeout_s=10.0)  # within the lease: no second leader yet
+        finally:
+            os.kill(etcd_server.pid, signal.SIGCONT)
+        # etcd back: the same master renews its term, or a new leader restores the state
+        assert store.get("before") == b"b" * 4096
+        assert store.put("after", b"a" * 4096) == 0
+        assert store.get("after") == b"a" * 4096
+    finally:
+        store.close()

@@ -246,7 +246,10 @@ def test_ending_or_revoking_others_puts_is_refused(master: Master, keys: list[st
     assert header.status == 0
     codes = codec.decode(payload, m.CodesReply).codes
     assert len(codes) == len(keys)
-    assert all(code < 0 for code in codes)
+    for key, code in zip(keys, codes, strict=True):
+        # the owner ending its own finished put again is a no-op (a retry after a failover)
+        own_end = kind is m.PutEnd and client_id == "owner" and key == PRE_KEY
+        assert code == 0 if own_end else code < 0, (key, code)
 
 
 @FUZZ

@@ -229,8 +229,14 @@ class MasterConfig:
     tick_s: period of the background sweep (expiry, eviction), seconds.
     summary_s: period of the one-line log summary (0 = off).
     seed: seeds random placement and segment ids (0 = from the OS).
-    default_tenant_quota_bytes: quota of every tenant ``tenants`` does not name (0 = none).
+    default_tenant_quota_bytes: quota of every tenant ``tenants`` does not name (0 = unlimited).
     tenants: per-tenant quotas and tokens (``--tenant-quota``, ``--tenants-file``).
+    etcd: ``etcd://HOST:PORT[/PREFIX/]`` for high availability (empty = a lone master):
+        masters of one prefix elect a leader, which persists its state there.
+    leader_ttl_s: the leader's etcd lease, whole seconds (2..60): a dead leader is replaced
+        after about this long.
+    put_fence_s: how long a new leader holds puts after taking over (>= 0), so that writes
+        still in flight to memory the old leader handed out land first.
     """
 
     host: str = "127.0.0.1"
@@ -250,9 +256,17 @@ class MasterConfig:
     seed: int = 0
     default_tenant_quota_bytes: int = 0
     tenants: tuple[TenantPolicy, ...] = ()
+    etcd: str = ""
+    leader_ttl_s: int = 3
+    put_fence_s: float = 1.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        _require(not self.etcd or ":" in self.etcd,
+                 f"etcd must be etcd://HOST:PORT[/PREFIX/], got {self.etcd!r}")
+        _require(2 <= self.leader_ttl_s <= 60, f"leader_ttl_s must be 2..60, "
+                 f"got {self.leader_ttl_s}")
+        _require(self.put_fence_s >= 0, f"put_fence_s must be >= 0, got {self.put_fence_s}")
         _require(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1..65535, "
                  f"got {self.metrics_port}")
         _check_tenants(self.default_tenant_quota_bytes, self.tenants)

@@ -52,6 +52,7 @@ from kvcake.store.service import MasterService
 
 log = get_logger(__name__)
 
+_SAFE_SHARE = 0.8  # of the lease TTL a leader trusts its last renewal for
 MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
 MAX_TXN_BYTES = 1 << 20  # etcd's default --max-request-bytes is 1.5 MiB
 
@@ -114,16 +115,23 @@ class LeaderElection:
 
     def refresh(self) -> None:
         """Keep the lease alive; :class:`LeadershipLostError` once it cannot be."""
+        sent = time.monotonic()  # etcd renewed the lease after this, never before
         try:
             replies = guarded(self._lease.refresh)
             if replies and replies[0].TTL > 0:
-                self._refreshed = time.monotonic()
+                self._refreshed = sent
                 return
             raise LeadershipLostError("the leader lease has expired")
         except MetadataError as exc:
-            if time.monotonic() - self._refreshed > self.ttl_s * 0.8:
+            if not self.confirmed():
                 raise LeadershipLostError(f"cannot refresh the leader lease: {exc}") from exc
             log.warning("leader lease refresh failed, retrying: %s", exc)
+
+    def confirmed(self) -> bool:
+        """Whether the lease surely still holds: renewed less than 0.8 TTL ago. A leader
+        serves only while this is true, so it never serves beside its successor, even
+        when a refresh call hangs."""
+        return time.monotonic() - self._refreshed < self.ttl_s * _SAFE_SHARE
 
     def commit(self, writes: list[Write], lease: Any = None) -> None:
         """Apply ``writes`` in fenced transactions; :class:`LeadershipLostError` if this

@@ -27,6 +27,7 @@ from kvcake.common import codec
 from kvcake.store.allocator import SegmentAllocator
 from kvcake.store.replica import Replica, ReplicaState, StoredObject, Tier
 from kvcake.store.segments import ClientRecord, MountedSegment
+from kvcake.store.tenants import usage_by_tenant
 from kvcake.transfer.segment import SegmentDescriptor
 
 if TYPE_CHECKING:
@@ -160,6 +161,7 @@ def restore(service: MasterService, segments: Iterable[SegmentRecord],
         _restore_segment(service, segment, placed[segment_id], now)
     for key, record, replicas in kept:
         _restore_object(service, key, record, replicas, now)
+    service.tenants.recount(usage_by_tenant(service.objects))
 
 
 def _restore_segment(service: MasterService, record: SegmentRecord,

@@ -22,6 +22,7 @@ from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.store import messages as m
 from kvcake.store.grants import ReplicaGrants
+from kvcake.store.ha import Persistence
 from kvcake.store.metrics import render_metrics, summary_line
 from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
@@ -33,6 +34,8 @@ log = get_logger(__name__)
 _PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
 _RECHECK_S = 0.05
 _WAIT_CODES = (ErrorCode.REPLICA_IS_NOT_READY, ErrorCode.NO_AVAILABLE_HANDLE)
+# answered only once their changes are in etcd, when the master persists its state
+_DURABLE = (m.PutEnd, m.Remove, m.RemoveAll, m.MountSegment, m.UnmountSegment)
 
 
 def _code(result: object) -> int:
@@ -65,6 +68,14 @@ class MasterServer:
         }
         self.endpoint = ""
         self.metrics_endpoint = ""
+        self.persistence: Persistence | None = None  # set before startup by an HA leader
+        self._puts_open_at = 0.0  # loop time; an HA leader fences puts after taking over
+
+    def persist_with(self, persistence: Persistence, put_fence_s: float) -> None:
+        """Before startup: flush changes with ``persistence``; hold puts ``put_fence_s``;
+        serve only while the election confirms this master's term."""
+        self.persistence = persistence
+        self._puts_open_at = asyncio.get_running_loop().time() + put_fence_s
 
     async def startup(self) -> str:
         self.endpoint = await self._rpc.startup()
@@ -90,12 +101,22 @@ class MasterServer:
     # ----- dispatch
     def _handle(self, payload: memoryview) -> bytes | Awaitable[bytes]:
         request: m.MasterRequest = codec.decode(payload, m.MasterRequest)  # type: ignore[arg-type]
+        if self.persistence is not None and not self.persistence.election.confirmed():
+            raise KvcakeError("this master's term as leader is not confirmed; ask the leader "
+                              "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
         name = type(request).__name__
         self._requests[name] = self._requests.get(name, 0) + 1
         reply = self._handlers[type(request)](request)
         self._run_tasks()
+        if self.persistence is not None and isinstance(request, _DURABLE) \
+                and self.service.changes:
+            return self._encode_durable(reply, self.persistence.durable())
         if asyncio.iscoroutine(reply):
             return self._encode_later(reply)
+        return codec.encode(reply)
+
+    async def _encode_durable(self, reply: Any, durable: Awaitable[None]) -> bytes:
+        await durable
         return codec.encode(reply)
 
     async def _encode_later(self, reply: Awaitable[Any]) -> bytes:
@@ -138,10 +159,28 @@ class MasterServer:
         self._grants.forget(request.segment_id)
         return m.CodesReply([0])
 
-    def _put_start(self, request: m.PutStart) -> m.PutStartReply:
+    def _put_start(self, request: m.PutStart) -> Any:
         if len(request.keys) != len(request.sizes):
             raise KvcakeError(f"{len(request.keys)} keys but {len(request.sizes)} sizes",
                               ErrorCode.INVALID_PARAMS)
+        if asyncio.get_running_loop().time() < self._puts_open_at:
+            return self._put_start_later(request)
+        reply = self._put_start_now(request)
+        if ErrorCode.NO_AVAILABLE_HANDLE in reply.codes and self._frees_pending():
+            return self._put_start_later(request)
+        return reply
+
+    def _frees_pending(self) -> bool:
+        return self.service.changes is not None and bool(self.service.changes.frees)
+
+    async def _put_start_later(self, request: m.PutStart) -> m.PutStartReply:
+        """After the fence; or once memory held for durable removals is free, one retry."""
+        await asyncio.sleep(self._puts_open_at - asyncio.get_running_loop().time())
+        if self.persistence is not None and self._frees_pending():
+            await self.persistence.durable()
+        return self._put_start_now(request)
+
+    def _put_start_now(self, request: m.PutStart) -> m.PutStartReply:
         codes, replicas = [], []
         for key, size in zip(request.keys, request.sizes, strict=True):
             result = _per_key(self.service.put_start, request.client_id, key, size,

@@ -3,28 +3,81 @@
 When the master restarts (a new ``master_id``, or a heartbeat answered "unknown client") the
 session registers again and remounts its segments by itself, so clients and nodes survive
 a master restart without manual steps; ``on_new_master`` lets the owner drop its caches.
+
+With ``master = etcd://HOST:PORT[/PREFIX/]`` the session finds the leader in etcd and
+follows a failover: a call that cannot reach the leader waits (up to ``rpc_timeout_s``) for
+another leader's record, rejoins it and is sent once more there. A call is never resent to
+the master that may have run it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from kvcake.common import codec
 from kvcake.common.config import StoreConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient
 from kvcake.store import messages as m
+from kvcake.store.ha import find_leader, split_etcd_url
+from kvcake.store.journal import Layout, LeaderRecord
 from kvcake.transfer.segment import SegmentDescriptor
 
 log = get_logger(__name__)
 R = TypeVar("R")
+_LEADER_POLL_S = 0.1
+
+
+class LeaderFinder:
+    """Where the master is: a fixed ``HOST:PORT``, or the leader named in etcd."""
+
+    def __init__(self, master: str, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._static = None if master.startswith("etcd://") else LeaderRecord("", master)
+        self._address, self._layout = "", Layout()
+        if self._static is None:
+            self._address, self._layout = split_etcd_url(master)
+        self._client: Any = None
+
+    @property
+    def follows(self) -> bool:
+        return self._static is None
+
+    async def leader(self, not_uid: str | None = None) -> LeaderRecord:
+        """The leader (other than term ``not_uid``), waiting up to ``timeout_s`` for one."""
+        if self._static is not None:
+            return self._static
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            record = await asyncio.to_thread(self._read)
+            if record is not None and record.uid != not_uid:
+                return record
+            if time.monotonic() > deadline:
+                raise KvcakeError(f"no store master leads in etcd {self._address} "
+                                  f"{self._layout.prefix}", ErrorCode.RPC_FAIL)
+            await asyncio.sleep(_LEADER_POLL_S)
+
+    def _read(self) -> LeaderRecord | None:
+        if self._client is None:
+            self._client = etcd_client(self._address, self.timeout_s)
+        try:
+            return find_leader(self._client, self._layout)
+        except KvcakeError as exc:
+            log.debug("leader lookup failed: %s", exc)
+            return None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 @dataclass(frozen=True)
@@ -41,7 +94,9 @@ class MasterSession:
         self.config = config
         self.client_id = f"{host_id.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:12]}"
         self.host_id = host_id
+        self.finder = LeaderFinder(config.master, config.rpc_timeout_s)
         self.rpc = RpcClient(config.master, config.rpc_timeout_s)
+        self.leader_uid = ""
         self.master_id = 0
         self.lease_ttl_s = 5.0
         self.mounts: list[Mount] = []
@@ -52,18 +107,65 @@ class MasterSession:
 
     async def start(self, mounts: list[Mount]) -> None:
         self.mounts = mounts
+        self._use(await self.finder.leader())
         await self._join()
         self._heartbeat = asyncio.ensure_future(self._beat_forever())
 
     async def call(self, request: msgspec.Struct, reply_type: type[R]) -> R:
-        """One master call; after "unknown client" (master restarted) rejoin and retry once."""
+        """One master call; after "unknown client" (master restarted) rejoin and retry once;
+        after losing the leader, follow a failover and send it to the new leader once."""
+        uid = self.leader_uid
         try:
             return await self._call(request, reply_type)
         except KvcakeError as exc:
-            if exc.code is not ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS:
+            if exc.code is ErrorCode.UNAVAILABLE_IN_CURRENT_MODE and self.finder.follows:
+                return await self._call_when_confirmed(request, reply_type, exc)
+            if exc.code is ErrorCode.RPC_FAIL and self.finder.follows:
+                await self._follow(uid, exc)
+            elif exc.code is not ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS:
                 raise
-        await self._rejoin_once()
+            else:
+                await self._rejoin_once()
         return await self._call(request, reply_type)
+
+    async def _call_when_confirmed(self, request: msgspec.Struct, reply_type: type[R],
+                                   error: KvcakeError) -> R:
+        """The master refused the call unrun: its term is in doubt (cut off from etcd). Send
+        it again, to whoever leads, until ``rpc_timeout_s`` has passed."""
+        deadline = time.monotonic() + self.config.rpc_timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_LEADER_POLL_S)
+            try:
+                record = await self.finder.leader()
+                if record.uid != self.leader_uid:
+                    async with self._rejoin:
+                        self._use(record)
+                        await self._join()
+                return await self._call(request, reply_type)
+            except KvcakeError as exc:
+                if exc.code not in (ErrorCode.UNAVAILABLE_IN_CURRENT_MODE, ErrorCode.RPC_FAIL):
+                    raise
+                error = exc
+        raise error
+
+    async def _follow(self, failed_uid: str, error: KvcakeError) -> None:
+        """Switch to a leader other than ``failed_uid`` and rejoin it (once for all the
+        calls that failed on that term); re-raises ``error`` if none appears in time."""
+        async with self._rejoin:
+            if self.leader_uid == failed_uid:
+                try:
+                    record = await self.finder.leader(not_uid=failed_uid)
+                except KvcakeError:
+                    raise error from None
+                log.warning("store master failover: now %s", record.endpoint)
+                self._use(record)
+                await self._join()
+
+    def _use(self, record: LeaderRecord) -> None:
+        if record.endpoint != self.rpc.endpoint:
+            self.rpc.close()
+            self.rpc = RpcClient(record.endpoint, self.config.rpc_timeout_s)
+        self.leader_uid = record.uid
 
     async def _call(self, request: msgspec.Struct, reply_type: type[R]) -> R:
         return codec.decode(await self.rpc.call(codec.encode(request)), reply_type)
@@ -100,14 +202,23 @@ class MasterSession:
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
+            uid = self.leader_uid
             try:
                 reply = await self._call(m.Heartbeat(self.client_id), m.HeartbeatReply)
                 if not reply.known:
                     await self._rejoin_once()
             except KvcakeError as exc:
-                log.debug("heartbeat to %s failed: %s", self.config.master, exc)
+                log.debug("heartbeat to %s failed: %s", self.rpc.endpoint, exc)
+                if exc.code is ErrorCode.RPC_FAIL and self.finder.follows:
+                    await self._follow_quietly(uid, exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    async def _follow_quietly(self, uid: str, error: KvcakeError) -> None:
+        try:
+            await self._follow(uid, error)
+        except KvcakeError as exc:
+            log.debug("no new leader yet: %s", exc)
 
     async def close(self) -> None:
         if self._heartbeat is not None:
@@ -118,4 +229,5 @@ class MasterSession:
             except KvcakeError as exc:
                 log.debug("unmount of %s failed: %s", name, exc)
         self.rpc.close()
+        self.finder.close()
 
