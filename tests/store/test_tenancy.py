@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from kvcake.cli import build_parser
+from kvcake.cli_flags import tenant_overrides
 from kvcake.common.config import MasterConfig, StoreConfig, TenantPolicy
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
 from kvcake.common.process import ServerProcess, start_master, start_node
@@ -385,6 +387,19 @@ def test_quota_flags_and_files(tmp_path: Path) -> None:
             load_tenants(str(toml))
     with pytest.raises(InvalidParamsError, match="cannot read"):
         load_tenants(str(tmp_path / "missing.toml"))
+
+
+def test_master_flags_map_onto_tenant_config(tmp_path: Path) -> None:
+    file = tmp_path / "tenants.toml"
+    file.write_text('default_quota = "1MiB"\n[tenants.a]\nquota = "2MiB"\ntoken = "t"\n')
+    args = build_parser().parse_args(["master", "--tenants-file", str(file), "--tenant-quota",
+                                      "a=3MiB", "--tenant-quota", "b=0"])
+    overrides = tenant_overrides(args)
+    config = MasterConfig(**overrides)  # type: ignore[arg-type]
+    assert config.default_tenant_quota_bytes == 1 << 20
+    assert config.tenants == (TenantPolicy("a", 3 << 20, "t"), TenantPolicy("b", 0))
+    bare = tenant_overrides(build_parser().parse_args(["master", "--default-tenant-quota", "4KiB"]))
+    assert bare == {"default_tenant_quota_bytes": 4096, "tenants": None}
 
 
 # ----- over real processes

@@ -14,7 +14,7 @@ is one to one. What this is and is not: without tokens a tenant is whatever a cl
 it is — namespacing and quota, not security. With a token configured for a tenant, only a
 client presenting it registers as that tenant; afterwards the master knows the client by its
 (random) client id, so against anyone who can watch or forge traffic also run with the
-cluster token on connections.
+cluster token on connections (a tenant's token travels in the register call itself).
 
 Quota: the memory-tier bytes a tenant's replicas hold, every replica counted, the disk tier
 not; memory that an offload in flight will free no longer counts (as for the watermark).
