@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from kvcake.common.auth import ClusterAuth
 from kvcake.common.config import EngineConfig, TransferConfig
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.errors import AccessDeniedError, InvalidParamsError
 from kvcake.engine.core import EngineCore
-from kvcake.engine.kv_transfer import KVSender, block_runs
+from kvcake.engine.kv_transfer import KVSender, block_runs, block_spans, sign_kv_grants
 from kvcake.engine.sampling import SamplingParams
 from kvcake.transfer import TransferEngine
 from kvcake.worker.loop import EngineLoop, PrefillSender
@@ -33,8 +34,9 @@ def engines(tiny_model_dir: Callable[..., Path]) -> Iterator[Callable[..., Engin
     model = tiny_model_dir()
     transfers: list[TransferEngine] = []
 
-    def make(transport: str = "auto", **fields: object) -> EngineCore:
-        transfer = TransferEngine(TransferConfig(transport=transport, timeout_s=5.0))
+    def make(transport: str = "auto", auth: ClusterAuth | None = None,
+             **fields: object) -> EngineCore:
+        transfer = TransferEngine(TransferConfig(transport=transport, timeout_s=5.0), auth=auth)
         transfers.append(transfer)
         return EngineCore(_config(model, **fields), transfer=transfer)
 
@@ -60,10 +62,13 @@ def _sender(core: EngineCore) -> KVSender:
 
 
 def _disaggregated(prefill: EngineCore, sender: KVSender, decode: EngineCore,
-                   request_id: str, prompt: list[int]) -> list[int]:
+                   request_id: str, prompt: list[int], granted: bool = True) -> list[int]:
     block_ids = decode.reserve(request_id, len(prompt))
     assert block_ids is not None and decode.kv_region is not None
-    sender.open(request_id, sender.target(decode.kv_region, block_ids))
+    assert decode.transfer is not None
+    grants = sign_kv_grants(decode.transfer, decode.kv_region, block_ids, 30.0) \
+        if granted else []
+    sender.open(request_id, sender.target(decode.kv_region, block_ids, grants))
     prefill.add_request(request_id, prompt, dataclasses.replace(GREEDY, max_tokens=1))
     first = _run(prefill)[request_id]
     sender.wait(request_id, 5.0)
@@ -84,6 +89,42 @@ def test_disaggregated_equals_colocated(engines: Callable[..., EngineCore],
     decode.check_integrity()
     prefill.check_integrity()
     assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.num_blocks
+
+
+TOKEN = "disagg-token-" + "k" * 24
+
+
+def test_with_a_cluster_token_kv_moves_under_the_decode_instance_s_grants(
+        engines: Callable[..., EngineCore]) -> None:
+    colocated = engines()
+    colocated.add_request("r", PROMPT, GREEDY)
+    expected = _run(colocated)["r"]
+    prefill = engines("tcp", ClusterAuth(TOKEN))
+    decode = engines("tcp", ClusterAuth(TOKEN), kv_cache_bytes=96 << 10)
+    decode.reserve("busy", 20)  # later reservations do not start at block 0
+    assert _disaggregated(prefill, _sender(prefill), decode, "r", PROMPT) == expected
+
+
+def test_kv_writes_without_the_decode_instance_s_grants_are_refused(
+        engines: Callable[..., EngineCore]) -> None:
+    prefill, decode = engines("tcp", ClusterAuth(TOKEN)), engines("tcp", ClusterAuth(TOKEN))
+    assert decode.kv_segment is not None
+    before = bytes(decode.kv_segment.view)
+    with pytest.raises(AccessDeniedError, match="no live grant"):
+        _disaggregated(prefill, _sender(prefill), decode, "r", PROMPT, granted=False)
+    assert bytes(decode.kv_segment.view) == before
+
+
+def test_block_spans_and_one_grant_per_span(engines: Callable[..., EngineCore]) -> None:
+    assert block_spans([3, 4, 5, 9, 2, 3]) == [(3, 3), (9, 1), (2, 2)]
+    secured, plain = engines("tcp", ClusterAuth(TOKEN)), engines("tcp", ClusterAuth())
+    assert secured.transfer is not None and secured.kv_region is not None
+    assert plain.transfer is not None
+    assert len(sign_kv_grants(secured.transfer, secured.kv_region, [0, 1, 3], 30.0)) == 2
+    assert sign_kv_grants(plain.transfer, secured.kv_region, [0, 1], 30.0) == []
+    sender = KVSender(secured.transfer, secured.kv_region, memoryview(bytearray(1)))
+    with pytest.raises(InvalidParamsError, match="1 grants for 2 runs"):
+        sender.target(secured.kv_region, [0, 3], [b"only-one"])
 
 
 def test_second_request_reuses_the_prefill_cache(engines: Callable[..., EngineCore]) -> None:

@@ -277,12 +277,12 @@ class ConductorServer:
             flight.fail(exc)
 
     async def _disaggregate(self, flight: Flight) -> None:
-        block_ids = await self._reserve(flight)
+        reserved = await self._reserve(flight)
         target = self.instances[flight.decode_id].info.kv_region
         flight.move_to(FlightState.PREFILLING)
         await self._call(flight.prefill_id, Prefill(
             flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant,
-            target, block_ids))
+            target, reserved.block_ids or [], reserved.grants))
         done = await flight.prefill_done
         self.service.prefill_done(flight.request_id)
         if done.error:
@@ -301,7 +301,7 @@ class ConductorServer:
                                 first.num_prompt_tokens, first.num_cached_tokens,
                                 first.num_store_tokens))
 
-    async def _reserve(self, flight: Flight) -> list[int]:
+    async def _reserve(self, flight: Flight) -> Reserved:
         """Room on the decode instance, asked again with backoff while its batch is full:
         the request waits here, before its prefill, rather than slow every token there."""
         deadline = self.clock() + self.config.reserve_wait_s
@@ -310,7 +310,7 @@ class ConductorServer:
             reply = decode(await self._call(flight.decode_id, Reserve(
                 flight.request_id, len(flight.prompt_token_ids))), Reserved)
             if reply.block_ids is not None:
-                return reply.block_ids
+                return reply
             if self.clock() >= deadline or flight.state.ended:
                 raise KvcakeError(f"decode instance {flight.decode_id} had no room for "
                                   f"{len(flight.prompt_token_ids)} tokens within "

@@ -15,18 +15,35 @@ moves as ``2 * layers`` contiguous writes whatever its length::
 
 Writes are submitted as soon as a block's K/V exist (after each prefill chunk), so they
 overlap the next chunk's compute; only the tail waits when the prefill ends.
+
+With a cluster token the decode instance's transfer server takes writes only inside its
+grants (:mod:`kvcake.transfer.grants`). It signs one per run of consecutive reserved blocks:
+``2 * layers`` ranges of the run's bytes, one layer-K/V plane apart::
+
+    grant for blocks [3, 6)   offset = 3 * block_bytes   length = 3 * block_bytes
+                              stride = num_slots * slot_bytes   count = 2 * layers
+
+Every write of a source run lands inside the grant of the reserved run that holds it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import msgspec
 import torch
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.transfer import Batch, RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer import (
+    Batch,
+    GrantMode,
+    RemoteSegment,
+    TransferEngine,
+    TransferOp,
+    TransferRequest,
+)
 from kvcake.transfer.segment import SegmentDescriptor
 
 
@@ -74,13 +91,48 @@ def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def block_spans(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """``(first, count)`` of each maximal run of consecutive ids, in order."""
+    spans: list[tuple[int, int]] = []
+    for block in block_ids:
+        if spans and spans[-1][0] + spans[-1][1] == block:
+            spans[-1] = (spans[-1][0], spans[-1][1] + 1)
+        else:
+            spans.append((block, 1))
+    return spans
+
+
+def sign_kv_grants(engine: TransferEngine, region: KVRegion, block_ids: Sequence[int],
+                   ttl_s: float) -> list[bytes]:
+    """WRITE grants on our own cache for ``block_ids``, one per span (none without a token)."""
+    if not engine.auth.enabled:
+        return []
+    block_bytes = region.block_size * region.slot_bytes
+    stride = region.num_slots * region.slot_bytes
+    return [engine.sign_grant(region.descriptor.name, first * block_bytes, count * block_bytes,
+                              GrantMode.WRITE, ttl_s, stride, 2 * region.num_layers)
+            for first, count in block_spans(block_ids)]
+
+
 @dataclass(frozen=True)
 class KVTarget:
-    """One request's destination: the decode instance's cache and the blocks reserved there."""
+    """One request's destination: the decode instance's cache and the blocks reserved there,
+    with the grant that covers each block (empty without a token)."""
 
     region: KVRegion
     segment: RemoteSegment
     block_ids: tuple[int, ...]
+    grant_of: dict[int, bytes] = field(default_factory=dict)
+
+
+def _grants_by_block(block_ids: list[int], grants: Sequence[bytes]) -> dict[int, bytes]:
+    if not grants:
+        return {}
+    spans = block_spans(block_ids)
+    if len(spans) != len(grants):
+        raise InvalidParamsError(f"{len(grants)} grants for {len(spans)} runs of blocks")
+    return {first + i: grant for (first, count), grant in zip(spans, grants, strict=True)
+            for i in range(count)}
 
 
 @dataclass
@@ -102,15 +154,18 @@ class KVSender:
         self._outgoing: dict[str, _Outgoing] = {}
         self.num_bytes_sent = 0
 
-    def target(self, region: KVRegion, block_ids: list[int]) -> KVTarget:
-        """Reach a peer's cache; refuses one of another model, dtype or layout."""
+    def target(self, region: KVRegion, block_ids: list[int],
+               grants: Sequence[bytes] = ()) -> KVTarget:
+        """Reach a peer's cache; refuses one of another model, dtype or layout. ``grants``:
+        the peer's, one per span of ``block_ids`` (see :func:`sign_kv_grants`)."""
         if region.fingerprint != self.local.fingerprint or region.slot_bytes != \
                 self.local.slot_bytes or region.block_size != self.local.block_size:
             raise InvalidParamsError(
                 f"KV cache {region.descriptor.name!r} has fingerprint {region.fingerprint} / "
                 f"block {region.block_size}; this instance has {self.local.fingerprint} / "
                 f"block {self.local.block_size}")
-        return KVTarget(region, self.engine.attach(region.descriptor), tuple(block_ids))
+        return KVTarget(region, self.engine.attach(region.descriptor), tuple(block_ids),
+                        _grants_by_block(block_ids, grants))
 
     def open(self, request_id: str, target: KVTarget) -> None:
         self._outgoing[request_id] = _Outgoing(target, [], started_s=time.monotonic())
@@ -140,12 +195,13 @@ class KVSender:
         requests = []
         for src, dst, count in runs:
             length = count * size * local.slot_bytes
+            grant = target.grant_of.get(dst, b"")
             for layer in range(local.num_layers):
                 for kv in (0, 1):
                     start = local.offset(layer, kv, src * size)
                     requests.append(TransferRequest(
                         TransferOp.WRITE, target.segment, remote.offset(layer, kv, dst * size),
-                        self._bytes[start:start + length]))
+                        self._bytes[start:start + length], grant))
         return requests
 
     def wait(self, request_id: str, timeout_s: float) -> tuple[int, float]:

@@ -143,7 +143,8 @@ class EngineLoop:
         params = message.params
         if message.target is not None:
             assert self.sender is not None, "only a prefill instance sends KV"
-            target = self.sender.target(message.target, message.target_block_ids)
+            target = self.sender.target(message.target, message.target_block_ids,
+                                        message.target_grants)
             params = dataclasses.replace(params, max_tokens=1)
             self.core.add_request(message.request_id, message.prompt_token_ids, params,
                                   message.tenant)

@@ -12,7 +12,9 @@
         |<================================== Outputs (every step) ======|
 
 A colocated (``both``) instance gets ``Prefill`` with no target and streams ``Outputs``
-itself. Replies are ``Ack`` unless named.
+itself. Replies are ``Ack`` unless named. With a cluster token the decode instance signs a
+WRITE grant for each run of consecutive blocks it reserved (every layer's K and V of them);
+the Conductor passes them on in ``Prefill`` and the prefill presents them with its writes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Prefill(msgspec.Struct, tag=True, frozen=True):
     tenant: str
     target: KVRegion | None = None
     target_block_ids: list[int] = []
+    target_grants: list[bytes] = []  # the decode instance's, one per run of its blocks
 
 
 class Reserve(msgspec.Struct, tag=True, frozen=True):
@@ -62,6 +65,7 @@ WorkerRequest = Prefill | Reserve | Commit | Release | Abort
 
 class Reserved(msgspec.Struct, frozen=True):
     block_ids: list[int] | None  # None: no room now
+    grants: list[bytes] = []  # with a cluster token: WRITE grants, one per run of blocks
 
 
 class Ack(msgspec.Struct, frozen=True):

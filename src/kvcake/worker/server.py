@@ -30,7 +30,7 @@ from kvcake.conductor.messages import (
 )
 from kvcake.conductor.types import InstanceLoad, KVEvent
 from kvcake.engine.core import EngineCore, EngineLoad
-from kvcake.engine.kv_transfer import KVSender
+from kvcake.engine.kv_transfer import KVSender, sign_kv_grants
 from kvcake.transfer import TransferEngine
 from kvcake.worker.loop import EngineLoop, Telemetry
 from kvcake.worker.messages import (
@@ -137,7 +137,7 @@ class WorkerServer:
         elif isinstance(message, Reserve):
             block_ids = await asyncio.wrap_future(loop.call(
                 lambda: loop.reserve(message.request_id, message.num_prompt_tokens)))
-            return encode(Reserved(block_ids))
+            return encode(Reserved(block_ids, self._kv_grants(block_ids)))
         elif isinstance(message, Commit):
             await asyncio.wrap_future(loop.call(lambda: self._commit(loop, message)))
         elif isinstance(message, Release):
@@ -145,6 +145,14 @@ class WorkerServer:
         elif isinstance(message, Abort):
             await asyncio.wrap_future(loop.call(lambda: loop.abort(message.request_id)))
         return encode(Ack())
+
+    def _kv_grants(self, block_ids: list[int] | None) -> list[bytes]:
+        """The prefill may write our reserved blocks, until the reservation would lapse."""
+        region = self.core.kv_region
+        if not block_ids or region is None or self._transfer is None:
+            return []
+        ttl_s = self.config.reserve_timeout_s + self.config.transfer_timeout_s
+        return sign_kv_grants(self._transfer, region, block_ids, ttl_s)
 
     def _check_role(self, message: Prefill) -> None:
         wants = "prefill" if message.target is not None else "both"
