@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_store = bench_cmds.add_parser("store", help="store vs memcpy, Redis, Mooncake")
     bench_store.add_argument("--quick", action="store_true", help="under a minute")
     bench_store.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_store.add_argument("--against", default="", help="redis,mooncake (comma list)")
+    bench_store.add_argument("--against", default="", help="redis,mooncake,kvcake-ha (comma "
+                             "list; kvcake-ha: kvcake's master on etcd)")
     bench_store.add_argument("--paths", default="shm,tcp", help="default shm,tcp")
     bench_store.set_defaults(run=_cmd_bench_store)
     bench_engine = bench_cmds.add_parser("engine", help="engine vs HF eager (and vLLM-CPU)")

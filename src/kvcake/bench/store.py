@@ -18,7 +18,6 @@ objects (keys, for the existence checks); the ratio columns (``vs_redis``, ``vs_
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kvcake.bench.baselines import memcpy_step
@@ -37,14 +37,17 @@ from kvcake.bench.store_baselines import check_available, mooncake_master_binary
 from kvcake.bench.store_driver import EXIST_KEYS, Case, Plan
 from kvcake.common.config import KiB, MiB
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.etcd import READY as ETCD_READY
+from kvcake.common.etcd import etcd_command
 from kvcake.common.process import ServerProcess
 
 PATHS = ("shm", "tcp")
-BASELINES = ("redis", "mooncake")
+BASELINES = ("redis", "mooncake", "kvcake-ha")  # kvcake-ha: kvcake's master on etcd
 BATCHES = {64 * KiB: 32, 1 * MiB: 8, 16 * MiB: 2}  # object size -> objects per batch call
 QUICK = Plan(reps=3, min_seconds=0.04, budget_bytes=128 * MiB)
 FULL = Plan(reps=5, min_seconds=0.25, budget_bytes=256 * MiB)
-_PORTS = {"kvcake": 50100, "redis": 6379, "mooncake": 50051}  # inside fresh namespaces
+_PORTS = {"kvcake": 50100, "kvcake-ha": 50100, "redis": 6379, "mooncake": 50051,
+          "etcd": 2379, "etcd-peer": 2380}  # inside fresh namespaces
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,28 @@ def _server_specs(system: str, place: Placement, port: int, segment: int,
                        address, "--host", host, "--segment-size", str(segment))
         return [("mooncake master", master, "Master service started"),
                 ("mooncake node", node, "mounted")]
+    etcd: list[ServerSpec] = []
+    master_flags: list[str] = []
+    if system == "kvcake-ha":
+        etcd_port, peer_port = _port(place, "etcd"), _port(place, "etcd-peer")
+        address = f"etcd://{host}:{etcd_port}"
+        etcd = [("etcd", [*place.server_prefix, *etcd_command(
+            Path(scratch) / "etcd", host, etcd_port, peer_port)], ETCD_READY)]
+        master_flags = ["--etcd", address]
     master = _python(place, "kvcake.cli", "master", "--host", host, "--port", str(port),
-                     "--metrics-port", "0")
+                     "--metrics-port", "0", *master_flags)
     node = _python(place, "kvcake.cli", "node", "--master", address, "--host", host,
                    "--segment-size", f"{segment // MiB}MiB", "--name", "bench-node")
-    return [("kvcake master", master, "listening on"), ("kvcake node", node, "mounted")]
+    return [*etcd, ("kvcake master", master, "listening on"), ("kvcake node", node, "mounted")]
+
+
+def _client_server(system: str, specs: Sequence[ServerSpec], place: Placement,
+                   port: int) -> str:
+    """The address a client of ``system`` is given: the master's, or etcd's for HA."""
+    if system == "kvcake-ha":
+        node_command = specs[-1][1]
+        return node_command[node_command.index("--master") + 1]
+    return f"{place.server_host}:{port}"
 
 
 def _run_driver(system: str, place: Placement, server: str, plan: Plan,
@@ -139,11 +159,12 @@ def _bench_system(system: str, place: Placement, plan: Plan,
     segment, port = 4 * plan.budget_bytes, _port(place, system)
     with ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory())
-        servers = [stack.enter_context(ServerProcess(command, re.escape(ready), name=name))
-                   for name, command, ready in _server_specs(system, place, port, segment,
-                                                             scratch)]
+        specs = _server_specs(system, place, port, segment, scratch)
+        servers = [stack.enter_context(ServerProcess(command, ready, name=name))
+                   for name, command, ready in specs]
         try:
-            return _run_driver(system, place, f"{place.server_host}:{port}", plan, cases)
+            return _run_driver(system, place, _client_server(system, specs, place, port),
+                               plan, cases)
         except KvcakeError as exc:
             logs = " ".join(s.tail() for s in servers)
             raise KvcakeError(f"{exc.args[0]} {logs}") from exc
@@ -172,6 +193,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
     index = {(row["system"], *case(row)): row for row in rows}
     for row in rows:
+        lone = index.get(("kvcake", *case(row)))
+        if row["system"] == "kvcake-ha" and lone and lone["ops_per_s"]:
+            row["vs_kvcake"] = row["ops_per_s"] / lone["ops_per_s"]
         if row["system"] != "kvcake":
             continue
         for other in ("redis", "mooncake", "memcpy"):
@@ -193,7 +217,7 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple
         line.update({k: v for k, v in row.items() if k.startswith("vs_")})
     present = {row["system"] for row in rows}
     columns = [("path", "path"), ("op", "op"), ("size_h", "size"), ("batch", "batch")]
-    for system in ("kvcake", "redis", "mooncake"):
+    for system in ("kvcake", "kvcake-ha", "redis", "mooncake"):
         if system in present:
             columns += [(f"{system}_gbps", f"{system} GB/s"), (f"{system}_ops", f"{system} op/s")]
     if "memcpy" in present:
@@ -201,6 +225,8 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple
     for other in ("redis", "mooncake", "memcpy"):
         if any(f"vs_{other}" in row for row in rows):
             columns.append((f"vs_{other}", f"vs {other}"))
+    if any("vs_kvcake" in row for row in rows):
+        columns.append(("vs_kvcake", "ha / lone"))
     return list(merged.values()), columns
 
 
@@ -212,7 +238,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     """The targets, read off the kvcake rows of this run."""
     kvcake = [row for row in rows if row["system"] == "kvcake"]
     big_tcp = [row for row in kvcake if row["path"] == "tcp" and row["size"] >= MiB]
-    lines = []
+    lines = _ha_lines(rows)
     for other in ("mooncake", "redis"):
         ratios = sorted(row[f"vs_{other}"] for row in big_tcp if f"vs_{other}" in row)
         if ratios:
@@ -233,6 +259,23 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             text = (f"{row['path']} batch_is_exist ({row['batch']} keys): "
                     f"{row['ops_per_s']:,.0f} keys/s (target >= 100,000)")
             lines.append(_verdict(text, row["ops_per_s"] >= 100_000))
+    return lines
+
+
+def _ha_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The cost of a master on etcd, per path: median ha/lone ratio of puts and of reads."""
+    lines = []
+    for path in PATHS:
+        ha = [r for r in rows if r["system"] == "kvcake-ha" and r["path"] == path
+              and "vs_kvcake" in r]
+        for kind, ops in (("put", ("put", "put_from", "batch_put_from")),
+                          ("get/exist", ("get", "get_into", "batch_get_into", "is_exist",
+                                         "batch_is_exist"))):
+            ratios = sorted(r["vs_kvcake"] for r in ha if r["op"] in ops)
+            if ratios:
+                lines.append(f"{path} {kind} on an HA master (etcd) vs a lone master: median "
+                             f"{ratios[len(ratios) // 2]:.2f}x, min {ratios[0]:.2f}x "
+                             f"({len(ratios)} cases)")
     return lines
 
 

@@ -42,6 +42,8 @@ def check_available(system: str) -> None:
             raise KvcakeError(REDIS_PY_HINT)
     elif system == "mooncake":
         mooncake_master_binary()
+    elif system == "kvcake-ha" and shutil.which("etcd") is None:
+        raise KvcakeError("--against kvcake-ha needs etcd: apt-get install -y etcd-server")
 
 
 def mooncake_master_binary() -> str:

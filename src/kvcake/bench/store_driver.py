@@ -81,7 +81,7 @@ def open_store(system: str, server: str, host: str) -> StoreLike:
 
         store: Any = MooncakeDistributedStore()
         metadata = "P2PHANDSHAKE"
-    elif system == "kvcake":
+    elif system in ("kvcake", "kvcake-ha"):  # the HA master's clients are given etcd://
         from kvcake.store import DistributedStore
 
         store = DistributedStore()
@@ -278,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kvcake.bench.store_driver")
     commands = parser.add_subparsers(dest="command", required=True)
     client = commands.add_parser("client", help="measure cases, one JSON line each")
-    client.add_argument("--system", required=True, choices=("kvcake", "mooncake", "redis"))
+    client.add_argument("--system", required=True,
+                        choices=("kvcake", "kvcake-ha", "mooncake", "redis"))
     client.add_argument("--server", required=True, help="master (or Redis) HOST:PORT")
     client.add_argument("--host", required=True, help="this client's address")
     client.add_argument("--plan", required=True, help="JSON [reps, min_seconds, budget_bytes]")

@@ -45,23 +45,30 @@ def guarded(action: Callable[[], T]) -> T:
         raise MetadataError(f"etcd: {type(exc).__name__}: {exc}") from exc
 
 
-def start_etcd(data_dir: str | Path, timeout_s: float = 30.0) -> tuple[ServerProcess, str]:
-    """A single-member etcd on loopback ephemeral ports; the process and ``HOST:PORT``."""
+READY = r"ready to serve client requests|serving insecure client"
+
+
+def etcd_command(data_dir: str | Path, host: str, client_port: int,
+                 peer_port: int) -> list[str]:
+    """A single-member etcd serving clients on ``host:client_port``."""
     binary = shutil.which("etcd")
     if binary is None:
         raise KvcakeError("the etcd server binary is not installed (Debian: etcd-server)")
-    client, peer = free_port(), free_port()
-    name = f"kvcake-{client}"
-    command = [
+    name = f"kvcake-{client_port}"
+    client, peer = f"http://{host}:{client_port}", f"http://{host}:{peer_port}"
+    return [
         binary, "--data-dir", str(data_dir), "--name", name,
-        "--listen-client-urls", f"http://127.0.0.1:{client}",
-        "--advertise-client-urls", f"http://127.0.0.1:{client}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"{name}=http://127.0.0.1:{peer}",
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"{name}={peer}",
         "--heartbeat-interval", "50", "--election-timeout", "500",
     ]
-    process = ServerProcess(command, r"ready to serve client requests|serving insecure client",
+
+
+def start_etcd(data_dir: str | Path, timeout_s: float = 30.0) -> tuple[ServerProcess, str]:
+    """A single-member etcd on loopback ephemeral ports; the process and ``HOST:PORT``."""
+    client, peer = free_port(), free_port()
+    process = ServerProcess(etcd_command(data_dir, "127.0.0.1", client, peer), READY,
                             timeout_s, name="etcd")
     endpoint = f"127.0.0.1:{client}"
     _wait_until_serving(endpoint, process, timeout_s)
