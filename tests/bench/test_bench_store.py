@@ -1,0 +1,48 @@
+"""The store benchmark's bookkeeping: ratios between systems, the HA line, server commands."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+
+from kvcake.bench.store import Placement, _client_server, _server_specs, add_ratios, summary
+from kvcake.common.config import KiB, MiB
+
+
+def row(system: str, op: str, ops_per_s: float, path: str = "shm", size: int = 64 * KiB,
+        batch: int = 1) -> dict[str, Any]:
+    return {"system": system, "path": path, "op": op, "size": size, "batch": batch,
+            "ops_per_s": ops_per_s, "gbps": ops_per_s * size / 1e9}
+
+
+def test_ha_rows_get_their_ratio_to_the_lone_master_and_a_median_line() -> None:
+    rows = [row("kvcake", "put", 1000), row("kvcake-ha", "put", 400),
+            row("kvcake", "batch_put_from", 900, batch=32),
+            row("kvcake-ha", "batch_put_from", 810, batch=32),
+            row("kvcake", "put_from", 1000), row("kvcake-ha", "put_from", 500),
+            row("kvcake", "get", 2000), row("kvcake-ha", "get", 2000),
+            row("redis", "get", 1000)]
+    add_ratios(rows)
+    ha = {r["op"]: r["vs_kvcake"] for r in rows if r["system"] == "kvcake-ha"}
+    assert ha == {"put": 0.4, "batch_put_from": 0.9, "put_from": 0.5, "get": 1.0}
+    assert rows[6]["vs_redis"] == 2.0
+    assert "vs_kvcake" not in rows[6]
+    lines = summary(rows)
+    assert "shm put on an HA master (etcd) vs a lone master: median 0.50x, min 0.40x " \
+           "(3 cases)" in lines
+    assert "shm get/exist on an HA master (etcd) vs a lone master: median 1.00x, min 1.00x " \
+           "(1 cases)" in lines
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs the etcd server binary")
+def test_the_ha_system_starts_etcd_then_a_master_and_node_given_etcd() -> None:
+    place = Placement("shm", (), "127.0.0.1", (), "127.0.0.1")
+    specs = _server_specs("kvcake-ha", place, 5000, 64 * MiB, "/tmp/scratch")
+    assert [name for name, _, _ in specs] == ["etcd", "kvcake master", "kvcake node"]
+    server = _client_server("kvcake-ha", specs, place, 5000)
+    assert server.startswith("etcd://127.0.0.1:")
+    assert specs[1][1][-2:] == ["--etcd", server]
+    assert _client_server("kvcake", _server_specs("kvcake", place, 5000, 64 * MiB, "/s"),
+                          place, 5000) == "127.0.0.1:5000"
