@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
