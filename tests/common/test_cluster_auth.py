@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -64,6 +65,25 @@ def test_process_credentials_come_from_the_cli_else_the_environment(
     assert cluster_auth() == ClusterAuth(TOKEN)
     use_cluster_token(OTHER)
     assert cluster_auth() == ClusterAuth(OTHER)
+
+
+def test_the_cli_refuses_an_unreadable_token_file(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from kvcake.cli import main
+
+    assert main(["master", "--cluster-token-file", str(tmp_path / "absent")]) == 2
+    assert "cannot read cluster token file" in capsys.readouterr().err
+
+
+def test_kvcake_up_hands_the_token_to_its_children_through_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcake.cluster.commands import _export_token
+
+    monkeypatch.setattr("kvcake.common.auth._configured", None)
+    monkeypatch.setenv("KVCAKE_CLUSTER_TOKEN", OTHER)
+    use_cluster_token(TOKEN)  # as --cluster-token-file does
+    _export_token()
+    assert os.environ["KVCAKE_CLUSTER_TOKEN"] == TOKEN
 
 
 def test_the_token_never_shows_in_repr() -> None:
