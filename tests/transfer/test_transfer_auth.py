@@ -11,7 +11,7 @@ from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.config import TransferConfig
 from kvcake.common.errors import AuthenticationError, ErrorCode
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
-from kvcake.transfer import TransferEngine
+from kvcake.transfer import GrantMode, TransferEngine, TransferOp, TransferRequest
 
 TOKEN = "transfer-token-" + "c" * 20
 OTHER = "transfer-token-" + "d" * 20
@@ -44,11 +44,12 @@ def test_peers_with_the_token_handshake_and_move_bytes(owner: TransferEngine,
     peer = make_engine(ClusterAuth(TOKEN))
     remote = peer.open_segment(f"{owner.endpoint}/kv0")  # the p2p handshake authenticates
     assert remote.transport == "tcp"
+    grant = owner.sign_grant("kv0", 0, 1 << 20, GrantMode.READ | GrantMode.WRITE, 30)
     local = peer.allocate_buffer(1 << 20)
     local.view[:] = bytes(range(256)) * 4096
-    peer.write(remote, 0, local.view)
+    peer.transfer([TransferRequest(TransferOp.WRITE, remote, 0, local.view, grant)])
     back = peer.allocate_buffer(1 << 20)
-    peer.read(remote, 0, back.view)
+    peer.transfer([TransferRequest(TransferOp.READ, remote, 0, back.view, grant)])
     assert bytes(back.view) == bytes(local.view)
 
 
@@ -70,7 +71,9 @@ def test_a_peer_without_the_token_is_refused_and_the_owner_serves_on(
         assert caught.value.code is ErrorCode.UNAUTHENTICATED
     friend = make_engine(ClusterAuth(TOKEN))
     check = friend.allocate_buffer(8)
-    friend.read(friend.open_segment(f"{owner.endpoint}/kv0"), 0, check.view)
+    grant = owner.sign_grant("kv0", 0, 8, GrantMode.READ, 30)
+    friend.transfer([TransferRequest(TransferOp.READ, friend.open_segment(
+        f"{owner.endpoint}/kv0"), 0, check.view, grant)])
     assert bytes(check.view) == b"original"
 
 
