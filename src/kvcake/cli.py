@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from kvcake import __version__
 from kvcake.bench.serve import add_serve_bench_parser
+from kvcake.chaos.commands import add_chaos_command
 from kvcake.cli_flags import (
     add_cluster_token_flag,
     add_engine_flags,
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(commands)
     add_serving_commands(commands)
     add_sim_commands(commands)
+    add_chaos_command(commands)
 
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)

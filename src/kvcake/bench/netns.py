@@ -37,10 +37,11 @@ def check_netns_support(why: str = "a network namespace pair") -> None:
 
 
 class NetnsPair:
-    """Two namespaces (names carry this process id, so parallel runs never collide)."""
+    """Two namespaces (names carry this process id, so parallel runs never collide;
+    ``pid`` names a pair another process created)."""
 
-    def __init__(self, tag: str = "kvcake") -> None:
-        pid = os.getpid()
+    def __init__(self, tag: str = "kvcake", pid: int | None = None) -> None:
+        pid = os.getpid() if pid is None else pid
         self.names: dict[Side, str] = {"a": f"{tag}-a{pid}", "b": f"{tag}-b{pid}"}
         self._veth: dict[Side, str] = {"a": f"kva{pid}"[:15], "b": f"kvb{pid}"[:15]}
 
@@ -69,6 +70,10 @@ class NetnsPair:
             _ip("-n", ns, "addr", "add", f"{ADDRESSES[side]}/{_PREFIX_LEN}", "dev", veth)
             _ip("-n", ns, "link", "set", veth, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+
+    def set_link(self, side: Side, up: bool) -> None:
+        """Take ``side``'s end of the veth down (the hosts are cut off) or up again."""
+        _ip("-n", self.names[side], "link", "set", self._veth[side], "up" if up else "down")
 
     def delete(self) -> None:
         """Delete both namespaces (the veth pair goes with them); never raises."""
