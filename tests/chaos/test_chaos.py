@@ -117,3 +117,12 @@ def test_quick_serving_scenarios_end_every_request() -> None:
     _assert_clean(results)
     for result in results:
         assert result.integrity == "ok"  # every surviving instance's KV blocks are free
+
+
+@pytest.mark.etcd
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs the etcd server binary")
+def test_quick_leader_kill_loses_no_acknowledged_object() -> None:
+    [result] = run_chaos(["leader-kill"], QUICK)
+    _assert_clean([result])
+    assert result.checked > 0 and any("restored" in note for note in result.notes)

@@ -26,9 +26,10 @@ RESULT_PREFIX = "chaos-result "
 
 
 def scenario_types() -> dict[str, type[Scenario]]:
+    from kvcake.chaos.leader import LEADER_SCENARIOS
     from kvcake.chaos.serving import SERVING_SCENARIOS
 
-    found: list[type[Scenario]] = [*STORE_SCENARIOS, *SERVING_SCENARIOS]
+    found: list[type[Scenario]] = [*STORE_SCENARIOS, *LEADER_SCENARIOS, *SERVING_SCENARIOS]
     return {s.name: s for s in found}
 
 
