@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sysdeps lint fuzz bench paper clean
+.PHONY: run test install sysdeps lint fuzz chaos bench paper clean
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
@@ -41,6 +41,12 @@ FUZZ_TESTS := tests/common/test_fuzz_receiver.py tests/transfer/test_fuzz_frames
 fuzz: $(STAMP)
 	KVCAKE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest $(FUZZ_TESTS) -q -o timeout=1800
 	$(PY) scripts/fuzz_atheris.py -max_total_time=60
+
+# the fault-injection suite, every scenario in full (root for the network cut, etcd for the
+# leader kill); CI runs the short form in tests/chaos
+CHAOS_SEED ?= 0
+chaos: $(STAMP) sysdeps
+	$(VENV)/bin/kvcake chaos --seed $(CHAOS_SEED)
 
 bench: $(STAMP)
 	$(VENV)/bin/kvcake bench transfer
