@@ -412,3 +412,27 @@ def test_bad_calls_are_refused_by_name() -> None:
     assert_invalid(lambda: service.prefill_done("nope"), "unknown request 'nope'")
     assert service.stats().num_routed == 1
     service.check_integrity()
+
+
+@pytest.mark.parametrize("admission", ["early", "predictive"])
+def test_observed_tbt_above_the_prediction_tightens_admission(admission: str) -> None:
+    """Finished requests whose TBT (slowest gaps) ran at twice their predicted step teach the
+    cost model a tail of 2: a batch whose step (0.03 s) meets the 0.05 s SLO is then refused,
+    as its TBT (0.06 s) would not."""
+    service = make_service(admission=admission, slo_tbt_s=0.05)
+    service.add_instance("p1", "prefill", 100)
+    service.add_instance("d1", "decode", 100)
+    for i in range(8):  # one at a time: each predicted at a 0.02 s step, observed at 0.04 s
+        assert service.route(request(f"f{i}", 20 + i, 16)).accepted
+        service.prefill_done(f"f{i}")
+        service.finished(f"f{i}", observed_tbt_s=0.04)
+    assert service.cost.num_samples["tbt"] == 8
+    assert service.cost.tbt_tail == pytest.approx(2.0)
+    assert route_ids(service, request("a", 40, 16)) == [("p1", "d1")]  # 0.02 s x 2: at the SLO
+    service.prefill_done("a")
+    decision = service.route(request("b", 41, 16))
+    assert (decision.accepted, decision.reason) == (False, "tbt_slo")
+    assert "(batch 2, tail x2.00) > SLO 0.0500 s" in decision.detail
+    service.finished("a")  # aborted or failed: says nothing about TBT
+    assert service.cost.num_samples["tbt"] == 8
+    service.check_integrity()

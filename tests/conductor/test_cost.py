@@ -69,7 +69,7 @@ def test_defaults_until_there_are_as_many_samples_as_coefficients() -> None:
         model.add_decode(DecodeSample(batch, 100, 1.0))
     assert model.prefill_s(500, 0) == pytest.approx(0.5)
     assert model.decode_step_s(3, 0) == pytest.approx(0.04)
-    assert model.num_samples == {"prefill": 3, "decode": 2, "transfer": 0}
+    assert model.num_samples == {"prefill": 3, "decode": 2, "transfer": 0, "tbt": 0}
     feed_prefill(model, 1, seed=9)  # the fourth sample: now fitted
     assert model.prefill_coefficients() != (0.0, 0.001, 0.0, 0.0)
 
@@ -136,4 +136,25 @@ def test_bad_numbers_are_refused_by_name() -> None:
     assert_invalid(lambda: CostDefaults(bandwidth_bytes_per_s=0.0),
                    "bandwidth_bytes_per_s must be > 0, got 0.0")
     assert_invalid(lambda: CostDefaults(window=2), "window must be >= 4, got 2")
-    assert model.num_samples == {"prefill": 0, "decode": 0, "transfer": 0}
+    assert model.num_samples == {"prefill": 0, "decode": 0, "transfer": 0, "tbt": 0}
+
+
+def test_the_tbt_tail_is_the_90th_percentile_ratio_within_bounds() -> None:
+    model = CostModel()
+    for observed in (0.03, 0.02, 0.05, 0.04, 0.02, 0.03, 0.06):
+        model.add_tbt(0.02, observed)
+    assert model.tbt_tail == 1.0  # 7 requests: not yet evidence
+    model.add_tbt(0.02, 0.03)
+    assert model.tbt_tail == pytest.approx(3.0)  # p90 (8th of 8) of 1, 1, 1.5, 1.5, 1.5, 2, 2.5, 3
+    for _ in range(12):
+        model.add_tbt(0.02, 0.02)
+    assert model.tbt_tail == pytest.approx(2.0)  # 18th of 20: 1 x14, 1.5 x3, 2, 2.5, 3
+    model.add_tbt(0.0, 0.05)  # nothing predicted: nothing to compare
+    assert model.num_samples["tbt"] == 20
+    fast, slow = CostModel(), CostModel()
+    for _ in range(8):
+        fast.add_tbt(0.02, 0.01)
+        slow.add_tbt(0.01, 1.0)
+    assert (fast.tbt_tail, slow.tbt_tail) == (1.0, 4.0)
+    with pytest.raises(InvalidParamsError):
+        model.add_tbt(0.02, -1.0)

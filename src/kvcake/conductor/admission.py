@@ -15,9 +15,11 @@
 ``early`` looks at the decode batch as it is now, so it rejects while a burst is draining
 and admits while one is on its way; ``predictive`` replays the decode instance's timeline
 instead. A request decodes for ``num_output_tokens`` steps of the current step time, from
-its (actual or predicted) decode start. A batch whose contexts (prompt plus expected output,
-as a decode instance reserves them) overflow the instance's KV would leave the request
-waiting for a seat, which breaks the TBT objective as surely as a slow step::
+its (actual or predicted) decode start. The TBT compared with the objective is the predicted
+step times ``tbt_tail`` (what the objective's slowest-gaps measure adds to a mean step, as
+recent requests showed; 1 without that evidence). A batch whose contexts (prompt plus
+expected output, as a decode instance reserves them) overflow the instance's KV would leave
+the request waiting for a seat, which breaks the TBT objective as surely as a slow step::
 
     now ─────────────── t = now + ttft ───────▶
     decoding: [start ──── start + n·step)      present at t if start <= t < end
@@ -62,6 +64,7 @@ class AdmissionInput:
     members: Sequence[DecodeMember]  # on decode_id
     step_s: StepTime
     capacity_tokens: int = 0  # KV the decode instance holds for its batch (0: unknown)
+    tbt_tail: float = 1.0  # observed TBT / predicted step of recent requests (>= 1)
 
     def current_batch(self) -> tuple[int, int]:
         """The batch decoding now with this request added: (requests, context tokens)."""
@@ -103,10 +106,11 @@ class Admission(ABC):
                       when: str) -> Rejection | None:
         """The TBT objective and the KV capacity for ``batch`` requests holding ``context``
         tokens on the decode instance."""
-        tbt_s = query.step_s(batch, context)
+        tbt_s = query.step_s(batch, context) * query.tbt_tail
         if tbt_s > self.slo_tbt_s:
+            tail = f", tail x{query.tbt_tail:.2f}" if query.tbt_tail > 1 else ""
             return Rejection("tbt_slo", f"predicted TBT {tbt_s:.4f} s {when} on "
-                             f"{query.decode_id!r} (batch {batch}) > SLO "
+                             f"{query.decode_id!r} (batch {batch}{tail}) > SLO "
                              f"{self.slo_tbt_s:.4f} s")
         if batch > 1 and 0 < query.capacity_tokens < context:
             return Rejection("tbt_slo", f"decode batch {when} on {query.decode_id!r} would "

@@ -10,6 +10,13 @@ bounded window of the most recent samples, anchored on the defaults::
 
 Samples that cannot pin every coefficient (all with the same prompt length, say) leave the
 undetermined directions at the defaults instead of failing. Predictions are never negative.
+
+The TBT objective is not a step time: it is the mean of a request's slowest 10 % of token
+gaps as its client sees them, which interference (prefill sharing the machine, the trip
+through the Conductor) stretches beyond the engine's mean step. ``tbt_tail`` learns that
+stretch from finished requests: the 90th percentile of observed TBT / predicted step over a
+window, so that a request admitted at ``step * tail <= SLO`` meets the objective about nine
+times in ten, the attainment admission control aims at.
 """
 
 from __future__ import annotations
@@ -20,11 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.common.latency import percentile
 from kvcake.conductor.types import DecodeSample, PrefillSample, TransferSample
 
 Vector = tuple[float, ...]
 _SINGULAR = 1e-12  # a pivot this small, relative to the largest diagonal entry, is a zero
 _RIDGE = 1e-9  # added (relative) to the diagonal when the samples leave a direction free
+TAIL_MIN_SAMPLES = 8  # finished requests before ``tbt_tail`` departs from 1
+TAIL_MAX = 4.0
+TAIL_PERCENTILE = 90
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,8 @@ class CostModel:
                                    d.decode_per_context_token_s), d.window)
         self._transfers: deque[tuple[int, float]] = deque(maxlen=d.window)
         self._num_transfers = 0
+        self._tails: deque[float] = deque(maxlen=d.window)
+        self._num_tails = 0
 
     # ----- predictions
     def prefill_s(self, num_new_tokens: int, num_cached_tokens: int) -> float:
@@ -114,7 +127,26 @@ class CostModel:
             return self.defaults.bandwidth_bytes_per_s
         return total_bytes / total_s
 
+    @property
+    def tbt_tail(self) -> float:
+        """Observed TBT over predicted step time of recent finished requests: the
+        ``TAIL_PERCENTILE`` th percentile, within [1, ``TAIL_MAX``]; 1 until
+        ``TAIL_MIN_SAMPLES`` have finished."""
+        tail = percentile(self._tails, TAIL_PERCENTILE)
+        if tail is None or len(self._tails) < TAIL_MIN_SAMPLES:
+            return 1.0
+        return min(TAIL_MAX, max(1.0, tail))
+
     # ----- samples
+    def add_tbt(self, predicted_s: float, observed_s: float) -> None:
+        """Learn from one finished request: the step time predicted when it was routed, and
+        its TBT as the objective measures it."""
+        _check_seconds(predicted_s)
+        _check_seconds(observed_s)
+        if predicted_s > 0:
+            self._tails.append(observed_s / predicted_s)
+            self._num_tails += 1
+
     def add_prefill(self, sample: PrefillSample) -> None:
         """Learn from one prefill step; ``InvalidParamsError`` for negative or empty work."""
         _check_count("num_new_tokens", sample.num_new_tokens, 1)
@@ -140,9 +172,9 @@ class CostModel:
 
     @property
     def num_samples(self) -> dict[str, int]:
-        """Samples received so far by kind (``prefill``, ``decode``, ``transfer``)."""
+        """Samples received so far by kind (``prefill``, ``decode``, ``transfer``, ``tbt``)."""
         return {"prefill": self._prefill.num_added, "decode": self._decode.num_added,
-                "transfer": self._num_transfers}
+                "transfer": self._num_transfers, "tbt": self._num_tails}
 
     def prefill_coefficients(self) -> Vector:
         """(a, b, c, d) of the prefill model in use."""

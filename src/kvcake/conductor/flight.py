@@ -12,6 +12,8 @@ death) and drained by the API's generator. The lifecycle, as a table (STYLE §3)
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -68,6 +70,7 @@ class Flight:
     prefill_done: asyncio.Future[PrefillDone] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     _queue: asyncio.Queue[TokenOutput | KvcakeError] = field(default_factory=asyncio.Queue)
+    _arrivals: list[tuple[float, int]] = field(default_factory=list)  # (monotonic s, tokens)
 
     @property
     def colocated(self) -> bool:
@@ -87,6 +90,7 @@ class Flight:
         if self.state is FlightState.ROUTED:
             self.move_to(FlightState.DECODING)
         self.num_output_tokens += len(output.token_ids)
+        self._arrivals.append((time.monotonic(), len(output.token_ids)))
         self._queue.put_nowait(output)
         if output.finish_reason is not None:
             self.move_to(FlightState.FINISHED)
@@ -97,6 +101,14 @@ class Flight:
             if not self.prefill_done.done():
                 self.prefill_done.set_exception(error)
                 self.prefill_done.exception()  # retrieved: nobody else may be waiting
+
+    def token_gaps(self) -> list[float]:
+        """Seconds between tokens as they reached the Conductor, the first one excluded; an
+        output carrying n tokens counts as n equal gaps."""
+        gaps: list[float] = []
+        for (before, _), (after, count) in itertools.pairwise(self._arrivals):
+            gaps += [(after - before) / count] * count
+        return gaps
 
     def involves(self, instance_id: str) -> bool:
         return instance_id in (self.prefill_id, self.decode_id)

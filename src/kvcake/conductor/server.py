@@ -29,6 +29,7 @@ from kvcake.common.errors import (
     RequestRejectedError,
 )
 from kvcake.common.hashing import prefix_block_hashes
+from kvcake.common.latency import slowest_gaps_mean
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.conductor.flight import Flight, FlightState, InstanceLostError
@@ -343,7 +344,9 @@ class ConductorServer:
             for instance_id in {flight.prefill_id, flight.decode_id}:
                 with contextlib.suppress(KvcakeError):
                     await self._call(instance_id, Abort(flight.request_id))
-        self.service.finished(flight.request_id)
+        finished = flight.state is FlightState.FINISHED
+        self.service.finished(flight.request_id,
+                              slowest_gaps_mean(flight.token_gaps()) if finished else None)
 
     # -- reporting --------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class _InFlight:
     decode_id: str
     prefill_s: float  # predicted; counts in the prefill instance's queue until prefill_done
     prefill_end_s: float  # predicted: route time + TTFT
+    predicted_tbt_s: float = 0.0  # step time of its decode instance's batch when routed
     decode_start_s: float | None = None
 
 
@@ -187,11 +188,15 @@ class ConductorService:
         del self.instances[track.prefill_id].prefilling[request_id]
         track.decode_start_s = self.clock()
 
-    def finished(self, request_id: str) -> None:
-        """Forget a request (done, aborted or failed); unknown ids are ignored."""
+    def finished(self, request_id: str, observed_tbt_s: float | None = None) -> None:
+        """Forget a request (done, aborted or failed); unknown ids are ignored. A request
+        that completed may say its TBT as the objective measures it: the cost model learns
+        how far that lies above the step time predicted for it."""
         track = self.requests.pop(request_id, None)
         if track is None:
             return
+        if observed_tbt_s is not None:
+            self.cost.add_tbt(track.predicted_tbt_s, observed_tbt_s)
         if track.decode_start_s is None:  # once decoding, its prefill instance may be gone
             del self.instances[track.prefill_id].prefilling[request_id]
         del self.instances[track.decode_id].decode_bound[request_id]
@@ -254,13 +259,13 @@ class ConductorService:
         capacity = self.instances[decode.instance_id].num_blocks * self.config.block_size
         return AdmissionInput(self.clock(), prefill.instance_id, decode.instance_id,
                               prefill.ttft_s, request.context_tokens, members,
-                              self.cost.decode_step_s, capacity)
+                              self.cost.decode_step_s, capacity, self.cost.tbt_tail)
 
     # ----- outcomes
     def _admit(self, request: RouteRequest, prefill: PrefillEstimate,
                decode: DecodeEstimate) -> None:
         track = _InFlight(request, prefill.instance_id, decode.instance_id, prefill.prefill_s,
-                          self.clock() + prefill.ttft_s)
+                          self.clock() + prefill.ttft_s, decode.tbt_s)
         self.requests[request.request_id] = track
         self.instances[prefill.instance_id].prefilling[request.request_id] = track
         self.instances[decode.instance_id].decode_bound[request.request_id] = track
@@ -306,7 +311,7 @@ class ConductorService:
         instances = {instance_id: self._instance_stats(instance_id)
                      for instance_id in sorted(self.instances)}
         return ConductorStats(instances, self.num_routed, len(self.requests),
-                              dict(self.rejections))
+                              dict(self.rejections), self.cost.tbt_tail)
 
     def _instance_stats(self, instance_id: str) -> InstanceStats:
         instance = self.instances[instance_id]

@@ -33,6 +33,10 @@ class ConductorMetrics:
                                           "Free KV blocks of an instance", ("instance",))
         self.blocks = registry.gauge("kvcake_instance_kv_blocks",
                                      "KV blocks of an instance's pool", ("instance",))
+        self.tbt_tail = registry.gauge(
+            "kvcake_conductor_tbt_tail",
+            "Observed TBT (slowest 10 % of gaps) over the predicted decode step, as admission "
+            "applies it")
         self.indexed_blocks = registry.gauge(
             "kvcake_conductor_indexed_blocks",
             "Prefix blocks the global index holds per instance", ("instance",))
@@ -42,6 +46,7 @@ class ConductorMetrics:
         self.cached_tokens.inc(num_store_tokens, tier="store")
 
     def render(self, stats: ConductorStats) -> str:
+        self.tbt_tail.set(stats.tbt_tail)
         for instance_id, inst in stats.instances.items():
             self.queue_seconds.set(inst.queue_s, instance=instance_id)
             self.indexed_blocks.set(inst.num_indexed_blocks, instance=instance_id)

@@ -202,3 +202,4 @@ class ConductorStats:
     num_routed: int
     num_in_flight: int
     rejections: dict[str, int]
+    tbt_tail: float = 1.0  # the cost model's observed-TBT / predicted-step factor
