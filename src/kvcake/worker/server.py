@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, load_config
@@ -46,6 +45,15 @@ from kvcake.worker.messages import (
 from kvcake.worker.profile import profile_engine
 
 log = get_logger(__name__)
+_SHUTDOWN_PHASE_S = 12.0  # the engine thread's own join waits 10 s
+
+
+async def _bounded(work: Awaitable[None], what: str) -> None:
+    try:
+        await asyncio.wait_for(work, _SHUTDOWN_PHASE_S)
+    except TimeoutError:
+        log.warning("shutdown: %s did not stop within %.0f s; leaving it", what,
+                    _SHUTDOWN_PHASE_S)
 _RPC_TIMEOUT_S = 10.0
 
 
@@ -110,20 +118,26 @@ class WorkerServer:
         return call
 
     async def shutdown(self) -> None:
+        """Stop in order: background tasks, the RPC server, the engine thread, the engine,
+        the transfer engine. Each phase gets ``_SHUTDOWN_PHASE_S``; one that overruns is
+        logged and left behind, so shutting down never hangs."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, KvcakeError):
-                await task
+        if self._tasks:
+            done, _ = await asyncio.wait(self._tasks, timeout=_SHUTDOWN_PHASE_S)
+            for task in done:  # retrieved: a task that had failed must not warn later
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("shutdown: %s had failed: %s", task.get_name(),
+                                task.exception())
         if self._rpc is not None:
             await self._rpc.shutdown()
         self._conductor.close()
         if self._loop is not None:
-            await asyncio.to_thread(self._loop.stop)
+            await _bounded(asyncio.to_thread(self._loop.stop), "the engine thread")
         if self._core is not None:
-            await asyncio.to_thread(self._core.close)
+            await _bounded(asyncio.to_thread(self._core.close), "the engine")
         if self._transfer is not None:
-            await asyncio.to_thread(self._transfer.close)
+            await _bounded(asyncio.to_thread(self._transfer.close), "the transfer engine")
 
     # -- requests from the Conductor --------------------------------------------------
 
