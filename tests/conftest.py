@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kvcake.common.auth import ClusterAuth
 from kvcake.common.config import TransferConfig
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.peer import PeerProcess
@@ -16,9 +17,9 @@ from kvcake.transfer.peer import PeerProcess
 def make_engine() -> Iterator[Callable[..., TransferEngine]]:
     engines: list[TransferEngine] = []
 
-    def factory(**fields: Any) -> TransferEngine:
+    def factory(auth: ClusterAuth | None = None, **fields: Any) -> TransferEngine:
         fields.setdefault("timeout_s", 5.0)
-        engine = TransferEngine(TransferConfig(**fields))
+        engine = TransferEngine(TransferConfig(**fields), auth=auth)
         engines.append(engine)
         return engine
 

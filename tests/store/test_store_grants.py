@@ -4,23 +4,22 @@ granted it. A client that holds the token but bends the protocol is refused."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from kvcake.common.auth import ClientHandshake, ClusterAuth
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode
-from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store import messages as m
 from kvcake.store.grants import ReplicaGrants
 from kvcake.transfer.grants import Grant, GrantMode, new_grant_key, open_grant
 from kvcake.transfer.segment import SegmentDescriptor
+from wire import authenticated_socket, grant_frame, recv_frame
 
 TOKEN = "grant-store-token-" + "h" * 20
 NOW = 1_700_000_000.0
@@ -94,31 +93,6 @@ async def _get(endpoint: str, keys: list[str]) -> list[bytes | int]:
         await store.close()
 
 
-def _insider(descriptor: SegmentDescriptor) -> socket.socket:
-    """A raw connection to the node that holds the token (it authenticates) but no key."""
-    host, port = descriptor.endpoint.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=5)
-    handshake = ClientHandshake(ClusterAuth(TOKEN))
-    sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=32) + handshake.hello())
-    header, challenge = _recv_frame(sock)
-    assert header.op is FrameOp.AUTH_CHALLENGE
-    sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=32) + handshake.proof(challenge))
-    return sock
-
-
-def _recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
-    raw = b""
-    while len(raw) < HEADER_SIZE:
-        raw += sock.recv(HEADER_SIZE - len(raw))
-    header = unpack_header(raw, 1 << 30)
-    payload = b""
-    while len(payload) < header.payload_size:
-        payload += sock.recv(header.payload_size - len(payload))
-    return header, payload
-
-
-def _grant(blob: bytes) -> bytes:
-    return pack_header(FrameOp.GRANT, 0, length=len(blob)) + blob
 
 
 def _widened(blob: bytes, length: int) -> bytes:
@@ -133,16 +107,16 @@ def test_a_client_cannot_read_or_write_outside_the_replicas_it_was_granted(
     mine, theirs = found.replicas[0][0], found.replicas[1][0]
     assert mine.grant and theirs.grant
     sid = descriptor.segment_id
-    with _insider(descriptor) as sock:
+    with authenticated_socket(descriptor.endpoint, TOKEN) as sock:
         sock.sendall(
-            _grant(mine.grant)
+            grant_frame(mine.grant)
             + pack_header(FrameOp.READ, 1, sid, mine.offset, 1000)          # granted
             + pack_header(FrameOp.READ, 2, sid, theirs.offset, 1000)        # not granted
             + pack_header(FrameOp.WRITE, 3, sid, mine.offset, 1000) + b"x" * 1000  # READ only
             + pack_header(FrameOp.WRITE, 4, sid, theirs.offset, 10) + b"y" * 10
-            + _grant(_widened(mine.grant, 1 << 20))                         # forged
+            + grant_frame(_widened(mine.grant, 1 << 20))                         # forged
             + pack_header(FrameOp.READ, 5, sid, mine.offset, 1 << 20))
-        answers = [_recv_frame(sock) for _ in range(5)]
+        answers = [recv_frame(sock) for _ in range(5)]
     assert [(h.request_id, h.status) for h, _ in answers] == [
         (1, 0), (2, ErrorCode.ACCESS_DENIED), (3, ErrorCode.ACCESS_DENIED),
         (4, ErrorCode.ACCESS_DENIED), (5, ErrorCode.ACCESS_DENIED)]
@@ -157,10 +131,10 @@ def test_a_put_s_write_grant_does_not_reach_past_its_replica(secured_store: str)
     first, second = found.replicas[0][0], found.replicas[1][0]
     read_grant = msgspec.msgpack.decode(first.grant, type=Grant)
     assert read_grant.mode == GrantMode.READ  # a reader never holds a write grant
-    with _insider(descriptor) as sock:
-        sock.sendall(_grant(first.grant) + pack_header(
+    with authenticated_socket(descriptor.endpoint, TOKEN) as sock:
+        sock.sendall(grant_frame(first.grant) + pack_header(
             FrameOp.WRITE, 9, descriptor.segment_id, second.offset, 4096) + b"!" * 4096)
-        header, message = _recv_frame(sock)
+        header, message = recv_frame(sock)
     assert (header.request_id, header.status) == (9, ErrorCode.ACCESS_DENIED)
     assert b"WRITE of" in message
     assert asyncio.run(_get(secured_store, list(values))) == list(values.values())

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import msgspec
 import pytest
 
-from kvcake.common.auth import ClientHandshake, ClusterAuth
+from kvcake.common.auth import ClusterAuth
 from kvcake.common.config import TransferConfig
 from kvcake.common.errors import AccessDeniedError, ErrorCode
-from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+from kvcake.common.frames import FrameOp, pack_header
 from kvcake.transfer import GrantMode, RemoteSegment, TransferEngine, TransferOp, TransferRequest
 from kvcake.transfer.grants import (
     CLOCK_SKEW_S,
@@ -22,6 +21,7 @@ from kvcake.transfer.grants import (
     open_grant,
     sign_grant,
 )
+from wire import authenticated_socket, grant_frame, recv_frame
 
 TOKEN = "grants-token-" + "g" * 24
 NOW = 1_700_000_000.0
@@ -100,36 +100,26 @@ MakeEngine = Callable[[], TransferEngine]
 
 
 @pytest.fixture
-def make_engine() -> Iterator[MakeEngine]:
-    engines: list[TransferEngine] = []
-
-    def factory() -> TransferEngine:
-        engine = TransferEngine(TransferConfig(transport="tcp", timeout_s=5.0),
-                                auth=ClusterAuth(TOKEN))
-        engines.append(engine)
-        return engine
-
-    yield factory
-    for engine in engines:
-        engine.close()
+def tcp_engine(make_engine: Callable[..., TransferEngine]) -> MakeEngine:
+    return lambda: make_engine(transport="tcp", auth=ClusterAuth(TOKEN))
 
 
 @pytest.fixture
-def owner(make_engine: MakeEngine) -> TransferEngine:
-    engine = make_engine()
+def owner(tcp_engine: MakeEngine) -> TransferEngine:
+    engine = tcp_engine()
     engine.register_segment("kv0", 4096).view[:] = b"\xee" * 4096
     return engine
 
 
-def _reader(make_engine: MakeEngine, owner: TransferEngine) -> tuple[TransferEngine,
+def _reader(tcp_engine: MakeEngine, owner: TransferEngine) -> tuple[TransferEngine,
                                                                     RemoteSegment]:
-    peer = make_engine()
+    peer = tcp_engine()
     return peer, peer.open_segment(f"{owner.endpoint}/kv0")
 
 
 def test_reads_and_writes_inside_a_grant_are_served(owner: TransferEngine,
-                                                    make_engine: MakeEngine) -> None:
-    peer, remote = _reader(make_engine, owner)
+                                                    tcp_engine: MakeEngine) -> None:
+    peer, remote = _reader(tcp_engine, owner)
     grant = owner.sign_grant("kv0", 1024, 512, GrantMode.READ | GrantMode.WRITE, 30)
     data = peer.allocate_buffer(512)
     data.view[:] = bytes(range(256)) * 2
@@ -146,12 +136,12 @@ def _request(peer: TransferEngine, op: str, remote: RemoteSegment, offset: int,
 
 
 def test_frames_without_or_outside_a_grant_are_refused_and_touch_nothing(
-        owner: TransferEngine, make_engine: MakeEngine) -> None:
-    peer, remote = _reader(make_engine, owner)
+        owner: TransferEngine, tcp_engine: MakeEngine) -> None:
+    peer, remote = _reader(tcp_engine, owner)
     buffer = peer.allocate_buffer(600)
     buffer.view[:] = b"\x11" * 600
     read_only = owner.sign_grant("kv0", 1024, 512, GrantMode.READ, 30)
-    other = make_engine()
+    other = tcp_engine()
     other.register_segment("kv0", 4096)
     foreign = other.sign_grant("kv0", 0, 4096, GrantMode.WRITE, 30)  # same name, other owner
     for grant, offset in ((b"", 0), (read_only, 1024), (foreign, 0)):
@@ -163,7 +153,7 @@ def test_frames_without_or_outside_a_grant_are_refused_and_touch_nothing(
     assert bytes(owner._table.get("kv0").view) == b"\xee" * 4096
 
 
-def test_without_a_token_no_grant_is_asked_for(make_engine: MakeEngine) -> None:
+def test_without_a_token_no_grant_is_asked_for(tcp_engine: MakeEngine) -> None:
     open_owner = TransferEngine(TransferConfig(transport="tcp"), auth=ClusterAuth())
     try:
         open_owner.register_segment("kv0", 64)
@@ -173,31 +163,6 @@ def test_without_a_token_no_grant_is_asked_for(make_engine: MakeEngine) -> None:
         open_owner.close()
 
 
-# ----- a raw, authenticated socket
-def _authenticated(owner: TransferEngine) -> socket.socket:
-    host, port = owner.endpoint.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=5)
-    handshake = ClientHandshake(ClusterAuth(TOKEN))
-    sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=32) + handshake.hello())
-    header, challenge = _recv_frame(sock)
-    assert header.op is FrameOp.AUTH_CHALLENGE
-    sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=32) + handshake.proof(challenge))
-    return sock
-
-
-def _recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
-    raw = b""
-    while len(raw) < HEADER_SIZE:
-        raw += sock.recv(HEADER_SIZE - len(raw))
-    header = unpack_header(raw, 1 << 30)
-    payload = b""
-    while len(payload) < header.payload_size:
-        payload += sock.recv(header.payload_size - len(payload))
-    return header, payload
-
-
-def _grant_frame(blob: bytes) -> bytes:
-    return pack_header(FrameOp.GRANT, 0, length=len(blob)) + blob
 
 
 def test_a_raw_write_past_its_grant_is_refused_and_the_bytes_outside_stay(
@@ -206,13 +171,13 @@ def test_a_raw_write_past_its_grant_is_refused_and_the_bytes_outside_stay(
     granted = owner.sign_grant("kv0", 1024, 256, GrantMode.WRITE, 30)
     expired = owner.sign_grant("kv0", 0, 4096, GrantMode.WRITE, -60)
     forged = _widened(granted, 4096)
-    with _authenticated(owner) as sock:
-        sock.sendall(_grant_frame(granted) + _grant_frame(expired) + _grant_frame(forged)
+    with authenticated_socket(owner.endpoint, TOKEN) as sock:
+        sock.sendall(grant_frame(granted) + grant_frame(expired) + grant_frame(forged)
                      + pack_header(FrameOp.WRITE, 1, segment_id, 1024, 512) + b"\x55" * 512
                      + pack_header(FrameOp.WRITE, 2, segment_id, 0, 64) + b"\x66" * 64
                      + pack_header(FrameOp.WRITE, 3, segment_id, 1024, 256) + b"\x77" * 256
                      + pack_header(FrameOp.READ, 4, segment_id, 1000, 100))
-        answers = [_recv_frame(sock) for _ in range(4)]
+        answers = [recv_frame(sock) for _ in range(4)]
     statuses = [(h.request_id, h.status) for h, _ in answers]
     assert statuses == [(1, ErrorCode.ACCESS_DENIED), (2, ErrorCode.ACCESS_DENIED), (3, 0),
                         (4, ErrorCode.ACCESS_DENIED)]
@@ -224,8 +189,8 @@ def test_a_raw_write_past_its_grant_is_refused_and_the_bytes_outside_stay(
 
 
 def test_grants_expire_on_the_owner_s_clock(owner: TransferEngine,
-                                            make_engine: MakeEngine) -> None:
-    peer, remote = _reader(make_engine, owner)
+                                            tcp_engine: MakeEngine) -> None:
+    peer, remote = _reader(tcp_engine, owner)
     lapsed = owner.sign_grant("kv0", 0, 64, GrantMode.READ, -(CLOCK_SKEW_S + 1))
     buffer = peer.allocate_buffer(64)
     with pytest.raises(AccessDeniedError, match="expired"):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from kvcake.common.auth import NO_AUTH, ClusterAuth
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import AuthenticationError, ErrorCode
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
 from kvcake.transfer import GrantMode, TransferEngine, TransferOp, TransferRequest
@@ -19,29 +18,20 @@ MakeEngine = Callable[[ClusterAuth], TransferEngine]
 
 
 @pytest.fixture
-def make_engine() -> Iterator[MakeEngine]:
-    engines: list[TransferEngine] = []
-
-    def factory(auth: ClusterAuth) -> TransferEngine:
-        engine = TransferEngine(TransferConfig(transport="tcp", timeout_s=5.0), auth=auth)
-        engines.append(engine)
-        return engine
-
-    yield factory
-    for engine in engines:
-        engine.close()
+def tcp_engine(make_engine: Callable[..., TransferEngine]) -> MakeEngine:
+    return lambda auth: make_engine(transport="tcp", auth=auth)
 
 
 @pytest.fixture
-def owner(make_engine: MakeEngine) -> TransferEngine:
-    engine = make_engine(ClusterAuth(TOKEN))
+def owner(tcp_engine: MakeEngine) -> TransferEngine:
+    engine = tcp_engine(ClusterAuth(TOKEN))
     engine.register_segment("kv0", 1 << 20).view[:8] = b"original"
     return engine
 
 
 def test_peers_with_the_token_handshake_and_move_bytes(owner: TransferEngine,
-                                                       make_engine: MakeEngine) -> None:
-    peer = make_engine(ClusterAuth(TOKEN))
+                                                       tcp_engine: MakeEngine) -> None:
+    peer = tcp_engine(ClusterAuth(TOKEN))
     remote = peer.open_segment(f"{owner.endpoint}/kv0")  # the p2p handshake authenticates
     assert remote.transport == "tcp"
     grant = owner.sign_grant("kv0", 0, 1 << 20, GrantMode.READ | GrantMode.WRITE, 30)
@@ -58,8 +48,8 @@ def test_peers_with_the_token_handshake_and_move_bytes(owner: TransferEngine,
     (ClusterAuth(OTHER), "different cluster token"),
 ])
 def test_a_peer_without_the_token_is_refused_and_the_owner_serves_on(
-        owner: TransferEngine, make_engine: MakeEngine, auth: ClusterAuth, message: str) -> None:
-    stranger = make_engine(auth)
+        owner: TransferEngine, tcp_engine: MakeEngine, auth: ClusterAuth, message: str) -> None:
+    stranger = tcp_engine(auth)
     with pytest.raises(AuthenticationError, match=message):
         stranger.open_segment(f"{owner.endpoint}/kv0")
     remote = stranger.attach(owner.local_descriptor("kv0"))  # descriptor by other means
@@ -69,7 +59,7 @@ def test_a_peer_without_the_token_is_refused_and_the_owner_serves_on(
         with pytest.raises(AuthenticationError, match=message) as caught:
             attempt(remote, 0, buffer.view)
         assert caught.value.code is ErrorCode.UNAUTHENTICATED
-    friend = make_engine(ClusterAuth(TOKEN))
+    friend = tcp_engine(ClusterAuth(TOKEN))
     check = friend.allocate_buffer(8)
     grant = owner.sign_grant("kv0", 0, 8, GrantMode.READ, 30)
     friend.transfer([TransferRequest(TransferOp.READ, friend.open_segment(
@@ -78,10 +68,10 @@ def test_a_peer_without_the_token_is_refused_and_the_owner_serves_on(
 
 
 def test_a_token_against_an_owner_without_one_is_a_clear_error(
-        make_engine: MakeEngine) -> None:
-    open_owner = make_engine(NO_AUTH)
+        tcp_engine: MakeEngine) -> None:
+    open_owner = tcp_engine(NO_AUTH)
     open_owner.register_segment("kv0", 4096)
-    peer = make_engine(ClusterAuth(TOKEN))
+    peer = tcp_engine(ClusterAuth(TOKEN))
     with pytest.raises(AuthenticationError, match="does not take a cluster token"):
         peer.open_segment(f"{open_owner.endpoint}/kv0")
 

@@ -18,11 +18,11 @@ from kvcake.common.auth import NO_AUTH, ClientHandshake, ClusterAuth, refusal
 from kvcake.common.errors import (
     AuthenticationError,
     InvalidParamsError,
-    KvcakeError,
     MetadataError,
     SegmentNotFoundError,
     error_from_code,
 )
+from kvcake.common.etcd import etcd_client, guarded
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
 from kvcake.common.log import get_logger
 from kvcake.common.sockets import recv_exactly
@@ -150,27 +150,24 @@ class EtcdDirectory:
     """Descriptors in etcd under ``/kvcake/transfer/segments/NAME``, kept alive by a lease."""
 
     def __init__(self, url: str, ttl_s: int = 10) -> None:
-        import pyetcd  # the optional ``etcd`` extra
-
-        host, _, port = url.removeprefix("etcd://").partition(":")
-        self._client: Any = pyetcd.client(host=host, port=int(port or 2379), timeout=5)
+        self._client: Any = etcd_client(url)
         self._ttl_s = ttl_s
         self._lease: Any = None
         self._stop = threading.Event()
         self._keepalive: threading.Thread | None = None
 
     def publish(self, descriptor: SegmentDescriptor) -> None:
-        self._guard(
+        guarded(
             lambda: self._client.put(
                 ETCD_PREFIX + descriptor.name, codec.encode(descriptor), lease=self._ensure_lease()
             )
         )
 
     def unpublish(self, name: str) -> None:
-        self._guard(lambda: self._client.delete(ETCD_PREFIX + name))
+        guarded(lambda: self._client.delete(ETCD_PREFIX + name))
 
     def lookup(self, name: str) -> SegmentDescriptor:
-        value, _ = self._guard(lambda: self._client.get(ETCD_PREFIX + name))
+        value, _ = guarded(lambda: self._client.get(ETCD_PREFIX + name))
         if value is None:
             raise SegmentNotFoundError(f"segment {name!r} is not published in etcd")
         return codec.decode(value, SegmentDescriptor)
@@ -191,21 +188,13 @@ class EtcdDirectory:
             except Exception as exc:  # etcd may come back before the TTL runs out
                 log.warning("etcd lease refresh failed, retrying: %s", exc)
 
-    def _guard(self, action: Any) -> Any:
-        try:
-            return action()
-        except KvcakeError:
-            raise
-        except Exception as exc:  # the etcd client raises grpc and its own errors
-            raise MetadataError(f"etcd: {exc}") from exc
-
     def close(self) -> None:
         self._stop.set()
         if self._keepalive is not None:
             self._keepalive.join()
         if self._lease is not None:
             try:
-                self._guard(self._lease.revoke)
+                guarded(self._lease.revoke)
             except MetadataError as exc:  # the TTL removes the descriptors anyway
                 log.warning("could not revoke the etcd lease: %s", exc)
         self._client.close()

@@ -1,0 +1,36 @@
+"""Raw sockets that speak kvcake frames, for tests that bend the protocol on purpose."""
+
+from __future__ import annotations
+
+import socket
+
+from kvcake.common.auth import ClientHandshake, ClusterAuth
+from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+
+
+def authenticated_socket(endpoint: str, token: str) -> socket.socket:
+    """A connection to ``endpoint`` (``HOST:PORT``) that has proved it holds ``token``."""
+    host, port = endpoint.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    handshake = ClientHandshake(ClusterAuth(token))
+    sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=32) + handshake.hello())
+    header, challenge = recv_frame(sock)
+    assert header.op is FrameOp.AUTH_CHALLENGE
+    sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=32) + handshake.proof(challenge))
+    return sock
+
+
+def recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
+    """One whole frame: its header and payload."""
+    raw = b""
+    while len(raw) < HEADER_SIZE:
+        raw += sock.recv(HEADER_SIZE - len(raw))
+    header = unpack_header(raw, 1 << 30)
+    payload = b""
+    while len(payload) < header.payload_size:
+        payload += sock.recv(header.payload_size - len(payload))
+    return header, payload
+
+
+def grant_frame(blob: bytes) -> bytes:
+    return pack_header(FrameOp.GRANT, 0, length=len(blob)) + blob
