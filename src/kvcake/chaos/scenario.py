@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -63,7 +64,7 @@ class ScenarioResult:
         return bad
 
 
-class Scenario:
+class Scenario(ABC):
     """Hooks run in this order: start (blocking, in a thread), open, load (until stopped),
     fault, repair, check, close; start, load, fault and check have no default. ``needs``:
     what the scenario must have ("netns", "etcd", "model"), for a clear skip message."""
@@ -121,29 +122,34 @@ class Scenario:
             process.stop(timeout_s=10.0)
         self.processes.clear()
 
+    @abstractmethod
     def start(self) -> None:
         """Start the processes (blocking; runs in a thread)."""
-        raise NotImplementedError
 
     async def open(self) -> None:
         """Connect the workload's clients."""
+        return None  # a hook: subclasses that need it override it
 
+    @abstractmethod
     async def load(self, stop: asyncio.Event) -> None:
         """The steady workload, until ``stop`` is set; every op is recorded in the ledger."""
-        raise NotImplementedError
 
     async def before_fault(self) -> None:
         """Wait for the moment the fault should hit (default: at once)."""
+        return None  # a hook: subclasses that need it override it
 
+    @abstractmethod
     async def fault(self) -> None:
-        raise NotImplementedError
+        """Inject the scenario's fault."""
 
     async def repair(self) -> None:
         """Undo the fault where that is possible (default: nothing)."""
+        return None  # a hook: subclasses that need it override it
 
+    @abstractmethod
     async def check(self, fault_at: float) -> ScenarioResult:
         """The row: outcomes from the ledger, then the scenario's own checks."""
-        raise NotImplementedError
 
     async def close(self) -> None:
         """Close the workload's clients (must not raise)."""
+        return None  # a hook: subclasses that need it override it

@@ -20,6 +20,7 @@ import re
 import signal
 import tempfile
 import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -161,8 +162,9 @@ class ServingScenario(Scenario):
         if not self.at_fault_point():
             self.notes.append("fault point not reached; killed anyway")
 
+    @abstractmethod
     def at_fault_point(self) -> bool:
-        raise NotImplementedError
+        """Whether the load has reached the moment this scenario's fault is for."""
 
     async def fault(self) -> None:
         assert self.cluster is not None
