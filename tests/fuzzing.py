@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from kvcake.common.errors import ErrorCode
+from kvcake.common import codec
+from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
 
 TIMEOUT_S = 5.0
@@ -86,6 +87,15 @@ def parse_frames(data: bytes, truncated_ok: bool) -> Frames:
         position = end
     assert truncated_ok or position == len(data), f"a partial frame: {data[position:]!r}"
     return frames
+
+
+def decodes(body: bytes, kind: Any) -> bool:
+    """Whether ``body`` is a valid message of ``kind`` (a message union) for the codec."""
+    try:
+        codec.decode(body, kind)
+    except KvcakeError:
+        return False
+    return True
 
 
 def call_frame(request_id: int, body: bytes) -> bytes:

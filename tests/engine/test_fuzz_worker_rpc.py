@@ -24,6 +24,7 @@ from fuzzing import (
     assert_only_errors,
     assert_rpc_answers,
     call_frame,
+    decodes,
     exchange,
     fuzz_settings,
     wait_until,
@@ -32,7 +33,7 @@ from fuzzing import (
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.config import EngineConfig, WorkerConfig
-from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES
 from kvcake.engine.sampling import SamplingParams
@@ -70,16 +71,10 @@ def worker(tiny_model_dir: Callable[..., Path]) -> Iterator[Worker]:
         thread.stop()
 
 
-def decodes(body: bytes) -> bool:
-    try:
-        codec.decode(body, WorkerRequest)  # type: ignore[arg-type]
-    except KvcakeError:
-        return False
-    return True
 
 
 def assert_served_after(worker: Worker, body: bytes) -> int:
-    header = assert_rpc_answers(worker.address, body, GOOD, decodes(body))
+    header = assert_rpc_answers(worker.address, body, GOOD, decodes(body, WorkerRequest))
     assert header.status in (0, ErrorCode.INVALID_PARAMS), header
     return header.status
 
