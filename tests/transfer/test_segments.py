@@ -8,31 +8,42 @@ from kvcake.common.errors import (
     KvcakeError,
     SegmentNotFoundError,
 )
+from kvcake.transfer.handover import HandoverRefusedError, HandoverServer
 from kvcake.transfer.messages import DescribeRequest
 from kvcake.transfer.segment import MappedSegment, Segment, local_host_id
 from kvcake.transfer.service import SegmentTable
 
 
 def test_segment_is_shared_memory_a_same_host_peer_can_map() -> None:
-    segment = Segment("kv0", 1, 1 << 20)
+    table = SegmentTable(local_host_id())
+    table.add(Segment("kv0", table.next_segment_id(), 1 << 20))
+    server = HandoverServer(table.hand_over)
+    table.shm_socket = server.name
     try:
-        descriptor = segment.descriptor(local_host_id(), "127.0.0.1:1")
-        assert descriptor.size == 1 << 20
-        assert descriptor.shm_path == f"/proc/{os.getpid()}/fd/{segment.fd}"
+        descriptor = table.descriptor("kv0")
+        assert (descriptor.size, descriptor.owner_pid) == (1 << 20, os.getpid())
         mapped = MappedSegment(descriptor)
         mapped.view[10:15] = b"hello"
-        assert bytes(segment.view[10:15]) == b"hello"
+        assert bytes(table.get("kv0").view[10:15]) == b"hello"
+        assert mapped.owner_alive()
         mapped.close()
     finally:
-        segment.close()
+        server.close()
+        table.close()
 
 
 def test_mapping_a_closed_segment_fails_cleanly() -> None:
-    segment = Segment("kv0", 1, 4096)
-    descriptor = segment.descriptor(local_host_id(), "")
-    segment.close()
-    with pytest.raises(SegmentNotFoundError, match="kv0"):
-        MappedSegment(descriptor)
+    table = SegmentTable(local_host_id())
+    table.add(Segment("kv0", table.next_segment_id(), 4096))
+    server = HandoverServer(table.hand_over)
+    table.shm_socket = server.name
+    descriptor = table.descriptor("kv0")
+    table.remove("kv0").close()
+    try:
+        with pytest.raises(HandoverRefusedError, match="kv0"):
+            MappedSegment(descriptor)
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "x" * 201, "tab\there"])

@@ -138,7 +138,7 @@ def _check_mountable(descriptor: SegmentDescriptor, disk_capacity: int,
     if descriptor.size < 4096:
         raise InvalidParamsError(f"segment {descriptor.name!r} of {descriptor.size} bytes is "
                                  "too small (min 4096)")
-    if not descriptor.endpoint and not descriptor.shm_path:
+    if not descriptor.endpoint and not descriptor.shm_socket:
         raise InvalidParamsError(f"segment {descriptor.name!r} has no endpoint to reach it by")
     if disk_capacity < 0:
         raise InvalidParamsError(f"disk_capacity must be >= 0, got {disk_capacity}")

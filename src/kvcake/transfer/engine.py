@@ -28,6 +28,7 @@ from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, RemoteSegment, TransferOp, TransferRequest
 from kvcake.transfer.grants import GrantMode
+from kvcake.transfer.handover import HandoverServer
 from kvcake.transfer.metadata import MetadataDirectory, make_directory
 from kvcake.transfer.segment import Segment, SegmentDescriptor, local_host_id
 from kvcake.transfer.server import TransferServer
@@ -64,6 +65,8 @@ class TransferEngine:
             self._io.stop()
             raise
         self._table.endpoint = self.endpoint
+        self._handover = HandoverServer(self._table.hand_over, self.auth)
+        self._table.shm_socket = self._handover.name
         self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s,
                                                      self.auth)
         self._transports: dict[str, Transport] = {}
@@ -96,8 +99,14 @@ class TransferEngine:
         self.directory.unpublish(name)
         self._table.remove(name).close()
 
-    def local_descriptor(self, name: str) -> SegmentDescriptor:
-        return self._table.descriptor(name)
+    def local_descriptor(self, name: str, registrant: str = "") -> SegmentDescriptor:
+        """Our segment's descriptor as ``registrant`` publishes it (see :meth:`bind`)."""
+        return self._table.descriptor(name, registrant)
+
+    def bind(self, name: str, registrant: str) -> None:
+        """Let ``registrant`` (``store:<client>``, ``instance:<id>``) publish our segment
+        ``name``: same-host peers are handed its memfd only for a registrant it is bound to."""
+        self._table.bind(name, registrant)
 
     # ----- grants (with a cluster token, peers read and write our segments only inside them)
     def grant_key(self, name: str) -> bytes:
@@ -184,6 +193,7 @@ class TransferEngine:
             self._io.run(self._server.shutdown(), self.config.timeout_s)
         finally:
             self._io.stop()
+            self._handover.close()
             for name in self._table.names():
                 self.directory.unpublish(name)
             self.directory.close()

@@ -1,9 +1,10 @@
 """Segments: registered memory regions that peers read and write.
 
 A segment is a ``memfd`` mapped into its owner. Peers on the same host map the very same
-pages through ``/proc/<pid>/fd/<fd>`` (no server on the data path); peers elsewhere reach it
-through the owner's TCP server. A memfd has no name in ``/dev/shm``, so nothing leaks when
-the owner dies: the pages go away with the last mapping.
+pages (no server on the data path) once the owner handed them the memfd over a Unix socket
+(:mod:`kvcake.transfer.handover`): no process ever opens a path it was told about. Peers
+elsewhere reach it through the owner's TCP server. A memfd has no name in ``/dev/shm``, so
+nothing leaks when the owner dies: the pages go away with the last mapping.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from functools import cache
 
 import msgspec
 
+from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.errors import InvalidParamsError, SegmentNotFoundError
+from kvcake.transfer.handover import FdRequest, HandoverRefusedError, receive
 
 _MAX_NAME = 200
 
@@ -24,8 +27,13 @@ class SegmentDescriptor(msgspec.Struct, frozen=True):
     """What a peer needs to reach a segment; published through the metadata directory.
 
     endpoint: ``host:port`` of the owner's TCP server.
-    host_id: the owner's host identity; a peer with the same id may map ``shm_path``.
-    shm_inode: inode of the memfd, checked after opening ``shm_path`` (guards pid reuse).
+    host_id: the owner's host identity; a peer with the same id may ask ``shm_socket``.
+    shm_socket: the owner's abstract handover socket (``""``: no same-host mapping).
+    shm_inode: inode of the memfd, checked when it is handed over.
+    owner_pid: the process that must hold ``shm_socket`` (checked with ``SO_PEERCRED``).
+    registrant: who published it (``""`` the directory, ``store:<client>`` a master,
+      ``instance:<id>`` a Conductor); the owner hands the memfd over only for a registrant
+      it bound the segment to, so nobody can republish another process's segment.
     """
 
     name: str
@@ -33,8 +41,10 @@ class SegmentDescriptor(msgspec.Struct, frozen=True):
     size: int
     host_id: str
     endpoint: str
-    shm_path: str
+    shm_socket: str
     shm_inode: int
+    owner_pid: int = 0
+    registrant: str = ""
 
 
 @cache
@@ -80,6 +90,7 @@ class Segment:
             raise
         self.view = memoryview(self._mmap)
         self.inode = os.fstat(self.fd).st_ino
+        self.registrants: set[str] = {""}  # who may publish it: see SegmentDescriptor
 
     def _allocate(self, pretouch: bool) -> mmap.mmap:
         if pretouch:
@@ -90,16 +101,31 @@ class Segment:
             os.ftruncate(self.fd, self.size)
         return _map(self.fd, self.size, populate=pretouch)
 
-    def descriptor(self, host_id: str, endpoint: str) -> SegmentDescriptor:
+    def descriptor(self, host_id: str, endpoint: str, shm_socket: str,
+                   registrant: str = "") -> SegmentDescriptor:
         return SegmentDescriptor(
             name=self.name,
             segment_id=self.segment_id,
             size=self.size,
             host_id=host_id,
             endpoint=endpoint,
-            shm_path=f"/proc/{os.getpid()}/fd/{self.fd}",
+            shm_socket=shm_socket,
             shm_inode=self.inode,
+            owner_pid=os.getpid(),
+            registrant=registrant,
         )
+
+    def hand_over(self, request: FdRequest) -> int:
+        """The memfd, for a peer asking for exactly this segment on behalf of a registrant
+        it was bound to; raises with the reason otherwise."""
+        if (request.segment_id, request.inode) != (self.segment_id, self.inode):
+            raise HandoverRefusedError(f"segment {self.name!r} is not the one described")
+        if request.registrant not in self.registrants:
+            raise HandoverRefusedError(f"segment {self.name!r} was not published by "
+                                  f"{request.registrant or 'the directory'!r}")
+        if self.fd < 0:
+            raise SegmentNotFoundError(f"segment {self.name!r} is closed")
+        return self.fd
 
     def close(self) -> None:
         """Unmap and free; a peer that mapped it keeps its pages until it unmaps too."""
@@ -116,29 +142,32 @@ class Segment:
 
 
 class MappedSegment:
-    """A same-host peer's segment mapped into this process."""
+    """A same-host peer's segment mapped into this process, from the memfd its owner handed
+    over; :meth:`owner_alive` says whether that owner still lives."""
 
-    def __init__(self, descriptor: SegmentDescriptor) -> None:
+    def __init__(self, descriptor: SegmentDescriptor, auth: ClusterAuth = NO_AUTH) -> None:
         self.descriptor = descriptor
+        if not descriptor.shm_socket:
+            raise HandoverRefusedError(f"segment {descriptor.name!r} offers no same-host mapping")
+        request = FdRequest(descriptor.name, descriptor.segment_id, descriptor.shm_inode,
+                            descriptor.registrant)
+        handover = receive(descriptor.shm_socket, descriptor.owner_pid, request,
+                           descriptor.size, auth)
         try:
-            fd = os.open(descriptor.shm_path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SegmentNotFoundError(
-                f"cannot map segment {descriptor.name!r} at {descriptor.shm_path}: {exc}"
-            ) from exc
-        try:
-            stat = os.fstat(fd)
-            if stat.st_ino != descriptor.shm_inode or stat.st_size < descriptor.size:
-                raise SegmentNotFoundError(
-                    f"segment {descriptor.name!r} at {descriptor.shm_path} is gone "
-                    "(its owner exited)"
-                )
-            self._mmap = _map(fd, descriptor.size, populate=False)
+            self._mmap = _map(handover.fd, descriptor.size, populate=False)
+        except BaseException:
+            handover.owner.close()
+            raise
         finally:
-            os.close(fd)
+            handover.close_fd()
+        self.owner = handover.owner
         self.view = memoryview(self._mmap)
+
+    def owner_alive(self) -> bool:
+        return self.owner.alive()
 
     def close(self) -> None:
         self.view.release()
         with contextlib.suppress(BufferError):
             self._mmap.close()
+        self.owner.close()

@@ -14,6 +14,7 @@ from kvcake.common.errors import (
     SegmentNotFoundError,
 )
 from kvcake.transfer.grants import GrantMode, GrantTable, new_grant_key, sign_grant
+from kvcake.transfer.handover import FdRequest
 from kvcake.transfer.messages import DescribeReply, DescribeRequest, TransferCall
 from kvcake.transfer.segment import Segment, SegmentDescriptor
 
@@ -33,6 +34,7 @@ class SegmentTable:
     def __init__(self, host_id: str, require_grants: bool = False) -> None:
         self.host_id = host_id
         self.endpoint = ""  # set once the server knows its port
+        self.shm_socket = ""  # set once the handover server listens
         self.requires_grants = require_grants
         self.grant_keys: dict[str, bytes] = {}  # by segment name, when grants are required
         self._by_id: dict[int, Segment] = {}
@@ -96,8 +98,22 @@ class SegmentTable:
         return sign_grant(self.grant_keys[name], name, offset, length, mode, expires_s,
                           stride, count)
 
-    def descriptor(self, name: str) -> SegmentDescriptor:
-        return self.get(name).descriptor(self.host_id, self.endpoint)
+    def descriptor(self, name: str, registrant: str = "") -> SegmentDescriptor:
+        segment = self.get(name)
+        if registrant not in segment.registrants:
+            raise InvalidParamsError(f"segment {name!r} is not bound to {registrant!r}")
+        return segment.descriptor(self.host_id, self.endpoint, self.shm_socket, registrant)
+
+    def bind(self, name: str, registrant: str) -> None:
+        """Let ``registrant`` publish our segment ``name`` (peers then map it for it)."""
+        self.get(name).registrants.add(registrant)
+
+    def hand_over(self, request: FdRequest) -> int:
+        """The memfd the handover server sends for ``request`` (runs on its thread)."""
+        segment = self._by_name.get(request.name)
+        if segment is None:
+            raise SegmentNotFoundError(f"no local segment named {request.name!r}")
+        return segment.hand_over(request)
 
     def handle_call(self, call: TransferCall) -> DescribeReply:
         if isinstance(call, DescribeRequest):

@@ -21,9 +21,12 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.config import MiB, TransferConfig
 from kvcake.common.errors import InvalidParamsError, KvcakeError, TransferError
+from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, BatchState, TransferOp
 from kvcake.transfer.client import Part, PeerClient
 from kvcake.transfer.segment import MappedSegment, SegmentDescriptor, local_host_id
+
+log = get_logger(__name__)
 
 SPLIT_BYTES = 4 * MiB  # transfers larger than this spread over the peer's connections
 _SWEEP_S = 0.25
@@ -66,38 +69,48 @@ class ShmTransport(Transport):
                  ) -> None:
         super().__init__(config, io, auth)
         self._host_id = config.host_id or local_host_id()
-        self._mapped: dict[tuple[str, int], MappedSegment] = {}
+        self._mapped: dict[tuple[str, int, str, int, str], MappedSegment] = {}
 
     def reaches(self, descriptor: SegmentDescriptor) -> bool:
-        if descriptor.host_id != self._host_id:
+        if descriptor.host_id != self._host_id or not descriptor.shm_socket:
             return False
         try:
             self._mapping(descriptor)
-        except KvcakeError:
+        except KvcakeError as exc:
+            log.warning("no same-host mapping of segment %r: %s", descriptor.name, exc.args[0])
             return False
         return True
 
     def _mapping(self, descriptor: SegmentDescriptor) -> MappedSegment:
-        key = (descriptor.shm_path, descriptor.shm_inode)
+        key = _mapping_key(descriptor)
         mapped = self._mapped.get(key)
         if mapped is None:
-            mapped = self._mapped[key] = MappedSegment(descriptor)
+            mapped = self._mapped[key] = MappedSegment(descriptor, self.auth)
         return mapped
 
     def start(self, batch: Batch, indices: Sequence[int]) -> None:
         for index in indices:
             request = batch.requests[index]
             try:
-                remote = self._mapping(request.segment.descriptor).view
+                mapped = self._live_mapping(request.segment.descriptor)
             except KvcakeError as exc:
                 batch.complete(index, exc)
                 continue
-            window = remote[request.offset : request.offset + request.length]
+            window = mapped.view[request.offset : request.offset + request.length]
             if request.op is TransferOp.READ:
                 request.buffer[:] = window
             else:
                 window[:] = request.buffer
-            batch.complete(index)
+            # bytes in a dead owner's pages are lost with it: never report them as moved
+            batch.complete(index, None if mapped.owner_alive() else _owner_died(mapped))
+
+    def _live_mapping(self, descriptor: SegmentDescriptor) -> MappedSegment:
+        mapped = self._mapping(descriptor)
+        if not mapped.owner_alive():
+            del self._mapped[_mapping_key(descriptor)]
+            mapped.close()
+            raise _owner_died(mapped)
+        return mapped
 
     def close(self) -> None:
         for mapped in self._mapped.values():
@@ -197,6 +210,16 @@ class TcpTransport(Transport):
         for peer in self._peers.values():
             peer.close()
         self._peers.clear()
+
+
+def _mapping_key(descriptor: SegmentDescriptor) -> tuple[str, int, str, int, str]:
+    return (descriptor.shm_socket, descriptor.owner_pid, descriptor.name, descriptor.shm_inode,
+            descriptor.registrant)
+
+
+def _owner_died(mapped: MappedSegment) -> TransferError:
+    return TransferError(f"the owner of segment {mapped.descriptor.name!r} (pid "
+                         f"{mapped.descriptor.owner_pid}) exited; its memory is gone")
 
 
 TRANSPORTS: dict[str, type[Transport]] = {
