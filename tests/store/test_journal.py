@@ -47,7 +47,7 @@ def mount(service: MasterService, client_id: str, name: str, size: int = 64 * KI
     service.register_client(client_id, f"host-{client_id}")
     return service.mount_segment(client_id, SegmentDescriptor(
         name=name, segment_id=0, size=size, host_id=f"host-{client_id}",
-        endpoint="127.0.0.1:1", shm_path="", shm_inode=0))
+        endpoint="127.0.0.1:1", shm_socket="", shm_inode=0))
 
 
 def put(service: MasterService, client_id: str, key: str, size: int,
@@ -192,7 +192,7 @@ def test_disk_replicas_are_restored_with_their_disk_usage() -> None:
     service.register_client("node", "host-node")
     seg = segment("node", SegmentDescriptor(
         name="seg", segment_id=0, size=16 * KIB, host_id="host-node", endpoint="127.0.0.1:1",
-        shm_path="", shm_inode=0), disk_capacity=64 * KIB, control_endpoint="127.0.0.1:2")
+        shm_socket="", shm_inode=0), disk_capacity=64 * KIB, control_endpoint="127.0.0.1:2")
     put(service, "w", "cold", 4 * KIB)
     put(service, "w", "hot", 4 * KIB)
     for task in service.drain_tasks():

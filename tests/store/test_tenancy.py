@@ -52,7 +52,7 @@ def make_service(*tenants: TenantPolicy, **fields: Any) -> tuple[MasterService, 
 
 def descriptor(name: str, size: int = SEGMENT) -> SegmentDescriptor:
     return SegmentDescriptor(name=name, segment_id=0, size=size, host_id=f"host-{name}",
-                             endpoint="127.0.0.1:1", shm_path="", shm_inode=0)
+                             endpoint="127.0.0.1:1", shm_socket="", shm_inode=0)
 
 
 def mount(service: MasterService, name: str, size: int = SEGMENT, **kwargs: Any) -> int:

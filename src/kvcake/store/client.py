@@ -87,7 +87,10 @@ class AsyncStore:
             self._disk = DiskTier(self.config.disk_dir, segment.view)
             self._control = RpcServer(self._disk.handle, self.transfer_config.host, 0)
             control = await self._control.startup()
-        descriptor = self.engine.local_descriptor(name)
+        assert self.session is not None
+        registrant = f"store:{self.session.client_id}"  # the master publishes it as ours
+        self.engine.bind(name, registrant)
+        descriptor = self.engine.local_descriptor(name, registrant)
         return [Mount(descriptor, self.config.disk_capacity, control,
                       self.engine.grant_key(name))]
 

@@ -14,7 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from kvcake.common import codec
+from kvcake.common.auth import cluster_auth
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.http import TextHttpServer
@@ -24,6 +27,7 @@ from kvcake.store import messages as m
 from kvcake.store.grants import ReplicaGrants
 from kvcake.store.ha import Persistence
 from kvcake.store.metrics import render_metrics, summary_line
+from kvcake.store.owners import SegmentOwners, registrant_of
 from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
 from kvcake.store.tenants import scoped_key
@@ -55,6 +59,7 @@ class MasterServer:
         self._requests: dict[str, int] = {}
         self._nodes: dict[str, RpcClient] = {}
         self._grants = ReplicaGrants()  # nodes' grant keys: signed handles, with a token
+        self._owners = SegmentOwners(cluster_auth())  # same-host nodes' pidfds
         self._task_done = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._handlers: dict[type[Any], Callable[[Any], Any]] = {
@@ -94,6 +99,7 @@ class MasterServer:
             await self._http.shutdown()
         for client in self._nodes.values():
             client.close()
+        self._owners.close()
 
     def metrics_text(self) -> str:
         return render_metrics(self.service.stats(), self.service.counters, self._requests)
@@ -106,21 +112,33 @@ class MasterServer:
                               "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
         name = type(request).__name__
         self._requests[name] = self._requests.get(name, 0) + 1
+        self._drop_dead_owners()
         reply = self._handlers[type(request)](request)
+        if asyncio.iscoroutine(reply):
+            return self._encode_later(reply, isinstance(request, _DURABLE))
         self._run_tasks()
         if self.persistence is not None and isinstance(request, _DURABLE) \
                 and self.service.changes:
             return self._encode_durable(reply, self.persistence.durable())
-        if asyncio.iscoroutine(reply):
-            return self._encode_later(reply)
         return codec.encode(reply)
 
     async def _encode_durable(self, reply: Any, durable: Awaitable[None]) -> bytes:
         await durable
         return codec.encode(reply)
 
-    async def _encode_later(self, reply: Awaitable[Any]) -> bytes:
-        return codec.encode(await reply)
+    async def _encode_later(self, reply: Awaitable[Any], durable: bool) -> bytes:
+        result = await reply
+        self._run_tasks()
+        if self.persistence is not None and durable and self.service.changes:
+            await self.persistence.durable()
+        return codec.encode(result)
+
+    def _drop_dead_owners(self) -> None:
+        """Same-host nodes that exited are dropped before any call can use their pages."""
+        for client_id, pid in self._owners.dead():
+            log.warning("client %s: its process (pid %d) exited; its segments are dropped",
+                        client_id, pid)
+            self.service.drop_client(client_id)
 
     def _register(self, request: m.RegisterClient) -> m.RegisterReply:
         self.service.register_client(request.client_id, request.host_id, request.tenant,
@@ -133,7 +151,22 @@ class MasterServer:
     def _heartbeat(self, request: m.Heartbeat) -> m.HeartbeatReply:
         return m.HeartbeatReply(self.service.heartbeat(request.client_id))
 
-    def _mount(self, request: m.MountSegment) -> m.MountReply:
+    def _mount(self, request: m.MountSegment) -> m.MountReply | Awaitable[m.MountReply]:
+        """The segment is published as the mounting client's; on our host its owner must
+        prove that first (:mod:`kvcake.store.owners`)."""
+        descriptor = msgspec.structs.replace(request.descriptor,
+                                             registrant=registrant_of(request.client_id))
+        request = msgspec.structs.replace(request, descriptor=descriptor)
+        if self._owners.must_verify(descriptor):
+            return self._mount_proven(request)
+        return self._mount_now(request)
+
+    async def _mount_proven(self, request: m.MountSegment) -> m.MountReply:
+        self.service.registry.client(request.client_id)  # unknown clients prove nothing
+        await self._owners.verify(request.client_id, request.descriptor)
+        return self._mount_now(request)
+
+    def _mount_now(self, request: m.MountSegment) -> m.MountReply:
         try:
             segment_id = self.service.mount_segment(request.client_id, request.descriptor,
                                                     request.disk_capacity,
@@ -273,6 +306,7 @@ class MasterServer:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_s)
+            self._drop_dead_owners()
             self.service.tick()
             self._run_tasks()
 
