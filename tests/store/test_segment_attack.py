@@ -121,7 +121,7 @@ def test_forged_mounts_are_refused_and_the_victim_is_untouched(
         assert refusals[what].code is ErrorCode.ACCESS_DENIED, what
         assert "not a kvcake segment socket" in str(refusals[what]), what
     assert refusals["the node's segment, renamed"].code is ErrorCode.ACCESS_DENIED
-    assert "did not prove it mounts it as 'store:attacker-1'" in str(
+    assert "did not prove it publishes it as 'store:attacker-1'" in str(
         refusals["the node's segment, renamed"])
     assert refusals["the node's segment, same name"].code is ErrorCode.ACCESS_DENIED
     assert "not by the segment's owner pid" in str(refusals["the node's socket, another pid"])

@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
+
+from kvcake.common.auth import cluster_auth
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import (
@@ -52,6 +55,12 @@ from kvcake.conductor.types import (
     TransferSample,
 )
 from kvcake.engine.sampling import SamplingParams
+from kvcake.transfer.segment import (
+    SegmentDescriptor,
+    instance_registrant,
+    local_host_id,
+    prove_ownership,
+)
 from kvcake.worker.messages import Abort, Commit, Prefill, Release, Reserve, Reserved
 
 log = get_logger(__name__)
@@ -110,16 +119,40 @@ class ConductorServer:
 
     # -- what instances say -----------------------------------------------------------
 
-    def _handle(self, payload: memoryview) -> bytes:
+    def _handle(self, payload: memoryview) -> bytes | Awaitable[bytes]:
         message: ConductorRequest = decode(payload, ConductorRequest)  # type: ignore[arg-type]
         if isinstance(message, Register):
-            self._register(message)
-        elif isinstance(message, Report):
+            return self._register_published(message)
+        if isinstance(message, Report):
             return encode(self._report(message))
-        elif isinstance(message, Outputs):
+        if isinstance(message, Outputs):
             self._outputs(message)
         elif isinstance(message, PrefillDone):
             self._prefill_done(message)
+        return encode(ReportReply())
+
+    def _register_published(self, message: Register) -> bytes | Awaitable[bytes]:
+        """An instance's KV cache is published as its own (``instance:<id>``): prefill
+        instances are handed its memfd only if the instance bound it to that name, and on
+        this host the Conductor asks for it first, so a forged region is refused at once."""
+        region = message.kv_region
+        if region is None:
+            self._register(message)
+            return encode(ReportReply())
+        descriptor = msgspec.structs.replace(
+            region.descriptor, registrant=instance_registrant(message.instance_id))
+        message = msgspec.structs.replace(
+            message, kv_region=msgspec.structs.replace(region, descriptor=descriptor))
+        if descriptor.shm_socket and descriptor.host_id == local_host_id():
+            return self._register_proven(message, descriptor)
+        self._register(message)
+        return encode(ReportReply())
+
+    async def _register_proven(self, message: Register, descriptor: SegmentDescriptor
+                               ) -> bytes:
+        owner = await asyncio.to_thread(prove_ownership, descriptor, cluster_auth())
+        owner.close()  # liveness here comes from the instance's reports
+        self._register(message)
         return encode(ReportReply())
 
     def _register(self, message: Register) -> None:

@@ -29,6 +29,7 @@ from kvcake.store.disk import DiskTier
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig
 from kvcake.store.session import MasterSession, Mount
 from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer.segment import store_registrant
 
 log = get_logger(__name__)
 
@@ -88,7 +89,7 @@ class AsyncStore:
             self._control = RpcServer(self._disk.handle, self.transfer_config.host, 0)
             control = await self._control.startup()
         assert self.session is not None
-        registrant = f"store:{self.session.client_id}"  # the master publishes it as ours
+        registrant = store_registrant(self.session.client_id)  # how the master publishes it
         self.engine.bind(name, registrant)
         descriptor = self.engine.local_descriptor(name, registrant)
         return [Mount(descriptor, self.config.disk_capacity, control,

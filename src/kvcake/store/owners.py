@@ -16,14 +16,8 @@ import asyncio
 import select
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.errors import ErrorCode, KvcakeError
-from kvcake.transfer.handover import FdRequest, OwnerProcess, receive
-from kvcake.transfer.segment import SegmentDescriptor, local_host_id
-
-
-def registrant_of(client_id: str) -> str:
-    """The name the master publishes a client's segments under."""
-    return f"store:{client_id}"
+from kvcake.transfer.handover import OwnerProcess
+from kvcake.transfer.segment import SegmentDescriptor, local_host_id, prove_ownership
 
 
 class SegmentOwners:
@@ -42,21 +36,8 @@ class SegmentOwners:
 
     async def verify(self, client_id: str, descriptor: SegmentDescriptor) -> None:
         """Raise ``ACCESS_DENIED`` unless the segment's owner hands it over for ``client_id``."""
-        owner = await asyncio.to_thread(self._prove, descriptor)
+        owner = await asyncio.to_thread(prove_ownership, descriptor, self._auth)
         self._watch(client_id, owner)
-
-    def _prove(self, descriptor: SegmentDescriptor) -> OwnerProcess:
-        request = FdRequest(descriptor.name, descriptor.segment_id, descriptor.shm_inode,
-                            descriptor.registrant)
-        try:
-            handover = receive(descriptor.shm_socket, descriptor.owner_pid, request,
-                               descriptor.size, self._auth)
-        except KvcakeError as exc:
-            raise KvcakeError(f"segment {descriptor.name!r} refused: its owner did not prove "
-                              f"it mounts it as {descriptor.registrant!r} ({exc.args[0]})",
-                              ErrorCode.ACCESS_DENIED) from exc
-        handover.close_fd()  # the master maps nothing; it keeps the owner's pidfd
-        return handover.owner
 
     def _watch(self, client_id: str, owner: OwnerProcess) -> None:
         old = self._owners.get(client_id)

@@ -27,11 +27,12 @@ from kvcake.store import messages as m
 from kvcake.store.grants import ReplicaGrants
 from kvcake.store.ha import Persistence
 from kvcake.store.metrics import render_metrics, summary_line
-from kvcake.store.owners import SegmentOwners, registrant_of
+from kvcake.store.owners import SegmentOwners
 from kvcake.store.replica import Tier
 from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
 from kvcake.store.tenants import scoped_key
 from kvcake.transfer.grants import GrantMode
+from kvcake.transfer.segment import store_registrant
 
 log = get_logger(__name__)
 
@@ -155,7 +156,7 @@ class MasterServer:
         """The segment is published as the mounting client's; on our host its owner must
         prove that first (:mod:`kvcake.store.owners`)."""
         descriptor = msgspec.structs.replace(request.descriptor,
-                                             registrant=registrant_of(request.client_id))
+                                             registrant=store_registrant(request.client_id))
         request = msgspec.structs.replace(request, descriptor=descriptor)
         if self._owners.must_verify(descriptor):
             return self._mount_proven(request)

@@ -17,8 +17,8 @@ from functools import cache
 import msgspec
 
 from kvcake.common.auth import NO_AUTH, ClusterAuth
-from kvcake.common.errors import InvalidParamsError, SegmentNotFoundError
-from kvcake.transfer.handover import FdRequest, HandoverRefusedError, receive
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, SegmentNotFoundError
+from kvcake.transfer.handover import FdRequest, HandoverRefusedError, OwnerProcess, receive
 
 _MAX_NAME = 200
 
@@ -58,6 +58,16 @@ def local_host_id() -> str:
         boot_id = f.read().strip()
     netns = os.stat("/proc/self/ns/net").st_ino
     return f"{boot_id}/net:{netns}"
+
+
+def store_registrant(client_id: str) -> str:
+    """How a store's master publishes the segments a client mounted."""
+    return f"store:{client_id}"
+
+
+def instance_registrant(instance_id: str) -> str:
+    """How a Conductor publishes an instance's KV cache to the instances that write it."""
+    return f"instance:{instance_id}"
 
 
 def check_segment_name(name: str) -> str:
@@ -139,6 +149,23 @@ class Segment:
 
     def __repr__(self) -> str:
         return f"Segment(name={self.name!r}, id={self.segment_id}, size={self.size})"
+
+
+def prove_ownership(descriptor: SegmentDescriptor, auth: ClusterAuth = NO_AUTH
+                    ) -> OwnerProcess:
+    """The owner's pidfd, once the owner handed the segment over for its registrant; else
+    ``ACCESS_DENIED`` naming why (a Conductor or master checking a same-host descriptor)."""
+    request = FdRequest(descriptor.name, descriptor.segment_id, descriptor.shm_inode,
+                        descriptor.registrant)
+    try:
+        handover = receive(descriptor.shm_socket, descriptor.owner_pid, request,
+                           descriptor.size, auth)
+    except KvcakeError as exc:
+        raise KvcakeError(f"segment {descriptor.name!r} refused: its owner did not prove "
+                          f"it publishes it as {descriptor.registrant!r} ({exc.args[0]})",
+                          ErrorCode.ACCESS_DENIED) from exc
+    handover.close_fd()  # the checker maps nothing; it keeps the owner's pidfd
+    return handover.owner
 
 
 class MappedSegment:

@@ -31,6 +31,7 @@ from kvcake.conductor.types import InstanceLoad, KVEvent
 from kvcake.engine.core import EngineCore, EngineLoad
 from kvcake.engine.kv_transfer import KVSender, sign_kv_grants
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.segment import instance_registrant
 from kvcake.worker.loop import EngineLoop, Telemetry
 from kvcake.worker.messages import (
     Abort,
@@ -99,6 +100,8 @@ class WorkerServer:
         self._transfer = TransferEngine(load_config(TransferConfig, "transfer",
                                                     {"host": self.config.host}))
         self._core = core = EngineCore(self.engine_config, transfer=self._transfer)
+        if core.kv_segment is not None:  # the Conductor publishes it as ours, and only so
+            self._transfer.bind(core.kv_segment.name, instance_registrant(self.instance_id))
         if self.config.profile:
             self._profile = profile_engine(core)
         sender = None
