@@ -7,6 +7,7 @@ cache, so a rerun computes exactly what the first run did.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Generator, Iterator
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.core import RequestOutput
 from kvcake.engine.llm import LLM, CompletionOutput
 from kvcake.engine.sampling import SamplingParams
 from kvcake.engine.tokenizer import Tokenizer
@@ -182,3 +184,77 @@ def test_generate_command_answers_a_question() -> None:
         check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+# ----- log-probabilities, penalties and the context (through EngineCore)
+
+
+def run_to_end(llm: LLM, request_id: str, prompt: list[int],
+               params: SamplingParams) -> list[RequestOutput]:
+    outputs = []
+    fresh(llm).core.add_request(request_id, prompt, params)
+    while llm.core.has_unfinished():
+        outputs += [o for o in llm.core.step() if o.request_id == request_id]
+    return outputs
+
+
+def test_prompt_logprobs_score_the_prompt_like_decoding_did(
+        llm: LLM, smollm2_tokenizer: Tokenizer) -> None:
+    prompt = smollm2_tokenizer.encode(STORY)
+    outputs = run_to_end(llm, "gen", prompt, replace(GREEDY, max_tokens=6, logprobs=2))
+    generated = [t for o in outputs for t in o.new_token_ids]
+    decoded = [lp for o in outputs for lp in o.new_logprobs]
+    assert [len(top) for o in outputs for top in o.new_top_logprobs] == [2] * 6
+    assert all(o.prompt_logprobs is None for o in outputs)  # not asked for
+    # the same tokens scored as a prompt (prefill): the same log-probabilities
+    scoring = replace(GREEDY, max_tokens=1, prompt_logprobs=3)
+    first, *_ = run_to_end(llm, "score", prompt + generated, scoring)
+    assert first.prompt_logprobs is not None and first.prompt_top_logprobs is not None
+    assert len(first.prompt_logprobs) == len(prompt + generated) - 1
+    assert first.prompt_logprobs[-6:] == pytest.approx(decoded, abs=0.1)
+    assert all(math.isfinite(lp) and lp <= 0 for lp in first.prompt_logprobs)
+    assert [len(top) for top in first.prompt_top_logprobs] == [3] * (len(prompt) + 5)
+    # greedy tokens were the most likely ones
+    assert [top[0][0] for top in first.prompt_top_logprobs[-6:]] == generated
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_survive_chunking(llm: LLM) -> None:
+    prompt = list(range(1000, 1100))
+    scoring = replace(GREEDY, max_tokens=1, prompt_logprobs=0)
+    [whole] = run_to_end(llm, "a", prompt, scoring)
+    llm.core.add_request("warm", prompt, GREEDY)  # fill the prefix cache with these blocks
+    while llm.core.has_unfinished():
+        llm.core.step()
+    budget = llm.core.scheduler.max_num_batched_tokens
+    llm.core.scheduler.max_num_batched_tokens = 32  # four chunks
+    try:
+        llm.core.add_request("b", prompt, scoring)
+        outputs = []
+        while llm.core.has_unfinished():
+            outputs += llm.core.step()
+    finally:
+        llm.core.scheduler.max_num_batched_tokens = budget
+    [chunked] = outputs
+    assert chunked.num_cached_tokens == 0
+    assert chunked.prompt_logprobs == pytest.approx(whole.prompt_logprobs, abs=0.05)
+
+
+def test_penalties_and_min_tokens_reach_the_sampler(llm: LLM,
+                                                    smollm2_tokenizer: Tokenizer) -> None:
+    prompt = smollm2_tokenizer.encode("1, 1, 1, 1, 1, 1, 1, 1,")
+    plain = [t for o in run_to_end(llm, "p", prompt, replace(GREEDY, max_tokens=8))
+             for t in o.new_token_ids]
+    penalised = [t for o in run_to_end(llm, "q", prompt, replace(
+        GREEDY, max_tokens=8, repetition_penalty=1.8)) for t in o.new_token_ids]
+    assert plain != penalised
+    eos = smollm2_tokenizer.eos_token_ids[0]
+    held = run_to_end(llm, "m", prompt, replace(GREEDY, max_tokens=4, min_tokens=4,
+                                                stop_token_ids=tuple(plain[:1])))
+    tokens = [t for o in held for t in o.new_token_ids]
+    assert len(tokens) == 4 and plain[0] not in tokens and eos not in tokens
+
+
+def test_no_max_tokens_means_up_to_the_context(llm: LLM) -> None:
+    request = fresh(llm).core.add_request("ctx", [1000, 1001], SamplingParams(max_tokens=None))
+    assert request.params.max_tokens == llm.core.max_model_len - 2
+    llm.core.abort("ctx")

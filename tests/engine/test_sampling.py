@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.logprobs import score_tokens
+from kvcake.engine.penalties import TokenHistory, penalise
 from kvcake.engine.sampling import (
     TOP_P_CANDIDATES,
     Sampler,
     SamplingParams,
     find_stop,
+    fit_context,
     make_generator,
     partial_stop_len,
 )
@@ -244,3 +247,99 @@ def test_partial_stop_len_holds_back_possible_stop_prefixes() -> None:
     assert partial_stop_len("The answer", ["\n\nUser:"]) == 0
     assert partial_stop_len("ab", ["abc", "bcd"]) == 2
     assert partial_stop_len("abc", ["abc"]) == 0  # a whole stop is find_stop's business
+
+
+# ----- penalties, min_tokens, seeds and the context (vLLM's definitions)
+
+
+def test_penalties_change_logits_as_vllm_defines_them() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, -3.0]])
+    history = TokenHistory(prompt_token_ids=[0, 1], output_token_ids=[2, 2, 3])
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5,
+                            presence_penalty=0.25)
+    got = penalise(logits, [params], [history])
+    # token 0: prompt only, repetition (positive: divided); 1: prompt, negative: multiplied;
+    # 2: twice in the output, 3: once; 4: never seen, untouched
+    expected = [2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 * 2 - 0.25, 1.0 / 2 - 0.5 - 0.25, -3.0]
+    assert got[0].tolist() == pytest.approx(expected)
+    assert logits[0].tolist() == [2.0, -1.0, 0.5, 1.0, -3.0]  # the input is left alone
+
+
+def test_penalties_steer_the_draw_but_logprobs_stay_raw() -> None:
+    logits = torch.tensor([[3.0, 2.9, -5.0, -5.0]])
+    history = TokenHistory(prompt_token_ids=[1], output_token_ids=[0, 0])
+    greedy = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    result = Sampler().sample(logits, [greedy], [None], [history])
+    assert result.token_ids == [1]  # token 0 lost 2.0 to its two repeats
+    assert result.logprobs[0] == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())
+
+
+def test_min_tokens_holds_back_eos_and_stop_tokens() -> None:
+    logits = torch.tensor([[0.0, 9.0, 8.0, 1.0]])  # 1 is EOS, 2 a stop token
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(2,))
+    early = TokenHistory([0], [3], stop_token_ids=frozenset({1, 2}))
+    late = TokenHistory([0], [3, 3], stop_token_ids=frozenset({1, 2}))
+    assert Sampler().sample(logits, [params], [None], [early]).token_ids == [3]
+    assert Sampler().sample(logits, [params], [None], [late]).token_ids == [1]
+
+
+def test_penalised_rows_need_a_history() -> None:
+    with pytest.raises(InvalidParamsError, match="history"):
+        Sampler().sample(random_logits(1), [SamplingParams(presence_penalty=1.0)], [None])
+
+
+def test_a_seed_draws_the_same_tokens_whatever_shares_the_batch() -> None:
+    params = SamplingParams(temperature=1.0, seed=1234)
+    logits = random_logits(3, seed=8)
+
+    def draw(rows: list[int]) -> list[int]:
+        generator = make_generator(1234)
+        ids = []
+        for _ in range(5):
+            batch = logits[rows]
+            batch_params = [params if row == 0 else SamplingParams() for row in rows]
+            gens = [generator if row == 0 else None for row in rows]
+            ids.append(Sampler().sample(batch, batch_params, gens).token_ids[0])
+        return ids
+
+    assert draw([0]) == draw([0, 1, 2])
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
+    ("min_tokens", -1), ("prompt_logprobs", 21),
+])
+def test_invalid_penalties_name_the_field(field: str, value: Any) -> None:
+    with pytest.raises(InvalidParamsError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_may_not_exceed_max_tokens() -> None:
+    with pytest.raises(InvalidParamsError, match="min_tokens must be at most max_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+
+
+def test_fit_context_fills_or_refuses_in_vllms_words() -> None:
+    assert fit_context(SamplingParams(max_tokens=None), 10, 2048).max_tokens == 2038
+    assert fit_context(SamplingParams(max_tokens=5), 10, 2048).max_tokens == 5
+    with pytest.raises(InvalidParamsError) as caught:
+        fit_context(SamplingParams(max_tokens=100000), 1, 2048)
+    assert caught.value.args[0] == (
+        "This model's maximum context length is 2048 tokens. However, you requested 100001 "
+        "tokens (1 in the messages, 100000 in the completion). Please reduce the length of "
+        "the messages or completion.")
+    with pytest.raises(InvalidParamsError, match="your request has 2048 input tokens"):
+        fit_context(SamplingParams(max_tokens=None), 2048, 2048)
+
+
+def test_scored_tokens_are_the_log_softmax_of_their_logits() -> None:
+    logits = random_logits(4, seed=9)
+    targets = torch.tensor([3, 0, 63, 7])
+    chosen, tops = score_tokens(logits, targets, 2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert chosen == pytest.approx(expected[torch.arange(4), targets].tolist(), abs=1e-6)
+    values, ids = expected.topk(2, dim=-1)
+    assert [[i for i, _ in row] for row in tops] == ids.tolist()
+    assert [v for row in tops for _, v in row] == pytest.approx(values.flatten().tolist(),
+                                                                abs=1e-6)
+    assert score_tokens(logits, targets, 0)[1] == [[], [], [], []]

@@ -51,6 +51,9 @@ class Report(msgspec.Struct, tag=True, frozen=True):
 
 
 class TokenOutput(msgspec.Struct, frozen=True, array_like=True):
+    """New tokens of one request; ``top_logprobs`` (one list per token) and the prompt's
+    scores only when the request asked for them (see ``RequestOutput``)."""
+
     request_id: str
     token_ids: list[int]
     logprobs: list[float]
@@ -58,6 +61,9 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True):
     num_prompt_tokens: int
     num_cached_tokens: int
     num_store_tokens: int
+    top_logprobs: list[list[tuple[int, float]]] = []
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Outputs(msgspec.Struct, tag=True, frozen=True):

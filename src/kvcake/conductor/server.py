@@ -54,7 +54,7 @@ from kvcake.conductor.types import (
     RouteRequest,
     TransferSample,
 )
-from kvcake.engine.sampling import SamplingParams
+from kvcake.engine.sampling import SamplingParams, fit_context
 from kvcake.transfer.segment import (
     SegmentDescriptor,
     instance_registrant,
@@ -268,10 +268,13 @@ class ConductorServer:
     async def submit(self, request_id: str, tokens: list[int], params: SamplingParams,
                      tenant: str) -> Flight:
         """Route and start a request; raises ``RequestRejectedError`` (429) or a
-        ``KvcakeError`` (503) when no instance can take it."""
+        ``KvcakeError`` (503) when no instance can take it, InvalidParamsError (400) when the
+        prompt plus ``max_tokens`` exceed the context. The flight's ``params`` have
+        ``max_tokens`` set (None asks for what the context leaves)."""
         if request_id in self.flights:
             raise InvalidParamsError(f"request id {request_id!r} is already in flight")
-        self._check_length(tokens)
+        params = self._fit(tokens, params)
+        assert params.max_tokens is not None, "fit_context sets it"
         salt = f"{self.fingerprint()}/{tenant}".encode()
         hashes = tuple(prefix_block_hashes(tokens, self.policy.block_size, salt))
         store_hits = await self.store.hit_blocks(salt.decode(), hashes)
@@ -294,11 +297,11 @@ class ConductorServer:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return flight
 
-    def _check_length(self, tokens: list[int]) -> None:
+    def _fit(self, tokens: list[int], params: SamplingParams) -> SamplingParams:
         limit = self.max_model_len()
-        if limit and len(tokens) >= limit:
-            raise InvalidParamsError(f"prompt of {len(tokens)} tokens does not fit the "
-                                     f"instances' max_model_len {limit}")
+        if not limit:
+            raise KvcakeError("no instance has registered with the conductor yet", _UNAVAILABLE)
+        return fit_context(params, len(tokens), limit)
 
     async def _drive(self, flight: Flight) -> None:
         try:
@@ -328,12 +331,11 @@ class ConductorServer:
             await self._release(flight)
             flight.push(first)
             return
+        first_top = first.top_logprobs[0] if first.top_logprobs else []
         await self._call(flight.decode_id, Commit(
             flight.request_id, flight.prompt_token_ids, first.token_ids[0], first.logprobs[0],
-            flight.params, flight.tenant))
-        flight.push(type(first)(first.request_id, first.token_ids, first.logprobs, None,
-                                first.num_prompt_tokens, first.num_cached_tokens,
-                                first.num_store_tokens))
+            flight.params, flight.tenant, first_top))
+        flight.push(msgspec.structs.replace(first, finish_reason=None))
 
     async def _reserve(self, flight: Flight) -> Reserved:
         """Room on the decode instance, asked again with backoff while its batch is full:

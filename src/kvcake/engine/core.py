@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,10 +22,11 @@ from kvcake.engine.connector import StoreConnector, connect_store
 from kvcake.engine.kv_cache import KVCacheManager
 from kvcake.engine.kv_format import BlockLayout
 from kvcake.engine.kv_transfer import KVRegion, kv_cache_in
+from kvcake.engine.logprobs import TopLogprobs
 from kvcake.engine.model import LlamaModel
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
-from kvcake.engine.sampling import SamplingParams
+from kvcake.engine.sampling import SamplingParams, fit_context
 from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
 from kvcake.engine.weights import ModelFiles, load_weights, resolve_model
 from kvcake.transfer import Segment, TransferEngine
@@ -41,9 +42,13 @@ class RequestOutput:
     """What one step produced for one request.
 
     new_token_ids: tokens drawn this step (empty for a chunk that did not sample).
+    new_logprobs / new_top_logprobs: their log-probabilities and top alternatives (empty
+        lists unless the request asked for ``logprobs``).
     finish_reason: ``stop``, ``length`` or ``abort`` once finished, else ``None``.
     num_cached_tokens: prompt tokens whose KV was reused (local cache or store).
     num_store_tokens: the part of those loaded from the store.
+    prompt_logprobs / prompt_top_logprobs: scores of prompt tokens 1..n-1, on the output
+        with the first token of a request that asked for ``prompt_logprobs`` (else None).
     """
 
     request_id: str
@@ -54,6 +59,9 @@ class RequestOutput:
     num_cached_tokens: int
     num_store_tokens: int
     first_token_s: float | None
+    new_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -120,7 +128,8 @@ class EngineCore:
         self.kv_segment: Segment | None = None
         self.kv_region: KVRegion | None = None
         kv_cache = None if transfer is None else self._shared_kv_cache(transfer, num_blocks)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_cache)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_cache,
+                                  self.model_config.eos_token_ids)
         self.store: StoreConnector | None = None
         if connector is None and config.store_master:
             connector = self.store = self._connect_store()
@@ -188,10 +197,16 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, tenant: str | None = None) -> Request:
-        """Queue a request; bad ids or lengths raise ``InvalidParamsError``."""
+        """Queue a request; bad ids or lengths raise ``InvalidParamsError``.
+
+        ``max_tokens`` None generates up to ``max_model_len``; a larger ``max_tokens`` stops
+        there (the API refuses it beforehand, see :func:`fit_context`).
+        """
         if request_id in self.scheduler.requests:
             raise InvalidParamsError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids)
+        if params.max_tokens is None:
+            params = fit_context(params, len(prompt_token_ids), self.max_model_len)
         request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
         self.scheduler.add(request)
         return request
@@ -225,12 +240,12 @@ class EngineCore:
             return []
         if self.step_hook is not None:
             self.step_hook.before_execute(output)
-        sampled = self.runner.execute(output)
+        result = self.runner.execute(output)
         if self.step_hook is not None:
             self.step_hook.after_execute(output)
         now = time.monotonic()
         outputs = []
-        for request in self.scheduler.update(output, sampled):
+        for request in self.scheduler.update(output, result):
             if request.first_token_s is None:
                 request.first_token_s = now - request.arrival_s
             outputs.append(_output(request, 1))
@@ -267,7 +282,8 @@ class EngineCore:
 
     def commit(self, request_id: str, prompt_token_ids: list[int], first_token: int,
                first_logprob: float, params: SamplingParams,
-               tenant: str | None = None) -> Request:
+               tenant: str | None = None,
+               first_top_logprobs: TopLogprobs | None = None) -> Request:
         """The reserved blocks now hold the prompt's K/V: decode from ``first_token`` on."""
         block_ids = self._reserved.get(request_id)
         if block_ids is None:
@@ -280,6 +296,7 @@ class EngineCore:
         request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
         request.output_token_ids.append(first_token)
         request.output_logprobs.append(first_logprob)
+        request.output_top_logprobs.append(first_top_logprobs or [])
         request.num_computed_tokens = request.num_cached_tokens = len(prompt_token_ids)
         request.extend_block_hashes(self.config.block_size)
         self.scheduler.kv.adopt(request, block_ids)
@@ -326,11 +343,15 @@ def _step_stats(output: SchedulerOutput, seconds: float) -> StepStats:
 
 def _output(request: Request, num_new: int) -> RequestOutput:
     finished = request.status.finished
+    first = len(request.output_token_ids) - num_new
+    scored = num_new and not first and request.params.prompt_logprobs is not None
     return RequestOutput(
-        request.request_id, request.output_token_ids[len(request.output_token_ids) - num_new:],
-        request.output_logprobs[len(request.output_logprobs) - num_new:],
+        request.request_id, request.output_token_ids[first:], request.output_logprobs[first:],
         request.status.value if finished else None, request.num_prompt_tokens,
-        request.num_cached_tokens, request.num_store_tokens, request.first_token_s)
+        request.num_cached_tokens, request.num_store_tokens, request.first_token_s,
+        request.output_top_logprobs[first:],
+        list(request.prompt_logprobs) if scored else None,
+        list(request.prompt_top_logprobs) if scored else None)
 
 
 def kv_fingerprint(files: ModelFiles, config: EngineConfig) -> str:

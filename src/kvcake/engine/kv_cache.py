@@ -32,7 +32,10 @@ class KVCacheManager:
         return self.pool.num_blocks
 
     def max_hit_blocks(self, request: Request) -> int:
-        """Blocks a prefix hit may cover: at least one token is always computed (for logits)."""
+        """Blocks a prefix hit may cover: at least one token is always computed (for logits);
+        none when the prompt's tokens are to be scored (cached tokens have no logits)."""
+        if request.params.prompt_logprobs is not None:
+            return 0
         return min(len(request.block_hashes), (request.num_tokens - 1) // self.block_size)
 
     def take_local_hit(self, request: Request) -> int:

@@ -9,9 +9,10 @@ so a streaming client never sees part of a stop string::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvcake.engine.core import RequestOutput
+from kvcake.engine.logprobs import TopLogprobs
 from kvcake.engine.sampling import SamplingParams, find_stop, partial_stop_len
 from kvcake.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -26,12 +27,14 @@ class TextDelta:
     logprobs: list[float]
     finish_reason: str | None
     stop_reason: str | int | None = None
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
 
 
 @dataclass
 class _State:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
+    num_tokens: int = 0
     text: str = ""
     num_emitted: int = 0
     stop_reason: str | int | None = None
@@ -58,7 +61,8 @@ class OutputProcessor:
         for token in output.new_token_ids:
             before = len(state.text)
             state.text += state.detokenizer.push(token)
-            if self._check_stop(state, before):
+            state.num_tokens += 1
+            if state.num_tokens >= state.params.min_tokens and self._check_stop(state, before):
                 break
         finished = output.finish_reason is not None or state.stopped
         if finished and not state.stopped:
@@ -94,4 +98,5 @@ class OutputProcessor:
         state.num_emitted = end
         reason = "stop" if state.stopped else output.finish_reason
         return TextDelta(output.request_id, text, output.new_token_ids, output.new_logprobs,
-                         reason, state.stop_reason if reason == "stop" else None)
+                         reason, state.stop_reason if reason == "stop" else None,
+                         output.new_top_logprobs)

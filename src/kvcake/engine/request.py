@@ -23,6 +23,7 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import ROOT_DIGEST, prefix_block_hashes
+from kvcake.engine.logprobs import PromptLogprobs, TopLogprobs
 from kvcake.engine.sampling import SamplingParams
 
 
@@ -62,6 +63,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # of prompt tokens 1..n-1
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_store_tokens: int = 0
@@ -112,6 +116,13 @@ class Request:
         parent = self.block_hashes[-1] if done else ROOT_DIGEST
         tokens = self.token_slice(done * block_size, self.num_tokens)
         self.block_hashes += prefix_block_hashes(tokens, block_size, self.salt, parent)
+
+    def record_prompt_logprobs(self, scores: PromptLogprobs) -> None:
+        """Keep a chunk's prompt scores (a recomputed chunk overwrites its earlier ones)."""
+        at = scores.first - 1
+        assert at <= len(self.prompt_logprobs), "prompt chunks are scored in order"
+        self.prompt_logprobs[at:] = scores.logprobs
+        self.prompt_top_logprobs[at:] = scores.top_logprobs
 
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone, so everything is computed again later."""

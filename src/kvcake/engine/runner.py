@@ -7,20 +7,23 @@ padded attention call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from kvcake.engine.logprobs import ROWS_PER_SLICE, PromptLogprobs, TopLogprobs, score_tokens
 from kvcake.engine.model import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.penalties import TokenHistory
+from kvcake.engine.request import Request
 from kvcake.engine.sampling import Sampler
-from kvcake.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
+from kvcake.engine.scheduler import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 
 
 class ModelRunner:
-    """The model, its paged KV cache and the sampler."""
+    """The model, its paged KV cache and the sampler (``eos_token_ids`` for ``min_tokens``)."""
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
-                 kv_cache: torch.Tensor | None = None) -> None:
+                 kv_cache: torch.Tensor | None = None, eos_token_ids: Iterable[int] = ()) -> None:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -28,16 +31,18 @@ class ModelRunner:
             else kv_cache
         self.sampler = Sampler()
         self.device = model.device
+        self.eos_token_ids = frozenset(eos_token_ids)
 
-    def execute(self, output: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run one step; returns the token drawn for every chunk that samples."""
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        """Run one step: the token drawn for every chunk that samples, and the prompt
+        tokens' scores for chunks of requests that asked for them."""
         prefills = [c for c in output.chunks if c.num_tokens > 1]
         decodes = sorted((c for c in output.chunks if c.num_tokens == 1), key=lambda c: c.start)
         ordered = prefills + decodes
         input_ids = torch.tensor(_flat_tokens(ordered), dtype=torch.long, device=self.device)
         batch = self._attention_batch(prefills, decodes)
         hidden = self.model.forward(input_ids, batch, self.kv_cache)
-        return self._sample(ordered, hidden)
+        return RunnerOutput(self._sample(ordered, hidden), self._score_prompts(ordered, hidden))
 
     def _attention_batch(self, prefills: list[ScheduledChunk],
                          decodes: list[ScheduledChunk]) -> AttentionBatch:
@@ -107,10 +112,49 @@ class ModelRunner:
             return {}
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden.index_select(0, index))
-        result = self.sampler.sample(logits, [c.request.params for c in sampling],
-                                     [c.request.generator for c in sampling])
-        return {c.request.request_id: SampledToken(t, lp)
-                for c, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)}
+        params = [c.request.params for c in sampling]
+        histories = ([self._history(c.request) for c in sampling]
+                     if any(p.penalised for p in params) else None)
+        result = self.sampler.sample(logits, params, [c.request.generator for c in sampling],
+                                     histories)
+        tops: list[TopLogprobs] = result.top_logprobs or [[] for _ in sampling]
+        return {c.request.request_id: SampledToken(t, lp, top) for c, t, lp, top in
+                zip(sampling, result.token_ids, result.logprobs, tops, strict=True)}
+
+    def _history(self, request: Request) -> TokenHistory:
+        stops = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stops |= self.eos_token_ids
+        return TokenHistory(request.prompt_token_ids, request.output_token_ids,
+                            frozenset(stops))
+
+    def _score_prompts(self, ordered: Sequence[ScheduledChunk],
+                       hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+        """Scores of the prompt tokens each asking chunk predicts (see kvcake.engine.logprobs)."""
+        scores: dict[str, PromptLogprobs] = {}
+        offset = 0
+        for chunk in ordered:
+            num_top = chunk.request.params.prompt_logprobs
+            end = min(chunk.start + chunk.num_tokens, chunk.request.num_prompt_tokens - 1)
+            if num_top is not None and end > chunk.start:
+                rows = hidden[offset:offset + end - chunk.start]  # (end - start, hidden)
+                scores[chunk.request.request_id] = self._score(chunk, rows, num_top)
+            offset += chunk.num_tokens
+        return scores
+
+    def _score(self, chunk: ScheduledChunk, rows: torch.Tensor, num_top: int) -> PromptLogprobs:
+        first = chunk.start + 1
+        targets = chunk.request.prompt_token_ids[first:first + rows.shape[0]]
+        logprobs: list[float] = []
+        tops: list[TopLogprobs] = []
+        for at in range(0, rows.shape[0], ROWS_PER_SLICE):
+            ids = torch.tensor(targets[at:at + ROWS_PER_SLICE], dtype=torch.long,
+                               device=self.device)
+            chosen, top = score_tokens(self.model.logits(rows[at:at + ROWS_PER_SLICE]), ids,
+                                       num_top)
+            logprobs += chosen
+            tops += top
+        return PromptLogprobs(first, logprobs, tops)
 
 
 GROUP_SLACK_TOKENS = 256  # padding a group may always add, however short its contexts

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.penalties import TokenHistory, penalise
 
 MAX_LOGPROBS = 20
 TOP_P_CANDIDATES = 512  # largest logits top-p inspects before it sorts a whole row
@@ -34,13 +35,19 @@ _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
+    ``max_tokens`` None: up to the model's context (resolved by :func:`fit_context`).
     ``temperature`` 0 is greedy; ``top_k`` 0 or -1 is off (-1 is stored as 0); ``top_p`` 1 and
     ``min_p`` 0 are off. ``stop`` may be given as a list or a single string; it is stored as a
     tuple. ``logprobs`` is how many top alternatives to report per token (0: only the chosen
-    token's log-probability; None: nothing).
+    token's log-probability; None: nothing); ``prompt_logprobs`` the same for every prompt
+    token after the first (it turns prefix caching off for the request: cached tokens have no
+    logits). Penalties are vLLM's (:mod:`kvcake.engine.penalties`): ``presence_penalty`` and
+    ``frequency_penalty`` in [-2, 2] (0 off) over the output, ``repetition_penalty`` > 0 (1 off)
+    over prompt and output. ``min_tokens``: EOS and ``stop_token_ids`` cannot end the request
+    before that many tokens (nor can stop strings).
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -52,19 +59,37 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._normalise()
-        _check_int("max_tokens", self.max_tokens, low=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, 0.0, math.inf)
         _check_float("top_p", self.top_p, 0.0, 1.0, open_low=True)
         _check_int("top_k", self.top_k, low=0, what="0 or -1 (off), or >= 1")
         _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, low=_SEED_MIN, high=_SEED_MAX)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=0, high=MAX_LOGPROBS)
+        self._check_penalties()
         self._check_stops()
+
+    def _check_penalties(self) -> None:
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
+                     open_low=True)
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidParamsError(f"min_tokens must be at most max_tokens "
+                                     f"({self.max_tokens}), got {self.min_tokens}")
 
     def _normalise(self) -> None:
         stop: object = self.stop
@@ -94,6 +119,36 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_BELOW
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the sampler must look at the request's tokens (penalties, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.min_tokens
+                    or self.repetition_penalty != 1.0)
+
+
+def fit_context(params: SamplingParams, num_prompt_tokens: int,
+                max_model_len: int) -> SamplingParams:
+    """``params`` with ``max_tokens`` set (None: what the context leaves after the prompt).
+
+    A prompt plus ``max_tokens`` longer than ``max_model_len`` raises InvalidParamsError in
+    vLLM's words, so clients that parse them (and people) read the numbers.
+    """
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise InvalidParamsError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {num_prompt_tokens} input tokens. Please reduce the length of the "
+            f"input messages.")
+    if params.max_tokens is None:
+        return replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+    if params.max_tokens > room:
+        raise InvalidParamsError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + params.max_tokens} tokens ({num_prompt_tokens} in "
+            f"the messages, {params.max_tokens} in the completion). Please reduce the length "
+            f"of the messages or completion.")
+    return params
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None,
@@ -148,18 +203,22 @@ class Sampler:
         self._shared: dict[torch.device, torch.Generator] = {}
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               generators: Sequence[torch.Generator | None]) -> SampleResult:
+               generators: Sequence[torch.Generator | None],
+               histories: Sequence[TokenHistory] | None = None) -> SampleResult:
         """Pick one token per row of ``logits`` (num_seqs, vocab) under ``params[row]``.
 
         ``generators[row]`` (on the logits' device) drives row ``row``'s randomness; None
         shares the sampler's. A seeded request keeps ``make_generator(params.seed)`` for its
-        whole life and passes it every step. Mismatched lengths or shapes raise
-        InvalidParamsError.
+        whole life and passes it every step. ``histories[row]`` feeds the row's penalties
+        (needed when a row has any). Mismatched lengths or shapes raise InvalidParamsError.
         """
         _check_batch(logits, params, generators)
+        if histories is None and any(p.penalised for p in params):
+            raise InvalidParamsError("penalties and min_tokens need each row's token history")
         with torch.no_grad():
             logits = logits.float()
-            token_ids = self._choose(logits, params, generators)  # (num_seqs,)
+            drawn_from = logits if histories is None else penalise(logits, params, histories)
+            token_ids = self._choose(drawn_from, params, generators)  # (num_seqs,)
             # log_softmax(x)[i] == x[i] - logsumexp(x), without writing a (num_seqs, vocab)
             log_norm = _log_sum_exp(logits)  # (num_seqs, 1)
             chosen = logits.gather(1, token_ids.unsqueeze(1)) - log_norm

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvcake.engine.kv_cache import KVCacheManager
+from kvcake.engine.logprobs import PromptLogprobs, TopLogprobs
 from kvcake.engine.request import Request, RequestStatus
 
 
@@ -71,6 +72,15 @@ class SchedulerOutput:
 class SampledToken:
     token_id: int
     logprob: float
+    top_logprobs: TopLogprobs = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """What one model run produced: drawn tokens and prompt scores, by request id."""
+
+    sampled: dict[str, SampledToken]
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -197,8 +207,7 @@ class Scheduler:
 
     # -- phase 3 ----------------------------------------------------------------------
 
-    def update(self, output: SchedulerOutput,
-               sampled: dict[str, SampledToken]) -> list[Request]:
+    def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """Apply a step's results; returns the requests that got a token or finished."""
         touched: list[Request] = []
         for chunk in output.chunks:
@@ -207,7 +216,10 @@ class Scheduler:
                 continue
             request.num_computed_tokens += chunk.num_tokens
             self._publish_blocks(request, chunk)
-            token = sampled.get(request.request_id)
+            scores = result.prompt_logprobs.get(request.request_id)
+            if scores is not None:
+                request.record_prompt_logprobs(scores)
+            token = result.sampled.get(request.request_id)
             if token is not None:
                 self._append(request, token)
                 touched.append(request)
@@ -225,6 +237,7 @@ class Scheduler:
     def _append(self, request: Request, token: SampledToken) -> None:
         request.output_token_ids.append(token.token_id)
         request.output_logprobs.append(token.logprob)
+        request.output_top_logprobs.append(token.top_logprobs)
         request.extend_block_hashes(self.block_size)
         status = self._stop_status(request, token.token_id)
         if status is not None:
@@ -236,7 +249,7 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED
         if token_id in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= params.max_tokens:
+        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -41,7 +41,9 @@ _MAX_SAMPLES = 64
 def token_output(output: RequestOutput) -> TokenOutput:
     return TokenOutput(output.request_id, output.new_token_ids, output.new_logprobs,
                        output.finish_reason, output.num_prompt_tokens,
-                       output.num_cached_tokens, output.num_store_tokens)
+                       output.num_cached_tokens, output.num_store_tokens,
+                       output.new_top_logprobs, output.prompt_logprobs,
+                       output.prompt_top_logprobs)
 
 
 class PrefillSender:
@@ -145,7 +147,8 @@ class EngineLoop:
             assert self.sender is not None, "only a prefill instance sends KV"
             target = self.sender.target(message.target, message.target_block_ids,
                                         message.target_grants)
-            params = dataclasses.replace(params, max_tokens=1)
+            params = dataclasses.replace(params, max_tokens=1,
+                                         min_tokens=min(params.min_tokens, 1))
             self.core.add_request(message.request_id, message.prompt_token_ids, params,
                                   message.tenant)
             self.sender.open(message.request_id, target)

@@ -50,6 +50,7 @@ class Commit(msgspec.Struct, tag=True, frozen=True):
     first_logprob: float
     params: SamplingParams
     tenant: str
+    first_top_logprobs: list[tuple[int, float]] = []
 
 
 class Release(msgspec.Struct, tag=True, frozen=True):

@@ -181,7 +181,8 @@ class WorkerServer:
     def _commit(loop: EngineLoop, message: Commit) -> None:
         loop.settle(message.request_id)
         loop.core.commit(message.request_id, message.prompt_token_ids, message.first_token,
-                         message.first_logprob, message.params, message.tenant)
+                         message.first_logprob, message.params, message.tenant,
+                         message.first_top_logprobs)
 
     @staticmethod
     def _release(loop: EngineLoop, message: Release) -> None:
