@@ -143,6 +143,15 @@ class NodeKill(StoreScenario):
         await asyncio.to_thread(self.start_node)
 
 
+class NodeKillShm(NodeKill):
+    """The same kill with the client mapping both nodes' memory: a put into the dead node's
+    pages must fail (its pidfd, client side and master side), never be acknowledged."""
+
+    name = "node-kill-shm"
+    summary = "kill -9 one of two storage nodes while the client writes through shm"
+    transport = "shm"
+
+
 class PoolFill(StoreScenario):
     """One small node; a flood of big puts drives the pool past its high watermark. The
     master must evict (gets then answer exact bytes or OBJECT_NOT_FOUND) and never touch the
@@ -226,4 +235,4 @@ class NetCut(StoreScenario):
         return await super().check(fault_at)
 
 
-STORE_SCENARIOS: tuple[type[StoreScenario], ...] = (NodeKill, PoolFill, NetCut)
+STORE_SCENARIOS: tuple[type[StoreScenario], ...] = (NodeKill, NodeKillShm, PoolFill, NetCut)

@@ -61,8 +61,8 @@ class WorkloadConfig:
 def client_configs(master: str, host: str = "127.0.0.1", transport: str = "auto",
                    timeout_s: float = 2.0) -> tuple[StoreConfig, TransferConfig]:
     """A chaos client's settings: short timeouts, so a fault shows as a clean error soon.
-    ``transport="tcp"``: reach even same-host nodes as a remote client would (through shm
-    a killed node's pages stay readable and writable while the client maps them)."""
+    ``transport="tcp"``: reach even same-host nodes as a remote client would; ``"shm"``: map
+    their memory (a killed node's pages are refused by its pidfd)."""
     return (StoreConfig(master=master, rpc_timeout_s=timeout_s, heartbeat_s=0.5),
             TransferConfig(host=host, transport=transport, timeout_s=timeout_s))
 
