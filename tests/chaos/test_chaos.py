@@ -96,8 +96,9 @@ def test_quick_store_scenarios_lose_nothing() -> None:
     results = run_chaos(["node-kill", "node-kill-shm", "pool-fill"], QUICK)
     _assert_clean(results)
     kill, kill_shm, fill = results
-    assert kill.checked > 0 and any(k.startswith("put:") for k in kill.errors)
-    assert kill_shm.checked > 0  # the master dropped the dead node at once: puts went on
+    # the master holds the same-host nodes' pidfds: it drops the dead one before the next
+    # call, so puts go on to the survivor instead of failing until the client TTL
+    assert kill.checked > 0 and kill_shm.checked > 0
     assert fill.errors.get("check:not_found", 0) > 0  # the flood evicted something
 
 
