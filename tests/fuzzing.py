@@ -185,6 +185,8 @@ def _of(info: mi.Type) -> st.SearchStrategy[Any]:
         return _SCALARS[type(info)]
     if isinstance(info, mi.ListType | mi.VarTupleType):
         return st.lists(_of(info.item_type), max_size=4)
+    if isinstance(info, mi.TupleType):
+        return st.tuples(*(_of(item) for item in info.item_types)).map(list)
     if isinstance(info, mi.UnionType):
         return st.one_of([_of(member) for member in info.types])
     if isinstance(info, mi.StructType | mi.DataclassType):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.hashing import prefix_block_hashes
 from kvcake.conductor import (
     ConductorConfig,
@@ -338,6 +338,7 @@ def test_restart_forgets_blocks_and_requests() -> None:
     hold(service, "p1", DOC_A, 8)
     service.report_load("p1", InstanceLoad(1, 2, 3, 4, 5, 100))
     route_ids(service, request("r1", 2, 64), request("r2", 3, 64))
+    assert service.remove_instance("p1") == ["r1", "r2"]  # the server: once p1 went silent
     service.add_instance("p1", "prefill", 200)
     p1, d1 = service.stats().instances["p1"], service.stats().instances["d1"]
     assert (p1.num_blocks, p1.num_indexed_blocks, p1.queue_s, p1.num_prefilling) == (200, 0,
@@ -345,6 +346,44 @@ def test_restart_forgets_blocks_and_requests() -> None:
     assert p1.load is None and d1.num_heading == 0 and service.stats().num_in_flight == 0
     assert service.apply_events("p1", [KVEvent(1, "stored", list(hashes(DOC_A, 32)))])
     service.check_integrity()
+
+
+def test_a_second_instance_under_a_known_id_is_refused_and_the_first_keeps_its_requests(
+        ) -> None:
+    service = make_service(policy="round_robin")
+    for instance_id, role in (("p1", "prefill"), ("d1", "decode")):
+        service.add_instance(instance_id, role, 100)
+    route_ids(service, request("r1", 2, 64))
+    with pytest.raises(KvcakeError) as caught:
+        service.add_instance("d1", "decode", 500)
+    assert caught.value.code is ErrorCode.OBJECT_ALREADY_EXISTS
+    assert "'d1' is already registered" in str(caught.value)
+    d1 = service.stats().instances["d1"]
+    assert (d1.num_blocks, d1.num_heading, list(service.requests)) == (100, 1, ["r1"])
+    service.check_integrity()
+
+
+def test_a_huge_max_tokens_counts_only_what_the_context_leaves() -> None:
+    """One request asks for a billion tokens: admission books it for what the 1024-token
+    context leaves after its prompt, so the decode instance (1600 KV tokens) still seats
+    the requests after it instead of turning each away as "no seat"."""
+    service = make_service(policy="round_robin", admission="early")
+    service.add_instance("p1", "prefill", 100, max_model_len=1024)
+    service.add_instance("d1", "decode", 100, max_model_len=1024)  # 1600 tokens of KV
+    assert route_ids(service, request("huge", 1, 64, out=10**9)) == [("p1", "d1")]
+    assert service.requests["huge"].request.num_output_tokens == 1024 - 64
+    later = [service.route(request(f"r{i}", 2 + i, 64, out=100)) for i in range(3)]
+    assert [d.accepted for d in later] == [True, True, True], later
+    assert service.rejections["tbt_slo"] == 0
+    service.check_integrity()
+
+
+def test_without_a_known_context_max_tokens_is_taken_as_given() -> None:
+    service = make_service(policy="round_robin")
+    service.add_instance("p1", "prefill", 100)
+    service.add_instance("d1", "decode", 100)
+    route_ids(service, request("r1", 1, 64, out=5000))
+    assert service.requests["r1"].request.num_output_tokens == 5000
 
 
 def test_remove_instance_returns_what_was_in_flight_on_it() -> None:
@@ -392,6 +431,8 @@ def test_bad_calls_are_refused_by_name() -> None:
                    "instance_id must be a non-empty string other than 'store', got 'store'")
     assert_invalid(lambda: service.add_instance("p9", "prefill", -1),
                    "num_blocks of 'p9' must be >= 0, got -1")
+    assert_invalid(lambda: service.add_instance("p9", "prefill", 1, -5),
+                   "max_model_len of 'p9' must be >= 0, got -5")
     assert_invalid(lambda: service.report_load("ghost", InstanceLoad(0, 0, 0, 0, 0, 0)),
                    "unknown instance 'ghost'")
     assert_invalid(lambda: service.remove_instance("ghost"), "unknown instance 'ghost'")

@@ -135,6 +135,7 @@ class ConductorServer:
         """An instance's KV cache is published as its own (``instance:<id>``): prefill
         instances are handed its memfd only if the instance bound it to that name, and on
         this host the Conductor asks for it first, so a forged region is refused at once."""
+        self._refuse_live_twin(message)
         region = message.kv_region
         if region is None:
             self._register(message)
@@ -158,12 +159,12 @@ class ConductorServer:
     def _register(self, message: Register) -> None:
         """A bad id, role or count changes nothing; a bad snapshot or sample unregisters the
         instance whole (its old state is gone by then), so the handles and the service agree."""
+        self._refuse_live_twin(message)
         self._check_compatible(message)
-        self.service.add_instance(message.instance_id, message.role, message.num_blocks)
-        old = self.instances.pop(message.instance_id, None)
-        if old is not None:
-            old.client.close()
-            self._fail_flights_of(message.instance_id, "restarted")
+        if message.instance_id in self.instances:  # dead: restarted under its old name
+            self.drop_instance(message.instance_id, "registered again after going silent")
+        self.service.add_instance(message.instance_id, message.role, message.num_blocks,
+                                  message.max_model_len)
         try:
             self.service.replace_blocks(message.instance_id, message.snapshot.seq,
                                         message.snapshot.block_hashes)
@@ -176,6 +177,22 @@ class ConductorServer:
         log.info("instance %s (%s) registered from %s with %d cached blocks",
                  message.instance_id, message.role, message.endpoint,
                  len(message.snapshot.block_hashes))
+
+    def _refuse_live_twin(self, message: Register) -> None:
+        """An id belongs to one live instance: a second registration under it is refused
+        while the first reports; once the first is silent past ``instance_ttl_s`` (or was
+        dropped) the id is free again, so a restarted instance, or one a restarted Conductor
+        does not know, registers as before."""
+        old = self.instances.get(message.instance_id)
+        if old is None:
+            return
+        silent_s = self.clock() - old.last_seen
+        if silent_s < self.config.instance_ttl_s:
+            raise KvcakeError(
+                f"instance id {message.instance_id!r} belongs to a live instance at "
+                f"{old.info.endpoint} (heard from {silent_s:.1f}s ago); start this one with "
+                f"another --instance-id, or register once that one has been silent for "
+                f"{self.config.instance_ttl_s:g}s", ErrorCode.OBJECT_ALREADY_EXISTS)
 
     def _check_compatible(self, message: Register) -> None:
         if message.block_size != self.policy.block_size:

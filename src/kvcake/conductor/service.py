@@ -19,11 +19,12 @@ What a prefill instance may reuse of a prompt of ``n`` tokens in blocks of ``B``
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.conductor.admission import AdmissionInput, DecodeMember, make_admission
 from kvcake.conductor.cost import CostModel
 from kvcake.conductor.index import PrefixIndex
@@ -65,6 +66,7 @@ class _InFlight:
 class _Instance:
     role: str
     num_blocks: int
+    max_model_len: int = 0  # longest prompt plus output it serves (0: not said)
     load: InstanceLoad | None = None
     prefilling: dict[str, _InFlight] = field(default_factory=dict)  # prefilling here
     decode_bound: dict[str, _InFlight] = field(default_factory=dict)  # heading or decoding here
@@ -96,21 +98,24 @@ class ConductorService:
         self.rejections: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
 
     # ----- instances
-    def add_instance(self, instance_id: str, role: str, num_blocks: int) -> None:
-        """Register an instance. A known id has restarted: its index entries are dropped and
-        the requests on it forgotten (the caller has failed them already)."""
+    def add_instance(self, instance_id: str, role: str, num_blocks: int,
+                     max_model_len: int = 0) -> None:
+        """Register an instance. A known id is refused (``OBJECT_ALREADY_EXISTS``): an
+        instance that restarted is removed first (the server does so once the old one is
+        dead), so a second registration never takes over a live instance's requests."""
         if not isinstance(instance_id, str) or not instance_id or instance_id == STORE:
             raise InvalidParamsError(f"instance_id must be a non-empty string other than "
                                      f"{STORE!r}, got {instance_id!r}")
         if role not in ROLES:
             raise InvalidParamsError(f"role of {instance_id!r} must be one of "
                                      f"{', '.join(ROLES)}; got {role!r}")
-        if num_blocks < 0:
-            raise InvalidParamsError(f"num_blocks of {instance_id!r} must be >= 0, "
-                                     f"got {num_blocks}")
+        for name, value in (("num_blocks", num_blocks), ("max_model_len", max_model_len)):
+            if value < 0:
+                raise InvalidParamsError(f"{name} of {instance_id!r} must be >= 0, got {value}")
         if instance_id in self.instances:
-            self.remove_instance(instance_id)
-        self.instances[instance_id] = _Instance(role, num_blocks)
+            raise KvcakeError(f"instance {instance_id!r} is already registered",
+                              ErrorCode.OBJECT_ALREADY_EXISTS)
+        self.instances[instance_id] = _Instance(role, num_blocks, max_model_len)
         self.index.add_instance(instance_id)
 
     def remove_instance(self, instance_id: str) -> list[str]:
@@ -166,6 +171,7 @@ class ConductorService:
         prefill instance, bound to its decode instance; the index records every block of the
         prompt on the prefill instance (it will hold them; pulled ones become replicas)."""
         self._check_request(request)
+        request = self._fit_output(request)
         prefill_ids = self._ids_with_role(PREFILL_ROLES)
         if not prefill_ids:
             return self._reject(request, "no_prefill_instance", "no prefill instance")
@@ -200,6 +206,20 @@ class ConductorService:
         if track.decode_start_s is None:  # once decoding, its prefill instance may be gone
             del self.instances[track.prefill_id].prefilling[request_id]
         del self.instances[track.decode_id].decode_bound[request_id]
+
+    def context_len(self) -> int:
+        """The longest prompt plus output every instance serves (0: none said)."""
+        return min((i.max_model_len for i in self.instances.values() if i.max_model_len),
+                   default=0)
+
+    def _fit_output(self, request: RouteRequest) -> RouteRequest:
+        """Admission and the decode batches count ``min(max_tokens, context - prompt)``
+        output tokens: no request decodes past the context, so a huge ``max_tokens`` must
+        not fill a decode instance's books (and turn every later request away)."""
+        room = max(1, self.context_len() - request.num_prompt_tokens)
+        if not self.context_len() or request.num_output_tokens <= room:
+            return request
+        return dataclasses.replace(request, num_output_tokens=room)
 
     # ----- pricing
     def _price_prefill(self, request: RouteRequest, prefill_ids: list[str]
