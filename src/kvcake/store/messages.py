@@ -76,7 +76,8 @@ class PutRevoke(msgspec.Struct, tag=True, frozen=True):
     keys: list[str]
 
 
-# Reads and removals act in the caller's tenant; no client_id: the default tenant.
+# Reads and removals act in the caller's tenant. Reads without a client_id read the default
+# tenant; removals need a registered client (without one: ILLEGAL_CLIENT).
 class GetReplicas(msgspec.Struct, tag=True, frozen=True):
     keys: list[str]
     client_id: str = ""

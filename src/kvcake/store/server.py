@@ -280,12 +280,12 @@ class MasterServer:
         return m.CodesReply([_exist_code(self.service, k, tenant) for k in request.keys])
 
     def _remove(self, request: m.Remove) -> m.CodesReply:
-        tenant = self.service.tenant_of(request.client_id)
+        tenant = self.service.remover_tenant(request.client_id)
         return m.CodesReply([_code(_per_key(self.service.remove, key, request.force, tenant))
                              for key in request.keys])
 
     def _remove_all(self, request: m.RemoveAll) -> m.CountReply:
-        tenant = self.service.tenant_of(request.client_id)
+        tenant = self.service.remover_tenant(request.client_id)
         return m.CountReply(self.service.remove_all(request.force, tenant))
 
     def _check_integrity(self, _: m.CheckIntegrity) -> m.IntegrityReply:

@@ -122,6 +122,16 @@ class MasterService:
                               ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
         return record.tenant
 
+    def remover_tenant(self, client_id: str) -> str:
+        """The tenant whose objects a remove or remove_all of ``client_id`` may delete. A
+        caller with no client id is nobody: it may read the default tenant, never delete
+        (``ILLEGAL_CLIENT``); an unknown client must register first."""
+        if not client_id:
+            raise KvcakeError("remove and remove_all need a registered client (register, "
+                              "then send its client_id): a caller without one may only read",
+                              ErrorCode.ILLEGAL_CLIENT)
+        return self.tenant_of(client_id)
+
     def heartbeat(self, client_id: str) -> bool:
         return self.registry.heartbeat(client_id, self.clock())
 
