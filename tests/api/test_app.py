@@ -27,6 +27,7 @@ from kvcake.common.errors import (
 from kvcake.engine.sampling import SamplingParams
 
 MODEL = "tiny"
+MAX_MODEL_LEN = 64
 HOLD = "hold"  # in a script: wait here until the backend is released (or the client leaves)
 CHUNKS = [
     GenerateChunk("Hel", [11], None, num_prompt_tokens=5, num_cached_tokens=2),
@@ -55,6 +56,23 @@ class FakeBackend:
     @property
     def model_name(self) -> str:
         return MODEL
+
+    @property
+    def max_model_len(self) -> int:
+        return MAX_MODEL_LEN
+
+    async def tokenize(self, prompt: str | list[int] | None,
+                       messages: tuple[dict[str, str], ...] | None, add_special_tokens: bool,
+                       add_generation_prompt: bool) -> list[int]:
+        """One token per character (of the prompt, or of every message's content)."""
+        text = prompt if isinstance(prompt, str) else "".join(
+            m["content"] for m in messages or ())
+        return [ord(c) for c in text] + ([0] if add_special_tokens else [])
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        if any(t >= 0x110000 for t in token_ids):
+            raise InvalidParamsError("tokens: outside the vocabulary")
+        return "".join(chr(t) for t in token_ids)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self.requests.append(request)
@@ -94,12 +112,13 @@ Serve = Callable[..., str]
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
-    """``serve(backend, api_key=None) -> "127.0.0.1:port"``; servers stop after the test."""
+    """``serve(backend, api_key=None, **build_app_options) -> "127.0.0.1:port"``; servers
+    stop after the test."""
     thread = LoopThread("api-test")
     servers: list[ApiServer] = []
 
-    def start(backend: FakeBackend, api_key: str | None = None) -> str:
-        server = ApiServer(build_app(backend, api_key=api_key), "127.0.0.1", 0)
+    def start(backend: FakeBackend, api_key: str | None = None, **options: Any) -> str:
+        server = ApiServer(build_app(backend, api_key=api_key, **options), "127.0.0.1", 0)
         servers.append(server)
         return thread.run(server.startup(), timeout=10)
 
@@ -212,7 +231,7 @@ def test_chat_answers_one_openai_body(serve: Serve) -> None:
         request_id=body["id"], prompt=None,
         messages=({"role": "system", "content": "Be brief."},
                   {"role": "user", "content": "Hi\nthere"}),
-        params=SamplingParams(max_tokens=512), add_generation_prompt=False)
+        params=SamplingParams(max_tokens=None), add_generation_prompt=False)
 
 
 def test_chat_stream_opens_with_the_role(serve: Serve) -> None:
@@ -235,14 +254,18 @@ def test_every_sampling_field_maps_onto_sampling_params(serve: Serve) -> None:
         "model": MODEL, "prompt": ["only one"], "max_tokens": 7, "temperature": 0.5,
         "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 3, "stop": ["x", "y"],
         "stop_token_ids": [9], "ignore_eos": True, "include_stop_str_in_output": True,
-        "skip_special_tokens": False, "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0,
-        "logprobs": 0, "echo": False, "user": "alice", "some_future_field": {"x": 1}})
+        "skip_special_tokens": False, "n": 1, "presence_penalty": 0.5, "frequency_penalty": -1,
+        "repetition_penalty": 1.2, "min_tokens": 2, "logprobs": 3, "echo": False,
+        "user": "alice", "response_format": {"type": "text"}, "logit_bias": {},
+        "some_future_field": {"x": 1}})
     [request] = backend.requests
     assert request.prompt == "only one"
     assert request.params == SamplingParams(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=3, stop=("x", "y"),
         stop_token_ids=(9,), ignore_eos=True, include_stop_str_in_output=True,
-        skip_special_tokens=False)
+        skip_special_tokens=False, logprobs=3, presence_penalty=0.5, frequency_penalty=-1.0,
+        repetition_penalty=1.2, min_tokens=2)
+    assert not request.echo
 
 
 @pytest.mark.parametrize(("body", "prompt", "params"), [
@@ -259,8 +282,8 @@ def test_completion_prompt_forms_and_nulls(serve: Serve, body: dict[str, Any],
 
 
 @pytest.mark.parametrize(("limits", "max_tokens"), [
-    ({}, 512), ({"max_tokens": 20}, 20), ({"max_tokens": 20, "max_completion_tokens": 30}, 30)])
-def test_chat_token_limit(serve: Serve, limits: dict[str, int], max_tokens: int) -> None:
+    ({}, None), ({"max_tokens": 20}, 20), ({"max_tokens": 20, "max_completion_tokens": 30}, 30)])
+def test_chat_token_limit(serve: Serve, limits: dict[str, int], max_tokens: int | None) -> None:
     backend = FakeBackend()
     address = serve(backend)
     post(address, "/v1/chat/completions", {
@@ -273,25 +296,37 @@ COMPLETION = {"model": MODEL, "prompt": "Hi"}
 
 
 @pytest.mark.parametrize(("path", "body", "param", "message"), [
-    ("/v1/completions", {**COMPLETION, "n": 2}, "n",
-     "n: only n=1 is supported (one choice per request), got 2"),
+    ("/v1/completions", {**COMPLETION, "n": 17}, "n",
+     "n: Input should be less than or equal to 16"),
     ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, "prompt",
      "prompt: batch prompts are not supported: send one prompt per request (got 2)"),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt", "prompt: must not be empty"),
     ("/v1/completions", {**COMPLETION, "prompt": [1, -2]}, "prompt",
      "prompt: token ids must be non-negative integers"),
-    ("/v1/completions", {**COMPLETION, "presence_penalty": 0.5}, "presence_penalty",
-     "presence_penalty: penalties are not supported; send 0, got 0.5"),
-    ("/v1/chat/completions", {**CHAT, "frequency_penalty": 1}, "frequency_penalty",
-     "frequency_penalty: penalties are not supported; send 0, got 1.0"),
-    ("/v1/completions", {**COMPLETION, "logprobs": 5}, "logprobs",
-     "logprobs: log-probabilities are not supported; send null or 0, got 5"),
-    ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs",
-     "logprobs: log-probabilities are not supported; send null, false or 0, got True"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs",
+     "logprobs: Input should be less than or equal to 20"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, "top_logprobs",
-     "top_logprobs: log-probabilities are not supported; send null, false or 0, got 3"),
-    ("/v1/completions", {**COMPLETION, "echo": True}, "echo",
-     "echo: echoing the prompt is not supported; send false"),
+     "top_logprobs: needs logprobs set to true"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, "echo",
+     "echo: echo is supported by /v1/completions only; send false"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, "tools", "tools: tool calling is not supported; send no tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice",
+     "tool_choice: tool calling is not supported; got tool_choice 'required'"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}},
+     "response_format", "response_format: only the text response format is supported "
+                        "(structured output is not), got 'json_object'"),
+    ("/v1/completions", {**COMPLETION, "response_format": {"type": "json_schema"}},
+     "response_format", "response_format: only the text response format is supported "
+                        "(structured output is not), got 'json_schema'"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 10}}, "logit_bias",
+     "logit_bias: logit_bias is not supported; send null or {}"),
+    ("/v1/completions", {**COMPLETION, "suffix": "end"}, "suffix",
+     "suffix: suffix (insertion) is not supported; send null"),
+    ("/v1/completions", {**COMPLETION, "best_of": 3}, "best_of",
+     "best_of: best_of is not supported (use n); send null or 1, got 3"),
+    ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, "guided_json",
+     "guided_json: guided decoding is not supported; send null"),
     ("/v1/completions", {"prompt": "Hi"}, "model", "model: Field required"),
     ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens",
      "max_tokens: Input should be greater than or equal to 1"),
@@ -358,7 +393,8 @@ def test_models_list_and_card(serve: Serve) -> None:
     listing = httpx2.get(f"http://{address}/v1/models", timeout=10).json()
     [card] = listing["data"]
     assert listing == {"object": "list", "data": [
-        {"id": MODEL, "object": "model", "created": card["created"], "owned_by": "kvcake"}]}
+        {"id": MODEL, "object": "model", "created": card["created"], "owned_by": "kvcake",
+         "max_model_len": MAX_MODEL_LEN}]}
     assert httpx2.get(f"http://{address}/v1/models/{MODEL}", timeout=10).json() == card
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import openai
 import pytest
 
-from kvcake.api import ApiServer, GenerateChunk, GenerateRequest, build_app
+from kvcake.api import (
+    ApiServer,
+    EchoedPrompt,
+    GenerateChunk,
+    GenerateRequest,
+    TokenLogprob,
+    build_app,
+)
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import RequestRejectedError
 
@@ -32,18 +41,43 @@ class ScriptedBackend:
     def model_name(self) -> str:
         return MODEL
 
+    @property
+    def max_model_len(self) -> int:
+        return 2048
+
+    async def tokenize(self, prompt: str | list[int] | None,
+                       messages: tuple[dict[str, str], ...] | None, add_special_tokens: bool,
+                       add_generation_prompt: bool) -> list[int]:
+        return [len(prompt or "")]
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return "x" * len(token_ids)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self.requests.append(request)
         if self.error is not None:
             raise self.error
-        for chunk in WORDS:
-            yield chunk
+        for index, chunk in enumerate(WORDS):
+            yield _with_extras(request, chunk, index == 0)
 
     def health(self) -> tuple[bool, dict[str, object]]:
         return True, {}
 
     def render_metrics(self) -> str:
         return ""
+
+
+def _with_extras(request: GenerateRequest, chunk: GenerateChunk,
+                 first: bool) -> GenerateChunk:
+    """``chunk`` with the log-probabilities (all -0.5) and echoed prompt that were asked."""
+    if request.params.logprobs is not None:
+        chunk = dataclasses.replace(chunk, logprobs=tuple(
+            TokenLogprob(chunk.text, token_id, -0.5, (TokenLogprob(chunk.text, token_id, -0.5),))
+            for token_id in chunk.token_ids))
+    if request.echo and first:
+        chunk = dataclasses.replace(chunk, prompt=EchoedPrompt("Sky", [9], (
+            TokenLogprob("Sky", 9, None),)))
+    return chunk
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +177,16 @@ Call = Callable[[openai.OpenAI], object]
 
 
 @pytest.mark.parametrize(("call", "param"), [
-    (lambda sdk: sdk.completions.create(model=MODEL, prompt="x", n=2), "n"),
+    (lambda sdk: sdk.completions.create(model=MODEL, prompt="x", n=17), "n"),
     (lambda sdk: sdk.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True), "logprobs"),
+        model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2),
+     "top_logprobs"),
+    (lambda sdk: sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}],
+        tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (lambda sdk: sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}],
+        response_format={"type": "json_object"}), "response_format"),
     (lambda sdk: sdk.completions.create(model=MODEL, prompt=["a", "b"]), "prompt"),
 ])
 def test_bad_request_raises_bad_request_error(client: openai.OpenAI, call: Call,
@@ -166,3 +207,30 @@ def test_wrong_key_raises_authentication_error(served: tuple[ScriptedBackend, st
     with sdk, pytest.raises(openai.AuthenticationError) as caught:
         sdk.models.list()
     assert caught.value.code == "invalid_api_key"
+
+
+def test_completion_logprobs_and_echo_parse(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model=MODEL, prompt="Sky", echo=True, logprobs=1,
+                                           max_tokens=1, n=2)
+    assert [c.index for c in completion.choices] == [0, 1]
+    logprobs = completion.choices[1].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    assert logprobs.tokens == ["Sky", "The", " sky", "", " is blue."]
+    assert logprobs.token_logprobs == [None, -0.5, -0.5, -0.5, -0.5]
+    assert logprobs.text_offset == [0, 3, 6, 10, 10]
+    assert completion.choices[1].text == "SkyThe sky is blue."
+
+
+def test_chat_logprobs_parse_streamed_and_whole(client: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "Sky?"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True,
+                                           top_logprobs=1)
+    assert whole.choices[0].logprobs is not None
+    content = whole.choices[0].logprobs.content or []
+    assert [(c.token, c.logprob, len(c.top_logprobs)) for c in content] == [
+        ("The", -0.5, 1), (" sky", -0.5, 1), ("", -0.5, 1), (" is blue.", -0.5, 1)]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True,
+                                            stream=True)
+    streamed = [c.choices[0].logprobs for c in stream if c.choices]
+    assert streamed[0] is None  # the opening role chunk
+    assert [len(lp.content or []) for lp in streamed[1:] if lp is not None] == [1, 1, 1, 1]

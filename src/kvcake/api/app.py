@@ -3,22 +3,24 @@
 One request through the app::
 
     CountResponses (by endpoint and status) -> _AnswerUnhandled (-> logged 500)
-      -> _RequireApiKey (/v1/* only, when a key is set)
-        -> route: validate (pydantic) -> model check -> GenerateRequest
-          -> first chunk from the backend            <- admission: 429/400/503 answered here
-             stream:     200 + SSE, one event per chunk, then "data: [DONE]"
+      -> _LimitBody (413 past max_body_bytes) -> _RequireApiKey (/v1/*, when a key is set)
+        -> route: validate (pydantic) -> model check -> n GenerateRequests (one per choice)
+          -> first chunk of every choice          <- admission: 429/400/503 answered here
+             stream:     200 + SSE, one event per chunk (tagged with its choice), "[DONE]"
              non-stream: the remaining chunks -> one JSON body
 
-The first chunk is awaited before any header is sent, so a rejection is a real HTTP 429 even
+The first chunks are awaited before any header is sent, so a rejection is a real HTTP 429 even
 for ``stream: true``. Every wait on the backend races the client's disconnect: when the client
-leaves, the wait is cancelled and the backend's iterator closed, which aborts the request
-downstream.
+leaves, the wait is cancelled and the backend's iterators closed, which aborts the requests
+downstream. Each of ``n`` choices is a request of its own in the cluster (its own decode
+seat); they share the prompt's KV through the prefix cache and the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import time
 import uuid
@@ -36,12 +38,18 @@ from kvcake.api.errors import ApiError, ClientGoneError
 from kvcake.api.metrics import ApiMetrics, CountResponses, RequestTimer
 from kvcake.api.protocol import (
     ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from kvcake.api.responses import (
     ChatFormatter,
     CompletionFormatter,
-    CompletionRequest,
+    DetokenizeResponse,
     Formatter,
     ModelCard,
     ModelList,
+    TokenizeResponse,
     Usage,
 )
 from kvcake.common.errors import InvalidParamsError, KvcakeError, RequestRejectedError
@@ -51,20 +59,27 @@ log = get_logger(__name__)
 T = TypeVar("T")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_CLOSED = 499  # the status counted when the client left before an answer (as nginx does)
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 _ROUTES = (  # method, path, _Routes method
     ("POST", "/v1/completions", "completions"), ("POST", "/v1/chat/completions", "chat"),
     ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id}", "model"),
+    ("POST", "/tokenize", "tokenize"), ("POST", "/detokenize", "detokenize"),
     ("GET", "/health", "health"), ("GET", "/metrics", "metrics"),
 )
 
-def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+
+def build_app(backend: Backend, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The front end for ``backend``; with ``api_key`` every /v1/* route needs that bearer key.
 
     /health and /metrics stay open so probes and scrapers need no secret. An empty
-    ``api_key`` raises InvalidParamsError (None means no key).
+    ``api_key`` raises InvalidParamsError (None means no key). A request body longer than
+    ``max_body_bytes`` is answered 413 before the rest of it is read.
     """
     if api_key is not None and not api_key:
         raise InvalidParamsError("api_key must not be empty; pass None to serve without a key")
+    if max_body_bytes < 1:
+        raise InvalidParamsError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     metrics = ApiMetrics()
     routes = _Routes(backend, metrics)
     app = FastAPI(title="kvcake", openapi_url=None, docs_url=None, redoc_url=None)
@@ -75,6 +90,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     app.add_exception_handler(ClientGoneError, _answer_client_gone)
     if api_key is not None:
         app.add_middleware(_RequireApiKey, api_key=api_key)
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(_AnswerUnhandled)
     static_paths = {path for _, path, _ in _ROUTES if "{" not in path}
     app.add_middleware(CountResponses, counter=metrics.requests, paths=static_paths)  # outermost
@@ -99,29 +115,51 @@ class _Routes:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        generate = GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=body.prompt,
-                                   messages=None, params=body.sampling_params(body.max_new_tokens))
-        formatter = CompletionFormatter(generate.request_id, body.model, int(time.time()),
-                                        body.include_usage)
-        return await self._answer(request, generate, formatter, bool(body.stream))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        generate = GenerateRequest(request_id=request_id, prompt=body.prompt, messages=None,
+                                   params=body.params(), echo=bool(body.echo))
+        formatter = CompletionFormatter(request_id, body.model, int(time.time()),
+                                        body.include_usage, bool(body.echo))
+        return await self._answer(request, _choices(generate, body.num_choices), formatter,
+                                  bool(body.stream))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        generate = GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt=None,
-                                   messages=body.message_dicts(),
-                                   params=body.sampling_params(body.max_new_tokens),
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        generate = GenerateRequest(request_id=request_id, prompt=None,
+                                   messages=body.message_dicts(), params=body.params(),
                                    add_generation_prompt=body.add_generation_prompt)
-        formatter = ChatFormatter(generate.request_id, body.model, int(time.time()),
-                                  body.include_usage)
-        return await self._answer(request, generate, formatter, bool(body.stream))
+        formatter = ChatFormatter(request_id, body.model, int(time.time()), body.include_usage)
+        return await self._answer(request, _choices(generate, body.num_choices), formatter,
+                                  bool(body.stream))
+
+    async def tokenize(self, body: TokenizeRequest) -> Response:
+        if body.model is not None:
+            self._check_model(body.model)
+        messages = None if body.messages is None else tuple(
+            {"role": m.role, "content": m.content} for m in body.messages)
+        tokens = await self._backend.tokenize(body.prompt, messages, body.add_special_tokens,
+                                              body.add_generation_prompt)
+        answer = TokenizeResponse(count=len(tokens), max_model_len=self._backend.max_model_len,
+                                  tokens=tokens)
+        return JSONResponse(answer.model_dump())
+
+    async def detokenize(self, body: DetokenizeRequest) -> Response:
+        if body.model is not None:
+            self._check_model(body.model)
+        text = await self._backend.detokenize(body.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     async def models(self) -> Response:
-        card = ModelCard(id=self._backend.model_name, created=self._started)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return JSONResponse(ModelList(data=[self._card()]).model_dump())
 
     async def model(self, model_id: str) -> Response:
         self._check_model(model_id)
-        return JSONResponse(ModelCard(id=model_id, created=self._started).model_dump())
+        return JSONResponse(self._card().model_dump())
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self._backend.model_name, created=self._started,
+                         max_model_len=self._backend.max_model_len or None)
 
     async def health(self) -> Response:
         """200 with the backend's details when it is ready, else 503 (also if it fails)."""
@@ -143,21 +181,44 @@ class _Routes:
             raise ApiError(404, f"the model `{name}` does not exist; this server serves "
                            f"`{self._backend.model_name}`", param="model", code="model_not_found")
 
-    async def _answer(self, request: Request, generate: GenerateRequest, formatter: Formatter,
-                      stream: bool) -> Response:
-        """Admit (first chunk), then stream events or collect one body."""
-        generation = _Generation(self._backend, generate, self._metrics)
+    async def _answer(self, request: Request, generates: list[GenerateRequest],
+                      formatter: Formatter, stream: bool) -> Response:
+        """Admit (every choice's first chunk), then stream events or collect one body."""
+        generations = [_Generation(self._backend, g, self._metrics) for g in generates]
         streaming = False
         try:
-            first = await _unless_disconnected(request.receive, generation.next())
+            firsts = await _unless_disconnected(
+                request.receive, _all([g.next() for g in generations]))
             if stream:
                 streaming = True
-                return _EventStream(generation, first, formatter)  # it closes the generation
-            rest = await _unless_disconnected(request.receive, generation.rest(first))
-            return JSONResponse(formatter.response([first, *rest]))
+                return _EventStream(generations, firsts, formatter)  # it closes them
+            rests = await _unless_disconnected(request.receive, _all(
+                [g.rest(first) for g, first in zip(generations, firsts, strict=True)]))
+            return JSONResponse(formatter.response(
+                [[first, *rest] for first, rest in zip(firsts, rests, strict=True)]))
         finally:
             if not streaming:
-                await generation.close()
+                for generation in generations:
+                    await generation.close()
+
+
+def _choices(generate: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """One request per choice: ``<id>`` alone, else ``<id>-0 .. <id>-(n-1)``."""
+    if n == 1:
+        return [generate]
+    return [dataclasses.replace(generate, request_id=f"{generate.request_id}-{index}")
+            for index in range(n)]
+
+
+async def _all(works: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result, in order; the first failure cancels the rest (awaited) and is raised."""
+    tasks = [asyncio.ensure_future(work) for work in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
 
 
 class _Generation:
@@ -221,20 +282,21 @@ class _Generation:
 class _EventStream(Response):
     """200 + server-sent events: the opening events, one event per chunk, usage, ``[DONE]``.
 
-    Every chunk becomes an event even when its text is empty: clients time each token. An
-    error after the headers went out becomes an ``{"error": ...}`` event before ``[DONE]``.
+    Every chunk becomes an event even when its text is empty: clients time each token. With
+    several choices their events interleave as their chunks arrive, each choice's in order.
+    An error after the headers went out becomes an ``{"error": ...}`` event before ``[DONE]``.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, generation: _Generation, first: GenerateChunk,
+    def __init__(self, generations: list[_Generation], firsts: list[GenerateChunk],
                  formatter: Formatter) -> None:
         # no Response.__init__: that would set a Content-Length for an empty body
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache"})
-        self._generation = generation
-        self._first = first
+        self._generations = generations
+        self._firsts = firsts
         self._formatter = formatter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -249,21 +311,38 @@ class _EventStream(Response):
         except (KvcakeError, ApiError) as exc:
             await _send_event(send, ApiError.of(exc).body().model_dump_json())
         finally:
-            await self._generation.close()
+            for generation in self._generations:
+                await generation.close()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                     "more_body": False})
 
     async def _send_chunks(self, send: Send) -> None:
-        for event in self._formatter.opening():
+        for event in self._formatter.opening(len(self._generations)):
             await _send_event(send, event)
-        chunk = self._first
-        await _send_event(send, self._formatter.chunk(chunk))
-        while chunk.finish_reason is None:
-            chunk = await self._generation.next()
-            await _send_event(send, self._formatter.chunk(chunk))
+        pending: dict[asyncio.Future[GenerateChunk], int] = {}
+        try:
+            for index, chunk in enumerate(self._firsts):
+                await self._send_chunk(send, index, chunk, pending)
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    await self._send_chunk(send, pending.pop(task), task.result(), pending)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
         if self._formatter.include_usage:
-            usage = Usage.of(chunk, self._generation.num_generated)
-            await _send_event(send, self._formatter.usage_chunk(usage))
+            num_generated = sum(g.num_generated for g in self._generations)
+            await _send_event(send, self._formatter.usage_chunk(
+                Usage.of(self._firsts[0], num_generated)))
+
+    async def _send_chunk(self, send: Send, index: int, chunk: GenerateChunk,
+                          pending: dict[asyncio.Future[GenerateChunk], int]) -> None:
+        """Send one choice's chunk and, unless it was its last, ask for its next."""
+        await _send_event(send, self._formatter.chunk(index, chunk))
+        if chunk.finish_reason is None:
+            pending[asyncio.ensure_future(self._generations[index].next())] = index
 
 
 async def _send_event(send: Send, data: str) -> None:
@@ -346,3 +425,40 @@ class _AnswerUnhandled:
                 raise  # the answer already began; the server drops the connection
             error = ApiError(500, "internal server error; the server log has details")
             await error.response()(scope, receive, send)
+
+
+class _LimitBody:
+    """Answers 413 to a request whose body is longer than ``max_bytes``.
+
+    A declared ``Content-Length`` is checked before anything is read; a chunked body is
+    counted as it arrives and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._max_bytes:  # FastAPI passes HTTPException through
+                    raise HTTPException(413, self._too_large().message)
+            return message
+
+        await self._app(scope, counted, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is larger than the server's limit of "
+                        f"{self._max_bytes} bytes", code="request_too_large")

@@ -22,7 +22,10 @@ class GenerateRequest:
     request_id: ``cmpl-<uuid hex>`` for completions, ``chatcmpl-<uuid hex>`` for chat.
     prompt: /v1/completions' text or token ids.
     messages: /v1/chat/completions' ``{"role", "content"}`` dicts, content flattened to text.
+    params: ``max_tokens`` None asks for what the context leaves after the prompt;
+        ``logprobs`` / ``prompt_logprobs`` ask for the chunks' ``logprobs`` / ``prompt``.
     add_generation_prompt: chat only; end the rendered prompt with the assistant's turn.
+    echo: the first chunk carries the prompt (``GenerateChunk.prompt``).
     """
 
     request_id: str
@@ -31,11 +34,39 @@ class GenerateRequest:
     params: SamplingParams
     tenant: str = "default"
     add_generation_prompt: bool = True
+    echo: bool = False
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidParamsError(f"request {self.request_id} needs exactly one of prompt "
                                      f"and messages")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability; ``top`` the most likely alternatives, best first.
+
+    ``token`` is the token's own text (special tokens spelt out); ``logprob`` is None only
+    for the prompt's first token (nothing predicts it).
+    """
+
+    token: str
+    token_id: int
+    logprob: float | None
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """The prompt as the first chunk carries it back (``echo``).
+
+    logprobs: one per prompt token (the first with logprob None); None unless the request
+        asked for ``prompt_logprobs``.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,8 @@ class GenerateChunk:
     num_prompt_tokens: the prompt's length in tokens.
     num_cached_tokens: prompt tokens whose KV was reused rather than computed.
     stop_reason: the stop string or stop token id that ended the request, if one did.
+    logprobs: one per token of ``token_ids`` when the request asked for ``logprobs``.
+    prompt: on the first chunk of a request that asked for ``echo``.
     """
 
     text: str
@@ -56,6 +89,8 @@ class GenerateChunk:
     num_prompt_tokens: int
     num_cached_tokens: int
     stop_reason: str | int | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt: EchoedPrompt | None = None
 
 
 @runtime_checkable
@@ -65,6 +100,22 @@ class Backend(Protocol):
     @property
     def model_name(self) -> str:
         """The one model served; requests naming another get 404."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt plus completion served, in tokens (0: not known yet)."""
+        ...
+
+    async def tokenize(self, prompt: str | list[int] | None,
+                       messages: tuple[dict[str, str], ...] | None,
+                       add_special_tokens: bool, add_generation_prompt: bool) -> list[int]:
+        """Token ids of a prompt or of chat messages (exactly one is given), off the event
+        loop. Raises InvalidParamsError for a bad prompt (e.g. ids outside the vocabulary)."""
+        ...
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``; ids outside the vocabulary raise InvalidParamsError."""
         ...
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:

@@ -13,11 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from kvcake.api.protocol import ErrorDetail, ErrorResponse
+from kvcake.api.responses import ErrorDetail, ErrorResponse
 from kvcake.common.errors import KvcakeError, RequestRejectedError
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 405: "invalid_request_error", 429: "rate_limit_error"}
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
 
 
 class ApiError(Exception):

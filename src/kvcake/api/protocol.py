@@ -1,32 +1,25 @@
-"""OpenAI's request and response bodies, as pydantic models: validation lives at this edge.
+"""OpenAI's (and vLLM's) request bodies, as pydantic models: validation lives at this edge.
 
 Requests validate into :class:`CompletionRequest` / :class:`ChatCompletionRequest`, which map
 onto the engine's :class:`SamplingParams`. Unknown fields are ignored (the OpenAI SDK sends
-some); fields kvcake cannot honour (``n`` > 1, penalties, log-probabilities, ``echo``) are
-refused with a message naming the field rather than silently dropped. Responses are built by
-a per-request formatter, one for each endpoint, with the same four methods.
+some); fields that would change the answer but that kvcake does not implement
+(``response_format`` other than text, ``tools``, ``logit_bias``, ``suffix``, guided decoding,
+``best_of``) are refused with a message naming the field, never silently dropped. Response
+bodies live in :mod:`kvcake.api.responses`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from kvcake.api.backend import GenerateChunk
-from kvcake.engine.sampling import SamplingParams
+from kvcake.engine.sampling import MAX_LOGPROBS, SamplingParams
 
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_CHAT_MAX_TOKENS = 512  # chat has no fixed default upstream; a full answer fits in this
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+MAX_CHOICES = 16  # ``n``: each choice is a request of its own in the cluster
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+           "structured_outputs")
 
 
 # ----- requests
@@ -43,33 +36,51 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    response_format: Any = None
+    logit_bias: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
-    @field_validator("n")
+    @field_validator(*_GUIDED)
     @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError(f"only n=1 is supported (one choice per request), got {n}")
-        return n
+    def _no_guided_decoding(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("guided decoding is not supported; send null")
+        return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("response_format")
     @classmethod
-    def _no_penalty(cls, penalty: float | None) -> float | None:
-        if penalty not in (None, 0):
-            raise ValueError(f"penalties are not supported; send 0, got {penalty}")
-        return penalty
+    def _text_only(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else value
+        if value is not None and kind != "text":
+            raise ValueError(f"only the text response format is supported (structured output "
+                             f"is not), got {kind!r}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("logit_bias is not supported; send null or {}")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -85,17 +96,26 @@ class _SamplingFields(BaseModel):
         """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters; fields left out or null keep the engine's defaults.
 
-        Raises InvalidParamsError for values the engine refuses (e.g. a negative temperature).
+        ``max_tokens`` None: up to the model's context. Raises InvalidParamsError for values
+        the engine refuses (e.g. a negative temperature).
         """
         given: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
             "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
             "include_stop_str_in_output": self.include_stop_str_in_output,
-            "skip_special_tokens": self.skip_special_tokens,
+            "skip_special_tokens": self.skip_special_tokens, "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
         }
         chosen = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(max_tokens=max_tokens, **chosen)
@@ -106,7 +126,9 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[int]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -125,24 +147,28 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"must be a string or a list of token ids, got {prompt!r}")
         return prompt
 
-    @field_validator("echo")
+    @field_validator("suffix")
     @classmethod
-    def _no_echo(cls, echo: bool | None) -> bool | None:
-        if echo:
-            raise ValueError("echoing the prompt is not supported; send false")
-        return echo
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix (insertion) is not supported; send null")
+        return suffix
 
-    @field_validator("logprobs")
+    @field_validator("best_of")
     @classmethod
-    def _no_logprobs(cls, logprobs: int | None) -> int | None:
-        if logprobs not in (None, 0):
-            raise ValueError(f"log-probabilities are not supported; send null or 0, "
-                             f"got {logprobs}")
-        return logprobs
+    def _no_best_of(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError(f"best_of is not supported (use n); send null or 1, got {best_of}")
+        return best_of
 
     @property
     def max_new_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+
+    def params(self) -> SamplingParams:
+        """With ``echo`` and ``logprobs`` the prompt's tokens are scored too."""
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self.sampling_params(self.max_new_tokens, self.logprobs, prompt_logprobs)
 
 
 class ChatMessage(BaseModel):
@@ -173,227 +199,98 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    """POST /v1/chat/completions."""
+    """POST /v1/chat/completions; without a token limit it may fill the model's context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    echo: bool | None = False
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("tools", "functions")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError(f"log-probabilities are not supported; send null, false or 0, "
-                             f"got {value}")
-        return value
+    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        if tools:
+            raise ValueError("tool calling is not supported; send no tools")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, choice: Any) -> Any:
+        if choice not in (None, "none", "auto"):
+            raise ValueError(f"tool calling is not supported; got tool_choice {choice!r}")
+        return choice
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool | None) -> bool | None:
+        if echo:
+            raise ValueError("echo is supported by /v1/completions only; send false")
+        return echo
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return top
 
     @property
-    def max_new_tokens(self) -> int:
-        """``max_completion_tokens``, else the deprecated ``max_tokens``, else the default."""
+    def max_new_tokens(self) -> int | None:
+        """``max_completion_tokens``, else the deprecated ``max_tokens``, else None (up to
+        the model's context, as vLLM does)."""
         for limit in (self.max_completion_tokens, self.max_tokens):
             if limit is not None:
                 return limit
-        return DEFAULT_CHAT_MAX_TOKENS
+        return None
+
+    def params(self) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(self.max_new_tokens, logprobs)
 
     def message_dicts(self) -> tuple[dict[str, str], ...]:
         return tuple({"role": m.role, "content": m.content} for m in self.messages)
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a prompt or chat messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, validate_default=True)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @field_validator("messages")
+    @classmethod
+    def _one_input(cls, messages: list[ChatMessage] | None,
+                   info: ValidationInfo) -> list[ChatMessage] | None:
+        if (info.data.get("prompt") is None) == (messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return messages
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_ids(cls, tokens: list[int]) -> list[int]:
+        if not all(_is_token_id(token) for token in tokens):
+            raise ValueError("token ids must be non-negative integers")
+        return tokens
+
+
 def _is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# ----- responses
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-    @classmethod
-    def of(cls, last: GenerateChunk, num_generated: int) -> Usage:
-        """Usage after ``last``, the latest chunk, with ``num_generated`` tokens so far."""
-        return cls(prompt_tokens=last.num_prompt_tokens, completion_tokens=num_generated,
-                   total_tokens=last.num_prompt_tokens + num_generated,
-                   prompt_tokens_details=PromptTokensDetails(
-                       cached_tokens=last.num_cached_tokens))
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: None = None
-    finish_reason: str | None
-    stop_reason: str | int | None = None
-
-
-class Completion(BaseModel):
-    """A whole completion, or one chunk of a stream (OpenAI uses one shape for both)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None
-    stop_reason: str | int | None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class Delta(BaseModel):
-    """What a chat chunk adds; fields that are None are left out of the JSON."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "kvcake"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-# ----- one formatter per endpoint
-@dataclass(frozen=True)
-class CompletionFormatter:
-    """Builds /v1/completions bodies for one request.
-
-    Stream events are JSON text; chunks carry ``usage`` (null) only when the client asked for
-    a usage chunk, as OpenAI does.
-    """
-
-    request_id: str
-    model: str
-    created: int
-    include_usage: bool = False
-
-    def opening(self) -> list[str]:
-        """Events sent before the first chunk: none for completions."""
-        return []
-
-    def chunk(self, chunk: GenerateChunk) -> str:
-        choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason,
-                                  stop_reason=chunk.stop_reason)
-        return self._event([choice])
-
-    def usage_chunk(self, usage: Usage) -> str:
-        return Completion(id=self.request_id, created=self.created, model=self.model,
-                          choices=[], usage=usage).model_dump_json()
-
-    def response(self, chunks: Sequence[GenerateChunk]) -> dict[str, Any]:
-        last = chunks[-1]
-        choice = CompletionChoice(text="".join(c.text for c in chunks),
-                                  finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-        return Completion(id=self.request_id, created=self.created, model=self.model,
-                          choices=[choice], usage=_usage(chunks)).model_dump()
-
-    def _event(self, choices: list[CompletionChoice]) -> str:
-        body = Completion(id=self.request_id, created=self.created, model=self.model,
-                          choices=choices)
-        return body.model_dump_json(exclude=None if self.include_usage else {"usage"})
-
-
-@dataclass(frozen=True)
-class ChatFormatter:
-    """Builds /v1/chat/completions bodies for one request; streams open with the role."""
-
-    request_id: str
-    model: str
-    created: int
-    include_usage: bool = False
-
-    def opening(self) -> list[str]:
-        return [self._event(ChatChunkChoice(delta=Delta(role="assistant", content="")))]
-
-    def chunk(self, chunk: GenerateChunk) -> str:
-        return self._event(ChatChunkChoice(delta=Delta(content=chunk.text),
-                                           finish_reason=chunk.finish_reason,
-                                           stop_reason=chunk.stop_reason))
-
-    def usage_chunk(self, usage: Usage) -> str:
-        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                   choices=[], usage=usage).model_dump_json()
-
-    def response(self, chunks: Sequence[GenerateChunk]) -> dict[str, Any]:
-        last = chunks[-1]
-        message = AssistantMessage(content="".join(c.text for c in chunks))
-        choice = ChatChoice(message=message, finish_reason=last.finish_reason,
-                            stop_reason=last.stop_reason)
-        return ChatCompletion(id=self.request_id, created=self.created, model=self.model,
-                              choices=[choice], usage=_usage(chunks)).model_dump()
-
-    def _event(self, choice: ChatChunkChoice) -> str:
-        body = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                   choices=[choice])
-        return body.model_dump_json(exclude=None if self.include_usage else {"usage"})
-
-
-Formatter = CompletionFormatter | ChatFormatter
-
-
-def _usage(chunks: Sequence[GenerateChunk]) -> Usage:
-    return Usage.of(chunks[-1], sum(len(c.token_ids) for c in chunks))

@@ -76,7 +76,7 @@ def _cmd_conductor(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "rpc_port": args.rpc_port, "model": args.model,
         "served_model_name": args.served_model_name, "api_key": args.api_key,
         "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure,
-        "store_master": args.store_master})
+        "store_master": args.store_master, "max_body_bytes": size_or_none(args.max_body_size)})
     # instances exchange prefixes through the store, never cache to cache
     policy = ConductorConfig(pull_from_instances=False, **{  # type: ignore[arg-type]
         k: v for k, v in _policy_config(args).items() if v is not None})
@@ -104,6 +104,8 @@ def _add_conductor(commands: Subparsers) -> None:
                            "the store holds too")
     conductor.add_argument("--instance-ttl", type=float, help="seconds of silence before an "
                            "instance is dropped (default 3)")
+    conductor.add_argument("--max-body-size", help="longest HTTP request body, e.g. 4MiB "
+                           "(default 4MiB; longer: 413)")
     conductor.add_argument("--on-decode-failure", choices=("fail", "retry"),
                            help="when a decode instance dies: fail its requests (default) "
                            "or continue them elsewhere")

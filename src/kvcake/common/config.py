@@ -474,6 +474,7 @@ class ConductorServerConfig:
     reserve_wait_s: how long a request may wait for room on a decode instance (its batch
         holds ``max_num_seqs`` requests at most) before it fails with 503.
     request_timeout_s: longest a request may live.
+    max_body_bytes: the longest HTTP request body the API reads (longer: 413), bytes >= 1.
     """
 
     host: str = "127.0.0.1"
@@ -488,6 +489,7 @@ class ConductorServerConfig:
     on_decode_failure: str = "fail"
     reserve_wait_s: float = 120.0
     request_timeout_s: float = 600.0
+    max_body_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         _require(not self.store_master or _endpoint(self.store_master),
@@ -504,3 +506,5 @@ class ConductorServerConfig:
                  f"{self.reserve_wait_s}")
         _require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got "
                  f"{self.request_timeout_s}")
+        _require(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got "
+                 f"{self.max_body_bytes}")

@@ -32,7 +32,8 @@ async def _main(config: ConductorServerConfig, policy: ConductorConfig) -> None:
     server = ConductorServer(config, policy)
     rpc_endpoint = await server.startup()
     backend = ConductorBackend(server, tokenizer, served_name(config))
-    api = ApiServer(build_app(backend, config.api_key or None), config.host, config.port)
+    app = build_app(backend, config.api_key or None, config.max_body_bytes)
+    api = ApiServer(app, config.host, config.port)
     try:
         endpoint = await api.startup()
         print(f"kvcake conductor: OpenAI API on http://{endpoint}/v1 (model "
