@@ -466,8 +466,13 @@ def test_setup_commands() -> None:
         "up", "--port", "9", "--prefill", "2", "--decode", "1", "--policy", "round_robin"]
 
 
+# Like ``kvcake up``, it installs its SIGINT handler itself before it says it is serving:
+# Python installs its default one (KeyboardInterrupt) only when SIGINT is not ignored, and a
+# test run started in the background (``make test &``, nohup, some CI runners) hands its
+# children SIGINT ignored, so the launcher's SIGINT would be lost and SIGTERM end it (-15).
 HEALTH_SERVER = textwrap.dedent("""
-    import http.server, sys
+    import http.server, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200 if self.path == "/health" else 404)
@@ -492,6 +497,23 @@ def test_launched_waits_for_health_and_stops_with_sigint(tmp_path: Path) -> None
             assert response.status == 200
         assert process.poll() is None
     assert process.returncode == 0  # it caught SIGINT and shut down by itself
+
+
+# Runs the rest of its arguments with SIGINT ignored, as a shell starts a background job
+# without job control; exec keeps that disposition.
+IGNORING_SIGINT = ("import os, signal, sys\n"
+                   "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+
+
+def test_launched_stops_with_sigint_a_child_that_inherited_it_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_launch, "_STOP_WAIT_S", ((signal.SIGINT, 30.0),))  # no SIGTERM
+    port = free_port()
+    command = [sys.executable, "-c", IGNORING_SIGINT, "-c", HEALTH_SERVER, str(port)]
+    with launched(command, f"http://127.0.0.1:{port}", tmp_path, 30.0) as process:
+        assert process.poll() is None
+    assert process.returncode == 0  # SIGINT still reached its handler, not SIGKILL
 
 
 def test_a_setup_that_exits_fails_with_its_log_tails(tmp_path: Path) -> None:
