@@ -128,3 +128,24 @@ def _write_after_kill(child: subprocess.Popen[bytes], peer: TransferEngine) -> N
     finally:
         child.kill()
         child.wait()
+
+
+_DUMPABLE = """
+import ctypes, sys
+from kvcake.common.auth import ClusterAuth
+from kvcake.common.config import TransferConfig
+from kvcake.transfer.engine import TransferEngine
+libc = ctypes.CDLL(None)
+before = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+with TransferEngine(TransferConfig(), auth=ClusterAuth(sys.argv[1])):
+    print(before, libc.prctl(3, 0, 0, 0, 0))
+"""
+
+
+@pytest.mark.parametrize(("token", "expected"), [("", "1 1"), ("s3cret", "1 0")])
+def test_with_a_token_the_process_is_not_dumpable(token: str, expected: str) -> None:
+    """Non-dumpable: same-user processes cannot open /proc/<pid>/fd/<memfd> around the
+    handover."""
+    out = subprocess.run([sys.executable, "-c", _DUMPABLE, token], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    assert out.split() == expected.split()

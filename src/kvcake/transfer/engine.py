@@ -28,7 +28,7 @@ from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, RemoteSegment, TransferOp, TransferRequest
 from kvcake.transfer.grants import GrantMode
-from kvcake.transfer.handover import HandoverServer
+from kvcake.transfer.handover import HandoverServer, forbid_same_user_access
 from kvcake.transfer.metadata import MetadataDirectory, make_directory
 from kvcake.transfer.segment import Segment, SegmentDescriptor, local_host_id
 from kvcake.transfer.server import TransferServer
@@ -66,6 +66,8 @@ class TransferEngine:
             raise
         self._table.endpoint = self.endpoint
         self._handover = HandoverServer(self._table.hand_over, self.auth)
+        if self.auth.enabled:  # with a token, the handover is the only way to our memory
+            forbid_same_user_access()
         self._table.shm_socket = self._handover.name
         self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s,
                                                      self.auth)

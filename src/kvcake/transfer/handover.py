@@ -21,6 +21,7 @@ bytes written into a dead owner's pages are refused instead of acknowledged.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import select
@@ -44,6 +45,7 @@ MAX_MESSAGE = 1024
 HANDOVER_TIMEOUT_S = 2.0  # an owner answers at once; a silent one is not an owner
 MEMFD_PREFIX = "/memfd:kvcake:"
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_PR_SET_DUMPABLE = 4
 
 
 class Hello(msgspec.Struct, tag=True):
@@ -111,6 +113,16 @@ class OwnerProcess:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def forbid_same_user_access() -> None:
+    """Make this process non-dumpable: other processes of the same (non-root) user can then
+    neither ptrace it nor open ``/proc/<pid>/fd/<memfd>``; only a handover reaches its
+    segments. Root still can. Set by a transfer engine that runs with a cluster token."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not make the process non-dumpable: %s",
+                    os.strerror(ctypes.get_errno()))
 
 
 # ----- the owner's side
