@@ -36,6 +36,11 @@ from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.hashing import DIGEST_SIZE
 from kvcake.common.rpc import MAX_CALL_BYTES, RpcClient
 from kvcake.conductor.messages import (
+    MAX_EVENTS,
+    MAX_OUTPUTS,
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    MAX_TOP_LOGPROBS,
     ConductorRequest,
     Outputs,
     PrefillDone,
@@ -43,9 +48,17 @@ from kvcake.conductor.messages import (
     Report,
     ReportReply,
     Snapshot,
+    TokenOutput,
 )
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ROLES, ConductorConfig, InstanceLoad
+from kvcake.conductor.types import (
+    MAX_BLOCK_HASHES,
+    ROLES,
+    ConductorConfig,
+    DecodeSample,
+    InstanceLoad,
+    KVEvent,
+)
 
 T = TypeVar("T")
 TIMEOUT_S = 5.0
@@ -220,6 +233,33 @@ def test_a_flood_of_calls_declaring_the_largest_payload_costs_no_memory(
         grown = rss_bytes() - before
     assert grown < 32 << 20, f"RSS grew by {grown >> 20} MiB for payloads never sent"
     wait_until(lambda: live() == 0)
+
+
+# ----- lists past their documented maximum
+
+def _output(**fields: Any) -> TokenOutput:
+    return msgspec.structs.replace(TokenOutput("r", [1], [0.0], None, 1, 0, 0), **fields)
+
+
+OVER_LONG = [
+    Register("i1", "both", "127.0.0.1:1", "m", "fp", 16, 8, 64, None,
+             Snapshot(0, [b""] * (MAX_BLOCK_HASHES + 1))),
+    Report("i1", IDLE, [KVEvent(1, "stored", [])] * (MAX_EVENTS + 1)),
+    Report("i1", IDLE, [KVEvent(1, "stored", [b""] * (MAX_BLOCK_HASHES + 1))]),
+    Report("i1", IDLE, decode_samples=[DecodeSample(1, 1, 0.1)] * (MAX_SAMPLES + 1)),
+    Outputs("i1", [_output()] * (MAX_OUTPUTS + 1)),
+    Outputs("i1", [_output(token_ids=[1] * (MAX_TOKENS + 1))]),
+    PrefillDone("i1", _output(top_logprobs=[[(1, 0.0)] * (MAX_TOP_LOGPROBS + 1)])),
+]
+
+
+@pytest.mark.parametrize("message", OVER_LONG, ids=lambda m: type(m).__name__)
+def test_a_list_past_its_maximum_is_refused_and_the_conductor_serves_on(
+        conductor: Conductor, message: Any) -> None:
+    body = codec.encode(message)
+    assert not decodes(body, ConductorRequest)
+    assert_rpc_answers(conductor.address, body, GOOD, decodes=False)  # INVALID_PARAMS
+    conductor.assert_consistent()
 
 
 # ----- afterwards

@@ -33,11 +33,21 @@ from fuzzing import (
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.config import EngineConfig, WorkerConfig
-from kvcake.common.errors import ErrorCode
+from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES
-from kvcake.engine.sampling import SamplingParams
-from kvcake.worker.messages import Abort, Ack, Prefill, Reserve, WorkerRequest
+from kvcake.engine.sampling import MAX_STOP_TOKEN_IDS, MAX_STOPS, SamplingParams
+from kvcake.worker.messages import (
+    MAX_BLOCK_IDS,
+    MAX_PROMPT_TOKENS,
+    MAX_TOP_LOGPROBS,
+    Abort,
+    Ack,
+    Commit,
+    Prefill,
+    Reserve,
+    WorkerRequest,
+)
 from kvcake.worker.server import WorkerServer
 
 TIMEOUT_S = 10.0
@@ -180,3 +190,30 @@ def test_after_fuzzing_a_prefill_is_answered_and_aborted(worker: Worker) -> None
     [(header, payload)] = frames
     assert header.status == 0 and codec.decode(payload, Ack) == Ack()
     assert_served_after(worker, codec.encode(Abort("real")))
+
+
+def test_a_list_past_its_maximum_is_refused_and_the_instance_serves_on(worker: Worker) -> None:
+    params = SamplingParams(max_tokens=4)
+    over_long = [
+        Prefill("p", [1] * (MAX_PROMPT_TOKENS + 1), params, "t"),
+        Prefill("p", [1], params, "t", None, [0] * (MAX_BLOCK_IDS + 1)),
+        Prefill("p", [1], params, "t", None, [], [b""] * (MAX_BLOCK_IDS + 1)),
+        Commit("c", [1] * (MAX_PROMPT_TOKENS + 1), 1, 0.0, params, "t"),
+        Commit("c", [1], 1, 0.0, params, "t", [(1, 0.0)] * (MAX_TOP_LOGPROBS + 1)),
+    ]
+    bodies = [codec.encode(message) for message in over_long]
+    for field, limit in (("stop", MAX_STOPS), ("stop_token_ids", MAX_STOP_TOKEN_IDS)):
+        message = msgspec.to_builtins(Prefill("p", [1], params, "t"))
+        message["params"][field] = ["x" if field == "stop" else 1] * (limit + 1)
+        bodies.append(msgspec.msgpack.encode(message))
+    for body in bodies:
+        assert not decodes(body, WorkerRequest)
+        assert assert_served_after(worker, body) == ErrorCode.INVALID_PARAMS
+    assert_engine_finishes_everything(worker)
+
+
+def test_sampling_params_built_in_process_keep_the_same_bounds() -> None:
+    with pytest.raises(InvalidParamsError, match="stop takes at most 64 entries, got 65"):
+        SamplingParams(stop=["x"] * (MAX_STOPS + 1))
+    with pytest.raises(InvalidParamsError, match="stop_token_ids takes at most 1024 entries"):
+        SamplingParams(stop_token_ids=[1] * (MAX_STOP_TOKEN_IDS + 1))

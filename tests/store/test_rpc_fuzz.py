@@ -278,6 +278,33 @@ def test_bad_mounts_are_refused(master: Master, name: str, size: int, endpoint: 
     assert_error_frame(header, payload)
 
 
+# ----- lists past their documented maximum
+
+TOO_MANY = m.MAX_KEYS_PER_CALL + 1
+
+
+@pytest.mark.parametrize("request_", [
+    m.Exist(["k"] * TOO_MANY),
+    m.GetReplicas([PRE_KEY] * TOO_MANY),
+    m.PutStart("fuzzer", ["k"] * TOO_MANY, [1] * TOO_MANY),
+    m.PutEnd("owner", [PRE_KEY] * TOO_MANY),
+    m.Remove([PRE_KEY] * TOO_MANY, force=True, client_id="owner"),
+    m.DescribeSegments(list(range(m.MAX_SEGMENT_IDS + 1))),
+], ids=lambda r: type(r).__name__)
+def test_a_list_past_its_maximum_is_refused_whole_and_the_master_serves_on(
+        master: Master, request_: Any) -> None:
+    """Refused while decoding (the message names the limit); the owner's over-long remove
+    deletes nothing, which the last test below checks."""
+    frames, reset = fuzzing.exchange(master.address, call_frame(1, codec.encode(request_))
+                                     + call_frame(2, codec.encode(m.GetStats())), replies=2)
+    assert not reset and [h.request_id for h, _ in frames] == [1, 2]
+    (header, payload), (after, _) = frames
+    assert header.status == ErrorCode.INVALID_PARAMS
+    limit = m.MAX_SEGMENT_IDS if isinstance(request_, m.DescribeSegments) else TOO_MANY - 1
+    assert f"length <= {limit}".encode() in payload, payload
+    assert after.status == 0
+
+
 # ----- afterwards
 
 def test_after_fuzzing_the_server_serves_and_lost_nothing(master: Master) -> None:

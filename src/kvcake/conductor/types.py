@@ -8,6 +8,7 @@ the server and the simulator build in process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 
@@ -18,6 +19,7 @@ from kvcake.conductor.policy import POLICIES
 ROLES = ("prefill", "decode", "both")  # "both": colocated, prefills and decodes its own requests
 EVENT_KINDS = ("stored", "removed", "cleared")
 STORE = "store"  # ``Decision.pull_from`` when the extra prefix comes from the shared store tier
+MAX_BLOCK_HASHES = 1 << 20  # hashes in one event or snapshot: a 32 MiB cache index
 
 
 # ----- worker → conductor (wire)
@@ -26,12 +28,13 @@ class KVEvent(msgspec.Struct, frozen=True):
 
     seq: per-instance sequence number 1, 2, 3, ... with no gaps (a gap means a lost report).
     kind: ``stored`` / ``removed`` name ``block_hashes``; ``cleared`` drops everything.
-    block_hashes: chained prefix digests (:mod:`kvcake.common.hashing`), 32 bytes each.
+    block_hashes: chained prefix digests (:mod:`kvcake.common.hashing`), 32 bytes each; at
+        most ``MAX_BLOCK_HASHES``.
     """
 
     seq: int
     kind: str
-    block_hashes: list[bytes] = []
+    block_hashes: Annotated[list[bytes], msgspec.Meta(max_length=MAX_BLOCK_HASHES)] = []
 
 
 class InstanceLoad(msgspec.Struct, frozen=True):

@@ -19,13 +19,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Annotated
 
+import msgspec
 import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.penalties import TokenHistory, penalise
 
 MAX_LOGPROBS = 20
+MAX_STOPS = 64  # stop strings of one request (also on the wire, checked while decoding)
+MAX_STOP_TOKEN_IDS = 1024
 TOP_P_CANDIDATES = 512  # largest logits top-p inspects before it sorts a whole row
 _GREEDY_BELOW = 1e-5  # temperatures this small are argmax; dividing by them overflows
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
@@ -38,7 +42,8 @@ class SamplingParams:
     ``max_tokens`` None: up to the model's context (resolved by :func:`fit_context`).
     ``temperature`` 0 is greedy; ``top_k`` 0 or -1 is off (-1 is stored as 0); ``top_p`` 1 and
     ``min_p`` 0 are off. ``stop`` may be given as a list or a single string; it is stored as a
-    tuple. ``logprobs`` is how many top alternatives to report per token (0: only the chosen
+    tuple (at most ``MAX_STOPS`` strings; ``stop_token_ids`` at most ``MAX_STOP_TOKEN_IDS``).
+    ``logprobs`` is how many top alternatives to report per token (0: only the chosen
     token's log-probability; None: nothing); ``prompt_logprobs`` the same for every prompt
     token after the first (it turns prefix caching off for the request: cached tokens have no
     logits). Penalties are vLLM's (:mod:`kvcake.engine.penalties`): ``presence_penalty`` and
@@ -53,8 +58,8 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop: Annotated[tuple[str, ...], msgspec.Meta(max_length=MAX_STOPS)] = ()
+    stop_token_ids: Annotated[tuple[int, ...], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -107,6 +112,10 @@ class SamplingParams:
         if not isinstance(self.stop, tuple):
             raise InvalidParamsError(f"stop must be a string or a list of strings, "
                                      f"got {self.stop!r}")
+        for name, limit in (("stop", MAX_STOPS), ("stop_token_ids", MAX_STOP_TOKEN_IDS)):
+            if len(getattr(self, name)) > limit:
+                raise InvalidParamsError(f"{name} takes at most {limit} entries, got "
+                                         f"{len(getattr(self, name))}")
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise InvalidParamsError(f"stop strings must be non-empty, got {text!r}")

@@ -3,13 +3,31 @@
 Every per-key operation takes a list of keys, so a single op is a batch of one and a batch
 is one round trip. Per-key outcomes are Mooncake error codes (0 = ok); a whole request that
 cannot be served comes back as an error frame instead.
+
+Every list a request carries has a maximum, checked while the call is decoded (before the
+master looks at one element); a longer list gets ``INVALID_PARAMS`` and the master serves on:
+
+==========================  ======================================  ====================
+list                        messages                                maximum
+==========================  ======================================  ====================
+``keys``, ``sizes``         PutStart, PutEnd, PutRevoke,            ``MAX_KEYS_PER_CALL``
+                            GetReplicas, Exist, Remove
+``segment_ids``             DescribeSegments                        ``MAX_SEGMENT_IDS``
+==========================  ======================================  ====================
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from kvcake.transfer.segment import SegmentDescriptor
+
+MAX_KEYS_PER_CALL = 16384  # keys (and sizes) in one call: 4096-byte keys fill MAX_CALL_BYTES
+MAX_SEGMENT_IDS = 4096  # segment ids one DescribeSegments asks about
+Keys = Annotated[list[str], msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
+Sizes = Annotated[list[int], msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
 
 
 class ReplicateConfig(msgspec.Struct):
@@ -60,36 +78,38 @@ class UnmountSegment(msgspec.Struct, tag=True, frozen=True):
 
 
 class PutStart(msgspec.Struct, tag=True, frozen=True):
+    """At most ``MAX_KEYS_PER_CALL`` keys, one size each (so for every keyed call below)."""
+
     client_id: str
-    keys: list[str]
-    sizes: list[int]
+    keys: Keys
+    sizes: Sizes
     config: ReplicateConfig = msgspec.field(default_factory=ReplicateConfig)
 
 
 class PutEnd(msgspec.Struct, tag=True, frozen=True):
     client_id: str
-    keys: list[str]
+    keys: Keys
 
 
 class PutRevoke(msgspec.Struct, tag=True, frozen=True):
     client_id: str
-    keys: list[str]
+    keys: Keys
 
 
 # Reads and removals act in the caller's tenant. Reads without a client_id read the default
 # tenant; removals need a registered client (without one: ILLEGAL_CLIENT).
 class GetReplicas(msgspec.Struct, tag=True, frozen=True):
-    keys: list[str]
+    keys: Keys
     client_id: str = ""
 
 
 class Exist(msgspec.Struct, tag=True, frozen=True):
-    keys: list[str]
+    keys: Keys
     client_id: str = ""
 
 
 class Remove(msgspec.Struct, tag=True, frozen=True):
-    keys: list[str]
+    keys: Keys
     force: bool = False
     client_id: str = ""
 
@@ -100,7 +120,9 @@ class RemoveAll(msgspec.Struct, tag=True, frozen=True):
 
 
 class DescribeSegments(msgspec.Struct, tag=True, frozen=True):
-    segment_ids: list[int]
+    """At most ``MAX_SEGMENT_IDS`` ids."""
+
+    segment_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_SEGMENT_IDS)]
 
 
 class GetStats(msgspec.Struct, tag=True, frozen=True):

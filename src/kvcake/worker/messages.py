@@ -15,14 +15,28 @@ A colocated (``both``) instance gets ``Prefill`` with no target and streams ``Ou
 itself. Replies are ``Ack`` unless named. With a cluster token the decode instance signs a
 WRITE grant for each run of consecutive blocks it reserved (every layer's K and V of them);
 the Conductor passes them on in ``Prefill`` and the prefill presents them with its writes.
+
+Every list has a maximum, checked while the call is decoded (before the instance looks at
+one element); a longer one gets ``INVALID_PARAMS`` and the instance serves on: prompts
+``MAX_PROMPT_TOKENS``, block ids and grants ``MAX_BLOCK_IDS``, a token's top alternatives
+``MAX_TOP_LOGPROBS``; ``SamplingParams`` bounds its stop lists itself.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import msgspec
 
 from kvcake.engine.kv_transfer import KVRegion
 from kvcake.engine.sampling import SamplingParams
+
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_BLOCK_IDS = 1 << 20
+MAX_TOP_LOGPROBS = 64
+Tokens = Annotated[list[int], msgspec.Meta(max_length=MAX_PROMPT_TOKENS)]
+BlockIds = Annotated[list[int], msgspec.Meta(max_length=MAX_BLOCK_IDS)]
+Grants = Annotated[list[bytes], msgspec.Meta(max_length=MAX_BLOCK_IDS)]
 
 
 class Prefill(msgspec.Struct, tag=True, frozen=True):
@@ -30,12 +44,12 @@ class Prefill(msgspec.Struct, tag=True, frozen=True):
     after the first token and report ``PrefillDone``; without, generate and stream."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Tokens
     params: SamplingParams
     tenant: str
     target: KVRegion | None = None
-    target_block_ids: list[int] = []
-    target_grants: list[bytes] = []  # the decode instance's, one per run of its blocks
+    target_block_ids: BlockIds = []
+    target_grants: Grants = []  # the decode instance's, one per run of its blocks
 
 
 class Reserve(msgspec.Struct, tag=True, frozen=True):
@@ -45,12 +59,13 @@ class Reserve(msgspec.Struct, tag=True, frozen=True):
 
 class Commit(msgspec.Struct, tag=True, frozen=True):
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Tokens
     first_token: int
     first_logprob: float
     params: SamplingParams
     tenant: str
-    first_top_logprobs: list[tuple[int, float]] = []
+    first_top_logprobs: Annotated[list[tuple[int, float]],
+                                  msgspec.Meta(max_length=MAX_TOP_LOGPROBS)] = []
 
 
 class Release(msgspec.Struct, tag=True, frozen=True):
@@ -65,8 +80,8 @@ WorkerRequest = Prefill | Reserve | Commit | Release | Abort
 
 
 class Reserved(msgspec.Struct, frozen=True):
-    block_ids: list[int] | None  # None: no room now
-    grants: list[bytes] = []  # with a cluster token: WRITE grants, one per run of blocks
+    block_ids: BlockIds | None  # None: no room now
+    grants: Grants = []  # with a cluster token: WRITE grants, one per run of blocks
 
 
 class Ack(msgspec.Struct, frozen=True):

@@ -15,10 +15,13 @@ from collections.abc import Awaitable, Callable
 
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, load_config
-from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.conductor.messages import (
+    MAX_EVENTS,
+    MAX_OUTPUTS,
+    MAX_SAMPLES,
     Outputs,
     PrefillDone,
     Register,
@@ -27,7 +30,7 @@ from kvcake.conductor.messages import (
     Snapshot,
     TokenOutput,
 )
-from kvcake.conductor.types import InstanceLoad, KVEvent
+from kvcake.conductor.types import MAX_BLOCK_HASHES, InstanceLoad, KVEvent
 from kvcake.engine.core import EngineCore, EngineLoad
 from kvcake.engine.kv_transfer import KVSender, sign_kv_grants
 from kvcake.transfer import TransferEngine
@@ -217,7 +220,8 @@ class WorkerServer:
         if not isinstance(message, Outputs):
             return message
         outputs = list(message.outputs)
-        while self._outbox and isinstance(self._outbox[0], Outputs):
+        while self._outbox and isinstance(self._outbox[0], Outputs) \
+                and len(outputs) + len(self._outbox[0].outputs) <= MAX_OUTPUTS:
             outputs += self._outbox.popleft().outputs  # type: ignore[union-attr]
         return Outputs(self.instance_id, outputs)
 
@@ -226,7 +230,9 @@ class WorkerServer:
             try:
                 await self._report_once()
             except KvcakeError as exc:
-                if self._registered:
+                if exc.code is ErrorCode.OBJECT_ALREADY_EXISTS:  # our id is a live one's
+                    log.warning("the conductor refused this instance: %s", exc)
+                elif self._registered:
                     log.warning("conductor unreachable: %s", exc)
                 self._registered = False
             await asyncio.sleep(self.config.report_s)
@@ -238,10 +244,13 @@ class WorkerServer:
         if not self._registered:
             await self._register(telemetry)
             return
+        if not _within_bounds(events):  # the snapshot below stands in for them
+            events, self._need_snapshot = [], True
         snapshot = await self._snapshot() if self._need_snapshot else None
         assert telemetry.load is not None, "the engine loop always knows its load"
         report = Report(self.instance_id, _load(telemetry.load), events, snapshot,
-                        telemetry.prefill, telemetry.decode, telemetry.transfer)
+                        telemetry.prefill[-MAX_SAMPLES:], telemetry.decode[-MAX_SAMPLES:],
+                        telemetry.transfer[-MAX_SAMPLES:])
         reply = decode(await self._conductor.call(encode(report)), ReportReply)
         self._registered = reply.known
         self._need_snapshot = reply.need_snapshot
@@ -262,7 +271,7 @@ class WorkerServer:
         core = self.core
         hashes = await asyncio.wrap_future(self._loop.call(
             core.scheduler.kv.pool.cached_hashes))
-        return Snapshot(self._seq, hashes)
+        return Snapshot(self._seq, hashes[:MAX_BLOCK_HASHES])  # a bigger cache: partly indexed
 
     async def _register(self, telemetry: Telemetry) -> None:
         core = self.core
@@ -277,12 +286,19 @@ class WorkerServer:
             self.instance_id, self.config.role, self.endpoint, core.config.model,
             core.fingerprint, core.config.block_size, core.scheduler.kv.num_blocks,
             core.max_model_len, core.kv_region, await self._snapshot(),
-            profile.prefill + telemetry.prefill, profile.decode + telemetry.decode)
+            (profile.prefill + telemetry.prefill)[-MAX_SAMPLES:],
+            (profile.decode + telemetry.decode)[-MAX_SAMPLES:])
         await self._conductor.call(encode(message))
         self._registered = self._ever_registered = True
         self._need_snapshot = False
         log.info("registered with the conductor at %s as %s", self.config.conductor,
                  self.instance_id)
+
+
+def _within_bounds(events: list[KVEvent]) -> bool:
+    """Whether a report may carry ``events`` (see :mod:`kvcake.conductor.messages`)."""
+    return len(events) <= MAX_EVENTS and all(len(e.block_hashes) <= MAX_BLOCK_HASHES
+                                             for e in events)
 
 
 def _load(load: EngineLoad) -> InstanceLoad:
