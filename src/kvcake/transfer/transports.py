@@ -89,10 +89,11 @@ class ShmTransport(Transport):
         return mapped
 
     def start(self, batch: Batch, indices: Sequence[int]) -> None:
+        copied: dict[MappedSegment, list[int]] = {}
         for index in indices:
             request = batch.requests[index]
             try:
-                mapped = self._live_mapping(request.segment.descriptor)
+                mapped = self._mapping(request.segment.descriptor)
             except KvcakeError as exc:
                 batch.complete(index, exc)
                 continue
@@ -101,16 +102,20 @@ class ShmTransport(Transport):
                 request.buffer[:] = window
             else:
                 window[:] = request.buffer
-            # bytes in a dead owner's pages are lost with it: never report them as moved
-            batch.complete(index, None if mapped.owner_alive() else _owner_died(mapped))
+            copied.setdefault(mapped, []).append(index)
+        for mapped, done in copied.items():
+            # checked after the copies: bytes in a dead owner's pages are lost with it, and
+            # bytes read from them may be torn; never report either as moved
+            error = None if mapped.owner_alive() else self._forget(mapped)
+            for index in done:
+                batch.complete(index, error)
 
-    def _live_mapping(self, descriptor: SegmentDescriptor) -> MappedSegment:
-        mapped = self._mapping(descriptor)
-        if not mapped.owner_alive():
-            del self._mapped[_mapping_key(descriptor)]
-            mapped.close()
-            raise _owner_died(mapped)
-        return mapped
+    def _forget(self, mapped: MappedSegment) -> TransferError:
+        """Drop a dead owner's mapping; the error its transfers fail with."""
+        self._mapped.pop(_mapping_key(mapped.descriptor), None)
+        mapped.close()
+        return TransferError(f"the owner of segment {mapped.descriptor.name!r} (pid "
+                             f"{mapped.descriptor.owner_pid}) exited; its memory is gone")
 
     def close(self) -> None:
         for mapped in self._mapped.values():
@@ -215,11 +220,6 @@ class TcpTransport(Transport):
 def _mapping_key(descriptor: SegmentDescriptor) -> tuple[str, int, str, int, str]:
     return (descriptor.shm_socket, descriptor.owner_pid, descriptor.name, descriptor.shm_inode,
             descriptor.registrant)
-
-
-def _owner_died(mapped: MappedSegment) -> TransferError:
-    return TransferError(f"the owner of segment {mapped.descriptor.name!r} (pid "
-                         f"{mapped.descriptor.owner_pid}) exited; its memory is gone")
 
 
 TRANSPORTS: dict[str, type[Transport]] = {
