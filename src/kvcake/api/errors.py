@@ -1,8 +1,9 @@
 """Errors answered in OpenAI's shape: ``{"error": {message, type, param, code}}``.
 
 :meth:`ApiError.of` maps everything the app expects: validation (one 400 naming every bad
-field), backend errors by their HTTP status hint, a rejection (429 with its reason as the
-code), and anything else (500, details in the log only).
+field), backend errors by their HTTP status hint (a 503 — an instance died or none is up — with
+``Retry-After``), a rejection (429 with its reason as the code), and anything else (500,
+details in the log only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse
 from kvcake.api.responses import ErrorDetail, ErrorResponse
 from kvcake.common.errors import KvcakeError, RequestRejectedError
 
+RETRY_AFTER_S = 1  # a lost instance's requests go elsewhere at once; one second is plenty
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                 429: "rate_limit_error"}
@@ -53,7 +55,9 @@ class ApiError(Exception):
                                                code=self.code))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        """The JSON answer; a 503 (no live instance for now) says when to come back."""
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
 
 
 class ClientGoneError(Exception):

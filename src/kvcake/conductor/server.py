@@ -96,7 +96,7 @@ class ConductorServer:
         self.metrics = ConductorMetrics()
         self.store = StoreView(config.store_master)
         self.rpc_endpoint = ""
-        self._rpc = RpcServer(self._handle, config.host, config.rpc_port)
+        self._rpc = RpcServer(self._handle, config.rpc_bind_host, config.rpc_port)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def startup(self) -> str:
@@ -377,10 +377,18 @@ class ConductorServer:
 
     async def _call(self, instance_id: str,
                     message: Prefill | Reserve | Commit | Release | Abort) -> bytes:
+        """One call to an instance. An instance that is gone or cannot be reached (RPC_FAIL:
+        refused, reset, silent) is :class:`InstanceLostError` — 503, try again — rather
+        than a 502: the next attempt is routed to a live one."""
         handle = self.instances.get(instance_id)
         if handle is None:
             raise InstanceLostError(instance_id, message.request_id)
-        return await handle.client.call(encode(message))
+        try:
+            return await handle.client.call(encode(message))
+        except KvcakeError as exc:
+            if exc.code is not ErrorCode.RPC_FAIL:
+                raise
+            raise InstanceLostError(instance_id, message.request_id) from exc
 
     async def end_request(self, request_id: str) -> None:
         """End the request's flight and any retry of it."""
