@@ -58,3 +58,18 @@ def test_cpu_lists_parse() -> None:
         parse_cpus("a-b")
     with pytest.raises(InvalidParamsError, match="runs backwards"):
         parse_cpus("3-1")
+
+
+def test_internal_ports_stay_on_loopback_unless_told_and_need_a_token_elsewhere() -> None:
+    spec = ClusterSpec(host="0.0.0.0")
+    assert (spec.host, spec.internal_host, spec.no_token) == ("0.0.0.0", "127.0.0.1", False)
+    assert ClusterSpec(internal_host="0.0.0.0").internal_host == "0.0.0.0"  # token generated
+    assert ClusterSpec(no_token=True).no_token  # on loopback: allowed
+    with pytest.raises(InvalidParamsError, match=r"internal_host 0\.0\.0\.0 is not loopback: "
+                       r"its RPC ports need a cluster token \(drop --no-token"):
+        ClusterSpec(internal_host="0.0.0.0", no_token=True)
+
+
+def test_a_host_of_another_machine_is_refused() -> None:
+    with pytest.raises(InvalidParamsError, match=r"host '192\.0\.2\.1' is not an address of this"):
+        ClusterSpec(host="192.0.2.1")

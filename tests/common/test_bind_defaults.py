@@ -15,3 +15,7 @@ def test_every_server_config_binds_loopback_by_default() -> None:
     assert {type(c).__name__: c.host for c in configs} == {
         type(c).__name__: "127.0.0.1" for c in configs}
     assert inspect.signature(ApiServer).parameters["host"].default == "127.0.0.1"
+    assert ClusterSpec().internal_host == "127.0.0.1"
+    assert ConductorServerConfig().rpc_bind_host == "127.0.0.1"
+    assert ConductorServerConfig(host="0.0.0.0", rpc_host="127.0.0.1").rpc_bind_host == \
+        "127.0.0.1"

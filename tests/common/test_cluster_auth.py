@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -75,15 +75,38 @@ def test_the_cli_refuses_an_unreadable_token_file(tmp_path: Path,
     assert "cannot read cluster token file" in capsys.readouterr().err
 
 
-def test_kvcake_up_hands_the_token_to_its_children_through_the_environment(
+def test_kvcake_up_hands_the_given_token_to_its_children_in_a_private_file(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvcake.cluster.commands import _export_token
+    from kvcake.cluster.up import Cluster, ClusterSpec
 
     monkeypatch.setattr("kvcake.common.auth._configured", None)
-    monkeypatch.setenv("KVCAKE_CLUSTER_TOKEN", OTHER)
     use_cluster_token(TOKEN)  # as --cluster-token-file does
-    _export_token()
-    assert os.environ["KVCAKE_CLUSTER_TOKEN"] == TOKEN
+    cluster = Cluster(ClusterSpec(store_size="0"))
+    cluster.hand_over_token()
+    path = Path(cluster.token_file)
+    assert path.read_text() == TOKEN and cluster.token_origin == "the given"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    cluster.stop()
+    assert not path.exists()
+
+
+def test_kvcake_up_generates_a_token_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcake.cluster.up import Cluster, ClusterSpec
+
+    monkeypatch.setattr("kvcake.common.auth._configured", None)
+    monkeypatch.delenv("KVCAKE_CLUSTER_TOKEN", raising=False)
+    tokens = []
+    for _ in range(2):
+        cluster = Cluster(ClusterSpec(store_size="0"))
+        cluster.hand_over_token()
+        tokens.append(Path(cluster.token_file).read_text())
+        assert cluster.authenticated and cluster.token_origin == "a generated"
+        cluster.stop()
+    assert all(len(t) == 64 for t in tokens) and tokens[0] != tokens[1]
+    bare = Cluster(ClusterSpec(store_size="0", no_token=True))
+    bare.hand_over_token()
+    assert not bare.authenticated and bare.token_file == ""
 
 
 def test_the_token_never_shows_in_repr() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING
 
 from kvcake.cli_flags import (
@@ -73,7 +72,8 @@ def _cmd_conductor(args: argparse.Namespace) -> int:
     from kvcake.conductor.types import ConductorConfig
 
     config = load_config(ConductorServerConfig, "conductor", {
-        "host": args.host, "port": args.port, "rpc_port": args.rpc_port, "model": args.model,
+        "host": args.host, "port": args.port, "rpc_port": args.rpc_port,
+        "rpc_host": args.rpc_host, "model": args.model,
         "served_model_name": args.served_model_name, "api_key": args.api_key,
         "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure,
         "store_master": args.store_master, "max_body_bytes": size_or_none(args.max_body_size)})
@@ -94,7 +94,10 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_conductor(commands: Subparsers) -> None:
     conductor = commands.add_parser("conductor", help="the global scheduler and OpenAI API")
-    conductor.add_argument("--host", help="address of the API and RPC (default 127.0.0.1)")
+    conductor.add_argument("--host", help="address of the API, and of the RPC unless "
+                           "--rpc-host is given (default 127.0.0.1)")
+    conductor.add_argument("--rpc-host", help="address instances register at (default: "
+                           "--host)")
     conductor.add_argument("--port", type=int, help="OpenAI API port (default 8000)")
     conductor.add_argument("--rpc-port", type=int, help="instance RPC port (default 8100)")
     conductor.add_argument("--model", help="model whose tokenizer to use (default smollm2)")
@@ -120,10 +123,10 @@ def _add_conductor(commands: Subparsers) -> None:
 def _cmd_up(args: argparse.Namespace) -> int:
     from kvcake.cluster.up import load_spec, run_up
 
-    _export_token()
-
     spec = load_spec(args.config, {
-        "host": args.host, "port": args.port, "prefill": args.prefill, "decode": args.decode,
+        "host": args.host, "internal_host": args.internal_host,
+        "no_token": True if args.no_token else None, "port": args.port,
+        "prefill": args.prefill, "decode": args.decode,
         "both": args.both, "policy": args.policy, "admission": args.admission,
         "slo_ttft_s": args.slo_ttft, "slo_tbt_s": args.slo_tbt, "model": args.model,
         "kv_cache_size": args.kv_cache_size,
@@ -135,21 +138,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(spec)
 
 
-def _export_token() -> None:
-    """Children of ``kvcake up`` inherit the cluster token through their environment (never
-    a command line, which ``ps`` shows to every user)."""
-    from kvcake.common.auth import cluster_auth
-    from kvcake.common.config import CLUSTER_TOKEN_ENV
-
-    token = cluster_auth().token
-    if token:
-        os.environ[CLUSTER_TOKEN_ENV] = token
-
-
 def _add_up(commands: Subparsers) -> None:
     up = commands.add_parser("up", help="a whole cluster on this machine, with the OpenAI API")
     up.add_argument("--config", help="TOML file with a [cluster] table (flags override it)")
-    up.add_argument("--host", help="API address (default 127.0.0.1)")
+    up.add_argument("--host", help="address of the OpenAI API only (default 127.0.0.1)")
+    up.add_argument("--internal-host", help="address of every internal RPC port: master, "
+                    "node, conductor RPC, workers, transfer servers (default 127.0.0.1)")
+    up.add_argument("--no-token", action="store_true", help="run without a cluster token "
+                    "(default: a random one, handed to the children in a 0600 file; refused "
+                    "with a non-loopback --internal-host)")
     up.add_argument("--port", type=int, help="API port (default 8000)")
     up.add_argument("--prefill", type=int, help="prefill instances (default 1)")
     up.add_argument("--decode", type=int, help="decode instances (default 1)")

@@ -10,12 +10,20 @@
 
 ``up`` returns once ``/health`` reports every instance, then waits for SIGINT/SIGTERM (or a
 child's death) and stops the children it started, by pid, newest first.
+
+Secure by default: only the OpenAI API listens on ``host``; every internal RPC port (master,
+node, Conductor RPC, workers, their transfer servers) listens on ``internal_host``, loopback
+unless told otherwise. Every framed connection between the children proves a cluster token:
+the one this process was given, else a random one made here, handed to each child in a file
+only this user can read (``--cluster-token-file``; never on a command line, never logged).
+``no_token`` runs without one, and is refused with a non-loopback ``internal_host``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import tempfile
 import threading
@@ -28,9 +36,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from kvcake.common.auth import cluster_auth
 from kvcake.common.config import ConductorServerConfig, parse_size
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.etcd import start_etcd
+from kvcake.common.hosts import check_bind_host, is_loopback
 from kvcake.common.process import ServerProcess, kvcake_command, start_master, start_node
 from kvcake.conductor.types import ConductorConfig
 
@@ -51,9 +61,15 @@ class ClusterSpec:
         instances anywhere at a lower priority.
     ha: a loopback etcd and ``HA_MASTERS`` store masters electing a leader in it; the
         node, instances and Conductor find the leader there and follow a failover.
+    host: the OpenAI API's address, and nothing else's.
+    internal_host: the address of every internal RPC port (loopback by default).
+    no_token: run without a cluster token (default: the given one, else a random one);
+        refused when ``internal_host`` is not loopback.
     """
 
     host: str = "127.0.0.1"
+    internal_host: str = "127.0.0.1"
+    no_token: bool = False
     port: int = 8000
     prefill: int = 1
     decode: int = 1
@@ -88,6 +104,11 @@ class ClusterSpec:
         if self.store_size:
             parse_size(self.store_size)
         _require(not self.ha or self.has_store, "ha needs the store (a store_size > 0)")
+        check_bind_host(self.host)
+        check_bind_host(self.internal_host, "internal_host")
+        _require(not self.no_token or is_loopback(self.internal_host),
+                 f"internal_host {self.internal_host} is not loopback: its RPC ports need a "
+                 f"cluster token (drop --no-token; one is generated)")
 
     @property
     def has_store(self) -> bool:
@@ -129,10 +150,15 @@ class Cluster:
         self.api_endpoint = ""
         self.master = ""
         self.masters: list[ServerProcess] = []  # with ha: any may die while one lives
+        self.rpc_endpoint = ""  # where instances register at the Conductor
         self._etcd_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._token_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._auth_args: list[str] = []
+        self.token_origin = ""  # "the given" or "a generated" cluster token; "": none
 
     def start(self) -> str:
         try:
+            self.hand_over_token()
             self._start_store()
             rpc = self._start_conductor()
             plan = cpu_plan(self.spec.roles, sorted(os.sched_getaffinity(0))) \
@@ -144,6 +170,31 @@ class Cluster:
             self.stop()
             raise
         return self.api_endpoint
+
+    def hand_over_token(self) -> None:
+        """The token every child proves (see the module docstring), in a 0600 file of a
+        0700 directory that :meth:`stop` removes; :meth:`start` calls it first."""
+        if self.spec.no_token:
+            return
+        given = cluster_auth().token
+        token = given or secrets.token_hex(32)
+        self.token_origin = "the given" if given else "a generated"
+        self._token_dir = tempfile.TemporaryDirectory(prefix="kvcake-up-")
+        path = Path(self._token_dir.name) / "cluster.token"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(token)
+        self._auth_args = ["--cluster-token-file", str(path)]
+
+    @property
+    def token_file(self) -> str:
+        """The file the children read the cluster token from ("": they run without one)."""
+        return self._auth_args[-1] if self._auth_args else ""
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the children prove a cluster token on every framed connection."""
+        return bool(self._auth_args)
 
     def _log(self, name: str) -> str | None:
         if not self.spec.log_dir:
@@ -163,11 +214,15 @@ class Cluster:
         if self.spec.ha:
             self._start_ha_masters()
         else:
-            master, self.master = start_master("--metrics-port", "-1",
+            master, self.master = start_master("--metrics-port", "-1", *self._internal(),
                                                log_path=self._log("master"))
             self.processes.append(master)
-        self.processes.append(start_node(self.master, self.spec.store_size,
+        self.processes.append(start_node(self.master, self.spec.store_size, *self._internal(),
                                          log_path=self._log("node")))
+
+    def _internal(self) -> list[str]:
+        """Flags of a child whose ports are internal: its address, and the token file."""
+        return ["--host", self.spec.internal_host, *self._auth_args]
 
     def _start_ha_masters(self) -> None:
         self._etcd_dir = tempfile.TemporaryDirectory(prefix="kvcake-etcd-")
@@ -176,7 +231,8 @@ class Cluster:
         self.master = f"etcd://{endpoint}"
         for index in range(HA_MASTERS):
             master = self._spawn(f"master-{index}", [
-                "master", "--port", "0", "--metrics-port", "-1", "--etcd", self.master],
+                "master", "--port", "0", "--metrics-port", "-1", "--etcd", self.master,
+                *self._internal()],
                 r"standby")
             self.masters.append(master)
             if index == 0:
@@ -185,6 +241,7 @@ class Cluster:
     def _start_conductor(self) -> str:
         s = self.spec
         args = ["conductor", "--host", s.host, "--port", str(s.port), "--rpc-port", "0",
+                "--rpc-host", s.internal_host, *self._auth_args,
                 "--model", s.model, "--policy", s.policy, "--admission", s.admission,
                 "--slo-ttft", str(s.slo_ttft_s), "--slo-tbt", str(s.slo_tbt_s),
                 "--on-decode-failure", s.on_decode_failure]
@@ -194,8 +251,8 @@ class Cluster:
             args += ["--store-master", self.master]
         conductor = self._spawn("conductor", args,
                                 r"OpenAI API on http://(\S+)/v1.*register at (\S+),")
-        self.api_endpoint = conductor.match.group(1)
-        return conductor.match.group(2)
+        self.api_endpoint, self.rpc_endpoint = conductor.match.group(1, 2)
+        return self.rpc_endpoint
 
     def _start_worker(self, role: str, index: int, rpc: str, place: Placement) -> None:
         s = self.spec
@@ -203,7 +260,7 @@ class Cluster:
         args = ["worker", "--role", role, "--conductor", rpc, "--instance-id", name,
                 "--model", s.model, "--kv-cache-size", s.kv_cache_size,
                 "--max-num-seqs", str(s.max_num_seqs), "--max-num-batched-tokens",
-                str(s.max_num_batched_tokens), "--threads", str(s.threads)]
+                str(s.max_num_batched_tokens), "--threads", str(s.threads), *self._internal()]
         if self.master and role != "decode":
             args += ["--store-master", self.master]
         if place.cpus:
@@ -222,9 +279,10 @@ class Cluster:
         for process in reversed(self.processes):
             process.stop(timeout_s=15.0)
         self.processes.clear()
-        if self._etcd_dir is not None:
-            self._etcd_dir.cleanup()
-            self._etcd_dir = None
+        for directory in (self._etcd_dir, self._token_dir):
+            if directory is not None:
+                directory.cleanup()
+        self._etcd_dir = self._token_dir = None
 
 
 def _wait_output(process: ServerProcess, text: str, timeout_s: float = 30.0) -> None:
@@ -328,6 +386,9 @@ def run_up(spec: ClusterSpec) -> int:
           f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
           f"{', store ' + spec.store_size if spec.has_store else ''}"
           f"{f' ({HA_MASTERS} masters, etcd {cluster.master})' if spec.ha else ''}", flush=True)
+    token = f"{cluster.token_origin} cluster token" if cluster.authenticated \
+        else "NO cluster token"
+    print(f"  internal RPC on {spec.internal_host}, {token}", flush=True)
     print(f"  try: curl http://{endpoint}/v1/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{Path(spec.model).name.removesuffix('.gguf')}\", "
           f"\"prompt\": \"The capital of France is\", \"max_tokens\": 8}}'", flush=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.common.hosts import check_bind_host
 
 C = TypeVar("C")
 
@@ -79,6 +80,7 @@ class TransferConfig:
     pretouch: bool = True
 
     def __post_init__(self) -> None:
+        check_bind_host(self.host)
         _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
         _require(
             self.transport in TRANSPORT_CHOICES,
@@ -261,6 +263,7 @@ class MasterConfig:
     put_fence_s: float = 1.0
 
     def __post_init__(self) -> None:
+        check_bind_host(self.host)
         _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
         _require(not self.etcd or ":" in self.etcd,
                  f"etcd must be etcd://HOST:PORT[/PREFIX/], got {self.etcd!r}")
@@ -443,6 +446,7 @@ class WorkerConfig:
     nice: int = 0
 
     def __post_init__(self) -> None:
+        check_bind_host(self.host)
         parse_cpus(self.cpus)
         _require(0 <= self.nice <= 19, f"nice must be 0..19, got {self.nice}")
         _require(self.role in WORKER_ROLES, f"role must be one of {WORKER_ROLES}, "
@@ -462,7 +466,8 @@ class ConductorServerConfig:
     """The Conductor process: instance RPC, the OpenAI API, liveness (``KVCAKE_CONDUCTOR_*``).
 
     host / port: the OpenAI-compatible HTTP API (port 0: ephemeral).
-    rpc_port: where instances register and report (on ``host``).
+    rpc_host / rpc_port: where instances register and report (``rpc_host`` empty: ``host``;
+        ``kvcake up`` keeps it on loopback whatever the API's address).
     model: the model whose tokenizer the API uses (as ``EngineConfig.model``).
     served_model_name: the name clients send (empty: the model's file name).
     api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
@@ -480,6 +485,7 @@ class ConductorServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     rpc_port: int = 8100
+    rpc_host: str = ""
     model: str = "smollm2"
     served_model_name: str = ""
     api_key: str = ""
@@ -494,6 +500,8 @@ class ConductorServerConfig:
     def __post_init__(self) -> None:
         _require(not self.store_master or _endpoint(self.store_master),
                  f"store_master must be HOST:PORT, got {self.store_master!r}")
+        check_bind_host(self.host)
+        check_bind_host(self.rpc_host, "rpc_host")
         for name in ("port", "rpc_port"):
             value = getattr(self, name)
             _require(0 <= value <= 65535, f"{name} must be 0..65535, got {value}")
@@ -508,3 +516,7 @@ class ConductorServerConfig:
                  f"{self.request_timeout_s}")
         _require(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got "
                  f"{self.max_body_bytes}")
+
+    @property
+    def rpc_bind_host(self) -> str:
+        return self.rpc_host or self.host
