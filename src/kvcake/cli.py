@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from kvcake import __version__
 from kvcake.bench.serve import add_serve_bench_parser
 from kvcake.chaos.commands import add_chaos_command
+from kvcake.cli_errors import OneLineParser, describe_failure
 from kvcake.cli_flags import (
     add_cluster_token_flag,
     add_engine_flags,
     add_tenant_flags,
     engine_overrides,
+    log_level,
+    positive_ints,
     size_or_none,
     tenant_overrides,
 )
@@ -106,8 +110,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 def _cmd_bench_reuse(args: argparse.Namespace) -> int:
     from kvcake.bench.reuse import run_reuse_bench
 
-    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
-    return run_reuse_bench(quick=args.quick, as_json=args.json, lengths=lengths)
+    return run_reuse_bench(quick=args.quick, as_json=args.json, lengths=args.lengths)
 
 
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -193,10 +196,12 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvcake", description=__doc__)
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser = OneLineParser(prog="kvcake", description=__doc__)
+    parser.add_argument("--log-level", type=log_level,
+                        help="DEBUG, INFO, WARNING (default), ERROR")
     parser.add_argument("--version", action="version", version=f"kvcake {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+                    parser.add_subparsers(dest="command", required=True))
 
     transfer = commands.add_parser("transfer", help="transfer engine tools")
     transfer_cmds = transfer.add_subparsers(dest="transfer_command", required=True)
@@ -245,21 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
                                         "vs in the local cache")
     bench_reuse.add_argument("--quick", action="store_true", help="under a minute")
     bench_reuse.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_reuse.add_argument("--lengths", help="prompt lengths (default 1024,4096,8000)")
+    bench_reuse.add_argument("--lengths", type=positive_ints,
+                             help="prompt lengths (default 1024,4096,8000)")
     bench_reuse.set_defaults(run=_cmd_bench_reuse)
     add_serve_bench_parser(bench_cmds)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a failure is one line on stderr and a non-zero exit
+    (:mod:`kvcake.cli_errors`)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
     try:
+        setup_logging(args.log_level)
         _use_token_file(args)
         code: int = args.run(args)
-    except KvcakeError as exc:
-        print(f"kvcake: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # every failure becomes one line, never a traceback
+        line, code = describe_failure(exc)
+        print(f"kvcake: error: {line}", file=sys.stderr)
     return code
 
 

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from kvcake.common.config import parse_size
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def size_or_none(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
+
+
+def log_level(text: str) -> str:
+    """``--log-level``: one of :data:`LOG_LEVELS`, any case."""
+    level = text.upper()
+    if level not in LOG_LEVELS or not isinstance(logging.getLevelName(level), int):
+        raise argparse.ArgumentTypeError(f"unknown level {text!r}; one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma list of whole numbers > 0, e.g. ``1024,4096``."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma list of whole numbers > 0 (e.g. 1024,4096)")
+    return [int(v) for v in values]
 
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, object]:

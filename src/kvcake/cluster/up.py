@@ -136,9 +136,28 @@ def load_spec(path: str | None, overrides: dict[str, Any]) -> ClusterSpec:
         unknown = sorted(set(table) - known)
         _require(not unknown, f"{path}: unknown [cluster] keys {unknown}; known: "
                  f"{sorted(known)}")
+        _check_types(path, table)
         values.update(table)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ClusterSpec(**values)
+
+
+def _check_types(path: str, table: dict[str, Any]) -> None:
+    """Each value of the TOML table has its field's type (an int where a float is wanted)."""
+    for field in fields(ClusterSpec):
+        kind = _FIELD_TYPES.get(str(field.type))
+        if field.name not in table or kind is None:  # None: a type checked by __post_init__
+            continue
+        value = table[field.name]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        _require(ok or (kind is float and type(value) is int),
+                 f"{path}: [cluster] {field.name} must be {_TYPE_WORDS[kind]}, "
+                 f"got {value!r}")
+
+
+_FIELD_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string",
+               bool: "true or false"}
 
 
 class Cluster:

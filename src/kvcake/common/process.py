@@ -18,6 +18,7 @@ from typing import IO
 from kvcake.common.errors import KvcakeError
 
 _POLL_S = 0.02
+_ERROR_LINE = re.compile(r"^kvcake[\w -]*: error: .*$", re.MULTILINE)
 
 
 class ServerProcess:
@@ -54,7 +55,12 @@ class ServerProcess:
         return self._log.read().decode(errors="replace")
 
     def tail(self, chars: int = 800) -> str:
-        return f"[{self.name} output] {self.output()[-chars:].strip()}"
+        """What it said last: the one line a kvcake command prints when it fails
+        (``kvcake: error: …``), else the last ``chars`` of its output."""
+        output = self.output()
+        errors = _ERROR_LINE.findall(output)
+        said = errors[-1] if errors else output[-chars:].strip()
+        return f"[{self.name} output] {said}"
 
     @property
     def pid(self) -> int:

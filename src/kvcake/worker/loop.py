@@ -119,7 +119,8 @@ class EngineLoop:
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._commands.put(lambda: None)
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # a worker that failed to start never started it
+            self._thread.join(timeout_s)
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn`` in the engine thread between steps; its result or error in a future."""

@@ -6,6 +6,7 @@ import os
 
 from kvcake.common.aio import run_main, until_signalled
 from kvcake.common.config import EngineConfig, WorkerConfig, parse_cpus
+from kvcake.common.errors import InvalidParamsError
 from kvcake.common.log import get_logger
 from kvcake.worker.server import WorkerServer
 
@@ -15,10 +16,19 @@ log = get_logger(__name__)
 def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:
     cpus = parse_cpus(config.cpus)
     if cpus:
+        _check_cpus(cpus)
         os.sched_setaffinity(0, cpus)  # before torch starts its threads
     if config.nice:
         os.nice(config.nice)
     run_main(_main(config, engine_config))
+
+
+def _check_cpus(cpus: set[int]) -> None:
+    usable = os.sched_getaffinity(0)
+    missing = sorted(cpus - usable)
+    if missing:
+        raise InvalidParamsError(f"--cpus: this process may not run on CPU(s) {missing}; "
+                                 f"it may use {sorted(usable)}")
 
 
 async def _main(config: WorkerConfig, engine_config: EngineConfig) -> None:
