@@ -113,7 +113,7 @@ def test_n_choices_are_requests_of_their_own_with_one_prompt(serve: Serve) -> No
         (0, "Hello!"), (1, "Hello!"), (2, "Hello!")]
     assert [r.request_id for r in backend.requests] == [f"{body['id']}-{i}" for i in range(3)]
     assert {r.prompt for r in backend.requests} == {"Hi"}
-    assert {r.params.seed for r in backend.requests} == {5}
+    assert [r.params.seed for r in backend.requests] == [5, 6, 7]  # n answers, reproducible
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14,
                              "prompt_tokens_details": {"cached_tokens": 2}}
 

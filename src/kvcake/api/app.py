@@ -54,6 +54,7 @@ from kvcake.api.responses import (
 )
 from kvcake.common.errors import InvalidParamsError, KvcakeError, RequestRejectedError
 from kvcake.common.log import get_logger
+from kvcake.engine.sampling import SEED_MAX, SamplingParams
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -203,11 +204,23 @@ class _Routes:
 
 
 def _choices(generate: GenerateRequest, n: int) -> list[GenerateRequest]:
-    """One request per choice: ``<id>`` alone, else ``<id>-0 .. <id>-(n-1)``."""
+    """One request per choice: ``<id>`` alone, else ``<id>-0 .. <id>-(n-1)``.
+
+    A seeded request's choices draw from seeds ``seed, seed + 1, ...``: reproducible, yet not
+    n copies of one answer.
+    """
     if n == 1:
         return [generate]
-    return [dataclasses.replace(generate, request_id=f"{generate.request_id}-{index}")
+    return [dataclasses.replace(generate, request_id=f"{generate.request_id}-{index}",
+                                params=_choice_params(generate.params, index))
             for index in range(n)]
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    if params.seed is None or not index:
+        return params
+    seed = params.seed + index if params.seed + index <= SEED_MAX else params.seed - index
+    return dataclasses.replace(params, seed=seed)
 
 
 async def _all(works: list[Coroutine[Any, Any, T]]) -> list[T]:

@@ -32,7 +32,7 @@ MAX_STOPS = 64  # stop strings of one request (also on the wire, checked while d
 MAX_STOP_TOKEN_IDS = 1024
 TOP_P_CANDIDATES = 512  # largest logits top-p inspects before it sorts a whole row
 _GREEDY_BELOW = 1e-5  # temperatures this small are argmax; dividing by them overflows
-_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, low=0, what="0 or -1 (off), or >= 1")
         _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=_SEED_MIN, high=_SEED_MAX)
+            _check_int("seed", self.seed, low=SEED_MIN, high=SEED_MAX)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=0, high=MAX_LOGPROBS)
