@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 
 _CLEANUP_S = 2.0  # how long cancelled requests get to close their backend iterators
+KEEP_ALIVE_S = 75  # idle HTTP connections: longer than aiohttp's (15 s) and httpx's (5 s) pools
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -46,12 +47,15 @@ class ApiServer:
     """Serves ``app`` on ``host:port`` from the running event loop: ``startup`` → ``shutdown``.
 
     ``log_level`` applies to uvicorn's own loggers (warnings by default); there is no access
-    log.
+    log. ``keep_alive_s``: an idle connection stays open this long (seconds), past common
+    clients' idle pools, so that the client, never the server, closes an idle connection
+    and no request is written into one the server is closing.
     """
 
     def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 8000,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", keep_alive_s: int = KEEP_ALIVE_S) -> None:
         self._app = app
+        self._keep_alive_s = keep_alive_s
         self._host = host
         self._port = port
         self._log_level = log_level
@@ -69,7 +73,8 @@ class ApiServer:
             raise InvalidParamsError(f"the API server is already serving on {self.address}")
         sock = _bind(self._host, self._port)
         config = uvicorn.Config(self._app, log_config=None, log_level=self._log_level,
-                                access_log=False, lifespan="off")
+                                access_log=False, lifespan="off",
+                                timeout_keep_alive=self._keep_alive_s)
         server = _EmbeddedServer(config)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="kvcake-api-server")
         listening = asyncio.ensure_future(server.listening.wait())

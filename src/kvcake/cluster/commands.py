@@ -76,7 +76,8 @@ def _cmd_conductor(args: argparse.Namespace) -> int:
         "rpc_host": args.rpc_host, "model": args.model,
         "served_model_name": args.served_model_name, "api_key": args.api_key,
         "instance_ttl_s": args.instance_ttl, "on_decode_failure": args.on_decode_failure,
-        "store_master": args.store_master, "max_body_bytes": size_or_none(args.max_body_size)})
+        "store_master": args.store_master, "max_body_bytes": size_or_none(args.max_body_size),
+        "keep_alive_s": args.keep_alive})
     # instances exchange prefixes through the store, never cache to cache
     policy = ConductorConfig(pull_from_instances=False, **{  # type: ignore[arg-type]
         k: v for k, v in _policy_config(args).items() if v is not None})
@@ -109,6 +110,9 @@ def _add_conductor(commands: Subparsers) -> None:
                            "instance is dropped (default 3)")
     conductor.add_argument("--max-body-size", help="longest HTTP request body, e.g. 4MiB "
                            "(default 4MiB; longer: 413)")
+    conductor.add_argument("--keep-alive", type=int, metavar="SECONDS",
+                           help="how long an idle HTTP connection stays open (default 75: "
+                           "longer than clients' idle pools, so clients close first)")
     conductor.add_argument("--on-decode-failure", choices=("fail", "retry"),
                            help="when a decode instance dies: fail its requests (default) "
                            "or continue them elsewhere")

@@ -480,6 +480,10 @@ class ConductorServerConfig:
         holds ``max_num_seqs`` requests at most) before it fails with 503.
     request_timeout_s: longest a request may live.
     max_body_bytes: the longest HTTP request body the API reads (longer: 413), bytes >= 1.
+    keep_alive_s: how long the API keeps an idle HTTP connection open, seconds >= 1. Longer
+        than clients' own idle pools (aiohttp 15 s, httpx 5 s), so the client is always the
+        one that closes: a server closing as the client reuses the connection fails that
+        request ("Can not write request body").
     """
 
     host: str = "127.0.0.1"
@@ -496,8 +500,10 @@ class ConductorServerConfig:
     reserve_wait_s: float = 120.0
     request_timeout_s: float = 600.0
     max_body_bytes: int = 4 << 20
+    keep_alive_s: int = 75
 
     def __post_init__(self) -> None:
+        _require(self.keep_alive_s >= 1, f"keep_alive_s must be >= 1, got {self.keep_alive_s}")
         _require(not self.store_master or _endpoint(self.store_master),
                  f"store_master must be HOST:PORT, got {self.store_master!r}")
         check_bind_host(self.host)

@@ -33,7 +33,7 @@ async def _main(config: ConductorServerConfig, policy: ConductorConfig) -> None:
     rpc_endpoint = await server.startup()
     backend = ConductorBackend(server, tokenizer, served_name(config))
     app = build_app(backend, config.api_key or None, config.max_body_bytes)
-    api = ApiServer(app, config.host, config.port)
+    api = ApiServer(app, config.host, config.port, keep_alive_s=config.keep_alive_s)
     try:
         endpoint = await api.startup()
         print(f"kvcake conductor: OpenAI API on http://{endpoint}/v1 (model "
