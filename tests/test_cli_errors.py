@@ -74,6 +74,9 @@ CASES = [
     Case("sim --speed -1", ("sim", "--speed", "-1", "--limit", "3"), "-1", 2),
     Case("sim cache --trace missing", ("sim", "cache", "--trace", "{tmp}/none.jsonl"),
          "none.jsonl", 2),
+    Case("node --disk-dir holding another program's *.kv", (
+        "node", "--master", "127.0.0.1:9", "--segment-size", "1MiB", "--disk-dir",
+        "{tmp}/disk", "--disk-capacity", "1MiB"), "did not write (model.kv)", 2),
     Case("chaos --scenarios nope", ("chaos", "--scenarios", "nope"), "'nope'", 2),
     Case("an unknown command", ("serve",), "'serve'", 2),
 ]
@@ -93,6 +96,8 @@ def test_a_failure_is_one_line_naming_what_was_wrong(case: Case, held_port: int,
                                                      tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('[cluster]\nprefill = "two"\n')
     (tmp_path / "float.toml").write_text('[cluster]\nslo_ttft_s = "3"\n')
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "model.kv").write_text("not the tier's")
     argv = [arg.format(port=held_port, tmp=tmp_path) for arg in case.argv]
     env = {**os.environ, "KVCAKE_LOG_LEVEL": "WARNING", **case.env}
     result = subprocess.run([sys.executable, "-m", "kvcake.cli", *argv], env=env,

@@ -102,6 +102,9 @@ class AsyncStore:
         if self._control is not None:
             await self._control.shutdown()
             self._control = None
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
         if self.engine is not None and self._owns_engine:
             await asyncio.to_thread(self.engine.close)
         self.engine = None

@@ -1,17 +1,27 @@
 """A node's SSD tier: objects the master evicts from DRAM, kept as files, and read back.
 
 The master decides (:class:`kvcake.store.service.OffloadTask` and friends); the node only
-copies between its segment and ``DIR/<sha256(key)>``. File I/O runs in a worker thread so
-the node keeps serving transfers meanwhile. A restarted node starts with an empty directory,
+copies between its segment and ``DIR/<sha256(key)>.kv``. File I/O runs in a worker thread
+so the node keeps serving transfers meanwhile. A restarted node starts with an empty tier,
 as it starts with an empty segment.
+
+It never deletes a file it did not write: ``DIR/kvcake-disk-tier.manifest`` lists every
+file the tier created (a name is added before its file exists, so a crash leaves nothing
+unlisted). At start the listed files are deleted, and a directory holding ``*.kv`` files the
+manifest does not list is refused, with nothing touched. The manifest is held under an
+exclusive ``flock``: one node per directory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
+import re
+import threading
 from pathlib import Path
+from typing import IO
 
 from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, InvalidParamsError
@@ -21,15 +31,72 @@ from kvcake.transfer.service import check_range
 
 log = get_logger(__name__)
 _SUFFIX = ".kv"
+MANIFEST = "kvcake-disk-tier.manifest"
+_OWN_NAME = re.compile(r"[0-9a-f]{64}\.kv")  # the only names a tier writes (or deletes)
+
+
+class _Manifest:
+    """The names of the files the tier wrote, one a line, under an exclusive flock."""
+
+    def __init__(self, directory: Path) -> None:
+        self._file: IO[str] = open(directory / MANIFEST, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise InvalidParamsError(f"--disk-dir {directory} is in use by another node's "
+                                     "disk tier") from None
+        self._file.seek(0)
+        self.names = {n for n in self._file.read().split() if _OWN_NAME.fullmatch(n)}
+        self._lock = threading.Lock()  # offloads run in several worker threads
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            if name not in self.names:
+                self._file.write(name + "\n")
+                self._file.flush()
+                self.names.add(name)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._file.truncate(0)
+            self.names.clear()
+
+    def close(self) -> None:
+        self._file.close()  # releases the flock
 
 
 class DiskTier:
+    """Raises InvalidParamsError when ``directory`` holds ``*.kv`` files this tier did not
+    write, or another node's tier uses it."""
+
     def __init__(self, directory: str, segment: memoryview) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(f"*{_SUFFIX}"):
-            stale.unlink()
+        self._manifest = _Manifest(self.directory)
+        try:
+            self._delete_own_files()
+        except BaseException:
+            self._manifest.close()
+            raise
         self._segment = segment
+
+    def _delete_own_files(self) -> None:
+        """What the last run left; refuse, deleting nothing, if another program's are there."""
+        foreign = sorted(p.name for p in self.directory.glob(f"*{_SUFFIX}")
+                         if p.name not in self._manifest.names)
+        if foreign:
+            raise InvalidParamsError(
+                f"--disk-dir {self.directory} holds {len(foreign)} *{_SUFFIX} file(s) the "
+                f"disk tier did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); give it a directory of its own")
+        for name in self._manifest.names:
+            (self.directory / name).unlink(missing_ok=True)
+            (self.directory / name).with_suffix(".partial").unlink(missing_ok=True)
+        self._manifest.clear()
+
+    def close(self) -> None:
+        self._manifest.close()
 
     def path(self, key: str) -> Path:
         return self.directory / (hashlib.sha256(key.encode()).hexdigest() + _SUFFIX)
@@ -51,7 +118,9 @@ class DiskTier:
         check_range("disk tier segment", self._segment.nbytes, request.offset, request.size)
         window = self._segment[request.offset : request.offset + request.size]
         if isinstance(request, m.OffloadRequest):
-            self._write(self.path(request.key), window)
+            path = self.path(request.key)
+            self._manifest.add(path.name)  # listed before it exists
+            self._write(path, window)
         else:
             self._read(self.path(request.key), window)
 

@@ -1,0 +1,70 @@
+"""A node's SSD tier deletes only files it wrote: its manifest lists them; a directory with
+``*.kv`` files it does not list is refused with nothing touched; one node per directory."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from kvcake.common import codec
+from kvcake.common.errors import InvalidParamsError
+from kvcake.store import messages as m
+from kvcake.store.disk import MANIFEST, DiskTier
+
+SEGMENT = memoryview(bytearray(b"0123456789abcdef" * 4))
+
+
+def _offload(tier: DiskTier, key: str, offset: int = 0, size: int = 16) -> None:
+    reply = asyncio.run(tier.handle(codec.encode(m.OffloadRequest(key, offset, size))))
+    assert codec.decode(reply, m.CodesReply).codes == [0]
+
+
+def _kv_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest() + ".kv"
+
+
+def test_a_restart_deletes_the_files_it_wrote_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    tier = DiskTier(str(tmp_path), SEGMENT)
+    _offload(tier, "a")
+    _offload(tier, "b", 16)
+    assert sorted(p.name for p in tmp_path.glob("*.kv")) == sorted([_kv_name("a"),
+                                                                     _kv_name("b")])
+    assert (tmp_path / MANIFEST).read_text().split() == [_kv_name("a"), _kv_name("b")]
+    tier.close()
+    DiskTier(str(tmp_path), SEGMENT).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "notes.txt"]
+    assert (tmp_path / MANIFEST).read_text() == ""
+
+
+def test_a_directory_with_foreign_kv_files_is_refused_untouched(tmp_path: Path) -> None:
+    (tmp_path / "model.kv").write_text("someone else's")
+    (tmp_path / ("e" * 64 + ".kv")).write_text("looks like ours, is not listed")
+    with pytest.raises(InvalidParamsError, match=r"holds 2 \*\.kv file\(s\) the disk tier did "
+                       r"not write \(eeee.*\.kv, model\.kv\)"):
+        DiskTier(str(tmp_path), SEGMENT)
+    assert (tmp_path / "model.kv").read_text() == "someone else's"
+    assert (tmp_path / ("e" * 64 + ".kv")).exists()
+
+
+def test_a_forged_manifest_line_deletes_nothing_outside_its_own_names(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    inner = tmp_path / "tier"
+    inner.mkdir()
+    (inner / MANIFEST).write_text("../victim.txt\nvictim.txt\n")
+    DiskTier(str(inner), SEGMENT).close()
+    assert victim.read_text() == "keep"
+
+
+def test_one_node_per_directory(tmp_path: Path) -> None:
+    first = DiskTier(str(tmp_path), SEGMENT)
+    _offload(first, "a")
+    with pytest.raises(InvalidParamsError, match="in use by another node's disk tier"):
+        DiskTier(str(tmp_path), SEGMENT)
+    assert (tmp_path / _kv_name("a")).exists()  # the refused one deleted nothing
+    first.close()
+    DiskTier(str(tmp_path), SEGMENT).close()  # free again once the first is gone
