@@ -80,7 +80,8 @@ class ConductorService:
     """State and decisions of the Conductor; see the module docstring.
 
     Caller faults (unknown instance or request, bad role or number) raise
-    ``InvalidParamsError`` naming the culprit. A rejected route changes nothing but counters.
+    ``InvalidParamsError`` naming the culprit; registering a known instance id raises
+    ``OBJECT_ALREADY_EXISTS``. A rejected route changes nothing but counters.
     """
 
     def __init__(self, config: ConductorConfig, clock: Callable[[], float],
