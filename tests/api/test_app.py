@@ -470,12 +470,12 @@ def test_error_after_the_headers_becomes_an_error_event(serve: Serve) -> None:
 
 def test_unhandled_error_is_a_logged_500(serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
     address = serve(FakeBackend(extra_metrics="boom"))
-    with caplog.at_level(logging.ERROR, logger="kvcake.api.app"):
+    with caplog.at_level(logging.ERROR, logger="kvcake.api.middleware"):
         response = httpx2.get(f"http://{address}/metrics", timeout=10)
     assert response.status_code == 500
     assert response.json()["error"]["message"] == (
         "internal server error; the server log has details")
-    assert [r.getMessage() for r in caplog.records if r.name == "kvcake.api.app"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "kvcake.api.middleware"] == [
         "unhandled error answering GET /metrics"]
 
 

@@ -2,8 +2,8 @@
 
 One request through the app::
 
-    CountResponses (by endpoint and status) -> _AnswerUnhandled (-> logged 500)
-      -> _LimitBody (413 past max_body_bytes) -> _RequireApiKey (/v1/*, when a key is set)
+    CountResponses (by endpoint and status) -> AnswerUnhandled (-> logged 500)
+      -> LimitBody (413 past max_body_bytes) -> RequireApiKey (/v1/*, when a key is set)
         -> route: validate (pydantic) -> model check -> n GenerateRequests (one per choice)
           -> first chunk of every choice          <- admission: 429/400/503 answered here
              stream:     200 + SSE, one event per chunk (tagged with its choice), "[DONE]"
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -31,11 +30,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from kvcake.api.backend import Backend, GenerateChunk, GenerateRequest
 from kvcake.api.errors import ApiError, ClientGoneError
 from kvcake.api.metrics import ApiMetrics, CountResponses, RequestTimer
+from kvcake.api.middleware import AnswerUnhandled, LimitBody, RequireApiKey
 from kvcake.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -90,9 +90,9 @@ def build_app(backend: Backend, api_key: str | None = None,
         app.add_exception_handler(error, _answer_error)
     app.add_exception_handler(ClientGoneError, _answer_client_gone)
     if api_key is not None:
-        app.add_middleware(_RequireApiKey, api_key=api_key)
-    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
-    app.add_middleware(_AnswerUnhandled)
+        app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
+    app.add_middleware(AnswerUnhandled)
     static_paths = {path for _, path, _ in _ROUTES if "{" not in path}
     app.add_middleware(CountResponses, counter=metrics.requests, paths=static_paths)  # outermost
     return app
@@ -387,91 +387,3 @@ async def _disconnected(receive: Receive) -> None:
     """Returns once the client has gone (the request body was already read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-class _RequireApiKey:
-    """Answers 401 to /v1/* requests without ``Authorization: Bearer <key>``."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self._app = app
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        guarded = scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/"))
-        if guarded and not self._authorized(scope):
-            error = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer "
-                             "<key>'", code="invalid_api_key")
-            response = error.response()
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send)
-            return
-        await self._app(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, self._expected)  # constant time: no timing oracle
-
-
-class _AnswerUnhandled:
-    """Turns an exception that nothing else handled into a logged 500 in OpenAI's shape."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self._app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self._app(scope, receive, send_tracked)
-        except Exception:
-            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
-            if started:
-                raise  # the answer already began; the server drops the connection
-            error = ApiError(500, "internal server error; the server log has details")
-            await error.response()(scope, receive, send)
-
-
-class _LimitBody:
-    """Answers 413 to a request whose body is longer than ``max_bytes``.
-
-    A declared ``Content-Length`` is checked before anything is read; a chunked body is
-    counted as it arrives and refused as soon as it passes the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self._app = app
-        self._max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self._max_bytes:
-            await self._too_large().response()(scope, receive, send)
-            return
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self._max_bytes:  # FastAPI passes HTTPException through
-                    raise HTTPException(413, self._too_large().message)
-            return message
-
-        await self._app(scope, counted, send)
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is larger than the server's limit of "
-                        f"{self._max_bytes} bytes", code="request_too_large")
