@@ -305,6 +305,17 @@ def test_a_list_past_its_maximum_is_refused_whole_and_the_master_serves_on(
     assert after.status == 0
 
 
+@pytest.mark.parametrize("reply", [
+    m.CodesReply([0] * TOO_MANY),
+    m.PutStartReply([0], [[ReplicaHandle(1, 0)] * (m.MAX_HANDLES + 1)]),
+    m.GetReplicasReply(1.0, [0] * TOO_MANY, [1] * TOO_MANY, [[]] * TOO_MANY),
+    m.DescribeSegmentsReply([None] * (m.MAX_SEGMENT_IDS + 1)),
+], ids=lambda r: type(r).__name__)
+def test_replies_are_bounded_like_their_requests(reply: Any) -> None:
+    with pytest.raises(KvcakeError, match="length <="):
+        codec.decode(codec.encode(reply), type(reply))
+
+
 # ----- afterwards
 
 def test_after_fuzzing_the_server_serves_and_lost_nothing(master: Master) -> None:

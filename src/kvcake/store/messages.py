@@ -14,6 +14,9 @@ list                        messages                                maximum
                             GetReplicas, Exist, Remove
 ``segment_ids``             DescribeSegments                        ``MAX_SEGMENT_IDS``
 ==========================  ======================================  ====================
+
+A reply's lists follow its request's (one entry per key or segment id); a key's replica
+handles are at most ``MAX_HANDLES``. ``Stats.tenants`` alone is the master's to size.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from kvcake.transfer.segment import SegmentDescriptor
 
 MAX_KEYS_PER_CALL = 16384  # keys (and sizes) in one call: 4096-byte keys fill MAX_CALL_BYTES
 MAX_SEGMENT_IDS = 4096  # segment ids one DescribeSegments asks about
+MAX_HANDLES = 1024  # replica handles of one key in a reply (replica_num is at most 16)
 Keys = Annotated[list[str], msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
 Sizes = Annotated[list[int], msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
+Codes = Sizes
 
 
 class ReplicateConfig(msgspec.Struct):
@@ -154,21 +159,25 @@ class MountReply(msgspec.Struct, frozen=True):
     segment_id: int
 
 
+Handles = Annotated[list[Annotated[list[ReplicaHandle], msgspec.Meta(max_length=MAX_HANDLES)]],
+                    msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
+
+
 class PutStartReply(msgspec.Struct, frozen=True):
-    codes: list[int]  # 0: write to replicas; OBJECT_ALREADY_EXISTS: nothing to write
-    replicas: list[list[ReplicaHandle]]
+    codes: Codes  # 0: write to replicas; OBJECT_ALREADY_EXISTS: nothing to write
+    replicas: Handles
 
 
 class GetReplicasReply(msgspec.Struct, frozen=True):
     lease_ttl_s: float
-    codes: list[int]
-    sizes: list[int]
-    replicas: list[list[ReplicaHandle]]  # COMPLETE memory replicas only, best first
+    codes: Codes
+    sizes: Sizes
+    replicas: Handles  # COMPLETE memory replicas only, best first
     waited_s: float = 0.0  # time the master held the request (disk promotion) before leasing
 
 
 class CodesReply(msgspec.Struct, frozen=True):
-    codes: list[int]  # for Exist: 1 present, 0 absent
+    codes: Codes  # for Exist: 1 present, 0 absent
 
 
 class CountReply(msgspec.Struct, frozen=True):
@@ -176,7 +185,8 @@ class CountReply(msgspec.Struct, frozen=True):
 
 
 class DescribeSegmentsReply(msgspec.Struct, frozen=True):
-    descriptors: list[SegmentDescriptor | None]
+    descriptors: Annotated[list[SegmentDescriptor | None],
+                           msgspec.Meta(max_length=MAX_SEGMENT_IDS)]
 
 
 class IntegrityReply(msgspec.Struct, frozen=True):
