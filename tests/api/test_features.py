@@ -106,6 +106,17 @@ def test_streamed_logprobs_keep_their_text_offsets(serve: Serve) -> None:
     assert second == {key: value[1:] for key, value in GENERATED_LOGPROBS.items()}
 
 
+def test_streamed_echo_opens_with_the_prompt(serve: Serve) -> None:
+    response = post(serve(FakeBackend(SCORED)), "/v1/completions",
+                    {**COMPLETION, "echo": True, "logprobs": 1, "stream": True})
+    first, second = [event["choices"][0] for event in sse_events(response)]
+    assert (first["text"], second["text"]) == ("Say hiHel", "lo!")
+    assert first["logprobs"]["tokens"] == ["Say", " hi", "Hel"]
+    assert first["logprobs"]["token_logprobs"] == [None, -2.5, -0.5]
+    assert (first["logprobs"]["text_offset"], second["logprobs"]["text_offset"]) == (
+        [0, 3, 6], [9, 11])
+
+
 def test_n_choices_are_requests_of_their_own_with_one_prompt(serve: Serve) -> None:
     backend = FakeBackend()
     body = post(serve(backend), "/v1/completions", {**COMPLETION, "n": 3, "seed": 5}).json()
