@@ -1,16 +1,19 @@
-"""How a ``kvcake`` command fails: one line on stderr naming what was wrong, and an exit code
-(2 for usage and bad values, 1 for a failed start), never a traceback.
+"""How a ``kvcake`` command fails: one line on stderr naming what was wrong, and a non-zero
+exit code, never a traceback.
 
-=====================================  ====  ==========================================
-failure                                exit  line
-=====================================  ====  ==========================================
-a flag argparse refuses                2     ``kvcake worker: error: argument --port: …``
-``KvcakeError`` (bad value, refusal)   2     ``kvcake: error: <its message>``
-``OSError`` (port in use, no such …)   1     ``kvcake: error: cannot listen on H:P: …``
-anything else                          1     ``kvcake: error: <type>: <message>``
-=====================================  ====  ==========================================
+========================================  ====  ==========================================
+failure                                   exit  line
+========================================  ====  ==========================================
+a flag argparse refuses                   2     ``kvcake worker: error: argument --port: …``
+``KvcakeError`` (a bad value, a refusal,  2     ``kvcake: error: <its message>``
+a child or a peer that did not answer)
+``OSError`` (a port in use, no such …)    1     ``kvcake: error: cannot listen on H:P: …``
+anything else                             1     ``kvcake: error: <type>: <message>``
+========================================  ====  ==========================================
 
-The traceback of the last kind is logged at DEBUG (``--log-level DEBUG`` shows it).
+A ``KvcakeError``'s message is printed as written: ``bench serve``'s launcher appends the
+failed set-up's log tails to its first line. The traceback of the last kind is logged at
+DEBUG (``--log-level DEBUG`` shows it).
 """
 
 from __future__ import annotations
