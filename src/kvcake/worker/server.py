@@ -226,15 +226,21 @@ class WorkerServer:
         return Outputs(self.instance_id, outputs)
 
     async def _report_forever(self) -> None:
+        """A failed report is simply sent again: a Conductor that dropped this instance, or
+        a restarted one, answers ``known=False`` and only then do we register anew (which
+        drops our requests). Registering on every hiccup would drop them while the Conductor
+        still counts us live, and it refuses a second registration under a live id."""
+        failing = False
         while True:
             try:
                 await self._report_once()
+                failing = False
             except KvcakeError as exc:
                 if exc.code is ErrorCode.OBJECT_ALREADY_EXISTS:  # our id is a live one's
                     log.warning("the conductor refused this instance: %s", exc)
-                elif self._registered:
+                elif not failing:
                     log.warning("conductor unreachable: %s", exc)
-                self._registered = False
+                failing = True
             await asyncio.sleep(self.config.report_s)
 
     async def _report_once(self) -> None:
