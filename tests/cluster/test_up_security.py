@@ -50,9 +50,9 @@ def test_every_internal_port_refuses_a_peer_without_the_token(cluster: Cluster,
 
 
 def test_the_token_file_admits_and_never_leaks(cluster: Cluster) -> None:
-    token = Path(cluster.token_file).read_text()
-    assert cluster.authenticated and cluster.token_origin == "a generated"
-    assert Path(cluster.token_file).stat().st_mode & 0o077 == 0
+    token = Path(cluster.token.path).read_text()
+    assert cluster.authenticated and cluster.token.origin == "a generated"
+    assert Path(cluster.token.path).stat().st_mode & 0o077 == 0
     assert _get_stats(cluster.master, ClusterAuth(token))  # the master serves the token
     for process in cluster.processes:
         argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode()

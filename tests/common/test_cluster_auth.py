@@ -83,8 +83,8 @@ def test_kvcake_up_hands_the_given_token_to_its_children_in_a_private_file(
     use_cluster_token(TOKEN)  # as --cluster-token-file does
     cluster = Cluster(ClusterSpec(store_size="0"))
     cluster.hand_over_token()
-    path = Path(cluster.token_file)
-    assert path.read_text() == TOKEN and cluster.token_origin == "the given"
+    path = Path(cluster.token.path)
+    assert path.read_text() == TOKEN and cluster.token.origin == "the given"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     cluster.stop()
@@ -100,13 +100,13 @@ def test_kvcake_up_generates_a_token_unless_told_not_to(monkeypatch: pytest.Monk
     for _ in range(2):
         cluster = Cluster(ClusterSpec(store_size="0"))
         cluster.hand_over_token()
-        tokens.append(Path(cluster.token_file).read_text())
-        assert cluster.authenticated and cluster.token_origin == "a generated"
+        tokens.append(Path(cluster.token.path).read_text())
+        assert cluster.authenticated and cluster.token.origin == "a generated"
         cluster.stop()
     assert all(len(t) == 64 for t in tokens) and tokens[0] != tokens[1]
     bare = Cluster(ClusterSpec(store_size="0", no_token=True))
     bare.hand_over_token()
-    assert not bare.authenticated and bare.token_file == ""
+    assert not bare.authenticated and bare.token.path == ""
 
 
 def test_the_token_never_shows_in_repr() -> None:

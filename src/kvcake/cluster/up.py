@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from kvcake.common.auth import cluster_auth
+from kvcake.cluster.token import TokenHandover
 from kvcake.common.config import ConductorServerConfig, parse_size
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.etcd import start_etcd
@@ -171,9 +170,7 @@ class Cluster:
         self.masters: list[ServerProcess] = []  # with ha: any may die while one lives
         self.rpc_endpoint = ""  # where instances register at the Conductor
         self._etcd_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._token_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._auth_args: list[str] = []
-        self.token_origin = ""  # "the given" or "a generated" cluster token; "": none
+        self.token = TokenHandover()
 
     def start(self) -> str:
         try:
@@ -191,29 +188,15 @@ class Cluster:
         return self.api_endpoint
 
     def hand_over_token(self) -> None:
-        """The token every child proves (see the module docstring), in a 0600 file of a
-        0700 directory that :meth:`stop` removes; :meth:`start` calls it first."""
-        if self.spec.no_token:
-            return
-        given = cluster_auth().token
-        token = given or secrets.token_hex(32)
-        self.token_origin = "the given" if given else "a generated"
-        self._token_dir = tempfile.TemporaryDirectory(prefix="kvcake-up-")
-        path = Path(self._token_dir.name) / "cluster.token"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(token)
-        self._auth_args = ["--cluster-token-file", str(path)]
-
-    @property
-    def token_file(self) -> str:
-        """The file the children read the cluster token from ("": they run without one)."""
-        return self._auth_args[-1] if self._auth_args else ""
+        """Write the token file the children read (see :mod:`kvcake.cluster.token`), unless
+        the spec says ``no_token``; :meth:`start` calls it first, :meth:`stop` removes it."""
+        if not self.spec.no_token:
+            self.token.open()
 
     @property
     def authenticated(self) -> bool:
         """Whether the children prove a cluster token on every framed connection."""
-        return bool(self._auth_args)
+        return bool(self.token.flags)
 
     def _log(self, name: str) -> str | None:
         if not self.spec.log_dir:
@@ -241,7 +224,7 @@ class Cluster:
 
     def _internal(self) -> list[str]:
         """Flags of a child whose ports are internal: its address, and the token file."""
-        return ["--host", self.spec.internal_host, *self._auth_args]
+        return ["--host", self.spec.internal_host, *self.token.flags]
 
     def _start_ha_masters(self) -> None:
         self._etcd_dir = tempfile.TemporaryDirectory(prefix="kvcake-etcd-")
@@ -260,7 +243,7 @@ class Cluster:
     def _start_conductor(self) -> str:
         s = self.spec
         args = ["conductor", "--host", s.host, "--port", str(s.port), "--rpc-port", "0",
-                "--rpc-host", s.internal_host, *self._auth_args,
+                "--rpc-host", s.internal_host, *self.token.flags,
                 "--model", s.model, "--policy", s.policy, "--admission", s.admission,
                 "--slo-ttft", str(s.slo_ttft_s), "--slo-tbt", str(s.slo_tbt_s),
                 "--on-decode-failure", s.on_decode_failure]
@@ -298,10 +281,10 @@ class Cluster:
         for process in reversed(self.processes):
             process.stop(timeout_s=15.0)
         self.processes.clear()
-        for directory in (self._etcd_dir, self._token_dir):
-            if directory is not None:
-                directory.cleanup()
-        self._etcd_dir = self._token_dir = None
+        self.token.close()
+        if self._etcd_dir is not None:
+            self._etcd_dir.cleanup()
+            self._etcd_dir = None
 
 
 def _wait_output(process: ServerProcess, text: str, timeout_s: float = 30.0) -> None:
@@ -405,7 +388,7 @@ def run_up(spec: ClusterSpec) -> int:
           f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
           f"{', store ' + spec.store_size if spec.has_store else ''}"
           f"{f' ({HA_MASTERS} masters, etcd {cluster.master})' if spec.ha else ''}", flush=True)
-    token = f"{cluster.token_origin} cluster token" if cluster.authenticated \
+    token = f"{cluster.token.origin} cluster token" if cluster.authenticated \
         else "NO cluster token"
     print(f"  internal RPC on {spec.internal_host}, {token}", flush=True)
     print(f"  try: curl http://{endpoint}/v1/completions -H 'Content-Type: application/json' "
