@@ -298,8 +298,10 @@ COMPLETION = {"model": MODEL, "prompt": "Hi"}
 @pytest.mark.parametrize(("path", "body", "param", "message"), [
     ("/v1/completions", {**COMPLETION, "n": 17}, "n",
      "n: Input should be less than or equal to 16"),
-    ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, "prompt",
-     "prompt: batch prompts are not supported: send one prompt per request (got 2)"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["a"] * 5, "n": 16}, "prompt",
+     "prompt: at most 64 completions per request (prompts x n), got 80"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["a", ""]}, "prompt",
+     "prompt: must not be empty"),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt", "prompt: must not be empty"),
     ("/v1/completions", {**COMPLETION, "prompt": [1, -2]}, "prompt",
      "prompt: token ids must be non-negative integers"),

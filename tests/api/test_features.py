@@ -140,6 +140,18 @@ def test_n_choices_stream_each_in_order(serve: Serve) -> None:
     assert events[-1]["usage"]["completion_tokens"] == 6
 
 
+def test_a_batch_of_prompts_gets_n_choices_each(serve: Serve) -> None:
+    backend = FakeBackend()
+    body = post(serve(backend), "/v1/completions", {
+        **COMPLETION, "prompt": [[1, 2], [3]], "n": 2, "seed": 9}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [(r.request_id.rsplit("-", 1)[1], r.prompt, r.params.seed)
+            for r in backend.requests] == [
+        ("0", [1, 2], 9), ("1", [1, 2], 10), ("2", [3], 9), ("3", [3], 10)]
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22,
+                             "prompt_tokens_details": {"cached_tokens": 4}}
+
+
 def test_one_refused_choice_refuses_the_request(serve: Serve) -> None:
     backend = FakeBackend([RequestRejectedError("ttft_slo", "queue too long")])
     response = post(serve(backend), "/v1/completions", {**COMPLETION, "n": 2})

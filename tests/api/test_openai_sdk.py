@@ -187,7 +187,7 @@ Call = Callable[[openai.OpenAI], object]
     (lambda sdk: sdk.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}],
         response_format={"type": "json_object"}), "response_format"),
-    (lambda sdk: sdk.completions.create(model=MODEL, prompt=["a", "b"]), "prompt"),
+    (lambda sdk: sdk.completions.create(model=MODEL, prompt=["a"] * 65), "prompt"),
 ])
 def test_bad_request_raises_bad_request_error(client: openai.OpenAI, call: Call,
                                               param: str) -> None:
@@ -234,3 +234,12 @@ def test_chat_logprobs_parse_streamed_and_whole(client: openai.OpenAI) -> None:
     streamed = [c.choices[0].logprobs for c in stream if c.choices]
     assert streamed[0] is None  # the opening role chunk
     assert [len(lp.content or []) for lp in streamed[1:] if lp is not None] == [1, 1, 1, 1]
+
+
+def test_batched_prompts_parse(client: openai.OpenAI, backend: ScriptedBackend) -> None:
+    completion = client.completions.create(model=MODEL, prompt=["The sky", "The sea"],
+                                           max_tokens=4)
+    assert [(c.index, c.text) for c in completion.choices] == [
+        (0, "The sky is blue."), (1, "The sky is blue.")]
+    assert [r.prompt for r in backend.requests] == ["The sky", "The sea"]
+    assert completion.usage is not None and completion.usage.prompt_tokens == 12

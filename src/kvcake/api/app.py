@@ -117,11 +117,12 @@ class _Routes:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        generate = GenerateRequest(request_id=request_id, prompt=body.prompt, messages=None,
-                                   params=body.params(), echo=bool(body.echo))
+        generates = [GenerateRequest(request_id=request_id, prompt=prompt, messages=None,
+                                     params=body.params(), echo=bool(body.echo))
+                     for prompt in body.prompts]
         formatter = CompletionFormatter(request_id, body.model, int(time.time()),
-                                        body.include_usage, bool(body.echo))
-        return await self._answer(request, _choices(generate, body.num_choices), formatter,
+                                        body.include_usage, body.num_choices, bool(body.echo))
+        return await self._answer(request, _choices(generates, body.num_choices), formatter,
                                   bool(body.stream))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -130,8 +131,9 @@ class _Routes:
         generate = GenerateRequest(request_id=request_id, prompt=None,
                                    messages=body.message_dicts(), params=body.params(),
                                    add_generation_prompt=body.add_generation_prompt)
-        formatter = ChatFormatter(request_id, body.model, int(time.time()), body.include_usage)
-        return await self._answer(request, _choices(generate, body.num_choices), formatter,
+        formatter = ChatFormatter(request_id, body.model, int(time.time()), body.include_usage,
+                                  body.num_choices)
+        return await self._answer(request, _choices([generate], body.num_choices), formatter,
                                   bool(body.stream))
 
     async def tokenize(self, body: TokenizeRequest) -> Response:
@@ -203,17 +205,18 @@ class _Routes:
                     await generation.close()
 
 
-def _choices(generate: GenerateRequest, n: int) -> list[GenerateRequest]:
-    """One request per choice: ``<id>`` alone, else ``<id>-0 .. <id>-(n-1)``.
+def _choices(generates: list[GenerateRequest], n: int) -> list[GenerateRequest]:
+    """One request per choice, ``n`` per prompt: ``<id>`` alone, else ``<id>-<index>`` with
+    index ``prompt * n + choice`` (the choice's index in the answer).
 
     A seeded request's choices draw from seeds ``seed, seed + 1, ...``: reproducible, yet not
     n copies of one answer.
     """
-    if n == 1:
-        return [generate]
-    return [dataclasses.replace(generate, request_id=f"{generate.request_id}-{index}",
-                                params=_choice_params(generate.params, index))
-            for index in range(n)]
+    if len(generates) == 1 and n == 1:
+        return generates
+    return [dataclasses.replace(generate, request_id=f"{generate.request_id}-{p * n + choice}",
+                                params=_choice_params(generate.params, choice))
+            for p, generate in enumerate(generates) for choice in range(n)]
 
 
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -348,7 +351,7 @@ class _EventStream(Response):
         if self._formatter.include_usage:
             num_generated = sum(g.num_generated for g in self._generations)
             await _send_event(send, self._formatter.usage_chunk(
-                Usage.of(self._firsts[0], num_generated)))
+                Usage.of(self._firsts, self._formatter.choices_per_prompt, num_generated)))
 
     async def _send_chunk(self, send: Send, index: int, chunk: GenerateChunk,
                           pending: dict[asyncio.Future[GenerateChunk], int]) -> None:

@@ -18,6 +18,7 @@ from kvcake.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 MAX_CHOICES = 16  # ``n``: each choice is a request of its own in the cluster
+MAX_COMPLETIONS = 64  # prompts x n in one /v1/completions request
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
            "structured_outputs")
 
@@ -122,9 +123,10 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions: one prompt, as text or token ids."""
+    """POST /v1/completions: a prompt as text or token ids, or a batch of them (each prompt
+    gets ``n`` choices, indexed prompt by prompt)."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
@@ -132,20 +134,26 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: object) -> object:
-        """Unwrap a one-element batch; refuse real batches and empty prompts."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) > 1:
-                raise ValueError(f"batch prompts are not supported: send one prompt per "
-                                 f"request (got {len(prompt)})")
-            prompt = prompt[0]
-        if isinstance(prompt, str | list) and not prompt:
-            raise ValueError("must not be empty")
-        if isinstance(prompt, list) and not all(_is_token_id(token) for token in prompt):
-            raise ValueError("token ids must be non-negative integers")
-        if not isinstance(prompt, str | list):
-            raise ValueError(f"must be a string or a list of token ids, got {prompt!r}")
-        return prompt
+    def _prompts(cls, prompt: object, info: ValidationInfo) -> object:
+        """Check each prompt; unwrap a batch of one; bound prompts x n."""
+        if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)):
+            _check_prompt(prompt)
+            return prompt
+        for one in prompt:
+            _check_prompt(one)
+        total = len(prompt) * (info.data.get("n") or 1)
+        if total > MAX_COMPLETIONS:
+            raise ValueError(f"at most {MAX_COMPLETIONS} completions per request (prompts x "
+                             f"n), got {total}")
+        return prompt[0] if len(prompt) == 1 else prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the batch (one for a single prompt)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not isinstance(prompt[0], str | list):
+            return [prompt]
+        return list(prompt)
 
     @field_validator("suffix")
     @classmethod
@@ -290,6 +298,15 @@ class DetokenizeRequest(BaseModel):
         if not all(_is_token_id(token) for token in tokens):
             raise ValueError("token ids must be non-negative integers")
         return tokens
+
+
+def _check_prompt(prompt: object) -> None:
+    if isinstance(prompt, str | list) and not prompt:
+        raise ValueError("must not be empty")
+    if isinstance(prompt, list) and not all(_is_token_id(token) for token in prompt):
+        raise ValueError("token ids must be non-negative integers")
+    if not isinstance(prompt, str | list):
+        raise ValueError(f"must be a string or a list of token ids, got {prompt!r}")
 
 
 def _is_token_id(value: object) -> bool:

@@ -34,13 +34,17 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, last: GenerateChunk, num_generated: int) -> Usage:
-        """Usage after ``last``, the latest chunk, with ``num_generated`` tokens so far (over
-        every choice: the prompt counts once)."""
-        return cls(prompt_tokens=last.num_prompt_tokens, completion_tokens=num_generated,
-                   total_tokens=last.num_prompt_tokens + num_generated,
+    def of(cls, chunks: Sequence[GenerateChunk], choices_per_prompt: int,
+           num_generated: int) -> Usage:
+        """Usage with ``num_generated`` tokens so far over every choice; ``chunks`` holds a
+        chunk of each choice, ``choices_per_prompt`` consecutive ones per prompt (each prompt
+        counts once)."""
+        firsts = chunks[::choices_per_prompt]
+        prompt_tokens = sum(c.num_prompt_tokens for c in firsts)
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=num_generated,
+                   total_tokens=prompt_tokens + num_generated,
                    prompt_tokens_details=PromptTokensDetails(
-                       cached_tokens=last.num_cached_tokens))
+                       cached_tokens=sum(c.num_cached_tokens for c in firsts)))
 
 
 class CompletionLogprobs(BaseModel):
@@ -181,6 +185,7 @@ class CompletionFormatter:
     model: str
     created: int
     include_usage: bool = False
+    choices_per_prompt: int = 1
     echo: bool = False
     _offsets: dict[int, int] = field(default_factory=dict)
 
@@ -202,7 +207,8 @@ class CompletionFormatter:
     def response(self, choices: Sequence[Sequence[GenerateChunk]]) -> dict[str, Any]:
         built = [self._choice(index, chunks, 0) for index, chunks in enumerate(choices)]
         return Completion(id=self.request_id, created=self.created, model=self.model,
-                          choices=built, usage=_usage(choices)).model_dump()
+                          choices=built,
+                          usage=_usage(choices, self.choices_per_prompt)).model_dump()
 
     def _choice(self, index: int, chunks: Sequence[GenerateChunk],
                 offset: int) -> CompletionChoice:
@@ -231,6 +237,7 @@ class ChatFormatter:
     model: str
     created: int
     include_usage: bool = False
+    choices_per_prompt: int = 1
 
     def opening(self, num_choices: int) -> list[str]:
         return [self._event(ChatChunkChoice(index=index, delta=Delta(role="assistant",
@@ -250,7 +257,8 @@ class ChatFormatter:
     def response(self, choices: Sequence[Sequence[GenerateChunk]]) -> dict[str, Any]:
         built = [self._choice(index, chunks) for index, chunks in enumerate(choices)]
         return ChatCompletion(id=self.request_id, created=self.created, model=self.model,
-                              choices=built, usage=_usage(choices)).model_dump()
+                              choices=built,
+                              usage=_usage(choices, self.choices_per_prompt)).model_dump()
 
     def _choice(self, index: int, chunks: Sequence[GenerateChunk]) -> ChatChoice:
         message = AssistantMessage(content="".join(c.text for c in chunks))
@@ -270,8 +278,9 @@ class ChatFormatter:
 Formatter = CompletionFormatter | ChatFormatter
 
 
-def _usage(choices: Sequence[Sequence[GenerateChunk]]) -> Usage:
-    return Usage.of(choices[0][-1], sum(len(c.token_ids) for cs in choices for c in cs))
+def _usage(choices: Sequence[Sequence[GenerateChunk]], choices_per_prompt: int) -> Usage:
+    return Usage.of([chunks[-1] for chunks in choices], choices_per_prompt,
+                    sum(len(c.token_ids) for chunks in choices for c in chunks))
 
 
 def _completion_logprobs(entries: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
