@@ -84,6 +84,18 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(cluster: Cluster,
     assert greedy is not None and max(greedy, key=greedy.__getitem__) == logprobs.tokens[-1]
 
 
+def test_a_batch_scores_each_prompt(client: openai.OpenAI) -> None:
+    prompts = [PROMPT, "Paris is the capital of"]
+    completion = client.completions.create(model="smollm2", prompt=prompts, echo=True,
+                                           logprobs=1, max_tokens=1, temperature=0)
+    assert [c.index for c in completion.choices] == [0, 1]
+    for prompt, choice in zip(prompts, completion.choices, strict=True):
+        assert choice.text.startswith(prompt)
+        assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
+        assert choice.logprobs.token_logprobs[0] is None
+        assert all(_is_logprob(lp) for lp in choice.logprobs.token_logprobs[1:])
+
+
 def test_chat_logprobs_with_top_alternatives(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=6,
                                            temperature=0, logprobs=True, top_logprobs=3)
