@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from kvcake.chaos import runner
 from kvcake.chaos.ledger import Ledger
 from kvcake.chaos.report import print_table, verdict
 from kvcake.chaos.runner import run_chaos, select
@@ -76,6 +77,23 @@ def test_the_verdict_names_every_must_be_zero_column(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert out.splitlines()[1].split() == ["a", "10", "get:not_found", "2", "0", "0", "0",
                                            "1.23", "ok"]
+
+
+def test_an_interrupted_run_leaves_no_driver_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test's timeout or Ctrl-C while a scenario runs ends its driver (and so its cluster)."""
+    drivers: list[subprocess.Popen[str]] = []
+    real_communicate = subprocess.Popen.communicate
+
+    def interrupted(self: subprocess.Popen[str], *args: object, **kwargs: object) -> object:
+        if not drivers:
+            drivers.append(self)
+            raise KeyboardInterrupt
+        return real_communicate(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner._drive("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], 60.0)
+    assert drivers[0].poll() is not None  # ended, not orphaned
 
 
 def test_unknown_scenarios_are_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -101,6 +101,9 @@ def _drive(name: str, command: list[str], deadline_s: float) -> ScenarioResult:
             _end(driver)
             return ScenarioResult(name, hangs=1,
                                   integrity=f"driver still running after {deadline_s:.0f} s")
+        except BaseException:  # interrupted (Ctrl-C, a test's timeout): leave no driver behind
+            _end(driver)
+            raise
         log.seek(0)
         tail = log.read().decode(errors="replace").strip()[-1500:]
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(RESULT_PREFIX)), None)
