@@ -236,10 +236,10 @@ class WorkerServer:
                 await self._report_once()
                 failing = False
             except KvcakeError as exc:
-                if exc.code is ErrorCode.OBJECT_ALREADY_EXISTS:  # our id is a live one's
-                    log.warning("the conductor refused this instance: %s", exc)
-                elif not failing:
-                    log.warning("conductor unreachable: %s", exc)
+                if not failing:  # once per streak; a refused id is tried again (standby)
+                    refused = exc.code is ErrorCode.OBJECT_ALREADY_EXISTS
+                    log.warning("%s: %s", "the conductor refused this instance" if refused
+                                else "conductor unreachable", exc)
                 failing = True
             await asyncio.sleep(self.config.report_s)
 
