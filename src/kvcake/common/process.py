@@ -36,7 +36,11 @@ class ServerProcess:
             else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=self._log, stderr=subprocess.STDOUT)
-        self.match = self._await(re.compile(ready), timeout_s)
+        try:
+            self.match = self._await(re.compile(ready), timeout_s)
+        except BaseException:  # a caller's timeout or Ctrl-C mid-wait: nobody else holds
+            self.stop()       # this child yet, so it would outlive us
+            raise
 
     def _await(self, ready: re.Pattern[str], timeout_s: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout_s
