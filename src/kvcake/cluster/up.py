@@ -159,6 +159,11 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string",
                bool: "true or false"}
 
 
+class StartInterruptedError(BaseException):
+    """A stop signal while ``kvcake up`` starts (a BaseException: nothing on the way may
+    swallow it)."""
+
+
 class Cluster:
     """The children of one ``kvcake up``; ``stop`` ends them newest first."""
 
@@ -378,11 +383,24 @@ def wait_healthy(endpoint: str, roles: list[str], processes: Sequence[ServerProc
 def run_up(spec: ClusterSpec) -> int:
     """Start, print where it serves, wait for a signal or a dead child, stop. Exit code."""
     stop = threading.Event()
+    starting = [True]
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if starting[0]:  # abandon the start at once: Cluster.start stops what it started
+            starting[0] = False
+            raise StartInterruptedError
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     cluster = Cluster(spec)
     started = time.monotonic()
-    endpoint = cluster.start()
+    try:
+        endpoint = cluster.start()
+    except StartInterruptedError:
+        print("kvcake up: stopped while starting", flush=True)
+        return 0
+    starting[0] = False
     print(f"kvcake up: serving http://{endpoint}/v1 in {time.monotonic() - started:.0f}s — "
           f"model {spec.model!r}, {spec.prefill} prefill + {spec.decode} decode + "
           f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
