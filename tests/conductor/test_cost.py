@@ -91,12 +91,25 @@ def test_samples_that_all_look_alike_fit_what_they_show_and_keep_defaults_elsewh
     assert model.prefill_s(1024, 0) > model.prefill_s(512, 0)  # still grows with the prompt
 
 
-def test_predictions_are_never_negative() -> None:
+def test_more_work_never_predicts_less_time() -> None:
     model = CostModel()
-    for batch in range(1, 6):  # a fit that falls with the batch size
+    for batch in range(1, 6):  # noisy samples that fall with the batch size
         model.add_decode(DecodeSample(batch, 0, 0.1 - 0.01 * batch))
-    assert model.decode_step_s(5, 0) == pytest.approx(0.05)
-    assert model.decode_step_s(20, 0) == 0.0
+    steps = [model.decode_step_s(batch, 0) for batch in (1, 5, 20, 200)]
+    assert steps == sorted(steps) and steps[0] > 0.0
+    assert model.decode_step_s(3, 0) == pytest.approx(0.07)  # their mean: no slope left
+
+
+def test_a_concave_prefill_fit_does_not_make_long_prompts_free() -> None:
+    """Start-up profiles of 32..512 tokens on a loaded machine fitted ``new²`` negative, and a
+    1,000-token prompt was predicted to take 0 s (its decode seat lapsed while it ran)."""
+    model = CostModel()
+    for new in (32, 64, 64, 128, 512):
+        model.add_prefill(PrefillSample(new, 0, 0.06 * new - 1e-4 * new * new))
+    a, b, c, d = model.prefill_coefficients()
+    assert b > 0.0 and c >= 0.0 and d >= 0.0
+    long, profiled = model.prefill_s(1000, 0), model.prefill_s(512, 0)
+    assert long > profiled > 0.0
 
 
 def test_the_window_forgets_old_samples() -> None:

@@ -29,3 +29,13 @@ def test_gaps_exclude_the_first_token_and_split_batched_outputs(
     assert flight.state is FlightState.FINISHED
     assert flight.token_gaps() == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.2])
     assert flight.num_output_tokens == 6
+
+
+def test_a_decode_seat_is_held_twice_the_predicted_ttft_within_the_bound() -> None:
+    from kvcake.conductor.server import _hold_s
+    from kvcake.worker.messages import MAX_HOLD_S
+    assert _hold_s(12.5) == 25.0
+    assert _hold_s(0.0) == 0.0
+    assert _hold_s(float("inf")) == MAX_HOLD_S
+    assert _hold_s(float("nan")) == 0.0
+    assert _hold_s(-1.0) == 0.0

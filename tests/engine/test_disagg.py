@@ -199,6 +199,27 @@ def test_engine_loop_frees_a_reservation_nobody_commits(
     assert outputs == []
 
 
+def test_a_reservation_is_held_for_the_prefill_the_conductor_expects(
+        engines: Callable[..., EngineCore]) -> None:
+    """A long prefill queue must not outlive its decode seat: ``hold_s`` (the Conductor's
+    predicted TTFT, with slack) extends the base timeout for that reservation only."""
+    decode = engines()
+    loop = EngineLoop(decode, None, lambda _: None, lambda *_: None,
+                      reserve_timeout_s=0.2, transfer_timeout_s=1.0)
+    loop.start()
+    try:
+        assert loop.call(lambda: loop.reserve("held", 40, hold_s=3600.0)).result(5)
+        assert loop.call(lambda: loop.reserve("lost", 40)).result(5) is not None
+        deadline = time.monotonic() + 5
+        while loop.call(lambda: decode.num_reserved).result(5) == 2:
+            assert time.monotonic() < deadline, "the plain reservation never lapsed"
+            time.sleep(0.05)
+        assert loop.call(lambda: decode.release("held")).result(5)  # still there to release
+        assert not loop.call(lambda: decode.release("lost")).result(5)
+    finally:
+        loop.stop()
+
+
 def test_reserve_waits_while_the_batch_is_full(engines: Callable[..., EngineCore]) -> None:
     decode = engines(max_num_seqs=2)
     assert decode.reserve("a", 20) is not None

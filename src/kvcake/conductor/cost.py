@@ -9,7 +9,8 @@ bounded window of the most recent samples, anchored on the defaults::
     transfer_s(num_bytes) = num_bytes / bandwidth  (bandwidth = Σ bytes / Σ seconds)
 
 Samples that cannot pin every coefficient (all with the same prompt length, say) leave the
-undetermined directions at the defaults instead of failing. Predictions are never negative.
+undetermined directions at the defaults instead of failing. Every coefficient but the fixed
+cost stays >= 0, so more work never predicts less time; predictions are never negative.
 
 The TBT objective is not a step time: it is the mean of a request's slowest 10 % of token
 gaps as its client sees them, which interference (prefill sharing the machine, the trip
@@ -219,20 +220,43 @@ class _LinearFit:
         return self._coefficients
 
     def _fit(self) -> Vector:
+        """Least squares with every work coefficient (all but the fixed cost) >= 0: a
+        negative one, fitted to a few noisy samples, makes more work predict less time and
+        a long prompt cost nothing. Such a coefficient is pinned at 0 and the rest refitted."""
+        pinned: set[int] = set()
+        while True:
+            coefficients = self._fit_free(pinned)
+            negative = [j for j in range(1, len(coefficients))
+                        if j not in pinned and coefficients[j] < 0.0]
+            if not negative:
+                return coefficients
+            pinned.add(min(negative, key=lambda j: coefficients[j]))
+
+    def _fit_free(self, pinned: set[int]) -> Vector:
         """Least squares for the offset from the prior, on columns scaled to ≤ 1 (so that
-        ``new²`` and ``new·cached`` do not swamp the constant term in the normal equations)."""
-        k = len(self.prior)
-        scale = [max(abs(x[j]) for x, _ in self.samples) or 1.0 for j in range(k)]
-        rows = [([x[j] / scale[j] for j in range(k)], y - _dot(self.prior, x))
-                for x, y in self.samples]
-        gram = [[sum(r[i] * r[j] for r, _ in rows) for j in range(k)] for i in range(k)]
-        moment = [sum(r[i] * y for r, y in rows) for i in range(k)]
-        offset = _solve(gram, moment)
-        if offset is None:  # some direction is not pinned by the samples: keep it at the prior
-            ridge = _RIDGE * max(gram[i][i] for i in range(k))
-            offset = _solve([[g + (ridge if i == j else 0.0) for j, g in enumerate(row)]
-                             for i, row in enumerate(gram)], moment) or [0.0] * k
-        return tuple(p + o / s for p, o, s in zip(self.prior, offset, scale, strict=True))
+        ``new²`` and ``new·cached`` do not swamp the constant term in the normal equations);
+        the ``pinned`` columns' coefficients are 0."""
+        prior = tuple(0.0 if j in pinned else p for j, p in enumerate(self.prior))
+        free = [j for j in range(len(prior)) if j not in pinned]
+        scale = {j: max(abs(x[j]) for x, _ in self.samples) or 1.0 for j in free}
+        rows = [([x[j] / scale[j] for j in free], y - _dot(prior, x)) for x, y in self.samples]
+        offset = _least_squares(rows, len(free))
+        coefficients = list(prior)
+        for i, j in enumerate(free):
+            coefficients[j] += offset[i] / scale[j]
+        return tuple(coefficients)
+
+
+def _least_squares(rows: list[tuple[list[float], float]], k: int) -> list[float]:
+    """``argmin |R·o - y|``; a direction the rows leave free stays near 0 (a small ridge)."""
+    gram = [[sum(r[i] * r[j] for r, _ in rows) for j in range(k)] for i in range(k)]
+    moment = [sum(r[i] * y for r, y in rows) for i in range(k)]
+    offset = _solve(gram, moment)
+    if offset is None:
+        ridge = _RIDGE * max((gram[i][i] for i in range(k)), default=0.0)
+        offset = _solve([[g + (ridge if i == j else 0.0) for j, g in enumerate(row)]
+                         for i, row in enumerate(gram)], moment) or [0.0] * k
+    return offset
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:

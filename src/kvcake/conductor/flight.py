@@ -65,6 +65,7 @@ class Flight:
     tenant: str
     prefill_id: str
     decode_id: str
+    predicted_ttft_s: float = 0.0  # what routing expected; the decode seat is held for it
     state: FlightState = FlightState.ROUTED
     num_output_tokens: int = 0
     prefill_done: asyncio.Future[PrefillDone] = field(

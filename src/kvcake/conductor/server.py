@@ -61,7 +61,15 @@ from kvcake.transfer.segment import (
     local_host_id,
     prove_ownership,
 )
-from kvcake.worker.messages import Abort, Commit, Prefill, Release, Reserve, Reserved
+from kvcake.worker.messages import (
+    MAX_HOLD_S,
+    Abort,
+    Commit,
+    Prefill,
+    Release,
+    Reserve,
+    Reserved,
+)
 
 log = get_logger(__name__)
 _RPC_TIMEOUT_S = 30.0
@@ -308,7 +316,7 @@ class ConductorServer:
         self.metrics.routed.inc(policy=self.policy.policy, prefill=decision.prefill_id,
                                 decode=decision.decode_id)
         flight = Flight(request_id, tokens, params, tenant, decision.prefill_id,
-                        decision.decode_id)
+                        decision.decode_id, decision.predicted_ttft_s)
         self.flights[request_id] = flight
         task = asyncio.create_task(self._drive(flight))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -361,7 +369,8 @@ class ConductorServer:
         pause = _RESERVE_RETRY_S
         while True:
             reply = decode(await self._call(flight.decode_id, Reserve(
-                flight.request_id, len(flight.prompt_token_ids))), Reserved)
+                flight.request_id, len(flight.prompt_token_ids),
+                _hold_s(flight.predicted_ttft_s))), Reserved)
             if reply.block_ids is not None:
                 return reply
             if self.clock() >= deadline or flight.state.ended:
@@ -419,3 +428,10 @@ class ConductorServer:
 
     def render_metrics(self) -> str:
         return self.metrics.render(self.service.stats())
+
+
+def _hold_s(predicted_ttft_s: float) -> float:
+    """How much longer than its base timeout a decode seat waits for its prefill: twice the
+    predicted TTFT (queue and prefill; a cost model may be optimistic), within the bound."""
+    hold_s = 2.0 * predicted_ttft_s
+    return min(hold_s, MAX_HOLD_S) if hold_s >= 0.0 else 0.0  # NaN: no hold

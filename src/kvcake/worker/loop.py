@@ -157,10 +157,12 @@ class EngineLoop:
         self.core.add_request(message.request_id, message.prompt_token_ids, params,
                               message.tenant)
 
-    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
+    def reserve(self, request_id: str, num_prompt_tokens: int, hold_s: float = 0.0
+                ) -> list[int] | None:
+        """Blocks held for ``reserve_timeout_s + hold_s`` unless committed or released."""
         block_ids = self.core.reserve(request_id, num_prompt_tokens)
         if block_ids is not None:
-            self._deadlines[request_id] = time.monotonic() + self._reserve_timeout_s
+            self._deadlines[request_id] = time.monotonic() + self._reserve_timeout_s + hold_s
         return block_ids
 
     def settle(self, request_id: str) -> None:
@@ -241,8 +243,7 @@ class EngineLoop:
         now = time.monotonic()
         for request_id, deadline in list(self._deadlines.items()):
             if deadline <= now:
-                log.warning("reservation %s not committed within %.0fs: freed", request_id,
-                            self._reserve_timeout_s)
+                log.warning("reservation %s not committed in time: freed", request_id)
                 self.core.release(request_id)
                 del self._deadlines[request_id]
 

@@ -52,9 +52,17 @@ class Prefill(msgspec.Struct, tag=True, frozen=True):
     target_grants: Grants = []  # the decode instance's, one per run of its blocks
 
 
+MAX_HOLD_S = 600.0  # a reservation outlives a silent Conductor by no more than this
+
+
 class Reserve(msgspec.Struct, tag=True, frozen=True):
+    """Blocks for a prompt's KV, held until committed or released, or for
+    ``reserve_timeout_s`` plus ``hold_s`` (the prefill's predicted time, with slack; at most
+    ``MAX_HOLD_S``) if neither comes: a long prefill queue must not outlive its seat."""
+
     request_id: str
     num_prompt_tokens: int
+    hold_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_HOLD_S)] = 0.0
 
 
 class Commit(msgspec.Struct, tag=True, frozen=True):

@@ -155,9 +155,9 @@ class WorkerServer:
             self._check_role(message)
             await asyncio.wrap_future(loop.call(lambda: loop.add(message)))
         elif isinstance(message, Reserve):
-            block_ids = await asyncio.wrap_future(loop.call(
-                lambda: loop.reserve(message.request_id, message.num_prompt_tokens)))
-            return encode(Reserved(block_ids, self._kv_grants(block_ids)))
+            block_ids = await asyncio.wrap_future(loop.call(lambda: loop.reserve(
+                message.request_id, message.num_prompt_tokens, message.hold_s)))
+            return encode(Reserved(block_ids, self._kv_grants(block_ids, message.hold_s)))
         elif isinstance(message, Commit):
             await asyncio.wrap_future(loop.call(lambda: self._commit(loop, message)))
         elif isinstance(message, Release):
@@ -166,12 +166,12 @@ class WorkerServer:
             await asyncio.wrap_future(loop.call(lambda: loop.abort(message.request_id)))
         return encode(Ack())
 
-    def _kv_grants(self, block_ids: list[int] | None) -> list[bytes]:
+    def _kv_grants(self, block_ids: list[int] | None, hold_s: float) -> list[bytes]:
         """The prefill may write our reserved blocks, until the reservation would lapse."""
         region = self.core.kv_region
         if not block_ids or region is None or self._transfer is None:
             return []
-        ttl_s = self.config.reserve_timeout_s + self.config.transfer_timeout_s
+        ttl_s = self.config.reserve_timeout_s + hold_s + self.config.transfer_timeout_s
         return sign_kv_grants(self._transfer, region, block_ids, ttl_s)
 
     def _check_role(self, message: Prefill) -> None:
