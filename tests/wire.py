@@ -24,11 +24,15 @@ def recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
     """One whole frame: its header and payload."""
     raw = b""
     while len(raw) < HEADER_SIZE:
-        raw += sock.recv(HEADER_SIZE - len(raw))
+        chunk = sock.recv(HEADER_SIZE - len(raw))
+        assert chunk, "server closed without answering"
+        raw += chunk
     header = unpack_header(raw, 1 << 30)
     payload = b""
     while len(payload) < header.payload_size:
-        payload += sock.recv(header.payload_size - len(payload))
+        chunk = sock.recv(header.payload_size - len(payload))
+        assert chunk, "server closed mid-payload"
+        payload += chunk
     return header, payload
 
 

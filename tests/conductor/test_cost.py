@@ -106,7 +106,7 @@ def test_a_concave_prefill_fit_does_not_make_long_prompts_free() -> None:
     model = CostModel()
     for new in (32, 64, 64, 128, 512):
         model.add_prefill(PrefillSample(new, 0, 0.06 * new - 1e-4 * new * new))
-    a, b, c, d = model.prefill_coefficients()
+    _, b, c, d = model.prefill_coefficients()
     assert b > 0.0 and c >= 0.0 and d >= 0.0
     long, profiled = model.prefill_s(1000, 0), model.prefill_s(512, 0)
     assert long > profiled > 0.0

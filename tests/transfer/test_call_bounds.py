@@ -9,22 +9,10 @@ from collections.abc import Callable
 from fuzzing import call_frame
 from kvcake.common import codec
 from kvcake.common.errors import ErrorCode
-from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, unpack_header
+from kvcake.common.frames import FrameOp
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.messages import MAX_SEGMENT_NAMES, DescribeReply, DescribeRequest
-
-
-def recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
-    raw = b""
-    while len(raw) < HEADER_SIZE:
-        chunk = sock.recv(HEADER_SIZE - len(raw))
-        assert chunk, "server closed without answering"
-        raw += chunk
-    header = unpack_header(raw, 1 << 30)
-    payload = b""
-    while len(payload) < header.payload_size:
-        payload += sock.recv(header.payload_size - len(payload))
-    return header, payload
+from wire import recv_frame
 
 
 def test_an_over_long_describe_is_refused_and_the_server_serves_on(

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvcake.common.errors import ErrorCode
-from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+from kvcake.common.frames import FrameOp, pack_header
 from kvcake.transfer import TransferEngine
+from wire import recv_frame
 
 
 @pytest.fixture
@@ -23,19 +24,6 @@ def server(make_engine: Callable[..., TransferEngine]) -> Iterator[tuple[str, in
 
 def connect(server: tuple[str, int, int]) -> socket.socket:
     return socket.create_connection(server[:2], timeout=5)
-
-
-def recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
-    raw = b""
-    while len(raw) < HEADER_SIZE:
-        chunk = sock.recv(HEADER_SIZE - len(raw))
-        assert chunk, "server closed without answering"
-        raw += chunk
-    header = unpack_header(raw, 1 << 30)
-    payload = b""
-    while len(payload) < header.payload_size:
-        payload += sock.recv(header.payload_size - len(payload))
-    return header, payload
 
 
 def assert_still_serving(server: tuple[str, int, int]) -> None:
