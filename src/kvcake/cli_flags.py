@@ -46,7 +46,8 @@ def add_cluster_token_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
-    parser.add_argument("--dtype", help="bfloat16 (default), float32, float16")
+    parser.add_argument("--dtype", help="auto (default: bfloat16 where the CPU computes it "
+                        "natively, else float32), bfloat16, float32, float16")
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--attention", help="sdpa (default) or eager (HF's exact math)")
     parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")

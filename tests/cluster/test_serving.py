@@ -213,7 +213,8 @@ def test_cluster_refuses_a_bad_spec() -> None:
 
 
 def test_prefill_killed_mid_prefill_frees_the_decode_reservation(tmp_path: Path) -> None:
-    cluster = Cluster(_spec(tmp_path, store_size="0"))
+    # room for a 2,000-token prompt in float32 KV too (46 KB a token)
+    cluster = Cluster(_spec(tmp_path, store_size="0", kv_cache_size="160MiB"))
     cluster.start()
     try:
         client = _client(cluster)
@@ -242,7 +243,7 @@ def test_a_restarted_conductor_rebuilds_its_index_from_the_instances(tmp_path: P
     conductor = ServerProcess(kvcake_command(*conductor_args), ready, 120, "conductor")
     workers = [ServerProcess(kvcake_command(
         "worker", "--role", role, "--conductor", f"127.0.0.1:{rpc_port}", "--instance-id",
-        role, "--kv-cache-size", "32MiB", "--threads", "1"), "listening on", 120, role)
+        role, "--kv-cache-size", "64MiB", "--threads", "1"), "listening on", 120, role)
         for role in ("prefill", "decode")]
     try:
         endpoint = conductor.match.group(1)

@@ -94,3 +94,14 @@ def test_codec_round_trips_a_tagged_union() -> None:
 def test_codec_rejects_garbage_with_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="malformed control message"):
         codec.decode(b"\xc1\x00", Ping | Pong)
+
+
+def test_auto_dtype_is_bf16_only_where_it_is_computed_natively(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcake.common import config
+    assert config.resolve_dtype("float16", "cpu") == "float16"  # an explicit choice stays
+    assert config.resolve_dtype("auto", "cuda:0") == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(config, "cpu_has_native_bf16", lambda native=native: native)
+        assert config.resolve_dtype("auto", "cpu") == expected
+        assert config.EngineConfig().dtype == expected  # resolved when the config is made
