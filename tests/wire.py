@@ -38,3 +38,20 @@ def recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
 
 def grant_frame(blob: bytes) -> bytes:
     return pack_header(FrameOp.GRANT, 0, length=len(blob)) + blob
+
+
+def read_reply(sock: socket.socket) -> str:
+    """One HTTP reply, whole: its head, then the body its Content-Length announces."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "server closed before its reply's head"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "server closed mid-body"
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()

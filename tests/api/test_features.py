@@ -24,6 +24,7 @@ from test_app import (
 from kvcake.api import EchoedPrompt, GenerateChunk, TokenLogprob
 from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import InvalidParamsError, RequestRejectedError
+from wire import read_reply
 
 __all__ = ["serve"]  # the fixture, shared with test_app
 
@@ -46,19 +47,6 @@ GENERATED_LOGPROBS = {
     "top_logprobs": [{"Hel": -0.5, "He": -1.5}, {"lo": -0.25, "la": -3.0},
                      {"?": -0.75, "!": -1.0}],
     "text_offset": [0, 3, 5]}
-
-
-def read_reply(sock: socket.socket) -> str:
-    """One HTTP reply, whole: its head, then the body its Content-Length announces."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return (head + b"\r\n\r\n" + body).decode()
 
 
 # ----- /v1/completions

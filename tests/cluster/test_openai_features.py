@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from kvcake.cluster import Cluster, ClusterSpec
+from wire import read_reply
 
 QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
@@ -45,19 +46,6 @@ def _post(cluster: Cluster, path: str, body: dict[str, Any]) -> dict[str, Any]:
     with urllib.request.urlopen(request, timeout=60) as reply:
         answer: dict[str, Any] = json.loads(reply.read())
     return answer
-
-
-def read_reply(sock: socket.socket) -> str:
-    """One HTTP reply, whole: its head, then the body its Content-Length announces."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return (head + b"\r\n\r\n" + body).decode()
 
 
 def _is_logprob(value: float | None) -> bool:
