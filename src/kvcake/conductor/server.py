@@ -58,7 +58,7 @@ from kvcake.engine.sampling import SamplingParams, fit_context
 from kvcake.transfer.segment import (
     SegmentDescriptor,
     instance_registrant,
-    local_host_id,
+    offers_local_mapping,
     prove_ownership,
 )
 from kvcake.worker.messages import (
@@ -152,7 +152,7 @@ class ConductorServer:
             region.descriptor, registrant=instance_registrant(message.instance_id))
         message = msgspec.structs.replace(
             message, kv_region=msgspec.structs.replace(region, descriptor=descriptor))
-        if descriptor.shm_socket and descriptor.host_id == local_host_id():
+        if offers_local_mapping(descriptor):
             return self._register_proven(message, descriptor)
         self._register(message)
         return encode(ReportReply())

@@ -17,7 +17,12 @@ import select
 
 from kvcake.common.auth import ClusterAuth
 from kvcake.transfer.handover import OwnerProcess
-from kvcake.transfer.segment import SegmentDescriptor, local_host_id, prove_ownership
+from kvcake.transfer.segment import (
+    SegmentDescriptor,
+    local_host_id,
+    offers_local_mapping,
+    prove_ownership,
+)
 
 
 class SegmentOwners:
@@ -32,7 +37,7 @@ class SegmentOwners:
 
     def must_verify(self, descriptor: SegmentDescriptor) -> bool:
         """Whether a mount offers a same-host mapping on this master's host."""
-        return bool(descriptor.shm_socket) and descriptor.host_id == self._host_id
+        return offers_local_mapping(descriptor, self._host_id)
 
     async def verify(self, client_id: str, descriptor: SegmentDescriptor) -> None:
         """Raise ``ACCESS_DENIED`` unless the segment's owner hands it over for ``client_id``."""

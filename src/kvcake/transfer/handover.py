@@ -30,7 +30,6 @@ import stat
 import struct
 import threading
 from collections.abc import Callable
-from typing import Self
 
 import msgspec
 
@@ -195,13 +194,6 @@ class Handover:
     def __init__(self, fd: int, owner: OwnerProcess) -> None:
         self.fd = fd
         self.owner = owner
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close_fd()
-        self.owner.close()
 
     def close_fd(self) -> None:
         if self.fd >= 0:

@@ -151,6 +151,12 @@ class Segment:
         return f"Segment(name={self.name!r}, id={self.segment_id}, size={self.size})"
 
 
+def offers_local_mapping(descriptor: SegmentDescriptor, host_id: str = "") -> bool:
+    """Whether ``descriptor`` offers a same-host mapping to a process on ``host_id`` (this
+    host by default): the case in which its owner can be asked to prove it."""
+    return bool(descriptor.shm_socket) and descriptor.host_id == (host_id or local_host_id())
+
+
 def prove_ownership(descriptor: SegmentDescriptor, auth: ClusterAuth = NO_AUTH
                     ) -> OwnerProcess:
     """The owner's pidfd, once the owner handed the segment over for its registrant; else
