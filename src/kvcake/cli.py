@@ -61,7 +61,7 @@ def _cmd_transfer_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
-    from kvcake.store.run import run_master
+    from kvcake.store.master.run import run_master
 
     config = load_config(MasterConfig, "master", {
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
@@ -77,7 +77,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from kvcake.store.run import run_node
+    from kvcake.store.master.run import run_node
 
     config = load_config(StoreConfig, "store", {
         "master": args.master, "segment_size": size_or_none(args.segment_size),

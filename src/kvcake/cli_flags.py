@@ -56,7 +56,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tenant_flags(master: argparse.ArgumentParser) -> None:
-    """The master's tenant quotas and tokens (see :mod:`kvcake.store.tenants`)."""
+    """The master's tenant quotas and tokens (see :mod:`kvcake.store.master.tenants`)."""
     master.add_argument("--tenant-quota", action="append", metavar="NAME=SIZE",
                         help="memory quota of one tenant, e.g. acme=512MiB (repeatable; "
                         "0 = unlimited)")
@@ -68,7 +68,7 @@ def add_tenant_flags(master: argparse.ArgumentParser) -> None:
 
 
 def tenant_overrides(args: argparse.Namespace) -> dict[str, object]:
-    from kvcake.store.tenants import load_tenants, merge_tenants, parse_tenant_quota
+    from kvcake.store.master import load_tenants, merge_tenants, parse_tenant_quota
 
     default, policies = load_tenants(args.tenants_file) if args.tenants_file else (None, ())
     flags = [parse_tenant_quota(text) for text in args.tenant_quota or []]

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import pytest
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.store.allocator import GRANULE, SegmentAllocator
+from kvcake.store.master.allocator import GRANULE, SegmentAllocator
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -12,7 +12,7 @@ import pytest
 from kvcake.common import codec
 from kvcake.common.errors import InvalidParamsError
 from kvcake.store import messages as m
-from kvcake.store.disk import MANIFEST, DiskTier
+from kvcake.store.node.disk import MANIFEST, DiskTier
 
 SEGMENT = memoryview(bytearray(b"0123456789abcdef" * 4))
 

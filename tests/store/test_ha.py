@@ -22,8 +22,8 @@ from kvcake.common.process import ServerProcess, kvcake_command, start_node
 from kvcake.common.rpc import RpcClient
 from kvcake.store import DistributedStore, ReplicateConfig
 from kvcake.store import messages as m
-from kvcake.store.ha import LeaderElection, LeadershipLostError, find_leader, split_etcd_url
-from kvcake.store.journal import Layout
+from kvcake.store.master.ha import LeaderElection, LeadershipLostError, find_leader, split_etcd_url
+from kvcake.store.master.journal import Layout
 from kvcake.store.session import LeaderFinder
 
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import pytest
 from kvcake.common import codec
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError
-from kvcake.store.allocator import SegmentAllocator
-from kvcake.store.journal import (
+from kvcake.store.master.allocator import SegmentAllocator
+from kvcake.store.master.journal import (
     ChangeSet,
     Layout,
     ObjectRecord,
@@ -19,9 +19,9 @@ from kvcake.store.journal import (
     restore,
     writes_for,
 )
+from kvcake.store.master.replica import Tier
+from kvcake.store.master.service import MasterService
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig
-from kvcake.store.replica import Tier
-from kvcake.store.service import MasterService
 from kvcake.transfer.segment import SegmentDescriptor
 
 KIB = 1 << 10

@@ -16,8 +16,8 @@ from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
 from kvcake.store import messages as m
-from kvcake.store.server import MasterServer
-from kvcake.store.service import MasterService
+from kvcake.store.master.server import MasterServer
+from kvcake.store.master.service import MasterService
 from kvcake.transfer.segment import SegmentDescriptor
 
 TIMEOUT_S = 5.0

@@ -9,14 +9,14 @@ import pytest
 
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig
-from kvcake.store.replica import IllegalTransitionError, Replica, ReplicaState, Tier
-from kvcake.store.service import (
+from kvcake.store.master.replica import IllegalTransitionError, Replica, ReplicaState, Tier
+from kvcake.store.master.service import (
     DropDiskTask,
     MasterService,
     OffloadTask,
     PromoteTask,
 )
+from kvcake.store.messages import ReplicaHandle, ReplicateConfig
 from kvcake.transfer.segment import SegmentDescriptor
 
 KIB = 1 << 10

@@ -16,7 +16,7 @@ from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store import messages as m
-from kvcake.store.grants import ReplicaGrants
+from kvcake.store.master.grants import ReplicaGrants
 from kvcake.transfer.grants import Grant, GrantMode, new_grant_key, open_grant
 from kvcake.transfer.segment import SegmentDescriptor
 from wire import authenticated_socket, grant_frame, recv_frame

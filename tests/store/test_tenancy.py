@@ -17,10 +17,9 @@ from kvcake.common.config import MasterConfig, StoreConfig, TenantPolicy
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
 from kvcake.common.process import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig, TenantStats
-from kvcake.store.metrics import render_metrics
-from kvcake.store.service import MasterService, OffloadTask, PromoteTask
-from kvcake.store.tenants import (
+from kvcake.store.master.metrics import render_metrics
+from kvcake.store.master.service import MasterService, OffloadTask, PromoteTask
+from kvcake.store.master.tenants import (
     load_tenants,
     merge_tenants,
     parse_tenant_quota,
@@ -28,6 +27,7 @@ from kvcake.store.tenants import (
     tenant_of_key,
     user_key,
 )
+from kvcake.store.messages import ReplicaHandle, ReplicateConfig, TenantStats
 from kvcake.transfer.segment import SegmentDescriptor
 
 KIB = 1 << 10

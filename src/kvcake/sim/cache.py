@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.trace import TRACE_BLOCK_TOKENS, TraceRecord
-from kvcake.store.eviction import EvictionPolicy, make_eviction_policy
+from kvcake.store import EvictionPolicy, make_eviction_policy
 
 
 @dataclass(frozen=True)

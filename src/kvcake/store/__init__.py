@@ -3,12 +3,19 @@ replicas), storage nodes that contribute memory (and disk), and clients with Moo
 
 from kvcake.store.client import AsyncStore
 from kvcake.store.compat import DistributedStore
-from kvcake.store.eviction import EVICTION_POLICIES, EvictionPolicy, make_eviction_policy
+from kvcake.store.master import (
+    EVICTION_POLICIES,
+    PLACEMENT_POLICIES,
+    EvictionPolicy,
+    MasterServer,
+    MasterService,
+    PlacementPolicy,
+    Replica,
+    ReplicaState,
+    StoredObject,
+    make_eviction_policy,
+)
 from kvcake.store.messages import ReplicateConfig
-from kvcake.store.placement import PLACEMENT_POLICIES, PlacementPolicy
-from kvcake.store.replica import Replica, ReplicaState, StoredObject
-from kvcake.store.server import MasterServer
-from kvcake.store.service import MasterService
 
 MooncakeDistributedStore = DistributedStore
 

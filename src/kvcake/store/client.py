@@ -25,8 +25,8 @@ from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcServer
 from kvcake.store import messages as m
-from kvcake.store.disk import DiskTier
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig
+from kvcake.store.node.disk import DiskTier
 from kvcake.store.session import MasterSession, Mount
 from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
 from kvcake.transfer.segment import store_registrant

@@ -28,8 +28,8 @@ from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient
 from kvcake.store import messages as m
-from kvcake.store.ha import find_leader, split_etcd_url
-from kvcake.store.journal import Layout, LeaderRecord
+from kvcake.store.master.ha import find_leader, split_etcd_url
+from kvcake.store.master.journal import Layout, LeaderRecord
 from kvcake.transfer.segment import SegmentDescriptor
 
 log = get_logger(__name__)

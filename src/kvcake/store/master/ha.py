@@ -2,7 +2,7 @@
 
 Election: each master campaigns by creating ``<prefix>leader`` under an etcd lease of
 ``leader_ttl_s`` (a transaction that succeeds only while the key does not exist). The winner
-restores the journal (:mod:`kvcake.store.journal`), starts serving, and publishes its RPC
+restores the journal (:mod:`kvcake.store.master.journal`), starts serving, and publishes its RPC
 endpoint in the key; standbys wait for the key to vanish, which it does when the leader's
 lease lapses (a dead or cut-off leader) or is revoked (a clean shutdown). Clients and nodes
 given ``etcd://HOST:PORT`` read the key to find the leader (:func:`find_leader`).
@@ -39,7 +39,7 @@ from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, KvcakeError, MetadataError
 from kvcake.common.etcd import guarded, parse_etcd
 from kvcake.common.log import get_logger
-from kvcake.store.journal import (
+from kvcake.store.master.journal import (
     ChangeSet,
     Layout,
     LeaderRecord,
@@ -48,7 +48,7 @@ from kvcake.store.journal import (
     Write,
     writes_for,
 )
-from kvcake.store.service import MasterService
+from kvcake.store.master.service import MasterService
 
 log = get_logger(__name__)
 

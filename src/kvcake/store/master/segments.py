@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, SegmentNotFoundError
-from kvcake.store.allocator import SegmentAllocator
+from kvcake.store.master.allocator import SegmentAllocator
 from kvcake.transfer.segment import SegmentDescriptor
 
 

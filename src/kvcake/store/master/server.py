@@ -24,13 +24,13 @@ from kvcake.common.http import TextHttpServer
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.store import messages as m
-from kvcake.store.grants import ReplicaGrants
-from kvcake.store.ha import Persistence
-from kvcake.store.metrics import render_metrics, summary_line
-from kvcake.store.owners import SegmentOwners
-from kvcake.store.replica import Tier
-from kvcake.store.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
-from kvcake.store.tenants import scoped_key
+from kvcake.store.master.grants import ReplicaGrants
+from kvcake.store.master.ha import Persistence
+from kvcake.store.master.metrics import render_metrics, summary_line
+from kvcake.store.master.owners import SegmentOwners
+from kvcake.store.master.replica import Tier
+from kvcake.store.master.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
+from kvcake.store.master.tenants import scoped_key
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.segment import store_registrant
 
@@ -154,7 +154,7 @@ class MasterServer:
 
     def _mount(self, request: m.MountSegment) -> m.MountReply | Awaitable[m.MountReply]:
         """The segment is published as the mounting client's; on our host its owner must
-        prove that first (:mod:`kvcake.store.owners`)."""
+        prove that first (:mod:`kvcake.store.master.owners`)."""
         descriptor = msgspec.structs.replace(request.descriptor,
                                              registrant=store_registrant(request.client_id))
         request = msgspec.structs.replace(request, descriptor=descriptor)

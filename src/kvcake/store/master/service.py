@@ -1,6 +1,6 @@
 """The master: objects, replicas, leases, eviction and liveness, with no I/O.
 
-The RPC server (:mod:`kvcake.store.server`) calls these methods with the current time and
+The RPC server (:mod:`kvcake.store.master.server`) calls these methods with the current time and
 carries out the disk-tier :data:`Task` s they queue; tests and the simulator drive it
 directly with an injected clock. It never touches object bytes.
 
@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 
 from kvcake.common.config import DEFAULT_TENANT, MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
-from kvcake.store.eviction import make_eviction_policy
-from kvcake.store.journal import ChangeSet
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig, Stats
-from kvcake.store.placement import PlacementRequest, make_placement_policy
-from kvcake.store.replica import Replica, ReplicaState, StoredObject, Tier
-from kvcake.store.segments import MountedSegment, SegmentRegistry
-from kvcake.store.tenants import (
+from kvcake.store.master.eviction import make_eviction_policy
+from kvcake.store.master.journal import ChangeSet
+from kvcake.store.master.placement import PlacementRequest, make_placement_policy
+from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
+from kvcake.store.master.segments import MountedSegment, SegmentRegistry
+from kvcake.store.master.tenants import (
     TenantLedger,
     check_user_key,
     scoped_key,
@@ -38,6 +37,7 @@ from kvcake.store.tenants import (
     tenant_stats,
     usage_by_tenant,
 )
+from kvcake.store.messages import ReplicaHandle, ReplicateConfig, Stats
 from kvcake.transfer.segment import SegmentDescriptor
 
 MAX_REPLICAS = 16

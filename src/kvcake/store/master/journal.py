@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from kvcake.common import codec
-from kvcake.store.allocator import SegmentAllocator
-from kvcake.store.replica import Replica, ReplicaState, StoredObject, Tier
-from kvcake.store.segments import ClientRecord, MountedSegment
-from kvcake.store.tenants import usage_by_tenant
+from kvcake.store.master.allocator import SegmentAllocator
+from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
+from kvcake.store.master.segments import ClientRecord, MountedSegment
+from kvcake.store.master.tenants import usage_by_tenant
 from kvcake.transfer.segment import SegmentDescriptor
 
 if TYPE_CHECKING:
-    from kvcake.store.service import MasterService
+    from kvcake.store.master.service import MasterService
 
 DEFAULT_PREFIX = "/kvcake/store/"
 

@@ -2,7 +2,7 @@
 
 With ``--etcd`` a master is a standby until it wins the election, leads until its term ends
 (then campaigns again, with a fresh state) or it is signalled (then it resigns, so a standby
-takes over at once); see :mod:`kvcake.store.ha`.
+takes over at once); see :mod:`kvcake.store.master.ha`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from kvcake.common.errors import KvcakeError, MetadataError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore
-from kvcake.store.ha import LeaderElection, Persistence, load_journal, split_etcd_url
-from kvcake.store.journal import restore
-from kvcake.store.server import MasterServer
+from kvcake.store.master.ha import LeaderElection, Persistence, load_journal, split_etcd_url
+from kvcake.store.master.journal import restore
+from kvcake.store.master.server import MasterServer
 
 _CAMPAIGN_POLL_S = 0.25
 _FLUSH_IDLE_S = 0.05
