@@ -77,7 +77,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from kvcake.store.master.run import run_node
+    from kvcake.store.node import run_node
 
     config = load_config(StoreConfig, "store", {
         "master": args.master, "segment_size": size_or_none(args.segment_size),

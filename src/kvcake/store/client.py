@@ -1,4 +1,4 @@
-"""The native asyncio store client (and, with a segment, a storage node).
+"""The native asyncio store client (and, with ``segment_size``, a storage node).
 
 ::
 
@@ -23,13 +23,11 @@ from collections.abc import Sequence
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.common.rpc import RpcServer
 from kvcake.store import messages as m
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig
-from kvcake.store.node.disk import DiskTier
-from kvcake.store.session import MasterSession, Mount
+from kvcake.store.node import NodeServer
+from kvcake.store.session import MasterSession
 from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
-from kvcake.transfer.segment import store_registrant
 
 log = get_logger(__name__)
 
@@ -57,10 +55,8 @@ class AsyncStore:
         self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
         self._scratch_busy = False
         self.session: MasterSession | None = None
-        self.segment_name = ""
+        self.node = NodeServer(self.config, self.transfer_config.host)  # with segment_size
         self._segments: dict[int, RemoteSegment] = {}
-        self._disk: DiskTier | None = None
-        self._control: RpcServer | None = None
 
     # ----- lifecycle
     async def setup(self) -> None:
@@ -68,43 +64,18 @@ class AsyncStore:
         if self.engine is None:
             self.engine = await asyncio.to_thread(TransferEngine, self.transfer_config)
         self.session = MasterSession(self.config, self.engine.host_id, self._segments.clear)
-        mounts = await self._contribute()
+        mounts = await self.node.startup(self.engine, self.session.client_id)
         try:
             await self.session.start(mounts)
         except BaseException:
             await self.close()
             raise
 
-    async def _contribute(self) -> list[Mount]:
-        assert self.engine is not None
-        if not self.config.segment_size:
-            return []
-        name = self.config.segment_name or f"pool@{self.engine.endpoint}"
-        segment = await asyncio.to_thread(
-            self.engine.register_segment, name, self.config.segment_size)
-        self.segment_name = name
-        control = ""
-        if self.config.disk_dir:
-            self._disk = DiskTier(self.config.disk_dir, segment.view)
-            self._control = RpcServer(self._disk.handle, self.transfer_config.host, 0)
-            control = await self._control.startup()
-        assert self.session is not None
-        registrant = store_registrant(self.session.client_id)  # how the master publishes it
-        self.engine.bind(name, registrant)
-        descriptor = self.engine.local_descriptor(name, registrant)
-        return [Mount(descriptor, self.config.disk_capacity, control,
-                      self.engine.grant_key(name))]
-
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if self._control is not None:
-            await self._control.shutdown()
-            self._control = None
-        if self._disk is not None:
-            self._disk.close()
-            self._disk = None
+        await self.node.shutdown()
         if self.engine is not None and self._owns_engine:
             await asyncio.to_thread(self.engine.close)
         self.engine = None

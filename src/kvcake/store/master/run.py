@@ -1,4 +1,4 @@
-"""Entry points of ``kvcake master`` and ``kvcake node``: run until SIGINT/SIGTERM.
+"""Entry point of ``kvcake master``: run until SIGINT/SIGTERM.
 
 With ``--etcd`` a master is a standby until it wins the election, leads until its term ends
 (then campaigns again, with a fresh state) or it is signalled (then it resigns, so a standby
@@ -12,11 +12,10 @@ import contextlib
 from typing import Any
 
 from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.config import MasterConfig, StoreConfig, TransferConfig, format_size
+from kvcake.common.config import MasterConfig
 from kvcake.common.errors import KvcakeError, MetadataError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
-from kvcake.store.client import AsyncStore
 from kvcake.store.master.ha import LeaderElection, Persistence, load_journal, split_etcd_url
 from kvcake.store.master.journal import restore
 from kvcake.store.master.server import MasterServer
@@ -29,10 +28,6 @@ log = get_logger(__name__)
 
 def run_master(config: MasterConfig) -> None:
     run_main(_master_main(config))
-
-
-def run_node(config: StoreConfig, transfer: TransferConfig) -> None:
-    run_main(_node_main(config, transfer))
 
 
 async def _master_main(config: MasterConfig) -> None:
@@ -48,19 +43,6 @@ async def _master_main(config: MasterConfig) -> None:
     finally:
         await server.shutdown()
         log.info("master stopped")
-
-
-async def _node_main(config: StoreConfig, transfer: TransferConfig) -> None:
-    node = AsyncStore(config, transfer)
-    await node.setup()
-    disk = f", disk tier {format_size(config.disk_capacity)} in {config.disk_dir}" \
-        if config.disk_dir else ""
-    print(f"kvcake node: segment {node.segment_name} ({format_size(config.segment_size)}) "
-          f"mounted on master {config.master}{disk}", flush=True)
-    try:
-        await until_signalled()
-    finally:
-        await node.close()
 
 
 async def _ha_master_main(config: MasterConfig) -> None:

@@ -1,0 +1,76 @@
+"""A storage node's lifecycle, and ``kvcake node``: a process that only contributes memory.
+
+Any store client given ``segment_size`` is a node too (Mooncake's ``global_segment_size``):
+:class:`kvcake.store.AsyncStore` starts a :class:`NodeServer` before it joins the master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvcake.common.aio import run_main, until_signalled
+from kvcake.common.config import StoreConfig, TransferConfig, format_size
+from kvcake.common.rpc import RpcServer
+from kvcake.store.node.disk import DiskTier
+from kvcake.store.session import MasterSession, Mount
+from kvcake.transfer import TransferEngine
+from kvcake.transfer.segment import store_registrant
+
+
+class NodeServer:
+    """Lifecycle: ``await startup(engine, client_id)`` → serve → ``await shutdown()``."""
+
+    def __init__(self, config: StoreConfig, host: str) -> None:
+        self.config = config
+        self.host = host  # of the control endpoint
+        self.segment_name = ""
+        self._disk: DiskTier | None = None
+        self._control: RpcServer | None = None
+
+    async def startup(self, engine: TransferEngine, client_id: str) -> list[Mount]:
+        """Register the segment (none without ``segment_size``) and start its disk tier; the
+        mounts to ask the master for, published as ``client_id``'s."""
+        if not self.config.segment_size:
+            return []
+        name = self.config.segment_name or f"pool@{engine.endpoint}"
+        segment = await asyncio.to_thread(engine.register_segment, name,
+                                          self.config.segment_size)
+        self.segment_name = name
+        control = ""
+        if self.config.disk_dir:
+            self._disk = DiskTier(self.config.disk_dir, segment.view)
+            self._control = RpcServer(self._disk.handle, self.host, 0)
+            control = await self._control.startup()
+        registrant = store_registrant(client_id)  # how the master publishes it
+        engine.bind(name, registrant)
+        descriptor = engine.local_descriptor(name, registrant)
+        return [Mount(descriptor, self.config.disk_capacity, control, engine.grant_key(name))]
+
+    async def shutdown(self) -> None:
+        if self._control is not None:
+            await self._control.shutdown()
+            self._control = None
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
+
+
+def run_node(config: StoreConfig, transfer: TransferConfig) -> None:
+    run_main(_node_main(config, transfer))
+
+
+async def _node_main(config: StoreConfig, transfer: TransferConfig) -> None:
+    engine = await asyncio.to_thread(TransferEngine, transfer)
+    session = MasterSession(config, engine.host_id)
+    node = NodeServer(config, transfer.host)
+    try:
+        await session.start(await node.startup(engine, session.client_id))
+        disk = f", disk tier {format_size(config.disk_capacity)} in {config.disk_dir}" \
+            if config.disk_dir else ""
+        print(f"kvcake node: segment {node.segment_name} ({format_size(config.segment_size)}) "
+              f"mounted on master {config.master}{disk}", flush=True)
+        await until_signalled()
+    finally:
+        await session.close()
+        await node.shutdown()
+        await asyncio.to_thread(engine.close)
