@@ -191,6 +191,8 @@ def _of(info: mi.Type) -> st.SearchStrategy[Any]:
         return st.one_of([_of(member) for member in info.types])
     if isinstance(info, mi.StructType | mi.DataclassType):
         return _record(info)
+    if isinstance(info, mi.EnumType):  # a member's value, or any string
+        return st.sampled_from([member.value for member in info.cls]) | st.text(max_size=12)
     raise NotImplementedError(f"no strategy for {info}")
 
 

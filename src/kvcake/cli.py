@@ -104,7 +104,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 
     return run_engine_bench(quick=args.quick, as_json=args.json, against=args.against,
                             vllm_python=args.vllm_python, batches=args.batches,
-                            dtype=args.dtype)
+                            dtype=args.dtype, device=args.device)
 
 
 def _cmd_bench_reuse(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from kvcake.engine.generate import GenerateOptions, run_generate
-    from kvcake.engine.sampling import SamplingParams
+    from kvcake.wire.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default $KVCAKE_VLLM_PYTHON)")
     bench_engine.add_argument("--batches", help="batch sizes (default 1,8,32)")
     bench_engine.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
+    bench_engine.add_argument("--device", help="cpu (default), cuda, cuda:N (HF runs there too)")
     bench_engine.set_defaults(run=_cmd_bench_engine)
     bench_reuse = bench_cmds.add_parser("reuse", help="TTFT: prefix KV cold vs in the store "
                                         "vs in the local cache")

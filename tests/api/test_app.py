@@ -15,7 +15,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from kvcake.api import ApiServer, GenerateChunk, GenerateRequest, build_app
+from kvcake.api import ApiServer, build_app
 from kvcake.api.metrics import ApiMetrics
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import (
@@ -24,7 +24,8 @@ from kvcake.common.errors import (
     KvcakeError,
     RequestRejectedError,
 )
-from kvcake.engine.sampling import SamplingParams
+from kvcake.wire.generate import GenerateChunk, GenerateRequest
+from kvcake.wire.sampling import SamplingParams
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 64

@@ -21,9 +21,9 @@ from test_app import (
     sse_events,
 )
 
-from kvcake.api import EchoedPrompt, GenerateChunk, TokenLogprob
 from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import InvalidParamsError, RequestRejectedError
+from kvcake.wire.generate import EchoedPrompt, GenerateChunk, TokenLogprob
 from wire import read_reply
 
 __all__ = ["serve"]  # the fixture, shared with test_app

@@ -9,16 +9,10 @@ from typing import Any
 import openai
 import pytest
 
-from kvcake.api import (
-    ApiServer,
-    EchoedPrompt,
-    GenerateChunk,
-    GenerateRequest,
-    TokenLogprob,
-    build_app,
-)
+from kvcake.api import ApiServer, build_app
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import RequestRejectedError
+from kvcake.wire.generate import EchoedPrompt, GenerateChunk, GenerateRequest, TokenLogprob
 
 MODEL = "tiny"
 KEY = "sk-kvcake-test"

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvcake.bench.netns import NetnsPair
-from kvcake.common.process import ServerProcess, kvcake_command
+from kvcake.ops.netns import NetnsPair
+from kvcake.ops.process import ServerProcess, kvcake_command
 
 pytestmark = pytest.mark.netns
 

@@ -20,8 +20,8 @@ import pytest
 
 from kvcake.cluster import Cluster, ClusterSpec
 from kvcake.cluster.up import wait_healthy
-from kvcake.common.process import ServerProcess, kvcake_command
 from kvcake.common.sockets import free_port
+from kvcake.ops.process import ServerProcess, kvcake_command
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(60))
@@ -73,7 +73,7 @@ def _wait_all_blocks_free(cluster: Cluster, timeout_s: float = 20.0) -> dict[str
 
 def test_chat_equals_the_offline_engines_greedy_answer(cluster: Cluster) -> None:
     from kvcake.engine.llm import LLM
-    from kvcake.engine.sampling import SamplingParams
+    from kvcake.wire.sampling import SamplingParams
 
     reply = _client(cluster).chat.completions.create(
         model="smollm2", messages=QUESTION, max_tokens=24, temperature=0)  # type: ignore[arg-type]

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from kvcake.conductor.flight import Flight, FlightState
-from kvcake.conductor.messages import TokenOutput
-from kvcake.engine.sampling import SamplingParams
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.sampling import SamplingParams
 
 
 def output(num_tokens: int, finish: str | None = None) -> TokenOutput:
@@ -33,7 +33,7 @@ def test_gaps_exclude_the_first_token_and_split_batched_outputs(
 
 def test_a_decode_seat_is_held_twice_the_predicted_ttft_within_the_bound() -> None:
     from kvcake.conductor.server import _hold_s
-    from kvcake.worker.messages import MAX_HOLD_S
+    from kvcake.wire.worker import MAX_HOLD_S
     assert _hold_s(12.5) == 25.0
     assert _hold_s(0.0) == 0.0
     assert _hold_s(float("inf")) == MAX_HOLD_S

@@ -35,30 +35,26 @@ from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.hashing import DIGEST_SIZE
 from kvcake.common.rpc import MAX_CALL_BYTES, RpcClient
-from kvcake.conductor.messages import (
+from kvcake.conductor.server import ConductorServer
+from kvcake.conductor.types import ConductorConfig
+from kvcake.wire.conductor import (
+    MAX_BLOCK_HASHES,
     MAX_EVENTS,
     MAX_OUTPUTS,
     MAX_SAMPLES,
-    MAX_TOKENS,
-    MAX_TOP_LOGPROBS,
+    ROLES,
     ConductorRequest,
+    DecodeSample,
+    InstanceLoad,
+    KVEvent,
     Outputs,
     PrefillDone,
     Register,
     Report,
     ReportReply,
     Snapshot,
-    TokenOutput,
 )
-from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import (
-    MAX_BLOCK_HASHES,
-    ROLES,
-    ConductorConfig,
-    DecodeSample,
-    InstanceLoad,
-    KVEvent,
-)
+from kvcake.wire.output import MAX_TOKENS, MAX_TOP_LOGPROBS, TokenOutput
 
 T = TypeVar("T")
 TIMEOUT_S = 5.0

@@ -15,10 +15,10 @@ from kvcake.common.config import ConductorServerConfig
 from kvcake.common.rpc import RpcClient
 from kvcake.common.sockets import free_port
 from kvcake.conductor.flight import InstanceLostError
-from kvcake.conductor.messages import Register, Snapshot
 from kvcake.conductor.server import ConductorServer
 from kvcake.conductor.types import ConductorConfig
-from kvcake.engine.sampling import SamplingParams
+from kvcake.wire.conductor import Register, Snapshot
+from kvcake.wire.sampling import SamplingParams
 
 TIMEOUT_S = 5.0
 

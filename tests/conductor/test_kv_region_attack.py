@@ -16,12 +16,12 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.config import ConductorServerConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
-from kvcake.conductor.messages import Register, Snapshot
 from kvcake.conductor.server import ConductorServer
 from kvcake.conductor.types import ConductorConfig
-from kvcake.engine.kv_transfer import KVRegion
 from kvcake.transfer.engine import TransferEngine
 from kvcake.transfer.segment import SegmentDescriptor, instance_registrant, local_host_id
+from kvcake.wire.conductor import Register, Snapshot
+from kvcake.wire.kv import KVRegion
 
 TIMEOUT_S = 5.0
 SIZE = 1 << 16

@@ -13,9 +13,9 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
-from kvcake.conductor.messages import Register, Report, ReportReply, Snapshot
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig, InstanceLoad
+from kvcake.conductor.types import ConductorConfig
+from kvcake.wire.conductor import InstanceLoad, Register, Report, ReportReply, Snapshot
 
 TIMEOUT_S = 5.0
 TTL_S = 3.0

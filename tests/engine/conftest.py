@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvcake.engine.config import ModelConfig
-from kvcake.engine.tokenizer import Tokenizer, byte_alphabet
-from kvcake.engine.weights import PACKAGED_MODEL, ModelFiles, packaged_gguf, resolve_model
+from kvcake.model.config import ModelConfig
+from kvcake.model.files import PACKAGED_MODEL, ModelFiles, packaged_gguf, resolve_model
+from kvcake.text.tokenizer import Tokenizer, byte_alphabet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network from tests
 

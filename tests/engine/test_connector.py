@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from kvcake.common.config import EngineConfig
-from kvcake.common.process import start_master, start_node
-from kvcake.engine.core import EngineCore, RequestOutput
+from kvcake.engine.core import EngineCore
 from kvcake.engine.kv_format import HEADER_BYTES, BlockLayout
-from kvcake.engine.sampling import SamplingParams
+from kvcake.ops.process import start_master, start_node
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.sampling import SamplingParams
 
 BLOCK = 8
 PROMPT = [(i * 37 + 11) % 250 + 3 for i in range(64)]  # 8 full blocks
@@ -90,15 +91,15 @@ def make_core(tiny_model_dir: Callable[..., Path],
 
 
 def run(core: EngineCore, request_id: str, prompt: list[int] = PROMPT,
-        tenant: str | None = None) -> tuple[list[int], list[float], RequestOutput]:
+        tenant: str | None = None) -> tuple[list[int], list[float], TokenOutput]:
     core.add_request(request_id, prompt, GREEDY, tenant)
     tokens: list[int] = []
     logprobs: list[float] = []
     last = None
     while core.has_unfinished():
         for output in core.step():
-            tokens += output.new_token_ids
-            logprobs += output.new_logprobs
+            tokens += output.token_ids
+            logprobs += output.logprobs
             last = output
     assert last is not None and last.finished
     return tokens, logprobs, last

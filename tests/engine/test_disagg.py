@@ -15,8 +15,8 @@ from kvcake.common.config import EngineConfig, TransferConfig
 from kvcake.common.errors import AccessDeniedError, InvalidParamsError
 from kvcake.engine.core import EngineCore
 from kvcake.engine.kv_transfer import KVSender, block_runs, block_spans, sign_kv_grants
-from kvcake.engine.sampling import SamplingParams
 from kvcake.transfer import TransferEngine
+from kvcake.wire.sampling import SamplingParams
 from kvcake.worker.loop import EngineLoop, PrefillSender
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -49,7 +49,7 @@ def _run(core: EngineCore) -> dict[str, list[int]]:
     tokens: dict[str, list[int]] = {}
     while core.has_unfinished():
         for out in core.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
     return tokens
 
 

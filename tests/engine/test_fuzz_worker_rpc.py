@@ -36,11 +36,11 @@ from kvcake.common.config import EngineConfig, WorkerConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES
-from kvcake.engine.sampling import MAX_STOP_TOKEN_IDS, MAX_STOPS, SamplingParams
-from kvcake.worker.messages import (
+from kvcake.wire.output import MAX_TOP_LOGPROBS
+from kvcake.wire.sampling import MAX_STOP_TOKEN_IDS, MAX_STOPS, SamplingParams
+from kvcake.wire.worker import (
     MAX_BLOCK_IDS,
     MAX_PROMPT_TOKENS,
-    MAX_TOP_LOGPROBS,
     Abort,
     Ack,
     Commit,

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.core import RequestOutput
 from kvcake.engine.llm import LLM, CompletionOutput
-from kvcake.engine.sampling import SamplingParams
-from kvcake.engine.tokenizer import Tokenizer
-from kvcake.engine.weights import ModelFiles
+from kvcake.model.files import ModelFiles
+from kvcake.text.tokenizer import Tokenizer
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
 STORY = "Once upon a time"
@@ -190,7 +190,7 @@ def test_generate_command_answers_a_question() -> None:
 
 
 def run_to_end(llm: LLM, request_id: str, prompt: list[int],
-               params: SamplingParams) -> list[RequestOutput]:
+               params: SamplingParams) -> list[TokenOutput]:
     outputs = []
     fresh(llm).core.add_request(request_id, prompt, params)
     while llm.core.has_unfinished():
@@ -202,9 +202,9 @@ def test_prompt_logprobs_score_the_prompt_like_decoding_did(
         llm: LLM, smollm2_tokenizer: Tokenizer) -> None:
     prompt = smollm2_tokenizer.encode(STORY)
     outputs = run_to_end(llm, "gen", prompt, replace(GREEDY, max_tokens=6, logprobs=2))
-    generated = [t for o in outputs for t in o.new_token_ids]
-    decoded = [lp for o in outputs for lp in o.new_logprobs]
-    assert [len(top) for o in outputs for top in o.new_top_logprobs] == [2] * 6
+    generated = [t for o in outputs for t in o.token_ids]
+    decoded = [lp for o in outputs for lp in o.logprobs]
+    assert [len(top) for o in outputs for top in o.top_logprobs] == [2] * 6
     assert all(o.prompt_logprobs is None for o in outputs)  # not asked for
     # the same tokens scored as a prompt (prefill): the same log-probabilities
     scoring = replace(GREEDY, max_tokens=1, prompt_logprobs=3)
@@ -243,14 +243,14 @@ def test_penalties_and_min_tokens_reach_the_sampler(llm: LLM,
                                                     smollm2_tokenizer: Tokenizer) -> None:
     prompt = smollm2_tokenizer.encode("1, 1, 1, 1, 1, 1, 1, 1,")
     plain = [t for o in run_to_end(llm, "p", prompt, replace(GREEDY, max_tokens=8))
-             for t in o.new_token_ids]
+             for t in o.token_ids]
     penalised = [t for o in run_to_end(llm, "q", prompt, replace(
-        GREEDY, max_tokens=8, repetition_penalty=1.8)) for t in o.new_token_ids]
+        GREEDY, max_tokens=8, repetition_penalty=1.8)) for t in o.token_ids]
     assert plain != penalised
     eos = smollm2_tokenizer.eos_token_ids[0]
     held = run_to_end(llm, "m", prompt, replace(GREEDY, max_tokens=4, min_tokens=4,
                                                 stop_token_ids=tuple(plain[:1])))
-    tokens = [t for o in held for t in o.new_token_ids]
+    tokens = [t for o in held for t in o.token_ids]
     assert len(tokens) == 4 and plain[0] not in tokens and eos not in tokens
 
 

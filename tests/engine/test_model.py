@@ -13,8 +13,9 @@ import torch
 from kvcake.common.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.model import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
-from kvcake.engine.sampling import SamplingParams
-from kvcake.engine.weights import ModelFiles, load_weights, resolve_model
+from kvcake.engine.weights import load_weights
+from kvcake.model.files import ModelFiles, resolve_model
+from kvcake.wire.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,7 +159,7 @@ def test_smollm2_greedy_equals_hf(smollm2_files: ModelFiles, smollm2_tokenizer: 
         got: list[int] = []
         while core.has_unfinished():
             for output in core.step():
-                got += output.new_token_ids
+                got += output.token_ids
         assert got == hf_greedy(hf, tokens, 24), prompt
 
 
@@ -177,7 +178,7 @@ def test_smollm2_batched_greedy_matches_alone(smollm2_files: ModelFiles,
             core.add_request(f"{batch}-{i}", prompts[i], params)
         while core.has_unfinished():
             for o in core.step():
-                out.setdefault(o.request_id.split("-")[-1], []).extend(o.new_token_ids)
+                out.setdefault(o.request_id.split("-")[-1], []).extend(o.token_ids)
         return out
 
     alone = {k: v for i in range(len(prompts)) for k, v in run([i]).items()}

@@ -11,15 +11,9 @@ import torch
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.logprobs import score_tokens
 from kvcake.engine.penalties import TokenHistory, penalise
-from kvcake.engine.sampling import (
-    TOP_P_CANDIDATES,
-    Sampler,
-    SamplingParams,
-    find_stop,
-    fit_context,
-    make_generator,
-    partial_stop_len,
-)
+from kvcake.engine.sampling import TOP_P_CANDIDATES, Sampler, make_generator
+from kvcake.text.detokenize import find_stop, partial_stop_len
+from kvcake.wire.sampling import SamplingParams, fit_context
 
 VOCAB = 64
 

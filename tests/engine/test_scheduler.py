@@ -21,8 +21,8 @@ from kvcake.common.config import EngineConfig
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.core import EngineCore
 from kvcake.engine.request import TRANSITIONS, Request, RequestStatus
-from kvcake.engine.sampling import SamplingParams
 from kvcake.engine.scheduler import SchedulerOutput
+from kvcake.wire.sampling import SamplingParams
 
 BLOCK = 8
 KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # layers * (K, V) * kv heads * head dim * float32
@@ -96,7 +96,7 @@ def step(core: EngineCore, results: dict[str, Result]) -> int:
     outputs = core.step()
     for out in outputs:
         result = results.setdefault(out.request_id, Result())
-        result.token_ids += out.new_token_ids
+        result.token_ids += out.token_ids
         result.finish_reason = out.finish_reason
         result.num_cached_tokens = out.num_cached_tokens
         result.num_outputs += 1
@@ -367,7 +367,7 @@ def test_abort_running_and_waiting_requests(make_core: MakeCore) -> None:
     assert [r.request_id for r in core.scheduler.running] == ["A", "B"]
     assert [r.request_id for r in core.scheduler.waiting] == ["C"]
     aborted = {k: core.abort(k) for k in ("A", "C")}
-    assert {k: (o.finish_reason, o.new_token_ids) for k, o in aborted.items() if o} == {
+    assert {k: (o.finish_reason, o.token_ids) for k, o in aborted.items() if o} == {
         "A": ("abort", []), "C": ("abort", [])}
     assert requests["A"].status is requests["C"].status is RequestStatus.FINISHED_ABORTED
     assert requests["A"].block_ids == []

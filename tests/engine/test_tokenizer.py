@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.tokenizer import IncrementalDetokenizer, Tokenizer, byte_alphabet
-from kvcake.engine.weights import ModelFiles
+from kvcake.model.files import ModelFiles
+from kvcake.text.tokenizer import IncrementalDetokenizer, Tokenizer, byte_alphabet
 
 TEXTS = [
     "Hello, world!",

@@ -17,15 +17,16 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine import weights as weights_module
-from kvcake.engine.config import ModelConfig
-from kvcake.engine.convert import (
+from kvcake.engine.weights import load_weights
+from kvcake.model import files as weights_module
+from kvcake.model.config import ModelConfig
+from kvcake.model.convert import (
     ShardWriter,
     llama3_divisors,
     llama3_scaling,
     unpermute_rope_rows,
 )
-from kvcake.engine.weights import ModelFiles, load_weights, packaged_gguf, resolve_model
+from kvcake.model.files import ModelFiles, packaged_gguf, resolve_model
 
 TinyGGUF = Callable[..., tuple[Path, dict[str, torch.Tensor]]]
 

@@ -15,9 +15,9 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.config import ConductorServerConfig, EngineConfig, WorkerConfig
 from kvcake.common.errors import KvcakeError
 from kvcake.common.sockets import free_port
-from kvcake.conductor.messages import Register, Report, ReportReply
 from kvcake.conductor.server import ConductorServer
 from kvcake.conductor.types import ConductorConfig
+from kvcake.wire.conductor import Register, Report, ReportReply
 from kvcake.worker.server import WorkerServer
 
 TIMEOUT_S = 60.0

@@ -17,7 +17,7 @@ import pytest
 
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode
-from kvcake.common.process import ServerProcess, start_master, start_node
+from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore, DistributedStore, ReplicateConfig
 
 

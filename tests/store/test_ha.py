@@ -17,9 +17,10 @@ import pytest
 
 from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, KvcakeError
-from kvcake.common.etcd import etcd_client, start_etcd
-from kvcake.common.process import ServerProcess, kvcake_command, start_node
+from kvcake.common.etcd import etcd_client
 from kvcake.common.rpc import RpcClient
+from kvcake.ops.etcd import start_etcd
+from kvcake.ops.process import ServerProcess, kvcake_command, start_node
 from kvcake.store import DistributedStore, ReplicateConfig
 from kvcake.store import messages as m
 from kvcake.store.master.ha import LeaderElection, LeadershipLostError, find_leader, split_etcd_url

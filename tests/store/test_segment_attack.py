@@ -17,8 +17,8 @@ import pytest
 from kvcake.common import codec
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
-from kvcake.common.process import ServerProcess, start_master, start_node
 from kvcake.common.rpc import RpcClient
+from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store import messages as m
 from kvcake.transfer.segment import SegmentDescriptor, local_host_id

@@ -11,7 +11,7 @@ import pytest
 
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import AuthenticationError, ErrorCode, KvcakeError
-from kvcake.common.process import ServerProcess, start_master, start_node
+from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 
 TOKEN = "store-token-" + "e" * 24

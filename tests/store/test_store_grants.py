@@ -13,7 +13,7 @@ import pytest
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
-from kvcake.common.process import ServerProcess, start_master, start_node
+from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store import messages as m
 from kvcake.store.master.grants import ReplicaGrants

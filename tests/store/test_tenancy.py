@@ -15,10 +15,10 @@ from kvcake.cli import build_parser
 from kvcake.cli_flags import tenant_overrides
 from kvcake.common.config import MasterConfig, StoreConfig, TenantPolicy
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
-from kvcake.common.process import ServerProcess, start_master, start_node
+from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
 from kvcake.store.master.metrics import render_metrics
-from kvcake.store.master.service import MasterService, OffloadTask, PromoteTask
+from kvcake.store.master.service import MasterService
 from kvcake.store.master.tenants import (
     load_tenants,
     merge_tenants,
@@ -27,6 +27,7 @@ from kvcake.store.master.tenants import (
     tenant_of_key,
     user_key,
 )
+from kvcake.store.master.tiering import OffloadTask, PromoteTask
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig, TenantStats
 from kvcake.transfer.segment import SegmentDescriptor
 

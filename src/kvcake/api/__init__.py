@@ -6,13 +6,7 @@ gives the ASGI app and :class:`ApiServer` serves it from the running event loop.
 """
 
 from kvcake.api.app import DEFAULT_MAX_BODY_BYTES, build_app
-from kvcake.api.backend import (
-    Backend,
-    EchoedPrompt,
-    GenerateChunk,
-    GenerateRequest,
-    TokenLogprob,
-)
+from kvcake.api.backend import Backend
 from kvcake.api.protocol import DEFAULT_COMPLETION_MAX_TOKENS
 from kvcake.api.server import ApiServer
 
@@ -21,9 +15,5 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "ApiServer",
     "Backend",
-    "EchoedPrompt",
-    "GenerateChunk",
-    "GenerateRequest",
-    "TokenLogprob",
     "build_app",
 ]

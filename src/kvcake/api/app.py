@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from kvcake.api.backend import Backend, GenerateChunk, GenerateRequest
+from kvcake.api.backend import Backend
 from kvcake.api.errors import ApiError, ClientGoneError
 from kvcake.api.metrics import ApiMetrics, CountResponses, RequestTimer
 from kvcake.api.middleware import AnswerUnhandled, LimitBody, RequireApiKey
@@ -54,7 +54,8 @@ from kvcake.api.responses import (
 )
 from kvcake.common.errors import InvalidParamsError, KvcakeError, RequestRejectedError
 from kvcake.common.log import get_logger
-from kvcake.engine.sampling import SEED_MAX, SamplingParams
+from kvcake.wire.generate import GenerateChunk, GenerateRequest
+from kvcake.wire.sampling import SEED_MAX, SamplingParams
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -17,8 +17,8 @@ from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvcake.api.backend import GenerateChunk
 from kvcake.common.metrics import Counter, MetricsRegistry
+from kvcake.wire.generate import GenerateChunk
 
 # seconds; the paper's objectives are TTFT 30 s and TBT 100-300 ms, so both sit mid-range
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)

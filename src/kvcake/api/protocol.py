@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from kvcake.engine.sampling import MAX_LOGPROBS, SamplingParams
+from kvcake.wire.sampling import MAX_LOGPROBS, SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 MAX_CHOICES = 16  # ``n``: each choice is a request of its own in the cluster

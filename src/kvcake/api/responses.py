@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
-from kvcake.api.backend import GenerateChunk, TokenLogprob
+from kvcake.wire.generate import GenerateChunk, TokenLogprob
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; what vLLM sends in its place
 

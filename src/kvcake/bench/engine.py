@@ -38,8 +38,8 @@ from kvcake.bench.measure import print_rows
 from kvcake.common.config import EngineConfig, env_value, load_config
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.engine.core import DTYPES, EngineCore
-from kvcake.engine.sampling import SamplingParams
-from kvcake.engine.weights import ModelFiles, resolve_model
+from kvcake.model.files import ModelFiles, resolve_model
+from kvcake.wire.sampling import SamplingParams
 
 FIRST_ID = 20  # prompts avoid the special tokens at the start of the vocabulary
 PHASES = ("prefill", "decode")
@@ -62,6 +62,7 @@ class EnginePlan:
     batches: tuple[int, ...] = (1, 8, 32)
     dtype: str = "bfloat16"
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         checks = ((self.prompt_len >= 1, f"prompt_len must be >= 1, got {self.prompt_len}"),
@@ -116,8 +117,8 @@ class KvcakeRunner:
             now = time.perf_counter()
             for output in outputs:
                 assert output.num_cached_tokens == 0, "fresh prompts never hit the cache"
-                drawn += len(output.new_token_ids)
-                if output.new_token_ids:
+                drawn += len(output.token_ids)
+                if output.token_ids:
                     pending.discard(output.request_id)
             if split is None and not pending:
                 split, drawn_at_split = now, drawn
@@ -162,7 +163,8 @@ def measure_in_process(plan: EnginePlan, config: EngineConfig) -> tuple[Timings,
     """kvcake and HF (loaded from kvcake's converted model directory), turn about."""
     files = resolve_model(config.model, config.cache_dir or None)
     core = EngineCore(engine_config(plan, files, config), files)
-    runners: list[Runner] = [KvcakeRunner(core), HfRunner(files.path, plan.dtype)]
+    runners: list[Runner] = [KvcakeRunner(core),
+                             HfRunner(files.path, plan.dtype, plan.device)]
     sets = prompt_sets(plan, files.config.vocab_size)
     return measure(runners, plan, sets), sets, files
 
@@ -218,7 +220,8 @@ def result_rows(timings: Timings, plan: EnginePlan, threads: int) -> list[dict[s
                          "tok_per_s": statistics.median(n / s for n, s in pairs),
                          "seconds": statistics.median(s for _, s in pairs),
                          "prompt_len": plan.prompt_len, "new_tokens": plan.new_tokens,
-                         "dtype": plan.dtype, "threads": threads, "repeats": len(runs)})
+                         "dtype": plan.dtype, "device": plan.device, "threads": threads,
+                         "repeats": len(runs)})
     return rows
 
 
@@ -278,8 +281,8 @@ def report(rows: list[dict[str, Any]], plan: EnginePlan, model: str, as_json: bo
         print_rows([*rows, *ratios, *targets], (), as_json=True)
         return
     threads = rows[0]["threads"]
-    print(f"{model} {plan.dtype}, {plan.prompt_len}-token prompts, {plan.new_tokens} new "
-          f"tokens, {threads} torch threads; median of {plan.repeats} "
+    print(f"{model} {plan.dtype} on {plan.device}, {plan.prompt_len}-token prompts, "
+          f"{plan.new_tokens} new tokens, {threads} torch threads; median of {plan.repeats} "
           f"(after {plan.warmups} warm-up)\n")
     lines, columns = _table(rows, ratios)
     print_rows(lines, columns, as_json=False)
@@ -317,7 +320,7 @@ def bench_engine(plan: EnginePlan, as_json: bool, vllm_python: str | None = None
     """Measure kvcake and HF (and vLLM when ``against_vllm``) and print the results."""
     python = check_vllm_python(vllm_python) if against_vllm else None
     _warn_if_busy()
-    config = load_config(EngineConfig, "engine", {"dtype": plan.dtype})
+    config = load_config(EngineConfig, "engine", {"dtype": plan.dtype, "device": plan.device})
     timings, sets, files = measure_in_process(plan, config)
     threads = torch.get_num_threads()
     if python is not None:
@@ -338,11 +341,11 @@ def parse_batches(text: str) -> tuple[int, ...]:
 
 
 def run_engine_bench(quick: bool, as_json: bool, against: str | None, vllm_python: str | None,
-                     batches: str | None, dtype: str | None) -> int:
+                     batches: str | None, dtype: str | None, device: str | None = None) -> int:
     """``kvcake bench engine``: kvcake vs HF eager, plus vLLM-CPU with ``against="vllm"``."""
     if against not in (None, "", "vllm"):
         raise InvalidParamsError(f"unknown --against system {against!r}; choose vllm")
     plan = QUICK if quick else FULL
     plan = replace(plan, batches=parse_batches(batches) if batches else plan.batches,
-                   dtype=dtype or plan.dtype)
+                   dtype=dtype or plan.dtype, device=device or plan.device)
     return bench_engine(plan, as_json, vllm_python, against_vllm=against == "vllm")

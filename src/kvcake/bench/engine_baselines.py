@@ -48,7 +48,7 @@ class HfRunner:
 
     name = "hf"
 
-    def __init__(self, path: Path, dtype: str) -> None:
+    def __init__(self, path: Path, dtype: str, device: str = "cpu") -> None:
         import torch
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never the network
@@ -58,11 +58,12 @@ class HfRunner:
         self._transformers = transformers
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), attn_implementation="eager")
-        self.model = model.eval()
+        self.model = model.to(device).eval()
+        self.device = device
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
         torch = self._torch
-        input_ids = torch.tensor(prompts, dtype=torch.long)  # (B, prompt_len), no padding
+        input_ids = torch.tensor(prompts, dtype=torch.long, device=self.device)  # (B, len)
         config = self._transformers.GenerationConfig(
             max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=None)
         clock = _StepClock(self._transformers)

@@ -27,9 +27,9 @@ from typing import Any
 
 from kvcake.bench.measure import print_rows
 from kvcake.common.config import EngineConfig, MiB
-from kvcake.common.process import start_master, start_node
 from kvcake.engine.core import EngineCore
-from kvcake.engine.sampling import SamplingParams
+from kvcake.ops.process import start_master, start_node
+from kvcake.wire.sampling import SamplingParams
 
 MODES = ("cold", "store", "local")
 TARGET_LEN, TARGET_RATIO = 4096, 30.0
@@ -68,9 +68,9 @@ def _ttft(core: EngineCore, request_id: str, prompt: list[int]) -> tuple[float, 
     core.add_request(request_id, prompt, params)
     while core.has_unfinished():
         for output in core.step():
-            if output.new_token_ids:
+            if output.token_ids:
                 elapsed = time.perf_counter() - start
-                return elapsed, output.new_token_ids[0], output.num_cached_tokens
+                return elapsed, output.token_ids[0], output.num_cached_tokens
     raise RuntimeError(f"{request_id} produced no token")
 
 

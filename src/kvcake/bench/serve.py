@@ -41,7 +41,6 @@ from kvcake.bench.serve_report import (
 )
 from kvcake.common.aio import new_event_loop
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.process import kvcake_command
 from kvcake.common.sockets import free_port
 from kvcake.common.trace import (
     load_trace,
@@ -51,6 +50,7 @@ from kvcake.common.trace import (
     trace_window,
 )
 from kvcake.conductor.admission import ADMISSIONS
+from kvcake.ops.process import kvcake_command
 
 if TYPE_CHECKING:
     import aiohttp  # the `bench` extra: imported when a replay runs, so `kvcake` needs it not

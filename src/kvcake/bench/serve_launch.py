@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvcake.cluster.up import health
 from kvcake.common.errors import KvcakeError
+from kvcake.ops.process import health
 
 _STOP_WAIT_S = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0))  # then SIGKILL
 

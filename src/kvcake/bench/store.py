@@ -32,14 +32,14 @@ from typing import Any
 
 from kvcake.bench.baselines import memcpy_step
 from kvcake.bench.measure import human_size, print_rows, throughput
-from kvcake.bench.netns import NetnsPair, Side, check_netns_support
 from kvcake.bench.store_baselines import check_available, mooncake_master_binary
 from kvcake.bench.store_driver import EXIST_KEYS, Case, Plan
 from kvcake.common.config import KiB, MiB
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.etcd import READY as ETCD_READY
-from kvcake.common.etcd import etcd_command
-from kvcake.common.process import ServerProcess
+from kvcake.ops.etcd import READY as ETCD_READY
+from kvcake.ops.etcd import etcd_command
+from kvcake.ops.netns import NetnsPair, Side, check_netns_support
+from kvcake.ops.process import ServerProcess
 
 PATHS = ("shm", "tcp")
 BASELINES = ("redis", "mooncake", "kvcake-ha")  # kvcake-ha: kvcake's master on etcd

@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from kvcake.bench.netns import NetnsPair
 from kvcake.chaos.scenario import ChaosSettings, Scenario
 from kvcake.chaos.scenarios import STORE_SCENARIOS
 from kvcake.common.log import setup_logging
+from kvcake.ops.netns import NetnsPair
 
 RESULT_PREFIX = "chaos-result "
 

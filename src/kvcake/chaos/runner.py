@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
-from kvcake.bench.netns import NetnsPair
 from kvcake.chaos.driver import RESULT_PREFIX, scenario_types
 from kvcake.chaos.scenario import ChaosSettings, ScenarioResult
 from kvcake.common.errors import InvalidParamsError
+from kvcake.ops.netns import NetnsPair
 
 NETNS_TAG = "kvchaos"
 

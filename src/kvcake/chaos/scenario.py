@@ -18,9 +18,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from kvcake.bench.netns import NetnsPair
 from kvcake.chaos.ledger import Ledger
-from kvcake.common.process import ServerProcess
+from kvcake.ops.netns import NetnsPair
+from kvcake.ops.process import ServerProcess
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from typing import ClassVar
 
 import aiohttp
 
-from kvcake.bench.netns import NetnsPair
 from kvcake.chaos.ledger import HANG, OK, Ledger
 from kvcake.chaos.scenario import ChaosSettings, Scenario, ScenarioResult
 from kvcake.cluster import Cluster, ClusterSpec
+from kvcake.ops.netns import NetnsPair
 
 WRONG = ("cut_off", "short_answer")  # neither a full answer nor a clear error
 _WORDS = ("cache", "prefix", "block", "decode", "prefill", "token", "pool", "store", "node",
@@ -203,9 +203,9 @@ class ServingScenario(Scenario):
 
 
 def _kv_gauges(endpoint: str) -> tuple[dict[str, float], dict[str, float]]:
-    from kvcake.cluster.up import _DIRECT
+    from kvcake.ops.process import DIRECT
 
-    with _DIRECT.open(f"http://{endpoint}/metrics", timeout=10) as reply:
+    with DIRECT.open(f"http://{endpoint}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     free, total = ({m.group(1): float(m.group(2)) for m in re.finditer(
         rf'^{name}{{instance="([^"]+)"}} (\S+)$', text, re.M)}

@@ -17,6 +17,7 @@ from kvcake.common.config import (
     WorkerConfig,
     load_config,
 )
+from kvcake.wire.conductor import ROLES
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -40,7 +41,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _add_worker(commands: Subparsers) -> None:
     worker = commands.add_parser("worker", help="an inference instance under the conductor")
-    worker.add_argument("--role", choices=("prefill", "decode", "both"), help="default both")
+    worker.add_argument("--role", choices=ROLES, help="default both")
     worker.add_argument("--conductor", help="conductor RPC HOST:PORT (default 127.0.0.1:8100)")
     worker.add_argument("--host", help="address to bind and advertise (default 127.0.0.1)")
     worker.add_argument("--port", type=int, help="RPC port (default: ephemeral)")

@@ -21,15 +21,12 @@ only this user can read (``--cluster-token-file``; never on a command line, neve
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import tempfile
 import threading
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -38,10 +35,11 @@ from typing import Any
 from kvcake.cluster.token import TokenHandover
 from kvcake.common.config import ConductorServerConfig, parse_size
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.etcd import start_etcd
 from kvcake.common.hosts import check_bind_host, is_loopback
-from kvcake.common.process import ServerProcess, kvcake_command, start_master, start_node
 from kvcake.conductor.types import ConductorConfig
+from kvcake.ops.etcd import start_etcd
+from kvcake.ops.process import ServerProcess, health, kvcake_command, start_master, start_node
+from kvcake.wire.conductor import Role
 
 _READY_TIMEOUT_S = 300.0
 HA_MASTERS = 2
@@ -114,8 +112,8 @@ class ClusterSpec:
         return bool(self.store_size) and parse_size(self.store_size) > 0
 
     @property
-    def roles(self) -> list[str]:
-        return ["prefill"] * self.prefill + ["decode"] * self.decode + ["both"] * self.both
+    def roles(self) -> list[Role]:
+        return [Role.PREFILL] * self.prefill + [Role.DECODE] * self.decode + [Role.BOTH] * self.both
 
 
 def _require(ok: bool, message: str) -> None:
@@ -268,7 +266,7 @@ class Cluster:
                 "--model", s.model, "--kv-cache-size", s.kv_cache_size,
                 "--max-num-seqs", str(s.max_num_seqs), "--max-num-batched-tokens",
                 str(s.max_num_batched_tokens), "--threads", str(s.threads), *self._internal()]
-        if self.master and role != "decode":
+        if self.master and role != Role.DECODE:
             args += ["--store-master", self.master]
         if place.cpus:
             args += ["--cpus", place.cpus]
@@ -311,7 +309,7 @@ class Placement:
 PREFILL_NICE = 10
 
 
-def cpu_plan(roles: list[str], cpus: list[int]) -> list[Placement]:
+def cpu_plan(roles: Sequence[str], cpus: list[int]) -> list[Placement]:
     """Decode instances take CPUs of their own, from the end of the list, while at least one
     is left for the rest, and keep their normal priority: prefill never slows their tokens.
     Prefill instances may run on every CPU at a lower priority (``nice`` 10), so they soak
@@ -322,15 +320,15 @@ def cpu_plan(roles: list[str], cpus: list[int]) -> list[Placement]:
         cpus       0-1      0-1      1             0     1
         nice       10       10       0             0     0
     """
-    decode = [i for i, role in enumerate(roles) if role == "decode"]
+    decode = [i for i, role in enumerate(roles) if role == Role.DECODE]
     own = len(decode) if len(cpus) > len(decode) else 0
     rest = cpus[:len(cpus) - own]
     every = _cpu_text(cpus)
-    plan = [Placement(every, PREFILL_NICE) if role == "prefill" else Placement()
+    plan = [Placement(every, PREFILL_NICE) if role == Role.PREFILL else Placement()
             for role in roles]
     for i, cpu in zip(decode[:own], cpus[len(cpus) - own:], strict=True):
         plan[i] = Placement(str(cpu))
-    shared = [i for i, role in enumerate(roles) if role == "both" or (role == "decode"
+    shared = [i for i, role in enumerate(roles) if role == Role.BOTH or (role == Role.DECODE
                                                                       and not own)]
     for n, i in enumerate(shared):
         plan[i] = Placement(str(rest[n % len(rest)]))
@@ -343,30 +341,10 @@ def _cpu_text(cpus: list[int]) -> str:
     return ",".join(map(str, cpus))
 
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-
-
-def health(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
-    """``GET url/health``: the status (0 when nothing answers) and the JSON body ({} when
-    it is not a JSON object)."""
-    try:
-        with _DIRECT.open(f"{url}/health", timeout=timeout_s) as reply:
-            status, raw = reply.status, reply.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {}
-    except OSError:
-        return 0, {}
-    try:
-        body = json.loads(raw)
-    except ValueError:  # another server's plain-text health answer
-        return status, {}
-    return status, body if isinstance(body, dict) else {}
-
-
-def wait_healthy(endpoint: str, roles: list[str], processes: Sequence[ServerProcess],
+def wait_healthy(endpoint: str, roles: Sequence[str], processes: Sequence[ServerProcess],
                  timeout_s: float = _READY_TIMEOUT_S) -> None:
     """Until ``/health`` is 200 and counts every instance of ``roles``."""
-    want = {role: roles.count(role) for role in ("prefill", "decode", "both")}
+    want = {role.value: roles.count(role) for role in Role}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status, body = health(f"http://{endpoint}")

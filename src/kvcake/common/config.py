@@ -9,11 +9,13 @@ flags).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, TypeVar
 
 from kvcake.common.errors import InvalidParamsError
@@ -552,3 +554,14 @@ class ConductorServerConfig:
     @property
     def rpc_bind_host(self) -> str:
         return self.rpc_host or self.host
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model file that must hold one JSON object; errors name the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InvalidParamsError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidParamsError(f"{path} does not hold a JSON object")
+    return data

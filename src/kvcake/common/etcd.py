@@ -1,5 +1,5 @@
-"""etcd for kvcake: a client that speaks in kvcake errors, and a local server for tests,
-``kvcake up --ha`` and the fault-injection suite.
+"""etcd for kvcake: a client that speaks in kvcake errors (a local server to test against is
+:mod:`kvcake.ops.etcd`).
 
 The Python client (``pyetcd``, the optional ``etcd`` extra) is synchronous gRPC; callers on
 an event loop run it in a thread. Every failure to reach etcd becomes :class:`MetadataError`.
@@ -7,15 +7,10 @@ an event loop run it in a thread. Every failure to reach etcd becomes :class:`Me
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from kvcake.common.errors import InvalidParamsError, KvcakeError, MetadataError
-from kvcake.common.process import ServerProcess
-from kvcake.common.sockets import free_port
 
 T = TypeVar("T")
 
@@ -43,50 +38,3 @@ def guarded(action: Callable[[], T]) -> T:
         raise
     except Exception as exc:  # the etcd client raises grpc and its own errors
         raise MetadataError(f"etcd: {type(exc).__name__}: {exc}") from exc
-
-
-READY = r"ready to serve client requests|serving insecure client"
-
-
-def etcd_command(data_dir: str | Path, host: str, client_port: int,
-                 peer_port: int) -> list[str]:
-    """A single-member etcd serving clients on ``host:client_port``."""
-    binary = shutil.which("etcd")
-    if binary is None:
-        raise KvcakeError("the etcd server binary is not installed (Debian: etcd-server)")
-    name = f"kvcake-{client_port}"
-    client, peer = f"http://{host}:{client_port}", f"http://{host}:{peer_port}"
-    return [
-        binary, "--data-dir", str(data_dir), "--name", name,
-        "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"{name}={peer}",
-        "--heartbeat-interval", "50", "--election-timeout", "500",
-    ]
-
-
-def start_etcd(data_dir: str | Path, timeout_s: float = 30.0) -> tuple[ServerProcess, str]:
-    """A single-member etcd on loopback ephemeral ports; the process and ``HOST:PORT``."""
-    client, peer = free_port(), free_port()
-    process = ServerProcess(etcd_command(data_dir, "127.0.0.1", client, peer), READY,
-                            timeout_s, name="etcd")
-    endpoint = f"127.0.0.1:{client}"
-    _wait_until_serving(endpoint, process, timeout_s)
-    return process, endpoint
-
-
-def _wait_until_serving(endpoint: str, process: ServerProcess, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    client = etcd_client(endpoint, timeout_s=2.0)
-    try:
-        while True:
-            try:
-                guarded(lambda: client.get("/kvcake/probe"))
-                return
-            except MetadataError:
-                if time.monotonic() > deadline or not process.alive():
-                    process.stop()
-                    raise KvcakeError(f"etcd did not serve: {process.tail()}") from None
-                time.sleep(0.1)
-    finally:
-        client.close()

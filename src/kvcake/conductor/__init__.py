@@ -13,17 +13,19 @@ from kvcake.conductor.policy import (
 )
 from kvcake.conductor.service import REJECT_REASONS, ConductorService
 from kvcake.conductor.types import (
-    ROLES,
     STORE,
     ConductorConfig,
     ConductorStats,
     Decision,
+    InstanceStats,
+    RouteRequest,
+)
+from kvcake.wire.conductor import (
+    ROLES,
     DecodeSample,
     InstanceLoad,
-    InstanceStats,
     KVEvent,
     PrefillSample,
-    RouteRequest,
     TransferSample,
 )
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.latency import percentile
-from kvcake.conductor.types import DecodeSample, PrefillSample, TransferSample
+from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
 
 Vector = tuple[float, ...]
 _SINGULAR = 1e-12  # a pivot this small, relative to the largest diagonal entry, is a zero

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kvcake.common.errors import ErrorCode, KvcakeError
-from kvcake.conductor.messages import PrefillDone, TokenOutput
-from kvcake.engine.sampling import SamplingParams
+from kvcake.wire.conductor import PrefillDone
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.sampling import SamplingParams
 
 
 class FlightState(Enum):

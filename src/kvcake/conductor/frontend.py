@@ -14,16 +14,17 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from kvcake.api.backend import EchoedPrompt, GenerateChunk, GenerateRequest, TokenLogprob
+import msgspec
+
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.log import get_logger
 from kvcake.conductor.flight import Flight, InstanceLostError
-from kvcake.conductor.messages import TokenOutput
 from kvcake.conductor.server import ConductorServer
-from kvcake.engine.core import RequestOutput
-from kvcake.engine.output import OutputProcessor
-from kvcake.engine.sampling import SamplingParams
-from kvcake.engine.tokenizer import Tokenizer
+from kvcake.text.detokenize import OutputProcessor
+from kvcake.text.tokenizer import Tokenizer
+from kvcake.wire.generate import EchoedPrompt, GenerateChunk, GenerateRequest, TokenLogprob
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.sampling import SamplingParams
 
 log = get_logger(__name__)
 _MAX_RETRIES = 2
@@ -124,8 +125,7 @@ class ConductorBackend:
                 self.server.metrics.count_cached(output.num_cached_tokens,
                                                  output.num_store_tokens)
             generated += output.token_ids
-            delta, _ = self._processor.process(_as_engine_output(
-                request.request_id, output, len(prompt), num_cached))
+            delta, _ = self._processor.process(_as_request(output, request.request_id))
             yield GenerateChunk(
                 delta.text, output.token_ids, delta.finish_reason, len(prompt), num_cached,
                 delta.stop_reason, self._logprobs(request, output),
@@ -185,7 +185,8 @@ class ConductorBackend:
         return text
 
 
-def _as_engine_output(request_id: str, output: TokenOutput, num_prompt_tokens: int,
-                      num_cached: int) -> RequestOutput:
-    return RequestOutput(request_id, output.token_ids, output.logprobs, output.finish_reason,
-                         num_prompt_tokens, num_cached, output.num_store_tokens, None)
+def _as_request(output: TokenOutput, request_id: str) -> TokenOutput:
+    """``output`` under the client's request id (a retried flight has its own)."""
+    if output.request_id == request_id:
+        return output
+    return msgspec.structs.replace(output, request_id=request_id)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import DIGEST_SIZE
-from kvcake.conductor.types import EVENT_KINDS, KVEvent
+from kvcake.wire.conductor import EVENT_KINDS, KVEvent
 
 
 class PrefixIndex:

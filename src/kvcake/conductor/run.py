@@ -11,8 +11,8 @@ from kvcake.common.log import get_logger
 from kvcake.conductor.frontend import ConductorBackend
 from kvcake.conductor.server import ConductorServer
 from kvcake.conductor.types import ConductorConfig
-from kvcake.engine.tokenizer import Tokenizer
-from kvcake.engine.weights import resolve_model
+from kvcake.model.files import resolve_model
+from kvcake.text.tokenizer import Tokenizer
 
 log = get_logger(__name__)
 

@@ -36,40 +36,30 @@ from kvcake.common.latency import slowest_gaps_mean
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.conductor.flight import Flight, FlightState, InstanceLostError
-from kvcake.conductor.messages import (
-    ConductorRequest,
-    Outputs,
-    PrefillDone,
-    Register,
-    Report,
-    ReportReply,
-)
 from kvcake.conductor.service import ConductorService
 from kvcake.conductor.store_view import StoreView
 from kvcake.conductor.telemetry import ConductorMetrics
-from kvcake.conductor.types import (
-    ConductorConfig,
-    DecodeSample,
-    PrefillSample,
-    RouteRequest,
-    TransferSample,
-)
-from kvcake.engine.sampling import SamplingParams, fit_context
+from kvcake.conductor.types import ConductorConfig, RouteRequest
 from kvcake.transfer.segment import (
     SegmentDescriptor,
     instance_registrant,
     offers_local_mapping,
     prove_ownership,
 )
-from kvcake.worker.messages import (
-    MAX_HOLD_S,
-    Abort,
-    Commit,
-    Prefill,
-    Release,
-    Reserve,
-    Reserved,
+from kvcake.wire.conductor import (
+    ConductorRequest,
+    DecodeSample,
+    Outputs,
+    PrefillDone,
+    PrefillSample,
+    Register,
+    Report,
+    ReportReply,
+    Role,
+    TransferSample,
 )
+from kvcake.wire.sampling import SamplingParams, fit_context
+from kvcake.wire.worker import MAX_HOLD_S, Abort, Commit, Prefill, Release, Reserve, Reserved
 
 log = get_logger(__name__)
 _RPC_TIMEOUT_S = 30.0
@@ -421,8 +411,8 @@ class ConductorServer:
 
     def health(self) -> tuple[bool, dict[str, object]]:
         roles = [h.info.role for h in self.instances.values()]
-        counts = {role: roles.count(role) for role in ("prefill", "decode", "both")}
-        ready = bool(counts["both"] or (counts["prefill"] and counts["decode"]))
+        counts = {role: roles.count(role) for role in Role}
+        ready = bool(counts[Role.BOTH] or (counts[Role.PREFILL] and counts[Role.DECODE]))
         return ready, {"instances": counts, "policy": self.policy.policy,
                        "admission": self.policy.admission, "in_flight": len(self.flights)}
 

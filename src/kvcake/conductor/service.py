@@ -30,23 +30,26 @@ from kvcake.conductor.cost import CostModel
 from kvcake.conductor.index import PrefixIndex
 from kvcake.conductor.policy import DecodeEstimate, PrefillEstimate, make_policy
 from kvcake.conductor.types import (
-    ROLES,
     STORE,
     ConductorConfig,
     ConductorStats,
     Decision,
+    InstanceStats,
+    RouteRequest,
+)
+from kvcake.wire.conductor import (
+    ROLES,
     DecodeSample,
     InstanceLoad,
-    InstanceStats,
     KVEvent,
     PrefillSample,
-    RouteRequest,
+    Role,
     TransferSample,
 )
 
 REJECT_REASONS = ("ttft_slo", "tbt_slo", "no_prefill_instance", "no_decode_instance")
-PREFILL_ROLES = ("prefill", "both")
-DECODE_ROLES = ("decode", "both")
+PREFILL_ROLES = (Role.PREFILL, Role.BOTH)
+DECODE_ROLES = (Role.DECODE, Role.BOTH)
 
 
 @dataclass
@@ -261,7 +264,7 @@ class ConductorService:
 
     def _choose_decode(self, request: RouteRequest, prefill_id: str,
                        decode_ids: list[str]) -> DecodeEstimate:
-        if self.instances[prefill_id].role == "both":  # colocated: decodes its own prefill
+        if self.instances[prefill_id].role == Role.BOTH:  # colocated: decodes its own prefill
             return self._price_decode(request, prefill_id)
         return self.policy.choose_decode([self._price_decode(request, i) for i in decode_ids])
 
@@ -352,7 +355,7 @@ class ConductorService:
             if track.decode_start_s is None:  # PREFILLING: its prefill instance is still there
                 prefill = self.instances[track.prefill_id]
                 assert prefill.role in PREFILL_ROLES and prefill.prefilling[rid] is track
-                assert prefill.role != "both" or track.decode_id == track.prefill_id
+                assert prefill.role != Role.BOTH or track.decode_id == track.prefill_id
         for instance in self.instances.values():
             tracked = [*instance.prefilling.items(), *instance.decode_bound.items()]
             assert all(self.requests.get(rid) is track for rid, track in tracked)

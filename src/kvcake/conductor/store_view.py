@@ -12,8 +12,8 @@ import time
 from kvcake.common.config import StoreConfig
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.engine.connector import store_keys
 from kvcake.store.client import AsyncStore
+from kvcake.wire.kv import store_keys
 
 log = get_logger(__name__)
 _WARN_EVERY_S = 30.0

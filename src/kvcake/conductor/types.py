@@ -1,75 +1,18 @@
-"""What crosses the Conductor's boundary: worker reports, its config, a request, a decision.
-
-Worker → conductor reports (:class:`KVEvent`, :class:`InstanceLoad` and the timing samples)
-travel on the wire, so they are frozen msgspec structs; the rest are frozen dataclasses that
-the server and the simulator build in process.
+"""The Conductor's own records: its config, a request to route, a decision, its stats —
+frozen dataclasses that the server and the simulator build in process (what instances send
+it is in :mod:`kvcake.wire.conductor`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
-
-import msgspec
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.conductor.admission import ADMISSIONS
 from kvcake.conductor.policy import POLICIES
+from kvcake.wire.conductor import InstanceLoad
 
-ROLES = ("prefill", "decode", "both")  # "both": colocated, prefills and decodes its own requests
-EVENT_KINDS = ("stored", "removed", "cleared")
 STORE = "store"  # ``Decision.pull_from`` when the extra prefix comes from the shared store tier
-MAX_BLOCK_HASHES = 1 << 20  # hashes in one event or snapshot: a 32 MiB cache index
-
-
-# ----- worker → conductor (wire)
-class KVEvent(msgspec.Struct, frozen=True):
-    """A change to an instance's cached blocks.
-
-    seq: per-instance sequence number 1, 2, 3, ... with no gaps (a gap means a lost report).
-    kind: ``stored`` / ``removed`` name ``block_hashes``; ``cleared`` drops everything.
-    block_hashes: chained prefix digests (:mod:`kvcake.common.hashing`), 32 bytes each; at
-        most ``MAX_BLOCK_HASHES``.
-    """
-
-    seq: int
-    kind: str
-    block_hashes: Annotated[list[bytes], msgspec.Meta(max_length=MAX_BLOCK_HASHES)] = []
-
-
-class InstanceLoad(msgspec.Struct, frozen=True):
-    """An instance's own view of its load, as last reported."""
-
-    num_waiting: int  # requests queued, not started
-    num_running: int  # requests in the running batch
-    num_waiting_tokens: int  # prompt tokens not yet computed
-    num_running_tokens: int  # total context tokens of the running batch
-    num_free_blocks: int
-    num_blocks: int
-
-
-class PrefillSample(msgspec.Struct, frozen=True):
-    """One prefill step (or chunk): ``num_new_tokens`` computed over ``num_cached_tokens``."""
-
-    num_new_tokens: int
-    num_cached_tokens: int
-    seconds: float
-
-
-class DecodeSample(msgspec.Struct, frozen=True):
-    """One decode step of ``batch_size`` requests whose contexts sum to ``num_context_tokens``."""
-
-    batch_size: int
-    num_context_tokens: int
-    seconds: float
-
-
-class TransferSample(msgspec.Struct, frozen=True):
-    """``num_bytes`` of KV moved between instances (or from the store) in ``seconds``."""
-
-    num_bytes: int
-    seconds: float
-
 
 # ----- in process
 def _require(ok: bool, message: str) -> None:

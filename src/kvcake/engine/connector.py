@@ -25,6 +25,7 @@ from kvcake.common.log import get_logger
 from kvcake.engine.kv_format import HEADER_BYTES, BlockLayout
 from kvcake.store.client import AsyncStore
 from kvcake.transfer import TransferEngine
+from kvcake.wire.kv import store_key, store_keys
 
 log = get_logger(__name__)
 
@@ -68,7 +69,7 @@ class StoreConnector:
     # -- KVConnector ---------------------------------------------------------------------
 
     def num_matched_blocks(self, prefix: str, block_hashes: list[bytes]) -> int:
-        keys = _keys(prefix, block_hashes)
+        keys = store_keys(prefix, block_hashes)
         self.stats.lookups += 1
         try:
             codes = self.io.run(self.store.batch_is_exist(keys))
@@ -98,7 +99,7 @@ class StoreConnector:
     def save(self, prefix: str, block_ids: list[int], block_hashes: list[bytes]) -> None:
         with self._lock:
             todo = [(b, h, key) for b, h in zip(block_ids, block_hashes, strict=True)
-                    if (key := _key(prefix, h)) not in self._known]
+                    if (key := store_key(prefix, h)) not in self._known]
         slots = self._take_slots(len(todo), wait=False)
         self.stats.dropped_blocks += len(todo) - len(slots)
         if not slots:
@@ -115,7 +116,7 @@ class StoreConnector:
 
     def _load_round(self, prefix: str, block_ids: Sequence[int],
                     block_hashes: Sequence[bytes], slots: list[int]) -> int:
-        keys = _keys(prefix, block_hashes)
+        keys = store_keys(prefix, block_hashes)
         views = [self._record(slot) for slot in slots]
         try:
             codes = self.io.run(self.store.batch_get_into(keys, views))
@@ -234,18 +235,6 @@ class StoreConnector:
             self.io.run(self.store.close(), timeout_s)
         finally:
             self.transfer.close()
-
-
-def _key(prefix: str, block_hash: bytes) -> str:
-    return f"{prefix}/{block_hash.hex()}"
-
-
-def store_keys(prefix: str, block_hashes: Sequence[bytes]) -> list[str]:
-    """Store keys of blocks: ``<fingerprint>/<tenant>/<block hash hex>``."""
-    return [_key(prefix, h) for h in block_hashes]
-
-
-_keys = store_keys
 
 
 def connect_store(master: str, segment_size: int, host: str | None = None,

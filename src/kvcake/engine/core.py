@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,51 +21,22 @@ from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.connector import StoreConnector, connect_store
 from kvcake.engine.kv_cache import KVCacheManager
 from kvcake.engine.kv_format import BlockLayout
-from kvcake.engine.kv_transfer import KVRegion, kv_cache_in
-from kvcake.engine.logprobs import TopLogprobs
+from kvcake.engine.kv_transfer import kv_cache_in
 from kvcake.engine.model import LlamaModel
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
-from kvcake.engine.sampling import SamplingParams, fit_context
 from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
-from kvcake.engine.weights import ModelFiles, load_weights, resolve_model
+from kvcake.engine.weights import load_weights
+from kvcake.model.files import ModelFiles, resolve_model
 from kvcake.transfer import Segment, TransferEngine
+from kvcake.wire.kv import KVRegion
+from kvcake.wire.output import TokenOutput, TopLogprobs
+from kvcake.wire.sampling import SamplingParams, fit_context
 
 log = logging.getLogger(__name__)
 
 KV_LAYOUT_VERSION = 1
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request.
-
-    new_token_ids: tokens drawn this step (empty for a chunk that did not sample).
-    new_logprobs / new_top_logprobs: their log-probabilities and top alternatives (empty
-        lists unless the request asked for ``logprobs``).
-    finish_reason: ``stop``, ``length`` or ``abort`` once finished, else ``None``.
-    num_cached_tokens: prompt tokens whose KV was reused (local cache or store).
-    num_store_tokens: the part of those loaded from the store.
-    prompt_logprobs / prompt_top_logprobs: scores of prompt tokens 1..n-1, on the output
-        with the first token of a request that asked for ``prompt_logprobs`` (else None).
-    """
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[float]
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_store_tokens: int
-    first_token_s: float | None
-    new_top_logprobs: list[TopLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[float] | None = None
-    prompt_top_logprobs: list[TopLogprobs] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 class StepHook(Protocol):
@@ -222,17 +193,17 @@ class EngineCore:
         if bad is not None:
             raise InvalidParamsError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> TokenOutput | None:
         return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
 
-    def finish(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
+    def finish(self, request_id: str, status: RequestStatus) -> TokenOutput | None:
         request = self.scheduler.finish(request_id, status)
         return None if request is None else _output(request, 0)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[TokenOutput]:
         """Schedule, run the model once, update; outputs for requests that progressed."""
         start = time.perf_counter()
         output = self.scheduler.schedule()
@@ -341,17 +312,17 @@ def _step_stats(output: SchedulerOutput, seconds: float) -> StepStats:
                      sum(c.start + 1 for c in decodes), seconds)
 
 
-def _output(request: Request, num_new: int) -> RequestOutput:
+def _output(request: Request, num_new: int) -> TokenOutput:
     finished = request.status.finished
     first = len(request.output_token_ids) - num_new
     scored = num_new and not first and request.params.prompt_logprobs is not None
-    return RequestOutput(
+    return TokenOutput(
         request.request_id, request.output_token_ids[first:], request.output_logprobs[first:],
         request.status.value if finished else None, request.num_prompt_tokens,
-        request.num_cached_tokens, request.num_store_tokens, request.first_token_s,
+        request.num_cached_tokens, request.num_store_tokens,
         request.output_top_logprobs[first:],
         list(request.prompt_logprobs) if scored else None,
-        list(request.prompt_top_logprobs) if scored else None)
+        list(request.prompt_top_logprobs) if scored else None, request.first_token_s)
 
 
 def kv_fingerprint(files: ModelFiles, config: EngineConfig) -> str:

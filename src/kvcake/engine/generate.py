@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from kvcake.engine.llm import LLM
-from kvcake.engine.sampling import SamplingParams
+from kvcake.wire.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import msgspec
 import torch
 
 from kvcake.common.errors import InvalidParamsError
@@ -44,25 +43,7 @@ from kvcake.transfer import (
     TransferOp,
     TransferRequest,
 )
-from kvcake.transfer.segment import SegmentDescriptor
-
-
-class KVRegion(msgspec.Struct, frozen=True):
-    """Where an instance's paged KV cache lives, and its shape, as peers need to know it."""
-
-    descriptor: SegmentDescriptor
-    fingerprint: str
-    num_layers: int
-    num_slots: int
-    slot_bytes: int
-    block_size: int
-
-    def offset(self, layer: int, kv: int, slot: int) -> int:
-        return ((layer * 2 + kv) * self.num_slots + slot) * self.slot_bytes
-
-    @property
-    def num_blocks(self) -> int:
-        return self.num_slots // self.block_size
+from kvcake.wire.kv import KVRegion
 
 
 def kv_cache_in(buffer: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

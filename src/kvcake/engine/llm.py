@@ -14,12 +14,13 @@ from typing import Any
 
 from kvcake.common.config import EngineConfig, load_config
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.core import EngineCore, RequestOutput
-from kvcake.engine.output import OutputProcessor, TextDelta
+from kvcake.engine.core import EngineCore
 from kvcake.engine.request import RequestStatus
-from kvcake.engine.sampling import SamplingParams
 from kvcake.engine.scheduler import KVConnector
-from kvcake.engine.tokenizer import Tokenizer
+from kvcake.text.detokenize import OutputProcessor, TextDelta
+from kvcake.text.tokenizer import Tokenizer
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -124,7 +125,7 @@ class LLM:
             self.core.abort(request_id)
             self.outputs.discard(request_id)
 
-    def _process(self, output: RequestOutput) -> TextDelta:
+    def _process(self, output: TokenOutput) -> TextDelta:
         delta, stopped = self.outputs.process(output)
         if stopped:
             self.core.finish(output.request_id, RequestStatus.FINISHED_STOPPED)

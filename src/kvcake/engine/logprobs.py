@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcake.wire.output import TopLogprobs
+
 ROWS_PER_SLICE = 256
-TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import torch.nn.functional as nnf
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.attention import attention_backend
-from kvcake.engine.config import ModelConfig
 from kvcake.engine.rope import rope_tables
+from kvcake.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kvcake.engine.sampling import SamplingParams
+    from kvcake.wire.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import ROOT_DIGEST, prefix_block_hashes
-from kvcake.engine.logprobs import PromptLogprobs, TopLogprobs
-from kvcake.engine.sampling import SamplingParams
+from kvcake.engine.logprobs import PromptLogprobs
+from kvcake.wire.output import TopLogprobs
+from kvcake.wire.sampling import SamplingParams
 
 
 class RequestStatus(Enum):

@@ -11,12 +11,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from kvcake.engine.logprobs import ROWS_PER_SLICE, PromptLogprobs, TopLogprobs, score_tokens
+from kvcake.engine.logprobs import ROWS_PER_SLICE, PromptLogprobs, score_tokens
 from kvcake.engine.model import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.penalties import TokenHistory
 from kvcake.engine.request import Request
 from kvcake.engine.sampling import Sampler
 from kvcake.engine.scheduler import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
+from kvcake.wire.output import TopLogprobs
 
 
 class ModelRunner:

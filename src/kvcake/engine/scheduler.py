@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvcake.engine.kv_cache import KVCacheManager
-from kvcake.engine.logprobs import PromptLogprobs, TopLogprobs
+from kvcake.engine.logprobs import PromptLogprobs
 from kvcake.engine.request import Request, RequestStatus
+from kvcake.wire.output import TopLogprobs
 
 
 class KVConnector(Protocol):

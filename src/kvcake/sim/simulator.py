@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import DIGEST_SIZE
 from kvcake.conductor.service import ConductorService
-from kvcake.conductor.types import STORE, ConductorConfig, KVEvent, RouteRequest
+from kvcake.conductor.types import STORE, ConductorConfig, RouteRequest
 from kvcake.sim.cache import PoolCache
 from kvcake.sim.events import EventKind, EventQueue
 from kvcake.sim.instance import SimInstance
 from kvcake.sim.profile import Profile
 from kvcake.sim.request import Phase, SimRequest
+from kvcake.wire.conductor import KVEvent, Role
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,8 @@ class Simulator:
         self.pool = (None if config.pool_capacity_blocks is None
                      else PoolCache(config.pool_capacity_blocks, config.eviction))
         self.instances: dict[str, SimInstance] = {}
-        for role, count in (("prefill", config.num_prefill), ("decode", config.num_decode),
-                            ("both", config.num_colocated)):
+        for role, count in ((Role.PREFILL, config.num_prefill), (Role.DECODE, config.num_decode),
+                            (Role.BOTH, config.num_colocated)):
             for n in range(count):
                 self._add_instance(f"{'colocated' if role == 'both' else role}-{n:02d}", role)
         self._kv_seq = dict.fromkeys(self.instances, 0)
@@ -123,7 +124,7 @@ class Simulator:
             instance_id, role, profile, profile.cost_model(), self.events, self,
             self.config.eviction, self.config.keep_gaps)
         # a decode side's capacity is the KV its batch may hold (admission checks it)
-        num_blocks = (profile.cache_blocks if role == "prefill"
+        num_blocks = (profile.cache_blocks if role == Role.PREFILL
                       else profile.decode_kv_tokens // profile.block_tokens)
         self.service.add_instance(instance_id, role, num_blocks)
 
@@ -181,7 +182,7 @@ class Simulator:
             self.pool.admit(request.block_keys)
         if request.num_decode_steps == 0:
             self._finished(request)
-        elif instance.role == "both":
+        elif instance.role == Role.BOTH:
             request.move(Phase.DECODE_WAITING)
             instance.submit_decode(request)
         else:

@@ -25,25 +25,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kvcake.common.errors import KvcakeError
-from kvcake.conductor.messages import TokenOutput
-from kvcake.conductor.types import DecodeSample, PrefillSample, TransferSample
-from kvcake.engine.core import EngineCore, EngineLoad, RequestOutput, StepStats
+from kvcake.engine.core import EngineCore, EngineLoad, StepStats
 from kvcake.engine.kv_transfer import KVSender
 from kvcake.engine.scheduler import SchedulerOutput
-from kvcake.worker.messages import Prefill
+from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.worker import Prefill
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
 _MAX_SAMPLES = 64
-
-
-def token_output(output: RequestOutput) -> TokenOutput:
-    return TokenOutput(output.request_id, output.new_token_ids, output.new_logprobs,
-                       output.finish_reason, output.num_prompt_tokens,
-                       output.num_cached_tokens, output.num_store_tokens,
-                       output.new_top_logprobs, output.prompt_logprobs,
-                       output.prompt_top_logprobs)
 
 
 class PrefillSender:
@@ -219,14 +211,14 @@ class EngineLoop:
             if self.sender is not None and self.sender.is_sending(output.request_id):
                 self._finish_prefill(output)
             else:
-                streamed.append(token_output(output))
+                streamed.append(output)
         if streamed:
             self._on_outputs(streamed)
         if self.core.last_step is not None:
             with self._lock:
                 self._telemetry.add_step(self.core.last_step)
 
-    def _finish_prefill(self, output: RequestOutput) -> None:
+    def _finish_prefill(self, output: TokenOutput) -> None:
         assert self.sender is not None
         assert output.finished, "a prefill-only request ends at its first token"
         error = ""
@@ -237,7 +229,7 @@ class EngineLoop:
         else:
             with self._lock:
                 self._telemetry.transfer.append(TransferSample(num_bytes, seconds))
-        self._on_prefill_done(token_output(output), error)
+        self._on_prefill_done(output, error)
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from kvcake.engine.core import EngineCore
-from kvcake.engine.sampling import SamplingParams
+from kvcake.wire.sampling import SamplingParams
 from kvcake.worker.loop import Telemetry
 
 PROFILE_PROMPT_LENS = (32, 128, 512)

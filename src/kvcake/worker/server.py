@@ -18,25 +18,27 @@ from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, loa
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
-from kvcake.conductor.messages import (
+from kvcake.engine.core import EngineCore, EngineLoad
+from kvcake.engine.kv_transfer import KVSender, sign_kv_grants
+from kvcake.transfer import TransferEngine
+from kvcake.transfer.segment import instance_registrant
+from kvcake.wire.conductor import (
+    MAX_BLOCK_HASHES,
     MAX_EVENTS,
     MAX_OUTPUTS,
     MAX_SAMPLES,
+    InstanceLoad,
+    KVEvent,
     Outputs,
     PrefillDone,
     Register,
     Report,
     ReportReply,
+    Role,
     Snapshot,
-    TokenOutput,
 )
-from kvcake.conductor.types import MAX_BLOCK_HASHES, InstanceLoad, KVEvent
-from kvcake.engine.core import EngineCore, EngineLoad
-from kvcake.engine.kv_transfer import KVSender, sign_kv_grants
-from kvcake.transfer import TransferEngine
-from kvcake.transfer.segment import instance_registrant
-from kvcake.worker.loop import EngineLoop, Telemetry
-from kvcake.worker.messages import (
+from kvcake.wire.output import TokenOutput
+from kvcake.wire.worker import (
     Abort,
     Ack,
     Commit,
@@ -46,6 +48,7 @@ from kvcake.worker.messages import (
     Reserved,
     WorkerRequest,
 )
+from kvcake.worker.loop import EngineLoop, Telemetry
 from kvcake.worker.profile import profile_engine
 
 log = get_logger(__name__)
@@ -108,7 +111,7 @@ class WorkerServer:
         if self.config.profile:
             self._profile = profile_engine(core)
         sender = None
-        if self.config.role == "prefill":
+        if self.config.role == Role.PREFILL:
             assert core.kv_region is not None and core.kv_segment is not None
             sender = KVSender(self._transfer, core.kv_region, core.kv_segment.view)
         self._loop = EngineLoop(core, sender, self._threadsafe(loop, self._queue_outputs),
@@ -175,7 +178,7 @@ class WorkerServer:
         return sign_kv_grants(self._transfer, region, block_ids, ttl_s)
 
     def _check_role(self, message: Prefill) -> None:
-        wants = "prefill" if message.target is not None else "both"
+        wants = Role.PREFILL if message.target is not None else Role.BOTH
         if self.config.role != wants:
             raise InvalidParamsError(f"instance {self.instance_id} is a {self.config.role} "
                                      f"instance; this request needs a {wants} instance")
@@ -289,7 +292,7 @@ class WorkerServer:
                 log.warning("conductor restarted: %d orphaned requests aborted", dropped)
         profile, self._profile = self._profile, Telemetry()
         message = Register(
-            self.instance_id, self.config.role, self.endpoint, core.config.model,
+            self.instance_id, Role(self.config.role), self.endpoint, core.config.model,
             core.fingerprint, core.config.block_size, core.scheduler.kv.num_blocks,
             core.max_model_len, core.kv_region, await self._snapshot(),
             (profile.prefill + telemetry.prefill)[-MAX_SAMPLES:],

@@ -1,0 +1,148 @@
+"""Child server processes for tests, benchmarks and ``kvcake up``: start, wait for the line
+that says "ready" (or ask ``/health``), stop by pid. Only processes started here are ever
+signalled.
+
+Output goes to a temporary file rather than a pipe: nobody reads a server's output after it
+is ready, and a full pipe would block a chatty server mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import IO, Any
+
+from kvcake.common.errors import KvcakeError
+
+_POLL_S = 0.02
+_ERROR_LINE = re.compile(r"^kvcake[\w -]*: error: .*$", re.MULTILINE)
+
+
+class ServerProcess:
+    """Runs ``command``; the constructor returns once its output matches the regex ``ready``
+    (``self.match`` holds that match), or stops it and raises with the output so far.
+    ``stop`` closes its standard input (peers that stop on end of input), then SIGTERM,
+    then SIGKILL."""
+
+    def __init__(self, command: Sequence[str], ready: str, timeout_s: float = 60.0,
+                 name: str = "", log_path: str | None = None) -> None:
+        self.command = list(command)
+        self.name = name or " ".join(self.command[-6:])
+        # closed by stop/kill; a named log stays on disk
+        self._log: IO[bytes] = open(log_path, "w+b") if log_path \
+            else tempfile.TemporaryFile()  # noqa: SIM115
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self.match = self._await(re.compile(ready), timeout_s)
+        except BaseException:  # a caller's timeout or Ctrl-C mid-wait: nobody else holds
+            self.stop()       # this child yet, so it would outlive us
+            raise
+
+    def _await(self, ready: re.Pattern[str], timeout_s: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while (found := ready.search(self.output())) is None:
+            if not self.alive() or time.monotonic() > deadline:
+                tail = self.tail()  # read before stop() closes the log
+                self.stop()
+                raise KvcakeError(f"{self.name} did not start: {tail}")
+            time.sleep(_POLL_S)
+        return found
+
+    def output(self) -> str:
+        if self._log.closed:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def tail(self, chars: int = 800) -> str:
+        """What it said last: the one line a kvcake command prints when it fails
+        (``kvcake: error: …``), else the last ``chars`` of its output."""
+        output = self.output()
+        errors = _ERROR_LINE.findall(output)
+        said = errors[-1] if errors else output[-chars:].strip()
+        return f"[{self.name} output] {said}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.alive():
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()
+        self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def kvcake_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
+    return [*prefix, sys.executable, "-m", "kvcake.cli", *args]
+
+
+def start_master(*args: str, prefix: Sequence[str] = (),
+                 log_path: str | None = None) -> tuple[ServerProcess, str]:
+    """``kvcake master`` on an ephemeral port (unless ``args`` say otherwise); its endpoint."""
+    command = kvcake_command("master", "--port", "0", "--metrics-port", "0", *args,
+                             prefix=prefix)
+    process = ServerProcess(command, r"listening on (\S+)", name="kvcake master",
+                            log_path=log_path)
+    return process, process.match.group(1)
+
+
+def start_node(master: str, segment_size: str, *args: str, prefix: Sequence[str] = (),
+               log_path: str | None = None) -> ServerProcess:
+    command = kvcake_command("node", "--master", master, "--segment-size", segment_size, *args,
+                             prefix=prefix)
+    return ServerProcess(command, r"segment (\S+) .* mounted", name="kvcake node",
+                         log_path=log_path)
+
+
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+
+
+def health(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
+    """``GET url/health``: the status (0 when nothing answers) and the JSON body ({} when
+    it is not a JSON object)."""
+    try:
+        with DIRECT.open(f"{url}/health", timeout=timeout_s) as reply:
+            status, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except OSError:
+        return 0, {}
+    try:
+        body = json.loads(raw)
+    except ValueError:  # another server's plain-text health answer
+        return status, {}
+    return status, body if isinstance(body, dict) else {}
