@@ -3,12 +3,14 @@ and those under TYPE_CHECKING included).
 
 A package may import only packages of lower layers (and itself); packages of one layer never
 import each other; no package names another package's private modules or names (those
-starting with ``_``).
+starting with ``_``). The Conductor and the API load no torch.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +88,15 @@ def test_no_reach_into_private_modules_or_names() -> None:
                in _edges() if any(part.startswith("_") for part in module.split(".")[1:])
                or any(name.startswith("_") for name in names)]
     assert reaches == []
+
+
+def test_the_conductor_and_the_api_load_no_torch() -> None:
+    # torch is the engine's extra: the Conductor process must start without it
+    code = ("import sys, kvcake.cli, kvcake.cluster.commands, kvcake.conductor.run, "
+            "kvcake.api.app, kvcake.store.master.run; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert result.stdout.strip() == "False"
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
