@@ -3,18 +3,11 @@ replicas), storage nodes that contribute memory (and disk), and clients with Moo
 
 from kvcake.store.client import AsyncStore
 from kvcake.store.compat import DistributedStore
-from kvcake.store.master import (
-    EVICTION_POLICIES,
-    PLACEMENT_POLICIES,
-    EvictionPolicy,
-    MasterServer,
-    MasterService,
-    PlacementPolicy,
-    Replica,
-    ReplicaState,
-    StoredObject,
-    make_eviction_policy,
-)
+from kvcake.store.master.eviction import EVICTION_POLICIES, EvictionPolicy, make_eviction_policy
+from kvcake.store.master.placement import PLACEMENT_POLICIES, PlacementPolicy
+from kvcake.store.master.replica import Replica, ReplicaState, StoredObject
+from kvcake.store.master.server import MasterServer
+from kvcake.store.master.service import MasterService
 from kvcake.store.messages import ReplicateConfig
 
 MooncakeDistributedStore = DistributedStore

@@ -5,7 +5,8 @@ never touches a byte of them.
 
     server.py   MasterServer: RPC, sweep timer, disk-tier tasks, /metrics     run.py
        |
-    service.py  MasterService (no I/O): objects, replicas, leases, eviction, offload
+    service.py  MasterService (no I/O): clients, tenants, checks; delegates to
+       |        objects.py (ObjectTable) and tiering.py (Tiering: evict, offload, promote)
        |        segments.py allocator.py placement.py eviction.py tenants.py replica.py
     journal.py + ha.py: records in etcd, leader election, failover restore
 """

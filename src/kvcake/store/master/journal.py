@@ -26,8 +26,7 @@ import msgspec
 from kvcake.common import codec
 from kvcake.store.master.allocator import SegmentAllocator
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
-from kvcake.store.master.segments import ClientRecord, MountedSegment
-from kvcake.store.master.tenants import usage_by_tenant
+from kvcake.store.master.segments import MountedSegment
 from kvcake.transfer.segment import SegmentDescriptor
 
 if TYPE_CHECKING:
@@ -145,7 +144,6 @@ def restore(service: MasterService, segments: Iterable[SegmentRecord],
     replicas on segments without a record are dropped, objects left without one skipped.
     Owners of restored segments count as alive from now: they have ``client_ttl_s`` to
     rejoin before their segments are dropped."""
-    assert not service.objects and not service.registry.segments, "restore into a used master"
     now = service.clock()
     by_id = {s.segment_id: s for s in segments}
     placed: dict[int, list[tuple[int, int]]] = {i: [] for i in by_id}
@@ -157,26 +155,18 @@ def restore(service: MasterService, segments: Iterable[SegmentRecord],
             placed_memory = ((r.segment_id, r.offset) for r in replicas if not r.disk)
             for segment_id, offset in placed_memory:
                 placed[segment_id].append((offset, record.size))
-    for segment_id, segment in by_id.items():
-        _restore_segment(service, segment, placed[segment_id], now)
-    for key, record, replicas in kept:
-        _restore_object(service, key, record, replicas, now)
-    service.tenants.recount(usage_by_tenant(service.objects))
+    service.restore(((_segment(s, placed[i]), s.host_id) for i, s in by_id.items()),
+                    (_object(key, record, replicas, now) for key, record, replicas in kept), now)
 
 
-def _restore_segment(service: MasterService, record: SegmentRecord,
-                     allocations: list[tuple[int, int]], now: float) -> None:
-    registry = service.registry
-    owner = registry.clients.setdefault(
-        record.client_id, ClientRecord(record.client_id, record.host_id, now))
-    owner.segment_ids.add(record.segment_id)
+def _segment(record: SegmentRecord, allocations: list[tuple[int, int]]) -> MountedSegment:
     allocator = SegmentAllocator.with_allocations(record.descriptor.size, allocations)
-    registry.adopt(MountedSegment(record.segment_id, record.descriptor, record.client_id,
-                                  allocator, record.disk_capacity, record.control_endpoint))
+    return MountedSegment(record.segment_id, record.descriptor, record.client_id, allocator,
+                          record.disk_capacity, record.control_endpoint)
 
 
-def _restore_object(service: MasterService, key: str, record: ObjectRecord,
-                    replicas: list[ReplicaRecord], now: float) -> None:
+def _object(key: str, record: ObjectRecord, replicas: list[ReplicaRecord],
+            now: float) -> StoredObject:
     restored = []
     for r in replicas:
         replica = Replica(r.segment_id, r.offset, record.size,
@@ -184,14 +174,6 @@ def _restore_object(service: MasterService, key: str, record: ObjectRecord,
         replica.move_to(ReplicaState.PROCESSING)
         replica.move_to(ReplicaState.COMPLETE)
         restored.append(replica)
-        segment = service.registry.segments[r.segment_id]
-        segment.keys.add(key)
-        if r.disk:
-            segment.disk_used += record.size
-    obj = StoredObject(key, record.size, restored, None, now,
-                       soft_pin_until=now + record.soft_pin_left_s if record.soft_pin_left_s
-                       else 0.0, hard_pinned=record.hard_pinned,
-                       object_id=service.next_object_id(), owner=record.owner)
-    service.objects[key] = obj
-    if obj.readable(Tier.MEMORY):
-        service.eviction.insert(key)
+    return StoredObject(key, record.size, restored, None, now,
+                        soft_pin_until=now + record.soft_pin_left_s if record.soft_pin_left_s
+                        else 0.0, hard_pinned=record.hard_pinned, owner=record.owner)

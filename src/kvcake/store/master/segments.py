@@ -100,8 +100,12 @@ class SegmentRegistry:
         record.segment_ids.add(segment_id)
         return segment_id
 
-    def adopt(self, segment: MountedSegment) -> None:
-        """Take a segment mounted under an earlier leader, keeping its id."""
+    def adopt(self, segment: MountedSegment, host_id: str, now: float) -> None:
+        """Take a segment mounted under an earlier leader, keeping its id; its owner (on
+        ``host_id``) counts as alive from ``now``."""
+        owner = self.clients.setdefault(segment.client_id,
+                                        ClientRecord(segment.client_id, host_id, now))
+        owner.segment_ids.add(segment.segment_id)
         if segment.name in self._by_name or segment.segment_id in self.segments:
             raise KvcakeError(f"segment {segment.name!r} is already mounted",
                               ErrorCode.SEGMENT_ALREADY_EXISTS)
@@ -121,6 +125,11 @@ class SegmentRegistry:
 
     def expired(self, now: float, ttl_s: float) -> list[str]:
         return [c.client_id for c in self.clients.values() if now - c.last_seen > ttl_s]
+
+    def memory_usage(self) -> tuple[int, int]:
+        """Bytes allocated, and bytes of all segments."""
+        return (sum(s.allocator.used_bytes for s in self.segments.values()),
+                sum(s.allocator.size for s in self.segments.values()))
 
     def largest_segment(self) -> int:
         return max((s.allocator.capacity for s in self.segments.values()), default=0)

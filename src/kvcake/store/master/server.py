@@ -29,8 +29,9 @@ from kvcake.store.master.ha import Persistence
 from kvcake.store.master.metrics import render_metrics, summary_line
 from kvcake.store.master.owners import SegmentOwners
 from kvcake.store.master.replica import Tier
-from kvcake.store.master.service import DropDiskTask, MasterService, OffloadTask, PromoteTask, Task
+from kvcake.store.master.service import MasterService
 from kvcake.store.master.tenants import scoped_key
+from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask, Task
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.segment import store_registrant
 

@@ -1,9 +1,9 @@
 """A node's SSD tier: objects the master evicts from DRAM, kept as files, and read back.
 
-The master decides (:class:`kvcake.store.master.service.OffloadTask` and friends); the node only
-copies between its segment and ``DIR/<sha256(key)>.kv``. File I/O runs in a worker thread
-so the node keeps serving transfers meanwhile. A restarted node starts with an empty tier,
-as it starts with an empty segment.
+The master decides (:class:`kvcake.store.master.tiering.OffloadTask` and friends); the node
+only copies between its segment and ``DIR/<sha256(key)>.kv``. File I/O runs in a worker
+thread so the node keeps serving transfers meanwhile. A restarted node starts with an empty
+tier, as it starts with an empty segment.
 
 It never deletes a file it did not write: ``DIR/kvcake-disk-tier.manifest`` lists every
 file the tier created (a name is added before its file exists, so a crash leaves nothing

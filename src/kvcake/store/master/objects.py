@@ -1,0 +1,212 @@
+"""The master's object table: objects by key, their replicas' memory, the eviction order, and
+what changed since the last flush (:class:`ChangeSet`). No I/O, no policy.
+
+Keys here are object keys (a tenant's keys are scoped, :mod:`kvcake.store.master.tenants`).
+Every replica in memory holds an allocation of its segment and is charged to its tenant,
+from :meth:`ObjectTable.create` until :meth:`ObjectTable.release`. A complete object with a
+memory replica is in the eviction order, unless an offload or promotion of it is in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from kvcake.common.config import MasterConfig
+from kvcake.common.errors import ErrorCode
+from kvcake.store.master.eviction import make_eviction_policy
+from kvcake.store.master.journal import ChangeSet
+from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
+from kvcake.store.master.segments import MountedSegment, SegmentRegistry
+from kvcake.store.master.tenants import TenantLedger, tenant_of_key, usage_by_tenant
+from kvcake.store.master.tiering import DropDiskTask, Task
+from kvcake.store.messages import ReplicaHandle, ReplicateConfig
+
+
+class ObjectTable:
+    """Objects and their replicas' lifecycle; ``tasks`` queues the disk-tier work for nodes."""
+
+    def __init__(self, config: MasterConfig, clock: Callable[[], float],
+                 registry: SegmentRegistry, tenants: TenantLedger) -> None:
+        self.config = config
+        self.clock = clock
+        self.registry = registry
+        self.tenants = tenants
+        self.objects: dict[str, StoredObject] = {}
+        self.eviction = make_eviction_policy(config.eviction)
+        self.tasks: list[Task] = []
+        self.changes: ChangeSet | None = None  # set by a master that persists its state
+        self._object_ids = itertools.count(1)
+
+    # ----- puts
+    def create(self, client_id: str, key: str, size: int, config: ReplicateConfig,
+               chosen: list[int]) -> list[ReplicaHandle]:
+        """Allocate ``key`` on the ``chosen`` segments; the writer's handles."""
+        now = self.clock()
+        replicas = []
+        for segment_id in chosen:
+            segment = self.registry.segments[segment_id]
+            offset = segment.allocator.allocate(size)
+            assert offset is not None, "placement chose a segment without room"
+            replica = Replica(segment_id, offset, size)
+            replica.move_to(ReplicaState.PROCESSING)  # handed to the writer now
+            replicas.append(replica)
+            segment.keys.add(key)
+        self.tenants.charge(tenant_of_key(key), size * len(replicas))
+        soft_ttl = config.soft_pin_ttl_s or self.config.soft_pin_ttl_s
+        self.objects[key] = StoredObject(
+            key, size, replicas, client_id, now, object_id=next(self._object_ids),
+            owner=client_id,
+            soft_pin_until=now + soft_ttl if config.with_soft_pin else 0.0,
+            hard_pinned=config.with_hard_pin,
+        )
+        return [ReplicaHandle(r.segment_id, r.offset) for r in replicas]
+
+    def complete(self, client_id: str, key: str) -> ErrorCode:
+        """End ``client_id``'s put of ``key``: readable, and in the eviction order."""
+        obj = self.open_put(client_id, key)
+        if isinstance(obj, ErrorCode):
+            return obj
+        for replica in obj.replicas:
+            if replica.state is ReplicaState.PROCESSING:
+                replica.move_to(ReplicaState.COMPLETE)
+        if not obj.readable():  # every segment it was written to died meanwhile
+            self.delete(obj)
+            return ErrorCode.INVALID_WRITE
+        obj.writer = None
+        self.eviction.insert(key)
+        self.changed(key)
+        return ErrorCode.OK
+
+    def open_put(self, client_id: str, key: str) -> StoredObject | ErrorCode:
+        obj = self.objects.get(key)
+        if obj is None:
+            return ErrorCode.OBJECT_NOT_FOUND
+        if obj.writer != client_id:
+            return ErrorCode.INVALID_WRITE  # complete already, or someone else's put
+        return obj
+
+    def fail_put(self, obj: StoredObject) -> None:
+        for replica in obj.replicas:
+            if replica.state is not ReplicaState.FAILED:
+                replica.move_to(ReplicaState.FAILED)
+        self.delete(obj)
+
+    # ----- reads and removal
+    def lease(self, key: str) -> StoredObject | None:
+        """The complete object ``key``, leased to a reader for ``lease_ttl_s`` from now."""
+        obj = self.objects.get(key)
+        if obj is None or not obj.complete:
+            return None
+        obj.lease_until = self.clock() + self.config.lease_ttl_s
+        return obj
+
+    def remove(self, key: str, force: bool) -> ErrorCode:
+        obj = self.objects.get(key)
+        if obj is None:
+            return ErrorCode.OBJECT_NOT_FOUND
+        if not force:
+            if not obj.complete:
+                return ErrorCode.REPLICA_IS_NOT_READY
+            if obj.leased(self.clock()) or obj.busy:
+                return ErrorCode.OBJECT_HAS_LEASE
+        self.delete(obj)
+        return ErrorCode.OK
+
+    def delete(self, obj: StoredObject) -> None:
+        """Forget ``obj``: free its memory, drop its disk files."""
+        if obj.complete:
+            self.changed(obj.key)
+        for replica in obj.replicas:
+            if replica.state in (ReplicaState.PROCESSING, ReplicaState.COMPLETE):
+                replica.move_to(ReplicaState.REMOVED)
+            self.release(obj.key, replica)
+        del self.objects[obj.key]
+        self.eviction.discard(obj.key)
+
+    def release(self, key: str, replica: Replica) -> None:
+        if replica.tier is Tier.MEMORY:
+            self.tenants.charge(tenant_of_key(key), -replica.size)
+        segment = self.registry.segments.get(replica.segment_id)
+        if segment is None:
+            return
+        if replica.tier is Tier.MEMORY:
+            self._free(segment, replica.offset, durable=self.objects[key].complete)
+        else:
+            segment.disk_used -= replica.size
+            self.tasks.append(DropDiskTask(key, segment.segment_id))
+        if not any(r.segment_id == segment.segment_id for r in self.objects[key].replicas
+                   if r is not replica and r.state is not ReplicaState.REMOVED):
+            segment.keys.discard(key)
+
+    def drop_segment(self, segment: MountedSegment) -> None:
+        """Lose every replica on ``segment``; objects with none left are gone."""
+        for key in list(segment.keys):
+            obj = self.objects[key]
+            for replica in [r for r in obj.replicas if r.segment_id == segment.segment_id]:
+                replica.move_to(ReplicaState.FAILED)
+                obj.replicas.remove(replica)
+                if replica.tier is Tier.MEMORY:  # its allocator goes with the segment
+                    self.tenants.charge(tenant_of_key(key), -replica.size)
+            self.changed(key)
+            if not obj.replicas or (obj.complete and not obj.readable()):
+                self.delete(obj)
+            elif not obj.readable(Tier.MEMORY):
+                self.eviction.discard(key)
+        self.registry.unmount(segment.segment_id)
+        self.changed_segment(segment.segment_id)
+
+    # ----- persistence
+    def _free(self, segment: MountedSegment, offset: int, durable: bool) -> None:
+        """Give memory back; with persistence on, memory a durable record may point at waits
+        in ``changes.frees`` until the flush that forgets it (:meth:`release_frees`)."""
+        if durable and self.changes is not None:
+            self.changes.frees.append((segment.segment_id, offset))
+        else:
+            segment.allocator.free(offset)
+
+    def release_frees(self, frees: list[tuple[int, int]]) -> None:
+        """The records of these ranges are gone from etcd: their memory can be reused."""
+        for segment_id, offset in frees:
+            segment = self.registry.segments.get(segment_id)
+            if segment is not None:  # a dropped segment took its allocator with it
+                segment.allocator.free(offset)
+
+    def changed(self, key: str) -> None:
+        if self.changes is not None:
+            self.changes.objects.add(key)
+
+    def changed_segment(self, segment_id: int) -> None:
+        if self.changes is not None:
+            self.changes.segments.add(segment_id)
+
+    def adopt(self, obj: StoredObject) -> None:
+        """Take a complete object restored from a journal (its segments adopted already)."""
+        obj.object_id = next(self._object_ids)
+        for replica in obj.replicas:
+            segment = self.registry.segments[replica.segment_id]
+            segment.keys.add(obj.key)
+            if replica.tier is Tier.DISK:
+                segment.disk_used += obj.size
+        self.objects[obj.key] = obj
+        if obj.readable(Tier.MEMORY):
+            self.eviction.insert(obj.key)
+
+    def check_integrity(self) -> None:
+        """Assert allocators, reverse indexes and the eviction order agree with the objects."""
+        for segment in self.registry.segments.values():
+            segment.allocator.check_integrity()
+            memory = [r for o in self.objects.values() for r in o.replicas
+                      if r.segment_id == segment.segment_id and r.tier is Tier.MEMORY]
+            held = sum(i == segment.segment_id for i, _ in self.changes.frees) \
+                if self.changes is not None else 0
+            assert segment.allocator.num_allocations == len(memory) + held, segment.name
+            for key in segment.keys:
+                assert any(r.segment_id == segment.segment_id for r in self.objects[key].replicas)
+        for key, obj in self.objects.items():
+            assert obj.replicas, f"{key} has no replicas"
+            in_order = obj.complete and bool(obj.readable(Tier.MEMORY)) and not obj.busy
+            assert (key in self.eviction) == in_order or obj.busy, f"eviction order for {key}"
+            memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
+            assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"
+        self.tenants.check_integrity(usage_by_tenant(self.objects))

@@ -1,0 +1,226 @@
+"""What leaves memory, and how: eviction, offload to a node's disk, promotion back. No I/O.
+
+An evicted object goes to the disk tier of a segment holding one of its replicas when that
+node has room, else it is deleted. The disk tier is the node's to run: these decisions queue
+:data:`Task` s in ``ObjectTable.tasks``; the server sends them to the node's control endpoint
+and reports each outcome back (:meth:`Tiering.offload_done`, :meth:`Tiering.promote_done`)::
+
+    memory --evict, disk room--> OffloadTask --ok--> disk replica, memory freed
+    memory --evict, no room----> deleted
+    disk   --get---------------> PromoteTask --ok--> memory replica (the get is retried)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvcake.common.errors import ErrorCode
+from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
+from kvcake.store.master.tenants import tenant_of_key
+
+if TYPE_CHECKING:
+    from kvcake.store.master.objects import ObjectTable
+
+
+@dataclass(frozen=True)
+class OffloadTask:
+    """Node copies ``segment[offset:offset+size]`` into its disk file for ``key``."""
+
+    key: str
+    segment_id: int
+    offset: int
+    size: int
+    object_id: int = field(default=0, compare=False)  # which put of ``key`` it concerns
+
+
+@dataclass(frozen=True)
+class PromoteTask:
+    """Node reads its disk file for ``key`` into ``segment[offset:offset+size]``."""
+
+    key: str
+    segment_id: int
+    offset: int
+    size: int
+    object_id: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class DropDiskTask:
+    key: str
+    segment_id: int
+
+
+Task = OffloadTask | PromoteTask | DropDiskTask
+
+
+class Tiering:
+    """Eviction (watermark, room for a put, tenant quotas) and the disk tier's bookkeeping."""
+
+    def __init__(self, table: ObjectTable, counters: dict[str, int]) -> None:
+        self.config = table.config
+        self.clock = table.clock
+        self.table = table
+        self.registry = table.registry
+        self.tenants = table.tenants
+        self.counters = counters
+        self._offloading_bytes = 0  # memory that offloads in flight will free
+
+    # ----- eviction
+    def evict_if_needed(self, now: float) -> None:
+        used, total = self.registry.memory_usage()
+        if total and used - self._offloading_bytes > self.config.high_watermark * total:
+            self.evict(now, need=0)
+
+    def evict(self, now: float, need: int) -> None:
+        """Free about ``evict_ratio`` of the pool (and at least ``need`` bytes), oldest first,
+        never touching leased, busy, hard-pinned or unfinished objects; soft-pinned ones go
+        only when nothing else is left.
+
+        Tenants first pay for their own excess: each round takes the objects of tenants
+        holding more than their fair share (the pool split evenly among the tenants holding
+        memory, capped by each one's quota) for as long as they do, then anyone's. With one
+        tenant this is plain oldest-first."""
+        total = self.registry.memory_usage()[1]
+        target = max(need, int(self.config.evict_ratio * total))
+        shares = self.tenants.shares(total)
+        freed = 0
+        for allow_soft, over_only in ((False, True), (False, False), (True, True), (True, False)):
+            for obj in list(self._candidates(now, allow_soft)):
+                if freed >= target:
+                    return
+                if over_only and not self.tenants.over_share(tenant_of_key(obj.key), shares):
+                    continue
+                freed += obj.size * len(obj.readable(Tier.MEMORY))
+                self._evict_one(obj)
+
+    def fit_quota(self, tenant: str, nbytes: int) -> bool:
+        """Make ``nbytes`` more of ``tenant`` fit its quota by evicting the tenant's own
+        objects, oldest first, soft-pinned last (never another tenant's). ``False``, having
+        evicted nothing, when even all of its evictable objects would not make room."""
+        excess = self.tenants.excess(tenant, nbytes)
+        if not excess:
+            return True
+        now = self.clock()
+        mine = [o for o in self._candidates(now, True) if tenant_of_key(o.key) == tenant]
+        victims, freed = [], 0
+        for obj in sorted(mine, key=lambda o: o.soft_pinned(now)):  # stable: order kept
+            if freed >= excess:
+                break
+            victims.append(obj)
+            freed += obj.size * len(obj.readable(Tier.MEMORY))
+        if freed < excess:
+            return False
+        for obj in victims:
+            self._evict_one(obj)
+        return True
+
+    def _candidates(self, now: float, allow_soft: bool) -> Iterator[StoredObject]:
+        for key in list(self.table.eviction):
+            obj = self.table.objects[key]
+            if obj.leased(now) or obj.busy or obj.hard_pinned or not obj.complete:
+                continue
+            if allow_soft or not obj.soft_pinned(now):
+                yield obj
+
+    def _evict_one(self, obj: StoredObject) -> None:
+        self.counters["evicted"] += 1
+        self.tenants.count_eviction(tenant_of_key(obj.key))
+        self.table.eviction.discard(obj.key)
+        if obj.readable(Tier.DISK):
+            self._drop_memory(obj)
+            return
+        for replica in obj.readable(Tier.MEMORY):
+            segment = self.registry.segments[replica.segment_id]
+            if segment.disk_room(obj.size):
+                segment.disk_used += obj.size  # reserved until the offload reports back
+                self._offloading_bytes += obj.size
+                self.tenants.offload_started(obj.object_id, tenant_of_key(obj.key),
+                                             obj.size * len(obj.readable(Tier.MEMORY)))
+                obj.busy += 1
+                self.table.tasks.append(OffloadTask(obj.key, segment.segment_id,
+                                                    replica.offset, obj.size, obj.object_id))
+                return
+        self.table.delete(obj)
+
+    def _drop_memory(self, obj: StoredObject) -> None:
+        self.table.changed(obj.key)
+        for replica in obj.readable(Tier.MEMORY):
+            replica.move_to(ReplicaState.REMOVED)
+            self.table.release(obj.key, replica)
+            obj.replicas.remove(replica)
+
+    # ----- the disk tier
+    def offload_done(self, task: OffloadTask, ok: bool) -> None:
+        """The node finished (or failed) writing ``task.key`` to its disk."""
+        self._offloading_bytes -= task.size
+        self.tenants.offload_ended(task.object_id)
+        obj = self._same_object(task.key, task.object_id)
+        segment = self.registry.segments.get(task.segment_id)
+        if segment is not None and (obj is None or not ok):
+            segment.disk_used -= task.size
+            if ok:  # the object was removed meanwhile: its file is garbage
+                self.table.tasks.append(DropDiskTask(task.key, task.segment_id))
+        if obj is None:
+            return
+        obj.busy -= 1
+        if not ok or segment is None:
+            self.table.delete(obj)  # it had been chosen for eviction anyway
+            return
+        disk = Replica(task.segment_id, 0, task.size, Tier.DISK)
+        disk.move_to(ReplicaState.PROCESSING)
+        disk.move_to(ReplicaState.COMPLETE)
+        obj.replicas.append(disk)
+        segment.keys.add(task.key)
+        self._drop_memory(obj)
+        self.counters["offloaded"] += 1
+
+    def promote(self, obj: StoredObject) -> ErrorCode:
+        """Queue a copy of ``obj``'s disk replica into memory; ``REPLICA_IS_NOT_READY`` until
+        it lands (``NO_AVAILABLE_HANDLE`` when even eviction leaves no room)."""
+        if obj.busy:
+            return ErrorCode.REPLICA_IS_NOT_READY  # a promotion is already on its way
+        tenant = tenant_of_key(obj.key)
+        self.fit_quota(tenant, obj.size)  # best effort: a read is never refused for quota
+        disk = obj.readable(Tier.DISK)[0]
+        segment = self.registry.segments[disk.segment_id]
+        offset = segment.allocator.allocate(obj.size)
+        if offset is None:
+            self.evict(self.clock(), need=obj.size)
+            offset = segment.allocator.allocate(obj.size)
+        if offset is None:
+            return ErrorCode.NO_AVAILABLE_HANDLE
+        replica = Replica(segment.segment_id, offset, obj.size)
+        replica.move_to(ReplicaState.PROCESSING)
+        obj.replicas.append(replica)
+        self.tenants.charge(tenant, obj.size)
+        obj.busy += 1
+        self.table.tasks.append(PromoteTask(obj.key, segment.segment_id, offset, obj.size,
+                                            obj.object_id))
+        return ErrorCode.REPLICA_IS_NOT_READY
+
+    def _same_object(self, key: str, object_id: int) -> StoredObject | None:
+        """The object a task was queued for; ``None`` if it was removed (even if the key was
+        put again since)."""
+        obj = self.table.objects.get(key)
+        return obj if obj is not None and obj.object_id == object_id else None
+
+    def promote_done(self, task: PromoteTask, ok: bool) -> None:
+        obj = self._same_object(task.key, task.object_id)
+        if obj is None:
+            return
+        obj.busy -= 1
+        replica = next((r for r in obj.replicas if r.tier is Tier.MEMORY
+                        and r.segment_id == task.segment_id and r.offset == task.offset), None)
+        if replica is None:
+            return  # the segment died meanwhile
+        if ok:
+            replica.move_to(ReplicaState.COMPLETE)
+            self.table.eviction.insert(task.key)
+            self.counters["promoted"] += 1
+            self.table.changed(task.key)
+            return
+        replica.move_to(ReplicaState.FAILED)
+        self.table.release(task.key, replica)
+        obj.replicas.remove(replica)
