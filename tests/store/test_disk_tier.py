@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,20 @@ import pytest
 from kvcake.common import codec
 from kvcake.common.errors import InvalidParamsError
 from kvcake.store import messages as m
-from kvcake.store.node.disk import MANIFEST, DiskTier
+from kvcake.store.node.disk import MANIFEST, DiskTier, control_channel
 
 SEGMENT = memoryview(bytearray(b"0123456789abcdef" * 4))
 
 
 def _offload(tier: DiskTier, key: str, offset: int = 0, size: int = 16) -> None:
-    reply = asyncio.run(tier.handle(codec.encode(m.OffloadRequest(key, offset, size))))
+    call = control_channel(tier)(memoryview(codec.encode(m.OffloadRequest(key, offset, size))))
+    assert not isinstance(call, bytes)
+    reply = asyncio.run(_bytes(call))
     assert codec.decode(reply, m.CodesReply).codes == [0]
+
+
+async def _bytes(call: Awaitable[bytes]) -> bytes:
+    return await call
 
 
 def _kv_name(key: str) -> str:

@@ -9,7 +9,8 @@ import pytest
 
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
-from kvcake.store.master.replica import IllegalTransitionError, Replica, ReplicaState, Tier
+from kvcake.common.lifecycle import IllegalTransitionError
+from kvcake.store.master.replica import Replica, ReplicaState, Tier
 from kvcake.store.master.service import MasterService
 from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask
 from kvcake.store.messages import ReplicaHandle, ReplicateConfig

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-from collections.abc import Awaitable, Callable
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from kvcake.common.auth import ClusterAuth, cluster_auth
+from kvcake.common.codec import decode, encode
 from kvcake.common.errors import ErrorCode, KvcakeError, ProtocolError, error_from_code
 from kvcake.common.frames import FrameHeader, FrameOp, pack_header, receive_buffer
 from kvcake.common.log import get_logger
@@ -78,6 +81,38 @@ class _ServerConnection(FramedServerConnection):
             log.exception("RPC handler failed", exc_info=exc)
             exc = KvcakeError(f"internal error: {type(exc).__name__}: {exc}")
         self.reply_error(FrameOp.CALL_REPLY, request_id, exc)
+
+
+class Dispatcher:
+    """An RPC server's typed handler table: a call decodes as the channel's tagged union of
+    messages and goes to the handler registered for its type; what the handler returns (a
+    reply struct, or an awaitable of one) is encoded as the reply. Every member of the union
+    has a handler, checked when the table is built."""
+
+    def __init__(self, union: Any, handlers: Mapping[type[Any], Callable[[Any], Any]]) -> None:
+        missing = set(typing.get_args(union) or (union,)) - handlers.keys()
+        if missing:
+            raise TypeError(f"no handler for {sorted(m.__name__ for m in missing)}")
+        self._union = union
+        self.handlers = dict(handlers)  # message type -> handler
+
+    def decode(self, payload: memoryview) -> Any:
+        """The message in ``payload`` (ProtocolError when it is none of the union's)."""
+        return decode(payload, self._union)
+
+    def handle(self, message: Any) -> Any:
+        """The reply of ``message``'s handler, not yet encoded."""
+        return self.handlers[type(message)](message)
+
+    def __call__(self, payload: memoryview) -> bytes | Awaitable[bytes]:
+        reply = self.handle(self.decode(payload))
+        if inspect.isawaitable(reply):
+            return _encode_later(reply)
+        return encode(reply)
+
+
+async def _encode_later(reply: Awaitable[Any]) -> bytes:
+    return encode(await reply)
 
 
 class RpcServer(FrameListener):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.lifecycle import Lifecycle
 from kvcake.wire.conductor import PrefillDone
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
@@ -37,14 +38,14 @@ class FlightState(Enum):
 
 
 _ENDS = frozenset({FlightState.FINISHED, FlightState.FAILED, FlightState.ABORTED})
-TRANSITIONS: dict[FlightState, frozenset[FlightState]] = {
+TRANSITIONS = Lifecycle({
     FlightState.ROUTED: frozenset({FlightState.PREFILLING, FlightState.DECODING} | _ENDS),
     FlightState.PREFILLING: frozenset({FlightState.DECODING} | _ENDS),
     FlightState.DECODING: _ENDS,
     FlightState.FINISHED: frozenset(),
     FlightState.FAILED: frozenset(),
     FlightState.ABORTED: frozenset(),
-}
+})
 
 
 class InstanceLostError(KvcakeError):
@@ -82,8 +83,7 @@ class Flight:
         """Change state; moves out of an ended state are ignored (a late message)."""
         if self.state.ended:
             return False
-        assert state in TRANSITIONS[self.state], f"{self.state} -> {state}"
-        self.state = state
+        self.state = TRANSITIONS.move(f"request {self.request_id}", self.state, state)
         return True
 
     def push(self, output: TokenOutput) -> None:

@@ -34,7 +34,7 @@ from kvcake.common.errors import (
 from kvcake.common.hashing import prefix_block_hashes
 from kvcake.common.latency import slowest_gaps_mean
 from kvcake.common.log import get_logger
-from kvcake.common.rpc import RpcClient, RpcServer
+from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.conductor.flight import Flight, FlightState, InstanceLostError
 from kvcake.conductor.service import ConductorService
 from kvcake.conductor.store_view import StoreView
@@ -94,7 +94,11 @@ class ConductorServer:
         self.metrics = ConductorMetrics()
         self.store = StoreView(config.store_master)
         self.rpc_endpoint = ""
-        self._rpc = RpcServer(self._handle, config.rpc_bind_host, config.rpc_port)
+        self.dispatcher = Dispatcher(ConductorRequest, {
+            Register: self._register_published, Report: self._report,
+            Outputs: self._outputs, PrefillDone: self._prefill_done,
+        })
+        self._rpc = RpcServer(self.dispatcher, config.rpc_bind_host, config.rpc_port)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def startup(self) -> str:
@@ -117,19 +121,7 @@ class ConductorServer:
 
     # -- what instances say -----------------------------------------------------------
 
-    def _handle(self, payload: memoryview) -> bytes | Awaitable[bytes]:
-        message: ConductorRequest = decode(payload, ConductorRequest)  # type: ignore[arg-type]
-        if isinstance(message, Register):
-            return self._register_published(message)
-        if isinstance(message, Report):
-            return encode(self._report(message))
-        if isinstance(message, Outputs):
-            self._outputs(message)
-        elif isinstance(message, PrefillDone):
-            self._prefill_done(message)
-        return encode(ReportReply())
-
-    def _register_published(self, message: Register) -> bytes | Awaitable[bytes]:
+    def _register_published(self, message: Register) -> ReportReply | Awaitable[ReportReply]:
         """An instance's KV cache is published as its own (``instance:<id>``): prefill
         instances are handed its memfd only if the instance bound it to that name, and on
         this host the Conductor asks for it first, so a forged region is refused at once."""
@@ -137,7 +129,7 @@ class ConductorServer:
         region = message.kv_region
         if region is None:
             self._register(message)
-            return encode(ReportReply())
+            return ReportReply()
         descriptor = msgspec.structs.replace(
             region.descriptor, registrant=instance_registrant(message.instance_id))
         message = msgspec.structs.replace(
@@ -145,14 +137,14 @@ class ConductorServer:
         if offers_local_mapping(descriptor):
             return self._register_proven(message, descriptor)
         self._register(message)
-        return encode(ReportReply())
+        return ReportReply()
 
     async def _register_proven(self, message: Register, descriptor: SegmentDescriptor
-                               ) -> bytes:
+                               ) -> ReportReply:
         owner = await asyncio.to_thread(prove_ownership, descriptor, cluster_auth())
         owner.close()  # liveness here comes from the instance's reports
         self._register(message)
-        return encode(ReportReply())
+        return ReportReply()
 
     def _register(self, message: Register) -> None:
         """A bad id, role or count changes nothing; a bad snapshot or sample unregisters the
@@ -229,7 +221,7 @@ class ConductorServer:
             self.service.observe_transfer(transfer_sample)
             self.metrics.transfer_bytes.inc(transfer_sample.num_bytes)
 
-    def _outputs(self, message: Outputs) -> None:
+    def _outputs(self, message: Outputs) -> ReportReply:
         handle = self.instances.get(message.instance_id)
         if handle is not None:
             handle.last_seen = self.clock()
@@ -237,11 +229,13 @@ class ConductorServer:
             flight = self.flights.get(output.request_id)
             if flight is not None and flight.decode_id == message.instance_id:
                 flight.push(output)
+        return ReportReply()
 
-    def _prefill_done(self, message: PrefillDone) -> None:
+    def _prefill_done(self, message: PrefillDone) -> ReportReply:
         flight = self.flights.get(message.output.request_id)
         if flight is not None and not flight.prefill_done.done():
             flight.prefill_done.set_result(message)
+        return ReportReply()
 
     # -- liveness ---------------------------------------------------------------------
 

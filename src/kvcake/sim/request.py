@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.lifecycle import Lifecycle
 
 
 class Phase(StrEnum):
@@ -28,7 +28,7 @@ class Phase(StrEnum):
     REJECTED = "rejected"
 
 
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+TRANSITIONS = Lifecycle({
     Phase.ARRIVED: frozenset({Phase.PREFILLING, Phase.REJECTED}),
     Phase.PREFILLING: frozenset({Phase.TRANSFERRING, Phase.DECODE_WAITING, Phase.FINISHED}),
     Phase.TRANSFERRING: frozenset({Phase.DECODE_WAITING, Phase.REJECTED}),
@@ -36,7 +36,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.DECODING: frozenset({Phase.FINISHED}),
     Phase.FINISHED: frozenset(),
     Phase.REJECTED: frozenset(),
-}
+})
 
 
 @dataclass(eq=False)
@@ -73,10 +73,7 @@ class SimRequest:
     gaps: list[float] = field(default_factory=list)  # kept only when asked (tests, plots)
 
     def move(self, to: Phase) -> None:
-        if to not in TRANSITIONS[self.phase]:
-            raise InvalidParamsError(f"request {self.request_id!r}: {self.phase} -> {to} is "
-                                     f"not a legal move")
-        self.phase = to
+        self.phase = TRANSITIONS.move(f"request {self.request_id!r}", self.phase, to)
 
     @property
     def reused_tokens(self) -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.errors import ErrorCode
+from kvcake.common.lifecycle import Lifecycle
 
 
 class ReplicaState(Enum):
@@ -32,19 +33,13 @@ class Tier(Enum):
 
 
 _TERMINAL = frozenset({ReplicaState.REMOVED, ReplicaState.FAILED})
-TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
+TRANSITIONS = Lifecycle({
     ReplicaState.INITIALIZED: frozenset({ReplicaState.PROCESSING}) | _TERMINAL,
     ReplicaState.PROCESSING: frozenset({ReplicaState.COMPLETE}) | _TERMINAL,
     ReplicaState.COMPLETE: _TERMINAL,
     ReplicaState.REMOVED: frozenset(),
     ReplicaState.FAILED: frozenset(),
-}
-
-
-class IllegalTransitionError(KvcakeError):
-    """A replica was asked to move along an edge the lifecycle table does not have."""
-
-    default_code = ErrorCode.INVALID_REPLICA
+}, ErrorCode.INVALID_REPLICA)
 
 
 @dataclass
@@ -60,12 +55,7 @@ class Replica:
 
     def move_to(self, state: ReplicaState) -> None:
         """Take one edge of the lifecycle; refuses any edge not in :data:`TRANSITIONS`."""
-        if state not in TRANSITIONS[self.state]:
-            raise IllegalTransitionError(
-                f"replica on segment {self.segment_id} cannot go {self.state.value} -> "
-                f"{state.value}"
-            )
-        self.state = state
+        self.state = TRANSITIONS.move(f"replica on segment {self.segment_id}", self.state, state)
 
     @property
     def readable(self) -> bool:

@@ -22,7 +22,7 @@ from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.http import TextHttpServer
 from kvcake.common.log import get_logger
-from kvcake.common.rpc import RpcClient, RpcServer
+from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.store import messages as m
 from kvcake.store.master.grants import ReplicaGrants
 from kvcake.store.master.ha import Persistence
@@ -64,7 +64,7 @@ class MasterServer:
         self._owners = SegmentOwners(cluster_auth())  # same-host nodes' pidfds
         self._task_done = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._handlers: dict[type[Any], Callable[[Any], Any]] = {
+        self._dispatch = Dispatcher(m.MasterRequest, {
             m.RegisterClient: self._register, m.Heartbeat: self._heartbeat,
             m.MountSegment: self._mount, m.UnmountSegment: self._unmount,
             m.PutStart: self._put_start, m.PutEnd: self._put_end, m.PutRevoke: self._put_revoke,
@@ -72,7 +72,7 @@ class MasterServer:
             m.RemoveAll: self._remove_all, m.DescribeSegments: self._describe,
             m.GetStats: lambda _: self.service.stats(),
             m.CheckIntegrity: self._check_integrity,
-        }
+        })
         self.endpoint = ""
         self.metrics_endpoint = ""
         self.persistence: Persistence | None = None  # set before startup by an HA leader
@@ -108,14 +108,14 @@ class MasterServer:
 
     # ----- dispatch
     def _handle(self, payload: memoryview) -> bytes | Awaitable[bytes]:
-        request: m.MasterRequest = codec.decode(payload, m.MasterRequest)  # type: ignore[arg-type]
+        request = self._dispatch.decode(payload)
         if self.persistence is not None and not self.persistence.election.confirmed():
             raise KvcakeError("this master's term as leader is not confirmed; ask the leader "
                               "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
         name = type(request).__name__
         self._requests[name] = self._requests.get(name, 0) + 1
         self._drop_dead_owners()
-        reply = self._handlers[type(request)](request)
+        reply = self._dispatch.handle(request)
         if asyncio.iscoroutine(reply):
             return self._encode_later(reply, isinstance(request, _DURABLE))
         self._run_tasks()

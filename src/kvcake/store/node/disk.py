@@ -20,12 +20,13 @@ import hashlib
 import os
 import re
 import threading
+import typing
 from pathlib import Path
 from typing import IO
 
-from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.common.log import get_logger
+from kvcake.common.rpc import Dispatcher
 from kvcake.store import messages as m
 from kvcake.transfer.service import check_range
 
@@ -101,15 +102,16 @@ class DiskTier:
     def path(self, key: str) -> Path:
         return self.directory / (hashlib.sha256(key.encode()).hexdigest() + _SUFFIX)
 
-    async def handle(self, payload: memoryview) -> bytes:
-        request: m.NodeRequest = codec.decode(payload, m.NodeRequest)  # type: ignore[arg-type]
+    async def serve(self, request: m.OffloadRequest | m.PromoteRequest | m.DropDiskRequest
+                    ) -> m.CodesReply:
+        """One request of the node's control channel, done off the event loop."""
         try:
             await asyncio.to_thread(self._apply, request)
         except OSError as exc:
             log.warning("disk tier %s of %r failed: %s", type(request).__name__,
                         request.key, exc)
-            return codec.encode(m.CodesReply([int(ErrorCode.FILE_WRITE_FAIL)]))
-        return codec.encode(m.CodesReply([0]))
+            return m.CodesReply([int(ErrorCode.FILE_WRITE_FAIL)])
+        return m.CodesReply([0])
 
     def _apply(self, request: m.OffloadRequest | m.PromoteRequest | m.DropDiskRequest) -> None:
         if isinstance(request, m.DropDiskRequest):
@@ -138,3 +140,8 @@ class DiskTier:
                 raise InvalidParamsError(f"{path.name} does not hold {window.nbytes} bytes")
             if file.readinto(window) != window.nbytes:
                 raise OSError(f"short read from {path}")
+
+
+def control_channel(tier: DiskTier) -> Dispatcher:
+    """The node's control RPC: every request of the channel goes to ``tier.serve``."""
+    return Dispatcher(m.NodeRequest, dict.fromkeys(typing.get_args(m.NodeRequest), tier.serve))

@@ -11,7 +11,7 @@ import asyncio
 from kvcake.common.aio import run_main, until_signalled
 from kvcake.common.config import StoreConfig, TransferConfig, format_size
 from kvcake.common.rpc import RpcServer
-from kvcake.store.node.disk import DiskTier
+from kvcake.store.node.disk import DiskTier, control_channel
 from kvcake.store.session import MasterSession, Mount
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.segment import store_registrant
@@ -39,7 +39,7 @@ class NodeServer:
         control = ""
         if self.config.disk_dir:
             self._disk = DiskTier(self.config.disk_dir, segment.view)
-            self._control = RpcServer(self._disk.handle, self.host, 0)
+            self._control = RpcServer(control_channel(self._disk), self.host, 0)
             control = await self._control.startup()
         registrant = store_registrant(client_id)  # how the master publishes it
         engine.bind(name, registrant)
