@@ -1,4 +1,5 @@
-"""An event loop on its own thread, for components with a synchronous API over asyncio I/O."""
+"""Event-loop helpers: a process's main loop and its signals, a loop on its own thread (for
+components with a synchronous API over asyncio I/O), and a server's background tasks."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import asyncio
 import signal
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import uvloop
 
+from kvcake.common.log import get_logger
+
 T = TypeVar("T")
+log = get_logger(__name__)
 
 
 def run_main(main: Coroutine[Any, Any, None]) -> None:
@@ -30,6 +34,42 @@ async def until_signalled() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+
+
+class TaskSet:
+    """A server's background tasks, held by strong references until they end (the event
+    loop keeps only weak ones: an unreferenced task can vanish mid-await)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task %s failed: %r", task.get_name(), task.exception())
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def cancel(self, timeout_s: float) -> None:
+        """Cancel every task and wait for them, ``timeout_s`` at most (one that overruns is
+        left behind, logged: shutting down never hangs)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in late:
+                log.warning("shutdown: %s did not stop within %gs", task.get_name(), timeout_s)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

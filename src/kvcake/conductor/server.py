@@ -19,9 +19,11 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
+from kvcake.common.aio import TaskSet
 from kvcake.common.auth import cluster_auth
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import ConductorServerConfig
@@ -62,6 +64,7 @@ from kvcake.wire.sampling import SamplingParams, fit_context
 from kvcake.wire.worker import MAX_HOLD_S, Abort, Commit, Prefill, Release, Reserve, Reserved
 
 log = get_logger(__name__)
+_SHUTDOWN_S = 5.0  # background tasks get this long to stop
 _RPC_TIMEOUT_S = 30.0
 _SWEEP_S = 0.25
 _RESERVE_RETRY_S = 0.01
@@ -99,12 +102,13 @@ class ConductorServer:
             Outputs: self._outputs, PrefillDone: self._prefill_done,
         })
         self._rpc = RpcServer(self.dispatcher, config.rpc_bind_host, config.rpc_port)
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks = TaskSet()  # the sweeper and each flight's drive
+        self._sweeper: asyncio.Task[Any] | None = None
 
     async def startup(self) -> str:
         await self.store.startup()
         self.rpc_endpoint = await self._rpc.startup()
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._sweeper = self._tasks.spawn(self._sweep_forever(), "sweeper")
         return self.rpc_endpoint
 
     async def shutdown(self) -> None:
@@ -116,6 +120,7 @@ class ConductorServer:
             flight.fail(KvcakeError("the conductor is shutting down"))
         await self._rpc.shutdown()
         await self.store.shutdown()
+        await self._tasks.cancel(_SHUTDOWN_S)
         for handle in self.instances.values():
             handle.client.close()
 
@@ -302,8 +307,7 @@ class ConductorServer:
         flight = Flight(request_id, tokens, params, tenant, decision.prefill_id,
                         decision.decode_id, decision.predicted_ttft_s)
         self.flights[request_id] = flight
-        task = asyncio.create_task(self._drive(flight))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._tasks.spawn(self._drive(flight), f"drive {request_id}")
         return flight
 
     def _fit(self, tokens: list[int], params: SamplingParams) -> SamplingParams:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
 
 from kvcake.common import codec
+from kvcake.common.aio import TaskSet
 from kvcake.common.auth import cluster_auth
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
@@ -36,6 +37,7 @@ from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.segment import store_registrant
 
 log = get_logger(__name__)
+_SHUTDOWN_S = 5.0  # background tasks get this long to stop
 
 _PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
 _RECHECK_S = 0.05
@@ -63,7 +65,7 @@ class MasterServer:
         self._grants = ReplicaGrants()  # nodes' grant keys: signed handles, with a token
         self._owners = SegmentOwners(cluster_auth())  # same-host nodes' pidfds
         self._task_done = asyncio.Event()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = TaskSet()
         self._dispatch = Dispatcher(m.MasterRequest, {
             m.RegisterClient: self._register, m.Heartbeat: self._heartbeat,
             m.MountSegment: self._mount, m.UnmountSegment: self._unmount,
@@ -94,8 +96,7 @@ class MasterServer:
         return self.endpoint
 
     async def shutdown(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        await self._background.cancel(_SHUTDOWN_S)
         await self._rpc.shutdown()
         if self._http is not None:
             await self._http.shutdown()
@@ -300,10 +301,8 @@ class MasterServer:
         return m.DescribeSegmentsReply(self.service.describe(request.segment_ids))
 
     # ----- background work
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._background.spawn(coro)
 
     async def _sweep_forever(self) -> None:
         while True:
