@@ -16,7 +16,7 @@ from kvcake.common import codec
 from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.errors import AuthenticationError, ErrorCode
 from kvcake.common.rpc import RpcClient
-from kvcake.store import messages as m
+from kvcake.wire import store as m
 
 
 @pytest.fixture(scope="module")

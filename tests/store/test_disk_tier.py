@@ -12,8 +12,8 @@ import pytest
 
 from kvcake.common import codec
 from kvcake.common.errors import InvalidParamsError
-from kvcake.store import messages as m
 from kvcake.store.node.disk import MANIFEST, DiskTier, control_channel
+from kvcake.wire import store as m
 
 SEGMENT = memoryview(bytearray(b"0123456789abcdef" * 4))
 

@@ -21,8 +21,8 @@ from kvcake.store.master.journal import (
 )
 from kvcake.store.master.replica import Tier
 from kvcake.store.master.service import MasterService
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig
 
 KIB = 1 << 10
 LAYOUT = Layout("/test/")

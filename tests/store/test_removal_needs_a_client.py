@@ -15,10 +15,10 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
-from kvcake.store import messages as m
 from kvcake.store.master.server import MasterServer
 from kvcake.store.master.service import MasterService
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire import store as m
 
 TIMEOUT_S = 5.0
 

@@ -20,10 +20,10 @@ from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES, RpcClient
-from kvcake.store import messages as m
 from kvcake.store.master.server import MasterServer
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire import store as m
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig
 
 T = TypeVar("T")
 

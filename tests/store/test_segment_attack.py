@@ -20,8 +20,8 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
 from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
-from kvcake.store import messages as m
 from kvcake.transfer.segment import SegmentDescriptor, local_host_id
+from kvcake.wire import store as m
 
 SIZE = 1 << 20
 ATTACKER = "attacker-1"

@@ -13,8 +13,8 @@ from kvcake.common.lifecycle import IllegalTransitionError
 from kvcake.store.master.replica import Replica, ReplicaState, Tier
 from kvcake.store.master.service import MasterService
 from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig
 
 KIB = 1 << 10
 OBJ = 4 * KIB  # 16 objects fill a 64 KiB segment

@@ -15,10 +15,10 @@ from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
-from kvcake.store import messages as m
 from kvcake.store.master.grants import ReplicaGrants
 from kvcake.transfer.grants import Grant, GrantMode, new_grant_key, open_grant
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire import store as m
 from wire import authenticated_socket, grant_frame, recv_frame
 
 TOKEN = "grant-store-token-" + "h" * 20

@@ -28,8 +28,8 @@ from kvcake.store.master.tenants import (
     user_key,
 )
 from kvcake.store.master.tiering import OffloadTask, PromoteTask
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig, TenantStats
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig, TenantStats
 
 KIB = 1 << 10
 OBJ = 4 * KIB  # 16 objects fill a 64 KiB segment

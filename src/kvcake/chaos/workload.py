@@ -22,7 +22,7 @@ from kvcake.chaos.values import MIN_VALUE_LEN, is_exact, make_value, value_diges
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store import AsyncStore, ReplicateConfig
-from kvcake.store import messages as m
+from kvcake.wire import store as m
 
 T = TypeVar("T")
 _CHECK_BATCH = 16

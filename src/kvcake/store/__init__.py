@@ -8,7 +8,7 @@ from kvcake.store.master.placement import PLACEMENT_POLICIES, PlacementPolicy
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject
 from kvcake.store.master.server import MasterServer
 from kvcake.store.master.service import MasterService
-from kvcake.store.messages import ReplicateConfig
+from kvcake.wire.store import ReplicateConfig
 
 MooncakeDistributedStore = DistributedStore
 

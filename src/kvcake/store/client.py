@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.store import messages as m
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig
 from kvcake.store.node import NodeServer
 from kvcake.store.session import MasterSession
 from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.wire import store as m
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig
 
 log = get_logger(__name__)
 

@@ -25,8 +25,8 @@ from kvcake.common.config import StoreConfig, TransferConfig, load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore, Buffer, as_view
-from kvcake.store.messages import ReplicateConfig, Stats
 from kvcake.transfer import TransferEngine
+from kvcake.wire.store import ReplicateConfig, Stats
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -27,10 +27,10 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient
-from kvcake.store import messages as m
 from kvcake.store.master.ha import find_leader, split_etcd_url
 from kvcake.store.master.journal import Layout, LeaderRecord
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire import store as m
 
 log = get_logger(__name__)
 R = TypeVar("R")

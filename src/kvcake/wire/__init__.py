@@ -10,7 +10,8 @@ structs and frozen dataclasses, bounded where a peer could send too much::
     conductor  what instances tell the Conductor (and Role)
     worker     what the Conductor asks an instance
     generate   GenerateRequest / GenerateChunk between the HTTP edge and its backend
+    store      the store's channels: clients and nodes -> master, master -> a node's disk tier
 
 Each module is public: import the channel you speak (``from kvcake.wire.worker import
-Prefill``). The store's own channel is :mod:`kvcake.store.messages`.
+Prefill``).
 """

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from kvcake.store.messages import ReplicaHandle
 from kvcake.transfer.grants import GrantMode, sign_grant
+from kvcake.wire.store import ReplicaHandle
 
 
 @dataclass(frozen=True)

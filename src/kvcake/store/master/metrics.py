@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kvcake.common.config import format_size
-from kvcake.store.messages import Stats
+from kvcake.wire.store import Stats
 
 
 def render_metrics(stats: Stats, counters: Mapping[str, int],

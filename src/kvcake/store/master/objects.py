@@ -20,7 +20,7 @@ from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tie
 from kvcake.store.master.segments import MountedSegment, SegmentRegistry
 from kvcake.store.master.tenants import TenantLedger, tenant_of_key, usage_by_tenant
 from kvcake.store.master.tiering import DropDiskTask, Task
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig
 
 
 class ObjectTable:

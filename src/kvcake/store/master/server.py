@@ -24,7 +24,6 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.http import TextHttpServer
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
-from kvcake.store import messages as m
 from kvcake.store.master.grants import ReplicaGrants
 from kvcake.store.master.ha import Persistence
 from kvcake.store.master.metrics import render_metrics, summary_line
@@ -35,6 +34,7 @@ from kvcake.store.master.tenants import scoped_key
 from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask, Task
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.segment import store_registrant
+from kvcake.wire import store as m
 
 log = get_logger(__name__)
 _SHUTDOWN_S = 5.0  # background tasks get this long to stop

@@ -41,8 +41,8 @@ from kvcake.store.master.tenants import (
     usage_by_tenant,
 )
 from kvcake.store.master.tiering import OffloadTask, PromoteTask, Task, Tiering
-from kvcake.store.messages import ReplicaHandle, ReplicateConfig, Stats
 from kvcake.transfer.segment import SegmentDescriptor
+from kvcake.wire.store import ReplicaHandle, ReplicateConfig, Stats
 
 MAX_REPLICAS = 16
 

@@ -32,7 +32,7 @@ from typing import Any
 from kvcake.common.config import DEFAULT_TENANT, TenantPolicy, check_tenant_name, parse_size
 from kvcake.common.errors import ErrorCode, InvalidParamsError, PermissionDeniedError
 from kvcake.store.master.replica import StoredObject, Tier
-from kvcake.store.messages import TenantStats
+from kvcake.wire.store import TenantStats
 
 MARK = "\x1f"  # begins every object key of a tenant other than the default one
 SEPARATOR = "/"  # between tenant and key; tenant names cannot hold it

@@ -27,8 +27,8 @@ from typing import IO
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher
-from kvcake.store import messages as m
 from kvcake.transfer.service import check_range
+from kvcake.wire import store as m
 
 log = get_logger(__name__)
 _SUFFIX = ".kv"

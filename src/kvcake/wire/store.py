@@ -1,4 +1,5 @@
-"""The master's RPC channel: one tagged union of requests, and their replies.
+"""The store's channels: the master's RPC (one tagged union of requests, and their replies),
+and a node's control channel (its disk tier).
 
 Every per-key operation takes a list of keys, so a single op is a batch of one and a batch
 is one round trip. Per-key outcomes are Mooncake error codes (0 = ok); a whole request that
