@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.block_pool import BlockPool
+from kvcake.engine.kv.block_pool import BlockPool
 
 
 def h(n: int) -> bytes:

@@ -13,7 +13,7 @@ import torch
 
 from kvcake.common.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.kv_format import HEADER_BYTES, BlockLayout
+from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
 from kvcake.ops.process import start_master, start_node
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams

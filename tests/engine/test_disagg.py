@@ -14,7 +14,7 @@ from kvcake.common.auth import ClusterAuth
 from kvcake.common.config import EngineConfig, TransferConfig
 from kvcake.common.errors import AccessDeniedError, InvalidParamsError
 from kvcake.engine.core import EngineCore
-from kvcake.engine.kv_transfer import KVSender, block_runs, block_spans, sign_kv_grants
+from kvcake.engine.kv.transfer import KVSender, block_runs, block_spans, sign_kv_grants
 from kvcake.transfer import TransferEngine
 from kvcake.wire.sampling import SamplingParams
 from kvcake.worker.loop import EngineLoop, PrefillSender

@@ -12,8 +12,8 @@ import torch
 
 from kvcake.common.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.model import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
-from kvcake.engine.weights import load_weights
+from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.model.weights import load_weights
 from kvcake.model.files import ModelFiles, resolve_model
 from kvcake.wire.sampling import SamplingParams
 

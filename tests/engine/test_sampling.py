@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.logprobs import score_tokens
+from kvcake.engine.model.logprobs import score_tokens
 from kvcake.engine.penalties import TokenHistory, penalise
 from kvcake.engine.sampling import TOP_P_CANDIDATES, Sampler, make_generator
 from kvcake.text.detokenize import find_stop, partial_stop_len

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.weights import load_weights
+from kvcake.engine.model.weights import load_weights
 from kvcake.model import files as weights_module
 from kvcake.model.config import ModelConfig
 from kvcake.model.convert import (

@@ -1,5 +1,5 @@
-"""The inference engine (needs torch): model math and weights, paged KV cache, model runner
-and scheduler of one serving instance (prefill, decode or both), and its store connector."""
+"""The inference engine (needs torch) of one serving instance (prefill, decode or both): core,
+scheduler, runner and sampler here; the model math in ``model/``, the paged KV cache in ``kv/``."""
 
 from kvcake.engine.core import EngineCore
 from kvcake.engine.llm import LLM, CompletionOutput, GenerationResult

@@ -18,15 +18,15 @@ import torch
 
 from kvcake.common.config import EngineConfig
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.connector import StoreConnector, connect_store
-from kvcake.engine.kv_cache import KVCacheManager
-from kvcake.engine.kv_format import BlockLayout
-from kvcake.engine.kv_transfer import kv_cache_in
-from kvcake.engine.model import LlamaModel
+from kvcake.engine.kv.connector import StoreConnector, connect_store
+from kvcake.engine.kv.format import BlockLayout
+from kvcake.engine.kv.manager import KVCacheManager
+from kvcake.engine.kv.transfer import kv_cache_in
+from kvcake.engine.model.llama import LlamaModel
+from kvcake.engine.model.weights import load_weights
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
 from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
-from kvcake.engine.weights import load_weights
 from kvcake.model.files import ModelFiles, resolve_model
 from kvcake.transfer import Segment, TransferEngine
 from kvcake.wire.kv import KVRegion

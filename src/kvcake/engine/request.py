@@ -23,7 +23,7 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import ROOT_DIGEST, prefix_block_hashes
-from kvcake.engine.logprobs import PromptLogprobs
+from kvcake.engine.model.logprobs import PromptLogprobs
 from kvcake.wire.output import TopLogprobs
 from kvcake.wire.sampling import SamplingParams
 

@@ -1,6 +1,6 @@
 """Turns a scheduler step into tensors, runs the model and samples.
 
-Flat batch layout (see :mod:`kvcake.engine.model`): prefill chunks (more than one token)
+Flat batch layout (see :mod:`kvcake.engine.model.llama`): prefill chunks (more than one token)
 first, then single-token chunks (decodes, and prompts with one token left), which share one
 padded attention call.
 """
@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from kvcake.engine.logprobs import ROWS_PER_SLICE, PromptLogprobs, score_tokens
-from kvcake.engine.model import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.model.logprobs import ROWS_PER_SLICE, PromptLogprobs, score_tokens
 from kvcake.engine.penalties import TokenHistory
 from kvcake.engine.request import Request
 from kvcake.engine.sampling import Sampler
@@ -131,7 +131,7 @@ class ModelRunner:
 
     def _score_prompts(self, ordered: Sequence[ScheduledChunk],
                        hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
-        """Scores of the prompt tokens each asking chunk predicts (see kvcake.engine.logprobs)."""
+        """Scores of the prompt tokens each asking chunk predicts (see engine/model/logprobs.py)."""
         scores: dict[str, PromptLogprobs] = {}
         offset = 0
         for chunk in ordered:

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvcake.engine.kv_cache import KVCacheManager
-from kvcake.engine.logprobs import PromptLogprobs
+from kvcake.engine.kv.manager import KVCacheManager
+from kvcake.engine.model.logprobs import PromptLogprobs
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.wire.output import TopLogprobs
 

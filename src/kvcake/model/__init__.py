@@ -1,5 +1,5 @@
 """A model's files, torch-free: a spec (``smollm2``, a ``.gguf`` file, a safetensors
 directory) resolved to a directory with ``config.json``, weights and tokenizer files, a GGUF
 converted once into the cache on the way. The engine loads the weights
-(:mod:`kvcake.engine.weights`); the Conductor only reads the tokenizer (:mod:`kvcake.text`).
+(:mod:`kvcake.engine.model.weights`); the Conductor only reads the tokenizer (:mod:`kvcake.text`).
 """

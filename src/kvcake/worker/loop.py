@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from kvcake.common.errors import KvcakeError
 from kvcake.engine.core import EngineCore, EngineLoad, StepStats
-from kvcake.engine.kv_transfer import KVSender
+from kvcake.engine.kv import KVSender
 from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
 from kvcake.wire.output import TokenOutput

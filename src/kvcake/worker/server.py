@@ -19,7 +19,7 @@ from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.engine.core import EngineCore, EngineLoad
-from kvcake.engine.kv_transfer import KVSender, sign_kv_grants
+from kvcake.engine.kv import KVSender, sign_kv_grants
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.segment import instance_registrant
 from kvcake.wire.conductor import (

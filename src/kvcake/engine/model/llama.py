@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as nnf
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.engine.attention import attention_backend
-from kvcake.engine.rope import rope_tables
+from kvcake.engine.model.attention import attention_backend
+from kvcake.engine.model.rope import rope_tables
 from kvcake.model.config import ModelConfig
 
 

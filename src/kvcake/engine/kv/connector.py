@@ -1,7 +1,7 @@
 """The store connector: KV blocks of the paged cache to and from the kvcake store.
 
 Keys are ``<model fingerprint>/<tenant>/<block hash hex>``; values follow
-:mod:`kvcake.engine.kv_format`. The engine thread only copies: blocks are staged into a
+:mod:`kvcake.engine.kv.format`. The engine thread only copies: blocks are staged into a
 pre-touched ring of record slots and the store traffic runs on the transfer engine's own
 event loop, so saving never stalls a step. When every slot is busy (a slow store), a save is
 dropped (and counted), never waited for. Loads are synchronous: the step that admits a
@@ -22,7 +22,7 @@ import torch
 from kvcake.common.config import StoreConfig, TransferConfig, load_config
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.engine.kv_format import HEADER_BYTES, BlockLayout
+from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
 from kvcake.store.client import AsyncStore
 from kvcake.transfer import TransferEngine
 from kvcake.wire.kv import store_key, store_keys

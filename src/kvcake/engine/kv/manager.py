@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvcake.engine.block_pool import BlockPool
+from kvcake.engine.kv.block_pool import BlockPool
 from kvcake.engine.request import Request
 
 
