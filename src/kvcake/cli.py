@@ -16,22 +16,18 @@ from kvcake.cli_flags import (
     add_engine_flags,
     add_tenant_flags,
     engine_overrides,
+    field_default,
     log_level,
     positive_ints,
     size_or_none,
     tenant_overrides,
 )
 from kvcake.cluster.commands import add_serving_commands
-from kvcake.common.config import (
-    MasterConfig,
-    StoreConfig,
-    TransferConfig,
-    load_config,
-    parse_size,
-)
+from kvcake.common.config import StoreConfig, TransferConfig, load_config, parse_size
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import setup_logging
 from kvcake.sim.commands import add_sim_commands
+from kvcake.store.master.config import MasterConfig
 
 
 def _transfer_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -113,21 +109,26 @@ def _cmd_bench_reuse(args: argparse.Namespace) -> int:
     return run_reuse_bench(quick=args.quick, as_json=args.json, lengths=args.lengths)
 
 
+def _master(name: str) -> str:
+    return field_default(MasterConfig, name)
+
+
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     master = commands.add_parser("master", help="run the store master")
-    master.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    master.add_argument("--port", type=int, help="RPC port (default 50051; 0 = ephemeral)")
-    master.add_argument("--metrics-port", type=int,
-                        help="HTTP /metrics port (default 9003; 0 = ephemeral; -1 = off)")
+    master.add_argument("--host", help=f"address to bind (default {_master('host')})")
+    master.add_argument("--port", type=int, help=f"RPC port (default {_master('port')}; 0 = "
+                        "ephemeral)")
+    master.add_argument("--metrics-port", type=int, help=f"HTTP /metrics port (default "
+                        f"{_master('metrics_port')}; 0 = ephemeral; -1 = off)")
     master.add_argument("--lease-ttl", type=float, help="seconds a read protects an object")
     master.add_argument("--client-ttl", type=float, help="seconds of silence before a client "
                         "or node is declared dead")
     master.add_argument("--put-timeout", type=float, help="seconds before an unfinished put "
                         "is reclaimed")
     master.add_argument("--high-watermark", type=float, help="eviction starts above this "
-                        "fraction used (default 0.9)")
+                        f"fraction used (default {_master('high_watermark')})")
     master.add_argument("--evict-ratio", type=float, help="fraction freed per eviction "
-                        "(default 0.05)")
+                        f"(default {_master('evict_ratio')})")
     master.add_argument("--eviction", help="eviction policy: lru (default), fifo")
     master.add_argument("--placement", help="random (default), free_ratio_first, local_first")
     master.add_argument("--summary-interval", type=float, help="seconds between log "
@@ -135,9 +136,10 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     master.add_argument("--etcd", help="etcd://HOST:PORT[/PREFIX/]: elect a leader among the "
                         "masters given it, and persist the leader's state there")
     master.add_argument("--leader-ttl", type=int, help="seconds of the leader's etcd lease "
-                        "(default 3): how soon a standby replaces a dead leader")
+                        f"(default {_master('leader_ttl_s')}): how soon a standby replaces a "
+                        "dead leader")
     master.add_argument("--put-fence", type=float, help="seconds a new leader holds puts "
-                        "(default 1)")
+                        f"(default {_master('put_fence_s')})")
     add_cluster_token_flag(master)
     add_tenant_flags(master)
     master.set_defaults(run=_cmd_master)

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from typing import Any
 
-from kvcake.common.config import parse_size
+from kvcake.common.config import format_size, parse_size
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def field_default(config: type[Any], name: str) -> str:
+    """A config field's default as help texts print it (``0.9``, ``1``, ``4MiB``): each
+    default is written once, in its config class."""
+    value = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    if name.endswith("_bytes"):
+        return format_size(value).replace(" ", "")
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def size_or_none(text: str | None) -> int | None:

@@ -6,7 +6,8 @@ import inspect
 
 from kvcake.api.server import ApiServer
 from kvcake.cluster.up import ClusterSpec
-from kvcake.common.config import ConductorServerConfig, MasterConfig, TransferConfig, WorkerConfig
+from kvcake.common.config import ConductorServerConfig, TransferConfig, WorkerConfig
+from kvcake.store.master.config import MasterConfig
 
 
 def test_every_server_config_binds_loopback_by_default() -> None:

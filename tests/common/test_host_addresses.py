@@ -6,14 +6,10 @@ from __future__ import annotations
 import pytest
 
 from kvcake.cli import main
-from kvcake.common.config import (
-    ConductorServerConfig,
-    MasterConfig,
-    TransferConfig,
-    WorkerConfig,
-)
+from kvcake.common.config import ConductorServerConfig, TransferConfig, WorkerConfig
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hosts import check_bind_host, is_loopback
+from kvcake.store.master.config import MasterConfig
 
 ELSEWHERE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): never an address of this machine
 

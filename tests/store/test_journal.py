@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from kvcake.common import codec
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.store.master.allocator import SegmentAllocator
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.journal import (
     ChangeSet,
     Layout,

@@ -12,9 +12,9 @@ import pytest
 
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.server import MasterServer
 from kvcake.store.master.service import MasterService
 from kvcake.transfer.segment import SegmentDescriptor

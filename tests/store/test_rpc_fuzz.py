@@ -16,10 +16,10 @@ import fuzzing
 from fuzzing import Frames, assert_error_frame, assert_rpc_answers, call_frame, fuzz_settings
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES, RpcClient
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.server import MasterServer
 from kvcake.transfer.segment import SegmentDescriptor
 from kvcake.wire import store as m

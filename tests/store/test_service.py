@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.lifecycle import IllegalTransitionError
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.replica import Replica, ReplicaState, Tier
 from kvcake.store.master.service import MasterService
 from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask

@@ -49,7 +49,8 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`InvalidParamsError` with ``message`` unless ``ok`` (configs' checks)."""
     if not ok:
         raise InvalidParamsError(message)
 
@@ -84,21 +85,21 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)
-        _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
-        _require(
+        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        require(
             self.transport in TRANSPORT_CHOICES,
             f"transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}",
         )
-        _require(
+        require(
             self.metadata in ("p2p", "local") or self.metadata.startswith("etcd://"),
             f"metadata must be p2p, local or etcd://HOST:PORT, got {self.metadata!r}",
         )
-        _require(
+        require(
             1 <= self.connections_per_peer <= 64,
             f"connections_per_peer must be 1..64, got {self.connections_per_peer}",
         )
-        _require(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
-        _require(
+        require(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        require(
             64 * KiB <= self.max_frame_bytes <= 4 * GiB,
             f"max_frame_bytes must be 64KiB..4GiB, got {self.max_frame_bytes}",
         )
@@ -166,11 +167,11 @@ def read_cluster_token(token_file: str | None = None,
     token = _token_from_file(token_file) if token_file else env.get(CLUSTER_TOKEN_ENV, "")
     token = token.strip()
     source = token_file or CLUSTER_TOKEN_ENV
-    _require(not (token_file and not token), f"cluster token file {token_file} is empty")
-    _require(not token or len(token) >= MIN_CLUSTER_TOKEN_CHARS,
-             f"the cluster token from {source} has {len(token)} characters; use at least "
-             f"{MIN_CLUSTER_TOKEN_CHARS} (e.g. python -c 'import secrets; "
-             f"print(secrets.token_hex(32))')")
+    require(not (token_file and not token), f"cluster token file {token_file} is empty")
+    require(not token or len(token) >= MIN_CLUSTER_TOKEN_CHARS,
+            f"the cluster token from {source} has {len(token)} characters; use at least "
+            f"{MIN_CLUSTER_TOKEN_CHARS} (e.g. python -c 'import secrets; "
+            f"print(secrets.token_hex(32))')")
     return token
 
 
@@ -190,111 +191,10 @@ _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def check_tenant_name(name: str) -> str:
     """A tenant name: 1..64 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit (so it
     never holds the ``/`` the master puts between a tenant and its keys)."""
-    _require(isinstance(name, str) and bool(_TENANT_NAME.fullmatch(name)),
-             f"tenant must be 1..64 of A-Z a-z 0-9 . _ - (starting with a letter or digit), "
-             f"got {name!r}")
+    require(isinstance(name, str) and bool(_TENANT_NAME.fullmatch(name)),
+            f"tenant must be 1..64 of A-Z a-z 0-9 . _ - (starting with a letter or digit), "
+            f"got {name!r}")
     return name
-
-
-@dataclass(frozen=True)
-class TenantPolicy:
-    """One tenant's terms at the store master.
-
-    name: the tenant (see :func:`check_tenant_name`).
-    quota_bytes: most memory-tier bytes its objects may hold, every replica counted
-        (0 = unlimited; ``None`` = the master's ``default_tenant_quota_bytes``).
-    token: when set, a client registers as this tenant only by presenting it.
-    """
-
-    name: str
-    quota_bytes: int | None = None
-    token: str = dataclasses.field(default="", repr=False)
-
-    def __post_init__(self) -> None:
-        check_tenant_name(self.name)
-        _require(self.quota_bytes is None or self.quota_bytes >= 0,
-                 f"quota of tenant {self.name!r} must be >= 0, got {self.quota_bytes}")
-
-
-@dataclass(frozen=True)
-class MasterConfig:
-    """Store master settings (``KVCAKE_MASTER_*``).
-
-    host, port: RPC listener (Mooncake's master default port is 50051; 0 = ephemeral).
-    metrics_port: HTTP port of ``/metrics`` (0 = ephemeral, -1 = off).
-    lease_ttl_s: how long a get/exist protects an object from removal and eviction (> 0).
-    client_ttl_s: a client or node silent this long is dead; its segments are unmounted.
-    put_timeout_s: a put not ended after this long is revoked (its writer is presumed gone).
-    high_watermark: fraction of pool bytes used above which eviction starts (0.1..1).
-    evict_ratio: fraction of pool bytes each eviction round frees (0 < r < high_watermark).
-    eviction: policy name (``lru``, ``fifo``); placement: ``random``, ``free_ratio_first``,
-        ``local_first``.
-    soft_pin_ttl_s: default soft-pin duration when a put asks for one without a ttl.
-    max_key_bytes: longest key accepted, UTF-8 bytes.
-    tick_s: period of the background sweep (expiry, eviction), seconds.
-    summary_s: period of the one-line log summary (0 = off).
-    seed: seeds random placement and segment ids (0 = from the OS).
-    default_tenant_quota_bytes: quota of every tenant ``tenants`` does not name (0 = unlimited).
-    tenants: per-tenant quotas and tokens (``--tenant-quota``, ``--tenants-file``).
-    etcd: ``etcd://HOST:PORT[/PREFIX/]`` for high availability (empty = a lone master):
-        masters of one prefix elect a leader, which persists its state there.
-    leader_ttl_s: the leader's etcd lease, whole seconds (2..60): a dead leader is replaced
-        after about this long.
-    put_fence_s: how long a new leader holds puts after taking over (>= 0), so that writes
-        still in flight to memory the old leader handed out land first.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9003
-    lease_ttl_s: float = 5.0
-    client_ttl_s: float = 10.0
-    put_timeout_s: float = 30.0
-    high_watermark: float = 0.9
-    evict_ratio: float = 0.05
-    eviction: str = "lru"
-    placement: str = "random"
-    soft_pin_ttl_s: float = 1800.0
-    max_key_bytes: int = 4096
-    tick_s: float = 0.5
-    summary_s: float = 30.0
-    seed: int = 0
-    default_tenant_quota_bytes: int = 0
-    tenants: tuple[TenantPolicy, ...] = ()
-    etcd: str = ""
-    leader_ttl_s: int = 3
-    put_fence_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_bind_host(self.host)
-        _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
-        _require(not self.etcd or ":" in self.etcd,
-                 f"etcd must be etcd://HOST:PORT[/PREFIX/], got {self.etcd!r}")
-        _require(2 <= self.leader_ttl_s <= 60, f"leader_ttl_s must be 2..60, "
-                 f"got {self.leader_ttl_s}")
-        _require(self.put_fence_s >= 0, f"put_fence_s must be >= 0, got {self.put_fence_s}")
-        _require(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1..65535, "
-                 f"got {self.metrics_port}")
-        _check_tenants(self.default_tenant_quota_bytes, self.tenants)
-        for name in ("lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s", "tick_s"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        _require(0.1 <= self.high_watermark <= 1.0,
-                 f"high_watermark must be 0.1..1, got {self.high_watermark}")
-        _require(0 < self.evict_ratio < self.high_watermark,
-                 f"evict_ratio must be in (0, high_watermark), got {self.evict_ratio}")
-        _require(1 <= self.max_key_bytes <= 65536,
-                 f"max_key_bytes must be 1..65536, got {self.max_key_bytes}")
-        _require(self.summary_s >= 0, f"summary_s must be >= 0, got {self.summary_s}")
-
-
-def _check_tenants(default_quota: int, tenants: tuple[TenantPolicy, ...]) -> None:
-    _require(default_quota >= 0, f"default_tenant_quota_bytes must be >= 0, got {default_quota}")
-    _require(isinstance(tenants, tuple) and all(isinstance(t, TenantPolicy) for t in tenants),
-             "tenants must be TenantPolicy entries (give them with --tenant-quota or "
-             "--tenants-file)")
-    names = [t.name for t in tenants]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    _require(not twice, f"tenant named more than once: {', '.join(twice)}")
 
 
 @dataclass(frozen=True)
@@ -322,12 +222,12 @@ class StoreConfig:
     tenant_token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
-        _require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
-        _require(self.segment_size >= 0, f"segment_size must be >= 0, got {self.segment_size}")
-        _require(self.heartbeat_s > 0, f"heartbeat_s must be > 0, got {self.heartbeat_s}")
-        _require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
-        _require(bool(self.disk_dir) == (self.disk_capacity > 0),
-                 "disk_dir and disk_capacity go together (both set, or neither)")
+        require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
+        require(self.segment_size >= 0, f"segment_size must be >= 0, got {self.segment_size}")
+        require(self.heartbeat_s > 0, f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
+        require(bool(self.disk_dir) == (self.disk_capacity > 0),
+                "disk_dir and disk_capacity go together (both set, or neither)")
         check_tenant_name(self.tenant)
 
 
@@ -399,25 +299,25 @@ class EngineConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, "
-                 f"got {self.dtype!r}")
+        require(self.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, "
+                f"got {self.dtype!r}")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
-        _require(self.attention in ATTENTION_CHOICES, f"attention must be one of "
-                 f"{ATTENTION_CHOICES}, got {self.attention!r}")
-        _require(1 <= self.block_size <= 1024, f"block_size must be 1..1024, got "
-                 f"{self.block_size}")
-        _require(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got "
-                 f"{self.kv_cache_bytes}")
-        _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        _require(self.max_num_batched_tokens >= self.block_size,
-                 f"max_num_batched_tokens must be >= block_size, got "
-                 f"{self.max_num_batched_tokens}")
-        _require(self.max_model_len >= 0, f"max_model_len must be >= 0, got "
-                 f"{self.max_model_len}")
+        require(self.attention in ATTENTION_CHOICES, f"attention must be one of "
+                f"{ATTENTION_CHOICES}, got {self.attention!r}")
+        require(1 <= self.block_size <= 1024, f"block_size must be 1..1024, got "
+                f"{self.block_size}")
+        require(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got "
+                f"{self.kv_cache_bytes}")
+        require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        require(self.max_num_batched_tokens >= self.block_size,
+                f"max_num_batched_tokens must be >= block_size, got "
+                f"{self.max_num_batched_tokens}")
+        require(self.max_model_len >= 0, f"max_model_len must be >= 0, got "
+                f"{self.max_model_len}")
         check_tenant_name(self.tenant)
-        _require(not self.store_master or ":" in self.store_master,
-                 f"store_master must be HOST:PORT, got {self.store_master!r}")
-        _require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        require(not self.store_master or ":" in self.store_master,
+                f"store_master must be HOST:PORT, got {self.store_master!r}")
+        require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
 
 
 WORKER_ROLES = ("prefill", "decode", "both")
@@ -429,10 +329,10 @@ def parse_cpus(text: str) -> set[int]:
     cpus: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         low, _, high = part.partition("-")
-        _require(low.isdigit() and (not high or high.isdigit()),
-                 f"cpus must look like 0-3,5; got {text!r}")
+        require(low.isdigit() and (not high or high.isdigit()),
+                f"cpus must look like 0-3,5; got {text!r}")
         first, last = int(low), int(high or low)
-        _require(first <= last, f"cpus range {part!r} runs backwards")
+        require(first <= last, f"cpus range {part!r} runs backwards")
         cpus.update(range(first, last + 1))
     return cpus
 
@@ -476,17 +376,17 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         check_bind_host(self.host)
         parse_cpus(self.cpus)
-        _require(0 <= self.nice <= 19, f"nice must be 0..19, got {self.nice}")
-        _require(self.role in WORKER_ROLES, f"role must be one of {WORKER_ROLES}, "
-                 f"got {self.role!r}")
-        _require(_endpoint(self.conductor), f"conductor must be HOST:PORT, got "
-                 f"{self.conductor!r}")
-        _require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
-        _require(self.report_s > 0, f"report_s must be > 0, got {self.report_s}")
-        _require(self.reserve_timeout_s > 0, f"reserve_timeout_s must be > 0, got "
-                 f"{self.reserve_timeout_s}")
-        _require(self.transfer_timeout_s > 0, f"transfer_timeout_s must be > 0, got "
-                 f"{self.transfer_timeout_s}")
+        require(0 <= self.nice <= 19, f"nice must be 0..19, got {self.nice}")
+        require(self.role in WORKER_ROLES, f"role must be one of {WORKER_ROLES}, "
+                f"got {self.role!r}")
+        require(_endpoint(self.conductor), f"conductor must be HOST:PORT, got "
+                f"{self.conductor!r}")
+        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        require(self.report_s > 0, f"report_s must be > 0, got {self.report_s}")
+        require(self.reserve_timeout_s > 0, f"reserve_timeout_s must be > 0, got "
+                f"{self.reserve_timeout_s}")
+        require(self.transfer_timeout_s > 0, f"transfer_timeout_s must be > 0, got "
+                f"{self.transfer_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -531,25 +431,25 @@ class ConductorServerConfig:
     keep_alive_s: int = 75
 
     def __post_init__(self) -> None:
-        _require(self.keep_alive_s >= 1, f"keep_alive_s must be >= 1, got {self.keep_alive_s}")
-        _require(not self.store_master or _endpoint(self.store_master),
-                 f"store_master must be HOST:PORT, got {self.store_master!r}")
+        require(self.keep_alive_s >= 1, f"keep_alive_s must be >= 1, got {self.keep_alive_s}")
+        require(not self.store_master or _endpoint(self.store_master),
+                f"store_master must be HOST:PORT, got {self.store_master!r}")
         check_bind_host(self.host)
         check_bind_host(self.rpc_host, "rpc_host")
         for name in ("port", "rpc_port"):
             value = getattr(self, name)
-            _require(0 <= value <= 65535, f"{name} must be 0..65535, got {value}")
-        _require(self.instance_ttl_s > 0, f"instance_ttl_s must be > 0, got "
-                 f"{self.instance_ttl_s}")
-        _require(self.on_decode_failure in DECODE_FAILURE_CHOICES,
-                 f"on_decode_failure must be one of {DECODE_FAILURE_CHOICES}, got "
-                 f"{self.on_decode_failure!r}")
-        _require(self.reserve_wait_s >= 0, f"reserve_wait_s must be >= 0, got "
-                 f"{self.reserve_wait_s}")
-        _require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got "
-                 f"{self.request_timeout_s}")
-        _require(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got "
-                 f"{self.max_body_bytes}")
+            require(0 <= value <= 65535, f"{name} must be 0..65535, got {value}")
+        require(self.instance_ttl_s > 0, f"instance_ttl_s must be > 0, got "
+                f"{self.instance_ttl_s}")
+        require(self.on_decode_failure in DECODE_FAILURE_CHOICES,
+                f"on_decode_failure must be one of {DECODE_FAILURE_CHOICES}, got "
+                f"{self.on_decode_failure!r}")
+        require(self.reserve_wait_s >= 0, f"reserve_wait_s must be >= 0, got "
+                f"{self.reserve_wait_s}")
+        require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got "
+                f"{self.request_timeout_s}")
+        require(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got "
+                f"{self.max_body_bytes}")
 
     @property
     def rpc_bind_host(self) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.eviction import make_eviction_policy
 from kvcake.store.master.journal import ChangeSet
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier

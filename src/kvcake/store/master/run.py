@@ -12,10 +12,10 @@ import contextlib
 from typing import Any
 
 from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import KvcakeError, MetadataError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.ha import LeaderElection, Persistence, load_journal, split_etcd_url
 from kvcake.store.master.journal import restore
 from kvcake.store.master.server import MasterServer

@@ -19,11 +19,11 @@ import msgspec
 from kvcake.common import codec
 from kvcake.common.aio import TaskSet
 from kvcake.common.auth import cluster_auth
-from kvcake.common.config import MasterConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.http import TextHttpServer
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.grants import ReplicaGrants
 from kvcake.store.master.ha import Persistence
 from kvcake.store.master.metrics import render_metrics, summary_line

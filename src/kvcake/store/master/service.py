@@ -25,8 +25,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
-from kvcake.common.config import DEFAULT_TENANT, MasterConfig
+from kvcake.common.config import DEFAULT_TENANT
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
+from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.journal import ChangeSet
 from kvcake.store.master.objects import ObjectTable
 from kvcake.store.master.placement import PlacementRequest, make_placement_policy
