@@ -88,7 +88,7 @@ def test_disaggregated_equals_colocated(engines: Callable[..., EngineCore],
     assert _disaggregated(prefill, _sender(prefill), decode, "r", PROMPT) == expected
     decode.check_integrity()
     prefill.check_integrity()
-    assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.num_blocks
+    assert decode.scheduler.kv.num_free_blocks == decode.scheduler.kv.num_blocks
 
 
 TOKEN = "disagg-token-" + "k" * 24
@@ -150,7 +150,7 @@ def test_reservations_are_released_and_checked(engines: Callable[..., EngineCore
     with pytest.raises(InvalidParamsError, match="70 prompt tokens for 3 reserved"):
         decode.commit("x", PROMPT[:70], 5, 0.0, GREEDY)
     assert decode.release("x") and not decode.release("x")
-    assert decode.scheduler.kv.pool.num_free_blocks == total
+    assert decode.scheduler.kv.num_free_blocks == total
     with pytest.raises(InvalidParamsError, match="no reserved blocks"):
         decode.commit("never", PROMPT, 5, 0.0, GREEDY)
 
@@ -193,7 +193,7 @@ def test_engine_loop_frees_a_reservation_nobody_commits(
             time.sleep(0.05)
         assert loop.call(lambda: decode.num_reserved).result(5) == 0
         loop.call(decode.check_integrity).result(5)
-        assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.num_blocks
+        assert decode.scheduler.kv.num_free_blocks == decode.scheduler.kv.num_blocks
     finally:
         loop.stop()
     assert outputs == []

@@ -41,7 +41,7 @@ def llm(smollm2_files: ModelFiles) -> Iterator[LLM]:
 def fresh(llm: LLM) -> LLM:
     """``llm`` with an empty prefix cache (and nothing left running from an earlier test)."""
     assert not llm.core.has_unfinished()
-    assert llm.core.scheduler.kv.pool.reset_prefix_cache()
+    assert llm.core.scheduler.kv.reset_prefix_cache()
     return llm
 
 

@@ -182,6 +182,6 @@ def test_smollm2_batched_greedy_matches_alone(smollm2_files: ModelFiles,
         return out
 
     alone = {k: v for i in range(len(prompts)) for k, v in run([i]).items()}
-    core.scheduler.kv.pool.reset_prefix_cache()
+    core.scheduler.kv.reset_prefix_cache()
     together = run(list(range(len(prompts))))
     assert together == alone

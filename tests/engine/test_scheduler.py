@@ -301,8 +301,8 @@ def test_preemption_recomputes_to_the_same_tokens(
         k: ("length", 40) for k in prompts}
     assert {k: r.token_ids for k, r in results.items()} == {
         k: r.token_ids for k, r in reference.items()}
-    pool = core.scheduler.kv.pool
-    assert pool.num_free_blocks == pool.num_blocks == 12
+    kv = core.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks == 12
     assert core.scheduler.running == [] and not core.scheduler.waiting
 
 
@@ -376,8 +376,8 @@ def test_abort_running_and_waiting_requests(make_core: MakeCore) -> None:
     drain(core, results)
     assert results["B"].token_ids == reference.token_ids
     assert len(results["A"].token_ids) == 2 and "C" not in results
-    pool = core.scheduler.kv.pool
-    assert pool.num_free_blocks == pool.num_blocks
+    kv = core.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks
     assert core.scheduler.requests == {}
 
 

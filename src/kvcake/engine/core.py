@@ -235,12 +235,12 @@ class EngineCore:
         if not 0 < num_prompt_tokens < self.max_model_len:
             raise InvalidParamsError(f"prompt of {num_prompt_tokens} tokens does not fit "
                                      f"max_model_len {self.max_model_len}")
-        pool = self.scheduler.kv.pool
         count = -(-num_prompt_tokens // self.config.block_size)
         busy = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self._reserved)
-        if busy >= self.config.max_num_seqs or not pool.can_allocate(count):
+        block_ids = None if busy >= self.config.max_num_seqs else self.scheduler.kv.reserve(count)
+        if block_ids is None:
             return None
-        self._reserved[request_id] = block_ids = pool.allocate(count)
+        self._reserved[request_id] = block_ids
         return list(block_ids)
 
     def release(self, request_id: str) -> bool:
@@ -248,7 +248,7 @@ class EngineCore:
         block_ids = self._reserved.pop(request_id, None)
         if block_ids is None:
             return False
-        self.scheduler.kv.pool.free(reversed(block_ids))
+        self.scheduler.kv.release(reversed(block_ids))
         return True
 
     def commit(self, request_id: str, prompt_token_ids: list[int], first_token: int,
@@ -282,22 +282,13 @@ class EngineCore:
         s = self.scheduler
         waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
         return EngineLoad(len(s.waiting), len(s.running), waiting_tokens,
-                          sum(r.num_tokens for r in s.running), s.kv.pool.num_free_blocks,
+                          sum(r.num_tokens for r in s.running), s.kv.num_free_blocks,
                           s.kv.num_blocks)
 
     def check_integrity(self) -> None:
         """Every block is owned by exactly the requests and reservations that hold it."""
-        pool = self.scheduler.kv.pool
-        pool.check_integrity()
-        owners: dict[int, int] = {}
         held = [r.block_ids for r in self.scheduler.running] + list(self._reserved.values())
-        for block_ids in held:
-            for block_id in block_ids:
-                owners[block_id] = owners.get(block_id, 0) + 1
-        for block_id in range(pool.num_blocks):
-            assert pool.ref_count(block_id) == owners.get(block_id, 0), (
-                f"block {block_id} has ref count {pool.ref_count(block_id)} but "
-                f"{owners.get(block_id, 0)} owners")
+        self.scheduler.kv.check_integrity(held)
 
     def drain_kv_events(self) -> list[tuple[str, bytes]]:
         events, self.kv_events = self.kv_events, []

@@ -167,8 +167,7 @@ class Scheduler:
         store = self._store_hit_blocks(request, local)
         n = min(request.num_tokens - request.num_computed_tokens - store * self.block_size,
                 budget)
-        if not self.kv.pool.can_allocate(self.kv.blocks_needed(request,
-                                                                store * self.block_size + n)):
+        if not self.kv.can_allocate(self.kv.blocks_needed(request, store * self.block_size + n)):
             self.kv.free(request)
             request.num_computed_tokens = request.num_cached_tokens = 0
             return 0

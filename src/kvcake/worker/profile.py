@@ -29,7 +29,7 @@ def profile_engine(core: EngineCore, seed: int = 0) -> Telemetry:
     for batch in PROFILE_BATCHES:
         prompts = [[rng.randint(low, high) for _ in range(64)] for _ in range(batch)]
         _run(core, telemetry, prompts, _DECODE_STEPS + 1)
-    core.scheduler.kv.pool.reset_prefix_cache()
+    core.scheduler.kv.reset_prefix_cache()
     core.drain_kv_events()
     return telemetry
 

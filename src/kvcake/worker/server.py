@@ -279,7 +279,7 @@ class WorkerServer:
         assert self._loop is not None
         core = self.core
         hashes = await asyncio.wrap_future(self._loop.call(
-            core.scheduler.kv.pool.cached_hashes))
+            core.scheduler.kv.cached_hashes))
         return Snapshot(self._seq, hashes[:MAX_BLOCK_HASHES])  # a bigger cache: partly indexed
 
     async def _register(self, telemetry: Telemetry) -> None:

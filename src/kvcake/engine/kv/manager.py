@@ -1,4 +1,5 @@
-"""Per-request block tables on top of the shared :class:`BlockPool`.
+"""Per-request block tables on top of the shared :class:`BlockPool` (which only this
+manager touches: callers outside ``engine/kv`` use its methods).
 
 A request's blocks, left to right (``B`` tokens each)::
 
@@ -11,7 +12,8 @@ concurrent request with the same prefix reuses them at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 
 from kvcake.engine.kv.block_pool import BlockPool
 from kvcake.engine.request import Request
@@ -30,6 +32,21 @@ class KVCacheManager:
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return self.pool.can_allocate(num_blocks)
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every prefix digest the cache holds (a snapshot for the conductor)."""
+        return self.pool.cached_hashes()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; refused (False) while any block has an owner."""
+        return self.pool.reset_prefix_cache()
 
     def max_hit_blocks(self, request: Request) -> int:
         """Blocks a prefix hit may cover: at least one token is always computed (for logits);
@@ -76,6 +93,14 @@ class KVCacheManager:
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
         self._num_registered[request.request_id] = max(first, done)
 
+    def reserve(self, count: int) -> list[int] | None:
+        """``count`` blocks owned by no request yet (a peer will write them); ``None`` if full."""
+        return self.pool.allocate(count) if self.pool.can_allocate(count) else None
+
+    def release(self, block_ids: Iterable[int]) -> None:
+        """Give back reserved blocks (in the order given, see :meth:`BlockPool.free`)."""
+        self.pool.free(block_ids)
+
     def adopt(self, request: Request, block_ids: list[int]) -> None:
         """Give ``request`` blocks that already hold its prompt's K/V (written by a peer)."""
         request.block_ids = block_ids
@@ -88,5 +113,11 @@ class KVCacheManager:
         request.block_ids = []
         self._num_registered.pop(request.request_id, None)
 
-    def check_integrity(self) -> None:
+    def check_integrity(self, held: Iterable[Sequence[int]]) -> None:
+        """The pool's invariants, and every block owned by exactly the tables in ``held``."""
         self.pool.check_integrity()
+        owners = Counter(block_id for block_ids in held for block_id in block_ids)
+        for block_id in range(self.pool.num_blocks):
+            assert self.pool.ref_count(block_id) == owners[block_id], (
+                f"block {block_id} has ref count {self.pool.ref_count(block_id)} but "
+                f"{owners[block_id]} owners")
