@@ -19,6 +19,7 @@ import torch
 
 from kvcake.common.config import EngineConfig
 from kvcake.common.errors import InvalidParamsError
+from kvcake.common.lifecycle import IllegalTransitionError
 from kvcake.engine.core import EngineCore
 from kvcake.engine.request import TRANSITIONS, Request, RequestStatus
 from kvcake.engine.scheduler import SchedulerOutput
@@ -467,7 +468,7 @@ def test_move_to_allows_legal_moves_only(src: RequestStatus, dst: RequestStatus)
         request.move_to(dst)
         assert request.status is dst
     else:
-        with pytest.raises(AssertionError, match=f"{src} -> {dst}"):
+        with pytest.raises(IllegalTransitionError, match=f"{src} -> {dst}"):
             request.move_to(dst)
         assert request.status is src
 
@@ -479,7 +480,7 @@ def test_a_preempted_request_walks_back_to_running_then_finishes() -> None:
     for status in path:
         request.move_to(status)
     assert request.status.finished and request.status.value == "length"
-    with pytest.raises(AssertionError):
+    with pytest.raises(IllegalTransitionError):
         request.move_to(RequestStatus.FINISHED_ABORTED)  # finished is final, even for abort
 
 

@@ -78,9 +78,10 @@ def test_a_failed_report_is_sent_again_rather_than_registering_anew(
     conductor_thread, worker_thread = LoopThread("conductor"), LoopThread("worker")
     conductor = _conductor(conductor_thread, port)
     counts = {"registers": 0, "failed": 0, "reports_after": 0}
-    register, report = conductor._register_published, conductor._report
+    handlers = conductor.dispatcher.handlers
+    register, report = handlers[Register], handlers[Report]
 
-    def counting_register(message: Register) -> bytes | Awaitable[bytes]:
+    def counting_register(message: Register) -> ReportReply | Awaitable[ReportReply]:
         counts["registers"] += 1
         return register(message)
 
@@ -91,8 +92,7 @@ def test_a_failed_report_is_sent_again_rather_than_registering_anew(
         counts["reports_after"] += 1
         return report(message)
 
-    conductor._register_published = counting_register  # type: ignore[method-assign]
-    conductor._report = failing_once  # type: ignore[method-assign]
+    handlers[Register], handlers[Report] = counting_register, failing_once
     worker = worker_thread.run(_start_worker(tiny_model_dir, port), TIMEOUT_S)
     try:
         wait_until(lambda: conductor_thread.run(_counted(counts, "reports_after"), TIMEOUT_S)

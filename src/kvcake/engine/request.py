@@ -23,6 +23,7 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import ROOT_DIGEST, prefix_block_hashes
+from kvcake.common.lifecycle import Lifecycle
 from kvcake.engine.model.logprobs import PromptLogprobs
 from kvcake.wire.output import TopLogprobs
 from kvcake.wire.sampling import SamplingParams
@@ -43,13 +44,13 @@ class RequestStatus(Enum):
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
              RequestStatus.FINISHED_ABORTED}
 _LIVE = {RequestStatus.WAITING, RequestStatus.RUNNING}
-TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+TRANSITIONS = Lifecycle({
     RequestStatus.WAITING: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED}),
     RequestStatus.RUNNING: frozenset(_FINISHED | {RequestStatus.WAITING}),
     RequestStatus.FINISHED_STOPPED: frozenset(),
     RequestStatus.FINISHED_LENGTH: frozenset(),
     RequestStatus.FINISHED_ABORTED: frozenset(),
-}
+})
 
 
 @dataclass
@@ -83,9 +84,8 @@ class Request:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
     def move_to(self, status: RequestStatus) -> None:
-        """Change status; an illegal move is a bug in the caller."""
-        assert status in TRANSITIONS[self.status], f"{self.status} -> {status}"
-        self.status = status
+        """Change status; an illegal move (a bug in the caller) is refused."""
+        self.status = TRANSITIONS.move(f"request {self.request_id!r}", self.status, status)
 
     @property
     def namespace(self) -> str:

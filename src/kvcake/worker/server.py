@@ -12,12 +12,14 @@ import asyncio
 import collections
 import os
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.common.rpc import RpcClient, RpcServer
+from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.engine.core import EngineCore, EngineLoad
 from kvcake.engine.kv import KVSender, sign_kv_grants
 from kvcake.transfer import TransferEngine
@@ -52,6 +54,7 @@ from kvcake.worker.loop import EngineLoop, Telemetry
 from kvcake.worker.profile import profile_engine
 
 log = get_logger(__name__)
+T = TypeVar("T")
 _SHUTDOWN_PHASE_S = 12.0  # the engine thread's own join waits 10 s
 
 
@@ -79,7 +82,7 @@ class WorkerServer:
         self._conductor = RpcClient(config.conductor, _RPC_TIMEOUT_S)
         self._outbox: collections.deque[Outputs | PrefillDone] = collections.deque()
         self._outbox_ready = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet()
         self._seq = 0
         self._registered = False
         self._ever_registered = False
@@ -93,12 +96,12 @@ class WorkerServer:
 
     async def startup(self) -> str:
         await asyncio.to_thread(self._build_engine, asyncio.get_running_loop())
-        self._rpc = RpcServer(self._handle, self.config.host, self.config.port)
+        self._rpc = RpcServer(self._dispatcher(), self.config.host, self.config.port)
         self.endpoint = await self._rpc.startup()
         assert self._loop is not None
         self._loop.start()
-        self._tasks = [asyncio.create_task(self._report_forever()),
-                       asyncio.create_task(self._send_outbox())]
+        self._tasks.spawn(self._report_forever(), "report")
+        self._tasks.spawn(self._send_outbox(), "outbox")
         return self.endpoint
 
     def _build_engine(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -130,14 +133,7 @@ class WorkerServer:
         """Stop in order: background tasks, the RPC server, the engine thread, the engine,
         the transfer engine. Each phase gets ``_SHUTDOWN_PHASE_S``; one that overruns is
         logged and left behind, so shutting down never hangs."""
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            done, _ = await asyncio.wait(self._tasks, timeout=_SHUTDOWN_PHASE_S)
-            for task in done:  # retrieved: a task that had failed must not warn later
-                if not task.cancelled() and task.exception() is not None:
-                    log.warning("shutdown: %s had failed: %s", task.get_name(),
-                                task.exception())
+        await self._tasks.cancel(_SHUTDOWN_PHASE_S)
         if self._rpc is not None:
             await self._rpc.shutdown()
         self._conductor.close()
@@ -150,24 +146,49 @@ class WorkerServer:
 
     # -- requests from the Conductor --------------------------------------------------
 
-    async def _handle(self, payload: memoryview) -> bytes:
-        message: WorkerRequest = decode(payload, WorkerRequest)  # type: ignore[arg-type]
+    def _dispatcher(self) -> Dispatcher:
+        return Dispatcher(WorkerRequest, {
+            Prefill: self._prefill, Reserve: self._reserve, Commit: self._commit,
+            Release: self._release, Abort: self._abort,
+        })
+
+    async def _on_loop(self, work: Callable[[EngineLoop], T]) -> T:
+        """``work(loop)`` run on the engine thread; its result."""
         assert self._loop is not None
         loop = self._loop
-        if isinstance(message, Prefill):
-            self._check_role(message)
-            await asyncio.wrap_future(loop.call(lambda: loop.add(message)))
-        elif isinstance(message, Reserve):
-            block_ids = await asyncio.wrap_future(loop.call(lambda: loop.reserve(
-                message.request_id, message.num_prompt_tokens, message.hold_s)))
-            return encode(Reserved(block_ids, self._kv_grants(block_ids, message.hold_s)))
-        elif isinstance(message, Commit):
-            await asyncio.wrap_future(loop.call(lambda: self._commit(loop, message)))
-        elif isinstance(message, Release):
-            await asyncio.wrap_future(loop.call(lambda: self._release(loop, message)))
-        elif isinstance(message, Abort):
-            await asyncio.wrap_future(loop.call(lambda: loop.abort(message.request_id)))
-        return encode(Ack())
+        return await asyncio.wrap_future(loop.call(lambda: work(loop)))
+
+    async def _prefill(self, message: Prefill) -> Ack:
+        self._check_role(message)
+        await self._on_loop(lambda loop: loop.add(message))
+        return Ack()
+
+    async def _reserve(self, message: Reserve) -> Reserved:
+        block_ids = await self._on_loop(lambda loop: loop.reserve(
+            message.request_id, message.num_prompt_tokens, message.hold_s))
+        return Reserved(block_ids, self._kv_grants(block_ids, message.hold_s))
+
+    async def _commit(self, message: Commit) -> Ack:
+        def commit(loop: EngineLoop) -> None:
+            loop.settle(message.request_id)
+            loop.core.commit(message.request_id, message.prompt_token_ids, message.first_token,
+                             message.first_logprob, message.params, message.tenant,
+                             message.first_top_logprobs)
+
+        await self._on_loop(commit)
+        return Ack()
+
+    async def _release(self, message: Release) -> Ack:
+        def release(loop: EngineLoop) -> None:
+            loop.settle(message.request_id)
+            loop.core.release(message.request_id)
+
+        await self._on_loop(release)
+        return Ack()
+
+    async def _abort(self, message: Abort) -> Ack:
+        await self._on_loop(lambda loop: loop.abort(message.request_id))
+        return Ack()
 
     def _kv_grants(self, block_ids: list[int] | None, hold_s: float) -> list[bytes]:
         """The prefill may write our reserved blocks, until the reservation would lapse."""
@@ -182,18 +203,6 @@ class WorkerServer:
         if self.config.role != wants:
             raise InvalidParamsError(f"instance {self.instance_id} is a {self.config.role} "
                                      f"instance; this request needs a {wants} instance")
-
-    @staticmethod
-    def _commit(loop: EngineLoop, message: Commit) -> None:
-        loop.settle(message.request_id)
-        loop.core.commit(message.request_id, message.prompt_token_ids, message.first_token,
-                         message.first_logprob, message.params, message.tenant,
-                         message.first_top_logprobs)
-
-    @staticmethod
-    def _release(loop: EngineLoop, message: Release) -> None:
-        loop.settle(message.request_id)
-        loop.core.release(message.request_id)
 
     # -- to the Conductor --------------------------------------------------------------
 
