@@ -1,9 +1,6 @@
-"""SamplingParams validation, the batched Sampler's masks and seeding, and stop strings."""
+"""The batched Sampler: masks, seeding, penalties and log-probabilities."""
 
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import pytest
 import torch
@@ -12,8 +9,7 @@ from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.logprobs import score_tokens
 from kvcake.engine.penalties import TokenHistory, penalise
 from kvcake.engine.sampling import TOP_P_CANDIDATES, Sampler, make_generator
-from kvcake.text.detokenize import find_stop, partial_stop_len
-from kvcake.wire.sampling import SamplingParams, fit_context
+from kvcake.wire.sampling import SamplingParams
 
 VOCAB = 64
 
@@ -26,35 +22,6 @@ def sample_ids(logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None] | None = None) -> list[int]:
     generators = generators if generators is not None else [None] * len(params)
     return Sampler(seed=0).sample(logits, params, generators).token_ids
-
-
-# ----- SamplingParams
-
-
-@pytest.mark.parametrize(("field", "value"), [
-    ("max_tokens", 0), ("max_tokens", 1.5), ("temperature", -0.1),
-    ("temperature", math.nan), ("temperature", math.inf), ("top_p", 0.0), ("top_p", 1.01),
-    ("top_k", -2),
-    ("min_p", 1.5), ("logprobs", 21), ("logprobs", -1), ("seed", 1 << 64),
-    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("max_tokens", True),
-])
-def test_invalid_params_name_the_field(field: str, value: Any) -> None:
-    with pytest.raises(InvalidParamsError, match=field):
-        SamplingParams(**{field: value})
-
-
-def test_params_normalise_lists_and_top_k_off() -> None:
-    params = SamplingParams(stop=["a", "bc"], stop_token_ids=[2, 3], top_k=-1)  # type: ignore[arg-type]
-    assert params.stop == ("a", "bc")
-    assert params.stop_token_ids == (2, 3)
-    assert params.top_k == 0
-    assert SamplingParams(stop="x").stop == ("x",)  # type: ignore[arg-type]
-    assert hash(params) == hash(SamplingParams(stop=("a", "bc"), stop_token_ids=(2, 3)))
-
-
-def test_greedy_property() -> None:
-    assert SamplingParams(temperature=0.0).greedy
-    assert not SamplingParams(temperature=0.5).greedy
 
 
 # ----- Sampler
@@ -208,42 +175,7 @@ def test_sample_rejects_mismatched_batches() -> None:
         Sampler().sample(torch.zeros(VOCAB), [SamplingParams()], [None])
 
 
-# ----- stop strings
-
-
-def test_find_stop_basic_cases() -> None:
-    assert find_stop("hello world", 0, ["world"]) == (6, 5)
-    assert find_stop("hello world", 0, []) is None
-    assert find_stop("hello world", 0, ["xyz"]) is None
-    assert find_stop("a STOP b END", 0, ["END", "STOP"]) == (2, 4)  # the earliest wins
-    assert find_stop("abcd", 0, ["bcd", "bc"]) == (1, 2)  # same start: the shorter ends first
-
-
-def test_find_stop_only_looks_at_new_text() -> None:
-    text = "END then more"
-    assert find_stop(text, 9, ["END"]) is None  # wholly in old text: already reported
-    assert find_stop("xxEN", 2, ["END"]) is None
-
-
-def test_find_stop_across_increments() -> None:
-    text, found = "", None
-    for piece in ["The answer", " is 4", "2.\n\nUs", "er: next"]:
-        start, text = len(text), text + piece
-        found = find_stop(text, start, ["\n\nUser:", "###"])
-        if found:
-            break
-    assert found == (len("The answer is 42."), len("\n\nUser:"))
-    assert text[: found[0]] == "The answer is 42."
-
-
-def test_partial_stop_len_holds_back_possible_stop_prefixes() -> None:
-    assert partial_stop_len("The answer\n\nUs", ["\n\nUser:"]) == 4
-    assert partial_stop_len("The answer", ["\n\nUser:"]) == 0
-    assert partial_stop_len("ab", ["abc", "bcd"]) == 2
-    assert partial_stop_len("abc", ["abc"]) == 0  # a whole stop is find_stop's business
-
-
-# ----- penalties, min_tokens, seeds and the context (vLLM's definitions)
+# ----- penalties, min_tokens and seeds (vLLM's definitions)
 
 
 def test_penalties_change_logits_as_vllm_defines_them() -> None:
@@ -297,33 +229,6 @@ def test_a_seed_draws_the_same_tokens_whatever_shares_the_batch() -> None:
         return ids
 
     assert draw([0]) == draw([0, 1, 2])
-
-
-@pytest.mark.parametrize(("field", "value"), [
-    ("presence_penalty", 2.5), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
-    ("min_tokens", -1), ("prompt_logprobs", 21),
-])
-def test_invalid_penalties_name_the_field(field: str, value: Any) -> None:
-    with pytest.raises(InvalidParamsError, match=field):
-        SamplingParams(**{field: value})
-
-
-def test_min_tokens_may_not_exceed_max_tokens() -> None:
-    with pytest.raises(InvalidParamsError, match="min_tokens must be at most max_tokens"):
-        SamplingParams(max_tokens=2, min_tokens=3)
-
-
-def test_fit_context_fills_or_refuses_in_vllms_words() -> None:
-    assert fit_context(SamplingParams(max_tokens=None), 10, 2048).max_tokens == 2038
-    assert fit_context(SamplingParams(max_tokens=5), 10, 2048).max_tokens == 5
-    with pytest.raises(InvalidParamsError) as caught:
-        fit_context(SamplingParams(max_tokens=100000), 1, 2048)
-    assert caught.value.args[0] == (
-        "This model's maximum context length is 2048 tokens. However, you requested 100001 "
-        "tokens (1 in the messages, 100000 in the completion). Please reduce the length of "
-        "the messages or completion.")
-    with pytest.raises(InvalidParamsError, match="your request has 2048 input tokens"):
-        fit_context(SamplingParams(max_tokens=None), 2048, 2048)
 
 
 def test_scored_tokens_are_the_log_softmax_of_their_logits() -> None:
