@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.config import TransferConfig
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.peer import PeerProcess
 
 

@@ -23,11 +23,13 @@ from kvcake.cli_flags import (
     tenant_overrides,
 )
 from kvcake.cluster.commands import add_serving_commands
-from kvcake.common.config import StoreConfig, TransferConfig, load_config, parse_size
+from kvcake.common.config import load_config, parse_size
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import setup_logging
 from kvcake.sim.commands import add_sim_commands
+from kvcake.store.config import StoreConfig
 from kvcake.store.master.config import MasterConfig
+from kvcake.transfer.config import TransferConfig
 
 
 def _transfer_overrides(args: argparse.Namespace) -> dict[str, object]:

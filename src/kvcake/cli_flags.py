@@ -15,7 +15,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def field_default(config: type[Any], name: str) -> str:
     """A config field's default as help texts print it (``0.9``, ``1``, ``4MiB``): each
     default is written once, in its config class."""
-    value = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    value: Any = next(f.default for f in dataclasses.fields(config) if f.name == name)
     if name.endswith("_bytes"):
         return format_size(value).replace(" ", "")
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -21,8 +21,8 @@ from test_app import (
     sse_events,
 )
 
-from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import InvalidParamsError, RequestRejectedError
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.wire.generate import EchoedPrompt, GenerateChunk, TokenLogprob
 from wire import read_reply
 

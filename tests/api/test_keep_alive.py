@@ -11,8 +11,8 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from kvcake.api.server import KEEP_ALIVE_S, ApiServer
-from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import InvalidParamsError
+from kvcake.conductor.config import ConductorServerConfig
 
 aiohttp = pytest.importorskip("aiohttp")
 

@@ -6,8 +6,10 @@ import inspect
 
 from kvcake.api.server import ApiServer
 from kvcake.cluster.up import ClusterSpec
-from kvcake.common.config import ConductorServerConfig, TransferConfig, WorkerConfig
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.store.master.config import MasterConfig
+from kvcake.transfer.config import TransferConfig
+from kvcake.worker.config import WorkerConfig
 
 
 def test_every_server_config_binds_loopback_by_default() -> None:

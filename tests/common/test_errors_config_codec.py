@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from kvcake.common import codec
-from kvcake.common.config import TransferConfig, load_config, parse_size
+from kvcake.common.config import load_config, parse_size
 from kvcake.common.errors import (
     ErrorCode,
     InvalidParamsError,
@@ -12,6 +12,7 @@ from kvcake.common.errors import (
     TransferError,
     error_from_code,
 )
+from kvcake.transfer.config import TransferConfig
 
 
 def test_error_codes_keep_mooncake_names_and_values() -> None:
@@ -98,7 +99,7 @@ def test_codec_rejects_garbage_with_a_protocol_error() -> None:
 
 def test_auto_dtype_is_bf16_only_where_it_is_computed_natively(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvcake.common import config
+    from kvcake.engine import config
     assert config.resolve_dtype("float16", "cpu") == "float16"  # an explicit choice stays
     assert config.resolve_dtype("auto", "cuda:0") == "bfloat16"
     for native, expected in ((True, "bfloat16"), (False, "float32")):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 
 from kvcake.cli import main
-from kvcake.common.config import ConductorServerConfig, TransferConfig, WorkerConfig
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hosts import check_bind_host, is_loopback
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.store.master.config import MasterConfig
+from kvcake.transfer.config import TransferConfig
+from kvcake.worker.config import WorkerConfig
 
 ELSEWHERE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): never an address of this machine
 

@@ -11,9 +11,9 @@ import pytest
 from kvcake.api.errors import RETRY_AFTER_S, ApiError
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
-from kvcake.common.config import ConductorServerConfig
 from kvcake.common.rpc import RpcClient
 from kvcake.common.sockets import free_port
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.conductor.flight import InstanceLostError
 from kvcake.conductor.server import ConductorServer
 from kvcake.conductor.types import ConductorConfig

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvcake.common.config import EngineConfig
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
 from kvcake.ops.process import start_master, start_node

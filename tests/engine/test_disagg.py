@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.config import EngineConfig, TransferConfig
 from kvcake.common.errors import AccessDeniedError, InvalidParamsError
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.kv.transfer import KVSender, block_runs, block_spans, sign_kv_grants
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.wire.sampling import SamplingParams
 from kvcake.worker.loop import EngineLoop, PrefillSender
 

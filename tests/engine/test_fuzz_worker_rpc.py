@@ -32,10 +32,10 @@ from fuzzing import (
 )
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
-from kvcake.common.config import EngineConfig, WorkerConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.rpc import MAX_CALL_BYTES
+from kvcake.engine.config import EngineConfig
 from kvcake.wire.output import MAX_TOP_LOGPROBS
 from kvcake.wire.sampling import MAX_STOP_TOKEN_IDS, MAX_STOPS, SamplingParams
 from kvcake.wire.worker import (
@@ -48,6 +48,7 @@ from kvcake.wire.worker import (
     Reserve,
     WorkerRequest,
 )
+from kvcake.worker.config import WorkerConfig
 from kvcake.worker.server import WorkerServer
 
 TIMEOUT_S = 10.0

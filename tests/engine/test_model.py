@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvcake.common.config import EngineConfig
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.model.weights import load_weights

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from kvcake.common.config import EngineConfig
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.lifecycle import IllegalTransitionError
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.request import TRANSITIONS, Request, RequestStatus
 from kvcake.engine.scheduler import SchedulerOutput

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode
 from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore, DistributedStore, ReplicateConfig
+from kvcake.store.config import StoreConfig
+from kvcake.transfer.config import TransferConfig
 
 
 @pytest.fixture

@@ -15,11 +15,12 @@ import msgspec
 import pytest
 
 from kvcake.common import codec
-from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
 from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
+from kvcake.store.config import StoreConfig
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.segment import SegmentDescriptor, local_host_id
 from kvcake.wire import store as m
 

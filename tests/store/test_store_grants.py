@@ -10,12 +10,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.ops.process import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
+from kvcake.store.config import StoreConfig
 from kvcake.store.master.grants import ReplicaGrants
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import Grant, GrantMode, new_grant_key, open_grant
 from kvcake.transfer.segment import SegmentDescriptor
 from kvcake.wire import store as m

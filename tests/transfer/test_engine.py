@@ -126,7 +126,7 @@ def test_unknown_segments_and_peers(make_engine: MakeEngine) -> None:
 
 def test_local_directory_shared_by_engines_of_one_process() -> None:
     directory = LocalDirectory()
-    from kvcake.common.config import TransferConfig
+    from kvcake.transfer.config import TransferConfig
 
     with TransferEngine(TransferConfig(metadata="local"), directory) as owner, \
             TransferEngine(TransferConfig(metadata="local", transport="tcp"), directory) as user:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import MetadataError, SegmentNotFoundError
 from kvcake.common.sockets import free_port
 from kvcake.transfer import EtcdDirectory, TransferEngine
+from kvcake.transfer.config import TransferConfig
 
 pytestmark = [
     pytest.mark.etcd,

@@ -32,10 +32,10 @@ from fuzzing import (
 )
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import HEADER, MAGIC, VERSION, FrameOp, pack_header
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.messages import DescribeReply, DescribeRequest, TransferCall
 from kvcake.transfer.server import MAX_CALL_BYTES, TransferServer
 from kvcake.transfer.service import SegmentTable

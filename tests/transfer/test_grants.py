@@ -8,10 +8,10 @@ import msgspec
 import pytest
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import AccessDeniedError, ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.transfer import GrantMode, RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import (
     CLOCK_SKEW_S,
     Grant,

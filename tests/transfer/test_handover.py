@@ -13,9 +13,9 @@ import msgspec
 import pytest
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import TransferError
 from kvcake.transfer.batch import TransferOp, TransferRequest
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 from kvcake.transfer.handover import HandoverRefusedError
 from kvcake.transfer.segment import MappedSegment, SegmentDescriptor
@@ -97,7 +97,7 @@ def test_with_a_token_only_token_holders_get_the_memfd() -> None:
 
 _OWNER = """
 import sys, msgspec
-from kvcake.common.config import TransferConfig
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 engine = TransferEngine(TransferConfig())
 engine.register_segment("pool", 1 << 16)
@@ -133,7 +133,7 @@ def _write_after_kill(child: subprocess.Popen[bytes], peer: TransferEngine) -> N
 _DUMPABLE = """
 import ctypes, sys
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.config import TransferConfig
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 libc = ctypes.CDLL(None)
 before = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE

@@ -26,7 +26,7 @@ pytestmark = [
 
 CLIENT = """
 import json, os, sys
-from kvcake.common.config import TransferConfig
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.peer import pattern
 with TransferEngine(TransferConfig(host="198.18.0.2", timeout_s=10)) as engine:

@@ -35,8 +35,9 @@ import torch
 
 from kvcake.bench.engine_baselines import DRIVER, HfRunner, Timing, vllm_plan
 from kvcake.bench.measure import print_rows
-from kvcake.common.config import EngineConfig, env_value, load_config
+from kvcake.common.config import env_value, load_config
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import DTYPES, EngineCore
 from kvcake.model.files import ModelFiles, resolve_model
 from kvcake.wire.sampling import SamplingParams

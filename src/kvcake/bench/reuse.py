@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcake.bench.measure import print_rows
-from kvcake.common.config import EngineConfig, MiB
+from kvcake.common.config import MiB
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.ops.process import start_master, start_node
 from kvcake.wire.sampling import SamplingParams

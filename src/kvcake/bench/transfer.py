@@ -16,8 +16,9 @@ from typing import Any
 
 from kvcake.bench.baselines import SocketBaseline, memcpy_step
 from kvcake.bench.measure import human_size, print_rows, throughput
-from kvcake.common.config import KiB, MiB, TransferConfig
+from kvcake.common.config import KiB, MiB
 from kvcake.transfer.batch import RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 from kvcake.transfer.peer import PeerProcess
 

@@ -19,9 +19,10 @@ from typing import TypeVar
 
 from kvcake.chaos.ledger import HANG, NOT_FOUND, OK, WRONG_BYTES, Ledger, Written
 from kvcake.chaos.values import MIN_VALUE_LEN, is_exact, make_value, value_digest
-from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store import AsyncStore, ReplicateConfig
+from kvcake.store.config import StoreConfig
+from kvcake.transfer.config import TransferConfig
 from kvcake.wire import store as m
 
 T = TypeVar("T")

@@ -11,13 +11,11 @@ from kvcake.cli_flags import (
     engine_overrides,
     size_or_none,
 )
-from kvcake.common.config import (
-    ConductorServerConfig,
-    EngineConfig,
-    WorkerConfig,
-    load_config,
-)
+from kvcake.common.config import load_config
+from kvcake.conductor.config import ConductorServerConfig
+from kvcake.engine.config import EngineConfig
 from kvcake.wire.conductor import ROLES
+from kvcake.worker.config import WorkerConfig
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.cluster.token import TokenHandover
-from kvcake.common.config import ConductorServerConfig, parse_size
+from kvcake.common.config import parse_size
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.conductor.types import ConductorConfig
 from kvcake.ops.etcd import start_etcd
 from kvcake.ops.process import ServerProcess, health, kvcake_command, start_master, start_node

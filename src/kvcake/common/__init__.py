@@ -1,6 +1,6 @@
 """Shared building blocks: errors, the wire codec and framing, configuration, hashing."""
 
-from kvcake.common.config import GiB, KiB, MiB, TransferConfig, load_config, parse_size
+from kvcake.common.config import GiB, KiB, MiB, load_config, parse_size
 from kvcake.common.errors import (
     ErrorCode,
     InvalidParamsError,
@@ -23,7 +23,6 @@ __all__ = [
     "MiB",
     "ProtocolError",
     "SegmentNotFoundError",
-    "TransferConfig",
     "TransferError",
     "hash_block",
     "load_config",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from kvcake.api import ApiServer, build_app
 from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.config import ConductorServerConfig
 from kvcake.common.log import get_logger
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.conductor.frontend import ConductorBackend
 from kvcake.conductor.server import ConductorServer
 from kvcake.conductor.types import ConductorConfig

@@ -26,7 +26,6 @@ import msgspec
 from kvcake.common.aio import TaskSet
 from kvcake.common.auth import cluster_auth
 from kvcake.common.codec import decode, encode
-from kvcake.common.config import ConductorServerConfig
 from kvcake.common.errors import (
     ErrorCode,
     InvalidParamsError,
@@ -37,6 +36,7 @@ from kvcake.common.hashing import prefix_block_hashes
 from kvcake.common.latency import slowest_gaps_mean
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
+from kvcake.conductor.config import ConductorServerConfig
 from kvcake.conductor.flight import Flight, FlightState, InstanceLostError
 from kvcake.conductor.service import ConductorService
 from kvcake.conductor.store_view import StoreView

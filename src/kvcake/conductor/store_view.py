@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-from kvcake.common.config import StoreConfig
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore
+from kvcake.store.config import StoreConfig
 from kvcake.wire.kv import store_keys
 
 log = get_logger(__name__)

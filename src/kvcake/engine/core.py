@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from kvcake.common.config import EngineConfig
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.kv.connector import StoreConnector, connect_store
 from kvcake.engine.kv.format import BlockLayout
 from kvcake.engine.kv.manager import KVCacheManager

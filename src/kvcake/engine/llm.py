@@ -12,8 +12,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcake.common.config import EngineConfig, load_config
+from kvcake.common.config import load_config
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.request import RequestStatus
 from kvcake.engine.scheduler import KVConnector

@@ -20,12 +20,13 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from kvcake.common.config import StoreConfig, TransferConfig
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
+from kvcake.store.config import StoreConfig
 from kvcake.store.node import NodeServer
 from kvcake.store.session import MasterSession
 from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer.config import TransferConfig
 from kvcake.wire import store as m
 from kvcake.wire.store import ReplicaHandle, ReplicateConfig
 

@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 import msgspec
 
 from kvcake.common.aio import LoopThread
-from kvcake.common.config import StoreConfig, TransferConfig, load_config
+from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.client import AsyncStore, Buffer, as_view
+from kvcake.store.config import StoreConfig
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.wire.store import ReplicateConfig, Stats
 
 log = get_logger(__name__)

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 import msgspec
 
 from kvcake.common import codec
-from kvcake.common.config import StoreConfig
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient
+from kvcake.store.config import StoreConfig
 from kvcake.store.master.ha import find_leader, split_etcd_url
 from kvcake.store.master.journal import Layout, LeaderRecord
 from kvcake.transfer.segment import SegmentDescriptor

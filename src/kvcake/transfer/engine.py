@@ -23,10 +23,10 @@ from types import TracebackType
 
 from kvcake.common.aio import LoopThread
 from kvcake.common.auth import ClusterAuth, cluster_auth
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.handover import HandoverServer, forbid_same_user_access
 from kvcake.transfer.metadata import MetadataDirectory, make_directory

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from kvcake.common.config import TransferConfig
 from kvcake.common.errors import KvcakeError
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 
 

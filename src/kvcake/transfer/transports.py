@@ -19,11 +19,12 @@ from typing import ClassVar
 
 from kvcake.common.aio import LoopThread
 from kvcake.common.auth import NO_AUTH, ClusterAuth
-from kvcake.common.config import MiB, TransferConfig
+from kvcake.common.config import MiB
 from kvcake.common.errors import InvalidParamsError, KvcakeError, TransferError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, BatchState, TransferOp
 from kvcake.transfer.client import Part, PeerClient
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.segment import MappedSegment, SegmentDescriptor, local_host_id
 
 log = get_logger(__name__)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.config import EngineConfig, WorkerConfig, parse_cpus
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.log import get_logger
+from kvcake.engine.config import EngineConfig
+from kvcake.worker.config import WorkerConfig, parse_cpus
 from kvcake.worker.server import WorkerServer
 
 log = get_logger(__name__)

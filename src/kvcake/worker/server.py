@@ -16,13 +16,15 @@ from typing import TypeVar
 
 from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
-from kvcake.common.config import EngineConfig, TransferConfig, WorkerConfig, load_config
+from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
+from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore, EngineLoad
 from kvcake.engine.kv import KVSender, sign_kv_grants
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.segment import instance_registrant
 from kvcake.wire.conductor import (
     MAX_BLOCK_HASHES,
@@ -50,6 +52,7 @@ from kvcake.wire.worker import (
     Reserved,
     WorkerRequest,
 )
+from kvcake.worker.config import WorkerConfig
 from kvcake.worker.loop import EngineLoop, Telemetry
 from kvcake.worker.profile import profile_engine
 

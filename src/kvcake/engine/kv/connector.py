@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcake.common.config import StoreConfig, TransferConfig, load_config
+from kvcake.common.config import load_config
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
 from kvcake.store.client import AsyncStore
+from kvcake.store.config import StoreConfig
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.wire.kv import store_key, store_keys
 
 log = get_logger(__name__)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kvcake.common.config import check_tenant_name, require
+from kvcake.common.config import require
 from kvcake.common.hosts import check_bind_host
+from kvcake.store.config import check_tenant_name
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def render_metrics(stats: Stats, counters: Mapping[str, int],
 
 def _tenant_lines(stats: Stats) -> list[str]:
     """Per-tenant gauges and eviction counts (tenant names need no escaping: see
-    :func:`kvcake.common.config.check_tenant_name`)."""
+    :func:`kvcake.store.config.check_tenant_name`)."""
     lines: list[str] = []
     series = (
         ("kvcake_store_tenant_used_bytes", "gauge", "Memory bytes of a tenant's replicas",

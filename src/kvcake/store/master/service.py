@@ -25,8 +25,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
-from kvcake.common.config import DEFAULT_TENANT
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
+from kvcake.store.config import DEFAULT_TENANT
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.journal import ChangeSet
 from kvcake.store.master.objects import ObjectTable

@@ -29,8 +29,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvcake.common.config import DEFAULT_TENANT, check_tenant_name, parse_size
+from kvcake.common.config import parse_size
 from kvcake.common.errors import ErrorCode, InvalidParamsError, PermissionDeniedError
+from kvcake.store.config import DEFAULT_TENANT, check_tenant_name
 from kvcake.store.master.config import TenantPolicy
 from kvcake.store.master.replica import StoredObject, Tier
 from kvcake.wire.store import TenantStats

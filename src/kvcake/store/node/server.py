@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 
 from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.config import StoreConfig, TransferConfig, format_size
+from kvcake.common.config import format_size
 from kvcake.common.rpc import RpcServer
+from kvcake.store.config import StoreConfig
 from kvcake.store.node.disk import DiskTier, control_channel
 from kvcake.store.session import MasterSession, Mount
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.segment import store_registrant
 
 

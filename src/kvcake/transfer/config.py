@@ -1,0 +1,52 @@
+"""The transfer engine's settings (``KVCAKE_TRANSFER_*``), frozen and checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcake.common.config import GiB, KiB, require
+from kvcake.common.hosts import check_bind_host
+
+TRANSPORT_CHOICES = ("auto", "shm", "tcp")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Transfer engine settings.
+
+    host: address the TCP server binds and advertises (127.0.0.1, or a namespace address).
+    port: TCP port, 0 for an ephemeral one.
+    transport: ``auto`` (shm for peers on this host, tcp otherwise), or force ``shm``/``tcp``.
+    metadata: segment directory: ``p2p`` (ask the peer's server), ``local`` (this process),
+        or ``etcd://HOST:PORT`` for a cluster's etcd.
+    connections_per_peer: TCP connections opened to each peer, 1..64; big batches spread
+        over them.
+    timeout_s: longest wait for any one batch before its operations fail, seconds (> 0).
+    max_frame_bytes: largest single frame payload accepted, bytes (64 KiB .. 4 GiB).
+    host_id: identity of this host for transport choice; empty derives it from the boot id
+        and the network namespace.
+    pretouch: fault in segment pages at registration so first transfers run at full speed.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    transport: str = "auto"
+    metadata: str = "p2p"
+    connections_per_peer: int = 2
+    timeout_s: float = 30.0
+    max_frame_bytes: int = GiB
+    host_id: str = ""
+    pretouch: bool = True
+
+    def __post_init__(self) -> None:
+        check_bind_host(self.host)
+        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        require(self.transport in TRANSPORT_CHOICES,
+                f"transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}")
+        require(self.metadata in ("p2p", "local") or self.metadata.startswith("etcd://"),
+                f"metadata must be p2p, local or etcd://HOST:PORT, got {self.metadata!r}")
+        require(1 <= self.connections_per_peer <= 64,
+                f"connections_per_peer must be 1..64, got {self.connections_per_peer}")
+        require(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
+        require(64 * KiB <= self.max_frame_bytes <= 4 * GiB,
+                f"max_frame_bytes must be 64KiB..4GiB, got {self.max_frame_bytes}")

@@ -1,0 +1,65 @@
+"""An inference instance's settings under the Conductor (``KVCAKE_WORKER_*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcake.common.config import is_endpoint, require
+from kvcake.common.hosts import check_bind_host
+from kvcake.wire.conductor import ROLES
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"0-2,5"`` to ``{0, 1, 2, 5}``; empty text is the empty set (no restriction)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        require(low.isdigit() and (not high or high.isdigit()),
+                f"cpus must look like 0-3,5; got {text!r}")
+        first, last = int(low), int(high or low)
+        require(first <= last, f"cpus range {part!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """An inference instance under the Conductor (``KVCAKE_WORKER_*``).
+
+    role: ``prefill`` (computes prompts, writes their KV into a decode instance), ``decode``
+        (continues them), or ``both`` (colocated: one instance does the whole request).
+    conductor: ``HOST:PORT`` of the Conductor's instance RPC endpoint.
+    host / port: where this instance's RPC server binds and is reached (port 0: ephemeral).
+    instance_id: its name at the Conductor (empty: ``<role>-<pid>``).
+    report_s: seconds between load/KV-event reports.
+    reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
+    transfer_timeout_s: longest wait for a prefill's KV writes to land.
+    profile: time a few prefill and decode steps at start-up, seeding the cost model.
+    cpus: CPUs this instance may run on, e.g. ``1`` or ``0-3`` or ``0,2`` (empty: any). A
+        decode instance on cores of its own keeps its token rate whatever prefill does.
+    nice: added to this process's nice value (0..19): a prefill instance at a lower priority
+        uses the CPU time decode instances leave, never theirs.
+    """
+
+    role: str = "both"
+    conductor: str = "127.0.0.1:8100"
+    host: str = "127.0.0.1"
+    port: int = 0
+    instance_id: str = ""
+    report_s: float = 0.1
+    reserve_timeout_s: float = 30.0
+    transfer_timeout_s: float = 30.0
+    profile: bool = True
+    cpus: str = ""
+    nice: int = 0
+
+    def __post_init__(self) -> None:
+        check_bind_host(self.host)
+        parse_cpus(self.cpus)
+        require(0 <= self.nice <= 19, f"nice must be 0..19, got {self.nice}")
+        require(self.role in ROLES, f"role must be one of {ROLES}, got {self.role!r}")
+        require(is_endpoint(self.conductor), f"conductor must be HOST:PORT, got "
+                f"{self.conductor!r}")
+        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        for name in ("report_s", "reserve_timeout_s", "transfer_timeout_s"):
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
