@@ -16,7 +16,7 @@ from kvcake.cli_flags import (
     add_engine_flags,
     add_tenant_flags,
     engine_overrides,
-    field_default,
+    field_defaults,
     log_level,
     positive_ints,
     size_or_none,
@@ -29,7 +29,7 @@ from kvcake.common.log import setup_logging
 from kvcake.sim.commands import add_sim_commands
 from kvcake.store.config import StoreConfig
 from kvcake.store.master.config import MasterConfig
-from kvcake.transfer.config import TransferConfig
+from kvcake.transfer.config import TRANSPORT_CHOICES, TransferConfig
 
 
 def _transfer_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -43,9 +43,10 @@ def _transfer_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _add_transfer_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to bind and advertise (default 127.0.0.1)")
+    host = field_defaults(TransferConfig)["host"]
+    parser.add_argument("--host", help=f"address to bind and advertise (default {host})")
     parser.add_argument("--port", type=int, help="TCP port (default: ephemeral)")
-    parser.add_argument("--transport", choices=("auto", "shm", "tcp"))
+    parser.add_argument("--transport", choices=TRANSPORT_CHOICES)
     parser.add_argument("--metadata", help="p2p, local or etcd://HOST:PORT")
     parser.add_argument("--connections", type=int, help="TCP connections per peer")
 
@@ -111,26 +112,22 @@ def _cmd_bench_reuse(args: argparse.Namespace) -> int:
     return run_reuse_bench(quick=args.quick, as_json=args.json, lengths=args.lengths)
 
 
-def _master(name: str) -> str:
-    return field_default(MasterConfig, name)
-
-
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     master = commands.add_parser("master", help="run the store master")
-    master.add_argument("--host", help=f"address to bind (default {_master('host')})")
-    master.add_argument("--port", type=int, help=f"RPC port (default {_master('port')}; 0 = "
-                        "ephemeral)")
+    m = field_defaults(MasterConfig)
+    master.add_argument("--host", help=f"address to bind (default {m['host']})")
+    master.add_argument("--port", type=int, help=f"RPC port (default {m['port']}; 0 = ephemeral)")
     master.add_argument("--metrics-port", type=int, help=f"HTTP /metrics port (default "
-                        f"{_master('metrics_port')}; 0 = ephemeral; -1 = off)")
+                        f"{m['metrics_port']}; 0 = ephemeral; -1 = off)")
     master.add_argument("--lease-ttl", type=float, help="seconds a read protects an object")
     master.add_argument("--client-ttl", type=float, help="seconds of silence before a client "
                         "or node is declared dead")
     master.add_argument("--put-timeout", type=float, help="seconds before an unfinished put "
                         "is reclaimed")
     master.add_argument("--high-watermark", type=float, help="eviction starts above this "
-                        f"fraction used (default {_master('high_watermark')})")
+                        f"fraction used (default {m['high_watermark']})")
     master.add_argument("--evict-ratio", type=float, help="fraction freed per eviction "
-                        f"(default {_master('evict_ratio')})")
+                        f"(default {m['evict_ratio']})")
     master.add_argument("--eviction", help="eviction policy: lru (default), fifo")
     master.add_argument("--placement", help="random (default), free_ratio_first, local_first")
     master.add_argument("--summary-interval", type=float, help="seconds between log "
@@ -138,22 +135,23 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     master.add_argument("--etcd", help="etcd://HOST:PORT[/PREFIX/]: elect a leader among the "
                         "masters given it, and persist the leader's state there")
     master.add_argument("--leader-ttl", type=int, help="seconds of the leader's etcd lease "
-                        f"(default {_master('leader_ttl_s')}): how soon a standby replaces a "
-                        "dead leader")
+                        f"(default {m['leader_ttl_s']}): how soon a standby replaces a dead "
+                        "leader")
     master.add_argument("--put-fence", type=float, help="seconds a new leader holds puts "
-                        f"(default {_master('put_fence_s')})")
+                        f"(default {m['put_fence_s']})")
     add_cluster_token_flag(master)
     add_tenant_flags(master)
     master.set_defaults(run=_cmd_master)
 
     node = commands.add_parser("node", help="contribute memory (and disk) to the store")
-    node.add_argument("--master", help="master HOST:PORT (default 127.0.0.1:50051)")
+    s = field_defaults(StoreConfig)
+    node.add_argument("--master", help=f"master HOST:PORT (default {s['master']})")
     node.add_argument("--segment-size", help="memory to contribute, e.g. 8GiB")
     node.add_argument("--name", help="segment name (default pool@HOST:PORT)")
     node.add_argument("--disk-dir", help="directory of the SSD tier")
     node.add_argument("--disk-capacity", help="bytes of the SSD tier, e.g. 64GiB")
-    node.add_argument("--tenant", help="tenant the node registers as (default: default; its "
-                      "token from $KVCAKE_STORE_TENANT_TOKEN)")
+    node.add_argument("--tenant", help=f"tenant the node registers as (default: {s['tenant']}; "
+                      "its token from $KVCAKE_STORE_TENANT_TOKEN)")
     _add_transfer_flags(node)
     add_cluster_token_flag(node)
     node.set_defaults(run=_cmd_node)

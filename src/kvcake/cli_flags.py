@@ -8,14 +8,18 @@ import logging
 from typing import Any
 
 from kvcake.common.config import format_size, parse_size
+from kvcake.engine.config import EngineConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def field_default(config: type[Any], name: str) -> str:
-    """A config field's default as help texts print it (``0.9``, ``1``, ``4MiB``): each
+def field_defaults(config: type[Any]) -> dict[str, str]:
+    """Each field's default as help texts print it (``0.9``, ``1``, ``4MiB``), so that a
     default is written once, in its config class."""
-    value: Any = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    return {f.name: _shown(f.name, f.default) for f in dataclasses.fields(config)}
+
+
+def _shown(name: str, value: Any) -> str:
     if name.endswith("_bytes"):
         return format_size(value).replace(" ", "")
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -56,12 +60,15 @@ def add_cluster_token_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="smollm2 (default), a .gguf file or an HF directory")
+    e = field_defaults(EngineConfig)
+    parser.add_argument("--model", help=f"{e['model']} (default), a .gguf file or an HF directory")
     parser.add_argument("--dtype", help="auto (default: bfloat16 where the CPU computes it "
                         "natively, else float32), bfloat16, float32, float16")
-    parser.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    parser.add_argument("--attention", help="sdpa (default) or eager (HF's exact math)")
-    parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    parser.add_argument("--device", help=f"{e['device']} (default), cuda, cuda:N")
+    parser.add_argument("--attention", help=f"{e['attention']} (default) or eager (HF's exact "
+                        "math)")
+    parser.add_argument("--block-size", type=int,
+                        help=f"tokens per KV block (default {e['block_size']})")
     parser.add_argument("--kv-cache-size", help="bytes of the paged KV pool, e.g. 512MiB")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
 

@@ -40,7 +40,8 @@ from kvcake.bench.serve_report import (
     report,
 )
 from kvcake.common.aio import new_event_loop
-from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.config import require
+from kvcake.common.errors import KvcakeError
 from kvcake.common.sockets import free_port
 from kvcake.common.trace import (
     load_trace,
@@ -113,31 +114,31 @@ class ServeBenchOptions:
         for name in ("speed", "input_scale", "output_scale", "slo_ttft_s", "slo_tbt_s",
                      "duration_s", "request_timeout_s", "health_timeout_s"):
             value = getattr(self, name)
-            _require(value is None or value > 0, f"{_flag(name)} must be > 0, got {value}")
+            require(value is None or value > 0, f"{_flag(name)} must be > 0, got {value}")
         for name in ("num_requests", "max_output_tokens", "concurrency_limit", "start_row"):
             value, least = getattr(self, name), 0 if name == "start_row" else 1
-            _require(value is None or value >= least,
-                     f"{_flag(name)} must be >= {least}, got {value}")
-        _require(0 <= self.first_token_id < self.vocab_size, "need 0 <= first_token_id < "
-                 f"vocab_size, got {self.first_token_id} and {self.vocab_size}")
+            require(value is None or value >= least,
+                    f"{_flag(name)} must be >= {least}, got {value}")
+        require(0 <= self.first_token_id < self.vocab_size, "need 0 <= first_token_id < "
+                f"vocab_size, got {self.first_token_id} and {self.vocab_size}")
 
     def _check_target(self) -> None:
         unknown = [p for p in self.policies if p not in SETUPS]
-        _require(not unknown, f"--policies: unknown set-up {(unknown or [''])[0]!r}; choose "
-                 f"from {', '.join(SETUPS)}")
-        _require(len(set(self.policies)) == len(self.policies), "--policies names a set-up "
-                 "twice")
+        require(not unknown, f"--policies: unknown set-up {(unknown or [''])[0]!r}; choose "
+                f"from {', '.join(SETUPS)}")
+        require(len(set(self.policies)) == len(self.policies), "--policies names a set-up "
+                "twice")
         bad = [a for a in self.admissions if a not in ADMISSIONS]
-        _require(bool(self.admissions) and not bad, f"--admission: unknown rule "
-                 f"{(bad or [self.admission])[0]!r}; choose from {', '.join(ADMISSIONS)}")
+        require(bool(self.admissions) and not bad, f"--admission: unknown rule "
+                f"{(bad or [self.admission])[0]!r}; choose from {', '.join(ADMISSIONS)}")
         if self.launches:
-            _require(self.endpoint is None, "--endpoint replays against a running server and "
-                     "--compare/--policies start their own: give one or the other")
+            require(self.endpoint is None, "--endpoint replays against a running server and "
+                    "--compare/--policies start their own: give one or the other")
             return
-        _require(self.endpoint is not None, "give --endpoint URL of a running server, or "
-                 "--compare to start the set-ups with kvcake up")
-        _require(str(self.endpoint).startswith(("http://", "https://")),
-                 f"--endpoint must be an http(s):// URL, got {self.endpoint!r}")
+        require(self.endpoint is not None, "give --endpoint URL of a running server, or "
+                "--compare to start the set-ups with kvcake up")
+        require(str(self.endpoint).startswith(("http://", "https://")),
+                f"--endpoint must be an http(s):// URL, got {self.endpoint!r}")
 
     @property
     def launches(self) -> bool:
@@ -181,11 +182,6 @@ class ServeBenchOptions:
 
 def _flag(field: str) -> str:
     return "--" + field.removesuffix("_s").replace("_", "-")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise InvalidParamsError(message)
 
 
 def base_url(endpoint: str) -> str:

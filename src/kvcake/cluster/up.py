@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcake.cluster.token import TokenHandover
-from kvcake.common.config import parse_size
+from kvcake.common.config import parse_size, require
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
 from kvcake.conductor.config import ConductorServerConfig
@@ -90,10 +90,10 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.both)
-        _require(all(n >= 0 for n in counts), f"instance counts must be >= 0, got "
-                 f"prefill={self.prefill} decode={self.decode} both={self.both}")
-        _require(self.both > 0 or (self.prefill > 0 and self.decode > 0),
-                 "a cluster needs both > 0, or prefill > 0 and decode > 0")
+        require(all(n >= 0 for n in counts), f"instance counts must be >= 0, got "
+                f"prefill={self.prefill} decode={self.decode} both={self.both}")
+        require(self.both > 0 or (self.prefill > 0 and self.decode > 0),
+                "a cluster needs both > 0, or prefill > 0 and decode > 0")
         # the children's own configs judge their settings, before any child starts
         ConductorConfig(policy=self.policy, admission=self.admission,
                         slo_ttft_s=self.slo_ttft_s, slo_tbt_s=self.slo_tbt_s)
@@ -101,12 +101,12 @@ class ClusterSpec:
         parse_size(self.kv_cache_size)
         if self.store_size:
             parse_size(self.store_size)
-        _require(not self.ha or self.has_store, "ha needs the store (a store_size > 0)")
+        require(not self.ha or self.has_store, "ha needs the store (a store_size > 0)")
         check_bind_host(self.host)
         check_bind_host(self.internal_host, "internal_host")
-        _require(not self.no_token or is_loopback(self.internal_host),
-                 f"internal_host {self.internal_host} is not loopback: its RPC ports need a "
-                 f"cluster token (drop --no-token; one is generated)")
+        require(not self.no_token or is_loopback(self.internal_host),
+                f"internal_host {self.internal_host} is not loopback: its RPC ports need a "
+                f"cluster token (drop --no-token; one is generated)")
 
     @property
     def has_store(self) -> bool:
@@ -115,11 +115,6 @@ class ClusterSpec:
     @property
     def roles(self) -> list[Role]:
         return [Role.PREFILL] * self.prefill + [Role.DECODE] * self.decode + [Role.BOTH] * self.both
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise InvalidParamsError(message)
 
 
 def load_spec(path: str | None, overrides: dict[str, Any]) -> ClusterSpec:
@@ -132,8 +127,8 @@ def load_spec(path: str | None, overrides: dict[str, Any]) -> ClusterSpec:
             raise InvalidParamsError(f"cannot read cluster config {path}: {exc}") from exc
         known = {f.name for f in fields(ClusterSpec)}
         unknown = sorted(set(table) - known)
-        _require(not unknown, f"{path}: unknown [cluster] keys {unknown}; known: "
-                 f"{sorted(known)}")
+        require(not unknown, f"{path}: unknown [cluster] keys {unknown}; known: "
+                f"{sorted(known)}")
         _check_types(path, table)
         values.update(table)
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -148,9 +143,9 @@ def _check_types(path: str, table: dict[str, Any]) -> None:
             continue
         value = table[field.name]
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        _require(ok or (kind is float and type(value) is int),
-                 f"{path}: [cluster] {field.name} must be {_TYPE_WORDS[kind]}, "
-                 f"got {value!r}")
+        require(ok or (kind is float and type(value) is int),
+                f"{path}: [cluster] {field.name} must be {_TYPE_WORDS[kind]}, "
+                f"got {value!r}")
 
 
 _FIELD_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}

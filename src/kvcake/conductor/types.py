@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.config import require
 from kvcake.conductor.admission import ADMISSIONS
 from kvcake.conductor.policy import POLICIES
 from kvcake.wire.conductor import InstanceLoad
@@ -15,11 +15,6 @@ from kvcake.wire.conductor import InstanceLoad
 STORE = "store"  # ``Decision.pull_from`` when the extra prefix comes from the shared store tier
 
 # ----- in process
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise InvalidParamsError(message)
-
-
 @dataclass(frozen=True)
 class ConductorConfig:
     """Conductor settings.
@@ -50,17 +45,17 @@ class ConductorConfig:
     pull_from_instances: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.policy in POLICIES, f"policy must be one of "
-                 f"{', '.join(sorted(POLICIES))}; got {self.policy!r}")
-        _require(self.admission in ADMISSIONS, f"admission must be one of "
-                 f"{', '.join(sorted(ADMISSIONS))}; got {self.admission!r}")
-        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        _require(self.kv_bytes_per_token >= 1,
-                 f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
-        _require(self.balancing_threshold >= 1.0,
-                 f"balancing_threshold must be >= 1, got {self.balancing_threshold}")
+        require(self.policy in POLICIES, f"policy must be one of "
+                f"{', '.join(sorted(POLICIES))}; got {self.policy!r}")
+        require(self.admission in ADMISSIONS, f"admission must be one of "
+                f"{', '.join(sorted(ADMISSIONS))}; got {self.admission!r}")
+        require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        require(self.kv_bytes_per_token >= 1,
+                f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
+        require(self.balancing_threshold >= 1.0,
+                f"balancing_threshold must be >= 1, got {self.balancing_threshold}")
         for name in ("slo_ttft_s", "slo_tbt_s"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -79,14 +74,14 @@ class RouteRequest:
     store_hit_blocks: int = 0
 
     def __post_init__(self) -> None:
-        _require(bool(self.request_id), "request_id must not be empty")
-        _require(self.num_prompt_tokens >= 1,
-                 f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}")
-        _require(self.num_output_tokens >= 1,
-                 f"num_output_tokens must be >= 1, got {self.num_output_tokens}")
-        _require(0 <= self.store_hit_blocks <= len(self.block_hashes),
-                 f"store_hit_blocks must be 0..{len(self.block_hashes)} (the number of "
-                 f"block_hashes), got {self.store_hit_blocks}")
+        require(bool(self.request_id), "request_id must not be empty")
+        require(self.num_prompt_tokens >= 1,
+                f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}")
+        require(self.num_output_tokens >= 1,
+                f"num_output_tokens must be >= 1, got {self.num_output_tokens}")
+        require(0 <= self.store_hit_blocks <= len(self.block_hashes),
+                f"store_hit_blocks must be 0..{len(self.block_hashes)} (the number of "
+                f"block_hashes), got {self.store_hit_blocks}")
 
     @property
     def context_tokens(self) -> int:
