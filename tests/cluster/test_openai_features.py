@@ -26,7 +26,7 @@ PROMPT = "The capital of France is"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp: Path = tmp_path_factory.mktemp("cluster")
     cluster = Cluster(ClusterSpec(port=0, kv_cache_size="64MiB", store_size="128MiB",
-                                  log_dir=str(tmp)))
+                                  log_dir=str(tmp), max_body_size="1MiB"))
     cluster.start()
     yield cluster
     cluster.stop()
@@ -157,11 +157,12 @@ def test_unsupported_parameters_are_refused_by_name(client: openai.OpenAI,
     assert caught.value.param == param
 
 
-def test_an_oversized_body_is_413_before_it_is_sent(cluster: Cluster) -> None:
+@pytest.mark.parametrize("length", [64 << 20, 2 << 20])  # 2 MiB: past up's --max-body-size
+def test_an_oversized_body_is_413_before_it_is_sent(cluster: Cluster, length: int) -> None:
     host, port = cluster.api_endpoint.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % length)
         reply = read_reply(sock)
     assert reply.startswith("HTTP/1.1 413")
     assert "larger than the server's limit" in reply

@@ -32,6 +32,8 @@ def test_a_bad_file_is_named(tmp_path: Path) -> None:
         load_spec(str(path), {})
     with pytest.raises(InvalidParamsError, match="not a size"):
         ClusterSpec(kv_cache_size="lots")
+    with pytest.raises(InvalidParamsError, match="max_body_bytes must be >= 1"):
+        ClusterSpec(max_body_size="0")
 
 
 P, D = Placement("0-1", 10), Placement

@@ -146,6 +146,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "kv_cache_size": args.kv_cache_size,
         "store_size": "0" if args.no_store else args.store_size,
         "threads": args.threads, "api_key": args.api_key,
+        "max_body_size": args.max_body_size,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "on_decode_failure": args.on_decode_failure, "log_dir": args.log_dir,
         "pin": False if args.no_pin else None, "ha": True if args.ha else None})
@@ -176,6 +177,8 @@ def _add_up(commands: Subparsers) -> None:
     up.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step per "
                     f"instance (default {s['max_num_batched_tokens']})")
     up.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1")
+    up.add_argument("--max-body-size", help="longest HTTP request body, e.g. 4MiB (default "
+                    f"{field_defaults(ConductorServerConfig)['max_body_bytes']}; longer: 413)")
     up.add_argument("--on-decode-failure", choices=DECODE_FAILURE_CHOICES)
     up.add_argument("--log-dir", help="write each process's log here")
     up.add_argument("--ha", action="store_true", help="start etcd and two store masters that "

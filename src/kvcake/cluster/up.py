@@ -63,6 +63,8 @@ class ClusterSpec:
     internal_host: the address of every internal RPC port (loopback by default).
     no_token: run without a cluster token (default: the given one, else a random one);
         refused when ``internal_host`` is not loopback.
+    max_body_size: the longest HTTP request body the API reads ("": the Conductor's
+        default); longer ones get 413.
     """
 
     host: str = "127.0.0.1"
@@ -83,6 +85,7 @@ class ClusterSpec:
     max_num_batched_tokens: int = 512
     threads: int = 1
     api_key: str = ""
+    max_body_size: str = ""  # "": the Conductor's default
     on_decode_failure: str = "fail"
     log_dir: str = ""
     pin: bool = True
@@ -98,6 +101,8 @@ class ClusterSpec:
         ConductorConfig(policy=self.policy, admission=self.admission,
                         slo_ttft_s=self.slo_ttft_s, slo_tbt_s=self.slo_tbt_s)
         ConductorServerConfig(port=self.port, on_decode_failure=self.on_decode_failure)
+        if self.max_body_size:
+            ConductorServerConfig(max_body_bytes=parse_size(self.max_body_size))
         parse_size(self.kv_cache_size)
         if self.store_size:
             parse_size(self.store_size)
@@ -248,6 +253,8 @@ class Cluster:
                 "--on-decode-failure", s.on_decode_failure]
         if s.api_key:
             args += ["--api-key", s.api_key]
+        if s.max_body_size:
+            args += ["--max-body-size", s.max_body_size]
         if self.master:
             args += ["--store-master", self.master]
         conductor = self._spawn("conductor", args,
