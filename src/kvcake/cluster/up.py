@@ -100,9 +100,8 @@ class ClusterSpec:
         # the children's own configs judge their settings, before any child starts
         ConductorConfig(policy=self.policy, admission=self.admission,
                         slo_ttft_s=self.slo_ttft_s, slo_tbt_s=self.slo_tbt_s)
-        ConductorServerConfig(port=self.port, on_decode_failure=self.on_decode_failure)
-        if self.max_body_size:
-            ConductorServerConfig(max_body_bytes=parse_size(self.max_body_size))
+        ConductorServerConfig(port=self.port, on_decode_failure=self.on_decode_failure,
+                              max_body_bytes=self.max_body_bytes)
         parse_size(self.kv_cache_size)
         if self.store_size:
             parse_size(self.store_size)
@@ -112,6 +111,12 @@ class ClusterSpec:
         require(not self.no_token or is_loopback(self.internal_host),
                 f"internal_host {self.internal_host} is not loopback: its RPC ports need a "
                 f"cluster token (drop --no-token; one is generated)")
+
+    @property
+    def max_body_bytes(self) -> int:
+        if not self.max_body_size:
+            return ConductorServerConfig.max_body_bytes
+        return parse_size(self.max_body_size)
 
     @property
     def has_store(self) -> bool:
@@ -250,11 +255,10 @@ class Cluster:
                 "--rpc-host", s.internal_host, *self.token.flags,
                 "--model", s.model, "--policy", s.policy, "--admission", s.admission,
                 "--slo-ttft", str(s.slo_ttft_s), "--slo-tbt", str(s.slo_tbt_s),
-                "--on-decode-failure", s.on_decode_failure]
+                "--on-decode-failure", s.on_decode_failure,
+                "--max-body-size", str(s.max_body_bytes)]
         if s.api_key:
             args += ["--api-key", s.api_key]
-        if s.max_body_size:
-            args += ["--max-body-size", s.max_body_size]
         if self.master:
             args += ["--store-master", self.master]
         conductor = self._spawn("conductor", args,

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
@@ -53,12 +53,6 @@ class TaskSet:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background task %s failed: %r", task.get_name(), task.exception())
-
-    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
-        return iter(list(self._tasks))
-
-    def __len__(self) -> int:
-        return len(self._tasks)
 
     async def cancel(self, timeout_s: float) -> None:
         """Cancel every task and wait for them, ``timeout_s`` at most (one that overruns is

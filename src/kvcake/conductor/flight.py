@@ -34,7 +34,7 @@ class FlightState(Enum):
 
     @property
     def ended(self) -> bool:
-        return self in (FlightState.FINISHED, FlightState.FAILED, FlightState.ABORTED)
+        return TRANSITIONS.final(self)
 
 
 _ENDS = frozenset({FlightState.FINISHED, FlightState.FAILED, FlightState.ABORTED})

@@ -38,12 +38,11 @@ class RequestStatus(Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED
+        return TRANSITIONS.final(self)
 
 
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
              RequestStatus.FINISHED_ABORTED}
-_LIVE = {RequestStatus.WAITING, RequestStatus.RUNNING}
 TRANSITIONS = Lifecycle({
     RequestStatus.WAITING: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED}),
     RequestStatus.RUNNING: frozenset(_FINISHED | {RequestStatus.WAITING}),

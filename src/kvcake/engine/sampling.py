@@ -124,12 +124,16 @@ class Sampler:
         uniform = torch.empty_like(like)
         if any(g is None for g in generators):
             uniform.uniform_(generator=self._shared_generator(like.device))
+        elsewhere = [row for row, g in enumerate(generators)
+                     if g is not None and g.device != uniform.device]
         for row, generator in enumerate(generators):
             if generator is not None and generator.device == uniform.device:
                 uniform[row].uniform_(generator=generator)
-            elif generator is not None:  # a request's own generator lives on the CPU
-                draw = torch.empty(uniform.shape[1], dtype=uniform.dtype, device=generator.device)
-                uniform[row].copy_(draw.uniform_(generator=generator))
+        if elsewhere:  # requests keep CPU generators: draw their rows there, copy them once
+            drawn = torch.empty(len(elsewhere), uniform.shape[1], dtype=uniform.dtype)
+            for index, row in enumerate(elsewhere):
+                drawn[index].uniform_(generator=generators[row])
+            uniform[elsewhere] = drawn.to(uniform.device)
         info = torch.finfo(uniform.dtype)
         return uniform.clamp_(info.tiny, 1.0 - info.eps / 2).log_().neg_()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -90,9 +90,9 @@ class MasterServer:
         self.endpoint = await self._rpc.startup()
         if self._http is not None:
             self.metrics_endpoint = await self._http.startup()
-        self._spawn(self._sweep_forever())
+        self._background.spawn(self._sweep_forever())
         if self.config.summary_s:
-            self._spawn(self._summarise_forever())
+            self._background.spawn(self._summarise_forever())
         return self.endpoint
 
     async def shutdown(self) -> None:
@@ -301,9 +301,6 @@ class MasterServer:
         return m.DescribeSegmentsReply(self.service.describe(request.segment_ids))
 
     # ----- background work
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        self._background.spawn(coro)
-
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_s)
@@ -318,7 +315,7 @@ class MasterServer:
 
     def _run_tasks(self) -> None:
         for task in self.service.drain_tasks():
-            self._spawn(self._run_task(task))
+            self._background.spawn(self._run_task(task))
 
     async def _run_task(self, task: Task) -> None:
         segment = self.service.registry.segments.get(task.segment_id)
