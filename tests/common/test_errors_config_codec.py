@@ -12,6 +12,8 @@ from kvcake.common.errors import (
     TransferError,
     error_from_code,
 )
+from kvcake.engine.config import EngineConfig
+from kvcake.store.config import StoreConfig
 from kvcake.transfer.config import TransferConfig
 
 
@@ -106,3 +108,9 @@ def test_auto_dtype_is_bf16_only_where_it_is_computed_natively(
         monkeypatch.setattr(config, "cpu_has_native_bf16", lambda native=native: native)
         assert config.resolve_dtype("auto", "cpu") == expected
         assert config.EngineConfig().dtype == expected  # resolved when the config is made
+
+
+@pytest.mark.parametrize("master", ["127.0.0.1:50051", "etcd://127.0.0.1:2379/chaos-0/"])
+def test_a_store_master_may_be_an_address_or_an_etcd_url_with_a_prefix(master: str) -> None:
+    assert StoreConfig(master=master).master == master
+    assert EngineConfig(store_master=master).store_master == master

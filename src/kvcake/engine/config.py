@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from kvcake.common.config import MiB, is_endpoint, require
+from kvcake.common.config import MiB, require
 from kvcake.store.config import DEFAULT_TENANT, check_tenant_name
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float32", "float16")
@@ -95,6 +95,6 @@ class EngineConfig:
         require(self.max_model_len >= 0, f"max_model_len must be >= 0, got "
                 f"{self.max_model_len}")
         check_tenant_name(self.tenant)
-        require(not self.store_master or is_endpoint(self.store_master),
+        require(not self.store_master or ":" in self.store_master,
                 f"store_master must be HOST:PORT, got {self.store_master!r}")
         require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from kvcake.common.config import is_endpoint, require
+from kvcake.common.config import require
 
 DEFAULT_TENANT = "default"
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -47,7 +47,7 @@ class StoreConfig:
     tenant_token: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
-        require(is_endpoint(self.master), f"master must be HOST:PORT, got {self.master!r}")
+        require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
         require(self.segment_size >= 0, f"segment_size must be >= 0, got {self.segment_size}")
         require(self.heartbeat_s > 0, f"heartbeat_s must be > 0, got {self.heartbeat_s}")
         require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
