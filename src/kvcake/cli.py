@@ -12,49 +12,35 @@ from kvcake.bench.serve import add_serve_bench_parser
 from kvcake.chaos.commands import add_chaos_command
 from kvcake.cli_errors import OneLineParser, describe_failure
 from kvcake.cli_flags import (
+    ENGINE_FLAGS,
+    Flag,
     add_cluster_token_flag,
-    add_engine_flags,
+    add_config_flags,
+    add_server_flags,
     add_tenant_flags,
-    engine_overrides,
-    field_defaults,
+    config_values,
     log_level,
     positive_ints,
-    size_or_none,
     tenant_overrides,
 )
 from kvcake.cluster.commands import add_serving_commands
-from kvcake.common.config import load_config, parse_size
+from kvcake.common.config import load_config, parse_size, read_config_file
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import setup_logging
+from kvcake.engine.config import EngineConfig
 from kvcake.sim.commands import add_sim_commands
 from kvcake.store.config import StoreConfig
 from kvcake.store.master.config import MasterConfig
 from kvcake.transfer.config import TRANSPORT_CHOICES, TransferConfig
 
-
-def _transfer_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "host": args.host,
-        "port": args.port,
-        "transport": args.transport,
-        "metadata": args.metadata,
-        "connections_per_peer": args.connections,
-    }
-
-
-def _add_transfer_flags(parser: argparse.ArgumentParser) -> None:
-    host = field_defaults(TransferConfig)["host"]
-    parser.add_argument("--host", help=f"address to bind and advertise (default {host})")
-    parser.add_argument("--port", type=int, help="TCP port (default: ephemeral)")
-    parser.add_argument("--transport", choices=TRANSPORT_CHOICES)
-    parser.add_argument("--metadata", help="p2p, local or etcd://HOST:PORT")
-    parser.add_argument("--connections", type=int, help="TCP connections per peer")
+_TRANSFER_FLAGS = ("host", "port", Flag("transport", choices=TRANSPORT_CHOICES), "metadata",
+                   Flag("connections_per_peer", "--connections"))
 
 
 def _cmd_transfer_serve(args: argparse.Namespace) -> int:
     from kvcake.transfer.peer import serve_segment
 
-    config = load_config(TransferConfig, "transfer", _transfer_overrides(args))
+    config = load_config(TransferConfig, "transfer", config_values(args, TransferConfig))
     serve_segment(config, args.name, parse_size(args.size), args.fill)
     return 0
 
@@ -62,31 +48,21 @@ def _cmd_transfer_serve(args: argparse.Namespace) -> int:
 def _cmd_master(args: argparse.Namespace) -> int:
     from kvcake.store.master.run import run_master
 
-    config = load_config(MasterConfig, "master", {
-        "host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-        "lease_ttl_s": args.lease_ttl, "client_ttl_s": args.client_ttl,
-        "put_timeout_s": args.put_timeout, "high_watermark": args.high_watermark,
-        "evict_ratio": args.evict_ratio, "eviction": args.eviction,
-        "placement": args.placement, "summary_s": args.summary_interval,
-        "etcd": args.etcd, "leader_ttl_s": args.leader_ttl, "put_fence_s": args.put_fence,
-        **tenant_overrides(args),
-    })
-    run_master(config)  # an unknown policy name fails when the service is built, before binding
+    config = load_config(MasterConfig, "master", {**config_values(args, MasterConfig),
+                                                  **tenant_overrides(args)}, file=args.file)
+    run_master(config, args.ready_file)  # an unknown policy fails before binding
     return 0
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
     from kvcake.store.node import run_node
 
-    config = load_config(StoreConfig, "store", {
-        "master": args.master, "segment_size": size_or_none(args.segment_size),
-        "segment_name": args.name, "disk_dir": args.disk_dir,
-        "disk_capacity": size_or_none(args.disk_capacity), "tenant": args.tenant,
-    })
+    config = load_config(StoreConfig, "store", config_values(args, StoreConfig), file=args.file)
     if not config.segment_size:
         raise KvcakeError("a node needs --segment-size > 0 (e.g. 8GiB)")
-    transfer = load_config(TransferConfig, "transfer", _transfer_overrides(args))
-    run_node(config, transfer)
+    transfer = load_config(TransferConfig, "transfer", config_values(args, TransferConfig),
+                           file=args.file)
+    run_node(config, transfer, args.ready_file)
     return 0
 
 
@@ -114,46 +90,19 @@ def _cmd_bench_reuse(args: argparse.Namespace) -> int:
 
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     master = commands.add_parser("master", help="run the store master")
-    m = field_defaults(MasterConfig)
-    master.add_argument("--host", help=f"address to bind (default {m['host']})")
-    master.add_argument("--port", type=int, help=f"RPC port (default {m['port']}; 0 = ephemeral)")
-    master.add_argument("--metrics-port", type=int, help=f"HTTP /metrics port (default "
-                        f"{m['metrics_port']}; 0 = ephemeral; -1 = off)")
-    master.add_argument("--lease-ttl", type=float, help="seconds a read protects an object")
-    master.add_argument("--client-ttl", type=float, help="seconds of silence before a client "
-                        "or node is declared dead")
-    master.add_argument("--put-timeout", type=float, help="seconds before an unfinished put "
-                        "is reclaimed")
-    master.add_argument("--high-watermark", type=float, help="eviction starts above this "
-                        f"fraction used (default {m['high_watermark']})")
-    master.add_argument("--evict-ratio", type=float, help="fraction freed per eviction "
-                        f"(default {m['evict_ratio']})")
-    master.add_argument("--eviction", help="eviction policy: lru (default), fifo")
-    master.add_argument("--placement", help="random (default), free_ratio_first, local_first")
-    master.add_argument("--summary-interval", type=float, help="seconds between log "
-                        "summaries (0 = off)")
-    master.add_argument("--etcd", help="etcd://HOST:PORT[/PREFIX/]: elect a leader among the "
-                        "masters given it, and persist the leader's state there")
-    master.add_argument("--leader-ttl", type=int, help="seconds of the leader's etcd lease "
-                        f"(default {m['leader_ttl_s']}): how soon a standby replaces a dead "
-                        "leader")
-    master.add_argument("--put-fence", type=float, help="seconds a new leader holds puts "
-                        f"(default {m['put_fence_s']})")
-    add_cluster_token_flag(master)
+    add_config_flags(master, MasterConfig, (
+        "host", "port", "metrics_port", "lease_ttl_s", "client_ttl_s", "put_timeout_s",
+        "high_watermark", "evict_ratio", "eviction", "placement",
+        Flag("summary_s", "--summary-interval"), "etcd", "leader_ttl_s", "put_fence_s"))
+    add_server_flags(master)
     add_tenant_flags(master)
     master.set_defaults(run=_cmd_master)
 
     node = commands.add_parser("node", help="contribute memory (and disk) to the store")
-    s = field_defaults(StoreConfig)
-    node.add_argument("--master", help=f"master HOST:PORT (default {s['master']})")
-    node.add_argument("--segment-size", help="memory to contribute, e.g. 8GiB")
-    node.add_argument("--name", help="segment name (default pool@HOST:PORT)")
-    node.add_argument("--disk-dir", help="directory of the SSD tier")
-    node.add_argument("--disk-capacity", help="bytes of the SSD tier, e.g. 64GiB")
-    node.add_argument("--tenant", help=f"tenant the node registers as (default: {s['tenant']}; "
-                      "its token from $KVCAKE_STORE_TENANT_TOKEN)")
-    _add_transfer_flags(node)
-    add_cluster_token_flag(node)
+    add_config_flags(node, StoreConfig, ("master", "segment_size", Flag("segment_name", "--name"),
+                                         "disk_dir", "disk_capacity", "tenant"))
+    add_config_flags(node, TransferConfig, _TRANSFER_FLAGS)
+    add_server_flags(node)
     node.set_defaults(run=_cmd_node)
 
 
@@ -176,8 +125,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop=tuple(args.stop or ()))
     options = GenerateOptions(args.prompt, not args.raw, args.system, params, args.stats)
-    overrides = {k: v for k, v in engine_overrides(args).items() if v is not None}
-    return run_generate(options, overrides, sys.stdout, sys.stderr)
+    return run_generate(options, config_values(args, EngineConfig), sys.stdout, sys.stderr)
 
 
 def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -193,7 +141,7 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--stats", action="store_true", help="print token count and timing")
-    add_engine_flags(gen)
+    add_config_flags(gen, EngineConfig, ENGINE_FLAGS)
     gen.set_defaults(run=_cmd_generate)
 
 
@@ -211,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="kv0", help="segment name (default kv0)")
     serve.add_argument("--size", default="64MiB", help="segment size (default 64MiB)")
     serve.add_argument("--fill", type=int, help="fill the segment with test pattern SEED")
-    _add_transfer_flags(serve)
+    add_config_flags(serve, TransferConfig, _TRANSFER_FLAGS)
     add_cluster_token_flag(serve)
     serve.set_defaults(run=_cmd_transfer_serve)
 
@@ -267,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         setup_logging(args.log_level)
         _use_token_file(args)
+        path = getattr(args, "config_file", None)
+        args.file = read_config_file(path) if path else {}
         code: int = args.run(args)
     except Exception as exc:  # every failure becomes one line, never a traceback
         line, code = describe_failure(exc)

@@ -5,6 +5,7 @@ and only the API listens on ``--host``; internal RPC stays on loopback."""
 from __future__ import annotations
 
 import asyncio
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,9 +59,14 @@ def test_the_token_file_admits_and_never_leaks(cluster: Cluster) -> None:
         argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode()
         assert token not in argv and "--cluster-token-file" in argv, process.name
         assert token not in process.output(), process.name
-        flag, value = "--rpc-host" if process.name == "conductor" else "--host", "127.0.0.1"
-        args = process.command
-        assert args[args.index(flag) + 1] == value, (process.name, args)
+        config = Path(process.command[process.command.index("--config") + 1])
+        assert config.stat().st_mode & 0o077 == 0, process.name
+        section, key = _INTERNAL_HOST[process.name.split("-")[0]]
+        assert tomllib.loads(config.read_text())[section][key] == "127.0.0.1", process.name
+
+
+_INTERNAL_HOST = {"master": ("master", "host"), "node": ("transfer", "host"),
+                  "conductor": ("conductor", "rpc_host"), "both": ("worker", "host")}
 
 
 def test_no_token_with_internal_ports_off_loopback_is_refused(

@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import msgspec
 import pytest
 
 from kvcake.common import codec
-from kvcake.common.config import load_config, parse_size
+from kvcake.common.config import load_config, parse_size, read_config_file, write_config_file
 from kvcake.common.errors import (
     ErrorCode,
     InvalidParamsError,
@@ -75,6 +77,32 @@ def test_config_layers_defaults_env_then_overrides() -> None:
 def test_config_rejects_out_of_range_fields(fields: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidParamsError, match=message):
         TransferConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_a_config_file_sits_between_defaults_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "kvcake.toml"
+    write_config_file(path, {"transfer": {"timeout_s": 2, "host": "127.0.0.1",
+                                          "max_frame_bytes": 1 << 20, "pretouch": False},
+                             "store": {"master": "x:1"}})
+    assert path.stat().st_mode & 0o777 == 0o600
+    file = read_config_file(str(path))
+    config = load_config(TransferConfig, "transfer", {"connections_per_peer": 3},
+                         environ={"KVCAKE_TRANSFER_TIMEOUT_S": "4"}, file=file)
+    assert (config.timeout_s, config.max_frame_bytes, config.pretouch) == (4.0, 1 << 20, False)
+    assert config.connections_per_peer == 3
+    assert load_config(StoreConfig, "store", environ={}, file={
+        "store": {"master": "x:1", "segment_size": "4MiB"}}).segment_size == 4 << 20
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"timeout": 1}, r"unknown \[transfer\] keys \['timeout'\]"),
+    ({"timeout_s": "soon"}, r"\[transfer\] timeout_s must be a number, got 'soon'"),
+    ({"pretouch": 1}, r"\[transfer\] pretouch must be true or false"),
+    ({"port": True}, r"\[transfer\] port must be a whole number"),
+])
+def test_a_bad_config_file_table_is_named(table: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidParamsError, match=message):
+        load_config(TransferConfig, "transfer", environ={}, file={"transfer": table})
 
 
 def test_env_value_of_the_wrong_type_is_named() -> None:

@@ -26,7 +26,7 @@ def test_a_child_whose_wait_is_interrupted_is_stopped(monkeypatch: pytest.Monkey
     """A test's timeout or Ctrl-C lands while the constructor waits for the ready line:
     no caller holds the child yet, so the constructor must end it."""
     started: list[ServerProcess] = []
-    real_await = ServerProcess._await
+    real_await = ServerProcess.wait_ready
 
     def await_then_interrupt(self: ServerProcess, *args: object) -> object:
         started.append(self)
@@ -34,7 +34,7 @@ def test_a_child_whose_wait_is_interrupted_is_stopped(monkeypatch: pytest.Monkey
         signal.setitimer(signal.ITIMER_REAL, 0.3)
         return real_await(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ServerProcess, "_await", await_then_interrupt)
+    monkeypatch.setattr(ServerProcess, "wait_ready", await_then_interrupt)
     try:
         with pytest.raises(StartInterruptedError):
             ServerProcess(SILENT, r"never", timeout_s=30)

@@ -61,8 +61,8 @@ class StoreScenario(Scenario):
         process = start_node(self.master, self.node_size, "--host", host or self.host,
                              prefix=prefix)
         self.processes.append(process)
-        self.nodes[process.match.group(1)] = process
-        return process.match.group(1)
+        self.nodes[process.endpoints["segment"]] = process
+        return process.endpoints["segment"]
 
     # ----- workload
     async def open(self) -> None:

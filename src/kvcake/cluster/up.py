@@ -26,20 +26,25 @@ import signal
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvcake.cluster.token import TokenHandover
-from kvcake.common.config import parse_size, require
-from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.config import (
+    parse_size,
+    read_config_file,
+    require,
+    table_values,
+    write_config_file,
+)
+from kvcake.common.errors import KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
 from kvcake.conductor.config import ConductorServerConfig
 from kvcake.conductor.types import ConductorConfig
 from kvcake.ops.etcd import start_etcd
-from kvcake.ops.process import ServerProcess, health, kvcake_command, start_master, start_node
+from kvcake.ops.process import ReadyFile, ServerProcess, health, kvcake_command
 from kvcake.wire.conductor import Role
 
 _READY_TIMEOUT_S = 300.0
@@ -48,23 +53,34 @@ HA_MASTERS = 2
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """What ``kvcake up`` starts. Sizes are strings as the CLI takes them (``512MiB``).
+    """What ``kvcake up`` starts. Sizes are text as the CLI takes them (``512MiB``).
 
-    store_size: memory the storage node contributes ("" or "0": no store at all).
-    threads: torch threads per instance (they share the machine's cores).
+    host: the OpenAI API's address, and nothing else's.
+    internal_host: the address of every internal RPC port: master, node, Conductor RPC,
+        workers, their transfer servers.
+    no_token: run without a cluster token (default: the given one, else a random one handed
+        to the children in a 0600 file); refused when internal_host is not loopback.
+    port: the OpenAI API's port.
+    prefill, decode, both: how many instances of each role (both: colocated).
+    policy, admission: the Conductor's routing policy and admission rule, by name.
+    slo_ttft_s, slo_tbt_s: latency objectives that admission enforces, seconds (> 0).
+    model: smollm2 (default), a .gguf file or an HF directory.
+    kv_cache_size: each instance's paged KV pool.
+    store_size: memory of the KV store's node ("" or "0": no store at all).
+    max_num_seqs: requests in one instance's batch.
     max_num_batched_tokens: each instance's token budget per step. Small on CPUs: a
         2048-token step takes seconds, so every request of a burst would get its first
         token (and, colocated, every running request its next one) only at its end.
-    pin: place instances (:func:`cpu_plan`): decode instances on CPUs of their own, prefill
-        instances anywhere at a lower priority.
-    ha: a loopback etcd and ``HA_MASTERS`` store masters electing a leader in it; the
-        node, instances and Conductor find the leader there and follow a failover.
-    host: the OpenAI API's address, and nothing else's.
-    internal_host: the address of every internal RPC port (loopback by default).
-    no_token: run without a cluster token (default: the given one, else a random one);
-        refused when ``internal_host`` is not loopback.
-    max_body_size: the longest HTTP request body the API reads ("": the Conductor's
-        default); longer ones get 413.
+    threads: torch threads per instance (they share the machine's cores).
+    api_key: when set, /v1 needs Authorization: Bearer KEY.
+    max_body_size: the longest HTTP request body the API reads, longer ones get 413 (empty:
+        the Conductor's default).
+    on_decode_failure: fail the requests of a dead decode instance, or retry them elsewhere.
+    log_dir: write each child's log here.
+    pin: decode instances get CPUs of their own, prefill instances run anywhere at a lower
+        priority (:func:`cpu_plan`).
+    ha: start etcd and two store masters that elect a leader in it; the node, instances and
+        Conductor find the leader there and follow a failover.
     """
 
     host: str = "127.0.0.1"
@@ -129,38 +145,10 @@ class ClusterSpec:
 
 def load_spec(path: str | None, overrides: dict[str, Any]) -> ClusterSpec:
     """Defaults, then the ``[cluster]`` table of a TOML file, then flags (``None``: unset)."""
-    values: dict[str, Any] = {}
-    if path:
-        try:
-            table = tomllib.loads(Path(path).read_text()).get("cluster", {})
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise InvalidParamsError(f"cannot read cluster config {path}: {exc}") from exc
-        known = {f.name for f in fields(ClusterSpec)}
-        unknown = sorted(set(table) - known)
-        require(not unknown, f"{path}: unknown [cluster] keys {unknown}; known: "
-                f"{sorted(known)}")
-        _check_types(path, table)
-        values.update(table)
+    file = read_config_file(path, "cluster config") if path else {}
+    values = table_values(ClusterSpec, "cluster", file.get("cluster", {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ClusterSpec(**values)
-
-
-def _check_types(path: str, table: dict[str, Any]) -> None:
-    """Each value of the TOML table has its field's type (an int where a float is wanted)."""
-    for field in fields(ClusterSpec):
-        kind = _FIELD_TYPES.get(str(field.type))
-        if field.name not in table or kind is None:  # None: a type checked by __post_init__
-            continue
-        value = table[field.name]
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        require(ok or (kind is float and type(value) is int),
-                f"{path}: [cluster] {field.name} must be {_TYPE_WORDS[kind]}, "
-                f"got {value!r}")
-
-
-_FIELD_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
-_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string",
-               bool: "true or false"}
 
 
 class StartInterruptedError(BaseException):
@@ -169,7 +157,11 @@ class StartInterruptedError(BaseException):
 
 
 class Cluster:
-    """The children of one ``kvcake up``; ``stop`` ends them newest first."""
+    """The children of one ``kvcake up``; ``stop`` ends them newest first.
+
+    Each child gets its settings in a TOML file (``--config``, one table per config section)
+    and says it serves, and where, in a ready file (``--ready-file``); both live in a private
+    0700 directory that ``stop`` removes."""
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
@@ -178,12 +170,14 @@ class Cluster:
         self.master = ""
         self.masters: list[ServerProcess] = []  # with ha: any may die while one lives
         self.rpc_endpoint = ""  # where instances register at the Conductor
+        self._dir: tempfile.TemporaryDirectory[str] | None = None  # configs, ready files
         self._etcd_dir: tempfile.TemporaryDirectory[str] | None = None
         self.token = TokenHandover()
 
     def start(self) -> str:
         try:
             self.hand_over_token()
+            self._dir = tempfile.TemporaryDirectory(prefix="kvcake-up-")
             self._start_store()
             rpc = self._start_conductor()
             plan = cpu_plan(self.spec.roles, sorted(os.sched_getaffinity(0))) \
@@ -213,9 +207,17 @@ class Cluster:
         Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
         return str(Path(self.spec.log_dir) / f"{name}.log")
 
-    def _spawn(self, name: str, args: Sequence[str], ready: str) -> ServerProcess:
-        process = ServerProcess(kvcake_command(*args), ready, _READY_TIMEOUT_S, name,
-                                log_path=self._log(name))
+    def _spawn(self, name: str, command: str, sections: dict[str, dict[str, Any]],
+               want: str = "") -> ServerProcess:
+        """Start ``kvcake COMMAND --config NAME.toml``; returns once its ready file names
+        ``want``."""
+        assert self._dir is not None, "start() makes the directory first"
+        config = Path(self._dir.name) / f"{name}.toml"
+        write_config_file(config, sections)
+        ready = ReadyFile(str(Path(self._dir.name) / f"{name}.ready"), want)
+        process = ServerProcess(kvcake_command(command, "--config", str(config),
+                                               *self.token.flags),
+                                ready, _READY_TIMEOUT_S, name, log_path=self._log(name))
         self.processes.append(process)
         return process
 
@@ -225,61 +227,47 @@ class Cluster:
         if self.spec.ha:
             self._start_ha_masters()
         else:
-            master, self.master = start_master("--metrics-port", "-1", *self._internal(),
-                                               log_path=self._log("master"))
-            self.processes.append(master)
-        self.processes.append(start_node(self.master, self.spec.store_size, *self._internal(),
-                                         log_path=self._log("node")))
+            self.master = self._spawn("master", "master", {"master": self._master()},
+                                      "rpc").endpoints["rpc"]
+        self._spawn("node", "node", {
+            "store": {"master": self.master, "segment_size": parse_size(self.spec.store_size)},
+            "transfer": {"host": self.spec.internal_host}})
 
-    def _internal(self) -> list[str]:
-        """Flags of a child whose ports are internal: its address, and the token file."""
-        return ["--host", self.spec.internal_host, *self.token.flags]
+    def _master(self, **extra: Any) -> dict[str, Any]:
+        return {"host": self.spec.internal_host, "port": 0, "metrics_port": -1, **extra}
 
     def _start_ha_masters(self) -> None:
         self._etcd_dir = tempfile.TemporaryDirectory(prefix="kvcake-etcd-")
         etcd, endpoint = start_etcd(self._etcd_dir.name)
         self.processes.append(etcd)
         self.master = f"etcd://{endpoint}"
-        for index in range(HA_MASTERS):
-            master = self._spawn(f"master-{index}", [
-                "master", "--port", "0", "--metrics-port", "-1", "--etcd", self.master,
-                *self._internal()],
-                r"standby")
-            self.masters.append(master)
-            if index == 0:
-                _wait_output(master, "as leader")
+        for index in range(HA_MASTERS):  # the first leads, the rest stand by
+            self.masters.append(self._spawn(f"master-{index}", "master", {
+                "master": self._master(etcd=self.master)}, "rpc" if index == 0 else "etcd"))
 
     def _start_conductor(self) -> str:
         s = self.spec
-        args = ["conductor", "--host", s.host, "--port", str(s.port), "--rpc-port", "0",
-                "--rpc-host", s.internal_host, *self.token.flags,
-                "--model", s.model, "--policy", s.policy, "--admission", s.admission,
-                "--slo-ttft", str(s.slo_ttft_s), "--slo-tbt", str(s.slo_tbt_s),
-                "--on-decode-failure", s.on_decode_failure,
-                "--max-body-size", str(s.max_body_bytes)]
-        if s.api_key:
-            args += ["--api-key", s.api_key]
-        if self.master:
-            args += ["--store-master", self.master]
-        conductor = self._spawn("conductor", args,
-                                r"OpenAI API on http://(\S+)/v1.*register at (\S+),")
-        self.api_endpoint, self.rpc_endpoint = conductor.match.group(1, 2)
+        conductor = {"host": s.host, "port": s.port, "rpc_port": 0, "rpc_host": s.internal_host,
+                     "model": s.model, "on_decode_failure": s.on_decode_failure,
+                     "max_body_bytes": s.max_body_bytes, "api_key": s.api_key,
+                     "store_master": self.master}
+        policy = {"policy": s.policy, "admission": s.admission, "slo_ttft_s": s.slo_ttft_s,
+                  "slo_tbt_s": s.slo_tbt_s}
+        endpoints = self._spawn("conductor", "conductor",
+                                {"conductor": conductor, "policy": policy}).endpoints
+        self.api_endpoint, self.rpc_endpoint = endpoints["api"], endpoints["rpc"]
         return self.rpc_endpoint
 
-    def _start_worker(self, role: str, index: int, rpc: str, place: Placement) -> None:
+    def _start_worker(self, role: Role, index: int, rpc: str, place: Placement) -> None:
         s = self.spec
         name = f"{role}-{index}"
-        args = ["worker", "--role", role, "--conductor", rpc, "--instance-id", name,
-                "--model", s.model, "--kv-cache-size", s.kv_cache_size,
-                "--max-num-seqs", str(s.max_num_seqs), "--max-num-batched-tokens",
-                str(s.max_num_batched_tokens), "--threads", str(s.threads), *self._internal()]
-        if self.master and role != Role.DECODE:
-            args += ["--store-master", self.master]
-        if place.cpus:
-            args += ["--cpus", place.cpus]
-        if place.nice:
-            args += ["--nice", str(place.nice)]
-        self._spawn(name, args, r"listening on")
+        worker = {"role": role.value, "conductor": rpc, "instance_id": name,
+                  "host": s.internal_host, "cpus": place.cpus, "nice": place.nice}
+        engine = {"model": s.model, "kv_cache_bytes": parse_size(s.kv_cache_size),
+                  "max_num_seqs": s.max_num_seqs, "threads": s.threads,
+                  "max_num_batched_tokens": s.max_num_batched_tokens,
+                  "store_master": self.master if role != Role.DECODE else ""}
+        self._spawn(name, "worker", {"worker": worker, "engine": engine})
 
     def dead(self) -> ServerProcess | None:
         """A child that died, except a master while another master lives."""
@@ -292,17 +280,10 @@ class Cluster:
             process.stop(timeout_s=15.0)
         self.processes.clear()
         self.token.close()
-        if self._etcd_dir is not None:
-            self._etcd_dir.cleanup()
-            self._etcd_dir = None
-
-
-def _wait_output(process: ServerProcess, text: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in process.output():
-        if not process.alive() or time.monotonic() > deadline:
-            raise KvcakeError(f"{process.name} did not print {text!r}: {process.tail()}")
-        time.sleep(0.05)
+        for directory in (self._dir, self._etcd_dir):
+            if directory is not None:
+                directory.cleanup()
+        self._dir = self._etcd_dir = None
 
 
 @dataclass(frozen=True)

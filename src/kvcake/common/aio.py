@@ -1,10 +1,9 @@
-"""Event-loop helpers: a process's main loop and its signals, a loop on its own thread (for
+"""Event-loop helpers: a process's main loop, a loop on its own thread (for
 components with a synchronous API over asyncio I/O), and a server's background tasks."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -25,15 +24,6 @@ def run_main(main: Coroutine[Any, Any, None]) -> None:
         loop.run_until_complete(main)
     finally:
         loop.close()
-
-
-async def until_signalled() -> None:
-    """Return on the first SIGINT or SIGTERM (the process's servers then shut down)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
 
 
 class TaskSet:

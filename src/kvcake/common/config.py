@@ -3,6 +3,7 @@
 Each package owns its ``@dataclass(frozen=True)`` config in its ``config.py`` (transfer, store,
 store/master, engine, worker, conductor): fields document units and ranges, ``__post_init__``
 checks them with :func:`require`. :func:`load_config` layers, lowest first: field defaults,
+a config file's ``[section]`` table (``--config``; ``kvcake up`` writes one per child),
 ``KVCAKE_<SECTION>_<FIELD>`` environment variables, explicit overrides (CLI flags).
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,13 +80,15 @@ def load_config(
     section: str,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    file: Mapping[str, Any] | None = None,
 ) -> C:
-    """Build ``cls`` from defaults, then ``KVCAKE_<SECTION>_<FIELD>``, then ``overrides``.
+    """Build ``cls`` from, lowest first: defaults, the ``[section]`` table of a config
+    ``file`` (:func:`read_config_file`), ``KVCAKE_<SECTION>_<FIELD>``, then ``overrides``.
 
     ``None`` values in ``overrides`` mean "not given" and are skipped.
     """
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    values = table_values(cls, section, (file or {}).get(section, {}))
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         name = f"KVCAKE_{section.upper()}_{field.name.upper()}"
         if name in env:
@@ -93,6 +97,64 @@ def load_config(
         if value is not None:
             values[key] = value
     return cls(**values)
+
+
+def read_config_file(path: str, what: str = "config file") -> dict[str, Any]:
+    """A TOML file of one table per section (``[master]``, ``[engine]``, …)."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidParamsError(f"cannot read {what} {path}: {exc}") from None
+
+
+def write_config_file(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
+    """The TOML :func:`read_config_file` reads: a table per section, of text, whole numbers,
+    numbers and booleans (the file is this user's alone: it may hold an API key)."""
+    lines = []
+    for section, table in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    assert isinstance(value, str), f"not a config value: {value!r}"
+    return json.dumps(value)  # a JSON string is a TOML basic string
+
+
+def table_values(cls: type[Any], section: str, table: Any) -> dict[str, Any]:
+    """The fields a ``[section]`` table sets, each checked against its field's type (a size
+    field also takes text such as ``"4MiB"``); unknown keys are refused by name."""
+    require(isinstance(table, dict), f"[{section}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    require(not unknown, f"unknown [{section}] keys {unknown}; known: {sorted(known)}")
+    return {key: _table_value(section, key, known[key].type, value)
+            for key, value in table.items()}
+
+
+def _table_value(section: str, key: str, kind: Any, value: Any) -> Any:
+    if kind == "int" and isinstance(value, str) and key.endswith(("_bytes", "_size",
+                                                                   "_capacity")):
+        return parse_size(value)
+    want = _TABLE_TYPES.get(str(kind))
+    if want is None:  # a type its config's __post_init__ checks
+        return value
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    require(ok or (want is float and type(value) is int),
+            f"[{section}] {key} must be {_TYPE_WORDS[want]}, got {value!r}")
+    return value
+
+
+_TABLE_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string",
+               bool: "true or false"}
 
 
 def env_value(name: str, default: str = "") -> str:

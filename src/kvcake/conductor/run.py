@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvcake.api import ApiServer, build_app
-from kvcake.common.aio import run_main, until_signalled
-from kvcake.common.log import get_logger
+from kvcake.common.aio import run_main
+from kvcake.common.lifespan import Lifespan
 from kvcake.conductor.config import ConductorServerConfig
 from kvcake.conductor.frontend import ConductorBackend
 from kvcake.conductor.server import ConductorServer
@@ -14,33 +14,30 @@ from kvcake.conductor.types import ConductorConfig
 from kvcake.model.files import resolve_model
 from kvcake.text.tokenizer import Tokenizer
 
-log = get_logger(__name__)
-
 
 def served_name(config: ConductorServerConfig) -> str:
     """What clients put in ``model``: the configured name, else the model as given."""
     return config.served_model_name or Path(config.model).name.removesuffix(".gguf")
 
 
-def run_conductor(config: ConductorServerConfig, policy: ConductorConfig) -> None:
-    run_main(_main(config, policy))
+def run_conductor(config: ConductorServerConfig, policy: ConductorConfig,
+                  ready_file: str = "") -> None:
+    run_main(_main(config, policy, ready_file))
 
 
-async def _main(config: ConductorServerConfig, policy: ConductorConfig) -> None:
+async def _main(config: ConductorServerConfig, policy: ConductorConfig, ready_file: str) -> None:
     files = resolve_model(config.model, config.cache_dir or None)
     tokenizer = Tokenizer.from_dir(files.path)
-    server = ConductorServer(config, policy)
-    rpc_endpoint = await server.startup()
-    backend = ConductorBackend(server, tokenizer, served_name(config))
-    app = build_app(backend, config.api_key or None, config.max_body_bytes)
-    api = ApiServer(app, config.host, config.port, keep_alive_s=config.keep_alive_s)
-    try:
+    async with Lifespan("conductor", ready_file) as life:
+        server = ConductorServer(config, policy)
+        rpc_endpoint = await server.startup()
+        life.on_stop("instance RPC", server.shutdown)
+        backend = ConductorBackend(server, tokenizer, served_name(config))
+        app = build_app(backend, config.api_key or None, config.max_body_bytes)
+        api = ApiServer(app, config.host, config.port, keep_alive_s=config.keep_alive_s)
+        life.on_stop("the OpenAI API", api.shutdown)
         endpoint = await api.startup()
-        print(f"kvcake conductor: OpenAI API on http://{endpoint}/v1 (model "
-              f"{backend.model_name!r}), instances register at {rpc_endpoint}, policy "
-              f"{policy.policy}, admission {policy.admission}", flush=True)
-        await until_signalled()
-    finally:
-        await api.shutdown()
-        await server.shutdown()
-        log.info("conductor stopped")
+        await life.serve(f"kvcake conductor: OpenAI API on http://{endpoint}/v1 (model "
+                         f"{backend.model_name!r}), instances register at {rpc_endpoint}, "
+                         f"policy {policy.policy}, admission {policy.admission}",
+                         {"api": endpoint, "rpc": rpc_endpoint})

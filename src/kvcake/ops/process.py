@@ -1,6 +1,9 @@
-"""Child server processes for tests, benchmarks and ``kvcake up``: start, wait for the line
-that says "ready" (or ask ``/health``), stop by pid. Only processes started here are ever
-signalled.
+"""Child server processes for tests, benchmarks and ``kvcake up``: start, wait until ready,
+stop by pid. Only processes started here are ever signalled.
+
+A kvcake server is ready when it writes its ready file (:class:`ReadyFile`; the child's
+``--ready-file``, :mod:`kvcake.common.lifespan`), which names its endpoints; another server
+(etcd, Redis) when its output matches a regex.
 
 Output goes to a temporary file rather than a pipe: nobody reads a server's output after it
 is ready, and a full pipe would block a chatty server mid-write.
@@ -17,44 +20,71 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from kvcake.common.errors import KvcakeError
+from kvcake.common.lifespan import read_ready_file
 
 _POLL_S = 0.02
 _ERROR_LINE = re.compile(r"^kvcake[\w -]*: error: .*$", re.MULTILINE)
 
 
-class ServerProcess:
-    """Runs ``command``; the constructor returns once its output matches the regex ``ready``
-    (``self.match`` holds that match), or stops it and raises with the output so far.
-    ``stop`` closes its standard input (peers that stop on end of input), then SIGTERM,
-    then SIGKILL."""
+@dataclass(frozen=True)
+class ReadyFile:
+    """Readiness by ready file: ``--ready-file PATH`` is added to the command (``path``
+    empty: one in a private temporary directory); ready once the file names the endpoint
+    ``want`` (any endpoint when empty)."""
 
-    def __init__(self, command: Sequence[str], ready: str, timeout_s: float = 60.0,
+    path: str = ""
+    want: str = ""
+
+
+class ServerProcess:
+    """Runs ``command``; the constructor returns once it is ready, or stops it and raises
+    with its output so far. ``ready`` is a :class:`ReadyFile` (then ``self.endpoints`` holds
+    the endpoints it names) or a regex its output must match (then ``self.match`` holds the
+    match). ``stop`` closes its standard input (peers that stop on end of input), then
+    SIGTERM, then SIGKILL."""
+
+    def __init__(self, command: Sequence[str], ready: str | ReadyFile, timeout_s: float = 60.0,
                  name: str = "", log_path: str | None = None) -> None:
         self.command = list(command)
         self.name = name or " ".join(self.command[-6:])
+        self.endpoints: dict[str, str] = {}
+        self._private = tempfile.TemporaryDirectory(prefix="kvcake-ready-") \
+            if isinstance(ready, ReadyFile) and not ready.path else None
+        if isinstance(ready, ReadyFile):
+            ready = ReadyFile(ready.path or f"{self._private.name}/ready",  # type: ignore[union-attr]
+                              ready.want)
+            self.command += ["--ready-file", ready.path]
         # closed by stop/kill; a named log stays on disk
         self._log: IO[bytes] = open(log_path, "w+b") if log_path \
             else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            self.match = self._await(re.compile(ready), timeout_s)
+            self.wait_ready(ready, timeout_s)
         except BaseException:  # a caller's timeout or Ctrl-C mid-wait: nobody else holds
             self.stop()       # this child yet, so it would outlive us
             raise
 
-    def _await(self, ready: re.Pattern[str], timeout_s: float) -> re.Match[str]:
+    def wait_ready(self, ready: str | ReadyFile, timeout_s: float) -> None:
+        """Until ``ready`` holds (see the class docstring); raises with the child's output
+        if it exits or ``timeout_s`` passes first."""
         deadline = time.monotonic() + timeout_s
-        while (found := ready.search(self.output())) is None:
+        while not self._is_ready(ready):
             if not self.alive() or time.monotonic() > deadline:
-                tail = self.tail()  # read before stop() closes the log
-                self.stop()
-                raise KvcakeError(f"{self.name} did not start: {tail}")
+                raise KvcakeError(f"{self.name} did not start: {self.tail()}")
             time.sleep(_POLL_S)
-        return found
+
+    def _is_ready(self, ready: str | ReadyFile) -> bool:
+        if isinstance(ready, str):
+            self.match = re.search(ready, self.output())
+            return self.match is not None
+        self.endpoints = read_ready_file(Path(ready.path)) or {}
+        return bool(self.endpoints) and (not ready.want or ready.want in self.endpoints)
 
     def output(self) -> str:
         if self._log.closed:
@@ -98,6 +128,9 @@ class ServerProcess:
         if self.process.stdin is not None and not self.process.stdin.closed:
             self.process.stdin.close()
         self._log.close()
+        if self._private is not None:
+            self._private.cleanup()
+            self._private = None
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -115,17 +148,16 @@ def start_master(*args: str, prefix: Sequence[str] = (),
     """``kvcake master`` on an ephemeral port (unless ``args`` say otherwise); its endpoint."""
     command = kvcake_command("master", "--port", "0", "--metrics-port", "0", *args,
                              prefix=prefix)
-    process = ServerProcess(command, r"listening on (\S+)", name="kvcake master",
+    process = ServerProcess(command, ReadyFile(want="rpc"), name="kvcake master",
                             log_path=log_path)
-    return process, process.match.group(1)
+    return process, process.endpoints["rpc"]
 
 
 def start_node(master: str, segment_size: str, *args: str, prefix: Sequence[str] = (),
                log_path: str | None = None) -> ServerProcess:
     command = kvcake_command("node", "--master", master, "--segment-size", segment_size, *args,
                              prefix=prefix)
-    return ServerProcess(command, r"segment (\S+) .* mounted", name="kvcake node",
-                         log_path=log_path)
+    return ServerProcess(command, ReadyFile(), name="kvcake node", log_path=log_path)
 
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy

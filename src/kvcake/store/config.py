@@ -33,7 +33,8 @@ class StoreConfig:
     rpc_timeout_s: longest wait for one master call before ``RPC_FAIL``.
     disk_dir, disk_capacity: the optional SSD tier of a node (both or neither).
     tenant: the namespace and quota this client's keys belong to (see
-        :func:`check_tenant_name`); tenant_token: its token, when the master asks for one.
+        :func:`check_tenant_name`; its token from $KVCAKE_STORE_TENANT_TOKEN).
+    tenant_token: the tenant's token, when the master asks for one.
     """
 
     master: str = "127.0.0.1:50051"

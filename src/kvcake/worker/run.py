@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import os
 
-from kvcake.common.aio import run_main, until_signalled
+from kvcake.common.aio import run_main
 from kvcake.common.errors import InvalidParamsError
-from kvcake.common.log import get_logger
+from kvcake.common.lifespan import Lifespan
 from kvcake.engine.config import EngineConfig
 from kvcake.worker.config import WorkerConfig, parse_cpus
 from kvcake.worker.server import WorkerServer
 
-log = get_logger(__name__)
 
-
-def run_worker(config: WorkerConfig, engine_config: EngineConfig) -> None:
+def run_worker(config: WorkerConfig, engine_config: EngineConfig, ready_file: str = "") -> None:
     cpus = parse_cpus(config.cpus)
     if cpus:
         _check_cpus(cpus)
         os.sched_setaffinity(0, cpus)  # before torch starts its threads
     if config.nice:
         os.nice(config.nice)
-    run_main(_main(config, engine_config))
+    run_main(_main(config, engine_config, ready_file))
 
 
 def _check_cpus(cpus: set[int]) -> None:
@@ -32,15 +30,12 @@ def _check_cpus(cpus: set[int]) -> None:
                                  f"it may use {sorted(usable)}")
 
 
-async def _main(config: WorkerConfig, engine_config: EngineConfig) -> None:
-    server = WorkerServer(config, engine_config)
-    try:
+async def _main(config: WorkerConfig, engine_config: EngineConfig, ready_file: str) -> None:
+    async with Lifespan("worker", ready_file) as life:
+        server = WorkerServer(config, engine_config)
+        life.on_stop(f"worker {server.instance_id}", server.shutdown)
         endpoint = await server.startup()
-        print(f"kvcake worker {server.instance_id} ({config.role}, {engine_config.model}) "
-              f"listening on {endpoint}, conductor {config.conductor}"
-              f"{', cpus ' + config.cpus if config.cpus else ''}"
-              f"{f', nice {config.nice}' if config.nice else ''}", flush=True)
-        await until_signalled()
-    finally:
-        await server.shutdown()
-        log.info("worker %s stopped", server.instance_id)
+        await life.serve(f"kvcake worker {server.instance_id} ({config.role}, "
+                         f"{engine_config.model}) listening on {endpoint}, conductor "
+                         f"{config.conductor}{', cpus ' + config.cpus if config.cpus else ''}"
+                         f"{f', nice {config.nice}' if config.nice else ''}", {"rpc": endpoint})

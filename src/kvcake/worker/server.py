@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
+from kvcake.common.lifespan import PHASE_TIMEOUT_S, bounded
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.engine.config import EngineConfig
@@ -58,15 +59,6 @@ from kvcake.worker.profile import profile_engine
 
 log = get_logger(__name__)
 T = TypeVar("T")
-_SHUTDOWN_PHASE_S = 12.0  # the engine thread's own join waits 10 s
-
-
-async def _bounded(work: Awaitable[None], what: str) -> None:
-    try:
-        await asyncio.wait_for(work, _SHUTDOWN_PHASE_S)
-    except TimeoutError:
-        log.warning("shutdown: %s did not stop within %.0f s; leaving it", what,
-                    _SHUTDOWN_PHASE_S)
 _RPC_TIMEOUT_S = 10.0
 
 
@@ -134,18 +126,18 @@ class WorkerServer:
 
     async def shutdown(self) -> None:
         """Stop in order: background tasks, the RPC server, the engine thread, the engine,
-        the transfer engine. Each phase gets ``_SHUTDOWN_PHASE_S``; one that overruns is
+        the transfer engine. Each phase gets ``PHASE_TIMEOUT_S``; one that overruns is
         logged and left behind, so shutting down never hangs."""
-        await self._tasks.cancel(_SHUTDOWN_PHASE_S)
+        await self._tasks.cancel(PHASE_TIMEOUT_S)
         if self._rpc is not None:
             await self._rpc.shutdown()
         self._conductor.close()
         if self._loop is not None:
-            await _bounded(asyncio.to_thread(self._loop.stop), "the engine thread")
+            await bounded(asyncio.to_thread(self._loop.stop), "the engine thread")
         if self._core is not None:
-            await _bounded(asyncio.to_thread(self._core.close), "the engine")
+            await bounded(asyncio.to_thread(self._core.close), "the engine")
         if self._transfer is not None:
-            await _bounded(asyncio.to_thread(self._transfer.close), "the transfer engine")
+            await bounded(asyncio.to_thread(self._transfer.close), "the transfer engine")
 
     # -- requests from the Conductor --------------------------------------------------
 

@@ -34,15 +34,15 @@ class TenantPolicy:
 class MasterConfig:
     """Store master settings (``KVCAKE_MASTER_*``).
 
-    host, port: RPC listener (Mooncake's master default port is 50051; 0 = ephemeral).
+    host, port: the RPC listener (port 0: ephemeral; 50051 is Mooncake's master's too).
     metrics_port: HTTP port of ``/metrics`` (0 = ephemeral, -1 = off).
     lease_ttl_s: how long a get/exist protects an object from removal and eviction (> 0).
     client_ttl_s: a client or node silent this long is dead; its segments are unmounted.
     put_timeout_s: a put not ended after this long is revoked (its writer is presumed gone).
     high_watermark: fraction of pool bytes used above which eviction starts (0.1..1).
     evict_ratio: fraction of pool bytes each eviction round frees (0 < r < high_watermark).
-    eviction: policy name (``lru``, ``fifo``); placement: ``random``, ``free_ratio_first``,
-        ``local_first``.
+    eviction: eviction policy by name: ``lru``, ``fifo``.
+    placement: placement policy by name: ``random``, ``free_ratio_first``, ``local_first``.
     soft_pin_ttl_s: default soft-pin duration when a put asks for one without a ttl.
     max_key_bytes: longest key accepted, UTF-8 bytes.
     tick_s: period of the background sweep (expiry, eviction), seconds.

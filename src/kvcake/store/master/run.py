@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
-from kvcake.common.aio import run_main, until_signalled
+from kvcake.common.aio import run_main
 from kvcake.common.errors import KvcakeError, MetadataError
 from kvcake.common.etcd import etcd_client
+from kvcake.common.lifespan import Lifespan
 from kvcake.common.log import get_logger
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.ha import LeaderElection, Persistence, load_journal, split_etcd_url
@@ -26,76 +26,74 @@ _FLUSH_IDLE_S = 0.05
 log = get_logger(__name__)
 
 
-def run_master(config: MasterConfig) -> None:
-    run_main(_master_main(config))
+def run_master(config: MasterConfig, ready_file: str = "") -> None:
+    run_main(_master_main(config, ready_file))
 
 
-async def _master_main(config: MasterConfig) -> None:
-    if config.etcd:
-        await _ha_master_main(config)
-        return
-    server = MasterServer(config)
-    endpoint = await server.startup()
-    metrics = server.metrics_endpoint and f" (metrics http://{server.metrics_endpoint}/metrics)"
-    print(f"kvcake master listening on {endpoint}{metrics}", flush=True)
-    try:
-        await until_signalled()
-    finally:
-        await server.shutdown()
-        log.info("master stopped")
+async def _master_main(config: MasterConfig, ready_file: str) -> None:
+    async with Lifespan("master", ready_file) as life:
+        if config.etcd:
+            await _ha_master_main(config, life)
+            return
+        server = MasterServer(config)
+        endpoint = await server.startup()
+        life.on_stop("the master", server.shutdown)
+        metrics = server.metrics_endpoint and \
+            f" (metrics http://{server.metrics_endpoint}/metrics)"
+        await life.serve(f"kvcake master listening on {endpoint}{metrics}",
+                         {"rpc": endpoint, "metrics": server.metrics_endpoint})
 
 
-async def _ha_master_main(config: MasterConfig) -> None:
+async def _ha_master_main(config: MasterConfig, life: Lifespan) -> None:
     address, layout = split_etcd_url(config.etcd)
     client = etcd_client(address)
-    signalled = asyncio.ensure_future(until_signalled())
-    try:
-        while not signalled.done():
-            print(f"kvcake master standby: campaigning in etcd {address} {layout.prefix}",
-                  flush=True)
-            election = LeaderElection(client, layout, config.leader_ttl_s)
-            if await _campaign(election, signalled):
-                await _lead(config, election, signalled)
-    finally:
-        signalled.cancel()
-        client.close()
+    life.on_stop("the etcd client", client.close)
+    while not life.stopping.is_set():
+        life.announce(f"kvcake master standby: campaigning in etcd {address} {layout.prefix}",
+                      {"etcd": config.etcd})
+        election = LeaderElection(client, layout, config.leader_ttl_s)
+        if await _campaign(election, life.stopping):
+            await _lead(config, election, life)
 
 
-async def _campaign(election: LeaderElection, signalled: asyncio.Future[Any]) -> bool:
-    while not signalled.done():
+async def _campaign(election: LeaderElection, stopping: asyncio.Event) -> bool:
+    while not stopping.is_set():
         try:
             if await asyncio.to_thread(election.try_win):
                 return True
         except MetadataError as exc:
             log.warning("campaign failed, retrying: %s", exc)
-        await asyncio.wait({signalled}, timeout=_CAMPAIGN_POLL_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), _CAMPAIGN_POLL_S)
     return False
 
 
-async def _lead(config: MasterConfig, election: LeaderElection,
-                signalled: asyncio.Future[Any]) -> None:
+async def _lead(config: MasterConfig, election: LeaderElection, life: Lifespan) -> None:
     """One term: restore, serve, publish; until signalled or the term ends."""
     server = MasterServer(config)
     segments, objects = await asyncio.to_thread(load_journal, election.client, election.layout)
     restore(server.service, segments, objects)
     persistence = Persistence(server.service, election, _FLUSH_IDLE_S)
     server.persist_with(persistence, config.put_fence_s)
+    stopping = asyncio.ensure_future(life.stopping.wait())
     term = [asyncio.ensure_future(persistence.run()), asyncio.ensure_future(_keep(election))]
     try:
         endpoint = await server.startup()
         await asyncio.to_thread(election.publish, endpoint, server.metrics_endpoint)
-        print(f"kvcake master listening on {endpoint} as leader ({len(objects)} objects on "
-              f"{len(segments)} segments restored)", flush=True)
-        done, _ = await asyncio.wait([signalled, *term], return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {signalled}:
+        life.announce(f"kvcake master listening on {endpoint} as leader ({len(objects)} "
+                      f"objects on {len(segments)} segments restored)",
+                      {"rpc": endpoint, "metrics": server.metrics_endpoint,
+                       "etcd": config.etcd})
+        done, _ = await asyncio.wait([stopping, *term], return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stopping}:
             log.error("leadership lost: %s", task.exception())
     finally:
-        for task in term:
+        for task in [stopping, *term]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, KvcakeError):
                 await task
         await server.shutdown()
-        if signalled.done():
+        if life.stopping.is_set():
             await asyncio.to_thread(election.resign)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
-from kvcake.common.aio import run_main, until_signalled
+from kvcake.common.aio import run_main
 from kvcake.common.config import format_size
+from kvcake.common.lifespan import Lifespan
 from kvcake.common.rpc import RpcServer
 from kvcake.store.config import StoreConfig
 from kvcake.store.node.disk import DiskTier, control_channel
@@ -57,22 +58,22 @@ class NodeServer:
             self._disk = None
 
 
-def run_node(config: StoreConfig, transfer: TransferConfig) -> None:
-    run_main(_node_main(config, transfer))
+def run_node(config: StoreConfig, transfer: TransferConfig, ready_file: str = "") -> None:
+    run_main(_node_main(config, transfer, ready_file))
 
 
-async def _node_main(config: StoreConfig, transfer: TransferConfig) -> None:
-    engine = await asyncio.to_thread(TransferEngine, transfer)
-    session = MasterSession(config, engine.host_id)
-    node = NodeServer(config, transfer.host)
-    try:
+async def _node_main(config: StoreConfig, transfer: TransferConfig, ready_file: str) -> None:
+    async with Lifespan("node", ready_file) as life:
+        engine = await asyncio.to_thread(TransferEngine, transfer)
+        life.on_stop("the transfer engine", lambda: asyncio.to_thread(engine.close))
+        node = NodeServer(config, transfer.host)
+        life.on_stop("the disk tier", node.shutdown)
+        session = MasterSession(config, engine.host_id)
+        life.on_stop("the master session", session.close)
         await session.start(await node.startup(engine, session.client_id))
         disk = f", disk tier {format_size(config.disk_capacity)} in {config.disk_dir}" \
             if config.disk_dir else ""
-        print(f"kvcake node: segment {node.segment_name} ({format_size(config.segment_size)}) "
-              f"mounted on master {config.master}{disk}", flush=True)
-        await until_signalled()
-    finally:
-        await session.close()
-        await node.shutdown()
-        await asyncio.to_thread(engine.close)
+        await life.serve(f"kvcake node: segment {node.segment_name} "
+                         f"({format_size(config.segment_size)}) mounted on master "
+                         f"{config.master}{disk}",
+                         {"transfer": engine.endpoint, "segment": node.segment_name})

@@ -1,0 +1,110 @@
+"""A server process's lifespan: stop phases newest first and bounded, the ready file, and
+signals captured until every phase ran, then given back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from kvcake.common.lifespan import Lifespan, read_ready_file
+from kvcake.ops.process import ReadyFile, ServerProcess, kvcake_command
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_phases_run_newest_first_and_a_hung_or_failed_one_skips_none() -> None:
+    stopped: list[str] = []
+
+    async def hang() -> None:
+        stopped.append("hung")
+        await asyncio.Event().wait()
+
+    async def fail() -> None:
+        stopped.append("failed")
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        async with Lifespan("t", phase_timeout_s=0.05) as life:
+            life.on_stop("first", lambda: stopped.append("first"))
+            life.on_stop("hung", hang)
+            life.on_stop("failed", fail)
+            life.stop()
+            await life.serve("serving", {})
+
+    run(main())
+    assert stopped == ["failed", "hung", "first"]
+
+
+def test_the_ready_file_names_the_endpoints_while_serving_and_goes_after(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    seen: list[dict[str, str] | None] = []
+
+    async def main() -> None:
+        async with Lifespan("t", str(ready)) as life:
+            life.on_stop("look", lambda: seen.append(read_ready_file(ready)))
+            asyncio.get_running_loop().call_soon(lambda: seen.append(read_ready_file(ready)))
+            asyncio.get_running_loop().call_soon(life.stop)
+            await life.serve("serving", {"rpc": "127.0.0.1:1"})
+
+    run(main())
+    assert seen == [{"rpc": "127.0.0.1:1"}, None]  # gone before the first stop phase
+    assert not ready.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_while_starting_stops_without_announcing(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    ready = tmp_path / "ready"
+
+    async def main() -> None:
+        async with Lifespan("t", str(ready)) as life:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(life.stopping.wait(), 10)
+            await life.serve("serving", {"rpc": "127.0.0.1:1"})
+
+    run(main())
+    assert "serving" not in capsys.readouterr().out and not ready.exists()
+
+
+def test_signals_stay_captured_through_shutdown_and_are_given_back_after() -> None:
+    """A second SIGTERM while a phase runs is noted, not fatal; afterwards the handler the
+    process had before is back."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: caught.append(signum))
+    try:
+        life = Lifespan("t")
+
+        async def second_signal() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.05)  # let the loop's handler see it
+
+        async def main() -> None:
+            async with life:
+                life.on_stop("signalled", second_signal)
+                os.kill(os.getpid(), signal.SIGINT)
+                await life.serve("serving", {})
+
+        run(main())
+        assert life.signals_seen == [signal.SIGINT, signal.SIGTERM]
+        assert caught == []
+        os.kill(os.getpid(), signal.SIGTERM)  # now the process's own handler again
+        assert caught == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_child_says_where_it_serves_in_its_ready_file() -> None:
+    with ServerProcess(kvcake_command("master", "--port", "0", "--metrics-port", "0"),
+                       ReadyFile(want="rpc"), name="master") as master:
+        endpoints = dict(master.endpoints)
+        ready = Path(master.command[master.command.index("--ready-file") + 1])
+        assert read_ready_file(ready) == endpoints
+    assert endpoints["rpc"].startswith("127.0.0.1:") and endpoints["metrics"]
+    assert not ready.exists()
