@@ -22,8 +22,8 @@ from kvcake.common.rpc import RpcClient
 from kvcake.ops.etcd import start_etcd
 from kvcake.ops.process import ServerProcess, kvcake_command, start_node
 from kvcake.store import DistributedStore, ReplicateConfig
-from kvcake.store.master.ha import LeaderElection, LeadershipLostError, find_leader, split_etcd_url
-from kvcake.store.master.journal import Layout
+from kvcake.store.leader import Layout, find_leader, split_etcd_url
+from kvcake.store.master.ha import LeaderElection, LeadershipLostError
 from kvcake.store.session import LeaderFinder
 from kvcake.wire import store as m
 

@@ -53,6 +53,22 @@ def require(ok: bool, message: str) -> None:
         raise InvalidParamsError(message)
 
 
+def check_at_least(config: Any, low: float, *names: str, above: bool = False) -> None:
+    """Each named field of ``config`` is >= ``low`` (> ``low`` with ``above``)."""
+    sign = ">" if above else ">="
+    for name in names:
+        value = getattr(config, name)
+        require(value > low if above else value >= low,
+                f"{name} must be {sign} {low:g}, got {value}")
+
+
+def check_within(config: Any, low: float, high: float, *names: str) -> None:
+    """Each named field of ``config`` is in ``low..high``."""
+    for name in names:
+        value = getattr(config, name)
+        require(low <= value <= high, f"{name} must be {low:g}..{high:g}, got {value}")
+
+
 def _convert(raw: str, kind: Any, name: str) -> Any:
     if kind in (bool, "bool"):
         if raw.lower() in ("1", "true", "yes", "on"):

@@ -87,14 +87,22 @@ class Dispatcher:
     """An RPC server's typed handler table: a call decodes as the channel's tagged union of
     messages and goes to the handler registered for its type; what the handler returns (a
     reply struct, or an awaitable of one) is encoded as the reply. Every member of the union
-    has a handler, checked when the table is built."""
+    has a handler, checked when the table is built.
 
-    def __init__(self, union: Any, handlers: Mapping[type[Any], Callable[[Any], Any]]) -> None:
+    Hooks for what every call shares: ``admit(message)`` runs before its handler (and may
+    refuse it by raising); ``settle(message)`` runs once the handler's reply is ready and may
+    return an awaitable the reply then waits for (the master's durable writes)."""
+
+    def __init__(self, union: Any, handlers: Mapping[type[Any], Callable[[Any], Any]],
+                 admit: Callable[[Any], None] | None = None,
+                 settle: Callable[[Any], Awaitable[None] | None] | None = None) -> None:
         missing = set(typing.get_args(union) or (union,)) - handlers.keys()
         if missing:
             raise TypeError(f"no handler for {sorted(m.__name__ for m in missing)}")
         self._union = union
         self.handlers = dict(handlers)  # message type -> handler
+        self._admit = admit
+        self._settle = settle or (lambda _: None)
 
     def decode(self, payload: memoryview) -> Any:
         """The message in ``payload`` (ProtocolError when it is none of the union's)."""
@@ -102,17 +110,29 @@ class Dispatcher:
 
     def handle(self, message: Any) -> Any:
         """The reply of ``message``'s handler, not yet encoded."""
+        if self._admit is not None:
+            self._admit(message)
         return self.handlers[type(message)](message)
 
     def __call__(self, payload: memoryview) -> bytes | Awaitable[bytes]:
-        reply = self.handle(self.decode(payload))
+        message = self.decode(payload)
+        reply = self.handle(message)
         if inspect.isawaitable(reply):
-            return _encode_later(reply)
-        return encode(reply)
+            return self._encode_later(message, reply)
+        settled = self._settle(message)
+        return encode(reply) if settled is None else _encode_after(reply, settled)
+
+    async def _encode_later(self, message: Any, reply: Awaitable[Any]) -> bytes:
+        result = await reply
+        settled = self._settle(message)
+        if settled is not None:
+            await settled
+        return encode(result)
 
 
-async def _encode_later(reply: Awaitable[Any]) -> bytes:
-    return encode(await reply)
+async def _encode_after(reply: Any, settled: Awaitable[None]) -> bytes:
+    await settled
+    return encode(reply)
 
 
 class RpcServer(FrameListener):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.common.config import is_endpoint, require
+from kvcake.common.config import check_at_least, check_within, is_endpoint, require
 from kvcake.common.hosts import check_bind_host
 
 DECODE_FAILURE_CHOICES = ("fail", "retry")
@@ -53,25 +53,17 @@ class ConductorServerConfig:
     keep_alive_s: int = 75
 
     def __post_init__(self) -> None:
-        require(self.keep_alive_s >= 1, f"keep_alive_s must be >= 1, got {self.keep_alive_s}")
+        check_at_least(self, 1, "keep_alive_s", "max_body_bytes")
+        check_at_least(self, 0, "reserve_wait_s")
+        check_at_least(self, 0, "instance_ttl_s", "request_timeout_s", above=True)
+        check_within(self, 0, 65535, "port", "rpc_port")
         require(not self.store_master or is_endpoint(self.store_master),
                 f"store_master must be HOST:PORT, got {self.store_master!r}")
         check_bind_host(self.host)
         check_bind_host(self.rpc_host, "rpc_host")
-        for name in ("port", "rpc_port"):
-            value = getattr(self, name)
-            require(0 <= value <= 65535, f"{name} must be 0..65535, got {value}")
-        require(self.instance_ttl_s > 0, f"instance_ttl_s must be > 0, got "
-                f"{self.instance_ttl_s}")
         require(self.on_decode_failure in DECODE_FAILURE_CHOICES,
                 f"on_decode_failure must be one of {DECODE_FAILURE_CHOICES}, got "
                 f"{self.on_decode_failure!r}")
-        require(self.reserve_wait_s >= 0, f"reserve_wait_s must be >= 0, got "
-                f"{self.reserve_wait_s}")
-        require(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got "
-                f"{self.request_timeout_s}")
-        require(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got "
-                f"{self.max_body_bytes}")
 
     @property
     def rpc_bind_host(self) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.common.config import require
+from kvcake.common.config import check_at_least, require
 from kvcake.conductor.admission import ADMISSIONS
 from kvcake.conductor.policy import POLICIES
 from kvcake.wire.conductor import InstanceLoad
@@ -49,13 +49,8 @@ class ConductorConfig:
                 f"{', '.join(sorted(POLICIES))}; got {self.policy!r}")
         require(self.admission in ADMISSIONS, f"admission must be one of "
                 f"{', '.join(sorted(ADMISSIONS))}; got {self.admission!r}")
-        require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        require(self.kv_bytes_per_token >= 1,
-                f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
-        require(self.balancing_threshold >= 1.0,
-                f"balancing_threshold must be >= 1, got {self.balancing_threshold}")
-        for name in ("slo_ttft_s", "slo_tbt_s"):
-            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check_at_least(self, 1, "block_size", "kv_bytes_per_token", "balancing_threshold")
+        check_at_least(self, 0, "slo_ttft_s", "slo_tbt_s", above=True)
 
 
 @dataclass(frozen=True)
@@ -75,10 +70,7 @@ class RouteRequest:
 
     def __post_init__(self) -> None:
         require(bool(self.request_id), "request_id must not be empty")
-        require(self.num_prompt_tokens >= 1,
-                f"num_prompt_tokens must be >= 1, got {self.num_prompt_tokens}")
-        require(self.num_output_tokens >= 1,
-                f"num_output_tokens must be >= 1, got {self.num_output_tokens}")
+        check_at_least(self, 1, "num_prompt_tokens", "num_output_tokens")
         require(0 <= self.store_hit_blocks <= len(self.block_hashes),
                 f"store_hit_blocks must be 0..{len(self.block_hashes)} (the number of "
                 f"block_hashes), got {self.store_hit_blocks}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from kvcake.common.config import MiB, require
+from kvcake.common.config import MiB, check_at_least, check_within, require
 from kvcake.store.config import DEFAULT_TENANT, check_tenant_name
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float32", "float16")
@@ -84,17 +84,13 @@ class EngineConfig:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         require(self.attention in ATTENTION_CHOICES, f"attention must be one of "
                 f"{ATTENTION_CHOICES}, got {self.attention!r}")
-        require(1 <= self.block_size <= 1024, f"block_size must be 1..1024, got "
-                f"{self.block_size}")
-        require(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got "
-                f"{self.kv_cache_bytes}")
-        require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        check_within(self, 1, 1024, "block_size")
+        check_at_least(self, 0, "kv_cache_bytes", above=True)
+        check_at_least(self, 1, "max_num_seqs")
+        check_at_least(self, 0, "max_model_len", "threads")
         require(self.max_num_batched_tokens >= self.block_size,
                 f"max_num_batched_tokens must be >= block_size, got "
                 f"{self.max_num_batched_tokens}")
-        require(self.max_model_len >= 0, f"max_model_len must be >= 0, got "
-                f"{self.max_model_len}")
         check_tenant_name(self.tenant)
         require(not self.store_master or ":" in self.store_master,
                 f"store_master must be HOST:PORT, got {self.store_master!r}")
-        require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from kvcake.common.config import require
+from kvcake.common.config import check_at_least, require
 
 DEFAULT_TENANT = "default"
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -49,9 +49,8 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
-        require(self.segment_size >= 0, f"segment_size must be >= 0, got {self.segment_size}")
-        require(self.heartbeat_s > 0, f"heartbeat_s must be > 0, got {self.heartbeat_s}")
-        require(self.rpc_timeout_s > 0, f"rpc_timeout_s must be > 0, got {self.rpc_timeout_s}")
+        check_at_least(self, 0, "segment_size")
+        check_at_least(self, 0, "heartbeat_s", "rpc_timeout_s", above=True)
         require(bool(self.disk_dir) == (self.disk_capacity > 0),
                 "disk_dir and disk_capacity go together (both set, or neither)")
         check_tenant_name(self.tenant)

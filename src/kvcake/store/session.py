@@ -27,8 +27,7 @@ from kvcake.common.etcd import etcd_client
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import RpcClient
 from kvcake.store.config import StoreConfig
-from kvcake.store.master.ha import find_leader, split_etcd_url
-from kvcake.store.master.journal import Layout, LeaderRecord
+from kvcake.store.leader import Layout, LeaderRecord, find_leader, split_etcd_url
 from kvcake.transfer.segment import SegmentDescriptor
 from kvcake.wire import store as m
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.common.config import GiB, KiB, require
+from kvcake.common.config import GiB, KiB, check_at_least, check_within, require
 from kvcake.common.hosts import check_bind_host
 
 TRANSPORT_CHOICES = ("auto", "shm", "tcp")
@@ -40,13 +40,12 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)
-        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        check_within(self, 0, 65535, "port")
+        check_within(self, 1, 64, "connections_per_peer")
+        check_at_least(self, 0, "timeout_s", above=True)
         require(self.transport in TRANSPORT_CHOICES,
                 f"transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}")
         require(self.metadata in ("p2p", "local") or self.metadata.startswith("etcd://"),
                 f"metadata must be p2p, local or etcd://HOST:PORT, got {self.metadata!r}")
-        require(1 <= self.connections_per_peer <= 64,
-                f"connections_per_peer must be 1..64, got {self.connections_per_peer}")
-        require(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}")
         require(64 * KiB <= self.max_frame_bytes <= 4 * GiB,
                 f"max_frame_bytes must be 64KiB..4GiB, got {self.max_frame_bytes}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.common.config import is_endpoint, require
+from kvcake.common.config import check_at_least, check_within, is_endpoint, require
 from kvcake.common.hosts import check_bind_host
 from kvcake.wire.conductor import ROLES
 
@@ -56,10 +56,9 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         check_bind_host(self.host)
         parse_cpus(self.cpus)
-        require(0 <= self.nice <= 19, f"nice must be 0..19, got {self.nice}")
+        check_within(self, 0, 19, "nice")
         require(self.role in ROLES, f"role must be one of {ROLES}, got {self.role!r}")
         require(is_endpoint(self.conductor), f"conductor must be HOST:PORT, got "
                 f"{self.conductor!r}")
-        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
-        for name in ("report_s", "reserve_timeout_s", "transfer_timeout_s"):
-            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check_within(self, 0, 65535, "port")
+        check_at_least(self, 0, "report_s", "reserve_timeout_s", "transfer_timeout_s", above=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kvcake.common.config import require
+from kvcake.common.config import check_at_least, check_within, require
 from kvcake.common.hosts import check_bind_host
 from kvcake.store.config import check_tenant_name
 
@@ -81,24 +81,20 @@ class MasterConfig:
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)
-        require(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        check_within(self, 0, 65535, "port")
+        check_within(self, -1, 65535, "metrics_port")
+        check_within(self, 2, 60, "leader_ttl_s")
+        check_within(self, 1, 65536, "max_key_bytes")
+        check_at_least(self, 0, "put_fence_s", "summary_s")
+        check_at_least(self, 0, "lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s",
+                       "tick_s", above=True)
         require(not self.etcd or ":" in self.etcd,
                 f"etcd must be etcd://HOST:PORT[/PREFIX/], got {self.etcd!r}")
-        require(2 <= self.leader_ttl_s <= 60, f"leader_ttl_s must be 2..60, "
-                f"got {self.leader_ttl_s}")
-        require(self.put_fence_s >= 0, f"put_fence_s must be >= 0, got {self.put_fence_s}")
-        require(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1..65535, "
-                f"got {self.metrics_port}")
         _check_tenants(self.default_tenant_quota_bytes, self.tenants)
-        for name in ("lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s", "tick_s"):
-            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         require(0.1 <= self.high_watermark <= 1.0,
                 f"high_watermark must be 0.1..1, got {self.high_watermark}")
         require(0 < self.evict_ratio < self.high_watermark,
                 f"evict_ratio must be in (0, high_watermark), got {self.evict_ratio}")
-        require(1 <= self.max_key_bytes <= 65536,
-                f"max_key_bytes must be 1..65536, got {self.max_key_bytes}")
-        require(self.summary_s >= 0, f"summary_s must be >= 0, got {self.summary_s}")
 
 
 def _check_tenants(default_quota: int, tenants: tuple[TenantPolicy, ...]) -> None:

@@ -5,7 +5,8 @@ Election: each master campaigns by creating ``<prefix>leader`` under an etcd lea
 restores the journal (:mod:`kvcake.store.master.journal`), starts serving, and publishes its RPC
 endpoint in the key; standbys wait for the key to vanish, which it does when the leader's
 lease lapses (a dead or cut-off leader) or is revoked (a clean shutdown). Clients and nodes
-given ``etcd://HOST:PORT`` read the key to find the leader (:func:`find_leader`).
+given ``etcd://HOST:PORT`` read the key to find the leader
+(:func:`kvcake.store.leader.find_leader`).
 
 Persistence (:class:`Persistence`): changes are flushed by one task, as soon as the previous
 flush is done, so concurrent puts share one etcd round trip (group commit). Every etcd
@@ -37,12 +38,11 @@ from typing import Any
 
 from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, KvcakeError, MetadataError
-from kvcake.common.etcd import guarded, parse_etcd
+from kvcake.common.etcd import guarded
 from kvcake.common.log import get_logger
+from kvcake.store.leader import Layout, LeaderRecord
 from kvcake.store.master.journal import (
     ChangeSet,
-    Layout,
-    LeaderRecord,
     ObjectRecord,
     SegmentRecord,
     Write,
@@ -61,24 +61,6 @@ class LeadershipLostError(KvcakeError):
     """This master is no longer the leader (its lease lapsed, or another master won)."""
 
     default_code = ErrorCode.ETCD_TRANSACTION_FAIL
-
-
-def split_etcd_url(spec: str) -> tuple[str, Layout]:
-    """``etcd://HOST:PORT[/PREFIX/]`` -> (``HOST:PORT``, layout of that prefix)."""
-    address, slash, path = spec.removeprefix("etcd://").partition("/")
-    host, port = parse_etcd(address)
-    prefix = f"/{path.strip('/')}/" if slash and path.strip("/") else Layout().prefix
-    return f"{host}:{port}", Layout(prefix)
-
-
-def find_leader(client: Any, layout: Layout) -> LeaderRecord | None:
-    """The current leader's record, or ``None`` while there is none (or it is not serving
-    yet)."""
-    value, _ = guarded(lambda: client.get(layout.leader))
-    if value is None:
-        return None
-    record = codec.decode(value, LeaderRecord)
-    return record if record.endpoint else None
 
 
 class LeaderElection:

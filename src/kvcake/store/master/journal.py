@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from kvcake.common import codec
+from kvcake.store.leader import Layout
 from kvcake.store.master.allocator import SegmentAllocator
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
 from kvcake.store.master.segments import MountedSegment
@@ -31,9 +32,6 @@ from kvcake.transfer.segment import SegmentDescriptor
 
 if TYPE_CHECKING:
     from kvcake.store.master.service import MasterService
-
-DEFAULT_PREFIX = "/kvcake/store/"
-
 
 @dataclass
 class ChangeSet:
@@ -45,12 +43,6 @@ class ChangeSet:
 
     def __bool__(self) -> bool:
         return bool(self.objects or self.segments or self.frees)
-
-
-class LeaderRecord(msgspec.Struct, frozen=True):
-    uid: str  # one master process's term as leader
-    endpoint: str  # its RPC listener
-    metrics_endpoint: str = ""
 
 
 class ReplicaRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -74,31 +66,6 @@ class SegmentRecord(msgspec.Struct, frozen=True):
     host_id: str
     disk_capacity: int = 0
     control_endpoint: str = ""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """etcd key names under one cluster's prefix."""
-
-    prefix: str = DEFAULT_PREFIX
-
-    @property
-    def leader(self) -> str:
-        return self.prefix + "leader"
-
-    @property
-    def objects(self) -> str:
-        return self.prefix + "objects/"
-
-    @property
-    def segments(self) -> str:
-        return self.prefix + "segments/"
-
-    def object_key(self, key: str) -> str:
-        return self.objects + key
-
-    def segment_key(self, segment_id: int) -> str:
-        return f"{self.segments}{segment_id}"
 
 
 # ----- leader -> etcd

@@ -15,8 +15,9 @@ from kvcake.common.errors import KvcakeError, MetadataError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.lifespan import Lifespan
 from kvcake.common.log import get_logger
+from kvcake.store.leader import split_etcd_url
 from kvcake.store.master.config import MasterConfig
-from kvcake.store.master.ha import LeaderElection, Persistence, load_journal, split_etcd_url
+from kvcake.store.master.ha import LeaderElection, Persistence, load_journal
 from kvcake.store.master.journal import restore
 from kvcake.store.master.server import MasterServer
 

@@ -56,7 +56,6 @@ class MasterServer:
     def __init__(self, config: MasterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.service = MasterService(config, clock)
-        self._rpc = RpcServer(self._handle, config.host, config.port)
         self._http = (TextHttpServer({"/metrics": self.metrics_text, "/health": lambda: "ok\n"},
                                      config.host, config.metrics_port)
                       if config.metrics_port >= 0 else None)
@@ -74,7 +73,8 @@ class MasterServer:
             m.RemoveAll: self._remove_all, m.DescribeSegments: self._describe,
             m.GetStats: lambda _: self.service.stats(),
             m.CheckIntegrity: self._check_integrity,
-        })
+        }, admit=self._admit, settle=self._settle)
+        self._rpc = RpcServer(self._dispatch, config.host, config.port)
         self.endpoint = ""
         self.metrics_endpoint = ""
         self.persistence: Persistence | None = None  # set before startup by an HA leader
@@ -108,33 +108,23 @@ class MasterServer:
         return render_metrics(self.service.stats(), self.service.counters, self._requests)
 
     # ----- dispatch
-    def _handle(self, payload: memoryview) -> bytes | Awaitable[bytes]:
-        request = self._dispatch.decode(payload)
+    def _admit(self, request: m.MasterRequest) -> None:
+        """Before any handler: only a confirmed leader serves; count; drop dead owners."""
         if self.persistence is not None and not self.persistence.election.confirmed():
             raise KvcakeError("this master's term as leader is not confirmed; ask the leader "
                               "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
         name = type(request).__name__
         self._requests[name] = self._requests.get(name, 0) + 1
         self._drop_dead_owners()
-        reply = self._dispatch.handle(request)
-        if asyncio.iscoroutine(reply):
-            return self._encode_later(reply, isinstance(request, _DURABLE))
+
+    def _settle(self, request: m.MasterRequest) -> Awaitable[None] | None:
+        """Once a reply is ready: start the node tasks it queued; an HA leader's changes
+        reach etcd before a durable request's reply leaves."""
         self._run_tasks()
         if self.persistence is not None and isinstance(request, _DURABLE) \
                 and self.service.changes:
-            return self._encode_durable(reply, self.persistence.durable())
-        return codec.encode(reply)
-
-    async def _encode_durable(self, reply: Any, durable: Awaitable[None]) -> bytes:
-        await durable
-        return codec.encode(reply)
-
-    async def _encode_later(self, reply: Awaitable[Any], durable: bool) -> bytes:
-        result = await reply
-        self._run_tasks()
-        if self.persistence is not None and durable and self.service.changes:
-            await self.persistence.durable()
-        return codec.encode(result)
+            return self.persistence.durable()
+        return None
 
     def _drop_dead_owners(self) -> None:
         """Same-host nodes that exited are dropped before any call can use their pages."""

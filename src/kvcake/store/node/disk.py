@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 import threading
-import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -102,29 +102,37 @@ class DiskTier:
     def path(self, key: str) -> Path:
         return self.directory / (hashlib.sha256(key.encode()).hexdigest() + _SUFFIX)
 
-    async def serve(self, request: m.OffloadRequest | m.PromoteRequest | m.DropDiskRequest
-                    ) -> m.CodesReply:
-        """One request of the node's control channel, done off the event loop."""
+    async def offload(self, request: m.OffloadRequest) -> m.CodesReply:
+        """Copy an object's bytes from the segment into its file (listed before it exists)."""
+        def write() -> None:
+            path = self.path(request.key)
+            self._manifest.add(path.name)
+            self._write(path, self._window(request.offset, request.size))
+        return await self._off_loop(request, write)
+
+    async def promote(self, request: m.PromoteRequest) -> m.CodesReply:
+        """Copy an object's file back into the segment."""
+        return await self._off_loop(request, lambda: self._read(
+            self.path(request.key), self._window(request.offset, request.size)))
+
+    async def drop(self, request: m.DropDiskRequest) -> m.CodesReply:
+        return await self._off_loop(request, self.path(request.key).unlink, True)
+
+    def _window(self, offset: int, size: int) -> memoryview:
+        check_range("disk tier segment", self._segment.nbytes, offset, size)
+        return self._segment[offset : offset + size]
+
+    @staticmethod
+    async def _off_loop(request: m.NodeRequest, work: Callable[..., None],
+                        *args: object) -> m.CodesReply:
+        """``work(*args)`` off the event loop; a disk failure is a code, never a dead call."""
         try:
-            await asyncio.to_thread(self._apply, request)
+            await asyncio.to_thread(work, *args)
         except OSError as exc:
             log.warning("disk tier %s of %r failed: %s", type(request).__name__,
                         request.key, exc)
             return m.CodesReply([int(ErrorCode.FILE_WRITE_FAIL)])
         return m.CodesReply([0])
-
-    def _apply(self, request: m.OffloadRequest | m.PromoteRequest | m.DropDiskRequest) -> None:
-        if isinstance(request, m.DropDiskRequest):
-            self.path(request.key).unlink(missing_ok=True)
-            return
-        check_range("disk tier segment", self._segment.nbytes, request.offset, request.size)
-        window = self._segment[request.offset : request.offset + request.size]
-        if isinstance(request, m.OffloadRequest):
-            path = self.path(request.key)
-            self._manifest.add(path.name)  # listed before it exists
-            self._write(path, window)
-        else:
-            self._read(self.path(request.key), window)
 
     @staticmethod
     def _write(path: Path, window: memoryview) -> None:
@@ -143,5 +151,7 @@ class DiskTier:
 
 
 def control_channel(tier: DiskTier) -> Dispatcher:
-    """The node's control RPC: every request of the channel goes to ``tier.serve``."""
-    return Dispatcher(m.NodeRequest, dict.fromkeys(typing.get_args(m.NodeRequest), tier.serve))
+    """The node's control RPC: a handler per request type."""
+    return Dispatcher(m.NodeRequest, {m.OffloadRequest: tier.offload,
+                                      m.PromoteRequest: tier.promote,
+                                      m.DropDiskRequest: tier.drop})
