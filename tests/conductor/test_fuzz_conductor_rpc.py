@@ -34,9 +34,8 @@ from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
 from kvcake.common.hashing import DIGEST_SIZE
 from kvcake.common.rpc import MAX_CALL_BYTES, RpcClient
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig
 from kvcake.wire.conductor import (
     MAX_BLOCK_HASHES,
     MAX_EVENTS,

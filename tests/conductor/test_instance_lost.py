@@ -13,10 +13,9 @@ from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.rpc import RpcClient
 from kvcake.common.sockets import free_port
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.flight import InstanceLostError
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig
 from kvcake.wire.conductor import Register, Snapshot
 from kvcake.wire.sampling import SamplingParams
 

@@ -15,9 +15,8 @@ from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 from kvcake.transfer.segment import SegmentDescriptor, instance_registrant, local_host_id

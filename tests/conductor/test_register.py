@@ -12,9 +12,8 @@ from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig
 from kvcake.wire.conductor import InstanceLoad, Register, Report, ReportReply, Snapshot
 
 TIMEOUT_S = 5.0

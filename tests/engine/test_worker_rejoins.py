@@ -14,9 +14,8 @@ from fuzzing import wait_until
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import KvcakeError
 from kvcake.common.sockets import free_port
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig
 from kvcake.engine.config import EngineConfig
 from kvcake.wire.conductor import Register, Report, ReportReply
 from kvcake.worker.config import WorkerConfig

@@ -16,9 +16,8 @@ from kvcake.cli_flags import (
 from kvcake.cluster.up import ClusterSpec
 from kvcake.common.config import load_config
 from kvcake.conductor.admission import ADMISSIONS
-from kvcake.conductor.config import DECODE_FAILURE_CHOICES, ConductorServerConfig
+from kvcake.conductor.config import DECODE_FAILURE_CHOICES, ConductorConfig, ConductorServerConfig
 from kvcake.conductor.policy import POLICIES
-from kvcake.conductor.types import ConductorConfig
 from kvcake.engine.config import EngineConfig
 from kvcake.wire.conductor import ROLES
 from kvcake.worker.config import WorkerConfig

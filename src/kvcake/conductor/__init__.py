@@ -2,6 +2,7 @@
 hot-block replication and early rejection, as pure logic driven by a server or a simulator."""
 
 from kvcake.conductor.admission import ADMISSIONS, Admission, make_admission
+from kvcake.conductor.config import ConductorConfig
 from kvcake.conductor.cost import CostDefaults, CostModel
 from kvcake.conductor.index import PrefixIndex
 from kvcake.conductor.policy import (
@@ -14,7 +15,6 @@ from kvcake.conductor.policy import (
 from kvcake.conductor.service import REJECT_REASONS, ConductorService
 from kvcake.conductor.types import (
     STORE,
-    ConductorConfig,
     ConductorStats,
     Decision,
     InstanceStats,

@@ -1,5 +1,6 @@
-"""The Conductor process's settings (``KVCAKE_CONDUCTOR_*``): its ports, the API's limits and
-liveness; its routing policy's are :class:`kvcake.conductor.types.ConductorConfig`."""
+"""The Conductor's settings: its routing policy's (:class:`ConductorConfig`, which the
+simulator shares; ``KVCAKE_POLICY_*``) and its process's (:class:`ConductorServerConfig`:
+ports, the API's limits, liveness; ``KVCAKE_CONDUCTOR_*``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 from kvcake.common.config import check_at_least, check_within, is_endpoint, require
 from kvcake.common.hosts import check_bind_host
+from kvcake.conductor.admission import ADMISSIONS
+from kvcake.conductor.policy import POLICIES
 
 DECODE_FAILURE_CHOICES = ("fail", "retry")
 
@@ -68,3 +71,41 @@ class ConductorServerConfig:
     @property
     def rpc_bind_host(self) -> str:
         return self.rpc_host or self.host
+
+
+@dataclass(frozen=True)
+class ConductorConfig:
+    """Conductor settings.
+
+    policy: routing policy by name (:data:`kvcake.conductor.policy.POLICIES`).
+    admission: admission rule by name (:data:`kvcake.conductor.admission.ADMISSIONS`).
+    block_size: tokens per indexed block; must match the engines' prefix hashing (>= 1).
+    kv_bytes_per_token: KV bytes of one token, for transfer-time estimates (>= 1).
+    balancing_threshold: Algorithm 1 pulls a remote prefix only when
+        ``best_len / local_len`` exceeds this (>= 1; a local miss with a remote hit always
+        counts as above).
+    slo_ttft_s, slo_tbt_s: latency objectives that admission enforces, seconds (> 0).
+    seed: seeds the ``random`` policy when no rng is injected (the same seed, the same choices).
+    pull_from_instances: Algorithm 1 may pull a prefix straight from another instance's
+        cache. kvcake's instances exchange prefixes through the store (every prefill instance
+        writes its blocks there), so its server turns this off and pulls come from the store
+        tier only; a simulated cluster may model direct pulls.
+    """
+
+    policy: str = "kvcache_centric"
+    admission: str = "none"
+    block_size: int = 16
+    kv_bytes_per_token: int = 23040
+    balancing_threshold: float = 2.0
+    slo_ttft_s: float = 30.0
+    slo_tbt_s: float = 0.1
+    seed: int = 0
+    pull_from_instances: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.policy in POLICIES, f"policy must be one of "
+                f"{', '.join(sorted(POLICIES))}; got {self.policy!r}")
+        require(self.admission in ADMISSIONS, f"admission must be one of "
+                f"{', '.join(sorted(ADMISSIONS))}; got {self.admission!r}")
+        check_at_least(self, 1, "block_size", "kv_bytes_per_token", "balancing_threshold")
+        check_at_least(self, 0, "slo_ttft_s", "slo_tbt_s", above=True)

@@ -7,10 +7,9 @@ from pathlib import Path
 from kvcake.api import ApiServer, build_app
 from kvcake.common.aio import run_main
 from kvcake.common.lifespan import Lifespan
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.frontend import ConductorBackend
 from kvcake.conductor.server import ConductorServer
-from kvcake.conductor.types import ConductorConfig
 from kvcake.model.files import resolve_model
 from kvcake.text.tokenizer import Tokenizer
 

@@ -36,12 +36,12 @@ from kvcake.common.hashing import prefix_block_hashes
 from kvcake.common.latency import slowest_gaps_mean
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
-from kvcake.conductor.config import ConductorServerConfig
+from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.flight import Flight, FlightState, InstanceLostError
 from kvcake.conductor.service import ConductorService
 from kvcake.conductor.store_view import StoreView
 from kvcake.conductor.telemetry import ConductorMetrics
-from kvcake.conductor.types import ConductorConfig, RouteRequest
+from kvcake.conductor.types import RouteRequest
 from kvcake.transfer.segment import (
     SegmentDescriptor,
     instance_registrant,

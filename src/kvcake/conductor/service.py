@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.conductor.admission import AdmissionInput, DecodeMember, make_admission
+from kvcake.conductor.config import ConductorConfig
 from kvcake.conductor.cost import CostModel
 from kvcake.conductor.index import PrefixIndex
 from kvcake.conductor.policy import DecodeEstimate, PrefillEstimate, make_policy
 from kvcake.conductor.types import (
     STORE,
-    ConductorConfig,
     ConductorStats,
     Decision,
     InstanceStats,

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import DIGEST_SIZE
+from kvcake.conductor.config import ConductorConfig
 from kvcake.conductor.service import ConductorService
-from kvcake.conductor.types import STORE, ConductorConfig, RouteRequest
+from kvcake.conductor.types import STORE, RouteRequest
 from kvcake.sim.cache import PoolCache
 from kvcake.sim.events import EventKind, EventQueue
 from kvcake.sim.instance import SimInstance
