@@ -22,14 +22,14 @@ TABLE = Lifecycle({Light.RED: {Light.GREEN, Light.OFF}, Light.GREEN: {Light.RED,
 
 
 def test_a_legal_move_returns_the_new_state() -> None:
-    assert TABLE.move("light 1", Light.RED, Light.GREEN) is Light.GREEN
+    assert TABLE.move(Light.RED, Light.GREEN, "light %d", 1) is Light.GREEN
     assert TABLE.final(Light.OFF) and not TABLE.final(Light.RED)
     assert dict(TABLE)[Light.OFF] == frozenset()
 
 
 def test_an_illegal_move_is_refused_naming_subject_and_edge() -> None:
     with pytest.raises(IllegalTransitionError, match=r"light 1: Light\.OFF -> Light\.RED") as err:
-        TABLE.move("light 1", Light.OFF, Light.RED)
+        TABLE.move(Light.OFF, Light.RED, "light %d", 1)
     assert err.value.code is ErrorCode.INVALID_REPLICA
     assert isinstance(err.value, InvalidParamsError)
 

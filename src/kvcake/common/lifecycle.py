@@ -3,7 +3,7 @@ flight, a simulated request): the legal moves of an enum's states, checked in on
 refused one way.
 
     REPLICA = Lifecycle({INITIALIZED: {PROCESSING, FAILED}, PROCESSING: {COMPLETE}, ...})
-    replica.state = REPLICA.move("replica on segment 3", replica.state, COMPLETE)
+    replica.state = REPLICA.move(replica.state, COMPLETE, "replica on segment %d", 3)
 
 A state with no moves out is final. An illegal move raises :class:`IllegalTransitionError`
 naming the subject and the edge, and changes nothing.
@@ -49,9 +49,10 @@ class Lifecycle(Mapping[S, frozenset[S]], Generic[S]):
     def final(self, state: S) -> bool:
         return not self._moves[state]
 
-    def move(self, subject: str, old: S, new: S) -> S:
-        """``new`` when ``old -> new`` is legal; else IllegalTransitionError."""
+    def move(self, old: S, new: S, subject: str, *args: object) -> S:
+        """``new`` when ``old -> new`` is legal; else IllegalTransitionError naming
+        ``subject % args`` (formatted only then: a legal move costs a lookup)."""
         if new not in self._moves[old]:
-            raise IllegalTransitionError(f"{subject}: {old} -> {new} is not a legal move",
-                                         self.code)
+            raise IllegalTransitionError(f"{subject % args}: {old} -> {new} is not a legal "
+                                         f"move", self.code)
         return new

@@ -83,7 +83,7 @@ class Flight:
         """Change state; moves out of an ended state are ignored (a late message)."""
         if self.state.ended:
             return False
-        self.state = TRANSITIONS.move(f"request {self.request_id}", self.state, state)
+        self.state = TRANSITIONS.move(self.state, state, "request %s", self.request_id)
         return True
 
     def push(self, output: TokenOutput) -> None:

@@ -84,7 +84,7 @@ class Request:
 
     def move_to(self, status: RequestStatus) -> None:
         """Change status; an illegal move (a bug in the caller) is refused."""
-        self.status = TRANSITIONS.move(f"request {self.request_id!r}", self.status, status)
+        self.status = TRANSITIONS.move(self.status, status, "request %r", self.request_id)
 
     @property
     def namespace(self) -> str:

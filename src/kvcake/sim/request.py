@@ -73,7 +73,7 @@ class SimRequest:
     gaps: list[float] = field(default_factory=list)  # kept only when asked (tests, plots)
 
     def move(self, to: Phase) -> None:
-        self.phase = TRANSITIONS.move(f"request {self.request_id!r}", self.phase, to)
+        self.phase = TRANSITIONS.move(self.phase, to, "request %r", self.request_id)
 
     @property
     def reused_tokens(self) -> int:

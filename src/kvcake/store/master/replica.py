@@ -55,7 +55,7 @@ class Replica:
 
     def move_to(self, state: ReplicaState) -> None:
         """Take one edge of the lifecycle; refuses any edge not in :data:`TRANSITIONS`."""
-        self.state = TRANSITIONS.move(f"replica on segment {self.segment_id}", self.state, state)
+        self.state = TRANSITIONS.move(self.state, state, "replica on segment %d", self.segment_id)
 
     @property
     def readable(self) -> bool:
