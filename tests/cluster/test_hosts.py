@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvcake.ops.netns import NetnsPair
-from kvcake.ops.process import ServerProcess, kvcake_command
+from kvcake.ops import NetnsPair, ServerProcess, kvcake_command
 
 pytestmark = pytest.mark.netns
 

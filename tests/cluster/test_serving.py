@@ -21,7 +21,7 @@ import pytest
 from kvcake.cluster import Cluster, ClusterSpec
 from kvcake.cluster.up import wait_healthy
 from kvcake.common.sockets import free_port
-from kvcake.ops.process import ServerProcess, kvcake_command
+from kvcake.ops import ServerProcess, kvcake_command
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(60))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.ops.process import kvcake_command
+from kvcake.ops import kvcake_command
 
 
 def _children(pid: int) -> set[int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvcake.common.lifespan import Lifespan, read_ready_file
-from kvcake.ops.process import ReadyFile, ServerProcess, kvcake_command
+from kvcake.ops import ReadyFile, ServerProcess, kvcake_command
 
 
 def run(coro: object) -> None:

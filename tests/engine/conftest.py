@@ -16,9 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvcake.model.config import ModelConfig
-from kvcake.model.files import PACKAGED_MODEL, ModelFiles, packaged_gguf, resolve_model
-from kvcake.text.tokenizer import Tokenizer, byte_alphabet
+from kvcake.model import PACKAGED_MODEL, ModelConfig, ModelFiles, packaged_gguf, resolve_model
+from kvcake.text import Tokenizer, byte_alphabet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network from tests
 

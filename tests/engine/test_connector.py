@@ -14,7 +14,7 @@ import torch
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
-from kvcake.ops.process import start_master, start_node
+from kvcake.ops import start_master, start_node
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvcake.engine.llm import LLM, CompletionOutput
-from kvcake.model.files import ModelFiles
+from kvcake.model import ModelFiles
 from kvcake.wire.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

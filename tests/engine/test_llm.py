@@ -18,8 +18,8 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.llm import LLM, CompletionOutput
-from kvcake.model.files import ModelFiles
-from kvcake.text.tokenizer import Tokenizer
+from kvcake.model import ModelFiles
+from kvcake.text import Tokenizer
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
 

@@ -14,7 +14,7 @@ from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.model.weights import load_weights
-from kvcake.model.files import ModelFiles, resolve_model
+from kvcake.model import ModelFiles, resolve_model
 from kvcake.wire.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.model.files import ModelFiles
-from kvcake.text.tokenizer import IncrementalDetokenizer, Tokenizer, byte_alphabet
+from kvcake.model import ModelFiles
+from kvcake.text import IncrementalDetokenizer, Tokenizer, byte_alphabet
 
 TEXTS = [
     "Hello, world!",

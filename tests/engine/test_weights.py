@@ -18,15 +18,14 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.weights import load_weights
+from kvcake.model import ModelConfig, ModelFiles, packaged_gguf, resolve_model
 from kvcake.model import files as weights_module
-from kvcake.model.config import ModelConfig
 from kvcake.model.convert import (
     ShardWriter,
     llama3_divisors,
     llama3_scaling,
     unpermute_rope_rows,
 )
-from kvcake.model.files import ModelFiles, packaged_gguf, resolve_model
 
 TinyGGUF = Callable[..., tuple[Path, dict[str, torch.Tensor]]]
 

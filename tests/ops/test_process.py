@@ -9,7 +9,7 @@ from types import FrameType
 import pytest
 
 from kvcake.common.errors import KvcakeError
-from kvcake.ops.process import ServerProcess
+from kvcake.ops import ServerProcess
 
 SILENT = [sys.executable, "-c", "import time; print('starting', flush=True); time.sleep(120)"]
 

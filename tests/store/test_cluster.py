@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvcake.common.errors import ErrorCode
-from kvcake.ops.process import ServerProcess, start_master, start_node
+from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore, DistributedStore, ReplicateConfig
 from kvcake.store.config import StoreConfig
 from kvcake.transfer.config import TransferConfig

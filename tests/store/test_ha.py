@@ -19,8 +19,7 @@ from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.etcd import etcd_client
 from kvcake.common.rpc import RpcClient
-from kvcake.ops.etcd import start_etcd
-from kvcake.ops.process import ServerProcess, kvcake_command, start_node
+from kvcake.ops import ServerProcess, kvcake_command, start_etcd, start_node
 from kvcake.store import DistributedStore, ReplicateConfig
 from kvcake.store.leader import Layout, find_leader, split_etcd_url
 from kvcake.store.master.ha import LeaderElection, LeadershipLostError

@@ -17,7 +17,7 @@ import pytest
 from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.rpc import RpcClient
-from kvcake.ops.process import ServerProcess, start_master, start_node
+from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store.config import StoreConfig
 from kvcake.transfer.config import TransferConfig

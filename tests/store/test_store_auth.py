@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvcake.common.errors import AuthenticationError, ErrorCode, KvcakeError
-from kvcake.ops.process import ServerProcess, start_master, start_node
+from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store.config import StoreConfig
 from kvcake.transfer.config import TransferConfig

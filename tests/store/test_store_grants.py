@@ -12,7 +12,7 @@ import pytest
 
 from kvcake.common.errors import ErrorCode
 from kvcake.common.frames import FrameOp, pack_header
-from kvcake.ops.process import ServerProcess, start_master, start_node
+from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 from kvcake.store.config import StoreConfig
 from kvcake.store.master.grants import ReplicaGrants

@@ -14,7 +14,7 @@ import pytest
 from kvcake.cli import build_parser
 from kvcake.cli_flags import tenant_overrides
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
-from kvcake.ops.process import ServerProcess, start_master, start_node
+from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
 from kvcake.store.config import StoreConfig
 from kvcake.store.master.config import MasterConfig, TenantPolicy

@@ -3,7 +3,7 @@ held back while it may still begin a stop string."""
 
 from __future__ import annotations
 
-from kvcake.text.detokenize import find_stop, partial_stop_len
+from kvcake.text import find_stop, partial_stop_len
 
 
 def test_find_stop_basic_cases() -> None:

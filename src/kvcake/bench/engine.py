@@ -39,7 +39,7 @@ from kvcake.common.config import env_value, load_config
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import DTYPES, EngineCore
-from kvcake.model.files import ModelFiles, resolve_model
+from kvcake.model import ModelFiles, resolve_model
 from kvcake.wire.sampling import SamplingParams
 
 FIRST_ID = 20  # prompts avoid the special tokens at the start of the vocabulary

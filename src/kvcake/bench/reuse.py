@@ -29,7 +29,7 @@ from kvcake.bench.measure import print_rows
 from kvcake.common.config import MiB
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.ops.process import start_master, start_node
+from kvcake.ops import start_master, start_node
 from kvcake.wire.sampling import SamplingParams
 
 MODES = ("cold", "store", "local")

@@ -51,7 +51,7 @@ from kvcake.common.trace import (
     trace_window,
 )
 from kvcake.conductor.admission import ADMISSIONS
-from kvcake.ops.process import kvcake_command
+from kvcake.ops import kvcake_command
 
 if TYPE_CHECKING:
     import aiohttp  # the `bench` extra: imported when a replay runs, so `kvcake` needs it not

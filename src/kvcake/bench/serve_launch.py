@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kvcake.common.errors import KvcakeError
-from kvcake.ops.process import health
+from kvcake.ops import health
 
 _STOP_WAIT_S = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0))  # then SIGKILL
 

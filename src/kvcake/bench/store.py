@@ -36,10 +36,8 @@ from kvcake.bench.store_baselines import check_available, mooncake_master_binary
 from kvcake.bench.store_driver import EXIST_KEYS, Case, Plan
 from kvcake.common.config import KiB, MiB
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.ops import NetnsPair, ServerProcess, Side, check_netns_support, etcd_command
 from kvcake.ops.etcd import READY as ETCD_READY
-from kvcake.ops.etcd import etcd_command
-from kvcake.ops.netns import NetnsPair, Side, check_netns_support
-from kvcake.ops.process import ServerProcess
 
 PATHS = ("shm", "tcp")
 BASELINES = ("redis", "mooncake", "kvcake-ha")  # kvcake-ha: kvcake's master on etcd

@@ -20,7 +20,7 @@ from types import FrameType
 from kvcake.chaos.scenario import ChaosSettings, Scenario
 from kvcake.chaos.scenarios import STORE_SCENARIOS
 from kvcake.common.log import setup_logging
-from kvcake.ops.netns import NetnsPair
+from kvcake.ops import NetnsPair
 
 RESULT_PREFIX = "chaos-result "
 

@@ -13,9 +13,7 @@ from pathlib import Path
 from kvcake.chaos.scenario import ChaosSettings, ScenarioResult
 from kvcake.chaos.scenarios import StoreScenario, kill_9
 from kvcake.common.errors import KvcakeError
-from kvcake.ops.etcd import start_etcd
-from kvcake.ops.netns import NetnsPair
-from kvcake.ops.process import ServerProcess, kvcake_command
+from kvcake.ops import NetnsPair, ServerProcess, kvcake_command, start_etcd
 
 HA_FLAGS = ("--leader-ttl", "2", "--put-fence", "0.5", "--client-ttl", "4",
             "--lease-ttl", "2", "--put-timeout", "5", "--summary-interval", "0",

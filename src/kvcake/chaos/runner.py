@@ -21,7 +21,7 @@ from typing import TextIO
 from kvcake.chaos.driver import RESULT_PREFIX, scenario_types
 from kvcake.chaos.scenario import ChaosSettings, ScenarioResult
 from kvcake.common.errors import InvalidParamsError
-from kvcake.ops.netns import NetnsPair
+from kvcake.ops import NetnsPair
 
 NETNS_TAG = "kvchaos"
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from kvcake.chaos.ledger import Ledger
-from kvcake.ops.netns import NetnsPair
-from kvcake.ops.process import ServerProcess
+from kvcake.ops import NetnsPair, ServerProcess
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ from kvcake.chaos.ledger import HANG, NOT_FOUND, OK
 from kvcake.chaos.scenario import ChaosSettings, Scenario, ScenarioResult
 from kvcake.chaos.workload import StoreWorkload, WorkloadConfig, client_configs, integrity
 from kvcake.common.errors import KvcakeError
-from kvcake.ops.netns import NetnsPair
-from kvcake.ops.process import ServerProcess, start_master, start_node
+from kvcake.ops import NetnsPair, ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore
 
 # short liveness, so a dead node is noticed within the scenario

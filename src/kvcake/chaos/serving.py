@@ -29,7 +29,7 @@ import aiohttp
 from kvcake.chaos.ledger import HANG, OK, Ledger
 from kvcake.chaos.scenario import ChaosSettings, Scenario, ScenarioResult
 from kvcake.cluster import Cluster, ClusterSpec
-from kvcake.ops.netns import NetnsPair
+from kvcake.ops import NetnsPair
 
 WRONG = ("cut_off", "short_answer")  # neither a full answer nor a clear error
 _WORDS = ("cache", "prefix", "block", "decode", "prefill", "token", "pool", "store", "node",

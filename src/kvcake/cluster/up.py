@@ -42,8 +42,7 @@ from kvcake.common.config import (
 from kvcake.common.errors import KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
-from kvcake.ops.etcd import start_etcd
-from kvcake.ops.process import ReadyFile, ServerProcess, health, kvcake_command
+from kvcake.ops import ReadyFile, ServerProcess, health, kvcake_command, start_etcd
 from kvcake.wire.conductor import Role
 
 _READY_TIMEOUT_S = 300.0

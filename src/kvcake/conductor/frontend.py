@@ -20,8 +20,7 @@ from kvcake.common.errors import InvalidParamsError
 from kvcake.common.log import get_logger
 from kvcake.conductor.flight import Flight, InstanceLostError
 from kvcake.conductor.server import ConductorServer
-from kvcake.text.detokenize import OutputProcessor
-from kvcake.text.tokenizer import Tokenizer
+from kvcake.text import OutputProcessor, Tokenizer
 from kvcake.wire.generate import EchoedPrompt, GenerateChunk, GenerateRequest, TokenLogprob
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams

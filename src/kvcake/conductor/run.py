@@ -10,8 +10,8 @@ from kvcake.common.lifespan import Lifespan
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.frontend import ConductorBackend
 from kvcake.conductor.server import ConductorServer
-from kvcake.model.files import resolve_model
-from kvcake.text.tokenizer import Tokenizer
+from kvcake.model import resolve_model
+from kvcake.text import Tokenizer
 
 
 def served_name(config: ConductorServerConfig) -> str:

@@ -27,7 +27,7 @@ from kvcake.engine.model.weights import load_weights
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
 from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
-from kvcake.model.files import ModelFiles, resolve_model
+from kvcake.model import ModelFiles, resolve_model
 from kvcake.transfer import Segment, TransferEngine
 from kvcake.wire.kv import KVRegion
 from kvcake.wire.output import TokenOutput, TopLogprobs

@@ -18,8 +18,7 @@ from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.request import RequestStatus
 from kvcake.engine.scheduler import KVConnector
-from kvcake.text.detokenize import OutputProcessor, TextDelta
-from kvcake.text.tokenizer import Tokenizer
+from kvcake.text import OutputProcessor, TextDelta, Tokenizer
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
 

@@ -3,3 +3,23 @@ directory) resolved to a directory with ``config.json``, weights and tokenizer f
 converted once into the cache on the way. The engine loads the weights
 (:mod:`kvcake.engine.model.weights`); the Conductor only reads the tokenizer (:mod:`kvcake.text`).
 """
+
+from __future__ import annotations
+
+from kvcake.model.config import ModelConfig
+from kvcake.model.files import (
+    PACKAGED_MODEL,
+    ModelFiles,
+    packaged_gguf,
+    resolve_model,
+    safetensors_files,
+)
+
+__all__ = [
+    "PACKAGED_MODEL",
+    "ModelConfig",
+    "ModelFiles",
+    "packaged_gguf",
+    "resolve_model",
+    "safetensors_files",
+]

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from kvcake.common.config import GiB
 from kvcake.common.errors import InvalidParamsError
 from kvcake.model.config import ModelConfig
-from kvcake.text.tokenizer import byte_level_bpe
+from kvcake.text import byte_level_bpe
 
 MAX_SHARD_BYTES = 2 * GiB
 

@@ -25,7 +25,7 @@ import torch.nn.functional as nnf
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.attention import attention_backend
 from kvcake.engine.model.rope import rope_tables
-from kvcake.model.config import ModelConfig
+from kvcake.model import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kvcake.model.config import ModelConfig
+from kvcake.model import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.model.files import ModelFiles, safetensors_files
+from kvcake.model import ModelFiles, safetensors_files
 
 
 def load_weights(files: ModelFiles, dtype: torch.dtype,
