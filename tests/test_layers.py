@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"store"},
     {"engine"},
     {"api"},
-    {"conductor", "worker"},
+    {"conductor", "worker", "vllm"},
     {"sim", "cli_flags", "cli_errors"},
     {"cluster"},
     {"bench", "chaos"},

@@ -19,12 +19,13 @@ from kvcake.cli_flags import (
     add_server_flags,
     add_tenant_flags,
     config_values,
+    from_flags,
     log_level,
     positive_ints,
     tenant_overrides,
 )
 from kvcake.cluster.commands import add_serving_commands
-from kvcake.common.config import load_config, parse_size, read_config_file
+from kvcake.common.config import parse_size
 from kvcake.common.errors import KvcakeError
 from kvcake.common.log import setup_logging
 from kvcake.engine.config import EngineConfig
@@ -40,7 +41,7 @@ _TRANSFER_FLAGS = ("host", "port", Flag("transport", choices=TRANSPORT_CHOICES),
 def _cmd_transfer_serve(args: argparse.Namespace) -> int:
     from kvcake.transfer.peer import serve_segment
 
-    config = load_config(TransferConfig, "transfer", config_values(args, TransferConfig))
+    config = from_flags(args, TransferConfig, "transfer")
     serve_segment(config, args.name, parse_size(args.size), args.fill)
     return 0
 
@@ -48,8 +49,7 @@ def _cmd_transfer_serve(args: argparse.Namespace) -> int:
 def _cmd_master(args: argparse.Namespace) -> int:
     from kvcake.store.master.run import run_master
 
-    config = load_config(MasterConfig, "master", {**config_values(args, MasterConfig),
-                                                  **tenant_overrides(args)}, file=args.file)
+    config = from_flags(args, MasterConfig, "master", **tenant_overrides(args))
     run_master(config, args.ready_file)  # an unknown policy fails before binding
     return 0
 
@@ -57,11 +57,10 @@ def _cmd_master(args: argparse.Namespace) -> int:
 def _cmd_node(args: argparse.Namespace) -> int:
     from kvcake.store.node import run_node
 
-    config = load_config(StoreConfig, "store", config_values(args, StoreConfig), file=args.file)
+    config = from_flags(args, StoreConfig, "store")
     if not config.segment_size:
         raise KvcakeError("a node needs --segment-size > 0 (e.g. 8GiB)")
-    transfer = load_config(TransferConfig, "transfer", config_values(args, TransferConfig),
-                           file=args.file)
+    transfer = from_flags(args, TransferConfig, "transfer")
     run_node(config, transfer, args.ready_file)
     return 0
 
@@ -215,8 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         setup_logging(args.log_level)
         _use_token_file(args)
-        path = getattr(args, "config_file", None)
-        args.file = read_config_file(path) if path else {}
         code: int = args.run(args)
     except Exception as exc:  # every failure becomes one line, never a traceback
         line, code = describe_failure(exc)

@@ -9,11 +9,12 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from kvcake.common.config import format_size, parse_size
+from kvcake.common.config import format_size, load_config, parse_size, read_config_file
 from kvcake.engine.config import ATTENTION_CHOICES, DTYPE_CHOICES
 
+C = TypeVar("C")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -151,9 +152,23 @@ def add_cluster_token_flag(parser: argparse.ArgumentParser) -> None:
                         "prove (default: $KVCAKE_CLUSTER_TOKEN; neither: no authentication)")
 
 
+def config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The tables of ``--config`` (``{}`` without one, or for a command without it)."""
+    path = getattr(args, "config_file", None)
+    return read_config_file(path) if path else {}
+
+
+def from_flags(args: argparse.Namespace, config: type[C], section: str,
+               **fixed: Any) -> C:
+    """``config`` from its defaults, the ``[section]`` of ``--config``, ``KVCAKE_*``, then
+    ``fixed`` and the flags given (:func:`kvcake.common.config.load_config`)."""
+    return load_config(config, section, {**fixed, **config_values(args, config)},
+                       file=config_file(args))
+
+
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """What every server command takes besides its config's flags: a config file (read
-    into ``args.file`` by :func:`kvcake.cli.main`), a ready file, and the cluster token."""
+    """What every server command takes besides its config's flags: a config file
+    (:func:`config_file`), a ready file, and the cluster token."""
     parser.add_argument("--config", dest="config_file", metavar="PATH",
                         help="TOML file with a table per config section (flags override it)")
     parser.add_argument("--ready-file", default="", metavar="PATH",

@@ -247,7 +247,7 @@ def test_the_conductor_flag_sets_the_body_limit(monkeypatch: pytest.MonkeyPatch)
 
     seen: list[ConductorServerConfig] = []
     monkeypatch.setattr(kvcake.conductor.run, "run_conductor",
-                        lambda config, policy: seen.append(config))
+                        lambda config, policy, ready_file: seen.append(config))
     args = build_parser().parse_args(["conductor", "--max-body-size", "64KiB"])
     assert args.run(args) == 0
     assert seen[0].max_body_bytes == 64 << 10

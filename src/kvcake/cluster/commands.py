@@ -12,9 +12,9 @@ from kvcake.cli_flags import (
     add_config_flags,
     add_server_flags,
     config_values,
+    from_flags,
 )
 from kvcake.cluster.up import ClusterSpec
-from kvcake.common.config import load_config
 from kvcake.conductor.admission import ADMISSIONS
 from kvcake.conductor.config import DECODE_FAILURE_CHOICES, ConductorConfig, ConductorServerConfig
 from kvcake.conductor.policy import POLICIES
@@ -29,10 +29,8 @@ if TYPE_CHECKING:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from kvcake.worker.run import run_worker
 
-    config = load_config(WorkerConfig, "worker", config_values(args, WorkerConfig),
-                         file=args.file)
-    engine = load_config(EngineConfig, "engine", config_values(args, EngineConfig),
-                         file=args.file)
+    config = from_flags(args, WorkerConfig, "worker")
+    engine = from_flags(args, EngineConfig, "engine")
     run_worker(config, engine, args.ready_file)
     return 0
 
@@ -52,11 +50,9 @@ def _add_worker(commands: Subparsers) -> None:
 def _cmd_conductor(args: argparse.Namespace) -> int:
     from kvcake.conductor.run import run_conductor
 
-    config = load_config(ConductorServerConfig, "conductor",
-                         config_values(args, ConductorServerConfig), file=args.file)
+    config = from_flags(args, ConductorServerConfig, "conductor")
     # instances exchange prefixes through the store, never cache to cache
-    policy = load_config(ConductorConfig, "policy", {
-        "pull_from_instances": False, **config_values(args, ConductorConfig)}, file=args.file)
+    policy = from_flags(args, ConductorConfig, "policy", pull_from_instances=False)
     run_conductor(config, policy, args.ready_file)
     return 0
 

@@ -18,7 +18,7 @@ import torch
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.config import EngineConfig
-from kvcake.engine.kv.connector import StoreConnector, connect_store
+from kvcake.engine.kv.connector import StoreConnector, connect_store, paged_layers
 from kvcake.engine.kv.format import BlockLayout
 from kvcake.engine.kv.manager import KVCacheManager
 from kvcake.engine.kv.transfer import kv_cache_in
@@ -139,7 +139,8 @@ class EngineCore:
                              cfg.block_size, self.fingerprint)
         host = self.transfer.config.host if self.transfer is not None else None
         store, engine = connect_store(cfg.store_master, cfg.store_segment_size, host, cfg.tenant)
-        return StoreConnector(store, engine, layout, self.runner.kv_cache)
+        return StoreConnector(store, engine, layout,
+                              paged_layers(self.runner.kv_cache, cfg.block_size))
 
     def close(self) -> None:
         """Finish pending saves and leave the store (the model itself needs no closing)."""

@@ -10,6 +10,7 @@ from kvcake.model.config import ModelConfig
 from kvcake.model.files import (
     PACKAGED_MODEL,
     ModelFiles,
+    directory_digest,
     packaged_gguf,
     resolve_model,
     safetensors_files,
@@ -19,6 +20,7 @@ __all__ = [
     "PACKAGED_MODEL",
     "ModelConfig",
     "ModelFiles",
+    "directory_digest",
     "packaged_gguf",
     "resolve_model",
     "safetensors_files",

@@ -191,6 +191,14 @@ def safetensors_files(path: Path) -> list[Path]:
     return [single] if single.is_file() else sorted(path.glob("*.safetensors"))
 
 
+def directory_digest(path: Path) -> str:
+    """Names a model directory's contents, for any architecture: its ``config.json`` and the
+    fingerprint of its weights (:func:`_directory_digest`)."""
+    _check_directory(str(path), path)
+    config = (path / "config.json").read_bytes()
+    return hashlib.sha256(config + _directory_digest(safetensors_files(path)).encode()).hexdigest()
+
+
 def _directory_digest(paths: list[Path]) -> str:
     """A cheap fingerprint of safetensors files (not a content hash): each file's name, size
     and JSON header (tensor names, dtypes, shapes, offsets), plus evenly spaced samples of its

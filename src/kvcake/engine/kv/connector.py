@@ -45,19 +45,30 @@ class ConnectorStats:
     failed_blocks: int = 0
 
 
+def paged_layers(kv_cache: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """kvcake's KV cache ``(num_layers, 2, num_slots, num_kv_heads, head_dim)`` as one view
+    per layer indexed by block: ``(num_blocks, 2, block_size, num_kv_heads, head_dim)``."""
+    num_layers, _, num_slots = kv_cache.shape[:3]
+    blocks = kv_cache.view(num_layers, 2, num_slots // block_size, block_size,
+                           *kv_cache.shape[3:])
+    return list(blocks.transpose(1, 2).unbind(0))
+
+
 class StoreConnector:
-    """Implements the scheduler's ``KVConnector`` protocol over an :class:`AsyncStore`."""
+    """Implements the scheduler's ``KVConnector`` protocol over an :class:`AsyncStore`.
+
+    ``layers``: one tensor per layer whose first index is the block id; a stored block is
+    every layer's ``layer[block_id]``, in layer order (kvcake's engine: :func:`paged_layers`;
+    vLLM's: its per-layer cache tensors, whose bytes inside a block stay opaque)."""
 
     def __init__(self, store: AsyncStore, engine: TransferEngine, layout: BlockLayout,
-                 kv_cache: torch.Tensor, staging_blocks: int = 256) -> None:
+                 layers: list[torch.Tensor], staging_blocks: int = 256) -> None:
         self.store = store
         self.transfer = engine
         self.io = engine.io
         self.layout = layout
-        num_layers, _, num_slots = kv_cache.shape[:3]
-        # (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        self.blocks = kv_cache.view(num_layers, 2, num_slots // layout.block_size,
-                                    layout.block_size, *kv_cache.shape[3:])
+        self.layers = layers
+        self._block_shape = (len(layers), *layers[0].shape[1:])
         self._buffer = bytearray(1) * (staging_blocks * layout.record_bytes)  # pre-touched
         self._free = list(range(staging_blocks))
         self._verifier = ThreadPoolExecutor(2, thread_name_prefix="kv-verify")
@@ -140,7 +151,8 @@ class StoreConnector:
 
     def _copy_in(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
         for block_id, slot in zip(block_ids, slots, strict=True):
-            self.blocks[:, :, block_id].copy_(self._block_view(slot))
+            for layer, staged in zip(self.layers, self._block_view(slot), strict=True):
+                layer[block_id].copy_(staged)
 
     def _reject(self, key: str, problem: str, code: int) -> None:
         self.stats.rejected_blocks += 1
@@ -157,7 +169,8 @@ class StoreConnector:
     # -- saving --------------------------------------------------------------------------
 
     def _stage(self, slot: int, block_id: int, block_hash: bytes) -> memoryview:
-        self._block_view(slot).copy_(self.blocks[:, :, block_id])
+        for layer, staged in zip(self.layers, self._block_view(slot), strict=True):
+            staged.copy_(layer[block_id])
         record = self._record(slot)
         record[:HEADER_BYTES] = self.layout.pack_header(block_hash, record[HEADER_BYTES:])
         return record
@@ -194,11 +207,11 @@ class StoreConnector:
         start = slot * self.layout.record_bytes + HEADER_BYTES
         raw = torch.frombuffer(self._buffer, dtype=torch.uint8, offset=start,
                                count=self.layout.payload_bytes)
-        return raw.view(self.blocks.dtype)
+        return raw.view(self.layers[0].dtype)
 
     def _block_view(self, slot: int) -> torch.Tensor:
-        # (num_layers, 2, block_size, num_kv_heads, head_dim)
-        return self._payload(slot).view(self.blocks[:, :, 0].shape)
+        # (num_layers, *one layer's block)
+        return self._payload(slot).view(self._block_shape)
 
     def _take_slots(self, count: int, wait: bool) -> list[int]:
         while True:

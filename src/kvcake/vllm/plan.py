@@ -1,0 +1,119 @@
+"""The scheduler side of kvcake's vLLM connector, without vLLM: which blocks of each request
+come from the store before a step, and which go to it after. No I/O, no torch.
+
+A prompt's blocks, as vLLM hashes them (``request.block_hashes``, one per full block)::
+
+    block      0        1        2        3      (4: partial, never stored)
+    tokens   [0,128) [128,256) [256,384) [384,512) [512,530)
+             |<- local cache ->|<- store hit ---->|<- computed -------->
+                                                  ^ loadable: never the block holding the
+                                                    prompt's last token, whose logits start
+                                                    the output
+
+A step's plan (:class:`StepPlan`) lists loads (store -> the blocks just allocated, before the
+forward pass) and saves (every prompt block that becomes full in this step and is not known
+to be stored yet). Decode-time blocks are not saved: the store holds prompts' prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+def loadable_blocks(num_prompt_tokens: int, block_size: int) -> int:
+    """Full prompt blocks that may come from the store (the last token is always computed)."""
+    return max(num_prompt_tokens - 1, 0) // block_size
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """Consecutive blocks of one request: vLLM block ids and their prefix hashes, in order."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    block_hashes: tuple[bytes, ...]
+
+
+@dataclass
+class StepPlan:
+    """What the workers do around one forward pass: ``loads`` before it, ``saves`` after."""
+
+    loads: list[BlockRun] = field(default_factory=list)
+    saves: list[BlockRun] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    block_hashes: Sequence[bytes]  # vLLM's own list: it grows as blocks fill
+    num_prompt_tokens: int
+    saved_blocks: int = 0  # blocks [0, saved) are stored or on their way
+    load: tuple[int, int] | None = None  # (first block, count) for the next step
+
+
+class StorePlan:
+    """Per-request bookkeeping of the scheduler-side connector."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._requests: dict[str, _Tracked] = {}
+
+    def lookup(self, request_id: str, block_hashes: Sequence[bytes], num_prompt_tokens: int,
+               num_computed_tokens: int) -> tuple[int, int]:
+        """Track the request; the block range ``[first, stop)`` worth asking the store about
+        (empty when the local cache already covers every loadable block)."""
+        tracked = self._requests.setdefault(request_id, _Tracked(block_hashes,
+                                                                 num_prompt_tokens))
+        tracked.block_hashes = block_hashes  # a resumed request keeps its list
+        stop = min(loadable_blocks(num_prompt_tokens, self.block_size), len(block_hashes))
+        first = min(num_computed_tokens // self.block_size, stop)
+        return first, stop
+
+    def matched_tokens(self, num_computed_tokens: int, first: int, hits: int) -> int:
+        """Tokens the store adds after the ``hits`` leading blocks from ``first`` exist."""
+        return max((first + hits) * self.block_size - num_computed_tokens, 0)
+
+    def allocated(self, request_id: str, num_computed_tokens: int,
+                  num_external_tokens: int) -> None:
+        """vLLM gave the request blocks for ``num_external_tokens`` store tokens."""
+        tracked = self._requests.get(request_id)
+        if tracked is None or num_external_tokens <= 0:
+            return
+        first = num_computed_tokens // self.block_size
+        count = num_external_tokens // self.block_size
+        tracked.load = (first, count)
+        tracked.saved_blocks = max(tracked.saved_blocks, first + count)  # already stored
+
+    def step(self, scheduled: dict[str, int], computed: Callable[[str], int],
+             block_ids: Callable[[str], Sequence[int]]) -> StepPlan:
+        """The plan of a step: ``scheduled`` maps each request to its tokens this step,
+        ``computed`` gives a request's computed tokens before it, ``block_ids`` its blocks."""
+        plan = StepPlan()
+        for request_id, tracked in self._requests.items():
+            if request_id not in scheduled:
+                continue
+            ids = block_ids(request_id)
+            if tracked.load is not None:
+                plan.loads.append(self._run(request_id, tracked, ids, *tracked.load))
+                tracked.load = None
+            done = computed(request_id) + scheduled[request_id]
+            full = min(done, tracked.num_prompt_tokens) // self.block_size
+            full = min(full, len(tracked.block_hashes), len(ids))
+            if full > tracked.saved_blocks:
+                first = tracked.saved_blocks
+                plan.saves.append(self._run(request_id, tracked, ids, first, full - first))
+                tracked.saved_blocks = full
+        return plan
+
+    @staticmethod
+    def _run(request_id: str, tracked: _Tracked, ids: Sequence[int], first: int,
+             count: int) -> BlockRun:
+        stop = first + count
+        return BlockRun(request_id, tuple(ids[first:stop]),
+                        tuple(tracked.block_hashes[first:stop]))
+
+    def finished(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._requests)

@@ -1,0 +1,77 @@
+"""The scheduler side of kvcake's vLLM connector, without vLLM: lookups, loads and saves."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcake.common.errors import InvalidParamsError
+from kvcake.vllm.config import VllmConnectorConfig, connector_config
+from kvcake.vllm.plan import BlockRun, StorePlan, loadable_blocks
+
+BS = 4
+HASHES = [bytes([i]) * 32 for i in range(8)]  # a 30-token prompt: 7 full blocks
+
+
+def test_the_block_holding_the_last_prompt_token_is_never_loaded() -> None:
+    assert [loadable_blocks(n, BS) for n in (1, 4, 5, 8, 9, 30)] == [0, 0, 1, 1, 2, 7]
+
+
+def test_a_lookup_starts_after_the_local_cache_and_stops_before_the_last_token() -> None:
+    plan = StorePlan(BS)
+    assert plan.lookup("r", HASHES[:7], 30, num_computed_tokens=8) == (2, 7)
+    assert plan.matched_tokens(8, first=2, hits=3) == 12  # blocks 2, 3, 4 from the store
+    assert plan.lookup("s", HASHES[:2], 8, num_computed_tokens=4) == (1, 1)  # nothing to ask
+
+
+def test_a_hit_is_loaded_in_the_next_step_and_never_saved_again() -> None:
+    plan = StorePlan(BS)
+    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.allocated("r", num_computed_tokens=0, num_external_tokens=12)
+    ids = list(range(100, 108))
+    step = plan.step({"r": 18}, lambda _: 12, lambda _: ids)
+    assert step.loads == [BlockRun("r", (100, 101, 102), tuple(HASHES[:3]))]
+    assert step.saves == [BlockRun("r", (103, 104, 105, 106), tuple(HASHES[3:7]))]
+    assert plan.step({"r": 1}, lambda _: 30, lambda _: ids).saves == []  # decode: nothing
+
+
+def test_chunked_prefill_saves_each_block_once_as_it_fills() -> None:
+    plan = StorePlan(BS)
+    plan.lookup("r", HASHES[:7], 30, 0)
+    ids = list(range(8))
+    first = plan.step({"r": 10}, lambda _: 0, lambda _: ids)
+    second = plan.step({"r": 10}, lambda _: 10, lambda _: ids)
+    third = plan.step({"r": 10}, lambda _: 20, lambda _: ids)
+    assert [run.block_ids for s in (first, second, third) for run in s.saves] == [
+        (0, 1), (2, 3, 4), (5, 6)]
+    assert first.loads == second.loads == third.loads == []
+
+
+def test_a_preempted_request_resumes_without_saving_twice_and_finishing_forgets_it() -> None:
+    plan = StorePlan(BS)
+    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.step({"r": 12}, lambda _: 0, lambda _: list(range(8)))
+    assert plan.lookup("r", HASHES[:7], 30, 0) == (0, 7)  # preempted: asked again
+    plan.allocated("r", 0, 12)
+    step = plan.step({"r": 18}, lambda _: 12, lambda _: list(range(20, 28)))
+    assert [run.block_ids for run in step.loads] == [(20, 21, 22)]
+    assert [run.block_ids for run in step.saves] == [(23, 24, 25, 26)]
+    plan.finished("r")
+    assert len(plan) == 0
+    assert plan.step({"r": 1}, lambda _: 0, lambda _: []).saves == []
+
+
+def test_unscheduled_and_untracked_requests_plan_nothing() -> None:
+    plan = StorePlan(BS)
+    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.allocated("ghost", 0, 8)
+    assert plan.step({"other": 4}, lambda _: 0, lambda _: []).saves == []
+
+
+def test_the_connector_settings_come_from_extra_config_with_sizes_as_text() -> None:
+    config = connector_config({"master": "10.0.0.1:50051", "segment_size": "64MiB"})
+    assert config == VllmConnectorConfig("10.0.0.1:50051", segment_size=64 << 20)
+    with pytest.raises(InvalidParamsError, match=r"unknown \[kv_connector_extra_config\] "
+                       r"keys \['mastr'\]"):
+        connector_config({"mastr": "x:1"})
+    with pytest.raises(InvalidParamsError, match="master must be HOST:PORT"):
+        connector_config({"master": "nohost"})
