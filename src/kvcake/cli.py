@@ -82,7 +82,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
-    from kvcake.bench.vllm import run_vllm_bench
+    from kvcake.bench.vllm_bench import run_vllm_bench
 
     return run_vllm_bench(args.quick, args.json, args.vllm_python, args.lengths)
 
