@@ -87,6 +87,7 @@ def _corrupt(master: str, key: str) -> None:
         client.close()
 
 
+@pytest.mark.timeout(900)  # two vLLM processes start (~40 s each) and prefill 1,600 tokens
 def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_blocks(
         store: tuple[str, str, ServerProcess, ServerProcess]) -> None:
     master, metrics, master_process, node = store
@@ -119,6 +120,7 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
     assert "store lookup failed, computing instead" in errors, errors[-3000:]
 
 
+@pytest.mark.timeout(300)  # vLLM loads its model before it builds the connector
 def test_a_load_failure_policy_other_than_recompute_stops_vllm_at_start() -> None:
     instance = _instance("127.0.0.1:9", "fail")
     assert not instance.ready()
