@@ -21,10 +21,10 @@ except ImportError:
 from kvcake.common import codec, frames
 from kvcake.common.errors import ProtocolError
 from kvcake.common.frames import FrameHeader, FrameReceiver
-from kvcake.conductor.messages import ConductorRequest
-from kvcake.store.messages import MasterRequest
 from kvcake.transfer.messages import TransferCall
-from kvcake.worker.messages import WorkerRequest
+from kvcake.wire.conductor import ConductorRequest
+from kvcake.wire.store import MasterRequest
+from kvcake.wire.worker import WorkerRequest
 
 # coverage from the decoders only (instrumenting every import would take in torch)
 for _name, _fn in vars(FrameReceiver).items():
