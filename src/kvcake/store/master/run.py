@@ -2,7 +2,9 @@
 
 With ``--etcd`` a master is a standby until it wins the election, leads until its term ends
 (then campaigns again, with a fresh state) or it is signalled (then it resigns, so a standby
-takes over at once); see :mod:`kvcake.store.master.ha`.
+takes over at once); see :mod:`kvcake.store.master.ha`. A standby's HTTP port answers
+``/health`` with 503 (:func:`kvcake.store.master.admin.standby_routes`); when that port is
+taken (a leader on the same host, same port) it campaigns without one.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import contextlib
 from kvcake.common.aio import run_main
 from kvcake.common.errors import KvcakeError, MetadataError
 from kvcake.common.etcd import etcd_client
+from kvcake.common.http import TextHttpServer
 from kvcake.common.lifespan import Lifespan
 from kvcake.common.log import get_logger
 from kvcake.store.leader import split_etcd_url
+from kvcake.store.master.admin import standby_routes
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.ha import LeaderElection, Persistence, load_journal
 from kvcake.store.master.journal import restore
@@ -50,11 +54,29 @@ async def _ha_master_main(config: MasterConfig, life: Lifespan) -> None:
     client = etcd_client(address)
     life.on_stop("the etcd client", client.close)
     while not life.stopping.is_set():
+        http, metrics = await _standby_http(config)
         life.announce(f"kvcake master standby: campaigning in etcd {address} {layout.prefix}",
-                      {"etcd": config.etcd})
+                      {"etcd": config.etcd, **({"metrics": metrics} if metrics else {})})
         election = LeaderElection(client, layout, config.leader_ttl_s)
-        if await _campaign(election, life.stopping):
+        try:
+            won = await _campaign(election, life.stopping)
+        finally:
+            if http is not None:
+                await http.shutdown()  # the leader's server binds the port next
+        if won:
             await _lead(config, election, life)
+
+
+async def _standby_http(config: MasterConfig) -> tuple[TextHttpServer | None, str]:
+    """The standby's HTTP server and its endpoint; none when the port is off or taken."""
+    if config.metrics_port < 0:
+        return None, ""
+    http = TextHttpServer(standby_routes(), config.host, config.metrics_port)
+    try:
+        return http, await http.startup()
+    except OSError as exc:
+        log.warning("standby: no HTTP port (%s); campaigning without one", exc)
+        return None, ""
 
 
 async def _campaign(election: LeaderElection, stopping: asyncio.Event) -> bool:

@@ -1,5 +1,6 @@
 """The master process: :class:`MasterService` behind an RPC server, a sweep timer, the
-disk-tier task runner and ``/metrics``.
+disk-tier task runner, and ``/metrics``, ``/health`` and Mooncake's admin endpoints over HTTP
+(:mod:`kvcake.store.master.admin`).
 
 All state changes happen on the event loop thread, one request at a time, so the service
 needs no locks. Disk-tier tasks (offload, promote, drop) are sent to the owning node's
@@ -20,9 +21,10 @@ from kvcake.common import codec
 from kvcake.common.aio import TaskSet
 from kvcake.common.auth import cluster_auth
 from kvcake.common.errors import ErrorCode, KvcakeError
-from kvcake.common.http import TextHttpServer
+from kvcake.common.http import HttpReply, Route, Routes, TextHttpServer, text_reply
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
+from kvcake.store.master import admin
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.grants import ReplicaGrants
 from kvcake.store.master.ha import Persistence
@@ -56,8 +58,7 @@ class MasterServer:
     def __init__(self, config: MasterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.service = MasterService(config, clock)
-        self._http = (TextHttpServer({"/metrics": self.metrics_text, "/health": lambda: "ok\n"},
-                                     config.host, config.metrics_port)
+        self._http = (TextHttpServer(self._http_routes(), config.host, config.metrics_port)
                       if config.metrics_port >= 0 else None)
         self._requests: dict[str, int] = {}
         self._nodes: dict[str, RpcClient] = {}
@@ -107,10 +108,37 @@ class MasterServer:
     def metrics_text(self) -> str:
         return render_metrics(self.service.stats(), self.service.counters, self._requests)
 
+    @property
+    def role(self) -> admin.Role:
+        return admin.Role.SINGLE if self.persistence is None else admin.Role.LEADER
+
+    def serving(self) -> bool:
+        """Whether requests are served: always, unless an HA leader's term is unconfirmed."""
+        return self.persistence is None or self.persistence.election.confirmed()
+
+    # ----- HTTP
+    def _http_routes(self) -> Routes:
+        service = self.service
+        reads: dict[str, Route] = {
+            "/query_key": lambda query: admin.query_key(service, query),
+            "/batch_query_keys": lambda query: admin.batch_query_keys(service, query),
+            "/get_all_keys": lambda _: admin.all_keys(service),
+            "/get_all_segments": lambda _: admin.all_segments(service),
+        }
+        return {**{path: self._while_serving(route) for path, route in reads.items()},
+                "/metrics": lambda _: text_reply(self.metrics_text()),
+                "/metrics/summary": lambda _: admin.metrics_summary(service, self.role),
+                "/health": lambda _: admin.health(self.role, self.serving())}
+
+    def _while_serving(self, route: Route) -> Route:
+        def guarded(query: str) -> HttpReply:
+            return route(query) if self.serving() else admin.unavailable(self.role)
+        return guarded
+
     # ----- dispatch
     def _admit(self, request: m.MasterRequest) -> None:
         """Before any handler: only a confirmed leader serves; count; drop dead owners."""
-        if self.persistence is not None and not self.persistence.election.confirmed():
+        if not self.serving():
             raise KvcakeError("this master's term as leader is not confirmed; ask the leader "
                               "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
         name = type(request).__name__
