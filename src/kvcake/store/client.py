@@ -10,8 +10,10 @@
 
 Bytes move with the transfer engine: same-host replicas through ``shm`` (a memcpy from the
 node's mapping straight into the caller's buffer), others over ``tcp`` (received straight
-into it). Batch methods answer one int per key (bytes or 0 on success, a negative Mooncake
-code on failure); single-key methods raise :class:`KvcakeError`.
+into it). A value may come from or go to several buffers (``*_parts``), or be read in byte
+ranges (:meth:`AsyncStore.read_ranges`); see :mod:`kvcake.store.pieces`. Batch methods
+answer one int per key (bytes or 0 on success, a negative Mooncake code on failure);
+single-key methods raise :class:`KvcakeError`.
 """
 
 from __future__ import annotations
@@ -19,27 +21,37 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.config import StoreConfig
 from kvcake.store.node import NodeServer
+from kvcake.store.pieces import Piece, as_bytes, check_parts, concatenated, lay_out
+from kvcake.store.replicate import AnyConfig, as_wire
 from kvcake.store.session import MasterSession
 from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
 from kvcake.transfer.config import TransferConfig
 from kvcake.wire import store as m
-from kvcake.wire.store import ReplicaHandle, ReplicateConfig
+from kvcake.wire.store import ReplicaHandle
 
 log = get_logger(__name__)
 
 Buffer = bytes | bytearray | memoryview
+Range = tuple[str, int, memoryview]  # key, offset in its value, destination
+
+
+class Staging(Protocol):
+    """A byte budget values are read through (Mooncake's local buffer)."""
+
+    def take(self, nbytes: int) -> bool: ...
+    def give(self, nbytes: int) -> None: ...
 
 
 def as_view(value: Buffer) -> memoryview:
-    view = memoryview(value)
-    if not view.c_contiguous:
-        raise InvalidParamsError("store values must be C-contiguous buffers")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return as_bytes(memoryview(value))
 
 
 class AsyncStore:
@@ -88,30 +100,47 @@ class AsyncStore:
         return self.session, self.engine
 
     # ----- writes
-    async def put(self, key: str, value: Buffer, config: ReplicateConfig | None = None) -> None:
+    async def put(self, key: str, value: Buffer, config: AnyConfig | None = None) -> None:
         _raise_code(key, (await self.batch_put_from([key], [as_view(value)], config))[0])
 
-    async def put_from(self, key: str, view: memoryview,
-                       config: ReplicateConfig | None = None) -> None:
+    async def put_from(self, key: str, view: memoryview, config: AnyConfig | None = None) -> None:
         await self.put(key, view, config)
 
+    async def upsert(self, key: str, value: Buffer, config: AnyConfig | None = None) -> None:
+        """Store ``value`` under ``key``, replacing what is there (see
+        :meth:`batch_put_parts`)."""
+        codes = await self.batch_put_parts([key], [[as_view(value)]], config, upsert=True)
+        _raise_code(key, codes[0])
+
     async def put_batch(self, keys: Sequence[str], values: Sequence[Buffer],
-                        config: ReplicateConfig | None = None) -> list[int]:
+                        config: AnyConfig | None = None) -> list[int]:
         return await self.batch_put_from(keys, [as_view(v) for v in values], config)
 
     async def batch_put_from(self, keys: Sequence[str], views: Sequence[memoryview],
-                             config: ReplicateConfig | None = None) -> list[int]:
+                             config: AnyConfig | None = None) -> list[int]:
         """Insert-if-absent each key; 0 when stored (or already there), else a code."""
+        if len(keys) != len(views):
+            raise InvalidParamsError(f"{len(keys)} keys but {len(views)} buffers")
+        return await self.batch_put_parts(keys, [[v] for v in views], config)
+
+    async def batch_put_parts(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]],
+                              config: AnyConfig | None = None,
+                              upsert: bool = False) -> list[int]:
+        """Store each key's value, the concatenation of its ``parts``; 0 when stored, else a
+        code. Without ``upsert`` a key that exists is kept (and answers 0: nothing to
+        write); with it, it is replaced (its group and pins carried over, see
+        :mod:`kvcake.store.master.puts`)."""
         session, _ = self._live()
-        _check_batch(keys, views)
-        sizes = [v.nbytes for v in views]
-        started = await session.call(
-            m.PutStart(session.client_id, list(keys), sizes, config or ReplicateConfig()),
-            m.PutStartReply)
+        check_parts(keys, parts)
+        sizes = [sum(v.nbytes for v in views) for views in parts]
+        started = await session.call(m.PutStart(session.client_id, list(keys), sizes,
+                                                as_wire(config, len(keys)), upsert),
+                                     m.PutStartReply)
         codes = [0 if c == ErrorCode.OBJECT_ALREADY_EXISTS else c for c in started.codes]
         todo = [i for i, c in enumerate(started.codes) if c == 0]
-        writes = [(i, h) for i in todo for h in started.replicas[i]]
-        failed = await self._move(TransferOp.WRITE, [(h, views[i]) for i, h in writes])
+        writes = [(i, _shifted(h, offset), view) for i in todo for h in started.replicas[i]
+                  for offset, view in concatenated(parts[i])]
+        failed = await self._move(TransferOp.WRITE, [(h, v) for _, h, v in writes])
         bad = {writes[j][0] for j in failed}
         for i in bad:
             codes[i] = ErrorCode.TRANSFER_FAIL
@@ -142,21 +171,23 @@ class AsyncStore:
         _raise_code(key, result)
         return result
 
-    async def get_batch(self, keys: Sequence[str]) -> list[bytes | int]:
-        """Each key's bytes, or its negative code; one master round trip for all."""
-        session, _ = self._live()
-        deadline = time.monotonic()
-        found = await session.call(m.GetReplicas(list(keys), session.client_id), m.GetReplicasReply)
-        deadline += found.waited_s + found.lease_ttl_s
+    async def get_batch(self, keys: Sequence[str],
+                        staging: Staging | None = None) -> list[bytes | int]:
+        """Each key's bytes, or its negative code; one master round trip for all. With
+        ``staging``, a value it has no room for answers ``INVALID_PARAMS``."""
+        found, deadline = await self._find(keys)
+        taken = _stage(found, staging)
         total = sum(s for c, s in zip(found.codes, found.sizes, strict=True) if c == 0)
         use_scratch = not self._scratch_busy and total <= self._scratch.nbytes
         self._scratch_busy |= use_scratch
         try:
             views = self._value_views(found, use_scratch)
-            results = await self._read_found(found, views, deadline)
+            results = await self._read_found(found, [[v] for v in views], deadline)
             return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
         finally:
             self._scratch_busy &= not use_scratch
+            if staging is not None:
+                staging.give(taken)
 
     def _value_views(self, found: m.GetReplicasReply, use_scratch: bool) -> list[memoryview]:
         views, position = [], 0
@@ -173,38 +204,85 @@ class AsyncStore:
                              views: Sequence[memoryview]) -> list[int]:
         """Read each key into its view; bytes read, or a negative code. A read that finishes
         after its lease ran out answers ``LEASE_EXPIRED``: its bytes may be stale."""
-        session, _ = self._live()
-        _check_batch(keys, views)
-        deadline = time.monotonic()
-        found = await session.call(m.GetReplicas(list(keys), session.client_id), m.GetReplicasReply)
-        deadline += found.waited_s + found.lease_ttl_s  # leased no earlier than this
-        return await self._read_found(found, views, deadline)
+        if len(keys) != len(views):
+            raise InvalidParamsError(f"{len(keys)} keys but {len(views)} buffers")
+        return await self.batch_get_into_parts(keys, [[v] for v in views])
 
-    async def _read_found(self, found: m.GetReplicasReply, views: Sequence[memoryview],
-                          deadline: float) -> list[int]:
+    async def batch_get_into_parts(self, keys: Sequence[str],
+                                   parts: Sequence[Sequence[memoryview]]) -> list[int]:
+        """Read each key's value into its ``parts`` in order (the last ones may stay
+        unused); bytes read, or a code (``BUFFER_OVERFLOW`` when they hold less)."""
+        self._live()
+        check_parts(keys, parts)
+        found, deadline = await self._find(keys)
+        return await self._read_found(found, parts, deadline)
+
+    async def read_ranges(self, ranges: Sequence[Range]) -> list[int]:
+        """Read byte ranges of values: each ``(key, offset, view)`` fills ``view`` from the
+        value's byte ``offset``; bytes read, or a code (``INVALID_PARAMS`` for a range past
+        the value's end). One master round trip for all keys."""
+        keys = list(dict.fromkeys(key for key, _, _ in ranges))
+        found, deadline = await self._find(keys)
+        index = {key: i for i, key in enumerate(keys)}
+        results: list[int] = [0] * len(ranges)
+        pieces: dict[int, list[Piece]] = {}
+        owners: dict[int, list[int]] = {}
+        for j, (key, offset, view) in enumerate(ranges):
+            i = index[key]
+            if found.codes[i] != 0 or offset < 0 or offset + view.nbytes > found.sizes[i]:
+                results[j] = found.codes[i] or ErrorCode.INVALID_PARAMS
+                continue
+            if not view.nbytes:
+                continue  # nothing to move: 0 bytes read
+            pieces.setdefault(i, []).append((offset, view))
+            owners.setdefault(i, []).append(j)
+        codes = await self._read_pieces(found, pieces, deadline)
+        for i, js in owners.items():
+            for j in js:
+                results[j] = codes[i] or ranges[j][2].nbytes
+        return results
+
+    async def _find(self, keys: Sequence[str]) -> tuple[m.GetReplicasReply, float]:
+        """Replicas (leased) of ``keys``, and the time their leases run out."""
+        session, _ = self._live()
+        deadline = time.monotonic()
+        found = await session.call(m.GetReplicas(list(keys), session.client_id),
+                                   m.GetReplicasReply)
+        return found, deadline + found.waited_s + found.lease_ttl_s  # leased no earlier
+
+    async def _read_found(self, found: m.GetReplicasReply,
+                          parts: Sequence[Sequence[memoryview]], deadline: float) -> list[int]:
         results = list(found.codes)
+        pieces: dict[int, list[Piece]] = {}
         for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
-            if code == 0 and size > views[i].nbytes:
+            laid = lay_out(parts[i], size) if code == 0 else None
+            if code == 0 and laid is None:
                 results[i] = ErrorCode.BUFFER_OVERFLOW
-        pending = {i: self._ranked(found.replicas[i]) for i, c in enumerate(results) if c == 0}
-        await self._read_with_fallback(pending, found.sizes, views, results)
-        late = time.monotonic() > deadline
-        return [(ErrorCode.LEASE_EXPIRED if late else found.sizes[i]) if c == 0 else int(c)
+            elif laid is not None:
+                pieces[i] = laid
+        codes = await self._read_pieces(found, pieces, deadline)
+        return [codes[i] or found.sizes[i] if i in pieces else int(c)
                 for i, c in enumerate(results)]
 
-    async def _read_with_fallback(self, pending: dict[int, list[ReplicaHandle]],
-                                  sizes: list[int], views: Sequence[memoryview],
-                                  results: list[int]) -> None:
-        """Read from each key's best replica; on a failure try its next one."""
+    async def _read_pieces(self, found: m.GetReplicasReply, pieces: dict[int, list[Piece]],
+                           deadline: float) -> dict[int, int]:
+        """Read each key's pieces from its best replica, trying the next one after a
+        failure; 0 per key when done in time, else a code."""
+        codes = dict.fromkeys(pieces, 0)
+        pending = {i: self._ranked(found.replicas[i]) for i in pieces}
         while pending:
             order = list(pending)
-            reads = [(pending[i].pop(0), views[i][: sizes[i]]) for i in order]
-            failed = set(await self._move(TransferOp.READ, reads))
-            for j, i in enumerate(order):
-                if j not in failed or not pending[i]:
-                    if j in failed:
-                        results[i] = ErrorCode.TRANSFER_FAIL
+            chosen = {i: pending[i].pop(0) for i in order}
+            reads = [(i, _shifted(chosen[i], offset), view) for i in order
+                     for offset, view in pieces[i]]
+            failed = {reads[j][0] for j in await self._move(TransferOp.READ,
+                                                             [(h, v) for _, h, v in reads])}
+            for i in order:
+                if i not in failed or not pending[i]:
+                    codes[i] = ErrorCode.TRANSFER_FAIL if i in failed else 0
                     del pending[i]
+        late = time.monotonic() > deadline
+        return {i: ErrorCode.LEASE_EXPIRED if late and not c else c for i, c in codes.items()}
 
     def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
         """Same-host replicas first: they are read with a memcpy."""
@@ -261,9 +339,14 @@ class AsyncStore:
         return size
 
     async def batch_get_size(self, keys: Sequence[str]) -> list[int]:
-        session, _ = self._live()
-        found = await session.call(m.GetReplicas(list(keys), session.client_id), m.GetReplicasReply)
+        found, _ = await self._find(keys)
         return [s if c == 0 else c for c, s in zip(found.codes, found.sizes, strict=True)]
+
+    async def query_replicas(self, keys: Sequence[str]) -> m.QueryReplicasReply:
+        """Every readable replica of each key, any tier (leases them, as a get does)."""
+        session, _ = self._live()
+        return await session.call(m.QueryReplicas(list(keys), session.client_id),
+                                  m.QueryReplicasReply)
 
     async def remove(self, key: str, force: bool = False) -> None:
         _raise_code(key, (await self.batch_remove([key], force))[0])
@@ -277,19 +360,40 @@ class AsyncStore:
         session, _ = self._live()
         return (await session.call(m.RemoveAll(force, session.client_id), m.CountReply)).count
 
+    async def remove_by_regex(self, pattern: str, force: bool = False) -> int:
+        """Remove this tenant's keys that ``pattern`` (Python ``re``) matches; how many."""
+        session, _ = self._live()
+        request = m.RemoveByRegex(pattern, force, session.client_id)
+        return (await session.call(request, m.CountReply)).count
+
+    async def replica_clear(self, keys: Sequence[str], segment_name: str = "") -> list[str]:
+        """Drop this client's own objects among ``keys`` whose lease ran out (all replicas,
+        or those on segments named ``segment_name``); the keys dropped."""
+        session, _ = self._live()
+        request = m.ReplicaClear(list(keys), segment_name, session.client_id)
+        return (await session.call(request, m.KeysReply)).keys
+
     async def stats(self) -> m.Stats:
         session, _ = self._live()
         return await session.call(m.GetStats(), m.Stats)
 
 
-def _check_batch(keys: Sequence[str], views: Sequence[memoryview]) -> None:
-    if len(keys) != len(views):
-        raise InvalidParamsError(f"{len(keys)} keys but {len(views)} buffers")
-    for key, view in zip(keys, views, strict=True):
-        if not isinstance(view, memoryview) or view.format != "B" or view.ndim != 1:
-            raise InvalidParamsError("store buffers must be flat byte memoryviews")
-        if view.nbytes == 0:
-            raise InvalidParamsError(f"{key!r}: empty value or buffer (size must be > 0)")
+def _stage(found: m.GetReplicasReply, staging: Staging | None) -> int:
+    """Take room for each found value from ``staging``; a value without room becomes
+    ``INVALID_PARAMS`` (in ``found.codes``). The bytes taken."""
+    taken = 0
+    for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
+        if code == 0 and staging is not None:
+            if staging.take(size):
+                taken += size
+            else:
+                found.codes[i] = ErrorCode.INVALID_PARAMS
+    return taken
+
+
+def _shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:
+    """``handle``, ``delta`` bytes further into its replica (its grant covers the replica)."""
+    return msgspec.structs.replace(handle, offset=handle.offset + delta) if delta else handle
 
 
 def _raise_code(key: str, code: int) -> None:
@@ -314,4 +418,3 @@ _MESSAGES = {
     ErrorCode.INVALID_KEY: "key is empty or too long",
     ErrorCode.INVALID_PARAMS: "size is 0 or larger than any mounted segment, or bad config",
 }
-

@@ -8,13 +8,17 @@ cannot be served comes back as an error frame instead.
 Every list a request carries has a maximum, checked while the call is decoded (before the
 master looks at one element); a longer list gets ``INVALID_PARAMS`` and the master serves on:
 
-==========================  ======================================  ====================
-list                        messages                                maximum
-==========================  ======================================  ====================
-``keys``, ``sizes``         PutStart, PutEnd, PutRevoke,            ``MAX_KEYS_PER_CALL``
-                            GetReplicas, Exist, Remove
-``segment_ids``             DescribeSegments                        ``MAX_SEGMENT_IDS``
-==========================  ======================================  ====================
+==============================  ==================================  ====================
+list                            messages                            maximum
+==============================  ==================================  ====================
+``keys``, ``sizes``             PutStart, PutEnd, PutRevoke,        ``MAX_KEYS_PER_CALL``
+                                GetReplicas, Exist, Remove,
+                                QueryReplicas, ReplicaClear
+``config.group_ids``            PutStart                            ``MAX_KEYS_PER_CALL``
+``config.preferred_segments``   PutStart                            ``MAX_SEGMENT_IDS``
+``segment_ids``                 DescribeSegments                    ``MAX_SEGMENT_IDS``
+``pattern`` (characters)        RemoveByRegex                       ``MAX_PATTERN_CHARS``
+==============================  ==================================  ====================
 
 A reply's lists follow its request's (one entry per key or segment id); a key's replica
 handles are at most ``MAX_HANDLES``. ``Stats.tenants`` alone is the master's to size.
@@ -31,18 +35,32 @@ from kvcake.transfer.segment import SegmentDescriptor
 MAX_KEYS_PER_CALL = 16384  # keys (and sizes) in one call: 4096-byte keys fill MAX_CALL_BYTES
 MAX_SEGMENT_IDS = 4096  # segment ids one DescribeSegments asks about
 MAX_HANDLES = 1024  # replica handles of one key in a reply (replica_num is at most 16)
+MAX_PATTERN_CHARS = 4096  # a remove_by_regex pattern
 Keys = Annotated[list[str], msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
 Sizes = Annotated[list[int], msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
 Codes = Sizes
 
 
+SOFT_PIN_PRESERVE, SOFT_PIN_ENABLE, SOFT_PIN_DISABLE = 0, 1, 2  # Mooncake's SoftPinAction
+
+
 class ReplicateConfig(msgspec.Struct):
-    """How to store a put (Mooncake's ``ReplicateConfig``).
+    """How to store a put (Mooncake's ``ReplicateConfig``, as it travels; the Python API's
+    richer class is :class:`kvcake.store.ReplicateConfig`).
 
     replica_num: copies on distinct segments (best effort when fewer segments have room).
-    with_soft_pin: evicted only when nothing unpinned is left, for ``soft_pin_ttl_s``.
+    with_soft_pin: evicted only when nothing unpinned is left, for ``soft_pin_ttl_s``
+        (0: the master's default); the same as ``soft_pin_action`` ENABLE.
     with_hard_pin: never evicted (still removable).
     preferred_segment: put the first replica on this segment when it has room.
+    soft_pin_action: what an upsert does to the soft pin of the object it replaces:
+        ``SOFT_PIN_PRESERVE`` keeps it, ``SOFT_PIN_ENABLE`` sets it, ``SOFT_PIN_DISABLE``
+        clears it (a ttl with anything but ENABLE is refused).
+    preferred_segments: segments to place replicas on first, in this order.
+    prefer_same_host: place replicas on segments of the writer's host first (Mooncake's
+        ``prefer_alloc_in_same_node``).
+    group_ids: one group id per key of the call (``""``: no group), or empty for none;
+        objects of one group share placement, leases and eviction.
     """
 
     replica_num: int = 1
@@ -50,6 +68,15 @@ class ReplicateConfig(msgspec.Struct):
     soft_pin_ttl_s: float = 0.0
     with_hard_pin: bool = False
     preferred_segment: str = ""
+    soft_pin_action: int = SOFT_PIN_PRESERVE
+    preferred_segments: Annotated[list[str], msgspec.Meta(max_length=MAX_SEGMENT_IDS)] = \
+        msgspec.field(default_factory=list)
+    prefer_same_host: bool = False
+    group_ids: Keys = msgspec.field(default_factory=list)
+
+    @property
+    def soft_pinned(self) -> bool:
+        return self.with_soft_pin or self.soft_pin_action == SOFT_PIN_ENABLE
 
 
 class ReplicaHandle(msgspec.Struct, frozen=True, array_like=True):
@@ -84,12 +111,14 @@ class UnmountSegment(msgspec.Struct, tag=True, frozen=True):
 
 
 class PutStart(msgspec.Struct, tag=True, frozen=True):
-    """At most ``MAX_KEYS_PER_CALL`` keys, one size each (so for every keyed call below)."""
+    """At most ``MAX_KEYS_PER_CALL`` keys, one size each (so for every keyed call below).
+    ``upsert``: replace a key that exists (its value, not its group) instead of keeping it."""
 
     client_id: str
     keys: Keys
     sizes: Sizes
     config: ReplicateConfig = msgspec.field(default_factory=ReplicateConfig)
+    upsert: bool = False
 
 
 class PutEnd(msgspec.Struct, tag=True, frozen=True):
@@ -125,6 +154,30 @@ class RemoveAll(msgspec.Struct, tag=True, frozen=True):
     client_id: str = ""
 
 
+class RemoveByRegex(msgspec.Struct, tag=True, frozen=True):
+    """Remove the caller's tenant's keys that ``pattern`` (Python ``re``) matches anywhere."""
+
+    pattern: Annotated[str, msgspec.Meta(max_length=MAX_PATTERN_CHARS)]
+    force: bool = False
+    client_id: str = ""
+
+
+class QueryReplicas(msgspec.Struct, tag=True, frozen=True):
+    """Every replica of each key, any tier and state (leases the complete ones, as a get)."""
+
+    keys: Keys
+    client_id: str = ""
+
+
+class ReplicaClear(msgspec.Struct, tag=True, frozen=True):
+    """Drop the caller's own objects whose lease has run out: all their replicas, or only
+    those on segments named ``segment_name``; answered with the keys cleared."""
+
+    keys: Keys
+    segment_name: str = ""
+    client_id: str = ""
+
+
 class DescribeSegments(msgspec.Struct, tag=True, frozen=True):
     """At most ``MAX_SEGMENT_IDS`` ids."""
 
@@ -141,7 +194,8 @@ class CheckIntegrity(msgspec.Struct, tag=True, frozen=True):
 
 MasterRequest = (
     RegisterClient | Heartbeat | MountSegment | UnmountSegment | PutStart | PutEnd | PutRevoke
-    | GetReplicas | Exist | Remove | RemoveAll | DescribeSegments | GetStats | CheckIntegrity
+    | GetReplicas | Exist | Remove | RemoveAll | RemoveByRegex | QueryReplicas | ReplicaClear
+    | DescribeSegments | GetStats | CheckIntegrity
 )
 
 
@@ -183,6 +237,28 @@ class CodesReply(msgspec.Struct, frozen=True):
 
 class CountReply(msgspec.Struct, frozen=True):
     count: int
+
+
+class KeysReply(msgspec.Struct, frozen=True):
+    keys: Keys
+
+
+class ReplicaInfo(msgspec.Struct, frozen=True, array_like=True):
+    """One replica as :class:`QueryReplicas` describes it."""
+
+    tier: str  # "memory" or "disk" (a node's own disk)
+    state: str  # a ReplicaState value: "complete", "processing", ...
+    segment: str  # the segment's name
+    endpoint: str  # its owner's transfer endpoint
+    offset: int  # in the segment (memory)
+    size: int
+
+
+class QueryReplicasReply(msgspec.Struct, frozen=True):
+    codes: Codes
+    sizes: Sizes
+    replicas: Annotated[list[Annotated[list[ReplicaInfo], msgspec.Meta(max_length=MAX_HANDLES)]],
+                        msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
 
 
 class DescribeSegmentsReply(msgspec.Struct, frozen=True):

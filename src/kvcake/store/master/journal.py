@@ -6,7 +6,8 @@ and is retried by its writer; leases are seconds long)::
 
     <prefix>leader              LeaderRecord under the leader's etcd lease
     <prefix>segments/<id>       SegmentRecord: descriptor, owner, disk tier
-    <prefix>objects/<key>       ObjectRecord: size, replicas (segment id, offset, tier), pins
+    <prefix>objects/<key>       ObjectRecord: size, replicas (segment id, offset, tier), pins,
+                                group
 
 :class:`ChangeSet` is what the service marks as it changes (keys and segment ids, never
 values): a flush reads the *current* state of each marked name, so many changes of one key
@@ -57,6 +58,7 @@ class ObjectRecord(msgspec.Struct, frozen=True, array_like=True):
     owner: str
     hard_pinned: bool = False
     soft_pin_left_s: float = 0.0  # at the time of writing; restored as "from now"
+    group: str = ""  # scoped group id
 
 
 class SegmentRecord(msgspec.Struct, frozen=True):
@@ -101,7 +103,7 @@ def object_record(obj: StoredObject, now: float) -> ObjectRecord | None:
     if not obj.complete or not replicas:
         return None
     return ObjectRecord(obj.size, replicas, obj.owner, obj.hard_pinned,
-                        max(0.0, obj.soft_pin_until - now))
+                        max(0.0, obj.soft_pin_until - now), obj.group)
 
 
 # ----- etcd -> a new leader
@@ -143,4 +145,5 @@ def _object(key: str, record: ObjectRecord, replicas: list[ReplicaRecord],
         restored.append(replica)
     return StoredObject(key, record.size, restored, None, now,
                         soft_pin_until=now + record.soft_pin_left_s if record.soft_pin_left_s
-                        else 0.0, hard_pinned=record.hard_pinned, owner=record.owner)
+                        else 0.0, hard_pinned=record.hard_pinned, owner=record.owner,
+                        group=record.group)

@@ -1,26 +1,54 @@
-"""The master's object table: objects by key, their replicas' memory, the eviction order, and
-what changed since the last flush (:class:`ChangeSet`). No I/O, no policy.
+"""The master's object table: objects by key, their replicas' memory, the eviction order,
+groups, and what changed since the last flush (:class:`ChangeSet`). No I/O, no policy.
 
 Keys here are object keys (a tenant's keys are scoped, :mod:`kvcake.store.master.tenants`).
 Every replica in memory holds an allocation of its segment and is charged to its tenant,
 from :meth:`ObjectTable.create` until :meth:`ObjectTable.release`. A complete object with a
 memory replica is in the eviction order, unless an offload or promotion of it is in flight.
+
+Memory someone may still be reading or writing outlives its object: an upsert that replaces
+a leased object, or takes over a put still being written, *retires* the old replicas'
+memory until the lease (or the old writer's put timeout) runs out, then frees it::
+
+    replica (allocated, charged) --delete(hold_until)--> retired (allocated, not charged)
+                                                  --free_retired(now >= until)--> free
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kvcake.common.errors import ErrorCode
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.eviction import make_eviction_policy
+from kvcake.store.master.groups import GroupIndex
 from kvcake.store.master.journal import ChangeSet
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
 from kvcake.store.master.segments import MountedSegment, SegmentRegistry
 from kvcake.store.master.tenants import TenantLedger, tenant_of_key, usage_by_tenant
 from kvcake.store.master.tiering import DropDiskTask, Task
-from kvcake.wire.store import ReplicaHandle, ReplicateConfig
+from kvcake.wire.store import ReplicaHandle
+
+
+@dataclass(frozen=True)
+class PutTerms:
+    """What a new object carries besides its bytes (the service works them out)."""
+
+    hard_pinned: bool = False
+    soft_pin_until: float = 0.0  # clock time; 0: not soft-pinned
+    group: str = ""  # scoped group id; "": none
+
+
+@dataclass(frozen=True)
+class Retired:
+    """Allocated memory of a deleted replica, freed at ``until``."""
+
+    segment_id: int
+    offset: int
+    until: float
+    durable: bool  # its object was complete (a durable record may point at it)
 
 
 class ObjectTable:
@@ -36,10 +64,12 @@ class ObjectTable:
         self.eviction = make_eviction_policy(config.eviction)
         self.tasks: list[Task] = []
         self.changes: ChangeSet | None = None  # set by a master that persists its state
+        self.groups = GroupIndex()
+        self.retired: list[Retired] = []
         self._object_ids = itertools.count(1)
 
     # ----- puts
-    def create(self, client_id: str, key: str, size: int, config: ReplicateConfig,
+    def create(self, client_id: str, key: str, size: int, terms: PutTerms,
                chosen: list[int]) -> list[ReplicaHandle]:
         """Allocate ``key`` on the ``chosen`` segments; the writer's handles."""
         now = self.clock()
@@ -53,13 +83,12 @@ class ObjectTable:
             replicas.append(replica)
             segment.keys.add(key)
         self.tenants.charge(tenant_of_key(key), size * len(replicas))
-        soft_ttl = config.soft_pin_ttl_s or self.config.soft_pin_ttl_s
         self.objects[key] = StoredObject(
             key, size, replicas, client_id, now, object_id=next(self._object_ids),
-            owner=client_id,
-            soft_pin_until=now + soft_ttl if config.with_soft_pin else 0.0,
-            hard_pinned=config.with_hard_pin,
+            owner=client_id, soft_pin_until=terms.soft_pin_until,
+            hard_pinned=terms.hard_pinned, group=terms.group,
         )
+        self.groups.add(terms.group, key)
         return [ReplicaHandle(r.segment_id, r.offset) for r in replicas]
 
     def complete(self, client_id: str, key: str) -> ErrorCode:
@@ -86,20 +115,28 @@ class ObjectTable:
             return ErrorCode.INVALID_WRITE  # complete already, or someone else's put
         return obj
 
-    def fail_put(self, obj: StoredObject) -> None:
+    def fail_put(self, obj: StoredObject, hold_until: float = 0.0) -> None:
         for replica in obj.replicas:
             if replica.state is not ReplicaState.FAILED:
                 replica.move_to(ReplicaState.FAILED)
-        self.delete(obj)
+        self.delete(obj, hold_until)
 
     # ----- reads and removal
     def lease(self, key: str) -> StoredObject | None:
-        """The complete object ``key``, leased to a reader for ``lease_ttl_s`` from now."""
+        """The complete object ``key``, leased to a reader for ``lease_ttl_s`` from now (with
+        every complete member of its group)."""
         obj = self.objects.get(key)
         if obj is None or not obj.complete:
             return None
-        obj.lease_until = self.clock() + self.config.lease_ttl_s
+        until = self.clock() + self.config.lease_ttl_s
+        for member in [obj, *self.group_of(obj)]:
+            if member.complete:
+                member.lease_until = max(member.lease_until, until)
         return obj
+
+    def group_of(self, obj: StoredObject) -> list[StoredObject]:
+        """The other members of ``obj``'s group."""
+        return [self.objects[k] for k in sorted(self.groups.members(obj.group)) if k != obj.key]
 
     def remove(self, key: str, force: bool) -> ErrorCode:
         obj = self.objects.get(key)
@@ -113,31 +150,50 @@ class ObjectTable:
         self.delete(obj)
         return ErrorCode.OK
 
-    def delete(self, obj: StoredObject) -> None:
-        """Forget ``obj``: free its memory, drop its disk files."""
+    def delete(self, obj: StoredObject, hold_until: float = 0.0) -> None:
+        """Forget ``obj``: free its memory (or retire it until ``hold_until``, when that is
+        still ahead), drop its disk files."""
         if obj.complete:
             self.changed(obj.key)
         for replica in obj.replicas:
             if replica.state in (ReplicaState.PROCESSING, ReplicaState.COMPLETE):
                 replica.move_to(ReplicaState.REMOVED)
-            self.release(obj.key, replica)
+            self.release(obj.key, replica, hold_until)
         del self.objects[obj.key]
         self.eviction.discard(obj.key)
+        self.groups.discard(obj.group, obj.key)
 
-    def release(self, key: str, replica: Replica) -> None:
+    def release(self, key: str, replica: Replica, hold_until: float = 0.0) -> None:
         if replica.tier is Tier.MEMORY:
             self.tenants.charge(tenant_of_key(key), -replica.size)
         segment = self.registry.segments.get(replica.segment_id)
         if segment is None:
             return
         if replica.tier is Tier.MEMORY:
-            self._free(segment, replica.offset, durable=self.objects[key].complete)
+            durable = self.objects[key].complete
+            if hold_until > self.clock():
+                self.retired.append(Retired(segment.segment_id, replica.offset, hold_until,
+                                            durable))
+            else:
+                self._free(segment, replica.offset, durable)
         else:
             segment.disk_used -= replica.size
             self.tasks.append(DropDiskTask(key, segment.segment_id))
         if not any(r.segment_id == segment.segment_id for r in self.objects[key].replicas
                    if r is not replica and r.state is not ReplicaState.REMOVED):
             segment.keys.discard(key)
+
+    def drop_replica(self, obj: StoredObject, replica: Replica) -> None:
+        """Remove one readable replica of complete ``obj``; the object goes with its last."""
+        if obj.readable() == [replica]:
+            self.delete(obj)
+            return
+        replica.move_to(ReplicaState.REMOVED)
+        self.release(obj.key, replica)
+        obj.replicas.remove(replica)
+        self.changed(obj.key)
+        if not obj.readable(Tier.MEMORY):
+            self.eviction.discard(obj.key)
 
     def drop_segment(self, segment: MountedSegment) -> None:
         """Lose every replica on ``segment``; objects with none left are gone."""
@@ -153,8 +209,17 @@ class ObjectTable:
                 self.delete(obj)
             elif not obj.readable(Tier.MEMORY):
                 self.eviction.discard(key)
+        self.retired = [r for r in self.retired if r.segment_id != segment.segment_id]
         self.registry.unmount(segment.segment_id)
         self.changed_segment(segment.segment_id)
+
+    def free_retired(self, now: float) -> None:
+        """Free the retired memory whose time has come."""
+        due = [r for r in self.retired if r.until <= now]
+        self.retired = [r for r in self.retired if r.until > now]
+        for retired in due:
+            self._free(self.registry.segments[retired.segment_id], retired.offset,
+                       retired.durable)
 
     # ----- persistence
     def _free(self, segment: MountedSegment, offset: int, durable: bool) -> None:
@@ -189,6 +254,7 @@ class ObjectTable:
             if replica.tier is Tier.DISK:
                 segment.disk_used += obj.size
         self.objects[obj.key] = obj
+        self.groups.add(obj.group, obj.key)
         if obj.readable(Tier.MEMORY):
             self.eviction.insert(obj.key)
 
@@ -200,6 +266,7 @@ class ObjectTable:
                       if r.segment_id == segment.segment_id and r.tier is Tier.MEMORY]
             held = sum(i == segment.segment_id for i, _ in self.changes.frees) \
                 if self.changes is not None else 0
+            held += sum(r.segment_id == segment.segment_id for r in self.retired)
             assert segment.allocator.num_allocations == len(memory) + held, segment.name
             for key in segment.keys:
                 assert any(r.segment_id == segment.segment_id for r in self.objects[key].replicas)
@@ -210,3 +277,4 @@ class ObjectTable:
             memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
             assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"
         self.tenants.check_integrity(usage_by_tenant(self.objects))
+        self.groups.check_integrity({k: o.group for k, o in self.objects.items()})

@@ -35,10 +35,19 @@ class Candidate(Protocol):
 
 @dataclass(frozen=True)
 class PlacementRequest:
+    """``preferred_segment`` and then ``preferred``: segment names to use first, in this
+    order, whatever the policy (a name several segments share ranks them all)."""
+
     size: int
     replica_num: int
     client_id: str  # who is writing (for local_first)
     preferred_segment: str = ""
+    preferred: tuple[str, ...] = ()
+
+    def rank(self, name: str) -> int:
+        order = (self.preferred_segment, *self.preferred) if self.preferred_segment \
+            else self.preferred
+        return order.index(name) if name in order else len(order)
 
 
 class PlacementPolicy(ABC):
@@ -49,12 +58,12 @@ class PlacementPolicy(ABC):
 
     def choose(self, request: PlacementRequest, segments: Sequence[Candidate]) -> list[int]:
         """Ids of up to ``replica_num`` distinct segments that can hold ``size`` bytes,
-        best first; fewer (or none) when fewer segments have room. A request's
-        ``preferred_segment`` goes first whatever the policy."""
+        best first; fewer (or none) when fewer segments have room. A request's preferred
+        segments go first whatever the policy."""
         fitting = [s for s in segments if s.can_allocate(request.size)]
         ordered = self.order(request, fitting)
-        if request.preferred_segment:  # Mooncake's preferred_segment wins under any policy
-            ordered.sort(key=lambda s: s.name != request.preferred_segment)
+        if request.preferred_segment or request.preferred:  # stable: the policy breaks ties
+            ordered.sort(key=lambda s: request.rank(s.name))
         return [s.segment_id for s in ordered[: request.replica_num]]
 
     @abstractmethod

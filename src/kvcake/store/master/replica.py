@@ -77,6 +77,7 @@ class StoredObject:
     busy: int = 0  # offloads or promotions in flight: not removable, not evictable
     object_id: int = 0  # tells this put of ``key`` from earlier ones
     owner: str = ""  # the client that put it (``writer`` until complete)
+    group: str = ""  # its group's scoped id (:mod:`kvcake.store.master.groups`), or none
 
     @property
     def complete(self) -> bool:

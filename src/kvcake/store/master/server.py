@@ -45,7 +45,8 @@ _PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
 _RECHECK_S = 0.05
 _WAIT_CODES = (ErrorCode.REPLICA_IS_NOT_READY, ErrorCode.NO_AVAILABLE_HANDLE)
 # answered only once their changes are in etcd, when the master persists its state
-_DURABLE = (m.PutEnd, m.Remove, m.RemoveAll, m.MountSegment, m.UnmountSegment)
+_DURABLE = (m.PutEnd, m.Remove, m.RemoveAll, m.RemoveByRegex, m.ReplicaClear, m.MountSegment,
+            m.UnmountSegment)
 
 
 def _code(result: object) -> int:
@@ -71,7 +72,9 @@ class MasterServer:
             m.MountSegment: self._mount, m.UnmountSegment: self._unmount,
             m.PutStart: self._put_start, m.PutEnd: self._put_end, m.PutRevoke: self._put_revoke,
             m.GetReplicas: self._get_replicas, m.Exist: self._exist, m.Remove: self._remove,
-            m.RemoveAll: self._remove_all, m.DescribeSegments: self._describe,
+            m.RemoveAll: self._remove_all, m.RemoveByRegex: self._remove_by_regex,
+            m.QueryReplicas: self._query_replicas, m.ReplicaClear: self._replica_clear,
+            m.DescribeSegments: self._describe,
             m.GetStats: lambda _: self.service.stats(),
             m.CheckIntegrity: self._check_integrity,
         }, admit=self._admit, settle=self._settle)
@@ -217,6 +220,10 @@ class MasterServer:
         if len(request.keys) != len(request.sizes):
             raise KvcakeError(f"{len(request.keys)} keys but {len(request.sizes)} sizes",
                               ErrorCode.INVALID_PARAMS)
+        groups = request.config.group_ids
+        if groups and len(groups) != len(request.keys):
+            raise KvcakeError(f"{len(request.keys)} keys but {len(groups)} group_ids",
+                              ErrorCode.INVALID_PARAMS)
         if asyncio.get_running_loop().time() < self._puts_open_at:
             return self._put_start_later(request)
         reply = self._put_start_now(request)
@@ -236,9 +243,10 @@ class MasterServer:
 
     def _put_start_now(self, request: m.PutStart) -> m.PutStartReply:
         codes, replicas = [], []
-        for key, size in zip(request.keys, request.sizes, strict=True):
+        groups: list[str | None] = list(request.config.group_ids) or [None] * len(request.keys)
+        for key, size, group in zip(request.keys, request.sizes, groups, strict=True):
             result = _per_key(self.service.put_start, request.client_id, key, size,
-                              request.config)
+                              request.config, group, request.upsert)
             codes.append(_code(result))
             replicas.append(self._grants.sign(result, size, GrantMode.WRITE,
                                               self.config.put_timeout_s)
@@ -307,6 +315,24 @@ class MasterServer:
     def _remove_all(self, request: m.RemoveAll) -> m.CountReply:
         tenant = self.service.remover_tenant(request.client_id)
         return m.CountReply(self.service.remove_all(request.force, tenant))
+
+    def _remove_by_regex(self, request: m.RemoveByRegex) -> m.CountReply:
+        tenant = self.service.remover_tenant(request.client_id)
+        return m.CountReply(self.service.remove_by_regex(request.pattern, request.force, tenant))
+
+    def _query_replicas(self, request: m.QueryReplicas) -> m.QueryReplicasReply:
+        tenant = self.service.tenant_of(request.client_id)
+        results = [_per_key(self.service.query_replicas, key, tenant) for key in request.keys]
+        found = [r if isinstance(r, tuple) else (0, []) for r in results]
+        return m.QueryReplicasReply([_code(r) for r in results], [size for size, _ in found],
+                                    [infos for _, infos in found])
+
+    def _replica_clear(self, request: m.ReplicaClear) -> m.KeysReply:
+        self.service.remover_tenant(request.client_id)  # a caller that may remove
+        cleared = [key for key in request.keys
+                   if _per_key(self.service.replica_clear, request.client_id, key,
+                               request.segment_name) is True]
+        return m.KeysReply(cleared)
 
     def _check_integrity(self, _: m.CheckIntegrity) -> m.IntegrityReply:
         try:

@@ -23,14 +23,16 @@ Per-key outcomes are Mooncake error codes (0 ok), so one bad key in a batch cost
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterable
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
 from kvcake.store.config import DEFAULT_TENANT
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.journal import ChangeSet
-from kvcake.store.master.objects import ObjectTable
+from kvcake.store.master.objects import ObjectTable, PutTerms
 from kvcake.store.master.placement import PlacementRequest, make_placement_policy
+from kvcake.store.master.puts import check_config, put_terms
 from kvcake.store.master.replica import StoredObject, Tier
 from kvcake.store.master.segments import MountedSegment, SegmentRegistry
 from kvcake.store.master.tenants import (
@@ -40,12 +42,11 @@ from kvcake.store.master.tenants import (
     tenant_of_key,
     tenant_stats,
     usage_by_tenant,
+    user_key,
 )
 from kvcake.store.master.tiering import OffloadTask, PromoteTask, Task, Tiering
 from kvcake.transfer.segment import SegmentDescriptor
-from kvcake.wire.store import ReplicaHandle, ReplicateConfig, Stats
-
-MAX_REPLICAS = 16
+from kvcake.wire.store import ReplicaHandle, ReplicaInfo, ReplicateConfig, Stats
 
 
 class MasterService:
@@ -133,29 +134,76 @@ class MasterService:
         return [s.descriptor if s is not None else None for s in found]
 
     # ----- puts
-    def put_start(self, client_id: str, key: str, size: int,
-                  config: ReplicateConfig) -> list[ReplicaHandle] | ErrorCode:
+    def put_start(self, client_id: str, key: str, size: int, config: ReplicateConfig,
+                  group: str | None = None, upsert: bool = False
+                  ) -> list[ReplicaHandle] | ErrorCode:
         """Reserve space for ``key``; handles to write to, or a code (``OBJECT_ALREADY_EXISTS``
         means the key is there already and nothing needs writing). ``NO_AVAILABLE_HANDLE``
         also when the put would take the caller's tenant past its quota even after
-        evicting the tenant's own objects (see :meth:`Tiering.fit_quota`)."""
+        evicting the tenant's own objects (see :meth:`Tiering.fit_quota`).
+
+        ``group``: the group the object joins (``None``: none given; see :mod:`.groups`).
+        ``upsert``: an object already under ``key`` is replaced (see :meth:`_replace`)."""
         self.registry.client(client_id)
         tenant = self.tenant_of(client_id)
         self._check_put(key, size, config)
         key = scoped_key(tenant, key)
-        if key in self.objects:
-            return ErrorCode.OBJECT_ALREADY_EXISTS
+        scoped_group = scoped_key(tenant, group) if group else ""
+        carried = PutTerms()
+        existing = self.objects.get(key)
+        if existing is not None:
+            if not upsert:
+                return ErrorCode.OBJECT_ALREADY_EXISTS
+            replaced = self._replace(existing, scoped_group if group is not None else None)
+            if isinstance(replaced, ErrorCode):
+                return replaced
+            carried = replaced
+        terms = put_terms(config, carried, scoped_group, self.clock(), self.config.soft_pin_ttl_s)
+        return self._allocate(client_id, tenant, key, size, config, terms)
+
+    def _allocate(self, client_id: str, tenant: str, key: str, size: int,
+                  config: ReplicateConfig, terms: PutTerms) -> list[ReplicaHandle] | ErrorCode:
         copies = min(config.replica_num, len(self.registry.segments))
         if not self.tiering.fit_quota(tenant, size * copies):
             return ErrorCode.NO_AVAILABLE_HANDLE
-        request = PlacementRequest(size, config.replica_num, client_id, config.preferred_segment)
+        request = PlacementRequest(size, config.replica_num, client_id, config.preferred_segment,
+                                   self._preferred(client_id, config, terms.group))
         chosen = self.placement.choose(request, list(self.registry.segments.values()))
         if not chosen:
             self.tiering.evict(self.clock(), need=size)
             chosen = self.placement.choose(request, list(self.registry.segments.values()))
         if not chosen:
             return ErrorCode.NO_AVAILABLE_HANDLE
-        return self.table.create(client_id, key, size, config, chosen)
+        return self.table.create(client_id, key, size, terms, chosen)
+
+    def _preferred(self, client_id: str, config: ReplicateConfig, group: str) -> tuple[str, ...]:
+        """Segment names to try first: the config's, then those the group is on, then (with
+        ``prefer_same_host``) those of the writer's host."""
+        names = list(config.preferred_segments)
+        for key in sorted(self.table.groups.members(group)):
+            names += [self.registry.segments[r.segment_id].name
+                      for r in self.objects[key].readable(Tier.MEMORY)]
+        if config.prefer_same_host:
+            host = self.registry.client(client_id).host_id
+            names += sorted(s.name for s in self.registry.segments.values()
+                            if s.descriptor.host_id == host)
+        return tuple(dict.fromkeys(names))
+
+    def _replace(self, obj: StoredObject, group: str | None) -> PutTerms | ErrorCode:
+        """Make way for an upsert of ``obj.key``; what the new object carries over. Memory a
+        reader may still read (its lease) or a preempted writer may still write (its put
+        timeout) is retired until then, never reused early. ``OBJECT_REPLICA_BUSY`` while
+        the disk tier moves it; ``INVALID_PARAMS`` for a group other than its own."""
+        if obj.busy:
+            return ErrorCode.OBJECT_REPLICA_BUSY
+        if group is not None and group != obj.group:
+            return ErrorCode.INVALID_PARAMS  # group membership is fixed while it lives
+        carried = PutTerms(obj.hard_pinned, obj.soft_pin_until, obj.group)
+        if obj.complete:
+            self.table.delete(obj, hold_until=obj.lease_until)
+        else:
+            self.table.fail_put(obj, hold_until=self.clock() + self.config.put_timeout_s)
+        return carried
 
     def put_end(self, client_id: str, key: str) -> ErrorCode:
         if client_id not in self.registry.clients:
@@ -180,9 +228,7 @@ class MasterService:
 
     def _check_put(self, key: str, size: int, config: ReplicateConfig) -> None:
         self.check_key(key)
-        if not 1 <= config.replica_num <= MAX_REPLICAS:
-            raise InvalidParamsError(f"replica_num must be 1..{MAX_REPLICAS}, "
-                                     f"got {config.replica_num}")
+        check_config(config)
         if size <= 0:
             raise InvalidParamsError(f"size of {key!r} must be > 0, got {size}")
         largest = self.registry.largest_segment()
@@ -221,6 +267,22 @@ class MasterService:
         self.check_key(key)
         return self.table.lease(scoped_key(tenant, key)) is not None
 
+    def query_replicas(self, key: str, tenant: str = DEFAULT_TENANT
+                       ) -> tuple[int, list[ReplicaInfo]] | ErrorCode:
+        """Size and every readable replica of ``key`` (any tier), granting a lease as a get
+        does (Mooncake's ``Query``)."""
+        self.check_key(key)
+        obj = self.table.lease(scoped_key(tenant, key))
+        if obj is None:
+            return ErrorCode.OBJECT_NOT_FOUND
+        return obj.size, [self._info(r.segment_id, r.tier.value, r.state.value, r.offset,
+                                     r.size) for r in obj.readable()]
+
+    def _info(self, segment_id: int, tier: str, state: str, offset: int,
+              size: int) -> ReplicaInfo:
+        segment = self.registry.segments[segment_id]
+        return ReplicaInfo(tier, state, segment.name, segment.descriptor.endpoint, offset, size)
+
     # ----- removal
     def remove(self, key: str, force: bool = False, tenant: str = DEFAULT_TENANT) -> ErrorCode:
         self.check_key(key)
@@ -231,6 +293,37 @@ class MasterService:
         keys = [k for k, o in self.objects.items()
                 if tenant_of_key(k) == tenant and (o.complete or force)]
         return sum(self.table.remove(key, force) is ErrorCode.OK for key in keys)
+
+    def remove_by_regex(self, pattern: str, force: bool = False,
+                        tenant: str = DEFAULT_TENANT) -> int:
+        """Remove the objects of ``tenant`` whose key ``pattern`` matches anywhere (leased or
+        unfinished ones stay, unless ``force``); how many went."""
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise InvalidParamsError(f"bad regex {pattern!r}: {exc}") from None
+        keys = [k for k, o in self.objects.items() if tenant_of_key(k) == tenant
+                and (o.complete or force) and regex.search(user_key(k))]
+        return sum(self.table.remove(key, force) is ErrorCode.OK for key in keys)
+
+    def replica_clear(self, client_id: str, key: str, segment_name: str = "") -> bool:
+        """Drop ``client_id``'s own complete object ``key`` whose lease has run out: all its
+        replicas, or (``segment_name``) those on segments of that name, the object going
+        with its last one. Whether anything was dropped; a missing, foreign, leased, busy
+        or unfinished object, or one with nothing on ``segment_name``, is left alone."""
+        self.check_key(key)
+        obj = self.objects.get(scoped_key(self.tenant_of(client_id), key))
+        if obj is None or obj.owner != client_id or not obj.complete or obj.busy \
+                or obj.leased(self.clock()):
+            return False
+        if not segment_name:
+            self.table.delete(obj)
+            return True
+        doomed = [r for r in obj.readable()
+                  if self.registry.segments[r.segment_id].name == segment_name]
+        for replica in doomed:
+            self.table.drop_replica(obj, replica)
+        return bool(doomed)
 
     # ----- background work
     def tick(self) -> None:
@@ -243,6 +336,7 @@ class MasterService:
         for obj in stale:
             self.counters["reclaimed_puts"] += 1
             self.table.fail_put(obj)
+        self.table.free_retired(now)
         self.tiering.evict_if_needed(now)
 
     def drop_client(self, client_id: str) -> None:

@@ -76,7 +76,7 @@ class Tiering:
     def evict(self, now: float, need: int) -> None:
         """Free about ``evict_ratio`` of the pool (and at least ``need`` bytes), oldest first,
         never touching leased, busy, hard-pinned or unfinished objects; soft-pinned ones go
-        only when nothing else is left.
+        only when nothing else is left. A group goes as one (:mod:`.groups`).
 
         Tenants first pay for their own excess: each round takes the objects of tenants
         holding more than their fair share (the pool split evenly among the tenants holding
@@ -87,13 +87,14 @@ class Tiering:
         shares = self.tenants.shares(total)
         freed = 0
         for allow_soft, over_only in ((False, True), (False, False), (True, True), (True, False)):
-            for obj in list(self._candidates(now, allow_soft)):
+            for unit in self._units(now, allow_soft):
                 if freed >= target:
                     return
-                if over_only and not self.tenants.over_share(tenant_of_key(obj.key), shares):
+                if over_only and not self.tenants.over_share(tenant_of_key(unit[0].key),
+                                                             shares):
                     continue
-                freed += obj.size * len(obj.readable(Tier.MEMORY))
-                self._evict_one(obj)
+                freed += _memory_bytes(unit)
+                self._evict_unit(unit)
 
     def fit_quota(self, tenant: str, nbytes: int) -> bool:
         """Make ``nbytes`` more of ``tenant`` fit its quota by evicting the tenant's own
@@ -103,26 +104,45 @@ class Tiering:
         if not excess:
             return True
         now = self.clock()
-        mine = [o for o in self._candidates(now, True) if tenant_of_key(o.key) == tenant]
+        mine = [u for u in self._units(now, True) if tenant_of_key(u[0].key) == tenant]
         victims, freed = [], 0
-        for obj in sorted(mine, key=lambda o: o.soft_pinned(now)):  # stable: order kept
+        for unit in sorted(mine, key=lambda u: u[0].soft_pinned(now)):  # stable: order kept
             if freed >= excess:
                 break
-            victims.append(obj)
-            freed += obj.size * len(obj.readable(Tier.MEMORY))
+            victims.append(unit)
+            freed += _memory_bytes(unit)
         if freed < excess:
             return False
-        for obj in victims:
-            self._evict_one(obj)
+        for unit in victims:
+            self._evict_unit(unit)
         return True
 
-    def _candidates(self, now: float, allow_soft: bool) -> Iterator[StoredObject]:
+    def _units(self, now: float, allow_soft: bool) -> Iterator[list[StoredObject]]:
+        """What may leave memory, oldest first: an object, or the evictable members of its
+        group (none while a member is leased or busy). What a caller evicts between two
+        units is skipped."""
+        seen: set[str] = set()
         for key in list(self.table.eviction):
-            obj = self.table.objects[key]
-            if obj.leased(now) or obj.busy or obj.hard_pinned or not obj.complete:
+            obj = self.table.objects.get(key)
+            if key in seen or obj is None or key not in self.table.eviction:
                 continue
-            if allow_soft or not obj.soft_pinned(now):
-                yield obj
+            group = self.table.group_of(obj)
+            seen.update(o.key for o in group)
+            if any(o.leased(now) or o.busy for o in group):
+                continue
+            unit = [o for o in (obj, *group) if self._evictable(o, now, allow_soft)]
+            if unit and unit[0] is obj:
+                yield unit
+
+    def _evictable(self, obj: StoredObject, now: float, allow_soft: bool) -> bool:
+        if obj.leased(now) or obj.busy or obj.hard_pinned or not obj.complete:
+            return False
+        return obj.key in self.table.eviction and (allow_soft or not obj.soft_pinned(now))
+
+    def _evict_unit(self, unit: list[StoredObject]) -> None:
+        for obj in unit:
+            if self.table.objects.get(obj.key) is obj:
+                self._evict_one(obj)
 
     def _evict_one(self, obj: StoredObject) -> None:
         self.counters["evicted"] += 1
@@ -224,3 +244,7 @@ class Tiering:
         replica.move_to(ReplicaState.FAILED)
         self.table.release(task.key, replica)
         obj.replicas.remove(replica)
+
+
+def _memory_bytes(unit: list[StoredObject]) -> int:
+    return sum(o.size * len(o.readable(Tier.MEMORY)) for o in unit)
