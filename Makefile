@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test install vllm sysdeps lint fuzz chaos bench paper clean
+.PHONY: run test install vllm sysdeps lint fuzz chaos bench paper clean mooncake-shim
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
@@ -69,6 +69,18 @@ bench: $(STAMP)
 # the Mooncake papers' simulated results (docs/sim.md), about 2 minutes
 paper: $(STAMP)
 	$(VENV)/bin/kvcake sim paper --out docs
+
+# Mooncake's Python API on kvcake, as the `mooncake` package (shims/mooncake): opt-in, never
+# part of kvcake's own install. Into a venv that has kvcake and not Mooncake's own wheel:
+#   make mooncake-shim VENV=path/to/venv
+mooncake-shim:
+	@$(PY) -c 'import kvcake' 2>/dev/null || { \
+		echo "mooncake-shim: $(VENV) has no kvcake (install kvcake there first)" >&2; exit 1; }
+	@if $(PY) -m pip list 2>/dev/null | grep -qi '^mooncake-transfer-engine'; then \
+		echo "mooncake-shim: $(VENV) has Mooncake's own wheel (mooncake-transfer-engine*)," \
+			"which provides the mooncake package too; not installing kvcake's drop-in" >&2; \
+		exit 1; fi
+	$(PY) -m pip install -q --no-deps ./shims/mooncake
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,30 @@
+"""Mooncake's ``mooncake.store`` names, served by kvcake (see the ``mooncake`` package's
+docstring); :mod:`kvcake.store.compat` documents the semantics."""
+
+from kvcake.store.compat import (
+    BufferHandle,
+    Descriptor,
+    DiskDescriptor,
+    DistributedStore,
+    LocalDiskDescriptor,
+    MemoryDescriptor,
+    MooncakeDistributedStore,
+    ReplicaDescriptor,
+    ReplicaStatus,
+    ReplicateConfig,
+    SoftPinAction,
+)
+
+__all__ = [
+    "BufferHandle",
+    "Descriptor",
+    "DiskDescriptor",
+    "DistributedStore",
+    "LocalDiskDescriptor",
+    "MemoryDescriptor",
+    "MooncakeDistributedStore",
+    "ReplicaDescriptor",
+    "ReplicaStatus",
+    "ReplicateConfig",
+    "SoftPinAction",
+]
