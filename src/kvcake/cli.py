@@ -105,7 +105,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     node = commands.add_parser("node", help="contribute memory (and disk) to the store")
     add_config_flags(node, StoreConfig, ("master", "segment_size", Flag("segment_name", "--name"),
-                                         "disk_dir", "disk_capacity", "tenant"))
+                                         "disk_dir", "disk_capacity", "tenant", "control_port"))
     add_config_flags(node, TransferConfig, _TRANSFER_FLAGS)
     add_server_flags(node)
     node.set_defaults(run=_cmd_node)

@@ -48,7 +48,7 @@ def make_store() -> Iterator[Callable[[str], DistributedStore]]:
 
     def factory(endpoint: str) -> DistributedStore:
         store = DistributedStore()
-        assert store.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", endpoint) == 0
+        assert store.setup("127.0.0.1", "p2p", 0, 64 << 20, "tcp", "", endpoint) == 0
         stores.append(store)
         return store
 

@@ -112,7 +112,7 @@ def cluster(url: str, processes: list[ServerProcess]) -> tuple[ServerProcess, Se
 
 def client(url: str) -> DistributedStore:
     store = DistributedStore()
-    assert store.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", url) == 0
+    assert store.setup("127.0.0.1", "p2p", 0, 64 << 20, "tcp", "", url) == 0
     return store
 
 

@@ -90,7 +90,7 @@ def store() -> Iterator[Store]:
     client = DistributedStore()
     try:
         nodes += [start_node(rpc, "8MiB"), start_node(rpc, "8MiB")]
-        assert client.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", rpc) == 0
+        assert client.setup("127.0.0.1", "p2p", 0, 16 << 20, "tcp", "", rpc) == 0
         assert client.put("alpha", b"a" * 1000) == 0
         assert client.put("two", b"2" * 3000, ReplicateConfig(replica_num=2)) == 0
         assert client.put("a b,c/ü", b"odd" * 10) == 0

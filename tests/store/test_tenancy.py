@@ -424,11 +424,11 @@ def tenants_cluster(tmp_path: Path) -> Iterator[str]:
 def test_two_tenants_over_processes_are_isolated_byte_exact(tenants_cluster: str) -> None:
     alice, bob, intruder = DistributedStore(), DistributedStore(), DistributedStore()
     try:
-        assert alice.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", tenants_cluster,
+        assert alice.setup("127.0.0.1", "p2p", 0, 16 << 20, "tcp", "", tenants_cluster,
                            tenant_id="alice", tenant_token="alice-token") == 0
-        assert bob.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", tenants_cluster,
+        assert bob.setup("127.0.0.1", "p2p", 0, 16 << 20, "tcp", "", tenants_cluster,
                          tenant_id="bob") == 0
-        assert intruder.setup("127.0.0.1", "p2p", 0, 0, "tcp", "", tenants_cluster,
+        assert intruder.setup("127.0.0.1", "p2p", 0, 16 << 20, "tcp", "", tenants_cluster,
                               tenant_id="alice") == ErrorCode.ILLEGAL_CLIENT
         a_value, b_value = bytes(range(256)) * 1024, b"\xb0" * 300_000
         assert alice.put("shared", a_value) == 0

@@ -23,19 +23,17 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-import msgspec
-
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.config import StoreConfig
 from kvcake.store.node import NodeServer
 from kvcake.store.pieces import Piece, as_bytes, check_parts, concatenated, lay_out
+from kvcake.store.replica_io import ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
 from kvcake.store.session import MasterSession
-from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp
 from kvcake.transfer.config import TransferConfig
 from kvcake.wire import store as m
-from kvcake.wire.store import ReplicaHandle
 
 log = get_logger(__name__)
 
@@ -69,14 +67,15 @@ class AsyncStore:
         self._scratch_busy = False
         self.session: MasterSession | None = None
         self.node = NodeServer(self.config, self.transfer_config.host)  # with segment_size
-        self._segments: dict[int, RemoteSegment] = {}
+        self._io = ReplicaIo(self._live)
 
     # ----- lifecycle
     async def setup(self) -> None:
         """Start the transfer engine, register with the master, mount our segment (if any)."""
         if self.engine is None:
             self.engine = await asyncio.to_thread(TransferEngine, self.transfer_config)
-        self.session = MasterSession(self.config, self.engine.host_id, self._segments.clear)
+        self.session = MasterSession(self.config, self.engine.host_id,
+                                     self._io.segments.clear)
         mounts = await self.node.startup(self.engine, self.session.client_id)
         try:
             await self.session.start(mounts)
@@ -92,6 +91,11 @@ class AsyncStore:
         if self.engine is not None and self._owns_engine:
             await asyncio.to_thread(self.engine.close)
         self.engine = None
+
+    @property
+    def _segments(self) -> dict[int, RemoteSegment]:
+        """The peers' segments this client has reached, by segment id."""
+        return self._io.segments
 
     def _live(self) -> tuple[MasterSession, TransferEngine]:
         if self.session is None or self.engine is None:
@@ -138,9 +142,9 @@ class AsyncStore:
                                      m.PutStartReply)
         codes = [0 if c == ErrorCode.OBJECT_ALREADY_EXISTS else c for c in started.codes]
         todo = [i for i, c in enumerate(started.codes) if c == 0]
-        writes = [(i, _shifted(h, offset), view) for i in todo for h in started.replicas[i]
+        writes = [(i, shifted(h, offset), view) for i in todo for h in started.replicas[i]
                   for offset, view in concatenated(parts[i])]
-        failed = await self._move(TransferOp.WRITE, [(h, v) for _, h, v in writes])
+        failed = await self._io.move(TransferOp.WRITE, [(h, v) for _, h, v in writes])
         bad = {writes[j][0] for j in failed}
         for i in bad:
             codes[i] = ErrorCode.TRANSFER_FAIL
@@ -236,7 +240,7 @@ class AsyncStore:
                 continue  # nothing to move: 0 bytes read
             pieces.setdefault(i, []).append((offset, view))
             owners.setdefault(i, []).append(j)
-        codes = await self._read_pieces(found, pieces, deadline)
+        codes = await self._io.read(found, pieces, deadline)
         for i, js in owners.items():
             for j in js:
                 results[j] = codes[i] or ranges[j][2].nbytes
@@ -260,67 +264,9 @@ class AsyncStore:
                 results[i] = ErrorCode.BUFFER_OVERFLOW
             elif laid is not None:
                 pieces[i] = laid
-        codes = await self._read_pieces(found, pieces, deadline)
+        codes = await self._io.read(found, pieces, deadline)
         return [codes[i] or found.sizes[i] if i in pieces else int(c)
                 for i, c in enumerate(results)]
-
-    async def _read_pieces(self, found: m.GetReplicasReply, pieces: dict[int, list[Piece]],
-                           deadline: float) -> dict[int, int]:
-        """Read each key's pieces from its best replica, trying the next one after a
-        failure; 0 per key when done in time, else a code."""
-        codes = dict.fromkeys(pieces, 0)
-        pending = {i: self._ranked(found.replicas[i]) for i in pieces}
-        while pending:
-            order = list(pending)
-            chosen = {i: pending[i].pop(0) for i in order}
-            reads = [(i, _shifted(chosen[i], offset), view) for i in order
-                     for offset, view in pieces[i]]
-            failed = {reads[j][0] for j in await self._move(TransferOp.READ,
-                                                             [(h, v) for _, h, v in reads])}
-            for i in order:
-                if i not in failed or not pending[i]:
-                    codes[i] = ErrorCode.TRANSFER_FAIL if i in failed else 0
-                    del pending[i]
-        late = time.monotonic() > deadline
-        return {i: ErrorCode.LEASE_EXPIRED if late and not c else c for i, c in codes.items()}
-
-    def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
-        """Same-host replicas first: they are read with a memcpy."""
-        known = self._segments
-        return sorted(handles, key=lambda h: h.segment_id not in known
-                      or known[h.segment_id].transport != "shm")
-
-    async def _move(self, op: TransferOp,
-                    items: list[tuple[ReplicaHandle, memoryview]]) -> list[int]:
-        """Run one batch of transfers; the indices of the items that failed."""
-        if not items:
-            return []
-        _, engine = self._live()
-        segments = await self._resolve([h.segment_id for h, _ in items])
-        requests, failed = [], []
-        for j, (handle, view) in enumerate(items):
-            segment = segments.get(handle.segment_id)
-            if segment is None:
-                failed.append(j)
-                continue
-            requests.append((j, TransferRequest(op, segment, handle.offset, view, handle.grant)))
-        batch = engine.submit([r for _, r in requests])
-        try:
-            await batch
-        except KvcakeError as exc:
-            log.warning("store %s failed: %s", op.name.lower(), exc)
-        failed += [j for (j, _), e in zip(requests, batch.errors, strict=True) if e is not None]
-        return failed
-
-    async def _resolve(self, segment_ids: list[int]) -> dict[int, RemoteSegment]:
-        missing = sorted({i for i in segment_ids if i not in self._segments})
-        if missing:
-            session, engine = self._live()
-            reply = await session.call(m.DescribeSegments(missing), m.DescribeSegmentsReply)
-            for segment_id, descriptor in zip(missing, reply.descriptors, strict=True):
-                if descriptor is not None:
-                    self._segments[segment_id] = engine.attach(descriptor)
-        return self._segments
 
     # ----- metadata
     async def is_exist(self, key: str) -> bool:
@@ -389,11 +335,6 @@ def _stage(found: m.GetReplicasReply, staging: Staging | None) -> int:
             else:
                 found.codes[i] = ErrorCode.INVALID_PARAMS
     return taken
-
-
-def _shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:
-    """``handle``, ``delta`` bytes further into its replica (its grant covers the replica)."""
-    return msgspec.structs.replace(handle, offset=handle.offset + delta) if delta else handle
 
 
 def _raise_code(key: str, code: int) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from kvcake.common.config import check_at_least, require
+from kvcake.common.config import check_at_least, check_within, require
 
 DEFAULT_TENANT = "default"
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -35,6 +35,8 @@ class StoreConfig:
     tenant: the namespace and quota this client's keys belong to (see
         :func:`check_tenant_name`; its token from $KVCAKE_STORE_TENANT_TOKEN).
     tenant_token: the tenant's token, when the master asks for one.
+    control_port: a node's control RPC port (its disk tier, and where processes of its host
+        attach with Mooncake's ``setup_dummy``); 0 = ephemeral.
     """
 
     master: str = "127.0.0.1:50051"
@@ -46,10 +48,12 @@ class StoreConfig:
     disk_capacity: int = 0
     tenant: str = DEFAULT_TENANT
     tenant_token: str = dataclasses.field(default="", repr=False)
+    control_port: int = 0
 
     def __post_init__(self) -> None:
         require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
         check_at_least(self, 0, "segment_size")
+        check_within(self, 0, 65535, "control_port")
         check_at_least(self, 0, "heartbeat_s", "rpc_timeout_s", above=True)
         require(bool(self.disk_dir) == (self.disk_capacity > 0),
                 "disk_dir and disk_capacity go together (both set, or neither)")

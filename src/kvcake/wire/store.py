@@ -294,7 +294,8 @@ class Stats(msgspec.Struct, frozen=True):
     tenants: list[TenantStats] = msgspec.field(default_factory=list)
 
 
-# ----- master -> storage node (disk tier); each answered with a CodesReply of one code
+# ----- -> a storage node's control endpoint: the master's disk-tier tasks, each answered with
+# a CodesReply of one code; NodeInfo from a process attaching to the node
 class OffloadRequest(msgspec.Struct, tag=True, frozen=True):
     key: str
     offset: int
@@ -311,4 +312,16 @@ class DropDiskRequest(msgspec.Struct, tag=True, frozen=True):
     key: str
 
 
-NodeRequest = OffloadRequest | PromoteRequest | DropDiskRequest
+class NodeInfo(msgspec.Struct, tag=True, frozen=True):
+    """What a process on the node's host attaches with (Mooncake's ``setup_dummy``);
+    answered with a :class:`NodeInfoReply`."""
+
+
+class NodeInfoReply(msgspec.Struct, frozen=True):
+    master: str  # the master endpoint it joined (``HOST:PORT`` or ``etcd://...``)
+    tenant: str  # the tenant it registered as
+    segment: str  # its segment's name
+    transfer: str  # its transfer server's endpoint
+
+
+NodeRequest = OffloadRequest | PromoteRequest | DropDiskRequest | NodeInfo

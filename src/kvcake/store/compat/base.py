@@ -8,10 +8,12 @@ import random
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
+from kvcake.common.rpc import RpcClient
 from kvcake.store.client import AsyncStore
 from kvcake.store.compat.buffers import BufferRegistry, LocalBuffer
 from kvcake.store.compat.options import (
@@ -25,6 +27,7 @@ from kvcake.store.compat.options import (
 from kvcake.store.config import StoreConfig
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.config import TransferConfig
+from kvcake.wire import store as m
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -72,7 +75,7 @@ class StoreBase:
             return int(exc.code)
         self._engine, self._owns_engine, self._io, self._store = engine, owned, engine.io, store
         self._hostname = hostname
-        self._local = LocalBuffer(1 << 62)  # not enforced yet
+        self._local = LocalBuffer(options.local_buffer_size)
         return 0
 
     def close(self) -> int:
@@ -121,9 +124,10 @@ def _engine_for(options: SetupOptions, engine: TransferEngine | None
     """The engine to use, and the hostname the client is known by."""
     host, port = split_hostname(options.local_hostname)
     if engine is not None:
-        return engine, options.local_hostname if port else engine.endpoint
-    if port is not None:  # a name, as in Mooncake: the server itself takes any free port
-        return TransferEngine(_transfer_config(options, host, 0)), options.local_hostname
+        return engine, options.known_as or (options.local_hostname if port else engine.endpoint)
+    if port is not None or options.known_as:  # a name, as in Mooncake: any free port serves
+        return (TransferEngine(_transfer_config(options, host, 0)),
+                options.known_as or options.local_hostname)
     for port in random.sample(range(MIN_PORT, MAX_PORT + 1), _PORT_TRIES):
         try:
             return TransferEngine(_transfer_config(options, host, port)), f"{host}:{port}"
@@ -144,6 +148,23 @@ def _store_config(options: SetupOptions, hostname: str) -> StoreConfig:
         "master": options.master_server_addr, "segment_size": options.global_segment_size,
         "segment_name": hostname, "tenant": options.tenant_id or None,
         "tenant_token": options.tenant_token or None, **disk})
+
+
+def ask_node(address: str, timeout_s: float = 5.0) -> m.NodeInfoReply:
+    """What the ``kvcake node`` whose control endpoint is ``address`` joined."""
+    thread = LoopThread("kvcake-node-info")
+    try:
+        return thread.run(_ask_node(address, timeout_s))
+    finally:
+        thread.stop()
+
+
+async def _ask_node(address: str, timeout_s: float) -> m.NodeInfoReply:
+    client = RpcClient(address, timeout_s)
+    try:
+        return codec.decode(await client.call(codec.encode(m.NodeInfo())), m.NodeInfoReply)
+    finally:
+        client.close()
 
 
 # ----- results, Mooncake's way

@@ -39,6 +39,7 @@ class SetupOptions:
     tenant_id: str = ""
     tenant_token: str = ""
     ssd_offload_path: str = ""  # the node's disk tier directory ("" none)
+    known_as: str = ""  # the hostname to go by instead (setup_dummy: its node's segment)
 
     def __post_init__(self) -> None:
         if not self.local_hostname:

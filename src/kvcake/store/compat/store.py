@@ -24,6 +24,7 @@ from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.client import Buffer, as_view
 from kvcake.store.compat.base import (
+    ask_node,
     check_same_node,
     code_of,
     codes_of,
@@ -34,6 +35,7 @@ from kvcake.store.compat.options import (
     DEFAULT_LOCAL_BUFFER_BYTES,
     SetupOptions,
     options_from_dict,
+    split_hostname,
 )
 from kvcake.store.compat.zero_copy import ZeroCopyApi
 from kvcake.store.replicate import ReplicateConfig
@@ -92,6 +94,27 @@ class DistributedStore(ZeroCopyApi):
             log.error("store setup refused: %s", exc)
             return int(exc.code)
         return self._connect(options, engine)
+
+    def setup_dummy(self, mem_pool_size: int, local_buffer_size: int,
+                    server_address: str) -> int:
+        """Attach to the local ``kvcake node`` whose control endpoint is ``server_address``
+        (``kvcake node --control-port``), as Mooncake's dummy client attaches to its
+        standalone store: the node's master and tenant (its token from
+        ``KVCAKE_STORE_TENANT_TOKEN``), known by the node's segment name, contributing
+        nothing itself. ``mem_pool_size`` (Mooncake's shared memory for
+        ``alloc_from_mem_pool``) is accepted and unused: kvcake moves bytes from and to the
+        caller's own memory. 0, or the code it failed with."""
+        try:
+            if mem_pool_size < 0:
+                raise InvalidParamsError(f"mem_pool_size must be >= 0, got {mem_pool_size}")
+            node = ask_node(server_address)
+            host, _ = split_hostname(node.transfer)
+            options = SetupOptions(host, 0, local_buffer_size, "tcp", node.master, node.tenant,
+                                   known_as=node.segment)
+        except KvcakeError as exc:
+            log.error("setup_dummy against %s failed: %s", server_address, exc)
+            return int(exc.code)
+        return self._connect(options)
 
     # ----- bytes values
     def put(self, key: str, value: Buffer, config: ReplicateConfig | None = None) -> int:

@@ -52,13 +52,16 @@ class ClientRecord:
 
 class SegmentRegistry:
     """Clients by id, segments by master-assigned id (random, so a restarted master never
-    reuses one a client may still cache)."""
+    reuses one a client may still cache). Names need not be unique: as in Mooncake, where a
+    client's segment is named by its hostname, two clients may mount segments of one name.
+    What is unique is a segment's name *and* where it is reached (its owner's endpoint and
+    socket), so nobody mounts another's memory a second time under its name."""
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
         self.clients: dict[str, ClientRecord] = {}
         self.segments: dict[int, MountedSegment] = {}
-        self._by_name: dict[str, int] = {}
+        self._by_place: dict[tuple[str, str, str], int] = {}  # see _place
 
     def register(self, client_id: str, host_id: str, now: float, tenant: str = "default") -> None:
         if not client_id:
@@ -88,7 +91,7 @@ class SegmentRegistry:
               control_endpoint: str = "") -> int:
         record = self.client(client_id)
         _check_mountable(descriptor, disk_capacity, control_endpoint)
-        if descriptor.name in self._by_name:
+        if _place(descriptor) in self._by_place:
             raise KvcakeError(f"segment {descriptor.name!r} is already mounted",
                               ErrorCode.SEGMENT_ALREADY_EXISTS)
         segment_id = self._new_id()
@@ -96,7 +99,7 @@ class SegmentRegistry:
             segment_id, descriptor, client_id, SegmentAllocator(descriptor.size), disk_capacity,
             control_endpoint,
         )
-        self._by_name[descriptor.name] = segment_id
+        self._by_place[_place(descriptor)] = segment_id
         record.segment_ids.add(segment_id)
         return segment_id
 
@@ -106,18 +109,18 @@ class SegmentRegistry:
         owner = self.clients.setdefault(segment.client_id,
                                         ClientRecord(segment.client_id, host_id, now))
         owner.segment_ids.add(segment.segment_id)
-        if segment.name in self._by_name or segment.segment_id in self.segments:
+        if _place(segment.descriptor) in self._by_place or segment.segment_id in self.segments:
             raise KvcakeError(f"segment {segment.name!r} is already mounted",
                               ErrorCode.SEGMENT_ALREADY_EXISTS)
         self.segments[segment.segment_id] = segment
-        self._by_name[segment.name] = segment.segment_id
+        self._by_place[_place(segment.descriptor)] = segment.segment_id
 
     def unmount(self, segment_id: int) -> MountedSegment:
         """Forget the segment; the caller must already have dropped its replicas."""
         segment = self.segments.pop(segment_id, None)
         if segment is None:
             raise SegmentNotFoundError(f"no mounted segment with id {segment_id}")
-        del self._by_name[segment.name]
+        del self._by_place[_place(segment.descriptor)]
         owner = self.clients.get(segment.client_id)
         if owner is not None:
             owner.segment_ids.discard(segment_id)
@@ -138,6 +141,11 @@ class SegmentRegistry:
         while (segment_id := self._rng.getrandbits(48)) in self.segments or segment_id == 0:
             pass
         return segment_id
+
+
+def _place(descriptor: SegmentDescriptor) -> tuple[str, str, str]:
+    """What identifies a segment: its name where it is reached."""
+    return descriptor.name, descriptor.endpoint, descriptor.shm_socket
 
 
 def _check_mountable(descriptor: SegmentDescriptor, disk_capacity: int,

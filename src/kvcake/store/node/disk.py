@@ -22,9 +22,9 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from kvcake.common.errors import ErrorCode, InvalidParamsError
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher
 from kvcake.transfer.service import check_range
@@ -123,7 +123,8 @@ class DiskTier:
         return self._segment[offset : offset + size]
 
     @staticmethod
-    async def _off_loop(request: m.NodeRequest, work: Callable[..., None],
+    async def _off_loop(request: m.OffloadRequest | m.PromoteRequest | m.DropDiskRequest,
+                        work: Callable[..., None],
                         *args: object) -> m.CodesReply:
         """``work(*args)`` off the event loop; a disk failure is a code, never a dead call."""
         try:
@@ -150,8 +151,19 @@ class DiskTier:
                 raise OSError(f"short read from {path}")
 
 
-def control_channel(tier: DiskTier) -> Dispatcher:
-    """The node's control RPC: a handler per request type."""
-    return Dispatcher(m.NodeRequest, {m.OffloadRequest: tier.offload,
-                                      m.PromoteRequest: tier.promote,
-                                      m.DropDiskRequest: tier.drop})
+def control_channel(tier: DiskTier | None,
+                    info: Callable[[], m.NodeInfoReply] | None = None) -> Dispatcher:
+    """The node's control RPC: a handler per request type (disk tasks refused without a
+    disk tier, ``NodeInfo`` without ``info``)."""
+    disk: dict[type[Any], Callable[[Any], Any]] = {
+        m.OffloadRequest: tier.offload, m.PromoteRequest: tier.promote,
+        m.DropDiskRequest: tier.drop} if tier is not None else dict.fromkeys(
+        (m.OffloadRequest, m.PromoteRequest, m.DropDiskRequest), _refuse("no disk tier"))
+    about = _refuse("nothing to tell") if info is None else lambda _: info()
+    return Dispatcher(m.NodeRequest, {**disk, m.NodeInfo: about})
+
+
+def _refuse(why: str) -> Callable[[Any], Any]:
+    def refuse(_: Any) -> Any:
+        raise KvcakeError(f"this node has {why}", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
+    return refuse

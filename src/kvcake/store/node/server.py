@@ -18,6 +18,7 @@ from kvcake.store.session import MasterSession, Mount
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.segment import store_registrant
+from kvcake.wire import store as m
 
 
 class NodeServer:
@@ -27,27 +28,30 @@ class NodeServer:
         self.config = config
         self.host = host  # of the control endpoint
         self.segment_name = ""
+        self.control_endpoint = ""
         self._disk: DiskTier | None = None
         self._control: RpcServer | None = None
 
     async def startup(self, engine: TransferEngine, client_id: str) -> list[Mount]:
-        """Register the segment (none without ``segment_size``) and start its disk tier; the
-        mounts to ask the master for, published as ``client_id``'s."""
+        """Register the segment (none without ``segment_size``), start its disk tier and the
+        control server; the mounts to ask the master for, published as ``client_id``'s."""
         if not self.config.segment_size:
             return []
         name = self.config.segment_name or f"pool@{engine.endpoint}"
         segment = await asyncio.to_thread(engine.register_segment, name,
                                           self.config.segment_size)
         self.segment_name = name
-        control = ""
         if self.config.disk_dir:
             self._disk = DiskTier(self.config.disk_dir, segment.view)
-            self._control = RpcServer(control_channel(self._disk), self.host, 0)
-            control = await self._control.startup()
+        info = m.NodeInfoReply(self.config.master, self.config.tenant, name, engine.endpoint)
+        self._control = RpcServer(control_channel(self._disk, lambda: info), self.host,
+                                  self.config.control_port)
+        self.control_endpoint = await self._control.startup()
         registrant = store_registrant(client_id)  # how the master publishes it
         engine.bind(name, registrant)
         descriptor = engine.local_descriptor(name, registrant)
-        return [Mount(descriptor, self.config.disk_capacity, control, engine.grant_key(name))]
+        return [Mount(descriptor, self.config.disk_capacity, self.control_endpoint,
+                      engine.grant_key(name))]
 
     async def shutdown(self) -> None:
         if self._control is not None:
@@ -76,4 +80,5 @@ async def _node_main(config: StoreConfig, transfer: TransferConfig, ready_file: 
         await life.serve(f"kvcake node: segment {node.segment_name} "
                          f"({format_size(config.segment_size)}) mounted on master "
                          f"{config.master}{disk}",
-                         {"transfer": engine.endpoint, "segment": node.segment_name})
+                         {"transfer": engine.endpoint, "segment": node.segment_name,
+                          "control": node.control_endpoint})

@@ -1,0 +1,100 @@
+"""Moving a client's bytes to and from replicas: the transfer engine's batches, the segments
+they name (looked up through the master once, then cached), and on reads the best replica
+first with a fallback to the next. No knowledge of keys beyond their index in a call.
+
+A read of one key takes all its pieces (:mod:`kvcake.store.pieces`) from one replica; if any
+fails, the key's next replica is tried, same-host replicas (a memcpy) first::
+
+    round 1:  key 0 <- replica A (shm)   key 1 <- replica C (tcp)  -> key 1 failed
+    round 2:                             key 1 <- replica D (tcp)  -> done
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.log import get_logger
+from kvcake.store.pieces import Piece
+from kvcake.store.session import MasterSession
+from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.wire import store as m
+from kvcake.wire.store import ReplicaHandle
+
+log = get_logger(__name__)
+Live = Callable[[], tuple[MasterSession, TransferEngine]]
+
+
+class ReplicaIo:
+    """``live()``: the session and engine to use (raises when the client is not set up)."""
+
+    def __init__(self, live: Live) -> None:
+        self._live = live
+        self.segments: dict[int, RemoteSegment] = {}  # cleared when the master restarts
+
+    async def read(self, found: m.GetReplicasReply, pieces: dict[int, list[Piece]],
+                   deadline: float) -> dict[int, int]:
+        """Read each key's pieces (by index into ``found``) from its best replica, trying
+        the next one after a failure; 0 per key when done before ``deadline`` (its lease),
+        else a code (``LEASE_EXPIRED``: the bytes may be stale)."""
+        codes = dict.fromkeys(pieces, 0)
+        pending = {i: self._ranked(found.replicas[i]) for i in pieces}
+        while pending:
+            order = list(pending)
+            chosen = {i: pending[i].pop(0) for i in order}
+            reads = [(i, shifted(chosen[i], offset), view) for i in order
+                     for offset, view in pieces[i]]
+            failed = {reads[j][0] for j in await self.move(TransferOp.READ,
+                                                            [(h, v) for _, h, v in reads])}
+            for i in order:
+                if i not in failed or not pending[i]:
+                    codes[i] = ErrorCode.TRANSFER_FAIL if i in failed else 0
+                    del pending[i]
+        late = time.monotonic() > deadline
+        return {i: ErrorCode.LEASE_EXPIRED if late and not c else c for i, c in codes.items()}
+
+    def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
+        """Same-host replicas first: they are read with a memcpy."""
+        known = self.segments
+        return sorted(handles, key=lambda h: h.segment_id not in known
+                      or known[h.segment_id].transport != "shm")
+
+    async def move(self, op: TransferOp,
+                   items: list[tuple[ReplicaHandle, memoryview]]) -> list[int]:
+        """Run one batch of transfers; the indices of the items that failed."""
+        if not items:
+            return []
+        _, engine = self._live()
+        segments = await self._resolve([h.segment_id for h, _ in items])
+        requests, failed = [], []
+        for j, (handle, view) in enumerate(items):
+            segment = segments.get(handle.segment_id)
+            if segment is None:
+                failed.append(j)
+                continue
+            requests.append((j, TransferRequest(op, segment, handle.offset, view, handle.grant)))
+        batch = engine.submit([r for _, r in requests])
+        try:
+            await batch
+        except KvcakeError as exc:
+            log.warning("store %s failed: %s", op.name.lower(), exc)
+        failed += [j for (j, _), e in zip(requests, batch.errors, strict=True) if e is not None]
+        return failed
+
+    async def _resolve(self, segment_ids: list[int]) -> dict[int, RemoteSegment]:
+        missing = sorted({i for i in segment_ids if i not in self.segments})
+        if missing:
+            session, engine = self._live()
+            reply = await session.call(m.DescribeSegments(missing), m.DescribeSegmentsReply)
+            for segment_id, descriptor in zip(missing, reply.descriptors, strict=True):
+                if descriptor is not None:
+                    self.segments[segment_id] = engine.attach(descriptor)
+        return self.segments
+
+
+def shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:
+    """``handle``, ``delta`` bytes further into its replica (its grant covers the replica)."""
+    return msgspec.structs.replace(handle, offset=handle.offset + delta) if delta else handle
