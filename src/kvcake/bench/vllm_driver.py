@@ -4,8 +4,9 @@ float32), as ``python -m kvcake.bench.vllm_driver MODEL_DIR
 TRANSFER``, TRANSFER being vLLM's ``kv_transfer_config`` as JSON (``null``: no connector).
 It prints ``ready``, then answers each JSON line:
 
-- ``{"prompt": [ids], "max_tokens": n}``: ``{"tokens": [...], "seconds": s}``, n greedy
-  tokens (4 by default) and the wall time of the call;
+- ``{"prompt": [ids], "max_tokens": n}``: ``{"tokens": [...], "seconds": s, "cached": c}``,
+  n greedy tokens (4 by default), the wall time of the call and the prompt tokens vLLM did
+  not compute (its own prefix cache's and a connector's);
 - ``{"keys": [ids]}``: ``{"keys": [...]}``, the store keys kvcake's connector gives the
   prompt's full blocks.
 
@@ -57,7 +58,8 @@ def main() -> None:
         started = time.perf_counter()
         [out] = llm.generate([{"prompt_token_ids": ask["prompt"]}], params, use_tqdm=False)
         print(json.dumps({"tokens": list(out.outputs[0].token_ids),
-                          "seconds": time.perf_counter() - started}), flush=True)
+                          "seconds": time.perf_counter() - started,
+                          "cached": out.num_cached_tokens or 0}), flush=True)
     llm.llm_engine.engine_core.shutdown()  # the connectors' shutdown (their totals) runs now
 
 
