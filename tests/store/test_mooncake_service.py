@@ -280,9 +280,18 @@ def test_two_clients_may_share_a_segment_name_but_not_a_segment() -> None:
     with pytest.raises(KvcakeError) as alias:  # c2 naming c1's memory again
         service.mount_segment("c2", descriptor("localhost:12345", "127.0.0.1:7001"))
     assert alias.value.code is ErrorCode.SEGMENT_ALREADY_EXISTS
-    put(service, "c1", "k", replica_num=2)  # one copy on each
-    assert service.replica_clear("c1", "k", "localhost:12345")  # the name names both
+    put(service, "c1", "k", replica_num=2)  # one name is one place: a single copy
+    assert len(service.objects["k"].replicas) == 1
+    assert service.replica_clear("c1", "k", "localhost:12345")
     assert "k" not in service.objects
+    mount(service, "c4", "other", "127.0.0.1:7004")
+    for i in range(8):  # two copies: one under each name, whichever segment of the shared one
+        names = [service.registry.segments[h.segment_id].name
+                 for h in put(service, "c1", f"r{i}", replica_num=2)]
+        assert sorted(names) == ["localhost:12345", "other"]
+        assert service.replica_clear("c1", f"r{i}", "localhost:12345")
+        found = service.query_replicas(f"r{i}")
+        assert isinstance(found, tuple) and [r.segment for r in found[1]] == ["other"]
     service.unmount_segment("c1", one)
     assert mount(service, "c3", "localhost:12345", "127.0.0.1:7001") not in (one, two)
     service.check_integrity()

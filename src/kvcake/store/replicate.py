@@ -10,7 +10,7 @@ struct (:class:`kvcake.wire.store.ReplicateConfig`) only when a put is sent::
 =========================  =============================================================
 attribute                  meaning
 =========================  =============================================================
-replica_num                copies on distinct segments (1..16)
+replica_num                copies on segments of distinct names (1..16)
 soft_pin_action            PRESERVE (default), ENABLE or DISABLE (see below)
 soft_pin_ttl_ms            soft-pin length, ms (``None``: the master's default); only with
                            ENABLE; a negative or >= 2**64 value raises ``TypeError``

@@ -48,7 +48,7 @@ class ReplicateConfig(msgspec.Struct):
     """How to store a put (Mooncake's ``ReplicateConfig``, as it travels; the Python API's
     richer class is :class:`kvcake.store.ReplicateConfig`).
 
-    replica_num: copies on distinct segments (best effort when fewer segments have room).
+    replica_num: copies on segments of distinct names (best effort when fewer have room).
     with_soft_pin: evicted only when nothing unpinned is left, for ``soft_pin_ttl_s``
         (0: the master's default); the same as ``soft_pin_action`` ENABLE.
     with_hard_pin: never evicted (still removable).

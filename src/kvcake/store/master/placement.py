@@ -1,4 +1,6 @@
-"""Where an object's replicas go, by name (STYLE.md §12); always on distinct segments.
+"""Where an object's replicas go, by name (STYLE.md §12); always on segments of distinct
+names (as Mooncake places by segment name, several segments sharing a name, e.g. two clients
+known by one hostname, count as one place).
 
 ====================  ==============================================================
 ``random``            uniformly among segments with room (Mooncake's default)
@@ -57,14 +59,16 @@ class PlacementPolicy(ABC):
         self.rng = rng
 
     def choose(self, request: PlacementRequest, segments: Sequence[Candidate]) -> list[int]:
-        """Ids of up to ``replica_num`` distinct segments that can hold ``size`` bytes,
-        best first; fewer (or none) when fewer segments have room. A request's preferred
+        """Ids of up to ``replica_num`` segments of distinct names that can hold ``size``
+        bytes, best first; fewer (or none) when fewer have room. A request's preferred
         segments go first whatever the policy."""
         fitting = [s for s in segments if s.can_allocate(request.size)]
         ordered = self.order(request, fitting)
         if request.preferred_segment or request.preferred:  # stable: the policy breaks ties
             ordered.sort(key=lambda s: request.rank(s.name))
-        return [s.segment_id for s in ordered[: request.replica_num]]
+        firsts = {s.name: s for s in reversed(ordered)}  # each name's best segment
+        distinct = [s for s in ordered if firsts[s.name] is s]
+        return [s.segment_id for s in distinct[: request.replica_num]]
 
     @abstractmethod
     def order(self, request: PlacementRequest, fitting: list[Candidate]) -> list[Candidate]:
