@@ -3,12 +3,16 @@ docstring); :mod:`kvcake.store.compat` documents the semantics."""
 
 from kvcake.store.compat import (
     BufferHandle,
+    BufferLease,
+    BufferPool,
     Descriptor,
     DiskDescriptor,
     DistributedStore,
     LocalDiskDescriptor,
     MemoryDescriptor,
     MooncakeDistributedStore,
+    RegisteredBufferLease,
+    RegisteredBufferPool,
     ReplicaDescriptor,
     ReplicaStatus,
     ReplicateConfig,
@@ -17,12 +21,16 @@ from kvcake.store.compat import (
 
 __all__ = [
     "BufferHandle",
+    "BufferLease",
+    "BufferPool",
     "Descriptor",
     "DiskDescriptor",
     "DistributedStore",
     "LocalDiskDescriptor",
     "MemoryDescriptor",
     "MooncakeDistributedStore",
+    "RegisteredBufferLease",
+    "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicaStatus",
     "ReplicateConfig",

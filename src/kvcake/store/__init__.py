@@ -2,7 +2,7 @@
 replicas), storage nodes that contribute memory (and disk), and clients with Mooncake's API."""
 
 from kvcake.store.client import AsyncStore
-from kvcake.store.compat import DistributedStore, ReplicaDescriptor
+from kvcake.store.compat import BufferPool, DistributedStore, ReplicaDescriptor
 from kvcake.store.master.eviction import EVICTION_POLICIES, EvictionPolicy, make_eviction_policy
 from kvcake.store.master.placement import PLACEMENT_POLICIES, PlacementPolicy
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject
@@ -16,6 +16,7 @@ __all__ = [
     "EVICTION_POLICIES",
     "PLACEMENT_POLICIES",
     "AsyncStore",
+    "BufferPool",
     "DistributedStore",
     "EvictionPolicy",
     "MasterServer",

@@ -15,12 +15,14 @@ module                    what
 ``zero_copy``             registered buffers: ``*_from``, ``*_into``, ranges
 ``options``               ``setup``'s arguments, sizes, hostnames
 ``buffers``               the registered buffers and the local buffer budget
+``buffer_pool``           ``BufferPool``: leases of registered, pre-touched memory
 ``ranges``                ``get_into_ranges``' plan and nested answer
 ``descriptors``           replica descriptors, buffer handles
 ========================  ======================================================
 """
 
 from kvcake.store.client import as_view
+from kvcake.store.compat.buffer_pool import BufferLease, BufferPool, BufferPoolError
 from kvcake.store.compat.descriptors import (
     BufferHandle,
     Descriptor,
@@ -34,15 +36,22 @@ from kvcake.store.compat.store import DistributedStore
 from kvcake.store.replicate import ReplicateConfig, SoftPinAction
 
 MooncakeDistributedStore = DistributedStore
+RegisteredBufferPool = BufferPool  # Mooncake's other names for them
+RegisteredBufferLease = BufferLease
 
 __all__ = [
     "BufferHandle",
+    "BufferLease",
+    "BufferPool",
+    "BufferPoolError",
     "Descriptor",
     "DiskDescriptor",
     "DistributedStore",
     "LocalDiskDescriptor",
     "MemoryDescriptor",
     "MooncakeDistributedStore",
+    "RegisteredBufferLease",
+    "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicaStatus",
     "ReplicateConfig",
