@@ -506,3 +506,11 @@ def test_multi_buffer_pieces_pass_the_nodes_grant_checks(tmp_path: Path,
         store.close()
         node.stop()
         master.stop()
+
+
+def test_is_exist_answers_under_the_cpp_clients_name_too(
+        pair: tuple[DistributedStore, DistributedStore]) -> None:
+    store, key = pair[0], unique("exist")
+    assert store.isExist(key) == 0  # Mooncake's store_kv_bench.py calls this name
+    assert store.put(key, b"v") == 0
+    assert store.isExist(key) == 1 == store.is_exist(key)

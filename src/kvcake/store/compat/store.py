@@ -188,6 +188,11 @@ class DistributedStore(ZeroCopyApi):
     def batch_is_exist(self, keys: list[str]) -> list[int]:
         return codes_of(lambda: self._run(self.native.batch_is_exist(keys)), len(keys))
 
+    def isExist(self, key: str) -> int:  # noqa: N802 - the C++ client's name
+        """``is_exist`` under the name of Mooncake's C++ ``PyClient::isExist``, which Mooncake's
+        own ``store_kv_bench.py`` calls (Mooncake's binding itself only has ``is_exist``)."""
+        return self.is_exist(key)
+
     def get_size(self, key: str) -> int:
         return code_of(lambda: self._run(self.native.get_size(key)))
 
