@@ -145,6 +145,18 @@ def test_a_live_view_keeps_its_lease_and_refuses_release(store: DistributedStore
     pool.close()  # the dropped lease went back
 
 
+def test_dropping_a_pool_unregisters_its_idle_regions(store: DistributedStore) -> None:
+    pool = small_pool(store)
+    lease = pool.acquire(1)
+    ptr = lease.ptr
+    del pool  # the lease still holds it
+    gc.collect()
+    assert store._buffers.capacity(ptr) == 4 * KiB
+    lease.release()  # parked idle, and the pool's last reference goes
+    gc.collect()
+    assert store._buffers.capacity(ptr) == 0
+
+
 # ----- exhaustion
 def test_a_full_budget_raises_without_blocking_and_after_a_timeout(
         store: DistributedStore) -> None:

@@ -204,6 +204,12 @@ class BufferPool:
             self._closed = True
             self._cond.notify_all()
 
+    def __del__(self) -> None:
+        # no lease is out (each holds its pool): unregister what is idle, as Mooncake's
+        # destructor closes; a finalizer must not raise
+        with contextlib.suppress(Exception):
+            self.close()
+
     # ----- regions (called with self._cond held)
     def _size_class(self, size: int) -> int:
         size = max(size, 1)
