@@ -8,7 +8,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # Python compiles what it imports, once, on first use
 PIP_FLAGS ?= --no-compile
 
-.PHONY: run test install vllm sysdeps lint fuzz chaos bench paper clean mooncake-shim
+.PHONY: run test install vllm vllm-mooncake sysdeps lint fuzz chaos bench paper clean \
+	mooncake-shim
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
@@ -42,6 +43,18 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) --no-deps -e .
 	touch $(VLLM_STAMP)
+
+# the real Mooncake in the vLLM venv, for `kvcake bench vllm`'s mooncake-real row (its wheel
+# adds only msgpack to vLLM's dependencies; its libraries link libibverbs and librdmacm even
+# for tcp). kvcake's drop-in stays usable next to it: the mooncake row puts shims/mooncake
+# first on PYTHONPATH
+MOONCAKE_WHEEL ?= mooncake-transfer-engine-non-cuda==0.3.13.post1
+vllm-mooncake: $(VLLM_STAMP)
+	@if $(VLLM_VENV)/bin/python -m pip list 2>/dev/null | grep -qi '^kvcake-mooncake-shim'; then \
+		echo "vllm-mooncake: $(VLLM_VENV) has kvcake's drop-in installed as mooncake;" \
+			"pip uninstall kvcake-mooncake-shim there first" >&2; exit 1; fi
+	bash scripts/install-sysdeps.sh mooncake
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) $(MOONCAKE_WHEEL)
 
 sysdeps:
 	bash scripts/install-sysdeps.sh

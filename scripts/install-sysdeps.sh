@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: iproute2 (network namespaces as test "hosts") and
-# etcd (a real metadata directory). Installs only what is missing; needs root to install.
+# etcd (a real metadata directory). With the argument "mooncake", also the libraries the
+# real Mooncake wheel links (libibverbs1, librdmacm1; make vllm-mooncake). Installs only what
+# is missing; needs root to install.
 set -euo pipefail
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+if [ "${1:-}" = mooncake ]; then
+    ldconfig -p | grep -q 'libibverbs\.so\.1 ' || missing+=(libibverbs1)
+    ldconfig -p | grep -q 'librdmacm\.so\.1 ' || missing+=(librdmacm1)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-sysdeps: missing ${missing[*]}; run as root or install them yourself" >&2

@@ -11,6 +11,10 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
 - ``mooncake``: the same through vLLM's own ``MooncakeStoreConnector``, unmodified, on
   kvcake's store (the drop-in ``mooncake.store``; ``standalone-store`` mode, the pool in a
   kvcake node);
+- ``mooncake-real``: the same connector on the real Mooncake (its wheel in the vLLM venv,
+  ``make vllm-mooncake``; its master, a pool process and both vLLM processes inside a
+  network namespace: :mod:`kvcake.bench.vllm_mooncake`). Left out, with a line saying how to
+  install it, where the wheel is missing;
 - ``example``: the same through vLLM's disk ``ExampleConnector``.
 
 ``tokens_equal``: the 8 greedy tokens each path gives equal cold's. Needs the vLLM venv
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -36,10 +41,15 @@ from kvcake.bench.vllm_instance import (
     mooncake_transfer,
     vllm_python,
 )
+from kvcake.bench.vllm_mooncake import missing_real_mooncake, real_mooncake_store
+from kvcake.common.config import MiB
 from kvcake.common.errors import KvcakeError
 from kvcake.ops import start_master, start_node
 
-CONNECTORS = ("cold", "local", "kvcake", "mooncake", "example")
+CONNECTORS = ("cold", "local", "kvcake", "mooncake", "mooncake-real", "example")
+# the ratio columns: numerator, denominator, decimals (a column shows where both ran)
+RATIOS = (("kvcake", "local", 2), ("cold", "kvcake", 1), ("mooncake", "kvcake", 2),
+          ("example", "kvcake", 2), ("mooncake-real", "mooncake", 2))
 CHECK_TOKENS = 8
 BLOCK = 128  # vLLM-CPU's block size: what a store holds of a prompt
 Prompts = dict[int, list[list[int]]]  # length -> one prompt per repeat
@@ -58,9 +68,14 @@ def run_vllm_bench(quick: bool, as_json: bool, python: str | None = None,
     _plain(interpreter, prompts, timings)
     _through_kvcake(interpreter, prompts, timings)
     _through_mooncake(interpreter, prompts, timings)
+    missing = missing_real_mooncake(interpreter)
+    if missing:  # stderr: --json's standard output stays one JSON row a line
+        print(missing, file=sys.stderr, flush=True)
+    else:
+        _through_mooncake_real(interpreter, prompts, timings)
     _through_example(interpreter, prompts, timings)
     rows = _rows(prompts, timings)
-    print("\n".join(json.dumps(row) for row in rows) if as_json else _table(rows))
+    print("\n".join(json.dumps(row) for row in rows) if as_json else table(rows))
     return 0
 
 
@@ -71,8 +86,9 @@ def _prompt(length: int, repeat: int) -> list[int]:
 
 @contextmanager
 def _instance(python: Path, transfer: dict[str, Any] | None,
-              env: dict[str, str] | None = None) -> Iterator[VllmInstance]:
-    instance = VllmInstance(python, transfer, env)
+              env: dict[str, str] | None = None,
+              prefix: Sequence[str] = ()) -> Iterator[VllmInstance]:
+    instance = VllmInstance(python, transfer, env, prefix)
     try:
         if not instance.ready():
             raise KvcakeError(f"vLLM did not start: {instance.stop()[-2000:]}")
@@ -100,15 +116,16 @@ def _plain(python: Path, prompts: Prompts, timings: Timings) -> None:
 
 def _write_then_read(python: Path, transfer: dict[str, Any], prompts: Prompts,
                      timings: Timings, name: str, settle: Any = None,
-                     env: dict[str, str] | None = None) -> None:
-    """One process fills the external cache, a second one reads from it."""
-    with _instance(python, transfer, env) as writer:
+                     env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+    """One process fills the external cache, a second one reads from it (both run through
+    ``prefix``)."""
+    with _instance(python, transfer, env, prefix) as writer:
         for group in prompts.values():
             for prompt in group:
                 writer.generate(prompt, max_tokens=1)
     if settle is not None:
         settle()
-    with _instance(python, transfer, env) as reader:
+    with _instance(python, transfer, env, prefix) as reader:
         for length, group in prompts.items():
             for prompt in group:
                 timings.setdefault((name, length), []).append(_measure(reader, prompt))
@@ -119,13 +136,21 @@ def _kvcake_store(prompts: Prompts) -> Iterator[tuple[str, Any]]:
     """A master and a node with room for every block: the master's endpoint, and a wait
     until the store holds them all."""
     master, endpoint = start_master()
-    blocks = sum(len(p) // BLOCK for group in prompts.values() for p in group)
-    node = start_node(endpoint, f"{blocks * 8 + 64}MiB")  # a block: 2.8 MiB bf16, 5.6 fp32
+    blocks = _blocks(prompts)
+    node = start_node(endpoint, f"{_pool_bytes(blocks) // MiB}MiB")
     try:
         yield endpoint, lambda: _wait_stored(master.endpoints["metrics"], blocks)
     finally:
         node.stop()
         master.stop()
+
+
+def _blocks(prompts: Prompts) -> int:
+    return sum(len(p) // BLOCK for group in prompts.values() for p in group)
+
+
+def _pool_bytes(blocks: int) -> int:
+    return (blocks * 8 + 64) * MiB  # a block: 2.8 MiB bf16, 5.6 fp32
 
 
 def _through_kvcake(python: Path, prompts: Prompts, timings: Timings) -> None:
@@ -139,6 +164,16 @@ def _through_mooncake(python: Path, prompts: Prompts, timings: Timings) -> None:
             tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-") as folder:
         transfer, env = mooncake_transfer(endpoint, Path(folder))
         _write_then_read(python, transfer, prompts, timings, "mooncake", settle, env)
+
+
+def _through_mooncake_real(python: Path, prompts: Prompts, timings: Timings) -> None:
+    blocks = _blocks(prompts)
+    with real_mooncake_store(python, _pool_bytes(blocks), blocks) as store, \
+            tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-") as folder:
+        transfer, env = mooncake_transfer(store.master, Path(folder), host=store.host,
+                                          drop_in=False)
+        _write_then_read(python, transfer, prompts, timings, "mooncake-real", store.settle,
+                         env, store.prefix)
 
 
 def _wait_stored(metrics: str, blocks: int, timeout_s: float = 120.0) -> None:
@@ -167,7 +202,7 @@ def _rows(prompts: Prompts, timings: Timings) -> list[dict[str, Any]]:
     rows = []
     for length in prompts:
         cold = [tokens for _, tokens in timings[("cold", length)]]
-        for name in CONNECTORS:
+        for name in (c for c in CONNECTORS if (c, length) in timings):
             samples = timings[(name, length)]
             rows.append({"connector": name, "prompt_len": length,
                          "ttft_s": round(statistics.median(s for s, _ in samples), 4),
@@ -175,19 +210,25 @@ def _rows(prompts: Prompts, timings: Timings) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as text: one line per prompt length, a column per connector that ran and a
+    ratio column per pair of them (``mooncake-real/mooncake`` only with the real one)."""
     ttft = {(r["connector"], r["prompt_len"]): r["ttft_s"] for r in rows}
-    lines = [f"{'prompt':>7} " + " ".join(f"{c:>9}" for c in CONNECTORS)
-             + "   kvcake/local  cold/kvcake  mooncake/kvcake  example/kvcake  tokens equal"]
+    ran = [c for c in CONNECTORS if any(r["connector"] == c for r in rows)]
+    ratios = [(a, b, digits) for a, b, digits in RATIOS if a in ran and b in ran]
+    names = [f"{a}/{b}" for a, b, _ in ratios]
+    width = {c: max(len(c), 9) for c in ran}
+    lines = [f"{'prompt':>7} " + " ".join(f"{c:>{width[c]}}" for c in ran) + "  "
+             + "".join(f"  {name:>{max(len(name), 6)}}" for name in names) + "  tokens equal"]
     for length in sorted({r["prompt_len"] for r in rows}):
-        row = [ttft[(c, length)] for c in CONNECTORS]
         equal = all(r["tokens_equal"] for r in rows if r["prompt_len"] == length)
-        cold, local, kvcake, mooncake, example = row
-        lines.append(f"{length:>7} " + " ".join(f"{s:>8.3f}s" for s in row)
-                     + f"   {kvcake / local:>12.2f}  {cold / kvcake:>11.1f}"
-                     f"  {mooncake / kvcake:>15.2f}  {example / kvcake:>14.2f}"
-                     f"  {'yes' if equal else 'NO'}")
-    lines.append("TTFT, median; kvcake, mooncake and example: a second process loading what "
-                 "the first one saved")
+        cells = [f"{ttft[(a, length)] / ttft[(b, length)]:>{max(len(name), 6)}.{digits}f}"
+                 for (a, b, digits), name in zip(ratios, names, strict=True)]
+        lines.append(f"{length:>7} " + " ".join(f"{ttft[(c, length)]:>{width[c] - 1}.3f}s"
+                                               for c in ran)
+                     + "  " + "".join(f"  {cell}" for cell in cells)
+                     + f"  {'yes' if equal else 'NO'}")
+    external = ", ".join(c for c in ran if c not in ("cold", "local"))
+    lines.append(f"TTFT, median; {external}: a second process loading what the first one "
+                 "saved")
     return "\n".join(lines)
-

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,23 @@ def kvcake_transfer(master: str, policy: str = "recompute") -> dict[str, Any]:
 
 
 def mooncake_transfer(master: str, folder: Path, mode: str = "standalone-store",
-                      segment: str = "256MB") -> tuple[dict[str, Any], dict[str, str]]:
-    """vLLM's own ``MooncakeStoreConnector``, unmodified, on kvcake's store at ``master``
-    through the drop-in ``mooncake.store``: its ``kv_transfer_config`` and the environment
-    that finds the drop-in and its settings (a ``mooncake.json`` written in ``folder``).
-    ``standalone-store``: the pool belongs to a ``kvcake node``; ``embedded``: each vLLM
-    process contributes ``segment`` of its own memory."""
+                      segment: str = "256MB", host: str = "127.0.0.1",
+                      drop_in: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
+    """vLLM's own ``MooncakeStoreConnector``, unmodified, on the store at ``master``: its
+    ``kv_transfer_config`` and the environment that gives it its settings (a
+    ``mooncake.json`` written in ``folder``) and ``host``, the address it names itself by.
+    ``drop_in``: through kvcake's drop-in ``mooncake.store`` on kvcake's store; else the real
+    Mooncake's wheel (in the vLLM venv) on a real Mooncake master. ``standalone-store``: the
+    pool belongs to another process; ``embedded``: each vLLM process contributes ``segment``
+    of its own memory."""
     settings = {"metadata_server": "P2PHANDSHAKE", "master_server_address": master,
                 "protocol": "tcp", "device_name": "", "mode": mode,
                 "global_segment_size": segment if mode == "embedded" else 0,
                 "local_buffer_size": "64MB"}
     path = folder / f"mooncake-{mode}.json"
     path.write_text(json.dumps(settings))
-    env = {"MOONCAKE_CONFIG_PATH": str(path), "PYTHONPATH": str(SHIM),
-           "MOONCAKE_REQUESTER_LOCAL_HOSTNAME": "127.0.0.1"}
+    env = {"MOONCAKE_CONFIG_PATH": str(path), "MOONCAKE_REQUESTER_LOCAL_HOSTNAME": host,
+           **({"PYTHONPATH": str(SHIM)} if drop_in else {"VLLM_HOST_IP": host})}
     transfer = {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both",
                 "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {}}
     return transfer, env
@@ -53,10 +57,11 @@ def mooncake_transfer(master: str, folder: Path, mode: str = "standalone-store",
 class VllmInstance:
     """One vLLM process; ``ready()`` waits for it to load, ``stop()`` ends it and returns
     its log (vLLM's and the connector's). ``env`` adds to its environment (``PYTHONPATH``
-    entries go before kvcake's own)."""
+    entries go before kvcake's own); ``prefix`` runs it through another command (``ip netns
+    exec NAME``: inside a network namespace)."""
 
     def __init__(self, python: Path, transfer: dict[str, Any] | None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
         extra = dict(env or {})
         path = os.pathsep.join(filter(None, (extra.pop("PYTHONPATH", ""), str(SRC))))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -71,8 +76,8 @@ class VllmInstance:
         model = str(resolve_model("smollm2").path)
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read and closed by stop)
         self.process = subprocess.Popen(
-            [str(python), "-m", DRIVER, model, json.dumps(transfer)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+            [*prefix, str(python), "-m", DRIVER, model, json.dumps(transfer)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
 
     def ready(self) -> bool:
         assert self.process.stdout is not None
