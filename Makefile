@@ -8,18 +8,23 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # Python compiles what it imports, once, on first use
 PIP_FLAGS ?= --no-compile
 
-.PHONY: run test install vllm vllm-mooncake sysdeps lint fuzz chaos bench paper clean \
+.PHONY: run test deps install vllm vllm-mooncake sysdeps lint fuzz chaos bench paper clean \
 	mooncake-shim
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
 
-test: $(STAMP) $(VLLM_STAMP) sysdeps
+test: deps
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 install: $(STAMP)
+
+# what `make test` needs, the two venvs and the system packages side by side (their
+# downloads overlap); a no-op once installed
+deps:
+	$(MAKE) --no-print-directory -j3 $(STAMP) $(VLLM_STAMP) sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
