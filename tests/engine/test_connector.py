@@ -13,6 +13,7 @@ import torch
 
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
+from kvcake.engine.kv.connector import BlockBytes
 from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
 from kvcake.ops import start_master, start_node
 from kvcake.wire.output import TokenOutput
@@ -30,7 +31,7 @@ LAYOUT = BlockLayout("float32", 2, 2, 16, BLOCK, "0123456789abcdef")
 def _record(layout: BlockLayout, block_hash: bytes, fill: float = 0.5) -> bytearray:
     payload = torch.full((layout.payload_bytes // 4,), fill, dtype=torch.float32)
     view = memoryview(payload.numpy()).cast("B")
-    return bytearray(layout.pack_header(block_hash, view)) + bytearray(view)
+    return bytearray(layout.pack_header(block_hash, [view])) + bytearray(view)
 
 
 def test_layout_accepts_its_own_record() -> None:
@@ -60,6 +61,31 @@ def test_layout_detects_corruption_and_wrong_keys() -> None:
     assert "size" in str(LAYOUT.check(memoryview(record)[:-4], b"h" * 32))
     record[0:4] = b"XXXX"
     assert str(LAYOUT.check(memoryview(record), b"h" * 32)).startswith("magic")
+
+
+def test_a_block_checks_the_same_whole_or_in_pieces() -> None:
+    """A block read straight into a paged cache arrives in pieces (a run per layer)."""
+    record = memoryview(_record(LAYOUT, b"h" * 32))
+    header, payload = record[:HEADER_BYTES], record[HEADER_BYTES:]
+    pieces = [payload[i:i + 1000] for i in range(0, payload.nbytes, 1000)]
+    assert LAYOUT.pack_header(b"h" * 32, pieces) == bytes(header)
+    assert LAYOUT.check_parts(header, pieces, b"h" * 32) is None
+    assert LAYOUT.check_parts(header, pieces[:-1], b"h" * 32) == (
+        f"payload pieces hold {payload.nbytes - pieces[-1].nbytes} bytes")
+    old = bytearray(record)
+    old[4:6] = (1).to_bytes(2, "little")  # a version 1 (CRC32) record
+    assert LAYOUT.check(memoryview(old), b"h" * 32) == "version is 1, expected 2"
+
+
+@pytest.mark.parametrize("shape", [(6, 2, BLOCK, 2, 16), (2, 6, BLOCK, 2, 16)])
+def test_block_bytes_are_each_layer_s_slice_in_element_order(shape: tuple[int, ...]) -> None:
+    """Block-major layers (vLLM-CPU's) give one run a layer; kvcake's (K and V apart) two."""
+    cache = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape)
+    layers = [cache] * 2 if shape[0] == 6 else [cache.transpose(0, 1)] * 2
+    views = BlockBytes(layers).views(3)
+    assert len(views) == (2 if shape[0] == 6 else 4)
+    assert b"".join(views) == b"".join(
+        layer[3].contiguous().numpy().tobytes() for layer in layers)
 
 
 # -- engines on a real store -----------------------------------------------------------------

@@ -34,6 +34,14 @@ def test_a_hit_is_loaded_in_the_next_step_and_never_saved_again() -> None:
     assert plan.step({"r": 1}, lambda _: 30, lambda _: ids).saves == []  # decode: nothing
 
 
+def test_blocks_of_the_local_cache_are_not_saved_again() -> None:
+    """A local prefix hit: those blocks were saved when computed (or came from the store)."""
+    plan = StorePlan(BS)
+    assert plan.lookup("r", HASHES[:7], 30, num_computed_tokens=28) == (7, 7)
+    step = plan.step({"r": 2}, lambda _: 28, lambda _: list(range(8)))
+    assert step.saves == step.loads == []
+
+
 def test_chunked_prefill_saves_each_block_once_as_it_fills() -> None:
     plan = StorePlan(BS)
     plan.lookup("r", HASHES[:7], 30, 0)

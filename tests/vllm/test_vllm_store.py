@@ -123,7 +123,7 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
 @pytest.mark.timeout(300)
 def test_a_full_store_refuses_every_save_and_the_instance_serves_on() -> None:
     master, endpoint = start_master()
-    node = start_node(endpoint, "4MiB")  # smaller than one block record: every put fails
+    node = start_node(endpoint, "1MiB")  # smaller than one block record: every put fails
     instance = _instance(endpoint, "recompute")
     try:
         assert instance.ready(), instance.stop()
@@ -135,7 +135,8 @@ def test_a_full_store_refuses_every_save_and_the_instance_serves_on() -> None:
         errors = instance.stop()
         node.stop()
         master.stop()
-    blocks = 2 * (len(P3) // BLOCK + len(P4) // BLOCK)  # none stored: each ask offers again
+    # none stored; the second asks hit vLLM's own cache, whose blocks are not offered again
+    blocks = len(P3) // BLOCK + len(P4) // BLOCK
     assert f"0 saved, 0 dropped, {blocks} failed blocks" in errors, errors[-3000:]
 
 

@@ -17,8 +17,9 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
   install it, where the wheel is missing;
 - ``example``: the same through vLLM's disk ``ExampleConnector``.
 
-``tokens_equal``: the 8 greedy tokens each path gives equal cold's. Needs the vLLM venv
-(``make vllm``).
+``tokens_equal``: the 8 greedy tokens each path gives equal cold's. Every instance first
+answers a short prompt (less than a block: nothing is stored), as a serving instance has:
+a process's first forward pays one-time set-up. Needs the vLLM venv (``make vllm``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ RATIOS = (("kvcake", "local", 2), ("cold", "kvcake", 1), ("mooncake", "kvcake", 
           ("example", "kvcake", 2), ("mooncake-real", "mooncake", 2))
 CHECK_TOKENS = 8
 BLOCK = 128  # vLLM-CPU's block size: what a store holds of a prompt
+WARM_UP = BLOCK // 2  # every instance answers this first: no full block, nothing stored
 Prompts = dict[int, list[list[int]]]  # length -> one prompt per repeat
 Timings = dict[tuple[str, int], list[tuple[float, list[int]]]]
 
@@ -92,6 +94,7 @@ def _instance(python: Path, transfer: dict[str, Any] | None,
     try:
         if not instance.ready():
             raise KvcakeError(f"vLLM did not start: {instance.stop()[-2000:]}")
+        instance.generate(_prompt(WARM_UP, 0), max_tokens=1)  # its first forward's set-up
         yield instance
     finally:
         instance.stop()

@@ -62,11 +62,12 @@ class StorePlan:
                num_computed_tokens: int) -> tuple[int, int]:
         """Track the request; the block range ``[first, stop)`` worth asking the store about
         (empty when the local cache already covers every loadable block)."""
-        tracked = self._requests.setdefault(request_id, _Tracked(block_hashes,
-                                                                 num_prompt_tokens))
-        tracked.block_hashes = block_hashes  # a resumed request keeps its list
         stop = min(loadable_blocks(num_prompt_tokens, self.block_size), len(block_hashes))
         first = min(num_computed_tokens // self.block_size, stop)
+        # blocks of the local cache were saved when computed, or came from the store
+        tracked = self._requests.setdefault(
+            request_id, _Tracked(block_hashes, num_prompt_tokens, saved_blocks=first))
+        tracked.block_hashes = block_hashes  # a resumed request keeps its list
         return first, stop
 
     def matched_tokens(self, num_computed_tokens: int, first: int, hits: int) -> int:

@@ -2,15 +2,22 @@
 
 Keys are ``<model fingerprint>/<tenant>/<block hash hex>``; values follow
 :mod:`kvcake.engine.kv.format`. The engine thread only copies: blocks are staged into a
-pre-touched ring of record slots and the store traffic runs on the transfer engine's own
-event loop, so saving never stalls a step. When every slot is busy (a slow store), a save is
-dropped (and counted), never waited for. Loads are synchronous: the step that admits a
-request needs the blocks before it computes the rest of the prompt.
+pre-touched ring of record slots and the store traffic (headers and checksums too) runs on
+the transfer engine's own event loop, so saving never stalls a step. When every slot is busy
+(a slow store), a save is dropped (and counted), never waited for. Loads are synchronous:
+the step that admits a request needs the blocks before it computes the rest of the prompt.
+A load reads each record straight into the cache's block slices (one copy, no staging) and
+checks it there; a block that fails is left for the caller to recompute::
+
+    store record   [header | layer 0 | layer 1 | ... | layer L-1]
+                       |        |         |                |
+    load           header    layers[0][b] layers[1][b] ... layers[L-1][b]   (paged cache)
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -54,6 +61,45 @@ def paged_layers(kv_cache: torch.Tensor, block_size: int) -> list[torch.Tensor]:
     return list(blocks.transpose(1, 2).unbind(0))
 
 
+class BlockBytes:
+    """Block ``b``'s bytes in per-layer tensors indexed by block, as memoryviews over the
+    tensors' own memory (no copy): every layer's ``layer[b]``, in layer order, each split
+    into its contiguous runs (kvcake's engine: K and V; vLLM-CPU: one run)."""
+
+    def __init__(self, layers: Sequence[torch.Tensor]) -> None:
+        self._spans = [_memory(layer) for layer in layers]
+        self._strides = [layer.stride(0) * layer.element_size() for layer in layers]
+        self._runs = [_runs(layer[0], layer.data_ptr()) for layer in layers]
+
+    def views(self, block_id: int) -> list[memoryview]:
+        views = []
+        for span, stride, runs in zip(self._spans, self._strides, self._runs, strict=True):
+            at = block_id * stride
+            views += [span[at + offset:at + offset + size] for offset, size in runs]
+        return views
+
+
+def _memory(tensor: torch.Tensor) -> memoryview:
+    """The bytes from ``tensor``'s first element to its last (it must outlive the view)."""
+    span = 1 + sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True))
+    size = span * tensor.element_size()
+    return memoryview((ctypes.c_ubyte * size).from_address(tensor.data_ptr())).cast("B")
+
+
+def _runs(tensor: torch.Tensor, base: int) -> list[tuple[int, int]]:
+    """``(byte offset from base, bytes)`` of ``tensor``'s contiguous runs, in element order."""
+    if tensor.is_contiguous():
+        return [(tensor.data_ptr() - base, tensor.numel() * tensor.element_size())]
+    runs: list[tuple[int, int]] = []
+    for part in tensor.unbind(0):
+        for offset, size in _runs(part, base):
+            if runs and runs[-1][0] + runs[-1][1] == offset:  # adjacent: one run
+                runs[-1] = (runs[-1][0], runs[-1][1] + size)
+            else:
+                runs.append((offset, size))
+    return runs
+
+
 class StoreConnector:
     """Implements the scheduler's ``KVConnector`` protocol over an :class:`AsyncStore`.
 
@@ -68,7 +114,7 @@ class StoreConnector:
         self.io = engine.io
         self.layout = layout
         self.layers = layers
-        self._block_shape = (len(layers), *layers[0].shape[1:])
+        self._blocks = BlockBytes(layers)
         self._buffer = bytearray(1) * (staging_blocks * layout.record_bytes)  # pre-touched
         self._free = list(range(staging_blocks))
         self._verifier = ThreadPoolExecutor(2, thread_name_prefix="kv-verify")
@@ -94,65 +140,52 @@ class StoreConnector:
         return matched
 
     def load(self, prefix: str, block_ids: list[int], block_hashes: list[bytes]) -> int:
-        """Copy stored blocks into ``block_ids``; the count of leading blocks that were valid."""
-        done = 0
-        while done < len(block_ids):
-            slots = self._take_slots(len(block_ids) - done, wait=True)
-            try:
-                valid = self._load_round(prefix, block_ids[done:done + len(slots)],
-                                         block_hashes[done:done + len(slots)], slots)
-            finally:
-                self._give_slots(slots)
-            done += valid
-            if valid < len(slots):
-                break
-        self.stats.loaded_blocks += done
-        return done
+        """Read stored blocks into ``block_ids``; the count of leading blocks that are valid
+        (the bytes of the blocks after them are undefined: the caller recomputes them)."""
+        keys = store_keys(prefix, block_hashes)
+        headers = memoryview(bytearray(HEADER_BYTES * len(keys)))
+        heads = [headers[i * HEADER_BYTES:(i + 1) * HEADER_BYTES] for i in range(len(keys))]
+        payloads = [self._blocks.views(block_id) for block_id in block_ids]
+        parts = [[head, *payload] for head, payload in zip(heads, payloads, strict=True)]
+        try:
+            codes = self.io.run(self.store.batch_get_into_parts(keys, parts))
+        except KvcakeError as exc:
+            log.warning("store load failed, computing instead: %s", exc)
+            return 0
+        problems = list(self._verifier.map(self._problem, codes, heads, payloads,
+                                           block_hashes))
+        valid = next((i for i, p in enumerate(problems) if p is not None), len(problems))
+        if valid < len(problems):
+            self._reject(keys[valid], str(problems[valid]), codes[valid])
+        self.stats.loaded_blocks += valid
+        return valid
 
     def save(self, prefix: str, block_ids: list[int], block_hashes: list[bytes]) -> None:
         with self._lock:
             todo = [(b, h, key) for b, h in zip(block_ids, block_hashes, strict=True)
                     if (key := store_key(prefix, h)) not in self._known]
-        slots = self._take_slots(len(todo), wait=False)
+        slots = self._take_slots(len(todo))
         self.stats.dropped_blocks += len(todo) - len(slots)
         if not slots:
             return
         todo = todo[:len(slots)]
         keys = [key for _, _, key in todo]
-        views = [self._stage(slot, block_id, block_hash)
-                 for slot, (block_id, block_hash, _) in zip(slots, todo, strict=True)]
+        hashes = [block_hash for _, block_hash, _ in todo]
+        for slot, (block_id, _, _) in zip(slots, todo, strict=True):
+            self._stage(slot, block_id)
         self._begin()
-        future = asyncio.run_coroutine_threadsafe(self._put(keys, views, slots), self.io.loop)
+        future = asyncio.run_coroutine_threadsafe(self._put(keys, hashes, slots),
+                                                  self.io.loop)
         future.add_done_callback(lambda _: self._end())
 
     # -- loading -------------------------------------------------------------------------
 
-    def _load_round(self, prefix: str, block_ids: Sequence[int],
-                    block_hashes: Sequence[bytes], slots: list[int]) -> int:
-        keys = store_keys(prefix, block_hashes)
-        views = [self._record(slot) for slot in slots]
-        try:
-            codes = self.io.run(self.store.batch_get_into(keys, views))
-        except KvcakeError as exc:
-            log.warning("store load failed, computing instead: %s", exc)
-            return 0
-        problems = list(self._verifier.map(self._problem, codes, views, block_hashes))
-        valid = next((i for i, p in enumerate(problems) if p is not None), len(problems))
-        if valid < len(problems):
-            self._reject(keys[valid], str(problems[valid]), codes[valid])
-        self._copy_in(block_ids[:valid], slots[:valid])
-        return valid
-
-    def _problem(self, code: int, view: memoryview, block_hash: bytes) -> str | None:
-        # runs on the verifier threads: crc32 releases the GIL, so blocks check in parallel
+    def _problem(self, code: int, header: memoryview, payload: list[memoryview],
+                 block_hash: bytes) -> str | None:
+        # runs on the verifier threads: the checksum releases the GIL
         if code != self.layout.record_bytes:
             return f"read failed ({code})"
-        return self.layout.check(view, block_hash)
-
-    def _copy_in(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
-        for block_id, slot in zip(block_ids, slots, strict=True):
-            for layer, staged in zip(self.layers, self._block_view(slot), strict=True):
-                layer[block_id].copy_(staged)
+        return self.layout.check_parts(header, payload, block_hash)
 
     def _reject(self, key: str, problem: str, code: int) -> None:
         self.stats.rejected_blocks += 1
@@ -168,16 +201,18 @@ class StoreConnector:
 
     # -- saving --------------------------------------------------------------------------
 
-    def _stage(self, slot: int, block_id: int, block_hash: bytes) -> memoryview:
-        for layer, staged in zip(self.layers, self._block_view(slot), strict=True):
-            staged.copy_(layer[block_id])
-        record = self._record(slot)
-        record[:HEADER_BYTES] = self.layout.pack_header(block_hash, record[HEADER_BYTES:])
-        return record
+    def _stage(self, slot: int, block_id: int) -> None:
+        record, at = self._record(slot), HEADER_BYTES
+        for view in self._blocks.views(block_id):
+            record[at:at + view.nbytes] = view
+            at += view.nbytes
 
-    async def _put(self, keys: list[str], views: list[memoryview], slots: list[int]) -> None:
+    async def _put(self, keys: list[str], hashes: list[bytes], slots: list[int]) -> None:
+        records = [self._record(slot) for slot in slots]
         try:
-            codes = await self.store.batch_put_from(keys, views)
+            await asyncio.get_running_loop().run_in_executor(
+                self._verifier, self._seal, records, hashes)
+            codes = await self.store.batch_put_from(keys, records)
         except KvcakeError as exc:
             log.warning("store save failed: %s", exc)
             codes = [int(exc.code)] * len(keys)
@@ -189,6 +224,12 @@ class StoreConnector:
         ok = sum(1 for c in codes if c == 0)
         self.stats.saved_blocks += ok
         self.stats.failed_blocks += len(codes) - ok
+
+    def _seal(self, records: list[memoryview], hashes: list[bytes]) -> None:
+        """Write each staged record's header (its checksum: off the engine thread)."""
+        for record, block_hash in zip(records, hashes, strict=True):
+            record[:HEADER_BYTES] = self.layout.pack_header(block_hash,
+                                                            [record[HEADER_BYTES:]])
 
     def _remember(self, key: str) -> None:
         with self._lock:
@@ -203,24 +244,12 @@ class StoreConnector:
         size = self.layout.record_bytes
         return memoryview(self._buffer)[slot * size:(slot + 1) * size]
 
-    def _payload(self, slot: int) -> torch.Tensor:
-        start = slot * self.layout.record_bytes + HEADER_BYTES
-        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, offset=start,
-                               count=self.layout.payload_bytes)
-        return raw.view(self.layers[0].dtype)
-
-    def _block_view(self, slot: int) -> torch.Tensor:
-        # (num_layers, *one layer's block)
-        return self._payload(slot).view(self._block_shape)
-
-    def _take_slots(self, count: int, wait: bool) -> list[int]:
-        while True:
-            with self._lock:
-                if self._free or not wait:
-                    taken = self._free[:count]
-                    del self._free[:count]
-                    return taken
-            self.wait_saves()
+    def _take_slots(self, count: int) -> list[int]:
+        """Up to ``count`` free slots (fewer, or none, while saves hold them)."""
+        with self._lock:
+            taken = self._free[:count]
+            del self._free[:count]
+            return taken
 
     def _give_slots(self, slots: list[int]) -> None:
         with self._lock:
