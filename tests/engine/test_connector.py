@@ -148,13 +148,25 @@ def block_keys(core: EngineCore, request_id: str, prompt: list[int] = PROMPT,
     return [f"{request.namespace}/{h.hex()}" for h in request.block_hashes]
 
 
-def test_round_trip_reproduces_recomputation(make_core: Callable[..., EngineCore]) -> None:
+@pytest.fixture(params=[("auto", 0), ("tcp", 8)], ids=["auto", "tcp"])
+def salt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Loads in both ways, each on prompts of its own (``t ^ salt``): ``auto``, blocks copied
+    and checked in place from the node's mapping (same host); ``tcp``, received straight
+    into the cache's slices, then checked."""
+    transport, salt = request.param
+    monkeypatch.setenv("KVCAKE_TRANSFER_TRANSPORT", transport)
+    return int(salt)
+
+
+def test_round_trip_reproduces_recomputation(make_core: Callable[..., EngineCore],
+                                             salt: int) -> None:
     writer, reader = make_core(), make_core()
-    cold = run(writer, "cold")
+    prompt = [t ^ salt for t in PROMPT]
+    cold = run(writer, "cold", prompt)
     assert cold[2].num_store_tokens == 0
     saved(writer)
-    local = run(writer, "local")  # prefix from the writer's own cache: same arithmetic
-    loaded = run(reader, "loaded")
+    local = run(writer, "local", prompt)  # prefix from the writer's own cache: same arithmetic
+    loaded = run(reader, "loaded", prompt)
     assert loaded[2].num_store_tokens == loaded[2].num_cached_tokens == 7 * BLOCK
     assert loaded[0] == local[0] == cold[0]
     assert loaded[1] == local[1]  # bit for bit: the stored KV is the computed KV
@@ -163,9 +175,9 @@ def test_round_trip_reproduces_recomputation(make_core: Callable[..., EngineCore
 
 
 def test_a_corrupt_block_is_recomputed_and_replaced(
-        make_core: Callable[..., EngineCore]) -> None:
+        make_core: Callable[..., EngineCore], salt: int) -> None:
     writer, reader = make_core(), make_core()
-    prompt = [t ^ 1 for t in PROMPT]
+    prompt = [t ^ 1 ^ salt for t in PROMPT]
     cold = run(writer, "cold", prompt)
     keys = block_keys(saved(writer), "keys", prompt)
     record = bytearray(store_call(writer, "get", keys[3]))

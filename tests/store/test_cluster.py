@@ -173,6 +173,39 @@ def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProce
     assert stale == ErrorCode.LEASE_EXPIRED
 
 
+def test_values_read_in_place_are_the_replicas_own_bytes(
+        cluster: Callable[..., tuple[ServerProcess, str]]) -> None:
+    """Same-host replicas come as views of the node's mapping (no copy), fresh while their
+    leases hold and their owner lives; over tcp only, none is offered."""
+    _, endpoint = cluster("--lease-ttl", "0.3")
+    node = cluster.node(endpoint)  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        local, remote = (AsyncStore(StoreConfig(master=endpoint), TransferConfig(transport=t))
+                         for t in ("auto", "tcp"))
+        await local.setup()
+        await remote.setup()
+        try:
+            await local.attach_segments()  # the node's segment mapped before any transfer
+            assert "shm" in {segment.transport for segment in local._io.segments.values()}
+            await local.put("k", b"v" * 65536)
+            found = await local.batch_get_in_place(["k", "missing"])
+            assert found.codes == [0, ErrorCode.OBJECT_NOT_FOUND] and found.ranges[1] is None
+            assert found.ranges[0] is not None and bytes(found.ranges[0].view) == b"v" * 65536
+            assert found.fresh()
+            await asyncio.sleep(0.4)
+            assert not found.fresh()  # the lease ran out: what was read may be stale
+            assert (await remote.batch_get_in_place(["k"])).ranges == [None]
+            again = await local.batch_get_in_place(["k"])
+            node.kill()
+            assert not again.fresh()  # the owner is gone
+        finally:
+            await local.close()
+            await remote.close()
+
+    asyncio.run(scenario())
+
+
 def test_disk_tier_offloads_and_promotes(cluster: Callable[..., tuple[ServerProcess, str]],
                                          make_store: Callable[[str], DistributedStore],
                                          tmp_path: os.PathLike[str]) -> None:

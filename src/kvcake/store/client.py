@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
@@ -31,7 +32,7 @@ from kvcake.store.pieces import Piece, as_bytes, check_parts, concatenated, lay_
 from kvcake.store.replica_io import ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
 from kvcake.store.session import MasterSession
-from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp
+from kvcake.transfer import MappedRange, RemoteSegment, TransferEngine, TransferOp
 from kvcake.transfer.config import TransferConfig
 from kvcake.wire import store as m
 
@@ -46,6 +47,22 @@ class Staging(Protocol):
 
     def take(self, nbytes: int) -> bool: ...
     def give(self, nbytes: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class InPlaceValues:
+    """Values read where they lie. ``ranges[i]`` maps key ``i``'s replica on this host
+    (``None``: missing, ``codes[i]`` says why, or no replica here: read it with a copy).
+    Bytes read through them count only if :meth:`fresh` holds once read: every lease still
+    held (the bytes were not freed and reused meanwhile) and every owner alive."""
+
+    codes: list[int]
+    ranges: list[MappedRange | None]
+    deadline: float
+
+    def fresh(self) -> bool:
+        return time.monotonic() <= self.deadline and all(
+            mapped.owner_alive() for mapped in self.ranges if mapped is not None)
 
 
 def as_view(value: Buffer) -> memoryview:
@@ -220,6 +237,18 @@ class AsyncStore:
         check_parts(keys, parts)
         found, deadline = await self._find(keys)
         return await self._read_found(found, parts, deadline)
+
+    async def batch_get_in_place(self, keys: Sequence[str]) -> InPlaceValues:
+        """Each key's value where it lies, for a caller that copies it by itself: a view of
+        its replica on this host, no copy (see :class:`InPlaceValues`)."""
+        self._live()
+        found, deadline = await self._find(keys)
+        return InPlaceValues(list(found.codes), await self._io.mapped(found), deadline)
+
+    async def attach_segments(self) -> None:
+        """Reach every segment now (same-host ones mapped), not at the first read of each."""
+        self._live()
+        await self._io.attach_all()
 
     async def read_ranges(self, ranges: Sequence[Range]) -> list[int]:
         """Read byte ranges of values: each ``(key, offset, view)`` fills ``view`` from the

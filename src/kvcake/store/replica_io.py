@@ -20,7 +20,13 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.pieces import Piece
 from kvcake.store.session import MasterSession
-from kvcake.transfer import RemoteSegment, TransferEngine, TransferOp, TransferRequest
+from kvcake.transfer import (
+    MappedRange,
+    RemoteSegment,
+    TransferEngine,
+    TransferOp,
+    TransferRequest,
+)
 from kvcake.wire import store as m
 from kvcake.wire.store import ReplicaHandle
 
@@ -56,6 +62,15 @@ class ReplicaIo:
         late = time.monotonic() > deadline
         return {i: ErrorCode.LEASE_EXPIRED if late and not c else c for i, c in codes.items()}
 
+    async def mapped(self, found: m.GetReplicasReply) -> list[MappedRange | None]:
+        """Each found value's same-host replica as memory of this process (``None``: the
+        value is missing or has no replica reached through a mapping)."""
+        _, engine = self._live()
+        segments = await self._resolve([h.segment_id for hs in found.replicas for h in hs])
+        return [None if code else _first_mapped(engine, segments, handles, size)
+                for code, size, handles in zip(found.codes, found.sizes, found.replicas,
+                                               strict=True)]
+
     def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
         """Same-host replicas first: they are read with a memcpy."""
         known = self.segments
@@ -84,6 +99,18 @@ class ReplicaIo:
         failed += [j for (j, _), e in zip(requests, batch.errors, strict=True) if e is not None]
         return failed
 
+    async def attach_all(self) -> None:
+        """Reach every segment the master knows now (mapped, where on this host), so that
+        no first read waits for a handover; a segment out of reach is skipped."""
+        session, engine = self._live()
+        reply = await session.call(m.DescribeSegments([], every=True), m.DescribeSegmentsReply)
+        for descriptor in reply.descriptors:
+            if descriptor is not None and descriptor.segment_id not in self.segments:
+                try:
+                    self.segments[descriptor.segment_id] = engine.attach(descriptor)
+                except KvcakeError as exc:
+                    log.debug("segment %s not reached ahead: %s", descriptor.name, exc)
+
     async def _resolve(self, segment_ids: list[int]) -> dict[int, RemoteSegment]:
         missing = sorted({i for i in segment_ids if i not in self.segments})
         if missing:
@@ -93,6 +120,16 @@ class ReplicaIo:
                 if descriptor is not None:
                     self.segments[segment_id] = engine.attach(descriptor)
         return self.segments
+
+
+def _first_mapped(engine: TransferEngine, segments: dict[int, RemoteSegment],
+                  handles: list[ReplicaHandle], size: int) -> MappedRange | None:
+    for handle in handles:
+        segment = segments.get(handle.segment_id)
+        mapped = segment and engine.map_range(segment, handle.offset, size)
+        if mapped:
+            return mapped
+    return None
 
 
 def shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:

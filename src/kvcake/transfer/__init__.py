@@ -3,6 +3,7 @@
 from kvcake.transfer.batch import (
     Batch,
     BatchState,
+    MappedRange,
     RemoteSegment,
     TransferOp,
     TransferRequest,
@@ -25,6 +26,7 @@ __all__ = [
     "EtcdDirectory",
     "GrantMode",
     "LocalDirectory",
+    "MappedRange",
     "MetadataDirectory",
     "P2PDirectory",
     "RemoteSegment",

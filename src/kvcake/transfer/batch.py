@@ -47,6 +47,15 @@ class RemoteSegment:
 
 
 @dataclass(frozen=True)
+class MappedRange:
+    """A same-host segment's bytes mapped into this process: read ``view`` in place, then
+    trust what was read only while ``owner_alive()`` (a dead owner's pages may be torn)."""
+
+    view: memoryview
+    owner_alive: Callable[[], bool]
+
+
+@dataclass(frozen=True)
 class TransferRequest:
     """Move ``len(buffer)`` bytes between ``buffer`` and ``segment[offset:]``.
 

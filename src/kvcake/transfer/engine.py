@@ -25,7 +25,7 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.auth import ClusterAuth, cluster_auth
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.transfer.batch import Batch, RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.batch import Batch, MappedRange, RemoteSegment, TransferOp, TransferRequest
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.handover import HandoverServer, forbid_same_user_access
@@ -33,7 +33,7 @@ from kvcake.transfer.metadata import MetadataDirectory, make_directory
 from kvcake.transfer.segment import Segment, SegmentDescriptor, local_host_id
 from kvcake.transfer.server import TransferServer
 from kvcake.transfer.service import SegmentTable, check_range
-from kvcake.transfer.transports import Transport, transport_class
+from kvcake.transfer.transports import ShmTransport, Transport, transport_class
 
 log = get_logger(__name__)
 _buffer_names = itertools.count()
@@ -146,6 +146,16 @@ class TransferEngine:
             transport = self._transports[name] = transport_class(name)(
                 self.config, self._io, self.auth)
         return transport
+
+    def map_range(self, segment: RemoteSegment, offset: int, length: int) -> MappedRange | None:
+        """``segment[offset:offset + length]`` as this process's own memory, no copy, where
+        the segment is reached through a same-host mapping (``None`` otherwise)."""
+        if segment.transport != "shm" or offset < 0 or offset + length > segment.size:
+            return None
+        transport = self._transport("shm")
+        assert isinstance(transport, ShmTransport)
+        mapped = transport.mapped(segment.descriptor)
+        return MappedRange(mapped.view[offset:offset + length], mapped.owner_alive)
 
     # ----- transfers
     def submit(self, requests: Sequence[TransferRequest]) -> Batch:

@@ -82,6 +82,10 @@ class ShmTransport(Transport):
             return False
         return True
 
+    def mapped(self, descriptor: SegmentDescriptor) -> MappedSegment:
+        """The segment's mapping in this process (for callers that copy by themselves)."""
+        return self._mapping(descriptor)
+
     def _mapping(self, descriptor: SegmentDescriptor) -> MappedSegment:
         key = _mapping_key(descriptor)
         mapped = self._mapped.get(key)

@@ -179,9 +179,11 @@ class ReplicaClear(msgspec.Struct, tag=True, frozen=True):
 
 
 class DescribeSegments(msgspec.Struct, tag=True, frozen=True):
-    """At most ``MAX_SEGMENT_IDS`` ids."""
+    """At most ``MAX_SEGMENT_IDS`` ids; ``every``: instead, every mounted segment (the
+    first ``MAX_SEGMENT_IDS``), for a client that maps them before its first read."""
 
     segment_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_SEGMENT_IDS)]
+    every: bool = False
 
 
 class GetStats(msgspec.Struct, tag=True, frozen=True):

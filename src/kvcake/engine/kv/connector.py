@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from kvcake.common.config import load_config
-from kvcake.common.errors import KvcakeError
+from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
-from kvcake.store.client import AsyncStore
+from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout, Digest, stored_checksum
+from kvcake.store.client import AsyncStore, InPlaceValues
 from kvcake.store.config import StoreConfig
-from kvcake.transfer import TransferEngine
+from kvcake.transfer import MappedRange, TransferEngine
 from kvcake.transfer.config import TransferConfig
 from kvcake.wire.kv import store_key, store_keys
 
@@ -68,6 +68,7 @@ class BlockBytes:
 
     def __init__(self, layers: Sequence[torch.Tensor]) -> None:
         self._spans = [_memory(layer) for layer in layers]
+        self._bases = [layer.data_ptr() for layer in layers]
         self._strides = [layer.stride(0) * layer.element_size() for layer in layers]
         self._runs = [_runs(layer[0], layer.data_ptr()) for layer in layers]
 
@@ -77,6 +78,13 @@ class BlockBytes:
             at = block_id * stride
             views += [span[at + offset:at + offset + size] for offset, size in runs]
         return views
+
+    def addresses(self, block_id: int) -> list[int]:
+        """Where each of :meth:`views` starts."""
+        return [base + block_id * stride + offset
+                for base, stride, runs in zip(self._bases, self._strides, self._runs,
+                                              strict=True)
+                for offset, _ in runs]
 
 
 def _memory(tensor: torch.Tensor) -> memoryview:
@@ -124,6 +132,10 @@ class StoreConnector:
         self._idle.set()
         self._known: OrderedDict[str, None] = OrderedDict()
         self.stats = ConnectorStats()
+        try:  # map the pool's segments now: no first load waits for a handover
+            self.io.run(store.attach_segments())
+        except KvcakeError as exc:
+            log.debug("segments not reached ahead: %s", exc)
 
     # -- KVConnector ---------------------------------------------------------------------
 
@@ -143,17 +155,16 @@ class StoreConnector:
         """Read stored blocks into ``block_ids``; the count of leading blocks that are valid
         (the bytes of the blocks after them are undefined: the caller recomputes them)."""
         keys = store_keys(prefix, block_hashes)
-        headers = memoryview(bytearray(HEADER_BYTES * len(keys)))
-        heads = [headers[i * HEADER_BYTES:(i + 1) * HEADER_BYTES] for i in range(len(keys))]
-        payloads = [self._blocks.views(block_id) for block_id in block_ids]
-        parts = [[head, *payload] for head, payload in zip(heads, payloads, strict=True)]
         try:
-            codes = self.io.run(self.store.batch_get_into_parts(keys, parts))
+            found = self.io.run(self.store.batch_get_in_place(keys))
+            if any(mapped is None and code == 0
+                   for code, mapped in zip(found.codes, found.ranges, strict=True)):
+                codes, problems = self._read_copied(keys, block_ids, block_hashes)
+            else:
+                codes, problems = self._read_in_place(found, block_ids, block_hashes)
         except KvcakeError as exc:
             log.warning("store load failed, computing instead: %s", exc)
             return 0
-        problems = list(self._verifier.map(self._problem, codes, heads, payloads,
-                                           block_hashes))
         valid = next((i for i, p in enumerate(problems) if p is not None), len(problems))
         if valid < len(problems):
             self._reject(keys[valid], str(problems[valid]), codes[valid])
@@ -179,6 +190,50 @@ class StoreConnector:
         future.add_done_callback(lambda _: self._end())
 
     # -- loading -------------------------------------------------------------------------
+
+    def _read_in_place(self, found: InPlaceValues, block_ids: Sequence[int],
+                       block_hashes: Sequence[bytes]) -> tuple[list[int], list[str | None]]:
+        """Every replica on this host: copy and check each block in one pass (its bytes
+        checked while still in cache), blocks side by side on the verifier threads."""
+        problems = list(self._verifier.map(self._copy_checked, found.codes, found.ranges,
+                                           block_ids, block_hashes))
+        if not found.fresh():  # freed and maybe reused while we read: nothing counts
+            return ([ErrorCode.LEASE_EXPIRED] * len(problems),
+                    [problem or "its lease ran out while it was read" for problem in problems])
+        return found.codes, problems
+
+    def _copy_checked(self, code: int, mapped: MappedRange | None, block_id: int,
+                      block_hash: bytes) -> str | None:
+        # runs on the verifier threads: memmove and the checksum release the GIL
+        if code != 0 or mapped is None:
+            return f"read failed ({code})"
+        record = mapped.view
+        if record.nbytes != self.layout.record_bytes:
+            return f"size {record.nbytes}, expected {self.layout.record_bytes}"
+        problem = self.layout.check_header(record[:HEADER_BYTES], block_hash)
+        if problem is not None:
+            return problem
+        source = ctypes.addressof(ctypes.c_char.from_buffer(record)) + HEADER_BYTES
+        digest = Digest()
+        for view, address in zip(self._blocks.views(block_id),
+                                 self._blocks.addresses(block_id), strict=True):
+            ctypes.memmove(address, source, view.nbytes)
+            digest.update(view)
+            source += view.nbytes
+        if digest.intdigest() != stored_checksum(record):
+            return "payload checksum mismatch"
+        return None
+
+    def _read_copied(self, keys: list[str], block_ids: Sequence[int],
+                     block_hashes: Sequence[bytes]) -> tuple[list[int], list[str | None]]:
+        """Replicas elsewhere: each record straight into the block's slices, then checked."""
+        headers = memoryview(bytearray(HEADER_BYTES * len(keys)))
+        heads = [headers[i * HEADER_BYTES:(i + 1) * HEADER_BYTES] for i in range(len(keys))]
+        payloads = [self._blocks.views(block_id) for block_id in block_ids]
+        parts = [[head, *payload] for head, payload in zip(heads, payloads, strict=True)]
+        codes = self.io.run(self.store.batch_get_into_parts(keys, parts))
+        return codes, list(self._verifier.map(self._problem, codes, heads, payloads,
+                                              block_hashes))
 
     def _problem(self, code: int, header: memoryview, payload: list[memoryview],
                  block_hash: bytes) -> str | None:

@@ -45,9 +45,12 @@ _FIELDS = ("magic", "version", "dtype", "num_layers", "num_kv_heads", "head_dim"
            "block_size", "fingerprint", "block_hash", "payload_bytes")
 
 
+Digest = xxhash.xxh3_64  # the checksum's running form: update(piece), intdigest()
+
+
 def checksum(payload: Iterable[memoryview]) -> int:
     """XXH3-64 of the payload's pieces, in order (equal to that of their concatenation)."""
-    digest = xxhash.xxh3_64()
+    digest = Digest()
     for piece in payload:
         digest.update(piece)
     return int(digest.intdigest())
@@ -91,6 +94,17 @@ class BlockLayout:
     def check_parts(self, header: memoryview, payload: Sequence[memoryview],
                     block_hash: bytes) -> str | None:
         """:meth:`check` for a block read as a header and the payload's pieces."""
+        problem = self.check_header(header, block_hash)
+        if problem is not None:
+            return problem
+        if sum(piece.nbytes for piece in payload) != self.payload_bytes:
+            return f"payload pieces hold {sum(p.nbytes for p in payload)} bytes"
+        if checksum(payload) != stored_checksum(header):
+            return "payload checksum mismatch"
+        return None
+
+    def check_header(self, header: memoryview, block_hash: bytes) -> str | None:
+        """The first header field that disagrees with this layout and ``block_hash``."""
         fields = HEADER.unpack_from(header)
         expected = (MAGIC, FORMAT_VERSION, DTYPE_CODES[self.dtype], self.num_layers,
                     self.num_kv_heads, self.head_dim, self.block_size,
@@ -98,8 +112,9 @@ class BlockLayout:
         for name, got, want in zip(_FIELDS, fields[:10], expected, strict=True):
             if got != want:
                 return f"{name} is {got!r}, expected {want!r}"
-        if sum(piece.nbytes for piece in payload) != self.payload_bytes:
-            return f"payload pieces hold {sum(p.nbytes for p in payload)} bytes"
-        if checksum(payload) != fields[10]:
-            return "payload checksum mismatch"
         return None
+
+
+def stored_checksum(header: memoryview) -> int:
+    """The payload checksum a record's header carries."""
+    return int(HEADER.unpack_from(header)[10])

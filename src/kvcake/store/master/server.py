@@ -342,7 +342,9 @@ class MasterServer:
         return m.IntegrityReply(True)
 
     def _describe(self, request: m.DescribeSegments) -> m.DescribeSegmentsReply:
-        return m.DescribeSegmentsReply(self.service.describe(request.segment_ids))
+        ids = (list(self.service.registry.segments)[:m.MAX_SEGMENT_IDS] if request.every
+               else request.segment_ids)
+        return m.DescribeSegmentsReply(self.service.describe(ids))
 
     # ----- background work
     async def _sweep_forever(self) -> None:
