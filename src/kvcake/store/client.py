@@ -246,7 +246,8 @@ class AsyncStore:
         return InPlaceValues(list(found.codes), await self._io.mapped(found), deadline)
 
     async def attach_segments(self) -> None:
-        """Reach every segment now (same-host ones mapped), not at the first read of each."""
+        """Reach every segment now (same-host ones mapped), not at the first read of each;
+        best effort (what fails is left to the reads)."""
         self._live()
         await self._io.attach_all()
 

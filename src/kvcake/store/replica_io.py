@@ -101,9 +101,14 @@ class ReplicaIo:
 
     async def attach_all(self) -> None:
         """Reach every segment the master knows now (mapped, where on this host), so that
-        no first read waits for a handover; a segment out of reach is skipped."""
+        no first read waits for a handover. Best effort: what fails is left to the reads."""
         session, engine = self._live()
-        reply = await session.call(m.DescribeSegments([], every=True), m.DescribeSegmentsReply)
+        try:
+            reply = await session.call(m.DescribeSegments([], every=True),
+                                       m.DescribeSegmentsReply)
+        except KvcakeError as exc:
+            log.debug("segments not reached ahead: %s", exc)
+            return
         for descriptor in reply.descriptors:
             if descriptor is not None and descriptor.segment_id not in self.segments:
                 try:

@@ -132,10 +132,7 @@ class StoreConnector:
         self._idle.set()
         self._known: OrderedDict[str, None] = OrderedDict()
         self.stats = ConnectorStats()
-        try:  # map the pool's segments now: no first load waits for a handover
-            self.io.run(store.attach_segments())
-        except KvcakeError as exc:
-            log.debug("segments not reached ahead: %s", exc)
+        self.io.run(store.attach_segments())  # no first load waits for a handover
 
     # -- KVConnector ---------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class StoreBase:
             store = AsyncStore(_store_config(options, hostname), engine.config, engine,
                                min(options.local_buffer_size, _MAX_SCRATCH_BYTES))
             engine.io.run(store.setup())  # the store runs on the engine's own loop thread
+            engine.io.run(store.attach_segments())  # no first read waits for a handover
         except KvcakeError as exc:
             log.error("store setup failed: %s", exc)
             if owned:
