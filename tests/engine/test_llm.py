@@ -236,7 +236,9 @@ def test_prompt_logprobs_skip_the_prefix_cache_and_survive_chunking(llm: LLM) ->
         llm.core.scheduler.max_num_batched_tokens = budget
     [chunked] = outputs
     assert chunked.num_cached_tokens == 0
-    assert chunked.prompt_logprobs == pytest.approx(whole.prompt_logprobs, abs=0.05)
+    # bfloat16 matmuls round differently by chunk shape (AMX kernels up to 2% here); a
+    # misplaced or skipped position would be off by whole nats
+    assert chunked.prompt_logprobs == pytest.approx(whole.prompt_logprobs, rel=0.04, abs=0.05)
 
 
 def test_penalties_and_min_tokens_reach_the_sampler(llm: LLM,
