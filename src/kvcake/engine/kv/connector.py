@@ -29,7 +29,7 @@ import torch
 from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout, Digest, stored_checksum
+from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout, checksum, stored_checksum
 from kvcake.store.client import AsyncStore, InPlaceValues
 from kvcake.store.config import StoreConfig
 from kvcake.transfer import MappedRange, TransferEngine
@@ -79,12 +79,12 @@ class BlockBytes:
             views += [span[at + offset:at + offset + size] for offset, size in runs]
         return views
 
-    def addresses(self, block_id: int) -> list[int]:
-        """Where each of :meth:`views` starts."""
-        return [base + block_id * stride + offset
+    def runs(self, block_id: int) -> list[tuple[int, int]]:
+        """:meth:`views` as ``(address, bytes)``."""
+        return [(base + block_id * stride + offset, size)
                 for base, stride, runs in zip(self._bases, self._strides, self._runs,
                                               strict=True)
-                for offset, _ in runs]
+                for offset, size in runs]
 
 
 def _memory(tensor: torch.Tensor) -> memoryview:
@@ -190,8 +190,9 @@ class StoreConnector:
 
     def _read_in_place(self, found: InPlaceValues, block_ids: Sequence[int],
                        block_hashes: Sequence[bytes]) -> tuple[list[int], list[str | None]]:
-        """Every replica on this host: copy and check each block in one pass (its bytes
-        checked while still in cache), blocks side by side on the verifier threads."""
+        """Every replica on this host: each record checked where it lies, then copied (out
+        of cache by then) into the block's slices; blocks side by side on the verifier
+        threads."""
         problems = list(self._verifier.map(self._copy_checked, found.codes, found.ranges,
                                            block_ids, block_hashes))
         if not found.fresh():  # freed and maybe reused while we read: nothing counts
@@ -201,7 +202,7 @@ class StoreConnector:
 
     def _copy_checked(self, code: int, mapped: MappedRange | None, block_id: int,
                       block_hash: bytes) -> str | None:
-        # runs on the verifier threads: memmove and the checksum release the GIL
+        # runs on the verifier threads: the checksum and memmove release the GIL
         if code != 0 or mapped is None:
             return f"read failed ({code})"
         record = mapped.view
@@ -210,15 +211,12 @@ class StoreConnector:
         problem = self.layout.check_header(record[:HEADER_BYTES], block_hash)
         if problem is not None:
             return problem
+        if checksum([record[HEADER_BYTES:]]) != stored_checksum(record):
+            return "payload checksum mismatch"  # checked where it lies: one call a block
         source = ctypes.addressof(ctypes.c_char.from_buffer(record)) + HEADER_BYTES
-        digest = Digest()
-        for view, address in zip(self._blocks.views(block_id),
-                                 self._blocks.addresses(block_id), strict=True):
-            ctypes.memmove(address, source, view.nbytes)
-            digest.update(view)
-            source += view.nbytes
-        if digest.intdigest() != stored_checksum(record):
-            return "payload checksum mismatch"
+        for address, size in self._blocks.runs(block_id):
+            ctypes.memmove(address, source, size)
+            source += size
         return None
 
     def _read_copied(self, keys: list[str], block_ids: Sequence[int],

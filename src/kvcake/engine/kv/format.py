@@ -45,12 +45,9 @@ _FIELDS = ("magic", "version", "dtype", "num_layers", "num_kv_heads", "head_dim"
            "block_size", "fingerprint", "block_hash", "payload_bytes")
 
 
-Digest = xxhash.xxh3_64  # the checksum's running form: update(piece), intdigest()
-
-
 def checksum(payload: Iterable[memoryview]) -> int:
     """XXH3-64 of the payload's pieces, in order (equal to that of their concatenation)."""
-    digest = Digest()
+    digest = xxhash.xxh3_64()
     for piece in payload:
         digest.update(piece)
     return int(digest.intdigest())
