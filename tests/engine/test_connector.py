@@ -13,7 +13,7 @@ import torch
 
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.kv.connector import BlockBytes
+from kvcake.engine.kv.connector import BlockBytes, paged_layers
 from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
 from kvcake.ops import start_master, start_node
 from kvcake.wire.output import TokenOutput
@@ -86,6 +86,24 @@ def test_block_bytes_are_each_layer_s_slice_in_element_order(shape: tuple[int, .
     assert len(views) == (2 if shape[0] == 6 else 4)
     assert b"".join(views) == b"".join(
         layer[3].contiguous().numpy().tobytes() for layer in layers)
+
+
+@pytest.mark.parametrize("layout", ["one tensor", "a tensor a layer"])
+def test_a_block_copies_in_and_out_in_record_order(layout: str) -> None:
+    """kvcake's cache (layers as evenly spaced views of one tensor: one strided copy) and
+    vLLM's (a tensor per layer: run by run) give the same record bytes."""
+    if layout == "one tensor":
+        layers = paged_layers(torch.zeros(3, 2, 4 * BLOCK, 2, 16), BLOCK)
+    else:
+        layers = [torch.zeros(4, 2, BLOCK, 2, 16) for _ in range(3)]
+    blocks = BlockBytes(layers)
+    payload = torch.randn(3, 2, BLOCK, 2, 16)
+    blocks.copy_in(2, memoryview(payload.numpy()).cast("B"))
+    assert all(torch.equal(layer[2], payload[i]) for i, layer in enumerate(layers))
+    assert all(not layer[b].any() for layer in layers for b in (0, 1, 3))
+    out = torch.zeros_like(payload)
+    blocks.copy_out(2, memoryview(out.numpy()).cast("B"))
+    assert torch.equal(out, payload)
 
 
 # -- engines on a real store -----------------------------------------------------------------

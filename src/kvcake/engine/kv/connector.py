@@ -62,15 +62,43 @@ def paged_layers(kv_cache: torch.Tensor, block_size: int) -> list[torch.Tensor]:
 
 
 class BlockBytes:
-    """Block ``b``'s bytes in per-layer tensors indexed by block, as memoryviews over the
-    tensors' own memory (no copy): every layer's ``layer[b]``, in layer order, each split
-    into its contiguous runs (kvcake's engine: K and V; vLLM-CPU: one run)."""
+    """Block ``b``'s bytes in per-layer tensors indexed by block: every layer's ``layer[b]``,
+    in layer order, each split into its contiguous runs (kvcake's engine: K and V; vLLM-CPU:
+    one run), as memoryviews over the tensors' own memory (no copy); and a block's whole
+    payload copied in or out, in one strided copy where the layers are evenly spaced views
+    of one tensor (kvcake's engine), else run by run."""
 
     def __init__(self, layers: Sequence[torch.Tensor]) -> None:
         self._spans = [_memory(layer) for layer in layers]
         self._bases = [layer.data_ptr() for layer in layers]
         self._strides = [layer.stride(0) * layer.element_size() for layer in layers]
         self._runs = [_runs(layer[0], layer.data_ptr()) for layer in layers]
+        self._stacked = _stacked(layers)
+        self._block_shape = (len(layers), *layers[0].shape[1:])
+        self._dtype = layers[0].dtype
+
+    def copy_in(self, block_id: int, payload: memoryview) -> None:
+        """Write a record's payload (every layer's block, in order) into block ``block_id``."""
+        if self._stacked is not None:
+            self._stacked[:, block_id].copy_(self._as_block(payload))
+            return
+        source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
+        for address, size in self.runs(block_id):
+            ctypes.memmove(address, source, size)
+            source += size
+
+    def copy_out(self, block_id: int, payload: memoryview) -> None:
+        """Write block ``block_id`` into ``payload``, in record order."""
+        if self._stacked is not None:
+            self._as_block(payload).copy_(self._stacked[:, block_id])
+            return
+        at = 0
+        for view in self.views(block_id):
+            payload[at:at + view.nbytes] = view
+            at += view.nbytes
+
+    def _as_block(self, payload: memoryview) -> torch.Tensor:
+        return torch.frombuffer(payload, dtype=self._dtype).view(self._block_shape)
 
     def views(self, block_id: int) -> list[memoryview]:
         views = []
@@ -85,6 +113,20 @@ class BlockBytes:
                 for base, stride, runs in zip(self._bases, self._strides, self._runs,
                                               strict=True)
                 for offset, size in runs]
+
+
+def _stacked(layers: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The layers as one ``(num_layers, *layer.shape)`` view, where they are evenly spaced
+    views of one storage with equal shapes and strides (``None`` otherwise)."""
+    first = layers[0]
+    step = (layers[1].data_ptr() - first.data_ptr()) if len(layers) > 1 else 0
+    size = first.element_size()
+    if step <= 0 or step % size or any(
+            layer.data_ptr() - first.data_ptr() != i * step or layer.shape != first.shape
+            or layer.stride() != first.stride() or layer.untyped_storage().data_ptr()
+            != first.untyped_storage().data_ptr() for i, layer in enumerate(layers)):
+        return None
+    return first.as_strided((len(layers), *first.shape), (step // size, *first.stride()))
 
 
 def _memory(tensor: torch.Tensor) -> memoryview:
@@ -213,10 +255,7 @@ class StoreConnector:
             return problem
         if checksum([record[HEADER_BYTES:]]) != stored_checksum(record):
             return "payload checksum mismatch"  # checked where it lies: one call a block
-        source = ctypes.addressof(ctypes.c_char.from_buffer(record)) + HEADER_BYTES
-        for address, size in self._blocks.runs(block_id):
-            ctypes.memmove(address, source, size)
-            source += size
+        self._blocks.copy_in(block_id, record[HEADER_BYTES:])
         return None
 
     def _read_copied(self, keys: list[str], block_ids: Sequence[int],
@@ -252,10 +291,7 @@ class StoreConnector:
     # -- saving --------------------------------------------------------------------------
 
     def _stage(self, slot: int, block_id: int) -> None:
-        record, at = self._record(slot), HEADER_BYTES
-        for view in self._blocks.views(block_id):
-            record[at:at + view.nbytes] = view
-            at += view.nbytes
+        self._blocks.copy_out(block_id, self._record(slot)[HEADER_BYTES:])
 
     async def _put(self, keys: list[str], hashes: list[bytes], slots: list[int]) -> None:
         records = [self._record(slot) for slot in slots]
