@@ -90,8 +90,8 @@ def test_block_bytes_are_each_layer_s_slice_in_element_order(shape: tuple[int, .
 
 @pytest.mark.parametrize("layout", ["one tensor", "a tensor a layer"])
 def test_a_block_copies_in_and_out_in_record_order(layout: str) -> None:
-    """kvcake's cache (layers as evenly spaced views of one tensor: one strided copy) and
-    vLLM's (a tensor per layer: run by run) give the same record bytes."""
+    """Layers as evenly spaced views of one tensor (kvcake's cache, vLLM-CPU's: out in one
+    strided copy) and a tensor a layer (run by run) give the same record bytes."""
     if layout == "one tensor":
         layers = paged_layers(torch.zeros(3, 2, 4 * BLOCK, 2, 16), BLOCK)
     else:

