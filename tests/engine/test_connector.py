@@ -97,10 +97,13 @@ def test_a_block_copies_in_and_out_in_record_order(layout: str) -> None:
     else:
         layers = [torch.zeros(4, 2, BLOCK, 2, 16) for _ in range(3)]
     blocks = BlockBytes(layers)
+    assert blocks.small_runs == (layout == "one tensor")  # K and V apart: runs of 1 KiB
     payload = torch.randn(3, 2, BLOCK, 2, 16)
     blocks.copy_in(2, memoryview(payload.numpy()).cast("B"))
-    assert all(torch.equal(layer[2], payload[i]) for i, layer in enumerate(layers))
-    assert all(not layer[b].any() for layer in layers for b in (0, 1, 3))
+    blocks.memmove_in(1, memoryview(payload.numpy()).cast("B"))
+    assert all(torch.equal(layer[b], payload[i]) for i, layer in enumerate(layers)
+               for b in (1, 2))
+    assert all(not layer[b].any() for layer in layers for b in (0, 3))
     out = torch.zeros_like(payload)
     blocks.copy_out(2, memoryview(out.numpy()).cast("B"))
     assert torch.equal(out, payload)

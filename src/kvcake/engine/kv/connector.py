@@ -39,6 +39,7 @@ from kvcake.wire.kv import store_key, store_keys
 log = get_logger(__name__)
 
 _KNOWN_KEYS = 1 << 16  # keys remembered as stored (saves of them are skipped)
+_SMALL_RUN = 64 * 1024  # bytes: a block's runs below this are copied on the engine's thread
 
 
 @dataclass
@@ -77,11 +78,26 @@ class BlockBytes:
         self._block_shape = (len(layers), *layers[0].shape[1:])
         self._dtype = layers[0].dtype
 
+    @property
+    def small_runs(self) -> bool:
+        """Whether a block's runs are so small (kvcake's 16-token K and V: 6 KiB) that
+        copying them one by one on helper threads costs more in GIL hand-offs than in bytes:
+        then the engine's thread copies each block in one strided copy (:meth:`copy_in`)."""
+        return self._stacked is not None and min(
+            size for runs in self._runs for _, size in runs) < _SMALL_RUN
+
     def copy_in(self, block_id: int, payload: memoryview) -> None:
         """Write a record's payload (every layer's block, in order) into block ``block_id``,
-        run by run with ``memmove``: safe on any thread (a torch copy on a thread torch does
-        not otherwise use starts a thread pool there, which then competes with the engine's
-        for the cores)."""
+        on the engine's thread: one strided torch copy where the layers are stacked."""
+        if self._stacked is not None:
+            self._stacked[:, block_id].copy_(self._as_block(payload))
+            return
+        self.memmove_in(block_id, payload)
+
+    def memmove_in(self, block_id: int, payload: memoryview) -> None:
+        """:meth:`copy_in` run by run with ``memmove``: safe on any thread (a torch copy on a
+        thread torch does not otherwise use starts a thread pool there, which then competes
+        with the engine's for the cores)."""
         source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
         for address, size in self.runs(block_id):
             ctypes.memmove(address, source, size)
@@ -233,11 +249,17 @@ class StoreConnector:
 
     def _read_in_place(self, found: InPlaceValues, block_ids: Sequence[int],
                        block_hashes: Sequence[bytes]) -> tuple[list[int], list[str | None]]:
-        """Every replica on this host: each record checked where it lies, then copied (out
-        of cache by then) into the block's slices; blocks side by side on the verifier
-        threads."""
-        problems = list(self._verifier.map(self._copy_checked, found.codes, found.ranges,
-                                           block_ids, block_hashes))
+        """Every replica on this host: each record checked where it lies, then copied into
+        the block's slices; blocks side by side on the verifier threads, except the copies
+        of small runs, which this thread makes in one strided copy a block."""
+        here = self._blocks.small_runs
+        check = self._check_in_place if here else self._copy_checked
+        problems = list(self._verifier.map(check, found.codes, found.ranges, block_ids,
+                                           block_hashes))
+        for block_id, mapped, problem in zip(block_ids, found.ranges, problems, strict=True):
+            if not here or problem is not None or mapped is None:
+                break
+            self._blocks.copy_in(block_id, mapped.view[HEADER_BYTES:])
         if not found.fresh():  # freed and maybe reused while we read: nothing counts
             return ([ErrorCode.LEASE_EXPIRED] * len(problems),
                     [problem or "its lease ran out while it was read" for problem in problems])
@@ -245,7 +267,14 @@ class StoreConnector:
 
     def _copy_checked(self, code: int, mapped: MappedRange | None, block_id: int,
                       block_hash: bytes) -> str | None:
-        # runs on the verifier threads: the checksum and memmove release the GIL
+        problem = self._check_in_place(code, mapped, block_id, block_hash)
+        if problem is None and mapped is not None:
+            self._blocks.memmove_in(block_id, mapped.view[HEADER_BYTES:])
+        return problem
+
+    def _check_in_place(self, code: int, mapped: MappedRange | None, block_id: int,
+                        block_hash: bytes) -> str | None:
+        # runs on the verifier threads: the checksum releases the GIL
         if code != 0 or mapped is None:
             return f"read failed ({code})"
         record = mapped.view
@@ -256,7 +285,6 @@ class StoreConnector:
             return problem
         if checksum([record[HEADER_BYTES:]]) != stored_checksum(record):
             return "payload checksum mismatch"  # checked where it lies: one call a block
-        self._blocks.copy_in(block_id, record[HEADER_BYTES:])
         return None
 
     def _read_copied(self, keys: list[str], block_ids: Sequence[int],
