@@ -69,6 +69,11 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
 
 
+def _state(pid: int) -> str:
+    """The process's scheduler state (``T``: stopped), from ``/proc``."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
 def _registered(store: DistributedStore, size: int) -> tuple[mmap.mmap, int]:
     buffer = mmap.mmap(-1, size)
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
@@ -160,6 +165,7 @@ def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProce
             await store.put("k", b"v" * 65536)
             fresh = (await store.batch_get_into(["k"], [memoryview(bytearray(65536))]))[0]
             os.kill(node.pid, signal.SIGSTOP)  # the read stalls on the wire past the lease
+            _wait_for(lambda: _state(node.pid) in "tT", 5.0)  # stopped before it is asked
             read = asyncio.ensure_future(
                 store.batch_get_into(["k"], [memoryview(bytearray(65536))]))
             await asyncio.sleep(0.8)
