@@ -12,9 +12,6 @@ counts the reads and no load fails."""
 
 from __future__ import annotations
 
-import os
-import random
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,24 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.bench.vllm_instance import VllmInstance, mooncake_transfer, vllm_python
+from kvcake.bench.vllm_bench import wait_stored
+from kvcake.bench.vllm_instance import VllmInstance, mooncake_transfer
 from kvcake.ops import start_master, start_node
+from vllm_venv import BLOCK, VLLM_PYTHON, needs_vllm, prompt
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = vllm_python(os.environ.get("KVCAKE_VLLM_PYTHON")
-                          or str(ROOT / ".venv-vllm/bin/python"))
-BLOCK = 128  # vLLM-CPU's block size
+pytestmark = needs_vllm
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                                reason=f"no vLLM venv at {VLLM_PYTHON} (make vllm)")
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(length)]
-
-
-PROMPTS = [_prompt(11, 520), _prompt(12, 300)]
+PROMPTS = [prompt(11, 520), prompt(12, 300)]
 BLOCKS = sum(len(p) // BLOCK for p in PROMPTS)
 
 
@@ -48,13 +35,6 @@ def _metrics(endpoint: str) -> dict[str, int]:
         lines = reply.read().decode().splitlines()
     return {name: int(float(value)) for name, _, value in
             (line.rpartition(" ") for line in lines if line and not line.startswith("#"))}
-
-
-def _wait_for_keys(endpoint: str, count: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (held := _metrics(endpoint).get("kvcake_store_keys", 0)) < count:
-        assert time.monotonic() < deadline, f"{held} of {count} blocks saved"
-        time.sleep(0.2)
 
 
 def _reads(endpoint: str) -> int:
@@ -75,10 +55,10 @@ def _running(master: str, folder: Path, mode: str) -> Iterator[VllmInstance]:
 
 
 def _loads_every_block(instance: VllmInstance, cold: list[list[int]]) -> None:
-    for prompt, tokens in zip(PROMPTS, cold, strict=True):
-        answer = instance.ask({"prompt": prompt, "max_tokens": 4})
+    for ids, tokens in zip(PROMPTS, cold, strict=True):
+        answer = instance.ask({"prompt": ids, "max_tokens": 4})
         assert answer["tokens"] == tokens
-        assert answer["cached"] == len(prompt) // BLOCK * BLOCK
+        assert answer["cached"] == len(ids) // BLOCK * BLOCK
 
 
 @pytest.mark.timeout(600)  # two vLLM processes, one after the other
@@ -90,7 +70,7 @@ def test_standalone_store_a_second_instance_loads_what_the_first_saved(
     try:
         with _running(endpoint, tmp_path, "standalone-store") as first:
             cold = [first.generate(p)[0] for p in PROMPTS]
-            _wait_for_keys(metrics, BLOCKS)  # saves go on after the step
+            wait_stored(metrics, BLOCKS)  # saves go on after the step
         reads = _reads(metrics)
         with _running(endpoint, tmp_path, "standalone-store") as second:
             _loads_every_block(second, cold)
@@ -107,7 +87,7 @@ def test_embedded_a_second_instance_loads_from_the_first_ones_segment(tmp_path: 
     try:
         with _running(endpoint, tmp_path, "embedded") as first:
             cold = [first.generate(p)[0] for p in PROMPTS]
-            _wait_for_keys(metrics, BLOCKS)
+            wait_stored(metrics, BLOCKS)
             reads = _reads(metrics)
             with _running(endpoint, tmp_path, "embedded") as second:
                 _loads_every_block(second, cold)

@@ -6,35 +6,21 @@ one clear line."""
 
 from __future__ import annotations
 
-import os
-import random
-import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from kvcake.bench.vllm_instance import VllmInstance, kvcake_transfer, vllm_python
+from kvcake.bench.vllm_bench import stored_keys, wait_stored
+from kvcake.bench.vllm_instance import VllmInstance, kvcake_transfer
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store.compat import DistributedStore
+from vllm_venv import BLOCK, VLLM_PYTHON, needs_vllm, prompt
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = vllm_python(os.environ.get("KVCAKE_VLLM_PYTHON")
-                          or str(ROOT / ".venv-vllm/bin/python"))
-BLOCK = 128  # vLLM-CPU's block size
+pytestmark = needs_vllm
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                                reason=f"no vLLM venv at {VLLM_PYTHON} (make vllm)")
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40000) for _ in range(length)]
-
-
-PROMPTS = P1, P2, P3, P4 = (_prompt(1, 600), _prompt(2, 400), _prompt(3, 300),
-                            _prompt(4, 300))
+PROMPTS = P1, P2, P3, P4 = (prompt(1, 600), prompt(2, 400), prompt(3, 300),
+                            prompt(4, 300))
 STORED_BLOCKS = sum(len(p) // BLOCK for p in PROMPTS)  # full prompt blocks
 
 
@@ -54,17 +40,6 @@ def _metric(metrics: str, name: str) -> int:
         text = reply.read().decode()
     return int(next((line.split()[1] for line in text.splitlines()
                      if line.startswith(f"{name} ")), "0"))
-
-
-def _stored_keys(metrics: str) -> int:
-    return _metric(metrics, "kvcake_store_keys")
-
-
-def _wait_for_keys(metrics: str, count: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _stored_keys(metrics) < count:
-        assert time.monotonic() < deadline, f"{_stored_keys(metrics)} of {count} blocks saved"
-        time.sleep(0.2)
 
 
 _READS = 'kvcake_store_requests_total{op="GetReplicas"}'
@@ -98,7 +73,7 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
         keys = first.ask({"keys": P2})["keys"]
     finally:
         first.stop()
-    _wait_for_keys(metrics, STORED_BLOCKS)
+    wait_stored(metrics, STORED_BLOCKS)
     assert len(keys) == len(P2) // BLOCK
     _corrupt(master, keys[0])
 
@@ -130,7 +105,7 @@ def test_a_full_store_refuses_every_save_and_the_instance_serves_on() -> None:
         first = [instance.generate(p)[0] for p in (P3, P4)]
         assert [instance.generate(p)[0] for p in (P3, P4)] == first  # its own cache, intact
         assert all(len(tokens) == 4 for tokens in first)
-        assert _stored_keys(master.endpoints["metrics"]) == 0
+        assert stored_keys(master.endpoints["metrics"]) == 0
     finally:
         errors = instance.stop()
         node.stop()

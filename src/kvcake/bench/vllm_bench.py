@@ -142,7 +142,7 @@ def _kvcake_store(prompts: Prompts) -> Iterator[tuple[str, Any]]:
     blocks = _blocks(prompts)
     node = start_node(endpoint, f"{_pool_bytes(blocks) // MiB}MiB")
     try:
-        yield endpoint, lambda: _wait_stored(master.endpoints["metrics"], blocks)
+        yield endpoint, lambda: wait_stored(master.endpoints["metrics"], blocks)
     finally:
         node.stop()
         master.stop()
@@ -179,16 +179,18 @@ def _through_mooncake_real(python: Path, prompts: Prompts, timings: Timings) -> 
                          env, store.prefix)
 
 
-def _wait_stored(metrics: str, blocks: int, timeout_s: float = 120.0) -> None:
-    """Until the store holds every block the writer saved (saves finish off its steps)."""
+def wait_stored(metrics: str, blocks: int, timeout_s: float = 120.0) -> None:
+    """Until the store whose master serves ``metrics`` holds ``blocks`` keys (a writer's
+    saves finish off its steps)."""
     deadline = time.monotonic() + timeout_s
-    while (held := _stored_keys(metrics)) < blocks:
+    while (held := stored_keys(metrics)) < blocks:
         if time.monotonic() > deadline:
             raise KvcakeError(f"the store holds {held} of {blocks} blocks after {timeout_s}s")
         time.sleep(0.2)
 
 
-def _stored_keys(metrics: str) -> int:
+def stored_keys(metrics: str) -> int:
+    """The keys the store holds, from its master's ``/metrics``."""
     with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
         lines = reply.read().decode().splitlines()
     return int(next(line.split()[1] for line in lines if line.startswith("kvcake_store_keys ")))
