@@ -61,8 +61,8 @@ class InPlaceValues:
     deadline: float
 
     def fresh(self) -> bool:
-        return time.monotonic() <= self.deadline and all(
-            mapped.owner_alive() for mapped in self.ranges if mapped is not None)
+        owners = {mapped.owner_alive for mapped in self.ranges if mapped is not None}
+        return time.monotonic() <= self.deadline and all(alive() for alive in owners)
 
 
 def as_view(value: Buffer) -> memoryview:

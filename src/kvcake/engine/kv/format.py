@@ -94,8 +94,9 @@ class BlockLayout:
         problem = self.check_header(header, block_hash)
         if problem is not None:
             return problem
-        if sum(piece.nbytes for piece in payload) != self.payload_bytes:
-            return f"payload pieces hold {sum(p.nbytes for p in payload)} bytes"
+        held = sum(piece.nbytes for piece in payload)
+        if held != self.payload_bytes:
+            return f"payload pieces hold {held} bytes"
         if checksum(payload) != stored_checksum(header):
             return "payload checksum mismatch"
         return None
