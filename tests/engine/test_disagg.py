@@ -14,8 +14,15 @@ from kvcake.common.auth import ClusterAuth
 from kvcake.common.errors import AccessDeniedError, InvalidParamsError
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.kv.transfer import KVSender, block_runs, block_spans, sign_kv_grants
+from kvcake.engine.kv.transfer import (
+    KVSender,
+    block_runs,
+    block_spans,
+    in_flight_s,
+    sign_kv_grants,
+)
 from kvcake.transfer import TransferEngine
+from kvcake.transfer.batch import Batch
 from kvcake.transfer.config import TransferConfig
 from kvcake.wire.sampling import SamplingParams
 from kvcake.worker.loop import EngineLoop, PrefillSender
@@ -86,7 +93,15 @@ def test_disaggregated_equals_colocated(engines: Callable[..., EngineCore],
     expected = _run(colocated)["r"]
     # the decode pool is laid out differently (bigger) so the block ids differ on each side
     prefill, decode = engines(transport), engines(transport, kv_cache_bytes=96 << 10)
-    assert _disaggregated(prefill, _sender(prefill), decode, "r", PROMPT) == expected
+    sender = _sender(prefill)
+    assert _disaggregated(prefill, sender, decode, "r", PROMPT) == expected
+    # the sender counts what it moved: every layer's K and V of the prompt's blocks
+    region = prefill.kv_region
+    assert region is not None
+    blocks = -(-len(PROMPT) // region.block_size)
+    assert (sender.num_sent, sender.num_bytes_sent) == (
+        1, blocks * region.block_size * region.slot_bytes * 2 * region.num_layers)
+    assert sender.writing_s > 0
     decode.check_integrity()
     prefill.check_integrity()
     assert decode.scheduler.kv.num_free_blocks == decode.scheduler.kv.num_blocks
@@ -162,6 +177,19 @@ def test_reserve_refuses_when_full(engines: Callable[..., EngineCore]) -> None:
     assert decode.reserve("a", (total - 1) * 16) is not None
     assert decode.reserve("b", 2 * 16) is None  # only one block left
     decode.check_integrity()
+
+
+def _batch(submitted_s: float, finished_s: float) -> Batch:
+    batch = Batch([])
+    batch.submitted_s, batch.finished_s = submitted_s, finished_s
+    return batch
+
+
+def test_in_flight_time_counts_overlapping_writes_once() -> None:
+    # two chunks' writes overlap in 1..2; a third runs alone after compute in 2..4
+    batches = [_batch(1.0, 2.0), _batch(0.0, 1.5), _batch(4.0, 4.5)]
+    assert in_flight_s(batches) == 2.5
+    assert in_flight_s([]) == 0.0
 
 
 def test_block_runs_coalesce_consecutive_pairs() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -85,12 +86,15 @@ class Batch:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _done: threading.Event = field(init=False, default_factory=threading.Event)
     _callbacks: list[Callable[[], None]] = field(init=False, default_factory=list)
+    submitted_s: float = field(init=False, default_factory=time.monotonic)
+    finished_s: float | None = field(init=False, default=None)  # when the last item ended
 
     def __post_init__(self) -> None:
         self.errors = [None] * len(self.requests)
         self._parts = [1] * len(self.requests)
         self._remaining = len(self.requests)
         if not self.requests:
+            self.finished_s = self.submitted_s
             self._done.set()
 
     def split(self, index: int, parts: int) -> None:
@@ -113,6 +117,7 @@ class Batch:
             if self._remaining:
                 return
             callbacks, self._callbacks = self._callbacks, []
+            self.finished_s = time.monotonic()
             self._done.set()
         for callback in callbacks:
             callback()

@@ -58,14 +58,24 @@ MAX_HOLD_S = 600.0  # a reservation outlives a silent Conductor by no more than 
 class Reserve(msgspec.Struct, tag=True, frozen=True):
     """Blocks for a prompt's KV, held until committed or released, or for
     ``reserve_timeout_s`` plus ``hold_s`` (the prefill's predicted time, with slack; at most
-    ``MAX_HOLD_S``) if neither comes: a long prefill queue must not outlive its seat."""
+    ``MAX_HOLD_S``) if neither comes: a long prefill queue must not outlive its seat.
+
+    The prompt, its parameters and tenant come along for engines that admit a request whole
+    (vLLM allocates blocks only for a request it has); kvcake's engine needs only the count.
+    """
 
     request_id: str
     num_prompt_tokens: int
     hold_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_HOLD_S)] = 0.0
+    prompt_token_ids: Tokens = []
+    params: SamplingParams | None = None
+    tenant: str = ""
 
 
 class Commit(msgspec.Struct, tag=True, frozen=True):
+    """The prefill wrote the KV: join the batch. ``first_token`` -1: the prefill did not
+    sample one (vLLM's decode samples it from the prompt's last position itself)."""
+
     request_id: str
     prompt_token_ids: Tokens
     first_token: int

@@ -43,7 +43,7 @@ from kvcake.transfer import (
     TransferOp,
     TransferRequest,
 )
-from kvcake.wire.kv import KVRegion
+from kvcake.wire.kv import KVRegion, block_spans
 
 
 def kv_cache_in(buffer: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -72,27 +72,14 @@ def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def block_spans(block_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """``(first, count)`` of each maximal run of consecutive ids, in order."""
-    spans: list[tuple[int, int]] = []
-    for block in block_ids:
-        if spans and spans[-1][0] + spans[-1][1] == block:
-            spans[-1] = (spans[-1][0], spans[-1][1] + 1)
-        else:
-            spans.append((block, 1))
-    return spans
-
-
 def sign_kv_grants(engine: TransferEngine, region: KVRegion, block_ids: Sequence[int],
                    ttl_s: float) -> list[bytes]:
     """WRITE grants on our own cache for ``block_ids``, one per span (none without a token)."""
     if not engine.auth.enabled:
         return []
-    block_bytes = region.block_size * region.slot_bytes
-    stride = region.num_slots * region.slot_bytes
-    return [engine.sign_grant(region.descriptor.name, first * block_bytes, count * block_bytes,
-                              GrantMode.WRITE, ttl_s, stride, 2 * region.num_layers)
-            for first, count in block_spans(block_ids)]
+    return [engine.sign_grant(region.descriptor.name, offset, length, GrantMode.WRITE, ttl_s,
+                              stride, repeat)
+            for offset, length, stride, repeat in region.grant_shapes(block_ids)]
 
 
 @dataclass(frozen=True)
@@ -116,6 +103,16 @@ def _grants_by_block(block_ids: list[int], grants: Sequence[bytes]) -> dict[int,
             for i in range(count)}
 
 
+def in_flight_s(batches: Sequence[Batch]) -> float:
+    """Seconds during which at least one of the finished ``batches`` was in flight: the
+    time their bytes took to move, without the compute between chunks of a prompt."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted((b.submitted_s, b.finished_s or b.submitted_s) for b in batches):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 @dataclass
 class _Outgoing:
     target: KVTarget
@@ -133,7 +130,9 @@ class KVSender:
         self.local = local
         self._bytes = local_bytes
         self._outgoing: dict[str, _Outgoing] = {}
+        self.num_sent = 0  # requests whose every write landed
         self.num_bytes_sent = 0
+        self.writing_s = 0.0  # seconds with a write of theirs in flight, summed over requests
 
     def target(self, region: KVRegion, block_ids: list[int],
                grants: Sequence[bytes] = ()) -> KVTarget:
@@ -172,17 +171,14 @@ class KVSender:
 
     def _requests(self, target: KVTarget, runs: list[tuple[int, int, int]]
                   ) -> list[TransferRequest]:
-        local, remote, size = self.local, target.region, self.local.block_size
         requests = []
         for src, dst, count in runs:
-            length = count * size * local.slot_bytes
             grant = target.grant_of.get(dst, b"")
-            for layer in range(local.num_layers):
-                for kv in (0, 1):
-                    start = local.offset(layer, kv, src * size)
-                    requests.append(TransferRequest(
-                        TransferOp.WRITE, target.segment, remote.offset(layer, kv, dst * size),
-                        self._bytes[start:start + length], grant))
+            pairs = zip(self.local.block_ranges(src, count),
+                        target.region.block_ranges(dst, count), strict=True)
+            requests += [TransferRequest(TransferOp.WRITE, target.segment, remote,
+                                         self._bytes[local:local + length], grant)
+                         for (local, length), (remote, _) in pairs]
         return requests
 
     def wait(self, request_id: str, timeout_s: float) -> tuple[int, float]:
@@ -192,7 +188,9 @@ class KVSender:
         out = self._outgoing.pop(request_id)
         for batch in out.batches:
             batch.wait(timeout_s)
+        self.num_sent += 1
         self.num_bytes_sent += out.num_bytes
+        self.writing_s += in_flight_s(out.batches)
         return out.num_bytes, time.monotonic() - out.started_s
 
     def drain(self, request_id: str) -> None:
