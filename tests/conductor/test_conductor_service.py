@@ -477,3 +477,22 @@ def test_observed_tbt_above_the_prediction_tightens_admission(admission: str) ->
     service.finished("a")  # aborted or failed: says nothing about TBT
     assert service.cost.num_samples["tbt"] == 8
     service.check_integrity()
+
+
+def test_a_predicted_hit_is_checked_against_what_the_prefill_reused() -> None:
+    service = make_service(policy="cache_aware")
+    service.add_instance("p1", "prefill", 100)
+    service.add_instance("d1", "decode", 100)
+    hold(service, "p1", DOC_A, 8)
+    assert service.route(request("r1", DOC_A, 640)).local_hit_blocks == 8
+    assert service.check_hit("r1", 8 * B) == (8 * B, 0)  # the index was right
+    assert service.check_hit("r1", 5 * B) == (8 * B, 3 * B)  # 3 blocks were not there
+    assert service.route(request("r2", DOC_A + 1, 640)).reused_blocks == 0
+    assert service.check_hit("r2", 0) == (0, 0)  # nothing predicted, nothing missed
+    assert service.check_hit("unknown", 10) == (0, 0)
+    centric = make_service(policy="kvcache_centric")
+    centric.add_instance("p1", "prefill", 100)
+    centric.add_instance("d1", "decode", 100)
+    stored = centric.route(request("r3", DOC_A, 640, store=20))
+    assert stored.reused_blocks == 20 and stored.pull_from == "store"
+    assert centric.check_hit("r3", 12 * B) == (20 * B, 8 * B)  # store blocks gone meanwhile

@@ -314,6 +314,7 @@ class _EventStream(Response):
         self.init_headers({"Cache-Control": "no-cache"})
         self._generations = generations
         self._firsts = firsts
+        self._lasts = list(firsts)  # each choice's latest chunk: its usage is the final one
         self._formatter = formatter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -352,12 +353,13 @@ class _EventStream(Response):
         if self._formatter.include_usage:
             num_generated = sum(g.num_generated for g in self._generations)
             await _send_event(send, self._formatter.usage_chunk(
-                Usage.of(self._firsts, self._formatter.choices_per_prompt, num_generated)))
+                Usage.of(self._lasts, self._formatter.choices_per_prompt, num_generated)))
 
     async def _send_chunk(self, send: Send, index: int, chunk: GenerateChunk,
                           pending: dict[asyncio.Future[GenerateChunk], int]) -> None:
         """Send one choice's chunk and, unless it was its last, ask for its next."""
         await _send_event(send, self._formatter.chunk(index, chunk))
+        self._lasts[index] = chunk
         if chunk.finish_reason is None:
             pending[asyncio.ensure_future(self._generations[index].next())] = index
 

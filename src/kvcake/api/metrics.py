@@ -78,10 +78,10 @@ class RequestTimer:
         if not self._seen_prompt:
             self._seen_prompt = True
             self._metrics.prompt_tokens.inc(chunk.num_prompt_tokens)
-            self._metrics.cached_prompt_tokens.inc(chunk.num_cached_tokens)
         if chunk.token_ids:
             self._on_tokens(len(chunk.token_ids), now)
-        if chunk.finish_reason is not None:
+        if chunk.finish_reason is not None:  # the reused count is final with the last chunk
+            self._metrics.cached_prompt_tokens.inc(chunk.num_cached_tokens)
             self._metrics.e2e.observe(now - self._arrival)
 
     def _on_tokens(self, num_tokens: int, now: float) -> None:

@@ -70,6 +70,9 @@ class Flight:
     predicted_ttft_s: float = 0.0  # what routing expected; the decode seat is held for it
     state: FlightState = FlightState.ROUTED
     num_output_tokens: int = 0
+    # (cached, from the store) prompt tokens its prefill instance reused, under P/D: the
+    # decode instance's outputs cannot know them
+    prefill_cached: tuple[int, int] | None = None
     prefill_done: asyncio.Future[PrefillDone] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     _queue: asyncio.Queue[TokenOutput | KvcakeError] = field(default_factory=asyncio.Queue)

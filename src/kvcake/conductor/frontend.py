@@ -104,7 +104,7 @@ class ConductorBackend:
         generated: list[int] = []
         params = flight.params  # the first flight's: max_tokens set
         retries = 0
-        num_cached = 0
+        cached = (0, 0)  # prompt tokens reused, those from the store
         start = time.monotonic()
         while True:
             try:
@@ -120,18 +120,23 @@ class ConductorBackend:
             if first:
                 log.debug("request %s: first token after %.3f s", request.request_id,
                           time.monotonic() - start)
-                num_cached = output.num_cached_tokens
-                self.server.metrics.count_cached(output.num_cached_tokens,
-                                                 output.num_store_tokens)
+            # under P/D the prefill instance's word counts; a colocated instance says what it
+            # reused with its first output or its last (vLLM)
+            cached = flight.prefill_cached or (max(cached[0], output.num_cached_tokens),
+                                               max(cached[1], output.num_store_tokens))
             generated += output.token_ids
             delta, _ = self._processor.process(_as_request(output, request.request_id))
             yield GenerateChunk(
-                delta.text, output.token_ids, delta.finish_reason, len(prompt), num_cached,
+                delta.text, output.token_ids, delta.finish_reason, len(prompt), cached[0],
                 delta.stop_reason, self._logprobs(request, output),
                 self._echo(request, prompt, output) if first and request.echo else None)
             if delta.finish_reason is not None:
                 log.debug("request %s done in %.3fs", request.request_id,
                           time.monotonic() - start)
+                self.server.metrics.count_cached(*cached)
+                # a stream cut short here (a stop string) may end before the count came
+                if flight.colocated and (output.finish_reason is not None or cached[0]):
+                    self.server.check_hit(flight, cached[0])
                 return
 
     def _may_retry(self, params: SamplingParams, generated: list[int], retries: int) -> bool:

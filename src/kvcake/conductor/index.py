@@ -126,6 +126,10 @@ class PrefixIndex:
     def holders(self, block_hash: bytes) -> frozenset[str]:
         return frozenset(self._holders.get(block_hash, ()))
 
+    def block_hashes(self, instance_id: str) -> frozenset[bytes]:
+        """Every block indexed for ``instance_id`` (empty when unknown)."""
+        return frozenset(self._blocks.get(instance_id, ()))
+
     def num_blocks(self, instance_id: str) -> int:
         """Blocks indexed for ``instance_id`` (0 when unknown)."""
         return len(self._blocks.get(instance_id, ()))

@@ -236,6 +236,15 @@ class ConductorServer:
                 flight.push(output)
         return ReportReply()
 
+    def check_hit(self, flight: Flight, num_cached_tokens: int) -> None:
+        """Count the prefix routing predicted for ``flight`` against what its prefill
+        instance reused (``num_cached_tokens``)."""
+        predicted, missed = self.service.check_hit(flight.request_id, num_cached_tokens)
+        self.metrics.count_hit(predicted, missed)
+        if missed:
+            log.info("request %s: %s reused %d prompt tokens, routing predicted %d",
+                     flight.request_id, flight.prefill_id, num_cached_tokens, predicted)
+
     def _prefill_done(self, message: PrefillDone) -> ReportReply:
         flight = self.flights.get(message.output.request_id)
         if flight is not None and not flight.prefill_done.done():
@@ -334,11 +343,21 @@ class ConductorServer:
             flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant,
             target, reserved.block_ids or [], reserved.grants))
         done = await flight.prefill_done
+        if not done.error:  # the prefill's word on reuse; the decode side cannot know it
+            flight.prefill_cached = (done.output.num_cached_tokens,
+                                     done.output.num_store_tokens)
+            self.check_hit(flight, done.output.num_cached_tokens)
         self.service.prefill_done(flight.request_id)
         if done.error:
             await self._release(flight)
             raise KvcakeError(f"prefill on {flight.prefill_id} failed: {done.error}")
         first = done.output
+        if not first.token_ids:  # the decode instance samples the first token itself
+            await self._call(flight.decode_id, Commit(
+                flight.request_id, flight.prompt_token_ids, -1, 0.0, flight.params,
+                flight.tenant))
+            flight.move_to(FlightState.DECODING)
+            return
         ends = first.finish_reason == "stop" or flight.params.max_tokens == 1
         if ends:
             await self._release(flight)
@@ -358,7 +377,8 @@ class ConductorServer:
         while True:
             reply = decode(await self._call(flight.decode_id, Reserve(
                 flight.request_id, len(flight.prompt_token_ids),
-                _hold_s(flight.predicted_ttft_s))), Reserved)
+                _hold_s(flight.predicted_ttft_s), flight.prompt_token_ids, flight.params,
+                flight.tenant)), Reserved)
             if reply.block_ids is not None:
                 return reply
             if self.clock() >= deadline or flight.state.ended:

@@ -63,6 +63,7 @@ class _InFlight:
     prefill_end_s: float  # predicted: route time + TTFT
     predicted_tbt_s: float = 0.0  # step time of its decode instance's batch when routed
     decode_start_s: float | None = None
+    predicted_cached_tokens: int = 0  # the prefix routing counted on (local or store)
 
 
 @dataclass
@@ -198,6 +199,16 @@ class ConductorService:
         del self.instances[track.prefill_id].prefilling[request_id]
         track.decode_start_s = self.clock()
 
+    def check_hit(self, request_id: str, num_cached_tokens: int) -> tuple[int, int]:
+        """What the prefill instance reused against what routing counted on: ``(predicted,
+        missed)`` prompt tokens, ``missed`` those of the predicted prefix it did not find
+        (a stale index entry, or a store block gone). ``(0, 0)`` for an unknown request."""
+        track = self.requests.get(request_id)
+        if track is None:
+            return 0, 0
+        predicted = track.predicted_cached_tokens
+        return predicted, max(0, predicted - num_cached_tokens)
+
     def finished(self, request_id: str, observed_tbt_s: float | None = None) -> None:
         """Forget a request (done, aborted or failed); unknown ids are ignored. A request
         that completed may say its TBT as the objective measures it: the cost model learns
@@ -289,7 +300,8 @@ class ConductorService:
     def _admit(self, request: RouteRequest, prefill: PrefillEstimate,
                decode: DecodeEstimate) -> None:
         track = _InFlight(request, prefill.instance_id, decode.instance_id, prefill.prefill_s,
-                          self.clock() + prefill.ttft_s, decode.tbt_s)
+                          self.clock() + prefill.ttft_s, decode.tbt_s,
+                          predicted_cached_tokens=prefill.reused_blocks * self.config.block_size)
         self.requests[request.request_id] = track
         self.instances[prefill.instance_id].prefilling[request.request_id] = track
         self.instances[decode.instance_id].decode_bound[request.request_id] = track

@@ -17,6 +17,14 @@ class ConductorMetrics:
         self.cached_tokens = registry.counter(
             "kvcake_conductor_cached_prompt_tokens_total",
             "Prompt tokens whose KV was reused, by where it came from", ("tier",))
+        self.predicted_hits = registry.counter(
+            "kvcake_conductor_predicted_hit_tokens_total",
+            "Prompt tokens routing expected the prefill instance to reuse, by whether it did "
+            "(found) or not (missed: a stale index entry or a vanished store block)",
+            ("outcome",))
+        self.hit_misses = registry.counter(
+            "kvcake_conductor_hit_misses_total",
+            "Requests whose prefill instance reused less than routing predicted")
         self.transfer_bytes = registry.counter(
             "kvcake_conductor_kv_transfer_bytes_total",
             "KV bytes written from prefill into decode instances")
@@ -44,6 +52,12 @@ class ConductorMetrics:
     def count_cached(self, num_cached_tokens: int, num_store_tokens: int) -> None:
         self.cached_tokens.inc(num_cached_tokens - num_store_tokens, tier="local")
         self.cached_tokens.inc(num_store_tokens, tier="store")
+
+    def count_hit(self, predicted: int, missed: int) -> None:
+        self.predicted_hits.inc(predicted - missed, outcome="found")
+        self.predicted_hits.inc(missed, outcome="missed")
+        if missed:
+            self.hit_misses.inc()
 
     def render(self, stats: ConductorStats) -> str:
         self.tbt_tail.set(stats.tbt_tail)
