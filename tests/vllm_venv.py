@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.bench.vllm_instance import vllm_python
+from kvcake.vllm.launch import vllm_python
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = vllm_python(os.environ.get("KVCAKE_VLLM_PYTHON")

@@ -6,7 +6,9 @@ import pytest
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.vllm.config import VllmConnectorConfig, connector_config
+from kvcake.vllm.instance import pd_summary
 from kvcake.vllm.plan import BlockRun, StorePlan, loadable_blocks
+from kvcake.wire.conductor import Role
 
 BS = 4
 HASHES = [bytes([i]) * 32 for i in range(8)]  # a 30-token prompt: 7 full blocks
@@ -83,3 +85,14 @@ def test_the_connector_settings_come_from_extra_config_with_sizes_as_text() -> N
         connector_config({"mastr": "x:1"})
     with pytest.raises(InvalidParamsError, match="master must be HOST:PORT"):
         connector_config({"master": "nohost"})
+
+
+def test_the_closing_lines_say_what_p_d_moved() -> None:
+    decode = pd_summary(Role.DECODE, {"received": 3, "received_blocks": 12, "failed": 1})
+    assert decode == ("kvcake P/D: 3 requests' KV received from prefill instances (12 "
+                      "blocks), 1 given up on")
+    prefill = pd_summary(Role.PREFILL, {"pd_sent": 3, "pd_sent_bytes": 3 << 30,
+                                        "pd_writing_us": 1_500_000})
+    assert prefill == ("kvcake P/D: 3 requests' KV written into decode instances, 3072.0 "
+                       "MiB in 1.500 s of writes in flight: 2.15 GB/s")
+    assert pd_summary(Role.PREFILL, {}).endswith("0.0 MiB in 0.000 s of writes in flight: -")

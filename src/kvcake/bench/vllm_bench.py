@@ -36,16 +36,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kvcake.bench.vllm_instance import (
-    VllmInstance,
-    kvcake_transfer,
-    mooncake_transfer,
-    vllm_python,
-)
+from kvcake.bench.vllm_instance import VllmInstance, kvcake_transfer, mooncake_transfer
 from kvcake.bench.vllm_mooncake import missing_real_mooncake, real_mooncake_store
 from kvcake.common.config import MiB
 from kvcake.common.errors import KvcakeError
 from kvcake.ops import start_master, start_node
+from kvcake.vllm.launch import vllm_python
 
 CONNECTORS = ("cold", "local", "kvcake", "mooncake", "mooncake-real", "example")
 # the ratio columns: numerator, denominator, decimals (a column shows where both ran)

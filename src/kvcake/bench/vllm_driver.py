@@ -27,19 +27,14 @@ DTYPE = resolve_dtype("auto", "cpu")
 
 
 def _keys(llm: Any, prompt: list[int]) -> list[str]:
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core import kv_cache_utils
-
+    from kvcake.common.hashing import prefix_block_hashes
     from kvcake.vllm.connector import vllm_fingerprint
+    from kvcake.wire.kv import store_keys
 
     config = llm.llm_engine.vllm_config
-    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
-    kv_cache_utils.init_none_hash(hash_fn)
-    size, parent, keys = config.cache_config.block_size, None, []
-    for start in range(0, len(prompt) - size + 1, size):
-        parent = kv_cache_utils.hash_block_tokens(hash_fn, parent, prompt[start:start + size])
-        keys.append(f"{vllm_fingerprint(config)}/default/{bytes(parent).hex()}")
-    return keys
+    prefix = f"{vllm_fingerprint(config)}/default"
+    hashes = prefix_block_hashes(prompt, config.cache_config.block_size, prefix.encode())
+    return store_keys(prefix, hashes)
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ venv, spoken to line by line. ``kvcake bench vllm`` and the tests start them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -13,15 +12,10 @@ from typing import Any
 
 from kvcake.common.errors import KvcakeError
 from kvcake.model import resolve_model
+from kvcake.vllm.launch import SRC, vllm_env
 
 DRIVER = "kvcake.bench.vllm_driver"  # run with -m: its folder must not shadow vllm
-SRC = Path(__file__).resolve().parents[2]  # kvcake itself, for the connector's processes
 SHIM = SRC.parent / "shims" / "mooncake"  # the drop-in ``mooncake.store``, opt-in per process
-
-
-def vllm_python(given: str | None = None) -> Path:
-    """The vLLM venv's python: ``given``, else ``$KVCAKE_VLLM_PYTHON``, else ``make vllm``'s."""
-    return Path(given or os.environ.get("KVCAKE_VLLM_PYTHON") or ".venv-vllm/bin/python")
 
 
 def kvcake_transfer(master: str, policy: str = "recompute") -> dict[str, Any]:
@@ -62,17 +56,7 @@ class VllmInstance:
 
     def __init__(self, python: Path, transfer: dict[str, Any] | None,
                  env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
-        extra = dict(env or {})
-        path = os.pathsep.join(filter(None, (extra.pop("PYTHONPATH", ""), str(SRC))))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-               # the engine core in the driver's process: it starts in half the time
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-               "PYTHONPATH": path, **extra}  # stdout carries the driver's answers only
-        env.pop("PYTHONHASHSEED", None)  # vLLM's default seed: hashes agree across processes
-        cpus = sorted(os.sched_getaffinity(0))
-        if cpus == list(range(cpus[0], cpus[-1] + 1)):  # every core (vLLM keeps one idle)
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cpus[0]}-{cpus[-1]}"
+        env = vllm_env(env)  # its stdout carries the driver's answers only
         model = str(resolve_model("smollm2").path)
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read and closed by stop)
         self.process = subprocess.Popen(

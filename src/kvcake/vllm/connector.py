@@ -19,22 +19,28 @@ Start vLLM with::
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"master": "127.0.0.1:50051"}}'
 
-Keys are ``<fingerprint>/<tenant>/<vLLM block hash hex>``. vLLM's block hashes chain from a
-fixed seed (sha256 of pickled token ids unless ``PYTHONHASHSEED`` is set), so they agree
-across processes and hosts; the fingerprint (:func:`vllm_fingerprint`) names everything else
-that makes a block's bytes valid: the model's files, dtypes, block size, hash scheme, vLLM's
-version and the CPU's KV layout. Values are kvcake's versioned block records
+Keys are ``<fingerprint>/<tenant>/<block hash hex>``, the block hash kvcake's own: SHA-256
+chained over the prompt's token ids, block by block, salted with ``<fingerprint>/<tenant>``
+(:func:`kvcake.common.hashing.prefix_block_hashes`). The Conductor hashes a prompt the same
+way, so it sees which leading blocks the store holds for a vLLM instance as for one of
+kvcake's, and the keys never depend on vLLM's own hash seed (``PYTHONHASHSEED``, its hash
+algorithm). The fingerprint (:func:`vllm_fingerprint`) names everything else that makes a
+block's bytes valid: the model's files, dtypes, block size, vLLM's version and the CPU's KV
+layout. Values are kvcake's versioned block records
 (:mod:`kvcake.engine.kv.format`): a header and a checksum around every layer's bytes of the
 block, which stay opaque (vLLM-CPU's layout inside a block depends on the ISA).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,19 +48,28 @@ import torch
 import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from kvcake.common.codec import encode
 from kvcake.common.errors import InvalidParamsError, KvcakeError
+from kvcake.common.hashing import prefix_block_hashes
 from kvcake.common.log import get_logger, setup_package_logging
+from kvcake.common.rpc import RpcClient
 from kvcake.engine.kv.connector import ConnectorStats, StoreConnector, connect_store
 from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
+from kvcake.engine.kv.transfer import KVSender
 from kvcake.model import directory_digest
+from kvcake.transfer.segment import Segment, instance_registrant
 from kvcake.vllm.config import VllmConnectorConfig, connector_config
+from kvcake.vllm.control import ControlServer
+from kvcake.vllm.pd import Arrival, DecodeWait, PdPlan, PrefillTarget, Send, pd_params
 from kvcake.vllm.plan import StepPlan, StorePlan
-from kvcake.wire.kv import store_keys
+from kvcake.wire.kv import KVRegion, store_keys
+from kvcake.wire.vllm import KvArrived
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,13 +80,28 @@ setup_package_logging()  # vLLM configures only its own loggers
 _LOOKUP_TIMEOUT_S = 5.0  # a dead store costs one lookup this long, then a recompute
 _LAYOUT_FLAGS = ("amx_bf16", "avx512f", "avx512_bf16")  # pick vLLM-CPU's KV kernels
 _STAT_FIELDS = tuple(field.name for field in dataclasses.fields(ConnectorStats))
+_SEND_TIMEOUT_S = 30.0  # a prefill's last writes into a decode instance, and its notice
+_IDLE_WAIT_S = 0.01  # an idle step waiting for prefills: how long new requests may wait
 
 
 class KvcakeConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
-    """One step's plan, from the scheduler to the workers."""
+    """One step's plan, from the scheduler to the workers: the store's loads and saves,
+    a prefill's writes into decode instances, decode requests whose KV came."""
 
-    def __init__(self, plan: StepPlan) -> None:
+    def __init__(self, plan: StepPlan, sends: list[Send] | None = None,
+                 arrivals: list[Arrival] | None = None) -> None:
         self.plan = plan
+        self.sends = sends or []
+        self.arrivals = arrivals or []
+
+
+@dataclasses.dataclass
+class KvcakeHandshake(KVConnectorHandshakeMetadata):  # type: ignore[misc]
+    """From the worker to the scheduler side, once: the KV cache's region and its grant
+    key (the scheduler side signs the prefill's WRITE grants)."""
+
+    region: KVRegion | None
+    grant_key: bytes
 
 
 class KvcakeConnectorStats(KVConnectorStats):  # type: ignore[misc]
@@ -111,12 +141,23 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.prefix = f"{vllm_fingerprint(vllm_config)}/{self.settings.tenant}"
         self._vllm_config = vllm_config
         self.plan = StorePlan(self.block_size)
+        self._hashes: dict[str, tuple[bytes, ...]] = {}  # by request id, while it lives
+        self._local_tokens: dict[str, int] = {}  # local cache hits, from lookup to allocation
         self._load_errors: set[int] = set()
         self._worker: StoreConnector | None = None
-        self._reported = ConnectorStats()
+        self._reported: dict[str, int] = {}
         segment = self.settings.segment_size if role == KVConnectorRole.WORKER else 0
         self.store, self.transfer = connect_store(self.settings.master, segment,
                                                   tenant=self.settings.tenant)
+        self.pd = PdPlan(self.block_size)
+        self.control: ControlServer | None = None
+        if role == KVConnectorRole.SCHEDULER and self.settings.control:
+            self.control = ControlServer(self.transfer.io, self.pd, self.prefix.split("/")[0],
+                                         vllm_config.cache_config.num_gpu_blocks or 0)
+        self._kv_segment: Segment | None = None
+        self._region: KVRegion | None = None
+        self._sender: KVSender | None = None
+        self._notices: dict[str, RpcClient] = {}
         log.info("kvcake connector (%s) on store %s, keys %s/…", role.name,
                  self.settings.master, self.prefix)
 
@@ -124,12 +165,35 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int, bool]:
-        first, stop = self.plan.lookup(request.request_id, request.block_hashes,
-                                       request.num_prompt_tokens, num_computed_tokens)
+        # vLLM sets request.num_computed_tokens only after update_state_after_alloc: that
+        # call reads the local cache's tokens from here
+        self._local_tokens[request.request_id] = num_computed_tokens
+        part = pd_params(request.kv_transfer_params) if self.control is not None else None
+        if isinstance(part, DecodeWait):  # the prompt's KV comes from a prefill instance
+            missing = request.num_prompt_tokens - num_computed_tokens
+            if missing <= 0:
+                return 0, False
+            self.control.wait(request.request_id, part.key)  # type: ignore[union-attr]
+            return missing, True
+        if isinstance(part, PrefillTarget):
+            self.pd.prefill(request.request_id, part, request.num_prompt_tokens)
+        keys = self._block_hashes(request)
+        first, stop = self.plan.lookup(request.request_id, keys, request.num_prompt_tokens,
+                                       num_computed_tokens)
         if stop <= first:
             return 0, False
-        hashes = list(request.block_hashes[first:stop])
+        hashes = list(keys[first:stop])
         return self.plan.matched_tokens(num_computed_tokens, first, self._hits(hashes)), False
+
+    def _block_hashes(self, request: Any) -> tuple[bytes, ...]:
+        """The hashes of the prompt's full blocks, as the Conductor makes them; none for a
+        prompt given as embeddings. Made once per request."""
+        known = self._hashes.get(request.request_id)
+        if known is None:
+            tokens = request.prompt_token_ids or ()
+            known = tuple(prefix_block_hashes(tokens, self.block_size, self.prefix.encode()))
+            self._hashes[request.request_id] = known
+        return known
 
     def _hits(self, block_hashes: list[bytes]) -> int:
         """Leading blocks the store holds (0 when it cannot say)."""
@@ -144,16 +208,27 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:
-        self.plan.allocated(request.request_id, request.num_computed_tokens,
-                            num_external_tokens)
+        local = self._local_tokens.pop(request.request_id, request.num_computed_tokens)
+        if self.control is not None and self.pd.waits(request.request_id):
+            block_ids = self._kv_cache_manager.get_block_ids(request.request_id)[0]
+            self.control.allocated(request.request_id, block_ids, local)
+            return
+        self.plan.allocated(request.request_id, local, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KvcakeConnectorMetadata:
         manager = self._kv_cache_manager
         requests = self._requests_by_id(scheduler_output)
-        plan = self.plan.step(dict(scheduler_output.num_scheduled_tokens),
-                              lambda rid: requests[rid],
+        scheduled = dict(scheduler_output.num_scheduled_tokens)
+        plan = self.plan.step(scheduled, lambda rid: requests[rid],
                               lambda rid: manager.get_block_ids(rid)[0])
-        return KvcakeConnectorMetadata(plan)
+        if self.control is None:
+            return KvcakeConnectorMetadata(plan)
+        if not scheduled:
+            self.control.idle(_IDLE_WAIT_S)
+        sends = [send for rid, count in scheduled.items()
+                 if (send := self.pd.sends(rid, requests[rid] + count,
+                                           manager.get_block_ids(rid)[0])) is not None]
+        return KvcakeConnectorMetadata(plan, sends, self.control.take_arrivals())
 
     @staticmethod
     def _requests_by_id(scheduler_output: Any) -> dict[str, int]:
@@ -166,15 +241,86 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, None]:
         self.plan.finished(request.request_id)
+        self._hashes.pop(request.request_id, None)
+        self._local_tokens.pop(request.request_id, None)
+        if self.control is not None:
+            self.control.finished(request.request_id)
         return False, None  # saves are staged during the step: the blocks are free to go
 
+    def has_pending_push_work(self) -> bool:
+        return self.control is not None and self.control.pending()
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        if self.control is None:
+            return
+        handshake = next(iter(metadata.values()), None)
+        if isinstance(handshake, KvcakeHandshake):
+            self.control.region = handshake.region
+            self.control.grant_key = handshake.grant_key
+        self.control.start(self.settings.control, self.settings.control_file)
+
     # -- worker side -------------------------------------------------------------------
+
+    def get_mem_pool_context(self) -> contextlib.AbstractContextManager[None] | None:
+        """With P/D, vLLM allocates its KV cache inside a registered segment."""
+        if self.role != KVConnectorRole.WORKER or not self.settings.control:
+            return None
+        return self._kv_cache_in_segment()
+
+    @contextlib.contextmanager
+    def _kv_cache_in_segment(self) -> Iterator[None]:
+        """vLLM allocates the whole KV cache as one zeroed int8 buffer, and only that, in
+        this context; that buffer is made a segment's memory (a fresh memfd is zeros)."""
+        real = torch.zeros
+
+        def zeros(*size: Any, dtype: Any = None, device: Any = None, **kw: Any) -> Any:
+            if self._kv_segment is not None or dtype is not torch.int8 or len(size) != 1 \
+                    or not isinstance(size[0], int) or torch.device(device or "cpu").type \
+                    != "cpu":
+                return real(*size, dtype=dtype, device=device, **kw)
+            name = f"kv-{self.settings.instance_id or os.getpid()}"
+            self._kv_segment = self.transfer.register_segment(name, size[0])
+            return torch.frombuffer(self._kv_segment.view, dtype=torch.int8)[:size[0]]
+
+        torch.zeros = zeros
+        try:
+            yield
+        finally:
+            torch.zeros = real
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = list(kv_caches.values())
         layout = self._block_layout(layers)
         staging = max(2, self.settings.staging_bytes // layout.record_bytes)
         self._worker = StoreConnector(self.store, self.transfer, layout, layers, staging)
+        if self._kv_segment is not None:
+            self._region = self._kv_region(layers, self._kv_segment)
+            if self.settings.instance_id:  # the Conductor publishes it as the instance's
+                self.transfer.bind(self._kv_segment.name,
+                                   instance_registrant(self.settings.instance_id))
+            self._sender = KVSender(self.transfer, self._region, self._kv_segment.view)
+
+    def _kv_region(self, layers: list[torch.Tensor], segment: Segment) -> KVRegion:
+        base = torch.frombuffer(segment.view, dtype=torch.int8).data_ptr()
+        first = layers[0]
+        layer_bytes = first[0].numel() * first.element_size()
+        layer_stride = layers[1].data_ptr() - first.data_ptr() if len(layers) > 1 else 0
+        evenly = all(layer.data_ptr() - base == i * layer_stride
+                     for i, layer in enumerate(layers))
+        if not evenly or not first[0].is_contiguous() or layer_bytes % self.block_size:
+            raise InvalidParamsError(
+                "kvcake's P/D needs vLLM's KV cache as evenly spaced layers of contiguous "
+                f"blocks; got layers of {tuple(first.shape)} strides {first.stride()}")
+        return KVRegion(self.transfer.local_descriptor(segment.name), self.prefix.split("/")[0],
+                        len(layers), first.shape[0] * self.block_size,
+                        layer_bytes // self.block_size, self.block_size,
+                        block_stride=first.stride(0) * first.element_size(),
+                        layer_stride=layer_stride or layer_bytes * first.shape[0])
+
+    def get_handshake_metadata(self) -> KvcakeHandshake | None:
+        if self._kv_segment is None:
+            return None
+        return KvcakeHandshake(self._region, self.transfer.grant_key(self._kv_segment.name))
 
     def _block_layout(self, layers: list[torch.Tensor]) -> BlockLayout:
         model = self._vllm_config.model_config
@@ -208,11 +354,72 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         for run in self._metadata_plan().saves:
             self._worker.save(self.prefix, list(run.block_ids), list(run.block_hashes))
+        for send in self._metadata().sends:
+            self._send(send)
+
+    def _send(self, send: Send) -> None:
+        """Write a prefill's finished blocks into the decode instance's; after the last,
+        wait for every write and tell the decode instance whether they all landed."""
+        sender = self._sender
+        if sender is None:
+            raise InvalidParamsError("this vLLM instance has no P/D control (its connector's "
+                                     "control setting is empty): it cannot prefill for "
+                                     "another")
+        ok = True
+        try:
+            if not sender.is_sending(send.request_id):
+                sender.open(send.request_id, sender.target(send.target, list(send.all_dst),
+                                                           list(send.grants)))
+            if send.src:
+                sender.send(send.request_id, list(send.src))
+            if send.last:
+                sender.wait(send.request_id, _SEND_TIMEOUT_S)
+        except KvcakeError as exc:
+            log.warning("writing %s into %s failed: %r", send.key,
+                        send.target.descriptor.name, exc)
+            sender.cancel(send.request_id)
+            ok = False
+        if send.last or not ok:
+            self._notify(send.target.control, KvArrived(send.key, ok))
+
+    def _notify(self, control: str, notice: KvArrived) -> None:
+        """Tell the decode instance, without holding up this step: its answer may take a
+        while (its control server shares a process with a busy engine)."""
+        if not control:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._send_notice(control, notice),
+                                                  self.transfer.io.loop)
+        future.add_done_callback(lambda done: done.exception())  # logged in _send_notice
+
+    async def _send_notice(self, control: str, notice: KvArrived) -> None:
+        client = self._notices.get(control)
+        if client is None:
+            client = self._notices[control] = RpcClient(control, _SEND_TIMEOUT_S)
+        try:
+            await client.call(encode(notice))
+        except KvcakeError as exc:
+            log.warning("could not tell %s that %s was written: %r", control, notice.key, exc)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
+                                                               set[str] | None]:
+        if self._sender is not None:
+            for request_id in finished_req_ids:
+                self._sender.cancel(request_id)  # an aborted prefill's writes end here
+        if not self.has_connector_metadata():
+            return None, None
+        arrivals = self._metadata().arrivals
+        for arrival in arrivals:
+            if not arrival.ok and not arrival.ended:  # vLLM computes these blocks itself
+                self._load_errors.update(arrival.block_ids)
+        return None, {arrival.request_id for arrival in arrivals} or None
 
     def _metadata_plan(self) -> StepPlan:
+        return self._metadata().plan
+
+    def _metadata(self) -> KvcakeConnectorMetadata:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvcakeConnectorMetadata)
-        return meta.plan
+        return meta
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -221,11 +428,29 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_kv_connector_stats(self) -> KvcakeConnectorStats | None:
         if self._worker is None:
             return None
-        now = dataclasses.replace(self._worker.stats)
-        delta = {name: getattr(now, name) - getattr(self._reported, name)
-                 for name in _STAT_FIELDS}
+        now = self._totals()
+        delta = {name: count - self._reported.get(name, 0) for name, count in now.items()}
         self._reported = now
         return KvcakeConnectorStats(data=delta)
+
+    def _totals(self) -> dict[str, int]:
+        """The worker side's counts so far: the store's blocks, and the prefills' writes
+        into decode instances (requests, bytes, microseconds with a write in flight)."""
+        assert self._worker is not None
+        totals = {name: getattr(self._worker.stats, name) for name in _STAT_FIELDS}
+        if self._sender is not None:
+            totals.update(pd_sent=self._sender.num_sent,
+                          pd_sent_bytes=self._sender.num_bytes_sent,
+                          pd_writing_us=round(self._sender.writing_s * 1e6))
+        return totals
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Scheduler side: the workers' counts of P/D writes reach the control server, whose
+        ``Describe`` the sidecar reads."""
+        stats = connector_output.kv_connector_stats
+        if self.control is not None and isinstance(stats, KvcakeConnectorStats):
+            self.control.count({name: count for name, count in stats.data.items()
+                                if name.startswith("pd_")})
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
@@ -233,6 +458,10 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return KvcakeConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        for client in list(self._notices.values()):
+            self.transfer.io.call(client.close)
         if self._worker is not None:
             self._worker.close()
             log.info("kvcake connector: %s blocks", ", ".join(
@@ -250,7 +479,6 @@ def vllm_fingerprint(vllm_config: VllmConfig) -> str:
     files = directory_digest(path) if path.is_dir() else f"{model.model}@{model.revision}"
     text = "|".join(map(str, (
         "vllm", vllm.__version__, files, model.dtype, cache.cache_dtype, cache.block_size,
-        getattr(cache, "prefix_caching_hash_algo", ""), os.environ.get("PYTHONHASHSEED", ""),
         platform.machine(), ",".join(_cpu_flags()))))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,7 +1,7 @@
 """The scheduler side of kvcake's vLLM connector, without vLLM: which blocks of each request
 come from the store before a step, and which go to it after. No I/O, no torch.
 
-A prompt's blocks, as vLLM hashes them (``request.block_hashes``, one per full block)::
+A prompt's blocks, each with its hash (one per full block, see ``vllm.connector``)::
 
     block      0        1        2        3      (4: partial, never stored)
     tokens   [0,128) [128,256) [256,384) [384,512) [512,530)
@@ -45,7 +45,7 @@ class StepPlan:
 
 @dataclass
 class _Tracked:
-    block_hashes: Sequence[bytes]  # vLLM's own list: it grows as blocks fill
+    block_hashes: Sequence[bytes]  # the prompt's full blocks
     num_prompt_tokens: int
     saved_blocks: int = 0  # blocks [0, saved) are stored or on their way
     load: tuple[int, int] | None = None  # (first block, count) for the next step
