@@ -8,8 +8,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # Python compiles what it imports, once, on first use
 PIP_FLAGS ?= --no-compile
 
-.PHONY: run test deps install vllm vllm-mooncake sysdeps lint fuzz chaos bench paper clean \
-	mooncake-shim
+.PHONY: run test deps install vllm vllm-mooncake sglang-router sysdeps lint fuzz chaos bench \
+	paper clean mooncake-shim
 
 run: $(STAMP)
 	$(VENV)/bin/kvcake up
@@ -61,6 +61,10 @@ vllm-mooncake: $(VLLM_STAMP)
 			"pip uninstall kvcake-mooncake-shim there first" >&2; exit 1; fi
 	bash scripts/install-sysdeps.sh mooncake
 	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) $(MOONCAKE_WHEEL)
+
+# SGLang's router, the peer in `kvcake bench serve --engine vllm`'s router_* rows
+sglang-router: $(STAMP)
+	$(PY) -m pip install -q $(PIP_FLAGS) sglang-router==0.3.2
 
 sysdeps:
 	bash scripts/install-sysdeps.sh

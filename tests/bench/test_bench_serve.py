@@ -44,6 +44,7 @@ from kvcake.bench.serve_report import (
     plot_cdfs,
     summarise,
 )
+from kvcake.bench.serve_vllm import pd_lines
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.latency import percentile, slowest_gaps_mean
@@ -131,6 +132,12 @@ def test_ratios_compare_only_systems_that_ran() -> None:
         ("mean TTFT round_robin / kvcache_centric", 2.5),
         ("goodput kvcache_centric / colocated", None)]  # zero goodput: no ratio
     assert comparison_ratios(summaries[:2]) == [("mean TTFT round_robin / kvcache_centric", 2.5)]
+    vllm = [{"policy": "kvcache_centric", "ttft_mean_s": 2.0, "tbt_p90_s": 0.05,
+             "goodput_rps": 0.5},
+            {"policy": "router_cache_aware", "ttft_mean_s": 4.0, "tbt_p90_s": 0.2,
+             "goodput_rps": 0.1}]
+    assert comparison_ratios(vllm) == [("mean TTFT kvcache_centric / router_cache_aware", 0.5),
+                                       ("gap p90 kvcache_centric / router_cache_aware", 0.25)]
 
 
 def test_plot_is_a_png(tmp_path: Path) -> None:
@@ -605,3 +612,13 @@ def test_compare_starts_each_setup_in_turn_and_prints_ratios_and_the_plot(
     assert "mean TTFT round_robin / kvcache_centric: " in out
     assert "goodput kvcache_centric / colocated: " in out
     assert (tmp_path / "bench-serve.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_pd_lines_are_read_from_the_setup_s_logs(tmp_path: Path) -> None:
+    assert pd_lines(tmp_path / "missing") == []
+    (tmp_path / "prefill-0.log").write_text("INFO start\nkvcake P/D: 2 requests' KV written "
+                                            "into decode instances, 1.0 MiB\n")
+    (tmp_path / "decode-1.log").write_text("kvcake P/D: 2 requests' KV received\nbye\n")
+    assert pd_lines(tmp_path) == ["decode-1: kvcake P/D: 2 requests' KV received",
+                                  "prefill-0: kvcake P/D: 2 requests' KV written into decode "
+                                  "instances, 1.0 MiB"]

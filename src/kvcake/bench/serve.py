@@ -15,6 +15,7 @@ port, replays the *same* window against it and stops it, one after another::
     colocated         2 instances that both prefill and decode (the vLLM-style baseline)
 
 Routing only matters with at least two prefill instances, hence 2 + 1 for every policy.
+``--engine vllm`` compares vLLM-CPU set-ups instead (:mod:`kvcake.bench.serve_vllm`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,12 +40,23 @@ from kvcake.bench.serve_report import (
     describe_window,
     report,
 )
+from kvcake.bench.serve_vllm import (
+    DEFAULT_VLLM_SETUPS,
+    VLLM_SETUPS,
+    pd_lines,
+    router_missing,
+    vllm_setup,
+)
 from kvcake.common.aio import new_event_loop
 from kvcake.common.config import require
+from kvcake.common.conversations import ConversationSpec, conversation_records
 from kvcake.common.errors import KvcakeError
 from kvcake.common.sockets import free_port
 from kvcake.common.trace import (
+    TraceRecord,
     load_trace,
+    most_reused_start,
+    prefix_reuse,
     scale_record,
     scaled_block_tokens,
     synthesize_prompt,
@@ -64,6 +76,8 @@ SETUPS: dict[str, tuple[str, ...]] = {
     "colocated": ("--prefill", "0", "--decode", "0", "--both", "2", "--policy", "round_robin"),
 }
 DEFAULT_SETUPS = ("kvcache_centric", "round_robin", "colocated")
+WORKLOADS = ("conversations", "trace", "trace-reuse")
+INPUT_SCALE, VLLM_INPUT_SCALE = 0.03, 0.125
 DEFAULT_PLOT = "bench-serve.png"
 
 
@@ -73,14 +87,22 @@ class ServeBenchOptions:
 
     endpoint: base URL of a running server (``http://HOST:PORT`` or ``.../v1``); excludes
         ``compare`` / ``policies``, which start ``kvcake up`` set-ups instead.
+    workload: ``conversations`` (multi-turn sessions sized to the window, see
+        ``common.conversations``), ``trace`` (rows of the trace from ``start_row``) or
+        ``trace-reuse`` (the window of the trace whose prompts reuse the most); ``None``:
+        ``trace`` when a ``trace`` file is given, else ``conversations``.
     num_requests / duration_s: the window, rows and seconds of replay time (``None``: 200 and
         120 s, or 30 and 20 s with ``quick``).
     speed: trace time compression (2.0 sends twice as fast as the trace did).
-    input_scale / output_scale / max_output_tokens: see ``common.trace.scale_record``.
+    input_scale / output_scale / max_output_tokens: see ``common.trace.scale_record``
+        (``input_scale`` ``None``: 0.03, or 0.125 with ``engine="vllm"``: two trace
+        blocks fill one 128-token vLLM block, and 2 CPUs keep up with the quick window).
     vocab_size / first_token_id: prompt token ids lie in ``[first_token_id, vocab_size)``
         (SmolLM2: 49,152 ids, those below 17 are special).
     request_timeout_s: longest any one request may take (``None``: 60 s, 30 s with quick).
     health_timeout_s: longest a set-up may take to answer ``/health`` with 200.
+    engine: ``kvcake`` (kvcake's own engine) or ``vllm`` (vLLM-CPU set-ups).
+    vllm_python: the vLLM venv's interpreter, with ``engine="vllm"``.
     """
 
     endpoint: str | None = None
@@ -91,7 +113,8 @@ class ServeBenchOptions:
     duration_s: float | None = None
     speed: float = 0.5
     start_row: int = 0
-    input_scale: float = 0.03
+    workload: str | None = None
+    input_scale: float | None = None
     output_scale: float = 0.1
     max_output_tokens: int = 64
     slo_ttft_s: float = 5.0
@@ -108,6 +131,8 @@ class ServeBenchOptions:
     first_token_id: int = 17
     request_timeout_s: float | None = None
     health_timeout_s: float = 300.0
+    engine: str = "kvcake"
+    vllm_python: str = ""
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -123,9 +148,16 @@ class ServeBenchOptions:
                 f"vocab_size, got {self.first_token_id} and {self.vocab_size}")
 
     def _check_target(self) -> None:
-        unknown = [p for p in self.policies if p not in SETUPS]
+        require(self.workload in (None, *WORKLOADS), f"--workload must be one of "
+                f"{', '.join(WORKLOADS)}, got {self.workload!r}")
+        require(not (self.trace and self.workload == "conversations"), "--trace replays a "
+                "file's rows: --workload conversations makes up its own requests")
+        require(self.engine in ("kvcake", "vllm"), f"--engine must be kvcake or vllm, got "
+                f"{self.engine!r}")
+        known = VLLM_SETUPS if self.engine == "vllm" else tuple(SETUPS)
+        unknown = [p for p in self.policies if p not in known]
         require(not unknown, f"--policies: unknown set-up {(unknown or [''])[0]!r}; choose "
-                f"from {', '.join(SETUPS)}")
+                f"from {', '.join(known)}")
         require(len(set(self.policies)) == len(self.policies), "--policies names a set-up "
                 "twice")
         bad = [a for a in self.admissions if a not in ADMISSIONS]
@@ -146,7 +178,13 @@ class ServeBenchOptions:
 
     @property
     def setups(self) -> tuple[str, ...]:
-        return self.policies or DEFAULT_SETUPS
+        if self.policies:
+            return self.policies
+        if self.engine != "vllm":
+            return DEFAULT_SETUPS
+        missing = router_missing()
+        return tuple(s for s in DEFAULT_VLLM_SETUPS
+                     if not (missing and s.startswith("router_")))
 
     @property
     def admissions(self) -> tuple[str, ...]:
@@ -166,6 +204,16 @@ class ServeBenchOptions:
     @property
     def window_duration_s(self) -> float:
         return self.duration_s or (20.0 if self.quick else 120.0)
+
+    @property
+    def workload_name(self) -> str:
+        return self.workload or ("trace" if self.trace else "conversations")
+
+    @property
+    def prompt_scale(self) -> float:
+        if self.input_scale is not None:
+            return self.input_scale
+        return VLLM_INPUT_SCALE if self.engine == "vllm" else INPUT_SCALE
 
     @property
     def timeout_s(self) -> float:
@@ -189,20 +237,57 @@ def base_url(endpoint: str) -> str:
     return endpoint.rstrip("/").removesuffix("/v1")
 
 
-def build_items(options: ServeBenchOptions) -> list[ReplayItem]:
-    """The window as requests: scaled, with prompts, due in seconds after the first."""
-    records = load_trace(options.trace, limit=options.start_row + options.window_requests)
-    window = trace_window(records, options.start_row, options.window_requests,
-                          options.window_duration_s, options.speed)
-    block, first = scaled_block_tokens(options.input_scale), window[0][1].timestamp_ms
+def workload_window(options: ServeBenchOptions) -> list[tuple[int, TraceRecord]]:
+    """The ``(row, record)`` pairs to replay: the chosen workload cut to the window."""
+    if options.workload_name == "conversations":
+        records = conversation_records(_conversations(options))
+        start = 0
+    else:
+        reuse = options.workload_name == "trace-reuse"
+        limit = None if reuse else options.start_row + options.window_requests
+        records = load_trace(options.trace, limit=limit)
+        start = most_reused_start(records, options.window_requests, options.window_duration_s,
+                                  options.speed) if reuse else options.start_row
+    return trace_window(records, start, options.window_requests, options.window_duration_s,
+                        options.speed)
+
+
+def _conversations(options: ServeBenchOptions) -> ConversationSpec:
+    """Sessions of 5 turns, enough of them to fill the window's rows, all arriving within
+    its seconds: sessions open in the first quarter, turns follow on average every eighth."""
+    turns = 5
+    span_s = options.window_duration_s * options.speed  # the window in trace seconds
+    return ConversationSpec(sessions=max(1, options.window_requests // turns), turns=turns,
+                            open_s=span_s / 4, think_s=span_s / 8)
+
+
+def build_items(options: ServeBenchOptions,
+                window: Sequence[tuple[int, TraceRecord]] | None = None) -> list[ReplayItem]:
+    """The window (``None``: :func:`workload_window`'s) as requests: scaled, with prompts,
+    due in seconds after the first."""
+    window = workload_window(options) if window is None else window
+    block = scaled_block_tokens(options.prompt_scale)
+    first = window[0][1].timestamp_ms
+    decode = _text_of(options) if options.engine == "vllm" else None
     items = []
     for row, record in window:
-        scaled = scale_record(record, options.input_scale, options.output_scale,
+        scaled = scale_record(record, options.prompt_scale, options.output_scale,
                               options.max_output_tokens)
         prompt = synthesize_prompt(scaled, block, options.vocab_size, options.first_token_id)
         due = (record.timestamp_ms - first) / 1000 / options.speed
-        items.append(ReplayItem(row, due, tuple(prompt), scaled.output_length))
+        items.append(ReplayItem(row, due, tuple(prompt), scaled.output_length,
+                                decode(prompt) if decode else ""))
     return items
+
+
+def _text_of(options: ServeBenchOptions) -> Callable[[list[int]], str]:
+    """Prompts as text: SGLang's router takes no token ids. Prompts that share token
+    prefixes share text prefixes, so the reuse survives the servers' tokenizing."""
+    from kvcake.model import resolve_model
+    from kvcake.text import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(resolve_model(options.model or "smollm2").path)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 class _Replayer:
@@ -237,7 +322,8 @@ class _Replayer:
 
     async def _send(self, index: int, item: ReplayItem) -> RequestResult:
         tally = StreamTally(index, item, self.now())
-        body = {"model": self.model, "prompt": list(item.prompt), "max_tokens": item.max_tokens,
+        body = {"model": self.model, "prompt": item.text or list(item.prompt),
+                "max_tokens": item.max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         try:
@@ -280,6 +366,8 @@ async def replay(url: str, label: str, items: Sequence[ReplayItem],
             headers=headers, timeout=aiohttp.ClientTimeout(total=options.timeout_s),
             connector=aiohttp.TCPConnector(limit=0)) as session:  # _Replayer limits, if asked
         model = options.model if not options.launches else None
+        if options.launches and options.engine == "vllm":  # a router may list no model
+            model = options.model or "smollm2"
         replayer = _Replayer(session, url, model or await fetch_model(session, url),
                              options.concurrency_limit)
         results = await replayer.run(items)
@@ -311,6 +399,8 @@ def setup_command(name: str, port: int, options: ServeBenchOptions, log_dir: Pat
 def _run_setup(label: str, name: str, admission: str, items: Sequence[ReplayItem],
                options: ServeBenchOptions, work: Path) -> ReplayRun:
     (work / "logs").mkdir(parents=True)
+    if options.engine == "vllm":
+        return _run_vllm_setup(label, name, items, options, work)
     port, started = free_port(), time.monotonic()
     url = f"http://127.0.0.1:{port}"
     print(f"[{label}] kvcake up on port {port}", file=sys.stderr, flush=True)
@@ -322,6 +412,20 @@ def _run_setup(label: str, name: str, admission: str, items: Sequence[ReplayItem
         if process.poll() is not None:
             print(f"[{label}] kvcake up exited during the replay\n{log_tail(work)}",
                   file=sys.stderr)
+    return run
+
+
+def _run_vllm_setup(label: str, name: str, items: Sequence[ReplayItem],
+                    options: ServeBenchOptions, work: Path) -> ReplayRun:
+    started = time.monotonic()
+    print(f"[{label}] starting (vLLM)", file=sys.stderr, flush=True)
+    slo = ("--slo-ttft", str(options.slo_ttft_s), "--slo-tbt", str(options.slo_tbt_s))
+    with vllm_setup(name, work, options.health_timeout_s, slo, options.vllm_python) as url:
+        print(f"[{label}] healthy after {time.monotonic() - started:.0f} s; replaying "
+              f"{len(items)} requests", file=sys.stderr, flush=True)
+        run = _run_async(replay(url, label, items, options))
+    for line in pd_lines(work / "logs"):  # written as the set-up stopped
+        print(f"[{label}] {line}", file=sys.stderr, flush=True)
     return run
 
 
@@ -340,9 +444,11 @@ def run_serve_bench(options: ServeBenchOptions) -> int:
     summary per system (table and ratios, or JSON), write the plot if asked. Returns 1 if
     some system completed no request, else 0. Raises ``KvcakeError`` (``InvalidParamsError``,
     ``TraceError``) on bad input, or when a set-up does not start."""
-    items = build_items(options)
-    block = scaled_block_tokens(options.input_scale)
-    print(describe_window(items, options.speed, block, options.slo), flush=True,
+    window = workload_window(options)
+    items = build_items(options, window)
+    block = scaled_block_tokens(options.prompt_scale)
+    print(describe_window(items, options.speed, block, options.slo, options.workload_name,
+                          prefix_reuse(record for _, record in window)), flush=True,
           file=sys.stderr if options.as_json else sys.stdout)
     summaries = report(_run_all(items, options), options.slo, options.as_json,
                        options.plot_path)
@@ -355,8 +461,12 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--num-requests N", "num_requests", int, "rows to replay (default 200; 30 with --quick)"),
     ("--duration S", "duration_s", float, "cap on replay seconds (default 120; 20 with --quick)"),
     ("--speed X", "speed", float, "trace time compression (default 0.5: half speed)"),
-    ("--start-row K", "start_row", int, "first trace row (default 0)"),
-    ("--input-scale F", "input_scale", float, "prompt length factor (default 0.03)"),
+    ("--workload NAME", "workload", str, "conversations (multi-turn sessions with shared "
+     "system prompts; the default without --trace), trace (rows from --start-row; the "
+     "default with --trace) or trace-reuse (the trace's window that reuses the most)"),
+    ("--start-row K", "start_row", int, "first trace row, with --workload trace (default 0)"),
+    ("--input-scale F", "input_scale", float, "prompt length factor (default 0.03; 0.125 with "
+     "--engine vllm)"),
     ("--output-scale F", "output_scale", float, "reply length factor (default 0.1)"),
     ("--max-output-tokens N", "max_output_tokens", int, "reply length cap (default 64)"),
     ("--slo-ttft S", "slo_ttft_s", float, "TTFT objective in seconds (default 5)"),
@@ -370,6 +480,9 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--api-key KEY", "api_key", str, "sent as a bearer token"),
     ("--concurrency-limit N", "concurrency_limit", int, "most requests in flight (default: "
      "no limit)"),
+    ("--engine NAME", "engine", str, "with --compare/--policies: kvcake (default) or vllm "
+     f"(set-ups {', '.join(VLLM_SETUPS)})"),
+    ("--vllm-python PATH", "vllm_python", str, "the vLLM venv's python, with --engine vllm"),
 )
 
 

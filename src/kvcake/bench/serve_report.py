@@ -79,6 +79,7 @@ class ReplayItem:
     scheduled_s: float
     prompt: tuple[int, ...]
     max_tokens: int
+    text: str = ""  # the prompt as text, for servers that take no token ids
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,12 @@ def print_table(summaries: Sequence[dict[str, Any]]) -> None:
 
 
 RATIOS = (("ttft_mean_s", "round_robin", "kvcache_centric", "mean TTFT"),
-          ("goodput_rps", "kvcache_centric", "colocated", "goodput"))
+          ("goodput_rps", "kvcache_centric", "colocated", "goodput"),
+          # the vLLM set-ups: kvcake's Conductor over P/D against SGLang's router
+          ("ttft_mean_s", "kvcache_centric", "router_cache_aware", "mean TTFT"),
+          ("tbt_p90_s", "kvcache_centric", "router_cache_aware", "gap p90"),
+          ("ttft_mean_s", "router_round_robin", "kvcache_centric", "mean TTFT"),
+          ("goodput_rps", "kvcache_centric", "router_round_robin", "goodput"))
 
 
 def comparison_ratios(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, float | None]]:
@@ -318,14 +324,17 @@ def _decorate(axes: Axes, xlabel: str, slo: float) -> None:
 
 
 def describe_window(items: Sequence[ReplayItem], speed: float, block_tokens: int,
-                    slo: Slo) -> str:
-    """One line on what is replayed: rows, timing, sizes, objectives."""
+                    slo: Slo, workload: str = "trace", reuse: float | None = None) -> str:
+    """One line on what is replayed: rows, timing, sizes, the share of prompt blocks an
+    earlier request of the window had (``reuse``), objectives."""
     prompt = statistics.fmean(len(i.prompt) for i in items)
     reply = statistics.fmean(i.max_tokens for i in items)
-    return (f"trace rows {items[0].row}..{items[-1].row}: {len(items)} requests over "
+    rows = "conversation turns" if workload == "conversations" else "trace rows"
+    shared = "" if reuse is None else f", {reuse:.0%} of its blocks reused"
+    return (f"{rows} {items[0].row}..{items[-1].row}: {len(items)} requests over "
             f"{items[-1].scheduled_s:.1f} s at speed {speed:g}; mean prompt {prompt:.0f} "
-            f"tokens (blocks of {block_tokens}), mean reply {reply:.1f} tokens; SLO TTFT "
-            f"{slo.ttft_s:g} s, TBT {slo.tbt_s * 1e3:g} ms")
+            f"tokens (blocks of {block_tokens}{shared}), mean reply {reply:.1f} tokens; SLO "
+            f"TTFT {slo.ttft_s:g} s, TBT {slo.tbt_s * 1e3:g} ms")
 
 
 def print_failures(runs: Sequence[ReplayRun], out: TextIO) -> None:

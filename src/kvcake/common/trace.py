@@ -171,6 +171,35 @@ def trace_window(records: Sequence[TraceRecord], start_row: int, num_requests: i
     return window
 
 
+def prefix_reuse(records: Iterable[TraceRecord]) -> float:
+    """The share of prompt blocks a prefix cache holding every earlier record could serve:
+    each record's leading blocks whose ids an earlier record had (an id names its block and
+    everything before it). 0.0 for no blocks."""
+    seen: set[int] = set()
+    reused = total = 0
+    for record in records:
+        for hash_id in record.hash_ids:
+            if hash_id not in seen:
+                break
+            reused += 1
+        total += len(record.hash_ids)
+        seen.update(record.hash_ids)
+    return reused / total if total else 0.0
+
+
+def most_reused_start(records: Sequence[TraceRecord], num_requests: int, duration_s: float,
+                      speed: float = 1.0, stride: int = 10) -> int:
+    """The start row, a multiple of ``stride``, of the window (as :func:`trace_window` cuts
+    it) with the highest :func:`prefix_reuse`; the earliest of equals."""
+    if stride < 1 or not records:
+        raise InvalidParamsError(f"need a stride >= 1 and some records, got stride {stride} "
+                                 f"and {len(records)} records")
+    starts = range(0, max(1, len(records) - num_requests + 1), stride)
+    return max(starts, key=lambda start: (prefix_reuse(
+        record for _, record in trace_window(records, start, num_requests, duration_s, speed)),
+        -start))
+
+
 def block_token_ids(hash_id: int, block_tokens: int, vocab_size: int,
                     first_token_id: int = 0) -> list[int]:
     """The ``block_tokens`` token ids of block ``hash_id``, each in
