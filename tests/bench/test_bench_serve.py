@@ -44,7 +44,7 @@ from kvcake.bench.serve_report import (
     plot_cdfs,
     summarise,
 )
-from kvcake.bench.serve_vllm import pd_lines
+from kvcake.bench.serve_vllm import closing_lines
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.latency import percentile, slowest_gaps_mean
@@ -614,11 +614,14 @@ def test_compare_starts_each_setup_in_turn_and_prints_ratios_and_the_plot(
     assert (tmp_path / "bench-serve.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
-def test_pd_lines_are_read_from_the_setup_s_logs(tmp_path: Path) -> None:
-    assert pd_lines(tmp_path / "missing") == []
+def test_closing_lines_are_read_from_the_setup_s_logs(tmp_path: Path) -> None:
+    assert closing_lines(tmp_path / "missing") == []
     (tmp_path / "prefill-0.log").write_text("INFO start\nkvcake P/D: 2 requests' KV written "
                                             "into decode instances, 1.0 MiB\n")
     (tmp_path / "decode-1.log").write_text("kvcake P/D: 2 requests' KV received\nbye\n")
-    assert pd_lines(tmp_path) == ["decode-1: kvcake P/D: 2 requests' KV received",
-                                  "prefill-0: kvcake P/D: 2 requests' KV written into decode "
-                                  "instances, 1.0 MiB"]
+    (tmp_path / "conductor.log").write_text("kvcake conductor: OpenAI API on ...\n"
+                                            "kvcake TTFT model: 3 prefills ended\n")
+    assert closing_lines(tmp_path) == ["conductor: kvcake TTFT model: 3 prefills ended",
+                                       "decode-1: kvcake P/D: 2 requests' KV received",
+                                       "prefill-0: kvcake P/D: 2 requests' KV written into "
+                                       "decode instances, 1.0 MiB"]

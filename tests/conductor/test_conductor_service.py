@@ -134,6 +134,34 @@ def test_measured_samples_steer_the_choice() -> None:
     assert again.predicted_ttft_s == pytest.approx(0.35 + 0.16 + 16 * 0.002)
 
 
+def test_an_instance_slower_than_predicted_is_priced_by_its_drain_fit() -> None:
+    """p1's prefills end twice as late as the cost model says (0.1 s predicted for 100
+    tokens, 0.2 s observed): its drain fit learns an own factor of 2, and a new request goes to p2,
+    whose 0.1 s stands; a failed prefill teaches nothing."""
+    service = make_service(policy="kvcache_centric")
+    clock = service.clock
+    assert isinstance(clock, FakeClock)
+    service.add_instance("p1", "prefill", 1000)
+    service.add_instance("d1", "decode", 1000)
+    for i in range(4):
+        assert service.route(request(f"w{i}", 300 + i, 100)).predicted_ttft_s \
+            == pytest.approx(0.1)
+        clock.now += 0.2
+        timing = service.prefill_done(f"w{i}")
+        assert (timing.predicted_s, timing.observed_s) == pytest.approx((0.1, 0.2))
+        service.finished(f"w{i}")
+    assert service.stats().instances["p1"].drain == pytest.approx((1.0, 2.0))
+    service.add_instance("p2", "prefill", 1000)
+    decision = service.route(request("r", 400, 100))
+    assert (decision.prefill_id, decision.predicted_ttft_s) == ("p2", pytest.approx(0.1))
+    assert service.route(request("f", 401, 50)).prefill_id == "p1"  # 0.1 s; p2 0.1 + 0.05
+    clock.now += 10.0
+    service.prefill_done("f", ok=False)
+    assert service.stats().instances["p1"].drain == pytest.approx((1.0, 2.0))
+    assert service.prefilling("r") and not service.prefilling("f")
+    service.check_integrity()
+
+
 def pull_scenario(p2_blocks: int, store_blocks: int, **fields: Any) -> ConductorService:
     """p1 holds 10 blocks of A and is idle; p2 holds ``p2_blocks`` behind a 10 s queue."""
     service = make_service(**fields)
@@ -244,7 +272,8 @@ def test_both_instances_decode_what_they_prefill() -> None:
 
 
 def single_pair(admission: str, **fields: Any) -> ConductorService:
-    service = make_service(admission=admission, slo_tbt_s=0.05, **fields)
+    """Prefills end at once here (the clock stands still): no drain fit learns from that."""
+    service = make_service(admission=admission, slo_tbt_s=0.05, drain_fit=False, **fields)
     service.add_instance("p1", "prefill", 100)
     service.add_instance("d1", "decode", 100)
     assert route_ids(service, *(request(f"d{i}", 10 + i, 16) for i in range(4))) == [

@@ -9,6 +9,7 @@ import pytest
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.conductor import CostDefaults, CostModel, DecodeSample, PrefillSample, TransferSample
+from kvcake.conductor.cost import DrainFit
 
 PREFILL = (0.02, 1.1e-3, 3e-8, 2e-9)  # a + b·new + c·new² + d·new·cached
 DECODE = (0.03, 2e-3, 1e-7)  # a + b·batch + c·context
@@ -171,3 +172,37 @@ def test_the_tbt_tail_is_the_90th_percentile_ratio_within_bounds() -> None:
     assert (fast.tbt_tail, slow.tbt_tail) == (1.0, 4.0)
     with pytest.raises(InvalidParamsError):
         model.add_tbt(0.02, -1.0)
+
+
+def test_the_drain_fit_learns_what_queue_and_own_prefill_take() -> None:
+    """Prefills that end at 3 s per predicted second of queue ahead and 1.5 s per second of
+    their own: the fit finds both, once it has enough of them."""
+    fit = DrainFit()
+    samples = [(0.0, 0.2), (0.4, 0.2), (1.0, 0.1), (0.2, 0.3), (0.6, 0.2)]
+    for queue_s, own_s in samples[:3]:
+        fit.add(queue_s, own_s, 3.0 * queue_s + 1.5 * own_s)
+    assert fit.coefficients() == (1.0, 1.0)  # 3 prefills: not yet evidence
+    for queue_s, own_s in samples[3:]:
+        fit.add(queue_s, own_s, 3.0 * queue_s + 1.5 * own_s)
+    assert fit.coefficients() == pytest.approx((3.0, 1.5))
+    assert fit.num_added == 5
+
+
+def test_a_drain_fit_without_a_queue_keeps_the_queue_at_the_cost_model() -> None:
+    fit = DrainFit()
+    for own_s in (0.1, 0.2, 0.3, 0.4):
+        fit.add(0.0, own_s, 2.0 * own_s)  # nothing ever queued: the queue factor has no evidence
+    assert fit.coefficients() == pytest.approx((1.0, 2.0))
+    fit.add(0.0, 0.0, 5.0)  # nothing predicted: nothing to compare
+    assert fit.num_added == 4
+
+
+def test_the_drain_fit_stays_within_bounds() -> None:
+    slow, fast = DrainFit(), DrainFit()
+    for queue_s in (0.1, 0.2, 0.3, 0.4):
+        slow.add(queue_s, 0.1, 100.0 * (queue_s + 0.1))
+        fast.add(queue_s, 0.1, 0.0)
+    assert slow.coefficients() == (4.0, 4.0)
+    assert fast.coefficients() == (0.25, 0.25)
+    with pytest.raises(InvalidParamsError):
+        slow.add(0.1, 0.1, -1.0)

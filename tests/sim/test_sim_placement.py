@@ -214,7 +214,8 @@ def held_blocks(sim: Simulator, instance_id: str, requests: list[SimRequest]) ->
 ])
 def test_a_live_conductor_service_decides_as_the_simulated_one(fields: dict[str, Any]) -> None:
     profile = live_like_profile()
-    config = SimConfig(profile, num_prefill=3, num_decode=2, **fields)
+    # no drain fits: what a run teaches them is state a fresh service has not learned yet
+    config = SimConfig(profile, num_prefill=3, num_decode=2, drain_fit=False, **fields)
     records = load_trace(limit=80)
     played = build_requests(records, WorkloadSpec(limit=60), profile.block_tokens)
     sim = Simulator(config, played)

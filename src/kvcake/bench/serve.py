@@ -43,7 +43,7 @@ from kvcake.bench.serve_report import (
 from kvcake.bench.serve_vllm import (
     DEFAULT_VLLM_SETUPS,
     VLLM_SETUPS,
-    pd_lines,
+    closing_lines,
     router_missing,
     vllm_setup,
 )
@@ -412,6 +412,7 @@ def _run_setup(label: str, name: str, admission: str, items: Sequence[ReplayItem
         if process.poll() is not None:
             print(f"[{label}] kvcake up exited during the replay\n{log_tail(work)}",
                   file=sys.stderr)
+    _print_closing_lines(label, work)
     return run
 
 
@@ -424,9 +425,13 @@ def _run_vllm_setup(label: str, name: str, items: Sequence[ReplayItem],
         print(f"[{label}] healthy after {time.monotonic() - started:.0f} s; replaying "
               f"{len(items)} requests", file=sys.stderr, flush=True)
         run = _run_async(replay(url, label, items, options))
-    for line in pd_lines(work / "logs"):  # written as the set-up stopped
-        print(f"[{label}] {line}", file=sys.stderr, flush=True)
+    _print_closing_lines(label, work)
     return run
+
+
+def _print_closing_lines(label: str, work: Path) -> None:
+    for line in closing_lines(work / "logs"):  # written as the set-up stopped
+        print(f"[{label}] {line}", file=sys.stderr, flush=True)
 
 
 def _run_all(items: Sequence[ReplayItem], options: ServeBenchOptions) -> list[ReplayRun]:

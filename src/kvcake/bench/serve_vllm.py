@@ -77,14 +77,18 @@ def vllm_setup(name: str, work: Path, health_timeout_s: float, slo: tuple[str, .
         yield stack.enter_context(_router(_ROUTER[name], urls, work, health_timeout_s))
 
 
-def pd_lines(log_dir: Path) -> list[str]:
-    """The P/D instances' closing lines in ``kvcake up``'s logs (what each received, or
-    wrote and how fast), each after its log's name."""
+CLOSING_LINES = ("kvcake P/D:", "kvcake TTFT model:")
+
+
+def closing_lines(log_dir: Path) -> list[str]:
+    """The closing lines in ``kvcake up``'s logs, each after its log's name: what P/D
+    instances received, or wrote and how fast; the Conductor's prefill times against their
+    predictions."""
     if not log_dir.is_dir():
         return []
     return [f"{log.stem}: {line.strip()}" for log in sorted(log_dir.glob("*.log"))
             for line in log.read_text(errors="replace").splitlines()
-            if line.startswith("kvcake P/D:")]
+            if line.startswith(CLOSING_LINES)]
 
 
 def _plain_servers(stack: ExitStack, count: int, work: Path, python: str) -> list[str]:

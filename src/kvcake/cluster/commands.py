@@ -94,7 +94,8 @@ def _add_conductor(commands: Subparsers) -> None:
         "store_master", "instance_ttl_s", "max_body_bytes",
         Flag("keep_alive_s", metavar="SECONDS"),
         Flag("on_decode_failure", choices=DECODE_FAILURE_CHOICES)))
-    add_config_flags(conductor, ConductorConfig, (*_POLICY_FLAGS, "balancing_threshold"))
+    add_config_flags(conductor, ConductorConfig, (*_POLICY_FLAGS, "balancing_threshold",
+                                                  "drain_fit"))
     add_server_flags(conductor)
     conductor.set_defaults(run=_cmd_conductor)
 
@@ -116,7 +117,7 @@ def _add_up(commands: Subparsers) -> None:
         "kv_cache_size", "store_size", "threads", "max_num_seqs", "max_num_batched_tokens",
         "api_key", "max_body_size", Flag("on_decode_failure", choices=DECODE_FAILURE_CHOICES),
         "log_dir", "ha", "pin", Flag("engine", choices=ENGINES), "vllm_python",
-        *_POLICY_FLAGS))
+        *_POLICY_FLAGS, "drain_fit"))
     up.add_argument("--no-store", action="store_true", help="run without the KV store")
     add_cluster_token_flag(up)
     up.set_defaults(run=_cmd_up)

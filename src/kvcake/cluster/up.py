@@ -88,6 +88,8 @@ class ClusterSpec:
         venv, ``make vllm``; they need the store).
     vllm_python: the vLLM venv's interpreter (empty: ``$KVCAKE_VLLM_PYTHON``, else
         ``.venv-vllm/bin/python``).
+    drain_fit: the Conductor learns how each prefill instance drains its queue (off: its
+        cost model alone prices queues).
     """
 
     host: str = "127.0.0.1"
@@ -115,6 +117,7 @@ class ClusterSpec:
     ha: bool = False
     engine: str = "kvcake"
     vllm_python: str = ""
+    drain_fit: bool = True
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.both)
@@ -282,7 +285,7 @@ class Cluster:
                      "max_body_bytes": s.max_body_bytes, "api_key": s.api_key,
                      "store_master": self.master}
         policy = {"policy": s.policy, "admission": s.admission, "slo_ttft_s": s.slo_ttft_s,
-                  "slo_tbt_s": s.slo_tbt_s,
+                  "slo_tbt_s": s.slo_tbt_s, "drain_fit": s.drain_fit,
                   **({"block_size": VLLM_BLOCK_SIZE} if s.engine == "vllm" else {})}
         endpoints = self._spawn("conductor", "conductor",
                                 {"conductor": conductor, "policy": policy}).endpoints

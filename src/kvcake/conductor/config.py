@@ -90,6 +90,9 @@ class ConductorConfig:
         cache. kvcake's instances exchange prefixes through the store (every prefill instance
         writes its blocks there), so its server turns this off and pulls come from the store
         tier only; a simulated cluster may model direct pulls.
+    drain_fit: learn from ended prefills how each prefill instance drains its queue, and
+        price its queue and prefills so (:class:`kvcake.conductor.cost.DrainFit`); off, the
+        cost model's prices stand as they are.
     """
 
     policy: str = "kvcache_centric"
@@ -101,6 +104,7 @@ class ConductorConfig:
     slo_tbt_s: float = 0.1
     seed: int = 0
     pull_from_instances: bool = True
+    drain_fit: bool = True
 
     def __post_init__(self) -> None:
         require(self.policy in POLICIES, f"policy must be one of "

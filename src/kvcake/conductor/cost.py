@@ -18,6 +18,19 @@ through the Conductor) stretches beyond the engine's mean step. ``tbt_tail`` lea
 stretch from finished requests: the 90th percentile of observed TBT / predicted step over a
 window, so that a request admitted at ``step * tail <= SLO`` meets the objective about nine
 times in ten, the attainment admission control aims at.
+
+The time from routing to a prefill's end is not a sum of isolated prefills either: an
+engine batches the chunks of several prompts into one step (with decodes, when colocated)
+and spends time between steps, so a burst drains slower than its prefills add up to (or
+faster, where the samples already hold queueing). :class:`DrainFit` learns, per prefill
+instance, from the requests whose prefill ended there::
+
+    observed_s ≈ queue_factor·queue_s + own_factor·own_s
+    (each factor within ``SCALE_BOUNDS``; 1 until ``DRAIN_MIN_SAMPLES`` prefills ended)
+
+``queue_s`` the predicted prefill seconds queued ahead of the request when it was routed,
+``own_s`` its own (KV pull plus prefill). The Conductor prices that instance's queue and
+prefill with them.
 """
 
 from __future__ import annotations
@@ -37,6 +50,9 @@ _RIDGE = 1e-9  # added (relative) to the diagonal when the samples leave a direc
 TAIL_MIN_SAMPLES = 8  # finished requests before ``tbt_tail`` departs from 1
 TAIL_MAX = 4.0
 TAIL_PERCENTILE = 90
+DRAIN_MIN_SAMPLES = 4  # ended prefills before an instance's drain fit departs from (1, 1)
+DRAIN_WINDOW = 64
+SCALE_BOUNDS = (0.25, 4.0)
 
 
 @dataclass(frozen=True)
@@ -194,11 +210,40 @@ def _decode_features(batch: int, context: int) -> Vector:
     return (1.0, float(batch), float(context))
 
 
-class _LinearFit:
-    """``y ≈ coefficients · x`` over a window of samples, refitted lazily when asked."""
+class DrainFit:
+    """How one prefill instance's queue drains; see the module docstring."""
 
-    def __init__(self, prior: Vector, window: int) -> None:
+    def __init__(self, window: int = DRAIN_WINDOW) -> None:
+        self._fit = _LinearFit((1.0, 1.0), window, first_work=0)
+
+    def add(self, queue_s: float, own_s: float, observed_s: float) -> None:
+        """One request whose prefill ended ``observed_s`` after it was routed."""
+        for seconds in (queue_s, own_s, observed_s):
+            _check_seconds(seconds)
+        if queue_s + own_s > 0:
+            self._fit.add((queue_s, own_s), observed_s)
+
+    @property
+    def num_added(self) -> int:
+        return self._fit.num_added
+
+    def coefficients(self) -> tuple[float, float]:
+        """(queue factor, own factor): what a predicted second of the queue ahead, and of a
+        request's own prefill, takes."""
+        if len(self._fit.samples) < DRAIN_MIN_SAMPLES:
+            return 1.0, 1.0
+        low, high = SCALE_BOUNDS
+        queue_factor, own_factor = (min(high, max(low, c)) for c in self._fit.coefficients())
+        return queue_factor, own_factor
+
+
+class _LinearFit:
+    """``y ≈ coefficients · x`` over a window of samples, refitted lazily when asked;
+    coefficients from ``first_work`` on stay >= 0."""
+
+    def __init__(self, prior: Vector, window: int, first_work: int = 1) -> None:
         self.prior = prior
+        self.first_work = first_work
         self.samples: deque[tuple[Vector, float]] = deque(maxlen=window)
         self.num_added = 0
         self._coefficients = prior
@@ -226,7 +271,7 @@ class _LinearFit:
         pinned: set[int] = set()
         while True:
             coefficients = self._fit_free(pinned)
-            negative = [j for j in range(1, len(coefficients))
+            negative = [j for j in range(self.first_work, len(coefficients))
                         if j not in pinned and coefficients[j] < 0.0]
             if not negative:
                 return coefficients

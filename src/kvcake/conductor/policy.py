@@ -34,7 +34,9 @@ class PrefillEstimate:
 
     local_hit_blocks: leading blocks it holds; reused_blocks: blocks it would not compute
     (local plus pulled); pull_from: holder of the pulled blocks (instance id or ``"store"``),
-    ``None`` when nothing is pulled. Times in seconds.
+    ``None`` when nothing is pulled. Times in seconds, as the instance's drain fit scales
+    them; ``unscaled``: (queue, transfer, prefill) as the cost model gives them (the same
+    when not given).
     """
 
     instance_id: str
@@ -44,6 +46,12 @@ class PrefillEstimate:
     queue_s: float
     transfer_s: float
     prefill_s: float
+    unscaled: tuple[float, float, float] | None = None
+
+    @property
+    def cost_model_s(self) -> tuple[float, float, float]:
+        """(queue, transfer, prefill) seconds before the drain fit."""
+        return self.unscaled or (self.queue_s, self.transfer_s, self.prefill_s)
 
     @property
     def ttft_s(self) -> float:

@@ -112,6 +112,7 @@ class ConductorServer:
         return self.rpc_endpoint
 
     async def shutdown(self) -> None:
+        print(self.metrics.prefill_summary(self.service.stats()), flush=True)  # closing line
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -233,8 +234,17 @@ class ConductorServer:
         for output in message.outputs:
             flight = self.flights.get(output.request_id)
             if flight is not None and flight.decode_id == message.instance_id:
+                if flight.colocated and self.service.prefilling(flight.request_id):
+                    self._prefill_ended(flight, ok=True)  # its first output ends it
                 flight.push(output)
         return ReportReply()
+
+    def _prefill_ended(self, flight: Flight, ok: bool) -> None:
+        """The request leaves its prefill instance's queue; a successful prefill's time
+        is counted against its prediction."""
+        timing = self.service.prefill_done(flight.request_id, ok)
+        if ok:
+            self.metrics.count_prefill_end(timing)
 
     def check_hit(self, flight: Flight, num_cached_tokens: int) -> None:
         """Count the prefix routing predicted for ``flight`` against what its prefill
@@ -347,7 +357,7 @@ class ConductorServer:
             flight.prefill_cached = (done.output.num_cached_tokens,
                                      done.output.num_store_tokens)
             self.check_hit(flight, done.output.num_cached_tokens)
-        self.service.prefill_done(flight.request_id)
+        self._prefill_ended(flight, ok=not done.error)
         if done.error:
             await self._release(flight)
             raise KvcakeError(f"prefill on {flight.prefill_id} failed: {done.error}")

@@ -6,7 +6,8 @@ simulated cluster is routed by the very code that routes a real one. Per request
     route()        price every prefill instance (queue + KV pull + prefill of the rest) and
                    every decode instance (TBT with the request added) → policy picks →
                    admission rule → Decision; an admitted request is tracked as PREFILLING
-    prefill_done() PREFILLING → DECODING on its decode instance (decode start = now)
+    prefill_done() PREFILLING → DECODING on its decode instance (decode start = now); the
+                   prefill instance's drain fit learns how long the prefill took
     finished()     forgotten (also after a failure; unknown ids are fine)
 
 What a prefill instance may reuse of a prompt of ``n`` tokens in blocks of ``B``::
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.conductor.admission import AdmissionInput, DecodeMember, make_admission
 from kvcake.conductor.config import ConductorConfig
-from kvcake.conductor.cost import CostModel
+from kvcake.conductor.cost import CostModel, DrainFit
 from kvcake.conductor.index import PrefixIndex
 from kvcake.conductor.policy import DecodeEstimate, PrefillEstimate, make_policy
 from kvcake.conductor.types import (
@@ -35,6 +36,7 @@ from kvcake.conductor.types import (
     ConductorStats,
     Decision,
     InstanceStats,
+    PrefillTiming,
     RouteRequest,
 )
 from kvcake.wire.conductor import (
@@ -64,6 +66,9 @@ class _InFlight:
     predicted_tbt_s: float = 0.0  # step time of its decode instance's batch when routed
     decode_start_s: float | None = None
     predicted_cached_tokens: int = 0  # the prefix routing counted on (local or store)
+    routed_s: float = 0.0
+    queue_ahead_s: float = 0.0  # predicted prefill seconds queued ahead of it when routed
+    own_s: float = 0.0  # its own predicted KV pull and prefill, before the drain fit
 
 
 @dataclass
@@ -74,9 +79,11 @@ class _Instance:
     load: InstanceLoad | None = None
     prefilling: dict[str, _InFlight] = field(default_factory=dict)  # prefilling here
     decode_bound: dict[str, _InFlight] = field(default_factory=dict)  # heading or decoding here
+    drain: DrainFit = field(default_factory=DrainFit)
 
     @property
     def queue_s(self) -> float:
+        """Predicted prefill seconds routed here and not yet done, before the drain fit."""
         return sum(r.prefill_s for r in self.prefilling.values())
 
 
@@ -191,13 +198,26 @@ class ConductorService:
         self._admit(request, prefill, decode)
         return _decision(request, None, _accepted_detail(prefill, decode), prefill, decode)
 
-    def prefill_done(self, request_id: str) -> None:
-        """PREFILLING → DECODING: leaves its prefill queue, decodes from now on."""
+    def prefill_done(self, request_id: str, ok: bool = True) -> PrefillTiming:
+        """PREFILLING → DECODING: leaves its prefill queue, decodes from now on. A prefill
+        that succeeded (``ok``) teaches its instance's drain fit how long it took."""
         track = self._request(request_id)
         if track.decode_start_s is not None:
             raise InvalidParamsError(f"request {request_id!r} has finished prefill already")
-        del self.instances[track.prefill_id].prefilling[request_id]
+        instance = self.instances[track.prefill_id]
+        del instance.prefilling[request_id]
         track.decode_start_s = self.clock()
+        timing = PrefillTiming(track.prefill_end_s - track.routed_s,
+                               track.queue_ahead_s + track.own_s,
+                               max(0.0, track.decode_start_s - track.routed_s))
+        if ok and self.config.drain_fit:
+            instance.drain.add(track.queue_ahead_s, track.own_s, timing.observed_s)
+        return timing
+
+    def prefilling(self, request_id: str) -> bool:
+        """Whether ``request_id`` is tracked and its prefill has not ended."""
+        track = self.requests.get(request_id)
+        return track is not None and track.decode_start_s is None
 
     def check_hit(self, request_id: str, num_cached_tokens: int) -> tuple[int, int]:
         """What the prefill instance reused against what routing counted on: ``(predicted,
@@ -266,12 +286,16 @@ class ConductorService:
 
     def _estimate(self, request: RouteRequest, instance_id: str, queue_s: float,
                   local_len: int, reused_len: int, pull_from: str | None) -> PrefillEstimate:
+        """Priced by the cost model, then by the instance's drain fit: its queue factor
+        scales the queue ahead, its own factor the request's own pull and prefill."""
         block_size, cached = self.config.block_size, reused_len * self.config.block_size
         pulled_bytes = (reused_len - local_len) * block_size * self.config.kv_bytes_per_token
         transfer_s = self.cost.transfer_s(pulled_bytes) if pull_from is not None else 0.0
         prefill_s = self.cost.prefill_s(request.num_prompt_tokens - cached, cached)
-        return PrefillEstimate(instance_id, local_len, reused_len, pull_from, queue_s,
-                               transfer_s, prefill_s)
+        queue_k, own_k = self.instances[instance_id].drain.coefficients()
+        return PrefillEstimate(instance_id, local_len, reused_len, pull_from, queue_s * queue_k,
+                               transfer_s * own_k, prefill_s * own_k,
+                               unscaled=(queue_s, transfer_s, prefill_s))
 
     def _choose_decode(self, request: RouteRequest, prefill_id: str,
                        decode_ids: list[str]) -> DecodeEstimate:
@@ -299,9 +323,12 @@ class ConductorService:
     # ----- outcomes
     def _admit(self, request: RouteRequest, prefill: PrefillEstimate,
                decode: DecodeEstimate) -> None:
-        track = _InFlight(request, prefill.instance_id, decode.instance_id, prefill.prefill_s,
-                          self.clock() + prefill.ttft_s, decode.tbt_s,
-                          predicted_cached_tokens=prefill.reused_blocks * self.config.block_size)
+        queue_s, transfer_s, prefill_s = prefill.cost_model_s
+        now = self.clock()
+        track = _InFlight(request, prefill.instance_id, decode.instance_id, prefill_s,
+                          now + prefill.ttft_s, decode.tbt_s,
+                          predicted_cached_tokens=prefill.reused_blocks * self.config.block_size,
+                          routed_s=now, queue_ahead_s=queue_s, own_s=transfer_s + prefill_s)
         self.requests[request.request_id] = track
         self.instances[prefill.instance_id].prefilling[request.request_id] = track
         self.instances[decode.instance_id].decode_bound[request.request_id] = track
@@ -353,9 +380,10 @@ class ConductorService:
         instance = self.instances[instance_id]
         bound = instance.decode_bound.values()
         num_decoding = sum(r.decode_start_s is not None for r in bound)
-        return InstanceStats(instance.role, instance.num_blocks, instance.queue_s,
+        drain = instance.drain.coefficients()
+        return InstanceStats(instance.role, instance.num_blocks, instance.queue_s * drain[0],
                              len(instance.prefilling), len(bound) - num_decoding, num_decoding,
-                             self.index.num_blocks(instance_id), instance.load)
+                             self.index.num_blocks(instance_id), instance.load, drain)
 
     def check_integrity(self) -> None:
         """Assert that the index, the instances and the tracked requests agree."""

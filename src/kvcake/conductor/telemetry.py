@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from kvcake.common.metrics import MetricsRegistry
-from kvcake.conductor.types import ConductorStats
+from kvcake.conductor.types import ConductorStats, PrefillTiming
 
 
 class ConductorMetrics:
     def __init__(self) -> None:
         self.registry = registry = MetricsRegistry()
+        self._end_sums = [0.0, 0.0, 0.0]  # predicted, cost model, observed seconds
+        self._num_ends = 0
         self.routed = registry.counter("kvcake_conductor_routed_total",
                                        "Requests routed, by policy and the chosen instances",
                                        ("policy", "prefill", "decode"))
@@ -45,6 +47,17 @@ class ConductorMetrics:
             "kvcake_conductor_tbt_tail",
             "Observed TBT (slowest 10 % of gaps) over the predicted decode step, as admission "
             "applies it")
+        self.drain = registry.gauge(
+            "kvcake_conductor_drain_factor",
+            "What a predicted second of an instance's prefill queue (part=queue) and of a "
+            "request's own prefill (part=own) take there, as learned from ended prefills",
+            ("instance", "part"))
+        self.prefill_end_seconds = registry.counter(
+            "kvcake_conductor_prefill_end_seconds_total",
+            "Seconds from routing to the end of each ended prefill: predicted (with the "
+            "drain fit), by the cost model alone (cost_model), and observed", ("kind",))
+        self.prefill_ends = registry.counter(
+            "kvcake_conductor_prefill_ends_total", "Prefills whose end was timed")
         self.indexed_blocks = registry.gauge(
             "kvcake_conductor_indexed_blocks",
             "Prefix blocks the global index holds per instance", ("instance",))
@@ -59,10 +72,35 @@ class ConductorMetrics:
         if missed:
             self.hit_misses.inc()
 
+    def count_prefill_end(self, timing: PrefillTiming) -> None:
+        self.prefill_ends.inc()
+        self.prefill_end_seconds.inc(timing.predicted_s, kind="predicted")
+        self.prefill_end_seconds.inc(timing.cost_model_s, kind="cost_model")
+        self.prefill_end_seconds.inc(timing.observed_s, kind="observed")
+        self._num_ends += 1
+        for i, seconds in enumerate((timing.predicted_s, timing.cost_model_s,
+                                     timing.observed_s)):
+            self._end_sums[i] += seconds
+
+    def prefill_summary(self, stats: ConductorStats) -> str:
+        """The closing line: how long prefills took to end against their predictions, and
+        each prefill instance's drain fit."""
+        drains = ", ".join(f"{instance_id} {inst.drain[0]:.2f}/{inst.drain[1]:.2f}"
+                           for instance_id, inst in stats.instances.items()
+                           if inst.role != "decode")
+        if not self._num_ends:
+            return f"kvcake TTFT model: no prefill ended; drain (queue/own): {drains}"
+        predicted, cost_model, observed = (total / self._num_ends for total in self._end_sums)
+        return (f"kvcake TTFT model: {self._num_ends} prefills ended {observed:.2f} s after "
+                f"routing on average, predicted {predicted:.2f} s (the cost model alone "
+                f"{cost_model:.2f} s); drain (queue/own): {drains}")
+
     def render(self, stats: ConductorStats) -> str:
         self.tbt_tail.set(stats.tbt_tail)
         for instance_id, inst in stats.instances.items():
             self.queue_seconds.set(inst.queue_s, instance=instance_id)
+            for part, factor in zip(("queue", "own"), inst.drain, strict=True):
+                self.drain.set(factor, instance=instance_id, part=part)
             self.indexed_blocks.set(inst.num_indexed_blocks, instance=instance_id)
             if inst.load is not None:
                 self.waiting.set(inst.load.num_waiting, instance=instance_id)

@@ -73,6 +73,8 @@ class InstanceStats:
     """One instance as the Conductor sees it.
 
     queue_s: predicted prefill seconds routed there and not yet done.
+    drain: its drain fit's (queue, own) factors: what a predicted second of queue, and of a
+        request's own prefill, take there (``kvcake.conductor.cost.DrainFit``).
     num_prefilling: requests prefilling there; num_heading: requests prefilling elsewhere
     that will decode there; num_decoding: requests decoding there.
     """
@@ -85,6 +87,17 @@ class InstanceStats:
     num_decoding: int
     num_indexed_blocks: int
     load: InstanceLoad | None
+    drain: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PrefillTiming:
+    """Seconds from routing to a prefill's end: predicted (with the drain fit), by the cost
+    model alone, and observed."""
+
+    predicted_s: float
+    cost_model_s: float
+    observed_s: float
 
 
 @dataclass(frozen=True)

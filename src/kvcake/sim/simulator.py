@@ -46,6 +46,8 @@ class SimConfig:
     pool_capacity_blocks: a shared store tier of this many blocks (0: unbounded); ``None``
         for none, in which case prefixes move only between instance caches.
     pull_from_instances: Algorithm 1 may pull a prefix from another instance's cache.
+    drain_fit: the Conductor learns how each prefill instance drains its queue, as the
+        live one does (``ConductorConfig.drain_fit``).
     eviction: order for every cache (the store's registry: ``lru``, ``fifo``).
     reject_at_decode: a request whose KV reaches a decode instance that cannot meet the TBT
         SLO with it is rejected there (its prefill wasted), as the paper's baseline does.
@@ -63,6 +65,7 @@ class SimConfig:
     slo_tbt_s: float = 0.1
     pool_capacity_blocks: int | None = None
     pull_from_instances: bool = True
+    drain_fit: bool = True
     eviction: str = "lru"
     reject_at_decode: bool = False
     seed: int = 0
@@ -87,7 +90,7 @@ class SimConfig:
             kv_bytes_per_token=self.profile.kv_bytes_per_token,
             balancing_threshold=self.balancing_threshold, slo_ttft_s=self.slo_ttft_s,
             slo_tbt_s=self.slo_tbt_s, seed=self.seed,
-            pull_from_instances=self.pull_from_instances))
+            pull_from_instances=self.pull_from_instances, drain_fit=self.drain_fit))
 
 
 def block_digest(key: str) -> bytes:
