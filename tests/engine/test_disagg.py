@@ -70,13 +70,17 @@ def _sender(core: EngineCore) -> KVSender:
 
 
 def _disaggregated(prefill: EngineCore, sender: KVSender, decode: EngineCore,
-                   request_id: str, prompt: list[int], granted: bool = True) -> list[int]:
-    block_ids = decode.reserve(request_id, len(prompt))
+                   request_id: str, prompt: list[int], granted: bool = True,
+                   reuse: bool = False) -> list[int]:
+    """``reuse``: the decode side looks the prompt up in its own cache when it reserves,
+    and only the blocks it lacks are granted and written."""
+    block_ids = decode.reserve(request_id, len(prompt), prompt if reuse else ())
     assert block_ids is not None and decode.kv_region is not None
     assert decode.transfer is not None
-    grants = sign_kv_grants(decode.transfer, decode.kv_region, block_ids, 30.0) \
+    cached = decode.num_reserved_cached(request_id)
+    grants = sign_kv_grants(decode.transfer, decode.kv_region, block_ids[cached:], 30.0) \
         if granted else []
-    sender.open(request_id, sender.target(decode.kv_region, block_ids, grants))
+    sender.open(request_id, sender.target(decode.kv_region, block_ids, grants, cached))
     prefill.add_request(request_id, prompt, dataclasses.replace(GREEDY, max_tokens=1))
     first = _run(prefill)[request_id]
     sender.wait(request_id, 5.0)
@@ -108,6 +112,43 @@ def test_disaggregated_equals_colocated(engines: Callable[..., EngineCore],
 
 
 TOKEN = "disagg-token-" + "k" * 24
+
+
+def test_a_decode_instance_receives_only_the_blocks_it_does_not_hold(
+        engines: Callable[..., EngineCore]) -> None:
+    """A second turn extends the first one's prompt: the decode instance finds the first
+    prompt's 4 full blocks in its own cache, the prefill writes the other 3 (under grants
+    for those 3 only), and the answer equals one engine's."""
+    second = PROMPT + [(5 * i + 1) % 250 + 3 for i in range(30)]  # 100 tokens: 7 blocks
+    colocated = engines()
+    colocated.add_request("r2", second, GREEDY)
+    expected = _run(colocated)["r2"]
+    prefill = engines("tcp", ClusterAuth(TOKEN))
+    decode = engines("tcp", ClusterAuth(TOKEN), kv_cache_bytes=96 << 10)
+    sender = _sender(prefill)
+    _disaggregated(prefill, sender, decode, "r1", PROMPT, reuse=True)
+    first_bytes = sender.num_bytes_sent  # 5 blocks: nothing was cached on the decode side
+    assert _disaggregated(prefill, sender, decode, "r2", second, reuse=True) == expected
+    assert sender.num_bytes_sent - first_bytes == first_bytes * 3 // 5
+    assert decode.scheduler.kv.num_free_blocks == decode.scheduler.kv.num_blocks
+    decode.check_integrity()
+
+
+def test_a_reservation_that_cannot_fit_its_rest_keeps_nothing(
+        engines: Callable[..., EngineCore]) -> None:
+    decode = engines(kv_cache_bytes=96 << 10)
+    prefill = engines()
+    _disaggregated(prefill, _sender(prefill), decode, "r1", PROMPT, reuse=True)
+    total = decode.scheduler.kv.num_blocks
+    hog = decode.reserve("hog", (total - 5) * 16)  # leaves the 5 blocks r1 cached, and 0 more
+    assert hog is not None and decode.num_reserved_cached("hog") == 0
+    assert decode.reserve("r2", len(PROMPT) + 40, PROMPT + [9] * 40) is None
+    assert decode.num_reserved_cached("r2") == 0
+    decode.release("hog")
+    assert decode.scheduler.kv.num_free_blocks == total
+    decode.check_integrity()
+    with pytest.raises(InvalidParamsError, match="3 prompt tokens given for a prompt of 4"):
+        decode.reserve("bad", 4, [1, 2, 3])
 
 
 def test_with_a_cluster_token_kv_moves_under_the_decode_instance_s_grants(

@@ -351,7 +351,8 @@ class ConductorServer:
         flight.move_to(FlightState.PREFILLING)
         await self._call(flight.prefill_id, Prefill(
             flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant,
-            target, reserved.block_ids or [], reserved.grants))
+            target, reserved.block_ids or [], reserved.grants, reserved.num_cached_blocks))
+        self.metrics.decode_cached_blocks.inc(reserved.num_cached_blocks)
         done = await flight.prefill_done
         if not done.error:  # the prefill's word on reuse; the decode side cannot know it
             flight.prefill_cached = (done.output.num_cached_tokens,

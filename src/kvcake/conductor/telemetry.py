@@ -27,6 +27,10 @@ class ConductorMetrics:
         self.hit_misses = registry.counter(
             "kvcake_conductor_hit_misses_total",
             "Requests whose prefill instance reused less than routing predicted")
+        self.decode_cached_blocks = registry.counter(
+            "kvcake_conductor_decode_cached_blocks_total",
+            "Prompt blocks a decode instance held in its own cache when it reserved room, "
+            "which the prefill instance did not write")
         self.transfer_bytes = registry.counter(
             "kvcake_conductor_kv_transfer_bytes_total",
             "KV bytes written from prefill into decode instances")

@@ -11,12 +11,14 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.common.hashing import prefix_block_hashes
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.kv.connector import StoreConnector, connect_store, paged_layers
 from kvcake.engine.kv.format import BlockLayout
@@ -112,6 +114,7 @@ class EngineCore:
         self.step_hook: StepHook | None = None
         self.last_step: StepStats | None = None
         self._reserved: dict[str, list[int]] = {}
+        self._reserved_cached: dict[str, int] = {}  # leading reserved blocks found cached
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -226,27 +229,48 @@ class EngineCore:
 
     # -- disaggregation: the decode side ----------------------------------------------
 
-    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
+    def reserve(self, request_id: str, num_prompt_tokens: int,
+                prompt_token_ids: Sequence[int] = (), tenant: str | None = None
+                ) -> list[int] | None:
         """Hold blocks for a prompt's K/V that a prefill instance will write; ``None`` when
         the pool cannot hold them now, or ``max_num_seqs`` requests already run or hold a
         reservation (a decode batch that grew without bound would slow every token).
+        Given the prompt's tokens, its leading blocks that this cache holds are taken as
+        they are (:meth:`num_reserved_cached` says how many): the prefill writes the rest.
         Released by :meth:`commit` or :meth:`release`."""
         if request_id in self._reserved or request_id in self.scheduler.requests:
             raise InvalidParamsError(f"request id {request_id!r} is already in use")
         if not 0 < num_prompt_tokens < self.max_model_len:
             raise InvalidParamsError(f"prompt of {num_prompt_tokens} tokens does not fit "
                                      f"max_model_len {self.max_model_len}")
+        if prompt_token_ids and len(prompt_token_ids) != num_prompt_tokens:
+            raise InvalidParamsError(f"{len(prompt_token_ids)} prompt tokens given for a "
+                                     f"prompt of {num_prompt_tokens}")
         count = -(-num_prompt_tokens // self.config.block_size)
         busy = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self._reserved)
-        block_ids = None if busy >= self.config.max_num_seqs else self.scheduler.kv.reserve(count)
-        if block_ids is None:
+        if busy >= self.config.max_num_seqs:
             return None
-        self._reserved[request_id] = block_ids
-        return list(block_ids)
+        reserved = self.scheduler.kv.reserve(count, self._reusable(prompt_token_ids, tenant))
+        if reserved is None:
+            return None
+        self._reserved[request_id], self._reserved_cached[request_id] = reserved
+        return list(reserved[0])
+
+    def _reusable(self, prompt_token_ids: Sequence[int], tenant: str | None) -> list[bytes]:
+        """Hashes of the prompt's blocks a decode instance may take from its cache: all
+        full ones but the last token's (the prefill computes that one, as on any hit)."""
+        block_size = self.config.block_size
+        usable = max(0, len(prompt_token_ids) - 1) // block_size * block_size
+        return prefix_block_hashes(prompt_token_ids[:usable], block_size, self.salt(tenant))
+
+    def num_reserved_cached(self, request_id: str) -> int:
+        """Leading blocks of ``request_id``'s reservation that held its KV already."""
+        return self._reserved_cached.get(request_id, 0)
 
     def release(self, request_id: str) -> bool:
         """Give reserved blocks back (the prefill failed or the request ended early)."""
         block_ids = self._reserved.pop(request_id, None)
+        self._reserved_cached.pop(request_id, None)
         if block_ids is None:
             return False
         self.scheduler.kv.release(reversed(block_ids))
@@ -265,6 +289,7 @@ class EngineCore:
             raise InvalidParamsError(f"request {request_id!r}: {len(prompt_token_ids)} prompt "
                                      f"tokens for {len(block_ids)} reserved blocks")
         del self._reserved[request_id]
+        self._reserved_cached.pop(request_id, None)
         request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
         request.output_token_ids.append(first_token)
         request.output_logprobs.append(first_logprob)

@@ -49,7 +49,9 @@ class Prefill(msgspec.Struct, tag=True, frozen=True):
     tenant: str
     target: KVRegion | None = None
     target_block_ids: BlockIds = []
-    target_grants: Grants = []  # the decode instance's, one per run of its blocks
+    target_grants: Grants = []  # the decode instance's, one per run of its blocks to write
+    # leading target blocks the decode instance holds already (not written)
+    target_cached_blocks: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 MAX_HOLD_S = 600.0  # a reservation outlives a silent Conductor by no more than this
@@ -61,7 +63,8 @@ class Reserve(msgspec.Struct, tag=True, frozen=True):
     ``MAX_HOLD_S``) if neither comes: a long prefill queue must not outlive its seat.
 
     The prompt, its parameters and tenant come along for engines that admit a request whole
-    (vLLM allocates blocks only for a request it has); kvcake's engine needs only the count.
+    (vLLM allocates blocks only for a request it has); kvcake's engine looks up the prompt's
+    leading blocks in its own cache, so only the rest cross from the prefill instance.
     """
 
     request_id: str
@@ -98,7 +101,9 @@ WorkerRequest = Prefill | Reserve | Commit | Release | Abort
 
 class Reserved(msgspec.Struct, frozen=True):
     block_ids: BlockIds | None  # None: no room now
-    grants: Grants = []  # with a cluster token: WRITE grants, one per run of blocks
+    grants: Grants = []  # with a cluster token: WRITE grants, one per run of blocks to write
+    # leading blocks that hold the prompt's KV already (the prefill does not write them)
+    num_cached_blocks: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Ack(msgspec.Struct, frozen=True):

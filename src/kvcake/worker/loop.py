@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -139,7 +139,7 @@ class EngineLoop:
         if message.target is not None:
             assert self.sender is not None, "only a prefill instance sends KV"
             target = self.sender.target(message.target, message.target_block_ids,
-                                        message.target_grants)
+                                        message.target_grants, message.target_cached_blocks)
             params = dataclasses.replace(params, max_tokens=1,
                                          min_tokens=min(params.min_tokens, 1))
             self.core.add_request(message.request_id, message.prompt_token_ids, params,
@@ -149,10 +149,12 @@ class EngineLoop:
         self.core.add_request(message.request_id, message.prompt_token_ids, params,
                               message.tenant)
 
-    def reserve(self, request_id: str, num_prompt_tokens: int, hold_s: float = 0.0
+    def reserve(self, request_id: str, num_prompt_tokens: int, hold_s: float = 0.0,
+                prompt_token_ids: Sequence[int] = (), tenant: str | None = None
                 ) -> list[int] | None:
-        """Blocks held for ``reserve_timeout_s + hold_s`` unless committed or released."""
-        block_ids = self.core.reserve(request_id, num_prompt_tokens)
+        """Blocks held for ``reserve_timeout_s + hold_s`` unless committed or released (see
+        :meth:`EngineCore.reserve` for what the prompt's tokens add)."""
+        block_ids = self.core.reserve(request_id, num_prompt_tokens, prompt_token_ids, tenant)
         if block_ids is not None:
             self._deadlines[request_id] = time.monotonic() + self._reserve_timeout_s + hold_s
         return block_ids

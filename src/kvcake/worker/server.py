@@ -159,9 +159,17 @@ class WorkerServer:
         return Ack()
 
     async def _reserve(self, message: Reserve) -> Reserved:
-        block_ids = await self._on_loop(lambda loop: loop.reserve(
-            message.request_id, message.num_prompt_tokens, message.hold_s))
-        return Reserved(block_ids, self._kv_grants(block_ids, message.hold_s))
+        """Blocks for the prompt; its leading blocks this cache holds are not written (nor
+        granted): the prefill instance writes the rest."""
+        def reserve(loop: EngineLoop) -> tuple[list[int] | None, int]:
+            block_ids = loop.reserve(message.request_id, message.num_prompt_tokens,
+                                     message.hold_s, message.prompt_token_ids,
+                                     message.tenant or None)
+            return block_ids, loop.core.num_reserved_cached(message.request_id)
+
+        block_ids, cached = await self._on_loop(reserve)
+        to_write = block_ids[cached:] if block_ids is not None else None
+        return Reserved(block_ids, self._kv_grants(to_write, message.hold_s), cached)
 
     async def _commit(self, message: Commit) -> Ack:
         def commit(loop: EngineLoop) -> None:

@@ -93,9 +93,17 @@ class KVCacheManager:
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
         self._num_registered[request.request_id] = max(first, done)
 
-    def reserve(self, count: int) -> list[int] | None:
-        """``count`` blocks owned by no request yet (a peer will write them); ``None`` if full."""
-        return self.pool.allocate(count) if self.pool.can_allocate(count) else None
+    def reserve(self, count: int, hashes: Sequence[bytes] = ()) -> tuple[list[int], int] | None:
+        """``count`` blocks owned by no request yet, for a prompt a peer computes: the leading
+        ones this cache holds under ``hashes`` (shared, as a prefix hit is) and fresh ones for
+        the rest, which the peer writes. Returns the blocks and how many lead cached; ``None``
+        (nothing held) when the pool cannot give the rest."""
+        hit = self.pool.match_prefix(hashes[:count])
+        self.pool.touch(hit)
+        if not self.pool.can_allocate(count - len(hit)):
+            self.pool.free(reversed(hit))
+            return None
+        return hit + self.pool.allocate(count - len(hit)), len(hit)
 
     def release(self, block_ids: Iterable[int]) -> None:
         """Give back reserved blocks (in the order given, see :meth:`BlockPool.free`)."""

@@ -91,6 +91,7 @@ class KVTarget:
     segment: RemoteSegment
     block_ids: tuple[int, ...]
     grant_of: dict[int, bytes] = field(default_factory=dict)
+    num_cached: int = 0  # leading blocks the peer holds already: never written
 
 
 def _grants_by_block(block_ids: list[int], grants: Sequence[bytes]) -> dict[int, bytes]:
@@ -135,9 +136,13 @@ class KVSender:
         self.writing_s = 0.0  # seconds with a write of theirs in flight, summed over requests
 
     def target(self, region: KVRegion, block_ids: list[int],
-               grants: Sequence[bytes] = ()) -> KVTarget:
-        """Reach a peer's cache; refuses one of another model, dtype or layout. ``grants``:
-        the peer's, one per span of ``block_ids`` (see :func:`sign_kv_grants`)."""
+               grants: Sequence[bytes] = (), num_cached: int = 0) -> KVTarget:
+        """Reach a peer's cache; refuses one of another model, dtype or layout. The first
+        ``num_cached`` of ``block_ids`` hold the prompt's KV already and are skipped;
+        ``grants``: the peer's, one per span of the rest (see :func:`sign_kv_grants`)."""
+        if num_cached < 0 or (num_cached and num_cached >= len(block_ids)):
+            raise InvalidParamsError(f"{num_cached} cached blocks of {len(block_ids)} "
+                                     f"reserved: at least the last one must be written")
         if region.fingerprint != self.local.fingerprint or region.slot_bytes != \
                 self.local.slot_bytes or region.block_size != self.local.block_size:
             raise InvalidParamsError(
@@ -145,10 +150,12 @@ class KVSender:
                 f"block {region.block_size}; this instance has {self.local.fingerprint} / "
                 f"block {self.local.block_size}")
         return KVTarget(region, self.engine.attach(region.descriptor), tuple(block_ids),
-                        _grants_by_block(block_ids, grants))
+                        _grants_by_block(block_ids[num_cached:], grants), num_cached)
 
     def open(self, request_id: str, target: KVTarget) -> None:
-        self._outgoing[request_id] = _Outgoing(target, [], started_s=time.monotonic())
+        """Start writing into ``target`` from its first block not cached there."""
+        self._outgoing[request_id] = _Outgoing(target, [], target.num_cached,
+                                               started_s=time.monotonic())
 
     def is_sending(self, request_id: str) -> bool:
         return request_id in self._outgoing
