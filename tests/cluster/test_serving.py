@@ -114,6 +114,37 @@ def test_a_repeated_long_prompt_reuses_its_kv(cluster: Cluster) -> None:
     assert cached >= second.usage.prompt_tokens - 16  # all but the last partial block
 
 
+def _counter(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_next_turn_writes_only_what_the_decode_instance_lacks(cluster: Cluster) -> None:
+    """The decode instance decoded the first turn, so its cache holds that prompt's blocks:
+    the second turn's reservation takes them as they are (only the rest are written), and
+    the answer equals the offline engine's."""
+    client = _client(cluster)
+    turn = "Turn two: which of these numbers is the largest square?"
+    cached = "kvcake_conductor_decode_cached_blocks_total"
+    client.completions.create(model="smollm2", prompt=LONG_PROMPT + " Turn one.",
+                              max_tokens=4, temperature=0)
+    before = _counter(_metrics(cluster), cached)
+    second = client.completions.create(model="smollm2", prompt=f"{LONG_PROMPT} {turn}",
+                                       max_tokens=8, temperature=0)
+    held = _counter(_metrics(cluster), cached) - before
+    assert held >= len(LONG_PROMPT) // 4 // 16  # far more than a block or two
+    from kvcake.engine.llm import LLM
+    from kvcake.wire.sampling import SamplingParams
+
+    llm = LLM(model="smollm2", threads=1, kv_cache_bytes=64 << 20)  # room for the prompt
+    try:
+        alone = llm.generate([f"{LONG_PROMPT} {turn}"],
+                             SamplingParams(max_tokens=8, temperature=0))
+    finally:
+        llm.close()
+    assert second.choices[0].text == alone[0].outputs[0].text
+
+
 def test_models_health_metrics_and_bad_input(cluster: Cluster) -> None:
     client = _client(cluster)
     assert [m.id for m in client.models.list()] == ["smollm2"]

@@ -112,7 +112,9 @@ class ConductorServer:
         return self.rpc_endpoint
 
     async def shutdown(self) -> None:
-        print(self.metrics.prefill_summary(self.service.stats()), flush=True)  # closing line
+        print(self.metrics.prefill_summary(self.service.stats()), flush=True)  # closing lines
+        if any(h.info.role == Role.DECODE for h in self.instances.values()):
+            print(self.metrics.pd_summary(), flush=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -352,7 +354,7 @@ class ConductorServer:
         await self._call(flight.prefill_id, Prefill(
             flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant,
             target, reserved.block_ids or [], reserved.grants, reserved.num_cached_blocks))
-        self.metrics.decode_cached_blocks.inc(reserved.num_cached_blocks)
+        self.metrics.count_reserved(len(reserved.block_ids or ()), reserved.num_cached_blocks)
         done = await flight.prefill_done
         if not done.error:  # the prefill's word on reuse; the decode side cannot know it
             flight.prefill_cached = (done.output.num_cached_tokens,

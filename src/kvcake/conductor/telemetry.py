@@ -9,8 +9,10 @@ from kvcake.conductor.types import ConductorStats, PrefillTiming
 class ConductorMetrics:
     def __init__(self) -> None:
         self.registry = registry = MetricsRegistry()
-        self._end_sums = [0.0, 0.0, 0.0]  # predicted, cost model, observed seconds
+        # seconds summed: predicted, by the cost model alone, observed, and the two errors
+        self._end_sums = [0.0] * 5
         self._num_ends = 0
+        self._decode_blocks = [0, 0]  # reserved for P/D prompts, held there already
         self.routed = registry.counter("kvcake_conductor_routed_total",
                                        "Requests routed, by policy and the chosen instances",
                                        ("policy", "prefill", "decode"))
@@ -83,8 +85,23 @@ class ConductorMetrics:
         self.prefill_end_seconds.inc(timing.observed_s, kind="observed")
         self._num_ends += 1
         for i, seconds in enumerate((timing.predicted_s, timing.cost_model_s,
-                                     timing.observed_s)):
+                                     timing.observed_s,
+                                     abs(timing.predicted_s - timing.observed_s),
+                                     abs(timing.cost_model_s - timing.observed_s))):
             self._end_sums[i] += seconds
+
+    def count_reserved(self, num_blocks: int, num_cached_blocks: int) -> None:
+        """A decode instance reserved ``num_blocks`` for a prompt, the first
+        ``num_cached_blocks`` of them holding its KV already."""
+        self._decode_blocks[0] += num_blocks
+        self._decode_blocks[1] += num_cached_blocks
+        self.decode_cached_blocks.inc(num_cached_blocks)
+
+    def pd_summary(self) -> str:
+        """The closing line on what decode instances already held of P/D prompts."""
+        reserved, cached = self._decode_blocks
+        return (f"kvcake P/D: decode instances held {cached} of {reserved} reserved prompt "
+                f"blocks in their own caches (not written)")
 
     def prefill_summary(self, stats: ConductorStats) -> str:
         """The closing line: how long prefills took to end against their predictions, and
@@ -94,10 +111,12 @@ class ConductorMetrics:
                            if inst.role != "decode")
         if not self._num_ends:
             return f"kvcake TTFT model: no prefill ended; drain (queue/own): {drains}"
-        predicted, cost_model, observed = (total / self._num_ends for total in self._end_sums)
+        predicted, cost_model, observed, error, cost_error = (
+            total / self._num_ends for total in self._end_sums)
         return (f"kvcake TTFT model: {self._num_ends} prefills ended {observed:.2f} s after "
-                f"routing on average, predicted {predicted:.2f} s (the cost model alone "
-                f"{cost_model:.2f} s); drain (queue/own): {drains}")
+                f"routing on average, predicted {predicted:.2f} s, off by {error:.2f} s on "
+                f"average (the cost model alone: {cost_model:.2f} s, off by {cost_error:.2f} s)"
+                f"; drain (queue/own): {drains}")
 
     def render(self, stats: ConductorStats) -> str:
         self.tbt_tail.set(stats.tbt_tail)
