@@ -69,3 +69,4 @@ def test_a_colocated_request_leaves_the_queue_with_its_first_output(
     summary = server.metrics.prefill_summary(server.service.stats())
     assert summary.startswith("kvcake TTFT model: 1 prefills ended ")
     assert summary.endswith("drain (queue/own): both-0 1.00/1.00")
+    assert server.metrics.pd_summary() == ""  # nothing went through P/D

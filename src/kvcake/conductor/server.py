@@ -113,7 +113,7 @@ class ConductorServer:
 
     async def shutdown(self) -> None:
         print(self.metrics.prefill_summary(self.service.stats()), flush=True)  # closing lines
-        if any(h.info.role == Role.DECODE for h in self.instances.values()):
+        if self.metrics.pd_summary():
             print(self.metrics.pd_summary(), flush=True)
         if self._sweeper is not None:
             self._sweeper.cancel()

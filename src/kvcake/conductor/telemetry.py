@@ -98,8 +98,11 @@ class ConductorMetrics:
         self.decode_cached_blocks.inc(num_cached_blocks)
 
     def pd_summary(self) -> str:
-        """The closing line on what decode instances already held of P/D prompts."""
+        """The closing line on what decode instances already held of P/D prompts ("" when
+        no prompt went through P/D)."""
         reserved, cached = self._decode_blocks
+        if not reserved:
+            return ""
         return (f"kvcake P/D: decode instances held {cached} of {reserved} reserved prompt "
                 f"blocks in their own caches (not written)")
 
