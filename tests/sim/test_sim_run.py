@@ -508,6 +508,18 @@ def test_the_command_prints_a_table_and_plots(capsys: pytest.CaptureFixture[str]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_conversations_are_replayed_with_the_prefixes_their_turns_share(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ("--workload", "conversations", "--sessions", "12", "--turns", "3", "--prefill",
+            "2", "--decode", "2", "--json")
+    code, out, _ = kvcake(capsys, *argv)
+    summary = json.loads(out)
+    assert (code, summary["num_requests"]) == (0, 36)
+    assert summary["hit_ratio_tokens"] > 0.5  # each turn holds the last one's prompt
+    code, cold, _ = kvcake(capsys, *argv[:-1], "--policy", "random", "--json")
+    assert json.loads(cold)["hit_ratio_tokens"] < summary["hit_ratio_tokens"]
+
+
 def test_a_colocated_cluster_from_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = kvcake(capsys, "--prefill", "0", "--decode", "0", "--colocated", "2",
                           "--limit", "30", "--json")
@@ -535,6 +547,10 @@ def test_a_colocated_cluster_from_the_command(capsys: pytest.CaptureFixture[str]
     (("--input-scale", "0"), "input scale must be > 0, got 0.0"),
     (("--start-row", "999999"), "start row 999999 is past the trace's 12031 rows"),
     (("profile", "--base", "nope"), "unknown profile 'nope': not one of {known} and not a file"),
+    (("--workload", "conversations", "--trace", "x.jsonl"),
+     "--trace names rows of a trace; the conversations workload makes its own"),
+    (("--workload", "conversations", "--sessions", "0"),
+     "conversations: sessions must be >= 1, got 0"),
 ])
 def test_the_command_refuses_bad_input_clearly(capsys: pytest.CaptureFixture[str],
                                                argv: tuple[str, ...], message: str) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from kvcake.common.errors import KvcakeError
 
 if TYPE_CHECKING:
+    from kvcake.common.trace import TraceRecord
     from kvcake.sim.simulator import SimConfig
     from kvcake.sim.workload import WorkloadSpec
 
@@ -20,8 +21,8 @@ TRACE_HELP = "Mooncake-format JSONL (default: the packaged conversation trace)"
 def _cmd_sim(args: argparse.Namespace) -> int:
     from kvcake.sim.run import run_sim
 
-    return run_sim(args.trace, _config(args, args.prefill, args.decode, args.colocated,
-                                       args.policy), _spec(args), args.json, args.plot,
+    return run_sim(_records(args), _config(args, args.prefill, args.decode, args.colocated,
+                                           args.policy), _spec(args), args.json, args.plot,
                    sys.stdout)
 
 
@@ -31,7 +32,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     configs = [_config(args, *parse_layout(layout), policy)
                for layout in args.layouts.split(",") for policy in args.policies.split(",")]
-    return run_sim_sweep(args.trace, configs, _spec(args), args.target, args.json, args.plot,
+    return run_sim_sweep(_records(args), configs, _spec(args), args.target, args.json, args.plot,
                          sys.stdout)
 
 
@@ -50,7 +51,21 @@ def _config(args: argparse.Namespace, prefill: int, decode: int, colocated: int,
                      balancing_threshold=args.threshold, slo_ttft_s=args.slo_ttft,
                      slo_tbt_s=args.slo_tbt, pool_capacity_blocks=pool,
                      pull_from_instances=not args.no_instance_pulls, eviction=args.eviction,
-                     reject_at_decode=args.reject_at_decode, seed=args.seed)
+                     reject_at_decode=args.reject_at_decode, seed=args.seed,
+                     drain_fit=not args.no_drain_fit)
+
+
+def _records(args: argparse.Namespace) -> list[TraceRecord]:
+    from kvcake.common.conversations import ConversationSpec
+    from kvcake.sim.run import workload_records
+
+    if args.workload != "conversations":
+        return workload_records(args.trace, args.workload)
+    # two sessions open a second, each turn a minute after the last: with 5 turns, about
+    # the packaged trace's 3 requests a second
+    spec = ConversationSpec(sessions=args.sessions, turns=args.turns,
+                            open_s=args.sessions / 2, think_s=60.0, seed=args.seed)
+    return workload_records(args.trace, "conversations", spec)
 
 
 def _spec(args: argparse.Namespace) -> WorkloadSpec:
@@ -78,6 +93,9 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-instance-pulls", action="store_true",
                         help="pull prefixes from the pool tier only (as kvcake up does)")
     parser.add_argument("--eviction", default="lru", help="lru (default) or fifo")
+    parser.add_argument("--no-drain-fit", action="store_true",
+                        help="price instance queues by the cost model alone (default: the "
+                        "Conductor learns how each prefill instance drains, as a live one)")
     parser.add_argument("--reject-at-decode", action="store_true", help="a decode instance "
                         "refuses a request whose KV arrives while it is full (the paper's "
                         "baseline)")
@@ -88,6 +106,14 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="trace", choices=("trace", "conversations"),
+                        help="trace (the --trace file's rows; default) or conversations "
+                        "(multi-turn sessions sharing system prompts, each turn extending "
+                        "the last prompt)")
+    parser.add_argument("--sessions", type=int, default=200,
+                        help="with --workload conversations: sessions (default 200)")
+    parser.add_argument("--turns", type=int, default=5,
+                        help="with --workload conversations: turns per session (default 5)")
     parser.add_argument("--speed", type=float, default=1.0,
                         help="arrivals this many times faster than the trace (default 1)")
     parser.add_argument("--start-row", type=int, default=0, help="first row (default 0)")

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from kvcake.common.conversations import ConversationSpec, conversation_records
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.trace import TraceRecord, load_trace
 from kvcake.sim.cache import CacheReplay, replay_pool
@@ -19,10 +20,26 @@ from kvcake.sim.simulator import SimConfig, Simulator
 from kvcake.sim.sweep import Capacity, Probe, find_capacity, layout_label, plot_capacities
 from kvcake.sim.workload import WorkloadSpec, build_requests
 
+WORKLOADS = ("trace", "conversations")
 
-def run_sim(trace: str | None, config: SimConfig, spec: WorkloadSpec, as_json: bool,
-            plot: str | None, out: TextIO) -> int:
-    records = _load_trace(trace)
+
+def workload_records(trace: str | None, workload: str = "trace",
+                     conversations: ConversationSpec | None = None) -> list[TraceRecord]:
+    """The rows a run replays: the trace file's (default: the packaged trace), or
+    multi-turn conversations (:mod:`kvcake.common.conversations`) of ``conversations``."""
+    if workload not in WORKLOADS:
+        raise InvalidParamsError(f"workload must be one of {', '.join(WORKLOADS)}, got "
+                                 f"{workload!r}")
+    if workload == "trace":
+        return _load_trace(trace)
+    if trace:
+        raise InvalidParamsError("--trace names rows of a trace; the conversations workload "
+                                 "makes its own")
+    return conversation_records(conversations or ConversationSpec())
+
+
+def run_sim(records: Sequence[TraceRecord], config: SimConfig, spec: WorkloadSpec,
+            as_json: bool, plot: str | None, out: TextIO) -> int:
     if plot:
         config = replace(config, keep_gaps=True)
     requests = Simulator(config, build_requests(records, spec,
@@ -37,9 +54,9 @@ def run_sim(trace: str | None, config: SimConfig, spec: WorkloadSpec, as_json: b
     return 0
 
 
-def run_sim_sweep(trace: str | None, configs: Sequence[SimConfig], spec: WorkloadSpec,
-                  target: float, as_json: bool, plot: str | None, out: TextIO) -> int:
-    records = _load_trace(trace)
+def run_sim_sweep(records: Sequence[TraceRecord], configs: Sequence[SimConfig],
+                  spec: WorkloadSpec, target: float, as_json: bool, plot: str | None,
+                  out: TextIO) -> int:
     capacities = [_sweep_one(records, config, spec, target, as_json, out) for config in configs]
     if as_json:
         for capacity in capacities:
