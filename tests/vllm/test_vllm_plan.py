@@ -6,7 +6,7 @@ import pytest
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.vllm.config import VllmConnectorConfig, connector_config
-from kvcake.vllm.instance import pd_summary
+from kvcake.vllm.instance import Company, pd_summary
 from kvcake.vllm.plan import BlockRun, StorePlan, loadable_blocks
 from kvcake.wire.conductor import Role
 
@@ -96,3 +96,17 @@ def test_the_closing_lines_say_what_p_d_moved() -> None:
     assert prefill == ("kvcake P/D: 3 requests' KV written into decode instances, 3072.0 "
                        "MiB in 1.500 s of writes in flight: 2.15 GB/s")
     assert pd_summary(Role.PREFILL, {}).endswith("0.0 MiB in 0.000 s of writes in flight: -")
+
+
+def test_only_a_request_that_ran_alone_samples_the_instance_s_speed() -> None:
+    company = Company()
+    company.begin("a")
+    assert company.alone("a")
+    company.begin("b")  # a had company from here on, and b from its start
+    assert not company.alone("a") and not company.alone("b")
+    company.end("a")
+    company.end("b")
+    company.begin("c")  # after both ended
+    assert company.alone("c")
+    company.end("c")
+    assert not company.alone("c")  # not running: nothing to say

@@ -111,6 +111,28 @@ class _Request:
     deadline: float = float("inf")  # monotonic: a reservation not committed by then ends
 
 
+class Company:
+    """Which requests ran alone on the instance. A prefill's wall time is a sample of the
+    instance's prefill speed only if nothing else ran beside it: under load the time holds
+    waiting, which the Conductor models itself (its queue), and samples holding it would
+    have the cost model count that wait twice."""
+
+    def __init__(self) -> None:
+        self._shared: dict[str, bool] = {}  # by request id, while it runs: it had company
+
+    def begin(self, request_id: str) -> None:
+        for other in self._shared:
+            self._shared[other] = True
+        self._shared[request_id] = bool(self._shared)
+
+    def alone(self, request_id: str) -> bool:
+        """Whether ``request_id`` has run alone so far."""
+        return not self._shared.get(request_id, True)
+
+    def end(self, request_id: str) -> None:
+        self._shared.pop(request_id, None)
+
+
 @dataclasses.dataclass
 class _Samples:
     """Step times not yet reported (the newest ``MAX_SAMPLES`` of each kind)."""
@@ -165,6 +187,7 @@ class VllmInstanceServer:
         self._registered = False
         self._need_snapshot = False
         self._samples = _Samples()
+        self._company = Company()
         self._seq = 0  # of the KV events reported
         self.cache: CacheView | None = None
 
@@ -373,6 +396,7 @@ class VllmInstanceServer:
         prompt tokens vLLM reused: the Conductor learns them with the request's end."""
         finished: TokenOutput | None = None
         started = last = time.monotonic()
+        self._company.begin(request.request_id)
         try:
             async for chunk in self._completion_chunks(body):
                 cached = cached_tokens(chunk)
@@ -392,6 +416,7 @@ class VllmInstanceServer:
         except KvcakeError as exc:
             log.warning("request %s failed on vLLM: %s", request.request_id, exc)
         finally:
+            self._company.end(request.request_id)
             if finished is not None and not request.closed:
                 self._deliver(request, finished)
             elif finished is None:
@@ -422,8 +447,8 @@ class VllmInstanceServer:
         if not output.token_ids:
             return
         if request.num_output_tokens == 0:
-            if self.role == Role.BOTH:  # sampled once vLLM says what it reused
-                request.first_token_s = seconds
+            if self.role == Role.BOTH and self._company.alone(request.request_id):
+                request.first_token_s = seconds  # sampled once vLLM says what it reused
         else:
             running = [r for r in self._requests.values() if r.num_output_tokens]
             context = sum(r.num_prompt_tokens + r.num_output_tokens for r in running)
@@ -435,17 +460,20 @@ class VllmInstanceServer:
         error = ""
         cached = 0
         started = time.monotonic()
+        self._company.begin(request.request_id)
         try:
             answer = await self._completion(body)
             usage = answer.get("usage") or {}
             cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-            self._samples.prefill.append(PrefillSample(
-                request.num_prompt_tokens - cached, cached, time.monotonic() - started))
+            if self._company.alone(request.request_id):
+                self._samples.prefill.append(PrefillSample(
+                    request.num_prompt_tokens - cached, cached, time.monotonic() - started))
             log.debug("prefill %s: %d tokens (%d cached) in %.3f s", request.request_id,
                       request.num_prompt_tokens, cached, time.monotonic() - started)
         except KvcakeError as exc:
             error = str(exc)
         finally:
+            self._company.end(request.request_id)
             self._requests.pop(request.request_id, None)
         self._outbox.append(PrefillDone(self.instance_id, TokenOutput(
             request.request_id, [], [], None, request.num_prompt_tokens, cached, 0), error))
