@@ -202,7 +202,7 @@ def test_the_drain_fit_stays_within_bounds() -> None:
     for queue_s in (0.1, 0.2, 0.3, 0.4):
         slow.add(queue_s, 0.1, 100.0 * (queue_s + 0.1))
         fast.add(queue_s, 0.1, 0.0)
-    assert slow.coefficients() == (4.0, 4.0)
-    assert fast.coefficients() == (0.25, 0.25)
+    assert slow.coefficients() == (10.0, 10.0)
+    assert fast.coefficients() == (0.1, 0.1)
     with pytest.raises(InvalidParamsError):
         slow.add(0.1, 0.1, -1.0)
