@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kvcake.cluster.up import ClusterSpec, Placement, cpu_plan, load_spec
+from kvcake.common.config import parse_cpus
 from kvcake.common.errors import InvalidParamsError
-from kvcake.worker.config import parse_cpus
 
 
 def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> None:

@@ -53,6 +53,19 @@ def require(ok: bool, message: str) -> None:
         raise InvalidParamsError(message)
 
 
+def parse_cpus(text: str) -> set[int]:
+    """``"0-2,5"`` to ``{0, 1, 2, 5}``; empty text is the empty set (no restriction)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        require(low.isdigit() and (not high or high.isdigit()),
+                f"cpus must look like 0-3,5; got {text!r}")
+        first, last = int(low), int(high or low)
+        require(first <= last, f"cpus range {part!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
 def check_at_least(config: Any, low: float, *names: str, above: bool = False) -> None:
     """Each named field of ``config`` is >= ``low`` (> ``low`` with ``above``)."""
     sign = ">" if above else ">="

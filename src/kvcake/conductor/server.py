@@ -113,8 +113,8 @@ class ConductorServer:
 
     async def shutdown(self) -> None:
         print(self.metrics.prefill_summary(self.service.stats()), flush=True)  # closing lines
-        if self.metrics.pd_summary():
-            print(self.metrics.pd_summary(), flush=True)
+        if pd_line := self.metrics.pd_summary():
+            print(pd_line, flush=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvcake.common.metrics import MetricsRegistry
 from kvcake.conductor.types import ConductorStats, PrefillTiming
+from kvcake.wire.conductor import Role
 
 
 class ConductorMetrics:
@@ -111,7 +112,7 @@ class ConductorMetrics:
         each prefill instance's drain fit."""
         drains = ", ".join(f"{instance_id} {inst.drain[0]:.2f}/{inst.drain[1]:.2f}"
                            for instance_id, inst in stats.instances.items()
-                           if inst.role != "decode")
+                           if inst.role != Role.DECODE)
         if not self._num_ends:
             return f"kvcake TTFT model: no prefill ended; drain (queue/own): {drains}"
         predicted, cost_model, observed, error, cost_error = (

@@ -113,8 +113,8 @@ class EngineCore:
             self.model_config.eos_token_ids)
         self.step_hook: StepHook | None = None
         self.last_step: StepStats | None = None
-        self._reserved: dict[str, list[int]] = {}
-        self._reserved_cached: dict[str, int] = {}  # leading reserved blocks found cached
+        # by request id: the reserved blocks, and how many of them lead cached already
+        self._reserved: dict[str, tuple[list[int], int]] = {}
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -253,7 +253,7 @@ class EngineCore:
         reserved = self.scheduler.kv.reserve(count, self._reusable(prompt_token_ids, tenant))
         if reserved is None:
             return None
-        self._reserved[request_id], self._reserved_cached[request_id] = reserved
+        self._reserved[request_id] = reserved
         return list(reserved[0])
 
     def _reusable(self, prompt_token_ids: Sequence[int], tenant: str | None) -> list[bytes]:
@@ -265,15 +265,14 @@ class EngineCore:
 
     def num_reserved_cached(self, request_id: str) -> int:
         """Leading blocks of ``request_id``'s reservation that held its KV already."""
-        return self._reserved_cached.get(request_id, 0)
+        return self._reserved.get(request_id, ([], 0))[1]
 
     def release(self, request_id: str) -> bool:
         """Give reserved blocks back (the prefill failed or the request ended early)."""
-        block_ids = self._reserved.pop(request_id, None)
-        self._reserved_cached.pop(request_id, None)
-        if block_ids is None:
+        reserved = self._reserved.pop(request_id, None)
+        if reserved is None:
             return False
-        self.scheduler.kv.release(reversed(block_ids))
+        self.scheduler.kv.release(reversed(reserved[0]))
         return True
 
     def commit(self, request_id: str, prompt_token_ids: list[int], first_token: int,
@@ -281,15 +280,14 @@ class EngineCore:
                tenant: str | None = None,
                first_top_logprobs: TopLogprobs | None = None) -> Request:
         """The reserved blocks now hold the prompt's K/V: decode from ``first_token`` on."""
-        block_ids = self._reserved.get(request_id)
-        if block_ids is None:
+        if request_id not in self._reserved:
             raise InvalidParamsError(f"request {request_id!r} has no reserved blocks")
+        block_ids = self._reserved[request_id][0]
         self._check_prompt(prompt_token_ids)
         if len(block_ids) != -(-len(prompt_token_ids) // self.config.block_size):
             raise InvalidParamsError(f"request {request_id!r}: {len(prompt_token_ids)} prompt "
                                      f"tokens for {len(block_ids)} reserved blocks")
         del self._reserved[request_id]
-        self._reserved_cached.pop(request_id, None)
         request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
         request.output_token_ids.append(first_token)
         request.output_logprobs.append(first_logprob)
@@ -313,7 +311,8 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         """Every block is owned by exactly the requests and reservations that hold it."""
-        held = [r.block_ids for r in self.scheduler.running] + list(self._reserved.values())
+        held = [r.block_ids for r in self.scheduler.running]
+        held += [block_ids for block_ids, _ in self._reserved.values()]
         self.scheduler.kv.check_integrity(held)
 
     def drain_kv_events(self) -> list[tuple[str, bytes]]:

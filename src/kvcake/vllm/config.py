@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvcake.common.config import MiB, check_at_least, load_config, require, table_values
+from kvcake.common.config import MiB, check_at_least, load_config, parse_cpus, require, table_values
 from kvcake.common.hosts import check_bind_host
 from kvcake.store.config import DEFAULT_TENANT, check_tenant_name
 from kvcake.wire.conductor import ROLES
@@ -100,8 +100,7 @@ class VllmServerConfig:
         check_at_least(self, 1, "block_size", "max_model_len", "max_num_seqs",
                        "max_num_batched_tokens", "kv_cache_gib", "start_timeout_s")
         check_at_least(self, 0, "port")
-        require(all(part.replace("-", "").isdigit() for part in self.cpus.split(",") if part),
-                f"cpus must look like 0-3,5; got {self.cpus!r}")
+        parse_cpus(self.cpus)
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcake.common.config import check_at_least, check_within, is_endpoint, require
+from kvcake.common.config import (
+    check_at_least,
+    check_within,
+    is_endpoint,
+    parse_cpus,
+    require,
+)
 from kvcake.common.hosts import check_bind_host
 from kvcake.wire.conductor import ROLES
-
-
-def parse_cpus(text: str) -> set[int]:
-    """``"0-2,5"`` to ``{0, 1, 2, 5}``; empty text is the empty set (no restriction)."""
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        require(low.isdigit() and (not high or high.isdigit()),
-                f"cpus must look like 0-3,5; got {text!r}")
-        first, last = int(low), int(high or low)
-        require(first <= last, f"cpus range {part!r} runs backwards")
-        cpus.update(range(first, last + 1))
-    return cpus
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 from kvcake.common.aio import run_main
+from kvcake.common.config import parse_cpus
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.lifespan import Lifespan
 from kvcake.engine.config import EngineConfig
-from kvcake.worker.config import WorkerConfig, parse_cpus
+from kvcake.worker.config import WorkerConfig
 from kvcake.worker.server import WorkerServer
 
 

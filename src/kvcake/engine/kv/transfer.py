@@ -140,7 +140,7 @@ class KVSender:
         """Reach a peer's cache; refuses one of another model, dtype or layout. The first
         ``num_cached`` of ``block_ids`` hold the prompt's KV already and are skipped;
         ``grants``: the peer's, one per span of the rest (see :func:`sign_kv_grants`)."""
-        if num_cached < 0 or (num_cached and num_cached >= len(block_ids)):
+        if not 0 <= num_cached < max(len(block_ids), 1):
             raise InvalidParamsError(f"{num_cached} cached blocks of {len(block_ids)} "
                                      f"reserved: at least the last one must be written")
         if region.fingerprint != self.local.fingerprint or region.slot_bytes != \
