@@ -183,18 +183,38 @@ def test_budget_is_shared_by_a_long_prefill_and_a_later_admission(
 # ----- prefix caching -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("length", "cached"), [(8, 0), (9, 8), (24, 16), (30, 24)])
-def test_repeated_prompt_reuses_every_full_block_but_the_last_token(
+@pytest.mark.parametrize(("length", "cached"), [(8, 7), (9, 8), (24, 23), (30, 24)])
+def test_repeated_prompt_reuses_every_full_block_and_computes_at_least_its_last_token(
         make_core: MakeCore, length: int, cached: int) -> None:
-    """A prompt of exactly k blocks reuses k-1: its last token must run to give logits."""
+    """A prompt of exactly k blocks hits all k and computes only its last token (for the
+    logits); a longer one computes its partial block's tokens."""
     core = make_core()
     tokens = prompt(3, length)
     first = run(core, {"first": tokens}, greedy(6))["first"]
     second = run(core, {"second": tokens}, greedy(6))["second"]
     assert first.num_cached_tokens == 0
-    assert second.num_cached_tokens == cached == ((length - 1) // BLOCK) * BLOCK
+    assert second.num_cached_tokens == cached == min(length - 1, length // BLOCK * BLOCK)
     assert second.token_ids == first.token_ids
-    assert core.scheduler.kv.pool.stats().num_hit_blocks == cached // BLOCK
+    assert core.scheduler.kv.pool.stats().num_hit_blocks == length // BLOCK
+
+
+def test_a_whole_prompt_hit_recomputes_its_last_token_in_a_copy_of_the_shared_block(
+        make_core: MakeCore) -> None:
+    """The cached last block is copied, never written: its K/V stay bit for bit."""
+    core = make_core(num_blocks=16)
+    cache = core.runner.kv_cache
+    tokens = prompt(3, 3 * BLOCK)
+    run(core, {"first": tokens}, greedy(1))
+    shared = cache[:, :, 2 * BLOCK:3 * BLOCK].clone()
+    again = core.add_request("again", tokens, greedy(4))
+    step(core, {})
+    assert again.block_ids[:2] == [0, 1] and again.block_ids[2] != 2
+    assert (again.num_cached_tokens, again.num_computed_tokens) == (3 * BLOCK - 1, 3 * BLOCK)
+    own = again.block_ids[2] * BLOCK
+    assert torch.equal(cache[:, :, 2 * BLOCK:3 * BLOCK], shared)
+    assert torch.allclose(cache[:, :, own:own + BLOCK], shared, atol=1e-5)
+    drain(core)
+    assert core.scheduler.kv.pool.lookup(again.block_hashes[2]) == 2
 
 
 def test_second_run_takes_the_cached_blocks_then_the_free_queue_head(

@@ -108,7 +108,8 @@ class EngineCore:
             connector = self.store = self._connect_store()
         self.kv_events: list[tuple[str, bytes]] = []  # ("stored" | "removed", hash), in order
         self.scheduler = Scheduler(
-            KVCacheManager(num_blocks, config.block_size, self._on_cache, self._on_evict),
+            KVCacheManager(num_blocks, config.block_size, self._on_cache, self._on_evict,
+                           self.runner.copy_block),
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, connector,
             self.model_config.eos_token_ids)
         self.step_hook: StepHook | None = None

@@ -45,6 +45,12 @@ class ModelRunner:
         hidden = self.model.forward(input_ids, batch, self.kv_cache)
         return RunnerOutput(self._sample(ordered, hidden), self._score_prompts(ordered, hidden))
 
+    def copy_block(self, source: int, destination: int) -> None:
+        """Copy one block's K/V, every layer, into another block."""
+        size = self.block_size
+        self.kv_cache[:, :, destination * size:(destination + 1) * size] = \
+            self.kv_cache[:, :, source * size:(source + 1) * size]
+
     def _attention_batch(self, prefills: list[ScheduledChunk],
                          decodes: list[ScheduledChunk]) -> AttentionBatch:
         positions: list[torch.Tensor] = []

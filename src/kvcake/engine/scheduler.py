@@ -165,9 +165,11 @@ class Scheduler:
         """Attach cached prefix blocks and room for the first chunk; 0 if it does not fit."""
         local = self.kv.take_local_hit(request)
         store = self._store_hit_blocks(request, local)
-        n = min(request.num_tokens - request.num_computed_tokens - store * self.block_size,
-                budget)
-        if not self.kv.can_allocate(self.kv.blocks_needed(request, store * self.block_size + n)):
+        hit_end = self.kv.hit_tokens(request, local + store)
+        n = min(request.num_tokens - hit_end, budget)
+        end = max(hit_end + n, (local + store) * self.block_size)
+        if not self.kv.can_allocate(self.kv.blocks_needed(request,
+                                                          end - request.num_computed_tokens)):
             self.kv.free(request)
             request.num_computed_tokens = request.num_cached_tokens = 0
             return 0
@@ -191,7 +193,7 @@ class Scheduler:
         assert block_ids is not None
         valid = self.connector.load(request.namespace, block_ids,
                                     request.block_hashes[first:first + count])
-        loaded = valid * self.block_size
+        loaded = self.kv.hit_tokens(request, first + valid) - request.num_computed_tokens
         request.num_computed_tokens += loaded
         request.num_cached_tokens += loaded
         request.num_store_tokens += loaded

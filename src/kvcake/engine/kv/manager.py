@@ -8,6 +8,16 @@ A request's blocks, left to right (``B`` tokens each)::
 
 Full blocks are registered in the pool's prefix map as soon as their K/V exist, so a
 concurrent request with the same prefix reuses them at once.
+
+At least one token is always computed (its logits give the first output token). When the
+whole prompt is cached and the manager can copy blocks, only that last token is: the last
+block is copied into a block of the request's own (shared blocks are never written) and the
+token's K/V are recomputed there::
+
+    prompt of 3 full blocks, all cached:   | shared | shared | copy of the 3rd |
+                                           computed: 3B - 1 tokens; this step: 1 token
+
+Without ``copy_block`` the whole last block is recomputed, as vLLM does.
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ class KVCacheManager:
 
     def __init__(self, num_blocks: int, block_size: int,
                  on_cache: Callable[[bytes], None] | None = None,
-                 on_evict: Callable[[bytes], None] | None = None) -> None:
+                 on_evict: Callable[[bytes], None] | None = None,
+                 copy_block: Callable[[int, int], None] | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, on_evict, on_cache)
+        self.copy_block = copy_block  # (source, destination): K/V of every layer
         self._num_registered: dict[str, int] = {}
 
     @property
@@ -49,21 +61,44 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def max_hit_blocks(self, request: Request) -> int:
-        """Blocks a prefix hit may cover: at least one token is always computed (for logits);
+        """Blocks a prefix hit may cover: every full one when the last token alone can be
+        recomputed (see the module's docstring), else those before the last token's block;
         none when the prompt's tokens are to be scored (cached tokens have no logits)."""
         if request.params.prompt_logprobs is not None:
             return 0
-        return min(len(request.block_hashes), (request.num_tokens - 1) // self.block_size)
+        last = request.num_tokens - (self.copy_block is None)
+        return min(len(request.block_hashes), last // self.block_size)
+
+    def hit_tokens(self, request: Request, num_blocks: int) -> int:
+        """Tokens ``num_blocks`` hit blocks spare from computing (never the last token)."""
+        return min(num_blocks * self.block_size, request.num_tokens - 1)
 
     def take_local_hit(self, request: Request) -> int:
         """Attach the leading cached blocks to ``request``; returns how many."""
         hashes = request.block_hashes[:self.max_hit_blocks(request)]
         hit = self.pool.match_prefix(hashes)
         self.pool.touch(hit)
-        request.block_ids = list(hit)
-        request.num_computed_tokens = request.num_cached_tokens = len(hit) * self.block_size
-        self._num_registered[request.request_id] = len(hit)
+        if hit and self.hit_tokens(request, len(hit)) < len(hit) * self.block_size:
+            hit = self._copy_last(hit)
+        request.block_ids = hit
+        request.num_computed_tokens = request.num_cached_tokens = self.hit_tokens(request,
+                                                                                 len(hit))
+        self._num_registered[request.request_id] = min(
+            len(hit), request.num_computed_tokens // self.block_size)
         return len(hit)
+
+    def _copy_last(self, hit: list[int]) -> list[int]:
+        """``hit`` with its last block replaced by a private copy (its last token is to be
+        recomputed there); without a free block, ``hit`` less its last block."""
+        assert self.copy_block is not None
+        shared, last = hit[:-1], hit[-1]
+        if not self.pool.can_allocate(1):
+            self.pool.free([last])
+            return shared
+        (own,) = self.pool.allocate(1)
+        self.copy_block(last, own)
+        self.pool.free([last])
+        return [*shared, own]
 
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         end = request.num_computed_tokens + num_new_tokens
