@@ -21,12 +21,15 @@ from kvcake.common.errors import InvalidParamsError
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float],
                        torch.Tensor]
-_SMALL_DECODE = 2  # fused kernels parallelise badly over one or two single-query rows
+# float32 decodes of one or two rows: the fused kernel parallelises badly over them, and
+# plain matmuls over the grouped heads are faster. In bf16/fp16 the fused kernel is 2-6x
+# faster than those matmuls at any context length (it was measured on a Xeon with AMX).
+_SMALL_DECODE = 2
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float) -> torch.Tensor:
-    if q.shape[2] == 1 and q.shape[0] <= _SMALL_DECODE:
+    if q.shape[2] == 1 and q.shape[0] <= _SMALL_DECODE and q.dtype == torch.float32:
         return _grouped_math(q, k, v, mask, scale)
     return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=True)
