@@ -10,8 +10,10 @@ two engines run here:
   store (same-host node: a copy out of the node's shared memory) and computes the rest.
 
 Every prompt is fresh random tokens, so no mode benefits from an earlier repeat. The first
-token of all three modes must agree (greedy): a reuse that changed the answer is a bug and
-stops the benchmark.
+token (greedy) must agree, or the benchmark stops: store and local exactly (the same K/V,
+the same arithmetic), and cold up to a near-tie (the reused token within ``TIE_NATS`` of the
+cold run's best: a hit computes the last token in another kernel than a cold prefill does,
+and in bf16 two tokens' logits can tie or swap by one rounding step).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from kvcake.ops import start_master, start_node
 from kvcake.wire.sampling import SamplingParams
 
 MODES = ("cold", "store", "local")
+TIE_NATS = 0.3  # two bf16 rounding steps of a logit between 16 and 32
+_TOP = 5  # log-probabilities the cold run reports
 TARGET_LEN, TARGET_RATIO = 4096, 30.0
 
 
@@ -62,32 +66,49 @@ def _engine_config(master: str, plan: ReusePlan) -> EngineConfig:
                         block_size=plan.block_size, max_model_len=longest + 16)
 
 
-def _ttft(core: EngineCore, request_id: str, prompt: list[int]) -> tuple[float, int, int]:
-    """Seconds to the first token, that token, and how many prompt tokens were reused."""
-    params = SamplingParams(max_tokens=1, temperature=0.0)
+@dataclass(frozen=True)
+class _First:
+    """One mode's first token: seconds to it, the token, prompt tokens reused, and (when
+    asked for) the log-probabilities of the best few tokens."""
+
+    ttft_s: float
+    token_id: int
+    reused: int
+    top: dict[int, float]
+
+
+def _ttft(core: EngineCore, request_id: str, prompt: list[int], top: int = 0) -> _First:
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top or None)
     start = time.perf_counter()
     core.add_request(request_id, prompt, params)
     while core.has_unfinished():
         for output in core.step():
             if output.token_ids:
                 elapsed = time.perf_counter() - start
-                return elapsed, output.token_ids[0], output.num_cached_tokens
+                best = dict(output.top_logprobs[0]) if top else {}
+                return _First(elapsed, output.token_ids[0], output.num_cached_tokens, best)
     raise RuntimeError(f"{request_id} produced no token")
+
+
+def _check_first_tokens(length: int, cold: _First, store: _First, local: _First) -> None:
+    near = {t for t, lp in cold.top.items() if lp >= cold.top[cold.token_id] - TIE_NATS}
+    if store.token_id != local.token_id or store.token_id not in near:
+        raise RuntimeError(f"reused KV changed the first token at {length}: cold "
+                           f"{cold.token_id} (best: {cold.top}), store {store.token_id}, "
+                           f"local {local.token_id}")
 
 
 def _measure_one(writer: EngineCore, reader: EngineCore, length: int,
                  rng: random.Random, tag: str) -> list[dict[str, Any]]:
     prompt = [rng.randrange(100, 40000) for _ in range(length)]
-    cold = _ttft(writer, f"cold-{tag}", prompt)
+    cold = _ttft(writer, f"cold-{tag}", prompt, top=_TOP)
     assert writer.store is not None
     writer.store.wait_saves()
     store = _ttft(reader, f"store-{tag}", prompt)
     local = _ttft(writer, f"local-{tag}", prompt)
+    _check_first_tokens(length, cold, store, local)
     results = {"cold": cold, "store": store, "local": local}
-    tokens = {r[1] for r in results.values()}
-    if len(tokens) != 1:
-        raise RuntimeError(f"reused KV changed the first token at {length}: {results}")
-    return [{"prompt_len": length, "mode": mode, "ttft_s": r[0], "reused_tokens": r[2]}
+    return [{"prompt_len": length, "mode": mode, "ttft_s": r.ttft_s, "reused_tokens": r.reused}
             for mode, r in results.items()]
 
 

@@ -1,8 +1,9 @@
 """Turns a scheduler step into tensors, runs the model and samples.
 
-Flat batch layout (see :mod:`kvcake.engine.model.llama`): prefill chunks (more than one token)
-first, then single-token chunks (decodes, and prompts with one token left), which share one
-padded attention call.
+Flat batch layout (see :mod:`kvcake.engine.model.llama`): prompt chunks first, then decodes
+(one generated token each), which share padded attention calls. A prompt chunk of one token
+(the last token of a prompt cached whole) runs as a prefill, so its logits come from the
+same kernel as a cold prefill's.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         """Run one step: the token drawn for every chunk that samples, and the prompt
         tokens' scores for chunks of requests that asked for them."""
-        prefills = [c for c in output.chunks if c.num_tokens > 1]
-        decodes = sorted((c for c in output.chunks if c.num_tokens == 1), key=lambda c: c.start)
+        prefills = [c for c in output.chunks if not _decodes(c)]
+        decodes = sorted((c for c in output.chunks if _decodes(c)), key=lambda c: c.start)
         ordered = prefills + decodes
         input_ids = torch.tensor(_flat_tokens(ordered), dtype=torch.long, device=self.device)
         batch = self._attention_batch(prefills, decodes)
@@ -181,6 +182,11 @@ def _length_groups(decodes: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         else:
             groups.append([chunk])
     return groups
+
+
+def _decodes(chunk: ScheduledChunk) -> bool:
+    """Whether ``chunk`` is one generated token (not a prompt's)."""
+    return chunk.num_tokens == 1 and chunk.start >= chunk.request.num_prompt_tokens
 
 
 def _flat_tokens(chunks: Sequence[ScheduledChunk]) -> list[int]:
