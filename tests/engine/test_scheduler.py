@@ -217,6 +217,23 @@ def test_a_whole_prompt_hit_recomputes_its_last_token_in_a_copy_of_the_shared_bl
     assert core.scheduler.kv.pool.lookup(again.block_hashes[2]) == 2
 
 
+def test_a_whole_prompt_hit_with_no_block_for_the_copy_recomputes_the_last_block(
+        make_core: MakeCore) -> None:
+    """6 blocks: A's 3 cached, B takes the other 3; C (A's prompt) finds no block for a copy
+    of A's last block, so it reuses 2 blocks and computes the third's tokens, as without
+    copies."""
+    core = make_core(num_blocks=6)
+    tokens = prompt(3, 3 * BLOCK)
+    first = run(core, {"A": tokens}, greedy(1))["A"]
+    results: dict[str, Result] = {}
+    core.add_request("B", prompt(4, 3 * BLOCK - 1), greedy(1))
+    core.add_request("C", tokens, greedy(1))
+    step(core, results)
+    assert (results["C"].token_ids, results["C"].num_cached_tokens) == (first.token_ids,
+                                                                        2 * BLOCK)
+    assert core.scheduler.kv.pool.num_free_blocks == 6
+
+
 def test_second_run_takes_the_cached_blocks_then_the_free_queue_head(
         make_core: MakeCore) -> None:
     core = make_core(num_blocks=16)

@@ -89,7 +89,8 @@ class KVCacheManager:
 
     def _copy_last(self, hit: list[int]) -> list[int]:
         """``hit`` with its last block replaced by a private copy (its last token is to be
-        recomputed there); without a free block, ``hit`` less its last block."""
+        recomputed there); without a free block, ``hit`` less its last block (whose tokens
+        are then recomputed, as without copies)."""
         assert self.copy_block is not None
         shared, last = hit[:-1], hit[-1]
         if not self.pool.can_allocate(1):
