@@ -78,13 +78,12 @@ class KVCacheManager:
         hashes = request.block_hashes[:self.max_hit_blocks(request)]
         hit = self.pool.match_prefix(hashes)
         self.pool.touch(hit)
-        if hit and self.hit_tokens(request, len(hit)) < len(hit) * self.block_size:
+        if hit and len(hit) * self.block_size >= request.num_tokens:  # the last token too
             hit = self._copy_last(hit)
         request.block_ids = hit
-        request.num_computed_tokens = request.num_cached_tokens = self.hit_tokens(request,
-                                                                                 len(hit))
-        self._num_registered[request.request_id] = min(
-            len(hit), request.num_computed_tokens // self.block_size)
+        computed = self.hit_tokens(request, len(hit))
+        request.num_computed_tokens = request.num_cached_tokens = computed
+        self._num_registered[request.request_id] = computed // self.block_size
         return len(hit)
 
     def _copy_last(self, hit: list[int]) -> list[int]:
