@@ -171,6 +171,19 @@ class TransferEngine:
             self._transport(name).start(batch, by_transport[name])
         return batch
 
+    def copy(self, requests: Sequence[TransferRequest]) -> list[KvcakeError | None] | None:
+        """Run ``requests`` now, in the calling thread, when every one is a same-host copy
+        (no batch, no I/O thread): each one's error (``None``: moved). ``None`` when some
+        request crosses the network (nothing moved then: :meth:`submit` them)."""
+        self._check_open()
+        if any(request.segment.transport != "shm" for request in requests):
+            return None
+        for request in requests:
+            _check_request(request)
+        transport = self._transport("shm")
+        assert isinstance(transport, ShmTransport)
+        return transport.copy(requests)
+
     def transfer(self, requests: Sequence[TransferRequest]) -> None:
         """Submit and wait; raises the first failure."""
         self.submit(requests).wait()

@@ -187,7 +187,8 @@ class MappedSegment:
         handover = receive(descriptor.shm_socket, descriptor.owner_pid, request,
                            descriptor.size, auth)
         try:
-            self._mmap = _map(handover.fd, descriptor.size, populate=False)
+            # populated: the pages are the owner's already; a copy then faults on none
+            self._mmap = _map(handover.fd, descriptor.size, populate=True)
         except BaseException:
             handover.owner.close()
             raise

@@ -12,6 +12,7 @@ name; callers never change.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from kvcake.common.auth import NO_AUTH, ClusterAuth
 from kvcake.common.config import MiB
 from kvcake.common.errors import InvalidParamsError, KvcakeError, TransferError
 from kvcake.common.log import get_logger
-from kvcake.transfer.batch import Batch, BatchState, TransferOp
+from kvcake.transfer.batch import Batch, BatchState, TransferOp, TransferRequest
 from kvcake.transfer.client import Part, PeerClient
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.segment import MappedSegment, SegmentDescriptor, local_host_id
@@ -71,6 +72,7 @@ class ShmTransport(Transport):
         super().__init__(config, io, auth)
         self._host_id = config.host_id or local_host_id()
         self._mapped: dict[tuple[str, int, str, int, str], MappedSegment] = {}
+        self._mapping_lock = threading.Lock()
 
     def reaches(self, descriptor: SegmentDescriptor) -> bool:
         if descriptor.host_id != self._host_id or not descriptor.shm_socket:
@@ -90,17 +92,26 @@ class ShmTransport(Transport):
         key = _mapping_key(descriptor)
         mapped = self._mapped.get(key)
         if mapped is None:
-            mapped = self._mapped[key] = MappedSegment(descriptor, self.auth)
+            with self._mapping_lock:  # one mapping per segment, whichever thread maps it
+                mapped = self._mapped.get(key)
+                if mapped is None:
+                    mapped = self._mapped[key] = MappedSegment(descriptor, self.auth)
         return mapped
 
     def start(self, batch: Batch, indices: Sequence[int]) -> None:
+        errors = self.copy([batch.requests[index] for index in indices])
+        for index, error in zip(indices, errors, strict=True):
+            batch.complete(index, error)
+
+    def copy(self, requests: Sequence[TransferRequest]) -> list[KvcakeError | None]:
+        """Run ``requests`` now, in the calling thread; each one's error (``None``: moved)."""
+        errors: list[KvcakeError | None] = [None] * len(requests)
         copied: dict[MappedSegment, list[int]] = {}
-        for index in indices:
-            request = batch.requests[index]
+        for index, request in enumerate(requests):
             try:
                 mapped = self._mapping(request.segment.descriptor)
             except KvcakeError as exc:
-                batch.complete(index, exc)
+                errors[index] = exc
                 continue
             window = mapped.view[request.offset : request.offset + request.length]
             if request.op is TransferOp.READ:
@@ -111,9 +122,11 @@ class ShmTransport(Transport):
         for mapped, done in copied.items():
             # checked after the copies: bytes in a dead owner's pages are lost with it, and
             # bytes read from them may be torn; never report either as moved
-            error = None if mapped.owner_alive() else self._forget(mapped)
-            for index in done:
-                batch.complete(index, error)
+            if not mapped.owner_alive():
+                error = self._forget(mapped)
+                for index in done:
+                    errors[index] = error
+        return errors
 
     def _forget(self, mapped: MappedSegment) -> TransferError:
         """Drop a dead owner's mapping; the error its transfers fail with."""
