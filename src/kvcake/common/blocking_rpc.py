@@ -1,0 +1,157 @@
+"""The RPC client of :mod:`kvcake.common.rpc` on a blocking socket, for a caller that waits
+anyway: the call runs in the caller's own thread, with no hop to an event loop and back.
+
+One call at a time per client (give each thread its own). Same frames, same cluster-token
+handshake, same errors as :class:`kvcake.common.rpc.RpcClient`: a server that cannot be
+reached, breaks the protocol or outlives ``timeout_s`` raises :class:`KvcakeError`
+(``RPC_FAIL``), and :attr:`BlockingRpcClient.sent` then says whether the request may have
+reached the server (a caller must not resend such a request to the same server blindly).
+"""
+
+from __future__ import annotations
+
+import itertools
+import select
+import socket
+
+from kvcake.common.auth import ClientHandshake, ClusterAuth, cluster_auth, refusal
+from kvcake.common.errors import (
+    AuthenticationError,
+    ErrorCode,
+    KvcakeError,
+    ProtocolError,
+    error_from_code,
+)
+from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+from kvcake.common.rpc import MAX_CALL_BYTES
+from kvcake.common.sockets import recv_exactly
+
+_MAX_ERROR_BYTES = 1 << 16
+
+
+class BlockingRpcClient:
+    """One blocking connection to an RPC server, opened on first use and again after a
+    loss (checked before each call: a server that closed it is reconnected, not failed)."""
+
+    def __init__(self, endpoint: str, timeout_s: float, auth: ClusterAuth | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.auth = auth if auth is not None else cluster_auth()
+        self.sent = False  # whether the last call's request left this process
+        self._sock: socket.socket | None = None
+        self._ids = itertools.count(1)
+        self._header = memoryview(bytearray(HEADER_SIZE))
+
+    def call(self, body: bytes) -> bytes:
+        """Send one request; its reply's body (a server's error raises its code)."""
+        self.sent = False
+        sock = self._connected()
+        request_id = next(self._ids)
+        try:
+            sock.sendall(pack_header(FrameOp.CALL, request_id, length=len(body)) + body)
+            self.sent = True
+            header = self._receive_header(sock)
+            payload = self._receive(sock, self._payload_size(header))
+        except (OSError, ProtocolError) as exc:
+            self.close()
+            raise self._failure(exc) from None
+        if header.request_id not in (request_id, 0):
+            self.close()
+            raise KvcakeError(f"{self.endpoint} answered request {header.request_id}, "
+                              f"expected {request_id}", ErrorCode.RPC_FAIL)
+        if header.status:
+            if header.request_id == 0:
+                self.close()
+            raise error_from_code(header.status,
+                                  f"{self.endpoint}: {payload.decode(errors='replace')}")
+        return payload
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __del__(self) -> None:  # a thread's client goes with the thread
+        self.close()
+
+    # ----- connection
+    def _connected(self) -> socket.socket:
+        if self._sock is not None and not _peer_closed(self._sock):
+            return self._sock
+        self.close()
+        host, _, port = self.endpoint.rpartition(":")
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), self.timeout_s)
+        except (OSError, ValueError) as exc:
+            raise KvcakeError(f"cannot reach {self.endpoint}: {exc or type(exc).__name__}",
+                              ErrorCode.RPC_FAIL) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.auth.enabled:
+                self._authenticate(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        return sock
+
+    def _authenticate(self, sock: socket.socket) -> None:
+        handshake = ClientHandshake(self.auth)
+        hello = handshake.hello()
+        try:
+            sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=len(hello)) + hello)
+            header = self._receive_header(sock)
+            body = self._receive(sock, self._payload_size(header))
+        except (OSError, ProtocolError) as exc:
+            raise self._failure(exc) from None
+        if header.status:
+            raise refusal(self.endpoint, header.status, body.decode(errors="replace"))
+        if header.op is not FrameOp.AUTH_CHALLENGE:
+            raise AuthenticationError(f"{self.endpoint} answered the hello with "
+                                      f"{header.op.name}")
+        try:
+            proof = handshake.proof(body)
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"{self.endpoint}: {exc.args[0]}") from None
+        try:
+            sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=len(proof)) + proof)
+        except OSError as exc:
+            raise self._failure(exc) from None
+
+    # ----- receiving
+    def _receive_header(self, sock: socket.socket) -> FrameHeader:
+        recv_exactly(sock, self._header)
+        return unpack_header(self._header, MAX_CALL_BYTES)
+
+    def _payload_size(self, header: FrameHeader) -> int:
+        if header.op not in (FrameOp.CALL_REPLY, FrameOp.AUTH_CHALLENGE):
+            raise ProtocolError(f"unexpected {header.op.name} frame from an RPC server")
+        if header.status and header.length > _MAX_ERROR_BYTES:
+            raise ProtocolError(f"error message of {header.length} bytes")
+        return header.length
+
+    @staticmethod
+    def _receive(sock: socket.socket, size: int) -> bytes:
+        if not size:
+            return b""
+        payload = bytearray(size)
+        recv_exactly(sock, memoryview(payload))
+        return bytes(payload)
+
+    def _failure(self, exc: Exception) -> KvcakeError:
+        if isinstance(exc, TimeoutError):
+            return KvcakeError(f"no reply from {self.endpoint} within {self.timeout_s}s",
+                               ErrorCode.RPC_FAIL)
+        if isinstance(exc, ProtocolError):
+            return KvcakeError(f"{self.endpoint} broke the protocol: {exc}", ErrorCode.RPC_FAIL)
+        return KvcakeError(f"connection to {self.endpoint} lost: {exc or type(exc).__name__}",
+                           ErrorCode.RPC_FAIL)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the server closed (or reset) an idle connection since its last reply."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True

@@ -1,0 +1,173 @@
+"""The blocking RPC client against a real RPC server (on its own loop thread): calls, the
+cluster token, errors the server answers, a server that closed the connection or is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from kvcake.common.aio import LoopThread
+from kvcake.common.auth import NO_AUTH, ClusterAuth
+from kvcake.common.blocking_rpc import BlockingRpcClient
+from kvcake.common.errors import AuthenticationError, ErrorCode, InvalidParamsError, KvcakeError
+from kvcake.common.rpc import RpcServer
+from kvcake.common.sockets import free_port
+
+TOKEN = "t0ken-" + "c" * 26
+OTHER = "t0ken-" + "d" * 26
+
+
+def _handler(payload: memoryview) -> bytes | Awaitable[bytes]:
+    body = bytes(payload)
+    if body == b"bad":
+        raise InvalidParamsError("bad request")
+    if body == b"slow":
+        return _later()
+    return body[::-1]
+
+
+async def _later() -> bytes:
+    await asyncio.sleep(1.0)
+    return b"late"
+
+
+@dataclass
+class Server:
+    thread: LoopThread
+    auth: ClusterAuth
+    port: int
+    server: RpcServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.server = RpcServer(_handler, "127.0.0.1", self.port, self.auth)
+        self.thread.run(self.server.startup())
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.thread.run(self.server.shutdown())
+            self.server = None
+
+
+@pytest.fixture(params=[NO_AUTH, ClusterAuth(TOKEN)], ids=["open", "token"])
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    thread = LoopThread("test-rpc-server")
+    running = Server(thread, request.param, free_port())
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        thread.stop()
+
+
+def test_calls_are_answered_in_the_callers_thread(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    try:
+        assert [client.call(b"abc%d" % i) for i in range(3)] == [b"0cba", b"1cba", b"2cba"]
+        assert client.sent
+    finally:
+        client.close()
+
+
+def test_each_thread_with_its_own_client_is_served(server: Server) -> None:
+    answers: dict[int, list[bytes]] = {}
+
+    def work(n: int) -> None:
+        client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+        try:
+            answers[n] = [client.call(b"%d-%d" % (n, i)) for i in range(50)]
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == {n: [(b"%d-%d" % (n, i))[::-1] for i in range(50)] for n in range(4)}
+
+
+def test_an_error_the_server_answers_keeps_its_code_and_the_connection(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    try:
+        with pytest.raises(InvalidParamsError, match="bad request") as caught:
+            client.call(b"bad")
+        assert caught.value.code is ErrorCode.INVALID_PARAMS
+        assert client.call(b"ok") == b"ko"
+    finally:
+        client.close()
+
+
+def test_a_restarted_server_is_reached_again_without_a_failed_call(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    try:
+        assert client.call(b"one") == b"eno"
+        server.stop()  # closes the idle connection
+        server.start()
+        assert client.call(b"two") == b"owt"
+    finally:
+        client.close()
+
+
+def test_a_server_that_is_gone_fails_the_call_before_sending(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    try:
+        assert client.call(b"x") == b"x"
+        server.stop()
+        with pytest.raises(KvcakeError, match="cannot reach") as caught:
+            client.call(b"y")
+        assert caught.value.code is ErrorCode.RPC_FAIL and not client.sent
+    finally:
+        client.close()
+
+
+def test_a_reply_slower_than_the_timeout_fails_after_sending(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 0.2, server.auth)
+    try:
+        with pytest.raises(KvcakeError, match=r"no reply .* within 0\.2s") as caught:
+            client.call(b"slow")
+        assert caught.value.code is ErrorCode.RPC_FAIL and client.sent
+        assert client.call(b"ab") == b"ba"  # a fresh connection: the late reply is not read
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("auth", "message"), [
+    (NO_AUTH, "requires the cluster token"),
+    (ClusterAuth(OTHER), "holds a different cluster token"),
+])
+def test_without_the_token_the_call_is_refused_clearly(auth: ClusterAuth, message: str) -> None:
+    thread = LoopThread("test-rpc-server")
+    server = Server(thread, ClusterAuth(TOKEN), free_port())
+    server.start()
+    try:
+        client = BlockingRpcClient(server.endpoint, 5.0, auth)
+        with pytest.raises(AuthenticationError, match=message) as caught:
+            client.call(b"x")
+        assert caught.value.code is ErrorCode.UNAUTHENTICATED
+        assert TOKEN not in str(caught.value) and OTHER not in str(caught.value)
+        assert BlockingRpcClient(server.endpoint, 5.0, ClusterAuth(TOKEN)).call(b"ab") == b"ba"
+    finally:
+        server.stop()
+        thread.stop()
+
+
+def test_a_token_against_a_server_without_one_is_a_clear_error() -> None:
+    thread = LoopThread("test-rpc-server")
+    server = Server(thread, NO_AUTH, free_port())
+    server.start()
+    try:
+        client = BlockingRpcClient(server.endpoint, 5.0, ClusterAuth(TOKEN))
+        with pytest.raises(AuthenticationError, match="does not take a cluster token"):
+            client.call(b"x")
+    finally:
+        server.stop()
+        thread.stop()
