@@ -193,7 +193,7 @@ def test_values_read_in_place_are_the_replicas_own_bytes(
         await remote.setup()
         try:
             await local.attach_segments()  # the node's segment mapped before any transfer
-            assert "shm" in {segment.transport for segment in local._io.segments.values()}
+            assert "shm" in {segment.transport for segment in local._segments.values()}
             await local.put("k", b"v" * 65536)
             found = await local.batch_get_in_place(["k", "missing"])
             assert found.codes == [0, ErrorCode.OBJECT_NOT_FOUND] and found.ranges[1] is None

@@ -2,8 +2,10 @@
 they name (looked up through the master once, then cached), and on reads the best replica
 first with a fallback to the next. No knowledge of keys beyond their index in a call.
 
-A read of one key takes all its pieces (:mod:`kvcake.store.pieces`) from one replica; if any
-fails, the key's next replica is tried, same-host replicas (a memcpy) first::
+Every method is a plan (:mod:`kvcake.store.steps`): it yields its master calls and transfer
+batches to whichever driver runs it. A read of one key takes all its pieces
+(:mod:`kvcake.store.pieces`) from one replica; if any fails, the key's next replica is
+tried, same-host replicas (a memcpy) first::
 
     round 1:  key 0 <- replica A (shm)   key 1 <- replica C (tcp)  -> key 1 failed
     round 2:                             key 1 <- replica D (tcp)  -> done
@@ -11,6 +13,7 @@ fails, the key's next replica is tried, same-host replicas (a memcpy) first::
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,9 +23,11 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.pieces import Piece
 from kvcake.store.session import MasterSession
+from kvcake.store.steps import Ask, Move, Plan
 from kvcake.transfer import (
     MappedRange,
     RemoteSegment,
+    SegmentDescriptor,
     TransferEngine,
     TransferOp,
     TransferRequest,
@@ -35,14 +40,17 @@ Live = Callable[[], tuple[MasterSession, TransferEngine]]
 
 
 class ReplicaIo:
-    """``live()``: the session and engine to use (raises when the client is not set up)."""
+    """``live()``: the session and engine to use (raises when the client is not set up).
+    Its plans may run in several threads at once (the blocking driver runs them in the
+    callers' threads)."""
 
     def __init__(self, live: Live) -> None:
         self._live = live
         self.segments: dict[int, RemoteSegment] = {}  # cleared when the master restarts
+        self._attaching = threading.Lock()
 
-    async def read(self, found: m.GetReplicasReply, pieces: dict[int, list[Piece]],
-                   deadline: float) -> dict[int, int]:
+    def read(self, found: m.GetReplicasReply, pieces: dict[int, list[Piece]],
+             deadline: float) -> Plan[dict[int, int]]:
         """Read each key's pieces (by index into ``found``) from its best replica, trying
         the next one after a failure; 0 per key when done before ``deadline`` (its lease),
         else a code (``LEASE_EXPIRED``: the bytes may be stale)."""
@@ -53,8 +61,8 @@ class ReplicaIo:
             chosen = {i: pending[i].pop(0) for i in order}
             reads = [(i, shifted(chosen[i], offset), view) for i in order
                      for offset, view in pieces[i]]
-            failed = {reads[j][0] for j in await self.move(TransferOp.READ,
-                                                            [(h, v) for _, h, v in reads])}
+            failed = {reads[j][0] for j in (yield from self.move(
+                TransferOp.READ, [(h, v) for _, h, v in reads]))}
             for i in order:
                 if i not in failed or not pending[i]:
                     codes[i] = ErrorCode.TRANSFER_FAIL if i in failed else 0
@@ -62,11 +70,11 @@ class ReplicaIo:
         late = time.monotonic() > deadline
         return {i: ErrorCode.LEASE_EXPIRED if late and not c else c for i, c in codes.items()}
 
-    async def mapped(self, found: m.GetReplicasReply) -> list[MappedRange | None]:
+    def mapped(self, found: m.GetReplicasReply) -> Plan[list[MappedRange | None]]:
         """Each found value's same-host replica as memory of this process (``None``: the
         value is missing or has no replica reached through a mapping)."""
         _, engine = self._live()
-        segments = await self._resolve([h.segment_id for hs in found.replicas for h in hs])
+        segments = yield from self._resolve([h.segment_id for hs in found.replicas for h in hs])
         return [None if code else _first_mapped(engine, segments, handles, size)
                 for code, size, handles in zip(found.codes, found.sizes, found.replicas,
                                                strict=True)]
@@ -77,13 +85,12 @@ class ReplicaIo:
         return sorted(handles, key=lambda h: h.segment_id not in known
                       or known[h.segment_id].transport != "shm")
 
-    async def move(self, op: TransferOp,
-                   items: list[tuple[ReplicaHandle, memoryview]]) -> list[int]:
+    def move(self, op: TransferOp,
+             items: list[tuple[ReplicaHandle, memoryview]]) -> Plan[list[int]]:
         """Run one batch of transfers; the indices of the items that failed."""
         if not items:
             return []
-        _, engine = self._live()
-        segments = await self._resolve([h.segment_id for h, _ in items])
+        segments = yield from self._resolve([h.segment_id for h, _ in items])
         requests, failed = [], []
         for j, (handle, view) in enumerate(items):
             segment = segments.get(handle.segment_id)
@@ -91,40 +98,40 @@ class ReplicaIo:
                 failed.append(j)
                 continue
             requests.append((j, TransferRequest(op, segment, handle.offset, view, handle.grant)))
-        batch = engine.submit([r for _, r in requests])
-        try:
-            await batch
-        except KvcakeError as exc:
-            log.warning("store %s failed: %s", op.name.lower(), exc)
-        failed += [j for (j, _), e in zip(requests, batch.errors, strict=True) if e is not None]
+        errors = yield Move([r for _, r in requests])
+        failed += [j for (j, _), e in zip(requests, errors, strict=True) if e is not None]
         return failed
 
-    async def attach_all(self) -> None:
+    def attach_all(self) -> Plan[None]:
         """Reach every segment the master knows now (mapped, where on this host), so that
         no first read waits for a handover. Best effort: what fails is left to the reads."""
-        session, engine = self._live()
         try:
-            reply = await session.call(m.DescribeSegments([], every=True),
-                                       m.DescribeSegmentsReply)
+            reply = yield Ask(m.DescribeSegments([], every=True), m.DescribeSegmentsReply)
         except KvcakeError as exc:
             log.debug("segments not reached ahead: %s", exc)
             return
         for descriptor in reply.descriptors:
             if descriptor is not None and descriptor.segment_id not in self.segments:
                 try:
-                    self.segments[descriptor.segment_id] = engine.attach(descriptor)
+                    self._attach(descriptor.segment_id, descriptor)
                 except KvcakeError as exc:
                     log.debug("segment %s not reached ahead: %s", descriptor.name, exc)
 
-    async def _resolve(self, segment_ids: list[int]) -> dict[int, RemoteSegment]:
+    def _resolve(self, segment_ids: list[int]) -> Plan[dict[int, RemoteSegment]]:
         missing = sorted({i for i in segment_ids if i not in self.segments})
         if missing:
-            session, engine = self._live()
-            reply = await session.call(m.DescribeSegments(missing), m.DescribeSegmentsReply)
+            reply = yield Ask(m.DescribeSegments(missing), m.DescribeSegmentsReply)
             for segment_id, descriptor in zip(missing, reply.descriptors, strict=True):
                 if descriptor is not None:
-                    self.segments[segment_id] = engine.attach(descriptor)
+                    self._attach(segment_id, descriptor)
         return self.segments
+
+    def _attach(self, segment_id: int, descriptor: SegmentDescriptor) -> None:
+        """Reach a segment once, whichever thread gets there first."""
+        with self._attaching:
+            if segment_id not in self.segments:
+                _, engine = self._live()
+                self.segments[segment_id] = engine.attach(descriptor)
 
 
 def _first_mapped(engine: TransferEngine, segments: dict[int, RemoteSegment],

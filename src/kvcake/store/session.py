@@ -117,14 +117,21 @@ class MasterSession:
         try:
             return await self._call(request, reply_type)
         except KvcakeError as exc:
-            if exc.code is ErrorCode.UNAVAILABLE_IN_CURRENT_MODE and self.finder.follows:
-                return await self._call_when_confirmed(request, reply_type, exc)
-            if exc.code is ErrorCode.RPC_FAIL and self.finder.follows:
-                await self._follow(uid, exc)
-            elif exc.code is not ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS:
-                raise
-            else:
-                await self._rejoin_once()
+            return await self.call_after(exc, uid, request, reply_type)
+
+    async def call_after(self, error: KvcakeError, uid: str, request: msgspec.Struct,
+                         reply_type: type[R]) -> R:
+        """Recover from ``error``, which ``request`` sent to leader term ``uid`` failed
+        with, as :meth:`call` does, then send it again; raises ``error`` when nothing
+        recovers from it. (Also for calls sent on other connections to the master.)"""
+        if error.code is ErrorCode.UNAVAILABLE_IN_CURRENT_MODE and self.finder.follows:
+            return await self._call_when_confirmed(request, reply_type, error)
+        if error.code is ErrorCode.RPC_FAIL and self.finder.follows:
+            await self._follow(uid, error)
+        elif error.code is not ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS:
+            raise error
+        else:
+            await self._rejoin_once()
         return await self._call(request, reply_type)
 
     async def _call_when_confirmed(self, request: msgspec.Struct, reply_type: type[R],

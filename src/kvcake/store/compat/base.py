@@ -1,11 +1,12 @@
 """A Mooncake-style store's state: the asyncio client on its engine's loop thread, the
 hostname it is known by, registered buffers and the local buffer; and how calls into it
-become Mooncake's int results."""
+become Mooncake's int results. Calls run their plans in the caller's thread
+(:mod:`kvcake.store.blocking`); set-up and close run on the loop."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from kvcake.common import codec
@@ -25,6 +26,7 @@ from kvcake.store.compat.options import (
     split_hostname,
 )
 from kvcake.store.config import StoreConfig
+from kvcake.store.steps import Plan
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.config import TransferConfig
 from kvcake.wire import store as m
@@ -96,7 +98,7 @@ class StoreBase:
         if self._store is None:
             return 1
         try:
-            self._run(self.native.stats())
+            self._block(self.native.ops.stats())
         except KvcakeError:
             return 2
         return 0
@@ -106,11 +108,12 @@ class StoreBase:
         if self._store is None:
             raise KvcakeError("store is not set up", NOT_SET_UP)
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._store is None or self._io is None:
-            coro.close()
+    def _block(self, plan: Plan[T]) -> T:
+        """Run a store plan in this thread (:mod:`kvcake.store.blocking`)."""
+        if self._store is None:
+            plan.close()
             raise KvcakeError("store is not set up", NOT_SET_UP)
-        return self._io.run(coro)
+        return self._store.blocking.run(plan)
 
     @property
     def native(self) -> AsyncStore:

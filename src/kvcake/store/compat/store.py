@@ -153,7 +153,7 @@ class DistributedStore(ZeroCopyApi):
                 raise InvalidParamsError(f"{len(keys)} keys but {len(values)} values")
             views = [as_view(v) for v in values]
             with self._local.staged(sum(v.nbytes for v in views)):
-                return self._run(self.native.batch_put_parts(keys, [[v] for v in views],
+                return self._block(self.native.ops.put_parts(keys, [[v] for v in views],
                                                              config, upsert))
         return first_error(codes_of(put, max(1, len(keys))))
 
@@ -175,7 +175,7 @@ class DistributedStore(ZeroCopyApi):
 
     def _get_values(self, keys: list[str]) -> list[bytes | int]:
         try:
-            return self._run(self.native.get_batch(keys, self._local))
+            return self._block(self.native.ops.get_values(keys, self._local))
         except KvcakeError as exc:
             log.debug("store get failed: %s", exc)
             return [int(exc.code)] * len(keys)
@@ -186,7 +186,7 @@ class DistributedStore(ZeroCopyApi):
         return self.batch_is_exist([key])[0]
 
     def batch_is_exist(self, keys: list[str]) -> list[int]:
-        return codes_of(lambda: self._run(self.native.batch_is_exist(keys)), len(keys))
+        return codes_of(lambda: self._block(self.native.ops.exist(keys)), len(keys))
 
     def isExist(self, key: str) -> int:  # noqa: N802 - the C++ client's name
         """``is_exist`` under the name of Mooncake's C++ ``PyClient::isExist``, which Mooncake's
@@ -194,27 +194,27 @@ class DistributedStore(ZeroCopyApi):
         return self.is_exist(key)
 
     def get_size(self, key: str) -> int:
-        return code_of(lambda: self._run(self.native.get_size(key)))
+        return code_of(lambda: self._block(self.native.ops.sizes([key]))[0])
 
     def remove(self, key: str, force: bool = False) -> int:
-        return code_of(lambda: self._run(self.native.remove(key, force)))
+        return code_of(lambda: self._block(self.native.ops.remove([key], force))[0])
 
     def batch_remove(self, keys: list[str], force: bool = False) -> list[int]:
-        return codes_of(lambda: self._run(self.native.batch_remove(keys, force)), len(keys))
+        return codes_of(lambda: self._block(self.native.ops.remove(keys, force)), len(keys))
 
     def remove_by_regex(self, regex_pattern: str, force: bool = False) -> int:
         """How many keys matching ``regex_pattern`` (Python ``re``, anywhere in the key)
         went, or a code; leased ones stay unless ``force``."""
-        return code_of(lambda: self._run(self.native.remove_by_regex(regex_pattern, force)))
+        return code_of(lambda: self._block(self.native.ops.remove_by_regex(regex_pattern, force)))
 
     def remove_all(self, force: bool = False) -> int:
-        return code_of(lambda: self._run(self.native.remove_all(force)))
+        return code_of(lambda: self._block(self.native.ops.remove_all(force)))
 
     def batch_replica_clear(self, keys: list[str], segment_name: str = "") -> list[str]:
         """Drop this client's own objects among ``keys`` whose lease has run out: all their
         replicas, or only those on the segment named ``segment_name``; the keys dropped."""
         try:
-            return self._run(self.native.replica_clear(keys, segment_name))
+            return self._block(self.native.ops.replica_clear(keys, segment_name))
         except KvcakeError as exc:
             log.error("batch_replica_clear failed: %s", exc)
             return []
@@ -226,7 +226,7 @@ class DistributedStore(ZeroCopyApi):
     def batch_get_replica_desc(self, keys: list[str]) -> dict[str, list[ReplicaDescriptor]]:
         """The replicas of each key found (missing keys are left out)."""
         try:
-            reply = self._run(self.native.query_replicas(keys))
+            reply = self._block(self.native.ops.query_replicas(keys))
         except KvcakeError as exc:
             log.error("batch_get_replica_desc failed: %s", exc)
             return {}
@@ -236,7 +236,7 @@ class DistributedStore(ZeroCopyApi):
 
     def stats(self) -> Stats:
         """The master's counters (kvcake's addition; raises when the master is down)."""
-        return self._run(self.native.stats())
+        return self._block(self.native.ops.stats())
 
     # ----- tensors (needs torch)
     def put_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:

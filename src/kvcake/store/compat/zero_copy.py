@@ -50,7 +50,7 @@ class ZeroCopyApi(StoreBase):
         def put() -> list[int]:
             check_same_node(config)
             views = self._buffers.views(buffer_ptrs, sizes)
-            return self._run(self.native.batch_put_parts(keys, [[v] for v in views], config,
+            return self._block(self.native.ops.put_parts(keys, [[v] for v in views], config,
                                                          upsert))
         return codes_of(put, len(keys))
 
@@ -72,7 +72,7 @@ class ZeroCopyApi(StoreBase):
                 raise InvalidParamsError("prefer_alloc_in_same_node needs replica_num 1")
             parts = [self._buffers.views(p, s) for p, s in zip(all_buffer_ptrs, all_sizes,
                                                                 strict=True)]
-            return self._run(self.native.batch_put_parts(keys, parts, config))
+            return self._block(self.native.ops.put_parts(keys, parts, config))
         return codes_of(put, len(keys))
 
     # ----- reads
@@ -103,7 +103,7 @@ class ZeroCopyApi(StoreBase):
         def get() -> list[int]:
             parts = [self._buffers.views(p, s) for p, s in zip(all_buffer_ptrs, all_sizes,
                                                                 strict=True)]
-            return self._run(self.native.batch_get_into_parts(keys, parts))
+            return self._block(self.native.ops.get_into_parts(keys, parts))
         return [read_code(c) for c in codes_of(get, len(keys))]
 
     def get_into_ranges(self, buffer_ptrs: list[int], all_keys: list[list[str]],
@@ -121,7 +121,7 @@ class ZeroCopyApi(StoreBase):
         probes = [(key, 0, memoryview(b"")) for key in keys]  # each key's own code
         reads = [(r.key, r.src, self._buffers.view(buffer_ptrs[r.i] + r.dst, r.size)
                   if r.size else memoryview(b"")) for r in plan.reads]
-        outcomes = codes_of(lambda: self._run(self.native.read_ranges(probes + reads)),
+        outcomes = codes_of(lambda: self._block(self.native.ops.read_ranges(probes + reads)),
                             len(probes) + len(reads))
         key_codes = dict(zip(keys, outcomes, strict=False))
         return ranges.fill(results, plan, outcomes[len(probes):], key_codes)

@@ -217,6 +217,10 @@ class MasterServer:
         return m.CodesReply([0])
 
     def _put_start(self, request: m.PutStart) -> Any:
+        # a client this master does not know (it restarted, or failed over to a journal)
+        # fails the whole call, so that the client rejoins and sends it again
+        self.service.registry.client(request.client_id)
+        self.service.tenant_of(request.client_id)
         if len(request.keys) != len(request.sizes):
             raise KvcakeError(f"{len(request.keys)} keys but {len(request.sizes)} sizes",
                               ErrorCode.INVALID_PARAMS)

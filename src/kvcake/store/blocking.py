@@ -1,0 +1,99 @@
+"""Running a store plan (:mod:`kvcake.store.steps`) in the caller's own thread: master
+calls on a blocking socket of that thread's, transfers submitted from it (a same-host
+``shm`` copy happens right there; ``tcp`` bytes still move on the engine's loop). A
+synchronous call so costs one master round trip per ask, not two thread hops more.
+
+What the asyncio session does for its calls still holds: when a call fails in a way the
+session recovers from (the master restarted and forgot this client, the leader changed,
+its term is in doubt), the call is handed to :meth:`MasterSession.call_after` on the loop,
+which rejoins or follows the failover and sends it again only where it may not have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Any, TypeVar
+
+from kvcake.common import codec
+from kvcake.common.blocking_rpc import BlockingRpcClient
+from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.store.replica_io import Live
+from kvcake.store.steps import Ask, Move, Plan, copied, moved, submitted
+
+T = TypeVar("T")
+RECOVERABLE = frozenset({ErrorCode.RPC_FAIL, ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS,
+                         ErrorCode.UNAVAILABLE_IN_CURRENT_MODE})
+
+
+class BlockingDriver:
+    """``live()``: the session and engine (raises when the client is not set up)."""
+
+    def __init__(self, live: Live) -> None:
+        self._live = live
+        self._local = threading.local()
+        self._clients: weakref.WeakSet[BlockingRpcClient] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def run(self, plan: Plan[T]) -> T:
+        """Run ``plan`` to its end in this thread; its result (or what it raised)."""
+        _, engine = self._live()
+        assert not engine.io.in_loop_thread(), "a blocking store call on the engine's loop"
+        outcome: Any = None
+        failure: KvcakeError | None = None
+        while True:
+            try:
+                step = plan.throw(failure) if failure is not None else plan.send(outcome)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            failure = None
+            try:
+                outcome = self._ask(step) if isinstance(step, Ask) else self._move(step)
+            except KvcakeError as exc:
+                failure = exc
+
+    def _ask(self, step: Ask) -> Any:
+        session, engine = self._live()
+        uid = session.leader_uid
+        client = self._client(session.rpc.endpoint, session.config.rpc_timeout_s)
+        try:
+            body = client.call(codec.encode(step.request))
+        except KvcakeError as exc:
+            if exc.code not in RECOVERABLE:
+                raise
+            if exc.code is ErrorCode.RPC_FAIL and not client.sent:
+                return engine.io.run(session.call(step.request, step.reply_type))
+            return engine.io.run(session.call_after(exc, uid, step.request, step.reply_type))
+        return codec.decode(body, step.reply_type)
+
+    def _move(self, step: Move) -> list[KvcakeError | None]:
+        _, engine = self._live()
+        errors = copied(engine, step)
+        if errors is not None:
+            return errors
+        batch = submitted(engine, step)
+        with contextlib.suppress(KvcakeError):  # per request in batch.errors
+            batch.wait()
+        return moved(batch)
+
+    def _client(self, endpoint: str, timeout_s: float) -> BlockingRpcClient:
+        """This thread's connection to the master at ``endpoint`` (a new one after a
+        failover moved the session elsewhere)."""
+        client: BlockingRpcClient | None = getattr(self._local, "client", None)
+        if client is not None and client.endpoint == endpoint:
+            return client
+        if client is not None:
+            client.close()
+        client = BlockingRpcClient(endpoint, timeout_s)
+        self._local.client = client
+        with self._lock:
+            self._clients.add(client)
+        return client
+
+    def close(self) -> None:
+        """Close every thread's connection (a later call opens its own again)."""
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.close()

@@ -1,0 +1,265 @@
+"""What each store client call does, as plans (:mod:`kvcake.store.steps`): the master calls
+it makes and the bytes it moves, with no I/O of its own. :class:`kvcake.store.AsyncStore`
+runs them on its loop; the blocking driver (:mod:`kvcake.store.blocking`) runs the same
+plans in the caller's thread.
+
+Batch plans answer one int per key (bytes or 0 on success, a negative Mooncake code on
+failure).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvcake.common.errors import ErrorCode, InvalidParamsError
+from kvcake.store.pieces import Piece, check_parts, concatenated, lay_out
+from kvcake.store.replica_io import Live, ReplicaIo, shifted
+from kvcake.store.replicate import AnyConfig, as_wire
+from kvcake.store.steps import Ask, Plan
+from kvcake.transfer import MappedRange, TransferOp
+from kvcake.wire import store as m
+
+Range = tuple[str, int, memoryview]  # key, offset in its value, destination
+
+
+class Staging(Protocol):
+    """A byte budget values are read through (Mooncake's local buffer)."""
+
+    def take(self, nbytes: int) -> bool: ...
+    def give(self, nbytes: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class InPlaceValues:
+    """Values read where they lie. ``ranges[i]`` maps key ``i``'s replica on this host
+    (``None``: missing, ``codes[i]`` says why, or no replica here: read it with a copy).
+    Bytes read through them count only if :meth:`fresh` holds once read: every lease still
+    held (the bytes were not freed and reused meanwhile) and every owner alive."""
+
+    codes: list[int]
+    ranges: list[MappedRange | None]
+    deadline: float
+
+    def fresh(self) -> bool:
+        owners = {mapped.owner_alive for mapped in self.ranges if mapped is not None}
+        return time.monotonic() <= self.deadline and all(alive() for alive in owners)
+
+
+class StoreOps:
+    """``live()``: the session and engine (raises when the client is not set up).
+    ``scratch_bytes``: a pre-touched buffer :meth:`get_values` receives into before its one
+    copy into ``bytes`` (fresh memory is slow to touch the first time)."""
+
+    def __init__(self, live: Live, scratch_bytes: int = 0) -> None:
+        self._live = live
+        self.replicas = ReplicaIo(live)
+        self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
+        self._scratch_lock = threading.Lock()
+
+    def _client_id(self) -> str:
+        session, _ = self._live()
+        return session.client_id
+
+    # ----- writes
+    def put_parts(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]],
+                  config: AnyConfig | None = None, upsert: bool = False) -> Plan[list[int]]:
+        """Store each key's value, the concatenation of its ``parts``; 0 when stored, else a
+        code. Without ``upsert`` a key that exists is kept (and answers 0: nothing to
+        write); with it, it is replaced (its group and pins carried over, see
+        :mod:`kvcake.store.master.puts`)."""
+        client_id = self._client_id()
+        check_parts(keys, parts)
+        sizes = [sum(v.nbytes for v in views) for views in parts]
+        started = yield Ask(m.PutStart(client_id, list(keys), sizes,
+                                       as_wire(config, len(keys)), upsert), m.PutStartReply)
+        codes = [0 if c == ErrorCode.OBJECT_ALREADY_EXISTS else c for c in started.codes]
+        todo = [i for i, c in enumerate(started.codes) if c == 0]
+        writes = [(i, shifted(h, offset), view) for i in todo for h in started.replicas[i]
+                  for offset, view in concatenated(parts[i])]
+        failed = yield from self.replicas.move(TransferOp.WRITE,
+                                               [(h, v) for _, h, v in writes])
+        bad = {writes[j][0] for j in failed}
+        for i in bad:
+            codes[i] = ErrorCode.TRANSFER_FAIL
+        yield from self._finish_puts(client_id, [keys[i] for i in todo if i not in bad],
+                                     [keys[i] for i in sorted(bad)], codes, keys)
+        return codes
+
+    def _finish_puts(self, client_id: str, done: list[str], revoked: list[str],
+                     codes: list[int], keys: Sequence[str]) -> Plan[None]:
+        index = {key: i for i, key in enumerate(keys)}
+        if done:
+            ended = yield Ask(m.PutEnd(client_id, done), m.CodesReply)
+            for key, code in zip(done, ended.codes, strict=True):
+                codes[index[key]] = code
+        if revoked:
+            yield Ask(m.PutRevoke(client_id, revoked), m.CodesReply)
+
+    # ----- reads
+    def get_values(self, keys: Sequence[str],
+                   staging: Staging | None = None) -> Plan[list[bytes | int]]:
+        """Each key's bytes, or its negative code; one master round trip for all. With
+        ``staging``, a value it has no room for answers ``INVALID_PARAMS``."""
+        found, deadline = yield from self.find(keys)
+        taken = _stage(found, staging)
+        try:
+            with self._scratch_for(found) as scratch:
+                views = _value_views(found, scratch)
+                results = yield from self.read_found(found, [[v] for v in views], deadline)
+                return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
+        finally:
+            if staging is not None:
+                staging.give(taken)
+
+    @contextmanager
+    def _scratch_for(self, found: m.GetReplicasReply) -> Iterator[memoryview | None]:
+        """The scratch buffer, when it is free and holds every found value."""
+        total = sum(s for c, s in zip(found.codes, found.sizes, strict=True) if c == 0)
+        if total > self._scratch.nbytes or not self._scratch_lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield self._scratch
+        finally:
+            self._scratch_lock.release()
+
+    def get_into_parts(self, keys: Sequence[str],
+                       parts: Sequence[Sequence[memoryview]]) -> Plan[list[int]]:
+        """Read each key's value into its ``parts`` in order (the last ones may stay
+        unused); bytes read, or a code (``BUFFER_OVERFLOW`` when they hold less). A read
+        that finishes after its lease ran out answers ``LEASE_EXPIRED``: its bytes may be
+        stale."""
+        self._live()
+        check_parts(keys, parts)
+        found, deadline = yield from self.find(keys)
+        return (yield from self.read_found(found, parts, deadline))
+
+    def in_place(self, keys: Sequence[str]) -> Plan[InPlaceValues]:
+        """Each key's value where it lies (see :class:`InPlaceValues`)."""
+        found, deadline = yield from self.find(keys)
+        return InPlaceValues(list(found.codes), (yield from self.replicas.mapped(found)),
+                             deadline)
+
+    def read_ranges(self, ranges: Sequence[Range]) -> Plan[list[int]]:
+        """Read byte ranges of values: each ``(key, offset, view)`` fills ``view`` from the
+        value's byte ``offset``; bytes read, or a code (``INVALID_PARAMS`` for a range past
+        the value's end). One master round trip for all keys."""
+        keys = list(dict.fromkeys(key for key, _, _ in ranges))
+        found, deadline = yield from self.find(keys)
+        index = {key: i for i, key in enumerate(keys)}
+        results: list[int] = [0] * len(ranges)
+        pieces: dict[int, list[Piece]] = {}
+        owners: dict[int, list[int]] = {}
+        for j, (key, offset, view) in enumerate(ranges):
+            i = index[key]
+            if found.codes[i] != 0 or offset < 0 or offset + view.nbytes > found.sizes[i]:
+                results[j] = found.codes[i] or ErrorCode.INVALID_PARAMS
+                continue
+            if not view.nbytes:
+                continue  # nothing to move: 0 bytes read
+            pieces.setdefault(i, []).append((offset, view))
+            owners.setdefault(i, []).append(j)
+        codes = yield from self.replicas.read(found, pieces, deadline)
+        for i, js in owners.items():
+            for j in js:
+                results[j] = codes[i] or ranges[j][2].nbytes
+        return results
+
+    def find(self, keys: Sequence[str]) -> Plan[tuple[m.GetReplicasReply, float]]:
+        """Replicas (leased) of ``keys``, and the time their leases run out."""
+        client_id = self._client_id()
+        asked = time.monotonic()
+        found = yield Ask(m.GetReplicas(list(keys), client_id), m.GetReplicasReply)
+        return found, asked + found.waited_s + found.lease_ttl_s  # leased no earlier
+
+    def read_found(self, found: m.GetReplicasReply, parts: Sequence[Sequence[memoryview]],
+                   deadline: float) -> Plan[list[int]]:
+        results = list(found.codes)
+        pieces: dict[int, list[Piece]] = {}
+        for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
+            laid = lay_out(parts[i], size) if code == 0 else None
+            if code == 0 and laid is None:
+                results[i] = ErrorCode.BUFFER_OVERFLOW
+            elif laid is not None:
+                pieces[i] = laid
+        codes = yield from self.replicas.read(found, pieces, deadline)
+        return [codes[i] or found.sizes[i] if i in pieces else int(c)
+                for i, c in enumerate(results)]
+
+    # ----- metadata
+    def exist(self, keys: Sequence[str]) -> Plan[list[int]]:
+        """1 present, 0 absent, negative code for a bad key."""
+        reply = yield Ask(m.Exist(list(keys), self._client_id()), m.CodesReply)
+        return reply.codes  # type: ignore[no-any-return]
+
+    def sizes(self, keys: Sequence[str]) -> Plan[list[int]]:
+        found, _ = yield from self.find(keys)
+        return [s if c == 0 else c for c, s in zip(found.codes, found.sizes, strict=True)]
+
+    def query_replicas(self, keys: Sequence[str]) -> Plan[m.QueryReplicasReply]:
+        """Every readable replica of each key, any tier (leases them, as a get does)."""
+        reply = yield Ask(m.QueryReplicas(list(keys), self._client_id()),
+                          m.QueryReplicasReply)
+        return reply  # type: ignore[no-any-return]
+
+    def remove(self, keys: Sequence[str], force: bool = False) -> Plan[list[int]]:
+        reply = yield Ask(m.Remove(list(keys), force, self._client_id()), m.CodesReply)
+        return reply.codes  # type: ignore[no-any-return]
+
+    def remove_all(self, force: bool = False) -> Plan[int]:
+        reply = yield Ask(m.RemoveAll(force, self._client_id()), m.CountReply)
+        return reply.count  # type: ignore[no-any-return]
+
+    def remove_by_regex(self, pattern: str, force: bool = False) -> Plan[int]:
+        """Remove this tenant's keys that ``pattern`` (Python ``re``) matches; how many."""
+        reply = yield Ask(m.RemoveByRegex(pattern, force, self._client_id()), m.CountReply)
+        return reply.count  # type: ignore[no-any-return]
+
+    def replica_clear(self, keys: Sequence[str], segment_name: str = "") -> Plan[list[str]]:
+        """Drop this client's own objects among ``keys`` whose lease ran out (all replicas,
+        or those on segments named ``segment_name``); the keys dropped."""
+        reply = yield Ask(m.ReplicaClear(list(keys), segment_name, self._client_id()),
+                          m.KeysReply)
+        return reply.keys  # type: ignore[no-any-return]
+
+    def stats(self) -> Plan[m.Stats]:
+        self._live()
+        reply = yield Ask(m.GetStats(), m.Stats)
+        return reply  # type: ignore[no-any-return]
+
+
+def _stage(found: m.GetReplicasReply, staging: Staging | None) -> int:
+    """Take room for each found value from ``staging``; a value without room becomes
+    ``INVALID_PARAMS`` (in ``found.codes``). The bytes taken."""
+    taken = 0
+    for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
+        if code == 0 and staging is not None:
+            if staging.take(size):
+                taken += size
+            else:
+                found.codes[i] = ErrorCode.INVALID_PARAMS
+    return taken
+
+
+def _value_views(found: m.GetReplicasReply, scratch: memoryview | None) -> list[memoryview]:
+    """Where each found value is received: slices of ``scratch``, else fresh buffers."""
+    views, position = [], 0
+    for code, size in zip(found.codes, found.sizes, strict=True):
+        length = size if code == 0 else 0
+        if scratch is not None:
+            views.append(scratch[position : position + length])
+            position += length
+        else:
+            views.append(memoryview(bytearray(length)))
+    return views
+
+
+def check_lengths(keys: Sequence[str], buffers: Sequence[object], what: str) -> None:
+    if len(keys) != len(buffers):
+        raise InvalidParamsError(f"{len(keys)} keys but {len(buffers)} {what}")
+
