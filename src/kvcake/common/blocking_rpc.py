@@ -26,7 +26,7 @@ from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header,
 from kvcake.common.rpc import MAX_CALL_BYTES
 from kvcake.common.sockets import recv_exactly
 
-_MAX_ERROR_BYTES = 1 << 16
+MAX_ERROR_BYTES = 1 << 16
 
 
 class BlockingRpcClient:
@@ -76,59 +76,22 @@ class BlockingRpcClient:
 
     # ----- connection
     def _connected(self) -> socket.socket:
-        if self._sock is not None and not _peer_closed(self._sock):
+        if self._sock is not None and not peer_closed(self._sock):
             return self._sock
         self.close()
-        host, _, port = self.endpoint.rpartition(":")
-        try:
-            sock = socket.create_connection((host.strip("[]"), int(port)), self.timeout_s)
-        except (OSError, ValueError) as exc:
-            raise KvcakeError(f"cannot reach {self.endpoint}: {exc or type(exc).__name__}",
-                              ErrorCode.RPC_FAIL) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            if self.auth.enabled:
-                self._authenticate(sock)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        return sock
-
-    def _authenticate(self, sock: socket.socket) -> None:
-        handshake = ClientHandshake(self.auth)
-        hello = handshake.hello()
-        try:
-            sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=len(hello)) + hello)
-            header = self._receive_header(sock)
-            body = self._receive(sock, self._payload_size(header))
-        except (OSError, ProtocolError) as exc:
-            raise self._failure(exc) from None
-        if header.status:
-            raise refusal(self.endpoint, header.status, body.decode(errors="replace"))
-        if header.op is not FrameOp.AUTH_CHALLENGE:
-            raise AuthenticationError(f"{self.endpoint} answered the hello with "
-                                      f"{header.op.name}")
-        try:
-            proof = handshake.proof(body)
-        except AuthenticationError as exc:
-            raise AuthenticationError(f"{self.endpoint}: {exc.args[0]}") from None
-        try:
-            sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=len(proof)) + proof)
-        except OSError as exc:
-            raise self._failure(exc) from None
+        self._sock = open_blocking(self.endpoint, self.timeout_s, self.auth)
+        return self._sock
 
     # ----- receiving
     def _receive_header(self, sock: socket.socket) -> FrameHeader:
         recv_exactly(sock, self._header)
         return unpack_header(self._header, MAX_CALL_BYTES)
 
-    def _payload_size(self, header: FrameHeader) -> int:
-        if header.op not in (FrameOp.CALL_REPLY, FrameOp.AUTH_CHALLENGE):
+    @staticmethod
+    def _payload_size(header: FrameHeader) -> int:
+        if header.op is not FrameOp.CALL_REPLY:
             raise ProtocolError(f"unexpected {header.op.name} frame from an RPC server")
-        if header.status and header.length > _MAX_ERROR_BYTES:
-            raise ProtocolError(f"error message of {header.length} bytes")
-        return header.length
+        return _checked_length(header)
 
     @staticmethod
     def _receive(sock: socket.socket, size: int) -> bytes:
@@ -139,16 +102,74 @@ class BlockingRpcClient:
         return bytes(payload)
 
     def _failure(self, exc: Exception) -> KvcakeError:
-        if isinstance(exc, TimeoutError):
-            return KvcakeError(f"no reply from {self.endpoint} within {self.timeout_s}s",
-                               ErrorCode.RPC_FAIL)
-        if isinstance(exc, ProtocolError):
-            return KvcakeError(f"{self.endpoint} broke the protocol: {exc}", ErrorCode.RPC_FAIL)
-        return KvcakeError(f"connection to {self.endpoint} lost: {exc or type(exc).__name__}",
-                           ErrorCode.RPC_FAIL)
+        return failure(self.endpoint, self.timeout_s, exc)
 
 
-def _peer_closed(sock: socket.socket) -> bool:
+def open_blocking(endpoint: str, timeout_s: float, auth: ClusterAuth) -> socket.socket:
+    """A blocking socket connected to the frame server at ``endpoint`` (``HOST:PORT``),
+    past the cluster-token handshake when ``auth`` has a token; every wait bounded by
+    ``timeout_s``. Raises ``KvcakeError`` (``RPC_FAIL``) when the server cannot be
+    reached, :class:`AuthenticationError` when it refuses us (or we it)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout_s)
+    except (OSError, ValueError) as exc:
+        raise KvcakeError(f"cannot reach {endpoint}: {exc or type(exc).__name__}",
+                          ErrorCode.RPC_FAIL) from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if auth.enabled:
+            _authenticate(sock, endpoint, timeout_s, auth)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _authenticate(sock: socket.socket, endpoint: str, timeout_s: float,
+                  auth: ClusterAuth) -> None:
+    handshake = ClientHandshake(auth)
+    hello = handshake.hello()
+    header_buffer = memoryview(bytearray(HEADER_SIZE))
+    try:
+        sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=len(hello)) + hello)
+        recv_exactly(sock, header_buffer)
+        header = unpack_header(header_buffer, MAX_ERROR_BYTES)
+        body = bytearray(_checked_length(header))
+        recv_exactly(sock, memoryview(body))
+    except (OSError, ProtocolError) as exc:
+        raise failure(endpoint, timeout_s, exc) from None
+    if header.status:
+        raise refusal(endpoint, header.status, body.decode(errors="replace"))
+    if header.op is not FrameOp.AUTH_CHALLENGE:
+        raise AuthenticationError(f"{endpoint} answered the hello with {header.op.name}")
+    try:
+        proof = handshake.proof(bytes(body))
+    except AuthenticationError as exc:
+        raise AuthenticationError(f"{endpoint}: {exc.args[0]}") from None
+    try:
+        sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=len(proof)) + proof)
+    except OSError as exc:
+        raise failure(endpoint, timeout_s, exc) from None
+
+
+def _checked_length(header: FrameHeader) -> int:
+    if header.status and header.length > MAX_ERROR_BYTES:
+        raise ProtocolError(f"error message of {header.length} bytes")
+    return header.length
+
+
+def failure(endpoint: str, timeout_s: float, exc: Exception) -> KvcakeError:
+    """The ``RPC_FAIL`` error for a blocking exchange with ``endpoint`` that broke."""
+    if isinstance(exc, TimeoutError):
+        return KvcakeError(f"no reply from {endpoint} within {timeout_s}s", ErrorCode.RPC_FAIL)
+    if isinstance(exc, ProtocolError):
+        return KvcakeError(f"{endpoint} broke the protocol: {exc}", ErrorCode.RPC_FAIL)
+    return KvcakeError(f"connection to {endpoint} lost: {exc or type(exc).__name__}",
+                       ErrorCode.RPC_FAIL)
+
+
+def peer_closed(sock: socket.socket) -> bool:
     """Whether the server closed (or reset) an idle connection since its last reply."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)

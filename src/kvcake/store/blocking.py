@@ -1,7 +1,8 @@
 """Running a store plan (:mod:`kvcake.store.steps`) in the caller's own thread: master
-calls on a blocking socket of that thread's, transfers submitted from it (a same-host
-``shm`` copy happens right there; ``tcp`` bytes still move on the engine's loop). A
-synchronous call so costs one master round trip per ask, not two thread hops more.
+calls on a blocking socket of that thread's, transfers run from it too (a same-host copy
+right there, small ``tcp`` transfers on the thread's own connection to the peer; only
+large ones move on the engine's loop, spread over its connections). A synchronous call so
+costs one master round trip per ask, not two thread hops more.
 
 What the asyncio session does for its calls still holds: when a call fails in a way the
 session recovers from (the master restarted and forgot this client, the leader changed,
@@ -20,7 +21,7 @@ from kvcake.common import codec
 from kvcake.common.blocking_rpc import BlockingRpcClient
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store.replica_io import Live
-from kvcake.store.steps import Ask, Move, Plan, copied, moved, submitted
+from kvcake.store.steps import Ask, Move, Plan, logged, moved, submitted
 
 T = TypeVar("T")
 RECOVERABLE = frozenset({ErrorCode.RPC_FAIL, ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS,
@@ -69,9 +70,9 @@ class BlockingDriver:
 
     def _move(self, step: Move) -> list[KvcakeError | None]:
         _, engine = self._live()
-        errors = copied(engine, step)
+        errors = engine.transfer_here(step.requests)
         if errors is not None:
-            return errors
+            return logged(errors)
         batch = submitted(engine, step)
         with contextlib.suppress(KvcakeError):  # per request in batch.errors
             batch.wait()

@@ -48,30 +48,22 @@ Step = Ask | Move
 Plan = Generator[Step, Any, T]
 
 
-def copied(engine: TransferEngine, move: Move) -> list[KvcakeError | None] | None:
-    """The outcome of ``move`` done now in this thread, when it is only same-host copies
-    (``None``: some transfer crosses the network; :func:`submitted` then)."""
-    errors = engine.copy(move.requests)
-    if errors is not None:
-        _log_failures(errors)
-    return errors
-
-
 def submitted(engine: TransferEngine, move: Move) -> Batch:
     return engine.submit(move.requests)
 
 
 def moved(batch: Batch) -> list[KvcakeError | None]:
     """Each request's error, once ``batch`` is done."""
-    _log_failures(batch.errors)
-    return list(batch.errors)
+    return logged(list(batch.errors))
 
 
-def _log_failures(errors: list[KvcakeError | None]) -> None:
+def logged(errors: list[KvcakeError | None]) -> list[KvcakeError | None]:
+    """``errors``, its failures logged (once per move)."""
     failures = [e for e in errors if e is not None]
     if failures:
         log.warning("store transfer: %d/%d failed; first: %s", len(failures), len(errors),
                     failures[0])
+    return errors
 
 
 async def drive(plan: Plan[T], session: MasterSession, engine: TransferEngine) -> T:
@@ -89,8 +81,10 @@ async def drive(plan: Plan[T], session: MasterSession, engine: TransferEngine) -
             if isinstance(step, Ask):
                 outcome = await session.call(step.request, step.reply_type)
             else:
-                outcome = copied(engine, step)
-                if outcome is None:
+                outcome = engine.copy(step.requests)  # same-host bytes: right here
+                if outcome is not None:
+                    outcome = logged(outcome)
+                else:
                     batch = submitted(engine, step)
                     with contextlib.suppress(KvcakeError):  # per request in batch.errors
                         await batch

@@ -26,6 +26,7 @@ from kvcake.common.auth import ClusterAuth, cluster_auth
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, MappedRange, RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.blocking_peer import ThreadPeers
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.handover import HandoverServer, forbid_same_user_access
@@ -33,7 +34,7 @@ from kvcake.transfer.metadata import MetadataDirectory, make_directory
 from kvcake.transfer.segment import Segment, SegmentDescriptor, local_host_id
 from kvcake.transfer.server import TransferServer
 from kvcake.transfer.service import SegmentTable, check_range
-from kvcake.transfer.transports import ShmTransport, Transport, transport_class
+from kvcake.transfer.transports import SPLIT_BYTES, ShmTransport, Transport, transport_class
 
 log = get_logger(__name__)
 _buffer_names = itertools.count()
@@ -72,6 +73,7 @@ class TransferEngine:
         self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s,
                                                      self.auth)
         self._transports: dict[str, Transport] = {}
+        self._here = ThreadPeers(self.auth, self.config.timeout_s)  # for transfer_here
         self._closed = False
 
     @property
@@ -184,6 +186,32 @@ class TransferEngine:
         assert isinstance(transport, ShmTransport)
         return transport.copy(requests)
 
+    def transfer_here(self, requests: Sequence[TransferRequest]
+                      ) -> list[KvcakeError | None] | None:
+        """Run ``requests`` to their end in the calling thread when that is the fast way:
+        same-host copies (as :meth:`copy`), or network transfers of less than
+        ``SPLIT_BYTES`` in all, each peer's on a blocking connection of this thread's own
+        (larger ones go faster spread over the I/O thread's connections). Each request's
+        error (``None``: moved); ``None`` when the batch is not for here (nothing moved:
+        :meth:`submit` it). Never from the engine's own I/O thread."""
+        done = self.copy(requests)
+        if done is not None or self._io.in_loop_thread():
+            return done
+        if any(r.segment.transport != "tcp" for r in requests) \
+                or sum(r.length for r in requests) >= SPLIT_BYTES:
+            return None
+        for request in requests:
+            _check_request(request)
+        errors: list[KvcakeError | None] = [None] * len(requests)
+        by_peer: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_peer.setdefault(request.segment.descriptor.endpoint, []).append(index)
+        for endpoint, indices in by_peer.items():
+            moved = self._here.peer(endpoint).move([requests[i] for i in indices])
+            for index, error in zip(indices, moved, strict=True):
+                errors[index] = error
+        return errors
+
     def transfer(self, requests: Sequence[TransferRequest]) -> None:
         """Submit and wait; raises the first failure."""
         self.submit(requests).wait()
@@ -214,6 +242,7 @@ class TransferEngine:
         self._closed = True
         for transport in self._transports.values():
             transport.close()
+        self._here.close()
         try:
             self._io.run(self._server.shutdown(), self.config.timeout_s)
         finally:
