@@ -46,3 +46,16 @@ def test_the_ha_system_starts_etcd_then_a_master_and_node_given_etcd() -> None:
     assert specs[1][1][-2:] == ["--etcd", server]
     assert _client_server("kvcake", _server_specs("kvcake", place, 5000, 64 * MiB, "/s"),
                           place, 5000) == "127.0.0.1:5000"
+
+
+def test_single_key_rows_are_held_to_redis_and_mooncake() -> None:
+    rows = [row("kvcake", "put", 3000), row("redis", "put", 6000),
+            row("kvcake", "get", 8000, path="tcp"), row("redis", "get", 7000, path="tcp"),
+            row("kvcake", "is_exist", 12000, size=0), row("mooncake", "is_exist", 24000, size=0),
+            row("kvcake", "put", 900, size=MiB), row("redis", "put", 100, size=MiB)]
+    add_ratios(rows)
+    lines = summary(rows)
+    assert "shm put 64 KiB single: 3,000/s, 0.50x Redis (target >= 1.0)  [MISSED]" in lines
+    assert "tcp get 64 KiB single: 8,000/s, 1.14x Redis (target >= 1.0)  [ok]" in lines
+    assert "shm is_exist single: 12,000/s, 0.50x Mooncake (target >= 1.0)  [MISSED]" in lines
+    assert not any("1 MiB single" in line for line in lines)

@@ -248,6 +248,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         text = (f"shm 1-16 MiB get_into/batch_get_into vs memcpy: min {min(memcpy):.2f} "
                 "(target >= 0.5)")
         lines.append(_verdict(text, min(memcpy) >= 0.5))
+    lines += _single_key_lines(kvcake)
     for row in kvcake:
         if row["op"] == "batch_get_into" and row["size"] == 64 * KiB and "vs_mooncake" in row:
             text = (f"{row['path']} 64 KiB batch_get_into: {row['ops_per_s']:,.0f} objects/s, "
@@ -257,6 +258,22 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             text = (f"{row['path']} batch_is_exist ({row['batch']} keys): "
                     f"{row['ops_per_s']:,.0f} keys/s (target >= 100,000)")
             lines.append(_verdict(text, row["ops_per_s"] >= 100_000))
+    return lines
+
+
+def _single_key_lines(kvcake: list[dict[str, Any]]) -> list[str]:
+    """Single small operations: 64 KiB put/get against Redis, ``is_exist`` against Mooncake
+    (each at least 1.0x)."""
+    lines = []
+    for path in PATHS:
+        for op, other in (("put", "redis"), ("get", "redis"), ("is_exist", "mooncake")):
+            found = [r for r in kvcake if r["path"] == path and r["op"] == op
+                     and r["batch"] == 1 and r["size"] in (0, 64 * KiB) and f"vs_{other}" in r]
+            for r in found:
+                size = f" {human_size(r['size'])}" if r["size"] else ""
+                text = (f"{path} {op}{size} single: {r['ops_per_s']:,.0f}/s, "
+                        f"{r[f'vs_{other}']:.2f}x {other.capitalize()} (target >= 1.0)")
+                lines.append(_verdict(text, r[f"vs_{other}"] >= 1.0))
     return lines
 
 
