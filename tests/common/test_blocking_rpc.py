@@ -4,7 +4,9 @@ cluster token, errors the server answers, a server that closed the connection or
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import warnings
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 
@@ -171,3 +173,14 @@ def test_a_token_against_a_server_without_one_is_a_clear_error() -> None:
     finally:
         server.stop()
         thread.stop()
+
+
+def test_a_client_dropped_without_close_closes_its_socket_quietly(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    assert client.call(b"ab") == b"ba"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unclosed socket would raise ResourceWarning
+        cycle: list[object] = [client]
+        cycle.append(cycle)  # collected by the cycle collector, as a thread's state is
+        del client, cycle
+        gc.collect()

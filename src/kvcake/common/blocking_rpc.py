@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import select
 import socket
+import weakref
 
 from kvcake.common.auth import ClientHandshake, ClusterAuth, cluster_auth, refusal
 from kvcake.common.errors import (
@@ -39,6 +40,9 @@ class BlockingRpcClient:
         self.auth = auth if auth is not None else cluster_auth()
         self.sent = False  # whether the last call's request left this process
         self._sock: socket.socket | None = None
+        # closes the socket when this client is closed or collected (a thread's client goes
+        # with the thread), never leaving it to the socket's own finalizer
+        self._closer = weakref.finalize(self, _nothing)
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
 
@@ -67,12 +71,8 @@ class BlockingRpcClient:
         return payload
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    def __del__(self) -> None:  # a thread's client goes with the thread
-        self.close()
+        self._sock = None
+        self._closer()
 
     # ----- connection
     def _connected(self) -> socket.socket:
@@ -80,6 +80,7 @@ class BlockingRpcClient:
             return self._sock
         self.close()
         self._sock = open_blocking(self.endpoint, self.timeout_s, self.auth)
+        self._closer = weakref.finalize(self, self._sock.close)
         return self._sock
 
     # ----- receiving
@@ -103,6 +104,10 @@ class BlockingRpcClient:
 
     def _failure(self, exc: Exception) -> KvcakeError:
         return failure(self.endpoint, self.timeout_s, exc)
+
+
+def _nothing() -> None:
+    pass
 
 
 def open_blocking(endpoint: str, timeout_s: float, auth: ClusterAuth) -> socket.socket:

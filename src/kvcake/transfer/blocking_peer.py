@@ -33,6 +33,7 @@ class BlockingPeer:
         self._auth = auth
         self._timeout_s = timeout_s
         self._sock: socket.socket | None = None
+        self._closer = weakref.finalize(self, lambda: None)
         self._grants = PresentedGrants()
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
@@ -59,12 +60,8 @@ class BlockingPeer:
         return errors
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    def __del__(self) -> None:  # a thread's connections go with the thread
-        self.close()
+        self._sock = None
+        self._closer()
 
     def _connected(self) -> socket.socket:
         if self._sock is not None and not peer_closed(self._sock):
@@ -72,6 +69,7 @@ class BlockingPeer:
         self.close()
         self._grants = PresentedGrants()  # a new connection holds none
         self._sock = open_blocking(self.endpoint, self._timeout_s, self._auth)
+        self._closer = weakref.finalize(self, self._sock.close)  # closed with us, at the latest
         return self._sock
 
     def _send(self, sock: socket.socket, requests: Sequence[TransferRequest]) -> dict[int, int]:
