@@ -57,11 +57,10 @@ def test_a_decode_then_a_prefill_instance_killed_mid_request(tmp_path: Path) -> 
 def _decode_killed_mid_stream(cluster: VllmCluster) -> str:
     """Kill the stream's decode instance; returns the other one."""
     prefill_url = cluster.vllm_url("prefill-0")
-    stream = cluster.client().completions.create(
-        model="smollm2", prompt=LONG, max_tokens=2000, temperature=0, stream=True,
-        extra_body={"ignore_eos": True})
     started, victim = time.monotonic(), ""
-    with pytest.raises(openai.APIError):
+    with cluster.client() as client, client.completions.create(
+            model="smollm2", prompt=LONG, max_tokens=2000, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) as stream, pytest.raises(openai.APIError):
         for i, _ in enumerate(stream):
             if i == 3:
                 victim = _serving_decode(cluster)
@@ -79,8 +78,9 @@ def _prefill_killed_mid_prefill(cluster: VllmCluster, decode: str) -> None:
 
     def ask() -> None:
         try:
-            reply = cluster.client().completions.create(
-                model="smollm2", prompt=LONG * 6, max_tokens=8, temperature=0)
+            with cluster.client() as client:
+                reply = client.completions.create(
+                    model="smollm2", prompt=LONG * 6, max_tokens=8, temperature=0)
             outcome.append(reply.choices[0].text)
         except openai.APIError as exc:
             outcome.append(exc)
@@ -97,5 +97,6 @@ def _prefill_killed_mid_prefill(cluster: VllmCluster, decode: str) -> None:
     assert time.monotonic() - started < _BOUND_S
     _until(lambda: idle(decode_url), "the decode instance still holds the reservation")
     _until(lambda: _gone(prefill_url), "the dead sidecar's vLLM still serves")
-    with pytest.raises(openai.InternalServerError):  # no prefill instance left: 503
-        cluster.client().completions.create(model="smollm2", prompt="hi", max_tokens=2)
+    with cluster.client() as client, \
+            pytest.raises(openai.InternalServerError):  # no prefill instance left: 503
+        client.completions.create(model="smollm2", prompt="hi", max_tokens=2)

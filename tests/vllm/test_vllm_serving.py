@@ -33,9 +33,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmCluster]:
 
 def _direct(url: str, prompt: str, max_tokens: int) -> tuple[str, int]:
     """A single vLLM's greedy answer (the prefill instance's own server, no P/D)."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120.0)
-    reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens,
-                                      temperature=0)
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0,
+                       timeout=120.0) as client:
+        reply = client.completions.create(model="smollm2", prompt=prompt,
+                                          max_tokens=max_tokens, temperature=0)
     assert reply.usage is not None
     return reply.choices[0].text, reply.usage.prompt_tokens
 
@@ -43,8 +44,9 @@ def _direct(url: str, prompt: str, max_tokens: int) -> tuple[str, int]:
 @pytest.mark.parametrize("prompt", ["The capital of France is", LONG], ids=["short", "long"])
 def test_pd_answer_equals_a_single_vllms_greedy_answer(cluster: VllmCluster,
                                                        prompt: str) -> None:
-    reply = cluster.client().completions.create(model="smollm2", prompt=prompt, max_tokens=12,
-                                                temperature=0)
+    with cluster.client() as client:
+        reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12,
+                                          temperature=0)
     assert reply.usage is not None
     text, prompt_tokens = _direct(cluster.vllm_url("prefill-0"), prompt, 12)
     assert reply.usage.prompt_tokens == prompt_tokens
@@ -72,10 +74,10 @@ def test_mooncake_query_finds_the_prompt_on_both_instances(cluster: VllmCluster)
 
 
 def test_streamed_chat_through_pd(cluster: VllmCluster) -> None:
-    stream = cluster.client().chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "Name three colors."}],
-        max_tokens=10, temperature=0, stream=True)
-    chunks = list(stream)
+    with cluster.client() as client, client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Name three colors."}],
+            max_tokens=10, temperature=0, stream=True) as stream:
+        chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -118,7 +120,8 @@ def test_a_restarted_conductor_routes_only_real_hits(cluster: VllmCluster) -> No
     snapshots of their caches, so its index equals what it was, and the prefix it predicts
     for the next request is the prefix vLLM reuses (no missed hit). The usage the client
     gets under P/D counts the tokens the prefill instance reused."""
-    cluster.client().completions.create(model="smollm2", prompt=LONG, max_tokens=2)
+    with cluster.client() as client:
+        client.completions.create(model="smollm2", prompt=LONG, max_tokens=2)
     before = _indexed(_conductor_series(cluster))
     assert before and all(count > 0 for count in before.values()), before
     cluster.cluster.restart_conductor()
@@ -126,7 +129,8 @@ def test_a_restarted_conductor_routes_only_real_hits(cluster: VllmCluster) -> No
     while (after := _conductor_series(cluster)) and _indexed(after) != before:
         assert time.monotonic() < deadline, (before, after)
         time.sleep(0.2)
-    reply = cluster.client().completions.create(model="smollm2", prompt=LONG, max_tokens=2)
+    with cluster.client() as client:
+        reply = client.completions.create(model="smollm2", prompt=LONG, max_tokens=2)
     assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
     cached = reply.usage.prompt_tokens_details.cached_tokens or 0
     assert cached == (reply.usage.prompt_tokens - 1) // 128 * 128
