@@ -13,7 +13,10 @@ from __future__ import annotations
 import itertools
 import select
 import socket
+import threading
 import weakref
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 from kvcake.common.auth import ClientHandshake, ClusterAuth, cluster_auth, refusal
 from kvcake.common.errors import (
@@ -30,6 +33,13 @@ from kvcake.common.sockets import recv_exactly
 MAX_ERROR_BYTES = 1 << 16
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+V = TypeVar("V", bound=Closable)
+
+
 class BlockingRpcClient:
     """One blocking connection to an RPC server, opened on first use and again after a
     loss (checked before each call: a server that closed it is reconnected, not failed)."""
@@ -39,17 +49,14 @@ class BlockingRpcClient:
         self.timeout_s = timeout_s
         self.auth = auth if auth is not None else cluster_auth()
         self.sent = False  # whether the last call's request left this process
-        self._sock: socket.socket | None = None
-        # closes the socket when this client is closed or collected (a thread's client goes
-        # with the thread), never leaving it to the socket's own finalizer
-        self._closer = weakref.finalize(self, _nothing)
+        self._connection = BlockingConnection(endpoint, timeout_s, self.auth)
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
 
     def call(self, body: bytes) -> bytes:
         """Send one request; its reply's body (a server's error raises its code)."""
         self.sent = False
-        sock = self._connected()
+        sock, _ = self._connection.socket()
         request_id = next(self._ids)
         try:
             sock.sendall(pack_header(FrameOp.CALL, request_id, length=len(body)) + body)
@@ -71,17 +78,7 @@ class BlockingRpcClient:
         return payload
 
     def close(self) -> None:
-        self._sock = None
-        self._closer()
-
-    # ----- connection
-    def _connected(self) -> socket.socket:
-        if self._sock is not None and not peer_closed(self._sock):
-            return self._sock
-        self.close()
-        self._sock = open_blocking(self.endpoint, self.timeout_s, self.auth)
-        self._closer = weakref.finalize(self, self._sock.close)
-        return self._sock
+        self._connection.close()
 
     # ----- receiving
     def _receive_header(self, sock: socket.socket) -> FrameHeader:
@@ -104,6 +101,62 @@ class BlockingRpcClient:
 
     def _failure(self, exc: Exception) -> KvcakeError:
         return failure(self.endpoint, self.timeout_s, exc)
+
+
+class BlockingConnection:
+    """A blocking socket to one frame server: opened when first needed, and again once the
+    server closed it (checked before each use); closed by :meth:`close`, or with this object
+    at the latest (a thread's connection goes with the thread), never left to the socket's
+    own finalizer."""
+
+    def __init__(self, endpoint: str, timeout_s: float, auth: ClusterAuth) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.auth = auth
+        self._sock: socket.socket | None = None
+        self._closer = weakref.finalize(self, _nothing)
+
+    def socket(self) -> tuple[socket.socket, bool]:
+        """The open socket, and whether it was opened just now (see :func:`open_blocking`
+        for its errors)."""
+        if self._sock is not None and not peer_closed(self._sock):
+            return self._sock, False
+        self.close()
+        self._sock = open_blocking(self.endpoint, self.timeout_s, self.auth)
+        self._closer = weakref.finalize(self, self._sock.close)
+        return self._sock, True
+
+    def close(self) -> None:
+        self._sock = None
+        self._closer()
+
+
+class PerThread(Generic[V]):
+    """Each thread's own value per key (``make(key)``: a blocking connection per thread
+    and server); :meth:`close` closes every value made, in every thread."""
+
+    def __init__(self, make: Callable[[str], V]) -> None:
+        self._make = make
+        self._local = threading.local()
+        self._made: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> V:
+        values: dict[str, V] | None = getattr(self._local, "values", None)
+        if values is None:
+            values = self._local.values = {}
+        value = values.get(key)
+        if value is None:
+            value = values[key] = self._make(key)
+            with self._lock:
+                self._made.add(value)
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            made = list(self._made)
+        for value in made:
+            value.close()
 
 
 def _nothing() -> None:

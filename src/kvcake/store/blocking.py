@@ -13,15 +13,13 @@ which rejoins or follows the failover and sends it again only where it may not h
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from typing import Any, TypeVar
 
 from kvcake.common import codec
-from kvcake.common.blocking_rpc import BlockingRpcClient
+from kvcake.common.blocking_rpc import BlockingRpcClient, PerThread
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store.replica_io import Live
-from kvcake.store.steps import Ask, Move, Plan, logged, moved, submitted
+from kvcake.store.steps import Ask, Driving, Move, Plan, logged, moved, submitted
 
 T = TypeVar("T")
 RECOVERABLE = frozenset({ErrorCode.RPC_FAIL, ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS,
@@ -33,31 +31,24 @@ class BlockingDriver:
 
     def __init__(self, live: Live) -> None:
         self._live = live
-        self._local = threading.local()
-        self._clients: weakref.WeakSet[BlockingRpcClient] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._clients = PerThread(self._new_client)  # each thread's, per master endpoint
 
     def run(self, plan: Plan[T]) -> T:
         """Run ``plan`` to its end in this thread; its result (or what it raised)."""
         _, engine = self._live()
         assert not engine.io.in_loop_thread(), "a blocking store call on the engine's loop"
-        outcome: Any = None
-        failure: KvcakeError | None = None
-        while True:
+        driving = Driving(plan)
+        while (step := driving.step) is not None:
             try:
-                step = plan.throw(failure) if failure is not None else plan.send(outcome)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            failure = None
-            try:
-                outcome = self._ask(step) if isinstance(step, Ask) else self._move(step)
+                driving.answer(self._ask(step) if isinstance(step, Ask) else self._move(step))
             except KvcakeError as exc:
-                failure = exc
+                driving.fail(exc)
+        return driving.result
 
     def _ask(self, step: Ask) -> Any:
         session, engine = self._live()
         uid = session.leader_uid
-        client = self._client(session.rpc.endpoint, session.config.rpc_timeout_s)
+        client = self._clients.get(session.rpc.endpoint)  # a failover: another endpoint
         try:
             body = client.call(codec.encode(step.request))
         except KvcakeError as exc:
@@ -78,23 +69,10 @@ class BlockingDriver:
             batch.wait()
         return moved(batch)
 
-    def _client(self, endpoint: str, timeout_s: float) -> BlockingRpcClient:
-        """This thread's connection to the master at ``endpoint`` (a new one after a
-        failover moved the session elsewhere)."""
-        client: BlockingRpcClient | None = getattr(self._local, "client", None)
-        if client is not None and client.endpoint == endpoint:
-            return client
-        if client is not None:
-            client.close()
-        client = BlockingRpcClient(endpoint, timeout_s)
-        self._local.client = client
-        with self._lock:
-            self._clients.add(client)
-        return client
+    def _new_client(self, endpoint: str) -> BlockingRpcClient:
+        session, _ = self._live()
+        return BlockingRpcClient(endpoint, session.config.rpc_timeout_s)
 
     def close(self) -> None:
-        """Close every thread's connection (a later call opens its own again)."""
-        with self._lock:
-            clients = list(self._clients)
-        for client in clients:
-            client.close()
+        """Close every thread's connections (a later call opens its own again)."""
+        self._clients.close()

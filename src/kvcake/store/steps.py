@@ -14,9 +14,9 @@ failures with ordinary ``try``/``except``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -66,28 +66,58 @@ def logged(errors: list[KvcakeError | None]) -> list[KvcakeError | None]:
     return errors
 
 
+class Driving(Generic[T]):
+    """A plan under way, for a driver's loop::
+
+        driving = Driving(plan)
+        while (step := driving.step) is not None:
+            try:
+                driving.answer(do(step))
+            except KvcakeError as exc:
+                driving.fail(exc)
+        return driving.result
+    """
+
+    def __init__(self, plan: Plan[T]) -> None:
+        self._plan = plan
+        self.step: Step | None = None
+        self.result: T
+        self._advance(lambda: plan.send(None))
+
+    def answer(self, outcome: Any) -> None:
+        """``step`` gave ``outcome``: on to the next."""
+        self._advance(lambda: self._plan.send(outcome))
+
+    def fail(self, error: KvcakeError) -> None:
+        """``step`` failed: ``error`` raises in the plan, which may handle it."""
+        self._advance(lambda: self._plan.throw(error))
+
+    def _advance(self, resume: Callable[[], Step]) -> None:
+        try:
+            self.step = resume()
+        except StopIteration as stop:
+            self.step, self.result = None, stop.value
+
+
 async def drive(plan: Plan[T], session: MasterSession, engine: TransferEngine) -> T:
     """Run ``plan`` on the running loop: master calls through ``session`` (which rejoins
     and follows failovers), transfers through ``engine``."""
-    outcome: Any = None
-    failure: KvcakeError | None = None
-    while True:
+    driving = Driving(plan)
+    while (step := driving.step) is not None:
         try:
-            step = plan.throw(failure) if failure is not None else plan.send(outcome)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        failure = None
-        try:
-            if isinstance(step, Ask):
-                outcome = await session.call(step.request, step.reply_type)
-            else:
-                outcome = engine.copy(step.requests)  # same-host bytes: right here
-                if outcome is not None:
-                    outcome = logged(outcome)
-                else:
-                    batch = submitted(engine, step)
-                    with contextlib.suppress(KvcakeError):  # per request in batch.errors
-                        await batch
-                    outcome = moved(batch)
+            driving.answer(await _done(step, session, engine))
         except KvcakeError as exc:
-            failure = exc
+            driving.fail(exc)
+    return driving.result
+
+
+async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> Any:
+    if isinstance(step, Ask):
+        return await session.call(step.request, step.reply_type)
+    errors = engine.copy(step.requests)  # same-host bytes: right here
+    if errors is not None:
+        return logged(errors)
+    batch = submitted(engine, step)
+    with contextlib.suppress(KvcakeError):  # per request in batch.errors
+        await batch
+    return moved(batch)

@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
-import threading
-import weakref
 from collections.abc import Sequence
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.blocking_rpc import MAX_ERROR_BYTES, failure, open_blocking, peer_closed
+from kvcake.common.blocking_rpc import MAX_ERROR_BYTES, BlockingConnection, failure
 from kvcake.common.errors import KvcakeError, ProtocolError, TransferError, error_from_code
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
 from kvcake.common.sockets import recv_exactly
@@ -30,10 +28,8 @@ class BlockingPeer:
 
     def __init__(self, endpoint: str, auth: ClusterAuth, timeout_s: float) -> None:
         self.endpoint = endpoint
-        self._auth = auth
         self._timeout_s = timeout_s
-        self._sock: socket.socket | None = None
-        self._closer = weakref.finalize(self, lambda: None)
+        self._connection = BlockingConnection(endpoint, timeout_s, auth)
         self._grants = PresentedGrants()
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
@@ -60,17 +56,13 @@ class BlockingPeer:
         return errors
 
     def close(self) -> None:
-        self._sock = None
-        self._closer()
+        self._connection.close()
 
     def _connected(self) -> socket.socket:
-        if self._sock is not None and not peer_closed(self._sock):
-            return self._sock
-        self.close()
-        self._grants = PresentedGrants()  # a new connection holds none
-        self._sock = open_blocking(self.endpoint, self._timeout_s, self._auth)
-        self._closer = weakref.finalize(self, self._sock.close)  # closed with us, at the latest
-        return self._sock
+        sock, fresh = self._connection.socket()
+        if fresh:
+            self._grants = PresentedGrants()  # a new connection holds none
+        return sock
 
     def _send(self, sock: socket.socket, requests: Sequence[TransferRequest]) -> dict[int, int]:
         """Write every request's frames; request id -> index of the request."""
@@ -139,31 +131,3 @@ def _send_all(sock: socket.socket, chunks: list[bytes | memoryview]) -> None:
                 views[0] = views[0][sent:]
                 sent = 0
 
-
-class ThreadPeers:
-    """Each thread's own :class:`BlockingPeer` per peer endpoint."""
-
-    def __init__(self, auth: ClusterAuth, timeout_s: float) -> None:
-        self._auth = auth
-        self._timeout_s = timeout_s
-        self._local = threading.local()
-        self._all: weakref.WeakSet[BlockingPeer] = weakref.WeakSet()
-        self._lock = threading.Lock()
-
-    def peer(self, endpoint: str) -> BlockingPeer:
-        peers: dict[str, BlockingPeer] | None = getattr(self._local, "peers", None)
-        if peers is None:
-            peers = self._local.peers = {}
-        peer = peers.get(endpoint)
-        if peer is None:
-            peer = peers[endpoint] = BlockingPeer(endpoint, self._auth, self._timeout_s)
-            with self._lock:
-                self._all.add(peer)
-        return peer
-
-    def close(self) -> None:
-        """Close every thread's connections (a later transfer opens its own again)."""
-        with self._lock:
-            peers = list(self._all)
-        for peer in peers:
-            peer.close()

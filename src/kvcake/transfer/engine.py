@@ -23,10 +23,11 @@ from types import TracebackType
 
 from kvcake.common.aio import LoopThread
 from kvcake.common.auth import ClusterAuth, cluster_auth
+from kvcake.common.blocking_rpc import PerThread
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.transfer.batch import Batch, MappedRange, RemoteSegment, TransferOp, TransferRequest
-from kvcake.transfer.blocking_peer import ThreadPeers
+from kvcake.transfer.blocking_peer import BlockingPeer
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import GrantMode
 from kvcake.transfer.handover import HandoverServer, forbid_same_user_access
@@ -73,7 +74,8 @@ class TransferEngine:
         self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s,
                                                      self.auth)
         self._transports: dict[str, Transport] = {}
-        self._here = ThreadPeers(self.auth, self.config.timeout_s)  # for transfer_here
+        self._here = PerThread(lambda endpoint: BlockingPeer(endpoint, self.auth,
+                                                             self.config.timeout_s))
         self._closed = False
 
     @property
@@ -207,7 +209,7 @@ class TransferEngine:
         for index, request in enumerate(requests):
             by_peer.setdefault(request.segment.descriptor.endpoint, []).append(index)
         for endpoint, indices in by_peer.items():
-            moved = self._here.peer(endpoint).move([requests[i] for i in indices])
+            moved = self._here.get(endpoint).move([requests[i] for i in indices])
             for index, error in zip(indices, moved, strict=True):
                 errors[index] = error
         return errors

@@ -9,30 +9,27 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from typing import Any, Protocol
 
 from kvcake.common import codec
-from kvcake.common.auth import NO_AUTH, ClientHandshake, ClusterAuth, refusal
+from kvcake.common.auth import NO_AUTH, ClusterAuth
+from kvcake.common.blocking_rpc import BlockingRpcClient
 from kvcake.common.errors import (
-    AuthenticationError,
+    ErrorCode,
     InvalidParamsError,
+    KvcakeError,
     MetadataError,
     SegmentNotFoundError,
-    error_from_code,
 )
 from kvcake.common.etcd import etcd_client, guarded
-from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
 from kvcake.common.log import get_logger
-from kvcake.common.sockets import recv_exactly
 from kvcake.transfer.messages import DescribeReply, DescribeRequest
 from kvcake.transfer.segment import SegmentDescriptor
 
 log = get_logger(__name__)
 
 ETCD_PREFIX = "/kvcake/transfer/segments/"
-_MAX_REPLY = 1 << 24
 
 
 class MetadataDirectory(Protocol):
@@ -98,52 +95,20 @@ class P2PDirectory:
 
     def lookup(self, name: str) -> SegmentDescriptor:
         host, port, segment = split_p2p_name(name)
+        client = BlockingRpcClient(f"{host}:{port}", self._timeout_s, self._auth)
         try:
-            with socket.create_connection((host, port), timeout=self._timeout_s) as sock:
-                if self._auth.enabled:
-                    _authenticate(sock, self._auth, f"{host}:{port}")
-                reply = _call(sock, codec.encode(DescribeRequest([segment])))
-        except OSError as exc:
+            reply = client.call(codec.encode(DescribeRequest([segment])))
+        except KvcakeError as exc:
+            if exc.code is not ErrorCode.RPC_FAIL:
+                raise
             raise MetadataError(f"handshake with {host}:{port} failed: {exc}") from exc
+        finally:
+            client.close()
         (descriptor,) = codec.decode(reply, DescribeReply).segments
         return descriptor
 
     def close(self) -> None:
         pass
-
-
-def _authenticate(sock: socket.socket, auth: ClusterAuth, what: str) -> None:
-    """The client half of the cluster-token handshake on a blocking socket."""
-    handshake = ClientHandshake(auth)
-    hello = handshake.hello()
-    sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=len(hello)) + hello)
-    header, payload = _recv_frame(sock)
-    if header.status != 0:
-        raise refusal(what, header.status, payload.decode(errors="replace"))
-    if header.op is not FrameOp.AUTH_CHALLENGE:
-        raise AuthenticationError(f"{what} answered the hello with {header.op.name}")
-    try:
-        proof = handshake.proof(bytes(payload))
-    except AuthenticationError as exc:
-        raise AuthenticationError(f"{what}: {exc.args[0]}") from None
-    sock.sendall(pack_header(FrameOp.AUTH_PROOF, 0, length=len(proof)) + proof)
-
-
-def _call(sock: socket.socket, body: bytes) -> bytes:
-    sock.sendall(pack_header(FrameOp.CALL, 1, length=len(body)) + body)
-    header, payload = _recv_frame(sock)
-    if header.status != 0:
-        raise error_from_code(header.status, payload.decode(errors="replace"))
-    return bytes(payload)
-
-
-def _recv_frame(sock: socket.socket) -> tuple[FrameHeader, bytearray]:
-    raw = memoryview(bytearray(HEADER_SIZE))
-    recv_exactly(sock, raw)
-    header = unpack_header(raw, _MAX_REPLY)
-    payload = bytearray(header.length)
-    recv_exactly(sock, memoryview(payload))
-    return header, payload
 
 
 class EtcdDirectory:
