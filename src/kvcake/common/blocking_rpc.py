@@ -27,10 +27,8 @@ from kvcake.common.errors import (
     error_from_code,
 )
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
-from kvcake.common.rpc import MAX_CALL_BYTES
-from kvcake.common.sockets import recv_exactly
-
-MAX_ERROR_BYTES = 1 << 16
+from kvcake.common.rpc import MAX_CALL_BYTES, MAX_ERROR_BYTES
+from kvcake.common.sockets import recv_bytes, recv_exactly
 
 
 class Closable(Protocol):
@@ -62,7 +60,7 @@ class BlockingRpcClient:
             sock.sendall(pack_header(FrameOp.CALL, request_id, length=len(body)) + body)
             self.sent = True
             header = self._receive_header(sock)
-            payload = self._receive(sock, self._payload_size(header))
+            payload = bytes(recv_bytes(sock, self._payload_size(header)))
         except (OSError, ProtocolError) as exc:
             self.close()
             raise self._failure(exc) from None
@@ -90,14 +88,6 @@ class BlockingRpcClient:
         if header.op is not FrameOp.CALL_REPLY:
             raise ProtocolError(f"unexpected {header.op.name} frame from an RPC server")
         return _checked_length(header)
-
-    @staticmethod
-    def _receive(sock: socket.socket, size: int) -> bytes:
-        if not size:
-            return b""
-        payload = bytearray(size)
-        recv_exactly(sock, memoryview(payload))
-        return bytes(payload)
 
     def _failure(self, exc: Exception) -> KvcakeError:
         return failure(self.endpoint, self.timeout_s, exc)
@@ -193,8 +183,7 @@ def _authenticate(sock: socket.socket, endpoint: str, timeout_s: float,
         sock.sendall(pack_header(FrameOp.AUTH_HELLO, 0, length=len(hello)) + hello)
         recv_exactly(sock, header_buffer)
         header = unpack_header(header_buffer, MAX_ERROR_BYTES)
-        body = bytearray(_checked_length(header))
-        recv_exactly(sock, memoryview(body))
+        body = recv_bytes(sock, _checked_length(header))
     except (OSError, ProtocolError) as exc:
         raise failure(endpoint, timeout_s, exc) from None
     if header.status:

@@ -35,7 +35,7 @@ from kvcake.common.stream import (
 log = get_logger(__name__)
 
 MAX_CALL_BYTES = 64 << 20
-_MAX_ERROR_BYTES = 1 << 16
+MAX_ERROR_BYTES = 1 << 16  # the longest error message a reply may carry
 Handler = Callable[[memoryview], "bytes | Awaitable[bytes]"]
 
 
@@ -167,7 +167,7 @@ class _ClientConnection(FramedProtocol):
     def payload_buffer(self, header: FrameHeader) -> memoryview | None:
         if header.op is not FrameOp.CALL_REPLY:
             raise ProtocolError(f"unexpected {header.op.name} frame from an RPC server")
-        if header.status and header.length > _MAX_ERROR_BYTES:
+        if header.status and header.length > MAX_ERROR_BYTES:
             raise ProtocolError(f"error message of {header.length} bytes")
         return memoryview(bytearray(header.length))
 

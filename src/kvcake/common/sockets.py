@@ -15,6 +15,14 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         got += count
 
 
+def recv_bytes(sock: socket.socket, size: int) -> bytearray:
+    """The next ``size`` bytes from ``sock``."""
+    data = bytearray(size)
+    if size:
+        recv_exactly(sock, memoryview(data))
+    return data
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (bound on ``host``:0, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

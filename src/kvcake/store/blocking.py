@@ -19,7 +19,7 @@ from kvcake.common import codec
 from kvcake.common.blocking_rpc import BlockingRpcClient, PerThread
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store.replica_io import Live
-from kvcake.store.steps import Ask, Driving, Move, Plan, logged, moved, submitted
+from kvcake.store.steps import Ask, Driving, Move, Plan, logged, moved
 
 T = TypeVar("T")
 RECOVERABLE = frozenset({ErrorCode.RPC_FAIL, ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS,
@@ -64,7 +64,7 @@ class BlockingDriver:
         errors = engine.transfer_here(step.requests)
         if errors is not None:
             return logged(errors)
-        batch = submitted(engine, step)
+        batch = engine.submit(step.requests)
         with contextlib.suppress(KvcakeError):  # per request in batch.errors
             batch.wait()
         return moved(batch)

@@ -48,10 +48,6 @@ Step = Ask | Move
 Plan = Generator[Step, Any, T]
 
 
-def submitted(engine: TransferEngine, move: Move) -> Batch:
-    return engine.submit(move.requests)
-
-
 def moved(batch: Batch) -> list[KvcakeError | None]:
     """Each request's error, once ``batch`` is done."""
     return logged(list(batch.errors))
@@ -117,7 +113,7 @@ async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> A
     errors = engine.copy(step.requests)  # same-host bytes: right here
     if errors is not None:
         return logged(errors)
-    batch = submitted(engine, step)
+    batch = engine.submit(step.requests)
     with contextlib.suppress(KvcakeError):  # per request in batch.errors
         await batch
     return moved(batch)

@@ -13,10 +13,11 @@ import socket
 from collections.abc import Sequence
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.blocking_rpc import MAX_ERROR_BYTES, BlockingConnection, failure
+from kvcake.common.blocking_rpc import BlockingConnection, failure
 from kvcake.common.errors import KvcakeError, ProtocolError, TransferError, error_from_code
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
-from kvcake.common.sockets import recv_exactly
+from kvcake.common.rpc import MAX_ERROR_BYTES
+from kvcake.common.sockets import recv_bytes, recv_exactly
 from kvcake.transfer.batch import TransferOp, TransferRequest
 from kvcake.transfer.grants import PresentedGrants
 
@@ -113,9 +114,7 @@ def _largest(requests: Sequence[TransferRequest]) -> int:
 def _receive_text(sock: socket.socket, length: int) -> str:
     if length > MAX_ERROR_BYTES:
         raise ProtocolError(f"error message of {length} bytes")
-    body = bytearray(length)
-    recv_exactly(sock, memoryview(body))
-    return body.decode(errors="replace")
+    return recv_bytes(sock, length).decode(errors="replace")
 
 
 def _send_all(sock: socket.socket, chunks: list[bytes | memoryview]) -> None:
@@ -130,4 +129,3 @@ def _send_all(sock: socket.socket, chunks: list[bytes | memoryview]) -> None:
             else:
                 views[0] = views[0][sent:]
                 sent = 0
-

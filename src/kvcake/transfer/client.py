@@ -20,11 +20,11 @@ from kvcake.common.errors import (
     error_from_code,
 )
 from kvcake.common.frames import FrameHeader, FrameOp, pack_header
+from kvcake.common.rpc import MAX_ERROR_BYTES
 from kvcake.common.stream import FramedProtocol, authenticate
 from kvcake.transfer.batch import Batch, TransferOp
 from kvcake.transfer.grants import PresentedGrants
 
-_MAX_ERROR_BYTES = 1 << 16
 _request_ids = itertools.count(1)
 
 
@@ -101,7 +101,7 @@ class PeerConnection(FramedProtocol):
     # FrameSink
     def payload_buffer(self, header: FrameHeader) -> memoryview | None:
         if header.status != 0:
-            if header.length > _MAX_ERROR_BYTES:
+            if header.length > MAX_ERROR_BYTES:
                 raise ProtocolError(f"error message of {header.length} bytes")
             return memoryview(bytearray(header.length))
         part = self._pending.get(header.request_id)
