@@ -11,7 +11,9 @@ PIP_FLAGS ?= --no-compile
 .PHONY: run test deps install vllm vllm-mooncake sglang-router sysdeps lint fuzz chaos bench \
 	paper clean mooncake-shim
 
+# the C compiler for the engine's decode kernel (without one the engine runs, more slowly)
 run: $(STAMP)
+	-bash scripts/install-sysdeps.sh compiler
 	$(VENV)/bin/kvcake up
 
 test: deps

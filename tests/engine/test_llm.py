@@ -214,8 +214,11 @@ def test_prompt_logprobs_score_the_prompt_like_decoding_did(
     assert first.prompt_logprobs[-6:] == pytest.approx(decoded, abs=0.1)
     assert all(math.isfinite(lp) and lp <= 0 for lp in first.prompt_logprobs)
     assert [len(top) for top in first.prompt_top_logprobs] == [3] * (len(prompt) + 5)
-    # greedy tokens were the most likely ones
-    assert [top[0][0] for top in first.prompt_top_logprobs[-6:]] == generated
+    # greedy tokens were the most likely ones, up to a tie: bf16 logits near 20 are 0.125
+    # apart, and decode (the paged kernel) and prefill (sdpa) may round a near tie apart
+    for token, top in zip(generated, first.prompt_top_logprobs[-6:], strict=True):
+        scored = dict(top)
+        assert token in scored and scored[token] >= top[0][1] - 0.25, (token, top)
 
 
 def test_prompt_logprobs_skip_the_prefix_cache_and_survive_chunking(llm: LLM) -> None:

@@ -13,6 +13,7 @@ import torch
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.model.paged import PagedDecodes, load_paged_decode
 from kvcake.engine.model.weights import load_weights
 from kvcake.model import ModelFiles, resolve_model
 from kvcake.wire.sampling import SamplingParams
@@ -39,15 +40,19 @@ def run_chunks(model: LlamaModel, tokens: Sequence[int], chunks: Sequence[int],
     while start < len(tokens):
         decoding = decode_from is not None and start >= decode_from
         n = 1 if decoding else min(sizes.pop(0) if sizes else len(tokens), len(tokens) - start)
-        batch = _batch(start, n, decoding)
+        batch = _batch(start, n, decoding, model.paged_decode is not None)
         ids = torch.tensor(tokens[start:start + n])
         out.append(model.logits(model.forward(ids, batch, cache)))
         start += n
     return torch.cat(out)
 
 
-def _batch(start: int, n: int, decoding: bool) -> AttentionBatch:
+def _batch(start: int, n: int, decoding: bool, paged: bool) -> AttentionBatch:
     positions = torch.arange(start, start + n)
+    if decoding and paged:  # blocks of 16 in order: slot == position
+        table = torch.arange(start // 16 + 1, dtype=torch.int32).unsqueeze(0)
+        lens = torch.tensor([start + 1], dtype=torch.int32)
+        return AttentionBatch(positions, positions, (), 0, paged=PagedDecodes(0, table, lens, 16))
     if decoding:
         slots = torch.arange(start + 1).unsqueeze(0)
         mask = torch.ones(1, 1, 1, start + 1, dtype=torch.bool)
@@ -64,7 +69,12 @@ def hf_logits(model: Any, tokens: Sequence[int]) -> torch.Tensor:
 
 def load_pair(path: Path, dtype: torch.dtype, attention: str = "eager") -> tuple[LlamaModel, Any]:
     files = resolve_model(str(path))
-    ours = LlamaModel(files.config, load_weights(files, dtype), dtype, attention=attention)
+    c = files.config
+    kernel = (load_paged_decode(dtype, c.head_dim, c.num_heads // c.num_kv_heads, path)
+              if attention == "paged" else None)
+    assert kernel is not None or attention != "paged"
+    ours = LlamaModel(c, load_weights(files, dtype), dtype, attention=attention,
+                      paged_decode=kernel)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation="eager").eval()
     return ours, hf
@@ -85,7 +95,7 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["paged", "sdpa", "eager"])
 def test_tiny_logits_match_hf(tiny_model_dir: Callable[..., Path], variant: str,
                               attention: str) -> None:
     path = tiny_model_dir(seed=3, **TINY_VARIANTS[variant])
@@ -165,7 +175,7 @@ def test_smollm2_greedy_equals_hf(smollm2_files: ModelFiles, smollm2_tokenizer: 
 
 def test_smollm2_batched_greedy_matches_alone(smollm2_files: ModelFiles,
                                               smollm2_tokenizer: Any) -> None:
-    """Continuous batching (mixed prefill and decode, padded decode attention) changes no
+    """Continuous batching (mixed prefill and decode, decodes in one paged kernel call) changes no
     token in float32: each prompt alone and all together give the same greedy output."""
     config = EngineConfig(dtype="float32", kv_cache_bytes=64 << 20, max_num_batched_tokens=32)
     core = EngineCore(config, files=smollm2_files)

@@ -34,7 +34,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device != "cpu" or cpu_has_native_bf16() else "float32"
 
 
-ATTENTION_CHOICES = ("sdpa", "eager")
+ATTENTION_CHOICES = ("paged", "sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,17 @@ class EngineConfig:
         ``auto``: bfloat16 on a GPU or a CPU that computes it natively, else float32; resolved
         when the config is made, so peers compare the dtype actually used).
     device: torch device (``cpu``, ``cuda``, ``cuda:1``).
-    attention: kernel (``sdpa``: fused, fastest; ``eager``: HF's exact math, for bit-faithful
-        comparisons).
+    attention: kernel (``paged``: ``sdpa`` for prompts and a compiled kernel that reads the
+        decodes' K/V blocks in place, fastest on CPU, ``sdpa`` alone where it cannot be
+        built; ``sdpa``: PyTorch's fused kernels over gathered K/V; ``eager``: HF's exact
+        math, for bit-faithful comparisons).
     block_size: tokens per KV block (a multiple of 8 is fastest; 1..1024).
     kv_cache_bytes: bytes of the paged KV pool (its block count follows from the model).
     max_num_seqs: most requests running at once.
     max_num_batched_tokens: token budget of one step (prefill chunks plus decodes).
     max_model_len: longest prompt plus output (0 = the model's own limit).
-    cache_dir: where converted weights are kept (empty = ``~/.cache/kvcake``).
+    cache_dir: where converted weights and compiled kernels are kept (empty =
+        ``~/.cache/kvcake``).
     tenant: namespace of this engine's KV blocks in the store.
     store_master: ``HOST:PORT`` of a kvcake store master (empty = no store connector).
     store_segment_size: bytes this engine contributes to the store pool (0 = a pure client).
@@ -65,7 +68,7 @@ class EngineConfig:
     model: str = "smollm2"
     dtype: str = "auto"
     device: str = "cpu"
-    attention: str = "sdpa"
+    attention: str = "paged"
     block_size: int = 16
     kv_cache_bytes: int = 512 * MiB
     max_num_seqs: int = 64

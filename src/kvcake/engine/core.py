@@ -25,11 +25,12 @@ from kvcake.engine.kv.format import BlockLayout
 from kvcake.engine.kv.manager import KVCacheManager
 from kvcake.engine.kv.transfer import kv_cache_in
 from kvcake.engine.model.llama import LlamaModel
+from kvcake.engine.model.paged import PagedDecodeKernel, load_paged_decode
 from kvcake.engine.model.weights import load_weights
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
 from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
-from kvcake.model import ModelFiles, resolve_model
+from kvcake.model import ModelFiles, cache_root, resolve_model
 from kvcake.transfer import Segment, TransferEngine
 from kvcake.wire.kv import KVRegion
 from kvcake.wire.output import TokenOutput, TopLogprobs
@@ -94,7 +95,8 @@ class EngineCore:
         self.max_model_len = self._max_model_len(num_blocks)
         weights = load_weights(self.files, self.dtype, config.device)
         model = LlamaModel(self.model_config, weights, self.dtype, config.device,
-                           max_positions=self.max_model_len, attention=config.attention)
+                           max_positions=self.max_model_len, attention=config.attention,
+                           paged_decode=self._paged_decode())
         del weights
         self.fingerprint = kv_fingerprint(self.files, config)
         self.transfer = transfer
@@ -118,6 +120,14 @@ class EngineCore:
         self._reserved: dict[str, tuple[list[int], int]] = {}
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    def _paged_decode(self) -> PagedDecodeKernel | None:
+        """The compiled decode kernel where ``attention`` is ``paged`` on a CPU."""
+        if self.config.attention != "paged" or self.config.device != "cpu":
+            return None
+        c = self.model_config
+        return load_paged_decode(self.dtype, c.head_dim, c.num_heads // c.num_kv_heads,
+                                 cache_root(self.config.cache_dir))
 
     def _shared_kv_cache(self, transfer: TransferEngine, num_blocks: int) -> torch.Tensor:
         c = self.model_config

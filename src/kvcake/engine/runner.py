@@ -1,7 +1,8 @@
 """Turns a scheduler step into tensors, runs the model and samples.
 
 Flat batch layout (see :mod:`kvcake.engine.model.llama`): prompt chunks first, then decodes
-(one generated token each), which share padded attention calls. A prompt chunk of one token
+(one generated token each), which share one call of the paged kernel (or, without it, padded
+attention calls). A prompt chunk of one token
 (the last token of a prompt cached whole) runs as a prefill, so its logits come from the
 same kernel as a cold prefill's.
 """
@@ -14,6 +15,7 @@ import torch
 
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.model.logprobs import ROWS_PER_SLICE, PromptLogprobs, score_tokens
+from kvcake.engine.model.paged import PagedDecodes
 from kvcake.engine.penalties import TokenHistory
 from kvcake.engine.request import Request
 from kvcake.engine.sampling import Sampler
@@ -64,6 +66,10 @@ class ModelRunner:
             positions.append(pos)
             slots.append(chunk_slots)
             offset += chunk.num_tokens
+        if decodes and self.model.paged_decode is not None:
+            paged, pos, own = self._paged_inputs(decodes, offset)
+            return AttentionBatch(torch.cat([*slots, own]), torch.cat([*positions, pos]),
+                                  tuple(spans), offset, paged=paged)
         groups = []
         start = offset
         for group in _length_groups(decodes):
@@ -85,12 +91,21 @@ class ModelRunner:
                 else PrefillSpan(offset, chunk.num_tokens, None))
         return span, torch.arange(chunk.start, end, device=self.device), own
 
+    def _paged_inputs(self, decodes: list[ScheduledChunk],
+                      start: int) -> tuple[PagedDecodes, torch.Tensor, torch.Tensor]:
+        """The kernel's block tables and lengths, the new tokens' positions and slots."""
+        lengths = [c.start + 1 for c in decodes]
+        size = self.block_size
+        own = [c.request.block_ids[c.start // size] * size + c.start % size for c in decodes]
+        tables = torch.tensor(_block_tables(decodes, lengths, size), dtype=torch.int32)
+        paged = PagedDecodes(start, tables, torch.tensor(lengths, dtype=torch.int32), size)
+        return (paged, torch.tensor([c.start for c in decodes], dtype=torch.long),
+                torch.tensor(own, dtype=torch.long))
+
     def _decode_inputs(self, decodes: list[ScheduledChunk]) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         lengths = [c.start + 1 for c in decodes]
-        width = -(-max(lengths) // self.block_size)
-        tables = [c.request.block_ids[:width] + [0] * (width - len(c.request.block_ids[:width]))
-                  for c in decodes]
+        tables = _block_tables(decodes, lengths, self.block_size)
         table = torch.tensor(tables, dtype=torch.long, device=self.device)  # (n, width)
         context = max(lengths)
         cols = torch.arange(context, device=self.device)
@@ -182,6 +197,14 @@ def _length_groups(decodes: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         else:
             groups.append([chunk])
     return groups
+
+
+def _block_tables(decodes: list[ScheduledChunk], lengths: list[int],
+                  block_size: int) -> list[list[int]]:
+    """Each decode's block ids, as many as the longest context needs, padded with 0."""
+    width = -(-max(lengths) // block_size)
+    return [c.request.block_ids[:width] + [0] * (width - len(c.request.block_ids[:width]))
+            for c in decodes]
 
 
 def _decodes(chunk: ScheduledChunk) -> bool:

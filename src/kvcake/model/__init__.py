@@ -10,6 +10,7 @@ from kvcake.model.config import ModelConfig
 from kvcake.model.files import (
     PACKAGED_MODEL,
     ModelFiles,
+    cache_root,
     directory_digest,
     packaged_gguf,
     resolve_model,
@@ -20,6 +21,7 @@ __all__ = [
     "PACKAGED_MODEL",
     "ModelConfig",
     "ModelFiles",
+    "cache_root",
     "directory_digest",
     "packaged_gguf",
     "resolve_model",

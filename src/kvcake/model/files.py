@@ -70,13 +70,19 @@ def packaged_gguf() -> Path:
     return path
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where converted weights and compiled kernels are kept (``~/.cache/kvcake`` unless
+    given)."""
+    return Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
+
+
 def resolve_model(spec: str, cache_dir: str | Path | None = None) -> ModelFiles:
     """The model files ``spec`` names, converting a GGUF into ``cache_dir`` the first time.
 
     Raises InvalidParamsError naming ``spec`` when it is none of the accepted forms, and
     naming the file when one is unreadable or incomplete.
     """
-    cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
+    cache = cache_root(cache_dir)
     if spec == PACKAGED_MODEL:
         return _resolve_gguf(packaged_gguf(), cache)
     path = Path(spec).expanduser()

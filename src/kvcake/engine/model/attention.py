@@ -1,4 +1,5 @@
-"""Attention kernels by name: ``sdpa`` (PyTorch's fused kernels) and ``eager`` (HF's math).
+"""Attention kernels by name: ``sdpa`` (PyTorch's fused kernels) and ``eager`` (HF's math);
+``paged`` runs prompts with ``sdpa`` (its decodes go to :mod:`kvcake.engine.model.paged`).
 
 Both take grouped-query inputs and a boolean mask (``True`` = may attend)::
 
@@ -61,7 +62,7 @@ def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return torch.matmul(weights, v)
 
 
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa, "eager": eager}
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"paged": sdpa, "sdpa": sdpa, "eager": eager}
 
 
 def attention_backend(name: str) -> AttentionFn:

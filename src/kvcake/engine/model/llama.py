@@ -7,7 +7,8 @@ attention looks at requests one by one (a prefill chunk) or as a padded group (d
 ::
 
     tokens   | chunk A (prefill, 5) | chunk B (prefill, 3) | d1 | d2 | d3 |   (num_tokens,)
-    attention:  A's 5 queries over A's context, B likewise; d1..d3 batched over padded context
+    attention:  A's 5 queries over A's context, B likewise; d1..d3 in one call of the paged
+                kernel over their blocks in place (or gathered into padded groups for sdpa)
 
 Weights use HF names and layout, so HF checkpoints load without renaming; q/k/v and
 gate/up are fused into one matrix each at load time (one matmul instead of three or two).
@@ -24,6 +25,7 @@ import torch.nn.functional as nnf
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.attention import attention_backend
+from kvcake.engine.model.paged import PagedDecodeKernel, PagedDecodes
 from kvcake.engine.model.rope import rope_tables
 from kvcake.model import ModelConfig
 
@@ -62,6 +64,7 @@ class AttentionBatch:
     decode_start: flat index of the first decode token (== num_tokens when none).
     decodes: the decode tokens in groups of similar context length, each padded only to its
         own longest context (one long request does not slow every other's attention).
+    paged: every decode token for the paged kernel instead (``decodes`` is then empty).
     """
 
     slot_mapping: torch.Tensor
@@ -69,6 +72,7 @@ class AttentionBatch:
     prefills: tuple[PrefillSpan, ...]
     decode_start: int
     decodes: tuple[DecodeGroup, ...] = ()
+    paged: PagedDecodes | None = None
 
 
 @dataclass(frozen=True)
@@ -100,14 +104,16 @@ class LlamaModel:
 
     ``kv_cache`` has shape ``(num_layers, 2, num_slots, num_kv_heads, head_dim)`` where
     ``num_slots = num_blocks * block_size`` and slot ``b * block_size + i`` is token ``i`` of
-    block ``b``.
+    block ``b``. With ``paged_decode`` (see :mod:`kvcake.engine.model.paged`) decode tokens
+    may come as one :class:`PagedDecodes` that reads the cache in place.
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
                  dtype: torch.dtype, device: str = "cpu", max_positions: int = 0,
-                 attention: str = "sdpa") -> None:
+                 attention: str = "sdpa", paged_decode: PagedDecodeKernel | None = None) -> None:
         self.config = config
         self.attend = attention_backend(attention)
+        self.paged_decode = paged_decode
         self.dtype = dtype
         self.device = torch.device(device)
         self.embed = _take(weights, "model.embed_tokens.weight", dtype, self.device)
@@ -185,6 +191,8 @@ class LlamaModel:
         for group in batch.decodes:
             end = group.start + group.slots.shape[0]
             out[group.start:end] = self._decode_attention(q[group.start:end], group, cache)
+        if batch.paged is not None:
+            self._paged_attention(q, batch.paged, cache, out)
         return nnf.linear(out.view(-1, self.q_size), layer.o_proj)
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -210,6 +218,15 @@ class LlamaModel:
         out = self.attend(q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
                           group.mask, self.scale)
         return out.squeeze(2)  # (num_decodes, num_heads, head_dim)
+
+
+    def _paged_attention(self, q: torch.Tensor, paged: PagedDecodes, cache: torch.Tensor,
+                         out: torch.Tensor) -> None:
+        if self.paged_decode is None:
+            raise InvalidParamsError("paged decodes need a model built with paged_decode")
+        end = paged.start + paged.count
+        self.paged_decode(q[paged.start:end].contiguous(), cache[0], cache[1], paged,
+                          self.scale, out[paged.start:end])
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,166 @@
+/*
+ * Decode attention over kvcake's paged KV cache, reading every block where it lies.
+ *
+ * Each sequence b has one query token (heads = GROUPS * kv_heads query heads of HEAD_DIM)
+ * that attends to its first lens[b] context tokens. Token t of sequence b sits in slot
+ *
+ *     tables[b * width + t / block_size] * block_size + t % block_size
+ *
+ * of the layer's K and V arrays, each (slots, kv_heads, HEAD_DIM). The GROUPS query heads
+ * that share a K/V head are done together, so every K/V row is read once from memory, and
+ * nothing is gathered into a padded copy first. Scores, softmax and the weighted sum run in
+ * float32, the softmax online over chunks of CHUNK tokens (one rescale per chunk).
+ *
+ *     parallel over (b, kv head):  for each chunk of tokens
+ *         s[g][i] = scale * q[g] . K[slot(i)]          (GROUPS dot products per K row)
+ *         m' = max(m, s);  acc *= exp(m - m');  p = exp(s - m')
+ *         acc[g] += p[g][i] * V[slot(i)]               (one V row for GROUPS heads)
+ *     out[g] = acc[g] / sum(p[g])
+ *
+ * kvcake.engine.model.paged compiles this file at first use with -DHEAD_DIM=, -DGROUPS= and
+ * one of -DKV_BF16, -DKV_F16 or -DKV_F32 (compile-time sizes let the compiler unroll and
+ * vectorise the inner loops), and calls kvcake_paged_decode through ctypes.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(HEAD_DIM) || !defined(GROUPS)
+#error "compile with -DHEAD_DIM=<n> -DGROUPS=<n>"
+#endif
+
+#if defined(KV_BF16)
+typedef uint16_t elem;
+static inline float load(elem x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline elem store(float f) {  /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    return (elem)(bits >> 16);
+}
+#elif defined(KV_F16)
+typedef _Float16 elem;
+static inline float load(elem x) { return (float)x; }
+static inline elem store(float f) { return (elem)f; }
+#elif defined(KV_F32)
+typedef float elem;
+static inline float load(elem x) { return x; }
+static inline elem store(float f) { return f; }
+#else
+#error "compile with one of -DKV_BF16, -DKV_F16, -DKV_F32"
+#endif
+
+#define CHUNK 64
+
+typedef struct {
+    float q[GROUPS][HEAD_DIM];   /* the query heads, pre-scaled */
+    float acc[GROUPS][HEAD_DIM]; /* running weighted sum of V rows */
+    float max[GROUPS];           /* running max score */
+    float sum[GROUPS];           /* running sum of exp(score - max) */
+} state;
+
+static void start(state *st, const elem *q, float scale) {
+    for (int g = 0; g < GROUPS; g++) {
+        for (int d = 0; d < HEAD_DIM; d++) {
+            st->q[g][d] = load(q[g * HEAD_DIM + d]) * scale;
+            st->acc[g][d] = 0.f;
+        }
+        st->max[g] = -FLT_MAX;
+        st->sum[g] = 0.f;
+    }
+}
+
+static void scores(const state *st, const elem *k, const int64_t *rows, int n,
+                   float s[GROUPS][CHUNK]) {
+    for (int i = 0; i < n; i++) {
+        const elem *row = k + rows[i];
+        for (int g = 0; g < GROUPS; g++) {
+            float dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int d = 0; d < HEAD_DIM; d++)
+                dot += st->q[g][d] * load(row[d]);
+            s[g][i] = dot;
+        }
+    }
+}
+
+static void rescale(state *st, int n, float s[GROUPS][CHUNK]) {
+    for (int g = 0; g < GROUPS; g++) {
+        float top = st->max[g];
+        for (int i = 0; i < n; i++)
+            top = s[g][i] > top ? s[g][i] : top;
+        float shrink = expf(st->max[g] - top), total = 0.f;
+        #pragma omp simd reduction(+:total)
+        for (int i = 0; i < n; i++) {
+            s[g][i] = expf(s[g][i] - top);
+            total += s[g][i];
+        }
+        for (int d = 0; d < HEAD_DIM; d++)
+            st->acc[g][d] *= shrink;
+        st->sum[g] = st->sum[g] * shrink + total;
+        st->max[g] = top;
+    }
+}
+
+static void accumulate(state *st, const elem *v, const int64_t *rows, int n,
+                       float s[GROUPS][CHUNK]) {
+    float row[HEAD_DIM];
+    for (int i = 0; i < n; i++) {
+        const elem *vp = v + rows[i];
+        #pragma omp simd
+        for (int d = 0; d < HEAD_DIM; d++)
+            row[d] = load(vp[d]);
+        for (int g = 0; g < GROUPS; g++) {
+            float p = s[g][i];
+            #pragma omp simd
+            for (int d = 0; d < HEAD_DIM; d++)
+                st->acc[g][d] += p * row[d];
+        }
+    }
+}
+
+static void attend(const elem *q, const elem *k, const elem *v, const int32_t *table, int len,
+                   elem *out, int kv_heads, int head, int block_size, float scale) {
+    state st;
+    float s[GROUPS][CHUNK];
+    int64_t rows[CHUNK];
+    start(&st, q, scale);
+    for (int t0 = 0; t0 < len; t0 += CHUNK) {
+        int n = len - t0 < CHUNK ? len - t0 : CHUNK;
+        for (int i = 0; i < n; i++) {
+            int t = t0 + i;
+            int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+            rows[i] = (slot * kv_heads + head) * HEAD_DIM;
+        }
+        scores(&st, k, rows, n, s);
+        rescale(&st, n, s);
+        accumulate(&st, v, rows, n, s);
+    }
+    for (int g = 0; g < GROUPS; g++) {
+        float inv = st.sum[g] > 0.f ? 1.f / st.sum[g] : 0.f;
+        for (int d = 0; d < HEAD_DIM; d++)
+            out[g * HEAD_DIM + d] = store(st.acc[g][d] * inv);
+    }
+}
+
+/* q, out: (batch, kv_heads * GROUPS, HEAD_DIM); k, v: (slots, kv_heads, HEAD_DIM);
+ * tables: (batch, width) block ids; lens: (batch,) context lengths, each >= 1. */
+void kvcake_paged_decode(const elem *q, const elem *k, const elem *v, const int32_t *tables,
+                         const int32_t *lens, elem *out, int batch, int kv_heads, int width,
+                         int block_size, float scale, int threads) {
+    const int64_t heads = (int64_t)kv_heads * GROUPS;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int b = 0; b < batch; b++) {
+        for (int h = 0; h < kv_heads; h++) {
+            int64_t at = ((int64_t)b * heads + (int64_t)h * GROUPS) * HEAD_DIM;
+            attend(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at, kv_heads, h,
+                   block_size, scale);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+"""The compiled paged decode kernel against plain attention over gathered K/V, its build cache,
+and the fall-back to the gather-and-sdpa path where it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcake.engine.config import EngineConfig
+from kvcake.engine.core import EngineCore
+from kvcake.engine.model import paged
+from kvcake.engine.model.paged import PagedDecodeKernel, PagedDecodes, load_paged_decode
+from kvcake.model import ModelFiles
+from kvcake.wire.sampling import SamplingParams
+
+BLOCK = 16
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernels")
+
+
+def build(dtype: torch.dtype, head_dim: int, groups: int, cache: Path) -> PagedDecodeKernel:
+    kernel = load_paged_decode(dtype, head_dim, groups, cache)
+    assert kernel is not None, "the paged decode kernel did not build (is a C compiler there?)"
+    return kernel
+
+
+def paged_case(lens: list[int], kv_heads: int, groups: int, head_dim: int, dtype: torch.dtype,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedDecodes]:
+    """Random q and a cache whose blocks are handed out in a scrambled order."""
+    gen = torch.Generator().manual_seed(seed)
+    width = -(-max(lens) // BLOCK)
+    num_blocks = len(lens) * width + 3
+    order = torch.randperm(num_blocks, generator=gen)[:len(lens) * width].view(len(lens), width)
+    cache = torch.randn(2, num_blocks * BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(lens), kv_heads * groups, head_dim, generator=gen).to(dtype)
+    decodes = PagedDecodes(0, order.to(torch.int32), torch.tensor(lens, dtype=torch.int32),
+                           BLOCK)
+    return q, cache[0], cache[1], decodes
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decodes: PagedDecodes,
+              scale: float) -> torch.Tensor:
+    """Each sequence alone: gather its slots, float32 softmax attention per query head."""
+    rows = []
+    groups = q.shape[1] // k.shape[1]
+    for b, length in enumerate(decodes.lens.tolist()):
+        positions = torch.arange(length)
+        slots = decodes.tables[b].long()[positions // BLOCK] * BLOCK + positions % BLOCK
+        ks = k[slots].float().repeat_interleave(groups, dim=1)  # (len, heads, dim)
+        vs = v[slots].float().repeat_interleave(groups, dim=1)
+        weights = (torch.einsum("hd,thd->ht", q[b].float(), ks) * scale).softmax(-1)
+        rows.append(torch.einsum("ht,thd->hd", weights, vs))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("kv_heads", "groups", "head_dim"), [(3, 3, 64), (2, 1, 16)])
+def test_kernel_equals_attention_over_gathered_blocks(kernel_dir: Path, dtype: torch.dtype,
+                                                      kv_heads: int, groups: int,
+                                                      head_dim: int) -> None:
+    kernel = build(dtype, head_dim, groups, kernel_dir)
+    # lengths around the kernel's 64-token chunks and the 16-token blocks
+    lens = [1, 15, 16, 17, 63, 64, 65, 129, 300]
+    q, k, v, decodes = paged_case(lens, kv_heads, groups, head_dim, dtype, seed=len(lens))
+    out = torch.full_like(q, float("nan"))
+    kernel(q, k, v, decodes, head_dim ** -0.5, out)
+    expected = reference(q, k, v, decodes, head_dim ** -0.5)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def test_loading_the_kernel_leaves_subnormal_floats_alone(tmp_path: Path) -> None:
+    """Linking with -ffast-math would switch the whole process to flush-to-zero."""
+    assert build(torch.bfloat16, 64, 3, tmp_path) is not None
+    tiny = float("5e-324")  # the smallest subnormal double
+    assert tiny * 1.0 > 0.0
+    assert torch.tensor([1e-40]).mul(1.0).item() > 0.0  # a float32 subnormal
+
+
+def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
+    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
+    q, k, v, decodes = paged_case([40, 200, 7, 513], 3, 3, 64, torch.bfloat16, seed=5)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(q)
+            kernel(q, k, v, decodes, 0.125, out)
+            runs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0], runs[1])
+    # one sequence on its own gets exactly the row it got inside the batch
+    alone = PagedDecodes(0, decodes.tables[1:2].contiguous(), decodes.lens[1:2].contiguous(),
+                         BLOCK)
+    out = torch.empty_like(q[1:2])
+    kernel(q[1:2].contiguous(), k, v, alone, 0.125, out)
+    assert torch.equal(out[0], runs[0][1])
+
+
+def test_a_build_is_kept_and_loaded_again_without_compiling(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build(torch.float32, 16, 2, tmp_path) is not None
+    built = list((tmp_path / "kernels").glob("paged_decode-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+
+    def no_compiling(*args: object) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(paged, "_compile", no_compiling)
+    assert load_paged_decode(torch.float32, 16, 2, tmp_path) is not None
+    assert built[0].stat().st_mtime_ns == stamp
+    with pytest.raises(AssertionError, match="compiled again"):  # another shape, another build
+        load_paged_decode(torch.float32, 16, 4, tmp_path)
+
+
+@pytest.mark.parametrize(("compiler", "reason"), [("/nonexistent/cc", "no C compiler found"),
+                                                  ("false", "false failed")])
+def test_without_a_working_compiler_the_kernel_is_none_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        compiler: str, reason: str) -> None:
+    monkeypatch.setenv("CC", compiler)
+    with caplog.at_level(logging.WARNING, logger="kvcake.engine.model.paged"):
+        assert load_paged_decode(torch.float32, 16, 2, tmp_path) is None
+    assert reason in caplog.text and "gather K/V for sdpa" in caplog.text
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_unsupported_shapes_are_refused_with_the_reason(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kvcake.engine.model.paged"):
+        assert load_paged_decode(torch.int8, 16, 2, tmp_path) is None
+        assert load_paged_decode(torch.float32, 4096, 2, tmp_path) is None
+    assert "torch.int8" in caplog.text and "head_dim 4096" in caplog.text
+
+
+def greedy(core: EngineCore, prompts: list[list[int]], count: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=count, temperature=0.0, ignore_eos=True)
+    for i, tokens in enumerate(prompts):
+        core.add_request(str(i), tokens, params)
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while core.has_unfinished():
+        for output in core.step():
+            got[output.request_id] += output.token_ids
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+def test_the_engine_decodes_with_the_kernel_as_with_sdpa(smollm2_files: ModelFiles,
+                                                         tmp_path: Path) -> None:
+    """float32, a batch of different lengths: the same greedy tokens on both paths."""
+    prompts = [[(7 * i + 31 * n) % 5000 + 20 for i in range(n)] for n in (5, 37, 130)]
+    tokens = {}
+    for attention in ("paged", "sdpa"):
+        config = EngineConfig(dtype="float32", attention=attention, kv_cache_bytes=64 << 20,
+                              cache_dir=str(tmp_path))
+        core = EngineCore(config, files=smollm2_files)
+        assert (core.runner.model.paged_decode is not None) == (attention == "paged")
+        tokens[attention] = greedy(core, prompts, 12)
+    assert tokens["paged"] == tokens["sdpa"]
+
+
+def test_an_engine_without_a_compiler_decodes_on_the_sdpa_path(
+        smollm2_files: ModelFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", os.devnull)
+    config = EngineConfig(dtype="float32", kv_cache_bytes=64 << 20, cache_dir=str(tmp_path))
+    core = EngineCore(config, files=smollm2_files)
+    assert config.attention == "paged" and core.runner.model.paged_decode is None
+    assert len(greedy(core, [[40, 41, 42]], 4)[0]) == 4
