@@ -15,7 +15,7 @@ from kvcake.engine.core import EngineCore
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.model.paged import PagedDecodes, load_paged_decode
 from kvcake.engine.model.weights import load_weights
-from kvcake.model import ModelFiles, resolve_model
+from kvcake.model import ModelFiles, cache_root, resolve_model
 from kvcake.wire.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -147,6 +147,27 @@ def test_smollm2_logits_match_hf(smollm2_files: ModelFiles, smollm2_tokenizer: A
         assert error.max().item() <= max_err, name
         assert error.mean().item() <= mean_err, name
         assert torch.equal(got.argmax(-1), expected.argmax(-1)), name
+
+
+def test_smollm2_bf16_on_packed_weights_matches_hf(
+        smollm2_files: ModelFiles, smollm2_tokenizer: Any,
+        smollm2_hf_eager: dict[torch.dtype, Any]) -> None:
+    """The default path in bf16: oneDNN-packed weights, sdpa prompts, the paged decode kernel."""
+    files = smollm2_files
+    c = files.config
+    kernel = load_paged_decode(torch.bfloat16, c.head_dim, c.num_heads // c.num_kv_heads,
+                               cache_root())
+    ours = LlamaModel(c, load_weights(files, torch.bfloat16), torch.bfloat16,
+                      attention="paged", paged_decode=kernel)
+    assert ours.layers[0].qkv.is_mkldnn and ours.lm_head.is_mkldnn
+    tokens = smollm2_tokenizer.encode(" ".join(PROMPTS) * 3)
+    expected = hf_logits(smollm2_hf_eager[torch.bfloat16], tokens)
+    for chunks, decode_from in (([len(tokens)], None), ([13, 50, 1000], None),
+                                ([len(tokens) - 8], len(tokens) - 8)):
+        got = run_chunks(ours, tokens, chunks, decode_from)
+        error = (got - expected).abs()
+        assert error.max().item() <= 2.0 and error.mean().item() <= 0.25, chunks
+        assert torch.equal(got.argmax(-1), expected.argmax(-1)), chunks
 
 
 def hf_greedy(model: Any, tokens: list[int], count: int) -> list[int]:
