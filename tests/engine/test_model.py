@@ -12,8 +12,8 @@ import torch
 
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
+from kvcake.engine.model.kernels import PagedDecodes, load_cpu_kernels
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
-from kvcake.engine.model.paged import PagedDecodes, load_paged_decode
 from kvcake.engine.model.weights import load_weights
 from kvcake.model import ModelFiles, cache_root, resolve_model
 from kvcake.wire.sampling import SamplingParams
@@ -40,7 +40,7 @@ def run_chunks(model: LlamaModel, tokens: Sequence[int], chunks: Sequence[int],
     while start < len(tokens):
         decoding = decode_from is not None and start >= decode_from
         n = 1 if decoding else min(sizes.pop(0) if sizes else len(tokens), len(tokens) - start)
-        batch = _batch(start, n, decoding, model.paged_decode is not None)
+        batch = _batch(start, n, decoding, model.reads_pages)
         ids = torch.tensor(tokens[start:start + n])
         out.append(model.logits(model.forward(ids, batch, cache)))
         start += n
@@ -70,11 +70,11 @@ def hf_logits(model: Any, tokens: Sequence[int]) -> torch.Tensor:
 def load_pair(path: Path, dtype: torch.dtype, attention: str = "eager") -> tuple[LlamaModel, Any]:
     files = resolve_model(str(path))
     c = files.config
-    kernel = (load_paged_decode(dtype, c.head_dim, c.num_heads // c.num_kv_heads, path)
-              if attention == "paged" else None)
-    assert kernel is not None or attention != "paged"
+    kernels = (load_cpu_kernels(dtype, c.head_dim, c.num_heads // c.num_kv_heads, path)
+               if attention != "eager" else None)
+    assert kernels is not None or attention == "eager"
     ours = LlamaModel(c, load_weights(files, dtype), dtype, attention=attention,
-                      paged_decode=kernel)
+                      kernels=kernels)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation="eager").eval()
     return ours, hf
@@ -152,13 +152,15 @@ def test_smollm2_logits_match_hf(smollm2_files: ModelFiles, smollm2_tokenizer: A
 def test_smollm2_bf16_on_packed_weights_matches_hf(
         smollm2_files: ModelFiles, smollm2_tokenizer: Any,
         smollm2_hf_eager: dict[torch.dtype, Any]) -> None:
-    """The default path in bf16: oneDNN-packed weights, sdpa prompts, the paged decode kernel."""
+    """The default path in bf16: oneDNN-packed weights, the fused element-wise kernels, sdpa
+    prompts and the paged decode kernel."""
     files = smollm2_files
     c = files.config
-    kernel = load_paged_decode(torch.bfloat16, c.head_dim, c.num_heads // c.num_kv_heads,
+    kernels = load_cpu_kernels(torch.bfloat16, c.head_dim, c.num_heads // c.num_kv_heads,
                                cache_root())
     ours = LlamaModel(c, load_weights(files, torch.bfloat16), torch.bfloat16,
-                      attention="paged", paged_decode=kernel)
+                      attention="paged", kernels=kernels)
+    assert ours.reads_pages
     assert ours.layers[0].qkv.is_mkldnn and ours.lm_head.is_mkldnn
     tokens = smollm2_tokenizer.encode(" ".join(PROMPTS) * 3)
     expected = hf_logits(smollm2_hf_eager[torch.bfloat16], tokens)

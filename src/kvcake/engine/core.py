@@ -24,8 +24,8 @@ from kvcake.engine.kv.connector import StoreConnector, connect_store, paged_laye
 from kvcake.engine.kv.format import BlockLayout
 from kvcake.engine.kv.manager import KVCacheManager
 from kvcake.engine.kv.transfer import kv_cache_in
+from kvcake.engine.model.kernels import CpuKernels, load_cpu_kernels
 from kvcake.engine.model.llama import LlamaModel
-from kvcake.engine.model.paged import PagedDecodeKernel, load_paged_decode
 from kvcake.engine.model.weights import load_weights
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
@@ -96,7 +96,7 @@ class EngineCore:
         weights = load_weights(self.files, self.dtype, config.device)
         model = LlamaModel(self.model_config, weights, self.dtype, config.device,
                            max_positions=self.max_model_len, attention=config.attention,
-                           paged_decode=self._paged_decode())
+                           kernels=self._cpu_kernels())
         del weights
         self.fingerprint = kv_fingerprint(self.files, config)
         self.transfer = transfer
@@ -121,12 +121,12 @@ class EngineCore:
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, num_blocks, config.block_size, self.max_model_len)
 
-    def _paged_decode(self) -> PagedDecodeKernel | None:
-        """The compiled decode kernel where ``attention`` is ``paged`` on a CPU."""
-        if self.config.attention != "paged" or self.config.device != "cpu":
+    def _cpu_kernels(self) -> CpuKernels | None:
+        """kvcake's compiled kernels on a CPU, except for ``eager`` (HF's exact math)."""
+        if self.config.attention == "eager" or self.config.device != "cpu":
             return None
         c = self.model_config
-        return load_paged_decode(self.dtype, c.head_dim, c.num_heads // c.num_kv_heads,
+        return load_cpu_kernels(self.dtype, c.head_dim, c.num_heads // c.num_kv_heads,
                                  cache_root(self.config.cache_dir))
 
     def _shared_kv_cache(self, transfer: TransferEngine, num_blocks: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from kvcake.engine.model.kernels import PagedDecodes
 from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
 from kvcake.engine.model.logprobs import ROWS_PER_SLICE, PromptLogprobs, score_tokens
-from kvcake.engine.model.paged import PagedDecodes
 from kvcake.engine.penalties import TokenHistory
 from kvcake.engine.request import Request
 from kvcake.engine.sampling import Sampler
@@ -66,7 +66,7 @@ class ModelRunner:
             positions.append(pos)
             slots.append(chunk_slots)
             offset += chunk.num_tokens
-        if decodes and self.model.paged_decode is not None:
+        if decodes and self.model.reads_pages:
             paged, pos, own = self._paged_inputs(decodes, offset)
             return AttentionBatch(torch.cat([*slots, own]), torch.cat([*positions, pos]),
                                   tuple(spans), offset, paged=paged)

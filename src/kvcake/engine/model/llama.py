@@ -29,7 +29,7 @@ import torch.nn.functional as nnf
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.attention import attention_backend
-from kvcake.engine.model.paged import PagedDecodeKernel, PagedDecodes
+from kvcake.engine.model.kernels import CpuKernels, PagedDecodes
 from kvcake.engine.model.rope import rope_tables
 from kvcake.model import ModelConfig
 
@@ -108,16 +108,18 @@ class LlamaModel:
 
     ``kv_cache`` has shape ``(num_layers, 2, num_slots, num_kv_heads, head_dim)`` where
     ``num_slots = num_blocks * block_size`` and slot ``b * block_size + i`` is token ``i`` of
-    block ``b``. With ``paged_decode`` (see :mod:`kvcake.engine.model.paged`) decode tokens
-    may come as one :class:`PagedDecodes` that reads the cache in place.
+    block ``b``. With ``kernels`` (:mod:`kvcake.engine.model.kernels`) the element-wise steps
+    run fused, and with ``paged`` attention too, decode tokens come as one
+    :class:`PagedDecodes` that reads the cache in place (``reads_pages``).
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
                  dtype: torch.dtype, device: str = "cpu", max_positions: int = 0,
-                 attention: str = "sdpa", paged_decode: PagedDecodeKernel | None = None) -> None:
+                 attention: str = "sdpa", kernels: CpuKernels | None = None) -> None:
         self.config = config
         self.attend = attention_backend(attention)
-        self.paged_decode = paged_decode
+        self.kernels = kernels
+        self.reads_pages = kernels is not None and attention == "paged"
         self.dtype = dtype
         self.device = torch.device(device)
         self.embed = _take(weights, "model.embed_tokens.weight", dtype, self.device)
@@ -167,12 +169,27 @@ class LlamaModel:
         cos = self.cos.index_select(0, batch.positions)  # (num_tokens, head_dim)
         sin = self.sin.index_select(0, batch.positions)
         x = nnf.embedding(input_ids, self.embed)  # (num_tokens, hidden)
+        if self.kernels is not None:
+            return self._fused_forward(x, batch, kv_cache, cos, sin, self.kernels)
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             x = x + self._attention(h, layer, batch, kv_cache[i], cos, sin)
             h = _rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
             x = x + self._mlp(h, layer)
         return _rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def _fused_forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, kernels: CpuKernels) -> torch.Tensor:
+        """The same layers with each residual add folded into the next norm (``x`` is
+        updated in place)."""
+        eps = self.config.rms_norm_eps
+        delta: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            h = kernels.add_rms_norm(x, delta, layer.input_norm, eps)
+            attended = self._attention(h, layer, batch, kv_cache[i], cos, sin)
+            h = kernels.add_rms_norm(x, attended, layer.post_norm, eps)
+            delta = _linear(kernels.silu_mul(_linear(h, layer.gate_up)), layer.down)
+        return kernels.add_rms_norm(x, delta, self.norm, eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -188,8 +205,11 @@ class LlamaModel:
         c = self.config
         qkv = _linear(h, layer.qkv, layer.qkv_bias)
         q, k, v = torch.split(qkv, [self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-        k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+        if self.kernels is not None:
+            q, k = self.kernels.rope(qkv, cos, sin, c.num_heads, c.num_kv_heads)
+        else:
+            q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+            k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         cache[0].index_copy_(0, batch.slot_mapping, k)
         cache[1].index_copy_(0, batch.slot_mapping, v)
@@ -231,11 +251,11 @@ class LlamaModel:
 
     def _paged_attention(self, q: torch.Tensor, paged: PagedDecodes, cache: torch.Tensor,
                          out: torch.Tensor) -> None:
-        if self.paged_decode is None:
-            raise InvalidParamsError("paged decodes need a model built with paged_decode")
+        if self.kernels is None:
+            raise InvalidParamsError("paged decodes need a model built with kernels")
         end = paged.start + paged.count
-        self.paged_decode(q[paged.start:end].contiguous(), cache[0], cache[1], paged,
-                          self.scale, out[paged.start:end])
+        self.kernels.paged_decode(q[paged.start:end].contiguous(), cache[0], cache[1], paged,
+                                  self.scale, out[paged.start:end])
 
 
 PACK_ROWS = 32

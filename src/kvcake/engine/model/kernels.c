@@ -1,5 +1,12 @@
 /*
- * Decode attention over kvcake's paged KV cache, reading every block where it lies.
+ * kvcake's CPU kernels: decode attention over the paged KV cache, and the fused element-wise
+ * steps of a Llama layer (residual add + RMSNorm, rotary embedding, SiLU-and-multiply).
+ *
+ * kvcake.engine.model.kernels compiles this file at first use with -DHEAD_DIM=, -DGROUPS= and
+ * one of -DKV_BF16, -DKV_F16 or -DKV_F32 (compile-time sizes let the compiler unroll and
+ * vectorise the inner loops), and calls the kvcake_* functions through ctypes.
+ *
+ * -- Decode attention, reading every block where it lies --------------------------------
  *
  * Each sequence b has one query token (heads = GROUPS * kv_heads query heads of HEAD_DIM)
  * that attends to its first lens[b] context tokens. Token t of sequence b sits in slot
@@ -17,9 +24,16 @@
  *         acc[g] += p[g][i] * V[slot(i)]               (one V row for GROUPS heads)
  *     out[g] = acc[g] / sum(p[g])
  *
- * kvcake.engine.model.paged compiles this file at first use with -DHEAD_DIM=, -DGROUPS= and
- * one of -DKV_BF16, -DKV_F16 or -DKV_F32 (compile-time sizes let the compiler unroll and
- * vectorise the inner loops), and calls kvcake_paged_decode through ctypes.
+ * -- Element-wise steps ---------------------------------------------------------------------
+ *
+ * Each rounds to the activation dtype where PyTorch's unfused ops do (every op's result is a
+ * tensor of that dtype), so the fused step computes what the sequence of ops computed:
+ *
+ *     add_rms_norm:  x = x + delta;  out = weight * dtype(x * rsqrt(mean(x^2) + eps))
+ *     rope:          q, k = x * cos + rotate_half(x) * sin      (HF's rotate-half layout)
+ *     silu_mul:      out = dtype(silu(gate)) * up               (gate, up: halves of a row)
+ *
+ * Rows are shared among threads when there are enough of them to be worth a fork.
  */
 #include <float.h>
 #include <math.h>
@@ -161,6 +175,81 @@ void kvcake_paged_decode(const elem *q, const elem *k, const elem *v, const int3
             int64_t at = ((int64_t)b * heads + (int64_t)h * GROUPS) * HEAD_DIM;
             attend(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at, kv_heads, h,
                    block_size, scale);
+        }
+    }
+}
+
+/* -- Element-wise steps ------------------------------------------------------------------ */
+
+#define ROWS_PER_THREAD 8  /* fewer rows than this a thread run in the calling thread alone */
+
+static inline float round_to_elem(float f) { return load(store(f)); }
+
+/* x (rows, hidden) += delta (when given), then out = weight * norm(x); x and out may not
+ * overlap. */
+void kvcake_add_rms_norm(elem *x, const elem *delta, const elem *weight, elem *out, int rows,
+                         int hidden, float eps, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) \
+        if (rows >= ROWS_PER_THREAD * threads)
+    for (int r = 0; r < rows; r++) {
+        elem *xr = x + (int64_t)r * hidden;
+        elem *outr = out + (int64_t)r * hidden;
+        float squares = 0.f;
+        if (delta != NULL) {
+            const elem *dr = delta + (int64_t)r * hidden;
+            for (int i = 0; i < hidden; i++)
+                xr[i] = store(load(xr[i]) + load(dr[i]));
+        }
+        #pragma omp simd reduction(+:squares)
+        for (int i = 0; i < hidden; i++)
+            squares += load(xr[i]) * load(xr[i]);
+        float scale = 1.f / sqrtf(squares / (float)hidden + eps);
+        for (int i = 0; i < hidden; i++)
+            outr[i] = store(load(weight[i]) * round_to_elem(load(xr[i]) * scale));
+    }
+}
+
+static void rotate(const elem *x, const elem *cos, const elem *sin, elem *out) {
+    const int half = HEAD_DIM / 2;
+    #pragma omp simd
+    for (int d = 0; d < half; d++)
+        out[d] = store(round_to_elem(load(x[d]) * load(cos[d]))
+                       + round_to_elem(-load(x[d + half]) * load(sin[d])));
+    #pragma omp simd
+    for (int d = half; d < HEAD_DIM; d++)
+        out[d] = store(round_to_elem(load(x[d]) * load(cos[d]))
+                       + round_to_elem(load(x[d - half]) * load(sin[d])));
+}
+
+/* qkv (rows, row_stride): each row's first heads * HEAD_DIM values are q, the next
+ * kv_heads * HEAD_DIM are k; cos, sin (rows, HEAD_DIM). Writes rotated q (rows, heads,
+ * HEAD_DIM) and k (rows, kv_heads, HEAD_DIM), both contiguous. */
+void kvcake_rope(const elem *qkv, int64_t row_stride, const elem *cos, const elem *sin,
+                 elem *q, elem *k, int rows, int heads, int kv_heads, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) \
+        if (rows >= ROWS_PER_THREAD * threads)
+    for (int r = 0; r < rows; r++) {
+        const elem *row = qkv + r * row_stride;
+        const elem *c = cos + (int64_t)r * HEAD_DIM, *s = sin + (int64_t)r * HEAD_DIM;
+        for (int h = 0; h < heads; h++)
+            rotate(row + h * HEAD_DIM, c, s, q + ((int64_t)r * heads + h) * HEAD_DIM);
+        for (int h = 0; h < kv_heads; h++)
+            rotate(row + (heads + h) * HEAD_DIM, c, s,
+                   k + ((int64_t)r * kv_heads + h) * HEAD_DIM);
+    }
+}
+
+/* gate_up (rows, 2 * width): out (rows, width) = dtype(silu(gate)) * up. */
+void kvcake_silu_mul(const elem *gate_up, elem *out, int rows, int width, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) \
+        if (rows >= ROWS_PER_THREAD * threads)
+    for (int r = 0; r < rows; r++) {
+        const elem *gate = gate_up + (int64_t)r * 2 * width, *up = gate + width;
+        elem *o = out + (int64_t)r * width;
+        #pragma omp simd
+        for (int i = 0; i < width; i++) {
+            float g = load(gate[i]);
+            o[i] = store(round_to_elem(g / (1.f + expf(-g))) * load(up[i]));
         }
     }
 }

@@ -1,5 +1,6 @@
-"""The compiled paged decode kernel against plain attention over gathered K/V, its build cache,
-and the fall-back to the gather-and-sdpa path where it cannot be built."""
+"""kvcake's compiled CPU kernels: paged decode attention against plain attention over gathered
+K/V, the fused element-wise steps against the PyTorch ops they replace, the build cache, and
+the fall-back to PyTorch's ops where they cannot be built."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.model import paged
-from kvcake.engine.model.paged import PagedDecodeKernel, PagedDecodes, load_paged_decode
+from kvcake.engine.model import kernels
+from kvcake.engine.model.kernels import CpuKernels, PagedDecodes, load_cpu_kernels
+from kvcake.engine.model.llama import _rms_norm, _rope
 from kvcake.model import ModelFiles
 from kvcake.wire.sampling import SamplingParams
 
@@ -26,10 +28,10 @@ def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("kernels")
 
 
-def build(dtype: torch.dtype, head_dim: int, groups: int, cache: Path) -> PagedDecodeKernel:
-    kernel = load_paged_decode(dtype, head_dim, groups, cache)
-    assert kernel is not None, "the paged decode kernel did not build (is a C compiler there?)"
-    return kernel
+def build(dtype: torch.dtype, head_dim: int, groups: int, cache: Path) -> CpuKernels:
+    built = load_cpu_kernels(dtype, head_dim, groups, cache)
+    assert built is not None, "the CPU kernels did not build (is a C compiler there?)"
+    return built
 
 
 def paged_case(lens: list[int], kv_heads: int, groups: int, head_dim: int, dtype: torch.dtype,
@@ -72,10 +74,55 @@ def test_kernel_equals_attention_over_gathered_blocks(kernel_dir: Path, dtype: t
     lens = [1, 15, 16, 17, 63, 64, 65, 129, 300]
     q, k, v, decodes = paged_case(lens, kv_heads, groups, head_dim, dtype, seed=len(lens))
     out = torch.full_like(q, float("nan"))
-    kernel(q, k, v, decodes, head_dim ** -0.5, out)
+    kernel.paged_decode(q, k, v, decodes, head_dim ** -0.5, out)
     expected = reference(q, k, v, decodes, head_dim ** -0.5)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def same_but_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """A few steps of the dtype apart at most (the fused kernels sum, fuse multiply-adds and
+    take exp in another order); in bf16, whose rounding they spell out bit by bit, mostly
+    equal."""
+    if got.dtype == torch.bfloat16:
+        equal = (got == expected).float().mean().item()
+        assert equal >= 0.9, equal
+    steps = 4 * torch.finfo(got.dtype).eps
+    torch.testing.assert_close(got, expected, rtol=steps, atol=steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fused_steps_equal_the_ops_they_replace(kernel_dir: Path, dtype: torch.dtype,
+                                                rows: int) -> None:
+    heads, kv_heads, dim, hidden, width = 9, 3, 64, 576, 1536
+    fused = build(dtype, dim, heads // kv_heads, kernel_dir)
+    gen = torch.Generator().manual_seed(rows)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    x, delta, weight = rand(rows, hidden), rand(rows, hidden), rand(hidden)
+    expected_x = x + delta
+    expected = _rms_norm(expected_x, weight, 1e-5)
+    got = fused.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(x, expected_x)  # the residual is added in place, rounded as torch does
+    same_but_rounding(got, expected)
+    same_but_rounding(fused.add_rms_norm(x, None, weight, 1e-5), _rms_norm(x, weight, 1e-5))
+
+    qkv = rand(rows, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(rows, dim // 2, generator=gen) * 6.3
+    cos = torch.cat([angles.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(dtype)
+    q, k = fused.rope(qkv, cos, sin, heads, kv_heads)
+    same_but_rounding(q, _rope(qkv[:, :heads * dim].view(rows, heads, dim), cos, sin))
+    same_but_rounding(k, _rope(qkv[:, heads * dim:(heads + kv_heads) * dim]
+                               .view(rows, kv_heads, dim), cos, sin))
+
+    gate_up = rand(rows, 2 * width)
+    gate, up = gate_up.chunk(2, dim=-1)
+    same_but_rounding(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
 
 
 def test_loading_the_kernel_leaves_subnormal_floats_alone(tmp_path: Path) -> None:
@@ -95,7 +142,7 @@ def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             out = torch.empty_like(q)
-            kernel(q, k, v, decodes, 0.125, out)
+            kernel.paged_decode(q, k, v, decodes, 0.125, out)
             runs.append(out)
     finally:
         torch.set_num_threads(before)
@@ -104,25 +151,25 @@ def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
     alone = PagedDecodes(0, decodes.tables[1:2].contiguous(), decodes.lens[1:2].contiguous(),
                          BLOCK)
     out = torch.empty_like(q[1:2])
-    kernel(q[1:2].contiguous(), k, v, alone, 0.125, out)
+    kernel.paged_decode(q[1:2].contiguous(), k, v, alone, 0.125, out)
     assert torch.equal(out[0], runs[0][1])
 
 
 def test_a_build_is_kept_and_loaded_again_without_compiling(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert build(torch.float32, 16, 2, tmp_path) is not None
-    built = list((tmp_path / "kernels").glob("paged_decode-*.so"))
+    built = list((tmp_path / "kernels").glob("kernels-*.so"))
     assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
 
     def no_compiling(*args: object) -> None:
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(paged, "_compile", no_compiling)
-    assert load_paged_decode(torch.float32, 16, 2, tmp_path) is not None
+    monkeypatch.setattr(kernels, "_compile", no_compiling)
+    assert load_cpu_kernels(torch.float32, 16, 2, tmp_path) is not None
     assert built[0].stat().st_mtime_ns == stamp
     with pytest.raises(AssertionError, match="compiled again"):  # another shape, another build
-        load_paged_decode(torch.float32, 16, 4, tmp_path)
+        load_cpu_kernels(torch.float32, 16, 4, tmp_path)
 
 
 @pytest.mark.parametrize(("compiler", "reason"), [("/nonexistent/cc", "no C compiler found"),
@@ -131,17 +178,17 @@ def test_without_a_working_compiler_the_kernel_is_none_and_says_why(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         compiler: str, reason: str) -> None:
     monkeypatch.setenv("CC", compiler)
-    with caplog.at_level(logging.WARNING, logger="kvcake.engine.model.paged"):
-        assert load_paged_decode(torch.float32, 16, 2, tmp_path) is None
-    assert reason in caplog.text and "gather K/V for sdpa" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="kvcake.engine.model.kernels"):
+        assert load_cpu_kernels(torch.float32, 16, 2, tmp_path) is None
+    assert reason in caplog.text and "runs on PyTorch's ops" in caplog.text
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_unsupported_shapes_are_refused_with_the_reason(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="kvcake.engine.model.paged"):
-        assert load_paged_decode(torch.int8, 16, 2, tmp_path) is None
-        assert load_paged_decode(torch.float32, 4096, 2, tmp_path) is None
+    with caplog.at_level(logging.WARNING, logger="kvcake.engine.model.kernels"):
+        assert load_cpu_kernels(torch.int8, 16, 2, tmp_path) is None
+        assert load_cpu_kernels(torch.float32, 4096, 2, tmp_path) is None
     assert "torch.int8" in caplog.text and "head_dim 4096" in caplog.text
 
 
@@ -165,7 +212,8 @@ def test_the_engine_decodes_with_the_kernel_as_with_sdpa(smollm2_files: ModelFil
         config = EngineConfig(dtype="float32", attention=attention, kv_cache_bytes=64 << 20,
                               cache_dir=str(tmp_path))
         core = EngineCore(config, files=smollm2_files)
-        assert (core.runner.model.paged_decode is not None) == (attention == "paged")
+        assert core.runner.model.kernels is not None
+        assert core.runner.model.reads_pages == (attention == "paged")
         tokens[attention] = greedy(core, prompts, 12)
     assert tokens["paged"] == tokens["sdpa"]
 
@@ -175,5 +223,6 @@ def test_an_engine_without_a_compiler_decodes_on_the_sdpa_path(
     monkeypatch.setenv("CC", os.devnull)
     config = EngineConfig(dtype="float32", kv_cache_bytes=64 << 20, cache_dir=str(tmp_path))
     core = EngineCore(config, files=smollm2_files)
-    assert config.attention == "paged" and core.runner.model.paged_decode is None
+    assert config.attention == "paged" and core.runner.model.kernels is None
+    assert not core.runner.model.reads_pages
     assert len(greedy(core, [[40, 41, 42]], 4)[0]) == 4
