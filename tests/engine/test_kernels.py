@@ -139,14 +139,14 @@ def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
     runs = []
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):  # 3: fewer than two sequences a thread, split by head
             torch.set_num_threads(threads)
             out = torch.empty_like(q)
             kernel.paged_decode(q, k, v, decodes, 0.125, out)
             runs.append(out)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     # one sequence on its own gets exactly the row it got inside the batch
     alone = PagedDecodes(0, decodes.tables[1:2].contiguous(), decodes.lens[1:2].contiguous(),
                          BLOCK)

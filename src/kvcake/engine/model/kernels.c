@@ -18,7 +18,7 @@
  * nothing is gathered into a padded copy first. Scores, softmax and the weighted sum run in
  * float32, the softmax online over chunks of CHUNK tokens (one rescale per chunk).
  *
- *     parallel over (b, kv head):  for each chunk of tokens
+ *     for each sequence b (and K/V head), for each chunk of tokens
  *         s[g][i] = scale * q[g] . K[slot(i)]          (GROUPS dot products per K row)
  *         m' = max(m, s);  acc *= exp(m - m');  p = exp(s - m')
  *         acc[g] += p[g][i] * V[slot(i)]               (one V row for GROUPS heads)
@@ -71,6 +71,9 @@ static inline elem store(float f) { return f; }
 #endif
 
 #define CHUNK 64
+#ifndef SEQUENCES_PER_THREAD
+#define SEQUENCES_PER_THREAD 2  /* fewer sequences than this a thread: split by K/V head */
+#endif
 
 typedef struct {
     float q[GROUPS][HEAD_DIM];   /* the query heads, pre-scaled */
@@ -139,42 +142,102 @@ static void accumulate(state *st, const elem *v, const int64_t *rows, int n,
     }
 }
 
-static void attend(const elem *q, const elem *k, const elem *v, const int32_t *table, int len,
-                   elem *out, int kv_heads, int head, int block_size, float scale) {
+static void token_rows(const int32_t *table, int t0, int n, int block_size, int64_t row,
+                       int64_t rows[CHUNK]) {
+    for (int i = 0; i < n; i++) {
+        int t = t0 + i;
+        rows[i] = ((int64_t)table[t / block_size] * block_size + t % block_size) * row;
+    }
+}
+
+static void finish(const state *st, elem *out) {
+    for (int g = 0; g < GROUPS; g++) {
+        float inv = st->sum[g] > 0.f ? 1.f / st->sum[g] : 0.f;
+        for (int d = 0; d < HEAD_DIM; d++)
+            out[g * HEAD_DIM + d] = store(st->acc[g][d] * inv);
+    }
+}
+
+/* One K/V head of one sequence. */
+static void attend_head(const elem *q, const elem *k, const elem *v, const int32_t *table,
+                        int len, elem *out, int kv_heads, int head, int block_size,
+                        float scale) {
     state st;
     float s[GROUPS][CHUNK];
     int64_t rows[CHUNK];
     start(&st, q, scale);
     for (int t0 = 0; t0 < len; t0 += CHUNK) {
         int n = len - t0 < CHUNK ? len - t0 : CHUNK;
-        for (int i = 0; i < n; i++) {
-            int t = t0 + i;
-            int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-            rows[i] = (slot * kv_heads + head) * HEAD_DIM;
-        }
-        scores(&st, k, rows, n, s);
+        token_rows(table, t0, n, block_size, (int64_t)kv_heads * HEAD_DIM, rows);
+        scores(&st, k + head * HEAD_DIM, rows, n, s);
         rescale(&st, n, s);
-        accumulate(&st, v, rows, n, s);
+        accumulate(&st, v + head * HEAD_DIM, rows, n, s);
     }
-    for (int g = 0; g < GROUPS; g++) {
-        float inv = st.sum[g] > 0.f ? 1.f / st.sum[g] : 0.f;
-        for (int d = 0; d < HEAD_DIM; d++)
-            out[g * HEAD_DIM + d] = store(st.acc[g][d] * inv);
+    finish(&st, out);
+}
+
+static void prefetch_rows(const elem *k, const elem *v, const int64_t *rows, int n, int64_t row) {
+    const int64_t bytes = row * (int64_t)sizeof(elem);
+    for (int i = 0; i < n; i++) {
+        const char *kp = (const char *)(k + rows[i]), *vp = (const char *)(v + rows[i]);
+        for (int64_t at = 0; at < bytes; at += 64) {
+            __builtin_prefetch(kp + at);
+            __builtin_prefetch(vp + at);
+        }
     }
 }
 
+/* Every K/V head of one sequence, chunk by chunk: a chunk's K and V rows (every head of a
+ * token lies side by side) are read from memory once, in block order, and stay in the
+ * cache while each head takes its part. The same arithmetic as attend_head, head by head. */
+static void attend_sequence(const elem *q, const elem *k, const elem *v, const int32_t *table,
+                            int len, elem *out, int kv_heads, int block_size, float scale) {
+    state st[kv_heads];
+    float s[kv_heads][GROUPS][CHUNK];
+    int64_t rows[CHUNK];
+    int64_t ahead[CHUNK];
+    const int64_t row = (int64_t)kv_heads * HEAD_DIM;
+    for (int h = 0; h < kv_heads; h++)
+        start(&st[h], q + h * GROUPS * HEAD_DIM, scale);
+    token_rows(table, 0, len < CHUNK ? len : CHUNK, block_size, row, ahead);
+    for (int t0 = 0; t0 < len; t0 += CHUNK) {
+        int n = len - t0 < CHUNK ? len - t0 : CHUNK;
+        memcpy(rows, ahead, sizeof rows);
+        if (t0 + CHUNK < len) {  /* ask memory for the next chunk while this one computes */
+            int next = len - t0 - CHUNK < CHUNK ? len - t0 - CHUNK : CHUNK;
+            token_rows(table, t0 + CHUNK, next, block_size, row, ahead);
+            prefetch_rows(k, v, ahead, next, row);
+        }
+        for (int h = 0; h < kv_heads; h++) {
+            scores(&st[h], k + h * HEAD_DIM, rows, n, s[h]);
+            rescale(&st[h], n, s[h]);
+            accumulate(&st[h], v + h * HEAD_DIM, rows, n, s[h]);
+        }
+    }
+    for (int h = 0; h < kv_heads; h++)
+        finish(&st[h], out + h * GROUPS * HEAD_DIM);
+}
+
 /* q, out: (batch, kv_heads * GROUPS, HEAD_DIM); k, v: (slots, kv_heads, HEAD_DIM);
- * tables: (batch, width) block ids; lens: (batch,) context lengths, each >= 1. */
+ * tables: (batch, width) block ids; lens: (batch,) context lengths, each >= 1. Threads take
+ * whole sequences when there are enough of them, else (sequence, K/V head) pairs. */
 void kvcake_paged_decode(const elem *q, const elem *k, const elem *v, const int32_t *tables,
                          const int32_t *lens, elem *out, int batch, int kv_heads, int width,
                          int block_size, float scale, int threads) {
     const int64_t heads = (int64_t)kv_heads * GROUPS;
+    if (batch >= SEQUENCES_PER_THREAD * threads) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int b = 0; b < batch; b++)
+            attend_sequence(q + b * heads * HEAD_DIM, k, v, tables + (int64_t)b * width,
+                            lens[b], out + b * heads * HEAD_DIM, kv_heads, block_size, scale);
+        return;
+    }
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int b = 0; b < batch; b++) {
         for (int h = 0; h < kv_heads; h++) {
             int64_t at = ((int64_t)b * heads + (int64_t)h * GROUPS) * HEAD_DIM;
-            attend(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at, kv_heads, h,
-                   block_size, scale);
+            attend_head(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at,
+                        kv_heads, h, block_size, scale);
         }
     }
 }
