@@ -158,26 +158,8 @@ static void finish(const state *st, elem *out) {
     }
 }
 
-/* One K/V head of one sequence. */
-static void attend_head(const elem *q, const elem *k, const elem *v, const int32_t *table,
-                        int len, elem *out, int kv_heads, int head, int block_size,
-                        float scale) {
-    state st;
-    float s[GROUPS][CHUNK];
-    int64_t rows[CHUNK];
-    start(&st, q, scale);
-    for (int t0 = 0; t0 < len; t0 += CHUNK) {
-        int n = len - t0 < CHUNK ? len - t0 : CHUNK;
-        token_rows(table, t0, n, block_size, (int64_t)kv_heads * HEAD_DIM, rows);
-        scores(&st, k + head * HEAD_DIM, rows, n, s);
-        rescale(&st, n, s);
-        accumulate(&st, v + head * HEAD_DIM, rows, n, s);
-    }
-    finish(&st, out);
-}
-
-static void prefetch_rows(const elem *k, const elem *v, const int64_t *rows, int n, int64_t row) {
-    const int64_t bytes = row * (int64_t)sizeof(elem);
+static void prefetch_rows(const elem *k, const elem *v, const int64_t *rows, int n,
+                          int64_t bytes) {
     for (int i = 0; i < n; i++) {
         const char *kp = (const char *)(k + rows[i]), *vp = (const char *)(v + rows[i]);
         for (int64_t at = 0; at < bytes; at += 64) {
@@ -187,34 +169,36 @@ static void prefetch_rows(const elem *k, const elem *v, const int64_t *rows, int
     }
 }
 
-/* Every K/V head of one sequence, chunk by chunk: a chunk's K and V rows (every head of a
- * token lies side by side) are read from memory once, in block order, and stay in the
- * cache while each head takes its part. The same arithmetic as attend_head, head by head. */
-static void attend_sequence(const elem *q, const elem *k, const elem *v, const int32_t *table,
-                            int len, elem *out, int kv_heads, int block_size, float scale) {
-    state st[kv_heads];
-    float s[kv_heads][GROUPS][CHUNK];
-    int64_t rows[CHUNK];
-    int64_t ahead[CHUNK];
+/* K/V heads first .. last - 1 of one sequence, chunk by chunk: a chunk's rows (every head of
+ * a token lies side by side) are read from memory once, in block order, and stay in the
+ * cache while each head takes its part; the next chunk's are asked for meanwhile. Each head
+ * does the same arithmetic whatever range it is in. */
+static void attend(const elem *q, const elem *k, const elem *v, const int32_t *table, int len,
+                   elem *out, int kv_heads, int first, int last, int block_size, float scale) {
+    const int count = last - first;
     const int64_t row = (int64_t)kv_heads * HEAD_DIM;
-    for (int h = 0; h < kv_heads; h++)
+    const elem *kh = k + first * HEAD_DIM, *vh = v + first * HEAD_DIM;
+    state st[count];
+    float s[count][GROUPS][CHUNK];
+    int64_t rows[CHUNK], ahead[CHUNK];
+    for (int h = 0; h < count; h++)
         start(&st[h], q + h * GROUPS * HEAD_DIM, scale);
     token_rows(table, 0, len < CHUNK ? len : CHUNK, block_size, row, ahead);
     for (int t0 = 0; t0 < len; t0 += CHUNK) {
         int n = len - t0 < CHUNK ? len - t0 : CHUNK;
         memcpy(rows, ahead, sizeof rows);
-        if (t0 + CHUNK < len) {  /* ask memory for the next chunk while this one computes */
+        if (t0 + CHUNK < len) {
             int next = len - t0 - CHUNK < CHUNK ? len - t0 - CHUNK : CHUNK;
             token_rows(table, t0 + CHUNK, next, block_size, row, ahead);
-            prefetch_rows(k, v, ahead, next, row);
+            prefetch_rows(kh, vh, ahead, next, count * HEAD_DIM * (int64_t)sizeof(elem));
         }
-        for (int h = 0; h < kv_heads; h++) {
-            scores(&st[h], k + h * HEAD_DIM, rows, n, s[h]);
+        for (int h = 0; h < count; h++) {
+            scores(&st[h], kh + h * HEAD_DIM, rows, n, s[h]);
             rescale(&st[h], n, s[h]);
-            accumulate(&st[h], v + h * HEAD_DIM, rows, n, s[h]);
+            accumulate(&st[h], vh + h * HEAD_DIM, rows, n, s[h]);
         }
     }
-    for (int h = 0; h < kv_heads; h++)
+    for (int h = 0; h < count; h++)
         finish(&st[h], out + h * GROUPS * HEAD_DIM);
 }
 
@@ -228,16 +212,16 @@ void kvcake_paged_decode(const elem *q, const elem *k, const elem *v, const int3
     if (batch >= SEQUENCES_PER_THREAD * threads) {
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int b = 0; b < batch; b++)
-            attend_sequence(q + b * heads * HEAD_DIM, k, v, tables + (int64_t)b * width,
-                            lens[b], out + b * heads * HEAD_DIM, kv_heads, block_size, scale);
+            attend(q + b * heads * HEAD_DIM, k, v, tables + (int64_t)b * width, lens[b],
+                   out + b * heads * HEAD_DIM, kv_heads, 0, kv_heads, block_size, scale);
         return;
     }
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int b = 0; b < batch; b++) {
         for (int h = 0; h < kv_heads; h++) {
             int64_t at = ((int64_t)b * heads + (int64_t)h * GROUPS) * HEAD_DIM;
-            attend_head(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at,
-                        kv_heads, h, block_size, scale);
+            attend(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at, kv_heads, h,
+                   h + 1, block_size, scale);
         }
     }
 }

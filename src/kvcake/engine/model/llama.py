@@ -248,7 +248,6 @@ class LlamaModel:
                           group.mask, self.scale)
         return out.squeeze(2)  # (num_decodes, num_heads, head_dim)
 
-
     def _paged_attention(self, q: torch.Tensor, paged: PagedDecodes, cache: torch.Tensor,
                          out: torch.Tensor) -> None:
         if self.kernels is None:
