@@ -16,6 +16,8 @@ from kvcake.engine.core import EngineCore
 from kvcake.engine.model import kernels
 from kvcake.engine.model.kernels import CpuKernels, PagedDecodes, load_cpu_kernels
 from kvcake.engine.model.llama import _rms_norm, _rope
+from kvcake.engine.penalties import TokenHistory
+from kvcake.engine.sampling import Sampler
 from kvcake.model import ModelFiles
 from kvcake.wire.sampling import SamplingParams
 
@@ -123,6 +125,47 @@ def test_fused_steps_equal_the_ops_they_replace(kernel_dir: Path, dtype: torch.d
     gate_up = rand(rows, 2 * width)
     gate, up = gate_up.chunk(2, dim=-1)
     same_but_rounding(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 49152), (3, 7), (40, 1000), (2, 1)])
+def test_greedy_picks_the_first_argmax_and_its_log_probability(kernel_dir: Path, rows: int,
+                                                               vocab: int) -> None:
+    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(torch.bfloat16).float()
+    if vocab > 5:
+        logits[0, [5, 2]] = logits[0].max() + 1  # a tie: the lower id wins, as in torch
+        logits[-1, 3] = 1e4  # so peaked that every other term of the sum is a denormal
+    ids, logprobs = kernel.greedy(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist()
+    expected = logits.log_softmax(dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sampler_takes_the_greedy_kernel_only_for_plainly_greedy_batches(
+        kernel_dir: Path) -> None:
+    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
+    calls: list[int] = []
+
+    def counted(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(logits.shape[0])
+        return kernel.greedy(logits)
+
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(1)) * 3
+    plain, fast = Sampler(seed=7), Sampler(seed=7, greedy=counted)
+    greedy = SamplingParams(temperature=0.0)
+    lasts = [greedy,
+             SamplingParams(temperature=0.8),  # one row draws
+             SamplingParams(temperature=0.0, logprobs=2),
+             SamplingParams(temperature=0.0, presence_penalty=1.0)]
+    batches = [[greedy, greedy, greedy, last] for last in lasts]
+    for params in batches:
+        histories = [TokenHistory([1, 2], [3], frozenset()) for _ in params]
+        want = plain.sample(logits, params, [None] * 4, histories)
+        got = fast.sample(logits, params, [None] * 4, histories)
+        assert got.token_ids == want.token_ids and got.top_logprobs == want.top_logprobs
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs))
+    assert calls == [4]  # the first batch only
 
 
 def test_loading_the_kernel_leaves_subnormal_floats_alone(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_cache = model.new_kv_cache(num_blocks * block_size) if kv_cache is None \
             else kv_cache
-        self.sampler = Sampler()
+        kernels = model.kernels
+        self.sampler = Sampler(greedy=None if kernels is None else kernels.greedy)
         self.device = model.device
         self.eos_token_ids = frozenset(eos_token_ids)
 

@@ -17,7 +17,7 @@ alone, so a seeded request samples the same tokens whatever else shares its batc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,8 @@ from kvcake.engine.penalties import TokenHistory, penalise
 from kvcake.wire.sampling import SamplingParams
 
 TOP_P_CANDIDATES = 512  # largest logits top-p inspects before it sorts a whole row
+# float32 logits (rows, vocab) -> each row's argmax (int64) and its log-probability (float32)
+GreedyKernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -52,11 +54,14 @@ class SampleResult:
 class Sampler:
     """Batched sampling; ``seed`` makes unseeded rows reproducible too (for simulations).
 
-    Without ``seed`` unseeded rows draw from torch's default generator.
+    Without ``seed`` unseeded rows draw from torch's default generator. ``greedy`` (the CPU
+    kernels' :meth:`~kvcake.engine.model.kernels.CpuKernels.greedy`) takes batches where every
+    row is greedy, unpenalised and asks for no top alternatives: the common decode step.
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, greedy: GreedyKernel | None = None) -> None:
         self.seed = seed
+        self._greedy = greedy
         self._shared: dict[torch.device, torch.Generator] = {}
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -72,6 +77,9 @@ class Sampler:
         _check_batch(logits, params, generators)
         if histories is None and any(p.penalised for p in params):
             raise InvalidParamsError("penalties and min_tokens need each row's token history")
+        if self._plainly_greedy(logits, params):
+            token_ids, logprobs = self._greedy(logits.contiguous())  # type: ignore[misc]
+            return SampleResult(token_ids.tolist(), logprobs.tolist())
         with torch.no_grad():
             logits = logits.float()
             drawn_from = logits if histories is None else penalise(logits, params, histories)
@@ -81,6 +89,11 @@ class Sampler:
             chosen = logits.gather(1, token_ids.unsqueeze(1)) - log_norm
             top = _top_logprobs(logits, log_norm, params)
             return SampleResult(token_ids.tolist(), chosen.squeeze(1).tolist(), top)
+
+    def _plainly_greedy(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
+        return (self._greedy is not None and logits.dtype == torch.float32
+                and logits.device.type == "cpu"
+                and all(p.greedy and p.logprobs is None and not p.penalised for p in params))
 
     def _choose(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:

@@ -33,6 +33,17 @@
  *     rope:          q, k = x * cos + rotate_half(x) * sin      (HF's rotate-half layout)
  *     silu_mul:      out = dtype(silu(gate)) * up               (gate, up: halves of a row)
  *
+ * -- Greedy sampling ------------------------------------------------------------------------
+ *
+ * Over float32 logits (rows, vocab), one pass for the peak, one for the normaliser:
+ *
+ *     ids[r] = first i with x[i] == max(x)              (torch.argmax's choice on ties)
+ *     logprobs[r] = x[ids[r]] - logsumexp(x) = -log(sum(exp(max(x - max(x), -80))))
+ *
+ * exp of a logit far below the peak is a denormal float, which the CPU handles many times
+ * slower; such terms add under 1e-30 of the sum, so they are raised to e^-80 (as the
+ * sampler's own logsumexp does).
+ *
  * Rows are shared among threads when there are enough of them to be worth a fork.
  */
 #include <float.h>
@@ -299,4 +310,32 @@ void kvcake_silu_mul(const elem *gate_up, elem *out, int rows, int width, int th
             o[i] = store(round_to_elem(g / (1.f + expf(-g))) * load(up[i]));
         }
     }
+}
+
+/* -- Greedy sampling ------------------------------------------------------------------------ */
+
+#define LOWEST_EXPONENT -80.f
+
+static void greedy_row(const float *x, int64_t vocab, int64_t *id, float *logprob) {
+    float peak = x[0];
+    #pragma omp simd reduction(max:peak)
+    for (int64_t i = 1; i < vocab; i++)
+        peak = fmaxf(peak, x[i]);
+    float sum = 0.f;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t i = 0; i < vocab; i++)
+        sum += expf(fmaxf(x[i] - peak, LOWEST_EXPONENT));
+    int64_t first = 0;
+    while (first < vocab - 1 && x[first] != peak)
+        first++;
+    *id = first;
+    *logprob = -logf(sum);
+}
+
+/* logits (rows, vocab) float32, vocab >= 1: each row's argmax and its log-probability. */
+void kvcake_greedy(const float *logits, int rows, int64_t vocab, int64_t *ids, float *logprobs,
+                   int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows >= threads)
+    for (int r = 0; r < rows; r++)
+        greedy_row(logits + (int64_t)r * vocab, vocab, ids + r, logprobs + r);
 }

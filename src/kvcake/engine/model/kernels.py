@@ -1,5 +1,5 @@
-"""kvcake's CPU kernels (``kernels.c``), compiled at first use: paged decode attention and the
-fused element-wise steps of a layer.
+"""kvcake's CPU kernels (``kernels.c``), compiled at first use: paged decode attention, the
+fused element-wise steps of a layer, and greedy sampling.
 
 PyTorch has no kernel that attends over a paged cache, so the ``sdpa`` path first gathers
 every decode's context into a padded copy (``index_select``) and then runs a fused kernel
@@ -8,7 +8,9 @@ gather and the kernel took about 40 % of a step. :meth:`CpuKernels.paged_decode`
 sequence's block table instead and reads every K/V row once. The element-wise steps (residual
 add + RMSNorm, rotary embedding, SiLU-and-multiply) replace 5-10 PyTorch ops each, which in
 bf16 on a CPU each pass over the activations once more, in one pass that rounds where those
-ops rounded (see the C file's header).
+ops rounded (see the C file's header). :meth:`CpuKernels.greedy` picks each row's argmax and
+its log-probability in two passes over the logits, where the sampler's PyTorch ops take six
+(about 3 ms a step at batch 32 over SmolLM2's 49,152 tokens).
 
 The file is compiled with the system's C compiler (``$CC``, else ``cc``) for this machine
 (``-march=native``) and for one model shape and dtype, then kept in ``<cache>/kernels`` under
@@ -53,6 +55,7 @@ _SIGNATURES = {
     "kvcake_add_rms_norm": [_POINTER] * 4 + [_INT, _INT, _FLOAT, _INT],
     "kvcake_rope": [_POINTER, _INT64, _POINTER, _POINTER, _POINTER, _POINTER] + [_INT] * 4,
     "kvcake_silu_mul": [_POINTER, _POINTER, _INT, _INT, _INT],
+    "kvcake_greedy": [_POINTER, _INT, _INT64, _POINTER, _POINTER, _INT],
 }
 
 
@@ -90,6 +93,7 @@ class CpuKernels:
         self._norm = library.kvcake_add_rms_norm
         self._rope = library.kvcake_rope
         self._silu_mul = library.kvcake_silu_mul
+        self._greedy = library.kvcake_greedy
 
     def paged_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      decodes: PagedDecodes, scale: float, out: torch.Tensor) -> None:
@@ -127,6 +131,17 @@ class CpuKernels:
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width,
                        torch.get_num_threads())
         return out
+
+
+    def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's argmax (int64, the first on ties) and its log-probability (float32)
+        for contiguous float32 ``logits`` ``(rows, vocab)``."""
+        rows, vocab = logits.shape
+        ids = torch.empty(rows, dtype=torch.int64)
+        logprobs = torch.empty(rows, dtype=torch.float32)
+        self._greedy(logits.data_ptr(), rows, vocab, ids.data_ptr(), logprobs.data_ptr(),
+                     torch.get_num_threads())
+        return ids, logprobs
 
 
 def load_cpu_kernels(dtype: torch.dtype, head_dim: int, groups: int,
