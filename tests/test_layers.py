@@ -99,6 +99,16 @@ def test_the_conductor_and_the_api_load_no_torch() -> None:
     assert result.stdout.strip() == "False"
 
 
+def test_a_command_loads_no_model_converter_until_it_converts() -> None:
+    # every kvcake process imports the CLI first: gguf and numpy (half a second of a child's
+    # start) are for converting a GGUF once, not for parsing flags
+    code = ("import sys, kvcake.cli, kvcake.model; "
+            "print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert result.stdout.strip() == "[]"
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of ``graph`` as a path of nodes, or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

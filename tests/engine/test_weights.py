@@ -19,6 +19,7 @@ import torch
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.weights import load_weights
 from kvcake.model import ModelConfig, ModelFiles, packaged_gguf, resolve_model
+from kvcake.model import convert as convert_module
 from kvcake.model import files as weights_module
 from kvcake.model.convert import (
     ShardWriter,
@@ -94,7 +95,7 @@ def test_converted_directory_gives_hf_the_same_logits(hf_model_fp32: Any,
 def test_packaged_model_resolves_from_cache_without_work(
         smollm2_files: ModelFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     before = snapshot(smollm2_files.path)
-    monkeypatch.setattr(weights_module, "convert_gguf", _forbidden)
+    monkeypatch.setattr(convert_module, "convert_gguf", _forbidden)
     monkeypatch.setattr(weights_module, "_file_sha256", _forbidden)
     assert resolve_model("smollm2") == smollm2_files
     assert snapshot(smollm2_files.path) == before
@@ -154,7 +155,7 @@ def test_second_resolve_reuses_the_conversion(tiny_gguf: TinyGGUF, tmp_path: Pat
     first = resolve_model(str(path), tmp_path / "cache")
     assert first.weights_digest == hashlib.sha256(path.read_bytes()).hexdigest()
     before = snapshot(first.path)
-    monkeypatch.setattr(weights_module, "convert_gguf", _forbidden)
+    monkeypatch.setattr(convert_module, "convert_gguf", _forbidden)
     monkeypatch.setattr(weights_module, "_file_sha256", _forbidden)
     assert resolve_model(str(path), tmp_path / "cache") == first
     assert snapshot(first.path) == before

