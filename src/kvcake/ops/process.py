@@ -43,13 +43,14 @@ class ReadyFile:
 
 class ServerProcess:
     """Runs ``command``; the constructor returns once it is ready, or stops it and raises
-    with its output so far. ``ready`` is a :class:`ReadyFile` (then ``self.endpoints`` holds
-    the endpoints it names) or a regex its output must match (then ``self.match`` holds the
-    match). ``stop`` closes its standard input (peers that stop on end of input), then
-    SIGTERM, then SIGKILL."""
+    with its output so far (``wait=False``: at once; :func:`wait_ready` then waits for
+    several started together). ``ready`` is a :class:`ReadyFile` (then ``self.endpoints``
+    holds the endpoints it names) or a regex its output must match (then ``self.match``
+    holds the match). ``stop`` closes its standard input (peers that stop on end of input),
+    then SIGTERM, then SIGKILL."""
 
     def __init__(self, command: Sequence[str], ready: str | ReadyFile, timeout_s: float = 60.0,
-                 name: str = "", log_path: str | None = None) -> None:
+                 name: str = "", log_path: str | None = None, wait: bool = True) -> None:
         self.command = list(command)
         self.name = name or " ".join(self.command[-6:])
         self.endpoints: dict[str, str] = {}
@@ -59,27 +60,30 @@ class ServerProcess:
             ready = ReadyFile(ready.path or f"{self._private.name}/ready",  # type: ignore[union-attr]
                               ready.want)
             self.command += ["--ready-file", ready.path]
+        self._ready = ready
+        self._deadline = time.monotonic() + timeout_s
         # closed by stop/kill; a named log stays on disk
         self._log: IO[bytes] = open(log_path, "w+b") if log_path \
             else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=self._log, stderr=subprocess.STDOUT)
-        try:
-            self.wait_ready(ready, timeout_s)
-        except BaseException:  # a caller's timeout or Ctrl-C mid-wait: nobody else holds
-            self.stop()       # this child yet, so it would outlive us
-            raise
+        if wait:
+            try:
+                wait_ready([self])
+            except BaseException:  # a caller's timeout or Ctrl-C mid-wait: nobody else holds
+                self.stop()       # this child yet, so it would outlive us
+                raise
 
-    def wait_ready(self, ready: str | ReadyFile, timeout_s: float) -> None:
-        """Until ``ready`` holds (see the class docstring); raises with the child's output
-        if it exits or ``timeout_s`` passes first."""
-        deadline = time.monotonic() + timeout_s
-        while not self._is_ready(ready):
-            if not self.alive() or time.monotonic() > deadline:
-                raise KvcakeError(f"{self.name} did not start: {self.tail()}")
-            time.sleep(_POLL_S)
+    def started(self) -> bool:
+        """Whether it is ready; raises with its output if it exited or its time ran out."""
+        if self._is_ready():
+            return True
+        if not self.alive() or time.monotonic() > self._deadline:
+            raise KvcakeError(f"{self.name} did not start: {self.tail()}")
+        return False
 
-    def _is_ready(self, ready: str | ReadyFile) -> bool:
+    def _is_ready(self) -> bool:
+        ready = self._ready
         if isinstance(ready, str):
             self.match = re.search(ready, self.output())
             return self.match is not None
@@ -178,3 +182,13 @@ def health(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
     except ValueError:  # another server's plain-text health answer
         return status, {}
     return status, body if isinstance(body, dict) else {}
+
+
+def wait_ready(processes: Sequence[ServerProcess]) -> None:
+    """Until every one of ``processes`` (started together) is ready; raises with the output
+    of the first that exits or runs out of time. Stopping them is the caller's."""
+    waiting = list(processes)
+    while waiting:
+        waiting = [process for process in waiting if not process.started()]
+        if waiting:
+            time.sleep(_POLL_S)

@@ -115,6 +115,8 @@ class VllmInstanceConfig:
     report_s: seconds between load reports.
     reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
     transfer_timeout_s: longest wait for a prefill's KV writes to land.
+    profile_lock: as ``kvcake worker``'s: a file instances started together lock while
+        they time their start-up requests (empty: none).
     """
 
     role: str = "both"
@@ -125,6 +127,7 @@ class VllmInstanceConfig:
     report_s: float = 0.1
     reserve_timeout_s: float = 30.0
     transfer_timeout_s: float = 30.0
+    profile_lock: str = ""
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)

@@ -38,6 +38,7 @@ from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.feed import EventFeed
+from kvcake.common.lifespan import StartupTurns
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.store.config import DEFAULT_TENANT
@@ -165,6 +166,7 @@ class VllmInstanceServer:
     def __init__(self, config: VllmInstanceConfig, server: VllmServerConfig,
                  log_file: IO[bytes] | None = None) -> None:
         self.config = config
+        self._turns = StartupTurns(config.profile_lock)  # siblings profile once all loaded
         self.server_config = server
         self.role = Role(config.role)
         self.instance_id = config.instance_id or f"{config.role}-{os.getpid()}"
@@ -215,7 +217,8 @@ class VllmInstanceServer:
         dispatcher = Dispatcher(WorkerRequest, {
             Prefill: self._prefill, Reserve: self._reserve, Commit: self._commit,
             Release: self._release, Abort: self._abort})
-        await self._profile()
+        async with self._turns.turn_async():
+            await self._profile()
         self._rpc = RpcServer(dispatcher, self.config.host, self.config.port)
         self.endpoint = await self._rpc.startup()
         self._tasks.spawn(self._report_forever(), "report")

@@ -28,6 +28,8 @@ class WorkerConfig:
     reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
     transfer_timeout_s: longest wait for a prefill's KV writes to land.
     profile: time a few prefill and decode steps at start-up, seeding the cost model.
+    profile_lock: a file instances started together lock while they profile, so that no
+        profile is timed beside another (``kvcake up`` names one per cluster; empty: none).
     cpus: CPUs this instance may run on, e.g. ``1`` or ``0-3`` or ``0,2`` (empty: any). A
         decode instance on cores of its own keeps its token rate whatever prefill does.
     nice: added to this process's nice value (0..19): a prefill instance at a lower priority
@@ -43,6 +45,7 @@ class WorkerConfig:
     reserve_timeout_s: float = 30.0
     transfer_timeout_s: float = 30.0
     profile: bool = True
+    profile_lock: str = ""
     cpus: str = ""
     nice: int = 0
 

@@ -18,7 +18,7 @@ from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
-from kvcake.common.lifespan import PHASE_TIMEOUT_S, bounded
+from kvcake.common.lifespan import PHASE_TIMEOUT_S, StartupTurns, bounded
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.engine.config import EngineConfig
@@ -83,6 +83,7 @@ class WorkerServer:
         self._ever_registered = False
         self._need_snapshot = False
         self._profile: Telemetry = Telemetry()
+        self._turns = StartupTurns(config.profile_lock)  # siblings profile once all loaded
 
     @property
     def core(self) -> EngineCore:
@@ -107,7 +108,9 @@ class WorkerServer:
         if core.kv_segment is not None:  # the Conductor publishes it as ours, and only so
             self._transfer.bind(core.kv_segment.name, instance_registrant(self.instance_id))
         if self.config.profile:
-            self._profile = profile_engine(core)
+            with self._turns.turn():
+                self._profile = profile_engine(core)
+        self._turns.close()
         sender = None
         if self.config.role == Role.PREFILL:
             assert core.kv_region is not None and core.kv_segment is not None
