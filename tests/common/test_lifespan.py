@@ -4,8 +4,11 @@ signals captured until every phase ran, then given back, and siblings' start-up 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -149,3 +152,23 @@ def test_startup_turns_without_a_path_never_wait() -> None:
     first, second = StartupTurns(""), StartupTurns("")
     with first.turn(), second.turn():
         pass
+
+
+def test_a_storm_of_stop_signals_still_stops_a_process_waiting_on_them() -> None:
+    # a handler that took a lock (threading.Event.set) hung here every time: the next signal
+    # ran the handler again inside the first one's set, which waited for its own lock
+    code = ("from kvcake.common.lifespan import StopSignals; stop = StopSignals(); "
+            "print('ready', flush=True); stop.wait(); print('stopped', flush=True)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        storm_ends = time.monotonic() + 0.3
+        while time.monotonic() < storm_ends and child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+                os.kill(child.pid, signal.SIGINT)
+        out, _ = child.communicate(timeout=20)
+    finally:
+        child.kill()
+        child.wait()
+    assert out.strip() == "stopped"  # (the storm may still kill it on its way out)

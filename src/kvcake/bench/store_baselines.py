@@ -17,12 +17,12 @@ import importlib.util
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.lifespan import StopSignals
 
 REDIS_SERVER_HINT = "--against redis needs redis-server: apt-get install -y redis-server"
 REDIS_PY_HINT = "--against redis needs redis-py with hiredis: pip install 'kvcake[redis]'"
@@ -148,13 +148,7 @@ def serve_mooncake_node(master: str, host: str, segment_size: int) -> None:
             raise KvcakeError(f"Mooncake storage node setup failed with code {rc}")
         time.sleep(0.2)
     print(f"mounted {segment_size} bytes on {host}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=_set_on_eof, args=(stop,), daemon=True).start()
+    stop = StopSignals(signums=(signal.SIGTERM,))
+    stop.stop_on_end_of_input()
     stop.wait()
     store.close()
-
-
-def _set_on_eof(stop: threading.Event) -> None:
-    sys.stdin.buffer.read()
-    stop.set()

@@ -28,9 +28,7 @@ only this user can read (``--cluster-token-file``; never on a command line, neve
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from kvcake.common.config import (
 )
 from kvcake.common.errors import KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
+from kvcake.common.lifespan import StopSignals
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.ops import (
     ReadyFile,
@@ -439,17 +438,14 @@ def wait_healthy(endpoint: str, roles: Sequence[str], processes: Sequence[Server
 
 def run_up(spec: ClusterSpec) -> int:
     """Start, print where it serves, wait for a signal or a dead child, stop. Exit code."""
-    stop = threading.Event()
     starting = [True]
 
-    def on_signal(*_: object) -> None:
-        stop.set()
+    def abandon_start(_: int) -> None:
         if starting[0]:  # abandon the start at once: Cluster.start stops what it started
             starting[0] = False
             raise StartInterruptedError
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+    stop = StopSignals(abandon_start)
     cluster = Cluster(spec)
     started = time.monotonic()
     try:

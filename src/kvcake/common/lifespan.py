@@ -17,6 +17,8 @@
   removed on the way out. Log lines are for people.
 - Each stop phase gets ``phase_timeout_s``; one that overruns is logged and left behind, so
   shutting down never hangs. Phase durations are measured with the injected ``clock``.
+- A process without a loop (``kvcake up``, helper peers) waits for SIGINT/SIGTERM through
+  :class:`StopSignals`, whose handler takes no lock (see there).
 - Siblings started together (``kvcake up`` starts its instances at once) time their start-up
   profiles in turns, each once all have loaded (:class:`StartupTurns`).
 """
@@ -30,6 +32,8 @@ import inspect
 import json
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -198,3 +202,44 @@ class StartupTurns:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (or the end of standard input) as a flag that a main loop without
+    an event loop polls. The handler only appends to a list: a Python handler runs in the
+    main thread between two bytecodes, so one that called ``threading.Event.set`` could run
+    inside another ``set`` of that thread (a second signal a moment after the first) and wait
+    for ever for the lock its own thread holds. ``then(signum)`` runs in the handler after
+    the append (it may raise, to abandon what the main thread was doing)."""
+
+    def __init__(self, then: Callable[[int], None] | None = None,
+                 signums: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.received: list[int] = []
+        self._then = then
+        for signum in signums:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self._then is not None:
+            self._then(signum)
+
+    def set(self) -> None:
+        """Stop without a signal (from any thread)."""
+        self.received.append(0)
+
+    def stop_on_end_of_input(self) -> None:
+        """Also stop once standard input ends (a parent that closes it wants us gone)."""
+        def read_to_end() -> None:
+            sys.stdin.buffer.read()
+            self.set()
+        threading.Thread(target=read_to_end, daemon=True).start()
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 0.05) -> bool:
+        """Until a stop came (True) or ``timeout_s`` passed (False)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.received:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+        return True

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import json
 import select
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from kvcake.common.errors import KvcakeError
+from kvcake.common.lifespan import StopSignals
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 
 
 def serve_segment(config: TransferConfig, name: str, size: int, fill: int | None) -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = StopSignals()
     with TransferEngine(config) as engine:
         segment = engine.register_segment(name, size)
         if fill is not None:
@@ -36,13 +33,8 @@ def serve_segment(config: TransferConfig, name: str, size: int, fill: int | None
             "host_id": engine.host_id,
         }
         print(json.dumps(ready), flush=True)
-        threading.Thread(target=_stop_on_eof, args=(stop,), daemon=True).start()
+        stop.stop_on_end_of_input()
         stop.wait()
-
-
-def _stop_on_eof(stop: threading.Event) -> None:
-    sys.stdin.buffer.read()
-    stop.set()
 
 
 def pattern(seed: int, size: int) -> bytes:
