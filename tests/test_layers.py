@@ -92,21 +92,23 @@ def test_no_reach_into_private_modules_or_names() -> None:
 
 def test_the_conductor_and_the_api_load_no_torch() -> None:
     # torch is the engine's extra: the Conductor process must start without it
-    code = ("import sys, kvcake.cli, kvcake.cluster.commands, kvcake.conductor.run, "
-            "kvcake.api.app, kvcake.store.master.run; print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, timeout=60)
-    assert result.stdout.strip() == "False"
+    assert _printed("import sys, kvcake.cli, kvcake.cluster.commands, kvcake.conductor.run, "
+                    "kvcake.api.app, kvcake.store.master.run; print('torch' in sys.modules)") \
+        == "False"
 
 
 def test_a_command_loads_no_model_converter_until_it_converts() -> None:
     # every kvcake process imports the CLI first: gguf and numpy (half a second of a child's
     # start) are for converting a GGUF once, not for parsing flags
-    code = ("import sys, kvcake.cli, kvcake.model; "
-            "print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))")
+    assert _printed("import sys, kvcake.cli, kvcake.model; "
+                    "print(sorted(m for m in ('gguf', 'numpy') if m in sys.modules))") == "[]"
+
+
+def _printed(code: str) -> str:
+    """What a fresh interpreter running ``code`` prints."""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=60)
-    assert result.stdout.strip() == "[]"
+    return result.stdout.strip()
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
