@@ -26,15 +26,16 @@ def test_a_child_whose_wait_is_interrupted_is_stopped(monkeypatch: pytest.Monkey
     """A test's timeout or Ctrl-C lands while the constructor waits for the ready line:
     no caller holds the child yet, so the constructor must end it."""
     started: list[ServerProcess] = []
-    real_await = ServerProcess.wait_ready
+    real_check = ServerProcess.started
 
-    def await_then_interrupt(self: ServerProcess, *args: object) -> object:
-        started.append(self)
-        signal.signal(signal.SIGALRM, _interrupt)
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        return real_await(self, *args)  # type: ignore[arg-type]
+    def check_then_interrupt(self: ServerProcess) -> bool:
+        if not started:  # the wait's first look: the interrupt lands while it waits
+            started.append(self)
+            signal.signal(signal.SIGALRM, _interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+        return real_check(self)
 
-    monkeypatch.setattr(ServerProcess, "wait_ready", await_then_interrupt)
+    monkeypatch.setattr(ServerProcess, "started", check_then_interrupt)
     try:
         with pytest.raises(StartInterruptedError):
             ServerProcess(SILENT, r"never", timeout_s=30)
