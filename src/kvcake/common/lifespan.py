@@ -157,7 +157,6 @@ def read_ready_file(path: Path) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in endpoints.items()}
 
 
-
 class StartupTurns:
     """Instances started together (``kvcake up`` starts them at once) time their start-up
     profiles one at a time, and only once every one of them has loaded, so that no profile

@@ -77,8 +77,9 @@ class Sampler:
         _check_batch(logits, params, generators)
         if histories is None and any(p.penalised for p in params):
             raise InvalidParamsError("penalties and min_tokens need each row's token history")
-        if self._plainly_greedy(logits, params):
-            token_ids, logprobs = self._greedy(logits.contiguous())  # type: ignore[misc]
+        greedy = self._greedy
+        if greedy is not None and _plainly_greedy(logits, params):
+            token_ids, logprobs = greedy(logits.contiguous())
             return SampleResult(token_ids.tolist(), logprobs.tolist())
         with torch.no_grad():
             logits = logits.float()
@@ -89,11 +90,6 @@ class Sampler:
             chosen = logits.gather(1, token_ids.unsqueeze(1)) - log_norm
             top = _top_logprobs(logits, log_norm, params)
             return SampleResult(token_ids.tolist(), chosen.squeeze(1).tolist(), top)
-
-    def _plainly_greedy(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
-        return (self._greedy is not None and logits.dtype == torch.float32
-                and logits.device.type == "cpu"
-                and all(p.greedy and p.logprobs is None and not p.penalised for p in params))
 
     def _choose(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
@@ -166,6 +162,12 @@ def _check_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     if not len(params) == len(generators) == logits.shape[0]:
         raise InvalidParamsError(f"logits has {logits.shape[0]} rows but params has "
                                  f"{len(params)} and generators {len(generators)}")
+
+
+def _plainly_greedy(logits: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
+    """CPU float32 rows that are all greedy, unpenalised and ask for no top alternatives."""
+    return (logits.dtype == torch.float32 and logits.device.type == "cpu"
+            and all(p.greedy and p.logprobs is None and not p.penalised for p in params))
 
 
 def _column(values: Sequence[float | int], like: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,8 @@ class WorkerServer:
         if self.config.profile:
             with self._turns.turn():
                 self._profile = profile_engine(core)
-        self._turns.close()
+        else:
+            self._turns.close()  # no turn wanted: the siblings' may go
         sender = None
         if self.config.role == Role.PREFILL:
             assert core.kv_region is not None and core.kv_segment is not None

@@ -132,7 +132,6 @@ class CpuKernels:
                        torch.get_num_threads())
         return out
 
-
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's argmax (int64, the first on ties) and its log-probability (float32)
         for contiguous float32 ``logits`` ``(rows, vocab)``."""
