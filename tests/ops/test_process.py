@@ -1,15 +1,19 @@
-"""Child servers never outlive an interrupted start."""
+"""Child servers never outlive an interrupted start; a server's health is read whatever it
+answers."""
 
 from __future__ import annotations
 
+import http.server
 import signal
+import socket
 import sys
+import threading
 from types import FrameType
 
 import pytest
 
 from kvcake.common.errors import KvcakeError
-from kvcake.ops import ServerProcess
+from kvcake.ops import ServerProcess, health
 
 SILENT = [sys.executable, "-c", "import time; print('starting', flush=True); time.sleep(120)"]
 
@@ -49,3 +53,40 @@ def test_a_child_whose_wait_is_interrupted_is_stopped(monkeypatch: pytest.Monkey
 def test_a_child_that_never_gets_ready_is_stopped_and_named() -> None:
     with pytest.raises(KvcakeError, match=r"did not start: .*starting"):
         ServerProcess(SILENT, r"never", timeout_s=0.5, name="silent")
+
+
+@pytest.mark.parametrize(("status", "body", "parsed"), [
+    (200, b'{"ready": true}', {"ready": True}),
+    (503, b'{"ready": false, "details": {"instances": {"prefill": 1}}}',
+     {"ready": False, "details": {"instances": {"prefill": 1}}}),
+    (503, b"Service Unavailable", {}),
+])
+def test_health_reads_the_body_of_every_answer(status: int, body: bytes,
+                                               parsed: dict[str, object]) -> None:
+    """A 503's details count too: a cluster short of an instance says which are left."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.handle_request)
+    thread.start()
+    try:
+        assert health(f"http://127.0.0.1:{server.server_port}") == (status, parsed)
+    finally:
+        thread.join(5)
+        server.server_close()
+
+
+def test_health_of_nothing_listening_is_status_0() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, never listening: refused
+        assert health(f"http://127.0.0.1:{port}", timeout_s=1.0) == (0, {})

@@ -1,6 +1,7 @@
 """Serving faults: a decode instance killed mid-stream, a prefill instance killed while a
 prompt's KV is being computed and written to its decode instance, the Conductor killed and
-started again (its prefix index must come back whole).
+started again (its prefix index must come back whole), a prefill instance killed and started
+again under its name (the index must forget what it held).
 
 A small ``kvcake up``-style cluster (:class:`~kvcake.cluster.Cluster`, SmolLM2 workers,
 round-robin routing so every instance gets requests) under a few lanes of streaming
@@ -125,6 +126,7 @@ class StreamWorkload:
 class ServingScenario(Scenario):
     needs = ("model",)
     victim: ClassVar[str]  # the instance killed
+    victim_returns: ClassVar[bool] = False  # whether it is started again (its blocks checked)
     prefill: ClassVar[int] = 1
     decode: ClassVar[int] = 2
     policy: ClassVar[str] = "round_robin"
@@ -191,7 +193,7 @@ class ServingScenario(Scenario):
         started = time.monotonic()
         while True:
             free, total = _kv_gauges(self.cluster.api_endpoint)
-            live = {name for name in total if name != self.victim}
+            live = {name for name in total if self.victim_returns or name != self.victim}
             held = {name: f"{free.get(name, 0):.0f}/{total[name]:.0f} free" for name in live
                     if free.get(name) != total[name]}
             if live and not held:
@@ -252,22 +254,21 @@ class PrefillKill(ServingScenario):
                    for f in self.workload.in_flight.values())
 
 
-class ConductorRestart(ServingScenario):
-    """The Conductor dies mid-replay and another starts on its ports. The instances
-    register with it again, each with a snapshot of its cache, so the prefix index is whole
-    at once: every prefix hit the new Conductor predicts must be one the prefill instance
-    finds (``kvcake_conductor_predicted_hit_tokens_total{outcome="missed"}`` stays 0).
-    Each lane repeats a prefix of its own, one request at a time, so hits are many and no
-    two requests compute the same prefix at once (a hit on a prefix still being computed is
-    no stale entry)."""
+class PrefixScenario(ServingScenario):
+    """A restart mid-replay that the Conductor's prefix index must survive: afterwards every
+    prefix hit it predicts must be one the prefill instance finds
+    (``kvcake_conductor_predicted_hit_tokens_total{outcome="missed"}`` does not grow). Each
+    lane repeats a prefix of its own, one request at a time, so hits are many and no two
+    requests compute the same prefix at once (a hit on a prefix still being computed is no
+    stale entry)."""
 
-    name = "conductor-restart"
-    summary = "kill -9 the Conductor mid-replay, start another on its ports; no predicted " \
-              "prefix hit may be missed after"
-    victim = "conductor"
     prefill = 2
     decode = 1
     policy = "cache_aware"
+
+    def __init__(self, settings: ChaosSettings, hosts: NetnsPair | None = None) -> None:
+        super().__init__(settings, hosts)
+        self._hits_before = (0.0, 0.0)  # found, missed: when the restart was over
 
     def stream_config(self) -> StreamConfig:
         return StreamConfig(self.settings.seed, self.name, prompt_words=(8, 16),
@@ -276,17 +277,23 @@ class ConductorRestart(ServingScenario):
     def at_fault_point(self) -> bool:
         return True
 
+    @abstractmethod
+    def restart(self) -> str:
+        """Start what the fault killed again (blocking); a note on how it went."""
+
     async def repair(self) -> None:
         assert self.cluster is not None
         started = time.monotonic()
-        await asyncio.to_thread(self.cluster.restart_conductor)
-        self.notes.append(f"a new Conductor had every instance back in "
-                          f"{time.monotonic() - started:.1f} s")
+        note = await asyncio.to_thread(self.restart)
+        self.notes.append(f"{note} in {time.monotonic() - started:.1f} s")
+        self._hits_before = await asyncio.to_thread(_predicted_hits, self.cluster.api_endpoint)
 
     async def check(self, fault_at: float) -> ScenarioResult:
         result = await super().check(fault_at)
         assert self.cluster is not None
         found, missed = await asyncio.to_thread(_predicted_hits, self.cluster.api_endpoint)
+        found -= self._hits_before[0]
+        missed -= self._hits_before[1]
         self.notes.append(f"after the restart: {found:.0f} predicted prefix tokens found, "
                           f"{missed:.0f} missed")
         if found <= 0:
@@ -294,6 +301,44 @@ class ConductorRestart(ServingScenario):
         elif missed and result.integrity == "ok":
             result.integrity = f"{missed:.0f} predicted prefix tokens were not cached"
         return result
+
+
+class ConductorRestart(PrefixScenario):
+    """The Conductor dies mid-replay and another starts on its ports. The instances
+    register with it again, each with a snapshot of its cache, so the prefix index is whole
+    at once."""
+
+    name = "conductor-restart"
+    summary = "kill -9 the Conductor mid-replay, start another on its ports; no predicted " \
+              "prefix hit may be missed after"
+    victim = "conductor"
+
+    def restart(self) -> str:
+        assert self.cluster is not None
+        self.cluster.restart_conductor()
+        return "a new Conductor had every instance back"
+
+
+class InstanceRestart(PrefixScenario):
+    """A prefill instance dies mid-replay and starts again under its name with an empty
+    cache. The Conductor drops the dead one, and with it every prefix it held, once it has
+    been silent for the instance TTL; the new one registers with an empty snapshot, so no
+    prediction may count on what died."""
+
+    name = "instance-restart"
+    summary = "kill -9 a prefill instance mid-replay, start it again under its name; no " \
+              "predicted prefix hit may be missed after"
+    victim = "prefill-0"
+    victim_returns = True
+
+    async def fault(self) -> None:
+        assert self.cluster is not None
+        await asyncio.to_thread(self.cluster.kill, self.victim)
+
+    def restart(self) -> str:
+        assert self.cluster is not None
+        self.cluster.start_instance(self.victim)
+        return f"{self.victim} was dropped, started again and registered"
 
 
 def _predicted_hits(endpoint: str) -> tuple[float, float]:
@@ -305,4 +350,4 @@ def _predicted_hits(endpoint: str) -> tuple[float, float]:
 
 
 SERVING_SCENARIOS: tuple[type[ServingScenario], ...] = (DecodeKill, PrefillKill,
-                                                        ConductorRestart)
+                                                        ConductorRestart, InstanceRestart)

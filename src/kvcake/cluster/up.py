@@ -43,7 +43,7 @@ from kvcake.common.config import (
     table_values,
     write_config_file,
 )
-from kvcake.common.errors import KvcakeError
+from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.hosts import check_bind_host, is_loopback
 from kvcake.common.lifespan import StopSignals
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
@@ -198,6 +198,7 @@ class Cluster:
         self.rpc_endpoint = ""  # where instances register at the Conductor
         self._dir: tempfile.TemporaryDirectory[str] | None = None  # configs, ready files
         self._etcd_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._places: dict[str, tuple[Role, int, Placement]] = {}  # each instance's, by name
         self.token = TokenHandover()
 
     def start(self) -> str:
@@ -211,8 +212,10 @@ class Cluster:
             cpus = sorted(os.sched_getaffinity(0))
             plan = cpu_plan(self.spec.roles, cpus, shared_prefill=self.spec.engine != "vllm") \
                 if self.spec.pin else [Placement()] * len(self.spec.roles)
-            wait_ready([self._start_worker(role, index, rpc, place) for index, (role, place)
-                        in enumerate(zip(self.spec.roles, plan, strict=True))])
+            self._places = {f"{role}-{index}": (role, index, place) for index, (role, place)
+                            in enumerate(zip(self.spec.roles, plan, strict=True))}
+            wait_ready([self._start_worker(role, index, rpc, place)
+                        for role, index, place in self._places.values()])
             wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         except BaseException:
             self.stop()
@@ -281,17 +284,39 @@ class Cluster:
         """Kill the Conductor, as a crash would, and start another on the same ports: the
         instances register with it again, each with a snapshot of what it holds. Returns
         once every instance has; the API endpoint stays the same."""
-        old = next(p for p in self.processes if p.name == "conductor")
-        old.kill()
-        self.processes.remove(old)
-        log = self._log("conductor")
-        if log is not None and Path(log).exists():  # keep what the dead one said
-            Path(log).replace(f"{log}.1")
+        self.kill("conductor")
         conductor = self._spawn_conductor(port_of(self.api_endpoint), port_of(self.rpc_endpoint))
         wait_ready([conductor])
         self._conductor_ready(conductor)
         wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         return self.api_endpoint
+
+    def start_instance(self, name: str) -> None:
+        """Start instance ``name`` (``prefill-0``, ...) again after it died (see :meth:`kill`),
+        under its name, on its CPUs, with an empty KV cache: once the Conductor has dropped
+        the dead one (silent for its instance TTL), and with it all the dead one held.
+        Returns once the Conductor counts the new one."""
+        if name not in self._places:
+            raise InvalidParamsError(f"no instance {name!r} in this cluster; it has "
+                                     f"{', '.join(self._places)}")
+        if any(p.name == name for p in self.processes):
+            raise InvalidParamsError(f"instance {name} still runs: kill it first")
+        role, index, place = self._places[name]
+        without = list(self.spec.roles)
+        without.remove(role)
+        wait_healthy(self.api_endpoint, without, self.processes, ready=False)  # dropped
+        wait_ready([self._start_worker(role, index, self.rpc_endpoint, place)])
+        wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
+
+    def kill(self, name: str) -> None:
+        """``kill -9`` child ``name``, as a crash would, and forget it; its log moves to
+        ``NAME.log.1``."""
+        old = next(p for p in self.processes if p.name == name)
+        old.kill()
+        self.processes.remove(old)
+        log = self._log(name)
+        if log is not None and Path(log).exists():  # keep what the dead one said
+            Path(log).replace(f"{log}.1")
 
     def _spawn_conductor(self, port: int | None = None, rpc_port: int = 0) -> ServerProcess:
         s = self.spec
@@ -420,13 +445,14 @@ def port_of(endpoint: str) -> int:
 
 
 def wait_healthy(endpoint: str, roles: Sequence[str], processes: Sequence[ServerProcess],
-                 timeout_s: float = _READY_TIMEOUT_S) -> None:
-    """Until ``/health`` is 200 and counts every instance of ``roles``."""
+                 timeout_s: float = _READY_TIMEOUT_S, ready: bool = True) -> None:
+    """Until ``/health`` is 200 (with ``ready``; else any answer) and counts exactly the
+    instances of ``roles``."""
     want = {role.value: roles.count(role) for role in Role}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status, body = health(f"http://{endpoint}")
-        if status == 200 and body.get("details", {}).get("instances") == want:
+        if (status == 200 or not ready) and body.get("details", {}).get("instances") == want:
             return
         dead = next((p for p in processes if not p.alive()), None)
         if dead is not None:

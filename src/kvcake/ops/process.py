@@ -11,6 +11,8 @@ is ready, and a full pipe would block a chatty server mid-write.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import re
 import subprocess
@@ -168,13 +170,15 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopbac
 
 
 def health(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
-    """``GET url/health``: the status (0 when nothing answers) and the JSON body ({} when
-    it is not a JSON object)."""
+    """``GET url/health``: the status (0 when nothing answers) and the JSON body, a 503's
+    too ({} when it is not a JSON object)."""
     try:
         with DIRECT.open(f"{url}/health", timeout=timeout_s) as reply:
             status, raw = reply.status, reply.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, {}
+        status, raw = exc.code, b""
+        with exc, contextlib.suppress(OSError, http.client.HTTPException):
+            raw = exc.read()
     except OSError:
         return 0, {}
     try:
