@@ -45,6 +45,12 @@ class VllmCluster:
     def sidecar_pid(self, name: str) -> int:
         return next(p.pid for p in self.cluster.processes if p.name == name)
 
+    def start_instance(self, name: str) -> None:
+        """Start instance ``name`` again after it was killed, with the settings the others
+        started with."""
+        with _children_env():
+            self.cluster.start_instance(name)
+
     def client(self, timeout_s: float = 120.0) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"http://{self.api}/v1", api_key="x", max_retries=0,
                              timeout=timeout_s)
@@ -59,20 +65,28 @@ def vllm_cluster(logs: Path, **fields: object) -> Iterator[VllmCluster]:
                                "store_size": "256MiB", "kv_cache_size": "1GiB",
                                "log_dir": str(logs), **fields}
     cluster = Cluster(ClusterSpec(**spec))  # type: ignore[arg-type]
-    saved = {name: os.environ.get(name) for name in ENV}
-    os.environ.update(ENV)  # the children read them
-    try:
+    with _children_env():
         cluster.start()
+    try:
+        yield VllmCluster(cluster, logs)
+    finally:
+        cluster.stop()
+
+
+@contextmanager
+def _children_env() -> Iterator[None]:
+    """``ENV`` in this process's environment while children start (they read it), then
+    the environment as it was."""
+    saved = {name: os.environ.get(name) for name in ENV}
+    os.environ.update(ENV)
+    try:
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    try:
-        yield VllmCluster(cluster, logs)
-    finally:
-        cluster.stop()
 
 
 def post(url: str, body: dict[str, object]) -> dict[str, Any]:

@@ -140,6 +140,39 @@ def test_a_restarted_conductor_routes_only_real_hits(cluster: VllmCluster) -> No
     assert series.get("kvcake_conductor_hit_misses_total", 0.0) == 0.0
 
 
+def test_a_restarted_prefill_instance_is_credited_only_with_what_it_holds(
+        cluster: VllmCluster) -> None:
+    """A prefill instance crashes and starts again under its name (``Cluster.kill``, then
+    ``Cluster.start_instance``): the Conductor drops the dead one and all it held (Mooncake's
+    /query no longer finds the prompt in its cache, only in the store), so the next
+    request's predicted prefix is what the new vLLM reuses (from the store), and no
+    predicted hit is missed."""
+    with cluster.client() as client:
+        client.completions.create(model="smollm2", prompt=LONG, max_tokens=2)
+    tokens = post(f"{cluster.vllm_url('prefill-0')}/tokenize",
+                  {"model": "smollm2", "prompt": LONG})["tokens"]
+    query = {"model": "smollm2", "block_size": 128, "token_ids": tokens}
+    full = len(tokens) // 128 * 128
+    hit = post(f"http://{cluster.api}/query", query)["instances"]["prefill-0"]
+    assert (hit["gpu"], hit["cpu"]) == (full, full)  # its own cache, and the store
+    before = _conductor_series(cluster)
+    cluster.cluster.kill("prefill-0")
+    cluster.start_instance("prefill-0")
+    hit = post(f"http://{cluster.api}/query", query)["instances"]["prefill-0"]
+    assert (hit["gpu"], hit["cpu"]) == (0, full)  # the store only
+    after = _conductor_series(cluster)
+    with cluster.client() as client:
+        reply = client.completions.create(model="smollm2", prompt=LONG, max_tokens=2)
+    assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+    cached = reply.usage.prompt_tokens_details.cached_tokens or 0
+    assert cached == (reply.usage.prompt_tokens - 1) // 128 * 128  # every block, stored
+    series = _conductor_series(cluster)
+    found = 'kvcake_conductor_predicted_hit_tokens_total{outcome="found"}'
+    assert series[found] - after[found] == cached
+    misses = "kvcake_conductor_hit_misses_total"
+    assert series.get(misses, 0.0) == after.get(misses, 0.0) == before.get(misses, 0.0)
+
+
 def test_stopping_ends_every_vllm_and_the_kv_came_from_the_prefill(
         cluster: VllmCluster) -> None:
     """Run last: stopping the cluster stops each sidecar, and each its vLLM; the decode
