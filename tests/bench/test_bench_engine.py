@@ -40,9 +40,12 @@ def test_tiny_run_prints_rows_ratios_and_targets(capsys: pytest.CaptureFixture[s
         ("kvcake/hf", p, b) for p in ("prefill", "decode") for b in (1, 2)}
     assert all(r["value"] > 0 for r in ratios)
     targets = {line["target"]: line for line in lines if "target" in line}
-    assert set(targets) == {"decode batch 8 kvcake/hf", "decode batch 8 kvcake/vllm",
-                            "prefill batch 1 kvcake/hf", "prefill batch 2 kvcake/hf"}
+    assert set(targets) == {
+        "decode batch 1 kvcake/vllm", "decode batch 8 kvcake/hf", "decode batch 8 kvcake/vllm",
+        "decode batch 32 kvcake/hf", "decode batch 32 kvcake/vllm", "prefill batch 1 kvcake/hf",
+        "prefill batch 2 kvcake/hf", "prefill batch 1 kvcake/vllm", "prefill batch 2 kvcake/vllm"}
     assert targets["decode batch 8 kvcake/hf"]["met"] is None  # batch 8 was not run
+    assert targets["prefill batch 2 kvcake/vllm"]["met"] is None  # neither was vLLM
     assert isinstance(targets["prefill batch 2 kvcake/hf"]["met"], bool)
 
 
@@ -62,6 +65,7 @@ def test_table_shows_each_system_ratios_and_verdicts(capsys: pytest.CaptureFixtu
     assert "decode batch 8 kvcake/hf >= 1.5: 2.00  [met]" in out
     assert "decode batch 8 kvcake/vllm >= 1.0: 0.75  [MISSED]" in out
     assert "prefill batch 8 kvcake/hf >= 1.0: 0.90  [MISSED]" in out
+    assert "decode batch 32 kvcake/vllm >= 0.8" in out  # not run: said so, not hidden
 
 
 def test_vllm_without_a_python_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,10 @@ FIRST_ID = 20  # prompts avoid the special tokens at the start of the vocabulary
 PHASES = ("prefill", "decode")
 BASELINES = ("hf", "vllm")
 # (phase, batch or None for every batch, baseline, lowest kvcake/baseline ratio)
-TARGETS = (("decode", 8, "hf", 1.5), ("decode", 8, "vllm", 1.0), ("prefill", None, "hf", 1.0))
+# (phase, batch or None for every batch, against, kvcake/against at least)
+TARGETS = (("prefill", None, "hf", 1.0), ("prefill", None, "vllm", 1.0),
+           ("decode", 8, "hf", 1.5), ("decode", 32, "hf", 2.0), ("decode", 1, "vllm", 1.0),
+           ("decode", 8, "vllm", 1.0), ("decode", 32, "vllm", 0.8))
 Timings = dict[tuple[str, int], list[Timing]]  # (system, batch) -> measured repetitions
 PromptSets = dict[int, list[list[list[int]]]]  # batch -> repetition -> prompt -> token ids
 
