@@ -1,4 +1,5 @@
-"""``kvcake up``'s spec: defaults, a TOML ``[cluster]`` table, flags on top, CPU plans."""
+"""``kvcake up``'s spec: defaults, a TOML ``[cluster]`` table, flags on top, CPU plans; what a
+cluster refuses to kill or restart."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.cluster.up import ClusterSpec, Placement, cpu_plan, load_spec
+from kvcake.cluster.up import Cluster, ClusterSpec, Placement, cpu_plan, load_spec
 from kvcake.common.config import parse_cpus
 from kvcake.common.errors import InvalidParamsError
 
@@ -75,3 +76,11 @@ def test_internal_ports_stay_on_loopback_unless_told_and_need_a_token_elsewhere(
 def test_a_host_of_another_machine_is_refused() -> None:
     with pytest.raises(InvalidParamsError, match=r"host '192\.0\.2\.1' is not an address of this"):
         ClusterSpec(host="192.0.2.1")
+
+
+def test_killing_or_restarting_what_the_cluster_does_not_run_is_refused_by_name() -> None:
+    cluster = Cluster(ClusterSpec())  # nothing started
+    with pytest.raises(InvalidParamsError, match=r"no running child 'prefill-0'"):
+        cluster.kill("prefill-0")
+    with pytest.raises(InvalidParamsError, match=r"no instance 'prefill-0' in this cluster"):
+        cluster.start_instance("prefill-0")

@@ -1,3 +1,5 @@
+import asyncio
+import socket
 from pathlib import Path
 
 import msgspec
@@ -13,7 +15,9 @@ from kvcake.common.errors import (
     SegmentNotFoundError,
     TransferError,
     error_from_code,
+    unreachable,
 )
+from kvcake.common.rpc import RpcClient, RpcServer
 from kvcake.engine.config import EngineConfig
 from kvcake.store.config import StoreConfig
 from kvcake.transfer.config import TransferConfig
@@ -42,6 +46,35 @@ def test_error_from_code_rebuilds_the_specific_class() -> None:
     assert isinstance(rebuilt, InvalidParamsError)
     assert rebuilt.code is ErrorCode.BUFFER_OVERFLOW
     assert "unknown remote error code 12345" in str(error_from_code(12345, "?"))
+
+
+def test_a_call_nobody_answers_is_unreachable_and_a_refusal_is_not() -> None:
+    """What an instance logs when its Conductor fails it: unreachable (nobody listens, or
+    no reply in time), or refused (the Conductor answered with an error)."""
+
+    def refuse(_: memoryview) -> bytes:
+        raise InvalidParamsError("instance x serves another model")
+
+    async def failures() -> tuple[KvcakeError, KvcakeError]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))  # bound, never listening: refused connections
+            nobody = RpcClient(f"127.0.0.1:{probe.getsockname()[1]}", 2.0)
+            with pytest.raises(KvcakeError) as silent:
+                await nobody.call(b"hello")
+            nobody.close()
+        server = RpcServer(refuse, "127.0.0.1", 0)
+        client = RpcClient(await server.startup(), 2.0)
+        try:
+            with pytest.raises(KvcakeError) as answered:
+                await client.call(b"hello")
+        finally:
+            client.close()
+            await server.shutdown()
+        return silent.value, answered.value
+
+    silent, answered = asyncio.run(failures())
+    assert unreachable(silent)
+    assert not unreachable(answered) and answered.code is ErrorCode.INVALID_PARAMS
 
 
 @pytest.mark.parametrize(

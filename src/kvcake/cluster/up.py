@@ -311,7 +311,10 @@ class Cluster:
     def kill(self, name: str) -> None:
         """``kill -9`` child ``name``, as a crash would, and forget it; its log moves to
         ``NAME.log.1``."""
-        old = next(p for p in self.processes if p.name == name)
+        old = next((p for p in self.processes if p.name == name), None)
+        if old is None:
+            raise InvalidParamsError(f"no running child {name!r} in this cluster; it runs "
+                                     f"{', '.join(p.name for p in self.processes)}")
         old.kill()
         self.processes.remove(old)
         log = self._log(name)

@@ -173,6 +173,13 @@ class AccessDeniedError(KvcakeError):
     default_code = ErrorCode.ACCESS_DENIED
 
 
+def unreachable(exc: KvcakeError) -> bool:
+    """Whether a call failed for want of an answer (the peer not reached, or silent past the
+    call's timeout: ``RPC_FAIL``, see :class:`kvcake.common.rpc.RpcClient`) rather than by
+    the peer's own refusal."""
+    return exc.code is ErrorCode.RPC_FAIL
+
+
 def error_from_code(code: int, message: str) -> KvcakeError:
     """Rebuild the most specific exception for a code received from a remote peer."""
     try:

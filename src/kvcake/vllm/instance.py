@@ -36,7 +36,7 @@ import msgspec
 
 from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
-from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, unreachable
 from kvcake.common.feed import EventFeed
 from kvcake.common.lifespan import StartupTurns
 from kvcake.common.log import get_logger
@@ -549,8 +549,9 @@ class VllmInstanceServer:
                 await self._report_once()
                 failing = False
             except KvcakeError as exc:
-                if not failing:
-                    log.warning("conductor unreachable: %s", exc)
+                if not failing:  # once per streak; a refused instance is tried again
+                    log.warning("%s: %s", "conductor unreachable" if unreachable(exc)
+                                else "the conductor refused this instance", exc)
                 failing = True
             await asyncio.sleep(self.config.report_s)
 

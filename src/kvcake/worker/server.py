@@ -17,7 +17,7 @@ from typing import TypeVar
 from kvcake.common.aio import TaskSet
 from kvcake.common.codec import decode, encode
 from kvcake.common.config import load_config
-from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
+from kvcake.common.errors import InvalidParamsError, KvcakeError, unreachable
 from kvcake.common.lifespan import PHASE_TIMEOUT_S, StartupTurns, bounded
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
@@ -256,9 +256,8 @@ class WorkerServer:
                 failing = False
             except KvcakeError as exc:
                 if not failing:  # once per streak; a refused id is tried again (standby)
-                    refused = exc.code is ErrorCode.OBJECT_ALREADY_EXISTS
-                    log.warning("%s: %s", "the conductor refused this instance" if refused
-                                else "conductor unreachable", exc)
+                    log.warning("%s: %s", "conductor unreachable" if unreachable(exc)
+                                else "the conductor refused this instance", exc)
                 failing = True
             await asyncio.sleep(self.config.report_s)
 
