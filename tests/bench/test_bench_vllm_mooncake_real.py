@@ -1,6 +1,7 @@
 """``kvcake bench vllm``'s mooncake-real row, without vLLM: the table with and without its
 column, the row left out (with one line saying how to install it) where the real wheel is
-missing, and the settings vLLM's connector is given for the real Mooncake."""
+missing, and the settings vLLM's connector is given for the real Mooncake; each hit paired with
+its prompt's local hit right after it."""
 
 from __future__ import annotations
 
@@ -109,3 +110,17 @@ def test_the_drop_in_row_keeps_its_settings(tmp_path: Path) -> None:
     assert env["PYTHONPATH"].endswith("shims/mooncake")
     assert env["MOONCAKE_REQUESTER_LOCAL_HOSTNAME"] == "127.0.0.1"
     assert "VLLM_HOST_IP" not in env
+
+
+def test_each_hit_is_paired_with_its_prompts_local_hit_right_after() -> None:
+    """Rows minutes apart carry the machine's drift; a hit over the same prompt's local hit
+    in the same process does not."""
+    timings: Timings = {("cold", 8): [(2.0, [1]), (2.0, [1])],
+                        ("kvcake", 8): [(0.12, [1]), (0.3, [1])],
+                        ("kvcake again", 8): [(0.1, []), (0.2, [])]}
+    rows = vllm_bench._rows({8: [[0], [0]]}, timings)
+    cold, kvcake = rows
+    assert "vs_again" not in cold
+    assert (kvcake["vs_again"], kvcake["again_ttft_s"], kvcake["tokens_equal"]) == (1.35, 0.15,
+                                                                                    True)
+    assert table(rows).splitlines()[-1].endswith("(median of the pairs): kvcake 1.35 at 8")

@@ -17,6 +17,11 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
   install it, where the wheel is missing;
 - ``example``: the same through vLLM's disk ``ExampleConnector``.
 
+Each path's row is timed minutes after the others, so ratios between rows carry the
+machine's drift. Each external path is therefore also paired with itself: after each hit
+the reading process answers the same prompt again from vLLM's own prefix cache, and the
+median of hit/that local hit is ``vs_again`` (``again_ttft_s``: that local hit's TTFT).
+
 ``tokens_equal``: the 8 greedy tokens each path gives equal cold's. Every instance first
 answers a short prompt (less than a block: nothing is stored), as a serving instance has:
 a process's first forward pays one-time set-up. Needs the vLLM venv (``make vllm``).
@@ -103,6 +108,13 @@ def _measure(instance: VllmInstance, prompt: list[int]) -> tuple[float, list[int
     return seconds, tokens
 
 
+def _again(instance: VllmInstance, prompt: list[int]) -> tuple[float, list[int]]:
+    """TTFT of ``prompt`` once more in the same process: vLLM's own prefix-cache hit,
+    seconds after the hit it is paired with."""
+    _, seconds = instance.generate(prompt, max_tokens=1)
+    return seconds, []
+
+
 def _plain(python: Path, prompts: Prompts, timings: Timings) -> None:
     with _instance(python, None) as plain:
         for length, group in prompts.items():
@@ -128,6 +140,7 @@ def _write_then_read(python: Path, transfer: dict[str, Any], prompts: Prompts,
         for length, group in prompts.items():
             for prompt in group:
                 timings.setdefault((name, length), []).append(_measure(reader, prompt))
+                timings.setdefault((f"{name} again", length), []).append(_again(reader, prompt))
 
 
 @contextmanager
@@ -205,9 +218,16 @@ def _rows(prompts: Prompts, timings: Timings) -> list[dict[str, Any]]:
         cold = [tokens for _, tokens in timings[("cold", length)]]
         for name in (c for c in CONNECTORS if (c, length) in timings):
             samples = timings[(name, length)]
-            rows.append({"connector": name, "prompt_len": length,
-                         "ttft_s": round(statistics.median(s for s, _ in samples), 4),
-                         "tokens_equal": [t for _, t in samples] == cold})
+            row = {"connector": name, "prompt_len": length,
+                   "ttft_s": round(statistics.median(s for s, _ in samples), 4),
+                   "tokens_equal": [t for _, t in samples] == cold}
+            again = timings.get((f"{name} again", length))
+            if again:  # each hit against the same prompt's local hit right after it
+                row["again_ttft_s"] = round(statistics.median(s for s, _ in again), 4)
+                row["vs_again"] = round(statistics.median(
+                    hit / local for (hit, _), (local, _) in zip(samples, again, strict=True)),
+                    3)
+            rows.append(row)
     return rows
 
 
@@ -232,4 +252,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     external = ", ".join(c for c in ran if c not in ("cold", "local"))
     lines.append(f"TTFT, median; {external}: a second process loading what the first one "
                  "saved")
+    paired = [r for r in rows if "vs_again" in r]
+    if paired:
+        lines.append("each hit over the same prompt's local hit right after it, in the reading "
+                     "process (median of the pairs): " + ", ".join(
+                         f"{r['connector']} {r['vs_again']:.2f} at {r['prompt_len']}"
+                         for r in paired))
     return "\n".join(lines)
