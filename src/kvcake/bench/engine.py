@@ -46,7 +46,6 @@ FIRST_ID = 20  # prompts avoid the special tokens at the start of the vocabulary
 PHASES = ("prefill", "decode")
 BASELINES = ("hf", "vllm")
 # (phase, batch or None for every batch, baseline, lowest kvcake/baseline ratio)
-# (phase, batch or None for every batch, against, kvcake/against at least)
 TARGETS = (("prefill", None, "hf", 1.0), ("prefill", None, "vllm", 1.0),
            ("decode", 8, "hf", 1.5), ("decode", 32, "hf", 2.0), ("decode", 1, "vllm", 1.0),
            ("decode", 8, "vllm", 1.0), ("decode", 32, "vllm", 0.8))

@@ -198,7 +198,7 @@ class Cluster:
         self.rpc_endpoint = ""  # where instances register at the Conductor
         self._dir: tempfile.TemporaryDirectory[str] | None = None  # configs, ready files
         self._etcd_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._places: dict[str, tuple[Role, int, Placement]] = {}  # each instance's, by name
+        self._places: dict[str, tuple[Role, Placement]] = {}  # each instance's, by name
         self.token = TokenHandover()
 
     def start(self) -> str:
@@ -212,10 +212,9 @@ class Cluster:
             cpus = sorted(os.sched_getaffinity(0))
             plan = cpu_plan(self.spec.roles, cpus, shared_prefill=self.spec.engine != "vllm") \
                 if self.spec.pin else [Placement()] * len(self.spec.roles)
-            self._places = {f"{role}-{index}": (role, index, place) for index, (role, place)
+            self._places = {f"{role}-{index}": (role, place) for index, (role, place)
                             in enumerate(zip(self.spec.roles, plan, strict=True))}
-            wait_ready([self._start_worker(role, index, rpc, place)
-                        for role, index, place in self._places.values()])
+            wait_ready([self._start_worker(name, rpc) for name in self._places])
             wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
         except BaseException:
             self.stop()
@@ -301,11 +300,10 @@ class Cluster:
                                      f"{', '.join(self._places)}")
         if any(p.name == name for p in self.processes):
             raise InvalidParamsError(f"instance {name} still runs: kill it first")
-        role, index, place = self._places[name]
         without = list(self.spec.roles)
-        without.remove(role)
+        without.remove(self._places[name][0])
         wait_healthy(self.api_endpoint, without, self.processes, ready=False)  # dropped
-        wait_ready([self._start_worker(role, index, self.rpc_endpoint, place)])
+        wait_ready([self._start_worker(name, self.rpc_endpoint)])
         wait_healthy(self.api_endpoint, self.spec.roles, self.processes)
 
     def kill(self, name: str) -> None:
@@ -340,11 +338,10 @@ class Cluster:
         self.rpc_endpoint = conductor.endpoints["rpc"]
         return self.rpc_endpoint
 
-    def _start_worker(self, role: Role, index: int, rpc: str,
-                      place: Placement) -> ServerProcess:
-        """Start one instance (the caller waits for it with its siblings)."""
+    def _start_worker(self, name: str, rpc: str) -> ServerProcess:
+        """Start instance ``name`` (the caller waits for it with its siblings)."""
         s = self.spec
-        name = f"{role}-{index}"
+        role, place = self._places[name]
         if s.engine == "vllm":
             return self._start_vllm(role, name, rpc, place)
         worker = {"role": role.value, "conductor": rpc, "instance_id": name,
