@@ -222,14 +222,35 @@ def test_disk_tier_offloads_and_promotes(cluster: Callable[..., tuple[ServerProc
     rng = random.Random(3)
     values = {f"d{i}": rng.randbytes(512 * 1024) for i in range(16)}  # 8 MiB into 4 MiB
     for key, value in values.items():
-        assert store.put(key, value) == 0
-        time.sleep(0.05)  # let offloads land so put_start finds room
+        assert store.put(key, value) == 0  # a full memory waits for its offloads
     assert any(path.suffix == ".kv" for path in Path(tmp_path).iterdir())
     time.sleep(0.5)  # leases of the puts' reads run out
     for key, value in values.items():
         assert store.get(key) == value, key
     stats = store.stats()
     assert stats.offloaded > 0 and stats.promoted > 0
+
+
+def test_a_full_disk_tier_keeps_the_newest_evictions(
+        cluster: Callable[..., tuple[ServerProcess, str]],
+        make_store: Callable[[str], DistributedStore], tmp_path: os.PathLike[str]) -> None:
+    """24 values of 512 KiB through 4 MiB of memory and 4 MiB of disk: the disk drops its
+    oldest copies for newer evictions (a full disk used to keep the first ones and delete
+    every later eviction), never holds more than its capacity, and what it holds comes back."""
+    _, endpoint = cluster("--lease-ttl", "0.2")
+    cluster.node(endpoint, "4MiB", "--disk-dir", str(tmp_path),  # type: ignore[attr-defined]
+                 "--disk-capacity", "4MiB")
+    store = make_store(endpoint)
+    rng = random.Random(5)
+    values = {f"d{i:02d}": rng.randbytes(512 * 1024) for i in range(24)}
+    for key, value in values.items():
+        assert store.put(key, value) == 0  # a full memory waits for its offloads
+    present = [key for key in values if store.is_exist(key) == 1]
+    assert "d00" not in present and "d01" not in present and len(present) > 8, present
+    stats = store.stats()
+    assert stats.disk_evicted > 0 and stats.disk_used_bytes <= 4 << 20
+    time.sleep(0.3)  # the exists' leases run out
+    assert store.get(present[0]) == values[present[0]]  # promoted from disk
 
 
 def test_metrics_endpoint(cluster: Callable[..., tuple[ServerProcess, str]],

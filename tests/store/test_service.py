@@ -581,6 +581,85 @@ def test_a_full_disk_means_eviction_deletes() -> None:
     service.check_integrity()
 
 
+def finish(service: MasterService) -> list[str]:
+    """Report every queued offload and promotion done; the keys they were for, in order."""
+    done = []
+    for task in service.drain_tasks():
+        if isinstance(task, OffloadTask):
+            service.offload_done(task, True)
+        else:
+            assert isinstance(task, PromoteTask), task
+            service.promote_done(task, True)
+        done.append(task.key)
+    return done
+
+
+def on_disk(service: MasterService) -> list[str]:
+    return sorted(k for k, o in service.objects.items() if o.readable(Tier.DISK))
+
+
+def test_a_full_disk_drops_its_least_recently_used_copies_for_newer_ones() -> None:
+    service, clock, seg = disk_service(disk_capacity=6 * OBJ)
+    assert finish(service) == keys(4)  # k00..k03 on disk, 2 objects of room left
+    assert service.get_replicas("k01") is ErrorCode.REPLICA_IS_NOT_READY  # read: now recent
+    assert finish(service) == ["k01"]
+    clock.advance(2.0)  # leases over
+    for key in ("k15", "k16", "k17"):  # the 15th in memory evicts k04..k07
+        put(service, "c1", key)
+    offload = [OffloadTask(f"k{i:02d}", seg, i * OBJ, OBJ) for i in range(4, 8)]
+    tasks = service.drain_tasks()
+    assert tasks == [*offload[:2], DropDiskTask("k00", seg), offload[2],
+                     DropDiskTask("k02", seg), offload[3]]
+    assert "k00" not in service.objects and "k02" not in service.objects  # disk-only: gone
+    assert on_disk(service) == ["k01", "k03"]  # k01 was read since; k04..k07 on their way
+    assert service.counters["disk_evicted"] == 2
+    assert service.stats().disk_used_bytes == 6 * OBJ
+    for task in tasks:
+        if isinstance(task, OffloadTask):
+            service.offload_done(task, True)
+    service.check_integrity()
+    clock.advance(2.0)
+    for key in ("k18", "k19", "k20", "k21"):  # evicts k08..k11: the disk's oldest make room
+        put(service, "c1", key)
+    assert [t.key for t in service.drain_tasks() if isinstance(t, DropDiskTask)] == [
+        "k03", "k01", "k04", "k05"]  # k01 was read before k04..k07 came
+    assert [r.tier for r in service.objects["k01"].replicas] == [Tier.MEMORY]  # copy dropped
+    service.check_integrity()
+
+
+def test_a_full_disk_keeps_copies_being_read() -> None:
+    service, clock, seg = disk_service(disk_capacity=4 * OBJ)
+    assert finish(service) == keys(4)
+    assert service.get_replicas("k00") is ErrorCode.REPLICA_IS_NOT_READY  # promotion queued
+    promote = service.drain_tasks()
+    clock.advance(0.5)  # k00 still leased and busy
+    for key in ("k15", "k16", "k17"):  # the 15th in memory evicts k04..k07
+        put(service, "c1", key)
+    tasks = service.drain_tasks()
+    assert [t.key for t in tasks if isinstance(t, DropDiskTask)] == ["k01", "k02", "k03"]
+    assert [t.key for t in tasks if isinstance(t, OffloadTask)] == ["k04", "k05", "k06"]
+    assert "k07" not in service.objects  # no room left without k00's copy: deleted
+    assert on_disk(service) == ["k00"]
+    [task] = promote
+    assert isinstance(task, PromoteTask)
+    service.promote_done(task, True)
+    assert service.get_replicas("k00") == (OBJ, [ReplicaHandle(seg, task.offset)])
+    service.check_integrity()
+
+
+def test_a_put_waiting_for_offloads_on_their_way_evicts_no_more() -> None:
+    service, _, _ = disk_service()
+    offloads = service.drain_tasks()  # k00..k03, still holding their memory
+    put(service, "c1", "k15")  # the last free block
+    refused = service.put_start("c1", "k16", OBJ, ReplicateConfig())
+    assert refused is ErrorCode.NO_AVAILABLE_HANDLE
+    assert service.drain_tasks() == [] and service.counters["evicted"] == 4
+    assert isinstance(offloads[0], OffloadTask)
+    service.offload_done(offloads[0], True)
+    assert start(service, "c1", "k16") == [ReplicaHandle(offloads[0].segment_id, 0)]
+    service.check_integrity()
+
+
 def test_integrity_holds_while_a_promotion_is_in_flight() -> None:
     service, _, _ = disk_service()
     offload = service.drain_tasks()[0]

@@ -293,6 +293,7 @@ class Stats(msgspec.Struct, frozen=True):
     evicted: int
     offloaded: int
     promoted: int
+    disk_evicted: int = 0  # disk copies dropped to make room for newer ones
     tenants: list[TenantStats] = msgspec.field(default_factory=list)
 
 

@@ -60,4 +60,4 @@ def summary_line(stats: Stats, counters: Mapping[str, int]) -> str:
             f"({ratio:.0%}) segments={stats.num_segments} clients={stats.num_clients} "
             f"hits={counters['hits']} misses={counters['misses']} "
             f"evicted={counters['evicted']} offloaded={counters['offloaded']} "
-            f"promoted={counters['promoted']}")
+            f"promoted={counters['promoted']} disk_evicted={counters['disk_evicted']}")

@@ -4,7 +4,8 @@ groups, and what changed since the last flush (:class:`ChangeSet`). No I/O, no p
 Keys here are object keys (a tenant's keys are scoped, :mod:`kvcake.store.master.tenants`).
 Every replica in memory holds an allocation of its segment and is charged to its tenant,
 from :meth:`ObjectTable.create` until :meth:`ObjectTable.release`. A complete object with a
-memory replica is in the eviction order, unless an offload or promotion of it is in flight.
+memory replica is in the eviction order, unless an offload or promotion of it is in flight;
+an object with a disk replica is in the disk order, which the disk tier evicts by.
 
 Memory someone may still be reading or writing outlives its object: an upsert that replaces
 a leased object, or takes over a put still being written, *retires* the old replicas'
@@ -62,6 +63,7 @@ class ObjectTable:
         self.tenants = tenants
         self.objects: dict[str, StoredObject] = {}
         self.eviction = make_eviction_policy(config.eviction)
+        self.disk_order = make_eviction_policy(config.eviction)  # objects on a disk tier
         self.tasks: list[Task] = []
         self.changes: ChangeSet | None = None  # set by a master that persists its state
         self.groups = GroupIndex()
@@ -161,6 +163,7 @@ class ObjectTable:
             self.release(obj.key, replica, hold_until)
         del self.objects[obj.key]
         self.eviction.discard(obj.key)
+        self.disk_order.discard(obj.key)
         self.groups.discard(obj.group, obj.key)
 
     def release(self, key: str, replica: Replica, hold_until: float = 0.0) -> None:
@@ -192,8 +195,7 @@ class ObjectTable:
         self.release(obj.key, replica)
         obj.replicas.remove(replica)
         self.changed(obj.key)
-        if not obj.readable(Tier.MEMORY):
-            self.eviction.discard(obj.key)
+        self._forget_tiers_left(obj)
 
     def drop_segment(self, segment: MountedSegment) -> None:
         """Lose every replica on ``segment``; objects with none left are gone."""
@@ -207,11 +209,23 @@ class ObjectTable:
             self.changed(key)
             if not obj.replicas or (obj.complete and not obj.readable()):
                 self.delete(obj)
-            elif not obj.readable(Tier.MEMORY):
-                self.eviction.discard(key)
+            else:
+                self._forget_tiers_left(obj)
         self.retired = [r for r in self.retired if r.segment_id != segment.segment_id]
         self.registry.unmount(segment.segment_id)
         self.changed_segment(segment.segment_id)
+
+    def _forget_tiers_left(self, obj: StoredObject) -> None:
+        """Take ``obj`` out of the order of each tier it no longer has a replica on."""
+        if not obj.readable(Tier.MEMORY):
+            self.eviction.discard(obj.key)
+        if not obj.readable(Tier.DISK):
+            self.disk_order.discard(obj.key)
+
+    def touch(self, key: str) -> None:
+        """``key`` was read: recently used in every tier it is on."""
+        self.eviction.touch(key)
+        self.disk_order.touch(key)
 
     def free_retired(self, now: float) -> None:
         """Free the retired memory whose time has come."""
@@ -257,6 +271,8 @@ class ObjectTable:
         self.groups.add(obj.group, obj.key)
         if obj.readable(Tier.MEMORY):
             self.eviction.insert(obj.key)
+        if obj.readable(Tier.DISK):
+            self.disk_order.insert(obj.key)
 
     def check_integrity(self) -> None:
         """Assert allocators, reverse indexes and the eviction order agree with the objects."""
@@ -274,6 +290,7 @@ class ObjectTable:
             assert obj.replicas, f"{key} has no replicas"
             in_order = obj.complete and bool(obj.readable(Tier.MEMORY)) and not obj.busy
             assert (key in self.eviction) == in_order or obj.busy, f"eviction order for {key}"
+            assert (key in self.disk_order) == bool(obj.readable(Tier.DISK)), f"disk order {key}"
             memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
             assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"
         self.tenants.check_integrity(usage_by_tenant(self.objects))

@@ -41,7 +41,7 @@ from kvcake.wire import store as m
 log = get_logger(__name__)
 _SHUTDOWN_S = 5.0  # background tasks get this long to stop
 
-_PROMOTE_WAIT_S = 8.0  # under a client's default rpc_timeout_s
+_TIER_WAIT_S = 8.0  # under a client's default rpc_timeout_s: promotions, room for puts
 _RECHECK_S = 0.05
 _WAIT_CODES = (ErrorCode.REPLICA_IS_NOT_READY, ErrorCode.NO_AVAILABLE_HANDLE)
 # answered only once their changes are in etcd, when the master persists its state
@@ -231,31 +231,58 @@ class MasterServer:
         if asyncio.get_running_loop().time() < self._puts_open_at:
             return self._put_start_later(request)
         reply = self._put_start_now(request)
-        if ErrorCode.NO_AVAILABLE_HANDLE in reply.codes and self._frees_pending():
-            return self._put_start_later(request)
-        return reply
+        return self._put_start_with_room(request, reply) if self._room_coming(reply.codes) \
+            else reply
+
+    async def _put_start_later(self, request: m.PutStart) -> m.PutStartReply:
+        """After the fence."""
+        await asyncio.sleep(self._puts_open_at - asyncio.get_running_loop().time())
+        reply = self._put_start_now(request)
+        return await self._put_start_with_room(request, reply) \
+            if self._room_coming(reply.codes) else reply
+
+    def _room_coming(self, codes: list[int]) -> bool:
+        """Whether a key was refused for room while memory is on its way back: removals'
+        memory waiting for their flush (with persistence), or offloads to a disk in flight."""
+        return ErrorCode.NO_AVAILABLE_HANDLE in codes and (
+            self._frees_pending() or self.service.tiering.offloading)
 
     def _frees_pending(self) -> bool:
         return self.service.changes is not None and bool(self.service.changes.frees)
 
-    async def _put_start_later(self, request: m.PutStart) -> m.PutStartReply:
-        """After the fence; or once memory held for durable removals is free, one retry."""
-        await asyncio.sleep(self._puts_open_at - asyncio.get_running_loop().time())
-        if self.persistence is not None and self._frees_pending():
-            await self.persistence.durable()
-        return self._put_start_now(request)
+    async def _put_start_with_room(self, request: m.PutStart,
+                                   reply: m.PutStartReply) -> m.PutStartReply:
+        """Try the keys refused for room again as memory comes back, for at most
+        ``_TIER_WAIT_S``; the keys already started keep their answers."""
+        codes, replicas = list(reply.codes), list(reply.replicas)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _TIER_WAIT_S
+        refused = [i for i, code in enumerate(codes) if code == ErrorCode.NO_AVAILABLE_HANDLE]
+        while refused and loop.time() < deadline and self._room_coming(codes):
+            if self.persistence is not None and self._frees_pending():
+                await self.persistence.durable()
+            else:
+                with contextlib.suppress(TimeoutError):  # an offload landed, or a recheck
+                    await asyncio.wait_for(self._task_done.wait(),
+                                           min(deadline - loop.time(), _RECHECK_S))
+            for i in refused:
+                codes[i], replicas[i] = self._put_start_key(request, i)
+            refused = [i for i in refused if codes[i] == ErrorCode.NO_AVAILABLE_HANDLE]
+        return m.PutStartReply(codes, replicas)
 
     def _put_start_now(self, request: m.PutStart) -> m.PutStartReply:
-        codes, replicas = [], []
-        groups: list[str | None] = list(request.config.group_ids) or [None] * len(request.keys)
-        for key, size, group in zip(request.keys, request.sizes, groups, strict=True):
-            result = _per_key(self.service.put_start, request.client_id, key, size,
-                              request.config, group, request.upsert)
-            codes.append(_code(result))
-            replicas.append(self._grants.sign(result, size, GrantMode.WRITE,
-                                              self.config.put_timeout_s)
-                            if isinstance(result, list) else [])
-        return m.PutStartReply(codes, replicas)
+        answers = [self._put_start_key(request, i) for i in range(len(request.keys))]
+        return m.PutStartReply([code for code, _ in answers], [handles for _, handles in answers])
+
+    def _put_start_key(self, request: m.PutStart, index: int) -> tuple[int, list[Any]]:
+        """Key ``index`` of ``request`` started: its code, and its signed handles (if any)."""
+        size = request.sizes[index]
+        group = request.config.group_ids[index] if request.config.group_ids else None
+        result = _per_key(self.service.put_start, request.client_id, request.keys[index], size,
+                          request.config, group, request.upsert)
+        handles = self._grants.sign(result, size, GrantMode.WRITE, self.config.put_timeout_s) \
+            if isinstance(result, list) else []
+        return _code(result), handles
 
     def _put_end(self, request: m.PutEnd) -> m.CodesReply:
         return m.CodesReply([int(self.service.put_end(request.client_id, k)) for k in request.keys])
@@ -283,13 +310,13 @@ class MasterServer:
     async def _get_after_disk(self, keys: list[str], results: list[Any],
                               tenant: str) -> m.GetReplicasReply:
         """Keys only on disk: wait for their promotion (or for offloads to make room for
-        it), then answer; bounded by ``_PROMOTE_WAIT_S``."""
+        it), then answer; bounded by ``_TIER_WAIT_S``."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         while True:
             waiting = [i for i, r in enumerate(results)
                        if r in _WAIT_CODES and self._on_disk(keys[i], tenant)]
-            left = start + _PROMOTE_WAIT_S - loop.time()
+            left = start + _TIER_WAIT_S - loop.time()
             if not waiting or left <= 0:
                 break
             with contextlib.suppress(TimeoutError):  # a task ended, or room freed silently

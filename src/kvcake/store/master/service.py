@@ -64,8 +64,8 @@ class MasterService:
         self.objects = self.table.objects
         self.placement = make_placement_policy(config.placement, self.rng)
         self.counters: dict[str, int] = dict.fromkeys(
-            ("evicted", "offloaded", "promoted", "hits", "misses", "reclaimed_puts",
-             "dead_clients"), 0)
+            ("evicted", "offloaded", "promoted", "disk_evicted", "hits", "misses",
+             "reclaimed_puts", "dead_clients"), 0)
         self.tiering = Tiering(self.table, self.counters)
 
     @property
@@ -256,11 +256,11 @@ class MasterService:
         if obj is None:
             self.counters["misses"] += 1
             return ErrorCode.OBJECT_NOT_FOUND
+        self.table.touch(obj.key)
         memory = obj.readable(Tier.MEMORY)
         if not memory:
             return self.tiering.promote(obj)
         self.counters["hits"] += 1
-        self.table.eviction.touch(obj.key)
         return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
 
     def exist(self, key: str, tenant: str = DEFAULT_TENANT) -> bool:
@@ -389,7 +389,7 @@ class MasterService:
             disk_used_bytes=sum(s.disk_used for s in segments),
             disk_total_bytes=sum(s.disk_capacity for s in segments),
             evicted=self.counters["evicted"], offloaded=self.counters["offloaded"],
-            promoted=self.counters["promoted"],
+            promoted=self.counters["promoted"], disk_evicted=self.counters["disk_evicted"],
             tenants=tenant_stats(self.tenants, self.objects,
                                  [c.tenant for c in self.registry.clients.values()]),
         )

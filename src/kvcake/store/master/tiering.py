@@ -1,11 +1,14 @@
 """What leaves memory, and how: eviction, offload to a node's disk, promotion back. No I/O.
 
 An evicted object goes to the disk tier of a segment holding one of its replicas when that
-node has room, else it is deleted. The disk tier is the node's to run: these decisions queue
-:data:`Task` s in ``ObjectTable.tasks``; the server sends them to the node's control endpoint
-and reports each outcome back (:meth:`Tiering.offload_done`, :meth:`Tiering.promote_done`)::
+node has room, made if need be by dropping the disk's own least recently used copies (the
+disk order, ``ObjectTable.disk_order``), else it is deleted. The disk tier is the node's to
+run: these decisions queue :data:`Task` s in ``ObjectTable.tasks``; the server sends them to
+the node's control endpoint and reports each outcome back (:meth:`Tiering.offload_done`,
+:meth:`Tiering.promote_done`)::
 
     memory --evict, disk room--> OffloadTask --ok--> disk replica, memory freed
+    memory --evict, disk full--> oldest disk copies dropped (DropDiskTask), then as above
     memory --evict, no room----> deleted
     disk   --get---------------> PromoteTask --ok--> memory replica (the get is retried)
 """
@@ -22,6 +25,7 @@ from kvcake.store.master.tenants import tenant_of_key
 
 if TYPE_CHECKING:
     from kvcake.store.master.objects import ObjectTable
+    from kvcake.store.master.segments import MountedSegment
 
 
 @dataclass(frozen=True)
@@ -74,16 +78,17 @@ class Tiering:
             self.evict(now, need=0)
 
     def evict(self, now: float, need: int) -> None:
-        """Free about ``evict_ratio`` of the pool (and at least ``need`` bytes), oldest first,
-        never touching leased, busy, hard-pinned or unfinished objects; soft-pinned ones go
-        only when nothing else is left. A group goes as one (:mod:`.groups`).
+        """Free about ``evict_ratio`` of the pool (and at least ``need`` bytes), less what
+        offloads in flight will free, oldest first, never touching leased, busy,
+        hard-pinned or unfinished objects; soft-pinned ones go only when nothing else is
+        left. A group goes as one (:mod:`.groups`).
 
         Tenants first pay for their own excess: each round takes the objects of tenants
         holding more than their fair share (the pool split evenly among the tenants holding
         memory, capped by each one's quota) for as long as they do, then anyone's. With one
         tenant this is plain oldest-first."""
         total = self.registry.memory_usage()[1]
-        target = max(need, int(self.config.evict_ratio * total))
+        target = max(need, int(self.config.evict_ratio * total)) - self._offloading_bytes
         shares = self.tenants.shares(total)
         freed = 0
         for allow_soft, over_only in ((False, True), (False, False), (True, True), (True, False)):
@@ -95,6 +100,11 @@ class Tiering:
                     continue
                 freed += _memory_bytes(unit)
                 self._evict_unit(unit)
+
+    @property
+    def offloading(self) -> bool:
+        """Whether offloads are on their way, each to free memory when it lands."""
+        return self._offloading_bytes > 0
 
     def fit_quota(self, tenant: str, nbytes: int) -> bool:
         """Make ``nbytes`` more of ``tenant`` fit its quota by evicting the tenant's own
@@ -153,7 +163,7 @@ class Tiering:
             return
         for replica in obj.readable(Tier.MEMORY):
             segment = self.registry.segments[replica.segment_id]
-            if segment.disk_room(obj.size):
+            if self._disk_room(segment, obj.size):
                 segment.disk_used += obj.size  # reserved until the offload reports back
                 self._offloading_bytes += obj.size
                 self.tenants.offload_started(obj.object_id, tenant_of_key(obj.key),
@@ -163,6 +173,41 @@ class Tiering:
                                                     replica.offset, obj.size, obj.object_id))
                 return
         self.table.delete(obj)
+
+    def _disk_room(self, segment: MountedSegment, nbytes: int) -> bool:
+        """Whether ``segment``'s disk takes ``nbytes`` more, once its least recently used
+        copies are dropped to make room: soft-pinned ones last, never one that is leased or
+        has a transfer in flight. Drops nothing when even that would not make room."""
+        short = segment.disk_used + nbytes - segment.disk_capacity
+        if short <= 0 or nbytes > segment.disk_capacity:
+            return short <= 0
+        victims = self._disk_victims(segment, short)
+        for obj, replica in victims:
+            self.counters["disk_evicted"] += 1
+            self.table.drop_replica(obj, replica)
+        return bool(victims)
+
+    def _disk_victims(self, segment: MountedSegment, short: int
+                      ) -> list[tuple[StoredObject, Replica]]:
+        """The disk copies on ``segment`` to drop to free ``short`` bytes, oldest first; none
+        if they cannot free that much."""
+        now = self.clock()
+        victims: dict[str, tuple[StoredObject, Replica]] = {}
+        freed = 0
+        for allow_soft in (False, True):
+            for key in self.table.disk_order:
+                if freed >= short:
+                    break
+                obj = self.table.objects[key]
+                if key in victims or obj.busy or obj.leased(now) or (
+                        obj.soft_pinned(now) and not allow_soft):
+                    continue
+                replica = next((r for r in obj.readable(Tier.DISK)
+                                if r.segment_id == segment.segment_id), None)
+                if replica is not None:
+                    victims[key] = (obj, replica)
+                    freed += replica.size
+        return list(victims.values()) if freed >= short else []
 
     def _drop_memory(self, obj: StoredObject) -> None:
         self.table.changed(obj.key)
@@ -193,6 +238,7 @@ class Tiering:
         disk.move_to(ReplicaState.COMPLETE)
         obj.replicas.append(disk)
         segment.keys.add(task.key)
+        self.table.disk_order.insert(task.key)
         self._drop_memory(obj)
         self.counters["offloaded"] += 1
 
