@@ -93,7 +93,8 @@ def _plain(text: str) -> str:
 
 _DOC_ENTRY = re.compile(r"^([a-z_][a-z0-9_]*(?:(?:, | / )[a-z_][a-z0-9_]*)*): (.*)$")
 _ROLE = re.compile(r":\w+:`~?([^`]+)`")
-_SIZED = ("_bytes", "segment_size", "_capacity", "cache_size", "store_size", "body_size")
+_SIZED = ("_bytes", "segment_size", "_capacity", "cache_size", "store_size", "disk_size",
+          "body_size")
 
 
 def _is_size(name: str) -> bool:

@@ -114,6 +114,29 @@ def test_a_repeated_long_prompt_reuses_its_kv(cluster: Cluster) -> None:
     assert cached >= second.usage.prompt_tokens - 16  # all but the last partial block
 
 
+def test_kv_pushed_out_of_memory_comes_back_from_the_stores_disk(tmp_path: Path) -> None:
+    """Later prompts push the first one's KV out of the instance's cache and the store's
+    memory; it is still served as cached, from the store's disk tier (without one, a
+    memory this small keeps none of it)."""
+    cluster = Cluster(_spec(tmp_path, kv_cache_size="32MiB", store_size="16MiB",
+                            store_disk_size="256MiB"))
+    cluster.start()
+    try:
+        client = _client(cluster)
+        prompts = [f"List {k}: " + " ".join(f"Item {i} of list {k} weighs {i * k + 3} grams."
+                                             for i in range(36)) for k in range(6)]
+        answers = [client.completions.create(model="smollm2", prompt=p, max_tokens=2,
+                                             temperature=0) for p in prompts]
+        again = client.completions.create(model="smollm2", prompt=prompts[0], max_tokens=2,
+                                          temperature=0)
+        assert again.choices[0].text == answers[0].choices[0].text
+        assert again.usage is not None and again.usage.prompt_tokens_details is not None
+        cached = again.usage.prompt_tokens_details.cached_tokens or 0
+        assert cached >= again.usage.prompt_tokens - 16, cached  # all but the last block
+    finally:
+        cluster.stop()
+
+
 def _counter(text: str, name: str) -> float:
     found = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0

@@ -1,10 +1,12 @@
 """A node's SSD tier deletes only files it wrote: its manifest lists them; a directory with
-``*.kv`` files it does not list is refused with nothing touched; one node per directory."""
+``*.kv`` files it does not list is refused with nothing touched; one node per directory; a
+tier larger than its free space is refused."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -75,3 +77,11 @@ def test_one_node_per_directory(tmp_path: Path) -> None:
     assert (tmp_path / _kv_name("a")).exists()  # the refused one deleted nothing
     first.close()
     DiskTier(str(tmp_path), SEGMENT).close()  # free again once the first is gone
+
+
+def test_a_tier_larger_than_the_free_space_is_refused(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(InvalidParamsError, match=r"a disk tier of .* does not fit in --disk-dir "
+                       r".*: its file system has .* free"):
+        DiskTier(str(tmp_path), SEGMENT, free + (1 << 40))
+    DiskTier(str(tmp_path), SEGMENT, min(free, 1 << 20)).close()  # the lock was let go

@@ -114,7 +114,8 @@ def _add_up(commands: Subparsers) -> None:
     up.add_argument("--config", help="TOML file with a [cluster] table (flags override it)")
     add_config_flags(up, ClusterSpec, (
         "host", "internal_host", "no_token", "port", "prefill", "decode", "both", "model",
-        "kv_cache_size", "store_size", "threads", "max_num_seqs", "max_num_batched_tokens",
+        "kv_cache_size", "store_size", "store_disk_size", "store_disk_dir", "threads",
+        "max_num_seqs", "max_num_batched_tokens",
         "api_key", "max_body_size", Flag("on_decode_failure", choices=DECODE_FAILURE_CHOICES),
         "log_dir", "ha", "pin", Flag("engine", choices=ENGINES), "vllm_python",
         *_POLICY_FLAGS, "drain_fit"))

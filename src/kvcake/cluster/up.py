@@ -80,6 +80,11 @@ class ClusterSpec:
     model: smollm2 (default), a .gguf file or an HF directory.
     kv_cache_size: each instance's paged KV pool.
     store_size: memory of the KV store's node ("" or "0": no store at all).
+    store_disk_size: the node's disk tier: KV that memory evicts goes there, least recently
+        used out first when it is full, and a hit brings it back ("0": none, evicted KV is
+        gone). Refused at start when its file system has less free space.
+    store_disk_dir: the disk tier's directory (empty: inside the cluster's private directory,
+        removed at stop).
     max_num_seqs: requests in one instance's batch.
     max_num_batched_tokens: each instance's token budget per step. Small on CPUs: a
         2048-token step takes seconds, so every request of a burst would get its first
@@ -116,6 +121,8 @@ class ClusterSpec:
     model: str = "smollm2"
     kv_cache_size: str = "512MiB"
     store_size: str = "1GiB"
+    store_disk_size: str = "4GiB"
+    store_disk_dir: str = ""
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     threads: int = 1
@@ -143,6 +150,7 @@ class ClusterSpec:
         parse_size(self.kv_cache_size)
         if self.store_size:
             parse_size(self.store_size)
+        parse_size(self.store_disk_size)
         require(not self.ha or self.has_store, "ha needs the store (a store_size > 0)")
         require(self.engine in ENGINES, f"engine must be one of {ENGINES}, got "
                 f"{self.engine!r}")
@@ -163,6 +171,10 @@ class ClusterSpec:
     @property
     def has_store(self) -> bool:
         return bool(self.store_size) and parse_size(self.store_size) > 0
+
+    @property
+    def disk_tier(self) -> bool:
+        return parse_size(self.store_disk_size) > 0
 
     @property
     def roles(self) -> list[Role]:
@@ -264,8 +276,18 @@ class Cluster:
             self.master = self._spawn("master", "master", {"master": self._master()},
                                       "rpc").endpoints["rpc"]
         return self._spawn("node", "node", {
-            "store": {"master": self.master, "segment_size": parse_size(self.spec.store_size)},
+            "store": {"master": self.master, "segment_size": parse_size(self.spec.store_size),
+                      **self._disk_tier()},
             "transfer": {"host": self.spec.internal_host}}, wait=False)
+
+    def _disk_tier(self) -> dict[str, Any]:
+        """The node's disk tier settings: none, or a directory and its capacity."""
+        capacity = parse_size(self.spec.store_disk_size)
+        if not capacity:
+            return {}
+        assert self._dir is not None, "start() makes the directory first"
+        directory = self.spec.store_disk_dir or str(Path(self._dir.name) / "disk")
+        return {"disk_dir": directory, "disk_capacity": capacity}
 
     def _master(self, **extra: Any) -> dict[str, Any]:
         return {"host": self.spec.internal_host, "port": 0, "metrics_port": -1, **extra}
@@ -484,6 +506,7 @@ def run_up(spec: ClusterSpec) -> int:
           f"model {spec.model!r}, {spec.prefill} prefill + {spec.decode} decode + "
           f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
           f"{', store ' + spec.store_size if spec.has_store else ''}"
+          f"{' + disk ' + spec.store_disk_size if spec.has_store and spec.disk_tier else ''}"
           f"{f' ({HA_MASTERS} masters, etcd {cluster.master})' if spec.ha else ''}", flush=True)
     token = f"{cluster.token.origin} cluster token" if cluster.authenticated \
         else "NO cluster token"

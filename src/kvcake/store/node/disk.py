@@ -9,7 +9,8 @@ It never deletes a file it did not write: ``DIR/kvcake-disk-tier.manifest`` list
 file the tier created (a name is added before its file exists, so a crash leaves nothing
 unlisted). At start the listed files are deleted, and a directory holding ``*.kv`` files the
 manifest does not list is refused, with nothing touched. The manifest is held under an
-exclusive ``flock``: one node per directory.
+exclusive ``flock``: one node per directory. A tier larger than the free space of its
+directory's file system (after that clean-up) is refused at start.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from kvcake.common.config import format_size
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher
@@ -71,12 +74,13 @@ class DiskTier:
     """Raises InvalidParamsError when ``directory`` holds ``*.kv`` files this tier did not
     write, or another node's tier uses it."""
 
-    def __init__(self, directory: str, segment: memoryview) -> None:
+    def __init__(self, directory: str, segment: memoryview, capacity: int = 0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._manifest = _Manifest(self.directory)
         try:
             self._delete_own_files()
+            self._check_room(capacity)
         except BaseException:
             self._manifest.close()
             raise
@@ -95,6 +99,14 @@ class DiskTier:
             (self.directory / name).unlink(missing_ok=True)
             (self.directory / name).with_suffix(".partial").unlink(missing_ok=True)
         self._manifest.clear()
+
+    def _check_room(self, capacity: int) -> None:
+        free = shutil.disk_usage(self.directory).free
+        if capacity > free:
+            raise InvalidParamsError(
+                f"a disk tier of {format_size(capacity)} does not fit in --disk-dir "
+                f"{self.directory}: its file system has {format_size(free)} free; give a "
+                f"smaller --disk-capacity or another directory")
 
     def close(self) -> None:
         self._manifest.close()

@@ -42,7 +42,8 @@ class NodeServer:
                                           self.config.segment_size)
         self.segment_name = name
         if self.config.disk_dir:
-            self._disk = DiskTier(self.config.disk_dir, segment.view)
+            self._disk = DiskTier(self.config.disk_dir, segment.view,
+                                  self.config.disk_capacity)
         info = m.NodeInfoReply(self.config.master, self.config.tenant, name, engine.endpoint)
         self._control = RpcServer(control_channel(self._disk, lambda: info), self.host,
                                   self.config.control_port)
