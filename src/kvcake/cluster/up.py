@@ -81,8 +81,8 @@ class ClusterSpec:
     kv_cache_size: each instance's paged KV pool.
     store_size: memory of the KV store's node ("" or "0": no store at all).
     store_disk_size: the node's disk tier: KV that memory evicts goes there, least recently
-        used out first when it is full, and a hit brings it back ("0": none, evicted KV is
-        gone). Refused at start when its file system has less free space.
+        used out first when it is full, and a hit brings it back ("0", the default: none,
+        evicted KV is gone). Refused at start when its file system has less free space.
     store_disk_dir: the disk tier's directory (empty: inside the cluster's private directory,
         removed at stop).
     max_num_seqs: requests in one instance's batch.
@@ -121,7 +121,7 @@ class ClusterSpec:
     model: str = "smollm2"
     kv_cache_size: str = "512MiB"
     store_size: str = "1GiB"
-    store_disk_size: str = "4GiB"
+    store_disk_size: str = "0"
     store_disk_dir: str = ""
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
