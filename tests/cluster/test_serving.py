@@ -118,7 +118,7 @@ def test_kv_pushed_out_of_memory_comes_back_from_the_stores_disk(tmp_path: Path)
     """Later prompts push the first one's KV out of the instance's cache and the store's
     memory; it is still served as cached, from the store's disk tier (without one, a
     memory this small keeps none of it)."""
-    cluster = Cluster(_spec(tmp_path, kv_cache_size="32MiB", store_size="16MiB",
+    cluster = Cluster(_spec(tmp_path, kv_cache_size="32MiB", store_size="32MiB",
                             store_disk_size="256MiB"))
     cluster.start()
     try:
