@@ -173,8 +173,8 @@ class ClusterSpec:
         return bool(self.store_size) and parse_size(self.store_size) > 0
 
     @property
-    def disk_tier(self) -> bool:
-        return parse_size(self.store_disk_size) > 0
+    def disk_bytes(self) -> int:
+        return parse_size(self.store_disk_size)
 
     @property
     def roles(self) -> list[Role]:
@@ -282,12 +282,11 @@ class Cluster:
 
     def _disk_tier(self) -> dict[str, Any]:
         """The node's disk tier settings: none, or a directory and its capacity."""
-        capacity = parse_size(self.spec.store_disk_size)
-        if not capacity:
+        if not self.spec.disk_bytes:
             return {}
         assert self._dir is not None, "start() makes the directory first"
         directory = self.spec.store_disk_dir or str(Path(self._dir.name) / "disk")
-        return {"disk_dir": directory, "disk_capacity": capacity}
+        return {"disk_dir": directory, "disk_capacity": self.spec.disk_bytes}
 
     def _master(self, **extra: Any) -> dict[str, Any]:
         return {"host": self.spec.internal_host, "port": 0, "metrics_port": -1, **extra}
@@ -506,7 +505,7 @@ def run_up(spec: ClusterSpec) -> int:
           f"model {spec.model!r}, {spec.prefill} prefill + {spec.decode} decode + "
           f"{spec.both} colocated, policy {spec.policy}, admission {spec.admission}"
           f"{', store ' + spec.store_size if spec.has_store else ''}"
-          f"{' + disk ' + spec.store_disk_size if spec.has_store and spec.disk_tier else ''}"
+          f"{' + disk ' + spec.store_disk_size if spec.has_store and spec.disk_bytes else ''}"
           f"{f' ({HA_MASTERS} masters, etcd {cluster.master})' if spec.ha else ''}", flush=True)
     token = f"{cluster.token.origin} cluster token" if cluster.authenticated \
         else "NO cluster token"

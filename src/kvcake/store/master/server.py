@@ -231,21 +231,19 @@ class MasterServer:
         if asyncio.get_running_loop().time() < self._puts_open_at:
             return self._put_start_later(request)
         reply = self._put_start_now(request)
-        return self._put_start_with_room(request, reply) if self._room_coming(reply.codes) \
-            else reply
+        if ErrorCode.NO_AVAILABLE_HANDLE in reply.codes and self._room_coming():
+            return self._put_start_with_room(request, reply)
+        return reply
 
     async def _put_start_later(self, request: m.PutStart) -> m.PutStartReply:
         """After the fence."""
         await asyncio.sleep(self._puts_open_at - asyncio.get_running_loop().time())
-        reply = self._put_start_now(request)
-        return await self._put_start_with_room(request, reply) \
-            if self._room_coming(reply.codes) else reply
+        return await self._put_start_with_room(request, self._put_start_now(request))
 
-    def _room_coming(self, codes: list[int]) -> bool:
-        """Whether a key was refused for room while memory is on its way back: removals'
-        memory waiting for their flush (with persistence), or offloads to a disk in flight."""
-        return ErrorCode.NO_AVAILABLE_HANDLE in codes and (
-            self._frees_pending() or self.service.tiering.offloading)
+    def _room_coming(self) -> bool:
+        """Whether memory is on its way back: removals' memory waiting for their flush (with
+        persistence), or offloads to a disk in flight."""
+        return self._frees_pending() or self.service.tiering.offloading
 
     def _frees_pending(self) -> bool:
         return self.service.changes is not None and bool(self.service.changes.frees)
@@ -258,7 +256,7 @@ class MasterServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _TIER_WAIT_S
         refused = [i for i, code in enumerate(codes) if code == ErrorCode.NO_AVAILABLE_HANDLE]
-        while refused and loop.time() < deadline and self._room_coming(codes):
+        while refused and loop.time() < deadline and self._room_coming():
             if self.persistence is not None and self._frees_pending():
                 await self.persistence.durable()
             else:
