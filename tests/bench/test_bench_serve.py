@@ -536,7 +536,10 @@ def test_a_setup_that_exits_fails_with_its_log_tails(tmp_path: Path) -> None:
 
 
 def test_a_setup_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    # a set-up that handles SIGINT, as ``kvcake up`` does, so that a test run that hands its
+    # children SIGINT ignored (see HEALTH_SERVER) does not wait out the launcher's SIGTERM
+    sleeper = "import signal, time; signal.signal(2, signal.default_int_handler); time.sleep(60)"
+    command = [sys.executable, "-c", sleeper]
     url = f"http://127.0.0.1:{free_port()}"
     with (pytest.raises(KvcakeError, match=re.escape("did not answer 200 within 0.5 s")),
           launched(command, url, tmp_path, 0.5)):
