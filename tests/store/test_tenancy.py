@@ -312,6 +312,29 @@ def test_one_tenant_evicts_exactly_as_before() -> None:
     assert objects(service) == [f"\x1fhog/h{i:02d}" for i in range(4, 15)]
 
 
+def test_a_round_with_no_tenant_over_its_share_looks_only_at_what_it_takes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fair-share pass ends at the first object it would skip once no tenant is over
+    its share: a round reads about as many objects as it evicts, not every one stored."""
+    service, _ = make_service(evict_ratio=0.01)
+    mount(service, "seg0", size=1024 * OBJ)  # the 922nd object crosses 0.9; 1% is 11
+    join(service, "a", "b")
+    for i in range(460):
+        put(service, "a", f"a{i}")
+        put(service, "b", f"b{i}")
+    looked: list[str] = []
+    group_of = service.table.group_of
+    monkeypatch.setattr(service.table, "group_of",
+                        lambda obj: looked.append(obj.key) or group_of(obj))
+    put(service, "a", "a460")
+    put(service, "b", "b460")
+    assert service.counters["evicted"] == 11
+    gone = {f"\x1f{t}/{t}{i}" for t in "ab" for i in range(461)} - set(objects(service))
+    assert gone == {f"\x1fa/a{i}" for i in range(6)} | {f"\x1fb/b{i}" for i in range(5)}
+    assert len(looked) < 30, len(looked)  # not all 922
+    service.check_integrity()
+
+
 # ----- accounting through the disk tier and lost segments
 def test_usage_follows_offloads_promotions_and_lost_segments() -> None:
     service, _ = make_service(TenantPolicy("a", 2 * OBJ))

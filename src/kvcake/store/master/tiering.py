@@ -15,7 +15,7 @@ the node's control endpoint and reports each outcome back (:meth:`Tiering.offloa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,9 +97,14 @@ class Tiering:
                     return
                 if over_only and not self.tenants.over_share(tenant_of_key(unit[0].key),
                                                              shares):
+                    if not self._anyone_over(shares):
+                        break  # no tenant holds more than its share: no scan of the rest
                     continue
                 freed += _memory_bytes(unit)
                 self._evict_unit(unit)
+
+    def _anyone_over(self, shares: Mapping[str, int]) -> bool:
+        return any(self.tenants.over_share(tenant, shares) for tenant in shares)
 
     @property
     def offloading(self) -> bool:
