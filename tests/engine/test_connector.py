@@ -14,7 +14,7 @@ import torch
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.kv.connector import BlockBytes, paged_layers
-from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout
+from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout, checksum, payload_digest
 from kvcake.ops import start_master, start_node
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
@@ -100,7 +100,9 @@ def test_a_block_copies_in_and_out_in_record_order(layout: str) -> None:
     assert blocks.small_runs == (layout == "one tensor")  # K and V apart: runs of 1 KiB
     payload = torch.randn(3, 2, BLOCK, 2, 16)
     blocks.copy_in(2, memoryview(payload.numpy()).cast("B"))
-    blocks.memmove_in(1, memoryview(payload.numpy()).cast("B"))
+    digest = payload_digest()  # hashed run by run as it is copied: the whole payload's
+    blocks.memmove_in(1, memoryview(payload.numpy()).cast("B"), digest)
+    assert digest.intdigest() == checksum([memoryview(payload.numpy()).cast("B")])
     assert all(torch.equal(layer[b], payload[i]) for i, layer in enumerate(layers)
                for b in (1, 2))
     assert all(not layer[b].any() for layer in layers for b in (0, 3))

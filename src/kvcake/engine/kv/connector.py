@@ -6,8 +6,8 @@ pre-touched ring of record slots and the store traffic (headers and checksums to
 the transfer engine's own event loop, so saving never stalls a step. When every slot is busy
 (a slow store), a save is dropped (and counted), never waited for. Loads are synchronous:
 the step that admits a request needs the blocks before it computes the rest of the prompt.
-A load reads each record straight into the cache's block slices (one copy, no staging) and
-checks it there; a block that fails is left for the caller to recompute::
+A load copies each record straight into the cache's block slices (one copy, no staging) and
+checks it on the way; a block that fails is left for the caller to recompute::
 
     store record   [header | layer 0 | layer 1 | ... | layer L-1]
                        |        |         |                |
@@ -25,11 +25,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout, checksum, stored_checksum
+from kvcake.engine.kv.format import (
+    HEADER_BYTES,
+    BlockLayout,
+    checksum,
+    payload_digest,
+    stored_checksum,
+)
 from kvcake.store.client import AsyncStore, InPlaceValues
 from kvcake.store.config import StoreConfig
 from kvcake.transfer import MappedRange, TransferEngine
@@ -38,6 +45,7 @@ from kvcake.wire.kv import store_key, store_keys
 
 log = get_logger(__name__)
 
+_MISMATCH = "payload checksum mismatch"
 _KNOWN_KEYS = 1 << 16  # keys remembered as stored (saves of them are skipped)
 _SMALL_RUN = 64 * 1024  # bytes: a block's runs below this are copied on the engine's thread
 
@@ -94,14 +102,19 @@ class BlockBytes:
             return
         self.memmove_in(block_id, payload)
 
-    def memmove_in(self, block_id: int, payload: memoryview) -> None:
+    def memmove_in(self, block_id: int, payload: memoryview,
+                   digest: xxhash.xxh3_64 | None = None) -> None:
         """:meth:`copy_in` run by run with ``memmove``: safe on any thread (a torch copy on a
         thread torch does not otherwise use starts a thread pool there, which then competes
-        with the engine's for the cores)."""
+        with the engine's for the cores). With ``digest``, each run is hashed into it right
+        after its copy, while it is still in the CPU's cache: memory is read once."""
         source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
+        at = 0
         for address, size in self.runs(block_id):
-            ctypes.memmove(address, source, size)
-            source += size
+            ctypes.memmove(address, source + at, size)
+            if digest is not None:
+                digest.update(payload[at:at + size])
+            at += size
 
     def copy_out(self, block_id: int, payload: memoryview) -> None:
         """Write block ``block_id`` into ``payload``, in record order (on the engine's
@@ -249,9 +262,9 @@ class StoreConnector:
 
     def _read_in_place(self, found: InPlaceValues, block_ids: Sequence[int],
                        block_hashes: Sequence[bytes]) -> tuple[list[int], list[str | None]]:
-        """Every replica on this host: each record checked where it lies, then copied into
-        the block's slices; blocks side by side on the verifier threads, except the copies
-        of small runs, which this thread makes in one strided copy a block."""
+        """Every replica on this host, blocks side by side on the verifier threads: each
+        record copied into the block's slices and hashed run by run; or, for small runs,
+        checked where it lies and then copied by this thread in one strided copy a block."""
         here = self._blocks.small_runs
         check = self._check_in_place if here else self._copy_checked
         problems = list(self._verifier.map(check, found.codes, found.ranges, block_ids,
@@ -267,25 +280,33 @@ class StoreConnector:
 
     def _copy_checked(self, code: int, mapped: MappedRange | None, block_id: int,
                       block_hash: bytes) -> str | None:
-        problem = self._check_in_place(code, mapped, block_id, block_hash)
-        if problem is None and mapped is not None:
-            self._blocks.memmove_in(block_id, mapped.view[HEADER_BYTES:])
-        return problem
+        """A record's header checked, then its payload copied into the block and hashed
+        run by run (a bad payload's bytes are left there, undefined)."""
+        problem = self._check_header(code, mapped, block_hash)
+        if problem is not None or mapped is None:
+            return problem
+        digest = payload_digest()
+        self._blocks.memmove_in(block_id, mapped.view[HEADER_BYTES:], digest)
+        return None if digest.intdigest() == stored_checksum(mapped.view) else _MISMATCH
 
     def _check_in_place(self, code: int, mapped: MappedRange | None, block_id: int,
                         block_hash: bytes) -> str | None:
         # runs on the verifier threads: the checksum releases the GIL
+        problem = self._check_header(code, mapped, block_hash)
+        if problem is not None or mapped is None:
+            return problem
+        if checksum([mapped.view[HEADER_BYTES:]]) != stored_checksum(mapped.view):
+            return _MISMATCH  # checked where it lies: one call a block
+        return None
+
+    def _check_header(self, code: int, mapped: MappedRange | None,
+                      block_hash: bytes) -> str | None:
         if code != 0 or mapped is None:
             return f"read failed ({code})"
         record = mapped.view
         if record.nbytes != self.layout.record_bytes:
             return f"size {record.nbytes}, expected {self.layout.record_bytes}"
-        problem = self.layout.check_header(record[:HEADER_BYTES], block_hash)
-        if problem is not None:
-            return problem
-        if checksum([record[HEADER_BYTES:]]) != stored_checksum(record):
-            return "payload checksum mismatch"  # checked where it lies: one call a block
-        return None
+        return self.layout.check_header(record[:HEADER_BYTES], block_hash)
 
     def _read_copied(self, keys: list[str], block_ids: Sequence[int],
                      block_hashes: Sequence[bytes]) -> tuple[list[int], list[str | None]]:

@@ -47,10 +47,15 @@ _FIELDS = ("magic", "version", "dtype", "num_layers", "num_kv_heads", "head_dim"
 
 def checksum(payload: Iterable[memoryview]) -> int:
     """XXH3-64 of the payload's pieces, in order (equal to that of their concatenation)."""
-    digest = xxhash.xxh3_64()
+    digest = payload_digest()
     for piece in payload:
         digest.update(piece)
     return int(digest.intdigest())
+
+
+def payload_digest() -> xxhash.xxh3_64:
+    """A running :func:`checksum`: ``update`` it piece by piece, then ``intdigest()``."""
+    return xxhash.xxh3_64()
 
 
 @dataclass(frozen=True)
