@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from kvcake.common.errors import ErrorCode
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import AsyncStore, DistributedStore, ReplicateConfig
 from kvcake.store.config import StoreConfig
+from kvcake.transfer import TransferEngine
 from kvcake.transfer.config import TransferConfig
 
 
@@ -177,6 +179,49 @@ def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProce
     fresh, stale = asyncio.run(scenario())
     assert fresh == 65536
     assert stale == ErrorCode.LEASE_EXPIRED
+
+
+def test_a_same_host_read_is_one_copy_that_counts_only_within_its_lease(
+        cluster: Callable[..., tuple[ServerProcess, str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value on a node of this host is copied straight from the node's memory, the
+    transfer engine moving nothing; like any read, one that ends after its lease ran out
+    answers LEASE_EXPIRED (its bytes may be stale)."""
+    _, endpoint = cluster("--lease-ttl", "0.3")
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+    size = 65536
+
+    async def read(store: AsyncStore) -> tuple[bytes | int, int]:
+        return ((await store.get_batch(["k"]))[0],
+                (await store.batch_get_into(["k"], [memoryview(bytearray(size))]))[0])
+
+    async def scenario() -> tuple[tuple[bytes | int, int], tuple[bytes | int, int]]:
+        store = AsyncStore(StoreConfig(master=endpoint))
+        await store.setup()
+        try:
+            await store.attach_segments()
+            await store.put("k", b"v" * size)
+            monkeypatch.setattr(TransferEngine, "copy", _refused)
+            fresh = await read(store)
+            mapping = TransferEngine.map_range
+
+            def stalled(engine: TransferEngine, *args: Any) -> Any:
+                time.sleep(0.5)  # the copy starts after the 0.3 s lease
+                return mapping(engine, *args)
+
+            monkeypatch.setattr(TransferEngine, "map_range", stalled)
+            return fresh, await read(store)
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    fresh, stale = asyncio.run(scenario())
+    assert fresh == (b"v" * size, size)
+    assert stale == (ErrorCode.LEASE_EXPIRED, ErrorCode.LEASE_EXPIRED)
+
+
+def _refused(*_: Any) -> Any:
+    raise AssertionError("a same-host read went through the transfer engine")
 
 
 def test_values_read_in_place_are_the_replicas_own_bytes(

@@ -5,7 +5,9 @@ first with a fallback to the next. No knowledge of keys beyond their index in a 
 Every method is a plan (:mod:`kvcake.store.steps`): it yields its master calls and transfer
 batches to whichever driver runs it. A read of one key takes all its pieces
 (:mod:`kvcake.store.pieces`) from one replica; if any fails, the key's next replica is
-tried, same-host replicas (a memcpy) first::
+tried, same-host replicas first: those are copied straight from this process's mapping of
+the node's memory, with no transfer request (a failure there leaves the replica to the
+transfer engine, which says why)::
 
     round 1:  key 0 <- replica A (shm)   key 1 <- replica C (tcp)  -> key 1 failed
     round 2:                             key 1 <- replica D (tcp)  -> done
@@ -56,6 +58,8 @@ class ReplicaIo:
         else a code (``LEASE_EXPIRED``: the bytes may be stale)."""
         codes = dict.fromkeys(pieces, 0)
         pending = {i: self._ranked(found.replicas[i]) for i in pieces}
+        for i in [i for i in pending if self._copy_mapped(pending[i][0], pieces[i])]:
+            del pending[i]
         while pending:
             order = list(pending)
             chosen = {i: pending[i].pop(0) for i in order}
@@ -78,6 +82,33 @@ class ReplicaIo:
         return [None if code else _first_mapped(engine, segments, handles, size)
                 for code, size, handles in zip(found.codes, found.sizes, found.replicas,
                                                strict=True)]
+
+    def mapped_here(self, found: m.GetReplicasReply) -> list[MappedRange | None] | None:
+        """:meth:`mapped` from the segments this process reached already, with no master
+        call: ``None`` unless every found value has a replica mapped here."""
+        _, engine = self._live()
+        ranges = [None if code else _first_mapped(engine, self.segments, handles, size)
+                  for code, size, handles in zip(found.codes, found.sizes, found.replicas,
+                                                 strict=True)]
+        if any(r is None and not code for r, code in zip(ranges, found.codes, strict=True)):
+            return None
+        return ranges
+
+    def _copy_mapped(self, handle: ReplicaHandle, pieces: list[Piece]) -> bool:
+        """Read ``pieces`` straight from ``handle``'s replica where this process maps its
+        segment: a copy a piece, no transfer request. Whether it did (else nothing is
+        trusted and the transfer engine reads it, and says why when it cannot)."""
+        segment = self.segments.get(handle.segment_id)
+        if segment is None or not all(_plain(view) for _, view in pieces):
+            return False
+        _, engine = self._live()
+        ranges = [mapped for offset, view in pieces
+                  if (mapped := engine.map_range(segment, handle.offset + offset, view.nbytes))]
+        if len(ranges) != len(pieces):
+            return False
+        for mapped, (_, view) in zip(ranges, pieces, strict=True):
+            view[:] = mapped.view
+        return all(mapped.owner_alive() for mapped in ranges)
 
     def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
         """Same-host replicas first: they are read with a memcpy."""
@@ -142,6 +173,12 @@ def _first_mapped(engine: TransferEngine, segments: dict[int, RemoteSegment],
         if mapped:
             return mapped
     return None
+
+
+def _plain(view: memoryview) -> bool:
+    """A buffer the transfer engine would take for a read as it is."""
+    return (isinstance(view, memoryview) and view.format == "B" and view.ndim == 1
+            and view.c_contiguous and not view.readonly)
 
 
 def shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:
