@@ -181,12 +181,12 @@ def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProce
     assert stale == ErrorCode.LEASE_EXPIRED
 
 
-def test_a_same_host_read_is_one_copy_that_counts_only_within_its_lease(
+def test_same_host_puts_and_reads_are_one_copy_and_reads_count_within_their_lease(
         cluster: Callable[..., tuple[ServerProcess, str]],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A value on a node of this host is copied straight from the node's memory, the
-    transfer engine moving nothing; like any read, one that ends after its lease ran out
-    answers LEASE_EXPIRED (its bytes may be stale)."""
+    """A value for a node of this host is copied straight into and out of the node's
+    memory, the transfer engine moving nothing; like any read, one that ends after its
+    lease ran out answers LEASE_EXPIRED (its bytes may be stale)."""
     _, endpoint = cluster("--lease-ttl", "0.3")
     cluster.node(endpoint)  # type: ignore[attr-defined]
     size = 65536
@@ -200,8 +200,8 @@ def test_a_same_host_read_is_one_copy_that_counts_only_within_its_lease(
         await store.setup()
         try:
             await store.attach_segments()
-            await store.put("k", b"v" * size)
             monkeypatch.setattr(TransferEngine, "copy", _refused)
+            await store.put("k", b"v" * size)
             fresh = await read(store)
             mapping = TransferEngine.map_range
 
@@ -221,7 +221,7 @@ def test_a_same_host_read_is_one_copy_that_counts_only_within_its_lease(
 
 
 def _refused(*_: Any) -> Any:
-    raise AssertionError("a same-host read went through the transfer engine")
+    raise AssertionError("a same-host copy went through the transfer engine")
 
 
 def test_values_read_in_place_are_the_replicas_own_bytes(

@@ -58,8 +58,6 @@ class ReplicaIo:
         else a code (``LEASE_EXPIRED``: the bytes may be stale)."""
         codes = dict.fromkeys(pieces, 0)
         pending = {i: self._ranked(found.replicas[i]) for i in pieces}
-        for i in [i for i in pending if self._copy_mapped(pending[i][0], pieces[i])]:
-            del pending[i]
         while pending:
             order = list(pending)
             chosen = {i: pending[i].pop(0) for i in order}
@@ -94,22 +92,6 @@ class ReplicaIo:
             return None
         return ranges
 
-    def _copy_mapped(self, handle: ReplicaHandle, pieces: list[Piece]) -> bool:
-        """Read ``pieces`` straight from ``handle``'s replica where this process maps its
-        segment: a copy a piece, no transfer request. Whether it did (else nothing is
-        trusted and the transfer engine reads it, and says why when it cannot)."""
-        segment = self.segments.get(handle.segment_id)
-        if segment is None or not all(_plain(view) for _, view in pieces):
-            return False
-        _, engine = self._live()
-        ranges = [mapped for offset, view in pieces
-                  if (mapped := engine.map_range(segment, handle.offset + offset, view.nbytes))]
-        if len(ranges) != len(pieces):
-            return False
-        for mapped, (_, view) in zip(ranges, pieces, strict=True):
-            view[:] = mapped.view
-        return all(mapped.owner_alive() for mapped in ranges)
-
     def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
         """Same-host replicas first: they are read with a memcpy."""
         known = self.segments
@@ -118,19 +100,24 @@ class ReplicaIo:
 
     def move(self, op: TransferOp,
              items: list[tuple[ReplicaHandle, memoryview]]) -> Plan[list[int]]:
-        """Run one batch of transfers; the indices of the items that failed."""
+        """Run one batch of transfers; the indices of the items that failed. An item whose
+        segment this process maps is copied right here, with no transfer request; the rest
+        (and any whose owner died meanwhile: the engine says why) go to the engine."""
         if not items:
             return []
         segments = yield from self._resolve([h.segment_id for h, _ in items])
+        _, engine = self._live()
         requests, failed = [], []
         for j, (handle, view) in enumerate(items):
             segment = segments.get(handle.segment_id)
             if segment is None:
                 failed.append(j)
-                continue
-            requests.append((j, TransferRequest(op, segment, handle.offset, view, handle.grant)))
-        errors = yield Move([r for _, r in requests])
-        failed += [j for (j, _), e in zip(requests, errors, strict=True) if e is not None]
+            elif not _copied_here(engine, op, segment, handle.offset, view):
+                requests.append((j, TransferRequest(op, segment, handle.offset, view,
+                                                    handle.grant)))
+        if requests:
+            errors = yield Move([r for _, r in requests])
+            failed += [j for (j, _), e in zip(requests, errors, strict=True) if e is not None]
         return failed
 
     def attach_all(self) -> Plan[None]:
@@ -175,10 +162,21 @@ def _first_mapped(engine: TransferEngine, segments: dict[int, RemoteSegment],
     return None
 
 
-def _plain(view: memoryview) -> bool:
-    """A buffer the transfer engine would take for a read as it is."""
-    return (isinstance(view, memoryview) and view.format == "B" and view.ndim == 1
-            and view.c_contiguous and not view.readonly)
+def _copied_here(engine: TransferEngine, op: TransferOp, segment: RemoteSegment,
+                 offset: int, view: memoryview) -> bool:
+    """Whether ``view`` was moved to or from ``segment[offset:]`` by a plain copy, the
+    segment being mapped in this process (and its owner alive once copied)."""
+    if not (isinstance(view, memoryview) and view.format == "B" and view.ndim == 1
+            and view.c_contiguous and (op is TransferOp.WRITE or not view.readonly)):
+        return False  # the engine refuses it, saying why
+    mapped = engine.map_range(segment, offset, view.nbytes)
+    if mapped is None:
+        return False
+    if op is TransferOp.READ:
+        view[:] = mapped.view
+    else:
+        mapped.view[:] = view
+    return mapped.owner_alive()
 
 
 def shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:
