@@ -62,6 +62,7 @@ class ObjectTable:
         self.registry = registry
         self.tenants = tenants
         self.objects: dict[str, StoredObject] = {}
+        self.open_puts: dict[str, StoredObject] = {}  # objects not complete yet, oldest first
         self.eviction = make_eviction_policy(config.eviction)
         self.disk_order = make_eviction_policy(config.eviction)  # objects on a disk tier
         self.tasks: list[Task] = []
@@ -85,7 +86,7 @@ class ObjectTable:
             replicas.append(replica)
             segment.keys.add(key)
         self.tenants.charge(tenant_of_key(key), size * len(replicas))
-        self.objects[key] = StoredObject(
+        self.objects[key] = self.open_puts[key] = StoredObject(
             key, size, replicas, client_id, now, object_id=next(self._object_ids),
             owner=client_id, soft_pin_until=terms.soft_pin_until,
             hard_pinned=terms.hard_pinned, group=terms.group,
@@ -105,6 +106,7 @@ class ObjectTable:
             self.delete(obj)
             return ErrorCode.INVALID_WRITE
         obj.writer = None
+        del self.open_puts[key]
         self.eviction.insert(key)
         self.changed(key)
         return ErrorCode.OK
@@ -162,6 +164,7 @@ class ObjectTable:
                 replica.move_to(ReplicaState.REMOVED)
             self.release(obj.key, replica, hold_until)
         del self.objects[obj.key]
+        self.open_puts.pop(obj.key, None)
         self.eviction.discard(obj.key)
         self.disk_order.discard(obj.key)
         self.groups.discard(obj.group, obj.key)
@@ -286,6 +289,8 @@ class ObjectTable:
             assert segment.allocator.num_allocations == len(memory) + held, segment.name
             for key in segment.keys:
                 assert any(r.segment_id == segment.segment_id for r in self.objects[key].replicas)
+        assert set(self.open_puts) == {k for k, o in self.objects.items() if not o.complete}
+        assert all(self.objects[k] is o for k, o in self.open_puts.items())
         for key, obj in self.objects.items():
             assert obj.replicas, f"{key} has no replicas"
             in_order = obj.complete and bool(obj.readable(Tier.MEMORY)) and not obj.busy

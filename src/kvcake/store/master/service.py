@@ -331,8 +331,8 @@ class MasterService:
         now = self.clock()
         for client_id in self.registry.expired(now, self.config.client_ttl_s):
             self.drop_client(client_id)
-        stale = [o for o in self.objects.values()
-                 if not o.complete and now - o.put_started_at > self.config.put_timeout_s]
+        stale = [o for o in self.table.open_puts.values()
+                 if now - o.put_started_at > self.config.put_timeout_s]
         for obj in stale:
             self.counters["reclaimed_puts"] += 1
             self.table.fail_put(obj)
@@ -346,7 +346,7 @@ class MasterService:
         self.counters["dead_clients"] += 1
         for segment_id in list(record.segment_ids):
             self.table.drop_segment(self.registry.segments[segment_id])
-        for obj in [o for o in self.objects.values() if o.writer == client_id]:
+        for obj in [o for o in self.table.open_puts.values() if o.writer == client_id]:
             self.table.fail_put(obj)
 
     def offload_done(self, task: OffloadTask, ok: bool) -> None:
@@ -383,7 +383,7 @@ class MasterService:
         segments = self.registry.segments.values()
         return Stats(
             num_segments=len(self.registry.segments), num_clients=len(self.registry.clients),
-            num_keys=sum(o.complete for o in self.objects.values()),
+            num_keys=len(self.objects) - len(self.table.open_puts),
             num_replicas=sum(len(o.readable()) for o in self.objects.values()),
             used_bytes=used, total_bytes=total,
             disk_used_bytes=sum(s.disk_used for s in segments),
