@@ -187,7 +187,7 @@ def test_same_host_puts_and_reads_are_one_copy_and_reads_count_within_their_leas
     """A value for a node of this host is copied straight into and out of the node's
     memory, the transfer engine moving nothing; like any read, one that ends after its
     lease ran out answers LEASE_EXPIRED (its bytes may be stale)."""
-    _, endpoint = cluster("--lease-ttl", "0.3")
+    _, endpoint = cluster("--lease-ttl", "1")  # long beside a fresh read, even on a busy host
     cluster.node(endpoint)  # type: ignore[attr-defined]
     size = 65536
 
@@ -206,7 +206,7 @@ def test_same_host_puts_and_reads_are_one_copy_and_reads_count_within_their_leas
             mapping = TransferEngine.map_range
 
             def stalled(engine: TransferEngine, *args: Any) -> Any:
-                time.sleep(0.5)  # the copy starts after the 0.3 s lease
+                time.sleep(1.2)  # the copy starts after the 1 s lease
                 return mapping(engine, *args)
 
             monkeypatch.setattr(TransferEngine, "map_range", stalled)
