@@ -181,12 +181,12 @@ def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProce
     assert stale == ErrorCode.LEASE_EXPIRED
 
 
-def test_same_host_puts_and_reads_are_one_copy_and_reads_count_within_their_lease(
+def test_a_same_host_get_is_one_copy_and_reads_count_within_their_lease(
         cluster: Callable[..., tuple[ServerProcess, str]],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A value for a node of this host is copied straight into and out of the node's
-    memory, the transfer engine moving nothing; like any read, one that ends after its
-    lease ran out answers LEASE_EXPIRED (its bytes may be stale)."""
+    """A get of a value on a node of this host copies it once, from the node's memory
+    straight into the bytes returned (the transfer engine moves nothing); like any read, one
+    that ends after its lease ran out answers LEASE_EXPIRED (its bytes may be stale)."""
     _, endpoint = cluster("--lease-ttl", "1")  # long beside a fresh read, even on a busy host
     cluster.node(endpoint)  # type: ignore[attr-defined]
     size = 65536
@@ -195,33 +195,36 @@ def test_same_host_puts_and_reads_are_one_copy_and_reads_count_within_their_leas
         return ((await store.get_batch(["k"]))[0],
                 (await store.batch_get_into(["k"], [memoryview(bytearray(size))]))[0])
 
-    async def scenario() -> tuple[tuple[bytes | int, int], tuple[bytes | int, int]]:
+    def stalled(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            time.sleep(1.2)  # the copy starts after the 1 s lease
+            return real(*args)
+        return call
+
+    async def scenario() -> tuple[bytes | int, int, tuple[bytes | int, int]]:
         store = AsyncStore(StoreConfig(master=endpoint))
         await store.setup()
         try:
             await store.attach_segments()
-            monkeypatch.setattr(TransferEngine, "copy", _refused)
             await store.put("k", b"v" * size)
-            fresh = await read(store)
-            mapping = TransferEngine.map_range
-
-            def stalled(engine: TransferEngine, *args: Any) -> Any:
-                time.sleep(1.2)  # the copy starts after the 1 s lease
-                return mapping(engine, *args)
-
-            monkeypatch.setattr(TransferEngine, "map_range", stalled)
-            return fresh, await read(store)
+            with monkeypatch.context() as patch:
+                patch.setattr(TransferEngine, "copy", _refused)
+                got = (await store.get_batch(["k"]))[0]
+            read_into = (await store.batch_get_into(["k"], [memoryview(bytearray(size))]))[0]
+            for name in ("map_range", "copy"):  # get reads through the first, get_into the other
+                monkeypatch.setattr(TransferEngine, name, stalled(getattr(TransferEngine, name)))
+            return got, read_into, await read(store)
         finally:
             monkeypatch.undo()
             await store.close()
 
-    fresh, stale = asyncio.run(scenario())
-    assert fresh == (b"v" * size, size)
+    got, read_into, stale = asyncio.run(scenario())
+    assert (got, read_into) == (b"v" * size, size)
     assert stale == (ErrorCode.LEASE_EXPIRED, ErrorCode.LEASE_EXPIRED)
 
 
 def _refused(*_: Any) -> Any:
-    raise AssertionError("a same-host copy went through the transfer engine")
+    raise AssertionError("a same-host get went through the transfer engine")
 
 
 def test_values_read_in_place_are_the_replicas_own_bytes(

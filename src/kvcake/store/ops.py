@@ -108,10 +108,13 @@ class StoreOps:
         found, deadline = yield from self.find(keys)
         taken = _stage(found, staging)
         try:
-            here = self.replicas.mapped_here(found)
-            values = None if here is None else _copied_out(found, here, deadline)
-            if values is not None:
-                return values
+            here = InPlaceValues(found.codes, (yield from self.replicas.mapped(found)),
+                                 deadline)
+            if all(r is not None or c for r, c in zip(here.ranges, here.codes, strict=True)):
+                values = [int(c) if r is None else bytes(r.view)  # one copy: no scratch
+                          for r, c in zip(here.ranges, here.codes, strict=True)]
+                if here.fresh():
+                    return values  # else read again below, which says why
             with self._scratch_for(found) as scratch:
                 views = _value_views(found, scratch)
                 results = yield from self.read_found(found, [[v] for v in views], deadline)
@@ -248,21 +251,6 @@ def _stage(found: m.GetReplicasReply, staging: Staging | None) -> int:
             else:
                 found.codes[i] = ErrorCode.INVALID_PARAMS
     return taken
-
-
-def _copied_out(found: m.GetReplicasReply, ranges: list[MappedRange | None],
-                deadline: float) -> list[bytes | int] | None:
-    """Each found value copied once, from where this process maps it, into its ``bytes``
-    (codes as :meth:`StoreOps.get_values` answers them); ``None`` when an owner died
-    meanwhile (the bytes may be torn: the transfer engine reads them and says so)."""
-    values: list[bytes | int] = [int(code) if mapped is None else bytes(mapped.view)
-                                 for code, mapped in zip(found.codes, ranges, strict=True)]
-    if not all(mapped.owner_alive() for mapped in ranges if mapped is not None):
-        return None
-    if time.monotonic() > deadline:  # the lease ran out: the bytes may be stale
-        return [ErrorCode.LEASE_EXPIRED if mapped is not None else value
-                for mapped, value in zip(ranges, values, strict=True)]
-    return values
 
 
 def _value_views(found: m.GetReplicasReply, scratch: memoryview | None) -> list[memoryview]:

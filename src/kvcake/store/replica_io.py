@@ -5,9 +5,7 @@ first with a fallback to the next. No knowledge of keys beyond their index in a 
 Every method is a plan (:mod:`kvcake.store.steps`): it yields its master calls and transfer
 batches to whichever driver runs it. A read of one key takes all its pieces
 (:mod:`kvcake.store.pieces`) from one replica; if any fails, the key's next replica is
-tried, same-host replicas first: those are copied straight from this process's mapping of
-the node's memory, with no transfer request (a failure there leaves the replica to the
-transfer engine, which says why)::
+tried, same-host replicas (a memcpy, right in the plan) first::
 
     round 1:  key 0 <- replica A (shm)   key 1 <- replica C (tcp)  -> key 1 failed
     round 2:                             key 1 <- replica D (tcp)  -> done
@@ -81,17 +79,6 @@ class ReplicaIo:
                 for code, size, handles in zip(found.codes, found.sizes, found.replicas,
                                                strict=True)]
 
-    def mapped_here(self, found: m.GetReplicasReply) -> list[MappedRange | None] | None:
-        """:meth:`mapped` from the segments this process reached already, with no master
-        call: ``None`` unless every found value has a replica mapped here."""
-        _, engine = self._live()
-        ranges = [None if code else _first_mapped(engine, self.segments, handles, size)
-                  for code, size, handles in zip(found.codes, found.sizes, found.replicas,
-                                                 strict=True)]
-        if any(r is None and not code for r, code in zip(ranges, found.codes, strict=True)):
-            return None
-        return ranges
-
     def _ranked(self, handles: list[ReplicaHandle]) -> list[ReplicaHandle]:
         """Same-host replicas first: they are read with a memcpy."""
         known = self.segments
@@ -100,24 +87,24 @@ class ReplicaIo:
 
     def move(self, op: TransferOp,
              items: list[tuple[ReplicaHandle, memoryview]]) -> Plan[list[int]]:
-        """Run one batch of transfers; the indices of the items that failed. An item whose
-        segment this process maps is copied right here, with no transfer request; the rest
-        (and any whose owner died meanwhile: the engine says why) go to the engine."""
+        """Run one batch of transfers; the indices of the items that failed. Same-host
+        copies run right here (:meth:`TransferEngine.copy`), with no step for the driver."""
         if not items:
             return []
         segments = yield from self._resolve([h.segment_id for h, _ in items])
-        _, engine = self._live()
         requests, failed = [], []
         for j, (handle, view) in enumerate(items):
             segment = segments.get(handle.segment_id)
             if segment is None:
                 failed.append(j)
-            elif not _copied_here(engine, op, segment, handle.offset, view):
-                requests.append((j, TransferRequest(op, segment, handle.offset, view,
-                                                    handle.grant)))
-        if requests:
-            errors = yield Move([r for _, r in requests])
-            failed += [j for (j, _), e in zip(requests, errors, strict=True) if e is not None]
+                continue
+            requests.append((j, TransferRequest(op, segment, handle.offset, view, handle.grant)))
+        _, engine = self._live()
+        batch = [r for _, r in requests]
+        errors = engine.copy(batch)
+        if errors is None:  # some cross the network
+            errors = yield Move(batch)
+        failed += [j for (j, _), e in zip(requests, errors, strict=True) if e is not None]
         return failed
 
     def attach_all(self) -> Plan[None]:
@@ -160,23 +147,6 @@ def _first_mapped(engine: TransferEngine, segments: dict[int, RemoteSegment],
         if mapped:
             return mapped
     return None
-
-
-def _copied_here(engine: TransferEngine, op: TransferOp, segment: RemoteSegment,
-                 offset: int, view: memoryview) -> bool:
-    """Whether ``view`` was moved to or from ``segment[offset:]`` by a plain copy, the
-    segment being mapped in this process (and its owner alive once copied)."""
-    if not (isinstance(view, memoryview) and view.format == "B" and view.ndim == 1
-            and view.c_contiguous and (op is TransferOp.WRITE or not view.readonly)):
-        return False  # the engine refuses it, saying why
-    mapped = engine.map_range(segment, offset, view.nbytes)
-    if mapped is None:
-        return False
-    if op is TransferOp.READ:
-        view[:] = mapped.view
-    else:
-        mapped.view[:] = view
-    return mapped.owner_alive()
 
 
 def shifted(handle: ReplicaHandle, delta: int) -> ReplicaHandle:
