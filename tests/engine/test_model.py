@@ -12,8 +12,15 @@ import torch
 
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
+from kvcake.engine.model import llama
 from kvcake.engine.model.kernels import PagedDecodes, load_cpu_kernels
-from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.model.llama import (
+    AttentionBatch,
+    DecodeGroup,
+    LlamaModel,
+    PrefillSpan,
+    onednn_packs,
+)
 from kvcake.engine.model.weights import load_weights
 from kvcake.model import ModelFiles, cache_root, resolve_model
 from kvcake.wire.sampling import SamplingParams
@@ -110,6 +117,20 @@ def test_tiny_logits_match_hf(tiny_model_dir: Callable[..., Path], variant: str,
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
+def test_a_cpu_without_onednns_bf16_path_keeps_plain_weights(
+        tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an AVX2-only CPU oneDNN refuses to pack bf16 weights; the model must then keep
+    plain ones and answer as the eager math does, not fail at start."""
+    monkeypatch.setattr(llama, "onednn_packs", lambda dtype: False)
+    path = tiny_model_dir(seed=3)
+    ours, hf = load_pair(path, torch.bfloat16, "sdpa")
+    assert not any(w.is_mkldnn for w in (ours.lm_head, ours.layers[0].qkv, ours.layers[0].down))
+    tokens = [int(t) for t in torch.randint(3, 256, (40,),
+                                            generator=torch.Generator().manual_seed(2))]
+    got = run_chunks(ours, tokens, [len(tokens)])
+    torch.testing.assert_close(got, hf_logits(hf, tokens), atol=0.1, rtol=0.01)
+
+
 # -- the real SmolLM2 ----------------------------------------------------------------------
 
 
@@ -152,8 +173,9 @@ def test_smollm2_logits_match_hf(smollm2_files: ModelFiles, smollm2_tokenizer: A
 def test_smollm2_bf16_on_packed_weights_matches_hf(
         smollm2_files: ModelFiles, smollm2_tokenizer: Any,
         smollm2_hf_eager: dict[torch.dtype, Any]) -> None:
-    """The default path in bf16: oneDNN-packed weights, the fused element-wise kernels, sdpa
-    prompts and the paged decode kernel."""
+    """The default path in bf16: oneDNN-packed weights (where this CPU has oneDNN's bf16
+    path; plain ones elsewhere), the fused element-wise kernels, sdpa prompts and the paged
+    decode kernel."""
     files = smollm2_files
     c = files.config
     kernels = load_cpu_kernels(torch.bfloat16, c.head_dim, c.num_heads // c.num_kv_heads,
@@ -161,7 +183,8 @@ def test_smollm2_bf16_on_packed_weights_matches_hf(
     ours = LlamaModel(c, load_weights(files, torch.bfloat16), torch.bfloat16,
                       attention="paged", kernels=kernels)
     assert ours.reads_pages
-    assert ours.layers[0].qkv.is_mkldnn and ours.lm_head.is_mkldnn
+    packs = onednn_packs(torch.bfloat16)
+    assert ours.layers[0].qkv.is_mkldnn is packs and ours.lm_head.is_mkldnn is packs
     tokens = smollm2_tokenizer.encode(" ".join(PROMPTS) * 3)
     expected = hf_logits(smollm2_hf_eager[torch.bfloat16], tokens)
     for chunks, decode_from in (([len(tokens)], None), ([13, 50, 1000], None),
@@ -169,7 +192,18 @@ def test_smollm2_bf16_on_packed_weights_matches_hf(
         got = run_chunks(ours, tokens, chunks, decode_from)
         error = (got - expected).abs()
         assert error.max().item() <= 2.0 and error.mean().item() <= 0.25, chunks
-        assert torch.equal(got.argmax(-1), expected.argmax(-1)), chunks
+        assert_same_top_tokens(got, expected, near_tie=0.5)
+
+
+def assert_same_top_tokens(got: torch.Tensor, expected: torch.Tensor, near_tie: float) -> None:
+    """Each position's top token is the expected one, except where the expected top two
+    logits lie within ``near_tie`` of each other: other matmul kernels (plain bf16 weights
+    on a CPU without oneDNN's bf16 path) may round such a near-tie either way."""
+    top = expected.topk(2, dim=-1).values
+    decided = (top[:, 0] - top[:, 1]) > near_tie
+    assert decided.float().mean().item() >= 0.9  # the check still covers most positions
+    differ = got.argmax(-1) != expected.argmax(-1)
+    assert not (differ & decided).any(), differ.nonzero().flatten().tolist()
 
 
 def hf_greedy(model: Any, tokens: list[int], count: int) -> list[int]:
