@@ -315,6 +315,33 @@ def test_eviction_skips_leased_objects() -> None:
     service.check_integrity()
 
 
+def test_a_pool_held_by_leases_is_scanned_once_per_lease_not_once_per_put(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stored object leased: a round frees nothing of them. Until a lease ends, later
+    rounds look only at newcomers (and evict those, as a full scan would); then the oldest
+    go again."""
+    service, clock = eviction_service()
+    for key in keys(14):
+        put(service, "c1", key)
+    assert all(service.exist(key) for key in keys(14))  # leased for 1 s, order unchanged
+    put(service, "c1", "k14")  # crosses 0.9: only k14 itself may go
+    assert sorted(service.objects) == keys(14)
+    looked: list[str] = []
+    group_of = service.table.group_of
+    monkeypatch.setattr(service.table, "group_of",
+                        lambda obj: looked.append(obj.key) or group_of(obj))
+    for i in range(15, 35):
+        clock.advance(0.01)
+        put(service, "c1", f"k{i}")
+    assert sorted(service.objects) == keys(14)  # each newcomer went, as before
+    # only the newcomers, each once a pass that reaches it (not the 14 leased ones a put)
+    assert set(looked) == {f"k{i}" for i in range(15, 35)} and len(looked) <= 2 * 20
+    clock.advance(1.0)  # the leases are over: a full round again, oldest first
+    put(service, "c1", "k35")
+    assert sorted(service.objects) == [*keys(14)[4:], "k35"]
+    service.check_integrity()
+
+
 def test_hard_pinned_objects_are_never_evicted() -> None:
     service, clock = eviction_service()
     pinned = ReplicateConfig(with_hard_pin=True)

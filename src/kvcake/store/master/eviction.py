@@ -38,6 +38,18 @@ class EvictionPolicy(ABC):
         """``key`` is gone (removed, evicted, lost); a no-op when absent."""
 
     @abstractmethod
+    def mark(self) -> None:
+        """Start over the record of the keys inserted from now on (:meth:`since_mark`)."""
+
+    @abstractmethod
+    def unmark(self) -> None:
+        """Stop recording inserted keys."""
+
+    @abstractmethod
+    def since_mark(self) -> list[str]:
+        """The keys inserted since :meth:`mark` and still held, in order; empty unmarked."""
+
+    @abstractmethod
     def __iter__(self) -> Iterator[str]: ...
 
     @abstractmethod
@@ -52,10 +64,13 @@ class LruPolicy(EvictionPolicy):
 
     def __init__(self) -> None:
         self._order: OrderedDict[str, None] = OrderedDict()
+        self._since: dict[str, None] | None = None  # recorded inserts, while marked
 
     def insert(self, key: str) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+        if self._since is not None:
+            self._since[key] = None
 
     def touch(self, key: str) -> None:
         if key in self._order:
@@ -63,6 +78,17 @@ class LruPolicy(EvictionPolicy):
 
     def discard(self, key: str) -> None:
         self._order.pop(key, None)
+        if self._since is not None:
+            self._since.pop(key, None)
+
+    def mark(self) -> None:
+        self._since = {}
+
+    def unmark(self) -> None:
+        self._since = None
+
+    def since_mark(self) -> list[str]:
+        return list(self._since or ())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)

@@ -70,6 +70,7 @@ class Tiering:
         self.tenants = table.tenants
         self.counters = counters
         self._offloading_bytes = 0  # memory that offloads in flight will free
+        self._blocked_until = 0.0  # see evict(): rounds look only at newcomers until then
 
     # ----- eviction
     def evict_if_needed(self, now: float) -> None:
@@ -86,15 +87,35 @@ class Tiering:
         Tenants first pay for their own excess: each round takes the objects of tenants
         holding more than their fair share (the pool split evenly among the tenants holding
         memory, capped by each one's quota) for as long as they do, then anyone's. With one
-        tenant this is plain oldest-first."""
+        tenant this is plain oldest-first.
+
+        A round that frees less than its target has taken everything it could: what it
+        passed over stays in memory until a lease it met ends (leases only grow; a pin
+        stays; a busy object's task reports back first, which ends this early). Until then
+        rounds look only at the objects that joined the eviction order since, so a pool
+        held by leases or pins costs one scan of it per lease, not one per put."""
         total = self.registry.memory_usage()[1]
         target = max(need, int(self.config.evict_ratio * total)) - self._offloading_bytes
-        shares = self.tenants.shares(total)
+        blocked = now < self._blocked_until
+        order = self.table.eviction
+        passed = _Passed(now + self.config.lease_ttl_s)
+        freed = self._round(now, order.since_mark() if blocked else list(order), target,
+                            self.tenants.shares(total), passed)
+        if freed >= target and not blocked:
+            order.unmark()
+        elif freed < target:
+            self._blocked_until = min(passed.until, self._blocked_until if blocked
+                                      else passed.until)
+            order.mark()
+
+    def _round(self, now: float, keys: list[str], target: int, shares: Mapping[str, int],
+               passed: _Passed) -> int:
+        """Evict from ``keys`` (oldest first) until ``target`` bytes are freed; how many."""
         freed = 0
         for allow_soft, over_only in ((False, True), (False, False), (True, True), (True, False)):
-            for unit in self._units(now, allow_soft):
+            for unit in self._units(now, allow_soft, keys, passed):
                 if freed >= target:
-                    return
+                    return freed
                 if over_only and not self.tenants.over_share(tenant_of_key(unit[0].key),
                                                              shares):
                     if not self._anyone_over(shares):
@@ -102,6 +123,11 @@ class Tiering:
                     continue
                 freed += _memory_bytes(unit)
                 self._evict_unit(unit)
+        return freed
+
+    def _unblock(self) -> None:
+        """Something a round passed over may leave memory now (a task reported back)."""
+        self._blocked_until = 0.0
 
     def _anyone_over(self, shares: Mapping[str, int]) -> bool:
         return any(self.tenants.over_share(tenant, shares) for tenant in shares)
@@ -119,7 +145,8 @@ class Tiering:
         if not excess:
             return True
         now = self.clock()
-        mine = [u for u in self._units(now, True) if tenant_of_key(u[0].key) == tenant]
+        mine = [u for u in self._units(now, True, list(self.table.eviction))
+                if tenant_of_key(u[0].key) == tenant]
         victims, freed = [], 0
         for unit in sorted(mine, key=lambda u: u[0].soft_pinned(now)):  # stable: order kept
             if freed >= excess:
@@ -132,17 +159,20 @@ class Tiering:
             self._evict_unit(unit)
         return True
 
-    def _units(self, now: float, allow_soft: bool) -> Iterator[list[StoredObject]]:
-        """What may leave memory, oldest first: an object, or the evictable members of its
-        group (none while a member is leased or busy). What a caller evicts between two
-        units is skipped."""
+    def _units(self, now: float, allow_soft: bool, keys: list[str],
+               passed: _Passed | None = None) -> Iterator[list[StoredObject]]:
+        """What of ``keys`` may leave memory, in their order: an object, or the evictable
+        members of its group (none while a member is leased or busy). What a caller evicts
+        between two units is skipped; ``passed`` learns when the leases met end."""
         seen: set[str] = set()
-        for key in list(self.table.eviction):
+        for key in keys:
             obj = self.table.objects.get(key)
             if key in seen or obj is None or key not in self.table.eviction:
                 continue
             group = self.table.group_of(obj)
             seen.update(o.key for o in group)
+            if passed is not None:
+                passed.met(obj, group, now)
             if any(o.leased(now) or o.busy for o in group):
                 continue
             unit = [o for o in (obj, *group) if self._evictable(o, now, allow_soft)]
@@ -224,6 +254,7 @@ class Tiering:
     # ----- the disk tier
     def offload_done(self, task: OffloadTask, ok: bool) -> None:
         """The node finished (or failed) writing ``task.key`` to its disk."""
+        self._unblock()
         self._offloading_bytes -= task.size
         self.tenants.offload_ended(task.object_id)
         obj = self._same_object(task.key, task.object_id)
@@ -278,6 +309,7 @@ class Tiering:
         return obj if obj is not None and obj.object_id == object_id else None
 
     def promote_done(self, task: PromoteTask, ok: bool) -> None:
+        self._unblock()
         obj = self._same_object(task.key, task.object_id)
         if obj is None:
             return
@@ -295,6 +327,19 @@ class Tiering:
         replica.move_to(ReplicaState.FAILED)
         self.table.release(task.key, replica)
         obj.replicas.remove(replica)
+
+
+class _Passed:
+    """When the earliest lease that kept an object of a round in memory ends (at most
+    ``until`` as made: a bound on how long any round's findings are trusted)."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+
+    def met(self, obj: StoredObject, group: list[StoredObject], now: float) -> None:
+        for member in (obj, *group):
+            if member.leased(now):
+                self.until = min(self.until, member.lease_until)
 
 
 def _memory_bytes(unit: list[StoredObject]) -> int:
