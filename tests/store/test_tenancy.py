@@ -219,6 +219,29 @@ def test_a_put_past_its_quota_evicts_the_tenants_own_least_recently_used() -> No
     service.check_integrity()
 
 
+def test_a_tenant_at_its_quota_looks_only_at_its_own_objects(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each put past the quota evicts the tenant's oldest object, found in the tenant's own
+    order: the objects other tenants stored before it are not walked for every put."""
+    service, _ = make_service(TenantPolicy("a", 4 * OBJ))
+    mount(service, "seg0", size=1024 * OBJ)
+    join(service, "a", "b")
+    for i in range(300):
+        put(service, "b", f"b{i}")
+    for i in range(4):
+        put(service, "a", f"a{i}")
+    looked: list[str] = []
+    group_of = service.table.group_of
+    monkeypatch.setattr(service.table, "group_of",
+                        lambda obj: looked.append(obj.key) or group_of(obj))
+    for i in range(4, 14):
+        put(service, "a", f"a{i}")
+    assert [k for k in objects(service) if k.startswith(A)] == [
+        A + f"a{i}" for i in range(10, 14)]
+    assert looked and all(key.startswith(A) for key in looked)  # none of b's 300
+    service.check_integrity()
+
+
 def test_soft_pinned_objects_of_the_tenant_go_last() -> None:
     service, _ = make_service(TenantPolicy("a", 3 * OBJ))
     mount(service, "seg0")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from kvcake.common.errors import InvalidParamsError
@@ -105,6 +105,68 @@ class FifoPolicy(LruPolicy):
 
     def touch(self, key: str) -> None:
         return
+
+
+class SplitOrder(EvictionPolicy):
+    """One policy's order over every key, and the same order within each part of the keys
+    (``part_of(key)``: the master splits by tenant), kept in step, so a part's oldest keys
+    are found without walking the others'."""
+
+    name = "split"
+
+    def __init__(self, policy: str, part_of: Callable[[str], str]) -> None:
+        self.policy = policy
+        self.whole = make_eviction_policy(policy)
+        self._part_of = part_of
+        self._parts: dict[str, EvictionPolicy] = {}
+
+    def part(self, part: str) -> Iterator[str]:
+        """The keys of ``part``, in order."""
+        return iter(self._parts.get(part, ()))
+
+    def insert(self, key: str) -> None:
+        self.whole.insert(key)
+        self._parts.setdefault(self._part_of(key), make_eviction_policy(self.policy)).insert(key)
+
+    def touch(self, key: str) -> None:
+        self.whole.touch(key)
+        policy = self._parts.get(self._part_of(key))
+        if policy is not None:
+            policy.touch(key)
+
+    def discard(self, key: str) -> None:
+        self.whole.discard(key)
+        part = self._part_of(key)
+        policy = self._parts.get(part)
+        if policy is not None:
+            policy.discard(key)
+            if not len(policy):
+                del self._parts[part]
+
+    def mark(self) -> None:
+        self.whole.mark()
+
+    def unmark(self) -> None:
+        self.whole.unmark()
+
+    def since_mark(self) -> list[str]:
+        return self.whole.since_mark()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.whole)
+
+    def __len__(self) -> int:
+        return len(self.whole)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.whole
+
+    def check_integrity(self) -> None:
+        """Each part holds exactly the whole order's keys of that part, in the same order."""
+        split: dict[str, list[str]] = {}
+        for key in self.whole:
+            split.setdefault(self._part_of(key), []).append(key)
+        assert split == {part: list(order) for part, order in self._parts.items()}, "parts"
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {

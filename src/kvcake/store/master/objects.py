@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kvcake.common.errors import ErrorCode
 from kvcake.store.master.config import MasterConfig
-from kvcake.store.master.eviction import make_eviction_policy
+from kvcake.store.master.eviction import SplitOrder, make_eviction_policy
 from kvcake.store.master.groups import GroupIndex
 from kvcake.store.master.journal import ChangeSet
 from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tier
@@ -63,7 +63,8 @@ class ObjectTable:
         self.tenants = tenants
         self.objects: dict[str, StoredObject] = {}
         self.open_puts: dict[str, StoredObject] = {}  # objects not complete yet, oldest first
-        self.eviction = make_eviction_policy(config.eviction)
+        make_eviction_policy(config.eviction)  # refuses an unknown name, naming it
+        self.eviction = SplitOrder(config.eviction, tenant_of_key)  # memory, per tenant too
         self.disk_order = make_eviction_policy(config.eviction)  # objects on a disk tier
         self.tasks: list[Task] = []
         self.changes: ChangeSet | None = None  # set by a master that persists its state
@@ -298,5 +299,6 @@ class ObjectTable:
             assert (key in self.disk_order) == bool(obj.readable(Tier.DISK)), f"disk order {key}"
             memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
             assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"
+        self.eviction.check_integrity()
         self.tenants.check_integrity(usage_by_tenant(self.objects))
         self.groups.check_integrity({k: o.group for k, o in self.objects.items()})

@@ -15,7 +15,7 @@ the node's control endpoint and reports each outcome back (:meth:`Tiering.offloa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -145,21 +145,22 @@ class Tiering:
         if not excess:
             return True
         now = self.clock()
-        mine = [u for u in self._units(now, True, list(self.table.eviction))
-                if tenant_of_key(u[0].key) == tenant]
-        victims, freed = [], 0
-        for unit in sorted(mine, key=lambda u: u[0].soft_pinned(now)):  # stable: order kept
-            if freed >= excess:
-                break
-            victims.append(unit)
-            freed += _memory_bytes(unit)
+        victims: list[list[StoredObject]] = []
+        freed = 0
+        for soft in (False, True):  # in the tenant's own order, soft-pinned last
+            for unit in self._units(now, True, self.table.eviction.part(tenant)):
+                if freed >= excess:
+                    break
+                if unit[0].soft_pinned(now) is soft:
+                    victims.append(unit)
+                    freed += _memory_bytes(unit)
         if freed < excess:
             return False
         for unit in victims:
             self._evict_unit(unit)
         return True
 
-    def _units(self, now: float, allow_soft: bool, keys: list[str],
+    def _units(self, now: float, allow_soft: bool, keys: Iterable[str],
                passed: _Passed | None = None) -> Iterator[list[StoredObject]]:
         """What of ``keys`` may leave memory, in their order: an object, or the evictable
         members of its group (none while a member is leased or busy). What a caller evicts
