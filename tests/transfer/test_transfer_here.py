@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from kvcake.common.auth import ClusterAuth
 from kvcake.common.errors import AccessDeniedError, TransferError
 from kvcake.transfer import GrantMode, TransferEngine, TransferOp, TransferRequest
@@ -122,3 +124,27 @@ def test_threads_each_use_their_own_connection(make_engine: MakeEngine) -> None:
     for worker in workers:
         worker.join()
     assert failures == []
+
+
+def test_the_sync_api_runs_small_batches_in_the_callers_thread(
+        make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transfer`` / ``read`` / ``write``: a small batch never goes through ``submit`` (no
+    hop to the I/O thread); a large one does, and a failure raises as a batch's does."""
+    owner = _owner(make_engine, SPLIT_BYTES + 4096)
+    peer = make_engine(transport="tcp", auth=ClusterAuth(TOKEN))
+    remote = peer.open_segment(f"{owner.endpoint}/kv0")
+    grant = owner.sign_grant("kv0", 0, SPLIT_BYTES, GrantMode.READ | GrantMode.WRITE, 30)
+    submitted: list[int] = []
+    submit = peer.submit
+    monkeypatch.setattr(peer, "submit", lambda requests: submitted.append(len(requests))
+                        or submit(requests))
+    data = memoryview(bytearray(b"sync" * 1024))
+    peer.transfer([TransferRequest(TransferOp.WRITE, remote, 0, data, grant)])
+    back = memoryview(bytearray(4096))
+    peer.transfer([TransferRequest(TransferOp.READ, remote, 0, back, grant)])
+    assert bytes(back) == bytes(data) and submitted == []
+    with pytest.raises(AccessDeniedError):  # past the grant
+        peer.transfer([TransferRequest(TransferOp.READ, remote, SPLIT_BYTES, back, grant)])
+    big = memoryview(bytearray(SPLIT_BYTES))
+    peer.transfer([TransferRequest(TransferOp.READ, remote, 0, big, grant)])
+    assert submitted == [1] and bytes(big[:4096]) == bytes(data)

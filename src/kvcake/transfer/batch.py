@@ -140,14 +140,7 @@ class Batch:
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        error = self.first_error()
-        if error is None:
-            return
-        failed = sum(e is not None for e in self.errors)
-        if failed == 1:
-            raise error
-        raise type(error)(f"{failed}/{len(self.errors)} transfers failed; first: {error.args[0]}",
-                          error.code)
+        raise_first(self.errors)
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (from the completing thread) once the batch is done."""
@@ -172,3 +165,15 @@ class Batch:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def raise_first(errors: Sequence[KvcakeError | None]) -> None:
+    """Raise the first failure of a batch's ``errors`` (saying how many failed), if any."""
+    error = next((e for e in errors if e is not None), None)
+    if error is None:
+        return
+    failed = sum(e is not None for e in errors)
+    if failed == 1:
+        raise error
+    raise type(error)(f"{failed}/{len(errors)} transfers failed; first: {error.args[0]}",
+                      error.code)

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 from kvcake.common.auth import ClusterAuth
 from kvcake.common.blocking_rpc import BlockingConnection, failure
-from kvcake.common.errors import KvcakeError, ProtocolError, TransferError, error_from_code
+from kvcake.common.errors import (
+    AuthenticationError,
+    KvcakeError,
+    ProtocolError,
+    TransferError,
+    error_from_code,
+)
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
 from kvcake.common.rpc import MAX_ERROR_BYTES
 from kvcake.common.sockets import recv_bytes, recv_exactly
@@ -41,6 +47,8 @@ class BlockingPeer:
         errors: Errors = [None] * len(requests)
         try:
             sock = self._connected()
+        except AuthenticationError as exc:
+            return [exc] * len(requests)  # as the engine's own connections say it
         except KvcakeError as exc:
             return [TransferError(f"cannot connect to peer {self.endpoint}: {exc}")] * \
                 len(requests)
@@ -48,6 +56,10 @@ class BlockingPeer:
         try:
             while pending:
                 self._receive_one(sock, requests, pending, errors)
+        except _RefusedError as refused:  # the peer refused the connection as a whole
+            self.close()
+            for index in pending.values():
+                errors[index] = refused.error
         except (OSError, ProtocolError) as exc:
             self.close()
             broken = failure(self.endpoint, self._timeout_s, exc)
@@ -91,8 +103,8 @@ class BlockingPeer:
         if header.status:
             text = _receive_text(sock, header.length)
             error = error_from_code(header.status, f"peer {self.endpoint}: {text}")
-            if header.request_id == 0:  # the peer refused the connection as a whole
-                raise ProtocolError(str(error))
+            if header.request_id == 0:
+                raise _RefusedError(error)
             errors[pending.pop(header.request_id)] = error
             return
         index = pending.pop(header.request_id, None)
@@ -105,6 +117,12 @@ class BlockingPeer:
                 raise ProtocolError(f"read reply of {header.length} bytes, asked "
                                     f"{requests[index].length}")
             recv_exactly(sock, requests[index].buffer)
+
+
+class _RefusedError(Exception):
+    def __init__(self, error: KvcakeError) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _largest(requests: Sequence[TransferRequest]) -> int:

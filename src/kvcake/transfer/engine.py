@@ -26,7 +26,14 @@ from kvcake.common.auth import ClusterAuth, cluster_auth
 from kvcake.common.blocking_rpc import PerThread
 from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.log import get_logger
-from kvcake.transfer.batch import Batch, MappedRange, RemoteSegment, TransferOp, TransferRequest
+from kvcake.transfer.batch import (
+    Batch,
+    MappedRange,
+    RemoteSegment,
+    TransferOp,
+    TransferRequest,
+    raise_first,
+)
 from kvcake.transfer.blocking_peer import BlockingPeer
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.grants import GrantMode
@@ -215,8 +222,14 @@ class TransferEngine:
         return errors
 
     def transfer(self, requests: Sequence[TransferRequest]) -> None:
-        """Submit and wait; raises the first failure."""
-        self.submit(requests).wait()
+        """Move ``requests`` and wait; raises the first failure. Where
+        :meth:`transfer_here` takes the batch (same-host copies, small network batches, from
+        a thread other than the engine's), it runs in the calling thread."""
+        errors = self.transfer_here(requests)
+        if errors is None:
+            self.submit(requests).wait()
+            return
+        raise_first(errors)
 
     async def atransfer(self, requests: Sequence[TransferRequest]) -> None:
         await self.submit(requests)
