@@ -71,6 +71,8 @@ class ObjectTable:
         self.groups = GroupIndex()
         self.retired: list[Retired] = []
         self._object_ids = itertools.count(1)
+        self.readable_replicas = 0  # COMPLETE replicas of all objects (stats without a scan)
+        self.keys_by_tenant: dict[str, int] = {}  # each tenant's complete objects
 
     # ----- puts
     def create(self, client_id: str, key: str, size: int, terms: PutTerms,
@@ -102,15 +104,30 @@ class ObjectTable:
             return obj
         for replica in obj.replicas:
             if replica.state is ReplicaState.PROCESSING:
-                replica.move_to(ReplicaState.COMPLETE)
+                self.move(replica, ReplicaState.COMPLETE)
         if not obj.readable():  # every segment it was written to died meanwhile
             self.delete(obj)
             return ErrorCode.INVALID_WRITE
         obj.writer = None
         del self.open_puts[key]
+        self._count_key(key, 1)
         self.eviction.insert(key)
         self.changed(key)
         return ErrorCode.OK
+
+    def move(self, replica: Replica, state: ReplicaState) -> None:
+        """Move a replica of a stored object (or of one about to be) to ``state``."""
+        was = replica.readable
+        replica.move_to(state)
+        self.readable_replicas += replica.readable - was
+
+    def _count_key(self, key: str, delta: int) -> None:
+        tenant = tenant_of_key(key)
+        count = self.keys_by_tenant.get(tenant, 0) + delta
+        if count:
+            self.keys_by_tenant[tenant] = count
+        else:
+            del self.keys_by_tenant[tenant]
 
     def open_put(self, client_id: str, key: str) -> StoredObject | ErrorCode:
         obj = self.objects.get(key)
@@ -123,7 +140,7 @@ class ObjectTable:
     def fail_put(self, obj: StoredObject, hold_until: float = 0.0) -> None:
         for replica in obj.replicas:
             if replica.state is not ReplicaState.FAILED:
-                replica.move_to(ReplicaState.FAILED)
+                self.move(replica, ReplicaState.FAILED)
         self.delete(obj, hold_until)
 
     # ----- reads and removal
@@ -160,9 +177,10 @@ class ObjectTable:
         still ahead), drop its disk files."""
         if obj.complete:
             self.changed(obj.key)
+            self._count_key(obj.key, -1)
         for replica in obj.replicas:
             if replica.state in (ReplicaState.PROCESSING, ReplicaState.COMPLETE):
-                replica.move_to(ReplicaState.REMOVED)
+                self.move(replica, ReplicaState.REMOVED)
             self.release(obj.key, replica, hold_until)
         del self.objects[obj.key]
         self.open_puts.pop(obj.key, None)
@@ -195,7 +213,7 @@ class ObjectTable:
         if obj.readable() == [replica]:
             self.delete(obj)
             return
-        replica.move_to(ReplicaState.REMOVED)
+        self.move(replica, ReplicaState.REMOVED)
         self.release(obj.key, replica)
         obj.replicas.remove(replica)
         self.changed(obj.key)
@@ -206,7 +224,7 @@ class ObjectTable:
         for key in list(segment.keys):
             obj = self.objects[key]
             for replica in [r for r in obj.replicas if r.segment_id == segment.segment_id]:
-                replica.move_to(ReplicaState.FAILED)
+                self.move(replica, ReplicaState.FAILED)
                 obj.replicas.remove(replica)
                 if replica.tier is Tier.MEMORY:  # its allocator goes with the segment
                     self.tenants.charge(tenant_of_key(key), -replica.size)
@@ -272,6 +290,8 @@ class ObjectTable:
             if replica.tier is Tier.DISK:
                 segment.disk_used += obj.size
         self.objects[obj.key] = obj
+        self.readable_replicas += len(obj.readable())
+        self._count_key(obj.key, 1)
         self.groups.add(obj.group, obj.key)
         if obj.readable(Tier.MEMORY):
             self.eviction.insert(obj.key)
@@ -300,5 +320,11 @@ class ObjectTable:
             memory = [r for r in obj.replicas if r.tier is Tier.MEMORY]
             assert len({r.segment_id for r in memory}) == len(memory), f"{key} replicas collide"
         self.eviction.check_integrity()
+        assert self.readable_replicas == sum(len(o.readable()) for o in self.objects.values())
+        counted: dict[str, int] = {}
+        for key, obj in self.objects.items():
+            if obj.complete:
+                counted[tenant_of_key(key)] = counted.get(tenant_of_key(key), 0) + 1
+        assert self.keys_by_tenant == counted, (self.keys_by_tenant, counted)
         self.tenants.check_integrity(usage_by_tenant(self.objects))
         self.groups.check_integrity({k: o.group for k, o in self.objects.items()})

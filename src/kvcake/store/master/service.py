@@ -384,13 +384,13 @@ class MasterService:
         return Stats(
             num_segments=len(self.registry.segments), num_clients=len(self.registry.clients),
             num_keys=len(self.objects) - len(self.table.open_puts),
-            num_replicas=sum(len(o.readable()) for o in self.objects.values()),
+            num_replicas=self.table.readable_replicas,
             used_bytes=used, total_bytes=total,
             disk_used_bytes=sum(s.disk_used for s in segments),
             disk_total_bytes=sum(s.disk_capacity for s in segments),
             evicted=self.counters["evicted"], offloaded=self.counters["offloaded"],
             promoted=self.counters["promoted"], disk_evicted=self.counters["disk_evicted"],
-            tenants=tenant_stats(self.tenants, self.objects,
+            tenants=tenant_stats(self.tenants, self.table.keys_by_tenant,
                                  [c.tenant for c in self.registry.clients.values()]),
         )
 

@@ -166,13 +166,10 @@ def usage_by_tenant(objects: Mapping[str, StoredObject]) -> dict[str, int]:
     return used
 
 
-def tenant_stats(ledger: TenantLedger, objects: Mapping[str, StoredObject],
+def tenant_stats(ledger: TenantLedger, keys: Mapping[str, int],
                  client_tenants: Iterable[str]) -> list[TenantStats]:
-    """One row per tenant with terms, memory, objects or live clients, by name."""
-    keys: dict[str, int] = {}
-    for key, obj in objects.items():
-        if obj.complete:
-            _add(keys, tenant_of_key(key), 1)
+    """One row per tenant with terms, memory, objects (``keys``: complete ones per tenant)
+    or live clients, by name."""
     names = set(ledger.names()) | set(keys) | {t for t in client_tenants if t}
     return [TenantStats(t, keys.get(t, 0), ledger.used.get(t, 0), ledger.quota(t),
                         ledger.evicted.get(t, 0)) for t in sorted(names)]

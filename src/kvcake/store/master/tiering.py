@@ -248,7 +248,7 @@ class Tiering:
     def _drop_memory(self, obj: StoredObject) -> None:
         self.table.changed(obj.key)
         for replica in obj.readable(Tier.MEMORY):
-            replica.move_to(ReplicaState.REMOVED)
+            self.table.move(replica, ReplicaState.REMOVED)
             self.table.release(obj.key, replica)
             obj.replicas.remove(replica)
 
@@ -272,7 +272,7 @@ class Tiering:
             return
         disk = Replica(task.segment_id, 0, task.size, Tier.DISK)
         disk.move_to(ReplicaState.PROCESSING)
-        disk.move_to(ReplicaState.COMPLETE)
+        self.table.move(disk, ReplicaState.COMPLETE)
         obj.replicas.append(disk)
         segment.keys.add(task.key)
         self.table.disk_order.insert(task.key)
@@ -320,12 +320,12 @@ class Tiering:
         if replica is None:
             return  # the segment died meanwhile
         if ok:
-            replica.move_to(ReplicaState.COMPLETE)
+            self.table.move(replica, ReplicaState.COMPLETE)
             self.table.eviction.insert(task.key)
             self.counters["promoted"] += 1
             self.table.changed(task.key)
             return
-        replica.move_to(ReplicaState.FAILED)
+        self.table.move(replica, ReplicaState.FAILED)
         self.table.release(task.key, replica)
         obj.replicas.remove(replica)
 
