@@ -126,7 +126,11 @@ class SplitOrder(EvictionPolicy):
 
     def insert(self, key: str) -> None:
         self.whole.insert(key)
-        self._parts.setdefault(self._part_of(key), make_eviction_policy(self.policy)).insert(key)
+        part = self._part_of(key)
+        policy = self._parts.get(part)
+        if policy is None:
+            policy = self._parts[part] = make_eviction_policy(self.policy)
+        policy.insert(key)
 
     def touch(self, key: str) -> None:
         self.whole.touch(key)

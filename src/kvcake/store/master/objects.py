@@ -63,7 +63,6 @@ class ObjectTable:
         self.tenants = tenants
         self.objects: dict[str, StoredObject] = {}
         self.open_puts: dict[str, StoredObject] = {}  # objects not complete yet, oldest first
-        make_eviction_policy(config.eviction)  # refuses an unknown name, naming it
         self.eviction = SplitOrder(config.eviction, tenant_of_key)  # memory, per tenant too
         self.disk_order = make_eviction_policy(config.eviction)  # objects on a disk tier
         self.tasks: list[Task] = []
