@@ -120,6 +120,8 @@ class BlockingPeer:
 
 
 class _RefusedError(Exception):
+    """The peer's error frame for the whole connection (request id 0): it closes it."""
+
     def __init__(self, error: KvcakeError) -> None:
         super().__init__(error)
         self.error = error
