@@ -107,6 +107,8 @@ def test_tiny_logits_match_hf(tiny_model_dir: Callable[..., Path], variant: str,
                               attention: str) -> None:
     path = tiny_model_dir(seed=3, **TINY_VARIANTS[variant])
     ours, hf = load_pair(path, torch.float32, attention)
+    # float32 weights are packed for oneDNN (the fast path on CPU) except under eager math
+    assert ours.layers[0].qkv.is_mkldnn is (attention != "eager" and onednn_packs(torch.float32))
     tokens = list(torch.randint(3, 256, (150,), generator=torch.Generator().manual_seed(1)))
     tokens = [int(t) for t in tokens]
     expected = hf_logits(hf, tokens)

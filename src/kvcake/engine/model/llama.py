@@ -265,15 +265,16 @@ def _packs(device: torch.device, dtype: torch.dtype, attention: str) -> bool:
 
 
 def onednn_packs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can pack ``dtype`` weights on this CPU: its bf16 and fp16 paths need
-    AVX-512 (or AVX-NE-CONVERT, or AMX); on an AVX2-only CPU the model keeps plain weights."""
+    """Whether oneDNN can pack ``dtype`` weights on this CPU: float32 wherever oneDNN runs;
+    its bf16 and fp16 paths need AVX-512 (or AVX-NE-CONVERT, or AMX), so on an AVX2-only
+    CPU a bf16 model keeps plain weights."""
     if not torch._C._has_mkldnn or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if dtype == torch.float16:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return False
+    return dtype == torch.float32
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
