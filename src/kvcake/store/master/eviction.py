@@ -38,18 +38,6 @@ class EvictionPolicy(ABC):
         """``key`` is gone (removed, evicted, lost); a no-op when absent."""
 
     @abstractmethod
-    def mark(self) -> None:
-        """Start over the record of the keys inserted from now on (:meth:`since_mark`)."""
-
-    @abstractmethod
-    def unmark(self) -> None:
-        """Stop recording inserted keys."""
-
-    @abstractmethod
-    def since_mark(self) -> list[str]:
-        """The keys inserted since :meth:`mark` and still held, in order; empty unmarked."""
-
-    @abstractmethod
     def __iter__(self) -> Iterator[str]: ...
 
     @abstractmethod
@@ -64,13 +52,10 @@ class LruPolicy(EvictionPolicy):
 
     def __init__(self) -> None:
         self._order: OrderedDict[str, None] = OrderedDict()
-        self._since: dict[str, None] | None = None  # recorded inserts, while marked
 
     def insert(self, key: str) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
-        if self._since is not None:
-            self._since[key] = None
 
     def touch(self, key: str) -> None:
         if key in self._order:
@@ -78,17 +63,6 @@ class LruPolicy(EvictionPolicy):
 
     def discard(self, key: str) -> None:
         self._order.pop(key, None)
-        if self._since is not None:
-            self._since.pop(key, None)
-
-    def mark(self) -> None:
-        self._since = {}
-
-    def unmark(self) -> None:
-        self._since = None
-
-    def since_mark(self) -> list[str]:
-        return list(self._since or ())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)
@@ -110,7 +84,8 @@ class FifoPolicy(LruPolicy):
 class SplitOrder(EvictionPolicy):
     """One policy's order over every key, and the same order within each part of the keys
     (``part_of(key)``: the master splits by tenant), kept in step, so a part's oldest keys
-    are found without walking the others'."""
+    are found without walking the others'. After :meth:`mark` it also records the keys
+    inserted since (:meth:`since_mark`)."""
 
     name = "split"
 
@@ -119,6 +94,7 @@ class SplitOrder(EvictionPolicy):
         self.whole = make_eviction_policy(policy)
         self._part_of = part_of
         self._parts: dict[str, EvictionPolicy] = {}
+        self._since: dict[str, None] | None = None  # inserts since the mark, while marked
 
     def part(self, part: str) -> Iterator[str]:
         """The keys of ``part``, in order."""
@@ -131,6 +107,8 @@ class SplitOrder(EvictionPolicy):
         if policy is None:
             policy = self._parts[part] = make_eviction_policy(self.policy)
         policy.insert(key)
+        if self._since is not None:
+            self._since[key] = None
 
     def touch(self, key: str) -> None:
         self.whole.touch(key)
@@ -146,15 +124,20 @@ class SplitOrder(EvictionPolicy):
             policy.discard(key)
             if not len(policy):
                 del self._parts[part]
+        if self._since is not None:
+            self._since.pop(key, None)
 
     def mark(self) -> None:
-        self.whole.mark()
+        """Start over the record of the keys inserted from now on."""
+        self._since = {}
 
     def unmark(self) -> None:
-        self.whole.unmark()
+        """Stop recording inserted keys."""
+        self._since = None
 
     def since_mark(self) -> list[str]:
-        return self.whole.since_mark()
+        """The keys inserted since :meth:`mark` and still held, in order; empty unmarked."""
+        return list(self._since or ())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.whole)

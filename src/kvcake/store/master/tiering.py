@@ -104,8 +104,8 @@ class Tiering:
         if freed >= target and not blocked:
             order.unmark()
         elif freed < target:
-            self._blocked_until = min(passed.until, self._blocked_until if blocked
-                                      else passed.until)
+            self._blocked_until = min(passed.until, self._blocked_until) if blocked \
+                else passed.until
             order.mark()
 
     def _round(self, now: float, keys: list[str], target: int, shares: Mapping[str, int],
