@@ -1,13 +1,16 @@
-"""Child servers never outlive an interrupted start; a server's health is read whatever it
-answers."""
+"""Child servers never outlive an interrupted start, nor leave their temporary files behind
+when killed; a server's health is read whatever it answers."""
 
 from __future__ import annotations
 
 import http.server
+import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -53,6 +56,25 @@ def test_a_child_whose_wait_is_interrupted_is_stopped(monkeypatch: pytest.Monkey
 def test_a_child_that_never_gets_ready_is_stopped_and_named() -> None:
     with pytest.raises(KvcakeError, match=r"did not start: .*starting"):
         ServerProcess(SILENT, r"never", timeout_s=0.5, name="silent")
+
+
+LEAVES_A_FILE = [sys.executable, "-c", "import tempfile, time; "
+                 "fd, path = tempfile.mkstemp(prefix='left-'); print(path, flush=True); "
+                 "time.sleep(120)"]
+
+
+def test_what_a_killed_child_leaves_in_its_temporary_directory_goes_with_it() -> None:
+    """A test that SIGKILLs an instance kills the code that would remove its temporary
+    files (vLLM's IPC sockets among them): they live in the child's own scratch directory,
+    which stopping the child removes."""
+    child = ServerProcess(LEAVES_A_FILE, r"(\S*left-\S*)\n", name="leaves a file")
+    left = Path(child.match.group(1))
+    assert left.exists()
+    assert left.parent != Path(tempfile.gettempdir()), "the child wrote to the shared /tmp"
+    os.kill(child.pid, signal.SIGKILL)
+    child.process.wait()
+    child.stop()
+    assert not left.exists() and not left.parent.exists()
 
 
 @pytest.mark.parametrize(("status", "body", "parsed"), [

@@ -59,6 +59,9 @@ class VllmInstance:
         env = vllm_env(env)  # its stdout carries the driver's answers only
         model = str(resolve_model("smollm2").path)
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read and closed by stop)
+        # its TMPDIR, removed by stop: vLLM's IPC sockets stay behind when it is killed
+        self._dir = tempfile.TemporaryDirectory(prefix="kvcake-vllm-", ignore_cleanup_errors=True)
+        env["TMPDIR"] = self._dir.name
         self.process = subprocess.Popen(
             [*prefix, str(python), "-m", DRIVER, model, json.dumps(transfer)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
@@ -94,6 +97,7 @@ class VllmInstance:
             self.process.kill()
             self.process.wait()
         self.process.stdout.close()
+        self._dir.cleanup()
         if self.log.closed:
             return ""
         self.log.seek(0)

@@ -7,6 +7,10 @@ A kvcake server is ready when it writes its ready file (:class:`ReadyFile`; the 
 
 Output goes to a temporary file rather than a pipe: nobody reads a server's output after it
 is ready, and a full pipe would block a chatty server mid-write.
+
+Each child gets a private scratch directory as its ``TMPDIR`` (and its children's, unless they
+are told otherwise), removed when it is stopped or killed: what a child leaves there when it
+is killed (a vLLM instance's IPC sockets, a sidecar's control files) goes with it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import subprocess
 import sys
@@ -49,18 +54,19 @@ class ServerProcess:
     several started together). ``ready`` is a :class:`ReadyFile` (then ``self.endpoints``
     holds the endpoints it names) or a regex its output must match (then ``self.match``
     holds the match). ``stop`` closes its standard input (peers that stop on end of input),
-    then SIGTERM, then SIGKILL."""
+    then SIGTERM, then SIGKILL; ``stop`` and ``kill`` remove its scratch directory."""
 
     def __init__(self, command: Sequence[str], ready: str | ReadyFile, timeout_s: float = 60.0,
                  name: str = "", log_path: str | None = None, wait: bool = True) -> None:
         self.command = list(command)
         self.name = name or " ".join(self.command[-6:])
         self.endpoints: dict[str, str] = {}
-        self._private = tempfile.TemporaryDirectory(prefix="kvcake-ready-") \
-            if isinstance(ready, ReadyFile) and not ready.path else None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+            prefix="kvcake-child-", ignore_cleanup_errors=True)  # a grandchild may linger
+        scratch = self._scratch.name
+        Path(scratch, "tmp").mkdir()
         if isinstance(ready, ReadyFile):
-            ready = ReadyFile(ready.path or f"{self._private.name}/ready",  # type: ignore[union-attr]
-                              ready.want)
+            ready = ReadyFile(ready.path or f"{scratch}/ready", ready.want)
             self.command += ["--ready-file", ready.path]
         self._ready = ready
         self._deadline = time.monotonic() + timeout_s
@@ -68,7 +74,8 @@ class ServerProcess:
         self._log: IO[bytes] = open(log_path, "w+b") if log_path \
             else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "TMPDIR": f"{scratch}/tmp"})
         if wait:
             try:
                 wait_ready([self])
@@ -134,9 +141,9 @@ class ServerProcess:
         if self.process.stdin is not None and not self.process.stdin.closed:
             self.process.stdin.close()
         self._log.close()
-        if self._private is not None:
-            self._private.cleanup()
-            self._private = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -67,11 +67,12 @@ class VllmServer:
         self.transfer = transfer
         self.port = config.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # its prefix cache's changes and their replay (kvcake.common.feed), on sockets in a
-        # private directory: vLLM binds them, nothing off this host reaches them
-        self._events_dir = tempfile.TemporaryDirectory(prefix="kvcake-vllm-events-")
-        self.events = f"ipc://{self._events_dir.name}/kv-events"
-        self.events_replay = f"ipc://{self._events_dir.name}/kv-events-replay"
+        # a private directory, removed by stop: its prefix cache's changes and their replay
+        # (kvcake.common.feed) on sockets vLLM binds there, which nothing off this host
+        # reaches, and its TMPDIR (vLLM's own IPC sockets, left behind when it is killed)
+        self._dir = tempfile.TemporaryDirectory(prefix="kvcake-vllm-", ignore_cleanup_errors=True)
+        self.events = f"ipc://{self._dir.name}/kv-events"
+        self.events_replay = f"ipc://{self._dir.name}/kv-events-replay"
         self._log = log
         self._env = env
         self.kv_events = kv_events
@@ -102,6 +103,7 @@ class VllmServer:
         """Start the process; :meth:`check_starting` says how its start goes. Call it from
         a thread that lives as long as the server should (the main thread)."""
         env = vllm_env(self._env, self.config.kv_cache_gib, self.config.cpus)
+        env["TMPDIR"] = self._dir.name
         auth = cluster_auth()
         if auth.enabled:  # its connector proves the cluster token as this process does
             env[CLUSTER_TOKEN_ENV] = auth.token
@@ -137,7 +139,7 @@ class VllmServer:
     def stop(self, timeout_s: float = 30.0) -> None:
         process = self.process
         if process is None or process.poll() is not None:
-            self._events_dir.cleanup()
+            self._dir.cleanup()
             return
         process.terminate()
         try:
@@ -145,4 +147,4 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        self._events_dir.cleanup()
+        self._dir.cleanup()
