@@ -28,7 +28,7 @@ from kvcake.common.errors import (
 )
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
 from kvcake.common.rpc import MAX_CALL_BYTES, MAX_ERROR_BYTES
-from kvcake.common.sockets import recv_bytes, recv_exactly
+from kvcake.common.sockets import kernel_timeouts, recv_bytes, recv_exactly
 
 
 class Closable(Protocol):
@@ -155,9 +155,9 @@ def _nothing() -> None:
 
 def open_blocking(endpoint: str, timeout_s: float, auth: ClusterAuth) -> socket.socket:
     """A blocking socket connected to the frame server at ``endpoint`` (``HOST:PORT``),
-    past the cluster-token handshake when ``auth`` has a token; every wait bounded by
-    ``timeout_s``. Raises ``KvcakeError`` (``RPC_FAIL``) when the server cannot be
-    reached, :class:`AuthenticationError` when it refuses us (or we it)."""
+    past the cluster-token handshake when ``auth`` has a token; each send and receive
+    bounded by ``timeout_s`` (by the kernel). Raises ``KvcakeError`` (``RPC_FAIL``) when the
+    server cannot be reached, :class:`AuthenticationError` when it refuses us (or we it)."""
     host, _, port = endpoint.rpartition(":")
     try:
         sock = socket.create_connection((host.strip("[]"), int(port)), timeout_s)
@@ -166,6 +166,7 @@ def open_blocking(endpoint: str, timeout_s: float, auth: ClusterAuth) -> socket.
                           ErrorCode.RPC_FAIL) from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        kernel_timeouts(sock, timeout_s)
         if auth.enabled:
             _authenticate(sock, endpoint, timeout_s, auth)
     except BaseException:
@@ -208,7 +209,7 @@ def _checked_length(header: FrameHeader) -> int:
 
 def failure(endpoint: str, timeout_s: float, exc: Exception) -> KvcakeError:
     """The ``RPC_FAIL`` error for a blocking exchange with ``endpoint`` that broke."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | BlockingIOError):  # a Python or a kernel timeout
         return KvcakeError(f"no reply from {endpoint} within {timeout_s}s", ErrorCode.RPC_FAIL)
     if isinstance(exc, ProtocolError):
         return KvcakeError(f"{endpoint} broke the protocol: {exc}", ErrorCode.RPC_FAIL)
