@@ -30,7 +30,8 @@ from typing import Any
 from kvcake.bench.measure import print_rows
 from kvcake.common.config import MiB
 from kvcake.engine.config import EngineConfig
-from kvcake.engine.core import EngineCore
+from kvcake.engine.core import DTYPES, EngineCore
+from kvcake.model import resolve_model
 from kvcake.ops import start_master, start_node
 from kvcake.wire.sampling import SamplingParams
 
@@ -59,11 +60,17 @@ def _store_cluster(segment_size: str) -> Iterator[str]:
         yield endpoint
 
 
+def _kv_bytes_per_token() -> int:
+    """The model's KV bytes per token in the dtype the engine will pick on this CPU."""
+    config = EngineConfig()  # its dtype resolved: bf16 where the CPU has it, else float32
+    return resolve_model(config.model).config.kv_bytes_per_token(DTYPES[config.dtype].itemsize)
+
+
 def _engine_config(master: str, plan: ReusePlan) -> EngineConfig:
-    longest = max(plan.lengths)
-    kv_bytes = max(256 * MiB, 2 * longest * 23040)  # room for two prompts of SmolLM2's KV
+    longest = max(plan.lengths) + 16
+    kv_bytes = max(256 * MiB, 2 * longest * _kv_bytes_per_token())  # room for two prompts
     return EngineConfig(store_master=master, kv_cache_bytes=kv_bytes,
-                        block_size=plan.block_size, max_model_len=longest + 16)
+                        block_size=plan.block_size, max_model_len=longest)
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,8 @@ def measure(plan: ReusePlan, log: Any = None) -> list[dict[str, Any]]:
     """Every (length, mode) sample of the plan; one store cluster and two engines."""
     rng = random.Random(20241125)
     samples: list[dict[str, Any]] = []
-    with _store_cluster(f"{max(1024, 4 * max(plan.lengths) * 24 // 1024)}MiB") as master:
+    segment = max(1024 * MiB, 4 * max(plan.lengths) * _kv_bytes_per_token())  # 4 prompts
+    with _store_cluster(f"{-(-segment // MiB)}MiB") as master:
         config = _engine_config(master, plan)
         writer, reader = EngineCore(config), EngineCore(config)
         try:
@@ -167,7 +175,8 @@ def run_reuse_bench(quick: bool, as_json: bool, lengths: Sequence[int] | None = 
                      "value": r[f"{mode}_speedup"]} for r in rows for mode in ("store", "local")],
                    [], True)
         return 0
-    print("TTFT (median seconds) of SmolLM2-135M bf16, prompt KV cold / in the store / local")
+    print(f"TTFT (median seconds) of SmolLM2-135M {EngineConfig().dtype}, prompt KV cold / in "
+          "the store / local")
     print_rows(rows, [("prompt_len", "prompt"), ("cold_s", "cold s"), ("store_s", "store s"),
                       ("local_s", "local s"), ("store_speedup", "cold/store"),
                       ("local_speedup", "cold/local"), ("reused_tokens", "reused")], False)
