@@ -1,7 +1,8 @@
 """``kvcake bench vllm``'s mooncake-real row, without vLLM: the table with and without its
 column, the row left out (with one line saying how to install it) where the real wheel is
 missing, and the settings vLLM's connector is given for the real Mooncake; each hit paired with
-its prompt's local hit right after it."""
+its prompt's local hit right after it; the reader loading while the writer works, and timed only
+after it."""
 
 from __future__ import annotations
 
@@ -124,3 +125,43 @@ def test_each_hit_is_paired_with_its_prompts_local_hit_right_after() -> None:
     assert (kvcake["vs_again"], kvcake["again_ttft_s"], kvcake["tokens_equal"]) == (1.35, 0.15,
                                                                                     True)
     assert table(rows).splitlines()[-1].endswith("(median of the pairs): kvcake 1.35 at 8")
+
+
+class _Recorded:
+    """A stand-in for a vLLM process that writes down what is asked of it, and when."""
+
+    log: list[str] = []
+    made = 0
+
+    def __init__(self, *args: Any) -> None:
+        _Recorded.made += 1
+        self.name = "writer" if _Recorded.made == 2 else "reader"
+        self.log.append(f"start {self.name}")
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, prompt: list[int], max_tokens: int = 4) -> tuple[list[int], float]:
+        self.log.append(f"{self.name} {len(prompt)}")
+        return [1], 0.1
+
+    def stop(self) -> str:
+        self.log.append(f"stop {self.name}")
+        return ""
+
+
+def test_the_reader_loads_beside_the_writer_and_answers_only_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a vLLM process is most of the bench's time: the reader starts with the writer,
+    but nothing is asked of it before the writer stopped and the store settled."""
+    _Recorded.log, _Recorded.made = [], 0
+    monkeypatch.setattr(vllm_bench, "VllmInstance", _Recorded)
+    timings: Timings = {}
+    vllm_bench._write_then_read(Path(sys.executable), {}, {256: [[0] * 256]}, timings, "kvcake",
+                                settle=lambda: _Recorded.log.append("settled"))
+    log = _Recorded.log
+    assert log[:2] == ["start reader", "start writer"]
+    assert log.index("settled") > log.index("stop writer") > log.index("writer 256")
+    reader_asked = [i for i, line in enumerate(log) if line.startswith("reader ")]
+    assert reader_asked and min(reader_asked) > log.index("settled")
+    assert len(timings[("kvcake", 256)]) == len(timings[("kvcake again", 256)]) == 1

@@ -91,7 +91,13 @@ def _prompt(length: int, repeat: int) -> list[int]:
 def _instance(python: Path, transfer: dict[str, Any] | None,
               env: dict[str, str] | None = None,
               prefix: Sequence[str] = ()) -> Iterator[VllmInstance]:
-    instance = VllmInstance(python, transfer, env, prefix)
+    with _serving(VllmInstance(python, transfer, env, prefix)) as instance:
+        yield instance
+
+
+@contextmanager
+def _serving(instance: VllmInstance) -> Iterator[VllmInstance]:
+    """``instance`` once loaded and warmed up; stopped at the end."""
     try:
         if not instance.ready():
             raise KvcakeError(f"vLLM did not start: {instance.stop()[-2000:]}")
@@ -129,18 +135,24 @@ def _write_then_read(python: Path, transfer: dict[str, Any], prompts: Prompts,
                      timings: Timings, name: str, settle: Any = None,
                      env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
     """One process fills the external cache, a second one reads from it (both run through
-    ``prefix``)."""
-    with _instance(python, transfer, env, prefix) as writer:
-        for group in prompts.values():
-            for prompt in group:
-                writer.generate(prompt, max_tokens=1)
-    if settle is not None:
-        settle()
-    with _instance(python, transfer, env, prefix) as reader:
-        for length, group in prompts.items():
-            for prompt in group:
-                timings.setdefault((name, length), []).append(_measure(reader, prompt))
-                timings.setdefault((f"{name} again", length), []).append(_again(reader, prompt))
+    ``prefix``). The reader loads while the writer works (nothing of the writer's is timed);
+    it answers its warm-up and its prompts only once the writer has stopped."""
+    loading = VllmInstance(python, transfer, env, prefix)
+    try:
+        with _instance(python, transfer, env, prefix) as writer:
+            for group in prompts.values():
+                for prompt in group:
+                    writer.generate(prompt, max_tokens=1)
+        if settle is not None:
+            settle()
+        with _serving(loading) as reader:
+            for length, group in prompts.items():
+                for prompt in group:
+                    timings.setdefault((name, length), []).append(_measure(reader, prompt))
+                    timings.setdefault((f"{name} again", length), []).append(
+                        _again(reader, prompt))
+    finally:
+        loading.stop()  # a second stop does nothing
 
 
 @contextmanager
