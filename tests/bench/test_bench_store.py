@@ -1,4 +1,5 @@
-"""The store benchmark's bookkeeping: ratios between systems, the HA line, server commands."""
+"""The store benchmark's bookkeeping: ratios between systems, the HA line, server commands,
+where each system runs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ from typing import Any
 
 import pytest
 
-from kvcake.bench.store import Placement, _client_server, _server_specs, add_ratios, summary
+from kvcake.bench.store import (
+    Placement,
+    _client_server,
+    _placement,
+    _server_specs,
+    add_ratios,
+    summary,
+)
 from kvcake.common.config import KiB, MiB
+from kvcake.ops import NetnsPair
 
 
 def row(system: str, op: str, ops_per_s: float, path: str = "shm", size: int = 64 * KiB,
@@ -59,3 +68,21 @@ def test_single_key_rows_are_held_to_redis_and_mooncake() -> None:
     assert "tcp get 64 KiB single: 8,000/s, 1.14x Redis (target >= 1.0)  [ok]" in lines
     assert "shm is_exist single: 12,000/s, 0.50x Mooncake (target >= 1.0)  [MISSED]" in lines
     assert not any("1 MiB single" in line for line in lines)
+
+
+def test_with_namespaces_every_systems_shm_path_runs_in_the_same_one() -> None:
+    """Mooncake must run in a namespace; the others then share its network stack on the shm
+    path (this host's loopback slows down while namespaces exist), and only a run without
+    namespaces uses the host's own."""
+    pair = NetnsPair("kvcake-test")  # names and addresses only: nothing is made
+    places = {system: _placement("shm", system, pair) for system in ("kvcake", "redis",
+                                                                      "mooncake")}
+    assert len(set(places.values())) == 1
+    place = places["kvcake"]
+    assert place.server_prefix == place.client_prefix == tuple(pair.prefix("a"))
+    assert place.server_host == place.client_host == pair.address("a")
+    alone = _placement("shm", "kvcake", None)
+    assert (alone.server_prefix, alone.server_host, alone.client_host) == ((), "127.0.0.1",
+                                                                           "127.0.0.1")
+    tcp = _placement("tcp", "kvcake", pair)
+    assert tcp.client_prefix == tuple(pair.prefix("b")) != tcp.server_prefix
