@@ -61,10 +61,10 @@ class ServerProcess:
         self.command = list(command)
         self.name = name or " ".join(self.command[-6:])
         self.endpoints: dict[str, str] = {}
+        # short: a grandchild's Unix sockets in it must fit 107 bytes of path, nested twice
         self._scratch: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
-            prefix="kvcake-child-", ignore_cleanup_errors=True)  # a grandchild may linger
+            prefix="kvcake-", ignore_cleanup_errors=True)  # a grandchild may linger
         scratch = self._scratch.name
-        Path(scratch, "tmp").mkdir()
         if isinstance(ready, ReadyFile):
             ready = ReadyFile(ready.path or f"{scratch}/ready", ready.want)
             self.command += ["--ready-file", ready.path]
@@ -75,7 +75,7 @@ class ServerProcess:
             else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "TMPDIR": f"{scratch}/tmp"})
+                                        env={**os.environ, "TMPDIR": scratch})
         if wait:
             try:
                 wait_ready([self])
