@@ -3,6 +3,8 @@ that reproduces recomputation, and blocks that are corrupt, foreign or unreachab
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -217,6 +219,18 @@ def test_a_corrupt_block_is_recomputed_and_replaced(
     good = bytearray(store_call(reader, "get", keys[3]))
     assert good != record and reader.store.layout.check(memoryview(good), bytes.fromhex(
         keys[3].rsplit("/", 1)[1])) is None
+
+
+def test_save_slots_lie_page_aligned_as_the_cache_and_segments_do(
+        make_core: Callable[..., EngineCore]) -> None:
+    """A slot 16 bytes into its page (a bytearray's) made copies into 2 of every 256 slots ten
+    times slower on an AMD EPYC (4K aliasing); the slots now start on a page, pre-faulted."""
+    connector = make_core().store
+    assert connector is not None
+    record = connector._record(1)
+    first = ctypes.addressof(ctypes.c_char.from_buffer(connector._record(0)))
+    assert first % mmap.PAGESIZE == 0
+    assert ctypes.addressof(ctypes.c_char.from_buffer(record)) - first == len(record)
 
 
 def test_blocks_of_another_dtype_or_tenant_never_match(
