@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,28 @@ def test_vllm_driver_round_trip_with_a_stand_in(tmp_path: Path) -> None:
         for run in runs:
             assert (run.prefill_tokens, run.decode_tokens) == (batch * 4, batch * 2)
             assert run.prefill_s > 0 and run.decode_s > 0
+
+
+LEAVES_AN_IPC_FILE = (
+    "\nimport os as _os, tempfile as _tempfile\n"
+    "_fd, _path = _tempfile.mkstemp(prefix='ipc-')  # as vLLM's IPC sockets, never removed\n"
+    "with open(_os.environ['KVCAKE_TEST_MARKER'], 'w') as _marker:\n"
+    "    _marker.write(_path)\n")
+
+
+def test_the_vllm_drivers_temporary_files_go_with_its_run(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM leaves its IPC sockets in the temporary directory even when it exits cleanly: the
+    driver runs with a TMPDIR of its own that the bench removes."""
+    (tmp_path / "vllm.py").write_text(FAKE_VLLM + LEAVES_AN_IPC_FILE)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
+                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    marker = tmp_path / "left"
+    monkeypatch.setenv("KVCAKE_TEST_MARKER", str(marker))
+    plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(2,))
+    measure_vllm(str(python), plan, prompt_sets(plan, vocab_size=100), tmp_path, threads=1)
+    left = Path(marker.read_text())
+    assert left.parent != Path(tempfile.gettempdir()), "the driver wrote to the shared /tmp"
+    assert not left.exists()

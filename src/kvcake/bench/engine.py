@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -192,14 +193,17 @@ def check_vllm_python(python: str | None) -> str:
 
 def measure_vllm(python: str, plan: EnginePlan, sets: PromptSets, model: Path,
                  threads: int) -> Timings:
-    """Run the vLLM driver on the same prompts; its JSON lines become timings."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
-        json.dump(vllm_plan(model, plan.dtype, threads, plan.new_tokens, plan.warmups, sets),
-                  handle)
-        handle.flush()
+    """Run the vLLM driver on the same prompts; its JSON lines become timings. Its plan and
+    its TMPDIR lie in a directory removed afterwards: vLLM leaves its IPC sockets behind even
+    when it exits cleanly."""
+    with tempfile.TemporaryDirectory(prefix="kvcake-vllm-") as scratch:
+        plan_file = Path(scratch, "plan.json")
+        plan_file.write_text(json.dumps(
+            vllm_plan(model, plan.dtype, threads, plan.new_tokens, plan.warmups, sets)))
         try:
-            result = subprocess.run([python, "-I", str(DRIVER), "vllm", handle.name],
-                                    capture_output=True, text=True, timeout=3600, check=False)
+            result = subprocess.run([python, "-I", str(DRIVER), "vllm", str(plan_file)],
+                                    capture_output=True, text=True, timeout=3600, check=False,
+                                    env={**os.environ, "TMPDIR": scratch})
         except subprocess.TimeoutExpired as exc:
             raise KvcakeError("the vLLM driver hung") from exc
     if result.returncode != 0:
