@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from kvcake.bench.reuse import _check_first_tokens, _engine_config, _First, plan_for
+from kvcake.bench.reuse import (
+    _check_first_tokens,
+    _engine_config,
+    _First,
+    _kv_bytes_per_token,
+    plan_for,
+)
 from kvcake.engine import config as engine_config
 from kvcake.model import resolve_model
 
@@ -36,7 +42,7 @@ def test_the_engines_hold_the_longest_prompt_in_the_cpus_dtype(
     the pool must still hold the 8,000-token prompt and its first token."""
     monkeypatch.setattr(engine_config, "resolve_dtype", lambda wanted, device: dtype)
     plan = plan_for(quick=False)
-    config = _engine_config("127.0.0.1:1", plan)
+    config = _engine_config("127.0.0.1:1", plan, _kv_bytes_per_token())
     per_block = config.block_size * resolve_model(config.model).config.kv_bytes_per_token(
         itemsize)
     held = config.kv_cache_bytes // per_block * config.block_size

@@ -66,9 +66,10 @@ def _kv_bytes_per_token() -> int:
     return resolve_model(config.model).config.kv_bytes_per_token(DTYPES[config.dtype].itemsize)
 
 
-def _engine_config(master: str, plan: ReusePlan) -> EngineConfig:
+def _engine_config(master: str, plan: ReusePlan, per_token: int) -> EngineConfig:
+    """``per_token``: KV bytes a token (:func:`_kv_bytes_per_token`)."""
     longest = max(plan.lengths) + 16
-    kv_bytes = max(256 * MiB, 2 * longest * _kv_bytes_per_token())  # room for two prompts
+    kv_bytes = max(256 * MiB, 2 * longest * per_token)  # room for two prompts
     return EngineConfig(store_master=master, kv_cache_bytes=kv_bytes,
                         block_size=plan.block_size, max_model_len=longest)
 
@@ -123,9 +124,10 @@ def measure(plan: ReusePlan, log: Any = None) -> list[dict[str, Any]]:
     """Every (length, mode) sample of the plan; one store cluster and two engines."""
     rng = random.Random(20241125)
     samples: list[dict[str, Any]] = []
-    segment = max(1024 * MiB, 4 * max(plan.lengths) * _kv_bytes_per_token())  # 4 prompts
+    per_token = _kv_bytes_per_token()
+    segment = max(1024 * MiB, 4 * max(plan.lengths) * per_token)  # 4 prompts
     with _store_cluster(f"{-(-segment // MiB)}MiB") as master:
-        config = _engine_config(master, plan)
+        config = _engine_config(master, plan, per_token)
         writer, reader = EngineCore(config), EngineCore(config)
         try:
             _measure_one(writer, reader, 64, rng, "warmup")

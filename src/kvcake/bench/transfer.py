@@ -8,7 +8,6 @@ plain Python ``sendall``/``recv_into`` stream to another process, same sizes, sa
 from __future__ import annotations
 
 import math
-import mmap
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from kvcake.transfer.batch import RemoteSegment, TransferOp, TransferRequest
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
 from kvcake.transfer.peer import PeerProcess
+from kvcake.transfer.segment import private_buffer
 
 CASES = ((64 * KiB, (1, 64)), (1 * MiB, (1, 32)), (16 * MiB, (1, 16)))
 BUFFER_BYTES = 256 * MiB
@@ -87,21 +87,12 @@ def _bench_transport(transport: str, peer: PeerProcess, plan: Plan,
             baseline.close()
 
 
-def _page_aligned(size: int) -> memoryview:
-    """``size`` touched bytes at a page boundary, as the engine's segments are: a memcpy
-    between buffers whose addresses differ by a few bytes modulo 4 KiB (a ``bytearray``'s
-    data starts 16 bytes into its page) runs at a tenth of its speed on some CPUs (4K
-    aliasing: 2.3-2.9 against 30 GB/s for 64 KiB on an AMD EPYC)."""
-    buffer = mmap.mmap(-1, size)
-    buffer[:] = b"\x02" * size
-    return memoryview(buffer)
-
-
 class _Baseline:
     def __init__(self, transport: str, local: memoryview) -> None:
         self.name = "memcpy" if transport == "shm" else "socket"
         self._local = local
-        self._other = _page_aligned(BUFFER_BYTES) if transport == "shm" else None
+        # page-aligned like the engine's segments (see private_buffer)
+        self._other = memoryview(private_buffer(BUFFER_BYTES)) if transport == "shm" else None
         self._socket = SocketBaseline(BUFFER_BYTES) if transport != "shm" else None
 
     def step(self, op: TransferOp, size: int, batch: int) -> Callable[[], int]:

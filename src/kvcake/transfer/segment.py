@@ -78,6 +78,14 @@ def check_segment_name(name: str) -> str:
     return name
 
 
+def private_buffer(size: int) -> mmap.mmap:
+    """``size`` bytes of this process's own memory, pre-faulted and page-aligned like a
+    segment. Not a ``bytearray``: its data starts 16 bytes into its page, and a copy whose
+    destination lies 1-31 bytes past its source modulo 4 KiB runs ten times slower on some
+    CPUs (4K aliasing: 64 KiB copies at 2.3-2.9 GB/s against 30 GB/s on an AMD EPYC)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+
+
 def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
     flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)

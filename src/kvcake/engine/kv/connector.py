@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from kvcake.store.client import AsyncStore, InPlaceValues
 from kvcake.store.config import StoreConfig
 from kvcake.transfer import MappedRange, TransferEngine
 from kvcake.transfer.config import TransferConfig
+from kvcake.transfer.segment import private_buffer
 from kvcake.wire.kv import store_key, store_keys
 
 log = get_logger(__name__)
@@ -181,15 +181,6 @@ def _runs(tensor: torch.Tensor, base: int) -> list[tuple[int, int]]:
     return runs
 
 
-def staging_ring(size: int) -> mmap.mmap:
-    """The save slots' memory: pre-faulted, and page-aligned like the cache and the segments
-    its records are copied from and to. A ``bytearray``'s data starts 16 bytes into its page,
-    and a copy whose destination lies 1-31 bytes past its source modulo 4 KiB runs ten times
-    slower on some CPUs (4K aliasing: slots 127 and 255 of a SmolLM2 bf16 ring took 125 us a
-    record where the others took 12 us, on an AMD EPYC)."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-
-
 class StoreConnector:
     """Implements the scheduler's ``KVConnector`` protocol over an :class:`AsyncStore`.
 
@@ -205,7 +196,7 @@ class StoreConnector:
         self.layout = layout
         self.layers = layers
         self._blocks = BlockBytes(layers)
-        self._buffer = staging_ring(staging_blocks * layout.record_bytes)
+        self._buffer = private_buffer(staging_blocks * layout.record_bytes)  # save slots
         self._free = list(range(staging_blocks))
         self._verifier = ThreadPoolExecutor(2, thread_name_prefix="kv-verify")
         self._lock = threading.Lock()
