@@ -133,6 +133,41 @@ def test_a_cpu_without_onednns_bf16_path_keeps_plain_weights(
     torch.testing.assert_close(got, hf_logits(hf, tokens), atol=0.1, rtol=0.01)
 
 
+@pytest.mark.skipif(not onednn_packs(torch.float32), reason="oneDNN cannot pack here")
+def test_long_float32_steps_run_over_plain_weights_kept_beside_the_packed_ones(
+        tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``plain_prefill`` a float32 step of ``plain_rows`` tokens or more multiplies by
+    the plain weights, a shorter one by the packed weights, and both answer as HF does; bf16
+    keeps no plain copy."""
+    path = tiny_model_dir(seed=3)
+    files = resolve_model(str(path))
+    c = files.config
+    kernels = load_cpu_kernels(torch.float32, c.head_dim, c.num_heads // c.num_kv_heads, path)
+
+    def build(dtype: torch.dtype) -> LlamaModel:
+        return LlamaModel(c, load_weights(files, dtype), dtype, attention="paged",
+                          kernels=kernels, plain_prefill=True)
+
+    assert not build(torch.bfloat16).plain_layers
+    ours = build(torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    packed: list[bool] = []  # per matmul of a step: over packed weights?
+    linear = llama._linear
+    monkeypatch.setattr(llama, "_linear", lambda x, weight, bias=None: (
+        packed.append(weight.is_mkldnn), linear(x, weight, bias))[1])
+    rows = ours.plain_rows
+    tokens = [int(t) for t in torch.randint(3, 256, (rows + 16,),
+                                            generator=torch.Generator().manual_seed(4))]
+    for chunks in ([len(tokens)], [rows - 1, 17]):
+        packed.clear()
+        got = run_chunks(ours, tokens, chunks)
+        torch.testing.assert_close(got, hf_logits(hf, tokens), atol=2e-4, rtol=1e-4)
+        layers = 4 * c.num_layers  # then the head's, which is always packed
+        assert packed == ([False] * layers + [True] if len(chunks) == 1
+                          else [True] * (2 * layers + 2)), (chunks, packed)
+
+
 # -- the real SmolLM2 ----------------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ def _add_worker(commands: Subparsers) -> None:
         "reserve_timeout_s", "profile", "cpus", "nice"))
     add_config_flags(worker, EngineConfig, (
         *ENGINE_FLAGS, "store_master", "store_segment_size", "max_num_seqs",
-        "max_num_batched_tokens"))
+        "max_num_batched_tokens", "plain_prefill_weights"))
     add_server_flags(worker)
     worker.set_defaults(run=_cmd_worker)
 

@@ -371,7 +371,8 @@ class Cluster:
         engine = {"model": s.model, "kv_cache_bytes": parse_size(s.kv_cache_size),
                   "max_num_seqs": s.max_num_seqs, "threads": s.threads,
                   "max_num_batched_tokens": s.max_num_batched_tokens,
-                  "store_master": self.master if role != Role.DECODE else ""}
+                  "store_master": self.master if role != Role.DECODE else "",
+                  "plain_prefill_weights": role != Role.DECODE}
         return self._spawn(name, "worker", {"worker": worker, "engine": engine}, wait=False)
 
     def _profile_lock(self) -> str:

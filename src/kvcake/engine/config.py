@@ -63,6 +63,9 @@ class EngineConfig:
     store_segment_size: bytes this engine contributes to the store pool (0 = a pure client).
     seed: seed for requests that do not give their own (0 = from the OS).
     threads: torch intra-op threads (0 = torch's default).
+    plain_prefill_weights: keep float32 weights plain beside oneDNN's packed copy (on a CPU)
+        for steps of 384 tokens or more, where plain matmuls are faster; the linear layers
+        then take twice their memory (a decode-only instance needs no plain copy).
     """
 
     model: str = "smollm2"
@@ -80,6 +83,7 @@ class EngineConfig:
     store_segment_size: int = 0
     seed: int = 0
     threads: int = 0
+    plain_prefill_weights: bool = True
 
     def __post_init__(self) -> None:
         require(self.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, "

@@ -96,7 +96,8 @@ class EngineCore:
         weights = load_weights(self.files, self.dtype, config.device)
         model = LlamaModel(self.model_config, weights, self.dtype, config.device,
                            max_positions=self.max_model_len, attention=config.attention,
-                           kernels=self._cpu_kernels())
+                           kernels=self._cpu_kernels(),
+                           plain_prefill=config.plain_prefill_weights)
         del weights
         self.fingerprint = kv_fingerprint(self.files, config)
         self.transfer = transfer

@@ -12,17 +12,20 @@ attention looks at requests one by one (a prefill chunk) or as a padded group (d
 
 Weights use HF names and layout, so HF checkpoints load without renaming; q/k/v and
 gate/up are fused into one matrix each at load time (one matmul instead of three or two).
-On a CPU in bf16/fp16 the linear layers' weights are then reordered once into oneDNN's
-blocked layout: decode steps at batch 1-32 took 1.16-1.31x less time than over plain weights,
-and prefill-sized matmuls 1.26-1.32x (SmolLM2, 2 cores with AMX). ``eager`` attention keeps
-plain weights: it stands for HF's exact math throughout.
+On a CPU the linear layers' weights are then reordered once into oneDNN's blocked layout:
+in bf16, decode steps at batch 1-32 took 1.16-1.31x less time than over plain weights, and
+prefill-sized matmuls 1.26-1.32x (SmolLM2, 2 cores with AMX); in float32 only short steps
+gain: with 2 threads on an AVX2 EPYC, 1.2-1.9x less at 8-128 rows, but plain weights were
+1.10x faster at 1,024-4,096 rows (:func:`plain_rows`). So a float32 model may keep its plain
+weights too (``plain_prefill``, twice the linear layers' memory) for its longer steps.
+``eager`` attention keeps plain weights only: it stands for HF's exact math throughout.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as nnf
@@ -115,7 +118,8 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
                  dtype: torch.dtype, device: str = "cpu", max_positions: int = 0,
-                 attention: str = "sdpa", kernels: CpuKernels | None = None) -> None:
+                 attention: str = "sdpa", kernels: CpuKernels | None = None,
+                 plain_prefill: bool = False) -> None:
         self.config = config
         self.attend = attention_backend(attention)
         self.kernels = kernels
@@ -129,7 +133,11 @@ class LlamaModel:
         self.lm_head = _cast(head, dtype, self.device) if untied and head is not None \
             else self.embed
         self.layers = [self._load_layer(weights, i) for i in range(config.num_layers)]
+        self.plain_layers: list[_Layer] = []  # the same layers over plain weights, or none
+        self.plain_rows = plain_rows(torch.get_num_threads())  # steps from here use them
         if _packs(self.device, dtype, attention):
+            if plain_prefill and dtype == torch.float32:
+                self.plain_layers = [replace(layer) for layer in self.layers]
             self.lm_head = _pack(self.lm_head)
             for layer in self.layers:
                 layer.qkv, layer.o_proj = _pack(layer.qkv), _pack(layer.o_proj)
@@ -169,22 +177,30 @@ class LlamaModel:
         cos = self.cos.index_select(0, batch.positions)  # (num_tokens, head_dim)
         sin = self.sin.index_select(0, batch.positions)
         x = nnf.embedding(input_ids, self.embed)  # (num_tokens, hidden)
+        layers = self._layers_for(input_ids.shape[0])
         if self.kernels is not None:
-            return self._fused_forward(x, batch, kv_cache, cos, sin, self.kernels)
-        for i, layer in enumerate(self.layers):
+            return self._fused_forward(x, layers, batch, kv_cache, cos, sin, self.kernels)
+        for i, layer in enumerate(layers):
             h = _rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             x = x + self._attention(h, layer, batch, kv_cache[i], cos, sin)
             h = _rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
             x = x + self._mlp(h, layer)
         return _rms_norm(x, self.norm, self.config.rms_norm_eps)
 
-    def _fused_forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor, kernels: CpuKernels) -> torch.Tensor:
+    def _layers_for(self, num_tokens: int) -> list[_Layer]:
+        """The layers over plain weights for a step of ``plain_rows`` tokens or more where
+        they are kept, else the packed ones."""
+        return self.plain_layers if self.plain_layers and num_tokens >= self.plain_rows \
+            else self.layers
+
+    def _fused_forward(self, x: torch.Tensor, layers: list[_Layer], batch: AttentionBatch,
+                       kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kernels: CpuKernels) -> torch.Tensor:
         """The same layers with each residual add folded into the next norm (``x`` is
         updated in place)."""
         eps = self.config.rms_norm_eps
         delta: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             h = kernels.add_rms_norm(x, delta, layer.input_norm, eps)
             attended = self._attention(h, layer, batch, kv_cache[i], cos, sin)
             h = kernels.add_rms_norm(x, attended, layer.post_norm, eps)
@@ -258,6 +274,13 @@ class LlamaModel:
 
 
 PACK_ROWS = 32
+
+
+def plain_rows(threads: int) -> int:
+    """Where plain float32 matmuls overtake oneDNN's packed ones: on SmolLM2's shapes on a
+    2-vCPU EPYC, from about 384 rows with 2 threads (the plain one scales worse across
+    threads at fewer rows) and from about 64 with one."""
+    return 384 if threads > 1 else 64
 
 
 def _packs(device: torch.device, dtype: torch.dtype, attention: str) -> bool:
