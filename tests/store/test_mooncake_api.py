@@ -4,6 +4,7 @@ lease short), and in-process clients that each contribute a segment, as Mooncake
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -452,6 +453,23 @@ def test_replicated_puts_survive_the_writer_closing(cluster: Cluster) -> None:
     assert writer.setup("localhost:24001", "p2p", SEGMENT, 1 << 20, "tcp", "",
                         cluster.endpoint) == 0
     assert writer.get(key) == b"r" * 10_000
+
+
+def test_a_client_dropped_without_close_leaves_the_pool(cluster: Cluster) -> None:
+    """As Mooncake's client does when its object goes: a kvcake client collected unclosed
+    takes its segment out of the pool (with the objects only it held) and ends its threads,
+    rather than staying a target for other clients' puts for the life of the process."""
+    reader = cluster.client()
+    threads = threading.active_count()
+    dropped = DistributedStore()
+    assert dropped.setup("localhost:24101", "p2p", SEGMENT, 1 << 20, "tcp", "",
+                         cluster.endpoint) == 0
+    key = unique("dropped")
+    assert dropped.put(key, b"d" * 512, ReplicateConfig(preferred_segment="localhost:24101")) == 0
+    assert reader.get(key) == b"d" * 512
+    del dropped
+    assert reader.is_exist(key) == 0 and reader.get(key) == b""
+    assert threading.active_count() == threads
 
 
 # ----- setup_dummy: a process attached to a local kvcake node

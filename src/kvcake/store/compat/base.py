@@ -1,11 +1,15 @@
 """A Mooncake-style store's state: the asyncio client on its engine's loop thread, the
 hostname it is known by, registered buffers and the local buffer; and how calls into it
 become Mooncake's int results. Calls run their plans in the caller's thread
-(:mod:`kvcake.store.blocking`); set-up and close run on the loop."""
+(:mod:`kvcake.store.blocking`); set-up and close run on the loop. A client collected without
+``close()`` is closed then, as Mooncake's destructor does: its segment leaves the pool and
+its threads end, instead of serving as a replica target for ever."""
 
 from __future__ import annotations
 
 import random
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -43,12 +47,12 @@ class StoreBase:
 
     def __init__(self) -> None:
         self._engine: TransferEngine | None = None
-        self._owns_engine = True
         self._io: LoopThread | None = None
         self._store: AsyncStore | None = None
         self._hostname = ""
         self._buffers = BufferRegistry()
         self._local = LocalBuffer(0)
+        self._release: weakref.finalize[..., StoreBase] | None = None  # closes what setup started
 
     # ----- lifecycle
     def _connect(self, options: SetupOptions, engine: TransferEngine | None = None) -> int:
@@ -76,17 +80,18 @@ class StoreBase:
             if owned:
                 engine.close()
             return int(exc.code)
-        self._engine, self._owns_engine, self._io, self._store = engine, owned, engine.io, store
+        self._engine, self._io, self._store = engine, engine.io, store
+        self._release = weakref.finalize(self, _release, store, engine.io,
+                                         engine if owned else None)
+        self._release.atexit = False  # at exit the process's end says enough
         self._hostname = hostname
         self._local = LocalBuffer(options.local_buffer_size)
         return 0
 
     def close(self) -> int:
-        if self._store is not None and self._io is not None:
-            self._io.run(self._store.close())
-        if self._engine is not None and self._owns_engine:
-            self._engine.close()
-        self._store = self._io = self._engine = None
+        if self._release is not None:
+            self._release()  # at most once, whether called here or at collection
+        self._store = self._io = self._engine = self._release = None
         return 0
 
     def get_hostname(self) -> str:
@@ -121,6 +126,19 @@ class StoreBase:
         if self._store is None:
             raise KvcakeError("store is not set up", NOT_SET_UP)
         return self._store
+
+
+def _release(store: AsyncStore, io: LoopThread, engine: TransferEngine | None) -> None:
+    """Close a client's store, then the transfer engine it started (``None``: one it was
+    given). A collection can run this on the loop's own thread, where blocking on the loop
+    would deadlock: it then hands the work to a short-lived thread."""
+    if io.in_loop_thread():
+        threading.Thread(target=_release, args=(store, io, engine), daemon=True,
+                         name="kvcake-store-release").start()
+        return
+    io.run(store.close())
+    if engine is not None:
+        engine.close()
 
 
 def _engine_for(options: SetupOptions, engine: TransferEngine | None
