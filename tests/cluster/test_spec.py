@@ -3,13 +3,16 @@ cluster refuses to kill or restart."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvcake.cluster.up import Cluster, ClusterSpec, Placement, cpu_plan, load_spec
 from kvcake.common.config import parse_cpus
 from kvcake.common.errors import InvalidParamsError
+from kvcake.wire.conductor import Role
 
 
 def test_flags_override_the_file_which_overrides_defaults(tmp_path: Path) -> None:
@@ -84,3 +87,25 @@ def test_killing_or_restarting_what_the_cluster_does_not_run_is_refused_by_name(
         cluster.kill("prefill-0")
     with pytest.raises(InvalidParamsError, match=r"no instance 'prefill-0' in this cluster"):
         cluster.start_instance("prefill-0")
+
+
+@pytest.mark.parametrize("profile", [True, False])
+def test_each_instance_is_told_its_profile_and_only_prefill_keeps_plain_weights(
+        monkeypatch: pytest.MonkeyPatch, profile: bool) -> None:
+    """What each worker's config file says: the spec's start-up profile, and plain prefill
+    weights for instances that prefill (a decode instance's would be memory for nothing)."""
+    told: dict[str, dict[str, dict[str, Any]]] = {}
+    cluster = Cluster(ClusterSpec(prefill=1, decode=1, both=1, profile=profile))
+    monkeypatch.setattr(cluster, "_spawn", lambda name, command, sections, **_: (
+        told.setdefault(name, sections)))
+    cluster._places = {name: (role, Placement()) for name, role in (
+        ("prefill-0", Role.PREFILL), ("decode-1", Role.DECODE), ("both-2", Role.BOTH))}
+    cluster._dir = tempfile.TemporaryDirectory(prefix="kvcake-test-")
+    try:
+        for name in cluster._places:
+            cluster._start_worker(name, "127.0.0.1:1")
+    finally:
+        cluster._dir.cleanup()
+    assert {name: (s["worker"]["profile"], s["engine"]["plain_prefill_weights"])
+            for name, s in told.items()} == {
+        "prefill-0": (profile, True), "decode-1": (profile, False), "both-2": (profile, True)}

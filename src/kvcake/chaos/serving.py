@@ -130,6 +130,7 @@ class ServingScenario(Scenario):
     prefill: ClassVar[int] = 1
     decode: ClassVar[int] = 2
     policy: ClassVar[str] = "round_robin"
+    profile: ClassVar[bool] = False  # round robin prices nothing: no start-up profile wanted
     warmup_s = (3.0, 6.0)
     window_s = (4.0, 8.0)
     settle_s = (4.0, 8.0)
@@ -147,7 +148,7 @@ class ServingScenario(Scenario):
     def start(self) -> None:
         spec = ClusterSpec(port=0, prefill=self.prefill, decode=self.decode, store_size="0",
                            kv_cache_size="32MiB", policy=self.policy, max_num_seqs=8,
-                           log_dir=self._logs.name)
+                           log_dir=self._logs.name, profile=self.profile)
         self.cluster = Cluster(spec)
         started = time.monotonic()
         self.cluster.start()
@@ -265,6 +266,7 @@ class PrefixScenario(ServingScenario):
     prefill = 2
     decode = 1
     policy = "cache_aware"
+    profile = True  # its estimates price each instance's prefill
 
     def __init__(self, settings: ChaosSettings, hosts: NetnsPair | None = None) -> None:
         super().__init__(settings, hosts)

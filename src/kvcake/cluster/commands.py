@@ -118,7 +118,7 @@ def _add_up(commands: Subparsers) -> None:
         "max_num_seqs", "max_num_batched_tokens",
         "api_key", "max_body_size", Flag("on_decode_failure", choices=DECODE_FAILURE_CHOICES),
         "log_dir", "ha", "pin", Flag("engine", choices=ENGINES), "vllm_python",
-        *_POLICY_FLAGS, "drain_fit"))
+        *_POLICY_FLAGS, "drain_fit", "profile"))
     up.add_argument("--no-store", action="store_true", help="run without the KV store")
     add_cluster_token_flag(up)
     up.set_defaults(run=_cmd_up)

@@ -105,6 +105,9 @@ class ClusterSpec:
         ``.venv-vllm/bin/python``).
     drain_fit: the Conductor learns how each prefill instance drains its queue (off: its
         cost model alone prices queues).
+    profile: each instance of kvcake's engine times a few prefill and decode steps at start,
+        one instance at a time, so the Conductor's cost model has data before traffic (off:
+        the cluster serves sooner, and the model learns from traffic alone).
     """
 
     host: str = "127.0.0.1"
@@ -135,6 +138,7 @@ class ClusterSpec:
     engine: str = "kvcake"
     vllm_python: str = ""
     drain_fit: bool = True
+    profile: bool = True
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.both)
@@ -367,7 +371,7 @@ class Cluster:
             return self._start_vllm(role, name, rpc, place)
         worker = {"role": role.value, "conductor": rpc, "instance_id": name,
                   "host": s.internal_host, "cpus": place.cpus, "nice": place.nice,
-                  "profile_lock": self._profile_lock()}
+                  "profile": s.profile, "profile_lock": self._profile_lock()}
         engine = {"model": s.model, "kv_cache_bytes": parse_size(s.kv_cache_size),
                   "max_num_seqs": s.max_num_seqs, "threads": s.threads,
                   "max_num_batched_tokens": s.max_num_batched_tokens,

@@ -64,8 +64,9 @@ class EngineConfig:
     seed: seed for requests that do not give their own (0 = from the OS).
     threads: torch intra-op threads (0 = torch's default).
     plain_prefill_weights: keep float32 weights plain beside oneDNN's packed copy (on a CPU)
-        for steps of 384 tokens or more, where plain matmuls are faster; the linear layers
-        then take twice their memory (a decode-only instance needs no plain copy).
+        for long steps, where plain matmuls are faster (384 tokens or more with 2 threads,
+        64 with one); the linear layers then take twice their memory (a decode-only
+        instance needs no plain copy).
     """
 
     model: str = "smollm2"
