@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvcake.common.errors import InvalidParamsError
-from kvcake.vllm.config import VllmConnectorConfig, connector_config
+from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
 from kvcake.vllm.instance import Company, pd_summary
 from kvcake.vllm.plan import BlockRun, StorePlan, loadable_blocks
 from kvcake.wire.conductor import Role
@@ -85,6 +85,18 @@ def test_the_connector_settings_come_from_extra_config_with_sizes_as_text() -> N
         connector_config({"mastr": "x:1"})
     with pytest.raises(InvalidParamsError, match="master must be HOST:PORT"):
         connector_config({"master": "nohost"})
+
+
+def test_the_save_ring_holds_at_least_one_steps_blocks_unless_sized_by_hand() -> None:
+    """A step that fills more blocks than the ring holds would drop saves from an idle
+    store: a 4,096-token float32 SmolLM2 prompt in one step fills 32 records of 5.6 MiB,
+    more than the 128 MiB floor holds."""
+    record = 96 + 128 * 30 * 2 * 3 * 64 * 4  # its header, then a 128-token block of K/V
+    assert staging_slots(0, record, 4096, 128) == 33  # every block of the step, and one
+    assert staging_slots(0, record, 512, 128) == (128 << 20) // record  # the floor
+    assert staging_slots(0, 1 << 20, 2048, 16) == 129
+    assert staging_slots(64 << 20, record, 4096, 128) == 11  # as given, however small
+    assert staging_slots(1, record, 4096, 128) == 2
 
 
 def test_the_closing_lines_say_what_p_d_moved() -> None:

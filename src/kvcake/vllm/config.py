@@ -11,6 +11,19 @@ from kvcake.common.hosts import check_bind_host
 from kvcake.store.config import DEFAULT_TENANT, check_tenant_name
 from kvcake.wire.conductor import ROLES
 
+MIN_STAGING_BYTES = 128 * MiB
+
+
+def staging_slots(staging_bytes: int, record_bytes: int, step_tokens: int,
+                  block_size: int) -> int:
+    """Records the save ring holds: ``staging_bytes`` worth, or (0) room for every block a
+    step of ``step_tokens`` can fill and at least ``MIN_STAGING_BYTES``, so that while the
+    store keeps up no save is dropped because one step filled more blocks than the ring
+    holds (a 4,096-token float32 SmolLM2 prompt fills 32 blocks of 5.6 MiB at once)."""
+    wanted = staging_bytes or max(MIN_STAGING_BYTES,
+                                  (step_tokens // block_size + 1) * record_bytes)
+    return max(2, wanted // record_bytes)
+
 
 @dataclass(frozen=True)
 class VllmConnectorConfig:
@@ -22,7 +35,8 @@ class VllmConnectorConfig:
     segment_size: memory this instance adds to the store, bytes (0: a pure client; the pool
         is a kvcake node's, so it outlives the instance).
     staging_bytes: the pre-touched buffer blocks pass through on their way to and from the
-        store; a save that finds it full is dropped (and counted), never waited for.
+        store; a save that finds it full is dropped (and counted), never waited for (0: room
+        for every block one step can fill, and at least 128 MiB).
     control: ``HOST:PORT`` where the scheduler side serves prefill/decode control calls
         (:mod:`kvcake.wire.vllm`; port 0: any); ``""``: no disaggregation. With it the KV
         cache lives in a registered segment, so prefill instances write into it.
@@ -33,7 +47,7 @@ class VllmConnectorConfig:
     master: str = "127.0.0.1:50051"
     tenant: str = DEFAULT_TENANT
     segment_size: int = 0
-    staging_bytes: int = 128 * MiB
+    staging_bytes: int = 0
     control: str = ""
     control_file: str = ""
     instance_id: str = ""
@@ -45,7 +59,7 @@ class VllmConnectorConfig:
         require(not self.control or ":" in self.control,
                 f"control must be HOST:PORT, got {self.control!r}")
         check_at_least(self, 0, "segment_size")
-        check_at_least(self, 1, "staging_bytes")
+        check_at_least(self, 0, "staging_bytes")
 
 
 def connector_config(extra: Mapping[str, Any]) -> VllmConnectorConfig:

@@ -64,7 +64,7 @@ from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
 from kvcake.engine.kv.transfer import KVSender
 from kvcake.model import directory_digest
 from kvcake.transfer.segment import Segment, instance_registrant
-from kvcake.vllm.config import VllmConnectorConfig, connector_config
+from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
 from kvcake.vllm.control import ControlServer
 from kvcake.vllm.pd import Arrival, DecodeWait, PdPlan, PrefillTarget, Send, pd_params
 from kvcake.vllm.plan import StepPlan, StorePlan
@@ -291,7 +291,9 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = list(kv_caches.values())
         layout = self._block_layout(layers)
-        staging = max(2, self.settings.staging_bytes // layout.record_bytes)
+        staging = staging_slots(self.settings.staging_bytes, layout.record_bytes,
+                                self._vllm_config.scheduler_config.max_num_batched_tokens,
+                                self.block_size)
         self._worker = StoreConnector(self.store, self.transfer, layout, layers, staging)
         if self._kv_segment is not None:
             self._region = self._kv_region(layers, self._kv_segment)
