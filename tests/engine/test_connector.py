@@ -233,6 +233,18 @@ def test_save_slots_lie_page_aligned_as_the_cache_and_segments_do(
     assert ctypes.addressof(ctypes.c_char.from_buffer(record)) - first == len(record)
 
 
+def test_a_step_that_completes_more_blocks_than_256_saves_every_one(
+        make_core: Callable[..., EngineCore]) -> None:
+    """The save ring holds every block one step can complete: a 400-token prompt in 1-token
+    blocks, one step, completes 400 at once (a 256-slot ring dropped 144 of them)."""
+    core = make_core(block_size=1, max_num_batched_tokens=512, kv_cache_bytes=4 << 20)
+    prompt = [(7 * i) % 250 + 3 for i in range(400)]
+    run(core, "long", prompt)
+    store = saved(core).store
+    assert store is not None
+    assert (store.stats.dropped_blocks, store.stats.saved_blocks) == (0, 400)
+
+
 def test_blocks_of_another_dtype_or_tenant_never_match(
         make_core: Callable[..., EngineCore]) -> None:
     writer = make_core()

@@ -25,7 +25,7 @@ from kvcake.engine.kv.format import BlockLayout
 from kvcake.engine.kv.manager import KVCacheManager
 from kvcake.engine.kv.transfer import kv_cache_in
 from kvcake.engine.model.kernels import CpuKernels, load_cpu_kernels
-from kvcake.engine.model.llama import LlamaModel
+from kvcake.engine.model.llama import LlamaModel, plain_rows
 from kvcake.engine.model.weights import load_weights
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
@@ -97,7 +97,8 @@ class EngineCore:
         model = LlamaModel(self.model_config, weights, self.dtype, config.device,
                            max_positions=self.max_model_len, attention=config.attention,
                            kernels=self._cpu_kernels(),
-                           plain_prefill=config.plain_prefill_weights)
+                           plain_prefill=config.plain_prefill_weights and  # steps that use it
+                           config.max_num_batched_tokens >= plain_rows(torch.get_num_threads()))
         del weights
         self.fingerprint = kv_fingerprint(self.files, config)
         self.transfer = transfer
@@ -155,7 +156,14 @@ class EngineCore:
         host = self.transfer.config.host if self.transfer is not None else None
         store, engine = connect_store(cfg.store_master, cfg.store_segment_size, host, cfg.tenant)
         return StoreConnector(store, engine, layout,
-                              paged_layers(self.runner.kv_cache, cfg.block_size))
+                              paged_layers(self.runner.kv_cache, cfg.block_size),
+                              self._save_slots())
+
+    def _save_slots(self) -> int:
+        """256, or every block one step can complete and one more, if that is more: a ring
+        with fewer slots drops saves even while the store keeps up (as
+        :func:`kvcake.vllm.config.staging_slots` sizes vLLM's)."""
+        return max(256, self.config.max_num_batched_tokens // self.config.block_size + 1)
 
     def close(self) -> None:
         """Finish pending saves and leave the store (the model itself needs no closing)."""
