@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
-from kvcake.engine.kv.connector import BlockBytes, paged_layers
+from kvcake.engine.kv.blocks import BlockBytes, LayeredCopy, paged_layers
 from kvcake.engine.kv.format import HEADER_BYTES, BlockLayout, checksum, payload_digest
 from kvcake.ops import start_master, start_node
 from kvcake.wire.output import TokenOutput
@@ -111,6 +112,51 @@ def test_a_block_copies_in_and_out_in_record_order(layout: str) -> None:
     out = torch.zeros_like(payload)
     blocks.copy_out(2, memoryview(out.numpy()).cast("B"))
     assert torch.equal(out, payload)
+
+
+def _records(count: int, layers: int) -> tuple[torch.Tensor, list[int]]:
+    """``count`` record payloads of ``layers`` layers (``(count, layers, BLOCK, 2, 16)``,
+    each layer's values distinct) and their checksums."""
+    payloads = torch.arange(count * layers * BLOCK * 32, dtype=torch.float32).view(
+        count, layers, BLOCK, 2, 16)
+    return payloads, [checksum([memoryview(p.numpy()).cast("B")]) for p in payloads]
+
+
+def test_a_layered_copy_lands_each_layer_of_every_block_before_its_waiter_returns() -> None:
+    layers = [torch.zeros(6, BLOCK, 2, 16) for _ in range(4)]  # vLLM-CPU: a run a layer
+    payloads, sums = _records(3, 4)
+    sums[2] ^= 1  # the third record's checksum does not match its bytes
+    views = [memoryview(p.numpy()).cast("B") for p in payloads]
+    copy = LayeredCopy(BlockBytes(layers), [5, 0, 3], views, sums)
+    landed: list[bool] = []
+
+    def forward() -> None:  # as vLLM's attention layers: each waits for its own layer
+        for layer in range(4):
+            copy.wait(layer)
+            landed.append(all(torch.equal(layers[layer][b], payloads[i, layer])
+                              for i, b in enumerate([5, 0, 3])))
+
+    reader = threading.Thread(target=forward)
+    reader.start()
+    copy.run()
+    reader.join(10)
+    assert landed == [True] * 4
+    assert copy.result() == [True, True, False]
+    assert not any(layer[b].any() for layer in layers for b in (1, 2, 4))
+
+
+def test_a_layered_copy_that_fails_releases_its_waiters_and_reports_every_block_bad() -> None:
+    layers = [torch.zeros(2, BLOCK, 2, 16) for _ in range(3)]
+    payloads, sums = _records(2, 3)
+    views = [memoryview(p.numpy()).cast("B") for p in payloads]
+    with pytest.raises(ValueError, match="payloads of 2048 bytes, expected 3072"):
+        LayeredCopy(BlockBytes(layers), [0], [views[0][:2048]], sums[:1])  # cut short
+    copy = LayeredCopy(BlockBytes(layers), [0, 1], views, sums)
+    views[1].release()  # the second record's memory is gone by the time it is copied
+    with pytest.raises(ValueError):
+        copy.run()
+    copy.wait(2)  # returns: the copy is over, if not whole
+    assert copy.result() == [False, False]
 
 
 # -- engines on a real store -----------------------------------------------------------------
@@ -219,6 +265,33 @@ def test_a_corrupt_block_is_recomputed_and_replaced(
     good = bytearray(store_call(reader, "get", keys[3]))
     assert good != record and reader.store.layout.check(memoryview(good), bytes.fromhex(
         keys[3].rsplit("/", 1)[1])) is None
+
+
+def test_a_layered_load_gives_what_a_whole_load_gives(make_core: Callable[..., EngineCore],
+                                                      salt: int) -> None:
+    """``start_load`` (layer by layer on a helper thread; the ``tcp`` case loads at once,
+    its replica being elsewhere) leaves the same bytes as ``load``, stops at the same
+    corrupt block and counts the same."""
+    writer, reader = make_core(), make_core()
+    prompt = [t ^ 5 ^ salt for t in PROMPT]
+    run(writer, "cold", prompt)
+    keys = block_keys(saved(writer), "keys", prompt)
+    record = bytearray(store_call(writer, "get", keys[5]))
+    record[-1] ^= 0x01
+    store_call(writer, "remove", keys[5], True)
+    store_call(writer, "put", keys[5], bytes(record))
+    connector = reader.store
+    assert connector is not None and len(connector.layers[0]) >= 16
+    prefix = keys[0].rsplit("/", 1)[0]
+    hashes = [bytes.fromhex(key.rsplit("/", 1)[1]) for key in keys]
+
+    pending = connector.start_load(prefix, list(range(8, 16)), hashes)
+    for layer in range(len(connector.layers)):
+        pending.wait(layer)
+    assert connector.finish_load(pending) == 5
+    assert connector.load(prefix, list(range(8)), hashes) == 5
+    assert all(torch.equal(layer[:5], layer[8:13]) for layer in connector.layers)
+    assert (connector.stats.loaded_blocks, connector.stats.rejected_blocks) == (10, 2)
 
 
 def test_save_slots_lie_page_aligned_as_the_cache_and_segments_do(

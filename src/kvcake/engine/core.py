@@ -20,7 +20,8 @@ import torch
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import prefix_block_hashes
 from kvcake.engine.config import EngineConfig
-from kvcake.engine.kv.connector import StoreConnector, connect_store, paged_layers
+from kvcake.engine.kv.blocks import paged_layers
+from kvcake.engine.kv.connector import StoreConnector, connect_store
 from kvcake.engine.kv.format import BlockLayout
 from kvcake.engine.kv.manager import KVCacheManager
 from kvcake.engine.kv.transfer import kv_cache_in

@@ -42,6 +42,9 @@ class VllmConnectorConfig:
         cache lives in a registered segment, so prefill instances write into it.
     control_file: where the control endpoint is written once it serves (for the sidecar).
     instance_id: the instance's name at the Conductor; the KV cache's segment is bound to it.
+    layered_load: copy loaded blocks into the KV cache layer by layer on a helper thread while
+        the forward pass runs, each attention layer waiting only for its own layer (off:
+        every block whole before the forward pass).
     """
 
     master: str = "127.0.0.1:50051"
@@ -51,6 +54,7 @@ class VllmConnectorConfig:
     control: str = ""
     control_file: str = ""
     instance_id: str = ""
+    layered_load: bool = True
 
     def __post_init__(self) -> None:
         require(":" in self.master, f"master must be HOST:PORT or etcd://HOST:PORT, got "

@@ -4,10 +4,12 @@
 
     vLLM EngineCore (scheduler)              vLLM Worker (model runner)
     KvcakeConnector, role SCHEDULER          KvcakeConnector, role WORKER
-      get_num_new_matched_tokens:              start_load_kv: the plan's loads, store ->
-        batch_is_exist on the prompt's           paged cache, each block checked (header,
-        block keys -> leading hits               checksum); a bad one is a load error and
-        update_state_after_alloc                 vLLM recomputes from it
+      get_num_new_matched_tokens:              start_load_kv: the plan's loads begin, store
+        batch_is_exist on the prompt's           -> paged cache layer by layer on a helper
+        block keys -> leading hits               thread; wait_for_layer_load: that layer in
+        update_state_after_alloc                 place; each block checked (header,
+                                                 checksum): a bad one is a load error and
+                                                 vLLM recomputes from it
         build_connector_meta -> StepPlan  -->  wait_for_save: the plan's saves, paged cache
         request_finished                         -> staging ring -> store, off the step
                      \\____________ kvcake master + nodes (the pool) ____________/
@@ -59,7 +61,12 @@ from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.hashing import prefix_block_hashes
 from kvcake.common.log import get_logger, setup_package_logging
 from kvcake.common.rpc import RpcClient
-from kvcake.engine.kv.connector import ConnectorStats, StoreConnector, connect_store
+from kvcake.engine.kv.connector import (
+    ConnectorStats,
+    PendingLoad,
+    StoreConnector,
+    connect_store,
+)
 from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
 from kvcake.engine.kv.transfer import KVSender
 from kvcake.model import directory_digest
@@ -144,6 +151,9 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._hashes: dict[str, tuple[bytes, ...]] = {}  # by request id, while it lives
         self._local_tokens: dict[str, int] = {}  # local cache hits, from lookup to allocation
         self._load_errors: set[int] = set()
+        self._loading: list[tuple[list[int], PendingLoad]] = []  # this step's, under way
+        self._layer_index: dict[str, int] = {}  # by vLLM's attention layer name
+        self._waited: set[int] = set()  # layers the forward pass waited for this step
         self._worker: StoreConnector | None = None
         self._reported: dict[str, int] = {}
         segment = self.settings.segment_size if role == KVConnectorRole.WORKER else 0
@@ -289,7 +299,8 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             torch.zeros = real
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layers = list(kv_caches.values())
+        layers = list(kv_caches.values())  # a record's layers, in this order
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         layout = self._block_layout(layers)
         staging = staging_slots(self.settings.staging_bytes, layout.record_bytes,
                                 self._vllm_config.scheduler_config.max_num_batched_tokens,
@@ -340,18 +351,45 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self._worker is not None, "register_kv_caches comes first"
+        self._waited.clear()
         for run in self._metadata_plan().loads:
-            valid = self._worker.load(self.prefix, list(run.block_ids), list(run.block_hashes))
-            self._load_errors.update(run.block_ids[valid:])
+            ids, hashes = list(run.block_ids), list(run.block_hashes)
+            if self.settings.layered_load:
+                self._loading.append((ids, self._worker.start_load(self.prefix, ids, hashes)))
+            else:
+                self._load_errors.update(ids[self._worker.load(self.prefix, ids, hashes):])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv loads every layer before the forward pass
+        layer = self._layer_index[layer_name]
+        self._waited.add(layer)
+        for _, pending in self._loading:
+            pending.wait(layer)
+
+    def _finish_loads(self) -> None:
+        """The step's layered loads, landed; a block that did not is a load error (vLLM
+        then drops the step's token for its request and recomputes). So is every block of
+        a step whose forward pass did not wait for each layer: it may have read a layer
+        before it landed, and later steps load whole blocks before the forward pass."""
+        if not self._loading:
+            return
+        loading, self._loading = self._loading, []
+        unwaited = len(self._waited) < len(self._layer_index)
+        for ids, pending in loading:
+            valid = self._worker.finish_load(pending) if self._worker is not None else 0
+            self._load_errors.update(ids if unwaited else ids[valid:])
+        if unwaited and self.settings.layered_load:
+            log.warning("vLLM's forward pass did not wait for every layer's KV (%d of %d): "
+                        "the step's loaded blocks are recomputed, and from now on blocks "
+                        "load whole before each step", len(self._waited),
+                        len(self._layer_index))
+            self.settings = dataclasses.replace(self.settings, layered_load=False)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
         return  # wait_for_save stages whole blocks once every layer is written
 
     def wait_for_save(self) -> None:
+        self._finish_loads()
         if self._worker is None or not self.has_connector_metadata():
             return
         for run in self._metadata_plan().saves:
@@ -424,6 +462,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return meta
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
 

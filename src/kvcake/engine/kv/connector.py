@@ -4,10 +4,13 @@ Keys are ``<model fingerprint>/<tenant>/<block hash hex>``; values follow
 :mod:`kvcake.engine.kv.format`. The engine thread only copies: blocks are staged into a
 pre-touched ring of record slots and the store traffic (headers and checksums too) runs on
 the transfer engine's own event loop, so saving never stalls a step. When every slot is busy
-(a slow store), a save is dropped (and counted), never waited for. Loads are synchronous:
-the step that admits a request needs the blocks before it computes the rest of the prompt.
-A load copies each record straight into the cache's block slices (one copy, no staging) and
-checks it on the way; a block that fails is left for the caller to recompute::
+(a slow store), a save is dropped (and counted), never waited for. A load finishes within
+the step that admits its request: :meth:`StoreConnector.load` before that step computes the
+rest of the prompt; :meth:`StoreConnector.start_load` as the step begins, copying layer by
+layer on a helper thread so that the forward pass waits only for the layer it is at (vLLM
+calls ``wait_for_layer_load`` as each attention layer starts). Either way each record goes
+straight into the cache's block slices (one copy, no staging), checked on the way; a block
+that fails is left for the caller to recompute::
 
     store record   [header | layer 0 | layer 1 | ... | layer L-1]
                        |        |         |                |
@@ -17,19 +20,18 @@ checks it on the way; a block that fails is left for the caller to recompute::
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
 from kvcake.common.config import load_config
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
+from kvcake.engine.kv.blocks import BlockBytes, LayeredCopy
 from kvcake.engine.kv.format import (
     HEADER_BYTES,
     BlockLayout,
@@ -48,7 +50,6 @@ log = get_logger(__name__)
 
 _MISMATCH = "payload checksum mismatch"
 _KNOWN_KEYS = 1 << 16  # keys remembered as stored (saves of them are skipped)
-_SMALL_RUN = 64 * 1024  # bytes: a block's runs below this are copied on the engine's thread
 
 
 @dataclass
@@ -62,123 +63,23 @@ class ConnectorStats:
     failed_blocks: int = 0
 
 
-def paged_layers(kv_cache: torch.Tensor, block_size: int) -> list[torch.Tensor]:
-    """kvcake's KV cache ``(num_layers, 2, num_slots, num_kv_heads, head_dim)`` as one view
-    per layer indexed by block: ``(num_blocks, 2, block_size, num_kv_heads, head_dim)``."""
-    num_layers, _, num_slots = kv_cache.shape[:3]
-    blocks = kv_cache.view(num_layers, 2, num_slots // block_size, block_size,
-                           *kv_cache.shape[3:])
-    return list(blocks.transpose(1, 2).unbind(0))
+@dataclass
+class PendingLoad:
+    """A load :meth:`StoreConnector.start_load` began: ``copy`` lands its records layer by
+    layer (``None``: the load ended at once, ``valid`` says how many blocks it gave);
+    ``problems`` the records' header checks, in key order."""
 
+    keys: list[str]
+    codes: list[int]
+    problems: list[str | None]
+    copy: LayeredCopy | None = None
+    fresh: Callable[[], bool] = lambda: True
+    valid: int = 0
 
-class BlockBytes:
-    """Block ``b``'s bytes in per-layer tensors indexed by block: every layer's ``layer[b]``,
-    in layer order, each split into its contiguous runs (kvcake's engine: K and V; vLLM-CPU:
-    one run), as memoryviews over the tensors' own memory (no copy); and a block's whole
-    payload copied in (run by run) or out (in one strided copy where the layers are evenly
-    spaced views of one tensor, as kvcake's engine's and vLLM-CPU's are)."""
-
-    def __init__(self, layers: Sequence[torch.Tensor]) -> None:
-        self._spans = [_memory(layer) for layer in layers]
-        self._bases = [layer.data_ptr() for layer in layers]
-        self._strides = [layer.stride(0) * layer.element_size() for layer in layers]
-        self._runs = [_runs(layer[0], layer.data_ptr()) for layer in layers]
-        self._stacked = _stacked(layers)
-        self._block_shape = (len(layers), *layers[0].shape[1:])
-        self._dtype = layers[0].dtype
-
-    @property
-    def small_runs(self) -> bool:
-        """Whether a block's runs are so small (kvcake's 16-token K and V: 6 KiB) that
-        copying them one by one on helper threads costs more in GIL hand-offs than in bytes:
-        then the engine's thread copies each block in one strided copy (:meth:`copy_in`)."""
-        return self._stacked is not None and min(
-            size for runs in self._runs for _, size in runs) < _SMALL_RUN
-
-    def copy_in(self, block_id: int, payload: memoryview) -> None:
-        """Write a record's payload (every layer's block, in order) into block ``block_id``,
-        on the engine's thread: one strided torch copy where the layers are stacked."""
-        if self._stacked is not None:
-            self._stacked[:, block_id].copy_(self._as_block(payload))
-            return
-        self.memmove_in(block_id, payload)
-
-    def memmove_in(self, block_id: int, payload: memoryview,
-                   digest: xxhash.xxh3_64 | None = None) -> None:
-        """:meth:`copy_in` run by run with ``memmove``: safe on any thread (a torch copy on a
-        thread torch does not otherwise use starts a thread pool there, which then competes
-        with the engine's for the cores). With ``digest``, each run is hashed into it right
-        after its copy, while it is still in the CPU's cache: memory is read once."""
-        source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
-        at = 0
-        for address, size in self.runs(block_id):
-            ctypes.memmove(address, source + at, size)
-            if digest is not None:
-                digest.update(payload[at:at + size])
-            at += size
-
-    def copy_out(self, block_id: int, payload: memoryview) -> None:
-        """Write block ``block_id`` into ``payload``, in record order (on the engine's
-        thread: one strided torch copy where the layers are stacked)."""
-        if self._stacked is not None:
-            self._as_block(payload).copy_(self._stacked[:, block_id])
-            return
-        at = 0
-        for view in self.views(block_id):
-            payload[at:at + view.nbytes] = view
-            at += view.nbytes
-
-    def _as_block(self, payload: memoryview) -> torch.Tensor:
-        return torch.frombuffer(payload, dtype=self._dtype).view(self._block_shape)
-
-    def views(self, block_id: int) -> list[memoryview]:
-        views = []
-        for span, stride, runs in zip(self._spans, self._strides, self._runs, strict=True):
-            at = block_id * stride
-            views += [span[at + offset:at + offset + size] for offset, size in runs]
-        return views
-
-    def runs(self, block_id: int) -> list[tuple[int, int]]:
-        """:meth:`views` as ``(address, bytes)``."""
-        return [(base + block_id * stride + offset, size)
-                for base, stride, runs in zip(self._bases, self._strides, self._runs,
-                                              strict=True)
-                for offset, size in runs]
-
-
-def _stacked(layers: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The layers as one ``(num_layers, *layer.shape)`` view, where they are evenly spaced
-    views of one storage with equal shapes and strides (``None`` otherwise)."""
-    first = layers[0]
-    step = (layers[1].data_ptr() - first.data_ptr()) if len(layers) > 1 else 0
-    size = first.element_size()
-    if step <= 0 or step % size or any(
-            layer.data_ptr() - first.data_ptr() != i * step or layer.shape != first.shape
-            or layer.stride() != first.stride() or layer.untyped_storage().data_ptr()
-            != first.untyped_storage().data_ptr() for i, layer in enumerate(layers)):
-        return None
-    return first.as_strided((len(layers), *first.shape), (step // size, *first.stride()))
-
-
-def _memory(tensor: torch.Tensor) -> memoryview:
-    """The bytes from ``tensor``'s first element to its last (it must outlive the view)."""
-    span = 1 + sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True))
-    size = span * tensor.element_size()
-    return memoryview((ctypes.c_ubyte * size).from_address(tensor.data_ptr())).cast("B")
-
-
-def _runs(tensor: torch.Tensor, base: int) -> list[tuple[int, int]]:
-    """``(byte offset from base, bytes)`` of ``tensor``'s contiguous runs, in element order."""
-    if tensor.is_contiguous():
-        return [(tensor.data_ptr() - base, tensor.numel() * tensor.element_size())]
-    runs: list[tuple[int, int]] = []
-    for part in tensor.unbind(0):
-        for offset, size in _runs(part, base):
-            if runs and runs[-1][0] + runs[-1][1] == offset:  # adjacent: one run
-                runs[-1] = (runs[-1][0], runs[-1][1] + size)
-            else:
-                runs.append((offset, size))
-    return runs
+    def wait(self, layer: int) -> None:
+        """Until layer ``layer`` of every block is in place."""
+        if self.copy is not None:
+            self.copy.wait(layer)
 
 
 class StoreConnector:
@@ -199,6 +100,7 @@ class StoreConnector:
         self._buffer = private_buffer(staging_blocks * layout.record_bytes)  # save slots
         self._free = list(range(staging_blocks))
         self._verifier = ThreadPoolExecutor(2, thread_name_prefix="kv-verify")
+        self._layer_copier = ThreadPoolExecutor(1, thread_name_prefix="kv-layers")
         self._lock = threading.Lock()
         self._inflight = 0
         self._idle = threading.Event()
@@ -235,6 +137,50 @@ class StoreConnector:
         except KvcakeError as exc:
             log.warning("store load failed, computing instead: %s", exc)
             return 0
+        return self._conclude(keys, codes, problems)
+
+    def start_load(self, prefix: str, block_ids: list[int],
+                   block_hashes: list[bytes]) -> PendingLoad:
+        """:meth:`load` begun: where every replica lies on this host, the records are copied
+        in layer by layer on a helper thread (``wait`` on the result for a layer); else the
+        load happens now. :meth:`finish_load` gives the count of valid leading blocks."""
+        keys = store_keys(prefix, block_hashes)
+        try:
+            found = self.io.run(self.store.batch_get_in_place(keys))
+        except KvcakeError as exc:
+            log.warning("store load failed, computing instead: %s", exc)
+            return PendingLoad(keys, [], [])
+        if any(mapped is None and code == 0
+               for code, mapped in zip(found.codes, found.ranges, strict=True)):
+            valid = self.load(prefix, block_ids, block_hashes)  # replicas elsewhere
+            return PendingLoad(keys, [], [], valid=valid)
+        problems = [self._check_header(code, mapped, block_hash) for code, mapped, block_hash
+                    in zip(found.codes, found.ranges, block_hashes, strict=True)]
+        sound = next((i for i, p in enumerate(problems) if p is not None), len(problems))
+        records = [mapped.view for mapped in found.ranges[:sound] if mapped is not None]
+        copy = LayeredCopy(self._blocks, block_ids[:sound],
+                           [record[HEADER_BYTES:] for record in records],
+                           [stored_checksum(record) for record in records])
+        self._layer_copier.submit(copy.run)
+        return PendingLoad(keys, found.codes, problems, copy, found.fresh)
+
+    def finish_load(self, pending: PendingLoad) -> int:
+        """Wait for a :meth:`start_load` to land; the count of leading blocks that are
+        valid (as :meth:`load`'s)."""
+        if pending.copy is None:
+            return pending.valid
+        problems = list(pending.problems)
+        for i, whole in enumerate(pending.copy.result()):  # the records before a bad header
+            problems[i] = None if whole else _MISMATCH
+        if not pending.fresh():  # freed and maybe reused while we read: nothing counts
+            return self._conclude(pending.keys, [ErrorCode.LEASE_EXPIRED] * len(problems),
+                                  [p or "its lease ran out while it was read"
+                                   for p in problems])
+        return self._conclude(pending.keys, pending.codes, problems)
+
+    def _conclude(self, keys: list[str], codes: list[int],
+                  problems: list[str | None]) -> int:
+        """The count of leading valid blocks; the first bad one is dropped from the store."""
         valid = next((i for i, p in enumerate(problems) if p is not None), len(problems))
         if valid < len(problems):
             self._reject(keys[valid], str(problems[valid]), codes[valid])
@@ -412,6 +358,7 @@ class StoreConnector:
         """Wait for saves in flight, then leave the store and stop the transfer engine."""
         self.wait_saves(timeout_s)
         self._verifier.shutdown()
+        self._layer_copier.shutdown()
         try:
             self.io.run(self.store.close(), timeout_s)
         finally:
