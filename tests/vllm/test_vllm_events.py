@@ -63,7 +63,8 @@ def test_a_late_feed_replays_the_gap_and_matches_the_instances_cache(tmp_path: P
 
         async def follow() -> None:
             task = asyncio.create_task(feed.run())
-            await asyncio.sleep(1.0)  # a SUB socket joins some time after it connects
+            # C goes out at once: it arrives live (and shows the gap before it) or, sent
+            # before the subscription joined, comes from the replay a quiet feed asks for
             publisher.stdin.write("\n")  # type: ignore[union-attr]
             publisher.stdin.flush()  # type: ignore[union-attr]
             while feed.last_seq != 3:
@@ -74,7 +75,7 @@ def test_a_late_feed_replays_the_gap_and_matches_the_instances_cache(tmp_path: P
         want = prefix_block_hashes(a, BLOCK, SALT)[:2] + \
             prefix_block_hashes(b, BLOCK, SALT)[1:] + prefix_block_hashes(c, BLOCK, SALT)
         assert sorted(view.hashes()) == sorted(want)
-        assert feed.num_replays == 1  # batches 0-2 came from the replay buffer
+        assert feed.num_replays >= 1  # batches 0-2 came from the replay buffer
         kinds = [kind for kind, _ in view.take_changes()]
         assert kinds == ["stored"] * 3 + ["stored", "removed"] + ["stored"] * 2
     finally:
@@ -117,8 +118,7 @@ def test_a_vllm_publisher_registered_through_mooncakes_api_is_queried(tmp_path: 
         reply = indexer.register(Registration(endpoint, "vLLM", "ext-model", "ext-1", BLOCK,
                                               replay_endpoint=replay))
         assert reply == {"status": "registered successfully", "instance_id": "ext-1"}
-        await asyncio.sleep(1.0)  # a SUB socket joins some time after it connects
-        publisher.stdin.write("\n")  # type: ignore[union-attr]
+        publisher.stdin.write("\n")  # type: ignore[union-attr]  # C, maybe before it joined
         publisher.stdin.flush()  # type: ignore[union-attr]
         entry = next(iter(indexer.registered.values()))
         while entry.feed.last_seq != 3:
