@@ -161,7 +161,10 @@ class StoreConnector:
         copy = LayeredCopy(self._blocks, block_ids[:sound],
                            [record[HEADER_BYTES:] for record in records],
                            [stored_checksum(record) for record in records])
-        self._layer_copier.submit(copy.run)
+        try:
+            self._layer_copier.submit(copy.run)
+        except RuntimeError:  # closed: copy here, rather than leave a waiter hanging
+            copy.run()
         return PendingLoad(keys, found.codes, problems, copy, found.fresh)
 
     def finish_load(self, pending: PendingLoad) -> int:
