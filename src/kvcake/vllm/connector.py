@@ -360,7 +360,9 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._load_errors.update(ids[self._worker.load(self.prefix, ids, hashes):])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        layer = self._layer_index[layer_name]
+        layer = self._layer_index.get(layer_name)
+        if layer is None:  # an attention layer without a KV cache of its own
+            return
         self._waited.add(layer)
         for _, pending in self._loading:
             pending.wait(layer)
