@@ -154,6 +154,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._loading: list[tuple[list[int], PendingLoad]] = []  # this step's, under way
         self._layer_index: dict[str, int] = {}  # by vLLM's attention layer name
         self._waited: set[int] = set()  # layers the forward pass waited for this step
+        self._layered = self.settings.layered_load  # off for good once a pass did not wait
         self._worker: StoreConnector | None = None
         self._reported: dict[str, int] = {}
         segment = self.settings.segment_size if role == KVConnectorRole.WORKER else 0
@@ -354,7 +355,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._waited.clear()
         for run in self._metadata_plan().loads:
             ids, hashes = list(run.block_ids), list(run.block_hashes)
-            if self.settings.layered_load:
+            if self._layered:
                 self._loading.append((ids, self._worker.start_load(self.prefix, ids, hashes)))
             else:
                 self._load_errors.update(ids[self._worker.load(self.prefix, ids, hashes):])
@@ -374,17 +375,18 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         before it landed, and later steps load whole blocks before the forward pass."""
         if not self._loading:
             return
+        assert self._worker is not None, "only the worker side loads"
         loading, self._loading = self._loading, []
         unwaited = len(self._waited) < len(self._layer_index)
         for ids, pending in loading:
-            valid = self._worker.finish_load(pending) if self._worker is not None else 0
+            valid = self._worker.finish_load(pending)
             self._load_errors.update(ids if unwaited else ids[valid:])
-        if unwaited and self.settings.layered_load:
+        if unwaited:
             log.warning("vLLM's forward pass did not wait for every layer's KV (%d of %d): "
                         "the step's loaded blocks are recomputed, and from now on blocks "
                         "load whole before each step", len(self._waited),
                         len(self._layer_index))
-            self.settings = dataclasses.replace(self.settings, layered_load=False)
+            self._layered = False
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:

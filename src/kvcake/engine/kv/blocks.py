@@ -11,6 +11,7 @@ first layers::
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 from collections.abc import Sequence
 
@@ -43,6 +44,8 @@ class BlockBytes:
         self._bases = [layer.data_ptr() for layer in layers]
         self._strides = [layer.stride(0) * layer.element_size() for layer in layers]
         self._runs = [_runs(layer[0], layer.data_ptr()) for layer in layers]
+        self._layer_at = list(itertools.accumulate(  # each layer's offset in a payload
+            (sum(size for _, size in runs) for runs in self._runs), initial=0))
         self._stacked = _stacked(layers)
         self._block_shape = (len(layers), *layers[0].shape[1:])
         self._dtype = layers[0].dtype
@@ -69,13 +72,8 @@ class BlockBytes:
         thread torch does not otherwise use starts a thread pool there, which then competes
         with the engine's for the cores). With ``digest``, each run is hashed into it right
         after its copy, while it is still in the CPU's cache: memory is read once."""
-        source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
-        at = 0
-        for address, size in self.runs(block_id):
-            ctypes.memmove(address, source + at, size)
-            if digest is not None:
-                digest.update(payload[at:at + size])
-            at += size
+        for layer in range(self.num_layers):
+            self.memmove_layer_in(block_id, layer, payload, digest)
 
     def copy_out(self, block_id: int, payload: memoryview) -> None:
         """Write block ``block_id`` into ``payload``, in record order (on the engine's
@@ -98,26 +96,19 @@ class BlockBytes:
     @property
     def payload_bytes(self) -> int:
         """A record's payload: every layer's bytes of one block."""
-        return sum(size for runs in self._runs for _, size in runs)
+        return self._layer_at[-1]
 
-    def layer_offsets(self) -> list[int]:
-        """Where each layer's bytes start in a record's payload."""
-        offsets, at = [], 0
-        for runs in self._runs:
-            offsets.append(at)
-            at += sum(size for _, size in runs)
-        return offsets
-
-    def memmove_layer_in(self, block_id: int, layer: int, payload: memoryview, at: int,
-                         digest: xxhash.xxh3_64) -> None:
-        """Layer ``layer`` of a record's payload (its bytes from offset ``at``) into block
-        ``block_id``, run by run with ``memmove``, each run hashed into ``digest`` right
-        after its copy."""
+    def memmove_layer_in(self, block_id: int, layer: int, payload: memoryview,
+                         digest: xxhash.xxh3_64 | None = None) -> None:
+        """Layer ``layer`` of a record's payload into block ``block_id``, run by run with
+        ``memmove``, each run hashed into ``digest`` (if given) right after its copy."""
         source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
         start = self._bases[layer] + block_id * self._strides[layer]
+        at = self._layer_at[layer]
         for offset, size in self._runs[layer]:
             ctypes.memmove(start + offset, source + at, size)
-            digest.update(payload[at:at + size])
+            if digest is not None:
+                digest.update(payload[at:at + size])
             at += size
 
     def views(self, block_id: int) -> list[memoryview]:
@@ -127,12 +118,6 @@ class BlockBytes:
             views += [span[at + offset:at + offset + size] for offset, size in runs]
         return views
 
-    def runs(self, block_id: int) -> list[tuple[int, int]]:
-        """:meth:`views` as ``(address, bytes)``."""
-        return [(base + block_id * stride + offset, size)
-                for base, stride, runs in zip(self._bases, self._strides, self._runs,
-                                              strict=True)
-                for offset, size in runs]
 
 
 def _stacked(layers: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -194,9 +179,9 @@ class LayeredCopy:
     def run(self) -> None:
         digests = [payload_digest() for _ in self._jobs]
         try:
-            for layer, at in enumerate(self._blocks.layer_offsets()):
+            for layer in range(self._blocks.num_layers):
                 for (block_id, payload, _), digest in zip(self._jobs, digests, strict=True):
-                    self._blocks.memmove_layer_in(block_id, layer, payload, at, digest)
+                    self._blocks.memmove_layer_in(block_id, layer, payload, digest)
                 self._landed_up_to(layer + 1)
             self._ok = [digest.intdigest() == stored
                         for (_, _, stored), digest in zip(self._jobs, digests, strict=True)]
