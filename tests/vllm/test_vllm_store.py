@@ -45,8 +45,9 @@ def _metric(metrics: str, name: str) -> int:
 _READS = 'kvcake_store_requests_total{op="GetReplicas"}'
 
 
-def _instance(master: str, policy: str) -> VllmInstance:
-    return VllmInstance(VLLM_PYTHON, kvcake_transfer(master, policy))
+def _instance(master: str, policy: str, layered: bool = False) -> VllmInstance:
+    return VllmInstance(VLLM_PYTHON, kvcake_transfer(master, policy),
+                        {"KVCAKE_VLLM_LAYERED_LOAD": str(layered).lower()})
 
 
 def _corrupt(master: str, key: str) -> None:
@@ -77,7 +78,7 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
     assert len(keys) == len(P2) // BLOCK
     _corrupt(master, keys[0])
 
-    second = _instance(master, "recompute")
+    second = _instance(master, "recompute", layered=True)  # loads beside the forward pass
     try:
         assert second.ready(), second.stop()
         reads = _metric(metrics, _READS)

@@ -4,12 +4,12 @@
 
     vLLM EngineCore (scheduler)              vLLM Worker (model runner)
     KvcakeConnector, role SCHEDULER          KvcakeConnector, role WORKER
-      get_num_new_matched_tokens:              start_load_kv: the plan's loads begin, store
-        batch_is_exist on the prompt's           -> paged cache layer by layer on a helper
-        block keys -> leading hits               thread; wait_for_layer_load: that layer in
-        update_state_after_alloc                 place; each block checked (header,
-                                                 checksum): a bad one is a load error and
-                                                 vLLM recomputes from it
+      get_num_new_matched_tokens:              start_load_kv: the plan's loads, store ->
+        batch_is_exist on the prompt's           paged cache (layered_load: layer by layer
+        block keys -> leading hits               on a helper thread, wait_for_layer_load
+        update_state_after_alloc                 waiting for each); each block checked
+                                                 (header, checksum): a bad one is a load
+                                                 error and vLLM recomputes from it
         build_connector_meta -> StepPlan  -->  wait_for_save: the plan's saves, paged cache
         request_finished                         -> staging ring -> store, off the step
                      \\____________ kvcake master + nodes (the pool) ____________/
