@@ -1,13 +1,16 @@
 """``kvcake bench vllm``'s mooncake-real row, without vLLM: the table with and without its
 column, the row left out (with one line saying how to install it) where the real wheel is
 missing, and the settings vLLM's connector is given for the real Mooncake; each hit paired with
-its prompt's local hit right after it; the reader loading while the writer works, and timed only
-after it."""
+its prompt's local hit right after it, and with kvcake's hit of the same prompt; the readers
+loading while the writers work, and taking turns only after them."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import pytest
 from kvcake.bench import vllm_bench
 from kvcake.bench.vllm_bench import Prompts, Timings, table
 from kvcake.bench.vllm_instance import mooncake_transfer
-from kvcake.bench.vllm_mooncake import INSTALL_HINT, missing_real_mooncake
+from kvcake.bench.vllm_mooncake import INSTALL_HINT, RealMooncake, missing_real_mooncake
 
 TTFT = {"cold": 2.0, "local": 0.1, "kvcake": 0.4, "mooncake": 0.5, "mooncake-real": 0.6,
         "example": 0.8}
@@ -63,19 +66,29 @@ def fake_measurements(prompts: Prompts, timings: Timings, names: tuple[str, ...]
 def test_the_real_row_is_left_out_with_one_line_when_the_wheel_is_missing(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         as_json: bool) -> None:
-    def plain(_python: Path, prompts: Prompts, timings: Timings) -> None:
-        fake_measurements(prompts, timings, ("cold", "local"))
+    @contextmanager
+    def instance(*_args: Any) -> Iterator[None]:
+        yield None
 
-    def one(name: str) -> Any:
-        return lambda _python, prompts, timings: fake_measurements(prompts, timings, (name,))
+    def cold(_plain: None, prompts: Prompts, timings: Timings) -> None:
+        fake_measurements(prompts, timings, ("cold",))
+
+    def external(_python: Path, prompts: Prompts, timings: Timings,
+                 paths: list[vllm_bench.External], _plain: None) -> None:
+        fake_measurements(prompts, timings, ("local", *(path.name for path in paths)))
+
+    @contextmanager
+    def store(_prompts: Prompts) -> Iterator[tuple[str, Any]]:
+        yield "127.0.0.1:1", lambda: None
 
     def real(*_args: Any) -> None:
         raise AssertionError("the real row ran without the wheel")
 
-    monkeypatch.setattr(vllm_bench, "_plain", plain)
-    for name in ("kvcake", "mooncake", "example"):
-        monkeypatch.setattr(vllm_bench, f"_through_{name}", one(name))
-    monkeypatch.setattr(vllm_bench, "_through_mooncake_real", real)
+    monkeypatch.setattr(vllm_bench, "_instance", instance)
+    monkeypatch.setattr(vllm_bench, "_cold", cold)
+    monkeypatch.setattr(vllm_bench, "_external", external)
+    monkeypatch.setattr(vllm_bench, "_kvcake_store", store)
+    monkeypatch.setattr(vllm_bench, "real_mooncake_store", real)
     monkeypatch.setattr(vllm_bench, "missing_real_mooncake", lambda _python: INSTALL_HINT)
     assert vllm_bench.run_vllm_bench(True, as_json, sys.executable, [256]) == 0
     out, err = capsys.readouterr()
@@ -128,40 +141,94 @@ def test_each_hit_is_paired_with_its_prompts_local_hit_right_after() -> None:
 
 
 class _Recorded:
-    """A stand-in for a vLLM process that writes down what is asked of it, and when."""
+    """A stand-in for a vLLM process that writes down what is asked of it, and when; its
+    TTFT is its connector's in ``TTFT``, its tokens ``[1]``."""
 
     log: list[str] = []
-    made = 0
 
-    def __init__(self, *args: Any) -> None:
-        _Recorded.made += 1
-        self.name = "writer" if _Recorded.made == 2 else "reader"
-        self.log.append(f"start {self.name}")
+    def __init__(self, _python: Path, transfer: dict[str, Any] | None, *args: Any) -> None:
+        self.name = transfer["name"] if transfer else "local"
+        self.role = "reader" if f"start {self.name} reader" not in self.log else "writer"
+        self.log.append(f"start {self.name} {self.role}")
 
     def ready(self) -> bool:
         return True
 
     def generate(self, prompt: list[int], max_tokens: int = 4) -> tuple[list[int], float]:
-        self.log.append(f"{self.name} {len(prompt)}")
-        return [1], 0.1
+        self.log.append(f"{self.name} {self.role} {len(prompt)}")
+        return [1], TTFT[self.name]
 
     def stop(self) -> str:
-        self.log.append(f"stop {self.name}")
+        self.log.append(f"stop {self.name} {self.role}")
         return ""
 
 
-def test_the_reader_loads_beside_the_writer_and_answers_only_after_it(
+def test_readers_start_beside_their_writers_and_take_turns_once_every_writer_is_done(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Starting a vLLM process is most of the bench's time: the reader starts with the writer,
-    but nothing is asked of it before the writer stopped and the store settled."""
-    _Recorded.log, _Recorded.made = [], 0
+    """Starting a vLLM process is most of the bench's time: each reader starts with its
+    writer, but nothing is asked of a reader before every writer stopped and every cache
+    settled; then the readers answer each prompt in turn, a different one first each time,
+    so that hits of one prompt are seconds apart."""
+    log: list[str] = []
+    _Recorded.log = log
     monkeypatch.setattr(vllm_bench, "VllmInstance", _Recorded)
+    names = ("kvcake", "mooncake", "example")
+    paths = [vllm_bench.External(name, {"name": name}, settle=partial(log.append,
+                                                                       f"settled {name}"))
+             for name in names]
+    prompts = {256: [[0] * 256, [1] * 256, [2] * 256]}
     timings: Timings = {}
-    vllm_bench._write_then_read(Path(sys.executable), {}, {256: [[0] * 256]}, timings, "kvcake",
-                                settle=lambda: _Recorded.log.append("settled"))
-    log = _Recorded.log
-    assert log[:2] == ["start reader", "start writer"]
-    assert log.index("settled") > log.index("stop writer") > log.index("writer 256")
-    reader_asked = [i for i, line in enumerate(log) if line.startswith("reader ")]
-    assert reader_asked and min(reader_asked) > log.index("settled")
-    assert len(timings[("kvcake", 256)]) == len(timings[("kvcake again", 256)]) == 1
+    plain = _Recorded(Path(sys.executable), None)
+    vllm_bench._external(Path(sys.executable), prompts, timings, paths, plain)  # type: ignore[arg-type]
+    assert [line for line in log if line.startswith("start")] == ["start local reader"] + [
+        f"start {name} {role}" for name in names for role in ("reader", "writer")]
+    done = max(log.index(f"settled {name}") for name in names)
+    assert min(log.index(f"settled {name}") for name in names) > max(
+        log.index(f"stop {name} writer") for name in names)
+    asked = [i for i, line in enumerate(log) if " reader " in line]
+    assert asked and min(asked) > done
+    asks = [line.split()[0] for line in log if line.endswith("reader 256")]
+    # three generates a reader and prompt (hit, its tokens, again), two for local's hit
+    assert asks[:11] == ["local"] * 2 + [name for name in names for _ in range(3)]
+    assert asks[::11] == ["local", "kvcake", "mooncake"]  # who goes first rotates
+    assert len(timings[("local", 256)]) == 3 and ("local again", 256) not in timings
+    for name in names:
+        assert len(timings[(name, 256)]) == len(timings[(f"{name} again", 256)]) == 3
+        assert f"stop {name} reader" in log
+    rows = {row["connector"]: row for row in vllm_bench._rows(prompts, {
+        **timings, ("cold", 256): [(2.0, [1])] * 3})}
+    assert "vs_kvcake" not in rows["kvcake"] and rows["example"]["vs_kvcake"] == 2.0
+    assert table(list(rows.values())).splitlines()[-1] == (
+        "each hit over kvcake's hit of the same prompt, the readers taking turns (median of "
+        "the pairs): mooncake 1.25 at 256, example 2.00 at 256")
+
+
+def test_each_path_keeps_its_own_settings_while_all_of_them_are_open(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The readers of every path live at once: the drop-in's settings file must still name
+    kvcake's master once the real Mooncake's is written."""
+    masters = iter(["127.0.0.1:1", "127.0.0.1:2"])
+
+    @contextmanager
+    def store(_prompts: Prompts) -> Iterator[tuple[str, Any]]:
+        yield next(masters), lambda: None
+
+    @contextmanager
+    def real(*_args: Any) -> Iterator[RealMooncake]:
+        yield RealMooncake(("ip", "netns", "exec", "x"), "198.18.0.1", "198.18.0.1:50051",
+                           lambda: None)
+
+    monkeypatch.setattr(vllm_bench, "_kvcake_store", store)
+    monkeypatch.setattr(vllm_bench, "real_mooncake_store", real)
+    monkeypatch.setattr(vllm_bench, "missing_real_mooncake", lambda _python: None)
+    with ExitStack() as stack:
+        paths = vllm_bench._paths(stack, Path(sys.executable), {256: [[0] * 256]})
+        assert [path.name for path in paths] == ["kvcake", "mooncake", "mooncake-real",
+                                                 "example"]
+        settings = {path.name: json.loads(Path(path.env["MOONCAKE_CONFIG_PATH"]).read_text())
+                    for path in paths if path.env}
+        assert settings["mooncake"]["master_server_address"] == "127.0.0.1:2"
+        assert settings["mooncake-real"]["master_server_address"] == "198.18.0.1:50051"
+        assert paths[0].transfer["kv_connector_extra_config"]["master"] == "127.0.0.1:1"
+        assert Path(paths[-1].transfer["kv_connector_extra_config"]["shared_storage_path"]
+                    ).is_dir()

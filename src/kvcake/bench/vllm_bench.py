@@ -5,7 +5,8 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
 ``repeats`` distinct prompts):
 
 - ``cold``: no connector, nothing cached;
-- ``local``: the same prompt again in the same process (vLLM's own prefix cache);
+- ``local``: the same prompt again in the process that answered it cold (vLLM's own prefix
+  cache);
 - ``kvcake``: a second process loading the first one's blocks from kvcake's store through
   kvcake's connector (:mod:`kvcake.vllm.connector`; a master and a node started here);
 - ``mooncake``: the same through vLLM's own ``MooncakeStoreConnector``, unmodified, on
@@ -17,10 +18,15 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
   install it, where the wheel is missing;
 - ``example``: the same through vLLM's disk ``ExampleConnector``.
 
-Each path's row is timed minutes after the others, so ratios between rows carry the
-machine's drift. Each external path is therefore also paired with itself: after each hit
-the reading process answers the same prompt again from vLLM's own prefix cache, and the
-median of hit/that local hit is ``vs_again`` (``again_ttft_s``: that local hit's TTFT).
+Each external path has a writing process, which fills its cache, and a reading process,
+timed. The readers answer only once every writer is done, and they take turns prompt by
+prompt (who goes first rotates), so two paths' hits of one prompt are seconds apart rather
+than minutes, and the machine's drift falls on all of them alike; ``vs_kvcake`` is the
+median over prompts of a path's hit over kvcake's hit of the same prompt. Each hit is also
+paired with itself: right after it the reader answers the same prompt again from vLLM's own
+prefix cache, and the median of hit/that local hit is ``vs_again`` (``again_ttft_s``: that
+local hit's TTFT). ``cold`` runs first, in a process of its own that then stays, and
+takes its turns with the readers as ``local``.
 
 ``tokens_equal``: the 8 greedy tokens each path gives equal cold's. Every instance first
 answers a short prompt (less than a block: nothing is stored), as a serving instance has:
@@ -36,8 +42,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +75,10 @@ def run_vllm_bench(quick: bool, as_json: bool, python: str | None = None,
     lengths = list(lengths or ([2048] if quick else [1024, 2048, 4096]))
     prompts = {n: [_prompt(n, r) for r in range(2 if quick else 3)] for n in lengths}
     timings: Timings = {}
-    _plain(interpreter, prompts, timings)
-    _through_kvcake(interpreter, prompts, timings)
-    _through_mooncake(interpreter, prompts, timings)
-    missing = missing_real_mooncake(interpreter)
-    if missing:  # stderr: --json's standard output stays one JSON row a line
-        print(missing, file=sys.stderr, flush=True)
-    else:
-        _through_mooncake_real(interpreter, prompts, timings)
-    _through_example(interpreter, prompts, timings)
+    with ExitStack() as stack:
+        plain = stack.enter_context(_instance(interpreter, None))
+        _cold(plain, prompts, timings)
+        _external(interpreter, prompts, timings, _paths(stack, interpreter, prompts), plain)
     rows = _rows(prompts, timings)
     print("\n".join(json.dumps(row) for row in rows) if as_json else table(rows))
     return 0
@@ -121,38 +123,65 @@ def _again(instance: VllmInstance, prompt: list[int]) -> tuple[float, list[int]]
     return seconds, []
 
 
-def _plain(python: Path, prompts: Prompts, timings: Timings) -> None:
-    with _instance(python, None) as plain:
-        for length, group in prompts.items():
-            for prompt in group:
-                timings.setdefault(("cold", length), []).append(_measure(plain, prompt))
-                _, seconds = plain.generate(prompt, max_tokens=1)
-                timings.setdefault(("local", length), []).append(
-                    (seconds, timings[("cold", length)][-1][1]))
+def _cold(plain: VllmInstance, prompts: Prompts, timings: Timings) -> None:
+    for length, group in prompts.items():
+        for prompt in group:
+            timings.setdefault(("cold", length), []).append(_measure(plain, prompt))
 
 
-def _write_then_read(python: Path, transfer: dict[str, Any], prompts: Prompts,
-                     timings: Timings, name: str, settle: Any = None,
-                     env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
-    """One process fills the external cache, a second one reads from it (both run through
-    ``prefix``). The reader loads while the writer works (nothing of the writer's is timed);
-    it answers its warm-up and its prompts only once the writer has stopped."""
-    loading = VllmInstance(python, transfer, env, prefix)
-    try:
-        with _instance(python, transfer, env, prefix) as writer:
-            for group in prompts.values():
-                for prompt in group:
-                    writer.generate(prompt, max_tokens=1)
-        if settle is not None:
-            settle()
-        with _serving(loading) as reader:
-            for length, group in prompts.items():
-                for prompt in group:
-                    timings.setdefault((name, length), []).append(_measure(reader, prompt))
-                    timings.setdefault((f"{name} again", length), []).append(
-                        _again(reader, prompt))
-    finally:
-        loading.stop()  # a second stop does nothing
+@dataclass(frozen=True)
+class External:
+    """One way a second process finds the first one's KV: the connector's
+    ``kv_transfer_config``, the environment its processes need, a command they run through
+    (``ip netns exec NAME``), and a wait until the cache holds what the writer saved."""
+
+    name: str
+    transfer: dict[str, Any]
+    env: dict[str, str] | None = None
+    prefix: Sequence[str] = ()
+    settle: Callable[[], None] | None = None
+
+
+def _external(python: Path, prompts: Prompts, timings: Timings, paths: Sequence[External],
+              plain: VllmInstance) -> None:
+    """Each path's writer fills its cache in turn, with its reader starting beside it (a
+    vLLM start is most of the bench's time). Only once every writer has stopped and every
+    cache settled do the readers answer: the prompts one by one, every reader in turn and
+    ``plain`` (which answered them cold) with them as ``local``, who goes first rotating, so
+    hits of one prompt through different connectors are seconds apart, not minutes."""
+    readers: list[VllmInstance] = []
+    with ExitStack() as stack:
+        for path in paths:
+            readers.append(VllmInstance(python, path.transfer, path.env, path.prefix))
+            stack.callback(readers[-1].stop)  # a second stop does nothing
+            with _instance(python, path.transfer, path.env, path.prefix) as writer:
+                for group in prompts.values():
+                    for prompt in group:
+                        writer.generate(prompt, max_tokens=1)
+        for path in paths:
+            if path.settle is not None:
+                path.settle()
+        for reader in readers:
+            stack.enter_context(_serving(reader))
+        _take_turns(["local", *(path.name for path in paths)], [plain, *readers], prompts,
+                    timings)
+
+
+def _take_turns(names: Sequence[str], readers: Sequence[VllmInstance], prompts: Prompts,
+                timings: Timings) -> None:
+    """Each prompt through every reader; each external hit followed by the same prompt's
+    local hit in its reader (``local`` is one already)."""
+    turn = 0
+    for length, group in prompts.items():
+        for prompt in group:
+            order = [(turn + i) % len(readers) for i in range(len(readers))]
+            turn += 1
+            for i in order:
+                timings.setdefault((names[i], length), []).append(
+                    _measure(readers[i], prompt))
+                if names[i] != "local":
+                    timings.setdefault((f"{names[i]} again", length), []).append(
+                        _again(readers[i], prompt))
 
 
 @contextmanager
@@ -177,27 +206,35 @@ def _pool_bytes(blocks: int) -> int:
     return (blocks * 8 + 64) * MiB  # a block: 2.8 MiB bf16, 5.6 fp32
 
 
-def _through_kvcake(python: Path, prompts: Prompts, timings: Timings) -> None:
-    with _kvcake_store(prompts) as (endpoint, settle):
-        _write_then_read(python, kvcake_transfer(endpoint), prompts, timings, "kvcake",
-                         settle)
+def _paths(stack: ExitStack, python: Path, prompts: Prompts) -> list[External]:
+    """Every external path that runs here, its store or folder held open by ``stack``:
+    the real Mooncake left out, with a line saying how to install it, where its wheel is
+    missing."""
+    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-")))
+    folder = root.joinpath  # one folder a path: each writes its settings file in its own
+    endpoint, settle = stack.enter_context(_kvcake_store(prompts))
+    paths = [External("kvcake", kvcake_transfer(endpoint), settle=settle)]
+    endpoint, settle = stack.enter_context(_kvcake_store(prompts))
+    transfer, env = mooncake_transfer(endpoint, _made(folder("mooncake")))
+    paths.append(External("mooncake", transfer, env, settle=settle))
+    missing = missing_real_mooncake(python)
+    if missing:  # stderr: --json's standard output stays one JSON row a line
+        print(missing, file=sys.stderr, flush=True)
+    else:
+        blocks = _blocks(prompts)
+        store = stack.enter_context(real_mooncake_store(python, _pool_bytes(blocks), blocks))
+        transfer, env = mooncake_transfer(store.master, _made(folder("mooncake-real")),
+                                          host=store.host, drop_in=False)
+        paths.append(External("mooncake-real", transfer, env, store.prefix, store.settle))
+    paths.append(External("example", {
+        "kv_connector": "ExampleConnector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"shared_storage_path": str(_made(folder("example")))}}))
+    return paths
 
 
-def _through_mooncake(python: Path, prompts: Prompts, timings: Timings) -> None:
-    with _kvcake_store(prompts) as (endpoint, settle), \
-            tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-") as folder:
-        transfer, env = mooncake_transfer(endpoint, Path(folder))
-        _write_then_read(python, transfer, prompts, timings, "mooncake", settle, env)
-
-
-def _through_mooncake_real(python: Path, prompts: Prompts, timings: Timings) -> None:
-    blocks = _blocks(prompts)
-    with real_mooncake_store(python, _pool_bytes(blocks), blocks) as store, \
-            tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-") as folder:
-        transfer, env = mooncake_transfer(store.master, Path(folder), host=store.host,
-                                          drop_in=False)
-        _write_then_read(python, transfer, prompts, timings, "mooncake-real", store.settle,
-                         env, store.prefix)
+def _made(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
 
 
 def wait_stored(metrics: str, blocks: int, timeout_s: float = 120.0) -> None:
@@ -217,13 +254,6 @@ def stored_keys(metrics: str) -> int:
     return int(next(line.split()[1] for line in lines if line.startswith("kvcake_store_keys ")))
 
 
-def _through_example(python: Path, prompts: Prompts, timings: Timings) -> None:
-    with tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-") as path:
-        transfer = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-                    "kv_connector_extra_config": {"shared_storage_path": path}}
-        _write_then_read(python, transfer, prompts, timings, "example")
-
-
 def _rows(prompts: Prompts, timings: Timings) -> list[dict[str, Any]]:
     rows = []
     for length in prompts:
@@ -236,11 +266,19 @@ def _rows(prompts: Prompts, timings: Timings) -> list[dict[str, Any]]:
             again = timings.get((f"{name} again", length))
             if again:  # each hit against the same prompt's local hit right after it
                 row["again_ttft_s"] = round(statistics.median(s for s, _ in again), 4)
-                row["vs_again"] = round(statistics.median(
-                    hit / local for (hit, _), (local, _) in zip(samples, again, strict=True)),
-                    3)
+                row["vs_again"] = _paired(samples, again)
+            kvcake = timings.get(("kvcake", length))
+            if again and kvcake and name != "kvcake":  # against kvcake's hit, turns apart
+                row["vs_kvcake"] = _paired(samples, kvcake)
             rows.append(row)
     return rows
+
+
+def _paired(samples: Sequence[tuple[float, list[int]]],
+            others: Sequence[tuple[float, list[int]]]) -> float:
+    """The median over prompts of a sample's seconds over the other's for the same prompt."""
+    return round(statistics.median(
+        mine / theirs for (mine, _), (theirs, _) in zip(samples, others, strict=True)), 3)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -270,4 +308,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                      "process (median of the pairs): " + ", ".join(
                          f"{r['connector']} {r['vs_again']:.2f} at {r['prompt_len']}"
                          for r in paired))
+    rivals = [r for r in rows if "vs_kvcake" in r]
+    if rivals:
+        lines.append("each hit over kvcake's hit of the same prompt, the readers taking turns "
+                     "(median of the pairs): " + ", ".join(
+                         f"{r['connector']} {r['vs_kvcake']:.2f} at {r['prompt_len']}"
+                         for r in rivals))
     return "\n".join(lines)
