@@ -211,11 +211,10 @@ def _paths(stack: ExitStack, python: Path, prompts: Prompts) -> list[External]:
     the real Mooncake left out, with a line saying how to install it, where its wheel is
     missing."""
     root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-")))
-    folder = root.joinpath  # one folder a path: each writes its settings file in its own
     endpoint, settle = stack.enter_context(_kvcake_store(prompts))
     paths = [External("kvcake", kvcake_transfer(endpoint), settle=settle)]
     endpoint, settle = stack.enter_context(_kvcake_store(prompts))
-    transfer, env = mooncake_transfer(endpoint, _made(folder("mooncake")))
+    transfer, env = mooncake_transfer(endpoint, _made(root / "mooncake"))
     paths.append(External("mooncake", transfer, env, settle=settle))
     missing = missing_real_mooncake(python)
     if missing:  # stderr: --json's standard output stays one JSON row a line
@@ -223,16 +222,17 @@ def _paths(stack: ExitStack, python: Path, prompts: Prompts) -> list[External]:
     else:
         blocks = _blocks(prompts)
         store = stack.enter_context(real_mooncake_store(python, _pool_bytes(blocks), blocks))
-        transfer, env = mooncake_transfer(store.master, _made(folder("mooncake-real")),
+        transfer, env = mooncake_transfer(store.master, _made(root / "mooncake-real"),
                                           host=store.host, drop_in=False)
         paths.append(External("mooncake-real", transfer, env, store.prefix, store.settle))
     paths.append(External("example", {
         "kv_connector": "ExampleConnector", "kv_role": "kv_both",
-        "kv_connector_extra_config": {"shared_storage_path": str(_made(folder("example")))}}))
+        "kv_connector_extra_config": {"shared_storage_path": str(_made(root / "example"))}}))
     return paths
 
 
 def _made(folder: Path) -> Path:
+    """``folder``, made: each path writes its settings file in a folder of its own."""
     folder.mkdir()
     return folder
 
