@@ -302,16 +302,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     external = ", ".join(c for c in ran if c not in ("cold", "local"))
     lines.append(f"TTFT, median; {external}: a second process loading what the first one "
                  "saved")
-    paired = [r for r in rows if "vs_again" in r]
-    if paired:
-        lines.append("each hit over the same prompt's local hit right after it, in the reading "
-                     "process (median of the pairs): " + ", ".join(
-                         f"{r['connector']} {r['vs_again']:.2f} at {r['prompt_len']}"
-                         for r in paired))
-    rivals = [r for r in rows if "vs_kvcake" in r]
-    if rivals:
-        lines.append("each hit over kvcake's hit of the same prompt, the readers taking turns "
-                     "(median of the pairs): " + ", ".join(
-                         f"{r['connector']} {r['vs_kvcake']:.2f} at {r['prompt_len']}"
-                         for r in rivals))
+    for field, what in (("vs_again", "the same prompt's local hit right after it, in the "
+                                      "reading process"),
+                        ("vs_kvcake", "kvcake's hit of the same prompt, the readers taking "
+                                      "turns")):
+        paired = [r for r in rows if field in r]
+        if paired:
+            lines.append(f"each hit over {what} (median of the pairs): " + ", ".join(
+                f"{r['connector']} {r[field]:.2f} at {r['prompt_len']}" for r in paired))
     return "\n".join(lines)
