@@ -20,6 +20,7 @@ from kvcake.bench import vllm_bench
 from kvcake.bench.vllm_bench import Prompts, Timings, table
 from kvcake.bench.vllm_instance import mooncake_transfer
 from kvcake.bench.vllm_mooncake import INSTALL_HINT, RealMooncake, missing_real_mooncake
+from kvcake.common.errors import KvcakeError
 
 TTFT = {"cold": 2.0, "local": 0.1, "kvcake": 0.4, "mooncake": 0.5, "mooncake-real": 0.6,
         "example": 0.8}
@@ -232,3 +233,22 @@ def test_each_path_keeps_its_own_settings_while_all_of_them_are_open(
         assert paths[0].transfer["kv_connector_extra_config"]["master"] == "127.0.0.1:1"
         assert Path(paths[-1].transfer["kv_connector_extra_config"]["shared_storage_path"]
                     ).is_dir()
+
+
+def test_a_reader_that_does_not_start_is_named_and_every_process_is_stopped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class _Failing(_Recorded):
+        def ready(self) -> bool:
+            return not (self.name == "mooncake" and self.role == "reader")
+
+    log: list[str] = []
+    _Recorded.log = log
+    monkeypatch.setattr(vllm_bench, "VllmInstance", _Failing)
+    paths = [vllm_bench.External(name, {"name": name}) for name in ("kvcake", "mooncake")]
+    plain = _Failing(Path(sys.executable), None)
+    with pytest.raises(KvcakeError, match=r"vLLM \(mooncake reader\) did not start"):
+        vllm_bench._external(Path(sys.executable), {256: [[0] * 256]}, {}, paths,
+                             plain)  # type: ignore[arg-type]
+    assert {"stop kvcake reader", "stop mooncake reader", "stop kvcake writer",
+            "stop mooncake writer"} <= set(log)
+    assert not [line for line in log if line.endswith("reader 256")]  # nobody was timed

@@ -91,18 +91,19 @@ def _prompt(length: int, repeat: int) -> list[int]:
 
 @contextmanager
 def _instance(python: Path, transfer: dict[str, Any] | None,
-              env: dict[str, str] | None = None,
-              prefix: Sequence[str] = ()) -> Iterator[VllmInstance]:
-    with _serving(VllmInstance(python, transfer, env, prefix)) as instance:
+              env: dict[str, str] | None = None, prefix: Sequence[str] = (),
+              role: str = "plain") -> Iterator[VllmInstance]:
+    with _serving(VllmInstance(python, transfer, env, prefix), role) as instance:
         yield instance
 
 
 @contextmanager
-def _serving(instance: VllmInstance) -> Iterator[VllmInstance]:
-    """``instance`` once loaded and warmed up; stopped at the end."""
+def _serving(instance: VllmInstance, role: str) -> Iterator[VllmInstance]:
+    """``instance`` once loaded and warmed up; stopped at the end. ``role`` names it in the
+    error if it does not start (``kvcake reader``, ...)."""
     try:
         if not instance.ready():
-            raise KvcakeError(f"vLLM did not start: {instance.stop()[-2000:]}")
+            raise KvcakeError(f"vLLM ({role}) did not start: {instance.stop()[-2000:]}")
         instance.generate(_prompt(WARM_UP, 0), max_tokens=1)  # its first forward's set-up
         yield instance
     finally:
@@ -154,15 +155,16 @@ def _external(python: Path, prompts: Prompts, timings: Timings, paths: Sequence[
         for path in paths:
             readers.append(VllmInstance(python, path.transfer, path.env, path.prefix))
             stack.callback(readers[-1].stop)  # a second stop does nothing
-            with _instance(python, path.transfer, path.env, path.prefix) as writer:
+            with _instance(python, path.transfer, path.env, path.prefix,
+                           f"{path.name} writer") as writer:
                 for group in prompts.values():
                     for prompt in group:
                         writer.generate(prompt, max_tokens=1)
         for path in paths:
             if path.settle is not None:
                 path.settle()
-        for reader in readers:
-            stack.enter_context(_serving(reader))
+        for path, reader in zip(paths, readers, strict=True):
+            stack.enter_context(_serving(reader, f"{path.name} reader"))
         _take_turns(["local", *(path.name for path in paths)], [plain, *readers], prompts,
                     timings)
 
