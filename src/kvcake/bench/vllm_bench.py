@@ -124,10 +124,14 @@ def _again(instance: VllmInstance, prompt: list[int]) -> tuple[float, list[int]]
     return seconds, []
 
 
+def _each(prompts: Prompts) -> Iterator[tuple[int, list[int]]]:
+    """``(length, prompt)`` for every prompt, lengths in order."""
+    return ((length, prompt) for length, group in prompts.items() for prompt in group)
+
+
 def _cold(plain: VllmInstance, prompts: Prompts, timings: Timings) -> None:
-    for length, group in prompts.items():
-        for prompt in group:
-            timings.setdefault(("cold", length), []).append(_measure(plain, prompt))
+    for length, prompt in _each(prompts):
+        timings.setdefault(("cold", length), []).append(_measure(plain, prompt))
 
 
 @dataclass(frozen=True)
@@ -157,9 +161,8 @@ def _external(python: Path, prompts: Prompts, timings: Timings, paths: Sequence[
             stack.callback(readers[-1].stop)  # a second stop does nothing
             with _instance(python, path.transfer, path.env, path.prefix,
                            f"{path.name} writer") as writer:
-                for group in prompts.values():
-                    for prompt in group:
-                        writer.generate(prompt, max_tokens=1)
+                for _, prompt in _each(prompts):
+                    writer.generate(prompt, max_tokens=1)
         for path in paths:
             if path.settle is not None:
                 path.settle()
@@ -173,17 +176,12 @@ def _take_turns(names: Sequence[str], readers: Sequence[VllmInstance], prompts: 
                 timings: Timings) -> None:
     """Each prompt through every reader; each external hit followed by the same prompt's
     local hit in its reader (``local`` is one already)."""
-    turn = 0
-    for length, group in prompts.items():
-        for prompt in group:
-            order = [(turn + i) % len(readers) for i in range(len(readers))]
-            turn += 1
-            for i in order:
-                timings.setdefault((names[i], length), []).append(
-                    _measure(readers[i], prompt))
-                if names[i] != "local":
-                    timings.setdefault((f"{names[i]} again", length), []).append(
-                        _again(readers[i], prompt))
+    for turn, (length, prompt) in enumerate(_each(prompts)):
+        for i in ((turn + k) % len(readers) for k in range(len(readers))):
+            timings.setdefault((names[i], length), []).append(_measure(readers[i], prompt))
+            if names[i] != "local":
+                timings.setdefault((f"{names[i]} again", length), []).append(
+                    _again(readers[i], prompt))
 
 
 @contextmanager
@@ -201,7 +199,7 @@ def _kvcake_store(prompts: Prompts) -> Iterator[tuple[str, Any]]:
 
 
 def _blocks(prompts: Prompts) -> int:
-    return sum(len(p) // BLOCK for group in prompts.values() for p in group)
+    return sum(len(prompt) // BLOCK for _, prompt in _each(prompts))
 
 
 def _pool_bytes(blocks: int) -> int:

@@ -72,8 +72,9 @@ class BlockBytes:
         thread torch does not otherwise use starts a thread pool there, which then competes
         with the engine's for the cores). With ``digest``, each run is hashed into it right
         after its copy, while it is still in the CPU's cache: memory is read once."""
+        source = _address(payload)
         for layer in range(self.num_layers):
-            self.memmove_layer_in(block_id, layer, payload, digest)
+            self._memmove_layer(block_id, layer, payload, source, digest)
 
     def copy_out(self, block_id: int, payload: memoryview) -> None:
         """Write block ``block_id`` into ``payload``, in record order (on the engine's
@@ -102,7 +103,10 @@ class BlockBytes:
                          digest: xxhash.xxh3_64 | None = None) -> None:
         """Layer ``layer`` of a record's payload into block ``block_id``, run by run with
         ``memmove``, each run hashed into ``digest`` (if given) right after its copy."""
-        source = ctypes.addressof(ctypes.c_char.from_buffer(payload))
+        self._memmove_layer(block_id, layer, payload, _address(payload), digest)
+
+    def _memmove_layer(self, block_id: int, layer: int, payload: memoryview, source: int,
+                       digest: xxhash.xxh3_64 | None) -> None:
         start = self._bases[layer] + block_id * self._strides[layer]
         at = self._layer_at[layer]
         for offset, size in self._runs[layer]:
@@ -118,6 +122,10 @@ class BlockBytes:
             views += [span[at + offset:at + offset + size] for offset, size in runs]
         return views
 
+
+def _address(payload: memoryview) -> int:
+    """Where ``payload``'s bytes start in memory."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(payload))
 
 
 def _stacked(layers: Sequence[torch.Tensor]) -> torch.Tensor | None:
