@@ -4,6 +4,7 @@ import struct
 import pytest
 
 from kvcake.common import ROOT_DIGEST, InvalidParamsError, hash_block, prefix_block_hashes
+from kvcake.common.hashing import hash_partial_block, prompt_block_hashes
 
 
 def test_digests_are_pinned() -> None:
@@ -45,3 +46,26 @@ def test_rejects_bad_block_size_and_parent() -> None:
         prefix_block_hashes([1, 2], 0)
     with pytest.raises(InvalidParamsError, match="parent digest"):
         hash_block(b"short", [1])
+
+
+def test_a_prompt_s_partial_last_block_has_a_key_of_its_own_kind() -> None:
+    tokens = list(range(10))
+    keys = prompt_block_hashes(tokens, 4, b"m")
+    assert keys[:2] == prefix_block_hashes(tokens, 4, b"m")
+    assert keys[2] == hash_partial_block(keys[1], [8, 9], b"m")
+    expected = hashlib.sha256(b"kvcake/partial-block\0" + keys[1] + struct.pack("<I2I", 2, 8, 9)
+                              + b"m").digest()
+    assert keys[2] == expected  # pinned layout: marker, parent, count, tokens, salt
+    assert prompt_block_hashes(tokens[:8], 4, b"m") == keys[:2]  # whole blocks: none
+    assert prompt_block_hashes([5], 4) == [hash_partial_block(ROOT_DIGEST, [5])]
+    assert prompt_block_hashes([], 4) == []
+
+
+def test_a_partial_key_never_equals_a_full_or_another_partial_block_s() -> None:
+    parent = hash_block(ROOT_DIGEST, [1, 2, 3, 4])
+    partial = hash_partial_block(parent, [5, 6, 7, 8])  # as many tokens as a full block
+    assert partial != hash_block(parent, [5, 6, 7, 8])
+    assert partial != hash_partial_block(parent, [5, 6, 7])
+    assert partial != hash_partial_block(parent, [5, 6, 7, 8], b"other model")
+    with pytest.raises(InvalidParamsError, match="parent digest must be 32 bytes"):
+        hash_partial_block(b"short", [1])

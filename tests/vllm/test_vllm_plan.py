@@ -7,64 +7,90 @@ import pytest
 from kvcake.common.errors import InvalidParamsError
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
 from kvcake.vllm.instance import Company, pd_summary
-from kvcake.vllm.plan import BlockRun, StorePlan, loadable_blocks
+from kvcake.vllm.plan import BlockRun, StorePlan, complete_blocks, loadable_blocks
 from kvcake.wire.conductor import Role
 
 BS = 4
-HASHES = [bytes([i]) * 32 for i in range(8)]  # a 30-token prompt: 7 full blocks
+HASHES = [bytes([i]) * 32 for i in range(8)]  # a 30-token prompt: 7 full blocks, 1 partial
 
 
-def test_the_block_holding_the_last_prompt_token_is_never_loaded() -> None:
-    assert [loadable_blocks(n, BS) for n in (1, 4, 5, 8, 9, 30)] == [0, 0, 1, 1, 2, 7]
+def test_every_block_holding_a_token_before_the_last_may_be_loaded() -> None:
+    assert [loadable_blocks(n, BS) for n in (1, 2, 4, 5, 8, 9, 30)] == [0, 1, 1, 1, 2, 2, 8]
+    assert [complete_blocks(done, 30, BS) for done in (3, 4, 28, 29, 30, 31)] == [
+        0, 1, 7, 7, 8, 8]  # the partial last block, once the whole prompt is computed
 
 
-def test_a_lookup_starts_after_the_local_cache_and_stops_before_the_last_token() -> None:
+def test_a_lookup_starts_after_the_local_cache_and_a_hit_stops_before_the_last_token() -> None:
     plan = StorePlan(BS)
-    assert plan.lookup("r", HASHES[:7], 30, num_computed_tokens=8) == (2, 7)
-    assert plan.matched_tokens(8, first=2, hits=3) == 12  # blocks 2, 3, 4 from the store
-    assert plan.lookup("s", HASHES[:2], 8, num_computed_tokens=4) == (1, 1)  # nothing to ask
+    assert plan.lookup("r", HASHES, 30, num_computed_tokens=8) == (2, 8)
+    assert plan.matched_tokens(30, 8, first=2, hits=3) == 12  # blocks 2, 3, 4 from the store
+    assert plan.matched_tokens(30, 8, first=2, hits=6) == 21  # to the partial block's 29th
+    assert plan.lookup("s", HASHES[:2], 8, num_computed_tokens=4) == (1, 2)  # the last block
+    assert plan.matched_tokens(8, 4, first=1, hits=1) == 3  # but its last token
+    assert plan.lookup("t", HASHES[:3], 9, num_computed_tokens=8) == (2, 2)  # nothing to ask
 
 
 def test_a_hit_is_loaded_in_the_next_step_and_never_saved_again() -> None:
     plan = StorePlan(BS)
-    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.lookup("r", HASHES, 30, 0)
     plan.allocated("r", num_computed_tokens=0, num_external_tokens=12)
     ids = list(range(100, 108))
     step = plan.step({"r": 18}, lambda _: 12, lambda _: ids)
     assert step.loads == [BlockRun("r", (100, 101, 102), tuple(HASHES[:3]))]
-    assert step.saves == [BlockRun("r", (103, 104, 105, 106), tuple(HASHES[3:7]))]
+    assert step.saves == [BlockRun("r", (103, 104, 105, 106, 107), tuple(HASHES[3:]))]
     assert plan.step({"r": 1}, lambda _: 30, lambda _: ids).saves == []  # decode: nothing
 
 
-def test_blocks_of_the_local_cache_are_not_saved_again() -> None:
-    """A local prefix hit: those blocks were saved when computed (or came from the store)."""
+def test_a_whole_prompt_hit_loads_its_partial_last_block_and_saves_nothing() -> None:
     plan = StorePlan(BS)
-    assert plan.lookup("r", HASHES[:7], 30, num_computed_tokens=28) == (7, 7)
+    plan.lookup("r", HASHES, 30, 0)
+    plan.allocated("r", num_computed_tokens=0, num_external_tokens=29)
+    ids = list(range(100, 108))
+    step = plan.step({"r": 1}, lambda _: 29, lambda _: ids)
+    assert step.loads == [BlockRun("r", tuple(ids), tuple(HASHES))]
+    assert step.saves == []
+
+
+def test_a_prompt_of_whole_blocks_loads_its_last_block_but_its_last_token() -> None:
+    plan = StorePlan(BS)
+    assert plan.lookup("r", HASHES[:2], 8, 0) == (0, 2)
+    plan.allocated("r", 0, plan.matched_tokens(8, 0, first=0, hits=2))
+    step = plan.step({"r": 1}, lambda _: 7, lambda _: [5, 6])
+    assert step.loads == [BlockRun("r", (5, 6), tuple(HASHES[:2]))]
+    assert step.saves == []
+
+
+def test_blocks_of_the_local_cache_are_not_saved_again() -> None:
+    """A local prefix hit: those blocks were saved when computed (or came from the store);
+    the partial last block, which the store lacked, is saved once computed."""
+    plan = StorePlan(BS)
+    assert plan.lookup("r", HASHES, 30, num_computed_tokens=28) == (7, 8)
     step = plan.step({"r": 2}, lambda _: 28, lambda _: list(range(8)))
-    assert step.saves == step.loads == []
+    assert step.loads == []
+    assert step.saves == [BlockRun("r", (7,), (HASHES[7],))]
 
 
 def test_chunked_prefill_saves_each_block_once_as_it_fills() -> None:
     plan = StorePlan(BS)
-    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.lookup("r", HASHES, 30, 0)
     ids = list(range(8))
     first = plan.step({"r": 10}, lambda _: 0, lambda _: ids)
     second = plan.step({"r": 10}, lambda _: 10, lambda _: ids)
     third = plan.step({"r": 10}, lambda _: 20, lambda _: ids)
     assert [run.block_ids for s in (first, second, third) for run in s.saves] == [
-        (0, 1), (2, 3, 4), (5, 6)]
+        (0, 1), (2, 3, 4), (5, 6, 7)]
     assert first.loads == second.loads == third.loads == []
 
 
 def test_a_preempted_request_resumes_without_saving_twice_and_finishing_forgets_it() -> None:
     plan = StorePlan(BS)
-    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.lookup("r", HASHES, 30, 0)
     plan.step({"r": 12}, lambda _: 0, lambda _: list(range(8)))
-    assert plan.lookup("r", HASHES[:7], 30, 0) == (0, 7)  # preempted: asked again
+    assert plan.lookup("r", HASHES, 30, 0) == (0, 8)  # preempted: asked again
     plan.allocated("r", 0, 12)
     step = plan.step({"r": 18}, lambda _: 12, lambda _: list(range(20, 28)))
     assert [run.block_ids for run in step.loads] == [(20, 21, 22)]
-    assert [run.block_ids for run in step.saves] == [(23, 24, 25, 26)]
+    assert [run.block_ids for run in step.saves] == [(23, 24, 25, 26, 27)]
     plan.finished("r")
     assert len(plan) == 0
     assert plan.step({"r": 1}, lambda _: 0, lambda _: []).saves == []
@@ -72,7 +98,7 @@ def test_a_preempted_request_resumes_without_saving_twice_and_finishing_forgets_
 
 def test_unscheduled_and_untracked_requests_plan_nothing() -> None:
     plan = StorePlan(BS)
-    plan.lookup("r", HASHES[:7], 30, 0)
+    plan.lookup("r", HASHES, 30, 0)
     plan.allocated("ghost", 0, 8)
     assert plan.step({"other": 4}, lambda _: 0, lambda _: []).saves == []
 

@@ -6,9 +6,10 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
 
 - ``cold``: no connector, nothing cached;
 - ``local``: the same prompt again in the process that answered it cold (vLLM's own prefix
-  cache);
+  cache: every block but the one holding the prompt's last token, which it computes again);
 - ``kvcake``: a second process loading the first one's blocks from kvcake's store through
-  kvcake's connector (:mod:`kvcake.vllm.connector`; a master and a node started here);
+  kvcake's connector (:mod:`kvcake.vllm.connector`; a master and a node started here): the
+  block holding the last token too, so one token is computed;
 - ``mooncake``: the same through vLLM's own ``MooncakeStoreConnector``, unmodified, on
   kvcake's store (the drop-in ``mooncake.store``; ``standalone-store`` mode, the pool in a
   kvcake node);
@@ -23,10 +24,10 @@ timed. The readers answer only once every writer is done, and they take turns pr
 prompt (who goes first rotates), so two paths' hits of one prompt are seconds apart rather
 than minutes, and the machine's drift falls on all of them alike; ``vs_kvcake`` is the
 median over prompts of a path's hit over kvcake's hit of the same prompt. Each hit is also
-paired with itself: right after it the reader answers the same prompt again from vLLM's own
-prefix cache, and the median of hit/that local hit is ``vs_again`` (``again_ttft_s``: that
-local hit's TTFT). ``cold`` runs first, in a process of its own that then stays, and
-takes its turns with the readers as ``local``.
+paired with itself: right after it the reader answers the same prompt again (from vLLM's
+own prefix cache, and with kvcake's connector the store's last block), and the median of
+hit/that second answer is ``vs_again`` (``again_ttft_s``: its TTFT). ``cold`` runs first,
+in a process of its own that then stays, and takes its turns with the readers as ``local``.
 
 ``tokens_equal``: the 8 greedy tokens each path gives equal cold's. Every instance first
 answers a short prompt (less than a block: nothing is stored), as a serving instance has:
@@ -199,7 +200,7 @@ def _kvcake_store(prompts: Prompts) -> Iterator[tuple[str, Any]]:
 
 
 def _blocks(prompts: Prompts) -> int:
-    return sum(len(prompt) // BLOCK for _, prompt in _each(prompts))
+    return sum(-(-len(prompt) // BLOCK) for _, prompt in _each(prompts))
 
 
 def _pool_bytes(blocks: int) -> int:
@@ -302,7 +303,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     external = ", ".join(c for c in ran if c not in ("cold", "local"))
     lines.append(f"TTFT, median; {external}: a second process loading what the first one "
                  "saved")
-    for field, what in (("vs_again", "the same prompt's local hit right after it, in the "
+    for field, what in (("vs_again", "the same prompt asked again right after it, in the "
                                       "reading process"),
                         ("vs_kvcake", "kvcake's hit of the same prompt, the readers taking "
                                       "turns")):

@@ -6,7 +6,9 @@ A block's key names the block *and everything before it*::
     digest[i]   = SHA-256( digest[i-1]     || tokens[iB:(i+1)B] as LE u32        || salt )
 
 ``ROOT`` is 32 zero bytes; ``salt`` separates models and tenants (the same tokens under another
-model must never share KV). Only full blocks get keys: a partial tail block is never cached.
+model must never share KV). Full blocks chain; a prompt's partial last block gets a key of
+its own kind (:func:`hash_partial_block`), which nothing chains onto and no full block's key
+can equal.
 Python's ``hash()`` is never used: it changes per process, which silently zeroes cross-instance
 hit rates.
 """
@@ -23,6 +25,7 @@ from kvcake.common.errors import InvalidParamsError
 ROOT_DIGEST = bytes(32)
 DIGEST_SIZE = 32
 _U32_MAX = 0xFFFFFFFF
+_PARTIAL = b"kvcake/partial-block\0"  # opens a partial block's digest input, never a full one's
 
 
 def _token_bytes(tokens: Sequence[int]) -> bytes:
@@ -56,4 +59,25 @@ def prefix_block_hashes(
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = hash_block(parent, tokens[start : start + block_size], salt)
         keys.append(parent)
+    return keys
+
+
+def hash_partial_block(parent: bytes, tokens: Sequence[int], salt: bytes = b"") -> bytes:
+    """Digest of a prompt's partial last block (fewer tokens than a block holds) after the
+    full block ``parent``. Its input opens with a marker where a full block's opens with a
+    digest (zeros, or SHA-256 output), and it counts its tokens."""
+    if len(parent) != DIGEST_SIZE:
+        raise InvalidParamsError(f"parent digest must be {DIGEST_SIZE} bytes, got {len(parent)}")
+    digest = hashlib.sha256(_PARTIAL + parent + len(tokens).to_bytes(4, "little"))
+    digest.update(_token_bytes(tokens))
+    digest.update(salt)
+    return digest.digest()
+
+
+def prompt_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"") -> list[bytes]:
+    """Keys of every block of a prompt: its full blocks', then its partial last block's."""
+    keys = prefix_block_hashes(tokens, block_size, salt)
+    tail = tokens[len(keys) * block_size:]
+    if tail:
+        keys.append(hash_partial_block(keys[-1] if keys else ROOT_DIGEST, tail, salt))
     return keys

@@ -23,14 +23,16 @@ Start vLLM with::
 
 Keys are ``<fingerprint>/<tenant>/<block hash hex>``, the block hash kvcake's own: SHA-256
 chained over the prompt's token ids, block by block, salted with ``<fingerprint>/<tenant>``
-(:func:`kvcake.common.hashing.prefix_block_hashes`). The Conductor hashes a prompt the same
-way, so it sees which leading blocks the store holds for a vLLM instance as for one of
-kvcake's, and the keys never depend on vLLM's own hash seed (``PYTHONHASHSEED``, its hash
-algorithm). The fingerprint (:func:`vllm_fingerprint`) names everything else that makes a
-block's bytes valid: the model's files, dtypes, block size, vLLM's version and the CPU's KV
-layout. Values are kvcake's versioned block records
-(:mod:`kvcake.engine.kv.format`): a header and a checksum around every layer's bytes of the
-block, which stay opaque (vLLM-CPU's layout inside a block depends on the ISA).
+(:func:`kvcake.common.hashing.prefix_block_hashes`), and a key of its own kind for the
+prompt's partial last block, so that a hit leaves one token to compute (``vllm.plan``). The
+Conductor hashes a prompt's full blocks the same way, so it sees which leading blocks the
+store holds for a vLLM instance as for one of kvcake's, and the keys never depend on vLLM's
+own hash seed (``PYTHONHASHSEED``, its hash algorithm). The fingerprint
+(:func:`vllm_fingerprint`) names everything else that makes a block's bytes valid: the
+model's files, dtypes, block size, vLLM's version and the CPU's KV layout. Values are
+kvcake's versioned block records (:mod:`kvcake.engine.kv.format`): a header and a checksum
+around every layer's bytes of the block, which stay opaque (vLLM-CPU's layout inside a block
+depends on the ISA).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvcake.common.codec import encode
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.hashing import prefix_block_hashes
+from kvcake.common.hashing import prompt_block_hashes
 from kvcake.common.log import get_logger, setup_package_logging
 from kvcake.common.rpc import RpcClient
 from kvcake.engine.kv.connector import (
@@ -193,16 +195,18 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                        num_computed_tokens)
         if stop <= first:
             return 0, False
-        hashes = list(keys[first:stop])
-        return self.plan.matched_tokens(num_computed_tokens, first, self._hits(hashes)), False
+        hits = self._hits(list(keys[first:stop]))
+        return self.plan.matched_tokens(request.num_prompt_tokens, num_computed_tokens, first,
+                                        hits), False
 
     def _block_hashes(self, request: Any) -> tuple[bytes, ...]:
-        """The hashes of the prompt's full blocks, as the Conductor makes them; none for a
-        prompt given as embeddings. Made once per request."""
+        """The hashes of the prompt's blocks (the full ones as the Conductor makes them, then
+        the partial last one); none for a prompt given as embeddings. Made once per
+        request."""
         known = self._hashes.get(request.request_id)
         if known is None:
             tokens = request.prompt_token_ids or ()
-            known = tuple(prefix_block_hashes(tokens, self.block_size, self.prefix.encode()))
+            known = tuple(prompt_block_hashes(tokens, self.block_size, self.prefix.encode()))
             self._hashes[request.request_id] = known
         return known
 

@@ -1,18 +1,26 @@
 """The scheduler side of kvcake's vLLM connector, without vLLM: which blocks of each request
 come from the store before a step, and which go to it after. No I/O, no torch.
 
-A prompt's blocks, each with its hash (one per full block, see ``vllm.connector``)::
+A prompt's blocks, each with its hash (see ``vllm.connector``)::
 
-    block      0        1        2        3      (4: partial, never stored)
+    block      0        1        2        3         4: partial, a key of its own kind
     tokens   [0,128) [128,256) [256,384) [384,512) [512,530)
-             |<- local cache ->|<- store hit ---->|<- computed -------->
-                                                  ^ loadable: never the block holding the
-                                                    prompt's last token, whose logits start
-                                                    the output
+             |<- local cache ->|<- store hit -------------------->| computed: token 529
+                                                                    only, whose logits
+                                                                    start the output
+
+vLLM's own prefix cache reuses whole blocks short of the last token, so it computes up to a
+block's worth of tokens again (all of block 4 above; all of block 3 for a 512-token prompt).
+The store also holds each prompt's last block, partial or not: a hit loads every token but
+the last (:func:`loadable_blocks`), and one token is computed.
 
 A step's plan (:class:`StepPlan`) lists loads (store -> the blocks just allocated, before the
-forward pass) and saves (every prompt block that becomes full in this step and is not known
-to be stored yet). Decode-time blocks are not saved: the store holds prompts' prefixes.
+forward pass) and saves (every prompt block whose tokens are all computed after this step and
+which is not known to be stored yet: the partial last block once the whole prompt is).
+Decode-time blocks are not saved: the store holds prompts. A partial block's record is the
+whole block: its slots past the prompt hold what this instance last wrote there (its own
+KV, under its own tenant's keys), which a reader's attention never reads and its decode
+overwrites.
 """
 
 from __future__ import annotations
@@ -22,8 +30,17 @@ from dataclasses import dataclass, field
 
 
 def loadable_blocks(num_prompt_tokens: int, block_size: int) -> int:
-    """Full prompt blocks that may come from the store (the last token is always computed)."""
-    return max(num_prompt_tokens - 1, 0) // block_size
+    """Prompt blocks that may come from the store: those holding a token before the last
+    (the last token is always computed)."""
+    return -(-max(num_prompt_tokens - 1, 0) // block_size)
+
+
+def complete_blocks(num_done_tokens: int, num_prompt_tokens: int, block_size: int) -> int:
+    """Prompt blocks whose tokens are all computed: the partial last block once every
+    prompt token is."""
+    if num_done_tokens >= num_prompt_tokens:
+        return -(-num_prompt_tokens // block_size)
+    return num_done_tokens // block_size
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ class StepPlan:
 
 @dataclass
 class _Tracked:
-    block_hashes: Sequence[bytes]  # the prompt's full blocks
+    block_hashes: Sequence[bytes]  # the prompt's blocks, the partial last one too
     num_prompt_tokens: int
     saved_blocks: int = 0  # blocks [0, saved) are stored or on their way
     load: tuple[int, int] | None = None  # (first block, count) for the next step
@@ -70,9 +87,12 @@ class StorePlan:
         tracked.block_hashes = block_hashes  # a resumed request keeps its list
         return first, stop
 
-    def matched_tokens(self, num_computed_tokens: int, first: int, hits: int) -> int:
-        """Tokens the store adds after the ``hits`` leading blocks from ``first`` exist."""
-        return max((first + hits) * self.block_size - num_computed_tokens, 0)
+    def matched_tokens(self, num_prompt_tokens: int, num_computed_tokens: int, first: int,
+                       hits: int) -> int:
+        """Tokens the store adds after the ``hits`` leading blocks from ``first`` exist
+        (never the prompt's last token)."""
+        covered = min((first + hits) * self.block_size, num_prompt_tokens - 1)
+        return max(covered - num_computed_tokens, 0)
 
     def allocated(self, request_id: str, num_computed_tokens: int,
                   num_external_tokens: int) -> None:
@@ -81,7 +101,7 @@ class StorePlan:
         if tracked is None or num_external_tokens <= 0:
             return
         first = num_computed_tokens // self.block_size
-        count = num_external_tokens // self.block_size
+        count = -(-(num_computed_tokens + num_external_tokens) // self.block_size) - first
         tracked.load = (first, count)
         tracked.saved_blocks = max(tracked.saved_blocks, first + count)  # already stored
 
@@ -98,7 +118,7 @@ class StorePlan:
                 plan.loads.append(self._run(request_id, tracked, ids, *tracked.load))
                 tracked.load = None
             done = computed(request_id) + scheduled[request_id]
-            full = min(done, tracked.num_prompt_tokens) // self.block_size
+            full = complete_blocks(done, tracked.num_prompt_tokens, self.block_size)
             full = min(full, len(tracked.block_hashes), len(ids))
             if full > tracked.saved_blocks:
                 first = tracked.saved_blocks
