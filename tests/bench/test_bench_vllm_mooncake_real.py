@@ -79,7 +79,7 @@ def test_the_real_row_is_left_out_with_one_line_when_the_wheel_is_missing(
         fake_measurements(prompts, timings, ("local", *(path.name for path in paths)))
 
     @contextmanager
-    def store(_prompts: Prompts) -> Iterator[tuple[str, Any]]:
+    def store(_blocks: int) -> Iterator[tuple[str, Any]]:
         yield "127.0.0.1:1", lambda: None
 
     def real(*_args: Any) -> None:
@@ -211,7 +211,7 @@ def test_each_path_keeps_its_own_settings_while_all_of_them_are_open(
     masters = iter(["127.0.0.1:1", "127.0.0.1:2"])
 
     @contextmanager
-    def store(_prompts: Prompts) -> Iterator[tuple[str, Any]]:
+    def store(_blocks: int) -> Iterator[tuple[str, Any]]:
         yield next(masters), lambda: None
 
     @contextmanager

@@ -186,11 +186,10 @@ def _take_turns(names: Sequence[str], readers: Sequence[VllmInstance], prompts: 
 
 
 @contextmanager
-def _kvcake_store(prompts: Prompts) -> Iterator[tuple[str, Any]]:
-    """A master and a node with room for every block: the master's endpoint, and a wait
-    until the store holds them all."""
+def _kvcake_store(blocks: int) -> Iterator[tuple[str, Any]]:
+    """A master and a node with room for ``blocks``: the master's endpoint, and a wait until
+    the store holds them all."""
     master, endpoint = start_master()
-    blocks = _blocks(prompts)
     node = start_node(endpoint, f"{_pool_bytes(blocks) // MiB}MiB")
     try:
         yield endpoint, lambda: wait_stored(master.endpoints["metrics"], blocks)
@@ -199,8 +198,11 @@ def _kvcake_store(prompts: Prompts) -> Iterator[tuple[str, Any]]:
         master.stop()
 
 
-def _blocks(prompts: Prompts) -> int:
-    return sum(-(-len(prompt) // BLOCK) for _, prompt in _each(prompts))
+def _blocks(prompts: Prompts, partial: bool = False) -> int:
+    """The prompts' full blocks, and with ``partial`` their partial last blocks (kvcake's
+    connector stores those, ``MooncakeStoreConnector`` does not)."""
+    ceil = BLOCK - 1 if partial else 0
+    return sum((len(prompt) + ceil) // BLOCK for _, prompt in _each(prompts))
 
 
 def _pool_bytes(blocks: int) -> int:
@@ -212,9 +214,9 @@ def _paths(stack: ExitStack, python: Path, prompts: Prompts) -> list[External]:
     the real Mooncake left out, with a line saying how to install it, where its wheel is
     missing."""
     root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvcake-bench-vllm-")))
-    endpoint, settle = stack.enter_context(_kvcake_store(prompts))
+    endpoint, settle = stack.enter_context(_kvcake_store(_blocks(prompts, partial=True)))
     paths = [External("kvcake", kvcake_transfer(endpoint), settle=settle)]
-    endpoint, settle = stack.enter_context(_kvcake_store(prompts))
+    endpoint, settle = stack.enter_context(_kvcake_store(_blocks(prompts)))
     transfer, env = mooncake_transfer(endpoint, _made(root / "mooncake"))
     paths.append(External("mooncake", transfer, env, settle=settle))
     missing = missing_real_mooncake(python)
