@@ -7,11 +7,12 @@ import pytest
 from kvcake.common.errors import InvalidParamsError
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
 from kvcake.vllm.instance import Company, pd_summary
-from kvcake.vllm.plan import BlockRun, StorePlan, complete_blocks, loadable_blocks
+from kvcake.vllm.plan import BlockRun, StepPlan, StorePlan, complete_blocks, loadable_blocks
 from kvcake.wire.conductor import Role
 
 BS = 4
 HASHES = [bytes([i]) * 32 for i in range(8)]  # a 30-token prompt: 7 full blocks, 1 partial
+IDS = tuple(range(100, 108))  # its vLLM blocks
 
 
 def test_every_block_holding_a_token_before_the_last_may_be_loaded() -> None:
@@ -30,24 +31,26 @@ def test_a_lookup_starts_after_the_local_cache_and_a_hit_stops_before_the_last_t
     assert plan.lookup("t", HASHES[:3], 9, num_computed_tokens=8) == (2, 2)  # nothing to ask
 
 
-def test_a_hit_is_loaded_in_the_next_step_and_never_saved_again() -> None:
+def _hit(num_external_tokens: int) -> tuple[StorePlan, StepPlan]:
+    """The 30-token prompt's first step after the store gave its leading tokens (blocks
+    ``100 ...``), with the rest of the prompt computed in it."""
     plan = StorePlan(BS)
     plan.lookup("r", HASHES, 30, 0)
-    plan.allocated("r", num_computed_tokens=0, num_external_tokens=12)
-    ids = list(range(100, 108))
-    step = plan.step({"r": 18}, lambda _: 12, lambda _: ids)
+    plan.allocated("r", num_computed_tokens=0, num_external_tokens=num_external_tokens)
+    return plan, plan.step({"r": 30 - num_external_tokens}, lambda _: num_external_tokens,
+                           lambda _: IDS)
+
+
+def test_a_hit_is_loaded_in_the_next_step_and_never_saved_again() -> None:
+    plan, step = _hit(12)
     assert step.loads == [BlockRun("r", (100, 101, 102), tuple(HASHES[:3]))]
     assert step.saves == [BlockRun("r", (103, 104, 105, 106, 107), tuple(HASHES[3:]))]
-    assert plan.step({"r": 1}, lambda _: 30, lambda _: ids).saves == []  # decode: nothing
+    assert plan.step({"r": 1}, lambda _: 30, lambda _: IDS).saves == []  # decode: nothing
 
 
 def test_a_whole_prompt_hit_loads_its_partial_last_block_and_saves_nothing() -> None:
-    plan = StorePlan(BS)
-    plan.lookup("r", HASHES, 30, 0)
-    plan.allocated("r", num_computed_tokens=0, num_external_tokens=29)
-    ids = list(range(100, 108))
-    step = plan.step({"r": 1}, lambda _: 29, lambda _: ids)
-    assert step.loads == [BlockRun("r", tuple(ids), tuple(HASHES))]
+    _, step = _hit(29)
+    assert step.loads == [BlockRun("r", IDS, tuple(HASHES))]
     assert step.saves == []
 
 
