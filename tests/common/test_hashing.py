@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from kvcake.common import ROOT_DIGEST, InvalidParamsError, hash_block, prefix_block_hashes
-from kvcake.common.hashing import hash_partial_block, prompt_block_hashes
+from kvcake.common.hashing import hash_partial_block
 
 
 def test_digests_are_pinned() -> None:
@@ -48,17 +48,11 @@ def test_rejects_bad_block_size_and_parent() -> None:
         hash_block(b"short", [1])
 
 
-def test_a_prompt_s_partial_last_block_has_a_key_of_its_own_kind() -> None:
-    tokens = list(range(10))
-    keys = prompt_block_hashes(tokens, 4, b"m")
-    assert keys[:2] == prefix_block_hashes(tokens, 4, b"m")
-    assert keys[2] == hash_partial_block(keys[1], [8, 9], b"m")
-    expected = hashlib.sha256(b"kvcake/partial-block\0" + keys[1] + struct.pack("<I2I", 2, 8, 9)
+def test_a_partial_block_s_key_is_marker_parent_count_tokens_salt() -> None:
+    parent = prefix_block_hashes(list(range(8)), 4, b"m")[1]
+    expected = hashlib.sha256(b"kvcake/partial-block\0" + parent + struct.pack("<I2I", 2, 8, 9)
                               + b"m").digest()
-    assert keys[2] == expected  # pinned layout: marker, parent, count, tokens, salt
-    assert prompt_block_hashes(tokens[:8], 4, b"m") == keys[:2]  # whole blocks: none
-    assert prompt_block_hashes([5], 4) == [hash_partial_block(ROOT_DIGEST, [5])]
-    assert prompt_block_hashes([], 4) == []
+    assert hash_partial_block(parent, [8, 9], b"m") == expected
 
 
 def test_a_partial_key_never_equals_a_full_or_another_partial_block_s() -> None:

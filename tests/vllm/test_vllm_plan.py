@@ -5,14 +5,32 @@ from __future__ import annotations
 import pytest
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.common.hashing import hash_partial_block, prefix_block_hashes
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
 from kvcake.vllm.instance import Company, pd_summary
-from kvcake.vllm.plan import BlockRun, StepPlan, StorePlan, complete_blocks, loadable_blocks
+from kvcake.vllm.plan import (
+    BlockRun,
+    StepPlan,
+    StorePlan,
+    complete_blocks,
+    loadable_blocks,
+    prompt_block_hashes,
+)
 from kvcake.wire.conductor import Role
 
 BS = 4
 HASHES = [bytes([i]) * 32 for i in range(8)]  # a 30-token prompt: 7 full blocks, 1 partial
 IDS = tuple(range(100, 108))  # its vLLM blocks
+
+
+def test_a_prompt_longer_than_a_block_has_a_key_for_its_partial_last_block() -> None:
+    tokens = list(range(10))
+    keys = prompt_block_hashes(tokens, BS, b"m")
+    assert keys[:2] == prefix_block_hashes(tokens, BS, b"m")  # the Conductor's
+    assert keys[2:] == [hash_partial_block(keys[1], [8, 9], b"m")]
+    assert prompt_block_hashes(tokens[:8], BS, b"m") == keys[:2]  # whole blocks
+    assert prompt_block_hashes(tokens[:3], BS, b"m") == []  # shorter than a block: none
+    assert prompt_block_hashes(tokens[:4], BS, b"m") == keys[:1]
 
 
 def test_every_block_holding_a_token_before_the_last_may_be_loaded() -> None:

@@ -199,10 +199,12 @@ def _kvcake_store(blocks: int) -> Iterator[tuple[str, Any]]:
 
 
 def _blocks(prompts: Prompts, partial: bool = False) -> int:
-    """The prompts' full blocks, and with ``partial`` their partial last blocks (kvcake's
-    connector stores those, ``MooncakeStoreConnector`` does not)."""
-    ceil = BLOCK - 1 if partial else 0
-    return sum((len(prompt) + ceil) // BLOCK for _, prompt in _each(prompts))
+    """The prompts' full blocks, and with ``partial`` the partial last blocks of those
+    longer than a block (kvcake's connector stores those, ``MooncakeStoreConnector`` does
+    not)."""
+    return sum(len(prompt) // BLOCK + (partial and len(prompt) > BLOCK
+                                       and len(prompt) % BLOCK > 0)
+               for _, prompt in _each(prompts))
 
 
 def _pool_bytes(blocks: int) -> int:

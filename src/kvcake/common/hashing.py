@@ -73,11 +73,3 @@ def hash_partial_block(parent: bytes, tokens: Sequence[int], salt: bytes = b"") 
     digest.update(salt)
     return digest.digest()
 
-
-def prompt_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"") -> list[bytes]:
-    """Keys of every block of a prompt: its full blocks', then its partial last block's."""
-    keys = prefix_block_hashes(tokens, block_size, salt)
-    tail = tokens[len(keys) * block_size:]
-    if tail:
-        keys.append(hash_partial_block(keys[-1] if keys else ROOT_DIGEST, tail, salt))
-    return keys

@@ -24,7 +24,8 @@ Start vLLM with::
 Keys are ``<fingerprint>/<tenant>/<block hash hex>``, the block hash kvcake's own: SHA-256
 chained over the prompt's token ids, block by block, salted with ``<fingerprint>/<tenant>``
 (:func:`kvcake.common.hashing.prefix_block_hashes`), and a key of its own kind for the
-prompt's partial last block, so that a hit leaves one token to compute (``vllm.plan``). The
+partial last block of a prompt longer than a block, so that a hit leaves one token to
+compute (:func:`kvcake.vllm.plan.prompt_block_hashes`). The
 Conductor hashes a prompt's full blocks the same way, so it sees which leading blocks the
 store holds for a vLLM instance as for one of kvcake's, and the keys never depend on vLLM's
 own hash seed (``PYTHONHASHSEED``, its hash algorithm). The fingerprint
@@ -60,7 +61,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvcake.common.codec import encode
 from kvcake.common.errors import InvalidParamsError, KvcakeError
-from kvcake.common.hashing import prompt_block_hashes
 from kvcake.common.log import get_logger, setup_package_logging
 from kvcake.common.rpc import RpcClient
 from kvcake.engine.kv.connector import (
@@ -76,7 +76,7 @@ from kvcake.transfer.segment import Segment, instance_registrant
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
 from kvcake.vllm.control import ControlServer
 from kvcake.vllm.pd import Arrival, DecodeWait, PdPlan, PrefillTarget, Send, pd_params
-from kvcake.vllm.plan import StepPlan, StorePlan
+from kvcake.vllm.plan import StepPlan, StorePlan, prompt_block_hashes
 from kvcake.wire.kv import KVRegion, store_keys
 from kvcake.wire.vllm import KvArrived
 

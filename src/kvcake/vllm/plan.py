@@ -11,8 +11,8 @@ A prompt's blocks, each with its hash (see ``vllm.connector``)::
 
 vLLM's own prefix cache reuses whole blocks short of the last token, so it computes up to a
 block's worth of tokens again (all of block 4 above; all of block 3 for a 512-token prompt).
-The store also holds each prompt's last block, partial or not: a hit loads every token but
-the last (:func:`loadable_blocks`), and one token is computed.
+The store also holds the last block of each prompt longer than a block, partial or not: a
+hit loads every token but the last (:func:`loadable_blocks`), and one token is computed.
 
 A step's plan (:class:`StepPlan`) lists loads (store -> the blocks just allocated, before the
 forward pass) and saves (every prompt block whose tokens are all computed after this step and
@@ -27,6 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from kvcake.common.hashing import hash_partial_block, prefix_block_hashes
+
+
+def prompt_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes) -> list[bytes]:
+    """Keys of a prompt's blocks: its full blocks' (:func:`prefix_block_hashes`, as the
+    Conductor makes them), then its partial last block's. A prompt shorter than one block
+    gets none: its KV is cheap to compute, and its record would cost a whole block."""
+    keys = prefix_block_hashes(tokens, block_size, salt)
+    tail = tokens[len(keys) * block_size:]
+    if keys and tail:
+        keys.append(hash_partial_block(keys[-1], tail, salt))
+    return keys
 
 
 def loadable_blocks(num_prompt_tokens: int, block_size: int) -> int:
