@@ -55,6 +55,7 @@ from kvcake.common.config import MiB
 from kvcake.common.errors import KvcakeError
 from kvcake.ops import start_master, start_node
 from kvcake.vllm.launch import vllm_python
+from kvcake.vllm.plan import prompt_block_hashes
 
 CONNECTORS = ("cold", "local", "kvcake", "mooncake", "mooncake-real", "example")
 # the ratio columns: numerator, denominator, decimals (a column shows where both ran)
@@ -199,12 +200,11 @@ def _kvcake_store(blocks: int) -> Iterator[tuple[str, Any]]:
 
 
 def _blocks(prompts: Prompts, partial: bool = False) -> int:
-    """The prompts' full blocks, and with ``partial`` the partial last blocks of those
-    longer than a block (kvcake's connector stores those, ``MooncakeStoreConnector`` does
-    not)."""
-    return sum(len(prompt) // BLOCK + (partial and len(prompt) > BLOCK
-                                       and len(prompt) % BLOCK > 0)
-               for _, prompt in _each(prompts))
+    """The prompts' full blocks, and with ``partial`` the partial last blocks kvcake's
+    connector also stores (``MooncakeStoreConnector`` does not)."""
+    if partial:
+        return sum(len(prompt_block_hashes(prompt, BLOCK, b"")) for _, prompt in _each(prompts))
+    return sum(len(prompt) // BLOCK for _, prompt in _each(prompts))
 
 
 def _pool_bytes(blocks: int) -> int:

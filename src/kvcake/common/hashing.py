@@ -72,4 +72,3 @@ def hash_partial_block(parent: bytes, tokens: Sequence[int], salt: bytes = b"") 
     digest.update(_token_bytes(tokens))
     digest.update(salt)
     return digest.digest()
-

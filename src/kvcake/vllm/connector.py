@@ -25,10 +25,10 @@ Keys are ``<fingerprint>/<tenant>/<block hash hex>``, the block hash kvcake's ow
 chained over the prompt's token ids, block by block, salted with ``<fingerprint>/<tenant>``
 (:func:`kvcake.common.hashing.prefix_block_hashes`), and a key of its own kind for the
 partial last block of a prompt longer than a block, so that a hit leaves one token to
-compute (:func:`kvcake.vllm.plan.prompt_block_hashes`). The
-Conductor hashes a prompt's full blocks the same way, so it sees which leading blocks the
-store holds for a vLLM instance as for one of kvcake's, and the keys never depend on vLLM's
-own hash seed (``PYTHONHASHSEED``, its hash algorithm). The fingerprint
+compute (:func:`kvcake.vllm.plan.prompt_block_hashes`). The Conductor hashes a prompt's full
+blocks the same way, so it sees which leading blocks the store holds for a vLLM instance as
+for one of kvcake's, and the keys never depend on vLLM's own hash seed (``PYTHONHASHSEED``,
+its hash algorithm). The fingerprint
 (:func:`vllm_fingerprint`) names everything else that makes a block's bytes valid: the
 model's files, dtypes, block size, vLLM's version and the CPU's KV layout. Values are
 kvcake's versioned block records (:mod:`kvcake.engine.kv.format`): a header and a checksum

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvcake.common.hashing import hash_partial_block, prefix_block_hashes
+from kvcake.vllm.pd import prompt_blocks
 
 
 def prompt_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes) -> list[bytes]:
@@ -45,14 +46,14 @@ def prompt_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes) -> 
 def loadable_blocks(num_prompt_tokens: int, block_size: int) -> int:
     """Prompt blocks that may come from the store: those holding a token before the last
     (the last token is always computed)."""
-    return -(-max(num_prompt_tokens - 1, 0) // block_size)
+    return prompt_blocks(max(num_prompt_tokens - 1, 0), block_size)
 
 
 def complete_blocks(num_done_tokens: int, num_prompt_tokens: int, block_size: int) -> int:
     """Prompt blocks whose tokens are all computed: the partial last block once every
     prompt token is."""
     if num_done_tokens >= num_prompt_tokens:
-        return -(-num_prompt_tokens // block_size)
+        return prompt_blocks(num_prompt_tokens, block_size)
     return num_done_tokens // block_size
 
 
@@ -114,7 +115,7 @@ class StorePlan:
         if tracked is None or num_external_tokens <= 0:
             return
         first = num_computed_tokens // self.block_size
-        count = -(-(num_computed_tokens + num_external_tokens) // self.block_size) - first
+        count = prompt_blocks(num_computed_tokens + num_external_tokens, self.block_size) - first
         tracked.load = (first, count)
         tracked.saved_blocks = max(tracked.saved_blocks, first + count)  # already stored
 
