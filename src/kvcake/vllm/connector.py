@@ -6,8 +6,10 @@
     KvcakeConnector, role SCHEDULER          KvcakeConnector, role WORKER
       get_num_new_matched_tokens:              start_load_kv: the plan's loads, store ->
         batch_is_exist on the prompt's           paged cache (layered_load: layer by layer
-        block keys -> leading hits               on a helper thread, wait_for_layer_load
-        update_state_after_alloc                 waiting for each); each block checked
+        block keys -> leading hits, then         on a helper thread, wait_for_layer_load
+        an earlier prompt's partial block        waiting for each); each block checked
+        where they stop
+        update_state_after_alloc
                                                  (header, checksum): a bad one is a load
                                                  error and vLLM recomputes from it
         build_connector_meta -> StepPlan  -->  wait_for_save: the plan's saves, paged cache
@@ -25,15 +27,15 @@ Keys are ``<fingerprint>/<tenant>/<block hash hex>``, the block hash kvcake's ow
 chained over the prompt's token ids, block by block, salted with ``<fingerprint>/<tenant>``
 (:func:`kvcake.common.hashing.prefix_block_hashes`), and a key of its own kind for the
 partial last block of a prompt longer than a block, so that a hit leaves one token to
-compute (:func:`kvcake.vllm.plan.prompt_block_hashes`). The Conductor hashes a prompt's full
-blocks the same way, so it sees which leading blocks the store holds for a vLLM instance as
-for one of kvcake's, and the keys never depend on vLLM's own hash seed (``PYTHONHASHSEED``,
-its hash algorithm). The fingerprint
-(:func:`vllm_fingerprint`) names everything else that makes a block's bytes valid: the
-model's files, dtypes, block size, vLLM's version and the CPU's KV layout. Values are
-kvcake's versioned block records (:mod:`kvcake.engine.kv.format`): a header and a checksum
-around every layer's bytes of the block, which stay opaque (vLLM-CPU's layout inside a block
-depends on the ISA).
+compute (:func:`kvcake.vllm.plan.prompt_block_hashes`) and a longer prompt that starts with
+this one loads its tail too (:func:`kvcake.vllm.plan.tail_candidates`). The Conductor
+hashes a prompt's full blocks the same way, so it sees which leading blocks the store holds
+for a vLLM instance as for one of kvcake's, and the keys never depend on vLLM's own hash
+seed (``PYTHONHASHSEED``, its hash algorithm). The fingerprint (:func:`vllm_fingerprint`)
+names everything else that makes a block's bytes valid: the model's files, dtypes, block
+size, vLLM's version and the CPU's KV layout. Values are kvcake's versioned block records
+(:mod:`kvcake.engine.kv.format`): a header and a checksum around every layer's bytes of the
+block, which stay opaque (vLLM-CPU's layout inside a block depends on the ISA).
 """
 
 from __future__ import annotations
@@ -195,9 +197,13 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                        num_computed_tokens)
         if stop <= first:
             return 0, False
-        hits = self._hits(list(keys[first:stop]))
+        found = self._exist(list(keys[first:stop]))
+        if found is None:
+            return 0, False
+        hits = next((i for i, held in enumerate(found) if not held), len(found))
+        tail = self._tail(request, first + hits) if first + hits < stop else 0
         return self.plan.matched_tokens(request.num_prompt_tokens, num_computed_tokens, first,
-                                        hits), False
+                                        hits, tail), False
 
     def _block_hashes(self, request: Any) -> tuple[bytes, ...]:
         """The hashes of the prompt's blocks (the full ones as the Conductor makes them, then
@@ -210,16 +216,30 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._hashes[request.request_id] = known
         return known
 
-    def _hits(self, block_hashes: list[bytes]) -> int:
-        """Leading blocks the store holds (0 when it cannot say)."""
+    def _tail(self, request: Any, block: int) -> int:
+        """Tokens of the longest partial record an earlier prompt left at ``block``, where
+        this one's chain of blocks stopped (0: none); the plan loads it."""
+        candidates = self.plan.tail_lookup(request.request_id, request.prompt_token_ids or (),
+                                           block, self.prefix.encode())
+        found = self._exist([key for _, key in candidates]) if candidates else None
+        if found is None:
+            return 0
+        count, key = next((c for c, held in zip(candidates, found, strict=True) if held),
+                          (0, b""))
+        if count:
+            self.plan.tail_hit(request.request_id, block, key)
+        return count
+
+    def _exist(self, block_hashes: list[bytes]) -> list[bool] | None:
+        """Which blocks the store holds (``None`` when it cannot say)."""
         try:
             codes = self.transfer.io.run(
                 self.store.batch_is_exist(store_keys(self.prefix, block_hashes)),
                 _LOOKUP_TIMEOUT_S)
         except (KvcakeError, concurrent.futures.TimeoutError) as exc:
             log.warning("store lookup failed, computing instead: %r", exc)
-            return 0
-        return next((i for i, code in enumerate(codes) if code != 1), len(codes))
+            return None
+        return [code == 1 for code in codes]
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:

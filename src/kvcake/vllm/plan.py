@@ -14,6 +14,15 @@ block's worth of tokens again (all of block 4 above; all of block 3 for a 512-to
 The store also holds the last block of each prompt longer than a block, partial or not: a
 hit loads every token but the last (:func:`loadable_blocks`), and one token is computed.
 
+A later prompt that extends an earlier one (a conversation's next turn) holds the earlier
+prompt's tail at the start of a block whose key is new. Where the chain of full blocks stops,
+the store is asked for a partial record there under every count of this prompt's tokens that
+fits (:func:`tail_candidates`), and the longest found is loaded::
+
+    earlier prompt   ...][ block 3 ][ 512..529 ]              block 4: a partial record
+    this prompt      ...][ block 3 ][ 512..529 | 530..639 ][...  block 4: those 18 tokens
+                                                                 load, the rest computes
+
 A step's plan (:class:`StepPlan`) lists loads (store -> the blocks just allocated, before the
 forward pass) and saves (every prompt block whose tokens are all computed after this step and
 which is not known to be stored yet: the partial last block once the whole prompt is).
@@ -41,6 +50,17 @@ def prompt_block_hashes(tokens: Sequence[int], block_size: int, salt: bytes) -> 
     if keys and tail:
         keys.append(hash_partial_block(keys[-1], tail, salt))
     return keys
+
+
+def tail_candidates(tokens: Sequence[int], block: int, block_size: int, parent: bytes,
+                    salt: bytes) -> list[tuple[int, bytes]]:
+    """``(count, key)`` of every partial record an earlier prompt with this one's tokens up to
+    ``block`` may have stored at ``block`` (its parent the full block ``parent``): one per
+    token count that leaves this prompt's last token to compute, longest first."""
+    start = block * block_size
+    most = min(block_size - 1, len(tokens) - 1 - start)
+    return [(count, hash_partial_block(parent, tokens[start:start + count], salt))
+            for count in range(most, 0, -1)]
 
 
 def loadable_blocks(num_prompt_tokens: int, block_size: int) -> int:
@@ -80,6 +100,7 @@ class _Tracked:
     num_prompt_tokens: int
     saved_blocks: int = 0  # blocks [0, saved) are stored or on their way
     load: tuple[int, int] | None = None  # (first block, count) for the next step
+    tail: tuple[int, bytes] | None = None  # (block, key): an earlier prompt's record there
 
 
 class StorePlan:
@@ -99,13 +120,30 @@ class StorePlan:
         tracked = self._requests.setdefault(
             request_id, _Tracked(block_hashes, num_prompt_tokens, saved_blocks=first))
         tracked.block_hashes = block_hashes  # a resumed request keeps its list
+        tracked.tail = None
         return first, stop
 
+    def tail_lookup(self, request_id: str, tokens: Sequence[int], block: int,
+                    salt: bytes) -> list[tuple[int, bytes]]:
+        """The partial records worth asking the store about at ``block``, where the chain of
+        the request's blocks stopped (:func:`tail_candidates`; none where ``block`` has no
+        full parent or no token before the prompt's last)."""
+        tracked = self._requests[request_id]
+        whole = len(tokens) // self.block_size
+        if not 1 <= block <= min(whole, len(tracked.block_hashes)):
+            return []
+        return tail_candidates(tokens, block, self.block_size, tracked.block_hashes[block - 1],
+                               salt)
+
+    def tail_hit(self, request_id: str, block: int, key: bytes) -> None:
+        """The store holds ``key``, one of :meth:`tail_lookup`'s: load it at ``block``."""
+        self._requests[request_id].tail = (block, key)
+
     def matched_tokens(self, num_prompt_tokens: int, num_computed_tokens: int, first: int,
-                       hits: int) -> int:
-        """Tokens the store adds after the ``hits`` leading blocks from ``first`` exist
-        (never the prompt's last token)."""
-        covered = min((first + hits) * self.block_size, num_prompt_tokens - 1)
+                       hits: int, tail_tokens: int = 0) -> int:
+        """Tokens the store adds after the ``hits`` leading blocks from ``first`` exist, and
+        then ``tail_tokens`` of a partial record (never the prompt's last token)."""
+        covered = min((first + hits) * self.block_size + tail_tokens, num_prompt_tokens - 1)
         return max(covered - num_computed_tokens, 0)
 
     def allocated(self, request_id: str, num_computed_tokens: int,
@@ -117,7 +155,12 @@ class StorePlan:
         first = num_computed_tokens // self.block_size
         count = prompt_blocks(num_computed_tokens + num_external_tokens, self.block_size) - first
         tracked.load = (first, count)
-        tracked.saved_blocks = max(tracked.saved_blocks, first + count)  # already stored
+        if tracked.tail is not None and tracked.tail[0] != first + count - 1:
+            tracked.tail = None  # vLLM took fewer tokens than the record's
+        # already stored, but a block loaded from another prompt's record: under its own key
+        # it is stored once computed
+        stored = first + count - (tracked.tail is not None)
+        tracked.saved_blocks = max(tracked.saved_blocks, stored)
 
     def step(self, scheduled: dict[str, int], computed: Callable[[str], int],
              block_ids: Callable[[str], Sequence[int]]) -> StepPlan:
@@ -129,7 +172,7 @@ class StorePlan:
                 continue
             ids = block_ids(request_id)
             if tracked.load is not None:
-                plan.loads.append(self._run(request_id, tracked, ids, *tracked.load))
+                plan.loads.append(self._load_run(request_id, tracked, ids))
                 tracked.load = None
             done = computed(request_id) + scheduled[request_id]
             full = complete_blocks(done, tracked.num_prompt_tokens, self.block_size)
@@ -139,6 +182,15 @@ class StorePlan:
                 plan.saves.append(self._run(request_id, tracked, ids, first, full - first))
                 tracked.saved_blocks = full
         return plan
+
+    def _load_run(self, request_id: str, tracked: _Tracked, ids: Sequence[int]) -> BlockRun:
+        assert tracked.load is not None
+        run = self._run(request_id, tracked, ids, *tracked.load)
+        if tracked.tail is None:
+            return run
+        _, key = tracked.tail
+        tracked.tail = None
+        return BlockRun(request_id, run.block_ids, (*run.block_hashes[:-1], key))
 
     @staticmethod
     def _run(request_id: str, tracked: _Tracked, ids: Sequence[int], first: int,
