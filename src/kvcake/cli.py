@@ -187,7 +187,8 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:  # type: 
                              help="prompt lengths (default 1024,4096,8000)")
     bench_reuse.set_defaults(run=_cmd_bench_reuse)
     bench_vllm = bench_cmds.add_parser("vllm", help="vLLM-CPU TTFT: cold, local prefix cache, "
-                                       "kvcake's store, vLLM's disk connector")
+                                       "kvcake's store, Mooncake, vLLM's disk connector; "
+                                       "and a conversation's next turn")
     bench_vllm.add_argument("--quick", action="store_true", help="2048-token prompts only")
     bench_vllm.add_argument("--json", action="store_true", help="one JSON object per line")
     bench_vllm.add_argument("--vllm-python", help="python of the vLLM venv (default "

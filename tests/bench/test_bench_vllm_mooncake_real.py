@@ -71,10 +71,10 @@ def test_the_real_row_is_left_out_with_one_line_when_the_wheel_is_missing(
     def instance(*_args: Any) -> Iterator[None]:
         yield None
 
-    def cold(_plain: None, prompts: Prompts, timings: Timings) -> None:
+    def cold(_plain: None, prompts: Prompts, _turns: Prompts, timings: Timings) -> None:
         fake_measurements(prompts, timings, ("cold",))
 
-    def external(_python: Path, prompts: Prompts, timings: Timings,
+    def external(_python: Path, prompts: Prompts, _turns: Prompts, timings: Timings,
                  paths: list[vllm_bench.External], _plain: None) -> None:
         fake_measurements(prompts, timings, ("local", *(path.name for path in paths)))
 
@@ -141,6 +141,23 @@ def test_each_hit_is_paired_with_its_prompts_local_hit_right_after() -> None:
     assert table(rows).splitlines()[-1].endswith("(median of the pairs): kvcake 1.35 at 8")
 
 
+def test_a_next_turn_is_shown_for_every_path_with_kvcake_over_local() -> None:
+    timings: Timings = {("cold", 256): [(2.0, [1])] * 2,
+                        ("local next", 256): [(0.4, [7]), (0.6, [8])],
+                        ("kvcake next", 256): [(0.2, [7]), (0.2, [8])],
+                        ("mooncake next", 256): [(0.5, [7]), (0.5, [9])]}
+    rows = {r["connector"]: r for r in vllm_bench._rows({256: [[0], [0]]}, timings)}
+    assert set(rows) == {"cold"} and "next_ttft_s" not in rows["cold"]  # no hits timed
+    timings.update({(name, 256): [(0.3, [1])] * 2 for name in ("local", "kvcake", "mooncake")})
+    rows = {r["connector"]: r for r in vllm_bench._rows({256: [[0], [0]]}, timings)}
+    assert (rows["kvcake"]["next_ttft_s"], rows["kvcake"]["next_vs_local"]) == (0.2, 0.417)
+    assert rows["kvcake"]["next_tokens_equal"] and not rows["mooncake"]["next_tokens_equal"]
+    assert "next_vs_local" not in rows["mooncake"]
+    assert table(list(rows.values())).splitlines()[-1] == (
+        "next turn at 256 (its first 192 tokens answered before): local 0.500s, kvcake "
+        "0.200s, mooncake 0.500s; kvcake/local 0.42 (median of the pairs); tokens equal NO")
+
+
 class _Recorded:
     """A stand-in for a vLLM process that writes down what is asked of it, and when; its
     TTFT is its connector's in ``TTFT``, its tokens ``[1]``."""
@@ -178,9 +195,11 @@ def test_readers_start_beside_their_writers_and_take_turns_once_every_writer_is_
                                                                        f"settled {name}"))
              for name in names]
     prompts = {256: [[0] * 256, [1] * 256, [2] * 256]}
+    turns = {256: [[3] * 256, [4] * 256, [5] * 256]}
     timings: Timings = {}
     plain = _Recorded(Path(sys.executable), None)
-    vllm_bench._external(Path(sys.executable), prompts, timings, paths, plain)  # type: ignore[arg-type]
+    vllm_bench._external(Path(sys.executable), prompts, turns, timings, paths,
+                         plain)  # type: ignore[arg-type]
     assert [line for line in log if line.startswith("start")] == ["start local reader"] + [
         f"start {name} {role}" for name in names for role in ("reader", "writer")]
     done = max(log.index(f"settled {name}") for name in names)
@@ -191,15 +210,21 @@ def test_readers_start_beside_their_writers_and_take_turns_once_every_writer_is_
     asks = [line.split()[0] for line in log if line.endswith("reader 256")]
     # three generates a reader and prompt (hit, its tokens, again), two for local's hit
     assert asks[:11] == ["local"] * 2 + [name for name in names for _ in range(3)]
-    assert asks[::11] == ["local", "kvcake", "mooncake"]  # who goes first rotates
+    assert asks[:33:11] == ["local", "kvcake", "mooncake"]  # who goes first rotates
+    # then the next turns, two generates each (TTFT, its tokens), first turns by writers
+    assert asks[33:41] == ["local"] * 2 + [name for name in names for _ in range(2)]
+    assert asks[33::8] == ["local", "kvcake", "mooncake"]
+    assert log.count("kvcake writer 192") == 3 and "kvcake reader 192" not in log
     assert len(timings[("local", 256)]) == 3 and ("local again", 256) not in timings
+    for name in ("local", *names):
+        assert len(timings[(f"{name} next", 256)]) == 3
     for name in names:
         assert len(timings[(name, 256)]) == len(timings[(f"{name} again", 256)]) == 3
         assert f"stop {name} reader" in log
     rows = {row["connector"]: row for row in vllm_bench._rows(prompts, {
         **timings, ("cold", 256): [(2.0, [1])] * 3})}
     assert "vs_kvcake" not in rows["kvcake"] and rows["example"]["vs_kvcake"] == 2.0
-    assert table(list(rows.values())).splitlines()[-1] == (
+    assert table(list(rows.values())).splitlines()[-2] == (
         "each hit over kvcake's hit of the same prompt, the readers taking turns (median of "
         "the pairs): mooncake 1.25 at 256, example 2.00 at 256")
 
@@ -247,8 +272,8 @@ def test_a_reader_that_does_not_start_is_named_and_every_process_is_stopped(
     paths = [vllm_bench.External(name, {"name": name}) for name in ("kvcake", "mooncake")]
     plain = _Failing(Path(sys.executable), None)
     with pytest.raises(KvcakeError, match=r"vLLM \(mooncake reader\) did not start"):
-        vllm_bench._external(Path(sys.executable), {256: [[0] * 256]}, {}, paths,
-                             plain)  # type: ignore[arg-type]
+        vllm_bench._external(Path(sys.executable), {256: [[0] * 256]}, {256: [[1] * 256]},
+                             {}, paths, plain)  # type: ignore[arg-type]
     assert {"stop kvcake reader", "stop mooncake reader", "stop kvcake writer",
             "stop mooncake writer"} <= set(log)
     assert not [line for line in log if line.endswith("reader 256")]  # nobody was timed

@@ -19,6 +19,12 @@ For each prompt length, each connector's TTFT (a 1-token generate; the median ov
   install it, where the wheel is missing;
 - ``example``: the same through vLLM's disk ``ExampleConnector``.
 
+Beside them, a conversation's next turn (``next_ttft_s``): a first turn of ``length - NEXT``
+tokens is answered by ``cold``'s process and by each path's writer, then each reader (and
+``local``, whose own cache holds the first turn) answers it extended by ``NEXT`` tokens.
+vLLM's prefix cache and the other connectors reuse the first turn's full blocks and compute
+its tail again; kvcake's connector loads that tail from the first turn's partial last block.
+
 Each external path has a writing process, which fills its cache, and a reading process,
 timed. The readers answer only once every writer is done, and they take turns prompt by
 prompt (who goes first rotates), so two paths' hits of one prompt are seconds apart rather
@@ -64,6 +70,7 @@ RATIOS = (("kvcake", "local", 2), ("cold", "kvcake", 1), ("mooncake", "kvcake", 
 CHECK_TOKENS = 8
 BLOCK = 128  # vLLM-CPU's block size: what a store holds of a prompt
 WARM_UP = BLOCK // 2  # every instance answers this first: no full block, nothing stored
+NEXT = BLOCK // 2  # a next turn's new tokens, and so the first turn's tail in its last block
 Prompts = dict[int, list[list[int]]]  # length -> one prompt per repeat
 Timings = dict[tuple[str, int], list[tuple[float, list[int]]]]
 
@@ -75,12 +82,15 @@ def run_vllm_bench(quick: bool, as_json: bool, python: str | None = None,
         raise KvcakeError(f"no vLLM venv at {interpreter}: run make vllm (or give "
                           f"--vllm-python)")
     lengths = list(lengths or ([2048] if quick else [1024, 2048, 4096]))
-    prompts = {n: [_prompt(n, r) for r in range(2 if quick else 3)] for n in lengths}
+    repeats = range(2 if quick else 3)
+    prompts = {n: [_prompt(n, r) for r in repeats] for n in lengths}
+    turns = {n: [_prompt(n, 100 + r) for r in repeats] for n in lengths}  # whole next turns
     timings: Timings = {}
     with ExitStack() as stack:
         plain = stack.enter_context(_instance(interpreter, None))
-        _cold(plain, prompts, timings)
-        _external(interpreter, prompts, timings, _paths(stack, interpreter, prompts), plain)
+        _cold(plain, prompts, turns, timings)
+        paths = _paths(stack, interpreter, _written(prompts, turns))
+        _external(interpreter, prompts, turns, timings, paths, plain)
     rows = _rows(prompts, timings)
     print("\n".join(json.dumps(row) for row in rows) if as_json else table(rows))
     return 0
@@ -131,9 +141,21 @@ def _each(prompts: Prompts) -> Iterator[tuple[int, list[int]]]:
     return ((length, prompt) for length, group in prompts.items() for prompt in group)
 
 
-def _cold(plain: VllmInstance, prompts: Prompts, timings: Timings) -> None:
+def _first_turns(turns: Prompts) -> Prompts:
+    return {length: [turn[:-NEXT] for turn in group] for length, group in turns.items()}
+
+
+def _written(prompts: Prompts, turns: Prompts) -> Prompts:
+    """What a writer answers: the prompts, then the next turns' first turns."""
+    first = _first_turns(turns)
+    return {length: group + first[length] for length, group in prompts.items()}
+
+
+def _cold(plain: VllmInstance, prompts: Prompts, turns: Prompts, timings: Timings) -> None:
     for length, prompt in _each(prompts):
         timings.setdefault(("cold", length), []).append(_measure(plain, prompt))
+    for _, first in _each(_first_turns(turns)):  # its own cache's next turns
+        plain.generate(first, max_tokens=1)
 
 
 @dataclass(frozen=True)
@@ -149,8 +171,8 @@ class External:
     settle: Callable[[], None] | None = None
 
 
-def _external(python: Path, prompts: Prompts, timings: Timings, paths: Sequence[External],
-              plain: VllmInstance) -> None:
+def _external(python: Path, prompts: Prompts, turns: Prompts, timings: Timings,
+              paths: Sequence[External], plain: VllmInstance) -> None:
     """Each path's writer fills its cache in turn, with its reader starting beside it (a
     vLLM start is most of the bench's time). Only once every writer has stopped and every
     cache settled do the readers answer: the prompts one by one, every reader in turn and
@@ -163,7 +185,7 @@ def _external(python: Path, prompts: Prompts, timings: Timings, paths: Sequence[
             stack.callback(readers[-1].stop)  # a second stop does nothing
             with _instance(python, path.transfer, path.env, path.prefix,
                            f"{path.name} writer") as writer:
-                for _, prompt in _each(prompts):
+                for _, prompt in _each(_written(prompts, turns)):
                     writer.generate(prompt, max_tokens=1)
         for path in paths:
             if path.settle is not None:
@@ -171,19 +193,28 @@ def _external(python: Path, prompts: Prompts, timings: Timings, paths: Sequence[
         for path, reader in zip(paths, readers, strict=True):
             stack.enter_context(_serving(reader, f"{path.name} reader"))
         _take_turns(["local", *(path.name for path in paths)], [plain, *readers], prompts,
-                    timings)
+                    turns, timings)
 
 
 def _take_turns(names: Sequence[str], readers: Sequence[VllmInstance], prompts: Prompts,
-                timings: Timings) -> None:
+                turns: Prompts, timings: Timings) -> None:
     """Each prompt through every reader; each external hit followed by the same prompt's
-    local hit in its reader (``local`` is one already)."""
+    local hit in its reader (``local`` is one already). Then each next turn the same way."""
     for turn, (length, prompt) in enumerate(_each(prompts)):
-        for i in ((turn + k) % len(readers) for k in range(len(readers))):
+        for i in _rotation(turn, len(readers)):
             timings.setdefault((names[i], length), []).append(_measure(readers[i], prompt))
             if names[i] != "local":
                 timings.setdefault((f"{names[i]} again", length), []).append(
                     _again(readers[i], prompt))
+    for turn, (length, whole) in enumerate(_each(turns)):
+        for i in _rotation(turn, len(readers)):
+            timings.setdefault((f"{names[i]} next", length), []).append(
+                _measure(readers[i], whole))
+
+
+def _rotation(turn: int, count: int) -> Iterator[int]:
+    """Who answers in which order at ``turn``: a different one first each time."""
+    return ((turn + k) % count for k in range(count))
 
 
 @contextmanager
@@ -275,8 +306,22 @@ def _rows(prompts: Prompts, timings: Timings) -> list[dict[str, Any]]:
             kvcake = timings.get(("kvcake", length))
             if again and kvcake and name != "kvcake":  # against kvcake's hit, turns apart
                 row["vs_kvcake"] = _paired(samples, kvcake)
+            row.update(_next_turn(timings, name, length))
             rows.append(row)
     return rows
+
+
+def _next_turn(timings: Timings, name: str, length: int) -> dict[str, Any]:
+    """A path's next-turn TTFT (median), its tokens against ``local``'s, and kvcake's over
+    ``local``'s (median of the pairs)."""
+    samples, local = timings.get((f"{name} next", length)), timings.get(("local next", length))
+    if not samples or not local:
+        return {}
+    row = {"next_ttft_s": round(statistics.median(s for s, _ in samples), 4),
+           "next_tokens_equal": [t for _, t in samples] == [t for _, t in local]}
+    if name == "kvcake":
+        row["next_vs_local"] = _paired(samples, local)
+    return row
 
 
 def _paired(samples: Sequence[tuple[float, list[int]]],
@@ -315,4 +360,19 @@ def table(rows: list[dict[str, Any]]) -> str:
         if paired:
             lines.append(f"each hit over {what} (median of the pairs): " + ", ".join(
                 f"{r['connector']} {r[field]:.2f} at {r['prompt_len']}" for r in paired))
-    return "\n".join(lines)
+    return "\n".join(lines + _next_turn_lines(rows))
+
+
+def _next_turn_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A line per prompt length: each path's next-turn TTFT and kvcake's over local's."""
+    lines = []
+    for length in sorted({r["prompt_len"] for r in rows if "next_ttft_s" in r}):
+        mine = [r for r in rows if r["prompt_len"] == length and "next_ttft_s" in r]
+        equal = all(r["next_tokens_equal"] for r in mine)
+        ratio = next((f"; kvcake/local {r['next_vs_local']:.2f} (median of the pairs)"
+                      for r in mine if "next_vs_local" in r), "")
+        lines.append(f"next turn at {length} (its first {length - NEXT} tokens answered "
+                     f"before): " + ", ".join(f"{r['connector']} {r['next_ttft_s']:.3f}s"
+                                              for r in mine)
+                     + f"{ratio}; tokens equal {'yes' if equal else 'NO'}")
+    return lines
