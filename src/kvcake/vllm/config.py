@@ -90,7 +90,9 @@ class VllmServerConfig:
     max_num_seqs: requests in one batch.
     max_num_batched_tokens: tokens per step (chunked prefill).
     kv_cache_gib: vLLM-CPU's KV cache, GiB (``VLLM_CPU_KVCACHE_SPACE``).
-    dtype: vLLM's model dtype (``auto``: bfloat16 where the CPU has it).
+    dtype: vLLM's model dtype (``auto``: bfloat16 where the CPU computes it natively, else
+        float32, as kvcake's engine picks; vLLM's own ``auto`` takes the model's bfloat16
+        and emulates it several times slower on a CPU without it).
     enforce_eager: skip torch.compile (vLLM starts in about half the time; steps may be
         slower).
     cpus: the CPUs vLLM binds its OpenMP threads to, e.g. ``1`` or ``0-3`` (empty: every
