@@ -93,7 +93,8 @@ class ServeBenchOptions:
         ``trace`` when a ``trace`` file is given, else ``conversations``.
     num_requests / duration_s: the window, rows and seconds of replay time (``None``: 200 and
         120 s, or 30 and 20 s with ``quick``).
-    speed: trace time compression (2.0 sends twice as fast as the trace did).
+    speed: trace time compression (2.0 sends twice as fast as the trace did; the
+        conversations workload is sized to ``duration_s`` of replay whatever the speed).
     input_scale / output_scale / max_output_tokens: see ``common.trace.scale_record``
         (``input_scale`` ``None``: 0.03, or 0.125 with ``engine="vllm"``: two trace
         blocks fill one 128-token vLLM block, and 2 CPUs keep up with the quick window).
@@ -465,7 +466,8 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--endpoint URL", "endpoint", str, "base URL of a running server, e.g. http://127.0.0.1:8000"),
     ("--num-requests N", "num_requests", int, "rows to replay (default 200; 30 with --quick)"),
     ("--duration S", "duration_s", float, "cap on replay seconds (default 120; 20 with --quick)"),
-    ("--speed X", "speed", float, "trace time compression (default 0.5: half speed)"),
+    ("--speed X", "speed", float, "trace time compression (default 0.5: half speed; the "
+     "conversations workload fits its sessions into --duration whatever the speed)"),
     ("--workload NAME", "workload", str, "conversations (multi-turn sessions with shared "
      "system prompts; the default without --trace), trace (rows from --start-row; the "
      "default with --trace) or trace-reuse (the trace's window that reuses the most)"),
