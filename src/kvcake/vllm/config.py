@@ -8,6 +8,7 @@ from typing import Any
 
 from kvcake.common.config import MiB, check_at_least, load_config, parse_cpus, require, table_values
 from kvcake.common.hosts import check_bind_host
+from kvcake.engine.config import resolve_dtype
 from kvcake.store.config import DEFAULT_TENANT, check_tenant_name
 from kvcake.wire.conductor import ROLES
 
@@ -91,8 +92,9 @@ class VllmServerConfig:
     max_num_batched_tokens: tokens per step (chunked prefill).
     kv_cache_gib: vLLM-CPU's KV cache, GiB (``VLLM_CPU_KVCACHE_SPACE``).
     dtype: vLLM's model dtype (``auto``: bfloat16 where the CPU computes it natively, else
-        float32, as kvcake's engine picks; vLLM's own ``auto`` takes the model's bfloat16
-        and emulates it several times slower on a CPU without it).
+        float32, as kvcake's engine picks, resolved when the config is made; vLLM's own
+        ``auto`` takes the model's bfloat16 and emulates it several times slower on a CPU
+        without it).
     enforce_eager: skip torch.compile (vLLM starts in about half the time; steps may be
         slower).
     cpus: the CPUs vLLM binds its OpenMP threads to, e.g. ``1`` or ``0-3`` (empty: every
@@ -122,6 +124,7 @@ class VllmServerConfig:
                        "max_num_batched_tokens", "kv_cache_gib", "start_timeout_s")
         check_at_least(self, 0, "port")
         parse_cpus(self.cpus)
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, "cpu"))
 
 
 @dataclass(frozen=True)

@@ -222,13 +222,11 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         candidates = self.plan.tail_lookup(request.request_id, request.prompt_token_ids or (),
                                            block, self.prefix.encode())
         found = self._exist([key for _, key in candidates]) if candidates else None
-        if found is None:
-            return 0
-        count, key = next((c for c, held in zip(candidates, found, strict=True) if held),
-                          (0, b""))
-        if count:
-            self.plan.tail_hit(request.request_id, block, key)
-        return count
+        for (count, key), held in zip(candidates, found or (), strict=False):
+            if held:
+                self.plan.tail_hit(request.request_id, block, key)
+                return count
+        return 0
 
     def _exist(self, block_hashes: list[bytes]) -> list[bool] | None:
         """Which blocks the store holds (``None`` when it cannot say)."""

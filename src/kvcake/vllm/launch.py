@@ -16,7 +16,6 @@ from kvcake.common.auth import cluster_auth
 from kvcake.common.config import CLUSTER_TOKEN_ENV
 from kvcake.common.errors import KvcakeError
 from kvcake.common.sockets import free_port
-from kvcake.engine.config import resolve_dtype
 from kvcake.model import resolve_model
 from kvcake.ops import health
 from kvcake.vllm.config import VllmServerConfig
@@ -92,7 +91,7 @@ class VllmServer:
                 "--port", str(self.port), "--block-size", str(c.block_size),
                 "--max-model-len", str(c.max_model_len), "--max-num-seqs", str(c.max_num_seqs),
                 "--max-num-batched-tokens", str(c.max_num_batched_tokens),
-                "--dtype", resolve_dtype(c.dtype, "cpu"), "--enable-prompt-tokens-details",
+                "--dtype", c.dtype, "--enable-prompt-tokens-details",
                 *(["--enforce-eager"] if c.enforce_eager else []),
                 *(["--kv-transfer-config", json.dumps(self.transfer)] if self.transfer else []),
                 *(["--kv-events-config", json.dumps({
