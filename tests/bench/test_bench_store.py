@@ -21,9 +21,9 @@ from kvcake.ops import NetnsPair
 
 
 def row(system: str, op: str, ops_per_s: float, path: str = "shm", size: int = 64 * KiB,
-        batch: int = 1) -> dict[str, Any]:
+        batch: int = 1, cpu_us: float = 50.0) -> dict[str, Any]:
     return {"system": system, "path": path, "op": op, "size": size, "batch": batch,
-            "ops_per_s": ops_per_s, "gbps": ops_per_s * size / 1e9}
+            "ops_per_s": ops_per_s, "gbps": ops_per_s * size / 1e9, "cpu_us": cpu_us}
 
 
 def test_ha_rows_get_their_ratio_to_the_lone_master_and_a_median_line() -> None:
@@ -58,15 +58,18 @@ def test_the_ha_system_starts_etcd_then_a_master_and_node_given_etcd() -> None:
 
 
 def test_single_key_rows_are_held_to_redis_and_mooncake() -> None:
-    rows = [row("kvcake", "put", 3000), row("redis", "put", 6000),
+    rows = [row("kvcake", "put", 3000, cpu_us=180), row("redis", "put", 6000, cpu_us=90),
             row("kvcake", "get", 8000, path="tcp"), row("redis", "get", 7000, path="tcp"),
             row("kvcake", "is_exist", 12000, size=0), row("mooncake", "is_exist", 24000, size=0),
             row("kvcake", "put", 900, size=MiB), row("redis", "put", 100, size=MiB)]
     add_ratios(rows)
     lines = summary(rows)
-    assert "shm put 64 KiB single: 3,000/s, 0.50x Redis (target >= 1.0)  [MISSED]" in lines
-    assert "tcp get 64 KiB single: 8,000/s, 1.14x Redis (target >= 1.0)  [ok]" in lines
-    assert "shm is_exist single: 12,000/s, 0.50x Mooncake (target >= 1.0)  [MISSED]" in lines
+    assert "shm put 64 KiB single: 3,000/s, 0.50x Redis (target >= 1.0); client CPU 180 " \
+           "us/op (redis 90)  [MISSED]" in lines
+    assert "tcp get 64 KiB single: 8,000/s, 1.14x Redis (target >= 1.0); client CPU 50 " \
+           "us/op (redis 50)  [ok]" in lines
+    assert "shm is_exist single: 12,000/s, 0.50x Mooncake (target >= 1.0); client CPU 50 " \
+           "us/op (mooncake 50)  [MISSED]" in lines
     assert not any("1 MiB single" in line for line in lines)
 
 

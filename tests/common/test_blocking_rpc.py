@@ -79,6 +79,17 @@ def test_calls_are_answered_in_the_callers_thread(server: Server) -> None:
         client.close()
 
 
+def test_a_client_that_polls_for_its_replies_gets_every_one(server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth, spin_s=200e-6)
+    try:
+        assert [client.call(b"%03d" % i) for i in range(50)] == \
+            [(b"%03d" % i)[::-1] for i in range(50)]
+        assert client.call(b"slow") == b"late"  # long after the polling gave up
+        assert client.call(b"abc") == b"cba"
+    finally:
+        client.close()
+
+
 def test_each_thread_with_its_own_client_is_served(server: Server) -> None:
     answers: dict[int, list[bytes]] = {}
 

@@ -252,7 +252,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         text = (f"shm 1-16 MiB get_into/batch_get_into vs memcpy: min {min(memcpy):.2f} "
                 "(target >= 0.5)")
         lines.append(_verdict(text, min(memcpy) >= 0.5))
-    lines += _single_key_lines(kvcake)
+    lines += _single_key_lines(rows)
     for row in kvcake:
         if row["op"] == "batch_get_into" and row["size"] == 64 * KiB and "vs_mooncake" in row:
             text = (f"{row['path']} 64 KiB batch_get_into: {row['ops_per_s']:,.0f} objects/s, "
@@ -265,18 +265,22 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _single_key_lines(kvcake: list[dict[str, Any]]) -> list[str]:
+def _single_key_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Single small operations: 64 KiB put/get against Redis, ``is_exist`` against Mooncake
-    (each at least 1.0x)."""
+    (each at least 1.0x), with each client's CPU time per operation."""
+    index = {(r["system"], r["path"], r["op"], r["size"], r["batch"]): r for r in rows}
     lines = []
     for path in PATHS:
         for op, other in (("put", "redis"), ("get", "redis"), ("is_exist", "mooncake")):
-            found = [r for r in kvcake if r["path"] == path and r["op"] == op
-                     and r["batch"] == 1 and r["size"] in (0, 64 * KiB) and f"vs_{other}" in r]
-            for r in found:
-                size = f" {human_size(r['size'])}" if r["size"] else ""
-                text = (f"{path} {op}{size} single: {r['ops_per_s']:,.0f}/s, "
-                        f"{r[f'vs_{other}']:.2f}x {other.capitalize()} (target >= 1.0)")
+            for size in (0, 64 * KiB):
+                r, base = (index.get((system, path, op, size, 1))
+                           for system in ("kvcake", other))
+                if r is None or base is None or f"vs_{other}" not in r:
+                    continue
+                shown = f" {human_size(size)}" if size else ""
+                text = (f"{path} {op}{shown} single: {r['ops_per_s']:,.0f}/s, "
+                        f"{r[f'vs_{other}']:.2f}x {other.capitalize()} (target >= 1.0); "
+                        f"client CPU {r['cpu_us']:.0f} us/op ({other} {base['cpu_us']:.0f})")
                 lines.append(_verdict(text, r[f"vs_{other}"] >= 1.0))
     return lines
 

@@ -130,15 +130,17 @@ def _expect(rcs: Sequence[int], expected: int, what: str) -> int:
     return len(rcs)
 
 
-def _timed(step: Step, min_seconds: float, max_steps: int) -> tuple[float, int]:
-    """Objects per second over repeated ``step`` calls, and how many calls ran."""
-    moved, steps, start = 0, 0, time.perf_counter()
+def _timed(step: Step, min_seconds: float, max_steps: int) -> tuple[float, int, float]:
+    """Objects per second over repeated ``step`` calls, how many calls ran, and the client's
+    CPU seconds per object (all of this process's threads: a client that polls for its
+    replies spends CPU where one that sleeps in ``recv`` does not)."""
+    moved, steps, start, cpu = 0, 0, time.perf_counter(), time.process_time()
     while True:
         moved += step()
         steps += 1
         elapsed = time.perf_counter() - start
         if steps >= max_steps or elapsed >= min_seconds:
-            return moved / elapsed, steps
+            return moved / elapsed, steps, (time.process_time() - cpu) / max(moved, 1)
 
 
 class Driver:
@@ -183,13 +185,14 @@ class Driver:
 
     # -- one repetition of each kind -------------------------------------------------------
 
-    def put_rep(self, case: Case, tag: str) -> float:
+    def put_rep(self, case: Case, tag: str) -> tuple[float, float]:
         max_steps = max(1, self.plan.budget_bytes // (case.size * case.batch))
         keys = [f"{tag}/{i}" for i in range(max_steps * case.batch)]
-        rate, steps = _timed(self.put_step(case, iter(keys)), self.plan.min_seconds, max_steps)
+        rate, steps, cpu = _timed(self.put_step(case, iter(keys)), self.plan.min_seconds,
+                                  max_steps)
         for key in keys[: steps * case.batch]:
             _check(self.store.remove(key), "remove")
-        return rate
+        return rate, cpu
 
     def working_set(self, size: int, count: int) -> list[str]:
         """``count`` objects of ``size`` bytes, object i holding source slot i."""
@@ -216,12 +219,14 @@ class Driver:
     def measure(self, case: Case) -> dict[str, Any]:
         rep = self._rep_function(case)
         rep(-1)  # warm-up: connections, mappings, first touch of pool pages
-        rate = statistics.median(rep(i) for i in range(self.plan.reps))
+        rates, cpus = zip(*(rep(i) for i in range(self.plan.reps)), strict=True)
+        rate = statistics.median(rates)
         verify(self, case)
         return {"op": case.op, "size": case.size, "batch": case.batch, "ops_per_s": rate,
-                "gbps": rate * case.size / 1e9 if case.size else None}
+                "gbps": rate * case.size / 1e9 if case.size else None,
+                "cpu_us": statistics.median(cpus) * 1e6}
 
-    def _rep_function(self, case: Case) -> Callable[[int], float]:
+    def _rep_function(self, case: Case) -> Callable[[int], tuple[float, float]]:
         tag = f"{case.op}/{case.size}/{case.batch}"
         if case.op in PUT_OPS:
             return lambda i: self.put_rep(case, f"{tag}/{i}")
@@ -229,7 +234,11 @@ class Driver:
             step = self.get_step(case, self.working_set(case.size, case.batch))
         else:
             step = self.exist_step(case, self.exist_keys()[: case.batch])
-        return lambda _: _timed(step, self.plan.min_seconds, sys.maxsize)[0]
+        def rep(_: int) -> tuple[float, float]:
+            rate, _steps, cpu = _timed(step, self.plan.min_seconds, sys.maxsize)
+            return rate, cpu
+
+        return rep
 
     def prime(self, size: int) -> None:
         """Write and remove ``budget_bytes`` once, untimed, so no system's first put

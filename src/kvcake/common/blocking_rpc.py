@@ -28,7 +28,7 @@ from kvcake.common.errors import (
 )
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
 from kvcake.common.rpc import MAX_CALL_BYTES, MAX_ERROR_BYTES
-from kvcake.common.sockets import kernel_timeouts, recv_bytes, recv_exactly
+from kvcake.common.sockets import ReplyWait, kernel_timeouts, recv_bytes, recv_exactly
 
 
 class Closable(Protocol):
@@ -40,9 +40,11 @@ V = TypeVar("V", bound=Closable)
 
 class BlockingRpcClient:
     """One blocking connection to an RPC server, opened on first use and again after a
-    loss (checked before each call: a server that closed it is reconnected, not failed)."""
+    loss (checked before each call: a server that closed it is reconnected, not failed).
+    ``spin_s``: how long a call polls for its reply before it sleeps (:class:`ReplyWait`)."""
 
-    def __init__(self, endpoint: str, timeout_s: float, auth: ClusterAuth | None = None) -> None:
+    def __init__(self, endpoint: str, timeout_s: float, auth: ClusterAuth | None = None,
+                 spin_s: float = 0.0) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.auth = auth if auth is not None else cluster_auth()
@@ -50,6 +52,7 @@ class BlockingRpcClient:
         self._connection = BlockingConnection(endpoint, timeout_s, self.auth)
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
+        self._wait = ReplyWait(spin_s)
 
     def call(self, body: bytes) -> bytes:
         """Send one request; its reply's body (a server's error raises its code)."""
@@ -80,7 +83,7 @@ class BlockingRpcClient:
 
     # ----- receiving
     def _receive_header(self, sock: socket.socket) -> FrameHeader:
-        recv_exactly(sock, self._header)
+        self._wait.recv_exactly(sock, self._header)
         return unpack_header(self._header, MAX_CALL_BYTES)
 
     @staticmethod

@@ -71,7 +71,9 @@ class BlockingDriver:
 
     def _new_client(self, endpoint: str) -> BlockingRpcClient:
         session, _ = self._live()
-        return BlockingRpcClient(endpoint, session.config.rpc_timeout_s)
+        config = session.config
+        return BlockingRpcClient(endpoint, config.rpc_timeout_s,
+                                 spin_s=config.reply_spin_us / 1e6)
 
     def close(self) -> None:
         """Close every thread's connections (a later call opens its own again)."""

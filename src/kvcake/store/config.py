@@ -31,6 +31,8 @@ class StoreConfig:
     segment_name: name of that segment (empty: ``<host>:<port>`` of the transfer server).
     heartbeat_s: heartbeat period; keep well under the master's ``client_ttl_s``.
     rpc_timeout_s: longest wait for one master call before ``RPC_FAIL``.
+    reply_spin_us: how long a synchronous call polls for the master's reply before it
+        sleeps, microseconds (0: never poll); only while replies come that fast.
     disk_dir, disk_capacity: the optional SSD tier of a node (both or neither).
     tenant: the namespace and quota this client's keys belong to (see
         :func:`check_tenant_name`; its token from $KVCAKE_STORE_TENANT_TOKEN).
@@ -44,6 +46,7 @@ class StoreConfig:
     segment_name: str = ""
     heartbeat_s: float = 1.0
     rpc_timeout_s: float = 10.0
+    reply_spin_us: float = 200.0
     disk_dir: str = ""
     disk_capacity: int = 0
     tenant: str = DEFAULT_TENANT
@@ -52,7 +55,7 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         require(":" in self.master, f"master must be HOST:PORT, got {self.master!r}")
-        check_at_least(self, 0, "segment_size")
+        check_at_least(self, 0, "segment_size", "reply_spin_us")
         check_within(self, 0, 65535, "control_port")
         check_at_least(self, 0, "heartbeat_s", "rpc_timeout_s", above=True)
         require(bool(self.disk_dir) == (self.disk_capacity > 0),

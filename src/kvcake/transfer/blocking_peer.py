@@ -23,7 +23,7 @@ from kvcake.common.errors import (
 )
 from kvcake.common.frames import HEADER_SIZE, FrameOp, pack_header, unpack_header
 from kvcake.common.rpc import MAX_ERROR_BYTES
-from kvcake.common.sockets import recv_bytes, recv_exactly
+from kvcake.common.sockets import ReplyWait, recv_bytes, recv_exactly
 from kvcake.transfer.batch import TransferOp, TransferRequest
 from kvcake.transfer.grants import PresentedGrants
 
@@ -31,15 +31,18 @@ Errors = list[KvcakeError | None]
 
 
 class BlockingPeer:
-    """One blocking connection to one peer's transfer server; one thread uses it."""
+    """One blocking connection to one peer's transfer server; one thread uses it.
+    ``spin_s``: how long it polls for each reply before it sleeps (:class:`ReplyWait`)."""
 
-    def __init__(self, endpoint: str, auth: ClusterAuth, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, auth: ClusterAuth, timeout_s: float,
+                 spin_s: float = 0.0) -> None:
         self.endpoint = endpoint
         self._timeout_s = timeout_s
         self._connection = BlockingConnection(endpoint, timeout_s, auth)
         self._grants = PresentedGrants()
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
+        self._wait = ReplyWait(spin_s)
 
     def move(self, requests: Sequence[TransferRequest]) -> Errors:
         """Send every request, then take every reply; each request's error (``None``:
@@ -98,7 +101,7 @@ class BlockingPeer:
 
     def _receive_one(self, sock: socket.socket, requests: Sequence[TransferRequest],
                      pending: dict[int, int], errors: Errors) -> None:
-        recv_exactly(sock, self._header)
+        self._wait.recv_exactly(sock, self._header)
         header = unpack_header(self._header, max(MAX_ERROR_BYTES, _largest(requests)))
         if header.status:
             text = _receive_text(sock, header.length)

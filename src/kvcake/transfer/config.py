@@ -26,6 +26,8 @@ class TransferConfig:
     host_id: identity of this host for transport choice; empty derives it from the boot id
         and the network namespace.
     pretouch: fault in segment pages at registration so first transfers run at full speed.
+    reply_spin_us: how long a transfer run in the caller's thread polls for each peer reply
+        before it sleeps, microseconds (0: never poll); only while replies come that fast.
     """
 
     host: str = "127.0.0.1"
@@ -37,12 +39,14 @@ class TransferConfig:
     max_frame_bytes: int = GiB
     host_id: str = ""
     pretouch: bool = True
+    reply_spin_us: float = 200.0
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)
         check_within(self, 0, 65535, "port")
         check_within(self, 1, 64, "connections_per_peer")
         check_at_least(self, 0, "timeout_s", above=True)
+        check_at_least(self, 0, "reply_spin_us")
         require(self.transport in TRANSPORT_CHOICES,
                 f"transport must be one of {TRANSPORT_CHOICES}, got {self.transport!r}")
         require(self.metadata in ("p2p", "local") or self.metadata.startswith("etcd://"),

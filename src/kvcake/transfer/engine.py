@@ -81,8 +81,8 @@ class TransferEngine:
         self.directory = directory or make_directory(self.config.metadata, self.config.timeout_s,
                                                      self.auth)
         self._transports: dict[str, Transport] = {}
-        self._here = PerThread(lambda endpoint: BlockingPeer(endpoint, self.auth,
-                                                             self.config.timeout_s))
+        self._here = PerThread(lambda endpoint: BlockingPeer(
+            endpoint, self.auth, self.config.timeout_s, self.config.reply_spin_us / 1e6))
         self._closed = False
 
     @property
