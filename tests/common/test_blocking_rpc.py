@@ -90,6 +90,25 @@ def test_a_client_that_polls_for_its_replies_gets_every_one(server: Server) -> N
         client.close()
 
 
+def test_a_request_sent_unanswered_gets_its_reply_when_the_next_call_reads(
+        server: Server) -> None:
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    replies: list[bytes | KvcakeError] = []
+    try:
+        client.send(b"abc", replies.append)
+        client.send(b"bad", replies.append)
+        assert replies == []
+        assert client.call(b"xyz") == b"zyx"
+        assert replies[0] == b"cba"
+        assert isinstance(replies[1], InvalidParamsError)
+        client.send(b"later", replies.append)
+        client.close()  # its reply never read: the callback hears why
+        assert isinstance(replies[2], KvcakeError) and replies[2].code is ErrorCode.RPC_FAIL
+        assert client.call(b"again") == b"niaga"
+    finally:
+        client.close()
+
+
 def test_each_thread_with_its_own_client_is_served(server: Server) -> None:
     answers: dict[int, list[bytes]] = {}
 

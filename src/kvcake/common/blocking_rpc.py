@@ -53,17 +53,13 @@ class BlockingRpcClient:
         self._ids = itertools.count(1)
         self._header = memoryview(bytearray(HEADER_SIZE))
         self._wait = ReplyWait(spin_s)
+        self._unanswered: dict[int, Callable[[bytes | KvcakeError], None]] = {}
 
     def call(self, body: bytes) -> bytes:
         """Send one request; its reply's body (a server's error raises its code)."""
-        self.sent = False
-        sock, _ = self._connection.socket()
-        request_id = next(self._ids)
+        sock, request_id = self._send(body)
         try:
-            sock.sendall(pack_header(FrameOp.CALL, request_id, length=len(body)) + body)
-            self.sent = True
-            header = self._receive_header(sock)
-            payload = bytes(recv_bytes(sock, self._payload_size(header)))
+            header, payload = self._receive(sock)
         except (OSError, ProtocolError) as exc:
             self.close()
             raise self._failure(exc) from None
@@ -74,14 +70,55 @@ class BlockingRpcClient:
         if header.status:
             if header.request_id == 0:
                 self.close()
-            raise error_from_code(header.status,
-                                  f"{self.endpoint}: {payload.decode(errors='replace')}")
+            raise self._refusal(header, payload)
         return payload
+
+    def send(self, body: bytes, on_reply: Callable[[bytes | KvcakeError], None]) -> None:
+        """Send one request and return at once; its reply (or error) goes to ``on_reply``
+        when the next :meth:`call` reads it, or the error that broke the connection first.
+        Raises as :meth:`call` does when the request could not be sent."""
+        _, request_id = self._send(body)
+        self._unanswered[request_id] = on_reply
 
     def close(self) -> None:
         self._connection.close()
+        self._fail_unanswered()
+
+    def _send(self, body: bytes) -> tuple[socket.socket, int]:
+        self.sent = False
+        sock, fresh = self._connection.socket()
+        if fresh:
+            self._fail_unanswered()  # their replies went with the old connection
+        request_id = next(self._ids)
+        try:
+            sock.sendall(pack_header(FrameOp.CALL, request_id, length=len(body)) + body)
+        except OSError as exc:
+            self.close()
+            raise self._failure(exc) from None
+        self.sent = True
+        return sock, request_id
+
+    def _fail_unanswered(self) -> None:
+        unanswered, self._unanswered = self._unanswered, {}
+        for on_reply in unanswered.values():
+            on_reply(KvcakeError(f"connection to {self.endpoint} lost before the reply",
+                                 ErrorCode.RPC_FAIL))
 
     # ----- receiving
+    def _receive(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:
+        """The next reply that is not to a request :meth:`send` sent (those go to theirs)."""
+        while True:
+            header = self._receive_header(sock)
+            payload = bytes(recv_bytes(sock, self._payload_size(header)))
+            on_reply = self._unanswered.pop(header.request_id, None)
+            if on_reply is None:
+                return header, payload
+            on_reply(self._refusal(header, payload) if header.status else payload)
+
+    def _refusal(self, header: FrameHeader, payload: bytes) -> KvcakeError:
+        return error_from_code(header.status,
+                               f"{self.endpoint}: {payload.decode(errors='replace')}")
+
     def _receive_header(self, sock: socket.socket) -> FrameHeader:
         self._wait.recv_exactly(sock, self._header)
         return unpack_header(self._header, MAX_CALL_BYTES)

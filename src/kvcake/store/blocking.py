@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 from kvcake.common import codec
 from kvcake.common.blocking_rpc import BlockingRpcClient, PerThread
 from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.log import get_logger
 from kvcake.store.replica_io import Live
-from kvcake.store.steps import Ask, Driving, Move, Plan, logged, moved
+from kvcake.store.steps import Ask, Driving, Move, Plan, Step, Tell, logged, moved, told
 
+log = get_logger(__name__)
 T = TypeVar("T")
 RECOVERABLE = frozenset({ErrorCode.RPC_FAIL, ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS,
                          ErrorCode.UNAVAILABLE_IN_CURRENT_MODE})
@@ -40,10 +42,27 @@ class BlockingDriver:
         driving = Driving(plan)
         while (step := driving.step) is not None:
             try:
-                driving.answer(self._ask(step) if isinstance(step, Ask) else self._move(step))
+                driving.answer(self._do(step))
             except KvcakeError as exc:
                 driving.fail(exc)
         return driving.result
+
+    def _do(self, step: Step) -> Any:
+        if isinstance(step, Ask):
+            return self._ask(step)
+        if isinstance(step, Tell):
+            return self._tell(step)
+        return self._move(step)
+
+    def _tell(self, step: Tell) -> None:
+        """Send ``step`` and go on; its reply is read before this thread's next call on
+        the connection (a refusal logged). One that could not be sent is asked instead."""
+        session, _ = self._live()
+        client = self._clients.get(session.rpc.endpoint)
+        try:
+            client.send(codec.encode(step.request), lambda reply: _told(step, reply))
+        except KvcakeError:
+            told(step, self._ask(Ask(step.request, step.reply_type)))
 
     def _ask(self, step: Ask) -> Any:
         session, engine = self._live()
@@ -78,3 +97,15 @@ class BlockingDriver:
     def close(self) -> None:
         """Close every thread's connections (a later call opens its own again)."""
         self._clients.close()
+
+
+def _told(step: Tell, reply: bytes | KvcakeError) -> None:
+    if isinstance(reply, KvcakeError):
+        log.warning("store: %s sent without waiting got no reply: %s",
+                    type(step.request).__name__, reply)
+        return
+    try:
+        told(step, codec.decode(reply, step.reply_type))
+    except KvcakeError as exc:
+        log.warning("store: %s's late reply is unreadable: %s", type(step.request).__name__,
+                    exc)

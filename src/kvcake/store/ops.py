@@ -20,7 +20,7 @@ from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.store.pieces import Piece, check_parts, concatenated, lay_out
 from kvcake.store.replica_io import Live, ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
-from kvcake.store.steps import Ask, Plan
+from kvcake.store.steps import Ask, Plan, Tell
 from kvcake.transfer import MappedRange, TransferOp
 from kvcake.wire import store as m
 
@@ -67,16 +67,20 @@ class StoreOps:
 
     # ----- writes
     def put_parts(self, keys: Sequence[str], parts: Sequence[Sequence[memoryview]],
-                  config: AnyConfig | None = None, upsert: bool = False) -> Plan[list[int]]:
+                  config: AnyConfig | None = None, upsert: bool = False,
+                  pipeline_end: bool = False) -> Plan[list[int]]:
         """Store each key's value, the concatenation of its ``parts``; 0 when stored, else a
         code. Without ``upsert`` a key that exists is kept (and answers 0: nothing to
         write); with it, it is replaced (its group and pins carried over, see
-        :mod:`kvcake.store.master.puts`)."""
+        :mod:`kvcake.store.master.puts`). ``pipeline_end``: return once the bytes are
+        written and ``PutEnd`` is sent, where the master allows it
+        (:mod:`kvcake.store.master.ends`)."""
         client_id = self._client_id()
         check_parts(keys, parts)
         sizes = [sum(v.nbytes for v in views) for views in parts]
         started = yield Ask(m.PutStart(client_id, list(keys), sizes,
-                                       as_wire(config, len(keys)), upsert), m.PutStartReply)
+                                       as_wire(config, len(keys)), upsert, pipeline_end),
+                            m.PutStartReply)
         codes = [0 if c == ErrorCode.OBJECT_ALREADY_EXISTS else c for c in started.codes]
         todo = [i for i, c in enumerate(started.codes) if c == 0]
         writes = [(i, shifted(h, offset), view) for i in todo for h in started.replicas[i]
@@ -87,13 +91,16 @@ class StoreOps:
         for i in bad:
             codes[i] = ErrorCode.TRANSFER_FAIL
         yield from self._finish_puts(client_id, [keys[i] for i in todo if i not in bad],
-                                     [keys[i] for i in sorted(bad)], codes, keys)
+                                     [keys[i] for i in sorted(bad)], codes, keys,
+                                     started.pipeline_end)
         return codes
 
     def _finish_puts(self, client_id: str, done: list[str], revoked: list[str],
-                     codes: list[int], keys: Sequence[str]) -> Plan[None]:
+                     codes: list[int], keys: Sequence[str], pipelined: bool) -> Plan[None]:
         index = {key: i for i, key in enumerate(keys)}
-        if done:
+        if done and pipelined:
+            yield Tell(m.PutEnd(client_id, done), m.CodesReply)
+        elif done:
             ended = yield Ask(m.PutEnd(client_id, done), m.CodesReply)
             for key, code in zip(done, ended.codes, strict=True):
                 codes[index[key]] = code

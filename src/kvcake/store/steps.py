@@ -38,14 +38,34 @@ class Ask:
 
 
 @dataclass(frozen=True)
+class Tell:
+    """One call to the master whose reply the plan does not wait for; the plan is sent
+    ``None``. The blocking driver sends it and reads the reply before its next call on
+    that connection, logging a refusal; the asyncio driver waits for it."""
+
+    request: msgspec.Struct
+    reply_type: type[Any]
+
+
+@dataclass(frozen=True)
 class Move:
     """One batch of transfers; the plan is sent each request's error (``None``: moved)."""
 
     requests: list[TransferRequest]
 
 
-Step = Ask | Move
+Step = Ask | Tell | Move
 Plan = Generator[Step, Any, T]
+
+
+def told(step: Tell, reply: Any) -> None:
+    """Log what the master refused of a :class:`Tell` (its per-key codes)."""
+    codes = getattr(reply, "codes", None)
+    if codes and any(codes):
+        keys = getattr(step.request, "keys", [])
+        refused = [(k, c) for k, c in zip(keys, codes, strict=False) if c]
+        log.warning("store: the master refused %s of %d keys (after the call returned): %s",
+                    type(step.request).__name__, len(codes), refused[:8])
 
 
 def moved(batch: Batch) -> list[KvcakeError | None]:
@@ -110,6 +130,9 @@ async def drive(plan: Plan[T], session: MasterSession, engine: TransferEngine) -
 async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> Any:
     if isinstance(step, Ask):
         return await session.call(step.request, step.reply_type)
+    if isinstance(step, Tell):
+        told(step, await session.call(step.request, step.reply_type))
+        return None
     errors = engine.copy(step.requests)  # same-host bytes: right here
     if errors is not None:
         return logged(errors)

@@ -112,13 +112,16 @@ class UnmountSegment(msgspec.Struct, tag=True, frozen=True):
 
 class PutStart(msgspec.Struct, tag=True, frozen=True):
     """At most ``MAX_KEYS_PER_CALL`` keys, one size each (so for every keyed call below).
-    ``upsert``: replace a key that exists (its value, not its group) instead of keeping it."""
+    ``upsert``: replace a key that exists (its value, not its group) instead of keeping it.
+    ``pipeline_end``: the writer would send ``PutEnd`` without waiting for its reply, if the
+    master allows it (:mod:`kvcake.store.master.ends`)."""
 
     client_id: str
     keys: Keys
     sizes: Sizes
     config: ReplicateConfig = msgspec.field(default_factory=ReplicateConfig)
     upsert: bool = False
+    pipeline_end: bool = False
 
 
 class PutEnd(msgspec.Struct, tag=True, frozen=True):
@@ -223,6 +226,7 @@ Handles = Annotated[list[Annotated[list[ReplicaHandle], msgspec.Meta(max_length=
 class PutStartReply(msgspec.Struct, frozen=True):
     codes: Codes  # 0: write to replicas; OBJECT_ALREADY_EXISTS: nothing to write
     replicas: Handles
+    pipeline_end: bool = False  # the writer may send PutEnd and not wait for its reply
 
 
 class GetReplicasReply(msgspec.Struct, frozen=True):

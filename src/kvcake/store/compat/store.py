@@ -153,8 +153,8 @@ class DistributedStore(ZeroCopyApi):
                 raise InvalidParamsError(f"{len(keys)} keys but {len(values)} values")
             views = [as_view(v) for v in values]
             with self._local.staged(sum(v.nbytes for v in views)):
-                return self._block(self.native.ops.put_parts(keys, [[v] for v in views],
-                                                             config, upsert))
+                return self._block(self.native.ops.put_parts(
+                    keys, [[v] for v in views], config, upsert, pipeline_end=True))
         return first_error(codes_of(put, max(1, len(keys))))
 
     def get(self, key: str, /) -> bytes:

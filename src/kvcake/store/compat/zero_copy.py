@@ -51,7 +51,7 @@ class ZeroCopyApi(StoreBase):
             check_same_node(config)
             views = self._buffers.views(buffer_ptrs, sizes)
             return self._block(self.native.ops.put_parts(keys, [[v] for v in views], config,
-                                                         upsert))
+                                                         upsert, pipeline_end=True))
         return codes_of(put, len(keys))
 
     def batch_put_from_multi_buffers(self, keys: list[str], all_buffer_ptrs: list[list[int]],
@@ -72,7 +72,8 @@ class ZeroCopyApi(StoreBase):
                 raise InvalidParamsError("prefer_alloc_in_same_node needs replica_num 1")
             parts = [self._buffers.views(p, s) for p, s in zip(all_buffer_ptrs, all_sizes,
                                                                 strict=True)]
-            return self._block(self.native.ops.put_parts(keys, parts, config))
+            return self._block(self.native.ops.put_parts(keys, parts, config,
+                                                         pipeline_end=True))
         return codes_of(put, len(keys))
 
     # ----- reads

@@ -26,6 +26,7 @@ from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.store.master import admin
 from kvcake.store.master.config import MasterConfig
+from kvcake.store.master.ends import PendingEnds
 from kvcake.store.master.grants import ReplicaGrants
 from kvcake.store.master.ha import Persistence
 from kvcake.store.master.metrics import render_metrics, summary_line
@@ -41,7 +42,7 @@ from kvcake.wire import store as m
 log = get_logger(__name__)
 _SHUTDOWN_S = 5.0  # background tasks get this long to stop
 
-_TIER_WAIT_S = 8.0  # under a client's default rpc_timeout_s: promotions, room for puts
+_TIER_WAIT_S = 8.0  # under a client's default rpc_timeout_s: promotions, room, put ends
 _RECHECK_S = 0.05
 _WAIT_CODES = (ErrorCode.REPLICA_IS_NOT_READY, ErrorCode.NO_AVAILABLE_HANDLE)
 # answered only once their changes are in etcd, when the master persists its state
@@ -66,6 +67,7 @@ class MasterServer:
         self._grants = ReplicaGrants()  # nodes' grant keys: signed handles, with a token
         self._owners = SegmentOwners(cluster_auth())  # same-host nodes' pidfds
         self._task_done = asyncio.Event()
+        self._ends = PendingEnds(self.service.objects)
         self._background = TaskSet()
         self._dispatch = Dispatcher(m.MasterRequest, {
             m.RegisterClient: self._register, m.Heartbeat: self._heartbeat,
@@ -233,7 +235,18 @@ class MasterServer:
         reply = self._put_start_now(request)
         if ErrorCode.NO_AVAILABLE_HANDLE in reply.codes and self._room_coming():
             return self._put_start_with_room(request, reply)
-        return reply
+        return self._pipelined(request, reply)
+
+    def _pipelined(self, request: m.PutStart, reply: m.PutStartReply) -> m.PutStartReply:
+        """``reply``, letting the writer pipeline its ``PutEnd`` where it asked to and this
+        master keeps no journal (:mod:`kvcake.store.master.ends`)."""
+        if not request.pipeline_end or self.persistence is not None:
+            return reply
+        tenant = self.service.tenant_of(request.client_id)
+        self._ends.started(scoped_key(tenant, key)
+                           for key, code in zip(request.keys, reply.codes, strict=True)
+                           if code == 0)
+        return msgspec.structs.replace(reply, pipeline_end=True)
 
     async def _put_start_later(self, request: m.PutStart) -> m.PutStartReply:
         """After the fence."""
@@ -266,7 +279,7 @@ class MasterServer:
             for i in refused:
                 codes[i], replicas[i] = self._put_start_key(request, i)
             refused = [i for i in refused if codes[i] == ErrorCode.NO_AVAILABLE_HANDLE]
-        return m.PutStartReply(codes, replicas)
+        return self._pipelined(request, m.PutStartReply(codes, replicas))
 
     def _put_start_now(self, request: m.PutStart) -> m.PutStartReply:
         answers = [self._put_start_key(request, i) for i in range(len(request.keys))]
@@ -283,14 +296,38 @@ class MasterServer:
         return _code(result), handles
 
     def _put_end(self, request: m.PutEnd) -> m.CodesReply:
-        return m.CodesReply([int(self.service.put_end(request.client_id, k)) for k in request.keys])
+        reply = m.CodesReply([int(self.service.put_end(request.client_id, k))
+                              for k in request.keys])
+        self._ends.ended(self._scoped(request.client_id, request.keys))
+        return reply
 
     def _put_revoke(self, request: m.PutRevoke) -> m.CodesReply:
-        return m.CodesReply([int(self.service.put_revoke(request.client_id, k))
-                             for k in request.keys])
+        reply = m.CodesReply([int(self.service.put_revoke(request.client_id, k))
+                              for k in request.keys])
+        self._ends.ended(self._scoped(request.client_id, request.keys))
+        return reply
+
+    def _scoped(self, client_id: str, keys: list[str]) -> list[str]:
+        """``keys`` in ``client_id``'s tenant (none for a client this master does not know)."""
+        if client_id not in self.service.registry.clients:
+            return []
+        tenant = self.service.tenant_of(client_id)
+        return [scoped_key(tenant, key) for key in keys]
 
     def _get_replicas(self, request: m.GetReplicas) -> Any:
         tenant = self.service.tenant_of(request.client_id)
+        if self._ends.waiting([scoped_key(tenant, key) for key in request.keys]):
+            return self._get_after_ends(request, tenant)
+        return self._get_now(request, tenant)
+
+    async def _get_after_ends(self, request: m.GetReplicas, tenant: str) -> m.GetReplicasReply:
+        """Once the pipelined puts of these keys have ended (:mod:`.ends`)."""
+        await self._ends.wait([scoped_key(tenant, key) for key in request.keys], _TIER_WAIT_S)
+        reply = self._get_now(request, tenant)
+        return await reply if isinstance(reply, Awaitable) else reply
+
+    def _get_now(self, request: m.GetReplicas, tenant: str
+                 ) -> m.GetReplicasReply | Awaitable[m.GetReplicasReply]:
         results = [self._get_one(key, tenant) for key in request.keys]
         self._run_tasks()  # starts the promotions just queued
         if any(r in _WAIT_CODES and self._on_disk(k, tenant)
@@ -332,8 +369,14 @@ class MasterServer:
                                   [self._grants.sign(handles, size, GrantMode.READ, ttl_s)
                                    for size, handles in found], waited_s)
 
-    def _exist(self, request: m.Exist) -> m.CodesReply:
+    def _exist(self, request: m.Exist) -> m.CodesReply | Awaitable[m.CodesReply]:
         tenant = self.service.tenant_of(request.client_id)
+        if self._ends.waiting([scoped_key(tenant, key) for key in request.keys]):
+            return self._exist_after_ends(request, tenant)
+        return m.CodesReply([_exist_code(self.service, k, tenant) for k in request.keys])
+
+    async def _exist_after_ends(self, request: m.Exist, tenant: str) -> m.CodesReply:
+        await self._ends.wait([scoped_key(tenant, key) for key in request.keys], _TIER_WAIT_S)
         return m.CodesReply([_exist_code(self.service, k, tenant) for k in request.keys])
 
     def _remove(self, request: m.Remove) -> m.CodesReply:
@@ -381,6 +424,7 @@ class MasterServer:
             await asyncio.sleep(self.config.tick_s)
             self._drop_dead_owners()
             self.service.tick()
+            self._ends.tidy()
             self._run_tasks()
 
     async def _summarise_forever(self) -> None:
