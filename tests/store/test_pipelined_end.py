@@ -5,115 +5,88 @@ over real sockets."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from kvcake.common import codec
-from kvcake.common.aio import LoopThread
 from kvcake.common.errors import ErrorCode
-from kvcake.common.rpc import RpcClient
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
 from kvcake.store.blocking import _told
-from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.server import MasterServer
 from kvcake.store.steps import Tell
 from kvcake.transfer.segment import SegmentDescriptor
 from kvcake.wire import store as m
+from master_thread import TIMEOUT_S, ThreadMaster, thread_master
 
-TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class Master:
-    thread: LoopThread
-    server: MasterServer
-    endpoint: str
-
-    def start(self, request: Any) -> Any:
-        """Send ``request`` on a connection of its own; a future of its reply bytes."""
-        async def once() -> bytes:
-            client = RpcClient(self.endpoint, TIMEOUT_S)
-            try:
-                return await client.call(codec.encode(request))
-            finally:
-                client.close()
-        return asyncio.run_coroutine_threadsafe(once(), self.thread.loop)
-
-    def call(self, request: Any, reply_type: type[Any]) -> Any:
-        return codec.decode(self.start(request).result(TIMEOUT_S), reply_type)
-
-    def handled(self, name: str) -> int:
-        async def count() -> int:
-            return self.server._requests.get(name, 0)
-        return self.thread.run(count(), TIMEOUT_S)
+T = TypeVar("T")
 
 
 @pytest.fixture
-def master() -> Iterator[Master]:
-    thread = LoopThread("pipelined-end-master")
-    server = MasterServer(MasterConfig(port=0, metrics_port=-1, summary_s=0.0))
-    try:
-        endpoint = thread.run(server.startup(), TIMEOUT_S)
+def master() -> Iterator[ThreadMaster]:
+    def setup(server: MasterServer) -> None:
+        server.service.register_client("writer", "host-w")
+        server.service.register_client("reader", "host-r")
+        server.service.mount_segment("writer", SegmentDescriptor(
+            "pool", 0, 1 << 20, "host-w", "127.0.0.1:1", "", 0))
 
-        async def setup() -> None:
-            server.service.register_client("writer", "host-w")
-            server.service.register_client("reader", "host-r")
-            server.service.mount_segment("writer", SegmentDescriptor(
-                "pool", 0, 1 << 20, "host-w", "127.0.0.1:1", "", 0))
-        thread.run(setup(), TIMEOUT_S)
-        yield Master(thread, server, endpoint)
-    finally:
-        thread.run(server.shutdown(), TIMEOUT_S)
-        thread.stop()
+    with thread_master("pipelined-end-master") as master:
+        master.run(setup)
+        yield master
 
 
-def _start(master: Master, key: str, pipeline_end: bool) -> m.PutStartReply:
-    reply: m.PutStartReply = master.call(
-        m.PutStart("writer", [key], [64], pipeline_end=pipeline_end), m.PutStartReply)
+def _call(master: ThreadMaster, request: Any, reply_type: type[T]) -> T:
+    return codec.decode(master.call(request), reply_type)
+
+
+def _handled(master: ThreadMaster, name: str) -> int:
+    return master.run(lambda server: server._requests.get(name, 0))
+
+
+def _start(master: ThreadMaster, key: str, pipeline_end: bool) -> m.PutStartReply:
+    reply = _call(master, m.PutStart("writer", [key], [64], pipeline_end=pipeline_end),
+                  m.PutStartReply)
     assert reply.codes == [0]
     return reply
 
 
-def _parked(master: Master, request: Any, name: str) -> Any:
+def _parked(master: ThreadMaster, request: Any, name: str) -> Any:
     """``request`` sent, handled by the master, and not answered yet."""
-    before = master.handled(name)
+    before = _handled(master, name)
     pending = master.start(request)
     deadline = time.monotonic() + TIMEOUT_S
-    while master.handled(name) == before:
+    while _handled(master, name) == before:
         assert time.monotonic() < deadline, f"{name} never reached the master"
         time.sleep(0.005)
     assert not pending.done()
     return pending
 
 
-def test_a_read_of_a_pipelined_put_waits_for_its_end_and_finds_it(master: Master) -> None:
+def test_a_read_of_a_pipelined_put_waits_for_its_end_and_finds_it(master: ThreadMaster) -> None:
     assert _start(master, "k", pipeline_end=True).pipeline_end
     get = _parked(master, m.GetReplicas(["k"], client_id="reader"), "GetReplicas")
     exist = _parked(master, m.Exist(["k", "other"], client_id="reader"), "Exist")
-    assert master.call(m.PutEnd("writer", ["k"]), m.CodesReply).codes == [0]
+    assert _call(master, m.PutEnd("writer", ["k"]), m.CodesReply).codes == [0]
     found = codec.decode(get.result(TIMEOUT_S), m.GetReplicasReply)
     assert (found.codes, found.sizes) == ([0], [64])
     assert codec.decode(exist.result(TIMEOUT_S), m.CodesReply).codes == [1, 0]
 
 
-def test_a_put_that_does_not_pipeline_is_not_waited_for(master: Master) -> None:
+def test_a_put_that_does_not_pipeline_is_not_waited_for(master: ThreadMaster) -> None:
     assert not _start(master, "k", pipeline_end=False).pipeline_end
-    found = master.call(m.GetReplicas(["k"], client_id="reader"), m.GetReplicasReply)
+    found = _call(master, m.GetReplicas(["k"], client_id="reader"), m.GetReplicasReply)
     assert found.codes == [ErrorCode.OBJECT_NOT_FOUND]
-    assert master.call(m.Exist(["k"], client_id="reader"), m.CodesReply).codes == [0]
+    assert _call(master, m.Exist(["k"], client_id="reader"), m.CodesReply).codes == [0]
 
 
-def test_a_revoked_pipelined_put_lets_its_readers_go_finding_nothing(master: Master) -> None:
+def test_a_revoked_pipelined_put_lets_its_readers_go_finding_nothing(master: ThreadMaster) -> None:
     _start(master, "k", pipeline_end=True)
     get = _parked(master, m.GetReplicas(["k"], client_id="reader"), "GetReplicas")
-    assert master.call(m.PutRevoke("writer", ["k"]), m.CodesReply).codes == [0]
+    assert _call(master, m.PutRevoke("writer", ["k"]), m.CodesReply).codes == [0]
     assert codec.decode(get.result(TIMEOUT_S), m.GetReplicasReply).codes == \
         [ErrorCode.OBJECT_NOT_FOUND]
 
