@@ -70,10 +70,20 @@ def test_a_read_of_a_pipelined_put_waits_for_its_end_and_finds_it(master: Thread
     assert _start(master, "k", pipeline_end=True).pipeline_end
     get = _parked(master, m.GetReplicas(["k"], client_id="reader"), "GetReplicas")
     exist = _parked(master, m.Exist(["k", "other"], client_id="reader"), "Exist")
+    query = _parked(master, m.QueryReplicas(["k"], client_id="reader"), "QueryReplicas")
     assert _call(master, m.PutEnd("writer", ["k"]), m.CodesReply).codes == [0]
     found = codec.decode(get.result(TIMEOUT_S), m.GetReplicasReply)
     assert (found.codes, found.sizes) == ([0], [64])
     assert codec.decode(exist.result(TIMEOUT_S), m.CodesReply).codes == [1, 0]
+    assert codec.decode(query.result(TIMEOUT_S), m.QueryReplicasReply).sizes == [64]
+
+
+def test_a_removal_waits_for_the_end_too_and_then_removes(master: ThreadMaster) -> None:
+    _start(master, "k", pipeline_end=True)
+    remove = _parked(master, m.Remove(["k"], client_id="writer"), "Remove")
+    assert _call(master, m.PutEnd("writer", ["k"]), m.CodesReply).codes == [0]
+    assert codec.decode(remove.result(TIMEOUT_S), m.CodesReply).codes == [0]
+    assert _call(master, m.Exist(["k"], client_id="reader"), m.CodesReply).codes == [0]
 
 
 def test_a_put_that_does_not_pipeline_is_not_waited_for(master: ThreadMaster) -> None:

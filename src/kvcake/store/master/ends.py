@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from kvcake.store.master.replica import StoredObject
 
@@ -29,12 +30,31 @@ _RECHECK_S = 0.05  # a revocation by the sweep wakes no one: look again this oft
 
 
 class PendingEnds:
-    """The scoped keys of pipelined puts not ended yet; ``objects``: the master's table."""
+    """The scoped keys of pipelined puts not ended yet. ``objects``: the master's table;
+    ``scope(client_id, keys)``: the keys of a call in its tenant; ``limit_s``: the longest a
+    read waits."""
 
-    def __init__(self, objects: Mapping[str, StoredObject]) -> None:
+    def __init__(self, objects: Mapping[str, StoredObject],
+                 scope: Callable[[str, list[str]], list[str]], limit_s: float) -> None:
         self._objects = objects
+        self._scope = scope
+        self._limit_s = limit_s
         self._keys: set[str] = set()
         self._ended = asyncio.Event()
+
+    def guard(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``handler`` of a keyed read or removal (``request.client_id``, ``request.keys``),
+        run at once, or once the pipelined puts of its keys have ended."""
+        def handle(request: Any) -> Any:
+            keys = self._scope(request.client_id, request.keys)
+            return self._then(keys, handler, request) if self.waiting(keys) \
+                else handler(request)
+        return handle
+
+    async def _then(self, keys: list[str], handler: Callable[[Any], Any], request: Any) -> Any:
+        await self.wait(keys, self._limit_s)
+        reply = handler(request)
+        return await reply if isinstance(reply, Awaitable) else reply
 
     def started(self, keys: Iterable[str]) -> None:
         """These keys' puts began, their ends to come pipelined."""

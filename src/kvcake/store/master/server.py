@@ -67,15 +67,17 @@ class MasterServer:
         self._grants = ReplicaGrants()  # nodes' grant keys: signed handles, with a token
         self._owners = SegmentOwners(cluster_auth())  # same-host nodes' pidfds
         self._task_done = asyncio.Event()
-        self._ends = PendingEnds(self.service.objects)
+        self._ends = PendingEnds(self.service.objects, self._scoped, _TIER_WAIT_S)
         self._background = TaskSet()
         self._dispatch = Dispatcher(m.MasterRequest, {
             m.RegisterClient: self._register, m.Heartbeat: self._heartbeat,
             m.MountSegment: self._mount, m.UnmountSegment: self._unmount,
             m.PutStart: self._put_start, m.PutEnd: self._put_end, m.PutRevoke: self._put_revoke,
-            m.GetReplicas: self._get_replicas, m.Exist: self._exist, m.Remove: self._remove,
+            m.GetReplicas: self._ends.guard(self._get_replicas),
+            m.Exist: self._ends.guard(self._exist), m.Remove: self._ends.guard(self._remove),
             m.RemoveAll: self._remove_all, m.RemoveByRegex: self._remove_by_regex,
-            m.QueryReplicas: self._query_replicas, m.ReplicaClear: self._replica_clear,
+            m.QueryReplicas: self._ends.guard(self._query_replicas),
+            m.ReplicaClear: self._replica_clear,
             m.DescribeSegments: self._describe,
             m.GetStats: lambda _: self.service.stats(),
             m.CheckIntegrity: self._check_integrity,
@@ -308,26 +310,16 @@ class MasterServer:
         return reply
 
     def _scoped(self, client_id: str, keys: list[str]) -> list[str]:
-        """``keys`` in ``client_id``'s tenant (none for a client this master does not know)."""
-        if client_id not in self.service.registry.clients:
+        """``keys`` in the tenant ``client_id``'s calls act in (none where such a call is
+        refused anyway: its handler says why)."""
+        try:
+            tenant = self.service.tenant_of(client_id)
+        except KvcakeError:
             return []
-        tenant = self.service.tenant_of(client_id)
         return [scoped_key(tenant, key) for key in keys]
 
     def _get_replicas(self, request: m.GetReplicas) -> Any:
         tenant = self.service.tenant_of(request.client_id)
-        if self._ends.waiting([scoped_key(tenant, key) for key in request.keys]):
-            return self._get_after_ends(request, tenant)
-        return self._get_now(request, tenant)
-
-    async def _get_after_ends(self, request: m.GetReplicas, tenant: str) -> m.GetReplicasReply:
-        """Once the pipelined puts of these keys have ended (:mod:`.ends`)."""
-        await self._ends.wait([scoped_key(tenant, key) for key in request.keys], _TIER_WAIT_S)
-        reply = self._get_now(request, tenant)
-        return await reply if isinstance(reply, Awaitable) else reply
-
-    def _get_now(self, request: m.GetReplicas, tenant: str
-                 ) -> m.GetReplicasReply | Awaitable[m.GetReplicasReply]:
         results = [self._get_one(key, tenant) for key in request.keys]
         self._run_tasks()  # starts the promotions just queued
         if any(r in _WAIT_CODES and self._on_disk(k, tenant)
@@ -369,14 +361,8 @@ class MasterServer:
                                   [self._grants.sign(handles, size, GrantMode.READ, ttl_s)
                                    for size, handles in found], waited_s)
 
-    def _exist(self, request: m.Exist) -> m.CodesReply | Awaitable[m.CodesReply]:
+    def _exist(self, request: m.Exist) -> m.CodesReply:
         tenant = self.service.tenant_of(request.client_id)
-        if self._ends.waiting([scoped_key(tenant, key) for key in request.keys]):
-            return self._exist_after_ends(request, tenant)
-        return m.CodesReply([_exist_code(self.service, k, tenant) for k in request.keys])
-
-    async def _exist_after_ends(self, request: m.Exist, tenant: str) -> m.CodesReply:
-        await self._ends.wait([scoped_key(tenant, key) for key in request.keys], _TIER_WAIT_S)
         return m.CodesReply([_exist_code(self.service, k, tenant) for k in request.keys])
 
     def _remove(self, request: m.Remove) -> m.CodesReply:
