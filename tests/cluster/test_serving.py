@@ -327,23 +327,35 @@ def _indexed(endpoint: str) -> dict[str, float]:
         return _gauges(reply.read().decode(), "kvcake_conductor_indexed_blocks")
 
 
+def _decoding(cluster: Cluster, timeout_s: float = 30.0) -> str:
+    """The decode instance the Conductor sees running a request. Its gauge follows the
+    instances' load reports, which may come after the stream's first tokens: wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = _gauges(_metrics(cluster), "kvcake_instance_running_requests")
+        busy = sorted(k for k, v in running.items() if v and not k.startswith("prefill"))
+        if busy:
+            return busy[0]
+        assert time.monotonic() < deadline, f"no decode instance runs the request: {running}"
+        time.sleep(0.02)
+
+
 def test_retry_continues_a_stream_on_another_decode_instance(tmp_path: Path) -> None:
     cluster = Cluster(_spec(tmp_path, store_size="0", decode=2, on_decode_failure="retry"))
     cluster.start()
     try:
         stream = _client(cluster).completions.create(
-            model="smollm2", prompt="Count with me: one, two,", max_tokens=60, temperature=0,
+            model="smollm2", prompt="Count with me: one, two,", max_tokens=200, temperature=0,
             stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True})
         finish, usage = None, None
         for i, chunk in enumerate(stream):
             if i == 5:
-                running = _gauges(_metrics(cluster), "kvcake_instance_running_requests")
-                _kill(cluster, next(k for k, v in running.items() if v and k != "prefill-0"))
+                _kill(cluster, _decoding(cluster))
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
             usage = chunk.usage or usage
         assert finish == "length"
-        assert usage is not None and usage.completion_tokens == 60
+        assert usage is not None and usage.completion_tokens == 200
     finally:
         cluster.stop()

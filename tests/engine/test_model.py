@@ -3,6 +3,7 @@ greedy generation token for token (tiny random configs and the real SmolLM2)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,16 @@ def test_smollm2_bf16_on_packed_weights_matches_hf(
                                 ([len(tokens) - 8], len(tokens) - 8)):
         got = run_chunks(ours, tokens, chunks, decode_from)
         error = (got - expected).abs()
-        assert error.max().item() <= 2.0 and error.mean().item() <= 0.25, chunks
+        assert error.max().item() <= 10 * bf16_ulp(expected) and error.mean().item() <= 0.25, \
+            chunks
         assert_same_top_tokens(got, expected, near_tie=0.5)
+
+
+def bf16_ulp(logits: torch.Tensor) -> float:
+    """The spacing of bf16 numbers at the largest of ``logits`` (8 significant bits). The
+    packed path rounds differently from HF's eager one, per CPU: on an AVX512-BF16 EPYC its
+    largest error was 1.875-2.125 on logits up to 38.25 (ulp 0.25), on others under 2."""
+    return float(2.0 ** (math.floor(math.log2(logits.abs().max().item())) - 7))
 
 
 def assert_same_top_tokens(got: torch.Tensor, expected: torch.Tensor, near_tie: float) -> None:
