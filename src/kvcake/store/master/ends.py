@@ -52,7 +52,7 @@ class PendingEnds:
         return handle
 
     async def _then(self, keys: list[str], handler: Callable[[Any], Any], request: Any) -> Any:
-        await self.wait(keys, self._limit_s)
+        await self._wait(keys)
         reply = handler(request)
         return await reply if isinstance(reply, Awaitable) else reply
 
@@ -80,10 +80,10 @@ class PendingEnds:
         """The indices of ``keys`` a read must wait for."""
         return [i for i, key in enumerate(keys) if self.open(key)]
 
-    async def wait(self, keys: Sequence[str], limit_s: float) -> None:
+    async def _wait(self, keys: Sequence[str]) -> None:
         """Until none of ``keys`` has a pipelined put under way, or ``limit_s`` passed."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit_s
+        deadline = loop.time() + self._limit_s
         while self.waiting(keys) and (left := deadline - loop.time()) > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ended.wait(), min(left, _RECHECK_S))
@@ -92,6 +92,3 @@ class PendingEnds:
         """Forget the keys whose puts are over (their readers came by, or none did)."""
         for key in list(self._keys):
             self.open(key)
-
-    def __len__(self) -> int:
-        return len(self._keys)
