@@ -234,6 +234,7 @@ class Driver:
             step = self.get_step(case, self.working_set(case.size, case.batch))
         else:
             step = self.exist_step(case, self.exist_keys()[: case.batch])
+
         def rep(_: int) -> tuple[float, float]:
             rate, _steps, cpu = _timed(step, self.plan.min_seconds, sys.maxsize)
             return rate, cpu
