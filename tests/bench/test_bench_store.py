@@ -73,6 +73,21 @@ def test_single_key_rows_are_held_to_redis_and_mooncake() -> None:
     assert not any("1 MiB single" in line for line in lines)
 
 
+def test_large_tcp_rows_are_held_to_the_smaller_of_their_two_ratios() -> None:
+    rows = []
+    for op, ours, redis, mooncake in (("put", 300, 100, 250), ("get", 400, 100, 100),
+                                      ("put_from", 90, 100, 30)):
+        rows += [row("kvcake", op, ours, path="tcp", size=MiB),
+                 row("redis", op, redis, path="tcp", size=MiB),
+                 row("mooncake", op, mooncake, path="tcp", size=MiB)]
+    add_ratios(rows)
+    lines = summary(rows)  # smaller ratios per row: 1.2, 4.0, 0.9
+    assert "tcp 1-16 MiB put/get, median of each row's smaller ratio (vs redis, vs " \
+           "mooncake): 1.20 (target >= 1.5)  [MISSED]" in lines
+    assert "tcp 1-16 MiB put/get vs redis: min 0.90, median 3.00 (target >= 1.5)  [MISSED]" \
+        in lines
+
+
 def test_with_namespaces_every_systems_shm_path_runs_in_the_same_one() -> None:
     """Mooncake must run in a namespace; the others then share its network stack on the shm
     path (this host's loopback slows down while namespaces exist), and only a run without
