@@ -4,8 +4,8 @@ A put is two master calls: ``PutStart`` before the bytes, ``PutEnd`` after. On a
 without a journal, a writer that asks for it (``PutStart.pipeline_end``: Mooncake's
 synchronous API does) may send ``PutEnd`` and return at once, a round trip sooner; the
 reply is read before the writer's next call on that connection. What must not change is
-that a client the writer then tells of the key finds it. So a read (get or exist) of a key
-whose pipelined put has not ended waits for that end:
+that a client the writer then tells of the key finds it. So a read (get, exist, query) or
+a removal of a key whose pipelined put has not ended waits for that end:
 
     writer  PutStart ─► bytes ─► PutEnd (sent, not awaited) ─► put returns ─► tells B
     master                         ┆ its PutEnd may still be on the wire  ┆
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from kvcake.store.master.replica import StoredObject
@@ -46,6 +46,8 @@ class PendingEnds:
         """``handler`` of a keyed read or removal (``request.client_id``, ``request.keys``),
         run at once, or once the pipelined puts of its keys have ended."""
         def handle(request: Any) -> Any:
+            if not self._keys:  # the common case: no pipelined put is open
+                return handler(request)
             keys = self._scope(request.client_id, request.keys)
             return self._then(keys, handler, request) if self.waiting(keys) \
                 else handler(request)
@@ -56,13 +58,16 @@ class PendingEnds:
         reply = handler(request)
         return await reply if isinstance(reply, Awaitable) else reply
 
-    def started(self, keys: Iterable[str]) -> None:
-        """These keys' puts began, their ends to come pipelined."""
-        self._keys.update(keys)
+    def started(self, client_id: str, keys: list[str]) -> None:
+        """``client_id``'s puts of ``keys`` began, their ends to come pipelined."""
+        self._keys.update(self._scope(client_id, keys))
 
-    def ended(self, keys: Iterable[str] = ()) -> None:
-        """Puts ended or were revoked (``keys``, where known): wake every waiting read."""
-        self._keys.difference_update(keys)
+    def ended(self, client_id: str, keys: list[str]) -> None:
+        """``client_id``'s puts of ``keys`` ended or were revoked: wake every waiting read
+        (there are none while no pipelined put is open)."""
+        if not self._keys:
+            return
+        self._keys.difference_update(self._scope(client_id, keys))
         self._ended.set()
         self._ended = asyncio.Event()
 

@@ -244,10 +244,8 @@ class MasterServer:
         master keeps no journal (:mod:`kvcake.store.master.ends`)."""
         if not request.pipeline_end or self.persistence is not None:
             return reply
-        tenant = self.service.tenant_of(request.client_id)
-        self._ends.started(scoped_key(tenant, key)
-                           for key, code in zip(request.keys, reply.codes, strict=True)
-                           if code == 0)
+        self._ends.started(request.client_id, [key for key, code in zip(
+            request.keys, reply.codes, strict=True) if code == 0])
         return msgspec.structs.replace(reply, pipeline_end=True)
 
     async def _put_start_later(self, request: m.PutStart) -> m.PutStartReply:
@@ -300,13 +298,13 @@ class MasterServer:
     def _put_end(self, request: m.PutEnd) -> m.CodesReply:
         reply = m.CodesReply([int(self.service.put_end(request.client_id, k))
                               for k in request.keys])
-        self._ends.ended(self._scoped(request.client_id, request.keys))
+        self._ends.ended(request.client_id, request.keys)
         return reply
 
     def _put_revoke(self, request: m.PutRevoke) -> m.CodesReply:
         reply = m.CodesReply([int(self.service.put_revoke(request.client_id, k))
                               for k in request.keys])
-        self._ends.ended(self._scoped(request.client_id, request.keys))
+        self._ends.ended(request.client_id, request.keys)
         return reply
 
     def _scoped(self, client_id: str, keys: list[str]) -> list[str]:
