@@ -75,8 +75,9 @@ class BlockingRpcClient:
 
     def send(self, body: bytes, on_reply: Callable[[bytes | KvcakeError], None]) -> None:
         """Send one request and return at once; its reply (or error) goes to ``on_reply``
-        when the next :meth:`call` reads it, or the error that broke the connection first.
-        Raises as :meth:`call` does when the request could not be sent."""
+        once read: before this client's next request, if it has arrived by then, else by
+        the next :meth:`call`; or the error that broke the connection first. Raises as
+        :meth:`call` does when the request could not be sent."""
         _, request_id = self._send(body)
         self._unanswered[request_id] = on_reply
 
@@ -86,6 +87,7 @@ class BlockingRpcClient:
 
     def _send(self, body: bytes) -> tuple[socket.socket, int]:
         self.sent = False
+        self._take_arrived_replies()
         sock, fresh = self._connection.socket()
         if fresh:
             self._fail_unanswered()  # their replies went with the old connection
@@ -110,10 +112,30 @@ class BlockingRpcClient:
         while True:
             header = self._receive_header(sock)
             payload = bytes(recv_bytes(sock, self._payload_size(header)))
-            on_reply = self._unanswered.pop(header.request_id, None)
-            if on_reply is None:
+            if not self._answered(header, payload):
                 return header, payload
+
+    def _answered(self, header: FrameHeader, payload: bytes) -> bool:
+        """Whether this reply was to a request :meth:`send` sent (then handed to it)."""
+        on_reply = self._unanswered.pop(header.request_id, None)
+        if on_reply is not None:
             on_reply(self._refusal(header, payload) if header.status else payload)
+        return on_reply is not None
+
+    def _take_arrived_replies(self) -> None:
+        """Read the replies to :meth:`send`'s requests that have arrived already. Left
+        unread, they would hide a close that came after them from the check before the
+        next call: a server that answered and then went away would look alive, and the call
+        would be lost with the connection."""
+        sock = self._connection.current
+        try:
+            while sock is not None and self._unanswered and _frame_waiting(sock):
+                header = self._receive_header(sock)
+                payload = bytes(recv_bytes(sock, self._payload_size(header)))
+                if not self._answered(header, payload):
+                    raise ProtocolError(f"unexpected reply #{header.request_id}")
+        except (OSError, ProtocolError):
+            self.close()  # the next call opens a new connection
 
     def _refusal(self, header: FrameHeader, payload: bytes) -> KvcakeError:
         return error_from_code(header.status,
@@ -145,6 +167,11 @@ class BlockingConnection:
         self.auth = auth
         self._sock: socket.socket | None = None
         self._closer = weakref.finalize(self, _nothing)
+
+    @property
+    def current(self) -> socket.socket | None:
+        """The socket as it is (not checked, not reopened)."""
+        return self._sock
 
     def socket(self) -> tuple[socket.socket, bool]:
         """The open socket, and whether it was opened just now (see :func:`open_blocking`
@@ -255,6 +282,14 @@ def failure(endpoint: str, timeout_s: float, exc: Exception) -> KvcakeError:
         return KvcakeError(f"{endpoint} broke the protocol: {exc}", ErrorCode.RPC_FAIL)
     return KvcakeError(f"connection to {endpoint} lost: {exc or type(exc).__name__}",
                        ErrorCode.RPC_FAIL)
+
+
+def _frame_waiting(sock: socket.socket) -> bool:
+    """Whether a whole frame header is ready to read on ``sock`` (without waiting)."""
+    try:
+        return len(sock.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == HEADER_SIZE
+    except BlockingIOError:
+        return False
 
 
 def peer_closed(sock: socket.socket) -> bool:
