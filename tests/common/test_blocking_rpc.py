@@ -101,9 +101,14 @@ def test_a_request_sent_unanswered_gets_its_reply_when_the_next_call_reads(
         assert client.call(b"xyz") == b"zyx"  # every earlier reply is handed over by then
         assert replies[0] == b"cba"
         assert isinstance(replies[1], InvalidParamsError)
-        client.send(b"later", replies.append)
-        client.close()  # its reply never read: the callback hears why
+        client.send(b"slow", replies.append)
+        client.close()  # its reply has not come: the callback hears why
         assert isinstance(replies[2], KvcakeError) and replies[2].code is ErrorCode.RPC_FAIL
+        client.send(b"later", replies.append)
+        sock, _ = client._connection.socket()
+        assert select.select([sock], [], [], 5.0)[0]  # its reply has arrived
+        client.close()  # and is handed over, not lost
+        assert replies[3] == b"retal"
         assert client.call(b"again") == b"niaga"
     finally:
         client.close()

@@ -156,6 +156,8 @@ def test_kill_9_of_the_leader_loses_no_acknowledged_object(
             store.native.session.client_id, ["probe"], [64], pipeline_end=True),
             m.PutStartReply)
         assert started.codes == [0] and not started.pipeline_end
+        # nor does it publish a location table: a deposed leader would go on answering
+        assert store.native.session.locations == ""
     finally:
         store.close()
 

@@ -10,6 +10,7 @@ reached the server (a caller must not resend such a request to the same server b
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import select
 import socket
@@ -82,6 +83,10 @@ class BlockingRpcClient:
         self._unanswered[request_id] = on_reply
 
     def close(self) -> None:
+        """Close the connection; unanswered sends whose replies have arrived get them, the
+        others an error."""
+        with contextlib.suppress(OSError, ProtocolError):
+            self._read_arrived_replies()
         self._connection.close()
         self._fail_unanswered()
 
@@ -127,15 +132,18 @@ class BlockingRpcClient:
         unread, they would hide a close that came after them from the check before the
         next call: a server that answered and then went away would look alive, and the call
         would be lost with the connection."""
-        sock = self._connection.current
         try:
-            while sock is not None and self._unanswered and _frame_waiting(sock):
-                header = self._receive_header(sock)
-                payload = bytes(recv_bytes(sock, self._payload_size(header)))
-                if not self._answered(header, payload):
-                    raise ProtocolError(f"unexpected reply #{header.request_id}")
+            self._read_arrived_replies()
         except (OSError, ProtocolError):
             self.close()  # the next call opens a new connection
+
+    def _read_arrived_replies(self) -> None:
+        sock = self._connection.current
+        while sock is not None and self._unanswered and _frame_waiting(sock):
+            header = self._receive_header(sock)
+            payload = bytes(recv_bytes(sock, self._payload_size(header)))
+            if not self._answered(header, payload):
+                raise ProtocolError(f"unexpected reply #{header.request_id}")
 
     def _refusal(self, header: FrameHeader, payload: bytes) -> KvcakeError:
         return error_from_code(header.status,

@@ -13,6 +13,7 @@ which rejoins or follows the failover and sends it again only where it may not h
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, TypeVar
 
 from kvcake.common import codec
@@ -101,8 +102,9 @@ class BlockingDriver:
 
 def _told(step: Tell, reply: bytes | KvcakeError) -> None:
     if isinstance(reply, KvcakeError):
-        log.warning("store: %s sent without waiting got no reply: %s",
-                    type(step.request).__name__, reply)
+        log.log(logging.DEBUG if step.harmless else logging.WARNING,
+                "store: %s sent without waiting got no reply: %s",
+                type(step.request).__name__, reply)
         return
     try:
         told(step, codec.decode(reply, step.reply_type))

@@ -21,6 +21,7 @@ from kvcake.store.pieces import Piece, check_parts, concatenated, lay_out
 from kvcake.store.replica_io import Live, ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
 from kvcake.store.steps import Ask, Plan, Tell
+from kvcake.store.table_reads import Staged, TableReads
 from kvcake.transfer import MappedRange, TransferOp
 from kvcake.wire import store as m
 
@@ -58,6 +59,7 @@ class StoreOps:
     def __init__(self, live: Live, scratch_bytes: int = 0) -> None:
         self._live = live
         self.replicas = ReplicaIo(live)
+        self.table = TableReads(live, self.replicas)  # the master's location table
         self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
         self._scratch_lock = threading.Lock()
 
@@ -112,6 +114,10 @@ class StoreOps:
                    staging: Staging | None = None) -> Plan[list[bytes | int]]:
         """Each key's bytes, or its negative code; one master round trip for all. With
         ``staging``, a value it has no room for answers ``INVALID_PARAMS``."""
+        values = self.table.values(keys, Staged(staging))
+        if values is not None:
+            yield from self._touch(keys, read=True)
+            return values
         found, deadline = yield from self.find(keys)
         taken = _stage(found, staging)
         try:
@@ -150,6 +156,10 @@ class StoreOps:
         stale."""
         self._live()
         check_parts(keys, parts)
+        read = self.table.into(keys, parts)
+        if read is not None:
+            yield from self._touch(keys, read=True)
+            return read
         found, deadline = yield from self.find(keys)
         return (yield from self.read_found(found, parts, deadline))
 
@@ -208,8 +218,19 @@ class StoreOps:
     # ----- metadata
     def exist(self, keys: Sequence[str]) -> Plan[list[int]]:
         """1 present, 0 absent, negative code for a bad key."""
+        present = self.table.exist(keys)
+        if present is not None:
+            yield from self._touch(keys, read=False)
+            return present
         reply = yield Ask(m.Exist(list(keys), self._client_id()), m.CodesReply)
         return reply.codes  # type: ignore[no-any-return]
+
+    def _touch(self, keys: Sequence[str], read: bool) -> Plan[None]:
+        """Keys answered from the location table: leased (and counted used) by the master
+        as if it had been asked, without waiting for it (see :meth:`TableReads.to_touch`)."""
+        due = self.table.to_touch(keys)
+        if due:
+            yield Tell(m.Touch(due, self._client_id(), read), m.CodesReply, harmless=True)
 
     def sizes(self, keys: Sequence[str]) -> Plan[list[int]]:
         found, _ = yield from self.find(keys)

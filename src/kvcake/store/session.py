@@ -98,6 +98,7 @@ class MasterSession:
         self.leader_uid = ""
         self.master_id = 0
         self.lease_ttl_s = 5.0
+        self.locations = ""  # the master's location table, when this host may read it
         self.mounts: list[Mount] = []
         self.segment_ids: dict[str, int] = {}
         self._on_new_master = on_new_master
@@ -187,6 +188,7 @@ class MasterSession:
             self.master_id = reply.master_id
             self._on_new_master()
         self.lease_ttl_s = reply.lease_ttl_s
+        self.locations = reply.locations if reply.host_id == self.host_id else ""
         for mount in self.mounts:
             await self._mount(mount)
 

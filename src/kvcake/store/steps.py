@@ -41,10 +41,12 @@ class Ask:
 class Tell:
     """One call to the master whose reply the plan does not wait for; the plan is sent
     ``None``. The blocking driver sends it and reads the reply before its next call on
-    that connection, logging a refusal; the asyncio driver waits for it."""
+    that connection, logging a refusal (at debug level where losing it does no harm:
+    ``harmless``); the asyncio driver waits for it."""
 
     request: msgspec.Struct
     reply_type: type[Any]
+    harmless: bool = False
 
 
 @dataclass(frozen=True)

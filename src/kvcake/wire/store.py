@@ -146,6 +146,16 @@ class Exist(msgspec.Struct, tag=True, frozen=True):
     client_id: str = ""
 
 
+class Touch(msgspec.Struct, tag=True, frozen=True):
+    """Keys a client found in the master's location table (:mod:`kvcake.store.locations`)
+    and read (``read``) or only checked: leased as that get or exist would have leased them
+    (a read also counts as a use for eviction). Answered with a 0 per key."""
+
+    keys: Keys
+    client_id: str
+    read: bool = True
+
+
 class Remove(msgspec.Struct, tag=True, frozen=True):
     keys: Keys
     force: bool = False
@@ -199,8 +209,8 @@ class CheckIntegrity(msgspec.Struct, tag=True, frozen=True):
 
 MasterRequest = (
     RegisterClient | Heartbeat | MountSegment | UnmountSegment | PutStart | PutEnd | PutRevoke
-    | GetReplicas | Exist | Remove | RemoveAll | RemoveByRegex | QueryReplicas | ReplicaClear
-    | DescribeSegments | GetStats | CheckIntegrity
+    | GetReplicas | Exist | Touch | Remove | RemoveAll | RemoveByRegex | QueryReplicas
+    | ReplicaClear | DescribeSegments | GetStats | CheckIntegrity
 )
 
 
@@ -209,6 +219,8 @@ class RegisterReply(msgspec.Struct, frozen=True):
     master_id: int  # changes when the master restarts: clients then remount
     lease_ttl_s: float
     client_ttl_s: float
+    locations: str = ""  # the master's location table (kvcake.store.locations), if any
+    host_id: str = ""  # the master's host: only clients of that host read the table
 
 
 class HeartbeatReply(msgspec.Struct, frozen=True):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcake.common.errors import ErrorCode
+from kvcake.store.locations import NO_SEGMENT, LocationTable
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.eviction import SplitOrder, make_eviction_policy
 from kvcake.store.master.groups import GroupIndex
@@ -30,6 +31,7 @@ from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tie
 from kvcake.store.master.segments import MountedSegment, SegmentRegistry
 from kvcake.store.master.tenants import TenantLedger, tenant_of_key, usage_by_tenant
 from kvcake.store.master.tiering import DropDiskTask, Task
+from kvcake.transfer.segment import local_host_id, offers_local_mapping
 from kvcake.wire.store import ReplicaHandle
 
 
@@ -67,6 +69,9 @@ class ObjectTable:
         self.disk_order = make_eviction_policy(config.eviction)  # objects on a disk tier
         self.tasks: list[Task] = []
         self.changes: ChangeSet | None = None  # set by a master that persists its state
+        self.published: LocationTable | None = None  # set by a master that publishes
+        self._to_publish: set[str] = set()
+        self._host_id = ""
         self.groups = GroupIndex()
         self.retired: list[Retired] = []
         self._object_ids = itertools.count(1)
@@ -175,7 +180,7 @@ class ObjectTable:
         """Forget ``obj``: free its memory (or retire it until ``hold_until``, when that is
         still ahead), drop its disk files."""
         if obj.complete:
-            self.changed(obj.key)
+            self.changed(obj.key)  # unpublished before its memory is freed
             self._count_key(obj.key, -1)
         for replica in obj.replicas:
             if replica.state in (ReplicaState.PROCESSING, ReplicaState.COMPLETE):
@@ -273,8 +278,40 @@ class ObjectTable:
                 segment.allocator.free(offset)
 
     def changed(self, key: str) -> None:
+        """``key``'s object changed: journalled, and unpublished at once (published again,
+        as it is then, by :meth:`publish_changed`)."""
         if self.changes is not None:
             self.changes.objects.add(key)
+        if self.published is not None:
+            self.published.drop(key)
+            self._to_publish.add(key)
+
+    def publish(self, table: LocationTable) -> None:
+        """From now on, keep ``table`` up to date with every complete object."""
+        self.published = table
+        self._host_id = local_host_id()
+        self._to_publish.update(self.objects)
+        self.publish_changed()
+
+    def publish_changed(self) -> None:
+        """Publish the objects changed since the last call, as they are now (before a reply
+        leaves, so a client told of a change finds it)."""
+        if self.published is None or not self._to_publish:
+            return
+        for key in self._to_publish:
+            obj = self.objects.get(key)
+            if obj is not None and obj.complete:
+                self.published.publish(key, *self._location(obj, self._host_id))
+        self._to_publish.clear()
+
+    def _location(self, obj: StoredObject, host_id: str) -> tuple[int, int, int]:
+        """Segment id and offset of ``obj``'s first memory replica mapped on ``host_id``, and
+        its size (``NO_SEGMENT``: none; the key is still published, for ``is_exist``)."""
+        for replica in obj.readable(Tier.MEMORY):
+            segment = self.registry.segments.get(replica.segment_id)
+            if segment is not None and offers_local_mapping(segment.descriptor, host_id):
+                return replica.segment_id, replica.offset, obj.size
+        return NO_SEGMENT, 0, obj.size
 
     def changed_segment(self, segment_id: int) -> None:
         if self.changes is not None:

@@ -24,6 +24,7 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.http import HttpReply, Route, Routes, TextHttpServer, text_reply
 from kvcake.common.log import get_logger
 from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
+from kvcake.store.locations import LocationTable
 from kvcake.store.master import admin
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.ends import PendingEnds
@@ -36,7 +37,7 @@ from kvcake.store.master.service import MasterService
 from kvcake.store.master.tenants import scoped_key
 from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask, Task
 from kvcake.transfer.grants import GrantMode
-from kvcake.transfer.segment import store_registrant
+from kvcake.transfer.segment import local_host_id, store_registrant
 from kvcake.wire import store as m
 
 log = get_logger(__name__)
@@ -75,6 +76,7 @@ class MasterServer:
             m.PutStart: self._put_start, m.PutEnd: self._put_end, m.PutRevoke: self._put_revoke,
             m.GetReplicas: self._ends.guard(self._get_replicas),
             m.Exist: self._ends.guard(self._exist), m.Remove: self._ends.guard(self._remove),
+            m.Touch: self._touch,
             m.RemoveAll: self._remove_all, m.RemoveByRegex: self._remove_by_regex,
             m.QueryReplicas: self._ends.guard(self._query_replicas),
             m.ReplicaClear: self._replica_clear,
@@ -87,6 +89,7 @@ class MasterServer:
         self.metrics_endpoint = ""
         self.persistence: Persistence | None = None  # set before startup by an HA leader
         self._puts_open_at = 0.0  # loop time; an HA leader fences puts after taking over
+        self._locations: LocationTable | None = None
 
     def persist_with(self, persistence: Persistence, put_fence_s: float) -> None:
         """Before startup: flush changes with ``persistence``; hold puts ``put_fence_s``;
@@ -95,6 +98,9 @@ class MasterServer:
         self._puts_open_at = asyncio.get_running_loop().time() + put_fence_s
 
     async def startup(self) -> str:
+        if self.persistence is None and self.config.location_slots:
+            self._locations = LocationTable(self.config.location_slots)
+            self.service.table.publish(self._locations)
         self.endpoint = await self._rpc.startup()
         if self._http is not None:
             self.metrics_endpoint = await self._http.startup()
@@ -111,6 +117,9 @@ class MasterServer:
         for client in self._nodes.values():
             client.close()
         self._owners.close()
+        if self._locations is not None:
+            self.service.table.published = None
+            self._locations.close()
 
     def metrics_text(self) -> str:
         return render_metrics(self.service.stats(), self.service.counters, self._requests)
@@ -154,8 +163,9 @@ class MasterServer:
 
     def _settle(self, request: m.MasterRequest) -> Awaitable[None] | None:
         """Once a reply is ready: start the node tasks it queued; an HA leader's changes
-        reach etcd before a durable request's reply leaves."""
+        reach etcd before a durable request's reply leaves; what changed is published."""
         self._run_tasks()
+        self.service.table.publish_changed()
         if self.persistence is not None and isinstance(request, _DURABLE) \
                 and self.service.changes:
             return self.persistence.durable()
@@ -173,8 +183,11 @@ class MasterServer:
                                      request.tenant_token)
         log.info("client %s registered (host %s, tenant %s)", request.client_id,
                  request.host_id, request.tenant)
+        locations = self._locations
         return m.RegisterReply(self.service.master_id, self.config.lease_ttl_s,
-                               self.config.client_ttl_s)
+                               self.config.client_ttl_s,
+                               locations.path if locations is not None else "",
+                               local_host_id() if locations is not None else "")
 
     def _heartbeat(self, request: m.Heartbeat) -> m.HeartbeatReply:
         return m.HeartbeatReply(self.service.heartbeat(request.client_id))
@@ -316,6 +329,12 @@ class MasterServer:
             return []
         return [scoped_key(tenant, key) for key in keys]
 
+    def _touch(self, request: m.Touch) -> m.CodesReply:
+        tenant = self.service.tenant_of(request.client_id)
+        for key in request.keys:
+            _per_key(self.service.touch, key, tenant, request.read)
+        return m.CodesReply([0] * len(request.keys))
+
     def _get_replicas(self, request: m.GetReplicas) -> Any:
         tenant = self.service.tenant_of(request.client_id)
         results = [self._get_one(key, tenant) for key in request.keys]
@@ -410,6 +429,7 @@ class MasterServer:
             self.service.tick()
             self._ends.tidy()
             self._run_tasks()
+            self.service.table.publish_changed()
 
     async def _summarise_forever(self) -> None:
         while True:
@@ -432,6 +452,7 @@ class MasterServer:
         self._task_done.set()  # wakes readers waiting on the disk tier
         self._task_done = asyncio.Event()
         self._run_tasks()
+        self.service.table.publish_changed()
 
     async def _call_node(self, endpoint: str, task: Task) -> bool:
         client = self._nodes.get(endpoint)

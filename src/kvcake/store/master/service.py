@@ -267,6 +267,15 @@ class MasterService:
         self.check_key(key)
         return self.table.lease(scoped_key(tenant, key)) is not None
 
+    def touch(self, key: str, tenant: str = DEFAULT_TENANT, read: bool = True) -> None:
+        """``key`` was found in the location table: leased (and, ``read``, used) as a get or
+        exist through the master would have. A key gone meanwhile is no error."""
+        self.check_key(key)
+        obj = self.table.lease(scoped_key(tenant, key))
+        if obj is not None and read:
+            self.table.touch(obj.key)
+            self.counters["hits"] += 1
+
     def query_replicas(self, key: str, tenant: str = DEFAULT_TENANT
                        ) -> tuple[int, list[ReplicaInfo]] | ErrorCode:
         """Size and every readable replica of ``key`` (any tier), granting a lease as a get

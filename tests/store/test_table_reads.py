@@ -1,0 +1,161 @@
+"""Same-host reads through the master's location table: a real master and node (child
+processes) and Mooncake-API clients in this process. Gets and ``is_exist`` are answered
+without the master, and never with bytes that are no longer the key's value."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kvcake.common.errors import ErrorCode
+from kvcake.ops import ServerProcess, start_master, start_node
+from kvcake.store import DistributedStore
+
+LEASE_S = "0.5"
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., DistributedStore]]:
+    made: list[DistributedStore] = []
+
+    def client(endpoint: str, **options: str) -> DistributedStore:
+        store = DistributedStore()
+        assert store.setup("127.0.0.1", "p2p", 0, 16 << 20, "tcp", "", endpoint,
+                           **options) == 0
+        made.append(store)
+        return store
+
+    yield client
+    for store in made:
+        store.close()
+
+
+def _cluster(servers: list[ServerProcess], *master_args: str) -> str:
+    master, endpoint = start_master("--client-ttl", "30", "--lease-ttl", LEASE_S, *master_args)
+    servers.append(master)
+    servers.append(start_node(endpoint, "32MiB"))
+    return endpoint
+
+
+@contextlib.contextmanager
+def _stopped(process: ServerProcess) -> Iterator[None]:
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def _answered_within(call: Callable[[], object], timeout_s: float) -> object:
+    """``call()``'s result, from a thread; fails when it has not returned in time."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert result, f"no answer within {timeout_s} s"
+    return result[0]
+
+
+def test_gets_and_exist_checks_are_answered_while_the_master_is_stopped(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    endpoint = _cluster(servers)
+    writer, reader = clients(endpoint), clients(endpoint)
+    value = bytes(range(256)) * 256
+    assert writer.put("k", value) == 0 and writer.put("j", b"j" * 100) == 0
+    target = (ctypes.c_ubyte * len(value))()
+    assert reader.register_buffer(ctypes.addressof(target), len(value)) == 0
+    assert reader.get("k") == value  # reaches the node's segment once, through the master
+    with _stopped(servers[0]):
+        assert _answered_within(lambda: reader.get("k"), 5.0) == value
+        assert _answered_within(lambda: reader.batch_is_exist(["k", "j"]), 5.0) == [1, 1]
+        assert _answered_within(lambda: reader.get_into("k", ctypes.addressof(target),
+                                                        len(value)), 5.0) == len(value)
+        assert bytes(target) == value
+    assert reader.get("absent") == b"" and reader.is_exist("absent") == 0  # asked
+
+
+def test_a_read_from_the_table_leases_the_key_as_a_get_through_the_master_does(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    store = clients(_cluster(servers))
+    assert store.put("k", b"v" * 1000) == 0 and store.put("e", b"e") == 0
+    assert store.get("k") == b"v" * 1000 and store.is_exist("e") == 1
+    assert store.remove("k") == ErrorCode.OBJECT_HAS_LEASE
+    assert store.remove("e") == ErrorCode.OBJECT_HAS_LEASE
+
+
+def test_removed_and_replaced_values_are_never_read_from_the_table(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    endpoint = _cluster(servers)
+    writer, reader = clients(endpoint), clients(endpoint)
+    for round_ in range(30):
+        key, first, second = f"k{round_}", b"1" * (4096 + round_), b"2" * (8192 + round_)
+        assert writer.put(key, first) == 0
+        assert reader.get(key) == first
+        assert writer.upsert(key, second) == 0
+        assert reader.get(key) == second  # the old slot was dropped with the old value
+        assert writer.remove(key, force=True) == 0
+        assert reader.get(key) == b"" and reader.is_exist(key) == 0
+
+
+def test_a_tenant_finds_only_its_own_keys(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    endpoint = _cluster(servers)
+    acme, other = clients(endpoint, tenant_id="acme"), clients(endpoint)
+    assert acme.put("shared-name", b"acme's") == 0
+    assert other.put("shared-name", b"default's") == 0
+    assert acme.get("shared-name") == b"acme's" and other.get("shared-name") == b"default's"
+    assert acme.put("acme-only", b"x") == 0 and acme.is_exist("acme-only") == 1
+    assert other.is_exist("acme-only") == 0 and other.get("acme-only") == b""
+
+
+def test_after_a_master_restart_the_old_table_is_not_read(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new master forgot every object; the old master's table still names the bytes,
+    which are still in the node's segment, but it is dead and no longer trusted."""
+    endpoint = _cluster(servers)
+    monkeypatch.setenv("KVCAKE_STORE_HEARTBEAT_S", "60")  # the call itself must notice
+    store = clients(endpoint)
+    assert store.put("k", b"old" * 1000) == 0 and store.get("k") == b"old" * 1000
+    servers[0].kill()
+    servers[0] = start_master("--client-ttl", "30", "--port", endpoint.rsplit(":", 1)[1])[0]
+    assert store.get("k") == b"" and store.is_exist("k") == 0
+    _wait_for(lambda: store.stats().num_segments == 1)  # the node remounted by itself
+    assert store.put("k", b"new") == 0 and store.get("k") == b"new"
+
+
+def test_a_master_that_publishes_nothing_is_asked_every_time(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    endpoint = _cluster(servers, "--location-slots", "0", "--lease-ttl", "5")
+    store = clients(endpoint)
+    assert store.put("k", b"v") == 0 and store.get("k") == b"v"
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.append(store.get("k")))
+    with _stopped(servers[0]):
+        thread.start()
+        thread.join(1.0)
+        assert not got  # waits for the stopped master
+    thread.join(30)
+    assert got == [b"v"]
