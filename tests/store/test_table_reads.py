@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvcake.common.errors import ErrorCode
+from kvcake.common.blocking_rpc import BlockingRpcClient
+from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
 
@@ -159,3 +160,20 @@ def test_a_master_that_publishes_nothing_is_asked_every_time(
         assert not got  # waits for the stopped master
     thread.join(30)
     assert got == [b"v"]
+
+
+def test_a_read_whose_touch_cannot_be_sent_still_answers(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes were checked already; only the lease is lost, and the call does not wait
+    on the master to find that out."""
+    store = clients(_cluster(servers))
+    assert store.put("k", b"v" * 100) == 0 and store.get("absent") == b""
+
+    def unsendable(*_: object) -> None:
+        raise KvcakeError("connection refused", ErrorCode.RPC_FAIL)
+
+    monkeypatch.setattr(BlockingRpcClient, "send", unsendable)
+    with _stopped(servers[0]):  # nor does it ask instead
+        assert _answered_within(lambda: store.get("k"), 5.0) == b"v" * 100
+        assert _answered_within(lambda: store.is_exist("k"), 5.0) == 1

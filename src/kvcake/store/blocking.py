@@ -57,12 +57,16 @@ class BlockingDriver:
 
     def _tell(self, step: Tell) -> None:
         """Send ``step`` and go on; its reply is read before this thread's next call on
-        the connection (a refusal logged). One that could not be sent is asked instead."""
+        the connection (a refusal logged). One that could not be sent is asked instead
+        (one that is harmless to lose, dropped)."""
         session, _ = self._live()
         client = self._clients.get(session.rpc.endpoint)
         try:
             client.send(codec.encode(step.request), lambda reply: _told(step, reply))
-        except KvcakeError:
+        except KvcakeError as exc:
+            if step.harmless:
+                log.debug("store: %s not sent: %s", type(step.request).__name__, exc)
+                return
             told(step, self._ask(Ask(step.request, step.reply_type)))
 
     def _ask(self, step: Ask) -> Any:

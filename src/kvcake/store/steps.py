@@ -41,8 +41,8 @@ class Ask:
 class Tell:
     """One call to the master whose reply the plan does not wait for; the plan is sent
     ``None``. The blocking driver sends it and reads the reply before its next call on
-    that connection, logging a refusal (at debug level where losing it does no harm:
-    ``harmless``); the asyncio driver waits for it."""
+    that connection, logging a refusal; the asyncio driver waits for it. One that is
+    ``harmless`` to lose never fails the plan: its failures are logged at debug level."""
 
     request: msgspec.Struct
     reply_type: type[Any]
@@ -133,7 +133,12 @@ async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> A
     if isinstance(step, Ask):
         return await session.call(step.request, step.reply_type)
     if isinstance(step, Tell):
-        told(step, await session.call(step.request, step.reply_type))
+        try:
+            told(step, await session.call(step.request, step.reply_type))
+        except KvcakeError as exc:
+            if not step.harmless:
+                raise
+            log.debug("store: %s not delivered: %s", type(step.request).__name__, exc)
         return None
     errors = engine.copy(step.requests)  # same-host bytes: right here
     if errors is not None:
