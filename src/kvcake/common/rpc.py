@@ -139,9 +139,9 @@ class RpcServer(FrameListener):
     """``await startup()`` → serve ``handler`` → ``await shutdown()``."""
 
     def __init__(self, handler: Handler, host: str, port: int,
-                 auth: ClusterAuth | None = None) -> None:
+                 auth: ClusterAuth | None = None, poll_s: float = 0.0) -> None:
         super().__init__(lambda live: _ServerConnection(handler, live), host, port, "RPC",
-                         auth)
+                         auth, poll_s)
 
 
 class _ClientConnection(FramedProtocol):

@@ -56,6 +56,9 @@ class MasterConfig:
         after about this long.
     put_fence_s: how long a new leader holds puts after taking over (>= 0), so that writes
         still in flight to memory the old leader handed out land first.
+    poll_us: how long the master keeps polling its connections for the next request
+        before it sleeps, microseconds (0: never); only while requests come that fast
+        (:class:`kvcake.common.stream.ReadPoller`).
     location_slots: objects a lone master publishes for the clients of its host to find
         without asking (:mod:`kvcake.store.locations`; a power of two, 64 bytes each; 0 =
         publish none).
@@ -81,6 +84,7 @@ class MasterConfig:
     etcd: str = ""
     leader_ttl_s: int = 3
     put_fence_s: float = 1.0
+    poll_us: float = 200.0
     location_slots: int = 1 << 17
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ class MasterConfig:
         check_within(self, -1, 65535, "metrics_port")
         check_within(self, 2, 60, "leader_ttl_s")
         check_within(self, 1, 65536, "max_key_bytes")
-        check_at_least(self, 0, "put_fence_s", "summary_s")
+        check_at_least(self, 0, "put_fence_s", "summary_s", "poll_us")
         require(self.location_slots >= 0 and not self.location_slots & (self.location_slots - 1),
                 f"location_slots must be 0 or a power of two, got {self.location_slots}")
         check_at_least(self, 0, "lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s",

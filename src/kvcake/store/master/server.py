@@ -84,7 +84,8 @@ class MasterServer:
             m.GetStats: lambda _: self.service.stats(),
             m.CheckIntegrity: self._check_integrity,
         }, admit=self._admit, settle=self._settle)
-        self._rpc = RpcServer(self._dispatch, config.host, config.port)
+        self._rpc = RpcServer(self._dispatch, config.host, config.port,
+                              poll_s=config.poll_us / 1e6)
         self.endpoint = ""
         self.metrics_endpoint = ""
         self.persistence: Persistence | None = None  # set before startup by an HA leader
