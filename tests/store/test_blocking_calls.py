@@ -7,21 +7,13 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from kvcake.common.errors import ErrorCode
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for process in reversed(started):
-        process.stop()
 
 
 def _cluster(servers: list[ServerProcess], *master_args: str) -> str:

@@ -23,14 +23,6 @@ LEASE_S = "0.5"
 
 
 @pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for process in reversed(started):
-        process.stop()
-
-
-@pytest.fixture
 def clients() -> Iterator[Callable[..., DistributedStore]]:
     made: list[DistributedStore] = []
 
