@@ -112,7 +112,8 @@ class StoreOps:
     # ----- reads
     def get_values(self, keys: Sequence[str],
                    staging: Staging | None = None) -> Plan[list[bytes | int]]:
-        """Each key's bytes, or its negative code; one master round trip for all. With
+        """Each key's bytes, or its negative code; one master round trip for all (none where
+        the location table holds every key, :mod:`kvcake.store.table_reads`). With
         ``staging``, a value it has no room for answers ``INVALID_PARAMS``."""
         values = self.table.values(keys, Staged(staging))
         if values is not None:
@@ -152,8 +153,9 @@ class StoreOps:
                        parts: Sequence[Sequence[memoryview]]) -> Plan[list[int]]:
         """Read each key's value into its ``parts`` in order (the last ones may stay
         unused); bytes read, or a code (``BUFFER_OVERFLOW`` when they hold less). A read
-        that finishes after its lease ran out answers ``LEASE_EXPIRED``: its bytes may be
-        stale."""
+        through the master that finishes after its lease ran out answers
+        ``LEASE_EXPIRED``: its bytes may be stale (one through the location table is
+        checked another way)."""
         self._live()
         check_parts(keys, parts)
         read = self.table.into(keys, parts)
