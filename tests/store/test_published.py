@@ -10,13 +10,17 @@ from typing import Any
 
 import pytest
 
+from kvcake.common import codec
 from kvcake.common.errors import ErrorCode
 from kvcake.store.locations import NO_SEGMENT, LocationReader, LocationTable
+from kvcake.store.master import server as master_server
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.service import MasterService
 from kvcake.store.master.tiering import OffloadTask, PromoteTask
 from kvcake.transfer.segment import SegmentDescriptor, local_host_id
+from kvcake.wire import store as m
 from kvcake.wire.store import ReplicateConfig
+from master_thread import thread_master
 
 OBJ = 4096
 SEGMENT = 16 * OBJ
@@ -132,3 +136,15 @@ def test_evicted_offloaded_and_promoted_objects_follow_their_memory(
     service.promote_done(promote, True)
     service.table.publish_changed()
     assert _where(reader, promote.key) == (segment, promote.offset)
+
+
+def test_a_master_without_shared_memory_serves_and_names_no_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_room(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(master_server, "LocationTable", no_room)
+    with thread_master("test-no-table") as master:
+        reply = codec.decode(master.call(m.RegisterClient("c1", local_host_id())),
+                             m.RegisterReply)
+        assert reply.locations == "" and reply.lease_ttl_s > 0

@@ -53,7 +53,9 @@ _PREFIX = "kvcake-locations-"
 
 
 def key_hash(object_key: str) -> bytes:
-    return hashlib.blake2b(object_key.encode(), digest_size=16).digest()
+    """(A key that is not valid UTF-8 hashes too; it is found nowhere, and the master, asked
+    instead, refuses it by name.)"""
+    return hashlib.blake2b(object_key.encode(errors="surrogatepass"), digest_size=16).digest()
 
 
 def _first_slot(digest: bytes, mask: int) -> int:

@@ -100,8 +100,7 @@ class MasterServer:
 
     async def startup(self) -> str:
         if self.persistence is None and self.config.location_slots:
-            self._locations = LocationTable(self.config.location_slots)
-            self.service.table.publish(self._locations)
+            self._publish_locations()
         self.endpoint = await self._rpc.startup()
         if self._http is not None:
             self.metrics_endpoint = await self._http.startup()
@@ -109,6 +108,16 @@ class MasterServer:
         if self.config.summary_s:
             self._background.spawn(self._summarise_forever())
         return self.endpoint
+
+    def _publish_locations(self) -> None:
+        """Publish where objects lie for the clients of this host, where shared memory
+        allows (:mod:`kvcake.store.locations`); without it, they ask as everyone else."""
+        try:
+            self._locations = LocationTable(self.config.location_slots)
+        except OSError as exc:
+            log.warning("no location table (%s): same-host reads will ask the master", exc)
+            return
+        self.service.table.publish(self._locations)
 
     async def shutdown(self) -> None:
         await self._background.cancel(_SHUTDOWN_S)
