@@ -151,6 +151,8 @@ class ReadPoller:
         """Return once a connection has bytes (the loop then reads them at once), or after
         ``poll_s``."""
         self._scheduled = False
+        if self._epoll.closed:  # the listener shut down meanwhile
+            return
         deadline = time.perf_counter() + self.poll_s
         while not self._epoll.poll(0) and time.perf_counter() < deadline:
             os.sched_yield()  # a thread with work of its own goes first
