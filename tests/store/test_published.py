@@ -148,3 +148,14 @@ def test_a_master_without_shared_memory_serves_and_names_no_table(
         reply = codec.decode(master.call(m.RegisterClient("c1", local_host_id())),
                              m.RegisterReply)
         assert reply.locations == "" and reply.lease_ttl_s > 0
+
+
+def test_a_master_with_a_cluster_token_publishes_no_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes of the master's user could write the file; with a token they are not
+    trusted that far (docs/security.md)."""
+    monkeypatch.setenv("KVCAKE_CLUSTER_TOKEN", "t0ken-" + "e" * 26)
+    with thread_master("test-token-no-table") as master:
+        reply = codec.decode(master.call(m.RegisterClient("c1", local_host_id())),
+                             m.RegisterReply)
+        assert reply.locations == ""

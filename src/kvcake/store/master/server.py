@@ -66,7 +66,8 @@ class MasterServer:
         self._requests: dict[str, int] = {}
         self._nodes: dict[str, RpcClient] = {}
         self._grants = ReplicaGrants()  # nodes' grant keys: signed handles, with a token
-        self._owners = SegmentOwners(cluster_auth())  # same-host nodes' pidfds
+        self._auth = cluster_auth()
+        self._owners = SegmentOwners(self._auth)  # same-host nodes' pidfds
         self._task_done = asyncio.Event()
         self._ends = PendingEnds(self.service.objects, self._scoped, _TIER_WAIT_S)
         self._background = TaskSet()
@@ -99,7 +100,8 @@ class MasterServer:
         self._puts_open_at = asyncio.get_running_loop().time() + put_fence_s
 
     async def startup(self) -> str:
-        if self.persistence is None and self.config.location_slots:
+        if self.persistence is None and self.config.location_slots \
+                and not self._auth.enabled:
             self._publish_locations()
         self.endpoint = await self._rpc.startup()
         if self._http is not None:
@@ -111,7 +113,9 @@ class MasterServer:
 
     def _publish_locations(self) -> None:
         """Publish where objects lie for the clients of this host, where shared memory
-        allows (:mod:`kvcake.store.locations`); without it, they ask as everyone else."""
+        allows (:mod:`kvcake.store.locations`); without it, they ask as everyone else. Not
+        with a cluster token: any process of this user could write the file
+        (docs/security.md)."""
         try:
             self._locations = LocationTable(self.config.location_slots)
         except OSError as exc:
