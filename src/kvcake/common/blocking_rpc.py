@@ -115,10 +115,13 @@ class BlockingRpcClient:
     def _receive(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:
         """The next reply that is not to a request :meth:`send` sent (those go to theirs)."""
         while True:
-            header = self._receive_header(sock)
-            payload = bytes(recv_bytes(sock, self._payload_size(header)))
+            header, payload = self._read_reply(sock)
             if not self._answered(header, payload):
                 return header, payload
+
+    def _read_reply(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:
+        header = self._receive_header(sock)
+        return header, bytes(recv_bytes(sock, self._payload_size(header)))
 
     def _answered(self, header: FrameHeader, payload: bytes) -> bool:
         """Whether this reply was to a request :meth:`send` sent (then handed to it)."""
@@ -140,8 +143,7 @@ class BlockingRpcClient:
     def _read_arrived_replies(self) -> None:
         sock = self._connection.current
         while sock is not None and self._unanswered and _frame_waiting(sock):
-            header = self._receive_header(sock)
-            payload = bytes(recv_bytes(sock, self._payload_size(header)))
+            header, payload = self._read_reply(sock)
             if not self._answered(header, payload):
                 raise ProtocolError(f"unexpected reply #{header.request_id}")
 

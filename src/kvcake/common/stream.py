@@ -112,7 +112,7 @@ class ReadPoller:
         self._clock = clock
         self._epoll = select.epoll()
         self._owners: dict[int, object] = {}  # fd -> its connection (fds are reused)
-        self._last_read = 0.0
+        self._last_read = clock()
         self._scheduled = False
 
     def add(self, connection: object, transport: asyncio.BaseTransport) -> int:

@@ -38,6 +38,7 @@ import weakref
 from dataclasses import dataclass
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.transfer.segment import local_host_id
 
 MAGIC = b"KVCKLOC1"
 _HEADER = struct.Struct("<8sQ")  # magic, slots
@@ -86,9 +87,11 @@ class Location:
 
 
 class LocationTable:
-    """The master's side: publish and drop object keys. ``slots``: a power of two."""
+    """The master's side: publish and drop object keys. ``slots``: a power of two;
+    ``host_id``: the host whose processes may read it (this one's)."""
 
     def __init__(self, slots: int, directory: str = "") -> None:
+        self.host_id = local_host_id()
         if slots <= 0 or slots & (slots - 1):
             raise InvalidParamsError(f"location slots must be a power of two, got {slots}")
         directory = directory or shm_dir()

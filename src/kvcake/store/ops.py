@@ -120,8 +120,8 @@ class StoreOps:
             yield from self._touch(keys, read=True)
             return values
         found, deadline = yield from self.find(keys)
-        taken = _stage(found, staging)
-        try:
+        with Staged(staging) as take:
+            _stage(found, take)
             here = InPlaceValues(found.codes, (yield from self.replicas.mapped(found)),
                                  deadline)
             if all(r is not None or c for r, c in zip(here.ranges, here.codes, strict=True)):
@@ -133,9 +133,6 @@ class StoreOps:
                 views = _value_views(found, scratch)
                 results = yield from self.read_found(found, [[v] for v in views], deadline)
                 return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
-        finally:
-            if staging is not None:
-                staging.give(taken)
 
     @contextmanager
     def _scratch_for(self, found: m.GetReplicasReply) -> Iterator[memoryview | None]:
@@ -270,17 +267,12 @@ class StoreOps:
         return reply  # type: ignore[no-any-return]
 
 
-def _stage(found: m.GetReplicasReply, staging: Staging | None) -> int:
-    """Take room for each found value from ``staging``; a value without room becomes
-    ``INVALID_PARAMS`` (in ``found.codes``). The bytes taken."""
-    taken = 0
+def _stage(found: m.GetReplicasReply, take: Staged) -> None:
+    """Take room for each found value; a value without room becomes ``INVALID_PARAMS`` (in
+    ``found.codes``)."""
     for i, (code, size) in enumerate(zip(found.codes, found.sizes, strict=True)):
-        if code == 0 and staging is not None:
-            if staging.take(size):
-                taken += size
-            else:
-                found.codes[i] = ErrorCode.INVALID_PARAMS
-    return taken
+        if code == 0 and not take(size):
+            found.codes[i] = ErrorCode.INVALID_PARAMS
 
 
 def _value_views(found: m.GetReplicasReply, scratch: memoryview | None) -> list[memoryview]:

@@ -61,11 +61,10 @@ class TableReads:
 
     def exist(self, keys: Sequence[str]) -> list[int] | None:
         """1 per key, when the table holds every one of them."""
-        reader = self._table()
-        if reader is None:
-            return None
-        tenant = self._tenant()
-        if any(reader.find(scoped_key(tenant, key)) is None for key in keys):
+        session, _ = self._live()
+        reader = self._table(session.locations)
+        tenant = session.config.tenant
+        if reader is None or any(reader.find(scoped_key(tenant, key)) is None for key in keys):
             return None
         return [1] * len(keys)
 
@@ -102,11 +101,11 @@ class TableReads:
     def _found(self, keys: Sequence[str]) -> tuple[LocationReader, Found] | None:
         """Every key's slot and its value's bytes as mapped here; ``None`` at the first key
         the table lacks or whose segment this process has not mapped."""
-        reader = self._table()
+        session, engine = self._live()
+        reader = self._table(session.locations)
         if reader is None:
             return None
-        _, engine = self._live()
-        tenant, segments = self._tenant(), self._replicas.segments
+        tenant, segments = session.config.tenant, self._replicas.segments
         located = []
         for key in keys:
             location = reader.find(scoped_key(tenant, key))
@@ -119,14 +118,9 @@ class TableReads:
             located.append((location, mapped))
         return reader, located
 
-    def _tenant(self) -> str:
-        session, _ = self._live()
-        return session.config.tenant
-
-    def _table(self) -> LocationReader | None:
-        """The table of the master this client is joined to, while that master lives."""
-        session, _ = self._live()
-        path, reader = session.locations, self._reader
+    def _table(self, path: str) -> LocationReader | None:
+        """The table at ``path`` (the joined master's), while that master lives."""
+        reader = self._reader
         if reader is None or reader.path != path:
             reader = self._open(path)
         return reader if reader is not None and reader.alive() else None

@@ -31,7 +31,7 @@ from kvcake.store.master.replica import Replica, ReplicaState, StoredObject, Tie
 from kvcake.store.master.segments import MountedSegment, SegmentRegistry
 from kvcake.store.master.tenants import TenantLedger, tenant_of_key, usage_by_tenant
 from kvcake.store.master.tiering import DropDiskTask, Task
-from kvcake.transfer.segment import local_host_id, offers_local_mapping
+from kvcake.transfer.segment import offers_local_mapping
 from kvcake.wire.store import ReplicaHandle
 
 
@@ -71,7 +71,6 @@ class ObjectTable:
         self.changes: ChangeSet | None = None  # set by a master that persists its state
         self.published: LocationTable | None = None  # set by a master that publishes
         self._to_publish: set[str] = set()
-        self._host_id = ""
         self.groups = GroupIndex()
         self.retired: list[Retired] = []
         self._object_ids = itertools.count(1)
@@ -289,7 +288,6 @@ class ObjectTable:
     def publish(self, table: LocationTable) -> None:
         """From now on, keep ``table`` up to date with every complete object."""
         self.published = table
-        self._host_id = local_host_id()
         self._to_publish.update(self.objects)
         self.publish_changed()
 
@@ -301,7 +299,7 @@ class ObjectTable:
         for key in self._to_publish:
             obj = self.objects.get(key)
             if obj is not None and obj.complete:
-                self.published.publish(key, *self._location(obj, self._host_id))
+                self.published.publish(key, *self._location(obj, self.published.host_id))
         self._to_publish.clear()
 
     def _location(self, obj: StoredObject, host_id: str) -> tuple[int, int, int]:

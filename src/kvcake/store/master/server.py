@@ -37,7 +37,7 @@ from kvcake.store.master.service import MasterService
 from kvcake.store.master.tenants import scoped_key
 from kvcake.store.master.tiering import DropDiskTask, OffloadTask, PromoteTask, Task
 from kvcake.transfer.grants import GrantMode
-from kvcake.transfer.segment import local_host_id, store_registrant
+from kvcake.transfer.segment import store_registrant
 from kvcake.wire import store as m
 
 log = get_logger(__name__)
@@ -91,7 +91,6 @@ class MasterServer:
         self.metrics_endpoint = ""
         self.persistence: Persistence | None = None  # set before startup by an HA leader
         self._puts_open_at = 0.0  # loop time; an HA leader fences puts after taking over
-        self._locations: LocationTable | None = None
 
     def persist_with(self, persistence: Persistence, put_fence_s: float) -> None:
         """Before startup: flush changes with ``persistence``; hold puts ``put_fence_s``;
@@ -117,11 +116,11 @@ class MasterServer:
         with a cluster token: any process of this user could write the file
         (docs/security.md)."""
         try:
-            self._locations = LocationTable(self.config.location_slots)
+            table = LocationTable(self.config.location_slots)
         except OSError as exc:
             log.warning("no location table (%s): same-host reads will ask the master", exc)
             return
-        self.service.table.publish(self._locations)
+        self.service.table.publish(table)
 
     async def shutdown(self) -> None:
         await self._background.cancel(_SHUTDOWN_S)
@@ -131,9 +130,9 @@ class MasterServer:
         for client in self._nodes.values():
             client.close()
         self._owners.close()
-        if self._locations is not None:
-            self.service.table.published = None
-            self._locations.close()
+        table, self.service.table.published = self.service.table.published, None
+        if table is not None:
+            table.close()
 
     def metrics_text(self) -> str:
         return render_metrics(self.service.stats(), self.service.counters, self._requests)
@@ -197,11 +196,11 @@ class MasterServer:
                                      request.tenant_token)
         log.info("client %s registered (host %s, tenant %s)", request.client_id,
                  request.host_id, request.tenant)
-        locations = self._locations
+        table = self.service.table.published
         return m.RegisterReply(self.service.master_id, self.config.lease_ttl_s,
                                self.config.client_ttl_s,
-                               locations.path if locations is not None else "",
-                               local_host_id() if locations is not None else "")
+                               "" if table is None else table.path,
+                               "" if table is None else table.host_id)
 
     def _heartbeat(self, request: m.Heartbeat) -> m.HeartbeatReply:
         return m.HeartbeatReply(self.service.heartbeat(request.client_id))
