@@ -4,15 +4,12 @@ without the master, and never with bytes that are no longer the key's value."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
-import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+from waiting import answered_within, stopped, wait_for
 
 from kvcake.common.blocking_rpc import BlockingRpcClient
 from kvcake.common.errors import ErrorCode, KvcakeError
@@ -22,53 +19,11 @@ from kvcake.store import DistributedStore
 LEASE_S = "0.5"
 
 
-@pytest.fixture
-def clients() -> Iterator[Callable[..., DistributedStore]]:
-    made: list[DistributedStore] = []
-
-    def client(endpoint: str, **options: str) -> DistributedStore:
-        store = DistributedStore()
-        assert store.setup("127.0.0.1", "p2p", 0, 16 << 20, "tcp", "", endpoint,
-                           **options) == 0
-        made.append(store)
-        return store
-
-    yield client
-    for store in made:
-        store.close()
-
-
 def _cluster(servers: list[ServerProcess], *master_args: str) -> str:
     master, endpoint = start_master("--client-ttl", "30", "--lease-ttl", LEASE_S, *master_args)
     servers.append(master)
     servers.append(start_node(endpoint, "32MiB"))
     return endpoint
-
-
-@contextlib.contextmanager
-def _stopped(process: ServerProcess) -> Iterator[None]:
-    os.kill(process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(process.pid, signal.SIGCONT)
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def _answered_within(call: Callable[[], object], timeout_s: float) -> object:
-    """``call()``'s result, from a thread; fails when it has not returned in time."""
-    result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    assert result, f"no answer within {timeout_s} s"
-    return result[0]
 
 
 def test_gets_and_exist_checks_are_answered_while_the_master_is_stopped(
@@ -80,10 +35,10 @@ def test_gets_and_exist_checks_are_answered_while_the_master_is_stopped(
     target = (ctypes.c_ubyte * len(value))()
     assert reader.register_buffer(ctypes.addressof(target), len(value)) == 0
     assert reader.get("k") == value  # reaches the node's segment once, through the master
-    with _stopped(servers[0]):
-        assert _answered_within(lambda: reader.get("k"), 5.0) == value
-        assert _answered_within(lambda: reader.batch_is_exist(["k", "j"]), 5.0) == [1, 1]
-        assert _answered_within(lambda: reader.get_into("k", ctypes.addressof(target),
+    with stopped(servers[0]):
+        assert answered_within(lambda: reader.get("k"), 5.0) == value
+        assert answered_within(lambda: reader.batch_is_exist(["k", "j"]), 5.0) == [1, 1]
+        assert answered_within(lambda: reader.get_into("k", ctypes.addressof(target),
                                                         len(value)), 5.0) == len(value)
         assert bytes(target) == value
     assert reader.get("absent") == b"" and reader.is_exist("absent") == 0  # asked
@@ -135,7 +90,7 @@ def test_after_a_master_restart_the_old_table_is_not_read(
     servers[0].kill()
     servers[0] = start_master("--client-ttl", "30", "--port", endpoint.rsplit(":", 1)[1])[0]
     assert store.get("k") == b"" and store.is_exist("k") == 0
-    _wait_for(lambda: store.stats().num_segments == 1)  # the node remounted by itself
+    wait_for(lambda: store.stats().num_segments == 1)  # the node remounted by itself
     assert store.put("k", b"new") == 0 and store.get("k") == b"new"
 
 
@@ -146,7 +101,7 @@ def test_a_master_that_publishes_nothing_is_asked_every_time(
     assert store.put("k", b"v") == 0 and store.get("k") == b"v"
     got: list[bytes] = []
     thread = threading.Thread(target=lambda: got.append(store.get("k")))
-    with _stopped(servers[0]):
+    with stopped(servers[0]):
         thread.start()
         thread.join(1.0)
         assert not got  # waits for the stopped master
@@ -166,6 +121,6 @@ def test_a_read_whose_touch_cannot_be_sent_still_answers(
         raise KvcakeError("connection refused", ErrorCode.RPC_FAIL)
 
     monkeypatch.setattr(BlockingRpcClient, "send", unsendable)
-    with _stopped(servers[0]):  # nor does it ask instead
-        assert _answered_within(lambda: store.get("k"), 5.0) == b"v" * 100
-        assert _answered_within(lambda: store.is_exist("k"), 5.0) == 1
+    with stopped(servers[0]):  # nor does it ask instead
+        assert answered_within(lambda: store.get("k"), 5.0) == b"v" * 100
+        assert answered_within(lambda: store.is_exist("k"), 5.0) == 1
