@@ -99,7 +99,7 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
         "host", "port", "metrics_port", "lease_ttl_s", "client_ttl_s", "put_timeout_s",
         "high_watermark", "evict_ratio", "eviction", "placement",
         Flag("summary_s", "--summary-interval"), "etcd", "leader_ttl_s", "put_fence_s",
-        "poll_us", "location_slots"))
+        "poll_us", "location_slots", "arena_bytes"))
     add_server_flags(master)
     add_tenant_flags(master)
     master.set_defaults(run=_cmd_master)

@@ -306,7 +306,7 @@ def test_a_full_disk_tier_keeps_the_newest_evictions(
 
 def test_metrics_endpoint(cluster: Callable[..., tuple[ServerProcess, str]],
                           make_store: Callable[[str], DistributedStore]) -> None:
-    master, endpoint = cluster()
+    master, endpoint = cluster("--arena-size", "0")  # a put asks: PutStart is counted
     cluster.node(endpoint)  # type: ignore[attr-defined]
     store = make_store(endpoint)
     assert store.put("m", b"x" * 100) == 0

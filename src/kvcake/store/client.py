@@ -83,7 +83,10 @@ class AsyncStore:
 
     async def close(self) -> None:
         self.blocking.close()
+        held = self.ops.arena.close()
         if self.session is not None:
+            if held:
+                await self.session.release_arena()
             await self.session.close()
             self.session = None
         await self.node.shutdown()

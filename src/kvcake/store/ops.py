@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError
+from kvcake.store.arena_puts import ArenaPuts
 from kvcake.store.pieces import Piece, check_parts, concatenated, lay_out
 from kvcake.store.replica_io import Live, ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
@@ -26,6 +27,7 @@ from kvcake.transfer import MappedRange, TransferOp
 from kvcake.wire import store as m
 
 Range = tuple[str, int, memoryview]  # key, offset in its value, destination
+_PLAIN = m.ReplicateConfig()  # puts of this config may go through an arena
 
 
 class Staging(Protocol):
@@ -60,6 +62,7 @@ class StoreOps:
         self._live = live
         self.replicas = ReplicaIo(live)
         self.table = TableReads(live, self.replicas)  # the master's location table
+        self.arena = ArenaPuts(live, self.replicas)  # same-host puts without asking
         self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
         self._scratch_lock = threading.Lock()
 
@@ -80,9 +83,22 @@ class StoreOps:
         client_id = self._client_id()
         check_parts(keys, parts)
         sizes = [sum(v.nbytes for v in views) for views in parts]
-        started = yield Ask(m.PutStart(client_id, list(keys), sizes,
-                                       as_wire(config, len(keys)), upsert, pipeline_end),
-                            m.PutStartReply)
+        wire = as_wire(config, len(keys))
+        ahead = 0 if upsert or wire != _PLAIN else (yield from self.arena.put(keys, parts,
+                                                                              sizes))
+        if ahead == len(keys):
+            return [0] * ahead
+        codes = yield from self._put_asking(client_id, keys[ahead:], parts[ahead:],
+                                            sizes[ahead:], wire, upsert, pipeline_end)
+        return [0] * ahead + codes
+
+    def _put_asking(self, client_id: str, keys: Sequence[str],
+                    parts: Sequence[Sequence[memoryview]], sizes: list[int],
+                    wire: m.ReplicateConfig, upsert: bool, pipeline_end: bool
+                    ) -> Plan[list[int]]:
+        """Puts the master places: space first, then the bytes, then their end."""
+        started = yield Ask(m.PutStart(client_id, list(keys), sizes, wire, upsert,
+                                       pipeline_end), m.PutStartReply)
         codes = [0 if c == ErrorCode.OBJECT_ALREADY_EXISTS else c for c in started.codes]
         todo = [i for i, c in enumerate(started.codes) if c == 0]
         writes = [(i, shifted(h, offset), view) for i in todo for h in started.replicas[i]

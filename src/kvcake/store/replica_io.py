@@ -74,7 +74,7 @@ class ReplicaIo:
         """Each found value's same-host replica as memory of this process (``None``: the
         value is missing or has no replica reached through a mapping)."""
         _, engine = self._live()
-        segments = yield from self._resolve([h.segment_id for hs in found.replicas for h in hs])
+        segments = yield from self.resolve([h.segment_id for hs in found.replicas for h in hs])
         return [None if code else _first_mapped(engine, segments, handles, size)
                 for code, size, handles in zip(found.codes, found.sizes, found.replicas,
                                                strict=True)]
@@ -91,7 +91,7 @@ class ReplicaIo:
         copies run right here (:meth:`TransferEngine.copy`), with no step for the driver."""
         if not items:
             return []
-        segments = yield from self._resolve([h.segment_id for h, _ in items])
+        segments = yield from self.resolve([h.segment_id for h, _ in items])
         requests, failed = [], []
         for j, (handle, view) in enumerate(items):
             segment = segments.get(handle.segment_id)
@@ -122,7 +122,7 @@ class ReplicaIo:
                 except KvcakeError as exc:
                     log.debug("segment %s not reached ahead: %s", descriptor.name, exc)
 
-    def _resolve(self, segment_ids: list[int]) -> Plan[dict[int, RemoteSegment]]:
+    def resolve(self, segment_ids: list[int]) -> Plan[dict[int, RemoteSegment]]:
         missing = sorted({i for i in segment_ids if i not in self.segments})
         if missing:
             reply = yield Ask(m.DescribeSegments(missing), m.DescribeSegmentsReply)

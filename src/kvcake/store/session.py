@@ -99,6 +99,7 @@ class MasterSession:
         self.master_id = 0
         self.lease_ttl_s = 5.0
         self.locations = ""  # the master's location table, when this host may read it
+        self.arena_bytes = 0  # the most it grants this client to put into without asking
         self.mounts: list[Mount] = []
         self.segment_ids: dict[str, int] = {}
         self._on_new_master = on_new_master
@@ -189,6 +190,7 @@ class MasterSession:
             self._on_new_master()
         self.lease_ttl_s = reply.lease_ttl_s
         self.locations = reply.locations if reply.host_id == self.host_id else ""
+        self.arena_bytes = reply.arena_bytes if self.locations else 0
         for mount in self.mounts:
             await self._mount(mount)
 
@@ -227,6 +229,13 @@ class MasterSession:
             await self._follow(uid, error)
         except KvcakeError as exc:
             log.debug("no new leader yet: %s", exc)
+
+    async def release_arena(self) -> None:
+        """Give this client's arena back (it puts no more; the master frees the rest)."""
+        try:
+            await self._call(m.ArenaRelease(self.client_id), m.CodesReply)
+        except KvcakeError as exc:
+            log.debug("arena not given back: %s", exc)
 
     async def close(self) -> None:
         if self._heartbeat is not None:

@@ -156,6 +156,19 @@ class Touch(msgspec.Struct, tag=True, frozen=True):
     read: bool = True
 
 
+class ArenaGrant(msgspec.Struct, tag=True, frozen=True):
+    """A client of the master's host asks for space to put into without asking (its last
+    arena's rest is freed; :mod:`kvcake.store.commits`). Answered with an ArenaReply."""
+
+    client_id: str
+
+
+class ArenaRelease(msgspec.Struct, tag=True, frozen=True):
+    """A client closing gives its arena back (it writes there no more). A CodesReply."""
+
+    client_id: str
+
+
 class Remove(msgspec.Struct, tag=True, frozen=True):
     keys: Keys
     force: bool = False
@@ -209,8 +222,9 @@ class CheckIntegrity(msgspec.Struct, tag=True, frozen=True):
 
 MasterRequest = (
     RegisterClient | Heartbeat | MountSegment | UnmountSegment | PutStart | PutEnd | PutRevoke
-    | GetReplicas | Exist | Touch | Remove | RemoveAll | RemoveByRegex | QueryReplicas
-    | ReplicaClear | DescribeSegments | GetStats | CheckIntegrity
+    | GetReplicas | Exist | Touch | ArenaGrant | ArenaRelease | Remove | RemoveAll
+    | RemoveByRegex | QueryReplicas | ReplicaClear | DescribeSegments | GetStats
+    | CheckIntegrity
 )
 
 
@@ -221,6 +235,7 @@ class RegisterReply(msgspec.Struct, frozen=True):
     client_ttl_s: float
     locations: str = ""  # the master's location table (kvcake.store.locations), if any
     host_id: str = ""  # the master's host: only clients of that host read the table
+    arena_bytes: int = 0  # the most a client of that host is granted to put into (commits)
 
 
 class HeartbeatReply(msgspec.Struct, frozen=True):
@@ -233,6 +248,18 @@ class MountReply(msgspec.Struct, frozen=True):
 
 Handles = Annotated[list[Annotated[list[ReplicaHandle], msgspec.Meta(max_length=MAX_HANDLES)]],
                     msgspec.Meta(max_length=MAX_KEYS_PER_CALL)]
+
+
+class ArenaReply(msgspec.Struct, frozen=True):
+    """``code``: 0, else why there is no arena: ``UNAVAILABLE_IN_CURRENT_MODE`` (never for
+    this client of this master), ``NO_AVAILABLE_HANDLE`` (no room now)."""
+
+    code: int
+    segment_id: int = 0
+    offset: int = 0
+    length: int = 0
+    ring: str = ""  # the commit ring's path
+    max_key_bytes: int = 0  # longer keys are refused: they ask (and are told why)
 
 
 class PutStartReply(msgspec.Struct, frozen=True):
@@ -311,6 +338,7 @@ class Stats(msgspec.Struct, frozen=True):
     promoted: int
     disk_evicted: int = 0  # disk copies dropped to make room for newer ones
     tenants: list[TenantStats] = msgspec.field(default_factory=list)
+    arena_bytes: int = 0  # allocated to clients' arenas, not yet put into (not in used_bytes)
 
 
 # ----- -> a storage node's control endpoint: the master's disk-tier tasks, each answered with

@@ -129,6 +129,20 @@ class SegmentAllocator:
         self._used += need
         return start * GRANULE
 
+    def split(self, offset: int, nbytes: int) -> int | None:
+        """Cut the block at ``offset`` in two: its first ``nbytes`` (rounded up to 64) and
+        the rest, each an allocation of its own; the rest's offset (``None``: nothing is
+        left, the block is ``nbytes`` long)."""
+        start, need = offset // GRANULE, _granules(nbytes)
+        length = self._allocated.get(start, 0)
+        if offset % GRANULE or need > length:
+            raise InvalidParamsError(f"no allocation of at least {nbytes} bytes at {offset}")
+        if need == length:
+            return None
+        self._allocated[start] = need
+        self._allocated[start + need] = length - need
+        return (start + need) * GRANULE
+
     def free(self, offset: int) -> None:
         """Give back the block that :meth:`allocate` returned at ``offset``."""
         start = offset // GRANULE

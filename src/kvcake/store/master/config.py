@@ -62,6 +62,9 @@ class MasterConfig:
     location_slots: objects a lone master publishes for the clients of its host to find
         without asking (:mod:`kvcake.store.locations`; a power of two, 64 bytes each; 0 =
         publish none).
+    arena_bytes: space a same-host client of a publishing master is granted at a time to
+        put into without asking (:mod:`kvcake.store.commits`; at most a sixteenth of the
+        segment it lies in; 0 = none, every put asks).
     """
 
     host: str = "127.0.0.1"
@@ -86,6 +89,7 @@ class MasterConfig:
     put_fence_s: float = 1.0
     poll_us: float = 200.0
     location_slots: int = 1 << 17
+    arena_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)
@@ -93,7 +97,7 @@ class MasterConfig:
         check_within(self, -1, 65535, "metrics_port")
         check_within(self, 2, 60, "leader_ttl_s")
         check_within(self, 1, 65536, "max_key_bytes")
-        check_at_least(self, 0, "put_fence_s", "summary_s", "poll_us")
+        check_at_least(self, 0, "put_fence_s", "summary_s", "poll_us", "arena_bytes")
         require(self.location_slots >= 0 and not self.location_slots & (self.location_slots - 1),
                 f"location_slots must be 0 or a power of two, got {self.location_slots}")
         check_at_least(self, 0, "lease_ttl_s", "client_ttl_s", "put_timeout_s", "soft_pin_ttl_s",

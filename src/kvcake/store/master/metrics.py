@@ -14,6 +14,8 @@ def render_metrics(stats: Stats, counters: Mapping[str, int],
     gauges = (
         ("kvcake_store_used_bytes", "Bytes allocated to replicas in memory", stats.used_bytes),
         ("kvcake_store_total_bytes", "Bytes of all mounted segments", stats.total_bytes),
+        ("kvcake_store_arena_bytes", "Bytes granted to clients' arenas, not put into yet",
+         stats.arena_bytes),
         ("kvcake_store_disk_used_bytes", "Bytes offloaded to node disks", stats.disk_used_bytes),
         ("kvcake_store_disk_total_bytes", "Disk tier capacity", stats.disk_total_bytes),
         ("kvcake_store_keys", "Complete objects", stats.num_keys),

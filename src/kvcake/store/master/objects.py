@@ -79,13 +79,14 @@ class ObjectTable:
 
     # ----- puts
     def create(self, client_id: str, key: str, size: int, terms: PutTerms,
-               chosen: list[int]) -> list[ReplicaHandle]:
-        """Allocate ``key`` on the ``chosen`` segments; the writer's handles."""
+               chosen: list[int], offsets: list[int] | None = None) -> list[ReplicaHandle]:
+        """Allocate ``key`` on the ``chosen`` segments (or take the allocations at
+        ``offsets`` there, made already); the writer's handles."""
         now = self.clock()
         replicas = []
-        for segment_id in chosen:
+        for i, segment_id in enumerate(chosen):
             segment = self.registry.segments[segment_id]
-            offset = segment.allocator.allocate(size)
+            offset = segment.allocator.allocate(size) if offsets is None else offsets[i]
             assert offset is not None, "placement chose a segment without room"
             replica = Replica(segment_id, offset, size)
             replica.move_to(ReplicaState.PROCESSING)  # handed to the writer now
@@ -252,6 +253,11 @@ class ObjectTable:
         self.eviction.touch(key)
         self.disk_order.touch(key)
 
+    def retire(self, segment_id: int, offset: int, until: float) -> None:
+        """Free the allocation at ``offset`` once ``until`` has passed (someone may still
+        write there); no durable record points at it."""
+        self.retired.append(Retired(segment_id, offset, until, False))
+
     def free_retired(self, now: float) -> None:
         """Free the retired memory whose time has come."""
         due = [r for r in self.retired if r.until <= now]
@@ -332,13 +338,15 @@ class ObjectTable:
         if obj.readable(Tier.DISK):
             self.disk_order.insert(obj.key)
 
-    def check_integrity(self) -> None:
-        """Assert allocators, reverse indexes and the eviction order agree with the objects."""
+    def check_integrity(self, held_elsewhere: Callable[[int], int] = lambda _: 0) -> None:
+        """Assert allocators, reverse indexes and the eviction order agree with the objects
+        (``held_elsewhere(segment_id)``: allocations there that are no replica's)."""
         for segment in self.registry.segments.values():
             segment.allocator.check_integrity()
             memory = [r for o in self.objects.values() for r in o.replicas
                       if r.segment_id == segment.segment_id and r.tier is Tier.MEMORY]
-            held = sum(i == segment.segment_id for i, _ in self.changes.frees) \
+            held = held_elsewhere(segment.segment_id)
+            held += sum(i == segment.segment_id for i, _ in self.changes.frees) \
                 if self.changes is not None else 0
             held += sum(r.segment_id == segment.segment_id for r in self.retired)
             assert segment.allocator.num_allocations == len(memory) + held, segment.name

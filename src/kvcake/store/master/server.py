@@ -77,7 +77,7 @@ class MasterServer:
             m.PutStart: self._put_start, m.PutEnd: self._put_end, m.PutRevoke: self._put_revoke,
             m.GetReplicas: self._ends.guard(self._get_replicas),
             m.Exist: self._ends.guard(self._exist), m.Remove: self._ends.guard(self._remove),
-            m.Touch: self._touch,
+            m.Touch: self._touch, m.ArenaGrant: self._arena, m.ArenaRelease: self._release,
             m.RemoveAll: self._remove_all, m.RemoveByRegex: self._remove_by_regex,
             m.QueryReplicas: self._ends.guard(self._query_replicas),
             m.ReplicaClear: self._replica_clear,
@@ -130,6 +130,7 @@ class MasterServer:
         for client in self._nodes.values():
             client.close()
         self._owners.close()
+        self.service.arenas.close()
         table, self.service.table.published = self.service.table.published, None
         if table is not None:
             table.close()
@@ -155,23 +156,35 @@ class MasterServer:
             "/get_all_segments": lambda _: admin.all_segments(service),
         }
         return {**{path: self._while_serving(route) for path, route in reads.items()},
-                "/metrics": lambda _: text_reply(self.metrics_text()),
-                "/metrics/summary": lambda _: admin.metrics_summary(service, self.role),
+                "/metrics": self._current(lambda _: text_reply(self.metrics_text())),
+                "/metrics/summary": self._current(
+                    lambda _: admin.metrics_summary(service, self.role)),
                 "/health": lambda _: admin.health(self.role, self.serving())}
 
     def _while_serving(self, route: Route) -> Route:
         def guarded(query: str) -> HttpReply:
-            return route(query) if self.serving() else admin.unavailable(self.role)
+            return self._current(route)(query) if self.serving() else \
+                admin.unavailable(self.role)
         return guarded
+
+    def _current(self, route: Route) -> Route:
+        """``route``, answered with every put that returned placed (arenas)."""
+        def current(query: str) -> HttpReply:
+            self.service.arenas.drain()
+            self.service.table.publish_changed()
+            return route(query)
+        return current
 
     # ----- dispatch
     def _admit(self, request: m.MasterRequest) -> None:
-        """Before any handler: only a confirmed leader serves; count; drop dead owners."""
+        """Before any handler: only a confirmed leader serves; count; place the puts
+        clients recorded in their rings; drop dead owners."""
         if not self.serving():
             raise KvcakeError("this master's term as leader is not confirmed; ask the leader "
                               "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
         name = type(request).__name__
         self._requests[name] = self._requests.get(name, 0) + 1
+        self.service.arenas.drain()  # puts that returned come first
         self._drop_dead_owners()
 
     def _settle(self, request: m.MasterRequest) -> Awaitable[None] | None:
@@ -197,10 +210,12 @@ class MasterServer:
         log.info("client %s registered (host %s, tenant %s)", request.client_id,
                  request.host_id, request.tenant)
         table = self.service.table.published
+        if table is None:
+            return m.RegisterReply(self.service.master_id, self.config.lease_ttl_s,
+                                   self.config.client_ttl_s)
         return m.RegisterReply(self.service.master_id, self.config.lease_ttl_s,
-                               self.config.client_ttl_s,
-                               "" if table is None else table.path,
-                               "" if table is None else table.host_id)
+                               self.config.client_ttl_s, table.path, table.host_id,
+                               self.config.arena_bytes)
 
     def _heartbeat(self, request: m.Heartbeat) -> m.HeartbeatReply:
         return m.HeartbeatReply(self.service.heartbeat(request.client_id))
@@ -348,6 +363,20 @@ class MasterServer:
             _per_key(self.service.touch, key, tenant, request.read)
         return m.CodesReply([0] * len(request.keys))
 
+    def _arena(self, request: m.ArenaGrant) -> m.ArenaReply:
+        tenant = self.service.tenant_of(request.client_id)
+        granted = self.service.arenas.grant(request.client_id, tenant)
+        if isinstance(granted, ErrorCode):
+            return m.ArenaReply(int(granted))
+        arena, ring = granted
+        return m.ArenaReply(0, arena.segment_id, arena.cursor, arena.end - arena.cursor, ring,
+                            self.config.max_key_bytes)
+
+    def _release(self, request: m.ArenaRelease) -> m.CodesReply:
+        self.service.registry.client(request.client_id)
+        self.service.arenas.release(request.client_id)
+        return m.CodesReply([0])
+
     def _get_replicas(self, request: m.GetReplicas) -> Any:
         tenant = self.service.tenant_of(request.client_id)
         results = [self._get_one(key, tenant) for key in request.keys]
@@ -438,6 +467,7 @@ class MasterServer:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_s)
+            self.service.arenas.drain()
             self._drop_dead_owners()
             self.service.tick()
             self._ends.tidy()

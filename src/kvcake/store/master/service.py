@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError, PermissionDeniedError
 from kvcake.store.config import DEFAULT_TENANT
+from kvcake.store.master.arenas import Arenas
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.journal import ChangeSet
 from kvcake.store.master.objects import ObjectTable, PutTerms
@@ -65,8 +66,9 @@ class MasterService:
         self.placement = make_placement_policy(config.placement, self.rng)
         self.counters: dict[str, int] = dict.fromkeys(
             ("evicted", "offloaded", "promoted", "disk_evicted", "hits", "misses",
-             "reclaimed_puts", "dead_clients"), 0)
+             "reclaimed_puts", "dead_clients", "arena_puts", "arena_puts_kept"), 0)
         self.tiering = Tiering(self.table, self.counters)
+        self.arenas = Arenas(config, self.table, self.tenants, self.tiering, self.check_key)
 
     @property
     def changes(self) -> ChangeSet | None:
@@ -127,6 +129,7 @@ class MasterService:
         if segment is None or segment.client_id != client_id:
             raise KvcakeError(f"client {client_id!r} has no segment {segment_id}",
                               ErrorCode.SEGMENT_NOT_FOUND)
+        self.arenas.drop_segment(segment_id)
         self.table.drop_segment(segment)
 
     def describe(self, segment_ids: list[int]) -> list[SegmentDescriptor | None]:
@@ -353,7 +356,9 @@ class MasterService:
         if record is None:
             return
         self.counters["dead_clients"] += 1
+        self.arenas.revoke(client_id)
         for segment_id in list(record.segment_ids):
+            self.arenas.drop_segment(segment_id)
             self.table.drop_segment(self.registry.segments[segment_id])
         for obj in [o for o in self.table.open_puts.values() if o.writer == client_id]:
             self.table.fail_put(obj)
@@ -389,12 +394,13 @@ class MasterService:
 
     def stats(self) -> Stats:
         used, total = self.memory_usage()
+        held = self.arenas.rest_bytes()
         segments = self.registry.segments.values()
         return Stats(
             num_segments=len(self.registry.segments), num_clients=len(self.registry.clients),
             num_keys=len(self.objects) - len(self.table.open_puts),
             num_replicas=self.table.readable_replicas,
-            used_bytes=used, total_bytes=total,
+            used_bytes=used - held, total_bytes=total, arena_bytes=held,
             disk_used_bytes=sum(s.disk_used for s in segments),
             disk_total_bytes=sum(s.disk_capacity for s in segments),
             evicted=self.counters["evicted"], offloaded=self.counters["offloaded"],
@@ -408,4 +414,4 @@ class MasterService:
         self.tenants.recount(usage_by_tenant(self.objects))
 
     def check_integrity(self) -> None:
-        self.table.check_integrity()
+        self.table.check_integrity(self.arenas.held)
