@@ -50,8 +50,11 @@ _READS = 'kvcake_store_requests_total{op="GetReplicas"}'
 
 
 def _instance(master: str, policy: str, layered: bool = False) -> VllmInstance:
+    """In float32: in bfloat16 on a CPU with AMX, the second instance (which computes P1 in
+    other chunks than the cold run did) answered another fourth token."""
     return VllmInstance(VLLM_PYTHON, kvcake_transfer(master, policy),
-                        {"KVCAKE_VLLM_LAYERED_LOAD": str(layered).lower()})
+                        {"KVCAKE_VLLM_LAYERED_LOAD": str(layered).lower(),
+                         "KVCAKE_VLLM_DRIVER_DTYPE": "float32"})
 
 
 @contextmanager

