@@ -4,6 +4,7 @@ master, and every later call of any client finds it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from kvcake.common import codec
 from kvcake.common.blocking_rpc import BlockingRpcClient
 from kvcake.common.errors import ErrorCode
 from kvcake.ops import ServerProcess, start_master, start_node
-from kvcake.store import DistributedStore
+from kvcake.store import AsyncStore, DistributedStore
+from kvcake.store.config import StoreConfig
 from kvcake.wire import store as m
 
 
@@ -52,6 +54,27 @@ def test_a_put_returns_while_the_master_is_stopped_and_every_client_then_finds_i
     assert all(reader.get(f"k{i}") == _value(f"k{i}", 70_000) for i in range(20))
     assert writer.get("k3") == _value("k3", 70_000)
     assert writer.remove("k19", force=True) == 0 and reader.is_exist("k19") == 0
+
+
+def test_the_asyncio_api_puts_through_its_arena_too(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    endpoint = _cluster(servers)
+
+    async def puts() -> None:
+        store = AsyncStore(StoreConfig(master=endpoint))
+        await store.setup()
+        try:
+            await store.put("first", b"asks for the arena")
+            with stopped(servers[0]):
+                await asyncio.wait_for(store.batch_put_from(
+                    ["a", "b"], [memoryview(b"a" * 5000), memoryview(b"b" * 9000)]), 5.0)
+        finally:
+            await store.close()
+
+    asyncio.run(puts())
+    reader = clients(endpoint)
+    assert (reader.get("a"), reader.get("b")) == (b"a" * 5000, b"b" * 9000)
+    assert reader.stats().arena_bytes == 0  # the closed client gave its arena back
 
 
 def test_a_put_of_a_key_that_exists_keeps_the_first_value(

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvcake.common.errors import ErrorCode, KvcakeError
+from kvcake.common.log import get_logger
 from kvcake.store.commits import CommitWriter, record_bytes
 from kvcake.store.master.tenants import check_user_key
 from kvcake.store.pieces import concatenated
@@ -29,6 +30,7 @@ from kvcake.store.steps import Ask, Plan
 from kvcake.transfer import MappedRange
 from kvcake.wire import store as m
 
+log = get_logger(__name__)
 RETRY_S = 1.0
 _SHARE = 4  # values up to this fraction of an arena go through it
 
@@ -118,7 +120,11 @@ class ArenaPuts:
     def _grant(self, table: str) -> Plan[bool]:
         """Ask for a new arena and take it; whether one came."""
         session, engine = self._live()
-        reply = yield Ask(m.ArenaGrant(session.client_id), m.ArenaReply)
+        try:
+            reply = yield Ask(m.ArenaGrant(session.client_id), m.ArenaReply)
+        except KvcakeError as exc:  # the put asks the master instead, which says what failed
+            log.debug("no arena: %s", exc)
+            reply = m.ArenaReply(ErrorCode.NO_AVAILABLE_HANDLE)
         if reply.code:
             retry = RETRY_S if reply.code == ErrorCode.NO_AVAILABLE_HANDLE else float("inf")
             self._refused = (table, time.monotonic() + retry)
@@ -126,12 +132,9 @@ class ArenaPuts:
         segments = yield from self._replicas.resolve([reply.segment_id])
         segment = segments.get(reply.segment_id)
         mapped = segment and engine.map_range(segment, reply.offset, reply.length)
-        try:
-            ring = CommitWriter(reply.ring)
-        except OSError:
-            mapped = None
-        if not mapped:
-            self._refused = (table, float("inf"))  # the master freed it: the next grant does
+        ring = _writer(reply.ring) if mapped else None
+        if not mapped or ring is None:
+            self._refused = (table, float("inf"))  # held until it asks again, or leaves
             return False
         with self._lock:
             self._arena = _Arena(table, reply.offset, mapped, ring, reply.max_key_bytes)
@@ -145,6 +148,14 @@ class ArenaPuts:
         if arena is not None:
             arena.ring.close()
         return arena is not None
+
+
+def _writer(path: str) -> CommitWriter | None:
+    try:
+        return CommitWriter(path)
+    except OSError as exc:
+        log.warning("commit ring %s unusable (%s): puts ask the master", path, exc)
+        return None
 
 
 def _plain(keys: Sequence[str], sizes: Sequence[int], arena: _Arena) -> int:

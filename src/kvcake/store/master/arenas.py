@@ -47,7 +47,8 @@ class Arena:
 
 
 class Arenas:
-    """``evict(need)``: make ``need`` bytes of room; ``check_key``: refuse a bad user key."""
+    """``tiering``: evicts past the high watermark once puts are placed; ``check_key``:
+    refuses a bad user key."""
 
     def __init__(self, config: MasterConfig, table: ObjectTable, tenants: TenantLedger,
                  tiering: Tiering, check_key: Callable[[str], None]) -> None:
@@ -72,13 +73,17 @@ class Arenas:
             return ErrorCode.UNAVAILABLE_IN_CURRENT_MODE
         self.drain()
         self._give_back(client_id)
+        ring = self.rings.get(client_id)
+        if ring is None:
+            try:
+                ring = CommitRing(f"{published.path}-puts-{next(self._ring_ids)}", RING_BYTES)
+            except OSError as exc:
+                log.warning("no commit ring for client %s (%s): its puts ask", client_id, exc)
+                return ErrorCode.UNAVAILABLE_IN_CURRENT_MODE
+            self.rings[client_id] = ring
         placed = self._allocate(host_id)
         if placed is None:
             return ErrorCode.NO_AVAILABLE_HANDLE
-        ring = self.rings.get(client_id)
-        if ring is None:
-            ring = self.rings[client_id] = CommitRing(
-                f"{published.path}-puts-{next(self._ring_ids)}", RING_BYTES)
         self.arenas[client_id] = placed
         return placed, ring.path
 
