@@ -58,6 +58,13 @@ def _grant(service: MasterService, client_id: str,
     return Arena(arena.segment_id, arena.cursor, arena.end), CommitWriter(path)
 
 
+def _client_arena(service: MasterService) -> tuple[Arena, CommitWriter]:
+    """A node's segment on this host, and client ``c1``'s arena there."""
+    _mount(service, "node")
+    service.register_client("c1", local_host_id())
+    return _grant(service, "c1")
+
+
 def _settled(service: MasterService) -> None:
     service.arenas.drain()
     service.table.publish_changed()
@@ -67,10 +74,8 @@ def _settled(service: MasterService) -> None:
 def test_records_become_objects_cut_from_the_front_of_the_arena(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, reader, _ = master
-    segment = _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    arena, ring = _grant(service, "c1")
-    assert arena.segment_id == segment and arena.end - arena.cursor == ARENA
+    arena, ring = _client_arena(service)
+    assert arena.end - arena.cursor == ARENA
     ring.append([(b"a", arena.cursor, 100), (b"b", arena.cursor + 128, 5000)])
     assert "a" not in service.objects  # read before the next request, not before
     _settled(service)
@@ -105,9 +110,7 @@ def test_a_key_that_exists_keeps_its_object_and_the_new_bytes_are_freed(
 def test_a_record_out_of_place_revokes_the_arena_and_its_rest_is_freed_later(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, _, clock = master
-    _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    arena, ring = _grant(service, "c1")
+    arena, ring = _client_arena(service)
     ring.append([(b"ok", arena.cursor, 64), (b"skips", arena.cursor + 4096, 64)])
     _settled(service)
     assert "ok" in service.objects and "skips" not in service.objects
@@ -124,9 +127,7 @@ def test_a_record_out_of_place_revokes_the_arena_and_its_rest_is_freed_later(
 def test_an_unreadable_record_revokes_the_arena(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, _, _ = master
-    _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    arena, ring = _grant(service, "c1")
+    arena, ring = _client_arena(service)
     ring.append([(b"\xff\xfe", arena.cursor, 64)])  # no UTF-8
     _settled(service)
     assert not ring.usable() and not service.objects
@@ -135,9 +136,7 @@ def test_an_unreadable_record_revokes_the_arena(
 def test_a_second_arena_places_what_the_first_held_and_frees_its_rest(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, _, _ = master
-    _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    first, ring = _grant(service, "c1")
+    first, ring = _client_arena(service)
     ring.append([(b"k1", first.cursor, 1000)])
     _, same = _grant(service, "c1")  # the grant reads the ring first
     assert "k1" in service.objects and same.path == ring.path
@@ -164,9 +163,7 @@ def test_arenas_only_for_clients_of_this_host_without_a_quota(
 def test_a_dropped_segment_places_its_records_then_ends_its_arenas(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, reader, _ = master
-    _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    arena, ring = _grant(service, "c1")
+    arena, ring = _client_arena(service)
     ring.append([(b"k", arena.cursor, 64)])
     service.drop_client("node")  # its segment goes, with what was put there
     service.table.publish_changed()
@@ -178,9 +175,7 @@ def test_a_dropped_segment_places_its_records_then_ends_its_arenas(
 def test_a_silent_client_loses_its_arena(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, _, clock = master
-    _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    arena, ring = _grant(service, "c1")
+    arena, ring = _client_arena(service)
     ring.append([(b"k", arena.cursor, 64)])
     clock.now += 6.0  # past client_ttl_s (the node's heartbeat keeps it)
     service.heartbeat("node")
@@ -212,9 +207,7 @@ def test_arenas_come_only_from_room_below_the_high_watermark(
 def test_a_closing_client_gives_its_arena_back(
         master: tuple[MasterService, LocationReader, Clock]) -> None:
     service, _, _ = master
-    _mount(service, "node")
-    service.register_client("c1", local_host_id())
-    arena, ring = _grant(service, "c1")
+    arena, ring = _client_arena(service)
     ring.append([(b"k", arena.cursor, 64)])
     service.arenas.release("c1")
     assert "k" in service.objects and not ring.usable()

@@ -31,14 +31,13 @@ and the client then stops writing there and asks again.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.store.locations import create_held, remove_held, still_held
 
 MAGIC = b"KVCKPUT1"
 _HEADER = struct.Struct("<8sQ")  # magic, capacity (bytes of records)
@@ -100,16 +99,7 @@ class CommitRing(_Ring):
         if capacity < 4096 or capacity % 8:
             raise InvalidParamsError(f"a commit ring holds at least 4096 bytes, a multiple "
                                      f"of 8; got {capacity}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, _RECORDS + capacity)
-            mapping = mmap.mmap(fd, _RECORDS + capacity)
-        except OSError:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        mapping.write(bytes(_RECORDS + capacity))  # touched once, now
+        fd, mapping = create_held(path, _RECORDS + capacity)
         _HEADER.pack_into(mapping, 0, MAGIC, capacity)
         super().__init__(fd, path, mapping)
 
@@ -143,12 +133,7 @@ class CommitRing(_Ring):
 
     def close(self) -> None:
         """Remove the ring (idempotent); its client finds the master gone."""
-        if self._map.closed:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._map.close()
-        os.close(self._fd)
+        remove_held(self.path, self._fd, self._map)
 
 
 class CommitWriter(_Ring):
@@ -169,14 +154,7 @@ class CommitWriter(_Ring):
 
     def usable(self) -> bool:
         """Whether records written now are read: the master lives, the ring is not revoked."""
-        if self.revoked:
-            return False
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        return False
+        return not self.revoked and still_held(self._fd)
 
     def room(self) -> int:
         room: int = self.capacity - (self._counter(_WRITTEN) - self._counter(_READ))

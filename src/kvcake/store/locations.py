@@ -98,12 +98,7 @@ class LocationTable:
         remove_orphans(directory)
         self.path = os.path.join(directory, f"{_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
         self._mask = slots - 1
-        size = _HEADER_BYTES + slots * SLOT_BYTES
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.ftruncate(self._fd, size)
-        self._map = mmap.mmap(self._fd, size)
-        self._map.write(bytes(size))  # fresh memory is slow to touch the first time
+        self._fd, self._map = create_held(self.path, _HEADER_BYTES + slots * SLOT_BYTES)
         _HEADER.pack_into(self._map, 0, MAGIC, slots)
         self._slot_of: dict[bytes, int] = {}
         self.unplaced = 0  # keys left out: every slot of their probe run held another key
@@ -146,12 +141,43 @@ class LocationTable:
 
     def close(self) -> None:
         """Remove the table; its readers stop using it (idempotent)."""
-        if self._map.closed:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self._map.close()
-        os.close(self._fd)  # releases the lock: readers stop
+        remove_held(self.path, self._fd, self._map)
+
+
+def create_held(path: str, size: int) -> tuple[int, mmap.mmap]:
+    """A new file of ``size`` zero bytes at ``path`` (mode 0600), mapped and touched, with an
+    exclusive ``flock`` held on it for as long as its descriptor is open."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    mapping.write(bytes(size))  # fresh memory is slow to touch the first time
+    return fd, mapping
+
+
+def remove_held(path: str, fd: int, mapping: mmap.mmap) -> None:
+    """Remove a file :func:`create_held` made; its lock goes with it (idempotent)."""
+    if mapping.closed:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    mapping.close()
+    os.close(fd)
+
+
+def still_held(fd: int) -> bool:
+    """Whether the process that made the file of ``fd`` still holds its lock (lives)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def remove_orphans(directory: str) -> None:
@@ -189,12 +215,7 @@ class LocationReader:
 
     def alive(self) -> bool:
         """Whether the master that writes the table still holds it."""
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        return False
+        return still_held(self._fd)
 
     def find(self, object_key: str) -> Location | None:
         """``object_key``'s slot as it is now; ``None``: not found (ask the master)."""
