@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -176,3 +177,27 @@ def test_a_reader_racing_a_writer_never_trusts_a_mix_of_two_locations(tmp_path: 
             seen[fields] += 1
     writer.join(30)
     assert all(seen.values()), seen
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of its own (needs root and ``mount``)."""
+    directory = tmp_path / "shm"
+    directory.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(directory)],
+            check=False, capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount for a tmpfs of its own")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_shared_memory_refuses_a_table_with_an_error_not_a_crash(
+        small_shm: Path) -> None:
+    with pytest.raises(OSError):
+        LocationTable(1 << 15, str(small_shm))  # 2 MiB of slots in 1 MiB
+    assert not list(small_shm.iterdir())  # nothing half made is left
+    table = LocationTable(1 << 10, str(small_shm))  # 64 KiB: fits
+    table.close()

@@ -146,11 +146,12 @@ class LocationTable:
 
 def create_held(path: str, size: int) -> tuple[int, mmap.mmap]:
     """A new file of ``size`` zero bytes at ``path`` (mode 0600), mapped and touched, with an
-    exclusive ``flock`` held on it for as long as its descriptor is open."""
+    exclusive ``flock`` held on it for as long as its descriptor is open. Its space is
+    reserved first: a full ``/dev/shm`` raises ``OSError`` here, not ``SIGBUS`` at a touch."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
         mapping = mmap.mmap(fd, size)
     except OSError:
         os.close(fd)
