@@ -124,6 +124,17 @@ def test_threads_of_one_client_crossing_arenas_each_read_their_own_values(
     assert _consistent(endpoint)
 
 
+def test_a_client_crossing_many_arenas_keeps_no_ring_open_it_left(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    store = clients(_cluster(servers, "--arena-size", "64KiB"))  # four 16 KiB values each
+    assert store.put("first", b"x") == 0
+    open_before = len(os.listdir("/proc/self/fd"))
+    for i in range(200):  # 50 arenas
+        assert store.put(f"k{i}", _value(f"k{i}", 16 << 10)) == 0
+    assert len(os.listdir("/proc/self/fd")) <= open_before
+    assert store.get("k199") == _value("k199", 16 << 10)
+
+
 def test_puts_too_large_or_with_bad_keys_still_get_their_codes(
         servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
     store = clients(_cluster(servers, "--arena-size", "256KiB", node="8MiB"))

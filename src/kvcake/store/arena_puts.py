@@ -54,7 +54,7 @@ class _Arena:
         view = self.mapped.view
         for key, views, size in zip(keys, parts, sizes, strict=True):
             end = cursor + (size + 63) // 64 * 64
-            room -= record_bytes(key)
+            room -= record_bytes(len(key))
             if end > len(view) or room < 0:
                 break
             for offset, piece in concatenated(views):
@@ -91,20 +91,22 @@ class ArenaPuts:
             with self._lock:
                 arena = self._arena
                 if arena is not None and not arena.usable(table):
-                    arena = self._arena = None
+                    self._drop()
+                    arena = None
                 if arena is not None:
                     plain = _plain(keys[done:], sizes[done:], arena)
                     if not plain:
                         break  # not for an arena: the master says why
-                    written = arena.write([k.encode() for k in keys[done:done + plain]],
-                                          parts[done:done + plain], sizes[done:done + plain])
+                    end = done + len(plain)
+                    written = arena.write(plain, parts[done:end], sizes[done:end])
                     done += written
                     if written:
                         fresh = False
                         continue
                 if fresh or self._granting or not self._may_ask(table):
                     break
-                self._granting, self._arena = True, None  # nothing lands in the old one
+                self._granting = True
+                self._drop()  # nothing lands in the old one
             try:
                 fresh = yield from self._grant(table)
             finally:
@@ -112,6 +114,12 @@ class ArenaPuts:
             if not fresh:
                 break
         return done
+
+    def _drop(self) -> None:
+        """Stop writing to the arena held (the caller holds the lock)."""
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            arena.ring.close()
 
     def _may_ask(self, table: str) -> bool:
         refused_table, until = self._refused
@@ -143,11 +151,10 @@ class ArenaPuts:
     def close(self) -> bool:
         """Write no more; whether an arena was held (the master should be told)."""
         with self._lock:
-            arena, self._arena = self._arena, None
+            held = self._arena is not None
+            self._drop()
             self._closed = True
-        if arena is not None:
-            arena.ring.close()
-        return arena is not None
+        return held
 
 
 def _writer(path: str) -> CommitWriter | None:
@@ -158,22 +165,24 @@ def _writer(path: str) -> CommitWriter | None:
         return None
 
 
-def _plain(keys: Sequence[str], sizes: Sequence[int], arena: _Arena) -> int:
-    """How many leading keys ``arena`` takes: valid keys of values no larger than a quarter
-    of it (others ask the master, which says what is wrong with them)."""
+def _plain(keys: Sequence[str], sizes: Sequence[int], arena: _Arena) -> list[bytes]:
+    """The leading keys ``arena`` takes, encoded: valid keys of values no larger than a
+    quarter of it (others ask the master, which says what is wrong with them)."""
     largest = len(arena.mapped.view) // _SHARE
-    count = 0
+    plain = []
     for key, size in zip(keys, sizes, strict=True):
-        if not 0 < size <= largest or not _valid(key, arena.max_key_bytes):
+        encoded = _encoded(key, arena.max_key_bytes) if 0 < size <= largest else None
+        if encoded is None:
             break
-        count += 1
-    return count
+        plain.append(encoded)
+    return plain
 
 
-def _valid(key: str, max_key_bytes: int) -> bool:
+def _encoded(key: str, max_key_bytes: int) -> bytes | None:
+    """``key`` as UTF-8, if the master would take it."""
     try:
         encoded = key.encode()
         check_user_key(key)
     except (UnicodeEncodeError, KvcakeError):
-        return False
-    return 0 < len(encoded) <= max_key_bytes
+        return None
+    return encoded if 0 < len(encoded) <= max_key_bytes else None

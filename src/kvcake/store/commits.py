@@ -60,8 +60,9 @@ class BadRecordError(Exception):
     """A ring holds a record that cannot be read (its writer is broken)."""
 
 
-def record_bytes(key: bytes) -> int:
-    return (_RECORD.size + len(key) + 7) & ~7
+def record_bytes(key_bytes: int) -> int:
+    """A record's size in the ring, for a key of ``key_bytes`` (UTF-8)."""
+    return (_RECORD.size + key_bytes + 7) & ~7
 
 
 class _Ring:
@@ -116,7 +117,7 @@ class CommitRing(_Ring):
         commits = []
         while read < written:
             total, key_bytes, offset, size = _RECORD.unpack(self._copy_out(read, _RECORD.size))
-            if total != (_RECORD.size + key_bytes + 7) & ~7 or read + total > written:
+            if total != record_bytes(key_bytes) or read + total > written:
                 raise BadRecordError(f"record of {total} bytes with a key of {key_bytes} at {read}")
             key = self._copy_out(read + _RECORD.size, key_bytes)
             try:
@@ -166,7 +167,7 @@ class CommitWriter(_Ring):
         written = self._counter(_WRITTEN)
         position = written
         for key, offset, size in commits:
-            total = record_bytes(key)
+            total = record_bytes(len(key))
             self._copy_in(position, _RECORD.pack(total, len(key), offset, size) + key +
                           bytes(total - _RECORD.size - len(key)))
             position += total

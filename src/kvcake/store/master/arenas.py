@@ -164,21 +164,23 @@ class Arenas:
         its arena freed, its ring removed."""
         self.drain()
         self._give_back(client_id)
-        ring = self.rings.pop(client_id, None)
-        if ring is not None:
-            ring.close()
+        self._end_ring(client_id)
 
     def revoke(self, client_id: str) -> None:
         """Stop reading ``client_id``'s ring (it asks again, and gets a new one) and free
         its arena's rest, held until a writer mid-copy is surely done (``put_timeout_s``)."""
-        ring = self.rings.pop(client_id, None)
-        if ring is not None:
-            ring.revoke()
-            ring.close()
+        self._end_ring(client_id)
         arena = self.arenas.pop(client_id, None)
         if arena is not None and arena.cursor < arena.end:
             self._table.retire(arena.segment_id, arena.cursor,
                                self._table.clock() + self.config.put_timeout_s)
+
+    def _end_ring(self, client_id: str) -> None:
+        """Remove ``client_id``'s ring, flagged revoked: the client stops writing there."""
+        ring = self.rings.pop(client_id, None)
+        if ring is not None:
+            ring.revoke()
+            ring.close()
 
     def _give_back(self, client_id: str) -> None:
         """Free the rest of the arena ``client_id`` is done with (it asked for another)."""
@@ -191,8 +193,8 @@ class Arenas:
         and arenas there end."""
         self.drain()
         for client_id in [c for c, a in self.arenas.items() if a.segment_id == segment_id]:
-            self.arenas[client_id].cursor = self.arenas[client_id].end  # nothing to free
-            self.revoke(client_id)
+            del self.arenas[client_id]  # nothing to free: the allocator goes too
+            self._end_ring(client_id)
 
     def rest_bytes(self) -> int:
         """Bytes granted to arenas and not put into yet."""
