@@ -310,11 +310,65 @@ def test_metrics_endpoint(cluster: Callable[..., tuple[ServerProcess, str]],
     cluster.node(endpoint)  # type: ignore[attr-defined]
     store = make_store(endpoint)
     assert store.put("m", b"x" * 100) == 0
-    metrics_at = master.output().split("metrics http://", 1)[1].split(")", 1)[0]
-    with urllib.request.urlopen(f"http://{metrics_at}", timeout=5) as response:
-        text = response.read().decode()
+    text = _metrics(master)
     assert "kvcake_store_keys 1" in text
     assert 'kvcake_store_requests_total{op="PutStart"} 1' in text
+
+
+def _metrics(master: ServerProcess) -> str:
+    metrics_at = master.output().split("metrics http://", 1)[1].split(")", 1)[0]
+    with urllib.request.urlopen(f"http://{metrics_at}", timeout=5) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def test_clients_beat_often_enough_for_the_masters_ttl(
+        cluster: Callable[..., tuple[ServerProcess, str]]) -> None:
+    """A client configured to beat every 5 s, with a master that declares a client dead
+    after 2 s of silence, beats at a quarter of the TTL the master announces: past several
+    TTLs it was never declared dead (its puts kept their arena meanwhile)."""
+    master, endpoint = cluster()  # --client-ttl 2
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        store = AsyncStore(StoreConfig(master=endpoint, heartbeat_s=5.0))
+        await store.setup()
+        try:
+            assert store.session is not None and store.session.beat_period() == 0.5
+            for i in range(3):
+                await store.put(f"k{i}", b"v" * 100)
+                await asyncio.sleep(2.5)  # past the TTL: a client silent this long is dead
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert "kvcake_store_dead_clients_total 0" in _metrics(master)
+
+
+def test_a_master_that_stood_still_declares_no_live_client_dead(
+        cluster: Callable[..., tuple[ServerProcess, str]]) -> None:
+    """A master stopped for longer than its client TTL finds, once it runs again, the
+    heartbeats its clients sent meanwhile before it judges their silence."""
+    master, endpoint = cluster()  # --client-ttl 2
+    cluster.node(endpoint)  # type: ignore[attr-defined]
+    store = AsyncStore(StoreConfig(master=endpoint))
+
+    async def scenario() -> None:
+        await store.setup()
+        try:
+            await store.put("k", b"v" * 100)
+            os.kill(master.pid, signal.SIGSTOP)
+            try:
+                _wait_for(lambda: _state(master.pid) in "tT", 5.0)
+                await asyncio.sleep(3.0)  # the node and the client beat into its sockets
+            finally:
+                os.kill(master.pid, signal.SIGCONT)
+            assert (await store.get_batch(["k"]))[0] == b"v" * 100
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert "kvcake_store_dead_clients_total 0" in _metrics(master)
 
 
 def test_bad_input_gets_clear_codes(cluster: Callable[..., tuple[ServerProcess, str]],

@@ -219,8 +219,9 @@ class RpcClient:
         assert connection.transport is not None
         connection.transport.writelines(
             (pack_header(FrameOp.CALL, request_id, length=len(body)), body))
-        try:
-            return await asyncio.wait_for(future, self.timeout_s)
+        try:  # not wait_for, which may swallow a cancellation that meets the reply
+            async with asyncio.timeout(self.timeout_s):
+                return await future
         except TimeoutError:
             connection.pending.pop(request_id, None)
             raise KvcakeError(f"no reply from {self.endpoint} within {self.timeout_s}s",
@@ -239,10 +240,10 @@ class RpcClient:
     async def _open(self) -> _ClientConnection:
         host, _, port = self.endpoint.rpartition(":")
         loop = asyncio.get_running_loop()
-        try:
-            _, connection = await asyncio.wait_for(loop.create_connection(
-                lambda: _ClientConnection(self.endpoint, self._forget), host, int(port)),
-                self.timeout_s)
+        try:  # not wait_for: cancelled as it connects, it may drop the open transport
+            async with asyncio.timeout(self.timeout_s):
+                _, connection = await loop.create_connection(
+                    lambda: _ClientConnection(self.endpoint, self._forget), host, int(port))
         except (OSError, TimeoutError, ValueError) as exc:
             raise KvcakeError(f"cannot reach {self.endpoint}: {exc or type(exc).__name__}",
                               ErrorCode.RPC_FAIL) from None

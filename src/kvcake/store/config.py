@@ -29,7 +29,8 @@ class StoreConfig:
     master: ``HOST:PORT`` of the master.
     segment_size: bytes this process contributes to the pool (0 = none, a pure client).
     segment_name: name of that segment (empty: ``<host>:<port>`` of the transfer server).
-    heartbeat_s: heartbeat period; keep well under the master's ``client_ttl_s``.
+    heartbeat_s: longest heartbeat period (shorter where the master's ``client_ttl_s``
+        asks: see :data:`kvcake.store.session.BEATS_PER_TTL`).
     rpc_timeout_s: longest wait for one master call before ``RPC_FAIL``.
     reply_spin_us: how long a synchronous call polls for the master's reply before it
         sleeps, microseconds (0: never poll); only while replies come that fast.

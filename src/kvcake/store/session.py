@@ -34,6 +34,7 @@ from kvcake.wire import store as m
 log = get_logger(__name__)
 R = TypeVar("R")
 _LEADER_POLL_S = 0.1
+BEATS_PER_TTL = 4  # a client is declared dead only after this many beats in a row are lost
 
 
 class LeaderFinder:
@@ -98,6 +99,7 @@ class MasterSession:
         self.leader_uid = ""
         self.master_id = 0
         self.lease_ttl_s = 5.0
+        self.client_ttl_s = 0.0  # how long the master waits for a heartbeat (0: not told)
         self.locations = ""  # the master's location table, when this host may read it
         self.arena_bytes = 0  # the most it grants this client to put into without asking
         self.mounts: list[Mount] = []
@@ -105,6 +107,7 @@ class MasterSession:
         self._on_new_master = on_new_master
         self._heartbeat: asyncio.Task[None] | None = None
         self._rejoin = asyncio.Lock()
+        self._closing = False
 
     async def start(self, mounts: list[Mount]) -> None:
         self.mounts = mounts
@@ -189,6 +192,7 @@ class MasterSession:
             self.master_id = reply.master_id
             self._on_new_master()
         self.lease_ttl_s = reply.lease_ttl_s
+        self.client_ttl_s = reply.client_ttl_s
         self.locations = reply.locations if reply.host_id == self.host_id else ""
         self.arena_bytes = reply.arena_bytes if self.locations else 0
         for mount in self.mounts:
@@ -209,9 +213,21 @@ class MasterSession:
         async with self._rejoin:
             await self._join()
 
+    def beat_period(self) -> float:
+        """``heartbeat_s``, or shorter where the master's TTL asks for it: a beat goes out
+        at least :data:`BEATS_PER_TTL` times per TTL, so one late beat never looks like a
+        dead client."""
+        if self.client_ttl_s <= 0:
+            return self.config.heartbeat_s
+        return min(self.config.heartbeat_s, self.client_ttl_s / BEATS_PER_TTL)
+
     async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+        """A beat every :meth:`beat_period` from the start of the last one (a slow reply
+        does not push the next one back)."""
+        due = time.monotonic()
+        while not self._closing:
+            due = max(due + self.beat_period(), time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
             uid = self.leader_uid
             try:
                 reply = await self._call(m.Heartbeat(self.client_id), m.HeartbeatReply)
@@ -238,8 +254,10 @@ class MasterSession:
             log.debug("arena not given back: %s", exc)
 
     async def close(self) -> None:
-        if self._heartbeat is not None:
+        self._closing = True  # the beats end before the connection closes: none opens a
+        if self._heartbeat is not None:  # new one behind it
             self._heartbeat.cancel()
+            await asyncio.wait([self._heartbeat])
         for name, segment_id in self.segment_ids.items():
             try:
                 await self._call(m.UnmountSegment(self.client_id, segment_id), m.CodesReply)

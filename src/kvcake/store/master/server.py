@@ -465,11 +465,15 @@ class MasterServer:
 
     # ----- background work
     async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + self.config.tick_s
             await asyncio.sleep(self.config.tick_s)
             self.service.arenas.drain()
             self._drop_dead_owners()
-            self.service.tick()
+            # woken a tick late, this master stood still: the heartbeats sent meanwhile
+            # wait unread, so silence is judged at the next sweep, once they are read
+            self.service.tick(expire=loop.time() - due < self.config.tick_s)
             self._ends.tidy()
             self._run_tasks()
             self.service.table.publish_changed()

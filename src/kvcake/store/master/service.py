@@ -338,10 +338,11 @@ class MasterService:
         return bool(doomed)
 
     # ----- background work
-    def tick(self) -> None:
-        """Declare silent clients dead, reclaim abandoned puts, evict over the watermark."""
+    def tick(self, expire: bool = True) -> None:
+        """Declare silent clients dead (unless ``expire`` is false), reclaim abandoned puts,
+        evict over the watermark."""
         now = self.clock()
-        for client_id in self.registry.expired(now, self.config.client_ttl_s):
+        for client_id in self.registry.expired(now, self.config.client_ttl_s) if expire else ():
             self.drop_client(client_id)
         stale = [o for o in self.table.open_puts.values()
                  if now - o.put_started_at > self.config.put_timeout_s]
