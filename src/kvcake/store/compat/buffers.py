@@ -24,6 +24,7 @@ class BufferRegistry:
 
     def __init__(self) -> None:
         self._buffers: list[tuple[int, int]] = []  # sorted by address
+        self._whole: dict[tuple[int, int], memoryview] = {}  # made at a buffer's first view
         self._lock = threading.Lock()
 
     def register(self, address: int, size: int) -> None:
@@ -36,27 +37,36 @@ class BufferRegistry:
         with self._lock:
             for index, (start, _) in enumerate(self._buffers):
                 if start == address:
-                    del self._buffers[index]
+                    self._whole.pop(self._buffers.pop(index), None)
                     return
         raise InvalidParamsError(f"buffer {address:#x} is not registered")
 
     def capacity(self, address: int) -> int:
         """Bytes from ``address`` to the end of the registered buffer holding it (0: none)."""
         with self._lock:
-            index = bisect.bisect_right(self._buffers, (address, float("inf"))) - 1
-            if index < 0:
-                return 0
-            start, size = self._buffers[index]
-        return max(0, start + size - address)
+            found = self._holding(address)
+        return 0 if found is None else max(0, found[0] + found[1] - address)
+
+    def _holding(self, address: int) -> tuple[int, int] | None:
+        """The registered buffer ``address`` falls in or after (the caller holds the lock)."""
+        index = bisect.bisect_right(self._buffers, (address, float("inf"))) - 1
+        return self._buffers[index] if index >= 0 else None
 
     def view(self, address: int, size: int) -> memoryview:
-        """``size`` bytes at ``address``, which must lie inside one registered buffer."""
+        """``size`` bytes at ``address``, which must lie inside one registered buffer: a
+        slice of a view of that whole buffer, made once."""
         if size <= 0 or address <= 0:
             raise InvalidParamsError(f"buffer {address:#x}+{size}: address and size must be > 0")
-        if size > self.capacity(address):
-            raise InvalidParamsError(f"buffer {address:#x}+{size} is not inside a registered "
-                                     "buffer (call register_buffer first)")
-        return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+        with self._lock:
+            found = self._holding(address)
+            if found is None or address + size > found[0] + found[1]:
+                raise InvalidParamsError(f"buffer {address:#x}+{size} is not inside a "
+                                         "registered buffer (call register_buffer first)")
+            whole = self._whole.get(found)
+            if whole is None:
+                whole = self._whole[found] = memoryview(
+                    (ctypes.c_ubyte * found[1]).from_address(found[0])).cast("B")
+        return whole[address - found[0]:address - found[0] + size]
 
     def views(self, addresses: list[int], sizes: list[int]) -> list[memoryview]:
         if len(addresses) != len(sizes):
