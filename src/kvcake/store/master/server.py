@@ -305,15 +305,18 @@ class MasterServer:
     async def _put_start_with_room(self, request: m.PutStart,
                                    reply: m.PutStartReply) -> m.PutStartReply:
         """Try the keys refused for room again as memory comes back, for at most
-        ``_TIER_WAIT_S``; the keys already started keep their answers."""
+        ``_TIER_WAIT_S``; the keys already started keep their answers. What was on its way
+        may have landed before this runs: then the keys are tried once more, at once."""
         codes, replicas = list(reply.codes), list(reply.replicas)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _TIER_WAIT_S
         refused = [i for i, code in enumerate(codes) if code == ErrorCode.NO_AVAILABLE_HANDLE]
-        while refused and loop.time() < deadline and self._room_coming():
-            if self.persistence is not None and self._frees_pending():
+        coming = True
+        while refused and coming and loop.time() < deadline:
+            coming = self._room_coming()
+            if coming and self.persistence is not None and self._frees_pending():
                 await self.persistence.durable()
-            else:
+            elif coming:
                 with contextlib.suppress(TimeoutError):  # an offload landed, or a recheck
                     await asyncio.wait_for(self._task_done.wait(),
                                            min(deadline - loop.time(), _RECHECK_S))
