@@ -469,14 +469,17 @@ class MasterServer:
     # ----- background work
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        deferred = False
         while True:
             due = loop.time() + self.config.tick_s
             await asyncio.sleep(self.config.tick_s)
             self.service.arenas.drain()
             self._drop_dead_owners()
             # woken a tick late, this master stood still: the heartbeats sent meanwhile
-            # wait unread, so silence is judged at the next sweep, once they are read
-            self.service.tick(expire=loop.time() - due < self.config.tick_s)
+            # wait unread, so silence is judged at the next sweep, once they are read (only
+            # one sweep defers: a master late at every sweep still declares the dead dead)
+            deferred = not deferred and loop.time() - due >= self.config.tick_s
+            self.service.tick(expire=not deferred)
             self._ends.tidy()
             self._run_tasks()
             self.service.table.publish_changed()
