@@ -326,7 +326,7 @@ def test_clients_beat_often_enough_for_the_masters_ttl(
         cluster: Callable[..., tuple[ServerProcess, str]]) -> None:
     """A client configured to beat every 5 s, with a master that declares a client dead
     after 2 s of silence, beats at a quarter of the TTL the master announces: past several
-    TTLs it was never declared dead (its puts kept their arena meanwhile)."""
+    TTLs it was never declared dead."""
     master, endpoint = cluster()  # --client-ttl 2
     cluster.node(endpoint)  # type: ignore[attr-defined]
 

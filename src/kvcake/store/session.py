@@ -254,8 +254,9 @@ class MasterSession:
             log.debug("arena not given back: %s", exc)
 
     async def close(self) -> None:
-        self._closing = True  # the beats end before the connection closes: none opens a
-        if self._heartbeat is not None:  # new one behind it
+        # the beats end before the connection closes, so none reopens it behind this
+        self._closing = True
+        if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.wait([self._heartbeat])
         for name, segment_id in self.segment_ids.items():
