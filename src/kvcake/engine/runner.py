@@ -14,7 +14,13 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from kvcake.engine.model.kernels import PagedDecodes
-from kvcake.engine.model.llama import AttentionBatch, DecodeGroup, LlamaModel, PrefillSpan
+from kvcake.engine.model.llama import (
+    AttentionBatch,
+    DecodeGroup,
+    LayerDone,
+    LlamaModel,
+    PrefillSpan,
+)
 from kvcake.engine.model.logprobs import ROWS_PER_SLICE, PromptLogprobs, score_tokens
 from kvcake.engine.penalties import TokenHistory
 from kvcake.engine.request import Request
@@ -38,15 +44,17 @@ class ModelRunner:
         self.device = model.device
         self.eos_token_ids = frozenset(eos_token_ids)
 
-    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+    def execute(self, output: SchedulerOutput, on_layer: LayerDone | None = None
+                ) -> RunnerOutput:
         """Run one step: the token drawn for every chunk that samples, and the prompt
-        tokens' scores for chunks of requests that asked for them."""
+        tokens' scores for chunks of requests that asked for them (``on_layer``: see
+        :meth:`LlamaModel.forward`)."""
         prefills = [c for c in output.chunks if not _decodes(c)]
         decodes = sorted((c for c in output.chunks if _decodes(c)), key=lambda c: c.start)
         ordered = prefills + decodes
         input_ids = torch.tensor(_flat_tokens(ordered), dtype=torch.long, device=self.device)
         batch = self._attention_batch(prefills, decodes)
-        hidden = self.model.forward(input_ids, batch, self.kv_cache)
+        hidden = self.model.forward(input_ids, batch, self.kv_cache, on_layer)
         return RunnerOutput(self._sample(ordered, hidden), self._score_prompts(ordered, hidden))
 
     def copy_block(self, source: int, destination: int) -> None:

@@ -42,18 +42,21 @@ class KVRegion(msgspec.Struct, frozen=True):
         """One block of one layer: its K and V (vLLM's layout), or one of them (kvcake's)."""
         return self.block_size * self.slot_bytes
 
-    def block_ranges(self, first: int, count: int) -> list[tuple[int, int]]:
-        """``(offset, length)`` of the bytes of blocks ``[first, first + count)``, in a fixed
-        order (layer by layer; K before V) that is the same on every region of one layout."""
+    def block_ranges(self, first: int, count: int, layers: range | None = None
+                     ) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the bytes of blocks ``[first, first + count)`` in
+        ``layers`` (all by default), in a fixed order (layer by layer; K before V) that is
+        the same on every region of one layout."""
+        layers = range(self.num_layers) if layers is None else layers
         if not self.block_stride:
             length = count * self.layer_block_bytes
             return [(self.offset(layer, kv, first * self.block_size), length)
-                    for layer in range(self.num_layers) for kv in (0, 1)]
+                    for layer in layers for kv in (0, 1)]
         if self.block_stride == self.layer_block_bytes:  # a layer's blocks are contiguous
             return [(layer * self.layer_stride + first * self.block_stride,
-                     count * self.layer_block_bytes) for layer in range(self.num_layers)]
+                     count * self.layer_block_bytes) for layer in layers]
         return [(layer * self.layer_stride + block * self.block_stride, self.layer_block_bytes)
-                for block in range(first, first + count) for layer in range(self.num_layers)]
+                for block in range(first, first + count) for layer in layers]
 
     def grant_shapes(self, block_ids: Sequence[int]) -> list[tuple[int, int, int, int]]:
         """One :meth:`grant_shape` per run of consecutive ``block_ids`` (see

@@ -34,6 +34,9 @@ class WorkerConfig:
         decode instance on cores of its own keeps its token rate whatever prefill does.
     nice: added to this process's nice value (0..19): a prefill instance at a lower priority
         uses the CPU time decode instances leave, never theirs.
+    send_by_layer: a prefill instance whose decode instance is on another host sends the
+        blocks a step completes layer by layer while the step computes (off: after the step,
+        in one piece). Same-host writes are copies and always go after the step.
     """
 
     role: str = "both"
@@ -48,6 +51,7 @@ class WorkerConfig:
     profile_lock: str = ""
     cpus: str = ""
     nice: int = 0
+    send_by_layer: bool = True
 
     def __post_init__(self) -> None:
         check_bind_host(self.host)

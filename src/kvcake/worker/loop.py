@@ -10,6 +10,9 @@ writes its blocks into the decode instance as chunks complete::
     chunk 1 done -> write blocks 0..k      (overlaps chunk 2's compute)
     chunk 2 done -> write blocks k+1..m
     last chunk   -> write the rest (with the partial tail block), wait, PrefillDone
+
+Over the network each chunk's blocks go out layer by layer while the chunk computes
+(:mod:`kvcake.engine.kv.transfer`), so a prompt of one chunk overlaps its writes too.
 """
 
 from __future__ import annotations
@@ -39,17 +42,36 @@ _MAX_SAMPLES = 64
 
 
 class PrefillSender:
-    """The step hook of a prefill instance: sends each request's finished blocks."""
+    """The step hook of a prefill instance: sends the blocks each request's chunk completes,
+    layer by layer where the writes cross the network (:meth:`KVSender.layered`) unless
+    ``by_layer`` is off (then after the step, in one piece: what a benchmark compares)."""
 
-    def __init__(self, sender: KVSender, block_size: int) -> None:
+    def __init__(self, sender: KVSender, block_size: int, by_layer: bool = True) -> None:
         self.sender = sender
         self.block_size = block_size
+        self.by_layer = by_layer
+        self._layered: list[tuple[str, list[int]]] = []
 
     def before_execute(self, output: SchedulerOutput) -> None:
         for request_id in output.preempted:
             self.sender.drain(request_id)  # its freed blocks may be overwritten this step
+        self._layered = [(request_id, block_ids)
+                         for request_id, block_ids in self._completed(output)
+                         if self.by_layer and self.sender.layered(request_id)]
+
+    def after_layer(self, layer: int) -> None:
+        for request_id, block_ids in self._layered:
+            self.sender.send(request_id, block_ids, layer)
 
     def after_execute(self, output: SchedulerOutput) -> None:
+        self._layered = []
+        for request_id, block_ids in self._completed(output):  # not sent layer by layer
+            self.sender.send(request_id, block_ids)
+
+    def _completed(self, output: SchedulerOutput) -> list[tuple[str, list[int]]]:
+        """The blocks not sent yet that each sending request's chunk fills this step
+        (the last chunk fills its partial tail block too)."""
+        completed = []
         for chunk in output.chunks:
             request = chunk.request
             if not self.sender.is_sending(request.request_id):
@@ -60,7 +82,8 @@ class PrefillSender:
                 else end // self.block_size
             sent = self.sender.num_sent_blocks(request.request_id)
             if ready > sent:
-                self.sender.send(request.request_id, request.block_ids[sent:ready])
+                completed.append((request.request_id, request.block_ids[sent:ready]))
+        return completed
 
 
 @dataclass
@@ -89,7 +112,8 @@ class EngineLoop:
     def __init__(self, core: EngineCore, sender: KVSender | None,
                  on_outputs: Callable[[list[TokenOutput]], None],
                  on_prefill_done: Callable[[TokenOutput, str], None],
-                 reserve_timeout_s: float, transfer_timeout_s: float) -> None:
+                 reserve_timeout_s: float, transfer_timeout_s: float,
+                 send_by_layer: bool = True) -> None:
         self.core = core
         self.sender = sender
         self._on_outputs = on_outputs
@@ -103,7 +127,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvcake-engine", daemon=True)
         if sender is not None:
-            core.step_hook = PrefillSender(sender, core.config.block_size)
+            core.step_hook = PrefillSender(sender, core.config.block_size, send_by_layer)
 
     def start(self) -> None:
         self._thread.start()

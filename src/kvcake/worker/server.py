@@ -118,7 +118,8 @@ class WorkerServer:
             sender = KVSender(self._transfer, core.kv_region, core.kv_segment.view)
         self._loop = EngineLoop(core, sender, self._threadsafe(loop, self._queue_outputs),
                                 self._threadsafe(loop, self._queue_prefill_done),
-                                self.config.reserve_timeout_s, self.config.transfer_timeout_s)
+                                self.config.reserve_timeout_s, self.config.transfer_timeout_s,
+                                self.config.send_by_layer)
 
     @staticmethod
     def _threadsafe(loop: asyncio.AbstractEventLoop,

@@ -13,8 +13,14 @@ moves as ``2 * layers`` contiguous writes whatever its length::
     prefill blocks  [7][8][9]    [12]            runs: (7 -> 3, 3 blocks), (12 -> 6, 1 block)
     decode blocks   [3][4][5]    [6]
 
-Writes are submitted as soon as a block's K/V exist (after each prefill chunk), so they
-overlap the next chunk's compute; only the tail waits when the prefill ends.
+Writes are submitted as soon as a block's K/V exist, so they overlap the compute that
+follows. Over the network (writes run on the transfer engine's I/O thread) that is layer by
+layer: the blocks a step completes go out one layer's K and V at a time, each while the
+later layers compute, and when the prefill ends only its last layer is still on its way::
+
+    layer  0   1   2  ...  29 | sample
+    write      0   1   2  ... 29        (a same-host copy runs in the engine thread: after
+                                         the step, in one piece, overlapping nothing)
 
 With a cluster token the decode instance's transfer server takes writes only inside its
 grants (:mod:`kvcake.transfer.grants`). It signs one per run of consecutive reserved blocks:
@@ -163,26 +169,37 @@ class KVSender:
     def num_sent_blocks(self, request_id: str) -> int:
         return self._outgoing[request_id].num_sent_blocks
 
-    def send(self, request_id: str, block_ids: list[int]) -> None:
-        """Write the request's next ``len(block_ids)`` blocks (its local ids, in order)."""
+    def layered(self, request_id: str) -> bool:
+        """Whether the request's writes cross the network. They then run on the transfer
+        engine's I/O thread, so a layer sent as soon as it is computed overlaps the rest of
+        the step; a same-host write is a copy in the calling thread, which overlaps nothing
+        and is cheaper in one piece."""
+        return self._outgoing[request_id].target.segment.transport != "shm"
+
+    def send(self, request_id: str, block_ids: list[int], layer: int | None = None) -> None:
+        """Write the request's next ``len(block_ids)`` blocks (its local ids, in order):
+        every layer, or only ``layer``. Sent layer by layer, in order, they count as sent
+        once the last layer is."""
         out = self._outgoing[request_id]
         first = out.num_sent_blocks
         dst = list(out.target.block_ids[first:first + len(block_ids)])
         if len(dst) < len(block_ids):
             raise InvalidParamsError(f"request {request_id!r}: {first + len(block_ids)} "
                                      f"blocks for {len(out.target.block_ids)} reserved")
-        requests = self._requests(out.target, block_runs(block_ids, dst))
+        layers = None if layer is None else range(layer, layer + 1)
+        requests = self._requests(out.target, block_runs(block_ids, dst), layers)
         out.batches.append(self.engine.submit(requests))
-        out.num_sent_blocks += len(block_ids)
         out.num_bytes += sum(r.length for r in requests)
+        if layer is None or layer == self.local.num_layers - 1:
+            out.num_sent_blocks += len(block_ids)
 
-    def _requests(self, target: KVTarget, runs: list[tuple[int, int, int]]
-                  ) -> list[TransferRequest]:
+    def _requests(self, target: KVTarget, runs: list[tuple[int, int, int]],
+                  layers: range | None) -> list[TransferRequest]:
         requests = []
         for src, dst, count in runs:
             grant = target.grant_of.get(dst, b"")
-            pairs = zip(self.local.block_ranges(src, count),
-                        target.region.block_ranges(dst, count), strict=True)
+            pairs = zip(self.local.block_ranges(src, count, layers),
+                        target.region.block_ranges(dst, count, layers), strict=True)
             requests += [TransferRequest(TransferOp.WRITE, target.segment, remote,
                                          self._bytes[local:local + length], grant)
                          for (local, length), (remote, _) in pairs]

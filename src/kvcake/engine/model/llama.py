@@ -24,7 +24,7 @@ weights too (``plain_prefill``, twice the linear layers' memory) for its longer 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +35,8 @@ from kvcake.engine.model.attention import attention_backend
 from kvcake.engine.model.kernels import CpuKernels, PagedDecodes
 from kvcake.engine.model.rope import rope_tables
 from kvcake.model import ModelConfig
+
+LayerDone = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -171,18 +173,23 @@ class LlamaModel:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        """Hidden states after the final norm, ``(num_tokens, hidden)``; writes new K/V."""
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor,
+                on_layer: LayerDone | None = None) -> torch.Tensor:
+        """Hidden states after the final norm, ``(num_tokens, hidden)``; writes new K/V.
+        ``on_layer(i)`` runs as soon as layer ``i``'s K/V are in the cache, while the rest
+        of the step still computes (a prefill instance starts sending them then)."""
         cos = self.cos.index_select(0, batch.positions)  # (num_tokens, head_dim)
         sin = self.sin.index_select(0, batch.positions)
         x = nnf.embedding(input_ids, self.embed)  # (num_tokens, hidden)
         layers = self._layers_for(input_ids.shape[0])
         if self.kernels is not None:
-            return self._fused_forward(x, layers, batch, kv_cache, cos, sin, self.kernels)
+            return self._fused_forward(x, layers, batch, kv_cache, cos, sin, self.kernels,
+                                       on_layer)
         for i, layer in enumerate(layers):
             h = _rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             x = x + self._attention(h, layer, batch, kv_cache[i], cos, sin)
+            if on_layer is not None:
+                on_layer(i)
             h = _rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
             x = x + self._mlp(h, layer)
         return _rms_norm(x, self.norm, self.config.rms_norm_eps)
@@ -195,7 +202,7 @@ class LlamaModel:
 
     def _fused_forward(self, x: torch.Tensor, layers: list[_Layer], batch: AttentionBatch,
                        kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       kernels: CpuKernels) -> torch.Tensor:
+                       kernels: CpuKernels, on_layer: LayerDone | None) -> torch.Tensor:
         """The same layers with each residual add folded into the next norm (``x`` is
         updated in place)."""
         eps = self.config.rms_norm_eps
@@ -203,6 +210,8 @@ class LlamaModel:
         for i, layer in enumerate(layers):
             h = kernels.add_rms_norm(x, delta, layer.input_norm, eps)
             attended = self._attention(h, layer, batch, kv_cache[i], cos, sin)
+            if on_layer is not None:
+                on_layer(i)
             h = kernels.add_rms_norm(x, attended, layer.post_norm, eps)
             delta = _linear(kernels.silu_mul(_linear(h, layer.gate_up)), layer.down)
         return kernels.add_rms_norm(x, delta, self.norm, eps)
