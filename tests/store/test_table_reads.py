@@ -15,6 +15,7 @@ from kvcake.common.blocking_rpc import BlockingRpcClient
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.ops import ServerProcess, start_master, start_node
 from kvcake.store import DistributedStore
+from kvcake.store.blocking import BlockingDriver
 
 LEASE_S = "0.5"
 
@@ -124,3 +125,37 @@ def test_a_read_whose_touch_cannot_be_sent_still_answers(
     with stopped(servers[0]):  # nor does it ask instead
         assert answered_within(lambda: store.get("k"), 5.0) == b"v" * 100
         assert answered_within(lambda: store.is_exist("k"), 5.0) == 1
+
+
+def test_a_single_get_into_is_a_lookup_and_a_copy_here_between_lease_renewals(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the key's lease was renewed for this client, ``get_into`` runs no plan: it
+    finds the key in the table and copies (a too-small buffer answers as through the
+    master). When half the lease has passed, the next read goes through the plan again,
+    which tells the master of it."""
+    store = clients(_cluster(servers))
+    value = bytes(range(256)) * 64
+    target = (ctypes.c_ubyte * len(value))()
+    address = ctypes.addressof(target)
+    assert store.register_buffer(address, len(value)) == 0
+    assert store.put("k", value) == 0 and store.get("absent") == b""  # segments reached
+    plans: list[object] = []
+    run = BlockingDriver.run
+    monkeypatch.setattr(BlockingDriver, "run",
+                        lambda driver, plan: plans.append(plan) or run(driver, plan))
+    assert store.get_into("k", address, len(value)) == len(value)  # due: leased through a plan
+    assert len(plans) == 1 and store.remove("k") == ErrorCode.OBJECT_HAS_LEASE
+    del plans[:]
+    with stopped(servers[0]):
+        ctypes.memset(target, 0, len(value))
+        assert answered_within(lambda: store.get_into("k", address, len(value)),
+                               5.0) == len(value)
+        assert bytes(target) == value
+        assert answered_within(lambda: store.get_into("k", address, 100),
+                               5.0) == ErrorCode.INVALID_PARAMS
+        assert not plans
+    ops = store.native.ops
+    wait_for(lambda: ops.table.due("k"))  # half the lease (0.25 s) passed
+    assert store.get_into("k", address, len(value)) == len(value) and len(plans) == 1
+    assert not ops.table.due("k")

@@ -178,6 +178,16 @@ class StoreOps:
         found, deadline = yield from self.find(keys)
         return (yield from self.read_found(found, parts, deadline))
 
+    def get_into_here(self, key: str, view: memoryview) -> int | None:
+        """One key's value copied into ``view`` from the location table, in the calling
+        thread with no plan to run: bytes read, or ``BUFFER_OVERFLOW``. ``None`` where
+        :meth:`get_into_parts` must run instead: the table cannot answer, or the master is
+        due to be told of the read (that plan reads and tells it)."""
+        if self.table.due(key):
+            return None
+        read = self.table.into([key], [[view]])
+        return None if read is None else read[0]
+
     def in_place(self, keys: Sequence[str]) -> Plan[InPlaceValues]:
         """Each key's value where it lies (see :class:`InPlaceValues`)."""
         found, deadline = yield from self.find(keys)

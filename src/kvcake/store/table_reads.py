@@ -48,9 +48,7 @@ class TableReads:
     def to_touch(self, keys: Sequence[str]) -> list[str]:
         """The keys answered from the table whose lease the master should renew now: those
         not leased for this client within the last half lease."""
-        session, _ = self._live()
-        now = time.monotonic()
-        renew_before = now - session.lease_ttl_s / 2
+        now, renew_before = self._renew_before()
         told = self._told
         if len(told) > _TOLD_KEYS:
             told.clear()
@@ -58,6 +56,17 @@ class TableReads:
         for key in due:
             told[key] = now
         return due
+
+    def due(self, key: str) -> bool:
+        """Whether reading ``key`` now must renew its lease (:meth:`to_touch` would name
+        it); nothing is marked."""
+        return self._told.get(key, -1.0) < self._renew_before()[1]
+
+    def _renew_before(self) -> tuple[float, float]:
+        """Now, and the time before which a lease for this client is due to be renewed."""
+        session, _ = self._live()
+        now = time.monotonic()
+        return now, now - session.lease_ttl_s / 2
 
     def exist(self, keys: Sequence[str]) -> list[int] | None:
         """1 per key, when the table holds every one of them."""

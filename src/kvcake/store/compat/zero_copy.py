@@ -5,7 +5,7 @@ them) and ranged reads (``get_into_ranges``). Every address must lie inside a bu
 
 from __future__ import annotations
 
-from kvcake.common.errors import ErrorCode, InvalidParamsError
+from kvcake.common.errors import ErrorCode, InvalidParamsError, KvcakeError
 from kvcake.store.compat import ranges
 from kvcake.store.compat.base import StoreBase, check_same_node, code_of, codes_of, read_code
 from kvcake.store.replicate import ReplicateConfig
@@ -78,8 +78,22 @@ class ZeroCopyApi(StoreBase):
 
     # ----- reads
     def get_into(self, key: str, buffer_ptr: int, size: int) -> int:
-        """Bytes read, or a code (``INVALID_PARAMS`` when ``size`` is too small)."""
-        return self.batch_get_into([key], [buffer_ptr], [size])[0]
+        """Bytes read, or a code (``INVALID_PARAMS`` when ``size`` is too small). A key the
+        master's location table holds is read right here: a lookup and one copy."""
+        read = self._get_into_here(key, buffer_ptr, size)
+        return self.batch_get_into([key], [buffer_ptr], [size])[0] if read is None else read
+
+    def _get_into_here(self, key: str, buffer_ptr: int, size: int) -> int | None:
+        """:meth:`StoreOps.get_into_here` (``None``: take the batch path, which also says
+        what was wrong with the call)."""
+        store = self._store
+        if store is None:
+            return None
+        try:
+            read = store.ops.get_into_here(key, self._buffers.view(buffer_ptr, size))
+        except KvcakeError:
+            return None
+        return None if read is None else read_code(read)
 
     def batch_get_into(self, keys: list[str], buffer_ptrs: list[int],
                        sizes: list[int]) -> list[int]:
