@@ -155,6 +155,16 @@ def test_codec_round_trips_a_tagged_union() -> None:
     assert codec.decode(codec.encode(Pong(3)), Ping | Pong) == Pong(3)
 
 
+class Named(msgspec.Struct, tag="named"):
+    name: str
+
+
+def test_text_utf8_cannot_carry_is_refused_by_name_before_anything_is_sent() -> None:
+    with pytest.raises(InvalidParamsError, match=r"Named: text is not valid UTF-8 "
+                       r"\('\\ud800' at 2 of 'ab\\ud800'\)"):
+        codec.encode(Named("ab\ud800"))
+
+
 def test_codec_rejects_garbage_with_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="malformed control message"):
         codec.decode(b"\xc1\x00", Ping | Pong)

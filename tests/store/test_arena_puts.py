@@ -146,6 +146,24 @@ def test_puts_too_large_or_with_bad_keys_still_get_their_codes(
     assert store.get("keep") == b"safe" and len(store.get("big")) == 1 << 20
 
 
+def test_keys_no_message_can_carry_are_refused_by_name_and_a_batch_with_one_stores_nothing(
+        servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
+    """A lone surrogate is not UTF-8, and a key that is not text is no key: every call
+    answers ``INVALID_KEY`` instead of raising, and a batch that holds one stores none of
+    its keys (the arena took the valid ones before)."""
+    endpoint = _cluster(servers)
+    store = clients(endpoint)
+    assert store.put("keep", b"safe") == 0
+    for bad in ("\ud800", "a\udfffb", 7, b"bytes"):
+        assert store.put(bad, b"x") == ErrorCode.INVALID_KEY  # type: ignore[arg-type]
+        assert store.get(bad) == b""  # type: ignore[arg-type]
+        assert store.is_exist(bad) == ErrorCode.INVALID_KEY  # type: ignore[arg-type]
+        assert store.remove(bad) == ErrorCode.INVALID_KEY  # type: ignore[arg-type]
+        assert store.put_batch(["fine", bad], [b"a", b"b"]) == ErrorCode.INVALID_KEY
+        assert store.is_exist("fine") == 0
+    assert store.get("keep") == b"safe" and _consistent(endpoint)
+
+
 def test_a_killed_node_ends_its_arena_and_puts_are_refused_not_lost(
         servers: list[ServerProcess], clients: Callable[..., DistributedStore]) -> None:
     store = clients(_cluster(servers))

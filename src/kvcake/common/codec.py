@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from kvcake.common.errors import ProtocolError
+from kvcake.common.errors import InvalidParamsError, ProtocolError
 
 T = TypeVar("T")
 
@@ -20,8 +20,14 @@ _decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    """Serialise one control message."""
-    return _encoder.encode(message)
+    """Serialise one control message. Raises :class:`InvalidParamsError` for text that
+    UTF-8 cannot carry (a lone surrogate, say), naming the message and the character."""
+    try:
+        return _encoder.encode(message)
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end]
+        raise InvalidParamsError(f"{type(message).__name__}: text is not valid UTF-8 "
+                                 f"({bad!r} at {exc.start} of {exc.object!r})") from None
 
 
 def decode(data: bytes | memoryview, message_type: type[T]) -> T:

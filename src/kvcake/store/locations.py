@@ -54,8 +54,8 @@ _PREFIX = "kvcake-locations-"
 
 
 def key_hash(object_key: str) -> bytes:
-    """(A key that is not valid UTF-8 hashes too; it is found nowhere, and the master, asked
-    instead, refuses it by name.)"""
+    """(A key that is not valid UTF-8 hashes too; it is found nowhere, and the call, going
+    to ask the master instead, refuses it by name: :func:`kvcake.store.pieces.check_keys`.)"""
     return hashlib.blake2b(object_key.encode(errors="surrogatepass"), digest_size=16).digest()
 
 
@@ -219,7 +219,10 @@ class LocationReader:
         return still_held(self._fd)
 
     def find(self, object_key: str) -> Location | None:
-        """``object_key``'s slot as it is now; ``None``: not found (ask the master)."""
+        """``object_key``'s slot as it is now; ``None``: not found (ask the master; a key
+        that is not text is refused by name on the way)."""
+        if not isinstance(object_key, str):
+            return None
         digest = key_hash(object_key)
         first = _first_slot(digest, self._mask)
         for probe in range(MAX_PROBES):

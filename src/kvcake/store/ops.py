@@ -18,7 +18,7 @@ from typing import Protocol
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.store.arena_puts import ArenaPuts
-from kvcake.store.pieces import Piece, check_parts, concatenated, lay_out
+from kvcake.store.pieces import Piece, check_keys, check_parts, concatenated, lay_out
 from kvcake.store.replica_io import Live, ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
 from kvcake.store.steps import Ask, Plan, Tell
@@ -82,6 +82,7 @@ class StoreOps:
         (:mod:`kvcake.store.master.ends`)."""
         client_id = self._client_id()
         check_parts(keys, parts)
+        check_keys(keys)  # before the arena takes any: a batch refused whole stores nothing
         sizes = [sum(v.nbytes for v in views) for views in parts]
         wire = as_wire(config, len(keys))
         ahead = 0 if upsert or wire != _PLAIN else (yield from self.arena.put(keys, parts,
@@ -223,7 +224,7 @@ class StoreOps:
         """Replicas (leased) of ``keys``, and the time their leases run out."""
         client_id = self._client_id()
         asked = time.monotonic()
-        found = yield Ask(m.GetReplicas(list(keys), client_id), m.GetReplicasReply)
+        found = yield Ask(m.GetReplicas(check_keys(keys), client_id), m.GetReplicasReply)
         return found, asked + found.waited_s + found.lease_ttl_s  # leased no earlier
 
     def read_found(self, found: m.GetReplicasReply, parts: Sequence[Sequence[memoryview]],
@@ -247,7 +248,7 @@ class StoreOps:
         if present is not None:
             yield from self._touch(keys, read=False)
             return present
-        reply = yield Ask(m.Exist(list(keys), self._client_id()), m.CodesReply)
+        reply = yield Ask(m.Exist(check_keys(keys), self._client_id()), m.CodesReply)
         return reply.codes  # type: ignore[no-any-return]
 
     def _touch(self, keys: Sequence[str], read: bool) -> Plan[None]:
@@ -263,12 +264,12 @@ class StoreOps:
 
     def query_replicas(self, keys: Sequence[str]) -> Plan[m.QueryReplicasReply]:
         """Every readable replica of each key, any tier (leases them, as a get does)."""
-        reply = yield Ask(m.QueryReplicas(list(keys), self._client_id()),
+        reply = yield Ask(m.QueryReplicas(check_keys(keys), self._client_id()),
                           m.QueryReplicasReply)
         return reply  # type: ignore[no-any-return]
 
     def remove(self, keys: Sequence[str], force: bool = False) -> Plan[list[int]]:
-        reply = yield Ask(m.Remove(list(keys), force, self._client_id()), m.CodesReply)
+        reply = yield Ask(m.Remove(check_keys(keys), force, self._client_id()), m.CodesReply)
         return reply.codes  # type: ignore[no-any-return]
 
     def remove_all(self, force: bool = False) -> Plan[int]:
@@ -283,7 +284,7 @@ class StoreOps:
     def replica_clear(self, keys: Sequence[str], segment_name: str = "") -> Plan[list[str]]:
         """Drop this client's own objects among ``keys`` whose lease ran out (all replicas,
         or those on segments named ``segment_name``); the keys dropped."""
-        reply = yield Ask(m.ReplicaClear(list(keys), segment_name, self._client_id()),
+        reply = yield Ask(m.ReplicaClear(check_keys(keys), segment_name, self._client_id()),
                           m.KeysReply)
         return reply.keys  # type: ignore[no-any-return]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.errors import ErrorCode, InvalidParamsError
 
 Piece = tuple[int, memoryview]
 
@@ -59,3 +59,18 @@ def check_parts(keys: Sequence[str], parts: Sequence[Sequence[memoryview]]) -> N
                 raise InvalidParamsError("store buffers must be flat byte memoryviews")
         if not views or any(v.nbytes == 0 for v in views):
             raise InvalidParamsError(f"{key!r}: empty value or buffer (size must be > 0)")
+
+
+def check_keys(keys: Sequence[str]) -> list[str]:
+    """``keys`` as a list, each checked to be text that UTF-8 can carry (a lone surrogate
+    cannot, so no message could name it): ``INVALID_KEY`` otherwise."""
+    for key in keys:
+        if not isinstance(key, str):
+            raise InvalidParamsError(f"key {key!r} is a {type(key).__name__}, not text",
+                                     ErrorCode.INVALID_KEY)
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            raise InvalidParamsError(f"key {key!r} is not valid UTF-8 text",
+                                     ErrorCode.INVALID_KEY) from None
+    return list(keys)
