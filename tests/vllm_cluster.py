@@ -10,7 +10,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ _GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_ca
 class VllmCluster:
     cluster: Cluster
     logs: Path
+    env: dict[str, str] = field(default_factory=dict)  # its children's, beyond ``ENV``
 
     @property
     def api(self) -> str:
@@ -48,7 +49,7 @@ class VllmCluster:
     def start_instance(self, name: str) -> None:
         """Start instance ``name`` again after it was killed, with the settings the others
         started with."""
-        with _children_env():
+        with _children_env(self.env):
             self.cluster.start_instance(name)
 
     def client(self, timeout_s: float = 120.0) -> openai.OpenAI:
@@ -57,28 +58,31 @@ class VllmCluster:
 
 
 @contextmanager
-def vllm_cluster(logs: Path, **fields: object) -> Iterator[VllmCluster]:
+def vllm_cluster(logs: Path, env: dict[str, str] | None = None,
+                 **fields: object) -> Iterator[VllmCluster]:
     """A cluster as ``kvcake up --engine vllm`` starts it (1 prefill + 1 decode unless
-    ``fields`` say otherwise), run from this process: a test may kill one of its instances
-    and watch the others (``kvcake up`` itself stops everything when a child dies)."""
+    ``fields`` say otherwise; ``env``: its children's environment beyond ``ENV``), run from
+    this process: a test may kill one of its instances and watch the others (``kvcake up``
+    itself stops everything when a child dies)."""
     spec: dict[str, object] = {"engine": "vllm", "port": 0, "prefill": 1, "decode": 1,
                                "store_size": "256MiB", "kv_cache_size": "1GiB",
                                "log_dir": str(logs), **fields}
     cluster = Cluster(ClusterSpec(**spec))  # type: ignore[arg-type]
-    with _children_env():
+    with _children_env(env or {}):
         cluster.start()
     try:
-        yield VllmCluster(cluster, logs)
+        yield VllmCluster(cluster, logs, env or {})
     finally:
         cluster.stop()
 
 
 @contextmanager
-def _children_env() -> Iterator[None]:
-    """``ENV`` in this process's environment while children start (they read it), then
-    the environment as it was."""
-    saved = {name: os.environ.get(name) for name in ENV}
-    os.environ.update(ENV)
+def _children_env(extra: dict[str, str]) -> Iterator[None]:
+    """``ENV`` and ``extra`` in this process's environment while children start (they read
+    it), then the environment as it was."""
+    wanted = {**ENV, **extra}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:

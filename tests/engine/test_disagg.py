@@ -176,6 +176,7 @@ def test_over_the_network_a_step_s_blocks_go_out_layer_by_layer(
     # 70 tokens in chunks of 32 (two whole blocks each, then the tail): three steps; each
     # time every layer but the one just computed had landed
     assert watch.landed == [[by_layer, False]] * 3
+    assert (sender.num_sent, sender.num_sent_by_layer) == (1, int(by_layer))
 
 
 TOKEN = "disagg-token-" + "k" * 24

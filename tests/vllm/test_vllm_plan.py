@@ -198,10 +198,10 @@ def test_the_closing_lines_say_what_p_d_moved() -> None:
     decode = pd_summary(Role.DECODE, {"received": 3, "received_blocks": 12, "failed": 1})
     assert decode == ("kvcake P/D: 3 requests' KV received from prefill instances (12 "
                       "blocks), 1 given up on")
-    prefill = pd_summary(Role.PREFILL, {"pd_sent": 3, "pd_sent_bytes": 3 << 30,
-                                        "pd_writing_us": 1_500_000})
-    assert prefill == ("kvcake P/D: 3 requests' KV written into decode instances, 3072.0 "
-                       "MiB in 1.500 s of writes in flight: 2.15 GB/s")
+    prefill = pd_summary(Role.PREFILL, {"pd_sent": 3, "pd_sent_by_layer": 2,
+                                        "pd_sent_bytes": 3 << 30, "pd_writing_us": 1_500_000})
+    assert prefill == ("kvcake P/D: 3 requests' KV written into decode instances (2 layer by "
+                       "layer), 3072.0 MiB in 1.500 s of writes in flight: 2.15 GB/s")
     assert pd_summary(Role.PREFILL, {}).endswith("0.0 MiB in 0.000 s of writes in flight: -")
 
 

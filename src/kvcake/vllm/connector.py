@@ -172,6 +172,8 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._kv_segment: Segment | None = None
         self._region: KVRegion | None = None
         self._sender: KVSender | None = None
+        self._layers_sent: dict[str, set[int]] = {}  # this step's, by request, by layer
+        self._send_errors: dict[str, KvcakeError] = {}  # this step's layered sends that failed
         self._notices: dict[str, RpcClient] = {}
         log.info("kvcake connector (%s) on store %s, keys %s/…", role.name,
                  self.settings.master, self.prefix)
@@ -412,7 +414,27 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        return  # wait_for_save stages whole blocks once every layer is written
+        """A layer of the step is written: a prefill's finished blocks bound for a decode
+        instance across the network go out now, that layer of them, while the later layers
+        compute. The store's copies, and same-host writes (copies in this thread, which
+        would overlap nothing), wait for :meth:`wait_for_save`."""
+        layer = self._layer_index.get(layer_name)
+        if layer is None or self._sender is None or not self.has_connector_metadata():
+            return
+        for send in self._metadata().sends:
+            if send.src and send.request_id not in self._send_errors:
+                self._send_layer(self._sender, send, layer)
+
+    def _send_layer(self, sender: KVSender, send: Send, layer: int) -> None:
+        try:
+            self._open(sender, send)
+            if not sender.layered(send.request_id):
+                return
+            sender.send(send.request_id, list(send.src), layer)
+        except KvcakeError as exc:
+            self._send_errors[send.request_id] = exc  # reported by wait_for_save
+            return
+        self._layers_sent.setdefault(send.request_id, set()).add(layer)
 
     def wait_for_save(self) -> None:
         self._finish_loads()
@@ -422,10 +444,13 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker.save(self.prefix, list(run.block_ids), list(run.block_hashes))
         for send in self._metadata().sends:
             self._send(send)
+        self._layers_sent.clear()
+        self._send_errors.clear()
 
     def _send(self, send: Send) -> None:
-        """Write a prefill's finished blocks into the decode instance's; after the last,
-        wait for every write and tell the decode instance whether they all landed."""
+        """Write a prefill's finished blocks into the decode instance's (what
+        :meth:`save_kv_layer` has not); after the last, wait for every write and tell the
+        decode instance whether they all landed."""
         sender = self._sender
         if sender is None:
             raise InvalidParamsError("this vLLM instance has no P/D control (its connector's "
@@ -433,11 +458,12 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                                      "another")
         ok = True
         try:
-            if not sender.is_sending(send.request_id):
-                sender.open(send.request_id, sender.target(send.target, list(send.all_dst),
-                                                           list(send.grants)))
+            error = self._send_errors.get(send.request_id)
+            if error is not None:
+                raise error
+            self._open(sender, send)
             if send.src:
-                sender.send(send.request_id, list(send.src))
+                self._send_rest(sender, send)
             if send.last:
                 sender.wait(send.request_id, _SEND_TIMEOUT_S)
         except KvcakeError as exc:
@@ -447,6 +473,23 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             ok = False
         if send.last or not ok:
             self._notify(send.target.control, KvArrived(send.key, ok))
+
+    def _open(self, sender: KVSender, send: Send) -> None:
+        if not sender.is_sending(send.request_id):
+            sender.open(send.request_id, sender.target(send.target, list(send.all_dst),
+                                                       list(send.grants)))
+
+    def _send_rest(self, sender: KVSender, send: Send) -> None:
+        """The step's blocks of ``send``, every layer :meth:`save_kv_layer` did not send
+        (all of them where it sent none); then they count as sent."""
+        sent = self._layers_sent.pop(send.request_id, None)
+        if sent is None:
+            sender.send(send.request_id, list(send.src))
+            return
+        for layer in range(sender.local.num_layers):
+            if layer not in sent:
+                sender.send(send.request_id, list(send.src), layer)
+        sender.advance(send.request_id, len(send.src))
 
     def _notify(self, control: str, notice: KvArrived) -> None:
         """Tell the decode instance, without holding up this step: its answer may take a
@@ -507,6 +550,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         totals = {name: getattr(self._worker.stats, name) for name in _STAT_FIELDS}
         if self._sender is not None:
             totals.update(pd_sent=self._sender.num_sent,
+                          pd_sent_by_layer=self._sender.num_sent_by_layer,
                           pd_sent_bytes=self._sender.num_bytes_sent,
                           pd_writing_us=round(self._sender.writing_s * 1e6))
         return totals

@@ -54,7 +54,7 @@ class ControlServer:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._rpc: RpcServer | None = None
         self.counts = {"received": 0, "received_blocks": 0, "failed": 0, "pd_sent": 0,
-                       "pd_sent_bytes": 0, "pd_writing_us": 0}
+                       "pd_sent_by_layer": 0, "pd_sent_bytes": 0, "pd_writing_us": 0}
 
     def start(self, bind: str, endpoint_file: str) -> str:
         """Serve on ``bind``. The server's loop thread shares the process (and its GIL)

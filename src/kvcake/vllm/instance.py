@@ -149,7 +149,8 @@ class _Samples:
 
 def pd_summary(role: Role, counts: dict[str, int]) -> str:
     """The closing line of a P/D instance: what a decode instance received, or what a
-    prefill instance wrote and at what rate while its writes were in flight."""
+    prefill instance wrote (how many of those requests layer by layer) and at what rate
+    while its writes were in flight."""
     if role == Role.DECODE:
         return (f"kvcake P/D: {counts.get('received', 0)} requests' KV received from prefill "
                 f"instances ({counts.get('received_blocks', 0)} blocks), "
@@ -157,7 +158,8 @@ def pd_summary(role: Role, counts: dict[str, int]) -> str:
     sent, seconds = counts.get("pd_sent_bytes", 0), counts.get("pd_writing_us", 0) / 1e6
     rate = f"{sent / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
     return (f"kvcake P/D: {counts.get('pd_sent', 0)} requests' KV written into decode "
-            f"instances, {sent / 2**20:.1f} MiB in {seconds:.3f} s of writes in flight: {rate}")
+            f"instances ({counts.get('pd_sent_by_layer', 0)} layer by layer), "
+            f"{sent / 2**20:.1f} MiB in {seconds:.3f} s of writes in flight: {rate}")
 
 
 class VllmInstanceServer:

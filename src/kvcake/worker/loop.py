@@ -64,7 +64,9 @@ class PrefillSender:
             self.sender.send(request_id, block_ids, layer)
 
     def after_execute(self, output: SchedulerOutput) -> None:
-        self._layered = []
+        layered, self._layered = self._layered, []
+        for request_id, block_ids in layered:
+            self.sender.advance(request_id, len(block_ids))
         for request_id, block_ids in self._completed(output):  # not sent layer by layer
             self.sender.send(request_id, block_ids)
 

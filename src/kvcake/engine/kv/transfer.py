@@ -127,6 +127,7 @@ class _Outgoing:
     num_sent_blocks: int = 0
     num_bytes: int = 0
     started_s: float = 0.0
+    by_layer: bool = False  # some of its blocks went out layer by layer
 
 
 class KVSender:
@@ -138,6 +139,7 @@ class KVSender:
         self._bytes = local_bytes
         self._outgoing: dict[str, _Outgoing] = {}
         self.num_sent = 0  # requests whose every write landed
+        self.num_sent_by_layer = 0  # of them, those with blocks sent layer by layer
         self.num_bytes_sent = 0
         self.writing_s = 0.0  # seconds with a write of theirs in flight, summed over requests
 
@@ -178,8 +180,8 @@ class KVSender:
 
     def send(self, request_id: str, block_ids: list[int], layer: int | None = None) -> None:
         """Write the request's next ``len(block_ids)`` blocks (its local ids, in order):
-        every layer, or only ``layer``. Sent layer by layer, in order, they count as sent
-        once the last layer is."""
+        every layer, after which they count as sent; or only ``layer``, and once every layer
+        is on its way, :meth:`advance` past them."""
         out = self._outgoing[request_id]
         first = out.num_sent_blocks
         dst = list(out.target.block_ids[first:first + len(block_ids)])
@@ -190,8 +192,14 @@ class KVSender:
         requests = self._requests(out.target, block_runs(block_ids, dst), layers)
         out.batches.append(self.engine.submit(requests))
         out.num_bytes += sum(r.length for r in requests)
-        if layer is None or layer == self.local.num_layers - 1:
-            out.num_sent_blocks += len(block_ids)
+        if layer is None:
+            self.advance(request_id, len(block_ids))
+        else:
+            out.by_layer = True
+
+    def advance(self, request_id: str, num_blocks: int) -> None:
+        """The request's next ``num_blocks`` blocks were sent, each layer of them."""
+        self._outgoing[request_id].num_sent_blocks += num_blocks
 
     def _requests(self, target: KVTarget, runs: list[tuple[int, int, int]],
                   layers: range | None) -> list[TransferRequest]:
@@ -213,6 +221,7 @@ class KVSender:
         for batch in out.batches:
             batch.wait(timeout_s)
         self.num_sent += 1
+        self.num_sent_by_layer += out.by_layer
         self.num_bytes_sent += out.num_bytes
         self.writing_s += in_flight_s(out.batches)
         return out.num_bytes, time.monotonic() - out.started_s
