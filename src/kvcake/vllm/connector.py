@@ -377,6 +377,8 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self._worker is not None, "register_kv_caches comes first"
         self._waited.clear()
+        self._layers_sent.clear()  # a step that failed before wait_for_save leaves no trace
+        self._send_errors.clear()
         for run in self._metadata_plan().loads:
             ids, hashes = list(run.block_ids), list(run.block_hashes)
             if self._layered:
