@@ -90,11 +90,8 @@ def _prefills(plan: HandoffPlan) -> Iterator[dict[str, _Prefill]]:
     """An engine per transport writing into one decode-side segment of the same layout."""
     longest = max(plan.lengths) + 16
     config = EngineConfig(max_model_len=longest, kv_cache_bytes=256 * MiB)
-    with ExitStack() as stack:
-        sizing = EngineCore(config)  # the cache's size in bytes, for the decode side's segment
-        size = sizing.runner.kv_cache.numel() * sizing.runner.kv_cache.element_size()
-        sizing.close()
-        peer = stack.enter_context(PeerProcess("handoff-decode", size))
+    with ExitStack() as stack:  # the engines' caches take at most kv_cache_bytes each
+        peer = stack.enter_context(PeerProcess("handoff-decode", config.kv_cache_bytes))
         yield {transport: _prefill(transport, config, peer, stack)
                for transport in sorted({t for t, _ in MODES})}
 
