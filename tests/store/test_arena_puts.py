@@ -162,6 +162,11 @@ def test_keys_no_message_can_carry_are_refused_by_name_and_a_batch_with_one_stor
         assert store.put_batch(["fine", bad], [b"a", b"b"]) == ErrorCode.INVALID_KEY
         assert store.is_exist("fine") == 0
     assert store.get("keep") == b"safe" and _consistent(endpoint)
+    tenant = clients(endpoint, tenant_id="acme")  # its keys are scoped: "7" must not be 7's
+    assert tenant.put("7", b"seven") == 0 and tenant.is_exist("7") == 1
+    assert tenant.is_exist(7) == ErrorCode.INVALID_KEY  # type: ignore[arg-type]
+    assert tenant.get(7) == b"" and tenant.batch_is_exist(["7", 7]) == [  # type: ignore[list-item]
+        ErrorCode.INVALID_KEY] * 2
 
 
 def test_a_killed_node_ends_its_arena_and_puts_are_refused_not_lost(

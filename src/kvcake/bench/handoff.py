@@ -184,7 +184,7 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ratios(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per length: the median over repeats of step/layer time to ready over tcp (each pair
-    measured back to back), and the median tails."""
+    measured back to back)."""
     out = []
     for length in sorted({s["prompt_len"] for s in samples}):
         step = [s for s in samples if (s["transport"], s["mode"], s["prompt_len"])

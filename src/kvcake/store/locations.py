@@ -219,10 +219,7 @@ class LocationReader:
         return still_held(self._fd)
 
     def find(self, object_key: str) -> Location | None:
-        """``object_key``'s slot as it is now; ``None``: not found (ask the master; a key
-        that is not text is refused by name on the way)."""
-        if not isinstance(object_key, str):
-            return None
+        """``object_key``'s slot as it is now; ``None``: not found (ask the master)."""
         digest = key_hash(object_key)
         first = _first_slot(digest, self._mask)
         for probe in range(MAX_PROBES):

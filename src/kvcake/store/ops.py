@@ -184,10 +184,12 @@ class StoreOps:
         thread with no plan to run: bytes read, or ``BUFFER_OVERFLOW``. ``None`` where
         :meth:`get_into_parts` must run instead: the table cannot answer, or the master is
         due to be told of the read (that plan reads and tells it)."""
-        if self.table.due(key):
+        if not isinstance(key, str) or self.table.due(key):
             return None
         read = self.table.into([key], [[view]])
-        return None if read is None else read[0]
+        if read is None or self.table.due(key):  # due again: the table was another master's
+            return None
+        return read[0]
 
     def in_place(self, keys: Sequence[str]) -> Plan[InPlaceValues]:
         """Each key's value where it lies (see :class:`InPlaceValues`)."""

@@ -73,7 +73,8 @@ class TableReads:
         session, _ = self._live()
         reader = self._table(session.locations)
         tenant = session.config.tenant
-        if reader is None or any(reader.find(scoped_key(tenant, key)) is None for key in keys):
+        if reader is None or any(not isinstance(key, str) or  # refused by name, asking
+                                 reader.find(scoped_key(tenant, key)) is None for key in keys):
             return None
         return [1] * len(keys)
 
@@ -117,6 +118,8 @@ class TableReads:
         tenant, segments = session.config.tenant, self._replicas.segments
         located = []
         for key in keys:
+            if not isinstance(key, str):
+                return None  # refused by name, asking the master
             location = reader.find(scoped_key(tenant, key))
             if location is None or not location.mapped_here:
                 return None

@@ -174,6 +174,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._sender: KVSender | None = None
         self._layers_sent: dict[str, set[int]] = {}  # this step's, by request, by layer
         self._send_errors: dict[str, KvcakeError] = {}  # this step's layered sends that failed
+        self._given_up: set[str] = set()  # prefills whose writes failed, until they finish
         self._notices: dict[str, RpcClient] = {}
         log.info("kvcake connector (%s) on store %s, keys %s/…", role.name,
                  self.settings.master, self.prefix)
@@ -424,7 +425,8 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if layer is None or self._sender is None or not self.has_connector_metadata():
             return
         for send in self._metadata().sends:
-            if send.src and send.request_id not in self._send_errors:
+            if send.src and send.request_id not in self._send_errors \
+                    and send.request_id not in self._given_up:
                 self._send_layer(self._sender, send, layer)
 
     def _send_layer(self, sender: KVSender, send: Send, layer: int) -> None:
@@ -452,12 +454,16 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _send(self, send: Send) -> None:
         """Write a prefill's finished blocks into the decode instance's (what
         :meth:`save_kv_layer` has not); after the last, wait for every write and tell the
-        decode instance whether they all landed."""
+        decode instance whether they all landed. Once a write failed the decode instance is
+        told at once, and the request's later blocks are not written at all (it computes
+        them itself)."""
         sender = self._sender
         if sender is None:
             raise InvalidParamsError("this vLLM instance has no P/D control (its connector's "
                                      "control setting is empty): it cannot prefill for "
                                      "another")
+        if send.request_id in self._given_up:
+            return
         ok = True
         try:
             error = self._send_errors.get(send.request_id)
@@ -472,6 +478,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             log.warning("writing %s into %s failed: %r", send.key,
                         send.target.descriptor.name, exc)
             sender.cancel(send.request_id)
+            self._given_up.add(send.request_id)
             ok = False
         if send.last or not ok:
             self._notify(send.target.control, KvArrived(send.key, ok))
@@ -516,6 +523,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self._sender is not None:
             for request_id in finished_req_ids:
                 self._sender.cancel(request_id)  # an aborted prefill's writes end here
+            self._given_up.difference_update(finished_req_ids)
         if not self.has_connector_metadata():
             return None, None
         arrivals = self._metadata().arrivals

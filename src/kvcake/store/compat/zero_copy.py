@@ -79,7 +79,8 @@ class ZeroCopyApi(StoreBase):
     # ----- reads
     def get_into(self, key: str, buffer_ptr: int, size: int) -> int:
         """Bytes read, or a code (``INVALID_PARAMS`` when ``size`` is too small). A key the
-        master's location table holds is read right here: a lookup and one copy."""
+        master's location table holds is read right here, a lookup and one copy, except
+        when its lease is due to be renewed (the first read, then once per half lease)."""
         read = self._get_into_here(key, buffer_ptr, size)
         return self.batch_get_into([key], [buffer_ptr], [size])[0] if read is None else read
 
