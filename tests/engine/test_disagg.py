@@ -15,11 +15,13 @@ from kvcake.common.auth import ClusterAuth
 from kvcake.common.errors import AccessDeniedError, InvalidParamsError
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore, StepHook
+from kvcake.engine.kv import transfer as kv_transfer
 from kvcake.engine.kv.transfer import (
     KVSender,
     block_runs,
     block_spans,
     in_flight_s,
+    layers_ending,
     sign_kv_grants,
 )
 from kvcake.engine.scheduler import SchedulerOutput
@@ -151,11 +153,14 @@ class _LastLayerWatch:
 
 @pytest.mark.parametrize("by_layer", [True, False])
 def test_over_the_network_a_step_s_blocks_go_out_layer_by_layer(
-        engines: Callable[..., EngineCore], by_layer: bool) -> None:
+        engines: Callable[..., EngineCore], by_layer: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Before a step's last layer is computed, every earlier layer of the blocks it
     completes has landed in the decode instance's cache: the writes overlap the step
     instead of waiting for its end (turned off: nothing of the step has landed then). The
-    answer equals one engine's either way."""
+    answer equals one engine's either way. (The tiny model's layers are a few KiB: every
+    one is worth a send here.)"""
+    monkeypatch.setattr(kv_transfer, "MIN_LAYERED_SEND_BYTES", 1)
     colocated = engines()
     colocated.add_request("r", PROMPT, GREEDY)
     expected = _run(colocated)["r"]
@@ -177,6 +182,24 @@ def test_over_the_network_a_step_s_blocks_go_out_layer_by_layer(
     # time every layer but the one just computed had landed
     assert watch.landed == [[by_layer, False]] * 3
     assert (sender.num_sent, sender.num_sent_by_layer) == (1, int(by_layer))
+
+
+def test_layers_go_out_in_groups_worth_a_send_and_same_host_copies_in_one(
+        engines: Callable[..., EngineCore], monkeypatch: pytest.MonkeyPatch) -> None:
+    prefill, decode = engines("tcp"), engines("tcp", kv_cache_bytes=96 << 10)
+    sender = _sender(prefill)
+    assert decode.kv_region is not None and prefill.kv_region is not None
+    sender.open("r", sender.target(decode.kv_region, list(range(4))))
+    region = prefill.kv_region
+    per_layer = 2 * region.block_size * region.slot_bytes  # a block's K and V of one layer
+    monkeypatch.setattr(kv_transfer, "MIN_LAYERED_SEND_BYTES", 3 * per_layer)
+    assert [sender.layer_group("r", n) for n in (1, 2, 3, 4)] == [2, 2, 1, 1]  # of 2 layers
+    for group in (1, 2, 3, 7):  # each layer in exactly one group, in order
+        ends = [layers_ending(layer, group, 7) for layer in range(7)]
+        assert [i for layers in ends if layers for i in layers] == list(range(7))
+    same_host = _sender(engines("shm"))
+    same_host.open("s", same_host.target(decode.kv_region, list(range(4))))
+    assert same_host.layer_group("s", 4) == region.num_layers
 
 
 TOKEN = "disagg-token-" + "k" * 24

@@ -72,7 +72,7 @@ from kvcake.engine.kv.connector import (
     connect_store,
 )
 from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
-from kvcake.engine.kv.transfer import KVSender
+from kvcake.engine.kv.transfer import KVSender, layers_ending
 from kvcake.model import directory_digest
 from kvcake.transfer.segment import Segment, instance_registrant
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
@@ -430,15 +430,19 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._send_layer(self._sender, send, layer)
 
     def _send_layer(self, sender: KVSender, send: Send, layer: int) -> None:
+        """Send the group of layers ``layer`` ends (:meth:`KVSender.layer_group`)."""
         try:
             self._open(sender, send)
-            if not sender.layered(send.request_id):
+            num_layers = sender.local.num_layers
+            group = sender.layer_group(send.request_id, len(send.src))
+            layers = layers_ending(layer, group, num_layers) if group < num_layers else None
+            if layers is None:
                 return
-            sender.send(send.request_id, list(send.src), layer)
+            sender.send(send.request_id, list(send.src), layers)
         except KvcakeError as exc:
             self._send_errors[send.request_id] = exc  # reported by wait_for_save
             return
-        self._layers_sent.setdefault(send.request_id, set()).add(layer)
+        self._layers_sent.setdefault(send.request_id, set()).update(layers)
 
     def wait_for_save(self) -> None:
         self._finish_loads()
@@ -495,9 +499,8 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if sent is None:
             sender.send(send.request_id, list(send.src))
             return
-        for layer in range(sender.local.num_layers):
-            if layer not in sent:
-                sender.send(send.request_id, list(send.src), layer)
+        for layers in _runs(sorted(set(range(sender.local.num_layers)) - sent)):
+            sender.send(send.request_id, list(send.src), layers)
         sender.advance(send.request_id, len(send.src))
 
     def _notify(self, control: str, notice: KvArrived) -> None:
@@ -612,3 +615,15 @@ def _cpu_flags() -> list[str]:
     flags = {flag for line in text.splitlines() if line.startswith("flags")
              for flag in line.partition(":")[2].split()}
     return sorted(flags & set(_LAYOUT_FLAGS))
+
+
+def _runs(layers: list[int]) -> list[range]:
+    """Sorted layer indices as runs of consecutive ones."""
+    runs: list[range] = []
+    for layer in layers:
+        if runs and runs[-1].stop == layer:
+            runs[-1] = range(runs[-1].start, layer + 1)
+        else:
+            runs.append(range(layer, layer + 1))
+    return runs
+

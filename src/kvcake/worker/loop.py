@@ -30,6 +30,7 @@ from typing import TypeVar
 from kvcake.common.errors import KvcakeError
 from kvcake.engine.core import EngineCore, EngineLoad, StepStats
 from kvcake.engine.kv import KVSender
+from kvcake.engine.kv.transfer import layers_ending
 from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
 from kvcake.wire.output import TokenOutput
@@ -43,29 +44,37 @@ _MAX_SAMPLES = 64
 
 class PrefillSender:
     """The step hook of a prefill instance: sends the blocks each request's chunk completes,
-    layer by layer where the writes cross the network (:meth:`KVSender.layered`) unless
-    ``by_layer`` is off (then after the step, in one piece: what a benchmark compares)."""
+    a group of layers at a time while the step computes where the writes cross the network
+    (:meth:`KVSender.layer_group`) unless ``by_layer`` is off (then after the step, in one
+    piece: what a benchmark compares)."""
 
     def __init__(self, sender: KVSender, block_size: int, by_layer: bool = True) -> None:
         self.sender = sender
         self.block_size = block_size
         self.by_layer = by_layer
-        self._layered: list[tuple[str, list[int]]] = []
+        self._layered: list[tuple[str, list[int], int]] = []  # request, blocks, layer group
 
     def before_execute(self, output: SchedulerOutput) -> None:
         for request_id in output.preempted:
             self.sender.drain(request_id)  # its freed blocks may be overwritten this step
-        self._layered = [(request_id, block_ids)
-                         for request_id, block_ids in self._completed(output)
-                         if self.by_layer and self.sender.layered(request_id)]
+        self._layered = []
+        if not self.by_layer:
+            return
+        num_layers = self.sender.local.num_layers
+        for request_id, block_ids in self._completed(output):
+            group = self.sender.layer_group(request_id, len(block_ids))
+            if group < num_layers:
+                self._layered.append((request_id, block_ids, group))
 
     def after_layer(self, layer: int) -> None:
-        for request_id, block_ids in self._layered:
-            self.sender.send(request_id, block_ids, layer)
+        for request_id, block_ids, group in self._layered:
+            layers = layers_ending(layer, group, self.sender.local.num_layers)
+            if layers is not None:
+                self.sender.send(request_id, block_ids, layers)
 
     def after_execute(self, output: SchedulerOutput) -> None:
         layered, self._layered = self._layered, []
-        for request_id, block_ids in layered:
+        for request_id, block_ids, _ in layered:
             self.sender.advance(request_id, len(block_ids))
         for request_id, block_ids in self._completed(output):  # not sent layer by layer
             self.sender.send(request_id, block_ids)

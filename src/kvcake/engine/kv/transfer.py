@@ -15,12 +15,13 @@ moves as ``2 * layers`` contiguous writes whatever its length::
 
 Writes are submitted as soon as a block's K/V exist, so they overlap the compute that
 follows. Over the network (writes run on the transfer engine's I/O thread) that is layer by
-layer: the blocks a step completes go out one layer's K and V at a time, each while the
-later layers compute, and when the prefill ends only its last layer is still on its way::
+layer: the blocks a step completes go out a group of layers' K and V at a time (at least
+``MIN_LAYERED_SEND_BYTES`` a send), each while the later layers compute, and when the
+prefill ends only its last group is still on its way::
 
-    layer  0   1   2  ...  29 | sample
-    write      0   1   2  ... 29        (a same-host copy runs in the engine thread: after
-                                         the step, in one piece, overlapping nothing)
+    layer  0   1   2   3  ...  28  29 | sample
+    write          0-1     2-3 ...     28-29     (a same-host copy runs in the engine thread:
+                                                  after the step, in one piece)
 
 With a cluster token the decode instance's transfer server takes writes only inside its
 grants (:mod:`kvcake.transfer.grants`). It signs one per run of consecutive reserved blocks:
@@ -51,6 +52,9 @@ from kvcake.transfer import (
 )
 from kvcake.wire.kv import KVRegion, block_spans
 
+MIN_LAYERED_SEND_BYTES = 1 << 20  # sent layer by layer, a 2-core host lost 7 % at 48 KiB a
+# send (64-token prompts) and broke even at 768 KiB (1,024 tokens): kvcake bench handoff
+
 
 def kv_cache_in(buffer: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A KV cache tensor over a registered segment's memory (no copy)."""
@@ -63,6 +67,14 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for dim in shape:
         count *= dim
     return count * dtype.itemsize
+
+
+def layers_ending(layer: int, group: int, num_layers: int) -> range | None:
+    """The group of ``group`` layers (the last one may be shorter) that ``layer`` completes;
+    ``None`` while its group still computes."""
+    if layer % group != group - 1 and layer + 1 < num_layers:
+        return None
+    return range(layer - layer % group, layer + 1)
 
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -171,28 +183,34 @@ class KVSender:
     def num_sent_blocks(self, request_id: str) -> int:
         return self._outgoing[request_id].num_sent_blocks
 
-    def layered(self, request_id: str) -> bool:
-        """Whether the request's writes cross the network. They then run on the transfer
-        engine's I/O thread, so a layer sent as soon as it is computed overlaps the rest of
-        the step; a same-host write is a copy in the calling thread, which overlaps nothing
-        and is cheaper in one piece."""
-        return self._outgoing[request_id].target.segment.transport != "shm"
+    def layer_group(self, request_id: str, num_blocks: int) -> int:
+        """How many layers of the request's next ``num_blocks`` blocks to send at a time
+        while the step computes: enough that each send moves ``MIN_LAYERED_SEND_BYTES``.
+        Every layer (one send after the step) where that is the whole step's worth, or
+        where the writes are same-host copies: those run in the calling thread and overlap
+        nothing. Over the network they run on the transfer engine's I/O thread."""
+        num_layers = self.local.num_layers
+        if self._outgoing[request_id].target.segment.transport == "shm":
+            return num_layers
+        per_layer = sum(length for _, length in self.local.block_ranges(0, num_blocks,
+                                                                        range(1)))
+        return min(num_layers, -(-MIN_LAYERED_SEND_BYTES // max(per_layer, 1)))
 
-    def send(self, request_id: str, block_ids: list[int], layer: int | None = None) -> None:
+    def send(self, request_id: str, block_ids: list[int], layers: range | None = None
+             ) -> None:
         """Write the request's next ``len(block_ids)`` blocks (its local ids, in order):
-        every layer, after which they count as sent; or only ``layer``, and once every layer
-        is on its way, :meth:`advance` past them."""
+        every layer, after which they count as sent; or only ``layers``, and once every
+        layer is on its way, :meth:`advance` past them."""
         out = self._outgoing[request_id]
         first = out.num_sent_blocks
         dst = list(out.target.block_ids[first:first + len(block_ids)])
         if len(dst) < len(block_ids):
             raise InvalidParamsError(f"request {request_id!r}: {first + len(block_ids)} "
                                      f"blocks for {len(out.target.block_ids)} reserved")
-        layers = None if layer is None else range(layer, layer + 1)
         requests = self._requests(out.target, block_runs(block_ids, dst), layers)
         out.batches.append(self.engine.submit(requests))
         out.num_bytes += sum(r.length for r in requests)
-        if layer is None:
+        if layers is None:
             self.advance(request_id, len(block_ids))
         else:
             out.by_layer = True
