@@ -375,11 +375,17 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 f"{dtype}")
         return layout
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """A step begins (its forward pass comes next; ``start_load_kv`` may come after
+        it): no layered send of an earlier step stays on record, even one that failed
+        before its ``wait_for_save``."""
+        super().bind_connector_metadata(connector_metadata)
+        self._layers_sent.clear()
+        self._send_errors.clear()
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self._worker is not None, "register_kv_caches comes first"
         self._waited.clear()
-        self._layers_sent.clear()  # a step that failed before wait_for_save leaves no trace
-        self._send_errors.clear()
         for run in self._metadata_plan().loads:
             ids, hashes = list(run.block_ids), list(run.block_hashes)
             if self._layered:
