@@ -21,7 +21,7 @@ from kvcake.engine.kv.transfer import (
     block_runs,
     block_spans,
     in_flight_s,
-    layers_ending,
+    layers_to_send,
     sign_kv_grants,
 )
 from kvcake.engine.scheduler import SchedulerOutput
@@ -195,7 +195,11 @@ def test_layers_go_out_in_groups_worth_a_send_and_same_host_copies_in_one(
     monkeypatch.setattr(kv_transfer, "MIN_LAYERED_SEND_BYTES", 3 * per_layer)
     assert [sender.layer_group("r", n) for n in (1, 2, 3, 4)] == [2, 2, 1, 1]  # of 2 layers
     for group in (1, 2, 3, 7):  # each layer in exactly one group, in order
-        ends = [layers_ending(layer, group, 7) for layer in range(7)]
+        ends, sent = [], 0
+        for layer in range(7):
+            layers = layers_to_send(sent, layer, group, 7)
+            ends.append(layers)
+            sent = layers.stop if layers else sent
         assert [i for layers in ends if layers for i in layers] == list(range(7))
     same_host = _sender(engines("shm"))
     same_host.open("s", same_host.target(decode.kv_region, list(range(4))))

@@ -72,7 +72,7 @@ from kvcake.engine.kv.connector import (
     connect_store,
 )
 from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
-from kvcake.engine.kv.transfer import KVSender, layers_ending
+from kvcake.engine.kv.transfer import KVSender, layers_to_send
 from kvcake.model import directory_digest
 from kvcake.transfer.segment import Segment, instance_registrant
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
@@ -172,7 +172,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._kv_segment: Segment | None = None
         self._region: KVRegion | None = None
         self._sender: KVSender | None = None
-        self._layers_sent: dict[str, set[int]] = {}  # this step's, by request, by layer
+        self._layers_sent: dict[str, int] = {}  # this step's, by request: its first n layers
         self._send_errors: dict[str, KvcakeError] = {}  # this step's layered sends that failed
         self._given_up: set[str] = set()  # prefills whose writes failed, until they finish
         self._notices: dict[str, RpcClient] = {}
@@ -441,14 +441,15 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._open(sender, send)
             num_layers = sender.local.num_layers
             group = sender.layer_group(send.request_id, len(send.src))
-            layers = layers_ending(layer, group, num_layers) if group < num_layers else None
-            if layers is None:
+            layers = layers_to_send(self._layers_sent.get(send.request_id, 0), layer, group,
+                                    num_layers)
+            if group >= num_layers or layers is None:
                 return
             sender.send(send.request_id, list(send.src), layers)
         except KvcakeError as exc:
             self._send_errors[send.request_id] = exc  # reported by wait_for_save
             return
-        self._layers_sent.setdefault(send.request_id, set()).update(layers)
+        self._layers_sent[send.request_id] = layers.stop
 
     def wait_for_save(self) -> None:
         self._finish_loads()
@@ -501,12 +502,12 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _send_rest(self, sender: KVSender, send: Send) -> None:
         """The step's blocks of ``send``, every layer :meth:`save_kv_layer` did not send
         (all of them where it sent none); then they count as sent."""
-        sent = self._layers_sent.pop(send.request_id, None)
-        if sent is None:
+        sent = self._layers_sent.pop(send.request_id, 0)
+        if not sent:
             sender.send(send.request_id, list(send.src))
             return
-        for layers in _runs(sorted(set(range(sender.local.num_layers)) - sent)):
-            sender.send(send.request_id, list(send.src), layers)
+        if sent < sender.local.num_layers:
+            sender.send(send.request_id, list(send.src), range(sent, sender.local.num_layers))
         sender.advance(send.request_id, len(send.src))
 
     def _notify(self, control: str, notice: KvArrived) -> None:
@@ -621,15 +622,3 @@ def _cpu_flags() -> list[str]:
     flags = {flag for line in text.splitlines() if line.startswith("flags")
              for flag in line.partition(":")[2].split()}
     return sorted(flags & set(_LAYOUT_FLAGS))
-
-
-def _runs(layers: list[int]) -> list[range]:
-    """Sorted layer indices as runs of consecutive ones."""
-    runs: list[range] = []
-    for layer in layers:
-        if runs and runs[-1].stop == layer:
-            runs[-1] = range(runs[-1].start, layer + 1)
-        else:
-            runs.append(range(layer, layer + 1))
-    return runs
-

@@ -30,7 +30,7 @@ from typing import TypeVar
 from kvcake.common.errors import KvcakeError
 from kvcake.engine.core import EngineCore, EngineLoad, StepStats
 from kvcake.engine.kv import KVSender
-from kvcake.engine.kv.transfer import layers_ending
+from kvcake.engine.kv.transfer import layers_to_send
 from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
 from kvcake.wire.output import TokenOutput
@@ -40,6 +40,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
 _MAX_SAMPLES = 64
+
+
+@dataclass
+class _StepSend:
+    """A request's blocks this step completes: ``group`` layers a send while the step
+    computes (every layer: one send after it), ``sent`` of them on their way so far."""
+
+    request_id: str
+    block_ids: list[int]
+    group: int
+    sent: int = 0
 
 
 class PrefillSender:
@@ -52,32 +63,31 @@ class PrefillSender:
         self.sender = sender
         self.block_size = block_size
         self.by_layer = by_layer
-        self._layered: list[tuple[str, list[int], int]] = []  # request, blocks, layer group
+        self._step: list[_StepSend] = []
 
     def before_execute(self, output: SchedulerOutput) -> None:
         for request_id in output.preempted:
             self.sender.drain(request_id)  # its freed blocks may be overwritten this step
-        self._layered = []
-        if not self.by_layer:
-            return
         num_layers = self.sender.local.num_layers
-        for request_id, block_ids in self._completed(output):
-            group = self.sender.layer_group(request_id, len(block_ids))
-            if group < num_layers:
-                self._layered.append((request_id, block_ids, group))
+        self._step = [_StepSend(request_id, block_ids, self.sender.layer_group(
+                          request_id, len(block_ids)) if self.by_layer else num_layers)
+                      for request_id, block_ids in self._completed(output)]
 
     def after_layer(self, layer: int) -> None:
-        for request_id, block_ids, group in self._layered:
-            layers = layers_ending(layer, group, self.sender.local.num_layers)
-            if layers is not None:
-                self.sender.send(request_id, block_ids, layers)
+        num_layers = self.sender.local.num_layers
+        for send in self._step:
+            layers = layers_to_send(send.sent, layer, send.group, num_layers)
+            if send.group < num_layers and layers is not None:
+                self.sender.send(send.request_id, send.block_ids, layers)
+                send.sent = layers.stop
 
     def after_execute(self, output: SchedulerOutput) -> None:
-        layered, self._layered = self._layered, []
-        for request_id, block_ids, _ in layered:
-            self.sender.advance(request_id, len(block_ids))
-        for request_id, block_ids in self._completed(output):  # not sent layer by layer
-            self.sender.send(request_id, block_ids)
+        step, self._step = self._step, []
+        for send in step:
+            if send.sent:
+                self.sender.advance(send.request_id, len(send.block_ids))
+            else:
+                self.sender.send(send.request_id, send.block_ids)
 
     def _completed(self, output: SchedulerOutput) -> list[tuple[str, list[int]]]:
         """The blocks not sent yet that each sending request's chunk fills this step

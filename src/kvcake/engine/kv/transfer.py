@@ -69,12 +69,12 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return count * dtype.itemsize
 
 
-def layers_ending(layer: int, group: int, num_layers: int) -> range | None:
-    """The group of ``group`` layers (the last one may be shorter) that ``layer`` completes;
-    ``None`` while its group still computes."""
-    if layer % group != group - 1 and layer + 1 < num_layers:
+def layers_to_send(start: int, layer: int, group: int, num_layers: int) -> range | None:
+    """Layers ``start .. layer`` (those written and not sent yet) once they are ``group``
+    of them or ``layer`` is the last; ``None`` while fewer wait."""
+    if layer + 1 - start < group and layer + 1 < num_layers:
         return None
-    return range(layer - layer % group, layer + 1)
+    return range(start, layer + 1)
 
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
