@@ -114,6 +114,31 @@ def test_a_request_sent_unanswered_gets_its_reply_when_the_next_call_reads(
         client.close()
 
 
+def test_a_begun_request_is_answered_when_taken_after_other_calls(server: Server) -> None:
+    """A request whose reply is taken later (a transfer ran meanwhile): calls made on the
+    client in between get their own replies, and the begun one still gets its own, or the
+    error that broke the connection first."""
+    client = BlockingRpcClient(server.endpoint, 5.0, server.auth)
+    try:
+        first = client.begin(b"abc")
+        bad = client.begin(b"bad")
+        assert client.call(b"xyz") == b"zyx"  # reads past both begun replies
+        assert first() == b"cba"
+        with pytest.raises(InvalidParamsError, match="bad request"):
+            bad()
+        waiting = client.begin(b"later")
+        assert waiting() == b"retal"  # taken before any other call reads it
+        slow = client.begin(b"slow")
+        server.stop()  # closes the connection before the reply comes
+        with pytest.raises(KvcakeError) as caught:
+            slow()
+        assert caught.value.code is ErrorCode.RPC_FAIL
+        server.start()
+        assert client.call(b"again") == b"niaga"
+    finally:
+        client.close()
+
+
 def test_a_server_restarted_after_answering_an_unanswered_send_is_reached_again(
         server: Server) -> None:
     """The send's reply waits in the socket ahead of the server's close: it must not hide

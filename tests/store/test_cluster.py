@@ -161,20 +161,25 @@ def test_read_outliving_its_lease_fails(cluster: Callable[..., tuple[ServerProce
     node = cluster.node(endpoint)  # type: ignore[attr-defined]
 
     async def scenario() -> tuple[int, int]:
-        store = AsyncStore(StoreConfig(master=endpoint), TransferConfig(transport="tcp"))
+        # the stalled read is a first one, through the master (a reader that has read "k"
+        # before reads it beside the question instead: test_overlapped_reads.py)
+        store, reader = (AsyncStore(StoreConfig(master=endpoint),
+                                    TransferConfig(transport="tcp")) for _ in range(2))
         await store.setup()
+        await reader.setup()
         try:
             await store.put("k", b"v" * 65536)
             fresh = (await store.batch_get_into(["k"], [memoryview(bytearray(65536))]))[0]
             os.kill(node.pid, signal.SIGSTOP)  # the read stalls on the wire past the lease
             _wait_for(lambda: _state(node.pid) in "tT", 5.0)  # stopped before it is asked
             read = asyncio.ensure_future(
-                store.batch_get_into(["k"], [memoryview(bytearray(65536))]))
+                reader.batch_get_into(["k"], [memoryview(bytearray(65536))]))
             await asyncio.sleep(0.8)
             os.kill(node.pid, signal.SIGCONT)
             return fresh, (await read)[0]
         finally:
             await store.close()
+            await reader.close()
 
     fresh, stale = asyncio.run(scenario())
     assert fresh == 65536

@@ -365,12 +365,13 @@ def test_usage_follows_offloads_promotions_and_lost_segments() -> None:
     join(service, "a")
     put(service, "a", "a0")
     put(service, "a", "a1")
+    ids = [service.object_id(key, "a") for key in ("a0", "a1")]
     put(service, "a", "a2")  # a0 goes to disk; its memory still held while it copies
     assert service.drain_tasks() == [OffloadTask(A + "a0", seg, 0, OBJ)]
     assert (service.tenants.used, service.tenants.offloading) == ({"a": 3 * OBJ}, {"a": OBJ})
     assert service.tenants.held("a") == 2 * OBJ
     service.check_integrity()
-    service.offload_done(OffloadTask(A + "a0", seg, 0, OBJ, object_id=1), ok=True)
+    service.offload_done(OffloadTask(A + "a0", seg, 0, OBJ, object_id=ids[0]), ok=True)
     assert (service.tenants.used, service.tenants.offloading) == ({"a": 2 * OBJ}, {})
     assert service.get_replicas("a0", "a") is ErrorCode.REPLICA_IS_NOT_READY
     assert service.drain_tasks() == [OffloadTask(A + "a1", seg, OBJ, OBJ),  # makes room
@@ -379,7 +380,7 @@ def test_usage_follows_offloads_promotions_and_lost_segments() -> None:
     service.check_integrity()
     service.drop_client("node-seg0")
     assert (service.tenants.used, objects(service)) == ({}, [])
-    service.offload_done(OffloadTask(A + "a1", seg, OBJ, OBJ, object_id=2), ok=True)
+    service.offload_done(OffloadTask(A + "a1", seg, OBJ, OBJ, object_id=ids[1]), ok=True)
     assert service.tenants.offloading == {}
     service.check_integrity()
 

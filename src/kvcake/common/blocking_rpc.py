@@ -82,6 +82,40 @@ class BlockingRpcClient:
         _, request_id = self._send(body)
         self._unanswered[request_id] = on_reply
 
+    def begin(self, body: bytes) -> Callable[[], bytes]:
+        """Send one request and return at once; what it returns waits for the reply and
+        gives its body, as :meth:`call` would. Other requests may go on this client
+        meanwhile: their replies are told apart by id. Raises as :meth:`call` does when the
+        request could not be sent (:attr:`sent` is then false)."""
+        replies: list[bytes | KvcakeError] = []
+        _, request_id = self._send(body)
+        self._unanswered[request_id] = replies.append
+
+        def reply() -> bytes:
+            self._read_until_answered(request_id)
+            answer = replies[0]
+            if isinstance(answer, KvcakeError):
+                raise answer
+            return answer
+        return reply
+
+    def _read_until_answered(self, request_id: int) -> None:
+        """Read replies until the one to ``request_id`` has gone to its taker (an error
+        there once the connection broke)."""
+        try:
+            while request_id in self._unanswered:
+                sock = self._connection.current
+                assert sock is not None, "a connection lost fails what it left unanswered"
+                header, payload = self._read_reply(sock)
+                if header.request_id == 0 and header.status:  # the connection refused
+                    self._connection.close()
+                    self._fail_unanswered(self._refusal(header, payload))
+                elif not self._answered(header, payload):
+                    raise ProtocolError(f"unexpected reply #{header.request_id}")
+        except (OSError, ProtocolError) as exc:
+            self._connection.close()
+            self._fail_unanswered(self._failure(exc))
+
     def close(self) -> None:
         """Close the connection; unanswered sends whose replies have arrived get them, the
         others an error."""
@@ -105,11 +139,11 @@ class BlockingRpcClient:
         self.sent = True
         return sock, request_id
 
-    def _fail_unanswered(self) -> None:
+    def _fail_unanswered(self, error: KvcakeError | None = None) -> None:
         unanswered, self._unanswered = self._unanswered, {}
         for on_reply in unanswered.values():
-            on_reply(KvcakeError(f"connection to {self.endpoint} lost before the reply",
-                                 ErrorCode.RPC_FAIL))
+            on_reply(error or KvcakeError(f"connection to {self.endpoint} lost before the "
+                                          "reply", ErrorCode.RPC_FAIL))
 
     # ----- receiving
     def _receive(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kvcake.common import codec
@@ -21,7 +22,19 @@ from kvcake.common.blocking_rpc import BlockingRpcClient, PerThread
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.common.log import get_logger
 from kvcake.store.replica_io import Live
-from kvcake.store.steps import Ask, Driving, Move, Plan, Step, Tell, logged, moved, told
+from kvcake.store.steps import (
+    Ask,
+    Driving,
+    Move,
+    Plan,
+    Receive,
+    Send,
+    Step,
+    Tell,
+    logged,
+    moved,
+    told,
+)
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -53,6 +66,10 @@ class BlockingDriver:
             return self._ask(step)
         if isinstance(step, Tell):
             return self._tell(step)
+        if isinstance(step, Send):
+            return self._send(step)
+        if isinstance(step, Receive):
+            return step.ticket.take()
         return self._move(step)
 
     def _tell(self, step: Tell) -> None:
@@ -70,18 +87,17 @@ class BlockingDriver:
             told(step, self._ask(Ask(step.request, step.reply_type)))
 
     def _ask(self, step: Ask) -> Any:
-        session, engine = self._live()
-        uid = session.leader_uid
+        return self._send(Send(step.request, step.reply_type)).take()
+
+    def _send(self, step: Send) -> Ticket:
+        session, _ = self._live()
         client = self._clients.get(session.rpc.endpoint)  # a failover: another endpoint
+        ticket = Ticket(self._live, step, session.leader_uid)
         try:
-            body = client.call(codec.encode(step.request))
+            ticket.reply = client.begin(codec.encode(step.request))
         except KvcakeError as exc:
-            if exc.code not in RECOVERABLE:
-                raise
-            if exc.code is ErrorCode.RPC_FAIL and not client.sent:
-                return engine.io.run(session.call(step.request, step.reply_type))
-            return engine.io.run(session.call_after(exc, uid, step.request, step.reply_type))
-        return codec.decode(body, step.reply_type)
+            ticket.unsent = exc
+        return ticket
 
     def _move(self, step: Move) -> list[KvcakeError | None]:
         _, engine = self._live()
@@ -102,6 +118,34 @@ class BlockingDriver:
     def close(self) -> None:
         """Close every thread's connections (a later call opens its own again)."""
         self._clients.close()
+
+
+class Ticket:
+    """A master call sent from this thread (or that could not be): :meth:`take` waits for
+    its reply and decodes it, recovering as the asyncio session would."""
+
+    def __init__(self, live: Live, step: Send, uid: str) -> None:
+        self._live = live
+        self._step = step
+        self._uid = uid  # the leader it went to
+        self.reply: Callable[[], bytes] | None = None
+        self.unsent: KvcakeError | None = None
+
+    def take(self) -> Any:
+        step = self._step
+        try:
+            if self.unsent is not None:
+                raise self.unsent
+            assert self.reply is not None, "a ticket is sent or has failed"
+            return codec.decode(self.reply(), step.reply_type)
+        except KvcakeError as exc:
+            if exc.code not in RECOVERABLE:
+                raise
+            session, engine = self._live()
+            if exc.code is ErrorCode.RPC_FAIL and self.unsent is not None:
+                return engine.io.run(session.call(step.request, step.reply_type))
+            return engine.io.run(session.call_after(exc, self._uid, step.request,
+                                                    step.reply_type))
 
 
 def _told(step: Tell, reply: bytes | KvcakeError) -> None:

@@ -9,6 +9,7 @@ failure).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,10 +19,11 @@ from typing import Protocol
 
 from kvcake.common.errors import ErrorCode, InvalidParamsError
 from kvcake.store.arena_puts import ArenaPuts
+from kvcake.store.overlapped import Guess, Sightings
 from kvcake.store.pieces import Piece, check_keys, check_parts, concatenated, lay_out
 from kvcake.store.replica_io import Live, ReplicaIo, shifted
 from kvcake.store.replicate import AnyConfig, as_wire
-from kvcake.store.steps import Ask, Plan, Tell
+from kvcake.store.steps import Ask, Plan, Receive, Send, Tell
 from kvcake.store.table_reads import Staged, TableReads
 from kvcake.transfer import MappedRange, TransferOp
 from kvcake.wire import store as m
@@ -63,6 +65,7 @@ class StoreOps:
         self.replicas = ReplicaIo(live)
         self.table = TableReads(live, self.replicas)  # the master's location table
         self.arena = ArenaPuts(live, self.replicas)  # same-host puts without asking
+        self.sightings = Sightings(self.replicas)  # where keys were found, for reads over tcp
         self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
         self._scratch_lock = threading.Lock()
 
@@ -136,6 +139,11 @@ class StoreOps:
         if values is not None:
             yield from self._touch(keys, read=True)
             return values
+        guess = self.sightings.guess(keys)
+        if guess is not None:
+            values = yield from self._values_guessed(keys, guess, staging)
+            if values is not None:
+                return values
         found, deadline = yield from self.find(keys)
         with Staged(staging) as take:
             _stage(found, take)
@@ -150,6 +158,33 @@ class StoreOps:
                 views = _value_views(found, scratch)
                 results = yield from self.read_found(found, [[v] for v in views], deadline)
                 return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
+
+    def _values_guessed(self, keys: Sequence[str], guess: Guess,
+                        staging: Staging | None) -> Plan[list[bytes | int] | None]:
+        """:meth:`get_values` read where ``guess`` says, while the master is asked
+        (:mod:`kvcake.store.overlapped`); ``None`` where its answer does not confirm it."""
+        with Staged(staging) as take:
+            _stage(guess.reply, take)
+            with self._scratch_for(guess.reply) as scratch:
+                views = _value_views(guess.reply, scratch)
+                read = yield from self._read_guessed(keys, guess, [[v] for v in views])
+                if read is None:
+                    return None
+                return [bytes(v) if r >= 0 else r for v, r in zip(views, read, strict=True)]
+
+    def _read_guessed(self, keys: Sequence[str], guess: Guess,
+                      parts: Sequence[Sequence[memoryview]]) -> Plan[list[int] | None]:
+        """:meth:`read_found` over ``guess`` while the master is asked where ``keys`` are;
+        ``None`` where its answer does not confirm the guess, or a read failed."""
+        ticket = yield Send(m.GetReplicas(check_keys(keys), self._client_id()),
+                            m.GetReplicasReply)
+        asked = time.monotonic()
+        read = yield from self.read_found(guess.reply, parts, math.inf)
+        read_by = time.monotonic()
+        found = yield Receive(ticket)
+        self._learn(keys, found, asked)
+        kept = ErrorCode.TRANSFER_FAIL not in read and guess.confirmed(found, read_by)
+        return read if self.sightings.count(kept) else None
 
     @contextmanager
     def _scratch_for(self, found: m.GetReplicasReply) -> Iterator[memoryview | None]:
@@ -176,6 +211,11 @@ class StoreOps:
         if read is not None:
             yield from self._touch(keys, read=True)
             return read
+        guess = self.sightings.guess(keys)
+        if guess is not None:
+            read = yield from self._read_guessed(keys, guess, parts)
+            if read is not None:
+                return read
         found, deadline = yield from self.find(keys)
         return (yield from self.read_found(found, parts, deadline))
 
@@ -227,7 +267,14 @@ class StoreOps:
         client_id = self._client_id()
         asked = time.monotonic()
         found = yield Ask(m.GetReplicas(check_keys(keys), client_id), m.GetReplicasReply)
-        return found, asked + found.waited_s + found.lease_ttl_s  # leased no earlier
+        return found, self._learn(keys, found, asked)
+
+    def _learn(self, keys: Sequence[str], found: m.GetReplicasReply, asked: float) -> float:
+        """When the leases of ``found`` (asked at ``asked``) run out; remembered, with where
+        each key was found."""
+        deadline = asked + found.waited_s + found.lease_ttl_s  # leased no earlier
+        self.sightings.learn(keys, found, deadline)
+        return deadline
 
     def read_found(self, found: m.GetReplicasReply, parts: Sequence[Sequence[memoryview]],
                    deadline: float) -> Plan[list[int]]:

@@ -13,6 +13,7 @@ failures with ordinary ``try``/``except``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -50,13 +51,30 @@ class Tell:
 
 
 @dataclass(frozen=True)
+class Send:
+    """One call to the master whose reply the plan takes later, with :class:`Receive`; the
+    plan is sent a ticket for it and may run other steps (a transfer) meanwhile."""
+
+    request: msgspec.Struct
+    reply_type: type[Any]
+
+
+@dataclass(frozen=True)
+class Receive:
+    """The reply to a :class:`Send` (``ticket``: what that step was answered with); the
+    plan is sent the decoded reply, or its failure is thrown in as an :class:`Ask`'s."""
+
+    ticket: Any
+
+
+@dataclass(frozen=True)
 class Move:
     """One batch of transfers; the plan is sent each request's error (``None``: moved)."""
 
     requests: list[TransferRequest]
 
 
-Step = Ask | Tell | Move
+Step = Ask | Tell | Send | Receive | Move
 Plan = Generator[Step, Any, T]
 
 
@@ -132,6 +150,10 @@ async def drive(plan: Plan[T], session: MasterSession, engine: TransferEngine) -
 async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> Any:
     if isinstance(step, Ask):
         return await session.call(step.request, step.reply_type)
+    if isinstance(step, Send):
+        return asyncio.ensure_future(session.call(step.request, step.reply_type))
+    if isinstance(step, Receive):
+        return await step.ticket
     if isinstance(step, Tell):
         try:
             told(step, await session.call(step.request, step.reply_type))

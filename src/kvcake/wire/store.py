@@ -274,6 +274,9 @@ class GetReplicasReply(msgspec.Struct, frozen=True):
     sizes: Sizes
     replicas: Handles  # COMPLETE memory replicas only, best first
     waited_s: float = 0.0  # time the master held the request (disk promotion) before leasing
+    # Which put of each key was found (0: none); unique across masters, so a reader can tell
+    # that the object it read before is still the one stored.
+    object_ids: Sizes = msgspec.field(default_factory=list)
 
 
 class CodesReply(msgspec.Struct, frozen=True):

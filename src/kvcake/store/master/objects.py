@@ -18,6 +18,7 @@ memory until the lease (or the old writer's put timeout) runs out, then frees it
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +74,9 @@ class ObjectTable:
         self._to_publish: set[str] = set()
         self.groups = GroupIndex()
         self.retired: list[Retired] = []
-        self._object_ids = itertools.count(1)
+        # Ids count up from a random start, so that no two masters (a restart, a failover)
+        # give one out twice: a reader compares them across answers (GetReplicasReply).
+        self._object_ids = itertools.count(secrets.randbits(60))
         self.readable_replicas = 0  # COMPLETE replicas of all objects (stats without a scan)
         self.keys_by_tenant: dict[str, int] = {}  # each tenant's complete objects
 

@@ -387,7 +387,7 @@ class MasterServer:
         if any(r in _WAIT_CODES and self._on_disk(k, tenant)
                for k, r in zip(request.keys, results, strict=True)):
             return self._get_after_disk(request.keys, results, tenant)
-        return self._get_reply(results)
+        return self._get_reply(request.keys, tenant, results)
 
     def _get_one(self, key: str, tenant: str) -> Any:
         return _per_key(self.service.get_replicas, key, tenant)
@@ -413,15 +413,17 @@ class MasterServer:
             for i in waiting:
                 results[i] = self._get_one(keys[i], tenant)
             self._run_tasks()
-        return self._get_reply(results, asyncio.get_running_loop().time() - start)
+        return self._get_reply(keys, tenant, results, asyncio.get_running_loop().time() - start)
 
-    def _get_reply(self, results: list[Any], waited_s: float = 0.0) -> m.GetReplicasReply:
+    def _get_reply(self, keys: list[str], tenant: str, results: list[Any],
+                   waited_s: float = 0.0) -> m.GetReplicasReply:
         found = [r if isinstance(r, tuple) else (0, []) for r in results]
         ttl_s = self.config.lease_ttl_s
-        return m.GetReplicasReply(ttl_s, [_code(r) for r in results],
-                                  [size for size, _ in found],
-                                  [self._grants.sign(handles, size, GrantMode.READ, ttl_s)
-                                   for size, handles in found], waited_s)
+        return m.GetReplicasReply(
+            ttl_s, [_code(r) for r in results], [size for size, _ in found],
+            [self._grants.sign(handles, size, GrantMode.READ, ttl_s) for size, handles in found],
+            waited_s, [self.service.object_id(key, tenant) if isinstance(r, tuple) else 0
+                       for key, r in zip(keys, results, strict=True)])
 
     def _exist(self, request: m.Exist) -> m.CodesReply:
         tenant = self.service.tenant_of(request.client_id)

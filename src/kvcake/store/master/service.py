@@ -266,6 +266,11 @@ class MasterService:
         self.counters["hits"] += 1
         return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
 
+    def object_id(self, key: str, tenant: str = DEFAULT_TENANT) -> int:
+        """Which put of ``key`` is stored (:attr:`StoredObject.object_id`; 0: none)."""
+        obj = self.objects.get(scoped_key(tenant, key))
+        return 0 if obj is None else obj.object_id
+
     def exist(self, key: str, tenant: str = DEFAULT_TENANT) -> bool:
         self.check_key(key)
         return self.table.lease(scoped_key(tenant, key)) is not None
