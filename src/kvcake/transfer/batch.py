@@ -169,8 +169,10 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 def raise_first(errors: Sequence[KvcakeError | None]) -> None:
     """Raise the first failure of a batch's ``errors`` (saying how many failed), if any."""
-    error = next((e for e in errors if e is not None), None)
-    if error is None:
+    for error in errors:
+        if error is not None:
+            break
+    else:
         return
     failed = sum(e is not None for e in errors)
     if failed == 1:

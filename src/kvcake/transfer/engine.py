@@ -187,13 +187,17 @@ class TransferEngine:
         (no batch, no I/O thread): each one's error (``None``: moved). ``None`` when some
         request crosses the network (nothing moved then: :meth:`submit` them)."""
         self._check_open()
-        if any(request.segment.transport != "shm" for request in requests):
-            return None
+        for request in requests:
+            if request.segment.transport != "shm":
+                return None
         for request in requests:
             _check_request(request)
-        transport = self._transport("shm")
+        return self._shm().copy(requests)
+
+    def _shm(self) -> ShmTransport:
+        transport = self._transports.get("shm") or self._transport("shm")
         assert isinstance(transport, ShmTransport)
-        return transport.copy(requests)
+        return transport
 
     def transfer_here(self, requests: Sequence[TransferRequest]
                       ) -> list[KvcakeError | None] | None:

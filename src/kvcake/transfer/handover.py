@@ -97,21 +97,26 @@ class OwnerProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = os.pidfd_open(pid)
+        # asked after every copy: one epoll kept (any thread may wait on it at once)
+        self._exits = select.epoll()
+        self._exits.register(self.fd, select.EPOLLIN)
 
     def alive(self) -> bool:
         if self.fd < 0:
             return False
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        return not poller.poll(0)  # a pidfd turns readable when its process exits
+        try:
+            return not self._exits.poll(0)  # a pidfd turns readable when its process exits
+        except ValueError:  # closed meanwhile
+            return False
 
     def fileno(self) -> int:
         return self.fd
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self._exits.close()
+            os.close(fd)
 
 
 def forbid_same_user_access() -> None:

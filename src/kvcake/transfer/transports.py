@@ -113,12 +113,16 @@ class ShmTransport(Transport):
             except KvcakeError as exc:
                 errors[index] = exc
                 continue
-            window = mapped.view[request.offset : request.offset + request.length]
+            start = request.offset
             if request.op is TransferOp.READ:
-                request.buffer[:] = window
+                request.buffer[:] = mapped.view[start : start + request.length]
             else:
-                window[:] = request.buffer
-            copied.setdefault(mapped, []).append(index)
+                mapped.view[start : start + request.length] = request.buffer
+            indices = copied.get(mapped)
+            if indices is None:
+                copied[mapped] = [index]
+            else:
+                indices.append(index)
         for mapped, done in copied.items():
             # checked after the copies: bytes in a dead owner's pages are lost with it, and
             # bytes read from them may be torn; never report either as moved
