@@ -135,6 +135,14 @@ def test_a_begun_request_is_answered_when_taken_after_other_calls(server: Server
         assert caught.value.code is ErrorCode.RPC_FAIL
         server.start()
         assert client.call(b"again") == b"niaga"
+        slow = client.begin(b"slow")
+        server.stop()
+        with pytest.raises(KvcakeError, match="cannot reach"):
+            client.call(b"meanwhile")  # finds the connection closed and cannot reopen it
+        with pytest.raises(KvcakeError) as caught:
+            slow()  # its reply went with the old connection
+        assert caught.value.code is ErrorCode.RPC_FAIL
+        server.start()
     finally:
         client.close()
 

@@ -570,7 +570,10 @@ def test_eviction_offloads_to_disk_and_reads_promote_back() -> None:
     service.offload_done(offloads[0], True)
     assert [(r.tier, r.state) for r in service.objects["k00"].replicas] == [
         (Tier.DISK, ReplicaState.COMPLETE)]
-    assert service.memory_usage()[0] == 14 * OBJ
+    assert service.memory_usage()[0] == 15 * OBJ  # its block, leased to the reader above
+    clock.advance(service.config.lease_ttl_s)
+    service.tick()
+    assert service.memory_usage()[0] == 14 * OBJ  # free once that lease is over
     assert service.stats().offloaded == 1
     service.check_integrity()
 
@@ -684,6 +687,39 @@ def test_a_put_waiting_for_offloads_on_their_way_evicts_no_more() -> None:
     assert isinstance(offloads[0], OffloadTask)
     service.offload_done(offloads[0], True)
     assert start(service, "c1", "k16") == [ReplicaHandle(offloads[0].segment_id, 0)]
+    service.check_integrity()
+
+
+def test_memory_a_reader_leased_during_an_offload_is_not_reused_before_the_lease_ends(
+        ) -> None:
+    """A get while k00 is copied to disk leases its memory replica; when the copy lands the
+    memory is dropped, but kept from the next put until that lease ends (the reader may
+    still be copying out of it)."""
+    service, clock, seg = disk_service()
+    offload = service.drain_tasks()[0]
+    assert isinstance(offload, OffloadTask) and offload.offset == 0
+    put(service, "c1", "k15")  # the last free block
+    assert service.get_replicas("k00") == (OBJ, [ReplicaHandle(seg, 0)])  # leased: 5 s
+    service.offload_done(offload, True)
+    refused = service.put_start("c1", "k16", OBJ, ReplicateConfig())
+    assert refused is ErrorCode.NO_AVAILABLE_HANDLE  # k00's old block is not free yet
+    service.check_integrity()
+    clock.advance(service.config.lease_ttl_s)
+    service.tick()
+    assert start(service, "c1", "k16") == [ReplicaHandle(seg, 0)]
+    service.check_integrity()
+
+
+def test_a_forced_remove_keeps_a_leased_objects_memory_until_its_lease_ends() -> None:
+    service, clock = make_service()
+    seg = mount(service, "c1", "seg")
+    put(service, "c1", "k")
+    assert service.get_replicas("k") == (OBJ, [ReplicaHandle(seg, 0)])  # a reader's lease
+    assert service.remove("k", force=True) is ErrorCode.OK
+    assert start(service, "c1", "next") == [ReplicaHandle(seg, OBJ)]  # not the reader's
+    clock.advance(service.config.lease_ttl_s)
+    service.tick()
+    assert start(service, "c1", "after") == [ReplicaHandle(seg, 0)]
     service.check_integrity()
 
 

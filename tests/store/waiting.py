@@ -23,6 +23,12 @@ def stopped(process: ServerProcess) -> Iterator[None]:
         os.kill(process.pid, signal.SIGCONT)
 
 
+def is_stopped(process: ServerProcess) -> bool:
+    """Whether ``process`` is stopped now (``T`` in ``/proc``: a ``SIGSTOP`` took effect)."""
+    with open(f"/proc/{process.pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] in "tT"
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -1,7 +1,9 @@
 """The RPC client of :mod:`kvcake.common.rpc` on a blocking socket, for a caller that waits
 anyway: the call runs in the caller's own thread, with no hop to an event loop and back.
 
-One call at a time per client (give each thread its own). Same frames, same cluster-token
+One thread at a time per client (give each thread its own); within it, requests whose
+replies are taken later (:meth:`BlockingRpcClient.send`, :meth:`BlockingRpcClient.begin`)
+may be outstanding beside a call. Same frames, same cluster-token
 handshake, same errors as :class:`kvcake.common.rpc.RpcClient`: a server that cannot be
 reached, breaks the protocol or outlives ``timeout_s`` raises :class:`KvcakeError`
 (``RPC_FAIL``), and :attr:`BlockingRpcClient.sent` then says whether the request may have
@@ -105,7 +107,9 @@ class BlockingRpcClient:
         try:
             while request_id in self._unanswered:
                 sock = self._connection.current
-                assert sock is not None, "a connection lost fails what it left unanswered"
+                if sock is None:  # closed meanwhile (close() from another thread)
+                    self._fail_unanswered()
+                    return
                 header, payload = self._read_reply(sock)
                 if header.request_id == 0 and header.status:  # the connection refused
                     self._connection.close()
@@ -127,7 +131,11 @@ class BlockingRpcClient:
     def _send(self, body: bytes) -> tuple[socket.socket, int]:
         self.sent = False
         self._take_arrived_replies()
-        sock, fresh = self._connection.socket()
+        try:
+            sock, fresh = self._connection.socket()
+        except KvcakeError:
+            self._fail_unanswered()  # the old connection is gone, and their replies with it
+            raise
         if fresh:
             self._fail_unanswered()  # their replies went with the old connection
         request_id = next(self._ids)
@@ -140,14 +148,20 @@ class BlockingRpcClient:
         return sock, request_id
 
     def _fail_unanswered(self, error: KvcakeError | None = None) -> None:
+        """Hand every request still waiting for a reply its own copy of ``error`` (default:
+        the connection was lost)."""
         unanswered, self._unanswered = self._unanswered, {}
         for on_reply in unanswered.values():
-            on_reply(error or KvcakeError(f"connection to {self.endpoint} lost before the "
-                                          "reply", ErrorCode.RPC_FAIL))
+            if error is None:
+                on_reply(KvcakeError(f"connection to {self.endpoint} lost before the reply",
+                                     ErrorCode.RPC_FAIL))
+            else:
+                on_reply(error_from_code(error.code, error.args[0]))
 
     # ----- receiving
     def _receive(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:
-        """The next reply that is not to a request :meth:`send` sent (those go to theirs)."""
+        """The next reply that is not to a request sent by :meth:`send` or :meth:`begin`
+        (those go to their takers)."""
         while True:
             header, payload = self._read_reply(sock)
             if not self._answered(header, payload):

@@ -92,12 +92,11 @@ class BlockingDriver:
     def _send(self, step: Send) -> Ticket:
         session, _ = self._live()
         client = self._clients.get(session.rpc.endpoint)  # a failover: another endpoint
-        ticket = Ticket(self._live, step, session.leader_uid)
         try:
-            ticket.reply = client.begin(codec.encode(step.request))
+            reply: Callable[[], bytes] | KvcakeError = client.begin(codec.encode(step.request))
         except KvcakeError as exc:
-            ticket.unsent = exc
-        return ticket
+            reply = exc
+        return Ticket(self._live, step, session.leader_uid, reply)
 
     def _move(self, step: Move) -> list[KvcakeError | None]:
         _, engine = self._live()
@@ -124,25 +123,24 @@ class Ticket:
     """A master call sent from this thread (or that could not be): :meth:`take` waits for
     its reply and decodes it, recovering as the asyncio session would."""
 
-    def __init__(self, live: Live, step: Send, uid: str) -> None:
+    def __init__(self, live: Live, step: Send, uid: str,
+                 reply: Callable[[], bytes] | KvcakeError) -> None:
         self._live = live
         self._step = step
         self._uid = uid  # the leader it went to
-        self.reply: Callable[[], bytes] | None = None
-        self.unsent: KvcakeError | None = None
+        self._reply = reply  # waits for the reply; or why the request was never sent
 
     def take(self) -> Any:
-        step = self._step
+        step, reply = self._step, self._reply
         try:
-            if self.unsent is not None:
-                raise self.unsent
-            assert self.reply is not None, "a ticket is sent or has failed"
-            return codec.decode(self.reply(), step.reply_type)
+            if isinstance(reply, KvcakeError):
+                raise reply
+            return codec.decode(reply(), step.reply_type)
         except KvcakeError as exc:
             if exc.code not in RECOVERABLE:
                 raise
             session, engine = self._live()
-            if exc.code is ErrorCode.RPC_FAIL and self.unsent is not None:
+            if exc.code is ErrorCode.RPC_FAIL and isinstance(reply, KvcakeError):
                 return engine.io.run(session.call(step.request, step.reply_type))
             return engine.io.run(session.call_after(exc, self._uid, step.request,
                                                     step.reply_type))

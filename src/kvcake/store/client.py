@@ -73,7 +73,7 @@ class AsyncStore:
         if self.engine is None:
             self.engine = await asyncio.to_thread(TransferEngine, self.transfer_config)
         self.session = MasterSession(self.config, self.engine.host_id,
-                                     self.ops.replicas.segments.clear)
+                                     self.ops.master_restarted)
         mounts = await self.node.startup(self.engine, self.session.client_id)
         try:
             await self.session.start(mounts)

@@ -29,6 +29,7 @@ from kvcake.transfer import MappedRange, TransferOp
 from kvcake.wire import store as m
 
 Range = tuple[str, int, memoryview]  # key, offset in its value, destination
+Answer = tuple[m.GetReplicasReply, float]  # the master's answer, and when its leases end
 _PLAIN = m.ReplicateConfig()  # puts of this config may go through an arena
 
 
@@ -68,6 +69,11 @@ class StoreOps:
         self.sightings = Sightings(self.replicas)  # where keys were found, for reads over tcp
         self._scratch = memoryview(bytearray(1) * scratch_bytes)  # filled, so pre-touched
         self._scratch_lock = threading.Lock()
+
+    def master_restarted(self) -> None:
+        """Forget what the master told of segments and keys: it starts over."""
+        self.replicas.segments.clear()
+        self.sightings.forget()
 
     def _client_id(self) -> str:
         session, _ = self._live()
@@ -140,11 +146,12 @@ class StoreOps:
             yield from self._touch(keys, read=True)
             return values
         guess = self.sightings.guess(keys)
-        if guess is not None:
-            values = yield from self._values_guessed(keys, guess, staging)
+        if guess is None:
+            found, deadline = yield from self.find(keys)
+        else:
+            values, (found, deadline) = yield from self._values_guessed(keys, guess, staging)
             if values is not None:
                 return values
-        found, deadline = yield from self.find(keys)
         with Staged(staging) as take:
             _stage(found, take)
             here = InPlaceValues(found.codes, (yield from self.replicas.mapped(found)),
@@ -159,32 +166,37 @@ class StoreOps:
                 results = yield from self.read_found(found, [[v] for v in views], deadline)
                 return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
 
-    def _values_guessed(self, keys: Sequence[str], guess: Guess,
-                        staging: Staging | None) -> Plan[list[bytes | int] | None]:
+    def _values_guessed(self, keys: Sequence[str], guess: Guess, staging: Staging | None
+                        ) -> Plan[tuple[list[bytes | int] | None, Answer]]:
         """:meth:`get_values` read where ``guess`` says, while the master is asked
-        (:mod:`kvcake.store.overlapped`); ``None`` where its answer does not confirm it."""
+        (:mod:`kvcake.store.overlapped`): the values (``None`` where the answer does not
+        confirm them), and the answer."""
         with Staged(staging) as take:
             _stage(guess.reply, take)
             with self._scratch_for(guess.reply) as scratch:
                 views = _value_views(guess.reply, scratch)
-                read = yield from self._read_guessed(keys, guess, [[v] for v in views])
+                read, answer = yield from self._read_guessed(keys, guess, [[v] for v in views])
                 if read is None:
-                    return None
-                return [bytes(v) if r >= 0 else r for v, r in zip(views, read, strict=True)]
+                    return None, answer
+                return [bytes(v) if r >= 0 else r
+                        for v, r in zip(views, read, strict=True)], answer
 
     def _read_guessed(self, keys: Sequence[str], guess: Guess,
-                      parts: Sequence[Sequence[memoryview]]) -> Plan[list[int] | None]:
-        """:meth:`read_found` over ``guess`` while the master is asked where ``keys`` are;
-        ``None`` where its answer does not confirm the guess, or a read failed."""
+                      parts: Sequence[Sequence[memoryview]]
+                      ) -> Plan[tuple[list[int] | None, Answer]]:
+        """:meth:`read_found` over ``guess`` while the master is asked where ``keys`` are:
+        what was read (``None`` where the answer does not confirm the guess, or a read
+        failed), and the answer with its deadline, to read from instead."""
+        asked = time.monotonic()  # before the question leaves: leased no earlier
         ticket = yield Send(m.GetReplicas(check_keys(keys), self._client_id()),
                             m.GetReplicasReply)
-        asked = time.monotonic()
         read = yield from self.read_found(guess.reply, parts, math.inf)
         read_by = time.monotonic()
         found = yield Receive(ticket)
-        self._learn(keys, found, asked)
+        answer = found, self._learn(keys, found, asked)
         kept = ErrorCode.TRANSFER_FAIL not in read and guess.confirmed(found, read_by)
-        return read if self.sightings.count(kept) else None
+        self.sightings.count(kept)
+        return (read if kept else None), answer
 
     @contextmanager
     def _scratch_for(self, found: m.GetReplicasReply) -> Iterator[memoryview | None]:
@@ -212,11 +224,12 @@ class StoreOps:
             yield from self._touch(keys, read=True)
             return read
         guess = self.sightings.guess(keys)
-        if guess is not None:
-            read = yield from self._read_guessed(keys, guess, parts)
+        if guess is None:
+            found, deadline = yield from self.find(keys)
+        else:
+            read, (found, deadline) = yield from self._read_guessed(keys, guess, parts)
             if read is not None:
                 return read
-        found, deadline = yield from self.find(keys)
         return (yield from self.read_found(found, parts, deadline))
 
     def get_into_here(self, key: str, view: memoryview) -> int | None:
@@ -262,7 +275,7 @@ class StoreOps:
                 results[j] = codes[i] or ranges[j][2].nbytes
         return results
 
-    def find(self, keys: Sequence[str]) -> Plan[tuple[m.GetReplicasReply, float]]:
+    def find(self, keys: Sequence[str]) -> Plan[Answer]:
         """Replicas (leased) of ``keys``, and the time their leases run out."""
         client_id = self._client_id()
         asked = time.monotonic()

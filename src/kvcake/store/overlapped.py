@@ -9,11 +9,14 @@ object with that replica. One round trip then hides behind the other::
       same object (its id), that replica among its replicas, read before the old lease ran out?
         yes: the bytes read are the value          no: ask and read as before
 
-Why the bytes are the value: object ids are unique across masters and never reused, so the
-object the answer names existed from the earlier answer to this one. While the earlier lease
-held, nothing could free that replica's memory short of removing the object (a forced
-remove, its segment lost), which would have given the key a new id. So the memory the read
-saw was that object's, and an object's bytes never change once complete.
+Why the bytes are the value: a master gives each put of a key a new object id, counting
+from a random start of 60 bits (so two masters, after a restart or a failover, give out the
+same id only by a chance too small to matter), so the object the answer names existed from
+the earlier answer to this one. While the earlier lease held, that replica's memory could
+not be reused: a leased object is neither evicted nor removed without force, memory a leased
+object leaves (an offload to disk, a forced remove, an upsert) is held until its lease ends,
+and a lost segment is mounted again under a new id. So the memory the read saw was that
+object's, and an object's bytes never change once complete.
 
 Only keys on replicas reached over the network are read this way: a same-host replica is
 read through the master's location table or mapped in place (:mod:`kvcake.store.ops`).
@@ -71,13 +74,17 @@ class Sightings:
         self.confirmed = 0  # reads overlapped with the master's answer, and kept
         self.refuted = 0  # ... read again after it (the object moved or changed, a failure)
 
-    def count(self, kept: bool) -> bool:
-        """Count one overlapped read, kept or not; ``kept``."""
+    def count(self, kept: bool) -> None:
+        """Count one overlapped read, kept or not."""
         if kept:
             self.confirmed += 1
         else:
             self.refuted += 1
-        return kept
+
+    def forget(self) -> None:
+        """Forget every key: the master restarted, its segments are looked up again (their
+        grants and places would only be refuted)."""
+        self._seen.clear()
 
     def learn(self, keys: Sequence[str], found: m.GetReplicasReply, until: float) -> None:
         """Remember what ``found`` says of ``keys``, leased until ``until``."""

@@ -61,8 +61,9 @@ class Send:
 
 @dataclass(frozen=True)
 class Receive:
-    """The reply to a :class:`Send` (``ticket``: what that step was answered with); the
-    plan is sent the decoded reply, or its failure is thrown in as an :class:`Ask`'s."""
+    """The reply to a :class:`Send` (``ticket``: what that step was answered with, whatever
+    the driver made of it); the plan is sent the decoded reply, or its failure is thrown
+    in as an :class:`Ask`'s."""
 
     ticket: Any
 
@@ -151,7 +152,9 @@ async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> A
     if isinstance(step, Ask):
         return await session.call(step.request, step.reply_type)
     if isinstance(step, Send):
-        return asyncio.ensure_future(session.call(step.request, step.reply_type))
+        task = asyncio.ensure_future(session.call(step.request, step.reply_type))
+        task.add_done_callback(_retrieved)  # a plan that failed first never receives it
+        return task
     if isinstance(step, Receive):
         return await step.ticket
     if isinstance(step, Tell):
@@ -169,3 +172,9 @@ async def _done(step: Step, session: MasterSession, engine: TransferEngine) -> A
     with contextlib.suppress(KvcakeError):  # per request in batch.errors
         await batch
     return moved(batch)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Take a sent call's outcome, so that one no plan received is not reported unread."""
+    if not task.cancelled():
+        task.exception()

@@ -176,7 +176,7 @@ class ObjectTable:
                 return ErrorCode.REPLICA_IS_NOT_READY
             if obj.leased(self.clock()) or obj.busy:
                 return ErrorCode.OBJECT_HAS_LEASE
-        self.delete(obj)
+        self.delete(obj, hold_until=obj.lease_until)  # forced: its readers' memory kept
         return ErrorCode.OK
 
     def delete(self, obj: StoredObject, hold_until: float = 0.0) -> None:

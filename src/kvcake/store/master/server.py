@@ -413,6 +413,9 @@ class MasterServer:
             for i in waiting:
                 results[i] = self._get_one(keys[i], tenant)
             self._run_tasks()
+        for key, result in zip(keys, results, strict=True):  # leased from now, as told
+            if isinstance(result, tuple):
+                self.service.table.lease(scoped_key(tenant, key))
         return self._get_reply(keys, tenant, results, asyncio.get_running_loop().time() - start)
 
     def _get_reply(self, keys: list[str], tenant: str, results: list[Any],
@@ -422,8 +425,8 @@ class MasterServer:
         return m.GetReplicasReply(
             ttl_s, [_code(r) for r in results], [size for size, _ in found],
             [self._grants.sign(handles, size, GrantMode.READ, ttl_s) for size, handles in found],
-            waited_s, [self.service.object_id(key, tenant) if isinstance(r, tuple) else 0
-                       for key, r in zip(keys, results, strict=True)])
+            waited_s, [self.service.object_id(key, tenant) if isinstance(r, tuple) and not waited_s
+                       else 0 for key, r in zip(keys, results, strict=True)])
 
     def _exist(self, request: m.Exist) -> m.CodesReply:
         tenant = self.service.tenant_of(request.client_id)

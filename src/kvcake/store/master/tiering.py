@@ -246,10 +246,12 @@ class Tiering:
         return list(victims.values()) if freed >= short else []
 
     def _drop_memory(self, obj: StoredObject) -> None:
+        """Drop ``obj``'s memory replicas (it is on disk now); memory a reader leased while
+        the offload ran is kept from reuse until that lease ends."""
         self.table.changed(obj.key)
         for replica in obj.readable(Tier.MEMORY):
             self.table.move(replica, ReplicaState.REMOVED)
-            self.table.release(obj.key, replica)
+            self.table.release(obj.key, replica, hold_until=obj.lease_until)
             obj.replicas.remove(replica)
 
     # ----- the disk tier
@@ -268,7 +270,7 @@ class Tiering:
             return
         obj.busy -= 1
         if not ok or segment is None:
-            self.table.delete(obj)  # it had been chosen for eviction anyway
+            self.table.delete(obj, hold_until=obj.lease_until)  # chosen for eviction anyway
             return
         disk = Replica(task.segment_id, 0, task.size, Tier.DISK)
         disk.move_to(ReplicaState.PROCESSING)
