@@ -716,9 +716,12 @@ def test_a_forced_remove_keeps_a_leased_objects_memory_until_its_lease_ends() ->
     put(service, "c1", "k")
     assert service.get_replicas("k") == (OBJ, [ReplicaHandle(seg, 0)])  # a reader's lease
     assert service.remove("k", force=True) is ErrorCode.OK
+    stats = service.stats()
+    assert (stats.num_keys, stats.used_bytes, stats.retired_bytes) == (0, 0, OBJ)
     assert start(service, "c1", "next") == [ReplicaHandle(seg, OBJ)]  # not the reader's
     clock.advance(service.config.lease_ttl_s)
     service.tick()
+    assert service.stats().retired_bytes == 0
     assert start(service, "c1", "after") == [ReplicaHandle(seg, 0)]
     service.check_integrity()
 

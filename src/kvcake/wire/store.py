@@ -342,6 +342,9 @@ class Stats(msgspec.Struct, frozen=True):
     disk_evicted: int = 0  # disk copies dropped to make room for newer ones
     tenants: list[TenantStats] = msgspec.field(default_factory=list)
     arena_bytes: int = 0  # allocated to clients' arenas, not yet put into (not in used_bytes)
+    # allocated, no object's: memory of removed objects kept until their readers' leases end,
+    # of failed puts until their writers are surely done (not in used_bytes)
+    retired_bytes: int = 0
 
 
 # ----- -> a storage node's control endpoint: the master's disk-tier tasks, each answered with

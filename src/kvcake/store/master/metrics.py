@@ -16,6 +16,8 @@ def render_metrics(stats: Stats, counters: Mapping[str, int],
         ("kvcake_store_total_bytes", "Bytes of all mounted segments", stats.total_bytes),
         ("kvcake_store_arena_bytes", "Bytes granted to clients' arenas, not put into yet",
          stats.arena_bytes),
+        ("kvcake_store_retired_bytes", "Bytes of removed objects held until their readers' "
+         "leases end", stats.retired_bytes),
         ("kvcake_store_disk_used_bytes", "Bytes offloaded to node disks", stats.disk_used_bytes),
         ("kvcake_store_disk_total_bytes", "Disk tier capacity", stats.disk_total_bytes),
         ("kvcake_store_keys", "Complete objects", stats.num_keys),

@@ -261,6 +261,12 @@ class ObjectTable:
         write there); no durable record points at it."""
         self.retired.append(Retired(segment_id, offset, until, False))
 
+    def retired_bytes(self) -> int:
+        """Bytes of retired memory (held for readers or writers; no object's)."""
+        segments = self.registry.segments
+        return sum(segments[r.segment_id].allocator.allocation_size(r.offset)
+                   for r in self.retired if r.segment_id in segments)
+
     def free_retired(self, now: float) -> None:
         """Free the retired memory whose time has come."""
         due = [r for r in self.retired if r.until <= now]

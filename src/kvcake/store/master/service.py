@@ -400,13 +400,14 @@ class MasterService:
 
     def stats(self) -> Stats:
         used, total = self.memory_usage()
-        held = self.arenas.rest_bytes()
+        held, retired = self.arenas.rest_bytes(), self.table.retired_bytes()
         segments = self.registry.segments.values()
         return Stats(
             num_segments=len(self.registry.segments), num_clients=len(self.registry.clients),
             num_keys=len(self.objects) - len(self.table.open_puts),
             num_replicas=self.table.readable_replicas,
-            used_bytes=used - held, total_bytes=total, arena_bytes=held,
+            used_bytes=used - held - retired, total_bytes=total, arena_bytes=held,
+            retired_bytes=retired,
             disk_used_bytes=sum(s.disk_used for s in segments),
             disk_total_bytes=sum(s.disk_capacity for s in segments),
             evicted=self.counters["evicted"], offloaded=self.counters["offloaded"],
