@@ -15,7 +15,7 @@ from waiting import is_stopped, stopped, wait_for
 
 from kvcake.common.errors import ErrorCode
 from kvcake.ops import ServerProcess, start_master, start_node
-from kvcake.store import AsyncStore, ops, overlapped
+from kvcake.store import AsyncStore, ops, overlapped, replica_io
 from kvcake.store.config import StoreConfig
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.service import MasterService
@@ -151,6 +151,7 @@ def test_bytes_read_beside_the_question_after_the_old_lease_are_read_again(
     clock = Clock()
     monkeypatch.setattr(overlapped, "time", clock)
     monkeypatch.setattr(ops, "time", clock)
+    monkeypatch.setattr(replica_io, "time", clock)  # the lateness of every read, too
     guessed = threading.Event()
     guess = Sightings.guess
 

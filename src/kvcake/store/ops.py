@@ -146,12 +146,12 @@ class StoreOps:
             yield from self._touch(keys, read=True)
             return values
         guess = self.sightings.guess(keys)
-        if guess is None:
-            found, deadline = yield from self.find(keys)
-        else:
-            values, (found, deadline) = yield from self._values_guessed(keys, guess, staging)
+        answer = None
+        if guess is not None:
+            values, answer = yield from self._values_guessed(keys, guess, staging)
             if values is not None:
                 return values
+        found, deadline = answer or (yield from self.find(keys))
         with Staged(staging) as take:
             _stage(found, take)
             here = InPlaceValues(found.codes, (yield from self.replicas.mapped(found)),
@@ -167,10 +167,10 @@ class StoreOps:
                 return [bytes(v) if r >= 0 else r for v, r in zip(views, results, strict=True)]
 
     def _values_guessed(self, keys: Sequence[str], guess: Guess, staging: Staging | None
-                        ) -> Plan[tuple[list[bytes | int] | None, Answer]]:
+                        ) -> Plan[tuple[list[bytes | int] | None, Answer | None]]:
         """:meth:`get_values` read where ``guess`` says, while the master is asked
         (:mod:`kvcake.store.overlapped`): the values (``None`` where the answer does not
-        confirm them), and the answer."""
+        confirm them), and the answer (as :meth:`_read_guessed`)."""
         with Staged(staging) as take:
             _stage(guess.reply, take)
             with self._scratch_for(guess.reply) as scratch:
@@ -183,20 +183,22 @@ class StoreOps:
 
     def _read_guessed(self, keys: Sequence[str], guess: Guess,
                       parts: Sequence[Sequence[memoryview]]
-                      ) -> Plan[tuple[list[int] | None, Answer]]:
+                      ) -> Plan[tuple[list[int] | None, Answer | None]]:
         """:meth:`read_found` over ``guess`` while the master is asked where ``keys`` are:
         what was read (``None`` where the answer does not confirm the guess, or a read
-        failed), and the answer with its deadline, to read from instead."""
+        failed), and the answer with its deadline to read from instead (``None`` when less
+        than half its lease is left: the guessed read took that long, ask again)."""
         asked = time.monotonic()  # before the question leaves: leased no earlier
         ticket = yield Send(m.GetReplicas(check_keys(keys), self._client_id()),
                             m.GetReplicasReply)
         read = yield from self.read_found(guess.reply, parts, math.inf)
         read_by = time.monotonic()
         found = yield Receive(ticket)
-        answer = found, self._learn(keys, found, asked)
+        deadline = self._learn(keys, found, asked)
         kept = ErrorCode.TRANSFER_FAIL not in read and guess.confirmed(found, read_by)
         self.sightings.count(kept)
-        return (read if kept else None), answer
+        fresh = time.monotonic() < deadline - found.lease_ttl_s / 2
+        return (read if kept else None), ((found, deadline) if fresh else None)
 
     @contextmanager
     def _scratch_for(self, found: m.GetReplicasReply) -> Iterator[memoryview | None]:
@@ -224,12 +226,12 @@ class StoreOps:
             yield from self._touch(keys, read=True)
             return read
         guess = self.sightings.guess(keys)
-        if guess is None:
-            found, deadline = yield from self.find(keys)
-        else:
-            read, (found, deadline) = yield from self._read_guessed(keys, guess, parts)
+        answer = None
+        if guess is not None:
+            read, answer = yield from self._read_guessed(keys, guess, parts)
             if read is not None:
                 return read
+        found, deadline = answer or (yield from self.find(keys))
         return (yield from self.read_found(found, parts, deadline))
 
     def get_into_here(self, key: str, view: memoryview) -> int | None:

@@ -8,8 +8,11 @@ memory replica is in the eviction order, unless an offload or promotion of it is
 an object with a disk replica is in the disk order, which the disk tier evicts by.
 
 Memory someone may still be reading or writing outlives its object: an upsert that replaces
-a leased object, or takes over a put still being written, *retires* the old replicas'
-memory until the lease (or the old writer's put timeout) runs out, then frees it::
+a leased object, or takes over a put still being written, a forced remove of a leased
+object, and an offload that ends while a reader holds a lease *retire* the old replicas'
+memory until the lease (or the old writer's put timeout) runs out, then free it (at the
+next put or tick); retired memory is counted apart (``Stats.retired_bytes``) and counts as
+coming back, not as used, for eviction::
 
     replica (allocated, charged) --delete(hold_until)--> retired (allocated, not charged)
                                                   --free_retired(now >= until)--> free

@@ -296,8 +296,9 @@ class MasterServer:
 
     def _room_coming(self) -> bool:
         """Whether memory is on its way back: removals' memory waiting for their flush (with
-        persistence), or offloads to a disk in flight."""
-        return self._frees_pending() or self.service.tiering.offloading
+        persistence) or held for a reader's lease, or offloads to a disk in flight."""
+        return self._frees_pending() or self.service.tiering.offloading \
+            or bool(self.service.table.retired)
 
     def _frees_pending(self) -> bool:
         return self.service.changes is not None and bool(self.service.changes.frees)
@@ -403,6 +404,9 @@ class MasterServer:
         loop = asyncio.get_running_loop()
         start = loop.time()
         while True:
+            for i, result in enumerate(results):  # found: leased again, as they are now
+                if isinstance(result, tuple):
+                    results[i] = _per_key(self.service.replicas_again, keys[i], tenant)
             waiting = [i for i, r in enumerate(results)
                        if r in _WAIT_CODES and self._on_disk(keys[i], tenant)]
             left = start + _TIER_WAIT_S - loop.time()
@@ -413,9 +417,6 @@ class MasterServer:
             for i in waiting:
                 results[i] = self._get_one(keys[i], tenant)
             self._run_tasks()
-        for key, result in zip(keys, results, strict=True):  # leased from now, as told
-            if isinstance(result, tuple):
-                self.service.table.lease(scoped_key(tenant, key))
         return self._get_reply(keys, tenant, results, asyncio.get_running_loop().time() - start)
 
     def _get_reply(self, keys: list[str], tenant: str, results: list[Any],

@@ -167,6 +167,7 @@ class MasterService:
     def _allocate(self, client_id: str, tenant: str, key: str, size: int,
                   config: ReplicateConfig, terms: PutTerms) -> list[ReplicaHandle] | ErrorCode:
         copies = min(config.replica_num, len(self.registry.segments))
+        self.table.free_retired(self.clock())  # held memory whose time has come, at once
         if not self.tiering.fit_quota(tenant, size * copies):
             return ErrorCode.NO_AVAILABLE_HANDLE
         request = PlacementRequest(size, config.replica_num, client_id, config.preferred_segment,
@@ -264,6 +265,18 @@ class MasterService:
         if not memory:
             return self.tiering.promote(obj)
         self.counters["hits"] += 1
+        return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
+
+    def replicas_again(self, key: str, tenant: str = DEFAULT_TENANT
+                       ) -> tuple[int, list[ReplicaHandle]] | ErrorCode:
+        """:meth:`get_replicas` for a key already counted as read: leased again, with the
+        memory replicas it has now (``REPLICA_IS_NOT_READY`` where none is left)."""
+        obj = self.table.lease(scoped_key(tenant, key))
+        if obj is None:
+            return ErrorCode.OBJECT_NOT_FOUND
+        memory = obj.readable(Tier.MEMORY)
+        if not memory:
+            return ErrorCode.REPLICA_IS_NOT_READY
         return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
 
     def object_id(self, key: str, tenant: str = DEFAULT_TENANT) -> int:

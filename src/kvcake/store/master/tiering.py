@@ -75,7 +75,8 @@ class Tiering:
     # ----- eviction
     def evict_if_needed(self, now: float) -> None:
         used, total = self.registry.memory_usage()
-        if total and used - self._offloading_bytes > self.config.high_watermark * total:
+        coming = self._offloading_bytes + self.table.retired_bytes()  # held: back soon
+        if total and used - coming > self.config.high_watermark * total:
             self.evict(now, need=0)
 
     def evict(self, now: float, need: int) -> None:
