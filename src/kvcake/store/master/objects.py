@@ -20,6 +20,7 @@ coming back, not as used, for eviction::
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import secrets
 from collections.abc import Callable
@@ -48,13 +49,14 @@ class PutTerms:
     group: str = ""  # scoped group id; "": none
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Retired:
-    """Allocated memory of a deleted replica, freed at ``until``."""
+    """Allocated memory of a deleted replica, freed at ``until`` (ordered by it)."""
 
+    until: float
     segment_id: int
     offset: int
-    until: float
+    size: int  # the allocation's bytes
     durable: bool  # its object was complete (a durable record may point at it)
 
 
@@ -76,7 +78,8 @@ class ObjectTable:
         self.published: LocationTable | None = None  # set by a master that publishes
         self._to_publish: set[str] = set()
         self.groups = GroupIndex()
-        self.retired: list[Retired] = []
+        self.retired: list[Retired] = []  # a heap: the first to be freed first
+        self.retired_bytes = 0  # theirs all together
         # Ids count up from a random start, so that no two masters (a restart, a failover)
         # give one out twice: a reader compares them across answers (GetReplicasReply).
         self._object_ids = itertools.count(secrets.randbits(60))
@@ -207,8 +210,7 @@ class ObjectTable:
         if replica.tier is Tier.MEMORY:
             durable = self.objects[key].complete
             if hold_until > self.clock():
-                self.retired.append(Retired(segment.segment_id, replica.offset, hold_until,
-                                            durable))
+                self._hold(segment, replica.offset, hold_until, durable)
             else:
                 self._free(segment, replica.offset, durable)
         else:
@@ -244,6 +246,8 @@ class ObjectTable:
             else:
                 self._forget_tiers_left(obj)
         self.retired = [r for r in self.retired if r.segment_id != segment.segment_id]
+        heapq.heapify(self.retired)
+        self.retired_bytes = sum(r.size for r in self.retired)
         self.registry.unmount(segment.segment_id)
         self.changed_segment(segment.segment_id)
 
@@ -262,19 +266,18 @@ class ObjectTable:
     def retire(self, segment_id: int, offset: int, until: float) -> None:
         """Free the allocation at ``offset`` once ``until`` has passed (someone may still
         write there); no durable record points at it."""
-        self.retired.append(Retired(segment_id, offset, until, False))
+        self._hold(self.registry.segments[segment_id], offset, until, False)
 
-    def retired_bytes(self) -> int:
-        """Bytes of retired memory (held for readers or writers; no object's)."""
-        segments = self.registry.segments
-        return sum(segments[r.segment_id].allocator.allocation_size(r.offset)
-                   for r in self.retired if r.segment_id in segments)
+    def _hold(self, segment: MountedSegment, offset: int, until: float, durable: bool) -> None:
+        size = segment.allocator.allocation_size(offset)
+        heapq.heappush(self.retired, Retired(until, segment.segment_id, offset, size, durable))
+        self.retired_bytes += size
 
     def free_retired(self, now: float) -> None:
         """Free the retired memory whose time has come."""
-        due = [r for r in self.retired if r.until <= now]
-        self.retired = [r for r in self.retired if r.until > now]
-        for retired in due:
+        while self.retired and self.retired[0].until <= now:
+            retired = heapq.heappop(self.retired)
+            self.retired_bytes -= retired.size
             self._free(self.registry.segments[retired.segment_id], retired.offset,
                        retired.durable)
 
@@ -364,6 +367,7 @@ class ObjectTable:
             assert segment.allocator.num_allocations == len(memory) + held, segment.name
             for key in segment.keys:
                 assert any(r.segment_id == segment.segment_id for r in self.objects[key].replicas)
+        assert self.retired_bytes == sum(r.size for r in self.retired)
         assert set(self.open_puts) == {k for k, o in self.objects.items() if not o.complete}
         assert all(self.objects[k] is o for k, o in self.open_puts.items())
         for key, obj in self.objects.items():

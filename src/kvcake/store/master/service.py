@@ -413,7 +413,7 @@ class MasterService:
 
     def stats(self) -> Stats:
         used, total = self.memory_usage()
-        held, retired = self.arenas.rest_bytes(), self.table.retired_bytes()
+        held, retired = self.arenas.rest_bytes(), self.table.retired_bytes
         segments = self.registry.segments.values()
         return Stats(
             num_segments=len(self.registry.segments), num_clients=len(self.registry.clients),

@@ -75,7 +75,7 @@ class Tiering:
     # ----- eviction
     def evict_if_needed(self, now: float) -> None:
         used, total = self.registry.memory_usage()
-        coming = self._offloading_bytes + self.table.retired_bytes()  # held: back soon
+        coming = self._offloading_bytes + self.table.retired_bytes  # held: back soon
         if total and used - coming > self.config.high_watermark * total:
             self.evict(now, need=0)
 
