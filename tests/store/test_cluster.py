@@ -8,6 +8,7 @@ import mmap
 import os
 import random
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import stopped
 
 from kvcake.common.errors import ErrorCode
 from kvcake.ops import ServerProcess, start_master, start_node
@@ -285,6 +287,31 @@ def test_disk_tier_offloads_and_promotes(cluster: Callable[..., tuple[ServerProc
         assert store.get(key) == value, key
     stats = store.stats()
     assert stats.offloaded > 0 and stats.promoted > 0
+
+
+def test_keys_read_beside_a_promotion_stay_leased_through_its_wait(
+        cluster: Callable[..., tuple[ServerProcess, str]],
+        make_store: Callable[[str], DistributedStore], tmp_path: os.PathLike[str]) -> None:
+    """A batch get of a key in memory and one only on disk waits for the promotion; held up
+    longer than a lease (its node stopped), the reply still leases the first key from its
+    own time: right after it, that key cannot be removed."""
+    _, endpoint = cluster("--lease-ttl", "3", "--client-ttl", "60")  # the node outlives its stop
+    node = cluster.node(endpoint, "4MiB", "--disk-dir", str(tmp_path),  # type: ignore[attr-defined]
+                        "--disk-capacity", "64MiB")
+    store = make_store(endpoint)
+    values = {f"d{i}": bytes([i]) * (512 * 1024) for i in range(12)}  # 6 MiB into 4 MiB
+    for key, value in values.items():
+        assert store.put(key, value) == 0  # d0 first out: on disk only
+    _wait_for(lambda: store.stats().offloaded > 0)
+    got: list[list[bytes]] = []
+    with stopped(node):  # the promotion waits for the node
+        _wait_for(lambda: _state(node.pid) in "tT", 5.0)
+        reader = threading.Thread(target=lambda: got.append(store.get_batch(["d11", "d0"])))
+        reader.start()
+        time.sleep(4.0)  # longer than the lease d11 got when the get came in
+    reader.join(15.0)
+    assert got == [[values["d11"], values["d0"]]]
+    assert store.remove("d11") == ErrorCode.OBJECT_HAS_LEASE  # leased again as answered
 
 
 def test_a_full_disk_tier_keeps_the_newest_evictions(
