@@ -60,21 +60,7 @@ class BlockingRpcClient:
 
     def call(self, body: bytes) -> bytes:
         """Send one request; its reply's body (a server's error raises its code)."""
-        sock, request_id = self._send(body)
-        try:
-            header, payload = self._receive(sock)
-        except (OSError, ProtocolError) as exc:
-            self.close()
-            raise self._failure(exc) from None
-        if header.request_id not in (request_id, 0):
-            self.close()
-            raise KvcakeError(f"{self.endpoint} answered request {header.request_id}, "
-                              f"expected {request_id}", ErrorCode.RPC_FAIL)
-        if header.status:
-            if header.request_id == 0:
-                self.close()
-            raise self._refusal(header, payload)
-        return payload
+        return self.begin(body)()
 
     def send(self, body: bytes, on_reply: Callable[[bytes | KvcakeError], None]) -> None:
         """Send one request and return at once; its reply (or error) goes to ``on_reply``
@@ -159,14 +145,6 @@ class BlockingRpcClient:
                 on_reply(error_from_code(error.code, error.args[0]))
 
     # ----- receiving
-    def _receive(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:
-        """The next reply that is not to a request sent by :meth:`send` or :meth:`begin`
-        (those go to their takers)."""
-        while True:
-            header, payload = self._read_reply(sock)
-            if not self._answered(header, payload):
-                return header, payload
-
     def _read_reply(self, sock: socket.socket) -> tuple[FrameHeader, bytes]:
         header = self._receive_header(sock)
         return header, bytes(recv_bytes(sock, self._payload_size(header)))

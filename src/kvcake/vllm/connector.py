@@ -72,7 +72,7 @@ from kvcake.engine.kv.connector import (
     connect_store,
 )
 from kvcake.engine.kv.format import DTYPE_CODES, BlockLayout
-from kvcake.engine.kv.transfer import KVSender, layers_to_send
+from kvcake.engine.kv.transfer import KVSender
 from kvcake.model import directory_digest
 from kvcake.transfer.segment import Segment, instance_registrant
 from kvcake.vllm.config import VllmConnectorConfig, connector_config, staging_slots
@@ -437,19 +437,14 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _send_layer(self, sender: KVSender, send: Send, layer: int) -> None:
         """Send the group of layers ``layer`` ends (:meth:`KVSender.layer_group`)."""
+        request_id = send.request_id
         try:
             self._open(sender, send)
-            num_layers = sender.local.num_layers
-            group = sender.layer_group(send.request_id, len(send.src))
-            layers = layers_to_send(self._layers_sent.get(send.request_id, 0), layer, group,
-                                    num_layers)
-            if group >= num_layers or layers is None:
-                return
-            sender.send(send.request_id, list(send.src), layers)
+            self._layers_sent[request_id] = sender.send_layers(
+                request_id, list(send.src), self._layers_sent.get(request_id, 0), layer,
+                sender.layer_group(request_id, len(send.src)))
         except KvcakeError as exc:
-            self._send_errors[send.request_id] = exc  # reported by wait_for_save
-            return
-        self._layers_sent[send.request_id] = layers.stop
+            self._send_errors[request_id] = exc  # reported by wait_for_save
 
     def wait_for_save(self) -> None:
         self._finish_loads()

@@ -30,7 +30,6 @@ from typing import TypeVar
 from kvcake.common.errors import KvcakeError
 from kvcake.engine.core import EngineCore, EngineLoad, StepStats
 from kvcake.engine.kv import KVSender
-from kvcake.engine.kv.transfer import layers_to_send
 from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
 from kvcake.wire.output import TokenOutput
@@ -74,12 +73,9 @@ class PrefillSender:
                       for request_id, block_ids in self._completed(output)]
 
     def after_layer(self, layer: int) -> None:
-        num_layers = self.sender.local.num_layers
         for send in self._step:
-            layers = layers_to_send(send.sent, layer, send.group, num_layers)
-            if send.group < num_layers and layers is not None:
-                self.sender.send(send.request_id, send.block_ids, layers)
-                send.sent = layers.stop
+            send.sent = self.sender.send_layers(send.request_id, send.block_ids, send.sent,
+                                                layer, send.group)
 
     def after_execute(self, output: SchedulerOutput) -> None:
         step, self._step = self._step, []

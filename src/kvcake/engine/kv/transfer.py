@@ -196,6 +196,19 @@ class KVSender:
                                                                         range(1)))
         return min(num_layers, -(-MIN_LAYERED_SEND_BYTES // max(per_layer, 1)))
 
+    def send_layers(self, request_id: str, block_ids: list[int], sent: int, layer: int,
+                    group: int) -> int:
+        """Layer ``layer`` of the step's ``block_ids`` is written: send the group of layers
+        it ends, if any (:func:`layers_to_send`; none where ``group`` is every layer, which
+        goes after the step). How many leading layers are on their way now (``sent`` so
+        far)."""
+        num_layers = self.local.num_layers
+        layers = layers_to_send(sent, layer, group, num_layers)
+        if group >= num_layers or layers is None:
+            return sent
+        self.send(request_id, block_ids, layers)
+        return layers.stop
+
     def send(self, request_id: str, block_ids: list[int], layers: range | None = None
              ) -> None:
         """Write the request's next ``len(block_ids)`` blocks (its local ids, in order):

@@ -261,11 +261,10 @@ class MasterService:
             self.counters["misses"] += 1
             return ErrorCode.OBJECT_NOT_FOUND
         self.table.touch(obj.key)
-        memory = obj.readable(Tier.MEMORY)
-        if not memory:
+        if not obj.readable(Tier.MEMORY):
             return self.tiering.promote(obj)
         self.counters["hits"] += 1
-        return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
+        return _in_memory(obj)
 
     def replicas_again(self, key: str, tenant: str = DEFAULT_TENANT
                        ) -> tuple[int, list[ReplicaHandle]] | ErrorCode:
@@ -274,10 +273,7 @@ class MasterService:
         obj = self.table.lease(scoped_key(tenant, key))
         if obj is None:
             return ErrorCode.OBJECT_NOT_FOUND
-        memory = obj.readable(Tier.MEMORY)
-        if not memory:
-            return ErrorCode.REPLICA_IS_NOT_READY
-        return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in memory]
+        return _in_memory(obj) if obj.readable(Tier.MEMORY) else ErrorCode.REPLICA_IS_NOT_READY
 
     def object_id(self, key: str, tenant: str = DEFAULT_TENANT) -> int:
         """Which put of ``key`` is stored (:attr:`StoredObject.object_id`; 0: none)."""
@@ -435,3 +431,8 @@ class MasterService:
 
     def check_integrity(self) -> None:
         self.table.check_integrity(self.arenas.held)
+
+
+def _in_memory(obj: StoredObject) -> tuple[int, list[ReplicaHandle]]:
+    """``obj``'s size and its COMPLETE memory replicas, as a reader is handed them."""
+    return obj.size, [ReplicaHandle(r.segment_id, r.offset) for r in obj.readable(Tier.MEMORY)]
