@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from kvcake.common.auth import ClusterAuth
-from kvcake.common.errors import TransferError
+from kvcake.common.errors import KvcakeError, TransferError
 from kvcake.transfer.batch import TransferOp, TransferRequest
 from kvcake.transfer.config import TransferConfig
 from kvcake.transfer.engine import TransferEngine
@@ -124,6 +124,8 @@ def _write_after_kill(child: subprocess.Popen[bytes], peer: TransferEngine) -> N
         child.wait()
         request = TransferRequest(TransferOp.WRITE, remote, 0, memoryview(b"after"))
         with pytest.raises(TransferError, match="exited"):
+            peer.transfer([request])
+        with pytest.raises(KvcakeError):  # the dead owner's mapping is not used again
             peer.transfer([request])
     finally:
         child.kill()

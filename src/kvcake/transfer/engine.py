@@ -229,6 +229,13 @@ class TransferEngine:
         """Move ``requests`` and wait; raises the first failure. Where
         :meth:`transfer_here` takes the batch (same-host copies, small network batches, from
         a thread other than the engine's), it runs in the calling thread."""
+        if len(requests) == 1 and requests[0].segment.transport == "shm":
+            self._check_open()
+            _check_request(requests[0])
+            error = self._shm().copy_one(requests[0])
+            if error is not None:
+                raise error
+            return
         errors = self.transfer_here(requests)
         if errors is None:
             self.submit(requests).wait()
@@ -289,5 +296,6 @@ def _check_request(request: TransferRequest) -> None:
         raise InvalidParamsError("a read needs a writable local buffer, got a read-only one")
     if buffer.format != "B" or buffer.ndim != 1:
         raise InvalidParamsError("transfer buffers must be flat byte views (use .cast('B'))")
-    descriptor = request.segment.descriptor
-    check_range(descriptor.name, descriptor.size, request.offset, buffer.nbytes)
+    descriptor, offset = request.segment.descriptor, request.offset
+    if offset < 0 or offset + buffer.nbytes > descriptor.size:
+        check_range(descriptor.name, descriptor.size, offset, buffer.nbytes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Callable
 from functools import cache
 
 import msgspec
@@ -184,7 +185,7 @@ def prove_ownership(descriptor: SegmentDescriptor, auth: ClusterAuth = NO_AUTH
 
 class MappedSegment:
     """A same-host peer's segment mapped into this process, from the memfd its owner handed
-    over; :meth:`owner_alive` says whether that owner still lives."""
+    over; ``owner_alive()`` says whether that owner still lives."""
 
     def __init__(self, descriptor: SegmentDescriptor, auth: ClusterAuth = NO_AUTH) -> None:
         self.descriptor = descriptor
@@ -203,10 +204,8 @@ class MappedSegment:
         finally:
             handover.close_fd()
         self.owner = handover.owner
+        self.owner_alive: Callable[[], bool] = self.owner.alive  # asked after every copy
         self.view = memoryview(self._mmap)
-
-    def owner_alive(self) -> bool:
-        return self.owner.alive()
 
     def close(self) -> None:
         self.view.release()

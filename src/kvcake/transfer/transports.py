@@ -73,6 +73,7 @@ class ShmTransport(Transport):
         self._host_id = config.host_id or local_host_id()
         self._mapped: dict[tuple[str, int, str, int, str], MappedSegment] = {}
         self._mapping_lock = threading.Lock()
+        self._last: tuple[SegmentDescriptor, MappedSegment] | None = None  # the last one used
 
     def reaches(self, descriptor: SegmentDescriptor) -> bool:
         if descriptor.host_id != self._host_id or not descriptor.shm_socket:
@@ -89,19 +90,35 @@ class ShmTransport(Transport):
         return self._mapping(descriptor)
 
     def _mapping(self, descriptor: SegmentDescriptor) -> MappedSegment:
+        last = self._last  # one read: a pair another thread sets whole
+        if last is not None and last[0] is descriptor:
+            return last[1]
         key = _mapping_key(descriptor)
-        mapped = self._mapped.get(key)
-        if mapped is None:
-            with self._mapping_lock:  # one mapping per segment, whichever thread maps it
-                mapped = self._mapped.get(key)
-                if mapped is None:
-                    mapped = self._mapped[key] = MappedSegment(descriptor, self.auth)
+        with self._mapping_lock:  # one mapping per segment, whichever thread maps it
+            mapped = self._mapped.get(key)
+            if mapped is None:
+                mapped = self._mapped[key] = MappedSegment(descriptor, self.auth)
+            self._last = (descriptor, mapped)  # never one :meth:`_forget` just dropped
         return mapped
 
     def start(self, batch: Batch, indices: Sequence[int]) -> None:
         errors = self.copy([batch.requests[index] for index in indices])
         for index, error in zip(indices, errors, strict=True):
             batch.complete(index, error)
+
+    def copy_one(self, request: TransferRequest) -> KvcakeError | None:
+        """Run one checked request now, in the calling thread; its error (``None``: moved).
+        The single copy without a batch's bookkeeping (:meth:`copy` runs many)."""
+        try:
+            mapped = self._mapping(request.segment.descriptor)
+        except KvcakeError as exc:
+            return exc
+        start, buffer = request.offset, request.buffer
+        if request.op is TransferOp.READ:
+            buffer[:] = mapped.view[start : start + buffer.nbytes]
+        else:
+            mapped.view[start : start + buffer.nbytes] = buffer
+        return None if mapped.owner_alive() else self._forget(mapped)  # as in :meth:`copy`
 
     def copy(self, requests: Sequence[TransferRequest]) -> list[KvcakeError | None]:
         """Run ``requests`` now, in the calling thread; each one's error (``None``: moved)."""
@@ -134,7 +151,9 @@ class ShmTransport(Transport):
 
     def _forget(self, mapped: MappedSegment) -> TransferError:
         """Drop a dead owner's mapping; the error its transfers fail with."""
-        self._mapped.pop(_mapping_key(mapped.descriptor), None)
+        with self._mapping_lock:
+            self._last = None
+            self._mapped.pop(_mapping_key(mapped.descriptor), None)
         mapped.close()
         return TransferError(f"the owner of segment {mapped.descriptor.name!r} (pid "
                              f"{mapped.descriptor.owner_pid}) exited; its memory is gone")
@@ -143,6 +162,7 @@ class ShmTransport(Transport):
         for mapped in self._mapped.values():
             mapped.close()
         self._mapped.clear()
+        self._last = None
 
 
 class TcpTransport(Transport):
