@@ -103,9 +103,17 @@ class Flight:
     def fail(self, error: KvcakeError) -> None:
         if self.move_to(FlightState.FAILED):
             self._queue.put_nowait(error)
-            if not self.prefill_done.done():
-                self.prefill_done.set_exception(error)
-                self.prefill_done.exception()  # retrieved: nobody else may be waiting
+            self._stop_waiting(error)
+
+    def abort(self) -> None:
+        """The client is gone: end the flight, and wake whatever waits for its prefill."""
+        if self.move_to(FlightState.ABORTED):
+            self._stop_waiting(KvcakeError(f"request {self.request_id} was aborted"))
+
+    def _stop_waiting(self, error: KvcakeError) -> None:
+        if not self.prefill_done.done():
+            self.prefill_done.set_exception(error)
+            self.prefill_done.exception()  # retrieved: nobody else may be waiting
 
     def token_gaps(self) -> list[float]:
         """Seconds between tokens as they reached the Conductor, the first one excluded; an

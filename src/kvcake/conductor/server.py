@@ -349,8 +349,10 @@ class ConductorServer:
 
     async def _disaggregate(self, flight: Flight) -> None:
         reserved = await self._reserve(flight)
+        if not flight.move_to(FlightState.PREFILLING):  # ended meanwhile: its abort may
+            await self._release(flight)  # have reached the decode instance before the seat
+            return
         target = self.instances[flight.decode_id].info.kv_region
-        flight.move_to(FlightState.PREFILLING)
         await self._call(flight.prefill_id, Prefill(
             flight.request_id, flight.prompt_token_ids, flight.params, flight.tenant,
             target, reserved.block_ids or [], reserved.grants, reserved.num_cached_blocks))
@@ -430,8 +432,10 @@ class ConductorServer:
         """The API is done with ``flight``: abort what still runs, forget it."""
         self.flights.pop(flight.request_id, None)
         if flight.state is not FlightState.FINISHED:  # live, or failed on one instance
-            flight.move_to(FlightState.ABORTED)
-            for instance_id in {flight.prefill_id, flight.decode_id}:
+            flight.abort()
+            # the prefill instance first: its abort returns once its writes into the
+            # decode instance's blocks have ended, and only then may those blocks be freed
+            for instance_id in dict.fromkeys((flight.prefill_id, flight.decode_id)):
                 with contextlib.suppress(KvcakeError):
                     await self._call(instance_id, Abort(flight.request_id))
         finished = flight.state is FlightState.FINISHED
