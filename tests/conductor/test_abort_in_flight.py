@@ -2,6 +2,8 @@
 a decode seat is being reserved, no prefill starts and the seat is given back; left while
 its prefill runs, the flight's drive ends too. Either way the prefill instance is aborted
 before the decode instance, so no prefill write lands in blocks the decode side freed.
+A prefill instance lost once its prefills are done fails none of the streams it handed
+over; a decode instance lost fails its own.
 
 The instances are RPC servers that log what they are told, in one shared order."""
 
@@ -18,7 +20,8 @@ from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.flight import Flight, FlightState
 from kvcake.conductor.server import ConductorServer
-from kvcake.wire.conductor import Register, Snapshot
+from kvcake.wire.conductor import Outputs, PrefillDone, Register, Snapshot
+from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
 from kvcake.wire.worker import Abort, Ack, Commit, Prefill, Release, Reserve, Reserved
 
@@ -51,8 +54,9 @@ class FakeInstance:
 
 class Cluster:
     def __init__(self, thread: LoopThread, server: ConductorServer, seat: asyncio.Event,
-                 log: Log) -> None:
+                 log: Log, endpoint: str) -> None:
         self.thread, self.server, self.seat, self.log = thread, server, seat, log
+        self.endpoint = endpoint
 
     def told(self, name: str) -> list[str]:
         return [kind for instance, kind in self.log if instance == name]
@@ -72,7 +76,7 @@ def cluster() -> Iterator[Cluster]:
             thread.run(_register(endpoint, Register(
                 instance.name, role, address, "m", "fp", 16, 64, 256, None, Snapshot(0, []))),
                 TIMEOUT_S)
-        yield Cluster(thread, server, seat, log)
+        yield Cluster(thread, server, seat, log, endpoint)
     finally:
         thread.run(server.shutdown(), TIMEOUT_S)
         for instance in instances:
@@ -84,7 +88,7 @@ async def _event() -> asyncio.Event:
     return asyncio.Event()
 
 
-async def _register(endpoint: str, message: Register) -> None:
+async def _register(endpoint: str, message: Register | PrefillDone | Outputs) -> None:
     client = RpcClient(endpoint, TIMEOUT_S)
     try:
         await client.call(codec.encode(message))
@@ -139,3 +143,37 @@ def test_left_while_its_prefill_runs_the_prefill_instance_is_aborted_first(
 
 async def _set(event: asyncio.Event) -> None:
     event.set()
+
+
+def _output(request_id: str, token: int, finish_reason: str | None = None) -> TokenOutput:
+    return TokenOutput(request_id, [token], [0.0], finish_reason, 40, 0, 0)
+
+
+@pytest.mark.parametrize("lost", ["prefill-0", "decode-0"])
+def test_an_instance_lost_mid_stream_fails_only_the_streams_that_still_need_it(
+        cluster: Cluster, lost: str) -> None:
+    server = cluster.server
+    cluster.thread.run(_set(cluster.seat), TIMEOUT_S)
+
+    async def scenario() -> tuple[Flight, list[object]]:
+        flight = await server.submit("r3", list(range(40)), SamplingParams(max_tokens=4), "t")
+        await _until(lambda: "Prefill" in cluster.told("prefill-0"))
+        await _register(cluster.endpoint, PrefillDone("prefill-0", _output("r3", 7)))
+        await _until(lambda: "Commit" in cluster.told("decode-0"))
+        server.drop_instance(lost, "was killed")
+        await _register(cluster.endpoint, Outputs("decode-0", [_output("r3", 8, "stop")]))
+        got: list[object] = []
+        while len(got) < 2:
+            try:
+                got.append((await flight.next_output(TIMEOUT_S)).token_ids)
+            except Exception as exc:  # the error the API turns into a status
+                got.append(exc)
+                break
+        await server.end(flight)
+        return flight, got
+
+    flight, got = cluster.thread.run(scenario(), TIMEOUT_S * 3)
+    if lost == "prefill-0":  # the prefill was done: the stream ends as it would have
+        assert got == [[7], [8]] and flight.state is FlightState.FINISHED
+    else:
+        assert isinstance(got[-1], Exception) and flight.state is FlightState.FAILED

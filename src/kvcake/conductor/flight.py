@@ -123,8 +123,11 @@ class Flight:
             gaps += [(after - before) / count] * count
         return gaps
 
-    def involves(self, instance_id: str) -> bool:
-        return instance_id in (self.prefill_id, self.decode_id)
+    def needs(self, instance_id: str) -> bool:
+        """Whether the flight still needs ``instance_id``: its decode instance to the end,
+        its prefill instance until the prefill is done (the KV has moved by then)."""
+        return instance_id == self.decode_id or (instance_id == self.prefill_id
+                                                 and not self.prefill_done.done())
 
     async def next_output(self, timeout_s: float) -> TokenOutput:
         """The next output; raises the error that ended the flight, or on timeout."""

@@ -284,7 +284,7 @@ class ConductorServer:
 
     def _fail_flights_of(self, instance_id: str, why: str) -> None:
         for flight in list(self.flights.values()):
-            if flight.involves(instance_id):
+            if flight.needs(instance_id):
                 flight.fail(InstanceLostError(instance_id, flight.request_id))
                 log.warning("request %s failed: instance %s %s", flight.request_id,
                             instance_id, why)
