@@ -9,7 +9,7 @@ import pytest
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.transfer.segment import SegmentDescriptor
-from kvcake.vllm.openai import chunk_output, completion_body
+from kvcake.vllm.openai import check_params, chunk_output, completion_body
 from kvcake.vllm.pd import (
     DecodeWait,
     PdPlan,
@@ -84,6 +84,23 @@ def test_decode_runs_once_allocated_and_told() -> None:
     assert (arrival.request_id, arrival.ok, arrival.block_ids) == ("vllm-7", False, (32, 33))
     assert not plan.arrived("k", ok=True)  # told twice: the second finds nobody
     assert not plan.waits("vllm-7")
+
+
+def test_a_decode_request_waits_for_its_prefill_once() -> None:
+    plan = PdPlan(BLOCK)
+    plan.wait("vllm-8", "k")
+    assert not plan.waited("vllm-8")  # no blocks yet: vLLM may ask again, and it waits
+    plan.allocated("vllm-8", [30, 31], 0)
+    assert plan.arrived("k", ok=False)  # the write failed: vLLM frees its blocks and
+    assert plan.waited("vllm-8")  # admits it again; it computes its prompt itself then
+    plan.finished("vllm-8")
+    assert not plan.waited("vllm-8")
+
+
+def test_prompt_log_probabilities_are_refused_by_name() -> None:
+    check_params(SamplingParams(max_tokens=4, logprobs=1))
+    with pytest.raises(InvalidParamsError, match="prompt log-probabilities"):
+        check_params(SamplingParams(max_tokens=4, logprobs=0, prompt_logprobs=0))
 
 
 def test_a_finished_or_forgotten_decode_request_leaves_nothing() -> None:

@@ -53,6 +53,17 @@ def test_pd_answer_equals_a_single_vllms_greedy_answer(cluster: VllmCluster,
     assert reply.choices[0].text == text
 
 
+def test_prompt_log_probabilities_are_refused_by_name_and_the_instances_serve_on(
+        cluster: VllmCluster) -> None:
+    with cluster.client() as client:
+        with pytest.raises(openai.BadRequestError, match="prompt log-probabilities"):
+            client.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=4, temperature=0, echo=True, logprobs=0)
+        reply = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                          max_tokens=4, temperature=0)
+    assert reply.choices[0].text
+
+
 def test_mooncake_query_finds_the_prompt_on_both_instances(cluster: VllmCluster) -> None:
     """After the long prompt ran, both instances' caches hold its full blocks: vLLM's KV
     events reached the Conductor's index, and Mooncake's /query reports them; the store

@@ -187,7 +187,8 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # call reads the local cache's tokens from here
         self._local_tokens[request.request_id] = num_computed_tokens
         part = pd_params(request.kv_transfer_params) if self.control is not None else None
-        if isinstance(part, DecodeWait):  # the prompt's KV comes from a prefill instance
+        if isinstance(part, DecodeWait) and not self.pd.waited(request.request_id):
+            # the prompt's KV comes from a prefill instance
             missing = request.num_prompt_tokens - num_computed_tokens
             if missing <= 0:
                 return 0, False

@@ -44,7 +44,7 @@ from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
 from kvcake.store.config import DEFAULT_TENANT
 from kvcake.vllm.config import VllmInstanceConfig, VllmServerConfig
 from kvcake.vllm.launch import VllmServer
-from kvcake.vllm.openai import cached_tokens, chunk_output, completion_body
+from kvcake.vllm.openai import cached_tokens, check_params, chunk_output, completion_body
 from kvcake.vllm.pd import PrefillTarget, decode_params, prefill_params
 from kvcake.wire.conductor import (
     MAX_BLOCK_HASHES,
@@ -291,6 +291,7 @@ class VllmInstanceServer:
 
     def _prefill(self, message: Prefill) -> Ack:
         self._check_new(message.request_id)
+        check_params(message.params)
         if message.target is None:
             if self.role != Role.BOTH:
                 raise InvalidParamsError(f"instance {self.instance_id} is a {self.role} "
@@ -325,6 +326,7 @@ class VllmInstanceServer:
             raise InvalidParamsError("a vLLM decode instance needs the prompt and its "
                                      "parameters with the reservation")
         self._check_new(message.request_id)
+        check_params(message.params)
         request = self._track(message.request_id, message.num_prompt_tokens)
         request.deadline = time.monotonic() + self.config.reserve_timeout_s + message.hold_s
         body = completion_body(self.server_config.served_model_name, message.prompt_token_ids,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kvcake.common.errors import KvcakeError
+from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
 
@@ -45,6 +45,15 @@ def completion_body(model: str, prompt: list[int], params: SamplingParams, *, st
     if kv_transfer_params is not None:
         body["kv_transfer_params"] = dict(kv_transfer_params)
     return body
+
+
+def check_params(params: SamplingParams) -> None:
+    """Refuse, by name, what a sidecar cannot ask vLLM for: prompt log-probabilities (echo
+    with logprobs). vLLM refuses them on a stream, and a decode instance asked for them
+    would read no KV, the prefill's neither, and compute the prompt itself."""
+    if params.prompt_logprobs is not None:
+        raise InvalidParamsError("prompt log-probabilities (echo with logprobs) are not "
+                                 "served by vLLM instances; ask without echo or logprobs")
 
 
 def _token_id(text: str) -> int:

@@ -131,6 +131,7 @@ class PdPlan:
     _key_of: dict[str, str] = field(default_factory=dict)  # request id -> key
     _arrivals: list[Arrival] = field(default_factory=list)
     _abandoned: dict[str, tuple[_Waiting, float]] = field(default_factory=dict)
+    _handed: set[str] = field(default_factory=set)  # decode requests whose blocks went out
 
     # -- prefill ---------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class PdPlan:
             return None
         waiting = self._waiting[key]
         waiting.block_ids = tuple(block_ids[num_computed_tokens // self.block_size:])
+        self._handed.add(request_id)
         if waiting.arrived is not None:
             self._arrive(key, waiting.arrived)
         return key, waiting.block_ids
@@ -232,12 +234,19 @@ class PdPlan:
         """vLLM ended the request (finished, or aborted while it waited: then its blocks
         stay held until the prefill's word comes or ``grace_s`` has passed)."""
         self._sending.pop(request_id, None)
+        self._handed.discard(request_id)
         key = self._key_of.get(request_id)
         if key is not None:
             self.forget(key, now, grace_s)
 
     def waits(self, request_id: str) -> bool:
         return request_id in self._key_of
+
+    def waited(self, request_id: str) -> bool:
+        """Whether the decode request's blocks went to its prefill once already. vLLM
+        admits such a request again only when that load failed or the request was
+        preempted; no prefill writes for it any more, so it computes its prompt itself."""
+        return request_id in self._handed
 
     def num_waiting(self) -> int:
         """Decode requests (running or abandoned) still waiting for their prefill's word."""
