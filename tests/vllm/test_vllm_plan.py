@@ -76,6 +76,19 @@ def test_a_hit_is_loaded_in_the_next_step_and_never_saved_again() -> None:
     assert plan.step({"r": 1}, lambda _: 30, lambda _: IDS).saves == []  # decode: nothing
 
 
+def test_blocks_computed_after_a_block_that_did_not_load_are_saved_once_computed_again(
+        ) -> None:
+    """A loaded block was invalid: vLLM computes the request again from there (the step's
+    saves were dropped by the workers); those blocks are saved then, once."""
+    plan, _ = _hit(12)  # blocks 0-2 loaded, 3-7 computed (and saved) in that step
+    plan.loads_failed({IDS[1], 999}, lambda _: IDS)
+    step = plan.step({"r": 26}, lambda _: 4, lambda _: IDS)  # again from block 1
+    assert step.loads == []
+    assert step.saves == [BlockRun("r", IDS[1:], tuple(HASHES[1:]))]
+    plan.loads_failed({999}, lambda _: IDS)  # none of its blocks: nothing changes
+    assert plan.step({"r": 1}, lambda _: 30, lambda _: IDS).saves == []
+
+
 def test_a_whole_prompt_hit_loads_its_partial_last_block_and_saves_nothing() -> None:
     _, step = _hit(29)
     assert step.loads == [BlockRun("r", IDS, tuple(HASHES))]

@@ -24,6 +24,7 @@ pytestmark = needs_vllm
 PROMPTS = P1, P2, P3, P4 = (prompt(1, 600), prompt(2, 400), prompt(3, 300),
                             prompt(4, 300))
 NEXT_TURN = P1 + prompt(5, 100)  # P1's 4 blocks, then its 88-token tail in a full block
+P2_ON = P2 + prompt(6, 300)  # P2's 3 blocks, then blocks the store lacks (removed below)
 # the partial last ones too; the next turn adds its block 4 and its own partial block
 STORED_BLOCKS = sum(-(-len(p) // BLOCK) for p in PROMPTS) + 2
 
@@ -67,11 +68,13 @@ def _client(master: str) -> Iterator[DistributedStore]:
         client.close()
 
 
-def _corrupt(master: str, key: str) -> None:
-    """Flip one byte of the stored block's payload (its header stays right)."""
+def _corrupt(master: str, key: str, whole: bool = False) -> None:
+    """Flip one byte of the stored block's payload, or (``whole``) its second half (its
+    header stays right)."""
     with _client(master) as client:
         record = bytearray(client.get(key))
-        record[-1] ^= 0xFF
+        for i in range(len(record) // 2 if whole else len(record) - 1, len(record)):
+            record[i] ^= 0xFF
         assert client.remove(key, force=True) == 0
         assert client.put(key, bytes(record)) == 0
 
@@ -85,15 +88,18 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
         assert first.ready(), first.stop()
         next_turn = first.generate(NEXT_TURN)[0]  # before P1: computed whole
         cold = [first.generate(p)[0] for p in PROMPTS]
+        p2_on = first.generate(P2_ON)[0]
         keys = first.ask({"keys": P2})["keys"]
         next_keys = first.ask({"keys": NEXT_TURN})["keys"]
+        on_keys = first.ask({"keys": P2_ON})["keys"][len(keys):]
     finally:
         first.stop()
-    wait_stored(metrics, STORED_BLOCKS)
+    wait_stored(metrics, STORED_BLOCKS + len(on_keys) + 1)
     assert len(keys) == len(P2) // BLOCK
     _corrupt(master, keys[0])
-    with _client(master) as client:  # the next turn's block 4 is not stored
-        assert client.remove(next_keys[len(P1) // BLOCK], force=True) == 0
+    with _client(master) as client:  # the next turn's block 4 is not stored, P2_ON's own
+        assert client.remove(next_keys[len(P1) // BLOCK], force=True) == 0  # blocks neither
+        assert [client.remove(key, force=True) for key in on_keys] == [0] * len(on_keys)
 
     second = _instance(master, "recompute", layered=True)  # loads beside the forward pass
     try:
@@ -107,6 +113,15 @@ def test_a_second_instance_loads_the_first_ones_prompts_and_recomputes_bad_block
         answer = second.ask({"prompt": NEXT_TURN, "max_tokens": 4})
         assert (answer["tokens"], answer["cached"]) == (next_turn, len(P1))
         assert second.generate(P2)[0] == cold[1]  # its first block fails its checksum
+        # computed again, that block was stored again; bad once more, it is loaded with
+        # P2's others for P2_ON, whose own blocks, computed over it in that step, are
+        # stored only once computed again: then every block of P2_ON loads right
+        _corrupt(master, keys[0], whole=True)
+        assert second.ask({"reset": True})["reset"]
+        assert second.generate(P2_ON)[0] == p2_on
+        assert second.ask({"reset": True})["reset"]
+        answer = second.ask({"prompt": P2_ON, "max_tokens": 4})  # all from the store
+        assert (answer["tokens"], answer["cached"]) == (p2_on, len(P2_ON) - 1)
         node.kill()  # the pool is gone
         assert second.generate(P3)[0] == cold[2]
         master_process.kill()  # and the store with it

@@ -8,7 +8,9 @@ It prints ``ready``, then answers each JSON line:
   n greedy tokens (4 by default), the wall time of the call and the prompt tokens vLLM did
   not compute (its own prefix cache's and a connector's);
 - ``{"keys": [ids]}``: ``{"keys": [...]}``, the store keys kvcake's connector gives the
-  prompt's full blocks.
+  prompt's full blocks;
+- ``{"reset": true}``: ``{"reset": ok}``, vLLM's own prefix cache emptied (what it
+  computes next comes from the store or is computed again).
 
 End of input shuts the engine down (its KV connector with it) and ends it."""
 
@@ -49,6 +51,9 @@ def main() -> None:
         ask = json.loads(line)
         if "keys" in ask:
             print(json.dumps({"keys": _keys(llm, ask["keys"])}), flush=True)
+            continue
+        if "reset" in ask:
+            print(json.dumps({"reset": llm.reset_prefix_cache()}), flush=True)
             continue
         params = SamplingParams(max_tokens=ask.get("max_tokens", 4), temperature=0.0)
         started = time.perf_counter()

@@ -451,12 +451,25 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._finish_loads()
         if self._worker is None or not self.has_connector_metadata():
             return
+        # a request whose blocks did not all load computed the rest of its step over what
+        # was there: vLLM computes it again, and only that is saved (the plan's scheduler
+        # side learns it from the step's invalid blocks) or sent
+        misread = self._misread()
         for run in self._metadata_plan().saves:
-            self._worker.save(self.prefix, list(run.block_ids), list(run.block_hashes))
+            if run.request_id not in misread:
+                self._worker.save(self.prefix, list(run.block_ids), list(run.block_hashes))
+        for request_id in misread:
+            self._send_errors.setdefault(request_id, KvcakeError(
+                f"request {request_id}: its prompt's KV did not load from the store"))
         for send in self._metadata().sends:
             self._send(send)
         self._layers_sent.clear()
         self._send_errors.clear()
+
+    def _misread(self) -> set[str]:
+        """The requests of this step with a block that did not load."""
+        return {run.request_id for run in self._metadata_plan().loads
+                if not self._load_errors.isdisjoint(run.block_ids)}
 
     def _send(self, send: Send) -> None:
         """Write a prefill's finished blocks into the decode instance's (what
@@ -572,8 +585,13 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return totals
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """Scheduler side: the workers' counts of P/D writes reach the control server, whose
+        """Scheduler side: blocks that did not load are saved once vLLM has computed them
+        again; the workers' counts of P/D writes reach the control server, whose
         ``Describe`` the sidecar reads."""
+        invalid = connector_output.invalid_block_ids
+        if invalid:
+            manager = self._kv_cache_manager
+            self.plan.loads_failed(invalid, lambda rid: manager.get_block_ids(rid)[0])
         stats = connector_output.kv_connector_stats
         if self.control is not None and isinstance(stats, KvcakeConnectorStats):
             self.control.count({name: count for name, count in stats.data.items()

@@ -34,7 +34,7 @@ overwrites.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 
 from kvcake.common.hashing import hash_partial_block, prefix_block_hashes
@@ -198,6 +198,17 @@ class StorePlan:
         stop = first + count
         return BlockRun(request_id, tuple(ids[first:stop]),
                         tuple(tracked.block_hashes[first:stop]))
+
+    def loads_failed(self, invalid: Set[int], block_ids: Callable[[str], Sequence[int]]
+                     ) -> None:
+        """Blocks ``invalid`` did not load: vLLM computes a request's blocks from its first
+        invalid one again, and they are saved once computed (the workers saved nothing of
+        such a request in that step)."""
+        for request_id, tracked in self._requests.items():
+            first = next((i for i, block in enumerate(block_ids(request_id))
+                          if block in invalid), None)
+            if first is not None:
+                tracked.saved_blocks = min(tracked.saved_blocks, first)
 
     def finished(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

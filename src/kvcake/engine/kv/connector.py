@@ -280,6 +280,8 @@ class StoreConnector:
         self.stats.rejected_blocks += 1
         log.warning("stored KV block %s not used: %s", key, problem)
         if code >= 0:  # it exists but is wrong: drop it so a good copy can be stored
+            with self._lock:  # (by this instance too, though it stored one before)
+                self._known.pop(key, None)
             asyncio.run_coroutine_threadsafe(self._remove(key), self.io.loop)
 
     async def _remove(self, key: str) -> None:
