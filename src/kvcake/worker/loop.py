@@ -130,11 +130,13 @@ class EngineLoop:
                  on_outputs: Callable[[list[TokenOutput]], None],
                  on_prefill_done: Callable[[TokenOutput, str], None],
                  reserve_timeout_s: float, transfer_timeout_s: float,
-                 send_by_layer: bool = True) -> None:
+                 send_by_layer: bool = True,
+                 on_death: Callable[[BaseException], None] = lambda _: None) -> None:
         self.core = core
         self.sender = sender
         self._on_outputs = on_outputs
         self._on_prefill_done = on_prefill_done
+        self._on_death = on_death  # the thread ended on an error: nothing runs any more
         self._reserve_timeout_s = reserve_timeout_s
         self._transfer_timeout_s = transfer_timeout_s
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -221,12 +223,15 @@ class EngineLoop:
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._run_commands(block=not self.core.has_unfinished())
-            self._expire_reservations()
-            if self.core.has_unfinished():
-                self._step()
-            self._publish()
+        try:
+            while not self._stop.is_set():
+                self._run_commands(block=not self.core.has_unfinished())
+                self._expire_reservations()
+                if self.core.has_unfinished():
+                    self._step()
+                self._publish()
+        except BaseException as exc:  # logged where it was raised
+            self._on_death(exc)
 
     def _run_commands(self, block: bool) -> None:
         try:

@@ -6,7 +6,7 @@ import os
 
 from kvcake.common.aio import run_main
 from kvcake.common.config import parse_cpus
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.errors import InvalidParamsError, KvcakeError
 from kvcake.common.lifespan import Lifespan
 from kvcake.engine.config import EngineConfig
 from kvcake.worker.config import WorkerConfig
@@ -35,8 +35,12 @@ async def _main(config: WorkerConfig, engine_config: EngineConfig, ready_file: s
     async with Lifespan("worker", ready_file) as life:
         server = WorkerServer(config, engine_config)
         life.on_stop(f"worker {server.instance_id}", server.shutdown)
+        server.on_engine_death(life.stop)
         endpoint = await server.startup()
         await life.serve(f"kvcake worker {server.instance_id} ({config.role}, "
                          f"{engine_config.model}) listening on {endpoint}, conductor "
                          f"{config.conductor}{', cpus ' + config.cpus if config.cpus else ''}"
                          f"{f', nice {config.nice}' if config.nice else ''}", {"rpc": endpoint})
+    if server.engine_error is not None:  # after the stop phases: exit with an error
+        raise KvcakeError(f"worker {server.instance_id}: its engine failed: "
+                          f"{server.engine_error!r}")

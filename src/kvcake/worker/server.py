@@ -84,6 +84,8 @@ class WorkerServer:
         self._need_snapshot = False
         self._profile: Telemetry = Telemetry()
         self._turns = StartupTurns(config.profile_lock)  # siblings profile once all loaded
+        self.engine_error: BaseException | None = None  # what ended the engine thread
+        self._stop_on_death: Callable[[], None] = lambda: None
 
     @property
     def core(self) -> EngineCore:
@@ -119,7 +121,20 @@ class WorkerServer:
         self._loop = EngineLoop(core, sender, self._threadsafe(loop, self._queue_outputs),
                                 self._threadsafe(loop, self._queue_prefill_done),
                                 self.config.reserve_timeout_s, self.config.transfer_timeout_s,
-                                self.config.send_by_layer)
+                                self.config.send_by_layer,
+                                self._threadsafe(loop, self._engine_died))
+
+    def on_engine_death(self, stop: Callable[[], None]) -> None:
+        """Call ``stop`` (on the server's loop) if the engine thread dies: the instance
+        stops then, rather than take requests nothing runs, and the Conductor drops it once
+        its reports stop."""
+        self._stop_on_death = stop
+
+    def _engine_died(self, error: BaseException) -> None:
+        self.engine_error = error
+        log.error("instance %s: its engine thread died (%r); it stops", self.instance_id,
+                  error)
+        self._stop_on_death()
 
     @staticmethod
     def _threadsafe(loop: asyncio.AbstractEventLoop,
