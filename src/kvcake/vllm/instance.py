@@ -60,6 +60,7 @@ from kvcake.wire.conductor import (
     ReportReply,
     Role,
     Snapshot,
+    next_pushed,
 )
 from kvcake.wire.kv_events import CacheView
 from kvcake.wire.output import TokenOutput
@@ -529,12 +530,7 @@ class VllmInstanceServer:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while self._outbox:
-                message = self._outbox.popleft()
-                if isinstance(message, Outputs):
-                    outputs = list(message.outputs)
-                    while self._outbox and isinstance(self._outbox[0], Outputs):
-                        outputs += self._outbox.popleft().outputs  # type: ignore[union-attr]
-                    message = Outputs(self.instance_id, outputs)
+                message = next_pushed(self._outbox)
                 try:
                     await self._conductor.call(encode(message))
                 except KvcakeError as exc:

@@ -24,6 +24,7 @@ each top list (alternatives of a token)    ``MAX_TOP_LOGPROBS``
 
 from __future__ import annotations
 
+from collections import deque
 from enum import StrEnum
 from typing import Annotated
 
@@ -147,6 +148,19 @@ class PrefillDone(msgspec.Struct, tag=True, frozen=True):
 
 
 ConductorRequest = Register | Report | Outputs | PrefillDone
+
+
+def next_pushed(outbox: deque[Outputs | PrefillDone]) -> Outputs | PrefillDone:
+    """The next message to push from ``outbox`` (taken from it): consecutive outputs, as
+    many as one message holds, become one."""
+    message = outbox.popleft()
+    if not isinstance(message, Outputs):
+        return message
+    outputs = list(message.outputs)
+    while outbox and isinstance(outbox[0], Outputs) \
+            and len(outputs) + len(outbox[0].outputs) <= MAX_OUTPUTS:
+        outputs += outbox.popleft().outputs  # type: ignore[union-attr]
+    return Outputs(message.instance_id, outputs)
 
 
 class ReportReply(msgspec.Struct, frozen=True):

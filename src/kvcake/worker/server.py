@@ -30,7 +30,6 @@ from kvcake.transfer.segment import instance_registrant
 from kvcake.wire.conductor import (
     MAX_BLOCK_HASHES,
     MAX_EVENTS,
-    MAX_OUTPUTS,
     MAX_SAMPLES,
     InstanceLoad,
     KVEvent,
@@ -41,6 +40,7 @@ from kvcake.wire.conductor import (
     ReportReply,
     Role,
     Snapshot,
+    next_pushed,
 )
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.worker import (
@@ -244,21 +244,11 @@ class WorkerServer:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while self._outbox:
-                message = self._next_message()
+                message = next_pushed(self._outbox)
                 try:
                     await self._conductor.call(encode(message))
                 except KvcakeError as exc:
                     log.warning("conductor did not take %s: %s", type(message).__name__, exc)
-
-    def _next_message(self) -> Outputs | PrefillDone:
-        message = self._outbox.popleft()
-        if not isinstance(message, Outputs):
-            return message
-        outputs = list(message.outputs)
-        while self._outbox and isinstance(self._outbox[0], Outputs) \
-                and len(outputs) + len(self._outbox[0].outputs) <= MAX_OUTPUTS:
-            outputs += self._outbox.popleft().outputs  # type: ignore[union-attr]
-        return Outputs(self.instance_id, outputs)
 
     async def _report_forever(self) -> None:
         """A failed report is simply sent again: a Conductor that dropped this instance, or
