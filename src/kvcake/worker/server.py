@@ -193,10 +193,10 @@ class WorkerServer:
 
     async def _commit(self, message: Commit) -> Ack:
         def commit(loop: EngineLoop) -> None:
-            loop.settle(message.request_id)
             loop.core.commit(message.request_id, message.prompt_token_ids, message.first_token,
                              message.first_logprob, message.params, message.tenant,
                              message.first_top_logprobs)
+            loop.settle(message.request_id)  # a refused commit keeps the seat's deadline
 
         await self._on_loop(commit)
         return Ack()
