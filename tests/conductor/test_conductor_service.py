@@ -435,6 +435,26 @@ def test_remove_instance_returns_what_was_in_flight_on_it() -> None:
     service.check_integrity()
 
 
+def test_a_request_that_ends_before_its_prefill_takes_back_the_blocks_routing_indexed(
+        ) -> None:
+    """Routing indexes a prompt's blocks on its prefill instance at once (the next request
+    of that prefix goes there too); a request aborted or failed before its prefill leaves
+    no phantom hit behind, and keeps what the instance confirmed meanwhile."""
+    service = make_service(policy="kvcache_centric")
+    for instance_id, role in (("p1", "prefill"), ("d1", "decode")):
+        service.add_instance(instance_id, role, 100)
+    doc = hashes(DOC_A, 160)
+    assert route_ids(service, request("r1", DOC_A, 160), request("r2", 2, 64)) == [
+        ("p1", "d1"), ("p1", "d1")]
+    assert service.index.match("p1", doc) == 10
+    hold(service, "p1", DOC_A, 4)  # its first blocks were computed before the abort
+    service.finished("r1")
+    assert service.index.match("p1", doc) == 4
+    service.prefill_done("r2", ok=False)
+    assert service.index.match("p1", hashes(2, 64)) == 0
+    service.check_integrity()
+
+
 def test_bad_input_is_refused_by_name() -> None:
     assert_invalid(lambda: ConductorConfig(policy="fastest"), "policy must be one of "
                    "cache_aware, kvcache_centric, least_loaded, random, round_robin; "

@@ -103,6 +103,19 @@ def test_insert_is_not_numbered_and_a_snapshot_corrects_it(index: PrefixIndex) -
     index.check_integrity()
 
 
+def test_a_retracted_insert_forgets_only_what_no_event_confirmed(index: PrefixIndex) -> None:
+    assert index.insert("c", DOC[:3]) == DOC[:3]
+    assert index.insert("c", DOC) == DOC[3:]  # what another request added is not its own
+    assert index.apply("c", [stored(1, DOC[3:5])])  # the instance computed those
+    index.retract("c", DOC[3:])  # the second request ended before its prefill
+    assert index.match("c", DOC) == 5
+    index.retract("c", DOC[:3])
+    assert index.match("c", DOC) == 0
+    assert "c" in index.holders(DOC[3]) and "c" not in index.holders(DOC[5])  # confirmed: kept
+    index.retract("ghost", DOC)  # a no-op
+    index.check_integrity()
+
+
 def test_remove_instance_forgets_all_it_held(index: PrefixIndex) -> None:
     index.remove_instance("b")
     index.remove_instance("ghost")  # a no-op

@@ -8,6 +8,10 @@ Two maps that always agree, so both questions are cheap::
 Instances report changes as numbered :class:`KVEvent` s. A missing number means a lost
 report: the index stops there and the caller fetches a snapshot (:meth:`PrefixIndex.replace`).
 Hashes are chained, so a leading match of ``n`` blocks means the whole ``n``-block prefix.
+
+The Conductor also records what it just sent to an instance (:meth:`PrefixIndex.insert`),
+before any event says so; those blocks stay unconfirmed until one does, and a request that
+ends before its prefill takes back the ones it added (:meth:`PrefixIndex.retract`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class PrefixIndex:
         self._holders: dict[bytes, set[str]] = {}
         self._blocks: dict[str, set[bytes]] = {}
         self._last_seq: dict[str, int] = {}
+        self._unconfirmed: dict[str, set[bytes]] = {}  # inserted, no event about them since
 
     # ----- instances
     def add_instance(self, instance_id: str) -> None:
@@ -38,6 +43,7 @@ class PrefixIndex:
         for block in self._blocks.pop(instance_id, set()):
             self._discard(instance_id, block)
         self._last_seq.pop(instance_id, None)
+        self._unconfirmed.pop(instance_id, None)
 
     @property
     def instance_ids(self) -> list[str]:
@@ -74,15 +80,34 @@ class PrefixIndex:
         self._store(instance_id, hashes)
         self._last_seq[instance_id] = seq
 
-    def insert(self, instance_id: str, block_hashes: Iterable[bytes]) -> None:
+    def insert(self, instance_id: str, block_hashes: Iterable[bytes]) -> list[bytes]:
         """Record blocks the Conductor itself just sent there (no event number): the request
-        it routed will compute or pull them. A later event or snapshot corrects it."""
+        it routed will compute or pull them. A later event or snapshot corrects it. Returns
+        the blocks it added (the instance was not known to hold them)."""
         hashes = list(block_hashes)
         _check_hashes(instance_id, hashes)
         self.add_instance(instance_id)
-        self._store(instance_id, hashes)
+        held = self._blocks[instance_id]
+        added = [block for block in dict.fromkeys(hashes) if block not in held]
+        self._store(instance_id, added)
+        self._unconfirmed.setdefault(instance_id, set()).update(added)
+        return added
+
+    def retract(self, instance_id: str, block_hashes: Iterable[bytes]) -> None:
+        """Forget blocks :meth:`insert` added that no event has confirmed since: the request
+        that was to compute or pull them there ended first."""
+        unconfirmed = self._unconfirmed.get(instance_id)
+        if not unconfirmed:
+            return
+        held = self._blocks[instance_id]
+        for block in block_hashes:
+            if block in unconfirmed:
+                unconfirmed.remove(block)
+                held.remove(block)
+                self._discard(instance_id, block)
 
     def _apply_one(self, instance_id: str, event: KVEvent) -> None:
+        self._unconfirmed.get(instance_id, set()).difference_update(event.block_hashes)
         if event.kind == "stored":
             self._store(instance_id, event.block_hashes)
         elif event.kind == "removed":
@@ -95,6 +120,7 @@ class PrefixIndex:
             for block in self._blocks[instance_id]:
                 self._discard(instance_id, block)
             self._blocks[instance_id] = set()
+            self._unconfirmed.pop(instance_id, None)
 
     def _store(self, instance_id: str, block_hashes: Iterable[bytes]) -> None:
         held = self._blocks[instance_id]
@@ -141,6 +167,8 @@ class PrefixIndex:
         reverse = {(i, b) for b, holders in self._holders.items() for i in holders}
         assert pairs == reverse, "holders and blocks disagree"
         assert all(self._holders.values()), "a block with no holder is still indexed"
+        assert all(unconfirmed <= self._blocks[i] for i, unconfirmed in
+                   self._unconfirmed.items()), "an unconfirmed block is not held"
 
 
 def _check_event(instance_id: str, event: KVEvent) -> None:

@@ -69,6 +69,7 @@ class _InFlight:
     routed_s: float = 0.0
     queue_ahead_s: float = 0.0  # predicted prefill seconds queued ahead of it when routed
     own_s: float = 0.0  # its own predicted KV pull and prefill, before the drain fit
+    indexed: list[bytes] = field(default_factory=list)  # what routing added to the index
 
 
 @dataclass
@@ -207,6 +208,8 @@ class ConductorService:
         instance = self.instances[track.prefill_id]
         del instance.prefilling[request_id]
         track.decode_start_s = self.clock()
+        if not ok:  # what it was to compute there never was
+            self.index.retract(track.prefill_id, track.indexed)
         timing = PrefillTiming(track.prefill_end_s - track.routed_s,
                                track.queue_ahead_s + track.own_s,
                                max(0.0, track.decode_start_s - track.routed_s))
@@ -240,6 +243,7 @@ class ConductorService:
             self.cost.add_tbt(track.predicted_tbt_s, observed_tbt_s)
         if track.decode_start_s is None:  # once decoding, its prefill instance may be gone
             del self.instances[track.prefill_id].prefilling[request_id]
+            self.index.retract(track.prefill_id, track.indexed)  # ended before its prefill
         del self.instances[track.decode_id].decode_bound[request_id]
 
     def context_len(self) -> int:
@@ -332,7 +336,8 @@ class ConductorService:
         self.requests[request.request_id] = track
         self.instances[prefill.instance_id].prefilling[request.request_id] = track
         self.instances[decode.instance_id].decode_bound[request.request_id] = track
-        self.index.insert(prefill.instance_id, request.block_hashes)  # hot-block replication
+        track.indexed = self.index.insert(prefill.instance_id,  # hot-block replication
+                                          request.block_hashes)
         self.policy.routed(prefill.instance_id, decode.instance_id)
         self.num_routed += 1
 
