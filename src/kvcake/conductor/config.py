@@ -31,7 +31,8 @@ class ConductorServerConfig:
         another (continuing from the tokens already streamed).
     reserve_wait_s: how long a request may wait for room on a decode instance (its batch
         holds ``max_num_seqs`` requests at most) before it fails with 503.
-    request_timeout_s: longest a request may live.
+    request_timeout_s: longest a request may go without output (its first token, or the
+        next); past it the request fails and is aborted where it runs.
     max_body_bytes: the longest HTTP request body the API reads (longer: 413), bytes >= 1.
     keep_alive_s: how long the API keeps an idle HTTP connection open, seconds >= 1. Longer
         than clients' own idle pools (aiohttp 15 s, httpx 5 s), so the client is always the
