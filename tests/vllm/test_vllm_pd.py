@@ -166,3 +166,18 @@ def test_an_abandoned_decode_request_frees_its_blocks_on_the_prefills_word_or_af
     [late] = plan.take_arrivals(now=15.0)  # r2's prefill never said: its grace ended
     assert (late.request_id, late.ended, late.block_ids) == ("r2", True, (1, 2))
     assert plan.num_waiting() == 1 and plan.waits("r3")
+
+
+def test_a_reservation_asked_again_under_its_key_gets_the_prefills_word() -> None:
+    """The first try's seat timed out (abandoned, its blocks held); the retry waits under the
+    same key and its blocks went to the prefill: the word ends both."""
+    plan = PdPlan(BLOCK)
+    plan.wait("try-1", "k")
+    plan.allocated("try-1", [1, 2], 0)
+    plan.forget("k", now=10.0, grace_s=5.0)
+    plan.wait("try-2", "k")
+    plan.allocated("try-2", [3, 4], 0)
+    assert plan.arrived("k", ok=True)
+    arrivals = {(a.request_id, a.ok, a.block_ids, a.ended) for a in plan.take_arrivals()}
+    assert arrivals == {("try-1", False, (1, 2), True), ("try-2", True, (3, 4), False)}
+    assert plan.num_waiting() == 0

@@ -190,12 +190,13 @@ class PdPlan:
         return None if waiting is None else waiting.block_ids
 
     def arrived(self, key: str, ok: bool) -> bool:
-        """The prefill's word on ``key``; False when no request waits under it."""
+        """The prefill's word on ``key``; False when no request waits under it. A request
+        abandoned under the same key (a reservation asked again after one that timed out)
+        lets its blocks go: the prefill wrote the waiting one's."""
         abandoned = self._abandoned.pop(key, None)
         if abandoned is not None:  # its blocks may go now
             self._arrivals.append(Arrival(abandoned[0].request_id, False,
                                           abandoned[0].block_ids or (), ended=True))
-            return False
         waiting = self._waiting.get(key)
         if waiting is None:
             return False
