@@ -181,3 +181,15 @@ def test_a_reservation_asked_again_under_its_key_gets_the_prefills_word() -> Non
     arrivals = {(a.request_id, a.ok, a.block_ids, a.ended) for a in plan.take_arrivals()}
     assert arrivals == {("try-1", False, (1, 2), True), ("try-2", True, (3, 4), False)}
     assert plan.num_waiting() == 0
+
+
+def test_a_preempted_prefill_resumes_its_writes_where_they_stopped() -> None:
+    plan = PdPlan(BLOCK)
+    target = PrefillTarget("k", _region(), [7, 8, 9])
+    plan.prefill("p", target, 384)
+    first = plan.sends("p", 256, [20, 21])
+    assert first is not None and first.dst == (7, 8)
+    plan.prefill("p", target, 384)  # preempted, admitted again: computes from the start
+    assert plan.sends("p", 256, [30, 31]) is None  # blocks 0-1 are in the target already
+    last = plan.sends("p", 384, [30, 31, 32])
+    assert last is not None and (last.src, last.dst, last.last) == ((32,), (9,), True)

@@ -136,6 +136,10 @@ class PdPlan:
     # -- prefill ---------------------------------------------------------------------
 
     def prefill(self, request_id: str, target: PrefillTarget, num_prompt_tokens: int) -> None:
+        """Write the prompt's blocks for ``target`` as they fill. A request vLLM preempted
+        and admits again keeps its place: the blocks written are in the target already."""
+        if request_id in self._sending:
+            return
         total = prompt_blocks(num_prompt_tokens, self.block_size)
         if len(target.block_ids) > total:
             raise InvalidParamsError(f"request {target.key}: {len(target.block_ids)} target "
