@@ -219,3 +219,18 @@ def test_allocator_rebuilt_from_allocations() -> None:
         SegmentAllocator.with_allocations(64 * KIB, [(0, 4 * KIB), (64, 64)])
     with pytest.raises(InvalidParamsError, match="outside"):
         SegmentAllocator.with_allocations(64 * KIB, [(60 * KIB, 8 * KIB)])
+
+
+def test_restored_objects_count_as_leased_for_one_lease() -> None:
+    """A reader the old leader leased may still be copying out: the new leader neither
+    removes nor evicts what it restored before such a lease could have ended."""
+    old, clock = leader(lease_ttl_s=5.0)
+    mount(old, "node-a", "seg-a")
+    put(old, "writer", "k", 4 * KIB)
+    etcd = FakeEtcd()
+    etcd.flush(old)
+    new = MasterService(MasterConfig(seed=8, lease_ttl_s=5.0), clock)
+    etcd.restore_into(new)
+    assert new.remove("k") is ErrorCode.OBJECT_HAS_LEASE
+    clock.now += 5.1
+    assert new.remove("k") is ErrorCode.OK

@@ -7,7 +7,9 @@ an event loop run it in a thread. Every failure to reach etcd becomes :class:`Me
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvcake.common.errors import InvalidParamsError, KvcakeError, MetadataError
@@ -38,3 +40,41 @@ def guarded(action: Callable[[], T]) -> T:
         raise
     except Exception as exc:  # the etcd client raises grpc and its own errors
         raise MetadataError(f"etcd: {type(exc).__name__}: {exc}") from exc
+
+
+PAGE_KEYS = 2000  # keys per read: one response must stay under gRPC's 4 MiB message limit
+
+
+def read_prefix(client: Any, prefix: str, page_keys: int = PAGE_KEYS) -> list[tuple[bytes, Any]]:
+    """Every ``(value, metadata)`` under ``prefix``, in key order, read in pages of
+    ``page_keys`` keys, all at the first page's revision (one read of the whole prefix
+    fails once it passes gRPC's message limit: a journal of some 20,000 objects)."""
+    start, end = prefix.encode(), _prefix_end(prefix.encode())
+    rows: list[tuple[bytes, Any]] = []
+    revision = None
+    while True:
+        reply = guarded(functools.partial(client.get_range_response, start, end,
+                                          limit=page_keys, revision=revision))
+        revision = reply.header.revision
+        rows += [(kv.value, _Meta(kv.key, kv.mod_revision)) for kv in reply.kvs]
+        if not reply.more or not reply.kvs:
+            return rows
+        start = reply.kvs[-1].key + b"\0"
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """What a caller reads of a row besides its value."""
+
+    key: bytes
+    mod_revision: int
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The first key past every key that starts with ``prefix``."""
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[:i + 1])
+    return b"\0"  # all 0xff: to the end of the key space

@@ -38,7 +38,7 @@ from typing import Any
 
 from kvcake.common import codec
 from kvcake.common.errors import ErrorCode, KvcakeError, MetadataError
-from kvcake.common.etcd import guarded
+from kvcake.common.etcd import guarded, read_prefix
 from kvcake.common.log import get_logger
 from kvcake.store.leader import Layout, LeaderRecord
 from kvcake.store.master.journal import (
@@ -158,9 +158,8 @@ def _chunks(writes: list[Write]) -> list[list[Write]]:
 def load_journal(client: Any, layout: Layout) -> tuple[list[SegmentRecord],
                                                        list[tuple[str, ObjectRecord]]]:
     """Segment records, and object records oldest-written first (the LRU order to restore)."""
-    segments = [codec.decode(v, SegmentRecord)
-                for v, _ in guarded(lambda: list(client.get_prefix(layout.segments)))]
-    rows = guarded(lambda: list(client.get_prefix(layout.objects)))
+    segments = [codec.decode(v, SegmentRecord) for v, _ in read_prefix(client, layout.segments)]
+    rows = read_prefix(client, layout.objects)
     rows.sort(key=lambda row: row[1].mod_revision)
     skip = len(layout.objects.encode())
     objects = [(meta.key[skip:].decode(), codec.decode(value, ObjectRecord))

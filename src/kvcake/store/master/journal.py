@@ -112,7 +112,9 @@ def restore(service: MasterService, segments: Iterable[SegmentRecord],
     """Rebuild an empty service from records. ``objects`` in eviction order (oldest first);
     replicas on segments without a record are dropped, objects left without one skipped.
     Owners of restored segments count as alive from now: they have ``client_ttl_s`` to
-    rejoin before their segments are dropped."""
+    rejoin before their segments are dropped. Objects count as leased for one lease from
+    now: a reader leased by the old leader may still be copying out, so their memory is
+    neither evicted nor reused before that lease could have ended."""
     now = service.clock()
     by_id = {s.segment_id: s for s in segments}
     placed: dict[int, list[tuple[int, int]]] = {i: [] for i in by_id}
@@ -125,7 +127,8 @@ def restore(service: MasterService, segments: Iterable[SegmentRecord],
             for segment_id, offset in placed_memory:
                 placed[segment_id].append((offset, record.size))
     service.restore(((_segment(s, placed[i]), s.host_id) for i, s in by_id.items()),
-                    (_object(key, record, replicas, now) for key, record, replicas in kept), now)
+                    (_object(key, record, replicas, now, now + service.config.lease_ttl_s)
+                     for key, record, replicas in kept), now)
 
 
 def _segment(record: SegmentRecord, allocations: list[tuple[int, int]]) -> MountedSegment:
@@ -135,7 +138,7 @@ def _segment(record: SegmentRecord, allocations: list[tuple[int, int]]) -> Mount
 
 
 def _object(key: str, record: ObjectRecord, replicas: list[ReplicaRecord],
-            now: float) -> StoredObject:
+            now: float, leased_until: float) -> StoredObject:
     restored = []
     for r in replicas:
         replica = Replica(r.segment_id, r.offset, record.size,
@@ -143,7 +146,7 @@ def _object(key: str, record: ObjectRecord, replicas: list[ReplicaRecord],
         replica.move_to(ReplicaState.PROCESSING)
         replica.move_to(ReplicaState.COMPLETE)
         restored.append(replica)
-    return StoredObject(key, record.size, restored, None, now,
+    return StoredObject(key, record.size, restored, None, now, lease_until=leased_until,
                         soft_pin_until=now + record.soft_pin_left_s if record.soft_pin_left_s
                         else 0.0, hard_pinned=record.hard_pinned, owner=record.owner,
                         group=record.group)

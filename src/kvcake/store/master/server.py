@@ -180,8 +180,7 @@ class MasterServer:
         """Before any handler: only a confirmed leader serves; count; place the puts
         clients recorded in their rings; drop dead owners."""
         if not self.serving():
-            raise KvcakeError("this master's term as leader is not confirmed; ask the leader "
-                              "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
+            raise _not_leading()
         name = type(request).__name__
         self._requests[name] = self._requests.get(name, 0) + 1
         self.service.arenas.drain()  # puts that returned come first
@@ -189,7 +188,11 @@ class MasterServer:
 
     def _settle(self, request: m.MasterRequest) -> Awaitable[None] | None:
         """Once a reply is ready: start the node tasks it queued; an HA leader's changes
-        reach etcd before a durable request's reply leaves; what changed is published."""
+        reach etcd before a durable request's reply leaves; what changed is published. A
+        leader whose term ended while the call waited (for room, for a promotion) answers
+        nothing of it: a new leader may have handed that memory out."""
+        if not self.serving():
+            raise _not_leading()
         self._run_tasks()
         self.service.table.publish_changed()
         if self.persistence is not None and isinstance(request, _DURABLE) \
@@ -543,3 +546,8 @@ def _per_key(action: Callable[..., Any], *args: Any) -> Any:
 def _exist_code(service: MasterService, key: str, tenant: str) -> int:
     result = _per_key(service.exist, key, tenant)
     return int(result) if isinstance(result, ErrorCode) else int(bool(result))
+
+
+def _not_leading() -> KvcakeError:
+    return KvcakeError("this master's term as leader is not confirmed; ask the leader "
+                       "named in etcd", ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
