@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from kvcake.common.auth import ClientHandshake, ClusterAuth
+from kvcake.common.codec import encode
 from kvcake.common.frames import HEADER_SIZE, FrameHeader, FrameOp, pack_header, unpack_header
+from kvcake.common.rpc import RpcClient
 
 
 def authenticated_socket(endpoint: str, token: str) -> socket.socket:
@@ -55,3 +58,12 @@ def read_reply(sock: socket.socket) -> str:
         assert chunk, "server closed mid-body"
         body += chunk
     return (head + b"\r\n\r\n" + body).decode()
+
+
+async def call_once(endpoint: str, message: Any, timeout_s: float = 5.0) -> bytes:
+    """One RPC call of ``message`` to ``endpoint`` on a connection of its own; the reply."""
+    client = RpcClient(endpoint, timeout_s)
+    try:
+        return await client.call(encode(message))
+    finally:
+        client.close()

@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvcake.common import codec
 from kvcake.common.aio import LoopThread
-from kvcake.common.rpc import Dispatcher, RpcClient, RpcServer
+from kvcake.common.rpc import Dispatcher, RpcServer
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.flight import Flight, FlightState
 from kvcake.conductor.server import ConductorServer
@@ -24,6 +23,7 @@ from kvcake.wire.conductor import Outputs, PrefillDone, Register, Snapshot
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.sampling import SamplingParams
 from kvcake.wire.worker import Abort, Ack, Commit, Prefill, Release, Reserve, Reserved
+from wire import call_once
 
 TIMEOUT_S = 5.0
 Log = list[tuple[str, str]]  # (instance, message type), in the order they arrived
@@ -73,7 +73,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         for instance, role in zip(instances, ("prefill", "decode"), strict=True):
             address = thread.run(instance.server.startup(), TIMEOUT_S)
-            thread.run(_register(endpoint, Register(
+            thread.run(call_once(endpoint, Register(
                 instance.name, role, address, "m", "fp", 16, 64, 256, None, Snapshot(0, []))),
                 TIMEOUT_S)
         yield Cluster(thread, server, seat, log, endpoint)
@@ -86,14 +86,6 @@ def cluster() -> Iterator[Cluster]:
 
 async def _event() -> asyncio.Event:
     return asyncio.Event()
-
-
-async def _register(endpoint: str, message: Register | PrefillDone | Outputs) -> None:
-    client = RpcClient(endpoint, TIMEOUT_S)
-    try:
-        await client.call(codec.encode(message))
-    finally:
-        client.close()
 
 
 async def _until(check: Callable[[], bool]) -> None:
@@ -158,10 +150,10 @@ def test_an_instance_lost_mid_stream_fails_only_the_streams_that_still_need_it(
     async def scenario() -> tuple[Flight, list[object]]:
         flight = await server.submit("r3", list(range(40)), SamplingParams(max_tokens=4), "t")
         await _until(lambda: "Prefill" in cluster.told("prefill-0"))
-        await _register(cluster.endpoint, PrefillDone("prefill-0", _output("r3", 7)))
+        await call_once(cluster.endpoint, PrefillDone("prefill-0", _output("r3", 7)))
         await _until(lambda: "Commit" in cluster.told("decode-0"))
         server.drop_instance(lost, "was killed")
-        await _register(cluster.endpoint, Outputs("decode-0", [_output("r3", 8, "stop")]))
+        await call_once(cluster.endpoint, Outputs("decode-0", [_output("r3", 8, "stop")]))
         got: list[object] = []
         while len(got) < 2:
             try:

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from kvcake.common import codec
 from kvcake.common.aio import LoopThread
 from kvcake.common.errors import InvalidParamsError
-from kvcake.common.rpc import RpcClient
 from kvcake.engine.config import EngineConfig
 from kvcake.wire.sampling import SamplingParams
 from kvcake.wire.worker import Commit, Prefill, Reserve
 from kvcake.worker.config import WorkerConfig
 from kvcake.worker.server import WorkerServer
+from wire import call_once
 
 TIMEOUT_S = 10.0
 
@@ -54,9 +53,9 @@ def worker_of(tiny_model_dir: Callable[..., Path]
 def test_a_refused_commit_keeps_the_seats_deadline(
         worker_of: Callable[..., tuple[LoopThread, WorkerServer]]) -> None:
     thread, server = worker_of("decode", reserve_timeout_s=0.3)
-    thread.run(_call(server.endpoint, Reserve("r1", 20)), TIMEOUT_S)
+    thread.run(call_once(server.endpoint, Reserve("r1", 20)), TIMEOUT_S)
     with pytest.raises(InvalidParamsError, match="prompt tokens for"):  # 40 for a 20's seat
-        thread.run(_call(server.endpoint, Commit("r1", list(range(40)), 1, 0.0,
+        thread.run(call_once(server.endpoint, Commit("r1", list(range(40)), 1, 0.0,
                                                  SamplingParams(max_tokens=2), "t")), TIMEOUT_S)
     deadline = time.monotonic() + TIMEOUT_S
     while server.core.num_reserved:
@@ -74,16 +73,8 @@ def test_an_engine_step_that_raises_stops_the_worker(
     def step() -> list[object]:
         raise RuntimeError("a broken kernel")
     monkeypatch.setattr(server.core, "step", step)
-    thread.run(_call(server.endpoint, Prefill("r1", [5, 6, 7], SamplingParams(max_tokens=2),
+    thread.run(call_once(server.endpoint, Prefill("r1", [5, 6, 7], SamplingParams(max_tokens=2),
                                               "t")), TIMEOUT_S)
     assert died.wait(TIMEOUT_S), "the server was never told"
     assert isinstance(server.engine_error, RuntimeError)
     assert not server.core.scheduler.requests  # the step's requests were aborted
-
-
-async def _call(endpoint: str, message: Prefill | Reserve | Commit) -> None:
-    client = RpcClient(endpoint, TIMEOUT_S)
-    try:
-        await client.call(codec.encode(message))
-    finally:
-        client.close()
