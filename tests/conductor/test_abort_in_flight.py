@@ -169,3 +169,27 @@ def test_an_instance_lost_mid_stream_fails_only_the_streams_that_still_need_it(
         assert got == [[7], [8]] and flight.state is FlightState.FINISHED
     else:
         assert isinstance(got[-1], Exception) and flight.state is FlightState.FAILED
+
+
+def test_a_drive_that_fails_unexpectedly_ends_its_flight(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever fails while the Conductor sets a request up, its client hears at once
+    (it waited out the request timeout, the request counted in every queue meanwhile)."""
+    server = cluster.server
+
+    async def broken(flight: Flight) -> None:
+        raise OverflowError("can't serialize ints > 2**64 - 1")
+    monkeypatch.setattr(server, "_disaggregate", broken)
+
+    async def scenario() -> BaseException:
+        flight = await server.submit("r4", list(range(40)), SamplingParams(max_tokens=4), "t")
+        try:
+            await flight.next_output(TIMEOUT_S)
+        except Exception as exc:  # the error the API turns into a status
+            return exc
+        finally:
+            await server.end(flight)
+        raise AssertionError("a broken drive produced output")
+
+    error = cluster.thread.run(scenario(), TIMEOUT_S * 2)
+    assert "internal error: OverflowError" in str(error)

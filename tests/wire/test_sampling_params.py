@@ -18,6 +18,10 @@ from kvcake.wire.sampling import SamplingParams, fit_context
     ("top_k", -2),
     ("min_p", 1.5), ("logprobs", 21), ("logprobs", -1), ("seed", 1 << 64),
     ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("max_tokens", True),
+    # past what the wire encodes (the Conductor would fail to send the request) or what a
+    # stream can check cheaply at every step
+    ("top_k", 10**20), ("stop_token_ids", [1 << 64]), ("min_tokens", 1 << 40),
+    ("max_tokens", 1 << 40), ("stop", ["x" * 257]),
 ])
 def test_invalid_params_name_the_field(field: str, value: Any) -> None:
     with pytest.raises(InvalidParamsError, match=field):

@@ -346,6 +346,9 @@ class ConductorServer:
                 await self._disaggregate(flight)
         except KvcakeError as exc:
             flight.fail(exc)
+        except Exception as exc:  # the flight must end whatever failed: its client waits
+            log.exception("request %s: driving it failed", flight.request_id)
+            flight.fail(KvcakeError(f"internal error: {type(exc).__name__}: {exc}"))
 
     async def _disaggregate(self, flight: Flight) -> None:
         reserved = await self._reserve(flight)

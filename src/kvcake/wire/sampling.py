@@ -15,6 +15,8 @@ from kvcake.common.errors import InvalidParamsError
 MAX_LOGPROBS = 20
 MAX_STOPS = 64  # stop strings of one request (also on the wire, checked while decoding)
 MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_CHARS = 256  # one stop string: a stream holds back its longest partial match
+MAX_COUNT = (1 << 31) - 1  # token ids, top_k, token counts: what every engine encodes
 GREEDY_BELOW = 1e-5  # temperatures this small are argmax; dividing by them overflows
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
@@ -57,10 +59,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self._normalise()
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, low=1)
+            _check_int("max_tokens", self.max_tokens, low=1, high=MAX_COUNT)
         _check_float("temperature", self.temperature, 0.0, math.inf)
         _check_float("top_p", self.top_p, 0.0, 1.0, open_low=True)
-        _check_int("top_k", self.top_k, low=0, what="0 or -1 (off), or >= 1")
+        _check_int("top_k", self.top_k, low=0, high=MAX_COUNT,
+                   what=f"0 or -1 (off), or 1..{MAX_COUNT}")
         _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, low=SEED_MIN, high=SEED_MAX)
@@ -75,7 +78,7 @@ class SamplingParams:
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
                      open_low=True)
-        _check_int("min_tokens", self.min_tokens, low=0)
+        _check_int("min_tokens", self.min_tokens, low=0, high=MAX_COUNT)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParamsError(f"min_tokens must be at most max_tokens "
                                      f"({self.max_tokens}), got {self.min_tokens}")
@@ -103,11 +106,14 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise InvalidParamsError(f"stop strings must be non-empty, got {text!r}")
+            if len(text) > MAX_STOP_CHARS:
+                raise InvalidParamsError(f"stop strings are at most {MAX_STOP_CHARS} "
+                                         f"characters, got one of {len(text)}")
         if not isinstance(self.stop_token_ids, tuple):
             raise InvalidParamsError(f"stop_token_ids must be a list of token ids, "
                                      f"got {self.stop_token_ids!r}")
         for token_id in self.stop_token_ids:
-            _check_int("stop_token_ids", token_id, low=0)
+            _check_int("stop_token_ids", token_id, low=0, high=MAX_COUNT)
 
     @property
     def greedy(self) -> bool:
