@@ -6,6 +6,7 @@ step, that each KV block's ref count equals the number of live requests that hol
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections import Counter
@@ -437,6 +438,24 @@ def test_bad_prompt_is_refused_and_the_engine_goes_on(
     assert core.scheduler.requests == {} and not core.has_unfinished()
     results = run(core, {"bad": prompt(41, 95)}, greedy(3))  # the id is still free
     assert (results["bad"].finish_reason, len(results["bad"].token_ids)) == ("length", 1)
+    check_blocks(core)
+
+
+def test_a_stop_token_outside_the_vocabulary_is_refused_and_the_engine_goes_on(
+        make_core: MakeCore) -> None:
+    """With ``min_tokens`` the sampler masks the stop ids by index: one past the vocabulary
+    raised in the step and took every request of the batch down with it."""
+    core = make_core(num_blocks=12)
+    params = dataclasses.replace(greedy(3), stop_token_ids=(256,), min_tokens=1)
+    with pytest.raises(InvalidParamsError, match=r"stop_token_ids 256 is outside"):
+        core.add_request("bad", prompt(43, 20), params)
+    assert core.reserve("seat", 20, prompt(44, 20)) is not None
+    with pytest.raises(InvalidParamsError, match=r"first token -1 is outside"):
+        core.commit("seat", prompt(44, 20), -1, 0.0, greedy(3))
+    assert core.release("seat")  # the refused commit left the seat to release
+    results = run(core, {"good": prompt(45, 20)}, dataclasses.replace(params,
+                                                                     stop_token_ids=(7,)))
+    assert len(results["good"].token_ids) >= 1
     check_blocks(core)
 
 

@@ -205,6 +205,7 @@ class EngineCore:
         if request_id in self.scheduler.requests:
             raise InvalidParamsError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
         if params.max_tokens is None:
             params = fit_context(params, len(prompt_token_ids), self.max_model_len)
         request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
@@ -212,15 +213,19 @@ class EngineCore:
         return request
 
     def _check_prompt(self, tokens: list[int]) -> None:
-        vocab = self.model_config.vocab_size
         if not tokens:
             raise InvalidParamsError("the prompt is empty")
         if len(tokens) >= self.max_model_len:
             raise InvalidParamsError(f"prompt of {len(tokens)} tokens does not fit "
                                      f"max_model_len {self.max_model_len}")
+        self._check_token_ids("token id", tokens)
+
+    def _check_token_ids(self, what: str, tokens: Sequence[int]) -> None:
+        """Every id indexes the model's vocabulary (a stop id past it broke the sampler)."""
+        vocab = self.model_config.vocab_size
         bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidParamsError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            raise InvalidParamsError(f"{what} {bad} is outside the vocabulary (0..{vocab - 1})")
 
     def abort(self, request_id: str) -> TokenOutput | None:
         return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
@@ -310,6 +315,8 @@ class EngineCore:
             raise InvalidParamsError(f"request {request_id!r} has no reserved blocks")
         block_ids = self._reserved[request_id][0]
         self._check_prompt(prompt_token_ids)
+        self._check_token_ids("first token", [first_token])  # before the seat is taken
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
         if len(block_ids) != -(-len(prompt_token_ids) // self.config.block_size):
             raise InvalidParamsError(f"request {request_id!r}: {len(prompt_token_ids)} prompt "
                                      f"tokens for {len(block_ids)} reserved blocks")
