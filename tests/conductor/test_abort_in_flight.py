@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from flights import first_output_error
 from kvcake.common.aio import LoopThread
 from kvcake.common.rpc import Dispatcher, RpcServer
 from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
@@ -181,15 +182,5 @@ def test_a_drive_that_fails_unexpectedly_ends_its_flight(
         raise OverflowError("can't serialize ints > 2**64 - 1")
     monkeypatch.setattr(server, "_disaggregate", broken)
 
-    async def scenario() -> BaseException:
-        flight = await server.submit("r4", list(range(40)), SamplingParams(max_tokens=4), "t")
-        try:
-            await flight.next_output(TIMEOUT_S)
-        except Exception as exc:  # the error the API turns into a status
-            return exc
-        finally:
-            await server.end(flight)
-        raise AssertionError("a broken drive produced output")
-
-    error = cluster.thread.run(scenario(), TIMEOUT_S * 2)
+    error = first_output_error(cluster.thread, server, "r4", 40, TIMEOUT_S)
     assert "internal error: OverflowError" in str(error)

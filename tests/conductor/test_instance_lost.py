@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from flights import first_output_error
 from kvcake.api.errors import RETRY_AFTER_S, ApiError
 from kvcake.common import codec
 from kvcake.common.aio import LoopThread
@@ -17,7 +18,6 @@ from kvcake.conductor.config import ConductorConfig, ConductorServerConfig
 from kvcake.conductor.flight import InstanceLostError
 from kvcake.conductor.server import ConductorServer
 from kvcake.wire.conductor import Register, Snapshot
-from kvcake.wire.sampling import SamplingParams
 
 TIMEOUT_S = 5.0
 
@@ -50,23 +50,10 @@ def _register_dead_instance(thread: LoopThread, endpoint: str) -> None:
     thread.run(register(), TIMEOUT_S)
 
 
-def _first_output_error(thread: LoopThread, server: ConductorServer) -> BaseException:
-    async def submit() -> BaseException:
-        flight = await server.submit("r1", list(range(20)), SamplingParams(max_tokens=4), "t")
-        try:
-            await flight.next_output(TIMEOUT_S)
-        except Exception as exc:  # the error the API turns into a status
-            return exc
-        finally:
-            await server.end(flight)
-        raise AssertionError("a dead instance produced output")
-    return thread.run(submit(), TIMEOUT_S * 2)
-
-
 def test_a_request_on_an_instance_that_just_died_is_a_503(
         conductor: tuple[LoopThread, ConductorServer]) -> None:
     thread, server = conductor
-    error = _first_output_error(thread, server)
+    error = first_output_error(thread, server, "r1", 20, TIMEOUT_S)
     assert isinstance(error, InstanceLostError), error
     assert error.status == 503 and error.instance_id == "both-0"
 
