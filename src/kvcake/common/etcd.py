@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvcake.common.errors import InvalidParamsError, KvcakeError, MetadataError
@@ -46,35 +45,20 @@ PAGE_KEYS = 2000  # keys per read: one response must stay under gRPC's 4 MiB mes
 
 
 def read_prefix(client: Any, prefix: str, page_keys: int = PAGE_KEYS) -> list[tuple[bytes, Any]]:
-    """Every ``(value, metadata)`` under ``prefix``, in key order, read in pages of
-    ``page_keys`` keys, all at the first page's revision (one read of the whole prefix
-    fails once it passes gRPC's message limit: a journal of some 20,000 objects)."""
-    start, end = prefix.encode(), _prefix_end(prefix.encode())
+    """Every ``(value, metadata)`` under ``prefix``, as ``client.get_prefix`` gives them, in
+    key order, read in pages of ``page_keys`` keys, all at the first page's revision (one
+    read of 25,000 journal records failed on gRPC's message limit)."""
+    from pyetcd.client import KVMetadata
+    from pyetcd.utils import prefix_range_end
+
+    start, end = prefix.encode(), prefix_range_end(prefix.encode())
     rows: list[tuple[bytes, Any]] = []
     revision = None
     while True:
         reply = guarded(functools.partial(client.get_range_response, start, end,
                                           limit=page_keys, revision=revision))
         revision = reply.header.revision
-        rows += [(kv.value, _Meta(kv.key, kv.mod_revision)) for kv in reply.kvs]
+        rows += [(kv.value, KVMetadata(kv, reply.header)) for kv in reply.kvs]
         if not reply.more or not reply.kvs:
             return rows
         start = reply.kvs[-1].key + b"\0"
-
-
-@dataclass(frozen=True)
-class _Meta:
-    """What a caller reads of a row besides its value."""
-
-    key: bytes
-    mod_revision: int
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The first key past every key that starts with ``prefix``."""
-    end = bytearray(prefix)
-    for i in reversed(range(len(end))):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return bytes(end[:i + 1])
-    return b"\0"  # all 0xff: to the end of the key space

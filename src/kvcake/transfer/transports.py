@@ -113,11 +113,7 @@ class ShmTransport(Transport):
             mapped = self._mapping(request.segment.descriptor)
         except KvcakeError as exc:
             return exc
-        start, buffer = request.offset, request.buffer
-        if request.op is TransferOp.READ:
-            buffer[:] = mapped.view[start : start + buffer.nbytes]
-        else:
-            mapped.view[start : start + buffer.nbytes] = buffer
+        _move(mapped, request)
         return None if mapped.owner_alive() else self._forget(mapped)  # as in :meth:`copy`
 
     def copy(self, requests: Sequence[TransferRequest]) -> list[KvcakeError | None]:
@@ -130,11 +126,7 @@ class ShmTransport(Transport):
             except KvcakeError as exc:
                 errors[index] = exc
                 continue
-            start = request.offset
-            if request.op is TransferOp.READ:
-                request.buffer[:] = mapped.view[start : start + request.length]
-            else:
-                mapped.view[start : start + request.length] = request.buffer
+            _move(mapped, request)
             indices = copied.get(mapped)
             if indices is None:
                 copied[mapped] = [index]
@@ -257,6 +249,15 @@ class TcpTransport(Transport):
         for peer in self._peers.values():
             peer.close()
         self._peers.clear()
+
+
+def _move(mapped: MappedSegment, request: TransferRequest) -> None:
+    """Copy ``request``'s bytes between its buffer and ``mapped``."""
+    start, buffer = request.offset, request.buffer
+    if request.op is TransferOp.READ:
+        buffer[:] = mapped.view[start : start + buffer.nbytes]
+    else:
+        mapped.view[start : start + buffer.nbytes] = buffer
 
 
 def _mapping_key(descriptor: SegmentDescriptor) -> tuple[str, int, str, int, str]:
