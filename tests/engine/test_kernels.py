@@ -1,6 +1,6 @@
-"""kvcake's compiled CPU kernels: paged decode attention against plain attention over gathered
-K/V, the fused element-wise steps against the PyTorch ops they replace, the build cache, and
-the fall-back to PyTorch's ops where they cannot be built."""
+"""kvcake's compiled CPU kernels: paged decode and prefill attention against plain attention
+over gathered K/V, the fused element-wise steps against the PyTorch ops they replace, the build
+cache, and the fall-back to PyTorch's ops where they cannot be built."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import torch
 from kvcake.engine.config import EngineConfig
 from kvcake.engine.core import EngineCore
 from kvcake.engine.model import kernels
-from kvcake.engine.model.kernels import CpuKernels, PagedDecodes, load_cpu_kernels
+from kvcake.engine.model.kernels import (
+    CpuKernels,
+    PagedDecodes,
+    PagedPrefills,
+    load_cpu_kernels,
+)
 from kvcake.engine.model.llama import _rms_norm, _rope
 from kvcake.engine.penalties import TokenHistory
 from kvcake.engine.sampling import Sampler
@@ -78,6 +83,46 @@ def test_kernel_equals_attention_over_gathered_blocks(kernel_dir: Path, dtype: t
     out = torch.full_like(q, float("nan"))
     kernel.paged_decode(q, k, v, decodes, head_dim ** -0.5, out)
     expected = reference(q, k, v, decodes, head_dim ** -0.5)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def prefill_case(chunks: list[tuple[int, int]], kv_heads: int, groups: int, head_dim: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                              PagedPrefills, PagedDecodes]:
+    """Prompt chunks ``(first position, length)`` over a scrambled cache, and the same query
+    rows as single-token decodes (row ``r`` of a chunk sees ``first + r + 1`` tokens)."""
+    ends = [first + length for first, length in chunks]
+    q, k, v, whole = paged_case(ends, kv_heads, groups, head_dim, dtype, seed=len(chunks))
+    rows = sum(length for _, length in chunks)
+    q = torch.randn(rows, kv_heads * groups, head_dim,
+                    generator=torch.Generator().manual_seed(rows)).to(dtype)
+    owner = torch.tensor([c for c, (_, length) in enumerate(chunks) for _ in range(length)])
+    seen = [first + r + 1 for first, length in chunks for r in range(length)]
+    prefills = PagedPrefills(whole.tables, torch.tensor([f for f, _ in chunks], dtype=torch.int32),
+                             torch.tensor([n for _, n in chunks], dtype=torch.int32), BLOCK)
+    as_decodes = PagedDecodes(0, whole.tables[owner].contiguous(),
+                              torch.tensor(seen, dtype=torch.int32), BLOCK)
+    return q, k, v, prefills, as_decodes
+
+
+# (first position, length): whole prompts, chunks after a cached prefix, one-token chunks,
+# lengths around the kernel's 16-row tiles, 64-token chunks and 16-token blocks
+PREFILL_CHUNKS = [(0, 1), (0, 17), (16, 1), (5, 40), (0, 130), (64, 64), (100, 33), (63, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("kv_heads", "groups", "head_dim"), [(3, 3, 64), (2, 1, 16)])
+def test_prefill_kernel_equals_causal_attention_over_gathered_blocks(
+        kernel_dir: Path, dtype: torch.dtype, kv_heads: int, groups: int,
+        head_dim: int) -> None:
+    kernel = build(dtype, head_dim, groups, kernel_dir)
+    q, k, v, prefills, as_decodes = prefill_case(PREFILL_CHUNKS, kv_heads, groups, head_dim,
+                                                 dtype)
+    out = torch.full_like(q, float("nan"))
+    kernel.paged_prefill(q, k, v, prefills, head_dim ** -0.5, out)
+    expected = reference(q, k, v, as_decodes, head_dim ** -0.5)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
 
@@ -198,6 +243,29 @@ def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
     assert torch.equal(out[0], runs[0][1])
 
 
+def test_prefill_results_do_not_depend_on_threads_or_the_other_chunks(kernel_dir: Path) -> None:
+    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
+    q, k, v, prefills, _ = prefill_case(PREFILL_CHUNKS, 3, 3, 64, torch.bfloat16)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(q)
+            kernel.paged_prefill(q, k, v, prefills, 0.125, out)
+            runs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    at = sum(length for _, length in PREFILL_CHUNKS[:4])  # chunk 4 on its own
+    alone = PagedPrefills(prefills.tables[4:5].contiguous(), prefills.firsts[4:5].contiguous(),
+                          prefills.lengths[4:5].contiguous(), BLOCK)
+    rows = slice(at, at + PREFILL_CHUNKS[4][1])
+    out = torch.empty_like(q[rows])
+    kernel.paged_prefill(q[rows].contiguous(), k, v, alone, 0.125, out)
+    assert torch.equal(out, runs[0][rows])
+
+
 def test_a_build_is_kept_and_loaded_again_without_compiling(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert build(torch.float32, 16, 2, tmp_path) is not None
@@ -248,12 +316,14 @@ def greedy(core: EngineCore, prompts: list[list[int]], count: int) -> list[list[
 
 def test_the_engine_decodes_with_the_kernel_as_with_sdpa(smollm2_files: ModelFiles,
                                                          tmp_path: Path) -> None:
-    """float32, a batch of different lengths: the same greedy tokens on both paths."""
+    """float32, a batch of different lengths, prompts cut into chunks (48-token steps) and one
+    that shares another's first blocks: the same greedy tokens on both paths."""
     prompts = [[(7 * i + 31 * n) % 5000 + 20 for i in range(n)] for n in (5, 37, 130)]
+    prompts.append([*prompts[2][:96], 99, 98, 97])
     tokens = {}
     for attention in ("paged", "sdpa"):
         config = EngineConfig(dtype="float32", attention=attention, kv_cache_bytes=64 << 20,
-                              cache_dir=str(tmp_path))
+                              cache_dir=str(tmp_path), max_num_batched_tokens=48)
         core = EngineCore(config, files=smollm2_files)
         assert core.runner.model.kernels is not None
         assert core.runner.model.reads_pages == (attention == "paged")

@@ -1,19 +1,19 @@
 """Turns a scheduler step into tensors, runs the model and samples.
 
 Flat batch layout (see :mod:`kvcake.engine.model.llama`): prompt chunks first, then decodes
-(one generated token each), which share one call of the paged kernel (or, without it, padded
-attention calls). A prompt chunk of one token
-(the last token of a prompt cached whole) runs as a prefill, so its logits come from the
-same kernel as a cold prefill's.
+(one generated token each). With the paged kernels the prompt chunks share one call and the
+decodes another, both reading the cache in place; without them each chunk gathers its context
+and the decodes run in padded groups. A prompt chunk of one token (the last token of a prompt
+cached whole) runs as a prefill, so its logits come from the same kernel as a cold prefill's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from kvcake.engine.model.kernels import PagedDecodes
+from kvcake.engine.model.kernels import PagedDecodes, PagedPrefills
 from kvcake.engine.model.llama import (
     AttentionBatch,
     DecodeGroup,
@@ -65,20 +65,20 @@ class ModelRunner:
 
     def _attention_batch(self, prefills: list[ScheduledChunk],
                          decodes: list[ScheduledChunk]) -> AttentionBatch:
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        spans: list[PrefillSpan] = []
-        offset = 0
-        for chunk in prefills:
-            span, pos, chunk_slots = self._prefill_span(chunk, offset)
-            spans.append(span)
-            positions.append(pos)
-            slots.append(chunk_slots)
-            offset += chunk.num_tokens
-        if decodes and self.model.reads_pages:
+        positions = [torch.arange(c.start, c.start + c.num_tokens, device=self.device)
+                     for c in prefills]
+        slots = [self._slots(self._table(c), pos) for c, pos in zip(prefills, positions,
+                                                                     strict=True)]
+        offset = sum(c.num_tokens for c in prefills)
+        if self.model.reads_pages:
+            pages = self._paged_prefills(prefills) if prefills else None
+            if not decodes:
+                return AttentionBatch(torch.cat(slots), torch.cat(positions), (), offset,
+                                      paged_prefills=pages)
             paged, pos, own = self._paged_inputs(decodes, offset)
             return AttentionBatch(torch.cat([*slots, own]), torch.cat([*positions, pos]),
-                                  tuple(spans), offset, paged=paged)
+                                  (), offset, paged=paged, paged_prefills=pages)
+        spans = tuple(self._prefill_spans(prefills))
         groups = []
         start = offset
         for group in _length_groups(decodes):
@@ -87,18 +87,32 @@ class ModelRunner:
             slots.append(chunk_slots)
             groups.append(DecodeGroup(start, context_slots, mask))
             start += len(group)
-        return AttentionBatch(torch.cat(slots), torch.cat(positions), tuple(spans), offset,
+        return AttentionBatch(torch.cat(slots), torch.cat(positions), spans, offset,
                               tuple(groups))
 
-    def _prefill_span(self, chunk: ScheduledChunk,
-                      offset: int) -> tuple[PrefillSpan, torch.Tensor, torch.Tensor]:
-        end = chunk.start + chunk.num_tokens
-        table = torch.tensor(chunk.request.block_ids, dtype=torch.long, device=self.device)
-        context = self._slots(table, torch.arange(end, device=self.device))  # (end,)
-        own = context[chunk.start:]
-        span = (PrefillSpan.over_context(offset, chunk.num_tokens, context) if chunk.start
-                else PrefillSpan(offset, chunk.num_tokens, None))
-        return span, torch.arange(chunk.start, end, device=self.device), own
+    def _table(self, chunk: ScheduledChunk) -> torch.Tensor:
+        return torch.tensor(chunk.request.block_ids, dtype=torch.long, device=self.device)
+
+    def _prefill_spans(self, prefills: list[ScheduledChunk]) -> Iterator[PrefillSpan]:
+        """Each chunk's place in the flat batch and, after a cached prefix, its context's
+        slots (gathered for ``sdpa``)."""
+        offset = 0
+        for chunk in prefills:
+            if chunk.start:
+                end = chunk.start + chunk.num_tokens
+                context = self._slots(self._table(chunk), torch.arange(end, device=self.device))
+                yield PrefillSpan.over_context(offset, chunk.num_tokens, context)
+            else:
+                yield PrefillSpan(offset, chunk.num_tokens, None)
+            offset += chunk.num_tokens
+
+    def _paged_prefills(self, prefills: list[ScheduledChunk]) -> PagedPrefills:
+        """The kernel's block tables, first positions and lengths of the prompt chunks."""
+        ends = [c.start + c.num_tokens for c in prefills]
+        tables = torch.tensor(_block_tables(prefills, ends, self.block_size), dtype=torch.int32)
+        return PagedPrefills(tables, torch.tensor([c.start for c in prefills], dtype=torch.int32),
+                             torch.tensor([c.num_tokens for c in prefills], dtype=torch.int32),
+                             self.block_size)
 
     def _paged_inputs(self, decodes: list[ScheduledChunk],
                       start: int) -> tuple[PagedDecodes, torch.Tensor, torch.Tensor]:
@@ -208,12 +222,12 @@ def _length_groups(decodes: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
     return groups
 
 
-def _block_tables(decodes: list[ScheduledChunk], lengths: list[int],
+def _block_tables(chunks: list[ScheduledChunk], lengths: list[int],
                   block_size: int) -> list[list[int]]:
-    """Each decode's block ids, as many as the longest context needs, padded with 0."""
+    """Each chunk's block ids, as many as the longest context needs, padded with 0."""
     width = -(-max(lengths) // block_size)
     return [c.request.block_ids[:width] + [0] * (width - len(c.request.block_ids[:width]))
-            for c in decodes]
+            for c in chunks]
 
 
 def _decodes(chunk: ScheduledChunk) -> bool:

@@ -1,6 +1,7 @@
 /*
- * kvcake's CPU kernels: decode attention over the paged KV cache, and the fused element-wise
- * steps of a Llama layer (residual add + RMSNorm, rotary embedding, SiLU-and-multiply).
+ * kvcake's CPU kernels: decode and prefill attention over the paged KV cache, and the fused
+ * element-wise steps of a Llama layer (residual add + RMSNorm, rotary embedding,
+ * SiLU-and-multiply).
  *
  * kvcake.engine.model.kernels compiles this file at first use with -DHEAD_DIM=, -DGROUPS= and
  * one of -DKV_BF16, -DKV_F16 or -DKV_F32 (compile-time sizes let the compiler unroll and
@@ -23,6 +24,15 @@
  *         m' = max(m, s);  acc *= exp(m - m');  p = exp(s - m')
  *         acc[g] += p[g][i] * V[slot(i)]               (one V row for GROUPS heads)
  *     out[g] = acc[g] / sum(p[g])
+ *
+ * -- Prefill attention ------------------------------------------------------------------------
+ *
+ * A prompt chunk's query row r (position first + r) is a decode over its first first + r + 1
+ * tokens, with the same arithmetic in the same order. Up to QUERY_TILE rows of a chunk run
+ * together: each chunk of K/V rows is widened to float once for all of them (K turned on its
+ * side), so the scores run along the tokens and the weighted sums along the head, many
+ * independent multiply-add chains at once. A chunk after a cached prefix reads the prefix
+ * from its blocks in place, with no gather and no mask.
  *
  * -- Element-wise steps ---------------------------------------------------------------------
  *
@@ -241,6 +251,138 @@ void kvcake_paged_decode(const elem *q, const elem *k, const elem *v, const int3
             attend(q + at, k, v, tables + (int64_t)b * width, lens[b], out + at, kv_heads, h,
                    h + 1, block_size, scale);
         }
+    }
+}
+
+/* -- Prefill attention, reading every block where it lies -------------------------------- */
+
+#ifndef QUERY_TILE
+#define QUERY_TILE (GROUPS * HEAD_DIM <= 512 ? 16 : 4) /* query rows that share each K/V row read */
+#endif
+
+/* The chunk's K rows widened to float and turned on their side (a column a token), and its
+ * V rows widened: every query row of the tile then runs along the tokens (scores) or along
+ * the head (the weighted sum) with its sums in registers, with no horizontal additions. */
+static void widen_chunk(const elem *k, const elem *v, const int64_t *rows, int n,
+                        float keys[HEAD_DIM][CHUNK], float values[CHUNK][HEAD_DIM]) {
+    for (int i = 0; i < n; i++) {
+        const elem *kp = k + rows[i], *vp = v + rows[i];
+        for (int d = 0; d < HEAD_DIM; d++)
+            keys[d][i] = load(kp[d]);
+        #pragma omp simd
+        for (int d = 0; d < HEAD_DIM; d++)
+            values[i][d] = load(vp[d]);
+    }
+    for (int d = 0; d < HEAD_DIM; d++)
+        for (int i = n; i < CHUNK; i++)
+            keys[d][i] = 0.f;  /* scores past n are computed (whole vectors) but never read */
+}
+
+/* Row r sees the first seen[r] of the chunk's tokens (rows further on see more). The GROUPS
+ * heads' sums over the chunk are independent chains of multiply-adds, in registers. */
+static void tile_scores(const state *st, int count, const int *seen,
+                        const float keys[HEAD_DIM][CHUNK], float s[][GROUPS][CHUNK]) {
+    for (int r = 0; r < count; r++) {
+        if (seen[r] == 0)
+            continue;
+        float dots[GROUPS][CHUNK] = {{0.f}};
+        for (int d = 0; d < HEAD_DIM; d++) {
+            for (int g = 0; g < GROUPS; g++) {
+                const float qd = st[r].q[g][d];
+                #pragma omp simd
+                for (int i = 0; i < CHUNK; i++)
+                    dots[g][i] += qd * keys[d][i];
+            }
+        }
+        memcpy(s[r], dots, sizeof dots);
+    }
+}
+
+static void tile_accumulate(state *st, int count, const int *seen,
+                            const float values[CHUNK][HEAD_DIM], float s[][GROUPS][CHUNK]) {
+    for (int r = 0; r < count; r++) {
+        float acc[GROUPS][HEAD_DIM];
+        memcpy(acc, st[r].acc, sizeof acc);
+        for (int i = 0; i < seen[r]; i++) {
+            for (int g = 0; g < GROUPS; g++) {
+                const float p = s[r][g][i];
+                #pragma omp simd
+                for (int d = 0; d < HEAD_DIM; d++)
+                    acc[g][d] += p * values[i][d];
+            }
+        }
+        memcpy(st[r].acc, acc, sizeof acc);
+    }
+}
+
+/* count (<= QUERY_TILE) consecutive query rows of one sequence over one K/V head: row r sits at
+ * position first + r and sees tokens 0 .. first + r, chunk by chunk as a decode does. */
+static void attend_tile(const elem *q, const elem *k, const elem *v, const int32_t *table,
+                        int first, int count, elem *out, int kv_heads, int head,
+                        int block_size, float scale) {
+    const int64_t row = (int64_t)kv_heads * HEAD_DIM, heads = (int64_t)kv_heads * GROUPS;
+    const elem *kh = k + head * HEAD_DIM, *vh = v + head * HEAD_DIM;
+    state st[QUERY_TILE];
+    float s[QUERY_TILE][GROUPS][CHUNK], keys[HEAD_DIM][CHUNK], values[CHUNK][HEAD_DIM];
+    int64_t rows[CHUNK];
+    int seen[QUERY_TILE];
+    for (int r = 0; r < count; r++)
+        start(&st[r], q + (r * heads + head * GROUPS) * HEAD_DIM, scale);
+    const int len = first + count;  /* the tile's last row sees every token */
+    for (int t0 = 0; t0 < len; t0 += CHUNK) {
+        int n = len - t0 < CHUNK ? len - t0 : CHUNK;
+        for (int r = 0; r < count; r++) {
+            int m = first + r + 1 - t0;
+            seen[r] = m < 0 ? 0 : m < n ? m : n;
+        }
+        token_rows(table, t0, n, block_size, row, rows);
+        widen_chunk(kh, vh, rows, n, keys, values);
+        tile_scores(st, count, seen, keys, s);
+        for (int r = 0; r < count; r++)
+            if (seen[r] > 0)
+                rescale(&st[r], seen[r], s[r]);
+        tile_accumulate(st, count, seen, values, s);
+    }
+    for (int r = 0; r < count; r++)
+        finish(&st[r], out + (r * heads + head * GROUPS) * HEAD_DIM);
+}
+
+/* Tiles of `size` rows the chunks make, counted into tiles[0 .. chunks]. */
+static int count_tiles(const int32_t *lengths, int chunks, int size, int *tiles) {
+    tiles[0] = 0;
+    for (int c = 0; c < chunks; c++)
+        tiles[c + 1] = tiles[c] + (lengths[c] + size - 1) / size;
+    return tiles[chunks];
+}
+
+/* q, out: (tokens, kv_heads * GROUPS, HEAD_DIM): the query rows of `chunks` prefill chunks back
+ * to back, chunk c's lengths[c] rows at positions firsts[c] onwards of the sequence whose block
+ * ids are tables[c * width ..]; k, v as for decodes (each chunk's own K/V already written).
+ * Threads take (tile of rows, K/V head) pairs, the costlier tiles (further on) first; tiles
+ * shrink until every thread has a few (a short chunk after a long cached prefix). A row's
+ * arithmetic is the same whatever tile it is in. */
+void kvcake_paged_prefill(const elem *q, const elem *k, const elem *v, const int32_t *tables,
+                          const int32_t *firsts, const int32_t *lengths, elem *out, int chunks,
+                          int kv_heads, int width, int block_size, float scale, int threads) {
+    int tiles[chunks + 1], rows[chunks + 1], size = QUERY_TILE;
+    while (size > 1 && count_tiles(lengths, chunks, size, tiles) * kv_heads < 4 * threads)
+        size /= 2;
+    count_tiles(lengths, chunks, size, tiles);
+    rows[0] = 0;
+    for (int c = 0; c < chunks; c++)
+        rows[c + 1] = rows[c] + lengths[c];
+    const int64_t heads = (int64_t)kv_heads * GROUPS;
+    const int items = tiles[chunks] * kv_heads;
+    #pragma omp parallel for schedule(dynamic) num_threads(threads) if (items > 1)
+    for (int item = 0; item < items; item++) {
+        int tile = tiles[chunks] - 1 - item / kv_heads, head = item % kv_heads, c = 0;
+        while (tiles[c + 1] <= tile)
+            c++;
+        int r0 = (tile - tiles[c]) * size;
+        int count = lengths[c] - r0 < size ? lengths[c] - r0 : size;
+        int64_t at = (int64_t)(rows[c] + r0) * heads * HEAD_DIM;
+        attend_tile(q + at, k, v, tables + (int64_t)c * width, firsts[c] + r0, count, out + at,
+                    kv_heads, head, block_size, scale);
     }
 }
 

@@ -1,14 +1,15 @@
 """A Llama-family decoder in plain PyTorch whose attention reads K/V from paged blocks.
 
 The forward pass takes a *flat* batch: every scheduled token of every request, prefill
-chunks first, then single-token decodes. Linear layers run once over all of them; only
-attention looks at requests one by one (a prefill chunk) or as a padded group (decodes).
+chunks first, then single-token decodes. Linear layers run once over all of them; attention
+reads each request's context from its blocks.
 
 ::
 
     tokens   | chunk A (prefill, 5) | chunk B (prefill, 3) | d1 | d2 | d3 |   (num_tokens,)
-    attention:  A's 5 queries over A's context, B likewise; d1..d3 in one call of the paged
-                kernel over their blocks in place (or gathered into padded groups for sdpa)
+    attention:  A's 5 queries over A's context, B likewise, in one call of the paged prefill
+                kernel; d1..d3 in one call of the paged decode kernel (without the kernels:
+                sdpa per chunk, over its context gathered, and decodes in padded groups)
 
 Weights use HF names and layout, so HF checkpoints load without renaming; q/k/v and
 gate/up are fused into one matrix each at load time (one matmul instead of three or two).
@@ -32,7 +33,7 @@ import torch.nn.functional as nnf
 
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.model.attention import attention_backend
-from kvcake.engine.model.kernels import CpuKernels, PagedDecodes
+from kvcake.engine.model.kernels import CpuKernels, PagedDecodes, PagedPrefills
 from kvcake.engine.model.rope import rope_tables
 from kvcake.model import ModelConfig
 
@@ -74,6 +75,8 @@ class AttentionBatch:
     decodes: the decode tokens in groups of similar context length, each padded only to its
         own longest context (one long request does not slow every other's attention).
     paged: every decode token for the paged kernel instead (``decodes`` is then empty).
+    paged_prefills: every prompt chunk for the paged kernel instead (``prefills`` is then
+        empty).
     """
 
     slot_mapping: torch.Tensor
@@ -82,6 +85,7 @@ class AttentionBatch:
     decode_start: int
     decodes: tuple[DecodeGroup, ...] = ()
     paged: PagedDecodes | None = None
+    paged_prefills: PagedPrefills | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,9 @@ class LlamaModel:
         cache[0].index_copy_(0, batch.slot_mapping, k)
         cache[1].index_copy_(0, batch.slot_mapping, v)
         out = torch.empty_like(q)  # (num_tokens, num_heads, head_dim)
+        if batch.paged_prefills is not None:
+            self._paged_kernels().paged_prefill(q, cache[0], cache[1], batch.paged_prefills,
+                                                self.scale, out)
         for span in batch.prefills:
             out[span.start:span.start + span.length] = self._prefill_attention(q, k, v, span,
                                                                                 cache)
@@ -275,11 +282,14 @@ class LlamaModel:
 
     def _paged_attention(self, q: torch.Tensor, paged: PagedDecodes, cache: torch.Tensor,
                          out: torch.Tensor) -> None:
-        if self.kernels is None:
-            raise InvalidParamsError("paged decodes need a model built with kernels")
         end = paged.start + paged.count
-        self.kernels.paged_decode(q[paged.start:end].contiguous(), cache[0], cache[1], paged,
-                                  self.scale, out[paged.start:end])
+        self._paged_kernels().paged_decode(q[paged.start:end].contiguous(), cache[0],
+                                           cache[1], paged, self.scale, out[paged.start:end])
+
+    def _paged_kernels(self) -> CpuKernels:
+        if self.kernels is None:
+            raise InvalidParamsError("paged attention needs a model built with kernels")
+        return self.kernels
 
 
 PACK_ROWS = 32
