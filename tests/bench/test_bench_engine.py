@@ -11,14 +11,15 @@ import pytest
 
 from kvcake.bench.engine import (
     EnginePlan,
+    VllmRunner,
     bench_engine,
     check_vllm_python,
-    measure_vllm,
+    measure,
     prompt_sets,
     report,
     run_engine_bench,
 )
-from kvcake.common.errors import InvalidParamsError
+from kvcake.common.errors import InvalidParamsError, KvcakeError
 
 ROW_FIELDS = {"system", "phase", "batch", "tok_per_s", "seconds", "prompt_len", "new_tokens",
               "dtype", "threads", "repeats"}
@@ -121,7 +122,8 @@ def test_vllm_driver_round_trip_with_a_stand_in(tmp_path: Path) -> None:
     assert check_vllm_python(str(python)) == str(python)
     plan = EnginePlan(prompt_len=4, new_tokens=3, warmups=1, repeats=2, batches=(1, 2))
     sets = prompt_sets(plan, vocab_size=100)
-    timings = measure_vllm(str(python), plan, sets, tmp_path, threads=1)
+    with VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:
+        timings = measure([runner], plan, sets)
     assert sorted(timings) == [("vllm", 1), ("vllm", 2)]
     for (_, batch), runs in timings.items():
         assert len(runs) == 2
@@ -149,7 +151,23 @@ def test_the_vllm_drivers_temporary_files_go_with_its_run(tmp_path: Path,
     marker = tmp_path / "left"
     monkeypatch.setenv("KVCAKE_TEST_MARKER", str(marker))
     plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(2,))
-    measure_vllm(str(python), plan, prompt_sets(plan, vocab_size=100), tmp_path, threads=1)
+    with VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:
+        measure([runner], plan, prompt_sets(plan, vocab_size=100))
     left = Path(marker.read_text())
     assert left.parent != Path(tempfile.gettempdir()), "the driver wrote to the shared /tmp"
     assert not left.exists()
+
+
+def test_a_vllm_driver_that_fails_mid_run_is_an_error_with_its_last_words(
+        tmp_path: Path) -> None:
+    (tmp_path / "vllm.py").write_text(FAKE_VLLM.replace(
+        "        assert all(", "        assert len(inputs) < 2, 'no room for two'\n"
+                              "        assert all("))
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
+                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(1, 2))
+    with pytest.raises(KvcakeError, match=r"(?s)exit code 1.*no room for two"), \
+            VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:
+        measure([runner], plan, prompt_sets(plan, vocab_size=100))

@@ -9,14 +9,15 @@ end-of-sequence ignored, and is split at the moment every sequence has its first
     decode tok/s  = tokens drawn after that / seconds from then to the last token
                     (B * (new_tokens - 1) when the prefills all finish in one step)
 
-kvcake and HF run in this process, alternating repetition by repetition (so a busy machine
-slows both alike), with the same torch threads. vLLM runs afterwards in its own interpreter
-(``--vllm-python``, see :mod:`kvcake.bench.engine_baselines`). Rows report the median over
-the measured repetitions; warm-ups are dropped.
+The systems take turns repetition by repetition (so a busy machine slows each alike): kvcake
+and HF in this process, with the same torch threads, and vLLM in its own interpreter
+(``--vllm-python``, see :mod:`kvcake.bench.engine_baselines`), loaded once and asked for one
+batch at a time. Rows report the median over the measured repetitions; warm-ups are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -25,9 +26,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,6 +54,8 @@ TARGETS = (("prefill", None, "hf", 1.0), ("prefill", None, "vllm", 1.0),
            ("decode", 8, "vllm", 1.0), ("decode", 32, "vllm", 0.8))
 Timings = dict[tuple[str, int], list[Timing]]  # (system, batch) -> measured repetitions
 PromptSets = dict[int, list[list[list[int]]]]  # batch -> repetition -> prompt -> token ids
+QUIET = 0.25  # the busy share of all CPUs under which a turn starts
+VLLM_ANSWER_S = 1800.0  # the longest a vLLM batch (or its start) may take before it is stopped
 
 
 @dataclass(frozen=True)
@@ -140,11 +144,13 @@ def prompt_sets(plan: EnginePlan, vocab_size: int) -> PromptSets:
 
 
 def measure(runners: Sequence[Runner], plan: EnginePlan, sets: PromptSets) -> Timings:
-    """Each batch's repetitions, the systems taking turns within each repetition."""
+    """Each batch's repetitions, the systems taking turns within each repetition, each turn
+    on quiet CPUs (:func:`settle`)."""
     timings: Timings = defaultdict(list)
     for batch in plan.batches:
         for rep, prompts in enumerate(sets[batch]):
             for runner in runners:
+                settle()
                 timing = runner.run(prompts, plan.new_tokens)
                 if rep >= plan.warmups:
                     timings[runner.name, batch].append(timing)
@@ -160,17 +166,6 @@ def engine_config(plan: EnginePlan, files: ModelFiles, config: EngineConfig) -> 
     needed = (blocks + 16) * block * per_token
     return replace(config, dtype=plan.dtype, kv_cache_bytes=max(config.kv_cache_bytes, needed),
                    max_num_seqs=max(config.max_num_seqs, *plan.batches))
-
-
-def measure_in_process(plan: EnginePlan, config: EngineConfig) -> tuple[Timings, PromptSets,
-                                                                         ModelFiles]:
-    """kvcake and HF (loaded from kvcake's converted model directory), turn about."""
-    files = resolve_model(config.model, config.cache_dir or None)
-    core = EngineCore(engine_config(plan, files, config), files)
-    runners: list[Runner] = [KvcakeRunner(core),
-                             HfRunner(files.path, plan.dtype, plan.device)]
-    sets = prompt_sets(plan, files.config.vocab_size)
-    return measure(runners, plan, sets), sets, files
 
 
 def check_vllm_python(python: str | None) -> str:
@@ -191,29 +186,74 @@ def check_vllm_python(python: str | None) -> str:
     return python
 
 
-def measure_vllm(python: str, plan: EnginePlan, sets: PromptSets, model: Path,
-                 threads: int) -> Timings:
-    """Run the vLLM driver on the same prompts; its JSON lines become timings. Its plan and
-    its TMPDIR lie in a directory removed afterwards: vLLM leaves its IPC sockets behind even
-    when it exits cleanly."""
-    with tempfile.TemporaryDirectory(prefix="kvcake-vllm-") as scratch:
-        plan_file = Path(scratch, "plan.json")
-        plan_file.write_text(json.dumps(
-            vllm_plan(model, plan.dtype, threads, plan.new_tokens, plan.warmups, sets)))
+class VllmRunner:
+    """The vLLM driver in its own interpreter, loaded once (:meth:`started`) and asked for one
+    batch at a time. Its plan, its log and its TMPDIR lie in a directory removed afterwards:
+    vLLM leaves its IPC sockets behind even when it exits cleanly."""
+
+    name = "vllm"
+
+    def __init__(self, process: subprocess.Popen[str], log: Path) -> None:
+        self._process, self._log = process, log
+
+    @classmethod
+    @contextlib.contextmanager
+    def started(cls, python: str, plan: EnginePlan, model: Path,
+                threads: int) -> Iterator[VllmRunner]:
+        with tempfile.TemporaryDirectory(prefix="kvcake-vllm-") as scratch:
+            plan_file, log = Path(scratch, "plan.json"), Path(scratch, "vllm.log")
+            plan_file.write_text(json.dumps(vllm_plan(
+                model, plan.dtype, threads, plan.prompt_len + plan.new_tokens,
+                max(plan.batches))))
+            with log.open("w") as sink:
+                process = subprocess.Popen(
+                    [python, "-I", str(DRIVER), "vllm", str(plan_file)], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=sink, text=True,
+                    env={**os.environ, "TMPDIR": scratch})
+            runner = cls(process, log)
+            try:
+                runner._answer()  # the driver's READY
+                yield runner
+            finally:
+                runner._close()
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
+        stdin.flush()
+        return Timing(**self._answer())
+
+    def _answer(self) -> dict[str, Any]:
+        """The driver's next JSON line (vLLM may print other lines); it is stopped if none
+        comes within ``VLLM_ANSWER_S``."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        watchdog = threading.Timer(VLLM_ANSWER_S, self._process.kill)
+        watchdog.start()
         try:
-            result = subprocess.run([python, "-I", str(DRIVER), "vllm", str(plan_file)],
-                                    capture_output=True, text=True, timeout=3600, check=False,
-                                    env={**os.environ, "TMPDIR": scratch})
-        except subprocess.TimeoutExpired as exc:
-            raise KvcakeError("the vLLM driver hung") from exc
-    if result.returncode != 0:
-        raise KvcakeError(f"the vLLM driver failed: {result.stderr.strip()[-1200:]}")
-    timings: Timings = defaultdict(list)
-    for line in result.stdout.splitlines():
-        if line.startswith('{"batch"'):
-            row = json.loads(line)
-            timings["vllm", row.pop("batch")].append(Timing(**row))
-    return timings
+            for line in stdout:
+                if line.startswith("{"):
+                    return dict(json.loads(line))
+        finally:
+            watchdog.cancel()
+        self._process.wait()
+        said = self._log.read_text(errors="replace").strip()[-1200:]
+        raise KvcakeError(f"the vLLM driver ended (exit code {self._process.returncode}): "
+                          f"{said}")
+
+    def _close(self) -> None:
+        """End of input ends the driver; its pipes close with it."""
+        process = self._process
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(timeout=VLLM_ANSWER_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def result_rows(timings: Timings, plan: EnginePlan, threads: int) -> list[dict[str, Any]]:
@@ -314,10 +354,21 @@ def _cpu_busy(seconds: float = 0.5) -> float | None:
     return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
+def settle(window_s: float = 0.1, most_s: float = 3.0) -> None:
+    """Wait (at most ``most_s``) until the CPUs are mostly idle: a system's thread pool may
+    spin on after its turn (vLLM's kept a core busy for about half a second), which would
+    slow the start of the next system's turn, its prefill."""
+    deadline = time.monotonic() + most_s
+    while time.monotonic() < deadline:
+        busy = _cpu_busy(window_s)
+        if busy is None or busy < QUIET:
+            return
+
+
 def _warn_if_busy() -> None:
     """Two torch processes on the same cores slow each other several times over."""
     busy = _cpu_busy()
-    if busy is not None and busy > 0.25:
+    if busy is not None and busy > QUIET:
         print(f"note: the CPUs were {busy:.0%} busy before the run: other work competes "
               "for the cores, timings will be noisy", file=sys.stderr)
 
@@ -328,10 +379,15 @@ def bench_engine(plan: EnginePlan, as_json: bool, vllm_python: str | None = None
     python = check_vllm_python(vllm_python) if against_vllm else None
     _warn_if_busy()
     config = load_config(EngineConfig, "engine", {"dtype": plan.dtype, "device": plan.device})
-    timings, sets, files = measure_in_process(plan, config)
+    files = resolve_model(config.model, config.cache_dir or None)
+    core = EngineCore(engine_config(plan, files, config), files)
+    runners: list[Runner] = [KvcakeRunner(core), HfRunner(files.path, plan.dtype, plan.device)]
     threads = torch.get_num_threads()
-    if python is not None:
-        timings |= measure_vllm(python, plan, sets, files.path, threads)
+    with contextlib.ExitStack() as stack:
+        if python is not None:
+            runners.append(stack.enter_context(
+                VllmRunner.started(python, plan, files.path, threads)))
+        timings = measure(runners, plan, prompt_sets(plan, files.config.vocab_size))
     report(result_rows(timings, plan, threads), plan, config.model, as_json)
     return 0
 

@@ -12,7 +12,8 @@ streamer that stamps the moment each step's tokens are chosen.
 
 vLLM runs in another interpreter (a vLLM-CPU virtual environment), so this file is also a
 script there: ``python engine_baselines.py vllm PLAN.json`` imports only the standard library
-and vllm, and prints one JSON object per measured repetition on stdout. vLLM has no per-step
+and vllm, loads the model, says it is ready, then times each batch its standard input asks
+for, one JSON line in, one out, so its repetitions take turns with kvcake's. vLLM has no per-step
 hook that is stable across its versions, so prefill is timed as ``generate`` with one new
 token, and decode as the extra time of ``generate`` with ``new_tokens`` on the same prompts
 (prefix caching off, so the second call prefills again).
@@ -98,11 +99,11 @@ class _StepClock:
 
 # --- vLLM driver: runs under the vLLM-CPU interpreter; standard library and vllm only ---
 
-def vllm_plan(model: Path, dtype: str, threads: int, new_tokens: int, warmups: int,
-              prompt_sets: dict[int, list[list[list[int]]]]) -> dict[str, Any]:
-    """The driver's input: per batch size, the prompt sets of every repetition in order."""
-    return {"model": str(model), "dtype": dtype, "threads": threads, "new_tokens": new_tokens,
-            "warmups": warmups, "prompt_sets": {str(b): s for b, s in prompt_sets.items()}}
+def vllm_plan(model: Path, dtype: str, threads: int, longest: int, widest: int) -> dict[str, Any]:
+    """The driver's input: the model, and room for ``widest`` sequences of ``longest``
+    tokens (prompt and new tokens)."""
+    return {"model": str(model), "dtype": dtype, "threads": threads, "longest": longest,
+            "widest": widest}
 
 
 def _vllm_environment(threads: int) -> None:
@@ -112,11 +113,8 @@ def _vllm_environment(threads: int) -> None:
 
 
 def _vllm_llm(vllm: Any, plan: dict[str, Any]) -> Any:
-    longest = max(len(s[0][0]) for s in plan["prompt_sets"].values())
-    return vllm.LLM(model=plan["model"], dtype=plan["dtype"],
-                    max_model_len=longest + plan["new_tokens"] + 16,
-                    max_num_seqs=max(int(b) for b in plan["prompt_sets"]),
-                    enable_prefix_caching=False, seed=0)
+    return vllm.LLM(model=plan["model"], dtype=plan["dtype"], max_model_len=plan["longest"] + 16,
+                    max_num_seqs=plan["widest"], enable_prefix_caching=False, seed=0)
 
 
 def _vllm_generate(vllm: Any, llm: Any, prompts: list[list[int]], max_tokens: int) -> float:
@@ -139,8 +137,13 @@ def _vllm_timing(vllm: Any, llm: Any, prompts: list[list[int]], new_tokens: int)
                   max(total_s - prefill_s, 1e-9))
 
 
+READY = {"ready": True}
+
+
 def vllm_main(argv: list[str]) -> int:
-    """``vllm PLAN.json``: measure every batch of the plan; one JSON line per kept repetition."""
+    """``vllm PLAN.json``: load the model and print :data:`READY`; then each line of standard
+    input (``{"prompts": [[ids]], "new_tokens": n}``) gets its :class:`Timing` as one JSON line,
+    until the input ends."""
     if len(argv) != 2 or argv[0] != "vllm":
         print("usage: engine_baselines.py vllm PLAN.json", file=sys.stderr)
         return 2
@@ -148,11 +151,11 @@ def vllm_main(argv: list[str]) -> int:
     _vllm_environment(plan["threads"])
     vllm = importlib.import_module("vllm")
     llm = _vllm_llm(vllm, plan)
-    for batch, sets in plan["prompt_sets"].items():
-        for rep, prompts in enumerate(sets):
-            timing = _vllm_timing(vllm, llm, prompts, plan["new_tokens"])
-            if rep >= plan["warmups"]:
-                print(json.dumps({"batch": int(batch), **asdict(timing)}), flush=True)
+    print(json.dumps(READY), flush=True)
+    for line in sys.stdin:
+        batch = json.loads(line)
+        timing = _vllm_timing(vllm, llm, batch["prompts"], batch["new_tokens"])
+        print(json.dumps(asdict(timing)), flush=True)
     return 0
 
 
