@@ -331,6 +331,9 @@ COMPLETION = {"model": MODEL, "prompt": "Hi"}
     ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, "guided_json",
      "guided_json: guided decoding is not supported; send null"),
     ("/v1/completions", {"prompt": "Hi"}, "model", "model: Field required"),
+    ("/v1/completions", {**COMPLETION, "stream_options": {"include_usage": True}},
+     "stream_options", "stream_options: stream_options is only for a stream: set stream to "
+                       "true or send null"),
     ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens",
      "max_tokens: Input should be greater than or equal to 1"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens",
@@ -399,6 +402,17 @@ def test_models_list_and_card(serve: Serve) -> None:
         {"id": MODEL, "object": "model", "created": card["created"], "owned_by": "kvcake",
          "max_model_len": MAX_MODEL_LEN}]}
     assert httpx2.get(f"http://{address}/v1/models/{MODEL}", timeout=10).json() == card
+
+
+def test_a_model_id_with_a_slash_has_its_card(serve: Serve,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeBackend, "model_name", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    address = serve(FakeBackend())
+    card = httpx2.get(f"http://{address}/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct",
+                      timeout=10)
+    assert (card.status_code, card.json()["id"]) == (200, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    other = httpx2.get(f"http://{address}/v1/models/HuggingFaceTB/other", timeout=10)
+    assert other.json()["error"]["code"] == "model_not_found"
 
 
 def test_unknown_model_is_404_model_not_found(serve: Serve) -> None:
@@ -483,7 +497,7 @@ def test_unhandled_error_is_a_logged_500(serve: Serve, caplog: pytest.LogCapture
 
 
 # ----- api key
-def test_api_key_guards_v1_only(serve: Serve) -> None:
+def test_api_key_guards_the_api_but_not_health_and_metrics(serve: Serve) -> None:
     address = serve(FakeBackend(), api_key="s3cret")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         response = post(address, "/v1/completions", COMPLETION, headers=headers)
@@ -496,6 +510,11 @@ def test_api_key_guards_v1_only(serve: Serve) -> None:
                 headers={"Authorization": "Bearer s3cret"})
     assert good.status_code == 200
     assert httpx2.get(f"http://{address}/v1/models", timeout=10).status_code == 401
+    for path, body in (("/tokenize", {"model": MODEL, "prompt": "Hi"}),
+                       ("/detokenize", {"model": MODEL, "tokens": [72]})):
+        assert post(address, path, body).status_code == 401
+        assert post(address, path, body,
+                    headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert httpx2.get(f"http://{address}/health", timeout=10).status_code == 200
     assert httpx2.get(f"http://{address}/metrics", timeout=10).status_code == 200
 

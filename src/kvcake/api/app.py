@@ -3,7 +3,7 @@
 One request through the app::
 
     CountResponses (by endpoint and status) -> AnswerUnhandled (-> logged 500)
-      -> LimitBody (413 past max_body_bytes) -> RequireApiKey (/v1/*, when a key is set)
+      -> LimitBody (413 past max_body_bytes) -> RequireApiKey (when a key is set)
         -> route: validate (pydantic) -> model check -> n GenerateRequests (one per choice)
           -> first chunk of every choice          <- admission: 429/400/503 answered here
              stream:     200 + SSE, one event per chunk (tagged with its choice), "[DONE]"
@@ -64,7 +64,7 @@ CLIENT_CLOSED = 499  # the status counted when the client left before an answer 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 _ROUTES = (  # method, path, _Routes method
     ("POST", "/v1/completions", "completions"), ("POST", "/v1/chat/completions", "chat"),
-    ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id}", "model"),
+    ("GET", "/v1/models", "models"), ("GET", "/v1/models/{model_id:path}", "model"),
     ("POST", "/tokenize", "tokenize"), ("POST", "/detokenize", "detokenize"),
     ("GET", "/health", "health"), ("GET", "/metrics", "metrics"),
 )
@@ -72,7 +72,8 @@ _ROUTES = (  # method, path, _Routes method
 
 def build_app(backend: Backend, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The front end for ``backend``; with ``api_key`` every /v1/* route needs that bearer key.
+    """The front end for ``backend``; with ``api_key`` every /v1/* route, /tokenize and
+    /detokenize need that bearer key.
 
     /health and /metrics stay open so probes and scrapers need no secret. An empty
     ``api_key`` raises InvalidParamsError (None means no key). A request body longer than

@@ -13,8 +13,12 @@ from kvcake.common.log import get_logger
 log = get_logger(__name__)
 
 
+GUARDED = ("/v1", "/tokenize", "/detokenize")  # the OpenAI API's routes and vLLM's extras
+
+
 class RequireApiKey:
-    """Answers 401 to /v1/* requests without ``Authorization: Bearer <key>``."""
+    """Answers 401 to requests for :data:`GUARDED` routes without ``Authorization: Bearer
+    <key>`` (/tokenize runs the tokenizer over a body of up to the size limit)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self._app = app
@@ -22,7 +26,8 @@ class RequireApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        guarded = scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/"))
+        guarded = scope["type"] == "http" and any(
+            path == route or path.startswith(f"{route}/") for route in GUARDED)
         if guarded and not self._authorized(scope):
             error = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer "
                              "<key>'", code="invalid_api_key")

@@ -76,6 +76,15 @@ class _SamplingFields(BaseModel):
                              f"is not), got {kind!r}")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, value: StreamOptions | None,
+                               info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only for a stream: set stream to true or send "
+                             "null")
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _no_logit_bias(cls, value: Any) -> Any:
