@@ -173,7 +173,8 @@ def test_completion_answers_one_openai_body(serve: Serve) -> None:
     }
     [request] = backend.requests
     assert request == GenerateRequest(request_id=body["id"], prompt="Say hi", messages=None,
-                                      params=SamplingParams(max_tokens=16))
+                                      params=SamplingParams(max_tokens=16),
+                                      add_special_tokens=True)
     assert backend.outcomes == {body["id"]: "finished"}
 
 

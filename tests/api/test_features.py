@@ -184,8 +184,22 @@ def test_tokenize_a_prompt_or_messages(serve: Serve) -> None:
     assert post(address, "/tokenize", {"model": MODEL, "prompt": "hi"}).json() == {
         "count": 3, "max_model_len": MAX_MODEL_LEN, "tokens": [104, 105, 0]}
     answer = post(address, "/tokenize", {"messages": CHAT["messages"],
-                                         "add_special_tokens": False}).json()
-    assert answer["tokens"] == [72, 105]
+                                         "add_special_tokens": True}).json()
+    assert answer["tokens"] == [72, 105, 0]
+
+
+def test_special_tokens_default_as_in_vllm(serve: Serve) -> None:
+    """A text prompt gets the tokenizer's BOS; chat messages do not (the template writes
+    it); /tokenize tokenizes as those endpoints do, and every default can be overridden."""
+    backend = FakeBackend()
+    address = serve(backend)
+    post(address, "/v1/completions", COMPLETION)
+    post(address, "/v1/completions", {**COMPLETION, "add_special_tokens": False})
+    post(address, "/v1/chat/completions", CHAT)
+    post(address, "/v1/chat/completions", {**CHAT, "add_special_tokens": True})
+    assert [r.add_special_tokens for r in backend.requests] == [True, False, False, True]
+    assert post(address, "/tokenize", {"messages": CHAT["messages"]}).json()["tokens"] == [
+        72, 105]
 
 
 def test_detokenize_round_trips(serve: Serve) -> None:

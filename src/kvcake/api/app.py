@@ -120,7 +120,8 @@ class _Routes:
         self._check_model(body.model)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generates = [GenerateRequest(request_id=request_id, prompt=prompt, messages=None,
-                                     params=body.params(), echo=bool(body.echo))
+                                     params=body.params(), echo=bool(body.echo),
+                                     add_special_tokens=body.add_special_tokens)
                      for prompt in body.prompts]
         formatter = CompletionFormatter(request_id, body.model, int(time.time()),
                                         body.include_usage, body.num_choices, bool(body.echo))
@@ -132,7 +133,8 @@ class _Routes:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generate = GenerateRequest(request_id=request_id, prompt=None,
                                    messages=body.message_dicts(), params=body.params(),
-                                   add_generation_prompt=body.add_generation_prompt)
+                                   add_generation_prompt=body.add_generation_prompt,
+                                   add_special_tokens=body.add_special_tokens)
         formatter = ChatFormatter(request_id, body.model, int(time.time()), body.include_usage,
                                   body.num_choices)
         return await self._answer(request, _choices([generate], body.num_choices), formatter,
@@ -143,7 +145,7 @@ class _Routes:
             self._check_model(body.model)
         messages = None if body.messages is None else tuple(
             {"role": m.role, "content": m.content} for m in body.messages)
-        tokens = await self._backend.tokenize(body.prompt, messages, body.add_special_tokens,
+        tokens = await self._backend.tokenize(body.prompt, messages, body.special_tokens,
                                               body.add_generation_prompt)
         answer = TokenizeResponse(count=len(tokens), max_model_len=self._backend.max_model_len,
                                   tokens=tokens)

@@ -136,6 +136,7 @@ class CompletionRequest(_SamplingFields):
     gets ``n`` choices, indexed prompt by prompt)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True  # a text prompt gets the tokenizer's BOS, as in vLLM
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
@@ -223,6 +224,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the chat template writes its own BOS
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -274,15 +276,22 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    """POST /tokenize (vLLM's): a prompt or chat messages."""
+    """POST /tokenize (vLLM's): a prompt or chat messages, tokenized as the completion or
+    chat endpoint would (``add_special_tokens`` defaults as there)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, validate_default=True)
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+
+    @property
+    def special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.messages is None
 
     @field_validator("messages")
     @classmethod

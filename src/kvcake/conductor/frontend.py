@@ -64,7 +64,7 @@ class ConductorBackend:
         if messages is not None:
             text = self.tokenizer.apply_chat_template(
                 [dict(m) for m in messages], add_generation_prompt=add_generation_prompt)
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, add_special_tokens)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidParamsError("prompt: must not be empty")
@@ -88,7 +88,7 @@ class ConductorBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         tokens = await self.tokenize(request.prompt, request.messages,
-                                     add_generation_prompt=request.add_generation_prompt)
+                                     request.add_special_tokens, request.add_generation_prompt)
         flight = await self.server.submit(request.request_id, tokens, request.params,
                                           request.tenant)
         self._processor.add(request.request_id, flight.params)

@@ -23,6 +23,7 @@ class GenerateRequest:
     params: ``max_tokens`` None asks for what the context leaves after the prompt;
         ``logprobs`` / ``prompt_logprobs`` ask for the chunks' ``logprobs`` / ``prompt``.
     add_generation_prompt: chat only; end the rendered prompt with the assistant's turn.
+    add_special_tokens: text is tokenized with the tokenizer's BOS/EOS where it adds them.
     echo: the first chunk carries the prompt (``GenerateChunk.prompt``).
     """
 
@@ -33,6 +34,7 @@ class GenerateRequest:
     tenant: str = "default"
     add_generation_prompt: bool = True
     echo: bool = False
+    add_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
