@@ -18,7 +18,6 @@ Torch-free: vLLM runs in its own process (and venv).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import json
@@ -52,6 +51,7 @@ from kvcake.wire.conductor import (
     DecodeSample,
     InstanceLoad,
     KVEvent,
+    Outbox,
     Outputs,
     PrefillDone,
     PrefillSample,
@@ -60,7 +60,6 @@ from kvcake.wire.conductor import (
     ReportReply,
     Role,
     Snapshot,
-    next_pushed,
 )
 from kvcake.wire.kv_events import CacheView
 from kvcake.wire.output import TokenOutput
@@ -186,8 +185,7 @@ class VllmInstanceServer:
         self._http: aiohttp.ClientSession | None = None
         self._rpc: RpcServer | None = None
         self._requests: dict[str, _Request] = {}
-        self._outbox: collections.deque[Outputs | PrefillDone] = collections.deque()
-        self._outbox_ready = asyncio.Event()
+        self._outbox = Outbox(self._conductor)
         self._tasks = TaskSet()
         self._registered = False
         self._need_snapshot = False
@@ -225,7 +223,7 @@ class VllmInstanceServer:
         self._rpc = RpcServer(dispatcher, self.config.host, self.config.port)
         self.endpoint = await self._rpc.startup()
         self._tasks.spawn(self._report_forever(), "report")
-        self._tasks.spawn(self._send_outbox(), "outbox")
+        self._tasks.spawn(self._outbox.send_forever(), "outbox")
         return self.endpoint
 
     async def shutdown(self) -> None:
@@ -483,9 +481,8 @@ class VllmInstanceServer:
         finally:
             self._company.end(request.request_id)
             self._requests.pop(request.request_id, None)
-        self._outbox.append(PrefillDone(self.instance_id, TokenOutput(
+        self._outbox.put(PrefillDone(self.instance_id, TokenOutput(
             request.request_id, [], [], None, request.num_prompt_tokens, cached, 0), error))
-        self._outbox_ready.set()
 
     @contextlib.asynccontextmanager
     async def _post(self, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -521,20 +518,7 @@ class VllmInstanceServer:
     # -- to the Conductor --------------------------------------------------------------
 
     def _emit(self, request: _Request, output: TokenOutput) -> None:
-        self._outbox.append(Outputs(self.instance_id, [output]))
-        self._outbox_ready.set()
-
-    async def _send_outbox(self) -> None:
-        """In order; consecutive outputs go in one call."""
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            while self._outbox:
-                message = next_pushed(self._outbox)
-                try:
-                    await self._conductor.call(encode(message))
-                except KvcakeError as exc:
-                    log.warning("conductor did not take %s: %s", type(message).__name__, exc)
+        self._outbox.put(Outputs(self.instance_id, [output]))
 
     async def _report_forever(self) -> None:
         failing = False

@@ -24,12 +24,17 @@ each top list (alternatives of a token)    ``MAX_TOP_LOGPROBS``
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from enum import StrEnum
 from typing import Annotated
 
 import msgspec
 
+from kvcake.common.codec import encode
+from kvcake.common.errors import KvcakeError
+from kvcake.common.log import get_logger
+from kvcake.common.rpc import RpcClient
 from kvcake.wire.kv import KVRegion
 from kvcake.wire.output import TokenOutput
 
@@ -43,6 +48,7 @@ class Role(StrEnum):
     BOTH = "both"
 
 
+log = get_logger(__name__)
 ROLES = tuple(role.value for role in Role)
 EVENT_KINDS = ("stored", "removed", "cleared")
 MAX_BLOCK_HASHES = 1 << 20  # hashes in one event or snapshot: a 32 MiB cache index
@@ -161,6 +167,33 @@ def next_pushed(outbox: deque[Outputs | PrefillDone]) -> Outputs | PrefillDone:
             and len(outputs) + len(outbox[0].outputs) <= MAX_OUTPUTS:
         outputs += outbox.popleft().outputs  # type: ignore[union-attr]
     return Outputs(message.instance_id, outputs)
+
+
+class Outbox:
+    """What an instance pushes to the Conductor (outputs, prefills done), in order: ``put``
+    on the event loop, :meth:`send_forever` as a task; consecutive outputs (several steps'
+    worth when the Conductor lags) go in one call. A message the Conductor did not take is
+    logged and dropped (sent again it could deliver tokens twice)."""
+
+    def __init__(self, conductor: RpcClient) -> None:
+        self._conductor = conductor
+        self._messages: deque[Outputs | PrefillDone] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, message: Outputs | PrefillDone) -> None:
+        self._messages.append(message)
+        self._ready.set()
+
+    async def send_forever(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._messages:
+                message = next_pushed(self._messages)
+                try:
+                    await self._conductor.call(encode(message))
+                except KvcakeError as exc:
+                    log.warning("conductor did not take %s: %s", type(message).__name__, exc)
 
 
 class ReportReply(msgspec.Struct, frozen=True):

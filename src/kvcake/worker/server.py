@@ -9,7 +9,6 @@ block it caches, so the Conductor's index is rebuilt from the instances.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -33,6 +32,7 @@ from kvcake.wire.conductor import (
     MAX_SAMPLES,
     InstanceLoad,
     KVEvent,
+    Outbox,
     Outputs,
     PrefillDone,
     Register,
@@ -40,7 +40,6 @@ from kvcake.wire.conductor import (
     ReportReply,
     Role,
     Snapshot,
-    next_pushed,
 )
 from kvcake.wire.output import TokenOutput
 from kvcake.wire.worker import (
@@ -75,8 +74,7 @@ class WorkerServer:
         self._loop: EngineLoop | None = None
         self._rpc: RpcServer | None = None
         self._conductor = RpcClient(config.conductor, _RPC_TIMEOUT_S)
-        self._outbox: collections.deque[Outputs | PrefillDone] = collections.deque()
-        self._outbox_ready = asyncio.Event()
+        self._outbox = Outbox(self._conductor)
         self._tasks = TaskSet()
         self._seq = 0
         self._registered = False
@@ -99,7 +97,7 @@ class WorkerServer:
         assert self._loop is not None
         self._loop.start()
         self._tasks.spawn(self._report_forever(), "report")
-        self._tasks.spawn(self._send_outbox(), "outbox")
+        self._tasks.spawn(self._outbox.send_forever(), "outbox")
         return self.endpoint
 
     def _build_engine(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -230,25 +228,10 @@ class WorkerServer:
     # -- to the Conductor --------------------------------------------------------------
 
     def _queue_outputs(self, outputs: list[TokenOutput]) -> None:
-        self._outbox.append(Outputs(self.instance_id, outputs))
-        self._outbox_ready.set()
+        self._outbox.put(Outputs(self.instance_id, outputs))
 
     def _queue_prefill_done(self, output: TokenOutput, error: str) -> None:
-        self._outbox.append(PrefillDone(self.instance_id, output, error))
-        self._outbox_ready.set()
-
-    async def _send_outbox(self) -> None:
-        """Messages in order; consecutive outputs (several steps' worth when the Conductor
-        lags) go in one call."""
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            while self._outbox:
-                message = next_pushed(self._outbox)
-                try:
-                    await self._conductor.call(encode(message))
-                except KvcakeError as exc:
-                    log.warning("conductor did not take %s: %s", type(message).__name__, exc)
+        self._outbox.put(PrefillDone(self.instance_id, output, error))
 
     async def _report_forever(self) -> None:
         """A failed report is simply sent again: a Conductor that dropped this instance, or
