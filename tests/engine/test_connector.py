@@ -267,6 +267,26 @@ def test_a_corrupt_block_is_recomputed_and_replaced(
         keys[3].rsplit("/", 1)[1])) is None
 
 
+def test_a_block_the_store_lost_is_saved_again(make_core: Callable[..., EngineCore]) -> None:
+    """A lookup that finds a block gone (evicted, removed) makes the next save of it count,
+    though this instance had stored it before."""
+    writer = make_core()
+    prompt = [t ^ 7 for t in PROMPT]
+    run(writer, "cold", prompt)
+    keys = block_keys(saved(writer), "keys", prompt)
+    store_call(writer, "remove", keys[5], True)
+    connector = writer.store
+    assert connector is not None
+    namespace = keys[0].rsplit("/", 1)[0]
+    hashes = [bytes.fromhex(key.rsplit("/", 1)[1]) for key in keys]
+    assert connector.num_matched_blocks(namespace, hashes) == 5
+    before = connector.stats.saved_blocks
+    connector.save(namespace, list(range(len(keys))), hashes)
+    saved(writer)
+    assert connector.stats.saved_blocks == before + 1  # block 5 only: the rest are known
+    assert store_call(writer, "batch_is_exist", keys) == [1] * len(keys)
+
+
 def test_a_layered_load_gives_what_a_whole_load_gives(make_core: Callable[..., EngineCore],
                                                       salt: int) -> None:
     """``start_load`` (layer by layer on a helper thread; the ``tcp`` case loads at once,

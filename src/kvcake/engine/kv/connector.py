@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -121,6 +121,7 @@ class StoreConnector:
             return 0
         matched = next((i for i, c in enumerate(codes) if c != 1), len(codes))
         self.stats.matched_blocks += matched
+        self._forget(key for key, code in zip(keys, codes, strict=True) if code == 0)
         return matched
 
     def load(self, prefix: str, block_ids: list[int], block_hashes: list[bytes]) -> int:
@@ -318,6 +319,13 @@ class StoreConnector:
         for record, block_hash in zip(records, hashes, strict=True):
             record[:HEADER_BYTES] = self.layout.pack_header(block_hash,
                                                             [record[HEADER_BYTES:]])
+
+    def _forget(self, keys: Iterable[str]) -> None:
+        """Keys the store no longer holds (evicted, removed) are saved again when their
+        blocks are computed again."""
+        with self._lock:
+            for key in keys:
+                self._known.pop(key, None)
 
     def _remember(self, key: str) -> None:
         with self._lock:
