@@ -1,14 +1,18 @@
 """A leader whose term ends while a call waits (for room, for a promotion) answers nothing
 of it: by then a new leader may have handed out the memory the reply would name. The
-reply is refused as any call to a deposed leader is, and the client follows the new one."""
+reply is refused as any call to a deposed leader is, and the client follows the new one.
+Its disk tasks wait for the changes that queued them to reach etcd."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.server import MasterServer
+from kvcake.store.master.tiering import DropDiskTask
 from kvcake.wire import store as m
 
 
@@ -35,3 +39,46 @@ def test_a_reply_ready_after_the_term_ended_is_refused() -> None:
     with pytest.raises(KvcakeError) as refused:
         server._settle(request)
     assert refused.value.code is ErrorCode.UNAVAILABLE_IN_CURRENT_MODE
+
+
+class _Flushing(_Persistence):
+    """Durability the test hands out by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes: list[asyncio.Future[None]] = []
+
+    def durable(self) -> asyncio.Future[None]:
+        self.flushes.append(asyncio.get_running_loop().create_future())
+        return self.flushes[-1]
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_a_leaders_disk_tasks_wait_for_the_change_that_queued_them(flushed: bool) -> None:
+    """A drop of a disk file runs once the removal is in etcd; never if the term ends
+    first (the next leader's table would name a file that is gone)."""
+    server = MasterServer(MasterConfig(port=0, metrics_port=-1))
+    persistence = _Flushing()
+    server.persistence = persistence  # type: ignore[assignment]
+    ran: list[object] = []
+
+    async def run_task(task: object) -> None:
+        ran.append(task)
+
+    server._run_task = run_task  # type: ignore[method-assign]
+    drop = DropDiskTask("k", 1)
+
+    async def scenario() -> None:
+        server.service.table.tasks.append(drop)
+        server._run_tasks()
+        await asyncio.sleep(0)
+        assert ran == [] and len(persistence.flushes) == 1
+        if flushed:
+            persistence.flushes[0].set_result(None)
+        else:
+            persistence.flushes[0].set_exception(KvcakeError("term over"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert ran == ([drop] if flushed else [])

@@ -499,7 +499,24 @@ class MasterServer:
             log.info("store: %s", summary_line(self.service.stats(), self.service.counters))
 
     def _run_tasks(self) -> None:
-        for task in self.service.drain_tasks():
+        tasks = self.service.drain_tasks()
+        if tasks and self.persistence is not None:
+            self._background.spawn(self._run_when_durable(tasks, self.persistence.durable()))
+            return
+        for task in tasks:
+            self._background.spawn(self._run_task(task))
+
+    async def _run_when_durable(self, tasks: list[Task], durable: Awaitable[None]) -> None:
+        """An HA leader's disk tasks wait until the change that queued them is in etcd: a
+        file dropped before then, its leader gone before the flush, would leave the next
+        leader's table naming a file that no longer exists. A term that ends first runs
+        none of them (the next leader decides afresh)."""
+        try:
+            await durable
+        except KvcakeError as exc:
+            log.info("%d disk task(s) not run: %s", len(tasks), exc)
+            return
+        for task in tasks:
             self._background.spawn(self._run_task(task))
 
     async def _run_task(self, task: Task) -> None:
