@@ -1,7 +1,8 @@
 """A leader whose term ends while a call waits (for room, for a promotion) answers nothing
 of it: by then a new leader may have handed out the memory the reply would name. The
 reply is refused as any call to a deposed leader is, and the client follows the new one.
-Its disk tasks wait for the changes that queued them to reach etcd."""
+Its disk tasks, and its "already there" to a writer, wait for the changes they rest on to
+reach etcd."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvcake.common.errors import ErrorCode, KvcakeError
 from kvcake.store.master.config import MasterConfig
 from kvcake.store.master.server import MasterServer
 from kvcake.store.master.tiering import DropDiskTask
+from kvcake.transfer.segment import SegmentDescriptor
 from kvcake.wire import store as m
 
 
@@ -82,3 +84,31 @@ def test_a_leaders_disk_tasks_wait_for_the_change_that_queued_them(flushed: bool
 
     asyncio.run(scenario())
     assert ran == ([drop] if flushed else [])
+
+
+def test_a_leaders_already_there_waits_for_the_object_to_be_in_etcd() -> None:
+    """A writer takes "already exists" as stored, so an HA leader says it only once the
+    object it names is durable; a fresh key is answered at once."""
+    server = MasterServer(MasterConfig(port=0, metrics_port=-1))
+    service = server.service
+    service.register_client("c", "host-c")
+    service.mount_segment("c", SegmentDescriptor(
+        name="seg", segment_id=0, size=1 << 20, host_id="host-c", endpoint="127.0.0.1:1",
+        shm_socket="", shm_inode=0))
+    assert isinstance(service.put_start("c", "k", 64, m.ReplicateConfig()), list)
+    assert service.put_end("c", "k") is ErrorCode.OK
+    persistence = _Flushing()
+    server.persistence = persistence  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        fresh = server._put_start(m.PutStart("c", ["new"], [64], m.ReplicateConfig()))
+        assert isinstance(fresh, m.PutStartReply) and fresh.codes == [0]
+        again = server._put_start(m.PutStart("c", ["k"], [64], m.ReplicateConfig()))
+        answer = asyncio.ensure_future(again)
+        await asyncio.sleep(0)
+        assert not answer.done() and len(persistence.flushes) == 1
+        persistence.flushes[0].set_result(None)
+        reply = await answer
+        assert reply.codes == [ErrorCode.OBJECT_ALREADY_EXISTS]
+
+    asyncio.run(scenario())

@@ -281,7 +281,19 @@ class MasterServer:
         reply = self._put_start_now(request)
         if ErrorCode.NO_AVAILABLE_HANDLE in reply.codes and self._room_coming():
             return self._put_start_with_room(request, reply)
+        if self._leans_on_others(reply):
+            return self._when_durable(reply)
         return self._pipelined(request, reply)
+
+    def _leans_on_others(self, reply: m.PutStartReply) -> bool:
+        """An HA leader's "already there" counts as stored for the writer: it leaves once
+        the object it names is in etcd (its put may be in a flush not yet committed)."""
+        return self.persistence is not None and ErrorCode.OBJECT_ALREADY_EXISTS in reply.codes
+
+    async def _when_durable(self, reply: m.PutStartReply) -> m.PutStartReply:
+        assert self.persistence is not None
+        await self.persistence.durable()
+        return reply
 
     def _pipelined(self, request: m.PutStart, reply: m.PutStartReply) -> m.PutStartReply:
         """``reply``, letting the writer pipeline its ``PutEnd`` where it asked to and this
@@ -327,7 +339,10 @@ class MasterServer:
             for i in refused:
                 codes[i], replicas[i] = self._put_start_key(request, i)
             refused = [i for i in refused if codes[i] == ErrorCode.NO_AVAILABLE_HANDLE]
-        return self._pipelined(request, m.PutStartReply(codes, replicas))
+        reply = m.PutStartReply(codes, replicas)
+        if self._leans_on_others(reply):
+            return await self._when_durable(reply)
+        return self._pipelined(request, reply)
 
     def _put_start_now(self, request: m.PutStart) -> m.PutStartReply:
         answers = [self._put_start_key(request, i) for i in range(len(request.keys))]
