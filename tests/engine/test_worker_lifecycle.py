@@ -19,7 +19,7 @@ from kvcake.common.aio import LoopThread
 from kvcake.common.errors import InvalidParamsError
 from kvcake.engine.config import EngineConfig
 from kvcake.wire.sampling import SamplingParams
-from kvcake.wire.worker import Commit, Prefill, Reserve
+from kvcake.wire.worker import Commit, Prefill, Release, Reserve
 from kvcake.worker.config import WorkerConfig
 from kvcake.worker.server import WorkerServer
 from wire import call_once
@@ -52,7 +52,7 @@ def worker_of(tiny_model_dir: Callable[..., Path]
 
 def test_a_refused_commit_keeps_the_seats_deadline(
         worker_of: Callable[..., tuple[LoopThread, WorkerServer]]) -> None:
-    thread, server = worker_of("decode", reserve_timeout_s=0.3)
+    thread, server = worker_of("decode", reserve_timeout_s=0.3, transfer_timeout_s=0.3)
     thread.run(call_once(server.endpoint, Reserve("r1", 20)), TIMEOUT_S)
     with pytest.raises(InvalidParamsError, match="prompt tokens for"):  # 40 for a 20's seat
         thread.run(call_once(server.endpoint, Commit("r1", list(range(40)), 1, 0.0,
@@ -61,6 +61,18 @@ def test_a_refused_commit_keeps_the_seats_deadline(
     while server.core.num_reserved:
         assert time.monotonic() < deadline, "the seat outlived its deadline"
         time.sleep(0.05)
+
+
+def test_a_seat_is_held_while_its_grants_let_a_prefill_write(
+        worker_of: Callable[..., tuple[LoopThread, WorkerServer]]) -> None:
+    """Past ``reserve_timeout_s`` a prefill that committed at the last moment may still be
+    writing (for ``transfer_timeout_s``): the blocks go to no one else meanwhile."""
+    thread, server = worker_of("decode", reserve_timeout_s=0.1, transfer_timeout_s=60.0)
+    thread.run(call_once(server.endpoint, Reserve("r1", 20)), TIMEOUT_S)
+    time.sleep(0.5)  # past reserve_timeout_s, far short of the grants' end
+    assert server.core.num_reserved == 1
+    thread.run(call_once(server.endpoint, Release("r1")), TIMEOUT_S)
+    assert server.core.num_reserved == 0
 
 
 def test_an_engine_step_that_raises_stops_the_worker(

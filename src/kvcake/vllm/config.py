@@ -137,7 +137,8 @@ class VllmInstanceConfig:
         (port 0: ephemeral).
     instance_id: its name at the Conductor (empty: ``<role>-<pid>``).
     report_s: seconds between load reports.
-    reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
+    reserve_timeout_s: a decode reservation whose prefill never commits is freed after this
+        (and ``transfer_timeout_s`` more: its grants let the prefill write until then).
     transfer_timeout_s: longest wait for a prefill's KV writes to land.
     profile_lock: as ``kvcake worker``'s: a file instances started together lock while
         they time their start-up requests (empty: none).

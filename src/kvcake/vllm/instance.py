@@ -327,7 +327,7 @@ class VllmInstanceServer:
         self._check_new(message.request_id)
         check_params(message.params)
         request = self._track(message.request_id, message.num_prompt_tokens)
-        request.deadline = time.monotonic() + self.config.reserve_timeout_s + message.hold_s
+        request.deadline = time.monotonic() + self._seat_s(message.hold_s)
         body = completion_body(self.server_config.served_model_name, message.prompt_token_ids,
                                message.params, stream=True,
                                kv_transfer_params=decode_params(message.request_id))
@@ -344,9 +344,14 @@ class VllmInstanceServer:
 
     async def _await_blocks(self, key: str, hold_s: float) -> Blocks:
         assert self._control is not None
-        ttl_s = self.config.reserve_timeout_s + hold_s + self.config.transfer_timeout_s
-        reply = await self._control.call(encode(AwaitBlocks(key, _BLOCKS_WAIT_S, ttl_s)))
+        reply = await self._control.call(encode(AwaitBlocks(key, _BLOCKS_WAIT_S,
+                                                            self._seat_s(hold_s))))
         return decode(reply, Blocks)
+
+    def _seat_s(self, hold_s: float) -> float:
+        """How long an uncommitted seat is held: as long as its grants let a prefill write
+        (one that committed at the last moment may write for ``transfer_timeout_s``)."""
+        return self.config.reserve_timeout_s + hold_s + self.config.transfer_timeout_s
 
     def _commit(self, message: Commit) -> Ack:
         request = self._requests.get(message.request_id)

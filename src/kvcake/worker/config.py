@@ -25,7 +25,8 @@ class WorkerConfig:
     host / port: where this instance's RPC server binds and is reached (port 0: ephemeral).
     instance_id: its name at the Conductor (empty: ``<role>-<pid>``).
     report_s: seconds between load/KV-event reports.
-    reserve_timeout_s: a decode reservation whose prefill never commits is freed after this.
+    reserve_timeout_s: a decode reservation whose prefill never commits is freed after this
+        (and ``transfer_timeout_s`` more: its grants let the prefill write until then).
     transfer_timeout_s: longest wait for a prefill's KV writes to land.
     profile: time a few prefill and decode steps at start-up, seeding the cost model.
     profile_lock: a file instances started together lock while they profile, so that no

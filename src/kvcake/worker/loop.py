@@ -195,12 +195,18 @@ class EngineLoop:
     def reserve(self, request_id: str, num_prompt_tokens: int, hold_s: float = 0.0,
                 prompt_token_ids: Sequence[int] = (), tenant: str | None = None
                 ) -> list[int] | None:
-        """Blocks held for ``reserve_timeout_s + hold_s`` unless committed or released (see
+        """Blocks held for :meth:`seat_s` unless committed or released (see
         :meth:`EngineCore.reserve` for what the prompt's tokens add)."""
         block_ids = self.core.reserve(request_id, num_prompt_tokens, prompt_token_ids, tenant)
         if block_ids is not None:
-            self._deadlines[request_id] = time.monotonic() + self._reserve_timeout_s + hold_s
+            self._deadlines[request_id] = time.monotonic() + self.seat_s(hold_s)
         return block_ids
+
+    def seat_s(self, hold_s: float) -> float:
+        """How long an uncommitted seat is held: until no grant on its blocks can still be
+        used (the prefill may write for ``transfer_timeout_s`` after committing at the last
+        moment), so its blocks never go to another request while a write may land."""
+        return self._reserve_timeout_s + hold_s + self._transfer_timeout_s
 
     def settle(self, request_id: str) -> None:
         """The reservation was committed or released: no deadline any more."""

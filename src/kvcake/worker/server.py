@@ -214,10 +214,9 @@ class WorkerServer:
     def _kv_grants(self, block_ids: list[int] | None, hold_s: float) -> list[bytes]:
         """The prefill may write our reserved blocks, until the reservation would lapse."""
         region = self.core.kv_region
-        if not block_ids or region is None or self._transfer is None:
+        if not block_ids or region is None or self._transfer is None or self._loop is None:
             return []
-        ttl_s = self.config.reserve_timeout_s + hold_s + self.config.transfer_timeout_s
-        return sign_kv_grants(self._transfer, region, block_ids, ttl_s)
+        return sign_kv_grants(self._transfer, region, block_ids, self._loop.seat_s(hold_s))
 
     def _check_role(self, message: Prefill) -> None:
         wants = Role.PREFILL if message.target is not None else Role.BOTH
