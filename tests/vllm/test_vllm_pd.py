@@ -109,8 +109,24 @@ def test_a_finished_or_forgotten_decode_request_leaves_nothing() -> None:
     plan.wait("b", "kb")
     plan.finished("a")
     plan.forget("kb")
+    plan.finished("b")
     assert not plan.waits("a") and not plan.waits("b")
     assert not plan.arrived("ka", ok=True) and not plan.arrived("kb", ok=True)
+    assert plan.allocated("b", [1, 2], 0) is None and plan.take_arrivals() == []
+
+
+def test_a_request_forgotten_before_vllm_gives_it_blocks_gets_its_word_with_them() -> None:
+    """The sidecar's Forget can land between vLLM's lookup (the request waits) and its
+    allocation: the blocks then come back as a failed load at once, not held for good."""
+    plan = PdPlan(BLOCK)
+    plan.wait("r", "k")
+    plan.forget("k", now=10.0, grace_s=5.0)
+    assert plan.waits("r")  # vLLM's allocation still goes to the plan
+    assert plan.allocated("r", [7, 8], 0) is None  # no prefill to wake
+    [arrival] = plan.take_arrivals()
+    assert (arrival.request_id, arrival.ok, arrival.block_ids, arrival.ended) == (
+        "r", False, (7, 8), False)
+    assert plan.waited("r") and not plan.arrived("k", ok=True)
 
 
 def test_vllm_layout_ranges_and_grants_cover_every_layer_of_a_run() -> None:

@@ -132,6 +132,7 @@ class PdPlan:
     _arrivals: list[Arrival] = field(default_factory=list)
     _abandoned: dict[str, tuple[_Waiting, float]] = field(default_factory=dict)
     _handed: set[str] = field(default_factory=set)  # decode requests whose blocks went out
+    _forgotten: set[str] = field(default_factory=set)  # forgotten before vLLM gave blocks
 
     # -- prefill ---------------------------------------------------------------------
 
@@ -178,7 +179,15 @@ class PdPlan:
 
     def allocated(self, request_id: str, block_ids: Sequence[int],
                   num_computed_tokens: int) -> tuple[str, tuple[int, ...]] | None:
-        """vLLM gave the waiting request its blocks: ``(key, the blocks to write)``."""
+        """vLLM gave the waiting request its blocks: ``(key, the blocks to write)``. A request
+        forgotten meanwhile gets its word at once (a failed load: no prefill writes them), or
+        vLLM would hold its blocks for an arrival that never comes."""
+        if request_id in self._forgotten:
+            self._forgotten.discard(request_id)
+            self._handed.add(request_id)
+            done = tuple(block_ids[num_computed_tokens // self.block_size:])
+            self._arrivals.append(Arrival(request_id, False, done))
+            return None
         key = self._key_of.get(request_id)
         if key is None:
             return None
@@ -234,6 +243,8 @@ class PdPlan:
         self._key_of.pop(waiting.request_id, None)
         if waiting.block_ids is not None:  # vLLM holds its blocks for the prefill's writes
             self._abandoned[key] = (waiting, now + grace_s)
+        else:  # vLLM is about to give it blocks (or to end it)
+            self._forgotten.add(waiting.request_id)
 
     def finished(self, request_id: str, now: float = 0.0, grace_s: float = 0.0) -> None:
         """vLLM ended the request (finished, or aborted while it waited: then its blocks
@@ -243,9 +254,11 @@ class PdPlan:
         key = self._key_of.get(request_id)
         if key is not None:
             self.forget(key, now, grace_s)
+        self._forgotten.discard(request_id)  # ended: vLLM gives it no blocks
 
     def waits(self, request_id: str) -> bool:
-        return request_id in self._key_of
+        """Whether vLLM's blocks for the request go to :meth:`allocated`."""
+        return request_id in self._key_of or request_id in self._forgotten
 
     def waited(self, request_id: str) -> bool:
         """Whether the decode request's blocks went to its prefill once already. vLLM
