@@ -75,7 +75,7 @@ def _sender(core: EngineCore) -> KVSender:
 
 def _disaggregated(prefill: EngineCore, sender: KVSender, decode: EngineCore,
                    request_id: str, prompt: list[int], granted: bool = True,
-                   reuse: bool = False) -> list[int]:
+                   reuse: bool = False, params: SamplingParams = GREEDY) -> list[int]:
     """``reuse``: the decode side looks the prompt up in its own cache when it reserves,
     and only the blocks it lacks are granted and written."""
     block_ids = decode.reserve(request_id, len(prompt), prompt if reuse else ())
@@ -85,12 +85,24 @@ def _disaggregated(prefill: EngineCore, sender: KVSender, decode: EngineCore,
     grants = sign_kv_grants(decode.transfer, decode.kv_region, block_ids[cached:], 30.0) \
         if granted else []
     sender.open(request_id, sender.target(decode.kv_region, block_ids, grants, cached))
-    prefill.add_request(request_id, prompt, dataclasses.replace(GREEDY, max_tokens=1))
+    prefill.add_request(request_id, prompt, dataclasses.replace(params, max_tokens=1))
     first = _run(prefill)[request_id]
     sender.wait(request_id, 5.0)
-    decode.commit(request_id, prompt, first[0], 0.0, GREEDY)
+    decode.commit(request_id, prompt, first[0], 0.0, params)
     decode.check_integrity()
     return first + _run(decode)[request_id]
+
+
+def test_a_seeded_request_draws_the_same_tokens_disaggregated(
+        engines: Callable[..., EngineCore]) -> None:
+    """The decode side's generator starts past the prefill's draw of the first token."""
+    seeded = SamplingParams(max_tokens=12, temperature=1.5, seed=11, ignore_eos=True)
+    colocated = engines()
+    colocated.add_request("r", PROMPT, seeded)
+    expected = _run(colocated)["r"]
+    prefill, decode = engines(), engines(kv_cache_bytes=96 << 10)
+    assert _disaggregated(prefill, _sender(prefill), decode, "r", PROMPT,
+                          params=seeded) == expected
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])

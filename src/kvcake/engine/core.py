@@ -30,6 +30,7 @@ from kvcake.engine.model.llama import LlamaModel, plain_rows
 from kvcake.engine.model.weights import load_weights
 from kvcake.engine.request import Request, RequestStatus
 from kvcake.engine.runner import ModelRunner
+from kvcake.engine.sampling import skip_draws
 from kvcake.engine.scheduler import KVConnector, Scheduler, SchedulerOutput
 from kvcake.model import ModelFiles, cache_root, resolve_model
 from kvcake.transfer import Segment, TransferEngine
@@ -322,6 +323,8 @@ class EngineCore:
                                      f"tokens for {len(block_ids)} reserved blocks")
         del self._reserved[request_id]
         request = Request(request_id, list(prompt_token_ids), params, self.salt(tenant))
+        if request.generator is not None and not params.greedy:  # the prefill drew one
+            skip_draws(request.generator, 1, self.model_config.vocab_size)
         request.output_token_ids.append(first_token)
         request.output_logprobs.append(first_logprob)
         request.output_top_logprobs.append(first_top_logprobs or [])

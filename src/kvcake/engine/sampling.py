@@ -31,6 +31,14 @@ TOP_P_CANDIDATES = 512  # largest logits top-p inspects before it sorts a whole 
 GreedyKernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def skip_draws(generator: torch.Generator, tokens: int, vocab: int) -> None:
+    """Move ``generator`` past what the sampler draws for ``tokens`` sampled tokens over
+    ``vocab`` logits (one float32 uniform per logit each), so a seeded request continued on
+    another instance draws what it would have drawn on one."""
+    for _ in range(tokens):
+        torch.empty(vocab).uniform_(generator=generator)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The per-request generator a seeded request keeps for its whole life."""
     generator = torch.Generator(device=device)
