@@ -266,6 +266,28 @@ def test_prefill_results_do_not_depend_on_threads_or_the_other_chunks(kernel_dir
     assert torch.equal(out, runs[0][rows])
 
 
+def test_short_chunks_after_long_prefixes_split_into_smaller_tiles_alike(
+        kernel_dir: Path) -> None:
+    """Five rows after 300 tokens make too few tiles for the threads: tiles shrink (to other
+    sizes for 1, 2 and 3 threads) and every row's answer stays the same and right."""
+    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
+    q, k, v, prefills, as_decodes = prefill_case([(300, 5)], 3, 3, 64, torch.bfloat16)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.full_like(q, float("nan"))
+            kernel.paged_prefill(q, k, v, prefills, 0.125, out)
+            runs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    expected = reference(q, k, v, as_decodes, 0.125)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(runs[0].float(), expected, atol=tol, rtol=tol)
+
+
 def test_a_build_is_kept_and_loaded_again_without_compiling(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert build(torch.float32, 16, 2, tmp_path) is not None

@@ -47,10 +47,10 @@ class EngineConfig:
         ``auto``: bfloat16 on a GPU or a CPU that computes it natively, else float32; resolved
         when the config is made, so peers compare the dtype actually used).
     device: torch device (``cpu``, ``cuda``, ``cuda:1``).
-    attention: kernel (``paged``: ``sdpa`` for prompts and a compiled kernel that reads the
-        decodes' K/V blocks in place, fastest on CPU, ``sdpa`` alone where it cannot be
-        built; ``sdpa``: PyTorch's fused kernels over gathered K/V; ``eager``: HF's exact
-        math, for bit-faithful comparisons).
+    attention: kernel (``paged``: compiled kernels that read the K/V blocks in place for
+        prompt chunks and decodes, fastest on CPU, ``sdpa`` where they cannot be built;
+        ``sdpa``: PyTorch's fused kernels over gathered K/V; ``eager``: HF's exact math, for
+        bit-faithful comparisons).
     block_size: tokens per KV block (a multiple of 8 is fastest; 1..1024).
     kv_cache_bytes: bytes of the paged KV pool (its block count follows from the model).
     max_num_seqs: most requests running at once.

@@ -1,5 +1,6 @@
 """Attention kernels by name: ``sdpa`` (PyTorch's fused kernels) and ``eager`` (HF's math);
-``paged`` runs prompts with ``sdpa`` (its decodes go to :mod:`kvcake.engine.model.kernels`).
+``paged`` is ``sdpa`` where its kernels are missing (with them, prompt chunks and decodes go
+to :mod:`kvcake.engine.model.kernels`).
 
 Both take grouped-query inputs and a boolean mask (``True`` = may attend)::
 

@@ -28,7 +28,9 @@
  * -- Prefill attention ------------------------------------------------------------------------
  *
  * A prompt chunk's query row r (position first + r) is a decode over its first first + r + 1
- * tokens, with the same arithmetic in the same order. Up to QUERY_TILE rows of a chunk run
+ * tokens, chunk by chunk as a decode (its dot products add up in another order, so the last
+ * bits may differ from a decode's). A row's result does not depend on the tile it is in or
+ * on the threads. Up to QUERY_TILE rows of a chunk run
  * together: each chunk of K/V rows is widened to float once for all of them (K turned on its
  * side), so the scores run along the tokens and the weighted sums along the head, many
  * independent multiply-add chains at once. A chunk after a cached prefix reads the prefix

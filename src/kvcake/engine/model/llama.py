@@ -118,8 +118,9 @@ class LlamaModel:
     ``kv_cache`` has shape ``(num_layers, 2, num_slots, num_kv_heads, head_dim)`` where
     ``num_slots = num_blocks * block_size`` and slot ``b * block_size + i`` is token ``i`` of
     block ``b``. With ``kernels`` (:mod:`kvcake.engine.model.kernels`) the element-wise steps
-    run fused, and with ``paged`` attention too, decode tokens come as one
-    :class:`PagedDecodes` that reads the cache in place (``reads_pages``).
+    run fused, and with ``paged`` attention too, prompt chunks and decode tokens come as one
+    :class:`PagedPrefills` and one :class:`PagedDecodes` that read the cache in place
+    (``reads_pages``).
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
