@@ -414,6 +414,9 @@ def test_a_model_id_with_a_slash_has_its_card(serve: Serve,
     assert (card.status_code, card.json()["id"]) == (200, "HuggingFaceTB/SmolLM2-135M-Instruct")
     other = httpx2.get(f"http://{address}/v1/models/HuggingFaceTB/other", timeout=10)
     assert other.json()["error"]["code"] == "model_not_found"
+    metrics = httpx2.get(f"http://{address}/metrics", timeout=10).text
+    assert 'kvcake_api_requests_total{endpoint="/v1/models/{model_id}",status="200"} 1\n' \
+        in metrics  # the label of every model card, as before ids could hold '/'
 
 
 def test_unknown_model_is_404_model_not_found(serve: Serve) -> None:

@@ -171,3 +171,28 @@ def test_a_vllm_driver_that_fails_mid_run_is_an_error_with_its_last_words(
     with pytest.raises(KvcakeError, match=r"(?s)exit code 1.*no room for two"), \
             VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:
         measure([runner], plan, prompt_sets(plan, vocab_size=100))
+
+
+STOPS_READING_AFTER_ONE_BATCH = (  # its input closes before the first batch's answer
+    "\nimport os as _os\n"
+    "_calls = [0]\n"
+    "_generate = LLM.generate\n"
+    "def _closing(self, inputs, params, use_tqdm=True):\n"
+    "    _calls[0] += 1\n"
+    "    if _calls[0] == 2:\n"
+    "        _os.close(0)\n"
+    "    return _generate(self, inputs, params, use_tqdm)\n"
+    "LLM.generate = _closing\n")
+
+
+def test_a_vllm_driver_gone_between_turns_is_an_error_with_its_last_words(
+        tmp_path: Path) -> None:
+    (tmp_path / "vllm.py").write_text(FAKE_VLLM + STOPS_READING_AFTER_ONE_BATCH)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
+                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(1, 2))
+    with pytest.raises(KvcakeError, match=r"(?s)exit code 1.*Bad file descriptor"), \
+            VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:
+        measure([runner], plan, prompt_sets(plan, vocab_size=100))

@@ -157,6 +157,26 @@ def test_token_id_prompts_answer_like_their_text(llm: LLM, smollm2_tokenizer: To
     assert_idle(llm)
 
 
+def test_text_prompts_get_the_tokenizers_bos_and_chat_templates_do_not(
+        llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in vLLM and kvcake's /v1/completions (SmolLM2's tokenizer adds none, so this
+    watches what is asked of it)."""
+    asked: list[bool] = []
+    encode = llm.tokenizer.encode
+
+    def recording(text: str, add_special_tokens: bool = False) -> list[int]:
+        asked.append(add_special_tokens)
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(llm.tokenizer, "encode", recording)
+    one = replace(GREEDY, max_tokens=1)
+    fresh(llm).generate("The capital of France is", one)
+    list(fresh(llm).stream("Once upon a time", one))
+    fresh(llm).chat([{"role": "user", "content": "Hi"}], one)
+    assert asked == [True, True, False]
+    assert_idle(llm)
+
+
 def test_bad_sampling_params_fail_before_anything_runs(llm: LLM) -> None:
     with pytest.raises(InvalidParamsError, match=r"top_p must be in \(0.0, 1.0\], got 0"):
         fresh(llm).generate("Hi", SamplingParams(top_p=0))

@@ -49,6 +49,10 @@ class _Flushing(_Persistence):
     def __init__(self) -> None:
         super().__init__()
         self.flushes: list[asyncio.Future[None]] = []
+        self.unflushed: set[str] = set()
+
+    def pending(self, key: str) -> bool:
+        return key in self.unflushed
 
     def durable(self) -> asyncio.Future[None]:
         self.flushes.append(asyncio.get_running_loop().create_future())
@@ -88,7 +92,8 @@ def test_a_leaders_disk_tasks_wait_for_the_change_that_queued_them(flushed: bool
 
 def test_a_leaders_already_there_waits_for_the_object_to_be_in_etcd() -> None:
     """A writer takes "already exists" as stored, so an HA leader says it only once the
-    object it names is durable; a fresh key is answered at once."""
+    object it names is in etcd; a fresh key, or an object flushed already, is answered at
+    once."""
     server = MasterServer(MasterConfig(port=0, metrics_port=-1))
     service = server.service
     service.register_client("c", "host-c")
@@ -103,6 +108,10 @@ def test_a_leaders_already_there_waits_for_the_object_to_be_in_etcd() -> None:
     async def scenario() -> None:
         fresh = server._put_start(m.PutStart("c", ["new"], [64], m.ReplicateConfig()))
         assert isinstance(fresh, m.PutStartReply) and fresh.codes == [0]
+        flushed = server._put_start(m.PutStart("c", ["k"], [64], m.ReplicateConfig()))
+        assert isinstance(flushed, m.PutStartReply)
+        assert flushed.codes == [ErrorCode.OBJECT_ALREADY_EXISTS] and not persistence.flushes
+        persistence.unflushed.add("k")  # the default tenant's key, unscoped
         again = server._put_start(m.PutStart("c", ["k"], [64], m.ReplicateConfig()))
         answer = asyncio.ensure_future(again)
         await asyncio.sleep(0)

@@ -131,7 +131,7 @@ class CountResponses:
 
     def _endpoint(self, scope: Scope) -> str:
         route = scope.get("route")
-        if route is not None:
-            return str(route.path)
+        if route is not None:  # the template without its converters (``{id:path}``)
+            return str(getattr(route, "path_format", route.path))
         path = scope.get("path", "")
         return path if path in self._paths else "other"

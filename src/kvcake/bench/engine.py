@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ Timings = dict[tuple[str, int], list[Timing]]  # (system, batch) -> measured rep
 PromptSets = dict[int, list[list[list[int]]]]  # batch -> repetition -> prompt -> token ids
 QUIET = 0.25  # the busy share of all CPUs under which a turn starts
 VLLM_ANSWER_S = 1800.0  # the longest a vLLM batch (or its start) may take before it is stopped
+VLLM_CLOSE_S = 60.0  # the driver's own exit, at the end of its input
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,8 @@ def check_vllm_python(python: str | None) -> str:
 class VllmRunner:
     """The vLLM driver in its own interpreter, loaded once (:meth:`started`) and asked for one
     batch at a time. Its plan, its log and its TMPDIR lie in a directory removed afterwards:
-    vLLM leaves its IPC sockets behind even when it exits cleanly."""
+    vLLM leaves its IPC sockets behind even when it exits cleanly. It runs in a session of its
+    own, so that stopping it stops vLLM's engine process too."""
 
     name = "vllm"
 
@@ -208,7 +211,7 @@ class VllmRunner:
             with log.open("w") as sink:
                 process = subprocess.Popen(
                     [python, "-I", str(DRIVER), "vllm", str(plan_file)], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=sink, text=True,
+                    stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True,
                     env={**os.environ, "TMPDIR": scratch})
             runner = cls(process, log)
             try:
@@ -220,38 +223,49 @@ class VllmRunner:
     def run(self, prompts: list[list[int]], new_tokens: int) -> Timing:
         stdin = self._process.stdin
         assert stdin is not None
-        stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
-        stdin.flush()
+        try:
+            stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
+            stdin.flush()
+        except OSError:  # it died between turns
+            raise self._ended() from None
         return Timing(**self._answer())
 
     def _answer(self) -> dict[str, Any]:
-        """The driver's next JSON line (vLLM may print other lines); it is stopped if none
-        comes within ``VLLM_ANSWER_S``."""
+        """The driver's next JSON object line (vLLM may print other lines); it is stopped if
+        none comes within ``VLLM_ANSWER_S``."""
         stdout = self._process.stdout
         assert stdout is not None
-        watchdog = threading.Timer(VLLM_ANSWER_S, self._process.kill)
+        watchdog = threading.Timer(VLLM_ANSWER_S, self._kill)
         watchdog.start()
         try:
             for line in stdout:
-                if line.startswith("{"):
-                    return dict(json.loads(line))
+                if line.startswith('{"'):
+                    with contextlib.suppress(ValueError):
+                        return dict(json.loads(line))
         finally:
             watchdog.cancel()
+        raise self._ended()
+
+    def _ended(self) -> KvcakeError:
         self._process.wait()
         said = self._log.read_text(errors="replace").strip()[-1200:]
-        raise KvcakeError(f"the vLLM driver ended (exit code {self._process.returncode}): "
-                          f"{said}")
+        return KvcakeError(f"the vLLM driver ended (exit code {self._process.returncode}): "
+                           f"{said}")
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
 
     def _close(self) -> None:
-        """End of input ends the driver; its pipes close with it."""
+        """End of input ends the driver; then whatever is left of its session is stopped."""
         process = self._process
         if process.stdin is not None:
-            process.stdin.close()
-        try:
-            process.wait(timeout=VLLM_ANSWER_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=VLLM_CLOSE_S)
+        self._kill()
+        process.wait()
         if process.stdout is not None:
             process.stdout.close()
 

@@ -1,8 +1,9 @@
 """The offline API: ``LLM(model=...).generate(prompts, SamplingParams(...))``.
 
 Shaped like vLLM's so code moves over unchanged: results come back in prompt order, each
-with ``outputs[0].text``. Prompts are strings (tokenized as is), token-id lists, or, with
-:meth:`LLM.chat`, message lists rendered by the model's chat template.
+with ``outputs[0].text``. Prompts are strings (tokenized with the tokenizer's BOS where it
+adds one, as vLLM does), token-id lists, or, with :meth:`LLM.chat`, message lists rendered
+by the model's chat template (which writes its own BOS).
 """
 
 from __future__ import annotations
@@ -82,12 +83,17 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  tenant: str | None = None) -> list[GenerationResult]:
         """Run every prompt to completion (batched continuously); results in prompt order."""
+        return self._generate(prompts, params, tenant, special_tokens=True)
+
+    def _generate(self, prompts: Prompt | Sequence[Prompt],
+                  params: SamplingParams | Sequence[SamplingParams] | None,
+                  tenant: str | None, special_tokens: bool) -> list[GenerationResult]:
         batch = _as_prompt_list(prompts)
         per_prompt = _as_params_list(params, len(batch))
         pending: dict[str, _Pending] = {}
         try:
             for prompt, p in zip(batch, per_prompt, strict=True):
-                request_id, item = self._submit(prompt, p, tenant)
+                request_id, item = self._submit(prompt, p, tenant, special_tokens)
                 pending[request_id] = item
         except Exception:
             self._withdraw(pending)  # a refused prompt refuses its whole batch
@@ -107,7 +113,7 @@ class LLM:
         convs: Sequence[Sequence[Message]] = (
             conversations if many else [conversations])  # type: ignore[list-item,assignment]
         prompts = [self.tokenizer.apply_chat_template(c) for c in convs]
-        return self.generate(prompts, params, tenant)
+        return self._generate(prompts, params, tenant, special_tokens=False)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                tenant: str | None = None) -> Iterator[TextDelta]:
@@ -131,10 +137,11 @@ class LLM:
             self.core.finish(output.request_id, RequestStatus.FINISHED_STOPPED)
         return delta
 
-    def _submit(self, prompt: Prompt, params: SamplingParams,
-                tenant: str | None) -> tuple[str, _Pending]:
+    def _submit(self, prompt: Prompt, params: SamplingParams, tenant: str | None,
+                special_tokens: bool = True) -> tuple[str, _Pending]:
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt, special_tokens) if isinstance(prompt, str) \
+            else list(prompt)
         request_id = f"llm-{next(self._ids)}"
         self.core.add_request(request_id, ids, params, tenant)
         self.outputs.add(request_id, params)

@@ -100,10 +100,11 @@ class KvcakeConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     a prefill's writes into decode instances, decode requests whose KV came."""
 
     def __init__(self, plan: StepPlan, sends: list[Send] | None = None,
-                 arrivals: list[Arrival] | None = None) -> None:
+                 arrivals: list[Arrival] | None = None, gone: list[bytes] | None = None) -> None:
         self.plan = plan
         self.sends = sends or []
         self.arrivals = arrivals or []
+        self.gone = gone or []  # blocks the store no longer holds: saved again when computed
 
 
 @dataclasses.dataclass
@@ -154,6 +155,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.plan = StorePlan(self.block_size)
         self._hashes: dict[str, tuple[bytes, ...]] = {}  # by request id, while it lives
         self._local_tokens: dict[str, int] = {}  # local cache hits, from lookup to allocation
+        self._gone: list[bytes] = []  # looked up and missing: the workers forget them
         self._load_errors: set[int] = set()
         self._loading: list[tuple[list[int], PendingLoad]] = []  # this step's, under way
         self._layer_index: dict[str, int] = {}  # by vLLM's attention layer name
@@ -241,6 +243,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except (KvcakeError, concurrent.futures.TimeoutError) as exc:
             log.warning("store lookup failed, computing instead: %r", exc)
             return None
+        self._gone += [h for h, code in zip(block_hashes, codes, strict=True) if code == 0]
         return [code == 1 for code in codes]
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
@@ -258,14 +261,15 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         scheduled = dict(scheduler_output.num_scheduled_tokens)
         plan = self.plan.step(scheduled, lambda rid: requests[rid],
                               lambda rid: manager.get_block_ids(rid)[0])
+        gone, self._gone = self._gone, []
         if self.control is None:
-            return KvcakeConnectorMetadata(plan)
+            return KvcakeConnectorMetadata(plan, gone=gone)
         if not scheduled:
             self.control.idle(_IDLE_WAIT_S)
         sends = [send for rid, count in scheduled.items()
                  if (send := self.pd.sends(rid, requests[rid] + count,
                                            manager.get_block_ids(rid)[0])) is not None]
-        return KvcakeConnectorMetadata(plan, sends, self.control.take_arrivals())
+        return KvcakeConnectorMetadata(plan, sends, self.control.take_arrivals(), gone)
 
     @staticmethod
     def _requests_by_id(scheduler_output: Any) -> dict[str, int]:
@@ -455,6 +459,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # was there: vLLM computes it again, and only that is saved (the plan's scheduler
         # side learns it from the step's invalid blocks) or sent
         misread = self._misread()
+        self._worker.forget(store_keys(self.prefix, self._metadata().gone))
         for run in self._metadata_plan().saves:
             if run.request_id not in misread:
                 self._worker.save(self.prefix, list(run.block_ids), list(run.block_hashes))

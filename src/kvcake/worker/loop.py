@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
 _MAX_SAMPLES = 64
+GRANT_MARGIN_S = 1.0  # an uncommitted seat outlives its write grants by this much
 
 
 @dataclass
@@ -195,11 +196,14 @@ class EngineLoop:
     def reserve(self, request_id: str, num_prompt_tokens: int, hold_s: float = 0.0,
                 prompt_token_ids: Sequence[int] = (), tenant: str | None = None
                 ) -> list[int] | None:
-        """Blocks held for :meth:`seat_s` unless committed or released (see
-        :meth:`EngineCore.reserve` for what the prompt's tokens add)."""
+        """Blocks held for :meth:`seat_s` (and ``GRANT_MARGIN_S``: the grants are signed a
+        moment later, and a write checked just before its grant's end still lands) unless
+        committed or released (see :meth:`EngineCore.reserve` for what the prompt's tokens
+        add)."""
         block_ids = self.core.reserve(request_id, num_prompt_tokens, prompt_token_ids, tenant)
         if block_ids is not None:
-            self._deadlines[request_id] = time.monotonic() + self.seat_s(hold_s)
+            self._deadlines[request_id] = time.monotonic() + self.seat_s(hold_s) \
+                + GRANT_MARGIN_S
         return block_ids
 
     def seat_s(self, hold_s: float) -> float:

@@ -121,7 +121,7 @@ class StoreConnector:
             return 0
         matched = next((i for i, c in enumerate(codes) if c != 1), len(codes))
         self.stats.matched_blocks += matched
-        self._forget(key for key, code in zip(keys, codes, strict=True) if code == 0)
+        self.forget(key for key, code in zip(keys, codes, strict=True) if code == 0)
         return matched
 
     def load(self, prefix: str, block_ids: list[int], block_hashes: list[bytes]) -> int:
@@ -320,7 +320,7 @@ class StoreConnector:
             record[:HEADER_BYTES] = self.layout.pack_header(block_hash,
                                                             [record[HEADER_BYTES:]])
 
-    def _forget(self, keys: Iterable[str]) -> None:
+    def forget(self, keys: Iterable[str]) -> None:
         """Keys the store no longer holds (evicted, removed) are saved again when their
         blocks are computed again."""
         with self._lock:

@@ -184,6 +184,13 @@ class Persistence:
         service.changes = ChangeSet()
         self._next: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
+        self._flushing: set[str] = set()  # objects in the write under way
+
+    def pending(self, key: str) -> bool:
+        """Whether ``key``'s latest change may not be in etcd yet (changed since the last
+        flush, or in the one under way)."""
+        changes = self.service.changes
+        return key in self._flushing or (changes is not None and key in changes.objects)
 
     def durable(self) -> asyncio.Future[None]:
         """Resolves once every change made so far is in etcd."""
@@ -206,6 +213,7 @@ class Persistence:
         return flush
 
     async def _flush(self, flush: Flush) -> None:
+        self._flushing = flush.changes.objects
         try:
             if flush.changes.objects or flush.changes.segments:
                 writes = writes_for(self.service, flush.changes, self.election.layout)
@@ -214,6 +222,8 @@ class Persistence:
             _fail(flush.done, exc)
             _fail(self._next, exc)
             raise
+        finally:
+            self._flushing = set()
         self.service.release_frees(flush.changes.frees)
         if not flush.done.done():
             flush.done.set_result(None)

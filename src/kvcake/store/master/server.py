@@ -281,14 +281,19 @@ class MasterServer:
         reply = self._put_start_now(request)
         if ErrorCode.NO_AVAILABLE_HANDLE in reply.codes and self._room_coming():
             return self._put_start_with_room(request, reply)
-        if self._leans_on_others(reply):
+        if self._leans_on_others(request, reply):
             return self._when_durable(reply)
         return self._pipelined(request, reply)
 
-    def _leans_on_others(self, reply: m.PutStartReply) -> bool:
+    def _leans_on_others(self, request: m.PutStart, reply: m.PutStartReply) -> bool:
         """An HA leader's "already there" counts as stored for the writer: it leaves once
-        the object it names is in etcd (its put may be in a flush not yet committed)."""
-        return self.persistence is not None and ErrorCode.OBJECT_ALREADY_EXISTS in reply.codes
+        the object it names is in etcd, where that object's put ended since the last flush
+        or in the flush under way."""
+        if self.persistence is None:
+            return False
+        keys = self._scoped(request.client_id, request.keys)
+        return any(code == ErrorCode.OBJECT_ALREADY_EXISTS and self.persistence.pending(key)
+                   for key, code in zip(keys, reply.codes, strict=False))
 
     async def _when_durable(self, reply: m.PutStartReply) -> m.PutStartReply:
         assert self.persistence is not None
@@ -340,7 +345,7 @@ class MasterServer:
                 codes[i], replicas[i] = self._put_start_key(request, i)
             refused = [i for i in refused if codes[i] == ErrorCode.NO_AVAILABLE_HANDLE]
         reply = m.PutStartReply(codes, replicas)
-        if self._leans_on_others(reply):
+        if self._leans_on_others(request, reply):
             return await self._when_durable(reply)
         return self._pipelined(request, reply)
 
