@@ -127,6 +127,11 @@ def test_a_request_forgotten_before_vllm_gives_it_blocks_gets_its_word_with_them
     assert (arrival.request_id, arrival.ok, arrival.block_ids, arrival.ended) == (
         "r", False, (7, 8), False)
     assert plan.waited("r") and not plan.arrived("k", ok=True)
+    # vLLM may look it up again before its abort lands: it waits again, and leaves nothing
+    plan.wait("s", "k2")
+    plan.forget("k2")
+    plan.wait("s", "k2")
+    assert plan.allocated("s", [9], 0) is None and plan.num_waiting() == 0
 
 
 def test_vllm_layout_ranges_and_grants_cover_every_layer_of_a_run() -> None:

@@ -185,6 +185,9 @@ class PdPlan:
         if request_id in self._forgotten:
             self._forgotten.discard(request_id)
             self._handed.add(request_id)
+            key = self._key_of.pop(request_id, None)  # asked again after the Forget
+            if key is not None and self._waiting[key].request_id == request_id:
+                del self._waiting[key]
             done = tuple(block_ids[num_computed_tokens // self.block_size:])
             self._arrivals.append(Arrival(request_id, False, done))
             return None
