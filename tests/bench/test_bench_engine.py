@@ -111,14 +111,21 @@ class LLM:
 '''
 
 
+def stand_in_python(tmp_path: Path) -> Path:
+    """An interpreter that finds the stand-in ``vllm`` module written into ``tmp_path`` (it
+    drops ``-I``, so PYTHONPATH counts)."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
+                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
 def test_vllm_driver_round_trip_with_a_stand_in(tmp_path: Path) -> None:
     """The driver script and its parsing, with a stand-in ``vllm`` module (vLLM itself is
     not installed here)."""
     (tmp_path / "vllm.py").write_text(FAKE_VLLM)
-    python = tmp_path / "python"  # drops -I so the stand-in on PYTHONPATH is found
-    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
-                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path)
     assert check_vllm_python(str(python)) == str(python)
     plan = EnginePlan(prompt_len=4, new_tokens=3, warmups=1, repeats=2, batches=(1, 2))
     sets = prompt_sets(plan, vocab_size=100)
@@ -144,10 +151,7 @@ def test_the_vllm_drivers_temporary_files_go_with_its_run(tmp_path: Path,
     """vLLM leaves its IPC sockets in the temporary directory even when it exits cleanly: the
     driver runs with a TMPDIR of its own that the bench removes."""
     (tmp_path / "vllm.py").write_text(FAKE_VLLM + LEAVES_AN_IPC_FILE)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
-                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path)
     marker = tmp_path / "left"
     monkeypatch.setenv("KVCAKE_TEST_MARKER", str(marker))
     plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(2,))
@@ -163,10 +167,7 @@ def test_a_vllm_driver_that_fails_mid_run_is_an_error_with_its_last_words(
     (tmp_path / "vllm.py").write_text(FAKE_VLLM.replace(
         "        assert all(", "        assert len(inputs) < 2, 'no room for two'\n"
                               "        assert all("))
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
-                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path)
     plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(1, 2))
     with pytest.raises(KvcakeError, match=r"(?s)exit code 1.*no room for two"), \
             VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:
@@ -188,10 +189,7 @@ STOPS_READING_AFTER_ONE_BATCH = (  # its input closes before the first batch's a
 def test_a_vllm_driver_gone_between_turns_is_an_error_with_its_last_words(
         tmp_path: Path) -> None:
     (tmp_path / "vllm.py").write_text(FAKE_VLLM + STOPS_READING_AFTER_ONE_BATCH)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\n[ "$1" = "-I" ] && shift\n'
-                      f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path)
     plan = EnginePlan(prompt_len=4, new_tokens=2, warmups=0, repeats=1, batches=(1, 2))
     with pytest.raises(KvcakeError, match=r"(?s)exit code 1.*Bad file descriptor"), \
             VllmRunner.started(str(python), plan, tmp_path, threads=1) as runner:

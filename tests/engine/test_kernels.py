@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -221,19 +222,27 @@ def test_loading_the_kernel_leaves_subnormal_floats_alone(tmp_path: Path) -> Non
     assert torch.tensor([1e-40]).mul(1.0).item() > 0.0  # a float32 subnormal
 
 
-def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
-    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
-    q, k, v, decodes = paged_case([40, 200, 7, 513], 3, 3, 64, torch.bfloat16, seed=5)
+def over_threads(attend: Callable[[torch.Tensor], None], like: torch.Tensor
+                 ) -> list[torch.Tensor]:
+    """``attend(out)`` run with 1, 2 and 3 threads (3: fewer than two sequences a thread, so
+    the decode kernel splits by head); each run's ``out``."""
     runs = []
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2, 3):  # 3: fewer than two sequences a thread, split by head
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            out = torch.empty_like(q)
-            kernel.paged_decode(q, k, v, decodes, 0.125, out)
+            out = torch.full_like(like, float("nan"))
+            attend(out)
             runs.append(out)
     finally:
         torch.set_num_threads(before)
+    return runs
+
+
+def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
+    kernel = build(torch.bfloat16, 64, 3, kernel_dir)
+    q, k, v, decodes = paged_case([40, 200, 7, 513], 3, 3, 64, torch.bfloat16, seed=5)
+    runs = over_threads(lambda out: kernel.paged_decode(q, k, v, decodes, 0.125, out), q)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     # one sequence on its own gets exactly the row it got inside the batch
     alone = PagedDecodes(0, decodes.tables[1:2].contiguous(), decodes.lens[1:2].contiguous(),
@@ -246,16 +255,7 @@ def test_results_do_not_depend_on_threads_or_batch(kernel_dir: Path) -> None:
 def test_prefill_results_do_not_depend_on_threads_or_the_other_chunks(kernel_dir: Path) -> None:
     kernel = build(torch.bfloat16, 64, 3, kernel_dir)
     q, k, v, prefills, _ = prefill_case(PREFILL_CHUNKS, 3, 3, 64, torch.bfloat16)
-    runs = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out = torch.empty_like(q)
-            kernel.paged_prefill(q, k, v, prefills, 0.125, out)
-            runs.append(out)
-    finally:
-        torch.set_num_threads(before)
+    runs = over_threads(lambda out: kernel.paged_prefill(q, k, v, prefills, 0.125, out), q)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     at = sum(length for _, length in PREFILL_CHUNKS[:4])  # chunk 4 on its own
     alone = PagedPrefills(prefills.tables[4:5].contiguous(), prefills.firsts[4:5].contiguous(),
@@ -272,16 +272,7 @@ def test_short_chunks_after_long_prefixes_split_into_smaller_tiles_alike(
     sizes for 1, 2 and 3 threads) and every row's answer stays the same and right."""
     kernel = build(torch.bfloat16, 64, 3, kernel_dir)
     q, k, v, prefills, as_decodes = prefill_case([(300, 5)], 3, 3, 64, torch.bfloat16)
-    runs = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out = torch.full_like(q, float("nan"))
-            kernel.paged_prefill(q, k, v, prefills, 0.125, out)
-            runs.append(out)
-    finally:
-        torch.set_num_threads(before)
+    runs = over_threads(lambda out: kernel.paged_prefill(q, k, v, prefills, 0.125, out), q)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     expected = reference(q, k, v, as_decodes, 0.125)
     tol = TOLERANCE[torch.bfloat16]
