@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kvcake.common.errors import InvalidParamsError
+from kvcake.engine.generate import GenerateOptions, _render
 from kvcake.engine.llm import LLM, CompletionOutput
 from kvcake.model import ModelFiles
 from kvcake.text import Tokenizer
@@ -173,7 +174,9 @@ def test_text_prompts_get_the_tokenizers_bos_and_chat_templates_do_not(
     fresh(llm).generate("The capital of France is", one)
     list(fresh(llm).stream("Once upon a time", one))
     fresh(llm).chat([{"role": "user", "content": "Hi"}], one)
-    assert asked == [True, True, False]
+    chat_prompt = _render(llm, GenerateOptions("Hi", True, None, one, False))  # generate --chat
+    list(fresh(llm).stream(chat_prompt, one))
+    assert asked == [True, True, False, False]
     assert_idle(llm)
 
 

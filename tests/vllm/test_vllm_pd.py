@@ -134,6 +134,30 @@ def test_a_request_forgotten_before_vllm_gives_it_blocks_gets_its_word_with_them
     assert plan.allocated("s", [9], 0) is None and plan.num_waiting() == 0
 
 
+def test_a_request_asked_again_under_a_key_before_the_first_ones_forget_replaces_it() -> None:
+    """The retry waits under the key; the first request is forgotten then and there (its
+    blocks held for the grace, as any abandoned request's), and a late Forget or vLLM's
+    allocation of the first finds nothing of the retry's to drop."""
+    plan = PdPlan(BLOCK)
+    plan.wait("r", "k")
+    plan.allocated("r", [1, 2], 0)
+    plan.wait("s", "k", now=10.0, grace_s=5.0)  # r's Forget has not come yet
+    assert plan.waits("s") and not plan.waits("r")
+    plan.allocated("s", [3, 4], 0)
+    plan.finished("r", now=11.0, grace_s=5.0)  # vLLM ends r: s still waits
+    assert plan.waits("s") and plan.blocks_of("k") == (3, 4)
+    assert plan.arrived("k", ok=True)
+    arrivals = {(a.request_id, a.ok, a.block_ids, a.ended) for a in plan.take_arrivals()}
+    assert arrivals == {("r", False, (1, 2), True), ("s", True, (3, 4), False)}
+    # not yet allocated when the retry came: r's blocks come back as a failed load
+    plan.wait("t", "k3")
+    plan.wait("u", "k3")
+    plan.forget("k3")  # u's, this time
+    assert plan.allocated("t", [5], 0) is None  # no KeyError, nothing left waiting
+    assert [(a.request_id, a.ok) for a in plan.take_arrivals()] == [("t", False)]
+    assert plan.allocated("u", [6], 0) is None and plan.num_waiting() == 0
+
+
 def test_vllm_layout_ranges_and_grants_cover_every_layer_of_a_run() -> None:
     region = _region(num_blocks=10, layers=3, layer_block=4096)
     ranges = region.block_ranges(2, 3)

@@ -40,9 +40,11 @@ def run_generate(options: GenerateOptions, engine_overrides: dict[str, Any],
     return 0
 
 
-def _render(llm: LLM, options: GenerateOptions) -> str:
+def _render(llm: LLM, options: GenerateOptions) -> str | list[int]:
+    """The prompt as text (the tokenizer adds its BOS), or, with ``--chat``, the chat
+    template's tokens (the template writes its own BOS)."""
     if not options.chat:
         return options.prompt
     messages = [{"role": "system", "content": options.system}] if options.system else []
     messages.append({"role": "user", "content": options.prompt})
-    return llm.tokenizer.apply_chat_template(messages)
+    return llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))

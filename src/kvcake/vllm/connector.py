@@ -155,7 +155,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.plan = StorePlan(self.block_size)
         self._hashes: dict[str, tuple[bytes, ...]] = {}  # by request id, while it lives
         self._local_tokens: dict[str, int] = {}  # local cache hits, from lookup to allocation
-        self._gone: list[bytes] = []  # looked up and missing: the workers forget them
+        self._gone: set[bytes] = set()  # looked up and missing: the workers forget them
         self._load_errors: set[int] = set()
         self._loading: list[tuple[list[int], PendingLoad]] = []  # this step's, under way
         self._layer_index: dict[str, int] = {}  # by vLLM's attention layer name
@@ -243,7 +243,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except (KvcakeError, concurrent.futures.TimeoutError) as exc:
             log.warning("store lookup failed, computing instead: %r", exc)
             return None
-        self._gone += [h for h, code in zip(block_hashes, codes, strict=True) if code == 0]
+        self._gone |= {h for h, code in zip(block_hashes, codes, strict=True) if code == 0}
         return [code == 1 for code in codes]
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
@@ -261,7 +261,7 @@ class KvcakeConnector(KVConnectorBase_V1):  # type: ignore[misc]
         scheduled = dict(scheduler_output.num_scheduled_tokens)
         plan = self.plan.step(scheduled, lambda rid: requests[rid],
                               lambda rid: manager.get_block_ids(rid)[0])
-        gone, self._gone = self._gone, []
+        gone, self._gone = list(self._gone), set()
         if self.control is None:
             return KvcakeConnectorMetadata(plan, gone=gone)
         if not scheduled:

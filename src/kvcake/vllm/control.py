@@ -81,7 +81,7 @@ class ControlServer:
 
     def wait(self, request_id: str, key: str) -> None:
         with self._lock:
-            self.plan.wait(request_id, key)
+            self.plan.wait(request_id, key, time.monotonic(), ABANDON_GRACE_S)
 
     def allocated(self, request_id: str, block_ids: Sequence[int],
                   num_computed_tokens: int) -> None:

@@ -172,9 +172,14 @@ class PdPlan:
 
     # -- decode ----------------------------------------------------------------------
 
-    def wait(self, request_id: str, key: str) -> None:
-        waiting = self._waiting.setdefault(key, _Waiting(request_id))
-        waiting.request_id = request_id
+    def wait(self, request_id: str, key: str, now: float = 0.0, grace_s: float = 0.0) -> None:
+        """``request_id`` waits for the prefill under ``key``. Another request still waiting
+        under it (a reservation asked again before the first one's Forget came) is
+        forgotten: the prefill writes the newer one's blocks."""
+        earlier = self._waiting.get(key)
+        if earlier is not None and earlier.request_id != request_id:
+            self.forget(key, now, grace_s)
+        self._waiting.setdefault(key, _Waiting(request_id))
         self._key_of[request_id] = key
 
     def allocated(self, request_id: str, block_ids: Sequence[int],
@@ -186,7 +191,8 @@ class PdPlan:
             self._forgotten.discard(request_id)
             self._handed.add(request_id)
             key = self._key_of.pop(request_id, None)  # asked again after the Forget
-            if key is not None and self._waiting[key].request_id == request_id:
+            waiting = self._waiting.get(key) if key is not None else None
+            if key is not None and waiting is not None and waiting.request_id == request_id:
                 del self._waiting[key]
             done = tuple(block_ids[num_computed_tokens // self.block_size:])
             self._arrivals.append(Arrival(request_id, False, done))
