@@ -217,6 +217,9 @@ class VllmRunner:
             try:
                 runner._answer()  # the driver's READY
                 yield runner
+            except BaseException:  # an error or Ctrl-C mid-run: no waiting for its batch
+                runner._kill()
+                raise
             finally:
                 runner._close()
 
@@ -247,23 +250,37 @@ class VllmRunner:
         raise self._ended()
 
     def _ended(self) -> KvcakeError:
-        self._process.wait()
+        code = self._exit_code(VLLM_CLOSE_S)
         said = self._log.read_text(errors="replace").strip()[-1200:]
-        return KvcakeError(f"the vLLM driver ended (exit code {self._process.returncode}): "
-                           f"{said}")
+        return KvcakeError(f"the vLLM driver ended (exit code {code}): {said}")
+
+    def _exit_code(self, wait_s: float) -> int | None:
+        """The driver's exit code once it has exited (within ``wait_s``), left unreaped: its
+        process group stays its own until :meth:`_close` has stopped the rest of it."""
+        if self._process.returncode is not None:
+            return self._process.returncode
+        deadline = time.monotonic() + wait_s
+        while True:
+            info = os.waitid(os.P_PID, self._process.pid,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None:
+                return info.si_status
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, signal.SIGKILL)
 
     def _close(self) -> None:
-        """End of input ends the driver; then whatever is left of its session is stopped."""
+        """End of input ends the driver; then whatever is left of its session is stopped (the
+        driver is reaped only after that, so its process group cannot be another's yet)."""
         process = self._process
         if process.stdin is not None:
             with contextlib.suppress(OSError):
                 process.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=VLLM_CLOSE_S)
+        self._exit_code(VLLM_CLOSE_S)
         self._kill()
         process.wait()
         if process.stdout is not None:
