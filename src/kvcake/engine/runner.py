@@ -67,8 +67,9 @@ class ModelRunner:
                          decodes: list[ScheduledChunk]) -> AttentionBatch:
         positions = [torch.arange(c.start, c.start + c.num_tokens, device=self.device)
                      for c in prefills]
-        slots = [self._slots(self._table(c), pos) for c, pos in zip(prefills, positions,
-                                                                     strict=True)]
+        tables = [torch.tensor(c.request.block_ids, dtype=torch.long, device=self.device)
+                  for c in prefills]
+        slots = [self._slots(table, pos) for table, pos in zip(tables, positions, strict=True)]
         offset = sum(c.num_tokens for c in prefills)
         if self.model.reads_pages:
             pages = self._paged_prefills(prefills) if prefills else None
@@ -78,7 +79,7 @@ class ModelRunner:
             paged, pos, own = self._paged_inputs(decodes, offset)
             return AttentionBatch(torch.cat([*slots, own]), torch.cat([*positions, pos]),
                                   (), offset, paged=paged, paged_prefills=pages)
-        spans = tuple(self._prefill_spans(prefills))
+        spans = tuple(self._prefill_spans(prefills, tables))
         groups = []
         start = offset
         for group in _length_groups(decodes):
@@ -90,17 +91,15 @@ class ModelRunner:
         return AttentionBatch(torch.cat(slots), torch.cat(positions), spans, offset,
                               tuple(groups))
 
-    def _table(self, chunk: ScheduledChunk) -> torch.Tensor:
-        return torch.tensor(chunk.request.block_ids, dtype=torch.long, device=self.device)
-
-    def _prefill_spans(self, prefills: list[ScheduledChunk]) -> Iterator[PrefillSpan]:
+    def _prefill_spans(self, prefills: list[ScheduledChunk],
+                       tables: list[torch.Tensor]) -> Iterator[PrefillSpan]:
         """Each chunk's place in the flat batch and, after a cached prefix, its context's
         slots (gathered for ``sdpa``)."""
         offset = 0
-        for chunk in prefills:
+        for chunk, table in zip(prefills, tables, strict=True):
             if chunk.start:
                 end = chunk.start + chunk.num_tokens
-                context = self._slots(self._table(chunk), torch.arange(end, device=self.device))
+                context = self._slots(table, torch.arange(end, device=self.device))
                 yield PrefillSpan.over_context(offset, chunk.num_tokens, context)
             else:
                 yield PrefillSpan(offset, chunk.num_tokens, None)

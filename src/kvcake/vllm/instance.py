@@ -74,6 +74,7 @@ from kvcake.wire.worker import (
     Reserve,
     Reserved,
     WorkerRequest,
+    seat_s,
 )
 
 log = get_logger(__name__)
@@ -349,9 +350,7 @@ class VllmInstanceServer:
         return decode(reply, Blocks)
 
     def _seat_s(self, hold_s: float) -> float:
-        """How long an uncommitted seat is held: as long as its grants let a prefill write
-        (one that committed at the last moment may write for ``transfer_timeout_s``)."""
-        return self.config.reserve_timeout_s + hold_s + self.config.transfer_timeout_s
+        return seat_s(self.config.reserve_timeout_s, hold_s, self.config.transfer_timeout_s)
 
     def _commit(self, message: Commit) -> Ack:
         request = self._requests.get(message.request_id)

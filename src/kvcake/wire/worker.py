@@ -58,9 +58,9 @@ MAX_HOLD_S = 600.0  # a reservation outlives a silent Conductor by no more than 
 
 
 class Reserve(msgspec.Struct, tag=True, frozen=True):
-    """Blocks for a prompt's KV, held until committed or released, or for
-    ``reserve_timeout_s`` plus ``hold_s`` (the prefill's predicted time, with slack; at most
-    ``MAX_HOLD_S``) if neither comes: a long prefill queue must not outlive its seat.
+    """Blocks for a prompt's KV, held until committed or released, or for :func:`seat_s`
+    (``hold_s`` is the prefill's predicted time, with slack; at most ``MAX_HOLD_S``) if
+    neither comes: a long prefill queue must not outlive its seat.
 
     The prompt, its parameters and tenant come along for engines that admit a request whole
     (vLLM allocates blocks only for a request it has); kvcake's engine looks up the prompt's
@@ -73,6 +73,14 @@ class Reserve(msgspec.Struct, tag=True, frozen=True):
     prompt_token_ids: Tokens = []
     params: SamplingParams | None = None
     tenant: str = ""
+
+
+def seat_s(reserve_timeout_s: float, hold_s: float, transfer_timeout_s: float) -> float:
+    """How long an uncommitted seat is held, and its write grants last: ``reserve_timeout_s
+    + hold_s`` for the commit, then ``transfer_timeout_s`` for the writes of a prefill that
+    committed at the last moment, so its blocks never go to another request while a write may
+    land."""
+    return reserve_timeout_s + hold_s + transfer_timeout_s
 
 
 class Commit(msgspec.Struct, tag=True, frozen=True):

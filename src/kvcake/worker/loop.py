@@ -33,7 +33,7 @@ from kvcake.engine.kv import KVSender
 from kvcake.engine.scheduler import SchedulerOutput
 from kvcake.wire.conductor import DecodeSample, PrefillSample, TransferSample
 from kvcake.wire.output import TokenOutput
-from kvcake.wire.worker import Prefill
+from kvcake.wire.worker import Prefill, seat_s
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -207,10 +207,8 @@ class EngineLoop:
         return block_ids
 
     def seat_s(self, hold_s: float) -> float:
-        """How long an uncommitted seat is held: until no grant on its blocks can still be
-        used (the prefill may write for ``transfer_timeout_s`` after committing at the last
-        moment), so its blocks never go to another request while a write may land."""
-        return self._reserve_timeout_s + hold_s + self._transfer_timeout_s
+        """How long an uncommitted seat's grants last (:func:`kvcake.wire.worker.seat_s`)."""
+        return seat_s(self._reserve_timeout_s, hold_s, self._transfer_timeout_s)
 
     def settle(self, request_id: str) -> None:
         """The reservation was committed or released: no deadline any more."""
